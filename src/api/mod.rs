@@ -1,0 +1,181 @@
+//! The HTTP API for people and scripts: health, readiness and jobs.
+//!
+//! Reads come straight from the store; cancel goes through the engine (a
+//! running job's agent must be stopped), retry through the store and a wake.
+//! With `server.api_token` set, every `/api` route wants it as a bearer token.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use crate::config::Secret;
+use crate::engine::Engine;
+use crate::store::{JobQuery, JobState, Store, StoreError};
+
+/// The most jobs one listing returns.
+pub const MAX_LIMIT: usize = 100_000;
+
+#[derive(Clone)]
+pub struct Api {
+    pub store: Store,
+    pub engine: Arc<Engine>,
+    pub token: Option<Secret>,
+    pub wake: Arc<Notify>,
+    pub ready: Arc<AtomicBool>,
+}
+
+pub fn router(state: Api) -> Router {
+    let api = Router::new()
+        .route("/api/jobs", get(list_jobs))
+        .route("/api/jobs/{id}", get(show_job))
+        .route("/api/jobs/{id}/log", get(job_log))
+        .route("/api/jobs/{id}/cancel", post(cancel_job))
+        .route("/api/jobs/{id}/retry", post(retry_job))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({ "ok": true })) }))
+        .route("/readyz", get(readyz))
+        .merge(api)
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn store_error(e: StoreError) -> Response {
+    match e {
+        StoreError::NoSuchJob(id) => error(StatusCode::NOT_FOUND, format!("job {id} not found")),
+        StoreError::WrongState { .. } => error(StatusCode::CONFLICT, e.to_string()),
+        other => {
+            tracing::error!(error = %other, "Store error in the API.");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "store error; see the daemon log",
+            )
+        }
+    }
+}
+
+async fn require_token(State(s): State<Api>, req: Request, next: Next) -> Response {
+    if let Some(token) = &s.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes()));
+        if !ok {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                Json(json!({ "error": "missing or wrong bearer token" })),
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn readyz(State(s): State<Api>) -> Response {
+    if s.ready.load(Ordering::Acquire) {
+        Json(json!({ "ready": true, "jobs": s.store.job_count(), "queued": s.store.queue_len() }))
+            .into_response()
+    } else {
+        error(StatusCode::SERVICE_UNAVAILABLE, "starting")
+    }
+}
+
+async fn list_jobs(State(s): State<Api>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+        None => 100,
+        Some(Ok(n)) if (1..=MAX_LIMIT).contains(&n) => n,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("limit must be a number from 1 to {MAX_LIMIT}"),
+            )
+        }
+    };
+    let state = match q.get("state").map(|s| JobState::parse(s)) {
+        None => None,
+        Some(Some(st)) => Some(st),
+        Some(None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "state must be one of queued, running, succeeded, failed, cancelled",
+            )
+        }
+    };
+    let query = JobQuery {
+        delivery: q.get("delivery").cloned(),
+        state,
+        trigger: q.get("trigger").cloned(),
+        repo: q.get("repo").cloned(),
+        limit,
+    };
+    let store = s.store.clone();
+    match tokio::task::spawn_blocking(move || store.list_jobs(&query)).await {
+        Ok(Ok(jobs)) => Json(json!({ "jobs": jobs })).into_response(),
+        Ok(Err(e)) => store_error(e),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "listing jobs failed"),
+    }
+}
+
+async fn show_job(State(s): State<Api>, Path(id): Path<String>) -> Response {
+    match s.store.job(&id) {
+        Ok(Some(job)) => Json(job).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("job {id} not found")),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn job_log(State(s): State<Api>, Path(id): Path<String>) -> Response {
+    match s.store.job(&id) {
+        Ok(Some(_)) => {}
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("job {id} not found")),
+        Err(e) => return store_error(e),
+    }
+    let path = s.engine.job_dir(&id).join("log");
+    let text = tokio::fs::read(&path).await.unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
+}
+
+async fn cancel_job(State(s): State<Api>, Path(id): Path<String>) -> Response {
+    match s.engine.cancel(&id).await {
+        Ok(Some(job)) => Json(job).into_response(),
+        Ok(None) => match s.store.job(&id) {
+            Ok(Some(job)) => error(
+                StatusCode::CONFLICT,
+                format!("job {id} is {}, not queued or running", job.state),
+            ),
+            Ok(None) => error(StatusCode::NOT_FOUND, format!("job {id} not found")),
+            Err(e) => store_error(e),
+        },
+        Err(e) => store_error(e),
+    }
+}
+
+async fn retry_job(State(s): State<Api>, Path(id): Path<String>) -> Response {
+    match s.store.retry(&id).await {
+        Ok(job) => {
+            s.wake.notify_one();
+            (StatusCode::ACCEPTED, Json(job)).into_response()
+        }
+        Err(e) => store_error(e),
+    }
+}

@@ -1,0 +1,767 @@
+//! `baton.toml`: the file model, built-in defaults, agent presets and secret
+//! references (`env:NAME`, `file:PATH`).
+//!
+//! Loading resolves everything the daemon needs up front (paths made absolute
+//! against the config file's folder, secrets read, agents merged over their
+//! presets), so a bad value is a `path:line:col` error at start and never a
+//! surprise at 3 a.m. This module does no network IO.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use crate::diag::Diagnostic;
+
+/// The file `baton serve` reads when `--config` is not given.
+pub const DEFAULT_CONFIG_FILE: &str = "baton.toml";
+
+/// A resolved configuration: every path absolute, every secret read.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from; `None` when running on built-in defaults.
+    pub file: Option<PathBuf>,
+    pub triggers_dir: PathBuf,
+    pub server: Server,
+    pub storage: Storage,
+    pub github: Github,
+    pub limits: Limits,
+    pub agents: BTreeMap<String, AgentDef>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub api_token: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Storage {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Github {
+    pub api_url: String,
+    pub git_url: String,
+    /// `None` until `serve` generates one under the storage folder.
+    pub webhook_secret: Option<Secret>,
+    pub token: Option<Secret>,
+    pub app_id: Option<u64>,
+    pub private_key: Option<Secret>,
+    pub bot_login: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_parallel_jobs: usize,
+    pub max_parallel_per_repo: usize,
+}
+
+/// How an agent command is run: what it is, how it gets its prompt and how
+/// its answer is read back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentDef {
+    pub name: String,
+    /// argv; each element is a minijinja template over `prompt`,
+    /// `prompt_file` and `result_file`.
+    pub command: Vec<String>,
+    pub prompt: PromptMode,
+    pub result: ResultMode,
+    /// Environment variables passed through besides PATH and HOME.
+    pub env: Vec<String>,
+    pub timeout: Duration,
+    /// Told to the user when the command cannot be found.
+    pub install: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptMode {
+    Stdin,
+    Arg,
+    File,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResultMode {
+    Stdout,
+    File,
+    /// A top-level field of a JSON object printed on stdout.
+    Json(String),
+}
+
+impl<'de> Deserialize<'de> for ResultMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "stdout" => Ok(ResultMode::Stdout),
+            "file" => Ok(ResultMode::File),
+            _ => match s.strip_prefix("json:") {
+                Some(field) if !field.is_empty() => Ok(ResultMode::Json(field.to_string())),
+                _ => Err(serde::de::Error::custom(format!(
+                    "invalid result `{s}`: expected `stdout`, `file` or `json:FIELD`"
+                ))),
+            },
+        }
+    }
+}
+
+/// A secret value. Its only accessor says what it does; `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    pub fn new(value: impl Into<Arc<str>>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A duration written the way people write them: `90s`, `30m`, `2h`, `1h30m`
+/// (or a bare number of seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("empty duration".into());
+        }
+        let mut total = 0u64;
+        let mut digits = String::new();
+        for c in s.chars() {
+            if c.is_ascii_digit() {
+                digits.push(c);
+                continue;
+            }
+            let unit = match c {
+                's' => 1,
+                'm' => 60,
+                'h' => 3600,
+                'd' => 86400,
+                _ => {
+                    return Err(format!(
+                        "invalid duration `{s}`: unknown unit `{c}` (use s, m, h or d)"
+                    ))
+                }
+            };
+            let n: u64 = digits
+                .parse()
+                .map_err(|_| format!("invalid duration `{s}`: a number must come before `{c}`"))?;
+            total = total.saturating_add(n.saturating_mul(unit));
+            digits.clear();
+        }
+        if !digits.is_empty() {
+            if total != 0 {
+                return Err(format!(
+                    "invalid duration `{s}`: the last number has no unit"
+                ));
+            }
+            total = digits
+                .parse()
+                .map_err(|_| format!("invalid duration `{s}`"))?;
+        }
+        if total == 0 {
+            return Err(format!("invalid duration `{s}`: must be more than zero"));
+        }
+        Ok(Duration::from_secs(total))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Secs(n) => n.to_string(),
+            Raw::Text(s) => s,
+        };
+        HumanDuration::parse(&text)
+            .map(HumanDuration)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Renders a duration compactly for messages: `30m`, `1h30m`, `45s`.
+pub fn format_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
+    let mut out = String::new();
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if m > 0 {
+        out.push_str(&format!("{m}m"));
+    }
+    if s > 0 || out.is_empty() {
+        if secs == 0 && d.as_millis() > 0 {
+            return format!("{}ms", d.as_millis());
+        }
+        out.push_str(&format!("{s}s"));
+    }
+    out
+}
+
+// ---- the file model -------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    triggers: Option<Spanned<String>>,
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    storage: RawStorage,
+    #[serde(default)]
+    github: RawGithub,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    agents: BTreeMap<String, Spanned<RawAgent>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<Spanned<String>>,
+    max_body_bytes: Option<Spanned<u64>>,
+    api_token: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    path: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGithub {
+    api_url: Option<Spanned<String>>,
+    git_url: Option<Spanned<String>>,
+    webhook_secret: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
+    app_id: Option<u64>,
+    private_key: Option<Spanned<String>>,
+    bot_login: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_parallel_jobs: Option<Spanned<usize>>,
+    max_parallel_per_repo: Option<Spanned<usize>>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    command: Option<Vec<String>>,
+    prompt: Option<PromptMode>,
+    result: Option<ResultMode>,
+    env: Option<Vec<String>>,
+    timeout: Option<HumanDuration>,
+    install: Option<String>,
+}
+
+impl Config {
+    /// Loads `path`, or `./baton.toml` when it exists, or the built-in defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config, Vec<Diagnostic>> {
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        let path = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None => {
+                let default = cwd.join(DEFAULT_CONFIG_FILE);
+                default.exists().then_some(default)
+            }
+        };
+        match path {
+            None => Config::from_source(None, "", &cwd),
+            Some(path) => {
+                let source = std::fs::read_to_string(&path).map_err(|e| {
+                    vec![Diagnostic::file(&path, format!("cannot read config: {e}"))]
+                })?;
+                let path = absolute(&cwd, &path);
+                let base = path
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| cwd.clone());
+                Config::from_source(Some(&path), &source, &base)
+            }
+        }
+    }
+
+    /// Parses config text; `base` is the folder relative paths resolve against.
+    pub fn from_source(
+        path: Option<&Path>,
+        source: &str,
+        base: &Path,
+    ) -> Result<Config, Vec<Diagnostic>> {
+        let shown = path
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("<built-in defaults>"));
+        let raw: RawConfig =
+            toml::from_str(source).map_err(|e| vec![Diagnostic::from_toml(&shown, source, &e)])?;
+        let mut errors = Vec::new();
+        let at = |span: std::ops::Range<usize>, msg: String| {
+            Diagnostic::at(&shown, source, Some(span), msg)
+        };
+
+        let listen = match &raw.server.listen {
+            None => SocketAddr::from(([127, 0, 0, 1], 8787)),
+            Some(s) => {
+                match s.get_ref().parse() {
+                    Ok(addr) => addr,
+                    Err(_) => {
+                        errors.push(at(
+                        s.span(),
+                        format!("invalid listen address `{}`: expected IP:PORT, e.g. 127.0.0.1:8787", s.get_ref()),
+                    ));
+                        SocketAddr::from(([127, 0, 0, 1], 8787))
+                    }
+                }
+            }
+        };
+        let max_body_bytes = match &raw.server.max_body_bytes {
+            None => 25 * 1024 * 1024,
+            Some(n) if *n.get_ref() == 0 => {
+                errors.push(at(n.span(), "max_body_bytes must be more than zero".into()));
+                1
+            }
+            Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
+        };
+
+        let mut secret =
+            |field: &Option<Spanned<String>>, implicit_env: Option<&str>| -> Option<Secret> {
+                match field {
+                    Some(s) => match resolve_secret(s.get_ref(), base) {
+                        Ok(v) => Some(v),
+                        Err(msg) => {
+                            errors.push(at(s.span(), msg));
+                            None
+                        }
+                    },
+                    // Only when the key is absent: a variable named by the user
+                    // that is unset is an error, an implicit one is simply absent.
+                    None => implicit_env
+                        .and_then(|name| std::env::var(name).ok())
+                        .filter(|v| !v.is_empty())
+                        .map(Secret::new),
+                }
+            };
+        let api_token = secret(&raw.server.api_token, None);
+        let webhook_secret = secret(&raw.github.webhook_secret, Some("GITHUB_WEBHOOK_SECRET"));
+        let token = secret(&raw.github.token, Some("GITHUB_TOKEN"));
+        let private_key = secret(&raw.github.private_key, None);
+
+        let url = |field: &Option<Spanned<String>>,
+                   default: &str,
+                   errors: &mut Vec<Diagnostic>|
+         -> String {
+            match field {
+                None => default.to_string(),
+                Some(s) => {
+                    let v = s.get_ref().trim_end_matches('/');
+                    if !(v.starts_with("http://")
+                        || v.starts_with("https://")
+                        || v.starts_with("file://"))
+                    {
+                        errors.push(at(
+                            s.span(),
+                            format!("invalid URL `{v}`: expected http://, https:// or file://"),
+                        ));
+                    }
+                    v.to_string()
+                }
+            }
+        };
+        let api_url = url(&raw.github.api_url, "https://api.github.com", &mut errors);
+        let git_url = url(&raw.github.git_url, "https://github.com", &mut errors);
+
+        let positive = |field: &Option<Spanned<usize>>,
+                        default: usize,
+                        errors: &mut Vec<Diagnostic>| match field {
+            None => default,
+            Some(n) if *n.get_ref() == 0 => {
+                errors.push(at(n.span(), "must be at least 1".into()));
+                default
+            }
+            Some(n) => *n.get_ref(),
+        };
+        let limits = Limits {
+            max_parallel_jobs: positive(&raw.limits.max_parallel_jobs, 4, &mut errors),
+            max_parallel_per_repo: positive(&raw.limits.max_parallel_per_repo, 2, &mut errors),
+        };
+
+        let mut agents = presets();
+        for (name, spanned) in &raw.agents {
+            match merge_agent(name, spanned.get_ref(), agents.get(name)) {
+                Ok(def) => {
+                    agents.insert(name.clone(), def);
+                }
+                Err(msg) => errors.push(at(spanned.span(), format!("agents.{name}: {msg}"))),
+            }
+        }
+
+        let triggers_dir = base.join(
+            raw.triggers
+                .as_ref()
+                .map(|t| t.get_ref().as_str())
+                .unwrap_or("triggers"),
+        );
+        let storage = base.join(raw.storage.path.as_deref().unwrap_or(".baton"));
+
+        if !listen.ip().is_loopback() && api_token.is_none() && raw.server.api_token.is_none() {
+            let span = raw.server.listen.as_ref().map(|s| s.span()).unwrap_or(0..0);
+            errors.push(at(
+                span,
+                format!(
+                    "listening on {listen} (not loopback) needs an API token: set server.api_token, \
+                     e.g. api_token = \"env:BATON_API_TOKEN\""
+                ),
+            ));
+        }
+
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Config {
+            file: path.map(Path::to_path_buf),
+            triggers_dir,
+            server: Server {
+                listen,
+                max_body_bytes,
+                api_token,
+            },
+            storage: Storage { path: storage },
+            github: Github {
+                api_url,
+                git_url,
+                webhook_secret,
+                token,
+                app_id: raw.github.app_id.filter(|id| *id != 0),
+                private_key,
+                bot_login: raw
+                    .github
+                    .bot_login
+                    .unwrap_or_else(|| "baton[bot]".to_string()),
+            },
+            limits,
+            agents,
+        })
+    }
+
+    /// Every configured secret value, so output can be scrubbed of them.
+    pub fn secrets(&self) -> Vec<Secret> {
+        [
+            &self.server.api_token,
+            &self.github.webhook_secret,
+            &self.github.token,
+            &self.github.private_key,
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect()
+    }
+}
+
+fn absolute(cwd: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        cwd.join(p)
+    }
+}
+
+/// `env:NAME` reads a variable, `file:PATH` a file (relative to the config's
+/// folder, trailing newline dropped); anything else is the value itself.
+fn resolve_secret(value: &str, base: &Path) -> Result<Secret, String> {
+    if let Some(name) = value.strip_prefix("env:") {
+        return match std::env::var(name) {
+            Ok(v) if !v.is_empty() => Ok(Secret::new(v)),
+            _ => Err(format!("environment variable {name} is not set")),
+        };
+    }
+    if let Some(file) = value.strip_prefix("file:") {
+        let path = absolute(base, Path::new(file));
+        return match std::fs::read_to_string(&path) {
+            Ok(v) => Ok(Secret::new(v.trim_end_matches(['\n', '\r']).to_string())),
+            Err(e) => Err(format!("cannot read secret file {}: {e}", path.display())),
+        };
+    }
+    if value.is_empty() {
+        return Err("empty secret".into());
+    }
+    Ok(Secret::new(value.to_string()))
+}
+
+/// The agents that work with no configuration beyond their API key.
+pub fn presets() -> BTreeMap<String, AgentDef> {
+    let def =
+        |name: &str, command: &[&str], prompt, result, env: &[&str], install: &str| AgentDef {
+            name: name.to_string(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            prompt,
+            result,
+            env: env.iter().map(|s| s.to_string()).collect(),
+            timeout: Duration::from_secs(30 * 60),
+            install: Some(install.to_string()),
+        };
+    let list = [
+        def(
+            "codex",
+            &[
+                "codex",
+                "exec",
+                "--sandbox",
+                "workspace-write",
+                "--skip-git-repo-check",
+                "--ephemeral",
+                "-o",
+                "{{ result_file }}",
+                "-",
+            ],
+            PromptMode::Stdin,
+            ResultMode::File,
+            &["OPENAI_API_KEY", "CODEX_HOME"],
+            "npm install -g @openai/codex",
+        ),
+        def(
+            "claude",
+            &[
+                "claude",
+                "-p",
+                "--output-format",
+                "json",
+                "--permission-mode",
+                "acceptEdits",
+            ],
+            PromptMode::Stdin,
+            ResultMode::Json("result".into()),
+            &["ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"],
+            "npm install -g @anthropic-ai/claude-code",
+        ),
+        def(
+            "gemini",
+            &[
+                "gemini",
+                "--output-format",
+                "json",
+                "--approval-mode",
+                "auto_edit",
+            ],
+            PromptMode::Stdin,
+            ResultMode::Json("response".into()),
+            &["GEMINI_API_KEY", "GOOGLE_API_KEY"],
+            "npm install -g @google/gemini-cli",
+        ),
+        def(
+            "aider",
+            &[
+                "aider",
+                "--yes-always",
+                "--no-auto-commits",
+                "--no-check-update",
+                "--no-show-model-warnings",
+                "--message-file",
+                "{{ prompt_file }}",
+            ],
+            PromptMode::File,
+            ResultMode::Stdout,
+            &["OPENAI_API_KEY", "ANTHROPIC_API_KEY"],
+            "pip install aider-chat",
+        ),
+    ];
+    list.into_iter().map(|a| (a.name.clone(), a)).collect()
+}
+
+/// Keys given in the file replace the preset's; the others keep the preset's.
+fn merge_agent(name: &str, raw: &RawAgent, preset: Option<&AgentDef>) -> Result<AgentDef, String> {
+    let command = match (&raw.command, preset) {
+        (Some(c), _) => c.clone(),
+        (None, Some(p)) => p.command.clone(),
+        (None, None) => {
+            return Err("`command` is required for an agent that is not a preset".into())
+        }
+    };
+    if command.is_empty() || command[0].trim().is_empty() {
+        return Err("`command` must name a program".into());
+    }
+    let prompt = raw
+        .prompt
+        .or(preset.map(|p| p.prompt))
+        .unwrap_or(PromptMode::Stdin);
+    let result = raw
+        .result
+        .clone()
+        .or(preset.map(|p| p.result.clone()))
+        .unwrap_or(ResultMode::Stdout);
+    let mentions = |var: &str| command.iter().any(|a| a.contains(var));
+    if prompt == PromptMode::Arg && !mentions("prompt") {
+        return Err("prompt = \"arg\" needs `{{ prompt }}` in `command`".into());
+    }
+    if prompt == PromptMode::File && !mentions("prompt_file") {
+        return Err("prompt = \"file\" needs `{{ prompt_file }}` in `command`".into());
+    }
+    if result == ResultMode::File && !mentions("result_file") {
+        return Err("result = \"file\" needs `{{ result_file }}` in `command`".into());
+    }
+    Ok(AgentDef {
+        name: name.to_string(),
+        command,
+        prompt,
+        result,
+        env: raw
+            .env
+            .clone()
+            .or(preset.map(|p| p.env.clone()))
+            .unwrap_or_default(),
+        timeout: raw
+            .timeout
+            .map(|t| t.0)
+            .or(preset.map(|p| p.timeout))
+            .unwrap_or(Duration::from_secs(30 * 60)),
+        install: raw
+            .install
+            .clone()
+            .or(preset.and_then(|p| p.install.clone())),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(src: &str) -> Result<Config, Vec<Diagnostic>> {
+        Config::from_source(
+            Some(Path::new("/etc/baton/baton.toml")),
+            src,
+            Path::new("/etc/baton"),
+        )
+    }
+
+    fn first_error(src: &str) -> String {
+        load(src).unwrap_err()[0].to_string()
+    }
+
+    #[test]
+    fn defaults_serve_on_loopback() {
+        let c = load("").unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8787");
+        assert_eq!(c.server.max_body_bytes, 26_214_400);
+        assert_eq!(c.storage.path, Path::new("/etc/baton/.baton"));
+        assert_eq!(c.triggers_dir, Path::new("/etc/baton/triggers"));
+        assert_eq!(c.limits.max_parallel_jobs, 4);
+        assert_eq!(c.github.bot_login, "baton[bot]");
+        assert!(c.agents.contains_key("codex") && c.agents.contains_key("aider"));
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let c = load("triggers = \"rules\"\n[storage]\npath = \"/var/lib/baton\"\n").unwrap();
+        assert_eq!(c.triggers_dir, Path::new("/etc/baton/rules"));
+        assert_eq!(c.storage.path, Path::new("/var/lib/baton"));
+    }
+
+    #[test]
+    fn unknown_key_points_at_line_and_column() {
+        let err = first_error("[server]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n");
+        assert!(err.starts_with("/etc/baton/baton.toml:3:1: "), "{err}");
+        assert!(err.contains("did you mean `listen`"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_reported_where_they_are() {
+        let err = first_error("[server]\nlisten = \"nowhere\"\n");
+        assert!(
+            err.starts_with("/etc/baton/baton.toml:2:10: invalid listen address"),
+            "{err}"
+        );
+        let err = first_error("[limits]\nmax_parallel_jobs = \"four\"\n");
+        assert!(err.starts_with("/etc/baton/baton.toml:2:21: "), "{err}");
+        let err = first_error("[agents.x]\ncommand = [\"x\"]\ntimeout = \"5 parsecs\"\n");
+        assert!(
+            err.contains(":3:11: ") && err.contains("invalid duration"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn env_secret_that_is_unset_is_an_error_naming_the_variable() {
+        let err = first_error("[github]\ntoken = \"env:BATON_TEST_SURELY_UNSET\"\n");
+        assert!(
+            err.contains(":2:9: environment variable BATON_TEST_SURELY_UNSET is not set"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn file_secret_is_read_and_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tok"), "s3cr3t\n").unwrap();
+        let c = Config::from_source(None, "[github]\ntoken = \"file:tok\"\n", dir.path()).unwrap();
+        let token = c.github.token.unwrap();
+        assert_eq!(token.expose(), "s3cr3t");
+        assert_eq!(format!("{token:?}"), "Secret(***)");
+    }
+
+    #[test]
+    fn non_loopback_listen_needs_an_api_token() {
+        let err = first_error("[server]\nlisten = \"0.0.0.0:8787\"\n");
+        assert!(err.contains("server.api_token"), "{err}");
+        assert!(load("[server]\nlisten = \"0.0.0.0:8787\"\napi_token = \"t\"\n").is_ok());
+    }
+
+    #[test]
+    fn agent_keys_replace_the_preset_and_keep_the_rest() {
+        let c = load("[agents.claude]\ntimeout = \"5m\"\nenv = [\"X\"]\n").unwrap();
+        let a = &c.agents["claude"];
+        assert_eq!(a.timeout, Duration::from_secs(300));
+        assert_eq!(a.env, vec!["X".to_string()]);
+        assert_eq!(a.command[0], "claude");
+        let err = first_error("[agents.mine]\nprompt = \"arg\"\n");
+        assert!(err.contains("agents.mine: `command` is required"), "{err}");
+        let err = first_error("[agents.mine]\ncommand = [\"x\"]\nprompt = \"arg\"\n");
+        assert!(err.contains("{{ prompt }}"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse_like_people_write_them() {
+        assert_eq!(
+            HumanDuration::parse("90s").unwrap(),
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            HumanDuration::parse("1h30m").unwrap(),
+            Duration::from_secs(5400)
+        );
+        assert_eq!(HumanDuration::parse("45").unwrap(), Duration::from_secs(45));
+        assert!(HumanDuration::parse("0s").is_err());
+        assert!(HumanDuration::parse("3w").is_err());
+        assert!(HumanDuration::parse("1h30").is_err());
+        assert_eq!(format_duration(Duration::from_secs(1800)), "30m");
+        assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
+    }
+}

@@ -1,0 +1,181 @@
+//! `baton serve`: wires store, rules, engine, publisher and HTTP together and
+//! runs them until the shutdown token fires.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Secret};
+use crate::diag::Diagnostic;
+use crate::engine::Engine;
+use crate::publish::{GitHub, Publisher};
+use crate::rules::{RuleSet, SharedRules};
+use crate::store::{Store, StoreError};
+use crate::{api, ingress};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("trigger files have errors:\n{}", .0.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n"))]
+    Triggers(Vec<Diagnostic>),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("webhook secret at {path}: {source}")]
+    Secret {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("GitHub client: {0}")]
+    GitHub(#[from] crate::publish::github::GitHubError),
+    #[error("server error: {0}")]
+    Server(std::io::Error),
+}
+
+/// Runs the daemon on an already bound listener (tests bind port 0).
+pub async fn serve(
+    mut config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let store = Store::open(&config.storage.path)?;
+    if config.github.webhook_secret.is_none() {
+        config.github.webhook_secret = Some(generated_secret(&config.storage.path)?);
+    }
+    let (rules, errors) = RuleSet::load(&config.triggers_dir, &config);
+    if !errors.is_empty() {
+        return Err(ServeError::Triggers(errors));
+    }
+    if !config.triggers_dir.exists() {
+        tracing::warn!(folder = %config.triggers_dir.display(), "Trigger folder does not exist; no event will start a job.");
+    }
+    tracing::info!(triggers = rules.triggers().len(), folder = %config.triggers_dir.display(), "Triggers loaded.");
+    let rules = SharedRules::new(rules);
+
+    let github = match &config.github.token {
+        Some(token) => Some(GitHub::new(&config.github.api_url, token)?),
+        None => {
+            tracing::warn!(
+                "Publishing is off: no GitHub credentials (set github.token, or GITHUB_TOKEN). Results stay on each job."
+            );
+            None
+        }
+    };
+    let config = Arc::new(config);
+    let wake = Arc::new(Notify::new());
+    let publish_wake = Arc::new(Notify::new());
+    let engine = Arc::new(Engine::new(
+        store.clone(),
+        config.clone(),
+        wake.clone(),
+        publish_wake.clone(),
+        github.is_some(),
+    ));
+    let recovered = engine.recover().await?;
+    if recovered > 0 {
+        tracing::warn!(
+            jobs = recovered,
+            "Recovered jobs left running by a previous daemon."
+        );
+    }
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let app = ingress::router(ingress::Ingress {
+        store: store.clone(),
+        rules: rules.clone(),
+        secret: config
+            .github
+            .webhook_secret
+            .clone()
+            .unwrap_or_else(|| Secret::new("")),
+        max_body_bytes: config.server.max_body_bytes,
+        wake: wake.clone(),
+    })
+    .merge(api::router(api::Api {
+        store: store.clone(),
+        engine: engine.clone(),
+        token: config.server.api_token.clone(),
+        wake: wake.clone(),
+        ready: ready.clone(),
+    }));
+
+    let workers = CancellationToken::new();
+    let engine_task = tokio::spawn(engine.clone().run(workers.clone()));
+    let publisher_task = github.map(|gh| {
+        tokio::spawn(Publisher::new(store.clone(), gh, publish_wake).run(workers.clone()))
+    });
+
+    ready.store(true, Ordering::Release);
+    let addr = listener.local_addr().map_err(ServeError::Server)?;
+    tracing::info!(listen = %addr, storage = %config.storage.path.display(), "baton is serving.");
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .map_err(ServeError::Server);
+
+    workers.cancel();
+    let _ = engine_task.await;
+    if let Some(t) = publisher_task {
+        let _ = t.await;
+    }
+    store.flush().await?;
+    tracing::info!("baton stopped.");
+    result
+}
+
+/// Binds the configured address, with a clear error when it is taken.
+pub async fn bind(config: &Config) -> Result<tokio::net::TcpListener, ServeError> {
+    let addr = config.server.listen;
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Listen { addr, source })
+}
+
+/// With no webhook secret configured, baton makes one at first start and
+/// keeps it (mode 0600) under the storage folder.
+fn generated_secret(storage: &Path) -> Result<Secret, ServeError> {
+    let path = storage.join("webhook-secret");
+    let err = |source| ServeError::Secret {
+        path: path.clone(),
+        source,
+    };
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let s = existing.trim();
+        if !s.is_empty() {
+            tracing::info!(path = %path.display(), "Using the generated webhook secret.");
+            return Ok(Secret::new(s.to_string()));
+        }
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| err(std::io::Error::other(e.to_string())))?;
+    let secret = hex::encode(bytes);
+    std::fs::create_dir_all(storage).map_err(err)?;
+    write_private(&path, &secret).map_err(err)?;
+    tracing::warn!(
+        path = %path.display(),
+        "No webhook secret was configured, so baton generated one. Paste the contents of this file into \
+         the webhook's \"Secret\" field on GitHub (Settings → Webhooks), or set github.webhook_secret."
+    );
+    Ok(Secret::new(secret))
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

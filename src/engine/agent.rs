@@ -1,0 +1,383 @@
+//! Running one agent process: its command line, a cleared environment, its
+//! own process group, a time limit, an output cap, and reading its result.
+//!
+//! The agent's stdin is always closed after the prompt is written (Codex
+//! waits forever on an open stdin). On timeout or cancel the whole process
+//! group gets SIGTERM, then SIGKILL after a grace period; after a normal exit
+//! the group is killed too, so nothing the agent started outlives it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{format_duration, AgentDef, PromptMode, ResultMode};
+
+/// How long a process group has between SIGTERM and SIGKILL.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// Output kept per job, across stdout and stderr; the log says where it was cut.
+pub const DEFAULT_OUTPUT_CAP: u64 = 10 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("agent command `{program}` not found on PATH{hint}")]
+    NotFound { program: String, hint: String },
+    #[error("agent command `{program}` could not start: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("invalid agent command template: {0}")]
+    Template(String),
+    #[error("cannot write agent files in {path}: {source}")]
+    Files {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// How the process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    Exited(Option<i32>),
+    TimedOut(Duration),
+    Cancelled,
+}
+
+/// What one run produced.
+#[derive(Debug)]
+pub struct Run {
+    pub ending: Ending,
+    pub stdout: String,
+    /// The last few KB of stdout and stderr together, for feedback.
+    pub output_tail: String,
+    /// The agent's process group id, recorded at spawn time.
+    pub pgid: Option<i32>,
+}
+
+/// One invocation of an agent.
+pub struct Invocation<'a> {
+    pub agent: &'a AgentDef,
+    pub prompt: &'a str,
+    /// The worktree: the agent's working directory.
+    pub workdir: &'a Path,
+    /// Holds the prompt and result files (outside the worktree).
+    pub job_dir: &'a Path,
+    pub log: &'a Path,
+    pub timeout: Duration,
+    pub output_cap: u64,
+    pub cancel: &'a CancellationToken,
+}
+
+impl Invocation<'_> {
+    pub fn prompt_file(&self) -> PathBuf {
+        self.job_dir.join("prompt.md")
+    }
+
+    pub fn result_file(&self) -> PathBuf {
+        self.job_dir.join("result.md")
+    }
+
+    fn argv(&self) -> Result<Vec<String>, AgentError> {
+        let env = minijinja::Environment::new();
+        let ctx = minijinja::context! {
+            prompt => self.prompt,
+            prompt_file => self.prompt_file().display().to_string(),
+            result_file => self.result_file().display().to_string(),
+        };
+        self.agent
+            .command
+            .iter()
+            .map(|arg| {
+                env.render_str(arg, &ctx)
+                    .map_err(|e| AgentError::Template(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Runs the agent to its end.
+    pub async fn run(&self) -> Result<Run, AgentError> {
+        let files_err = |source| AgentError::Files {
+            path: self.job_dir.to_path_buf(),
+            source,
+        };
+        tokio::fs::create_dir_all(self.job_dir)
+            .await
+            .map_err(files_err)?;
+        let _ = tokio::fs::remove_file(self.result_file()).await;
+        if self.agent.prompt == PromptMode::File {
+            tokio::fs::write(self.prompt_file(), self.prompt)
+                .await
+                .map_err(files_err)?;
+        }
+        let argv = self.argv()?;
+        let program = argv[0].clone();
+
+        let mut cmd = Command::new(&program);
+        cmd.args(&argv[1..])
+            .current_dir(self.workdir)
+            .env_clear()
+            .stdin(if self.agent.prompt == PromptMode::Stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        for name in ["PATH", "HOME"]
+            .iter()
+            .copied()
+            .chain(self.agent.env.iter().map(String::as_str))
+        {
+            if let Some(v) = std::env::var_os(name) {
+                cmd.env(name, v);
+            }
+        }
+        let mut child = cmd.spawn().map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                AgentError::NotFound {
+                    hint: match &self.agent.install {
+                        Some(how) => format!("; install it with `{how}`"),
+                        None => "; install it or set the full path in the agent's `command`".into(),
+                    },
+                    program: program.clone(),
+                }
+            } else {
+                AgentError::Spawn {
+                    program: program.clone(),
+                    source,
+                }
+            }
+        })?;
+        // With process_group(0) the group id is the child's pid. Take it now:
+        // `child.id()` is gone once the child has been reaped.
+        let pgid = child.id().and_then(|p| i32::try_from(p).ok());
+
+        if let Some(mut stdin) = child.stdin.take() {
+            let prompt = self.prompt.as_bytes().to_vec();
+            // Written from a task so a child that never reads cannot block us;
+            // dropping `stdin` closes it.
+            tokio::spawn(async move {
+                let _ = stdin.write_all(&prompt).await;
+                let _ = stdin.shutdown().await;
+            });
+        }
+
+        let log = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log)
+            .await
+            .map_err(|source| AgentError::Files {
+                path: self.log.to_path_buf(),
+                source,
+            })?;
+        let log = std::sync::Arc::new(tokio::sync::Mutex::new(CappedLog {
+            file: log,
+            left: self.output_cap,
+            cut: false,
+            tail: Vec::new(),
+        }));
+        let stdout = child
+            .stdout
+            .take()
+            .map(|s| tokio::spawn(pump(s, log.clone(), true)));
+        let stderr = child
+            .stderr
+            .take()
+            .map(|s| tokio::spawn(pump(s, log.clone(), false)));
+
+        let ending = tokio::select! {
+            status = child.wait() => Ending::Exited(status.ok().and_then(|s| s.code())),
+            _ = tokio::time::sleep(self.timeout) => Ending::TimedOut(self.timeout),
+            _ = self.cancel.cancelled() => Ending::Cancelled,
+        };
+        if let Some(pgid) = pgid {
+            if matches!(ending, Ending::Exited(_)) {
+                // The agent is gone; whatever it left running goes with it.
+                kill_group(pgid, libc::SIGKILL);
+            } else {
+                terminate_group(pgid, &mut child).await;
+            }
+        }
+        let _ = child.wait().await;
+
+        // A process that left the group (setsid) can hold the pipes open
+        // forever; its output is not worth a hung job.
+        let stdout = match stdout {
+            Some(h) => drain(h).await,
+            None => Vec::new(),
+        };
+        if let Some(h) = stderr {
+            drain(h).await;
+        }
+        let mut log = log.lock().await;
+        let note = match &ending {
+            Ending::Exited(code) => {
+                format!("\n[baton] agent exited with {}\n", describe_exit(*code))
+            }
+            Ending::TimedOut(d) => format!(
+                "\n[baton] agent stopped: timeout after {}\n",
+                format_duration(*d)
+            ),
+            Ending::Cancelled => "\n[baton] agent stopped: job cancelled\n".to_string(),
+        };
+        let _ = log.file.write_all(note.as_bytes()).await;
+        let _ = log.file.flush().await;
+        Ok(Run {
+            ending,
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            output_tail: String::from_utf8_lossy(&log.tail).into_owned(),
+            pgid,
+        })
+    }
+
+    /// Reads the agent's answer as its definition says.
+    pub async fn result(&self, run: &Run) -> Result<String, String> {
+        match &self.agent.result {
+            ResultMode::Stdout => Ok(run.stdout.trim().to_string()),
+            ResultMode::File => match tokio::fs::read_to_string(self.result_file()).await {
+                Ok(s) => Ok(s.trim().to_string()),
+                Err(_) => Err("the agent wrote no result file".into()),
+            },
+            ResultMode::Json(field) => json_field(&run.stdout, field),
+        }
+    }
+}
+
+pub fn describe_exit(code: Option<i32>) -> String {
+    match code {
+        Some(c) => format!("status {c}"),
+        None => "a signal".into(),
+    }
+}
+
+/// `field` of the JSON object on stdout: the whole output, or else its last
+/// line that parses (CLIs may print progress before the final object).
+fn json_field(stdout: &str, field: &str) -> Result<String, String> {
+    let parsed = serde_json::from_str::<serde_json::Value>(stdout.trim())
+        .ok()
+        .or_else(|| {
+            stdout.lines().rev().find_map(|l| {
+                serde_json::from_str::<serde_json::Value>(l.trim())
+                    .ok()
+                    .filter(|v| v.is_object())
+            })
+        });
+    let Some(value) = parsed else {
+        return Err("the agent printed no JSON object".into());
+    };
+    match value.get(field) {
+        Some(serde_json::Value::String(s)) => Ok(s.trim().to_string()),
+        Some(serde_json::Value::Null) | None => {
+            Err(format!("the agent's JSON output has no `{field}`"))
+        }
+        Some(other) => Ok(other.to_string()),
+    }
+}
+
+struct CappedLog {
+    file: tokio::fs::File,
+    left: u64,
+    cut: bool,
+    /// The most recent output, whether or not the cap was reached.
+    tail: Vec<u8>,
+}
+
+const TAIL_BYTES: usize = 8 * 1024;
+
+/// Copies a pipe into the log (up to the cap) and, for stdout, into memory
+/// (up to the cap as well).
+async fn pump<R: AsyncRead + Unpin>(
+    mut r: R,
+    log: std::sync::Arc<tokio::sync::Mutex<CappedLog>>,
+    keep: bool,
+) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut log = log.lock().await;
+        log.tail.extend_from_slice(&buf[..n]);
+        if log.tail.len() > TAIL_BYTES {
+            let excess = log.tail.len() - TAIL_BYTES;
+            log.tail.drain(..excess);
+        }
+        if log.left > 0 {
+            let take = (n as u64).min(log.left) as usize;
+            let _ = log.file.write_all(&buf[..take]).await;
+            log.left -= take as u64;
+            if keep {
+                kept.extend_from_slice(&buf[..take]);
+            }
+        }
+        if log.left == 0 && !log.cut {
+            log.cut = true;
+            let _ = log
+                .file
+                .write_all(b"\n[baton] output cap reached: the rest of the output is not kept\n")
+                .await;
+        }
+    }
+    kept
+}
+
+async fn drain(mut reader: tokio::task::JoinHandle<Vec<u8>>) -> Vec<u8> {
+    match tokio::time::timeout(KILL_GRACE, &mut reader).await {
+        Ok(out) => out.unwrap_or_default(),
+        Err(_) => {
+            reader.abort();
+            Vec::new()
+        }
+    }
+}
+
+/// Sends `signal` to every process in the group.
+pub fn kill_group(pgid: i32, signal: i32) -> bool {
+    if pgid <= 1 {
+        return false;
+    }
+    // SAFETY: kill(2) with a negative pid signals a process group; no memory
+    // is involved.
+    unsafe { libc::kill(-pgid, signal) == 0 }
+}
+
+/// Whether any process of the group is still alive.
+pub fn group_alive(pgid: i32) -> bool {
+    pgid > 1 && unsafe { libc::kill(-pgid, 0) == 0 }
+}
+
+/// SIGTERM, a grace period for the leader to exit, then SIGKILL for all.
+async fn terminate_group(pgid: i32, child: &mut tokio::process::Child) {
+    kill_group(pgid, libc::SIGTERM);
+    let _ = tokio::time::timeout(KILL_GRACE, child.wait()).await;
+    kill_group(pgid, libc::SIGKILL);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_field_reads_whole_output_or_last_object_line() {
+        assert_eq!(
+            json_field(r#"{"result":"done"}"#, "result"),
+            Ok("done".into())
+        );
+        assert_eq!(
+            json_field("progress...\n{\"result\": \"ok\"}\n", "result"),
+            Ok("ok".into())
+        );
+        assert!(json_field("nothing here", "result").is_err());
+        assert!(json_field(r#"{"other":1}"#, "result").is_err());
+    }
+}

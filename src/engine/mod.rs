@@ -1,0 +1,598 @@
+//! The engine: takes queued jobs from the store and runs them, phase by
+//! phase — prepare (workspace), run (agent), verify — recording every state
+//! change, then hands results to the publisher through the store's outbox.
+//!
+//! The dispatcher is the only task that claims jobs, so a job is claimed once.
+//! A job's attempts run on one worker; a failed attempt is retried with
+//! backoff while attempts are left, with verification feedback in its prompt.
+//! The engine never talks to GitHub: publishing is the outbox's job.
+
+pub mod agent;
+pub mod workspace;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{format_duration, AgentDef, Config, PromptMode, ResultMode};
+use crate::rules::{JobSpec, OutputKind};
+use crate::store::{
+    Job, JobState, Publication, PublicationState, Store, StoreError, Target, INTERRUPTED,
+};
+use agent::{Ending, Invocation};
+use workspace::Workspaces;
+
+/// A job interrupted by this many daemon restarts fails.
+const MAX_INTERRUPTIONS: u32 = 3;
+
+/// How much of a failed verification's output the next prompt carries.
+const FEEDBACK_BYTES: usize = 4000;
+
+/// Runs jobs.
+pub struct Engine {
+    store: Store,
+    config: Arc<Config>,
+    workspaces: Workspaces,
+    /// Woken by ingress (new jobs) and by the API (retry).
+    wake: Arc<Notify>,
+    /// Woken when a publication is written to the outbox.
+    publish_wake: Arc<Notify>,
+    publishing: bool,
+    /// Running jobs: id → (cancel token, repository).
+    running: Mutex<HashMap<String, (CancellationToken, Option<String>)>>,
+}
+
+/// How one attempt ended.
+enum AttemptEnd {
+    Succeeded(String),
+    Cancelled,
+    Failed {
+        /// `exit`, `timeout`, `verify_failed`, `spawn_failed`, …
+        outcome: &'static str,
+        exit_code: Option<i32>,
+        error: String,
+        /// Whether another attempt could help.
+        retry: bool,
+        /// Verification output for the next attempt's prompt.
+        feedback: Option<String>,
+    },
+}
+
+impl Engine {
+    pub fn new(
+        store: Store,
+        config: Arc<Config>,
+        wake: Arc<Notify>,
+        publish_wake: Arc<Notify>,
+        publishing: bool,
+    ) -> Engine {
+        Engine {
+            workspaces: Workspaces::new(
+                &config.storage.path,
+                &config.github.git_url,
+                config.github.token.clone(),
+            ),
+            store,
+            config,
+            wake,
+            publish_wake,
+            publishing,
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn running(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (CancellationToken, Option<String>)>> {
+        match self.running.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    pub fn job_dir(&self, id: &str) -> PathBuf {
+        job_dir(&self.config.storage.path, id)
+    }
+
+    /// Puts back what a previous daemon left half done: jobs it was running
+    /// are requeued (their attempt recorded as interrupted) or failed when
+    /// out of attempts, and its worktrees are removed. Call before `run`.
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        let stale = self.store.running()?;
+        let now = Utc::now();
+        for mut job in stale.iter().cloned() {
+            job.end_attempt(INTERRUPTED, None, Some("daemon restarted".into()), now);
+            // Restarts do not use up a job's attempts, but a job that keeps
+            // being interrupted (say, it takes the machine down) must end.
+            let publication = if job.interruptions() < MAX_INTERRUPTIONS && job.attempts_left() {
+                job.state = JobState::Queued;
+                None
+            } else {
+                let why = format!("interrupted by {} daemon restarts", job.interruptions());
+                job.end(JobState::Failed, None, Some(why), now);
+                self.publication_for(&job)
+            };
+            tracing::warn!(job = %job.id, state = %job.state, "Job interrupted by a restart recovered.");
+            self.store.finish(&job, publication.as_ref()).await?;
+        }
+        let worktrees = self.config.storage.path.join("worktrees");
+        if worktrees.exists() {
+            let _ = tokio::fs::remove_dir_all(&worktrees).await;
+            prune_mirrors(&self.config.storage.path.join("mirrors")).await;
+        }
+        Ok(stale.len())
+    }
+
+    /// The dispatcher: claims queued jobs within the limits until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+        loop {
+            if let Err(e) = self.dispatch(&done_tx).await {
+                tracing::error!(error = %e, "Dispatching jobs failed; retrying shortly.");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                Some(id) = done_rx.recv() => {
+                    self.running().remove(&id);
+                }
+                _ = shutdown.cancelled() => break,
+            }
+        }
+    }
+
+    async fn dispatch(
+        self: &Arc<Self>,
+        done: &mpsc::UnboundedSender<String>,
+    ) -> Result<(), StoreError> {
+        let limits = &self.config.limits;
+        for (seq, id) in self.store.queued()? {
+            let (total, per_repo) = {
+                let running = self.running();
+                let Some(job) = self.store.job(&id)? else {
+                    continue;
+                };
+                let same_repo = running
+                    .values()
+                    .filter(|(_, r)| r.is_some() && *r == job.repo)
+                    .count();
+                (
+                    running.len(),
+                    if job.repo.is_some() { same_repo } else { 0 },
+                )
+            };
+            if total >= limits.max_parallel_jobs {
+                break;
+            }
+            if per_repo >= limits.max_parallel_per_repo {
+                continue;
+            }
+            let Some(job) = self.store.claim(seq, &id).await? else {
+                continue;
+            };
+            let cancel = CancellationToken::new();
+            self.running()
+                .insert(job.id.clone(), (cancel.clone(), job.repo.clone()));
+            let engine = Arc::clone(self);
+            let done = done.clone();
+            tokio::spawn(async move {
+                let id = job.id.clone();
+                engine.execute(job, cancel).await;
+                let _ = done.send(id);
+            });
+        }
+        Ok(())
+    }
+
+    /// Cancels a job: a queued one at once, a running one by stopping its agent.
+    pub async fn cancel(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        if let Some(job) = self.store.cancel_queued(id, "cancelled").await? {
+            return Ok(Some(job));
+        }
+        let token = self.running().get(id).map(|(t, _)| t.clone());
+        match token {
+            Some(t) => {
+                t.cancel();
+                self.store.job(id)
+            }
+            None => Ok(None),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(job = %job.id, trigger = %job.trigger))]
+    async fn execute(&self, mut job: Job, cancel: CancellationToken) {
+        tracing::info!(attempt = job.attempts, "Job started.");
+        let mut feedback: Option<String> = None;
+        loop {
+            let end = self.attempt(&job, feedback.as_deref(), &cancel).await;
+            let now = Utc::now();
+            match end {
+                AttemptEnd::Succeeded(result) => {
+                    job.end_attempt("exit", Some(0), None, now);
+                    job.end(JobState::Succeeded, Some(result), None, now);
+                }
+                AttemptEnd::Cancelled => {
+                    job.end_attempt("cancelled", None, None, now);
+                    job.end(JobState::Cancelled, None, Some("cancelled".into()), now);
+                }
+                AttemptEnd::Failed {
+                    outcome,
+                    exit_code,
+                    error,
+                    retry,
+                    feedback: fb,
+                } => {
+                    job.end_attempt(outcome, exit_code, Some(error.clone()), now);
+                    if retry && job.attempts_left() {
+                        let wait = backoff(job.attempts);
+                        tracing::warn!(error = %error, retry_in = %format_duration(wait), "Attempt failed; retrying.");
+                        self.log_line(
+                            &job.id,
+                            &format!(
+                                "attempt {} failed: {error}; retrying in {}",
+                                job.attempts,
+                                format_duration(wait)
+                            ),
+                        )
+                        .await;
+                        if let Err(e) = self.store.save(&job).await {
+                            tracing::error!(error = %e, "Could not record the failed attempt.");
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = cancel.cancelled() => {
+                                job.end(JobState::Cancelled, None, Some("cancelled".into()), Utc::now());
+                                break;
+                            }
+                        }
+                        feedback = fb;
+                        job.start_attempt(Utc::now());
+                        if let Err(e) = self.store.save(&job).await {
+                            tracing::error!(error = %e, "Could not record the new attempt.");
+                        }
+                        continue;
+                    }
+                    job.end(JobState::Failed, None, Some(error), now);
+                }
+            }
+            break;
+        }
+        let publication = self.publication_for(&job);
+        match self.store.finish(&job, publication.as_ref()).await {
+            Ok(()) => {
+                tracing::info!(state = %job.state, error = job.error.as_deref().unwrap_or(""), "Job finished.");
+                if publication.is_some() {
+                    self.publish_wake.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Could not store the job's end; it will rerun after a restart.")
+            }
+        }
+    }
+
+    /// One attempt: prepare, run, verify.
+    async fn attempt(
+        &self,
+        job: &Job,
+        feedback: Option<&str>,
+        cancel: &CancellationToken,
+    ) -> AttemptEnd {
+        let spec = &job.spec;
+        let Some(agent) = self.config.agents.get(&spec.agent) else {
+            return failed(
+                "spawn_failed",
+                None,
+                format!("agent `{}` is not defined in the configuration", spec.agent),
+                false,
+            );
+        };
+        let dir = self.job_dir(&job.id);
+        if let Err(e) = tokio::fs::create_dir_all(&dir).await {
+            return failed(
+                "prepare_failed",
+                None,
+                format!("cannot create {}: {e}", dir.display()),
+                true,
+            );
+        }
+        self.log_line(
+            &job.id,
+            &format!("attempt {}: preparing workspace", job.attempts),
+        )
+        .await;
+        let prepared = tokio::select! {
+            p = self.workspaces.prepare(&job.id, spec.repo.as_deref(), &spec.workspace) => p,
+            _ = cancel.cancelled() => return AttemptEnd::Cancelled,
+        };
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                return failed(
+                    "prepare_failed",
+                    None,
+                    format!("preparing the workspace failed: {e}"),
+                    true,
+                )
+            }
+        };
+        if let Some(commit) = &prepared.commit {
+            self.log_line(&job.id, &format!("workspace at {commit}"))
+                .await;
+        }
+        let end = self
+            .run_in(job, agent, &prepared.path, feedback, cancel)
+            .await;
+        self.workspaces.release(&prepared).await;
+        end
+    }
+
+    async fn run_in(
+        &self,
+        job: &Job,
+        agent: &AgentDef,
+        workdir: &std::path::Path,
+        feedback: Option<&str>,
+        cancel: &CancellationToken,
+    ) -> AttemptEnd {
+        let spec = &job.spec;
+        let prompt = match feedback {
+            Some(fb) => format!(
+                "{}\n\n## Your previous attempt failed verification\n\nThe check `{}` failed with this output:\n\n```\n{fb}\n```\n\nFix the cause and try again.\n",
+                spec.prompt,
+                spec.verify.as_ref().map(|v| v.join(" ")).unwrap_or_default()
+            ),
+            None => spec.prompt.clone(),
+        };
+        let dir = self.job_dir(&job.id);
+        let log = dir.join("log");
+        let timeout = spec
+            .timeout_secs
+            .map(Duration::from_secs)
+            .unwrap_or(agent.timeout);
+        let inv = Invocation {
+            agent,
+            prompt: &prompt,
+            workdir,
+            job_dir: &dir,
+            log: &log,
+            timeout,
+            output_cap: agent::DEFAULT_OUTPUT_CAP,
+            cancel,
+        };
+        self.log_line(&job.id, &format!("running agent `{}`", agent.name))
+            .await;
+        let run = match inv.run().await {
+            Ok(r) => r,
+            Err(e) => return failed("spawn_failed", None, e.to_string(), false),
+        };
+        match run.ending {
+            Ending::Cancelled => return AttemptEnd::Cancelled,
+            Ending::TimedOut(d) => {
+                return failed(
+                    "timeout",
+                    None,
+                    format!("timeout after {}", format_duration(d)),
+                    true,
+                )
+            }
+            Ending::Exited(Some(0)) => {}
+            Ending::Exited(code) => {
+                return failed(
+                    "exit",
+                    code,
+                    format!(
+                        "agent `{}` exited with {}; see the job log",
+                        agent.name,
+                        agent::describe_exit(code)
+                    ),
+                    true,
+                )
+            }
+        }
+        let result = match inv.result(&run).await {
+            Ok(r) => r,
+            Err(e) => {
+                return failed(
+                    "exit",
+                    Some(0),
+                    format!("agent `{}` succeeded but {e}", agent.name),
+                    true,
+                )
+            }
+        };
+        if let Some(verify) = &spec.verify {
+            self.log_line(&job.id, &format!("verifying with `{}`", verify.join(" ")))
+                .await;
+            let check = AgentDef {
+                name: "verify".into(),
+                command: verify.clone(),
+                prompt: PromptMode::Stdin,
+                result: ResultMode::Stdout,
+                env: agent.env.clone(),
+                timeout,
+                install: None,
+            };
+            let v = Invocation {
+                agent: &check,
+                prompt: "",
+                workdir,
+                job_dir: &dir.join("verify"),
+                log: &log,
+                timeout,
+                output_cap: agent::DEFAULT_OUTPUT_CAP,
+                cancel,
+            };
+            match v.run().await {
+                Err(e) => {
+                    return failed(
+                        "verify_failed",
+                        None,
+                        format!("verify could not run: {e}"),
+                        false,
+                    )
+                }
+                Ok(r) => match r.ending {
+                    Ending::Cancelled => return AttemptEnd::Cancelled,
+                    Ending::Exited(Some(0)) => {}
+                    ending => {
+                        let why = match ending {
+                            Ending::TimedOut(d) => format!("timeout after {}", format_duration(d)),
+                            Ending::Exited(code) => format!("exit {}", agent::describe_exit(code)),
+                            Ending::Cancelled => "cancelled".into(),
+                        };
+                        return AttemptEnd::Failed {
+                            outcome: "verify_failed",
+                            exit_code: Some(0),
+                            error: format!("verification `{}` failed ({why})", verify.join(" ")),
+                            retry: true,
+                            feedback: Some(tail(&r.output_tail, FEEDBACK_BYTES)),
+                        };
+                    }
+                },
+            }
+        }
+        AttemptEnd::Succeeded(result)
+    }
+
+    /// The outbox record for a finished job, when its result has somewhere to go.
+    fn publication_for(&self, job: &Job) -> Option<Publication> {
+        let spec: &JobSpec = &job.spec;
+        if spec.output == OutputKind::None || !self.publishing || !job.state.is_final() {
+            return None;
+        }
+        let repo = spec.repo.clone()?;
+        let target = match (spec.subject, &spec.head_sha) {
+            (Some(number), _) => Target::IssueComment { number },
+            (None, Some(sha)) => Target::CommitComment { sha: sha.clone() },
+            (None, None) => return None,
+        };
+        Some(Publication {
+            job: job.id.clone(),
+            repo,
+            target,
+            body: crate::publish::comment_body(job),
+            state: PublicationState::Pending,
+            attempts: 0,
+            next_attempt_at: Utc::now(),
+            last_error: None,
+            url: None,
+        })
+    }
+
+    async fn log_line(&self, id: &str, line: &str) {
+        let path = self.job_dir(id).join("log");
+        if let Ok(mut f) = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .await
+        {
+            let _ = f.write_all(format!("[baton] {line}\n").as_bytes()).await;
+        }
+    }
+}
+
+/// Runs jobs to their end in this process, publishing nothing (`simulate
+/// --run`). `config.storage.path` should be a scratch folder.
+pub async fn run_locally(config: Config, specs: Vec<JobSpec>) -> Result<Vec<Job>, StoreError> {
+    let store = Store::open(&config.storage.path)?;
+    let engine = Engine::new(
+        store.clone(),
+        Arc::new(config),
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+        false,
+    );
+    let mut out = Vec::new();
+    for spec in specs {
+        let now = Utc::now();
+        let mut job = Job::new(
+            crate::store::job_id("simulated", &spec.trigger),
+            0,
+            "simulated".into(),
+            spec,
+            now,
+        );
+        job.start_attempt(now);
+        let id = job.id.clone();
+        engine.execute(job, CancellationToken::new()).await;
+        out.extend(store.job(&id)?);
+    }
+    Ok(out)
+}
+
+pub fn job_dir(storage: &std::path::Path, id: &str) -> PathBuf {
+    storage.join("jobs").join(id)
+}
+
+fn failed(outcome: &'static str, exit_code: Option<i32>, error: String, retry: bool) -> AttemptEnd {
+    AttemptEnd::Failed {
+        outcome,
+        exit_code,
+        error,
+        retry,
+        feedback: None,
+    }
+}
+
+/// 10 s, 20 s, 40 s, … capped at 10 minutes.
+fn backoff(attempt: u32) -> Duration {
+    let secs = 10u64.saturating_mul(1 << attempt.saturating_sub(1).min(6));
+    Duration::from_secs(secs.min(600))
+}
+
+fn tail(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("…{}", &s[start..])
+}
+
+async fn prune_mirrors(mirrors: &std::path::Path) {
+    let Ok(mut owners) = tokio::fs::read_dir(mirrors).await else {
+        return;
+    };
+    while let Ok(Some(owner)) = owners.next_entry().await {
+        let Ok(mut repos) = tokio::fs::read_dir(owner.path()).await else {
+            continue;
+        };
+        while let Ok(Some(repo)) = repos.next_entry().await {
+            let _ = tokio::process::Command::new("git")
+                .arg("-C")
+                .arg(repo.path())
+                .args(["worktree", "prune"])
+                .output()
+                .await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_secs(10));
+        assert_eq!(backoff(2), Duration::from_secs(20));
+        assert_eq!(backoff(30), Duration::from_secs(600));
+    }
+
+    #[test]
+    fn tail_keeps_the_end_on_a_char_boundary() {
+        assert_eq!(tail("abc", 10), "abc");
+        assert_eq!(tail("abcdef", 3), "…def");
+        assert_eq!(tail("ééé", 3), "…é");
+    }
+}

@@ -1,0 +1,401 @@
+//! GitHub payload → `Event`.
+//!
+//! baton reads only the fields it needs through its own lenient serde structs
+//! (every field optional, unknown fields ignored) over the raw JSON, which is
+//! kept whole for templates. octocrab's webhook models are strict and fail on
+//! real payloads, so they are not used here.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{kind_of, Actor, Comment, Event, Repository};
+
+/// Why a payload could not be normalized.
+#[derive(Debug, thiserror::Error)]
+pub enum NormalizeError {
+    #[error("payload is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("payload must be a JSON object")]
+    NotAnObject,
+}
+
+/// GitHub events that baton understands; others are stored and start no job.
+pub const KNOWN_EVENTS: &[&str] = &[
+    "issues",
+    "issue_comment",
+    "pull_request",
+    "pull_request_review",
+    "pull_request_review_comment",
+    "check_run",
+    "check_suite",
+    "workflow_run",
+    "workflow_job",
+    "status",
+    "push",
+    "ping",
+    "installation",
+    "installation_repositories",
+    "repository_dispatch",
+    "workflow_dispatch",
+];
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Payload {
+    action: Option<String>,
+    repository: Option<RawRepo>,
+    installation: Option<Id>,
+    sender: Option<RawUser>,
+    issue: Option<RawIssue>,
+    pull_request: Option<RawPull>,
+    comment: Option<RawComment>,
+    review: Option<RawComment>,
+    check_run: Option<RawCheckRun>,
+    check_suite: Option<RawCheck>,
+    workflow_run: Option<RawCheck>,
+    workflow_job: Option<RawCheck>,
+    // status
+    sha: Option<String>,
+    state: Option<String>,
+    branches: Vec<Named>,
+    // push
+    #[serde(rename = "ref")]
+    git_ref: Option<String>,
+    after: Option<String>,
+    // repository_dispatch / workflow_dispatch
+    branch: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Id {
+    id: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Named {
+    name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawRepo {
+    id: Option<u64>,
+    full_name: Option<String>,
+    default_branch: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawUser {
+    login: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawIssue {
+    number: Option<u64>,
+    author_association: Option<String>,
+    labels: Vec<Named>,
+    /// Present when the "issue" is a pull request (comments on PRs).
+    pull_request: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawPull {
+    number: Option<u64>,
+    author_association: Option<String>,
+    labels: Vec<Named>,
+    draft: Option<bool>,
+    head: Option<RawRef>,
+    base: Option<RawRef>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawRef {
+    #[serde(rename = "ref")]
+    git_ref: Option<String>,
+    sha: Option<String>,
+    repo: Option<RawRepo>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawComment {
+    id: Option<u64>,
+    body: Option<String>,
+    author_association: Option<String>,
+    user: Option<RawUser>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawCheck {
+    head_sha: Option<String>,
+    head_branch: Option<String>,
+    conclusion: Option<String>,
+    pull_requests: Vec<RawPull>,
+    head_repository: Option<RawRepo>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawCheckRun {
+    head_sha: Option<String>,
+    conclusion: Option<String>,
+    pull_requests: Vec<RawPull>,
+    check_suite: Option<RawCheck>,
+}
+
+/// Parses a GitHub delivery body into an `Event`.
+pub fn normalize(name: &str, delivery: &str, body: &[u8]) -> Result<Event, NormalizeError> {
+    let value: Value = serde_json::from_slice(body)?;
+    normalize_value(name, delivery, value)
+}
+
+/// Normalizes an already parsed payload.
+pub fn normalize_value(name: &str, delivery: &str, value: Value) -> Result<Event, NormalizeError> {
+    if !value.is_object() {
+        return Err(NormalizeError::NotAnObject);
+    }
+    // Lenient: a field of an unexpected type is treated as absent rather than
+    // failing the delivery, so one odd field never loses an event.
+    let p = Payload::deserialize(&value).unwrap_or_else(|_| lenient(&value));
+
+    let repository = p.repository.as_ref().and_then(|r| {
+        r.full_name.clone().map(|full_name| Repository {
+            full_name,
+            default_branch: r.default_branch.clone(),
+            id: r.id,
+        })
+    });
+    let repo_id = repository.as_ref().and_then(|r| r.id);
+    let repo_full = repository.as_ref().map(|r| r.full_name.as_str());
+
+    let mut e = Event {
+        source: "github".into(),
+        name: name.to_string(),
+        action: p.action.clone(),
+        kind: kind_of(name, p.action.as_deref()),
+        delivery: delivery.to_string(),
+        installation: p.installation.as_ref().and_then(|i| i.id),
+        sender: p.sender.as_ref().and_then(|s| {
+            s.login.clone().map(|login| Actor {
+                login,
+                kind: s.kind.clone().unwrap_or_else(|| "User".into()),
+            })
+        }),
+        repository: None,
+        subject: None,
+        subject_is_pull_request: false,
+        association: None,
+        labels: Vec::new(),
+        branch: None,
+        base_branch: None,
+        head_sha: None,
+        head_in_repo: None,
+        conclusion: None,
+        draft: None,
+        comment: None,
+        payload: Arc::new(Value::Null),
+    };
+
+    if let Some(issue) = &p.issue {
+        e.subject = issue.number;
+        e.subject_is_pull_request = issue.pull_request.is_some();
+        e.association = issue.author_association.clone();
+        e.labels = names(&issue.labels);
+    }
+    if let Some(pr) = &p.pull_request {
+        e.subject = pr.number.or(e.subject);
+        e.subject_is_pull_request = true;
+        e.association = pr.author_association.clone();
+        e.labels = names(&pr.labels);
+        e.draft = pr.draft;
+        apply_pull_refs(&mut e, pr, repo_id, repo_full);
+    }
+    // A comment or review is about its author, not the issue's.
+    if let Some(c) = p.comment.as_ref().or(p.review.as_ref()) {
+        e.association = c.author_association.clone();
+        e.comment = Some(Comment {
+            id: c.id,
+            body: c.body.clone().unwrap_or_default(),
+            author: c.user.as_ref().and_then(|u| u.login.clone()),
+        });
+    }
+
+    match name {
+        "check_run" => {
+            if let Some(run) = &p.check_run {
+                let suite = run.check_suite.as_ref();
+                e.head_sha = run.head_sha.clone();
+                e.conclusion = run.conclusion.clone();
+                e.branch = suite.and_then(|s| s.head_branch.clone());
+                let prs = if run.pull_requests.is_empty() {
+                    suite.map(|s| s.pull_requests.as_slice()).unwrap_or(&[])
+                } else {
+                    &run.pull_requests
+                };
+                apply_check_pulls(&mut e, prs, repo_id);
+            }
+        }
+        "check_suite" | "workflow_run" | "workflow_job" => {
+            let check = match name {
+                "check_suite" => p.check_suite.as_ref(),
+                "workflow_run" => p.workflow_run.as_ref(),
+                _ => p.workflow_job.as_ref(),
+            };
+            if let Some(c) = check {
+                e.head_sha = c.head_sha.clone();
+                e.conclusion = c.conclusion.clone();
+                e.branch = c.head_branch.clone();
+                apply_check_pulls(&mut e, &c.pull_requests, repo_id);
+                if let (Some(head), Some(full)) = (&c.head_repository, repo_full) {
+                    e.head_in_repo = Some(
+                        head.full_name.as_deref() == Some(full)
+                            || head.id.is_some() && head.id == repo_id,
+                    );
+                } else if name == "workflow_job" {
+                    // A job's payload does not say where its head lives.
+                    e.head_in_repo = None;
+                }
+            }
+        }
+        "status" => {
+            e.head_sha = p.sha.clone();
+            e.conclusion = p.state.clone();
+            let branches = names(&p.branches);
+            // A status on a commit that sits on a branch of this repository
+            // was pushed by someone with write access.
+            e.head_in_repo = Some(!branches.is_empty());
+            e.branch = branches.into_iter().next();
+        }
+        "push" => {
+            e.head_sha = p.after.clone().filter(|s| !s.chars().all(|c| c == '0'));
+            e.branch = p
+                .git_ref
+                .as_deref()
+                .and_then(|r| r.strip_prefix("refs/heads/"))
+                .map(str::to_string);
+            e.head_in_repo = Some(true);
+        }
+        "repository_dispatch" | "workflow_dispatch" => {
+            e.branch = p.branch.clone().or_else(|| {
+                p.git_ref
+                    .as_deref()
+                    .and_then(|r| r.strip_prefix("refs/heads/"))
+                    .map(str::to_string)
+            });
+        }
+        _ => {}
+    }
+
+    e.repository = repository;
+    e.payload = Arc::new(value);
+    Ok(e)
+}
+
+fn names(labels: &[Named]) -> Vec<String> {
+    labels.iter().filter_map(|l| l.name.clone()).collect()
+}
+
+fn apply_pull_refs(e: &mut Event, pr: &RawPull, repo_id: Option<u64>, repo_full: Option<&str>) {
+    if let Some(head) = &pr.head {
+        e.branch = head.git_ref.clone();
+        e.head_sha = head.sha.clone();
+        // A deleted fork leaves `head.repo` null: treat it as a fork.
+        e.head_in_repo = Some(match &head.repo {
+            None => false,
+            Some(r) => {
+                (r.id.is_some() && r.id == repo_id)
+                    || (r.full_name.is_some() && r.full_name.as_deref() == repo_full)
+            }
+        });
+    }
+    if let Some(base) = &pr.base {
+        e.base_branch = base.git_ref.clone();
+    }
+}
+
+/// Checks and workflows name their pull requests; the first is the subject.
+/// GitHub lists only pull requests whose head is in the repository itself,
+/// and leaves `head_branch` null for a fork, so a check with neither is
+/// treated as coming from a fork.
+fn apply_check_pulls(e: &mut Event, prs: &[RawPull], repo_id: Option<u64>) {
+    if let Some(pr) = prs.first() {
+        e.subject = pr.number;
+        e.subject_is_pull_request = true;
+        e.base_branch = pr.base.as_ref().and_then(|b| b.git_ref.clone());
+        let head_repo = pr
+            .head
+            .as_ref()
+            .and_then(|h| h.repo.as_ref())
+            .and_then(|r| r.id);
+        e.head_in_repo = Some(head_repo.is_some() && head_repo == repo_id);
+    } else {
+        e.head_in_repo = Some(e.branch.is_some());
+    }
+}
+
+/// Field-by-field fallback for payloads where some field has an odd type.
+fn lenient(value: &Value) -> Payload {
+    fn field<T: serde::de::DeserializeOwned + Default>(v: &Value, key: &str) -> T {
+        v.get(key)
+            .and_then(|f| T::deserialize(f).ok())
+            .unwrap_or_default()
+    }
+    Payload {
+        action: field(value, "action"),
+        repository: field(value, "repository"),
+        installation: field(value, "installation"),
+        sender: field(value, "sender"),
+        issue: field(value, "issue"),
+        pull_request: field(value, "pull_request"),
+        comment: field(value, "comment"),
+        review: field(value, "review"),
+        check_run: field(value, "check_run"),
+        check_suite: field(value, "check_suite"),
+        workflow_run: field(value, "workflow_run"),
+        workflow_job: field(value, "workflow_job"),
+        sha: field(value, "sha"),
+        state: field(value, "state"),
+        branches: field(value, "branches"),
+        git_ref: field(value, "ref"),
+        after: field(value, "after"),
+        branch: field(value, "branch"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn odd_field_types_do_not_lose_the_event() {
+        let body =
+            br#"{"action":"opened","issue":{"number":"seven"},"repository":{"full_name":"a/b"}}"#;
+        let e = normalize("issues", "d1", body).unwrap();
+        assert_eq!(e.kind, "issues.opened");
+        assert_eq!(e.subject, None);
+        assert_eq!(e.repo_name(), Some("a/b"));
+    }
+
+    #[test]
+    fn non_objects_are_rejected() {
+        assert!(matches!(
+            normalize("issues", "d", b"[1]"),
+            Err(NormalizeError::NotAnObject)
+        ));
+        assert!(matches!(
+            normalize("issues", "d", b"{"),
+            Err(NormalizeError::Json(_))
+        ));
+    }
+}

@@ -1,0 +1,108 @@
+//! The normalized `Event`: one shape for everything that can start a job —
+//! a GitHub webhook, a generic webhook, a schedule, or a job that finished.
+//!
+//! Rules match on `Event` fields and render prompts over `Event::context`;
+//! nothing downstream of ingress looks at HTTP or at a source's own format.
+
+pub mod github;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// A repository an event is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Repository {
+    /// `owner/name`
+    pub full_name: String,
+    pub default_branch: Option<String>,
+    pub id: Option<u64>,
+}
+
+impl Repository {
+    pub fn owner(&self) -> &str {
+        self.full_name
+            .split_once('/')
+            .map(|(o, _)| o)
+            .unwrap_or(&self.full_name)
+    }
+
+    pub fn name(&self) -> &str {
+        self.full_name.split_once('/').map(|(_, n)| n).unwrap_or("")
+    }
+}
+
+/// Who caused the event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Actor {
+    pub login: String,
+    /// GitHub's account type: `User`, `Bot`, `Organization`.
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+impl Actor {
+    pub fn is_bot(&self) -> bool {
+        self.kind.eq_ignore_ascii_case("bot") || self.login.ends_with("[bot]")
+    }
+}
+
+/// A comment that came with the event (issue, PR or review comment).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Comment {
+    pub id: Option<u64>,
+    pub body: String,
+    pub author: Option<String>,
+}
+
+/// One thing that happened, normalized.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// `github`, or the name of a generic source.
+    pub source: String,
+    /// The event's type: GitHub's `X-GitHub-Event` value.
+    pub name: String,
+    pub action: Option<String>,
+    /// `name.action`, or `name` when there is no action: what `on` lists.
+    pub kind: String,
+    pub delivery: String,
+    pub repository: Option<Repository>,
+    pub installation: Option<u64>,
+    pub sender: Option<Actor>,
+    /// The issue or pull request the event is about.
+    pub subject: Option<u64>,
+    /// Whether `subject` is a pull request.
+    pub subject_is_pull_request: bool,
+    /// `author_association` of the person the event is about.
+    pub association: Option<String>,
+    pub labels: Vec<String>,
+    /// Head branch of a PR, or the branch of a check, workflow or push.
+    pub branch: Option<String>,
+    /// Base branch of a pull request.
+    pub base_branch: Option<String>,
+    pub head_sha: Option<String>,
+    /// Whether the head commit lives in the repository itself (not a fork);
+    /// `None` when the payload does not say.
+    pub head_in_repo: Option<bool>,
+    pub conclusion: Option<String>,
+    pub draft: Option<bool>,
+    pub comment: Option<Comment>,
+    /// The payload as received, for templates.
+    #[serde(skip)]
+    pub payload: Arc<Value>,
+}
+
+impl Event {
+    pub fn repo_name(&self) -> Option<&str> {
+        self.repository.as_ref().map(|r| r.full_name.as_str())
+    }
+}
+
+/// `name.action` or `name`.
+pub fn kind_of(name: &str, action: Option<&str>) -> String {
+    match action {
+        Some(a) if !a.is_empty() => format!("{name}.{a}"),
+        _ => name.to_string(),
+    }
+}

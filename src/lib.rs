@@ -1,0 +1,16 @@
+//! baton: an event-triggered automation daemon for coding agents.
+//!
+//! Data flows one way: `ingress` (webhooks) → `rules` (match, render) →
+//! `store` (durable) → `engine` (run agents) → `publish` (GitHub). `api`
+//! reads the store and asks the engine to cancel; `daemon` wires it all.
+
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod diag;
+pub mod engine;
+pub mod event;
+pub mod ingress;
+pub mod publish;
+pub mod rules;
+pub mod store;

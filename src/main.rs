@@ -1,0 +1,490 @@
+//! The `baton` command line. Everything it runs lives in the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use baton::config::Config;
+use baton::diag::Diagnostic;
+use baton::rules::{RuleSet, Verdict};
+
+#[derive(Parser)]
+#[command(
+    name = "baton",
+    version,
+    about = "Event-triggered automation daemon for coding agents"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        /// Config file (default ./baton.toml, or built-in defaults when absent).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Check the config and every trigger file; print each error as path:line:col: message.
+    Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Show which triggers match a payload, and the prompt each would get.
+    Simulate {
+        /// The event name, as in X-GitHub-Event (e.g. `issues`).
+        #[arg(long)]
+        event: String,
+        /// The payload file (JSON).
+        #[arg(long)]
+        payload: PathBuf,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Run each matching job locally and print its result (nothing is published).
+        #[arg(long)]
+        run: bool,
+    },
+    /// Sign a payload and send it to a running daemon, as GitHub would.
+    Deliver {
+        /// The webhook URL, e.g. http://127.0.0.1:8787/webhooks/github.
+        #[arg(long)]
+        url: String,
+        /// The webhook secret.
+        #[arg(long, env = "BATON_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: String,
+        /// The event name (X-GitHub-Event).
+        #[arg(long)]
+        event: String,
+        /// The delivery id (default: a random one).
+        #[arg(long)]
+        delivery: Option<String>,
+        /// The payload file.
+        file: PathBuf,
+    },
+    /// Inspect and control jobs of a running daemon.
+    Jobs {
+        /// The daemon's address.
+        #[arg(
+            long,
+            env = "BATON_URL",
+            default_value = "http://127.0.0.1:8787",
+            global = true
+        )]
+        url: String,
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// List jobs, newest first.
+    List {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        trigger: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Show one job.
+    Show { id: String },
+    /// Print a job's log.
+    Logs {
+        id: String,
+        /// Keep printing as the log grows, until the job ends.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Cancel a queued or running job.
+    Cancel { id: String },
+    /// Run a finished job again.
+    Retry { id: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,sled=warn,hyper=warn,octocrab=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Serve { config } => serve(config.as_deref()).await,
+        Command::Check { config } => Ok(check(config.as_deref())),
+        Command::Simulate {
+            event,
+            payload,
+            config,
+            run,
+        } => simulate(&event, &payload, config.as_deref(), run).await,
+        Command::Deliver {
+            url,
+            secret,
+            event,
+            delivery,
+            file,
+        } => deliver(&url, &secret, &event, delivery, &file).await,
+        Command::Jobs { url, command } => jobs(&url, command).await,
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config> {
+    Config::load(path).map_err(|errors| anyhow::anyhow!(join(&errors)))
+}
+
+fn join(errors: &[Diagnostic]) -> String {
+    errors
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+async fn serve(path: Option<&Path>) -> Result<ExitCode> {
+    let config = load_config(path)?;
+    let listener = baton::daemon::bind(&config).await?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("Shutting down.");
+        signal.cancel();
+    });
+    baton::daemon::serve(config, listener, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(path: Option<&Path>) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors {
+                println!("{e}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let (rules, errors) = RuleSet::load(&config.triggers_dir, &config);
+    for e in &errors {
+        println!("{e}");
+    }
+    if errors.is_empty() {
+        println!(
+            "ok: {} trigger(s) in {}",
+            rules.triggers().len(),
+            config.triggers_dir.display()
+        );
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+async fn simulate(event: &str, payload: &Path, path: Option<&Path>, run: bool) -> Result<ExitCode> {
+    let mut config = load_config(path)?;
+    let (rules, errors) = RuleSet::load(&config.triggers_dir, &config);
+    for e in &errors {
+        eprintln!("{e}");
+    }
+    let body =
+        std::fs::read(payload).with_context(|| format!("cannot read {}", payload.display()))?;
+    let name = event.split('.').next().unwrap_or(event);
+    let ev = baton::event::github::normalize(name, "simulated", &body)
+        .with_context(|| format!("{}", payload.display()))?;
+    println!("event: {}", ev.kind);
+    let mut matched = Vec::new();
+    for (trigger, verdict) in rules.explain(&ev) {
+        match verdict {
+            Verdict::Matched(spec) => {
+                println!(
+                    "\n✓ {} matches\n--- prompt ---\n{}\n--------------",
+                    trigger.name,
+                    spec.prompt.trim_end()
+                );
+                matched.push(*spec);
+            }
+            Verdict::Rejected { filter, reason } => {
+                println!("✗ {}: {filter}: {reason}", trigger.name)
+            }
+        }
+    }
+    if run && !matched.is_empty() {
+        let scratch = std::env::temp_dir().join(format!("baton-simulate-{}", std::process::id()));
+        config.storage.path = scratch.clone();
+        let results = baton::engine::run_locally(config, matched).await;
+        let _ = std::fs::remove_dir_all(&scratch);
+        for job in results? {
+            println!("\n== {} ({}) ==", job.trigger, job.state);
+            if let Some(r) = &job.result {
+                println!("{r}");
+            }
+            if let Some(e) = &job.error {
+                println!("error: {e}");
+            }
+        }
+    }
+    Ok(if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn deliver(
+    url: &str,
+    secret: &str,
+    event: &str,
+    delivery: Option<String>,
+    file: &Path,
+) -> Result<ExitCode> {
+    let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let delivery = delivery.unwrap_or_else(random_id);
+    let signature = baton::ingress::signature::sign(secret.as_bytes(), &body);
+    let resp = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .header("x-github-event", event)
+        .header("x-github-delivery", &delivery)
+        .header("x-hub-signature-256", signature)
+        .body(body)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    println!("{} {}", status.as_u16(), text.trim());
+    Ok(if status.is_success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 16];
+    let _ = getrandom::fill(&mut b);
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+async fn jobs(url: &str, command: JobsCommand) -> Result<ExitCode> {
+    let base = url.trim_end_matches('/');
+    let client = reqwest::Client::new();
+    let token = std::env::var("BATON_API_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let call = |method: reqwest::Method, path: String| {
+        let mut req = client.request(method, format!("{base}{path}"));
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
+        req
+    };
+    let json = |resp: reqwest::Response| async move {
+        let status = resp.status();
+        let v: serde_json::Value = resp
+            .json()
+            .await
+            .context("the daemon's answer is not JSON")?;
+        if !status.is_success() {
+            bail!(
+                "{}: {}",
+                status.as_u16(),
+                v.get("error")
+                    .and_then(|e| e.as_str())
+                    .unwrap_or("request failed")
+            );
+        }
+        Ok(v)
+    };
+    match command {
+        JobsCommand::List {
+            state,
+            trigger,
+            limit,
+        } => {
+            let mut path = format!("/api/jobs?limit={limit}");
+            if let Some(s) = state {
+                path.push_str(&format!("&state={s}"));
+            }
+            if let Some(t) = trigger {
+                path.push_str(&format!("&trigger={t}"));
+            }
+            let v = json(
+                call(reqwest::Method::GET, path)
+                    .send()
+                    .await
+                    .context("cannot reach the daemon")?,
+            )
+            .await?;
+            println!(
+                "{:<16}  {:<10}  {:<20}  {:<28}  {:>7}  CREATED",
+                "ID", "STATE", "TRIGGER", "REPO", "SUBJECT"
+            );
+            for j in v["jobs"].as_array().into_iter().flatten() {
+                let s = |k: &str| j[k].as_str().unwrap_or("-").to_string();
+                let subject = j["subject"]
+                    .as_u64()
+                    .map(|n| format!("#{n}"))
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<16}  {:<10}  {:<20}  {:<28}  {:>7}  {}",
+                    s("id"),
+                    s("state"),
+                    s("trigger"),
+                    s("repo"),
+                    subject,
+                    s("created_at")
+                );
+            }
+        }
+        JobsCommand::Show { id } => {
+            let v = json(
+                call(reqwest::Method::GET, format!("/api/jobs/{id}"))
+                    .send()
+                    .await?,
+            )
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        JobsCommand::Cancel { id } => {
+            let v = json(
+                call(reqwest::Method::POST, format!("/api/jobs/{id}/cancel"))
+                    .send()
+                    .await?,
+            )
+            .await?;
+            println!(
+                "{} {}",
+                v["id"].as_str().unwrap_or(&id),
+                v["state"].as_str().unwrap_or("")
+            );
+        }
+        JobsCommand::Retry { id } => {
+            let v = json(
+                call(reqwest::Method::POST, format!("/api/jobs/{id}/retry"))
+                    .send()
+                    .await?,
+            )
+            .await?;
+            println!(
+                "{} {}",
+                v["id"].as_str().unwrap_or(&id),
+                v["state"].as_str().unwrap_or("")
+            );
+        }
+        JobsCommand::Logs { id, follow } => {
+            let mut printed = 0usize;
+            loop {
+                let resp = call(reqwest::Method::GET, format!("/api/jobs/{id}/log"))
+                    .send()
+                    .await?;
+                if !resp.status().is_success() {
+                    bail!("{}: job {id} not found", resp.status().as_u16());
+                }
+                let text = resp.bytes().await?;
+                if text.len() > printed {
+                    use std::io::Write;
+                    let mut out = std::io::stdout();
+                    out.write_all(&text[printed..])?;
+                    out.flush()?;
+                    printed = text.len();
+                }
+                if !follow {
+                    break;
+                }
+                let job = json(
+                    call(reqwest::Method::GET, format!("/api/jobs/{id}"))
+                        .send()
+                        .await?,
+                )
+                .await?;
+                let state = job["state"].as_str().unwrap_or("");
+                if matches!(state, "succeeded" | "failed" | "cancelled") {
+                    follow_last(&call, &id, printed).await?;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// After the job ended, prints what the log gained since the last read.
+async fn follow_last(
+    call: &impl Fn(reqwest::Method, String) -> reqwest::RequestBuilder,
+    id: &str,
+    printed: usize,
+) -> Result<()> {
+    let text = call(reqwest::Method::GET, format!("/api/jobs/{id}/log"))
+        .send()
+        .await?
+        .bytes()
+        .await?;
+    if text.len() > printed {
+        use std::io::Write;
+        std::io::stdout().write_all(&text[printed..])?;
+    }
+    Ok(())
+}

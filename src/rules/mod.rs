@@ -1,0 +1,474 @@
+//! Trigger rules: loading the trigger folder, matching an `Event` against it,
+//! and rendering each match into a `JobSpec`.
+//!
+//! Matching does no IO: everything a rule needs (globs, templates, the `if`
+//! expression) is compiled when the folder is loaded, and triggers are indexed
+//! by event kind so an event visits only the triggers that listen for it.
+//! Trigger rules come only from baton's own folder, never from a repository.
+
+pub mod command;
+pub mod trigger;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use minijinja::{context, Environment, UndefinedBehavior, Value};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::diag::Diagnostic;
+use crate::event::Event;
+pub use trigger::{OutputKind, Trigger, WorkspaceKind};
+
+/// What a job needs to run, fixed when its event matched: later edits of the
+/// trigger folder do not change a job that is already queued.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub trigger: String,
+    pub event: String,
+    pub repo: Option<String>,
+    pub subject: Option<u64>,
+    #[serde(default)]
+    pub subject_is_pull_request: bool,
+    pub installation: Option<u64>,
+    pub head_sha: Option<String>,
+    pub agent: String,
+    pub prompt: String,
+    pub workspace: Workspace,
+    /// Overrides the agent's own timeout.
+    pub timeout_secs: Option<u64>,
+    pub max_attempts: u32,
+    pub verify: Option<Vec<String>>,
+    pub output: OutputKind,
+}
+
+/// The commit a job's worktree is made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Workspace {
+    None,
+    DefaultBranch {
+        branch: String,
+    },
+    /// `base` is fetched too, so the agent can diff against it.
+    PrHead {
+        number: u64,
+        sha: Option<String>,
+        base: Option<String>,
+    },
+    HeadSha {
+        sha: String,
+        branch: Option<String>,
+    },
+}
+
+/// One trigger's answer to one event.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    Matched(Box<JobSpec>),
+    /// The first filter that said no, and why.
+    Rejected {
+        filter: &'static str,
+        reason: String,
+    },
+}
+
+/// The loaded trigger folder.
+pub struct RuleSet {
+    triggers: Vec<Trigger>,
+    /// Event kind (`issues.opened`) or bare event name (`issues`) → triggers.
+    by_kind: HashMap<String, Vec<usize>>,
+    env: Environment<'static>,
+    bot_login: String,
+}
+
+impl std::fmt::Debug for RuleSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuleSet")
+            .field("triggers", &self.triggers.len())
+            .finish()
+    }
+}
+
+fn template_env() -> Environment<'static> {
+    let mut env = Environment::new();
+    // Payloads differ between events: a missing field renders empty instead
+    // of failing the job, and `issue.title` on a push is simply empty.
+    env.set_undefined_behavior(UndefinedBehavior::Chainable);
+    env.set_keep_trailing_newline(true);
+    env
+}
+
+impl RuleSet {
+    /// An empty set (no trigger folder).
+    pub fn empty(config: &Config) -> RuleSet {
+        RuleSet::from_triggers(Vec::new(), template_env(), config)
+    }
+
+    /// Loads every `*.toml` in `dir`. Files that fail are reported and left
+    /// out; the others load. A missing folder is an empty set.
+    pub fn load(dir: &Path, config: &Config) -> (RuleSet, Vec<Diagnostic>) {
+        let mut env = template_env();
+        let mut triggers = Vec::new();
+        let mut errors = Vec::new();
+        let mut files: Vec<_> = match std::fs::read_dir(dir) {
+            Ok(rd) => rd
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                errors.push(Diagnostic::file(
+                    dir,
+                    format!("cannot read trigger folder: {e}"),
+                ));
+                Vec::new()
+            }
+        };
+        files.sort();
+        for path in files {
+            let source = match std::fs::read_to_string(&path) {
+                Ok(s) => s,
+                Err(e) => {
+                    errors.push(Diagnostic::file(&path, format!("cannot read trigger: {e}")));
+                    continue;
+                }
+            };
+            match trigger::compile(&path, &source, config, &mut env) {
+                Ok(t) => triggers.push(t),
+                Err(mut errs) => errors.append(&mut errs),
+            }
+        }
+        (RuleSet::from_triggers(triggers, env, config), errors)
+    }
+
+    fn from_triggers(
+        triggers: Vec<Trigger>,
+        env: Environment<'static>,
+        config: &Config,
+    ) -> RuleSet {
+        let mut by_kind: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, t) in triggers.iter().enumerate() {
+            for kind in &t.on {
+                let list = by_kind.entry(kind.clone()).or_default();
+                if !list.contains(&i) {
+                    list.push(i);
+                }
+            }
+        }
+        RuleSet {
+            triggers,
+            by_kind,
+            env,
+            bot_login: config.github.bot_login.clone(),
+        }
+    }
+
+    pub fn triggers(&self) -> &[Trigger] {
+        &self.triggers
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Trigger> {
+        self.triggers.iter().find(|t| t.name == name)
+    }
+
+    /// Jobs this event starts, one per matching trigger, in trigger order.
+    pub fn match_event(&self, event: &Event) -> Vec<JobSpec> {
+        let mut candidates: Vec<usize> = Vec::new();
+        for key in [event.kind.as_str(), event.name.as_str()] {
+            if let Some(list) = self.by_kind.get(key) {
+                candidates.extend(list);
+            }
+        }
+        if candidates.is_empty() {
+            return Vec::new();
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
+        let ctx = base_context(event);
+        candidates
+            .into_iter()
+            .filter_map(|i| match self.judge(&self.triggers[i], event, &ctx) {
+                Verdict::Matched(spec) => Some(*spec),
+                Verdict::Rejected { .. } => None,
+            })
+            .collect()
+    }
+
+    /// Every trigger's verdict on this event, for `simulate`.
+    pub fn explain(&self, event: &Event) -> Vec<(&Trigger, Verdict)> {
+        let ctx = base_context(event);
+        self.triggers
+            .iter()
+            .map(|t| (t, self.judge(t, event, &ctx)))
+            .collect()
+    }
+
+    fn judge(&self, t: &Trigger, event: &Event, ctx: &Value) -> Verdict {
+        let reject = |filter: &'static str, reason: String| Verdict::Rejected { filter, reason };
+        let f = &t.filter;
+
+        if !t.on.iter().any(|k| k == &event.kind || k == &event.name) {
+            return reject(
+                "on",
+                format!("listens for [{}], event is {}", t.on.join(", "), event.kind),
+            );
+        }
+        if let Some(sender) = &event.sender {
+            if sender.login == self.bot_login {
+                return reject("bot", format!("sent by baton itself ({})", sender.login));
+            }
+            if sender.is_bot() && !f.allow_bots.contains(&sender.login) {
+                return reject("allow_bots", format!("sender {} is a bot", sender.login));
+            }
+        }
+        if !f.repos.is_empty() {
+            let repo = event.repo_name().unwrap_or("");
+            if !f.repos.iter().any(|p| p.matches(repo)) {
+                return reject(
+                    "repos",
+                    format!(
+                        "wanted {}, event is from {}",
+                        patterns(&f.repos),
+                        none_if_empty(repo)
+                    ),
+                );
+            }
+        }
+        if !f.branches.is_empty() {
+            let branch = event
+                .base_branch
+                .as_deref()
+                .or(event.branch.as_deref())
+                .unwrap_or("");
+            if !f.branches.iter().any(|p| p.matches(branch)) {
+                return reject(
+                    "branches",
+                    format!(
+                        "wanted {}, event is on {}",
+                        patterns(&f.branches),
+                        none_if_empty(branch)
+                    ),
+                );
+            }
+        }
+        if !f.labels.is_empty() && !f.labels.iter().any(|l| event.labels.contains(l)) {
+            return reject(
+                "labels",
+                format!(
+                    "wanted any of [{}], has [{}]",
+                    f.labels.join(", "),
+                    event.labels.join(", ")
+                ),
+            );
+        }
+        if let Some(l) = f.exclude_labels.iter().find(|l| event.labels.contains(l)) {
+            return reject("exclude_labels", format!("has excluded label {l}"));
+        }
+        if event.draft == Some(true) && !f.draft {
+            return reject(
+                "draft",
+                "pull request is a draft (set filter.draft = true to match drafts)".into(),
+            );
+        }
+        if !f.conclusions.is_empty() {
+            let c = event.conclusion.as_deref().unwrap_or("");
+            if !f.conclusions.iter().any(|w| w == c) {
+                return reject(
+                    "conclusions",
+                    format!(
+                        "wanted any of [{}], conclusion is {}",
+                        f.conclusions.join(", "),
+                        none_if_empty(c)
+                    ),
+                );
+            }
+        }
+        let mut slash = None;
+        if let Some(cmd) = &f.command {
+            let Some(comment) = &event.comment else {
+                return reject(
+                    "command",
+                    format!("wanted a comment starting with {cmd}, event has no comment"),
+                );
+            };
+            match command::parse(cmd, &comment.body) {
+                Some(c) => slash = Some(c),
+                None => return reject("command", format!("comment does not start with {cmd}")),
+            }
+        }
+        if let Some(reason) = untrusted(f, event) {
+            return reject("authors", reason);
+        }
+
+        let ctx = match &slash {
+            Some(c) => context! { command => Value::from_serialize(c), ..ctx.clone() },
+            None => ctx.clone(),
+        };
+        if f.has_condition {
+            let rendered = self
+                .env
+                .get_template(&t.condition_name())
+                .and_then(|tmpl| tmpl.render(&ctx));
+            match rendered {
+                Ok(s) if s == "1" => {}
+                Ok(_) => {
+                    return reject(
+                        "if",
+                        format!("`{}` is false", f.condition_source.as_deref().unwrap_or("")),
+                    );
+                }
+                Err(e) => return reject("if", format!("`if` failed to evaluate: {e}")),
+            }
+        }
+
+        let workspace = match workspace_for(t.job.workspace, event) {
+            Ok(w) => w,
+            Err(reason) => return reject("workspace", reason),
+        };
+        let prompt = match self
+            .env
+            .get_template(&t.template_name())
+            .and_then(|tmpl| tmpl.render(&ctx))
+        {
+            Ok(p) => p,
+            Err(e) => return reject("prompt", format!("prompt failed to render: {e}")),
+        };
+        Verdict::Matched(Box::new(JobSpec {
+            trigger: t.name.clone(),
+            event: event.kind.clone(),
+            repo: event.repo_name().map(str::to_string),
+            subject: event.subject,
+            subject_is_pull_request: event.subject_is_pull_request,
+            installation: event.installation,
+            head_sha: event.head_sha.clone(),
+            agent: t.job.agent.clone(),
+            prompt,
+            workspace,
+            timeout_secs: t.job.timeout.map(|d| d.as_secs()),
+            max_attempts: t.job.attempts,
+            verify: t.job.verify.clone(),
+            output: t.output,
+        }))
+    }
+}
+
+/// Who may trigger: people by their association with the repository; events
+/// without one (checks, workflows, statuses) by where their head commit lives.
+fn untrusted(f: &trigger::Filter, event: &Event) -> Option<String> {
+    if let Some(assoc) = &event.association {
+        if !f.authors.iter().any(|a| a == assoc) {
+            return Some(format!(
+                "author association {assoc} is not one of [{}]",
+                f.authors.join(", ")
+            ));
+        }
+    }
+    if f.allow_forks {
+        return None;
+    }
+    let about_head = event.subject_is_pull_request
+        || event.association.is_none() && CHECK_EVENTS.contains(&event.name.as_str());
+    if !about_head {
+        return None;
+    }
+    match event.head_in_repo {
+        Some(true) => None,
+        Some(false) => Some("head commit is from a fork (set filter.allow_forks = true to allow)".into()),
+        // A comment on a pull request does not say where its head lives; the
+        // commenter, whose association was checked above, asked for the job.
+        None if event.association.is_some() => None,
+        None => Some("cannot tell whether the head commit is from a fork (set filter.allow_forks = true to allow)".into()),
+    }
+}
+
+/// Events that carry no author association, only a head commit.
+const CHECK_EVENTS: &[&str] = &[
+    "check_run",
+    "check_suite",
+    "workflow_run",
+    "workflow_job",
+    "status",
+];
+
+fn workspace_for(kind: WorkspaceKind, event: &Event) -> Result<Workspace, String> {
+    match kind {
+        WorkspaceKind::None => Ok(Workspace::None),
+        WorkspaceKind::DefaultBranch => {
+            let branch = event
+                .repository
+                .as_ref()
+                .and_then(|r| r.default_branch.clone())
+                .ok_or("workspace default-branch: event names no repository default branch")?;
+            Ok(Workspace::DefaultBranch { branch })
+        }
+        WorkspaceKind::PrHead => match (event.subject, event.subject_is_pull_request) {
+            (Some(number), true) => Ok(Workspace::PrHead {
+                number,
+                sha: event.head_sha.clone(),
+                base: event.base_branch.clone(),
+            }),
+            _ => Err("workspace pr-head: event is not about a pull request".into()),
+        },
+        WorkspaceKind::HeadSha => match &event.head_sha {
+            Some(sha) => Ok(Workspace::HeadSha {
+                sha: sha.clone(),
+                branch: event.branch.clone(),
+            }),
+            None => Err("workspace head-sha: event has no head sha".into()),
+        },
+    }
+}
+
+/// The template context shared by every trigger an event visits: the raw
+/// payload's top-level fields, plus `event` (the normalized view).
+fn base_context(event: &Event) -> Value {
+    context! {
+        event => Value::from_serialize(event),
+        ..Value::from_serialize(&*event.payload)
+    }
+}
+
+fn patterns(p: &[glob::Pattern]) -> String {
+    format!(
+        "[{}]",
+        p.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")
+    )
+}
+
+fn none_if_empty(s: &str) -> &str {
+    if s.is_empty() {
+        "(none)"
+    } else {
+        s
+    }
+}
+
+/// The rule set in force, swappable as a whole on reload: readers take a
+/// cheap snapshot and never see half a folder.
+#[derive(Clone, Debug)]
+pub struct SharedRules(std::sync::Arc<std::sync::RwLock<std::sync::Arc<RuleSet>>>);
+
+impl SharedRules {
+    pub fn new(rules: RuleSet) -> SharedRules {
+        SharedRules(std::sync::Arc::new(std::sync::RwLock::new(
+            std::sync::Arc::new(rules),
+        )))
+    }
+
+    pub fn current(&self) -> std::sync::Arc<RuleSet> {
+        match self.0.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn replace(&self, rules: RuleSet) {
+        let mut g = match self.0.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *g = std::sync::Arc::new(rules);
+    }
+}

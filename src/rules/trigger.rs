@@ -1,0 +1,403 @@
+//! The trigger file model (`triggers/NAME.toml`) and its compilation into a
+//! `Trigger`: globs parsed, templates and the `if` expression compiled, the
+//! agent checked against the configuration. Every problem is a diagnostic at
+//! its `path:line:col`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::config::{Config, HumanDuration};
+use crate::diag::Diagnostic;
+use crate::event::github::KNOWN_EVENTS;
+
+/// Where the agent works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkspaceKind {
+    /// An empty folder.
+    None,
+    /// The repository's default branch head.
+    #[default]
+    DefaultBranch,
+    /// A pull request's head commit (`refs/pull/N/head`, works for forks).
+    PrHead,
+    /// The head sha of a check, workflow, status or push.
+    HeadSha,
+}
+
+/// Where the result goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputKind {
+    /// A comment on the subject, or a commit comment on the head sha.
+    #[default]
+    Comment,
+    /// Kept on the job only.
+    None,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerFile {
+    description: Option<String>,
+    on: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    filter: FilterFile,
+    job: Spanned<JobFile>,
+    #[serde(default)]
+    output: OutputFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilterFile {
+    repos: Option<Vec<Spanned<String>>>,
+    branches: Option<Vec<Spanned<String>>>,
+    labels: Option<Vec<String>>,
+    exclude_labels: Option<Vec<String>>,
+    authors: Option<Vec<Spanned<String>>>,
+    conclusions: Option<Vec<String>>,
+    command: Option<Spanned<String>>,
+    #[serde(rename = "if")]
+    condition: Option<Spanned<String>>,
+    draft: Option<bool>,
+    allow_forks: Option<bool>,
+    allow_bots: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobFile {
+    agent: Spanned<String>,
+    #[serde(default)]
+    workspace: WorkspaceKind,
+    prompt: Option<Spanned<String>>,
+    prompt_file: Option<Spanned<String>>,
+    timeout: Option<HumanDuration>,
+    attempts: Option<Spanned<u32>>,
+    verify: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutputFile {
+    #[serde(default)]
+    kind: OutputKind,
+}
+
+/// The `author_association` values trusted by default.
+pub const DEFAULT_AUTHORS: &[&str] = &["OWNER", "MEMBER", "COLLABORATOR"];
+
+const ASSOCIATIONS: &[&str] = &[
+    "OWNER",
+    "MEMBER",
+    "COLLABORATOR",
+    "CONTRIBUTOR",
+    "FIRST_TIME_CONTRIBUTOR",
+    "FIRST_TIMER",
+    "MANNEQUIN",
+    "NONE",
+];
+
+/// A compiled trigger. Its prompt and `if` templates live in the rule set's
+/// template environment under `template_name()` and `condition_name()`.
+#[derive(Debug, Clone)]
+pub struct Trigger {
+    pub name: String,
+    pub file: std::path::PathBuf,
+    pub description: Option<String>,
+    pub on: Vec<String>,
+    pub filter: Filter,
+    pub job: JobTemplate,
+    pub output: OutputKind,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub repos: Vec<glob::Pattern>,
+    pub branches: Vec<glob::Pattern>,
+    pub labels: Vec<String>,
+    pub exclude_labels: Vec<String>,
+    pub authors: Vec<String>,
+    pub conclusions: Vec<String>,
+    pub command: Option<String>,
+    pub has_condition: bool,
+    pub condition_source: Option<String>,
+    pub draft: bool,
+    pub allow_forks: bool,
+    pub allow_bots: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct JobTemplate {
+    pub agent: String,
+    pub workspace: WorkspaceKind,
+    pub timeout: Option<Duration>,
+    pub attempts: u32,
+    pub verify: Option<Vec<String>>,
+}
+
+impl Trigger {
+    pub fn template_name(&self) -> String {
+        template_name(&self.name)
+    }
+
+    pub fn condition_name(&self) -> String {
+        condition_name(&self.name)
+    }
+}
+
+pub fn template_name(trigger: &str) -> String {
+    format!("{trigger}.prompt")
+}
+
+pub fn condition_name(trigger: &str) -> String {
+    format!("{trigger}.if")
+}
+
+/// Whether `entry` (an element of `on`) names an event baton can deliver.
+fn known_event(entry: &str) -> bool {
+    let name = entry.split_once('.').map(|(n, _)| n).unwrap_or(entry);
+    KNOWN_EVENTS.contains(&name) || entry == "job.succeeded" || entry == "job.failed"
+}
+
+/// Parses and compiles one trigger file. Templates are added to `env`.
+pub fn compile(
+    path: &Path,
+    source: &str,
+    config: &Config,
+    env: &mut minijinja::Environment<'static>,
+) -> Result<Trigger, Vec<Diagnostic>> {
+    let file: TriggerFile =
+        toml::from_str(source).map_err(|e| vec![Diagnostic::from_toml(path, source, &e)])?;
+    let name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("trigger")
+        .to_string();
+    let mut errors = Vec::new();
+    let at =
+        |span: std::ops::Range<usize>, msg: String| Diagnostic::at(path, source, Some(span), msg);
+
+    if file.on.get_ref().is_empty() {
+        errors.push(at(file.on.span(), "`on` lists no events".into()));
+    }
+    for entry in file.on.get_ref() {
+        let e = entry.get_ref();
+        if e == "schedule" {
+            errors.push(at(
+                entry.span(),
+                "`schedule` triggers are not supported by this version of baton".into(),
+            ));
+        } else if !known_event(e) {
+            let names: Vec<&str> = KNOWN_EVENTS
+                .iter()
+                .copied()
+                .chain(["job.succeeded", "job.failed"])
+                .collect();
+            let hint = crate::diag::suggest(e.split('.').next().unwrap_or(e), &names)
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            errors.push(at(entry.span(), format!("unknown event `{e}`{hint}")));
+        }
+    }
+
+    let globs = |list: &Option<Vec<Spanned<String>>>,
+                 errors: &mut Vec<Diagnostic>|
+     -> Vec<glob::Pattern> {
+        let mut out = Vec::new();
+        for g in list.iter().flatten() {
+            match glob::Pattern::new(g.get_ref()) {
+                Ok(p) => out.push(p),
+                Err(e) => errors.push(at(g.span(), format!("invalid glob `{}`: {e}", g.get_ref()))),
+            }
+        }
+        out
+    };
+    let f = &file.filter;
+    let repos = globs(&f.repos, &mut errors);
+    let branches = globs(&f.branches, &mut errors);
+
+    let authors = match &f.authors {
+        None => DEFAULT_AUTHORS.iter().map(|s| s.to_string()).collect(),
+        Some(list) => {
+            for a in list {
+                if !ASSOCIATIONS.contains(&a.get_ref().as_str()) {
+                    errors.push(at(
+                        a.span(),
+                        format!(
+                            "unknown author association `{}`; expected one of {}",
+                            a.get_ref(),
+                            ASSOCIATIONS.join(", ")
+                        ),
+                    ));
+                }
+            }
+            list.iter().map(|a| a.get_ref().clone()).collect()
+        }
+    };
+
+    let command = match &f.command {
+        Some(c) if !c.get_ref().starts_with('/') || c.get_ref().split_whitespace().count() != 1 => {
+            errors.push(at(
+                c.span(),
+                format!(
+                    "command `{}` must be one word starting with `/`",
+                    c.get_ref()
+                ),
+            ));
+            None
+        }
+        other => other.as_ref().map(|c| c.get_ref().clone()),
+    };
+
+    let allow_bots: Vec<String> = f
+        .allow_bots
+        .iter()
+        .flatten()
+        .map(|b| b.get_ref().clone())
+        .collect();
+    for b in f.allow_bots.iter().flatten() {
+        if b.get_ref() == &config.github.bot_login {
+            errors.push(at(
+                b.span(),
+                format!(
+                    "`{}` is baton's own login and can never trigger jobs",
+                    b.get_ref()
+                ),
+            ));
+        }
+    }
+
+    if let Some(cond) = &f.condition {
+        let wrapped = format!("{{% if {} %}}1{{% endif %}}", cond.get_ref());
+        let ok = env
+            .compile_expression(cond.get_ref())
+            .map(drop)
+            .and_then(|_| env.add_template_owned(condition_name(&name), wrapped));
+        if let Err(e) = ok {
+            errors.push(at(
+                cond.span(),
+                format!("invalid `if` expression: {}", template_error(&e)),
+            ));
+        }
+    }
+
+    let job = file.job.get_ref();
+    if !config.agents.contains_key(job.agent.get_ref()) {
+        let names: Vec<&str> = config.agents.keys().map(String::as_str).collect();
+        errors.push(at(
+            job.agent.span(),
+            format!(
+                "unknown agent `{}`; defined agents: {}",
+                job.agent.get_ref(),
+                names.join(", ")
+            ),
+        ));
+    }
+    let prompt = match (&job.prompt, &job.prompt_file) {
+        (Some(_), Some(pf)) => {
+            errors.push(at(
+                pf.span(),
+                "give either `prompt` or `prompt_file`, not both".into(),
+            ));
+            None
+        }
+        (Some(p), None) => Some((p.get_ref().clone(), p.span())),
+        (None, Some(pf)) => {
+            let base = path.parent().unwrap_or(Path::new("."));
+            let full = base.join(pf.get_ref());
+            match std::fs::read_to_string(&full) {
+                Ok(text) => Some((text, pf.span())),
+                Err(e) => {
+                    errors.push(at(
+                        pf.span(),
+                        format!("cannot read prompt file {}: {e}", full.display()),
+                    ));
+                    None
+                }
+            }
+        }
+        (None, None) => {
+            errors.push(at(
+                file.job.span(),
+                "[job] needs a `prompt` or a `prompt_file`".into(),
+            ));
+            None
+        }
+    };
+    if let Some((text, span)) = prompt {
+        if let Err(e) = env.add_template_owned(template_name(&name), text) {
+            errors.push(at(
+                span,
+                format!("invalid prompt template: {}", template_error(&e)),
+            ));
+        }
+    }
+    let attempts = match &job.attempts {
+        Some(a) if *a.get_ref() == 0 || *a.get_ref() > 10 => {
+            errors.push(at(a.span(), "attempts must be between 1 and 10".into()));
+            1
+        }
+        Some(a) => *a.get_ref(),
+        None => 1,
+    };
+    if let Some(v) = &job.verify {
+        if v.get_ref().is_empty() {
+            errors.push(at(v.span(), "verify must name a command".into()));
+        }
+    }
+
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Trigger {
+        name,
+        file: path.to_path_buf(),
+        description: file.description,
+        on: file
+            .on
+            .into_inner()
+            .into_iter()
+            .map(Spanned::into_inner)
+            .collect(),
+        filter: Filter {
+            repos,
+            branches,
+            labels: f.labels.clone().unwrap_or_default(),
+            exclude_labels: f.exclude_labels.clone().unwrap_or_default(),
+            authors,
+            conclusions: f.conclusions.clone().unwrap_or_default(),
+            command,
+            has_condition: f.condition.is_some(),
+            condition_source: f.condition.as_ref().map(|c| c.get_ref().clone()),
+            draft: f.draft.unwrap_or(false),
+            allow_forks: f.allow_forks.unwrap_or(false),
+            allow_bots,
+        },
+        job: JobTemplate {
+            agent: job.agent.get_ref().clone(),
+            workspace: job.workspace,
+            timeout: job.timeout.map(|t| t.0),
+            attempts,
+            verify: job.verify.as_ref().map(|v| v.get_ref().clone()),
+        },
+        output: file.output.kind,
+    })
+}
+
+/// minijinja's message without its "(in template …)" suffix, which would
+/// name baton's internal template names.
+fn template_error(e: &minijinja::Error) -> String {
+    let mut msg = e
+        .detail()
+        .map(str::to_string)
+        .unwrap_or_else(|| e.kind().to_string());
+    if let Some(line) = e.line() {
+        msg.push_str(&format!(" (template line {line})"));
+    }
+    msg
+}

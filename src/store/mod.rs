@@ -1,0 +1,452 @@
+//! The embedded store (sled): deliveries, jobs, the job queue and the
+//! publication outbox. Only this module touches the database.
+//!
+//! Every change that must survive a crash is one sled transaction followed by
+//! a flush before the caller is told it happened: a delivery and all its jobs
+//! are written together, so a 2xx can never stand for half of them.
+
+mod records;
+
+use std::path::{Path, PathBuf};
+
+use chrono::Utc;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled::Tree;
+
+use crate::rules::JobSpec;
+pub use records::{
+    Attempt, Delivery, Job, JobState, Publication, PublicationState, PublicationSummary, Target,
+    INTERRUPTED,
+};
+
+/// What went wrong in the store, with the path when it is about opening it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open store at {path}: {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("store error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("corrupt record in tree {tree}, key {key}: {source}")]
+    Corrupt {
+        tree: &'static str,
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error("job {0} not found")]
+    NoSuchJob(String),
+    #[error("job {id} is {state}, not {expected}")]
+    WrongState {
+        id: String,
+        state: JobState,
+        expected: &'static str,
+    },
+}
+
+/// The outcome of storing a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// Stored, with the ids of the jobs it created.
+    New(Vec<String>),
+    /// A delivery with this id was stored before; nothing was written.
+    Duplicate,
+}
+
+/// The sled database and its trees.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    path: PathBuf,
+    deliveries: Tree,
+    payloads: Tree,
+    jobs: Tree,
+    /// creation sequence (u64 BE) → job id: newest-first listing.
+    job_index: Tree,
+    /// sequence (u64 BE) → job id, for queued jobs only: FIFO order.
+    queue: Tree,
+    /// job id → `Publication` not yet delivered to GitHub.
+    outbox: Tree,
+}
+
+/// The id of the job `trigger` creates for `delivery`: the same pair always
+/// gives the same id, so reprocessing a delivery cannot double a job.
+pub fn job_id(delivery: &str, trigger: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(delivery.as_bytes());
+    h.update([0]);
+    h.update(trigger.as_bytes());
+    hex::encode(&h.finalize()[..8])
+}
+
+fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+fn abort<T>(e: StoreError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+fn flatten<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
+    r.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Sled(e),
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Records are plain data structs; serializing them cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(
+    tree: &'static str,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        tree,
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
+}
+
+/// Filters for listing jobs.
+#[derive(Debug, Default, Clone)]
+pub struct JobQuery {
+    pub delivery: Option<String>,
+    pub state: Option<JobState>,
+    pub trigger: Option<String>,
+    pub repo: Option<String>,
+    pub limit: usize,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(path).map_err(|e| open_err(sled::Error::Io(e)))?;
+        let db = sled::Config::new()
+            .path(path.join("db"))
+            .cache_capacity(32 * 1024 * 1024)
+            // baton flushes explicitly before it acknowledges anything; the
+            // background flusher only bounds what a crash could lose of the
+            // rest (log lines of state that is rebuilt anyway).
+            .flush_every_ms(Some(1000))
+            .open()
+            .map_err(open_err)?;
+        let tree = |name: &str| db.open_tree(name).map_err(open_err);
+        Ok(Store {
+            deliveries: tree("deliveries")?,
+            payloads: tree("payloads")?,
+            jobs: tree("jobs")?,
+            job_index: tree("job_index")?,
+            queue: tree("queue")?,
+            outbox: tree("outbox")?,
+            path: path.to_path_buf(),
+            db,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes every write so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Stores a delivery with the jobs its event created, atomically, and
+    /// flushes to disk before returning. A delivery id seen before writes
+    /// nothing and answers `Duplicate`.
+    pub async fn accept(
+        &self,
+        delivery: Delivery,
+        body: &[u8],
+        specs: Vec<JobSpec>,
+    ) -> Result<Accepted, StoreError> {
+        let now = Utc::now();
+        let mut jobs = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let id = job_id(&delivery.id, &spec.trigger);
+            if jobs.iter().any(|j: &Job| j.id == id) {
+                continue;
+            }
+            jobs.push(Job::new(
+                id,
+                self.db.generate_id()?,
+                delivery.id.clone(),
+                spec,
+                now,
+            ));
+        }
+        let mut delivery = delivery;
+        delivery.jobs = jobs.iter().map(|j| j.id.clone()).collect();
+        let key = delivery.id.clone();
+        let record = encode(&delivery);
+        let job_records: Vec<(String, u64, Vec<u8>)> = jobs
+            .iter()
+            .map(|j| (j.id.clone(), j.seq, encode(j)))
+            .collect();
+
+        let result = (
+            &self.deliveries,
+            &self.payloads,
+            &self.jobs,
+            &self.job_index,
+            &self.queue,
+        )
+            .transaction(|(deliveries, payloads, jobs, index, queue)| {
+                if deliveries.get(key.as_bytes())?.is_some() {
+                    return Ok(Accepted::Duplicate);
+                }
+                deliveries.insert(key.as_bytes(), record.as_slice())?;
+                payloads.insert(key.as_bytes(), body)?;
+                for (id, seq, bytes) in &job_records {
+                    // A job id already present (a replayed delivery under a
+                    // new id cannot collide, but be safe) is never doubled.
+                    if jobs.get(id.as_bytes())?.is_some() {
+                        continue;
+                    }
+                    jobs.insert(id.as_bytes(), bytes.as_slice())?;
+                    index.insert(&seq_key(*seq), id.as_bytes())?;
+                    queue.insert(&seq_key(*seq), id.as_bytes())?;
+                }
+                Ok(Accepted::New(
+                    job_records.iter().map(|(id, _, _)| id.clone()).collect(),
+                ))
+            });
+        let accepted = flatten(result)?;
+        if let Accepted::New(_) = accepted {
+            self.flush().await?;
+        }
+        Ok(accepted)
+    }
+
+    pub fn delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
+        match self.deliveries.get(id.as_bytes())? {
+            Some(bytes) => Ok(Some(decode("deliveries", id.as_bytes(), &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        match self.jobs.get(id.as_bytes())? {
+            Some(bytes) => Ok(Some(decode("jobs", id.as_bytes(), &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Jobs newest first, filtered.
+    pub fn list_jobs(&self, q: &JobQuery) -> Result<Vec<Job>, StoreError> {
+        let mut out = Vec::new();
+        if let Some(delivery) = &q.delivery {
+            if let Some(d) = self.delivery(delivery)? {
+                for id in d.jobs {
+                    if let Some(job) = self.job(&id)? {
+                        out.push(job);
+                    }
+                }
+            }
+            out.sort_by_key(|j| std::cmp::Reverse(j.seq));
+            out.retain(|j| q.matches(j));
+            out.truncate(q.limit);
+            return Ok(out);
+        }
+        for entry in self.job_index.iter().rev() {
+            let (_, id) = entry?;
+            let Some(bytes) = self.jobs.get(&id)? else {
+                continue;
+            };
+            let job: Job = decode("jobs", &id, &bytes)?;
+            if q.matches(&job) {
+                out.push(job);
+                if out.len() >= q.limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Queued jobs in order, as (job id, repo) — without loading them.
+    pub fn queued(&self) -> Result<Vec<(u64, String)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.queue.iter() {
+            let (k, v) = entry?;
+            let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+            out.push((seq, String::from_utf8_lossy(&v).into_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Takes a queued job: it leaves the queue and becomes `running` with a
+    /// new attempt, in one transaction, flushed.
+    pub async fn claim(&self, seq: u64, id: &str) -> Result<Option<Job>, StoreError> {
+        let result = (&self.queue, &self.jobs).transaction(|(queue, jobs)| {
+            if queue.remove(&seq_key(seq))?.is_none() {
+                return Ok(None);
+            }
+            let Some(bytes) = jobs.get(id.as_bytes())? else {
+                return Ok(None);
+            };
+            let mut job: Job = match decode("jobs", id.as_bytes(), &bytes) {
+                Ok(j) => j,
+                Err(e) => return abort(e),
+            };
+            if job.state != JobState::Queued {
+                return Ok(None);
+            }
+            job.start_attempt(Utc::now());
+            jobs.insert(id.as_bytes(), encode(&job))?;
+            Ok(Some(job))
+        });
+        let job = flatten(result)?;
+        self.flush().await?;
+        Ok(job)
+    }
+
+    /// Writes a job record as it is now (progress inside a state).
+    pub async fn save(&self, job: &Job) -> Result<(), StoreError> {
+        self.jobs.insert(job.id.as_bytes(), encode(job))?;
+        self.flush().await
+    }
+
+    /// Stores a job that has ended (or goes back to the queue for another
+    /// attempt), with its publication if any, atomically and durably.
+    pub async fn finish(
+        &self,
+        job: &Job,
+        publication: Option<&Publication>,
+    ) -> Result<(), StoreError> {
+        let requeue = job.state == JobState::Queued;
+        let result =
+            (&self.jobs, &self.queue, &self.outbox).transaction(|(jobs, queue, outbox)| {
+                jobs.insert(job.id.as_bytes(), encode(job))?;
+                if requeue {
+                    queue.insert(&seq_key(job.seq), job.id.as_bytes())?;
+                }
+                if let Some(p) = publication {
+                    outbox.insert(job.id.as_bytes(), encode(p))?;
+                }
+                Ok(())
+            });
+        flatten(result)?;
+        self.flush().await
+    }
+
+    /// Cancels a queued job at once; a running job is the engine's to stop.
+    pub async fn cancel_queued(&self, id: &str, reason: &str) -> Result<Option<Job>, StoreError> {
+        let Some(job) = self.job(id)? else {
+            return Err(StoreError::NoSuchJob(id.to_string()));
+        };
+        if job.state != JobState::Queued {
+            return Ok(None);
+        }
+        let result = (&self.queue, &self.jobs).transaction(|(queue, jobs)| {
+            queue.remove(&seq_key(job.seq))?;
+            let mut j = job.clone();
+            j.end(
+                JobState::Cancelled,
+                None,
+                Some(reason.to_string()),
+                Utc::now(),
+            );
+            jobs.insert(id.as_bytes(), encode(&j))?;
+            Ok(j)
+        });
+        let job = flatten(result)?;
+        self.flush().await?;
+        Ok(Some(job))
+    }
+
+    /// Puts a finished job back in the queue for a fresh run.
+    pub async fn retry(&self, id: &str) -> Result<Job, StoreError> {
+        let Some(mut job) = self.job(id)? else {
+            return Err(StoreError::NoSuchJob(id.to_string()));
+        };
+        if !job.state.is_final() {
+            return Err(StoreError::WrongState {
+                id: id.to_string(),
+                state: job.state,
+                expected: "finished",
+            });
+        }
+        job.requeue_fresh();
+        self.finish(&job, None).await?;
+        Ok(job)
+    }
+
+    /// Jobs a previous daemon left `running`.
+    pub fn running(&self) -> Result<Vec<Job>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.jobs.iter() {
+            let (k, v) = entry?;
+            let job: Job = decode("jobs", &k, &v)?;
+            if job.state == JobState::Running {
+                out.push(job);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Publications not yet delivered.
+    pub fn outbox(&self) -> Result<Vec<Publication>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.outbox.iter() {
+            let (k, v) = entry?;
+            out.push(decode("outbox", &k, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Records a publication attempt; a final one leaves the outbox and its
+    /// outcome is written onto the job, in one transaction.
+    pub async fn update_publication(&self, p: &Publication) -> Result<(), StoreError> {
+        let result = (&self.outbox, &self.jobs).transaction(|(outbox, jobs)| {
+            if p.state == PublicationState::Pending {
+                outbox.insert(p.job.as_bytes(), encode(p))?;
+            } else {
+                outbox.remove(p.job.as_bytes())?;
+            }
+            if let Some(bytes) = jobs.get(p.job.as_bytes())? {
+                let mut job: Job = match decode("jobs", p.job.as_bytes(), &bytes) {
+                    Ok(j) => j,
+                    Err(e) => return abort(e),
+                };
+                job.publication = Some(p.summary());
+                jobs.insert(p.job.as_bytes(), encode(&job))?;
+            }
+            Ok(())
+        });
+        flatten(result)?;
+        self.flush().await
+    }
+
+    pub fn job_count(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn queue_len(&self) -> usize {
+        self.queue.len()
+    }
+}
+
+impl JobQuery {
+    fn matches(&self, j: &Job) -> bool {
+        self.state.is_none_or(|s| j.state == s)
+            && self.trigger.as_ref().is_none_or(|t| &j.trigger == t)
+            && self
+                .repo
+                .as_ref()
+                .is_none_or(|r| j.repo.as_ref() == Some(r))
+    }
+}

@@ -1,0 +1,259 @@
+//! The records kept in the store, as the API shows them.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::rules::JobSpec;
+
+/// A webhook delivery as received.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub id: String,
+    /// `github` or a generic source's name.
+    pub source: String,
+    pub event: String,
+    pub received_at: DateTime<Utc>,
+    /// Ids of the jobs it created.
+    pub jobs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        [
+            JobState::Queued,
+            JobState::Running,
+            JobState::Succeeded,
+            JobState::Failed,
+            JobState::Cancelled,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The outcome of an attempt cut short by a daemon restart.
+pub const INTERRUPTED: &str = "interrupted";
+
+/// One try at running a job's agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub number: u32,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub exit_code: Option<i32>,
+    /// Why it ended: `exit`, `timeout`, `cancelled`, `verify_failed`,
+    /// `spawn_failed`, `prepare_failed`, `interrupted` (daemon restart).
+    pub outcome: Option<String>,
+    pub error: Option<String>,
+}
+
+/// A job: one trigger's work for one delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    /// Creation order; the queue and the listing sort by it.
+    pub seq: u64,
+    pub delivery: String,
+    pub trigger: String,
+    /// The event kind, e.g. `issues.opened`.
+    pub event: String,
+    pub repo: Option<String>,
+    pub subject: Option<u64>,
+    pub state: JobState,
+    /// Attempts started so far.
+    pub attempts: u32,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub result: Option<String>,
+    pub error: Option<String>,
+    pub history: Vec<Attempt>,
+    pub publication: Option<PublicationSummary>,
+    pub spec: JobSpec,
+}
+
+impl Job {
+    pub fn new(id: String, seq: u64, delivery: String, spec: JobSpec, now: DateTime<Utc>) -> Job {
+        Job {
+            id,
+            seq,
+            delivery,
+            trigger: spec.trigger.clone(),
+            event: spec.event.clone(),
+            repo: spec.repo.clone(),
+            subject: spec.subject,
+            state: JobState::Queued,
+            attempts: 0,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            result: None,
+            error: None,
+            history: Vec::new(),
+            publication: None,
+            spec,
+        }
+    }
+
+    pub fn start_attempt(&mut self, now: DateTime<Utc>) {
+        self.state = JobState::Running;
+        self.attempts += 1;
+        self.started_at.get_or_insert(now);
+        self.history.push(Attempt {
+            number: self.attempts,
+            started_at: now,
+            finished_at: None,
+            exit_code: None,
+            outcome: None,
+            error: None,
+        });
+    }
+
+    /// Closes the current attempt.
+    pub fn end_attempt(
+        &mut self,
+        outcome: &str,
+        exit_code: Option<i32>,
+        error: Option<String>,
+        now: DateTime<Utc>,
+    ) {
+        if let Some(a) = self.history.last_mut().filter(|a| a.finished_at.is_none()) {
+            a.finished_at = Some(now);
+            a.exit_code = exit_code;
+            a.outcome = Some(outcome.to_string());
+            a.error = error;
+        }
+    }
+
+    /// The job reaches a final state.
+    pub fn end(
+        &mut self,
+        state: JobState,
+        result: Option<String>,
+        error: Option<String>,
+        now: DateTime<Utc>,
+    ) {
+        self.state = state;
+        self.result = result;
+        self.error = error;
+        self.finished_at = Some(now);
+    }
+
+    /// Back to the queue for a whole new run (`retry`); history is kept.
+    pub fn requeue_fresh(&mut self) {
+        self.state = JobState::Queued;
+        self.attempts = 0;
+        self.result = None;
+        self.error = None;
+        self.finished_at = None;
+        self.publication = None;
+    }
+
+    /// Attempts that count against `attempts`: a daemon restart is not the
+    /// job's fault, so an interrupted attempt does not use up the budget.
+    pub fn counted_attempts(&self) -> u32 {
+        self.history
+            .iter()
+            .filter(|a| a.outcome.as_deref() != Some(INTERRUPTED))
+            .count() as u32
+    }
+
+    pub fn interruptions(&self) -> u32 {
+        self.history
+            .iter()
+            .filter(|a| a.outcome.as_deref() == Some(INTERRUPTED))
+            .count() as u32
+    }
+
+    pub fn attempts_left(&self) -> bool {
+        self.counted_attempts() < self.spec.max_attempts
+    }
+}
+
+/// Where a publication goes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Target {
+    /// A comment on an issue or pull request.
+    IssueComment { number: u64 },
+    /// A comment on a commit, for events with no issue or PR.
+    CommitComment { sha: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublicationState {
+    Pending,
+    Published,
+    Failed,
+}
+
+/// A result on its way to GitHub: written before the first attempt, retried
+/// by the publisher, never by re-running the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Publication {
+    pub job: String,
+    pub repo: String,
+    pub target: Target,
+    pub body: String,
+    pub state: PublicationState,
+    pub attempts: u32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+    pub url: Option<String>,
+}
+
+/// What the job record shows of its publication.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublicationSummary {
+    pub state: PublicationState,
+    pub attempts: u32,
+    pub url: Option<String>,
+    pub error: Option<String>,
+}
+
+impl Publication {
+    pub fn summary(&self) -> PublicationSummary {
+        PublicationSummary {
+            state: self.state,
+            attempts: self.attempts,
+            url: self.url.clone(),
+            error: self.last_error.clone(),
+        }
+    }
+}

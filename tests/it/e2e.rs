@@ -1,0 +1,311 @@
+//! The whole path: signed webhook → trigger → git worktree → real agent
+//! process → comment on the fake GitHub.
+
+use serde_json::Value;
+
+use crate::fake_github::FakeGitHub;
+use crate::harness::{bare_repo, eventually, fixture, Baton, Workdir};
+
+const SECRET: &str = "e2e-webhook-secret";
+const TOKEN: &str = "ghp_e2eFakeTokenThatMustNotLeak0123456789";
+
+/// An agent that reports what it sees: the commit, the environment, the prompt.
+const REPORTER: &str = r#"#!/bin/sh
+prompt=$(cat)
+echo "sha=$(git rev-parse HEAD)"
+echo "token=${GITHUB_TOKEN:-unset}"
+echo "extra=${BATON_TEST_PASSED:-unset}"
+echo "readme=$(cat README.md)"
+echo "prompt=$(printf '%s' "$prompt" | head -n1)"
+"#;
+
+fn setup(
+    fake: &FakeGitHub,
+    agent_body: &str,
+    agent_extra: &str,
+    trigger_extra: &str,
+) -> (Workdir, String) {
+    let w = Workdir::new();
+    let repos = w.path().join("remote");
+    let sha = bare_repo(
+        &repos,
+        "Codertocat/Hello-World",
+        "master",
+        &[("README.md", "hello from master")],
+    );
+    let agent = w.script("agent.sh", agent_body);
+    w.config(&format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[github]
+api_url = "{api}"
+git_url = "file://{repos}"
+token = "env:GITHUB_TOKEN"
+webhook_secret = "{SECRET}"
+
+[agents.script]
+command = ["{agent}"]
+prompt = "stdin"
+result = "stdout"
+{agent_extra}
+"#,
+        api = fake.url,
+        repos = repos.display(),
+        agent = agent.display(),
+    ));
+    w.trigger(
+        "investigate",
+        &format!(
+            r#"
+on = ["issues.opened"]
+[job]
+agent = "script"
+workspace = "default-branch"
+prompt = "Investigate #{{{{ issue.number }}}}: {{{{ issue.title }}}}"
+{trigger_extra}
+[output]
+kind = "comment"
+"#
+        ),
+    );
+    (w, sha)
+}
+
+async fn deliver_issue(baton: &Baton, delivery: &str) -> String {
+    let (status, body) = baton
+        .deliver(
+            SECRET,
+            "issues",
+            delivery,
+            &fixture("issues/opened.payload.json"),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["delivery"], delivery);
+    let jobs = body["jobs"].as_array().expect("jobs list");
+    assert_eq!(jobs.len(), 1, "{body}");
+    jobs[0].as_str().expect("job id is a string").to_string()
+}
+
+#[tokio::test]
+async fn signed_issue_becomes_agent_job_and_comment() {
+    let fake = FakeGitHub::start().await;
+    let (w, sha) = setup(&fake, REPORTER, r#"env = ["BATON_TEST_PASSED"]"#, "");
+    let baton = Baton::start(
+        w.path(),
+        &[("GITHUB_TOKEN", TOKEN), ("BATON_TEST_PASSED", "yes")],
+    );
+
+    let id = deliver_issue(&baton, "e2e-1").await;
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 1);
+    assert_eq!(job["trigger"], "investigate");
+    assert_eq!(job["event"], "issues.opened");
+    assert_eq!(job["repo"], "Codertocat/Hello-World");
+    assert_eq!(job["subject"], 1);
+    assert_eq!(job["delivery"], "e2e-1");
+    assert!(job["created_at"].is_string() && job["finished_at"].is_string());
+    let result = job["result"].as_str().unwrap();
+    assert!(
+        result.contains(&format!("sha={sha}")),
+        "agent ran at the default branch head: {result}"
+    );
+    assert!(
+        result.contains("token=unset"),
+        "agent must not see GITHUB_TOKEN: {result}"
+    );
+    assert!(
+        result.contains("extra=yes"),
+        "variables the agent lists pass through: {result}"
+    );
+    assert!(result.contains("readme=hello from master"), "{result}");
+    assert!(
+        result.contains("prompt=Investigate #1: Spelling error in the README file"),
+        "{result}"
+    );
+
+    eventually("the comment to be posted", || {
+        !fake
+            .posts("/repos/Codertocat/Hello-World/issues/1/comments")
+            .is_empty()
+    })
+    .await;
+    let posts = fake.posts("/repos/Codertocat/Hello-World/issues/1/comments");
+    assert_eq!(posts.len(), 1);
+    let body = posts[0].body["body"].as_str().unwrap();
+    assert!(body.contains(&format!("sha={sha}")), "{body}");
+    assert!(body.contains(&format!("<!-- baton:job={id} -->")), "{body}");
+    let auth = posts[0]
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    assert!(
+        auth.contains(TOKEN),
+        "publishing authenticates with github.token"
+    );
+
+    // The publication's outcome lands on the job.
+    let start = std::time::Instant::now();
+    loop {
+        let job = baton.job(&id).await;
+        if job["publication"]["state"] == "published" {
+            assert_eq!(
+                job["publication"]["url"],
+                "https://github.example/comment/1"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < crate::harness::WAIT,
+            "publication not recorded: {job}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The worktree is gone and the token never reached the log.
+    assert!(!w.path().join(".baton/worktrees").join(&id).exists());
+    assert!(!baton.log_text().contains(TOKEN));
+    let (_, log) = baton.get(&format!("/api/jobs/{id}/log")).await;
+    assert!(
+        log.as_str().unwrap_or_default().contains("sha="),
+        "job log has the agent's output: {log}"
+    );
+}
+
+#[tokio::test]
+async fn missing_agent_command_fails_with_install_hint() {
+    let fake = FakeGitHub::start().await;
+    let (w, _) = setup(&fake, REPORTER, "", "");
+    // Point the trigger at the codex preset, which is not installed here.
+    w.trigger(
+        "investigate",
+        "on = [\"issues.opened\"]\n[job]\nagent = \"codex\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
+    );
+    let baton = Baton::start(
+        w.path(),
+        &[("PATH", "/usr/bin:/bin"), ("GITHUB_TOKEN", TOKEN)],
+    );
+    let id = deliver_issue(&baton, "nf-1").await;
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "failed");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains("`codex` not found"), "{error}");
+    assert!(error.contains("npm install -g @openai/codex"), "{error}");
+}
+
+#[tokio::test]
+async fn timeout_fails_the_job_and_kills_the_agent() {
+    let fake = FakeGitHub::start().await;
+    let pids = tempfile::tempdir().unwrap();
+    let pid_file = pids.path().join("sleep.pid");
+    // The agent starts a child of its own and waits on it: the timeout must
+    // take the whole process group, not just the agent.
+    let agent = format!(
+        "#!/bin/sh\necho started\nsleep 300 &\necho $! > {}\nwait\n",
+        pid_file.display()
+    );
+    let (w, _) = setup(&fake, &agent, "", "timeout = \"1s\"\n");
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver_issue(&baton, "to-1").await;
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "failed");
+    assert_eq!(job["error"], "timeout after 1s");
+    assert_eq!(job["history"][0]["outcome"], "timeout");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        !crate::harness::process_running(pid),
+        "the agent's child {pid} survived the timeout"
+    );
+    // The failure is reported where people look.
+    eventually("the failure comment", || {
+        !fake
+            .posts("/repos/Codertocat/Hello-World/issues/1/comments")
+            .is_empty()
+    })
+    .await;
+    let body: Value = fake.posts("/repos/Codertocat/Hello-World/issues/1/comments")[0]
+        .body
+        .clone();
+    assert!(body["body"].as_str().unwrap().contains("timeout after 1s"));
+}
+
+#[tokio::test]
+async fn acknowledged_delivery_survives_kill_9() {
+    let fake = FakeGitHub::start().await;
+    // The agent blocks until a file exists, so the job is still queued or
+    // running when the daemon dies.
+    let gate = tempfile::tempdir().unwrap();
+    let flag = gate.path().join("go");
+    let (w, _) = setup(
+        &fake,
+        &format!(
+            "#!/bin/sh\nwhile [ ! -e {} ]; do sleep 0.05; done\necho done\n",
+            flag.display()
+        ),
+        "",
+        "",
+    );
+    let mut baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver_issue(&baton, "crash-1").await;
+    baton.kill9();
+
+    std::fs::write(&flag, "").unwrap();
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["result"], "done");
+    // The same delivery again is a duplicate, not a second job.
+    let (status, body) = baton
+        .deliver(
+            SECRET,
+            "issues",
+            "crash-1",
+            &fixture("issues/opened.payload.json"),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["duplicate"], true);
+    let (_, list) = baton.get("/api/jobs?delivery=crash-1").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn cancel_stops_a_running_job_and_retry_runs_it_again() {
+    let fake = FakeGitHub::start().await;
+    let gate = tempfile::tempdir().unwrap();
+    let started = gate.path().join("started");
+    let flag = gate.path().join("go");
+    let agent = format!(
+        "#!/bin/sh\ntouch {started}\nwhile [ ! -e {flag} ]; do sleep 0.05; done\necho second run\n",
+        started = started.display(),
+        flag = flag.display()
+    );
+    let (w, _) = setup(&fake, &agent, "", "");
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver_issue(&baton, "cancel-1").await;
+    eventually("the agent to start", || started.exists()).await;
+
+    let (status, job) = baton.post(&format!("/api/jobs/{id}/cancel")).await;
+    assert_eq!(status, 200, "{job}");
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "cancelled", "{job}");
+    assert_eq!(job["error"], "cancelled");
+    let (status, _) = baton.post(&format!("/api/jobs/{id}/cancel")).await;
+    assert_eq!(status, 409, "a finished job cannot be cancelled");
+
+    std::fs::write(&flag, "").unwrap();
+    let (status, job) = baton.post(&format!("/api/jobs/{id}/retry")).await;
+    assert_eq!(status, 202, "{job}");
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["result"], "second run");
+    let (status, _) = baton.post("/api/jobs/unknown/retry").await;
+    assert_eq!(status, 404);
+}

@@ -1,0 +1,306 @@
+//! Starting and driving a real `baton serve` process in a scratch folder.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_baton");
+
+/// Everything a test waits for is bounded by this.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub fn fixture(rel: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/github")
+        .join(rel);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
+}
+
+pub fn fixture_json(rel: &str) -> Value {
+    serde_json::from_slice(&fixture(rel)).expect("fixture is JSON")
+}
+
+/// A scratch folder holding `baton.toml` and `triggers/`.
+pub struct Workdir {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workdir {
+    pub fn new() -> Workdir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("triggers")).expect("triggers dir");
+        Workdir { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config(&self, toml: &str) -> &Self {
+        std::fs::write(self.path().join("baton.toml"), toml).expect("write config");
+        self
+    }
+
+    pub fn trigger(&self, name: &str, toml: &str) -> &Self {
+        std::fs::write(
+            self.path().join("triggers").join(format!("{name}.toml")),
+            toml,
+        )
+        .expect("write trigger");
+        self
+    }
+
+    /// An executable script in the folder; returns its path.
+    pub fn script(&self, name: &str, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.path().join(name);
+        std::fs::write(&path, body).expect("write script");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        path
+    }
+}
+
+/// A running daemon.
+pub struct Baton {
+    child: Child,
+    pub url: String,
+    pub logs: Arc<Mutex<Vec<String>>>,
+    http: reqwest::Client,
+}
+
+impl Baton {
+    /// Starts `baton serve` in `dir` (its `baton.toml` must listen on
+    /// 127.0.0.1:0) and waits until it serves.
+    pub fn start(dir: &Path, env: &[(&str, &str)]) -> Baton {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--log-format", "json", "serve"])
+            .current_dir(dir)
+            .env("RUST_LOG", "info")
+            .env_remove("GITHUB_TOKEN")
+            .env_remove("GITHUB_WEBHOOK_SECRET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn baton");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if v["message"] == "baton is serving." {
+                        let _ = tx.send(v["listen"].as_str().unwrap_or_default().to_string());
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(WAIT) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "baton did not start; log:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
+            }
+        };
+        Baton {
+            child,
+            url: format!("http://{addr}"),
+            logs,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// `kill -9`: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends a delivery signed with `secret`; returns status and JSON body.
+    pub async fn deliver(
+        &self,
+        secret: &str,
+        event: &str,
+        delivery: &str,
+        body: &[u8],
+    ) -> (u16, Value) {
+        let sig = baton::ingress::signature::sign(secret.as_bytes(), body);
+        self.post_webhook(
+            &[
+                ("x-github-event", event),
+                ("x-github-delivery", delivery),
+                ("x-hub-signature-256", &sig),
+            ],
+            body,
+        )
+        .await
+    }
+
+    pub async fn post_webhook(&self, headers: &[(&str, &str)], body: &[u8]) -> (u16, Value) {
+        let mut req = self
+            .http
+            .post(format!("{}/webhooks/github", self.url))
+            .body(body.to_vec());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("webhook request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("GET");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn post(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("POST");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn job(&self, id: &str) -> Value {
+        let (status, job) = self.get(&format!("/api/jobs/{id}")).await;
+        assert_eq!(status, 200, "GET job {id}: {job}");
+        job
+    }
+
+    /// Waits until the job reaches a final state; returns it.
+    pub async fn finished(&self, id: &str) -> Value {
+        let start = Instant::now();
+        loop {
+            let job = self.job(id).await;
+            if matches!(
+                job["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                return job;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "job {id} did not finish: {job}\nlog:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits for `cond` to hold, polling; panics with `what` after `WAIT`.
+pub async fn eventually<F: FnMut() -> bool>(what: &str, mut cond: F) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs git, panicking with its output on failure.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "user.name=Test",
+            "-c",
+            "user.email=test@example.com",
+            "-c",
+            "init.defaultBranch=master",
+        ])
+        .args(args)
+        .output()
+        .expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A bare repository at `{root}/{owner}/{name}.git` whose `branch` has one
+/// commit with `files`; returns the commit's sha.
+pub fn bare_repo(root: &Path, full_name: &str, branch: &str, files: &[(&str, &str)]) -> String {
+    let bare = root.join(format!("{full_name}.git"));
+    std::fs::create_dir_all(&bare).unwrap();
+    git(&bare, &["init", "--bare", "--quiet"]);
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["init", "--quiet", "-b", branch]);
+    for (name, content) in files {
+        std::fs::write(work.path().join(name), content).unwrap();
+    }
+    git(work.path(), &["add", "."]);
+    git(work.path(), &["commit", "--quiet", "-m", "initial"]);
+    let sha = git(work.path(), &["rev-parse", "HEAD"]);
+    git(
+        work.path(),
+        &[
+            "push",
+            "--quiet",
+            bare.to_str().unwrap(),
+            &format!("HEAD:refs/heads/{branch}"),
+        ],
+    );
+    sha
+}
+
+/// Whether `pid` is a live process (a zombie waiting to be reaped is dead).
+pub fn process_running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesized command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,11 @@
+//! Integration tests: the real `baton` binary over loopback HTTP, real git
+//! repositories, real agent processes, and a fake GitHub API that records
+//! what it is sent. One test crate, so it links once.
+
+mod config_cli;
+mod e2e;
+mod fake_github;
+mod harness;
+mod ingress;
+mod normalize;
+mod rules;

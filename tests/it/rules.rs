@@ -1,0 +1,210 @@
+//! Trigger matching against recorded payloads: each filter both ways.
+
+use std::path::Path;
+
+use baton::config::Config;
+use baton::event::github::normalize;
+use baton::rules::{RuleSet, Verdict, Workspace};
+use serde_json::json;
+
+use crate::harness::{fixture, fixture_json};
+
+/// Loads one trigger (with `agent = "codex"` and a prompt added) and judges
+/// `payload` as event `name`; returns `Ok(prompt)` or `Err((filter, reason))`.
+fn judge(
+    trigger: &str,
+    name: &str,
+    payload: &[u8],
+) -> Result<baton::rules::JobSpec, (String, String)> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("t.toml"), trigger).unwrap();
+    let config = Config::from_source(None, "", Path::new("/")).unwrap();
+    let (rules, errors) = RuleSet::load(dir.path(), &config);
+    assert!(errors.is_empty(), "{errors:?}");
+    let event = normalize(name, "d", payload).unwrap();
+    let mut verdicts = rules.explain(&event);
+    match verdicts.remove(0).1 {
+        Verdict::Matched(spec) => {
+            // match_event (the indexed path) agrees with explain.
+            assert_eq!(rules.match_event(&event).len(), 1);
+            Ok(*spec)
+        }
+        Verdict::Rejected { filter, reason } => {
+            assert!(rules.match_event(&event).is_empty());
+            Err((filter.to_string(), reason))
+        }
+    }
+}
+
+fn trig(on: &str, filter: &str) -> String {
+    format!("on = {on}\n[filter]\n{filter}\n[job]\nagent = \"codex\"\nworkspace = \"none\"\nprompt = \"#{{{{ issue.number }}}} {{{{ command.args }}}}\"\n")
+}
+
+fn rejected_by(r: Result<baton::rules::JobSpec, (String, String)>, filter: &str) -> String {
+    match r {
+        Err((f, reason)) => {
+            assert_eq!(f, filter, "rejected by {f}: {reason}");
+            reason
+        }
+        Ok(spec) => panic!("expected rejection by {filter}, matched: {spec:?}"),
+    }
+}
+
+#[test]
+fn on_matches_kind_or_whole_event() {
+    let issue = fixture("issues/opened.payload.json");
+    assert!(judge(&trig("[\"issues.opened\"]", ""), "issues", &issue).is_ok());
+    assert!(judge(&trig("[\"issues\"]", ""), "issues", &issue).is_ok());
+    rejected_by(
+        judge(&trig("[\"issues.closed\"]", ""), "issues", &issue),
+        "on",
+    );
+}
+
+#[test]
+fn repos_globs() {
+    let issue = fixture("issues/opened.payload.json");
+    assert!(judge(
+        &trig("[\"issues.opened\"]", "repos = [\"Codertocat/*\"]"),
+        "issues",
+        &issue
+    )
+    .is_ok());
+    let why = rejected_by(
+        judge(
+            &trig("[\"issues.opened\"]", "repos = [\"acme/*\"]"),
+            "issues",
+            &issue,
+        ),
+        "repos",
+    );
+    assert!(why.contains("Codertocat/Hello-World"), "{why}");
+}
+
+#[test]
+fn labels_and_exclude_labels() {
+    let issue = fixture("issues/opened.payload.json"); // labelled "bug"
+    assert!(judge(
+        &trig("[\"issues.opened\"]", "labels = [\"bug\", \"crash\"]"),
+        "issues",
+        &issue
+    )
+    .is_ok());
+    let why = rejected_by(
+        judge(
+            &trig("[\"issues.opened\"]", "labels = [\"question\"]"),
+            "issues",
+            &issue,
+        ),
+        "labels",
+    );
+    assert_eq!(why, "wanted any of [question], has [bug]");
+    rejected_by(
+        judge(
+            &trig("[\"issues.opened\"]", "exclude_labels = [\"bug\"]"),
+            "issues",
+            &issue,
+        ),
+        "exclude_labels",
+    );
+}
+
+#[test]
+fn authors_default_to_owner_member_collaborator() {
+    let t = trig("[\"issues.opened\"]", "");
+    for (assoc, ok) in [
+        ("OWNER", true),
+        ("MEMBER", true),
+        ("COLLABORATOR", true),
+        ("CONTRIBUTOR", false),
+        ("NONE", false),
+    ] {
+        let mut p = fixture_json("issues/opened.payload.json");
+        p["issue"]["author_association"] = json!(assoc);
+        let r = judge(&t, "issues", p.to_string().as_bytes());
+        assert_eq!(r.is_ok(), ok, "{assoc}: {r:?}");
+    }
+    let mut p = fixture_json("issues/opened.payload.json");
+    p["issue"]["author_association"] = json!("CONTRIBUTOR");
+    assert!(judge(
+        &trig("[\"issues.opened\"]", "authors = [\"CONTRIBUTOR\"]"),
+        "issues",
+        p.to_string().as_bytes()
+    )
+    .is_ok());
+}
+
+#[test]
+fn command_matches_the_first_line_and_gives_args() {
+    let t = trig("[\"issue_comment.created\"]", "command = \"/investigate\"");
+    let mut p = fixture_json("issue_comment/created.payload.json");
+    p["comment"]["body"] = json!("/investigate the login page\nthanks");
+    let spec = judge(&t, "issue_comment", p.to_string().as_bytes()).unwrap();
+    assert_eq!(spec.prompt, "#1 the login page");
+    p["comment"]["body"] = json!("please /investigate");
+    rejected_by(
+        judge(&t, "issue_comment", p.to_string().as_bytes()),
+        "command",
+    );
+    // The commenter's association is what counts.
+    p["comment"]["body"] = json!("/investigate");
+    p["comment"]["author_association"] = json!("NONE");
+    rejected_by(
+        judge(&t, "issue_comment", p.to_string().as_bytes()),
+        "authors",
+    );
+}
+
+#[test]
+fn conclusions_and_head_sha_workspace() {
+    let failed = fixture("check_run/completed.1.payload.json");
+    let ok = fixture("check_run/completed.payload.json");
+    let t = "on = [\"check_run.completed\"]\n[filter]\nconclusions = [\"failure\"]\n[job]\nagent = \"codex\"\nworkspace = \"head-sha\"\nprompt = \"x\"\n";
+    let spec = judge(t, "check_run", &failed).unwrap();
+    assert_eq!(
+        spec.workspace,
+        Workspace::HeadSha {
+            sha: "ec26c3e57ca3a959ca5aad62de7213c562f8c821".into(),
+            branch: Some("changes".into())
+        }
+    );
+    assert_eq!(spec.subject, Some(2));
+    rejected_by(judge(t, "check_run", &ok), "conclusions");
+}
+
+#[test]
+fn bots_never_trigger_unless_allowed_and_baton_never() {
+    let t = trig("[\"issues.opened\"]", "");
+    let mut p = fixture_json("issues/opened.payload.json");
+    p["sender"]["type"] = json!("Bot");
+    p["sender"]["login"] = json!("renovate[bot]");
+    rejected_by(judge(&t, "issues", p.to_string().as_bytes()), "allow_bots");
+    assert!(judge(
+        &trig("[\"issues.opened\"]", "allow_bots = [\"renovate[bot]\"]"),
+        "issues",
+        p.to_string().as_bytes()
+    )
+    .is_ok());
+    p["sender"]["login"] = json!("baton[bot]");
+    rejected_by(judge(&t, "issues", p.to_string().as_bytes()), "bot");
+}
+
+#[test]
+fn pull_requests_from_forks_need_allow_forks() {
+    let t = "on = [\"pull_request.opened\"]\n[job]\nagent = \"codex\"\nworkspace = \"pr-head\"\nprompt = \"x\"\n";
+    let same_repo = fixture("pull_request/opened.payload.json");
+    let spec = judge(t, "pull_request", &same_repo).unwrap();
+    assert!(matches!(
+        spec.workspace,
+        Workspace::PrHead { number: 2, .. }
+    ));
+    let mut fork = fixture_json("pull_request/opened.payload.json");
+    fork["pull_request"]["head"]["repo"]["id"] = json!(1);
+    fork["pull_request"]["head"]["repo"]["full_name"] = json!("outsider/Hello-World");
+    rejected_by(
+        judge(t, "pull_request", fork.to_string().as_bytes()),
+        "authors",
+    );
+    let allowed = t.replace("[job]", "[filter]\nallow_forks = true\n[job]");
+    assert!(judge(&allowed, "pull_request", fork.to_string().as_bytes()).is_ok());
+}
