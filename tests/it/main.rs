@@ -2,6 +2,7 @@
 //! repositories, real agent processes, and a fake GitHub API that records
 //! what it is sent. One test crate, so it links once.
 
+mod agent;
 mod config_cli;
 mod e2e;
 mod fake_github;
