@@ -17,6 +17,7 @@ use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 use crate::diag::Diagnostic;
+pub use crate::store::Durability;
 
 /// The file `baton serve` reads when `--config` is not given.
 pub const DEFAULT_CONFIG_FILE: &str = "baton.toml";
@@ -32,6 +33,7 @@ pub struct Config {
     pub github: Github,
     pub limits: Limits,
     pub agents: BTreeMap<String, AgentDef>,
+    pub sources: BTreeMap<String, Source>,
 }
 
 #[derive(Debug, Clone)]
@@ -39,11 +41,33 @@ pub struct Server {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
     pub api_token: Option<Secret>,
+    /// Requests handled at once; beyond it, 503 with `Retry-After`.
+    pub max_in_flight: usize,
+    /// Time a client has to send its headers, and then its body.
+    pub read_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub struct Storage {
     pub path: PathBuf,
+    pub durability: Durability,
+    /// How long delivery ids are kept for duplicate detection.
+    pub delivery_retention: Duration,
+}
+
+/// A generic webhook source: `POST /webhooks/NAME`.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub secret: Secret,
+    /// Carries `sha256=<hex HMAC of the body>`.
+    pub signature_header: String,
+    /// Carries the delivery id; without it the id is a hash of the body.
+    pub delivery_header: Option<String>,
+    /// Dotted path of the field whose value is the event's action.
+    pub action_field: Option<String>,
+    /// Dotted path of the field naming the repository (`owner/name`).
+    pub repo_field: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -156,27 +180,18 @@ impl HumanDuration {
                 'm' => 60,
                 'h' => 3600,
                 'd' => 86400,
-                _ => {
-                    return Err(format!(
-                        "invalid duration `{s}`: unknown unit `{c}` (use s, m, h or d)"
-                    ))
-                }
+                _ => return Err(format!("invalid duration `{s}`: unknown unit `{c}` (use s, m, h or d)")),
             };
-            let n: u64 = digits
-                .parse()
-                .map_err(|_| format!("invalid duration `{s}`: a number must come before `{c}`"))?;
+            let n: u64 =
+                digits.parse().map_err(|_| format!("invalid duration `{s}`: a number must come before `{c}`"))?;
             total = total.saturating_add(n.saturating_mul(unit));
             digits.clear();
         }
         if !digits.is_empty() {
             if total != 0 {
-                return Err(format!(
-                    "invalid duration `{s}`: the last number has no unit"
-                ));
+                return Err(format!("invalid duration `{s}`: the last number has no unit"));
             }
-            total = digits
-                .parse()
-                .map_err(|_| format!("invalid duration `{s}`"))?;
+            total = digits.parse().map_err(|_| format!("invalid duration `{s}`"))?;
         }
         if total == 0 {
             return Err(format!("invalid duration `{s}`: must be more than zero"));
@@ -197,9 +212,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
             Raw::Secs(n) => n.to_string(),
             Raw::Text(s) => s,
         };
-        HumanDuration::parse(&text)
-            .map(HumanDuration)
-            .map_err(serde::de::Error::custom)
+        HumanDuration::parse(&text).map(HumanDuration).map_err(serde::de::Error::custom)
     }
 }
 
@@ -239,6 +252,18 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     agents: BTreeMap<String, Spanned<RawAgent>>,
+    #[serde(default)]
+    sources: BTreeMap<String, Spanned<RawSource>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    secret: Spanned<String>,
+    signature_header: Option<String>,
+    delivery_header: Option<String>,
+    action_field: Option<String>,
+    repo_field: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -247,12 +272,17 @@ struct RawServer {
     listen: Option<Spanned<String>>,
     max_body_bytes: Option<Spanned<u64>>,
     api_token: Option<Spanned<String>>,
+    max_in_flight: Option<Spanned<usize>>,
+    read_timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStorage {
     path: Option<String>,
+    #[serde(default)]
+    durability: Durability,
+    delivery_retention: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -299,49 +329,34 @@ impl Config {
         match path {
             None => Config::from_source(None, "", &cwd),
             Some(path) => {
-                let source = std::fs::read_to_string(&path).map_err(|e| {
-                    vec![Diagnostic::file(&path, format!("cannot read config: {e}"))]
-                })?;
+                let source = std::fs::read_to_string(&path)
+                    .map_err(|e| vec![Diagnostic::file(&path, format!("cannot read config: {e}"))])?;
                 let path = absolute(&cwd, &path);
-                let base = path
-                    .parent()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_else(|| cwd.clone());
+                let base = path.parent().map(Path::to_path_buf).unwrap_or_else(|| cwd.clone());
                 Config::from_source(Some(&path), &source, &base)
             }
         }
     }
 
     /// Parses config text; `base` is the folder relative paths resolve against.
-    pub fn from_source(
-        path: Option<&Path>,
-        source: &str,
-        base: &Path,
-    ) -> Result<Config, Vec<Diagnostic>> {
-        let shown = path
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("<built-in defaults>"));
-        let raw: RawConfig =
-            toml::from_str(source).map_err(|e| vec![Diagnostic::from_toml(&shown, source, &e)])?;
+    pub fn from_source(path: Option<&Path>, source: &str, base: &Path) -> Result<Config, Vec<Diagnostic>> {
+        let shown = path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("<built-in defaults>"));
+        let raw: RawConfig = toml::from_str(source).map_err(|e| vec![Diagnostic::from_toml(&shown, source, &e)])?;
         let mut errors = Vec::new();
-        let at = |span: std::ops::Range<usize>, msg: String| {
-            Diagnostic::at(&shown, source, Some(span), msg)
-        };
+        let at = |span: std::ops::Range<usize>, msg: String| Diagnostic::at(&shown, source, Some(span), msg);
 
         let listen = match &raw.server.listen {
             None => SocketAddr::from(([127, 0, 0, 1], 8787)),
-            Some(s) => {
-                match s.get_ref().parse() {
-                    Ok(addr) => addr,
-                    Err(_) => {
-                        errors.push(at(
+            Some(s) => match s.get_ref().parse() {
+                Ok(addr) => addr,
+                Err(_) => {
+                    errors.push(at(
                         s.span(),
                         format!("invalid listen address `{}`: expected IP:PORT, e.g. 127.0.0.1:8787", s.get_ref()),
                     ));
-                        SocketAddr::from(([127, 0, 0, 1], 8787))
-                    }
+                    SocketAddr::from(([127, 0, 0, 1], 8787))
                 }
-            }
+            },
         };
         let max_body_bytes = match &raw.server.max_body_bytes {
             None => 25 * 1024 * 1024,
@@ -352,45 +367,34 @@ impl Config {
             Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
         };
 
-        let mut secret =
-            |field: &Option<Spanned<String>>, implicit_env: Option<&str>| -> Option<Secret> {
-                match field {
-                    Some(s) => match resolve_secret(s.get_ref(), base) {
-                        Ok(v) => Some(v),
-                        Err(msg) => {
-                            errors.push(at(s.span(), msg));
-                            None
-                        }
-                    },
-                    // Only when the key is absent: a variable named by the user
-                    // that is unset is an error, an implicit one is simply absent.
-                    None => implicit_env
-                        .and_then(|name| std::env::var(name).ok())
-                        .filter(|v| !v.is_empty())
-                        .map(Secret::new),
+        let mut secret = |field: &Option<Spanned<String>>, implicit_env: Option<&str>| -> Option<Secret> {
+            match field {
+                Some(s) => match resolve_secret(s.get_ref(), base) {
+                    Ok(v) => Some(v),
+                    Err(msg) => {
+                        errors.push(at(s.span(), msg));
+                        None
+                    }
+                },
+                // Only when the key is absent: a variable named by the user
+                // that is unset is an error, an implicit one is simply absent.
+                None => {
+                    implicit_env.and_then(|name| std::env::var(name).ok()).filter(|v| !v.is_empty()).map(Secret::new)
                 }
-            };
+            }
+        };
         let api_token = secret(&raw.server.api_token, None);
         let webhook_secret = secret(&raw.github.webhook_secret, Some("GITHUB_WEBHOOK_SECRET"));
         let token = secret(&raw.github.token, Some("GITHUB_TOKEN"));
         let private_key = secret(&raw.github.private_key, None);
 
-        let url = |field: &Option<Spanned<String>>,
-                   default: &str,
-                   errors: &mut Vec<Diagnostic>|
-         -> String {
+        let url = |field: &Option<Spanned<String>>, default: &str, errors: &mut Vec<Diagnostic>| -> String {
             match field {
                 None => default.to_string(),
                 Some(s) => {
                     let v = s.get_ref().trim_end_matches('/');
-                    if !(v.starts_with("http://")
-                        || v.starts_with("https://")
-                        || v.starts_with("file://"))
-                    {
-                        errors.push(at(
-                            s.span(),
-                            format!("invalid URL `{v}`: expected http://, https:// or file://"),
-                        ));
+                    if !(v.starts_with("http://") || v.starts_with("https://") || v.starts_with("file://")) {
+                        errors.push(at(s.span(), format!("invalid URL `{v}`: expected http://, https:// or file://")));
                     }
                     v.to_string()
                 }
@@ -399,9 +403,7 @@ impl Config {
         let api_url = url(&raw.github.api_url, "https://api.github.com", &mut errors);
         let git_url = url(&raw.github.git_url, "https://github.com", &mut errors);
 
-        let positive = |field: &Option<Spanned<usize>>,
-                        default: usize,
-                        errors: &mut Vec<Diagnostic>| match field {
+        let positive = |field: &Option<Spanned<usize>>, default: usize, errors: &mut Vec<Diagnostic>| match field {
             None => default,
             Some(n) if *n.get_ref() == 0 => {
                 errors.push(at(n.span(), "must be at least 1".into()));
@@ -409,6 +411,7 @@ impl Config {
             }
             Some(n) => *n.get_ref(),
         };
+        let max_in_flight = positive(&raw.server.max_in_flight, 512, &mut errors);
         let limits = Limits {
             max_parallel_jobs: positive(&raw.limits.max_parallel_jobs, 4, &mut errors),
             max_parallel_per_repo: positive(&raw.limits.max_parallel_per_repo, 2, &mut errors),
@@ -424,12 +427,38 @@ impl Config {
             }
         }
 
-        let triggers_dir = base.join(
-            raw.triggers
-                .as_ref()
-                .map(|t| t.get_ref().as_str())
-                .unwrap_or("triggers"),
-        );
+        let mut sources = BTreeMap::new();
+        for (name, spanned) in &raw.sources {
+            let raw_source = spanned.get_ref();
+            if name == "github" || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                errors.push(at(
+                    spanned.span(),
+                    format!("sources.{name}: a source name is letters, digits, `-` and `_`, and not `github`"),
+                ));
+                continue;
+            }
+            match resolve_secret(raw_source.secret.get_ref(), base) {
+                Ok(secret) => {
+                    sources.insert(
+                        name.clone(),
+                        Source {
+                            name: name.clone(),
+                            secret,
+                            signature_header: raw_source
+                                .signature_header
+                                .clone()
+                                .unwrap_or_else(|| "X-Signature-256".into()),
+                            delivery_header: raw_source.delivery_header.clone(),
+                            action_field: raw_source.action_field.clone(),
+                            repo_field: raw_source.repo_field.clone(),
+                        },
+                    );
+                }
+                Err(msg) => errors.push(at(raw_source.secret.span(), msg)),
+            }
+        }
+
+        let triggers_dir = base.join(raw.triggers.as_ref().map(|t| t.get_ref().as_str()).unwrap_or("triggers"));
         let storage = base.join(raw.storage.path.as_deref().unwrap_or(".baton"));
 
         if !listen.ip().is_loopback() && api_token.is_none() && raw.server.api_token.is_none() {
@@ -453,8 +482,18 @@ impl Config {
                 listen,
                 max_body_bytes,
                 api_token,
+                max_in_flight,
+                read_timeout: raw.server.read_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
             },
-            storage: Storage { path: storage },
+            storage: Storage {
+                path: storage,
+                durability: raw.storage.durability,
+                delivery_retention: raw
+                    .storage
+                    .delivery_retention
+                    .map(|d| d.0)
+                    .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
+            },
             github: Github {
                 api_url,
                 git_url,
@@ -462,28 +501,22 @@ impl Config {
                 token,
                 app_id: raw.github.app_id.filter(|id| *id != 0),
                 private_key,
-                bot_login: raw
-                    .github
-                    .bot_login
-                    .unwrap_or_else(|| "baton[bot]".to_string()),
+                bot_login: raw.github.bot_login.unwrap_or_else(|| "baton[bot]".to_string()),
             },
             limits,
             agents,
+            sources,
         })
     }
 
     /// Every configured secret value, so output can be scrubbed of them.
     pub fn secrets(&self) -> Vec<Secret> {
-        [
-            &self.server.api_token,
-            &self.github.webhook_secret,
-            &self.github.token,
-            &self.github.private_key,
-        ]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect()
+        [&self.server.api_token, &self.github.webhook_secret, &self.github.token, &self.github.private_key]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .chain(self.sources.values().map(|s| s.secret.clone()))
+            .collect()
     }
 }
 
@@ -519,16 +552,15 @@ fn resolve_secret(value: &str, base: &Path) -> Result<Secret, String> {
 
 /// The agents that work with no configuration beyond their API key.
 pub fn presets() -> BTreeMap<String, AgentDef> {
-    let def =
-        |name: &str, command: &[&str], prompt, result, env: &[&str], install: &str| AgentDef {
-            name: name.to_string(),
-            command: command.iter().map(|s| s.to_string()).collect(),
-            prompt,
-            result,
-            env: env.iter().map(|s| s.to_string()).collect(),
-            timeout: Duration::from_secs(30 * 60),
-            install: Some(install.to_string()),
-        };
+    let def = |name: &str, command: &[&str], prompt, result, env: &[&str], install: &str| AgentDef {
+        name: name.to_string(),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        prompt,
+        result,
+        env: env.iter().map(|s| s.to_string()).collect(),
+        timeout: Duration::from_secs(30 * 60),
+        install: Some(install.to_string()),
+    };
     let list = [
         def(
             "codex",
@@ -550,14 +582,7 @@ pub fn presets() -> BTreeMap<String, AgentDef> {
         ),
         def(
             "claude",
-            &[
-                "claude",
-                "-p",
-                "--output-format",
-                "json",
-                "--permission-mode",
-                "acceptEdits",
-            ],
+            &["claude", "-p", "--output-format", "json", "--permission-mode", "acceptEdits"],
             PromptMode::Stdin,
             ResultMode::Json("result".into()),
             &["ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"],
@@ -565,13 +590,7 @@ pub fn presets() -> BTreeMap<String, AgentDef> {
         ),
         def(
             "gemini",
-            &[
-                "gemini",
-                "--output-format",
-                "json",
-                "--approval-mode",
-                "auto_edit",
-            ],
+            &["gemini", "--output-format", "json", "--approval-mode", "auto_edit"],
             PromptMode::Stdin,
             ResultMode::Json("response".into()),
             &["GEMINI_API_KEY", "GOOGLE_API_KEY"],
@@ -602,22 +621,13 @@ fn merge_agent(name: &str, raw: &RawAgent, preset: Option<&AgentDef>) -> Result<
     let command = match (&raw.command, preset) {
         (Some(c), _) => c.clone(),
         (None, Some(p)) => p.command.clone(),
-        (None, None) => {
-            return Err("`command` is required for an agent that is not a preset".into())
-        }
+        (None, None) => return Err("`command` is required for an agent that is not a preset".into()),
     };
     if command.is_empty() || command[0].trim().is_empty() {
         return Err("`command` must name a program".into());
     }
-    let prompt = raw
-        .prompt
-        .or(preset.map(|p| p.prompt))
-        .unwrap_or(PromptMode::Stdin);
-    let result = raw
-        .result
-        .clone()
-        .or(preset.map(|p| p.result.clone()))
-        .unwrap_or(ResultMode::Stdout);
+    let prompt = raw.prompt.or(preset.map(|p| p.prompt)).unwrap_or(PromptMode::Stdin);
+    let result = raw.result.clone().or(preset.map(|p| p.result.clone())).unwrap_or(ResultMode::Stdout);
     let mentions = |var: &str| command.iter().any(|a| a.contains(var));
     if prompt == PromptMode::Arg && !mentions("prompt") {
         return Err("prompt = \"arg\" needs `{{ prompt }}` in `command`".into());
@@ -633,20 +643,9 @@ fn merge_agent(name: &str, raw: &RawAgent, preset: Option<&AgentDef>) -> Result<
         command,
         prompt,
         result,
-        env: raw
-            .env
-            .clone()
-            .or(preset.map(|p| p.env.clone()))
-            .unwrap_or_default(),
-        timeout: raw
-            .timeout
-            .map(|t| t.0)
-            .or(preset.map(|p| p.timeout))
-            .unwrap_or(Duration::from_secs(30 * 60)),
-        install: raw
-            .install
-            .clone()
-            .or(preset.and_then(|p| p.install.clone())),
+        env: raw.env.clone().or(preset.map(|p| p.env.clone())).unwrap_or_default(),
+        timeout: raw.timeout.map(|t| t.0).or(preset.map(|p| p.timeout)).unwrap_or(Duration::from_secs(30 * 60)),
+        install: raw.install.clone().or(preset.and_then(|p| p.install.clone())),
     })
 }
 
@@ -655,11 +654,7 @@ mod tests {
     use super::*;
 
     fn load(src: &str) -> Result<Config, Vec<Diagnostic>> {
-        Config::from_source(
-            Some(Path::new("/etc/baton/baton.toml")),
-            src,
-            Path::new("/etc/baton"),
-        )
+        Config::from_source(Some(Path::new("/etc/baton/baton.toml")), src, Path::new("/etc/baton"))
     }
 
     fn first_error(src: &str) -> String {
@@ -695,26 +690,17 @@ mod tests {
     #[test]
     fn bad_values_are_reported_where_they_are() {
         let err = first_error("[server]\nlisten = \"nowhere\"\n");
-        assert!(
-            err.starts_with("/etc/baton/baton.toml:2:10: invalid listen address"),
-            "{err}"
-        );
+        assert!(err.starts_with("/etc/baton/baton.toml:2:10: invalid listen address"), "{err}");
         let err = first_error("[limits]\nmax_parallel_jobs = \"four\"\n");
         assert!(err.starts_with("/etc/baton/baton.toml:2:21: "), "{err}");
         let err = first_error("[agents.x]\ncommand = [\"x\"]\ntimeout = \"5 parsecs\"\n");
-        assert!(
-            err.contains(":3:11: ") && err.contains("invalid duration"),
-            "{err}"
-        );
+        assert!(err.contains(":3:11: ") && err.contains("invalid duration"), "{err}");
     }
 
     #[test]
     fn env_secret_that_is_unset_is_an_error_naming_the_variable() {
         let err = first_error("[github]\ntoken = \"env:BATON_TEST_SURELY_UNSET\"\n");
-        assert!(
-            err.contains(":2:9: environment variable BATON_TEST_SURELY_UNSET is not set"),
-            "{err}"
-        );
+        assert!(err.contains(":2:9: environment variable BATON_TEST_SURELY_UNSET is not set"), "{err}");
     }
 
     #[test]
@@ -749,14 +735,8 @@ mod tests {
 
     #[test]
     fn durations_parse_like_people_write_them() {
-        assert_eq!(
-            HumanDuration::parse("90s").unwrap(),
-            Duration::from_secs(90)
-        );
-        assert_eq!(
-            HumanDuration::parse("1h30m").unwrap(),
-            Duration::from_secs(5400)
-        );
+        assert_eq!(HumanDuration::parse("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(HumanDuration::parse("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(HumanDuration::parse("45").unwrap(), Duration::from_secs(45));
         assert!(HumanDuration::parse("0s").is_err());
         assert!(HumanDuration::parse("3w").is_err());

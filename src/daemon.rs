@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -23,15 +24,9 @@ pub enum ServeError {
     #[error("trigger files have errors:\n{}", .0.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n"))]
     Triggers(Vec<Diagnostic>),
     #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("webhook secret at {path}: {source}")]
-    Secret {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    Secret { path: std::path::PathBuf, source: std::io::Error },
     #[error("GitHub client: {0}")]
     GitHub(#[from] crate::publish::github::GitHubError),
     #[error("server error: {0}")]
@@ -44,7 +39,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let store = Store::open(&config.storage.path)?;
+    let store = Store::open_with(&config.storage.path, config.storage.durability)?;
     if config.github.webhook_secret.is_none() {
         config.github.webhook_secret = Some(generated_secret(&config.storage.path)?);
     }
@@ -70,31 +65,22 @@ pub async fn serve(
     let config = Arc::new(config);
     let wake = Arc::new(Notify::new());
     let publish_wake = Arc::new(Notify::new());
-    let engine = Arc::new(Engine::new(
-        store.clone(),
-        config.clone(),
-        wake.clone(),
-        publish_wake.clone(),
-        github.is_some(),
-    ));
+    let engine =
+        Arc::new(Engine::new(store.clone(), config.clone(), wake.clone(), publish_wake.clone(), github.is_some()));
     let recovered = engine.recover().await?;
     if recovered > 0 {
-        tracing::warn!(
-            jobs = recovered,
-            "Recovered jobs left running by a previous daemon."
-        );
+        tracing::warn!(jobs = recovered, "Recovered jobs left running by a previous daemon.");
     }
 
     let ready = Arc::new(AtomicBool::new(false));
     let app = ingress::router(ingress::Ingress {
         store: store.clone(),
         rules: rules.clone(),
-        secret: config
-            .github
-            .webhook_secret
-            .clone()
-            .unwrap_or_else(|| Secret::new("")),
+        secret: config.github.webhook_secret.clone().unwrap_or_else(|| Secret::new("")),
+        sources: Arc::new(config.sources.clone()),
         max_body_bytes: config.server.max_body_bytes,
+        read_timeout: config.server.read_timeout,
+        in_flight: Arc::new(tokio::sync::Semaphore::new(config.server.max_in_flight)),
         wake: wake.clone(),
     })
     .merge(api::router(api::Api {
@@ -107,17 +93,14 @@ pub async fn serve(
 
     let workers = CancellationToken::new();
     let engine_task = tokio::spawn(engine.clone().run(workers.clone()));
-    let publisher_task = github.map(|gh| {
-        tokio::spawn(Publisher::new(store.clone(), gh, publish_wake).run(workers.clone()))
-    });
+    let publisher_task =
+        github.map(|gh| tokio::spawn(Publisher::new(store.clone(), gh, publish_wake).run(workers.clone())));
+    tokio::spawn(prune_deliveries(store.clone(), config.storage.delivery_retention, workers.clone()));
 
     ready.store(true, Ordering::Release);
     let addr = listener.local_addr().map_err(ServeError::Server)?;
     tracing::info!(listen = %addr, storage = %config.storage.path.display(), "baton is serving.");
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await
-        .map_err(ServeError::Server);
+    let result = serve_http(listener, app, config.server.read_timeout, shutdown.clone()).await;
 
     workers.cancel();
     let _ = engine_task.await;
@@ -129,22 +112,77 @@ pub async fn serve(
     result
 }
 
+/// The HTTP loop. Hand-rolled on hyper rather than `axum::serve` for the
+/// header read timeout: a client that trickles its headers (slowloris) is
+/// cut off instead of holding a connection forever. Body time is bounded by
+/// ingress itself.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    read_timeout: Duration,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(read_timeout);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, usually: back off, keep serving.
+                    tracing::warn!(error = %e, "Accepting a connection failed.");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    // Let requests in progress finish, but do not wait on idle keep-alives.
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+    }
+    Ok(())
+}
+
+/// Forgets delivery ids older than the retention, in the background.
+async fn prune_deliveries(store: Store, retention: Duration, stop: CancellationToken) {
+    let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        let cutoff = chrono::Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::days(7));
+        match store.prune_deliveries(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deliveries = n, "Pruned old delivery ids."),
+            Err(e) => tracing::warn!(error = %e, "Pruning delivery ids failed; will retry."),
+        }
+    }
+}
+
 /// Binds the configured address, with a clear error when it is taken.
 pub async fn bind(config: &Config) -> Result<tokio::net::TcpListener, ServeError> {
     let addr = config.server.listen;
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Listen { addr, source })
+    tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Listen { addr, source })
 }
 
 /// With no webhook secret configured, baton makes one at first start and
 /// keeps it (mode 0600) under the storage folder.
 fn generated_secret(storage: &Path) -> Result<Secret, ServeError> {
     let path = storage.join("webhook-secret");
-    let err = |source| ServeError::Secret {
-        path: path.clone(),
-        source,
-    };
+    let err = |source| ServeError::Secret { path: path.clone(), source };
     if let Ok(existing) = std::fs::read_to_string(&path) {
         let s = existing.trim();
         if !s.is_empty() {
@@ -169,12 +207,7 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp)?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)

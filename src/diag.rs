@@ -19,42 +19,22 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     /// A problem at a byte span of `source`, the text of `path`.
-    pub fn at(
-        path: &Path,
-        source: &str,
-        span: Option<Range<usize>>,
-        message: impl Into<String>,
-    ) -> Self {
+    pub fn at(path: &Path, source: &str, span: Option<Range<usize>>, message: impl Into<String>) -> Self {
         let (line, col) = match span {
             Some(span) => line_col(source, span.start),
             None => (1, 1),
         };
-        Diagnostic {
-            path: path.to_path_buf(),
-            line,
-            col,
-            message: message.into(),
-        }
+        Diagnostic { path: path.to_path_buf(), line, col, message: message.into() }
     }
 
     /// A problem with the file as a whole (unreadable, missing).
     pub fn file(path: &Path, message: impl Into<String>) -> Self {
-        Diagnostic {
-            path: path.to_path_buf(),
-            line: 0,
-            col: 0,
-            message: message.into(),
-        }
+        Diagnostic { path: path.to_path_buf(), line: 0, col: 0, message: message.into() }
     }
 
     /// Turns a `toml` deserialization error into a diagnostic at its span.
     pub fn from_toml(path: &Path, source: &str, err: &toml::de::Error) -> Self {
-        Diagnostic::at(
-            path,
-            source,
-            err.span(),
-            with_suggestion(err.message().trim_end()),
-        )
+        Diagnostic::at(path, source, err.span(), with_suggestion(err.message().trim_end()))
     }
 }
 
@@ -63,14 +43,7 @@ impl fmt::Display for Diagnostic {
         if self.line == 0 {
             write!(f, "{}: {}", self.path.display(), self.message)
         } else {
-            write!(
-                f,
-                "{}:{}:{}: {}",
-                self.path.display(),
-                self.line,
-                self.col,
-                self.message
-            )
+            write!(f, "{}:{}:{}: {}", self.path.display(), self.line, self.col, self.message)
         }
     }
 }
@@ -90,10 +63,7 @@ fn with_suggestion(message: &str) -> String {
     match suggest(word, &candidates) {
         Some(near) => format!("unknown key `{word}` (did you mean `{near}`?)"),
         None if candidates.is_empty() => format!("unknown key `{word}`"),
-        None => format!(
-            "unknown key `{word}`; valid keys: {}",
-            candidates.join(", ")
-        ),
+        None => format!("unknown key `{word}`; valid keys: {}", candidates.join(", ")),
     }
 }
 

@@ -13,11 +13,7 @@ use baton::diag::Diagnostic;
 use baton::rules::{RuleSet, Verdict};
 
 #[derive(Parser)]
-#[command(
-    name = "baton",
-    version,
-    about = "Event-triggered automation daemon for coding agents"
-)]
+#[command(name = "baton", version, about = "Event-triggered automation daemon for coding agents")]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
@@ -79,12 +75,7 @@ enum Command {
     /// Inspect and control jobs of a running daemon.
     Jobs {
         /// The daemon's address.
-        #[arg(
-            long,
-            env = "BATON_URL",
-            default_value = "http://127.0.0.1:8787",
-            global = true
-        )]
+        #[arg(long, env = "BATON_URL", default_value = "http://127.0.0.1:8787", global = true)]
         url: String,
         #[command(subcommand)]
         command: JobsCommand,
@@ -120,10 +111,7 @@ enum JobsCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -140,12 +128,9 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,sled=warn,hyper=warn,octocrab=warn")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sled=warn,hyper=warn,octocrab=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -156,19 +141,10 @@ async fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Serve { config } => serve(config.as_deref()).await,
         Command::Check { config } => Ok(check(config.as_deref())),
-        Command::Simulate {
-            event,
-            payload,
-            config,
-            run,
-        } => simulate(&event, &payload, config.as_deref(), run).await,
-        Command::Deliver {
-            url,
-            secret,
-            event,
-            delivery,
-            file,
-        } => deliver(&url, &secret, &event, delivery, &file).await,
+        Command::Simulate { event, payload, config, run } => simulate(&event, &payload, config.as_deref(), run).await,
+        Command::Deliver { url, secret, event, delivery, file } => {
+            deliver(&url, &secret, &event, delivery, &file).await
+        }
         Command::Jobs { url, command } => jobs(&url, command).await,
     }
 }
@@ -178,11 +154,7 @@ fn load_config(path: Option<&Path>) -> Result<Config> {
 }
 
 fn join(errors: &[Diagnostic]) -> String {
-    errors
-        .iter()
-        .map(|d| d.to_string())
-        .collect::<Vec<_>>()
-        .join("\n")
+    errors.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n")
 }
 
 async fn serve(path: Option<&Path>) -> Result<ExitCode> {
@@ -191,11 +163,10 @@ async fn serve(path: Option<&Path>) -> Result<ExitCode> {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -222,11 +193,7 @@ fn check(path: Option<&Path>) -> ExitCode {
         println!("{e}");
     }
     if errors.is_empty() {
-        println!(
-            "ok: {} trigger(s) in {}",
-            rules.triggers().len(),
-            config.triggers_dir.display()
-        );
+        println!("ok: {} trigger(s) in {}", rules.triggers().len(), config.triggers_dir.display());
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -239,21 +206,16 @@ async fn simulate(event: &str, payload: &Path, path: Option<&Path>, run: bool) -
     for e in &errors {
         eprintln!("{e}");
     }
-    let body =
-        std::fs::read(payload).with_context(|| format!("cannot read {}", payload.display()))?;
+    let body = std::fs::read(payload).with_context(|| format!("cannot read {}", payload.display()))?;
     let name = event.split('.').next().unwrap_or(event);
-    let ev = baton::event::github::normalize(name, "simulated", &body)
-        .with_context(|| format!("{}", payload.display()))?;
+    let ev =
+        baton::event::github::normalize(name, "simulated", &body).with_context(|| format!("{}", payload.display()))?;
     println!("event: {}", ev.kind);
     let mut matched = Vec::new();
     for (trigger, verdict) in rules.explain(&ev) {
         match verdict {
             Verdict::Matched(spec) => {
-                println!(
-                    "\n✓ {} matches\n--- prompt ---\n{}\n--------------",
-                    trigger.name,
-                    spec.prompt.trim_end()
-                );
+                println!("\n✓ {} matches\n--- prompt ---\n{}\n--------------", trigger.name, spec.prompt.trim_end());
                 matched.push(*spec);
             }
             Verdict::Rejected { filter, reason } => {
@@ -276,20 +238,10 @@ async fn simulate(event: &str, payload: &Path, path: Option<&Path>, run: bool) -
             }
         }
     }
-    Ok(if errors.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-async fn deliver(
-    url: &str,
-    secret: &str,
-    event: &str,
-    delivery: Option<String>,
-    file: &Path,
-) -> Result<ExitCode> {
+async fn deliver(url: &str, secret: &str, event: &str, delivery: Option<String>, file: &Path) -> Result<ExitCode> {
     let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let delivery = delivery.unwrap_or_else(random_id);
     let signature = baton::ingress::signature::sign(secret.as_bytes(), &body);
@@ -306,33 +258,20 @@ async fn deliver(
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
     println!("{} {}", status.as_u16(), text.trim());
-    Ok(if status.is_success() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if status.is_success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn random_id() -> String {
     let mut b = [0u8; 16];
     let _ = getrandom::fill(&mut b);
     let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
 }
 
 async fn jobs(url: &str, command: JobsCommand) -> Result<ExitCode> {
     let base = url.trim_end_matches('/');
     let client = reqwest::Client::new();
-    let token = std::env::var("BATON_API_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty());
+    let token = std::env::var("BATON_API_TOKEN").ok().filter(|t| !t.is_empty());
     let call = |method: reqwest::Method, path: String| {
         let mut req = client.request(method, format!("{base}{path}"));
         if let Some(t) = &token {
@@ -342,27 +281,14 @@ async fn jobs(url: &str, command: JobsCommand) -> Result<ExitCode> {
     };
     let json = |resp: reqwest::Response| async move {
         let status = resp.status();
-        let v: serde_json::Value = resp
-            .json()
-            .await
-            .context("the daemon's answer is not JSON")?;
+        let v: serde_json::Value = resp.json().await.context("the daemon's answer is not JSON")?;
         if !status.is_success() {
-            bail!(
-                "{}: {}",
-                status.as_u16(),
-                v.get("error")
-                    .and_then(|e| e.as_str())
-                    .unwrap_or("request failed")
-            );
+            bail!("{}: {}", status.as_u16(), v.get("error").and_then(|e| e.as_str()).unwrap_or("request failed"));
         }
         Ok(v)
     };
     match command {
-        JobsCommand::List {
-            state,
-            trigger,
-            limit,
-        } => {
+        JobsCommand::List { state, trigger, limit } => {
             let mut path = format!("/api/jobs?limit={limit}");
             if let Some(s) = state {
                 path.push_str(&format!("&state={s}"));
@@ -370,23 +296,11 @@ async fn jobs(url: &str, command: JobsCommand) -> Result<ExitCode> {
             if let Some(t) = trigger {
                 path.push_str(&format!("&trigger={t}"));
             }
-            let v = json(
-                call(reqwest::Method::GET, path)
-                    .send()
-                    .await
-                    .context("cannot reach the daemon")?,
-            )
-            .await?;
-            println!(
-                "{:<16}  {:<10}  {:<20}  {:<28}  {:>7}  CREATED",
-                "ID", "STATE", "TRIGGER", "REPO", "SUBJECT"
-            );
+            let v = json(call(reqwest::Method::GET, path).send().await.context("cannot reach the daemon")?).await?;
+            println!("{:<16}  {:<10}  {:<20}  {:<28}  {:>7}  CREATED", "ID", "STATE", "TRIGGER", "REPO", "SUBJECT");
             for j in v["jobs"].as_array().into_iter().flatten() {
                 let s = |k: &str| j[k].as_str().unwrap_or("-").to_string();
-                let subject = j["subject"]
-                    .as_u64()
-                    .map(|n| format!("#{n}"))
-                    .unwrap_or_else(|| "-".into());
+                let subject = j["subject"].as_u64().map(|n| format!("#{n}")).unwrap_or_else(|| "-".into());
                 println!(
                     "{:<16}  {:<10}  {:<20}  {:<28}  {:>7}  {}",
                     s("id"),
@@ -399,46 +313,21 @@ async fn jobs(url: &str, command: JobsCommand) -> Result<ExitCode> {
             }
         }
         JobsCommand::Show { id } => {
-            let v = json(
-                call(reqwest::Method::GET, format!("/api/jobs/{id}"))
-                    .send()
-                    .await?,
-            )
-            .await?;
+            let v = json(call(reqwest::Method::GET, format!("/api/jobs/{id}")).send().await?).await?;
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         JobsCommand::Cancel { id } => {
-            let v = json(
-                call(reqwest::Method::POST, format!("/api/jobs/{id}/cancel"))
-                    .send()
-                    .await?,
-            )
-            .await?;
-            println!(
-                "{} {}",
-                v["id"].as_str().unwrap_or(&id),
-                v["state"].as_str().unwrap_or("")
-            );
+            let v = json(call(reqwest::Method::POST, format!("/api/jobs/{id}/cancel")).send().await?).await?;
+            println!("{} {}", v["id"].as_str().unwrap_or(&id), v["state"].as_str().unwrap_or(""));
         }
         JobsCommand::Retry { id } => {
-            let v = json(
-                call(reqwest::Method::POST, format!("/api/jobs/{id}/retry"))
-                    .send()
-                    .await?,
-            )
-            .await?;
-            println!(
-                "{} {}",
-                v["id"].as_str().unwrap_or(&id),
-                v["state"].as_str().unwrap_or("")
-            );
+            let v = json(call(reqwest::Method::POST, format!("/api/jobs/{id}/retry")).send().await?).await?;
+            println!("{} {}", v["id"].as_str().unwrap_or(&id), v["state"].as_str().unwrap_or(""));
         }
         JobsCommand::Logs { id, follow } => {
             let mut printed = 0usize;
             loop {
-                let resp = call(reqwest::Method::GET, format!("/api/jobs/{id}/log"))
-                    .send()
-                    .await?;
+                let resp = call(reqwest::Method::GET, format!("/api/jobs/{id}/log")).send().await?;
                 if !resp.status().is_success() {
                     bail!("{}: job {id} not found", resp.status().as_u16());
                 }
@@ -453,12 +342,7 @@ async fn jobs(url: &str, command: JobsCommand) -> Result<ExitCode> {
                 if !follow {
                     break;
                 }
-                let job = json(
-                    call(reqwest::Method::GET, format!("/api/jobs/{id}"))
-                        .send()
-                        .await?,
-                )
-                .await?;
+                let job = json(call(reqwest::Method::GET, format!("/api/jobs/{id}")).send().await?).await?;
                 let state = job["state"].as_str().unwrap_or("");
                 if matches!(state, "succeeded" | "failed" | "cancelled") {
                     follow_last(&call, &id, printed).await?;
@@ -477,11 +361,7 @@ async fn follow_last(
     id: &str,
     printed: usize,
 ) -> Result<()> {
-    let text = call(reqwest::Method::GET, format!("/api/jobs/{id}/log"))
-        .send()
-        .await?
-        .bytes()
-        .await?;
+    let text = call(reqwest::Method::GET, format!("/api/jobs/{id}/log")).send().await?.bytes().await?;
     if text.len() > printed {
         use std::io::Write;
         std::io::stdout().write_all(&text[printed..])?;

@@ -58,10 +58,7 @@ fn store_error(e: StoreError) -> Response {
         StoreError::WrongState { .. } => error(StatusCode::CONFLICT, e.to_string()),
         other => {
             tracing::error!(error = %other, "Store error in the API.");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "store error; see the daemon log",
-            )
+            error(StatusCode::INTERNAL_SERVER_ERROR, "store error; see the daemon log")
         }
     }
 }
@@ -93,8 +90,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn readyz(State(s): State<Api>) -> Response {
     if s.ready.load(Ordering::Acquire) {
-        Json(json!({ "ready": true, "jobs": s.store.job_count(), "queued": s.store.queue_len() }))
-            .into_response()
+        Json(json!({ "ready": true, "jobs": s.store.job_count(), "queued": s.store.queue_len() })).into_response()
     } else {
         error(StatusCode::SERVICE_UNAVAILABLE, "starting")
     }
@@ -104,21 +100,13 @@ async fn list_jobs(State(s): State<Api>, Query(q): Query<HashMap<String, String>
     let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
         None => 100,
         Some(Ok(n)) if (1..=MAX_LIMIT).contains(&n) => n,
-        Some(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("limit must be a number from 1 to {MAX_LIMIT}"),
-            )
-        }
+        Some(_) => return error(StatusCode::BAD_REQUEST, format!("limit must be a number from 1 to {MAX_LIMIT}")),
     };
     let state = match q.get("state").map(|s| JobState::parse(s)) {
         None => None,
         Some(Some(st)) => Some(st),
         Some(None) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "state must be one of queued, running, succeeded, failed, cancelled",
-            )
+            return error(StatusCode::BAD_REQUEST, "state must be one of queued, running, succeeded, failed, cancelled")
         }
     };
     let query = JobQuery {
@@ -159,10 +147,7 @@ async fn cancel_job(State(s): State<Api>, Path(id): Path<String>) -> Response {
     match s.engine.cancel(&id).await {
         Ok(Some(job)) => Json(job).into_response(),
         Ok(None) => match s.store.job(&id) {
-            Ok(Some(job)) => error(
-                StatusCode::CONFLICT,
-                format!("job {id} is {}, not queued or running", job.state),
-            ),
+            Ok(Some(job)) => error(StatusCode::CONFLICT, format!("job {id} is {}, not queued or running", job.state)),
             Ok(None) => error(StatusCode::NOT_FOUND, format!("job {id} not found")),
             Err(e) => store_error(e),
         },

@@ -27,17 +27,11 @@ pub enum AgentError {
     #[error("agent command `{program}` not found on PATH{hint}")]
     NotFound { program: String, hint: String },
     #[error("agent command `{program}` could not start: {source}")]
-    Spawn {
-        program: String,
-        source: std::io::Error,
-    },
+    Spawn { program: String, source: std::io::Error },
     #[error("invalid agent command template: {0}")]
     Template(String),
     #[error("cannot write agent files in {path}: {source}")]
-    Files {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Files { path: PathBuf, source: std::io::Error },
 }
 
 /// How the process ended.
@@ -92,27 +86,17 @@ impl Invocation<'_> {
         self.agent
             .command
             .iter()
-            .map(|arg| {
-                env.render_str(arg, &ctx)
-                    .map_err(|e| AgentError::Template(e.to_string()))
-            })
+            .map(|arg| env.render_str(arg, &ctx).map_err(|e| AgentError::Template(e.to_string())))
             .collect()
     }
 
     /// Runs the agent to its end.
     pub async fn run(&self) -> Result<Run, AgentError> {
-        let files_err = |source| AgentError::Files {
-            path: self.job_dir.to_path_buf(),
-            source,
-        };
-        tokio::fs::create_dir_all(self.job_dir)
-            .await
-            .map_err(files_err)?;
+        let files_err = |source| AgentError::Files { path: self.job_dir.to_path_buf(), source };
+        tokio::fs::create_dir_all(self.job_dir).await.map_err(files_err)?;
         let _ = tokio::fs::remove_file(self.result_file()).await;
         if self.agent.prompt == PromptMode::File {
-            tokio::fs::write(self.prompt_file(), self.prompt)
-                .await
-                .map_err(files_err)?;
+            tokio::fs::write(self.prompt_file(), self.prompt).await.map_err(files_err)?;
         }
         let argv = self.argv()?;
         let program = argv[0].clone();
@@ -121,20 +105,12 @@ impl Invocation<'_> {
         cmd.args(&argv[1..])
             .current_dir(self.workdir)
             .env_clear()
-            .stdin(if self.agent.prompt == PromptMode::Stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(if self.agent.prompt == PromptMode::Stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        for name in ["PATH", "HOME"]
-            .iter()
-            .copied()
-            .chain(self.agent.env.iter().map(String::as_str))
-        {
+        for name in ["PATH", "HOME"].iter().copied().chain(self.agent.env.iter().map(String::as_str)) {
             if let Some(v) = std::env::var_os(name) {
                 cmd.env(name, v);
             }
@@ -149,10 +125,7 @@ impl Invocation<'_> {
                     program: program.clone(),
                 }
             } else {
-                AgentError::Spawn {
-                    program: program.clone(),
-                    source,
-                }
+                AgentError::Spawn { program: program.clone(), source }
             }
         })?;
         // With process_group(0) the group id is the child's pid. Take it now:
@@ -174,24 +147,15 @@ impl Invocation<'_> {
             .append(true)
             .open(self.log)
             .await
-            .map_err(|source| AgentError::Files {
-                path: self.log.to_path_buf(),
-                source,
-            })?;
+            .map_err(|source| AgentError::Files { path: self.log.to_path_buf(), source })?;
         let log = std::sync::Arc::new(tokio::sync::Mutex::new(CappedLog {
             file: log,
             left: self.output_cap,
             cut: false,
             tail: Vec::new(),
         }));
-        let stdout = child
-            .stdout
-            .take()
-            .map(|s| tokio::spawn(pump(s, log.clone(), true)));
-        let stderr = child
-            .stderr
-            .take()
-            .map(|s| tokio::spawn(pump(s, log.clone(), false)));
+        let stdout = child.stdout.take().map(|s| tokio::spawn(pump(s, log.clone(), true)));
+        let stderr = child.stderr.take().map(|s| tokio::spawn(pump(s, log.clone(), false)));
 
         let ending = tokio::select! {
             status = child.wait() => Ending::Exited(status.ok().and_then(|s| s.code())),
@@ -222,10 +186,7 @@ impl Invocation<'_> {
             Ending::Exited(code) => {
                 format!("\n[baton] agent exited with {}\n", describe_exit(*code))
             }
-            Ending::TimedOut(d) => format!(
-                "\n[baton] agent stopped: timeout after {}\n",
-                format_duration(*d)
-            ),
+            Ending::TimedOut(d) => format!("\n[baton] agent stopped: timeout after {}\n", format_duration(*d)),
             Ending::Cancelled => "\n[baton] agent stopped: job cancelled\n".to_string(),
         };
         let _ = log.file.write_all(note.as_bytes()).await;
@@ -261,23 +222,18 @@ pub fn describe_exit(code: Option<i32>) -> String {
 /// `field` of the JSON object on stdout: the whole output, or else its last
 /// line that parses (CLIs may print progress before the final object).
 fn json_field(stdout: &str, field: &str) -> Result<String, String> {
-    let parsed = serde_json::from_str::<serde_json::Value>(stdout.trim())
-        .ok()
-        .or_else(|| {
-            stdout.lines().rev().find_map(|l| {
-                serde_json::from_str::<serde_json::Value>(l.trim())
-                    .ok()
-                    .filter(|v| v.is_object())
-            })
-        });
+    let parsed = serde_json::from_str::<serde_json::Value>(stdout.trim()).ok().or_else(|| {
+        stdout
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok().filter(|v| v.is_object()))
+    });
     let Some(value) = parsed else {
         return Err("the agent printed no JSON object".into());
     };
     match value.get(field) {
         Some(serde_json::Value::String(s)) => Ok(s.trim().to_string()),
-        Some(serde_json::Value::Null) | None => {
-            Err(format!("the agent's JSON output has no `{field}`"))
-        }
+        Some(serde_json::Value::Null) | None => Err(format!("the agent's JSON output has no `{field}`")),
         Some(other) => Ok(other.to_string()),
     }
 }
@@ -322,10 +278,7 @@ async fn pump<R: AsyncRead + Unpin>(
         }
         if log.left == 0 && !log.cut {
             log.cut = true;
-            let _ = log
-                .file
-                .write_all(b"\n[baton] output cap reached: the rest of the output is not kept\n")
-                .await;
+            let _ = log.file.write_all(b"\n[baton] output cap reached: the rest of the output is not kept\n").await;
         }
     }
     kept
@@ -369,14 +322,8 @@ mod tests {
 
     #[test]
     fn json_field_reads_whole_output_or_last_object_line() {
-        assert_eq!(
-            json_field(r#"{"result":"done"}"#, "result"),
-            Ok("done".into())
-        );
-        assert_eq!(
-            json_field("progress...\n{\"result\": \"ok\"}\n", "result"),
-            Ok("ok".into())
-        );
+        assert_eq!(json_field(r#"{"result":"done"}"#, "result"), Ok("done".into()));
+        assert_eq!(json_field("progress...\n{\"result\": \"ok\"}\n", "result"), Ok("ok".into()));
         assert!(json_field("nothing here", "result").is_err());
         assert!(json_field(r#"{"other":1}"#, "result").is_err());
     }

@@ -22,9 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{format_duration, AgentDef, Config, PromptMode, ResultMode};
 use crate::rules::{JobSpec, OutputKind};
-use crate::store::{
-    Job, JobState, Publication, PublicationState, Store, StoreError, Target, INTERRUPTED,
-};
+use crate::store::{Job, JobState, Publication, PublicationState, Store, StoreError, Target, INTERRUPTED};
 use agent::{Ending, Invocation};
 use workspace::Workspaces;
 
@@ -73,11 +71,7 @@ impl Engine {
         publishing: bool,
     ) -> Engine {
         Engine {
-            workspaces: Workspaces::new(
-                &config.storage.path,
-                &config.github.git_url,
-                config.github.token.clone(),
-            ),
+            workspaces: Workspaces::new(&config.storage.path, &config.github.git_url, config.github.token.clone()),
             store,
             config,
             wake,
@@ -87,9 +81,7 @@ impl Engine {
         }
     }
 
-    fn running(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, (CancellationToken, Option<String>)>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, (CancellationToken, Option<String>)>> {
         match self.running.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -147,10 +139,7 @@ impl Engine {
         }
     }
 
-    async fn dispatch(
-        self: &Arc<Self>,
-        done: &mpsc::UnboundedSender<String>,
-    ) -> Result<(), StoreError> {
+    async fn dispatch(self: &Arc<Self>, done: &mpsc::UnboundedSender<String>) -> Result<(), StoreError> {
         let limits = &self.config.limits;
         for (seq, id) in self.store.queued()? {
             let (total, per_repo) = {
@@ -158,14 +147,8 @@ impl Engine {
                 let Some(job) = self.store.job(&id)? else {
                     continue;
                 };
-                let same_repo = running
-                    .values()
-                    .filter(|(_, r)| r.is_some() && *r == job.repo)
-                    .count();
-                (
-                    running.len(),
-                    if job.repo.is_some() { same_repo } else { 0 },
-                )
+                let same_repo = running.values().filter(|(_, r)| r.is_some() && *r == job.repo).count();
+                (running.len(), if job.repo.is_some() { same_repo } else { 0 })
             };
             if total >= limits.max_parallel_jobs {
                 break;
@@ -177,8 +160,7 @@ impl Engine {
                 continue;
             };
             let cancel = CancellationToken::new();
-            self.running()
-                .insert(job.id.clone(), (cancel.clone(), job.repo.clone()));
+            self.running().insert(job.id.clone(), (cancel.clone(), job.repo.clone()));
             let engine = Arc::clone(self);
             let done = done.clone();
             tokio::spawn(async move {
@@ -221,24 +203,14 @@ impl Engine {
                     job.end_attempt("cancelled", None, None, now);
                     job.end(JobState::Cancelled, None, Some("cancelled".into()), now);
                 }
-                AttemptEnd::Failed {
-                    outcome,
-                    exit_code,
-                    error,
-                    retry,
-                    feedback: fb,
-                } => {
+                AttemptEnd::Failed { outcome, exit_code, error, retry, feedback: fb } => {
                     job.end_attempt(outcome, exit_code, Some(error.clone()), now);
                     if retry && job.attempts_left() {
                         let wait = backoff(job.attempts);
                         tracing::warn!(error = %error, retry_in = %format_duration(wait), "Attempt failed; retrying.");
                         self.log_line(
                             &job.id,
-                            &format!(
-                                "attempt {} failed: {error}; retrying in {}",
-                                job.attempts,
-                                format_duration(wait)
-                            ),
+                            &format!("attempt {} failed: {error}; retrying in {}", job.attempts, format_duration(wait)),
                         )
                         .await;
                         if let Err(e) = self.store.save(&job).await {
@@ -278,12 +250,7 @@ impl Engine {
     }
 
     /// One attempt: prepare, run, verify.
-    async fn attempt(
-        &self,
-        job: &Job,
-        feedback: Option<&str>,
-        cancel: &CancellationToken,
-    ) -> AttemptEnd {
+    async fn attempt(&self, job: &Job, feedback: Option<&str>, cancel: &CancellationToken) -> AttemptEnd {
         let spec = &job.spec;
         let Some(agent) = self.config.agents.get(&spec.agent) else {
             return failed(
@@ -295,40 +262,21 @@ impl Engine {
         };
         let dir = self.job_dir(&job.id);
         if let Err(e) = tokio::fs::create_dir_all(&dir).await {
-            return failed(
-                "prepare_failed",
-                None,
-                format!("cannot create {}: {e}", dir.display()),
-                true,
-            );
+            return failed("prepare_failed", None, format!("cannot create {}: {e}", dir.display()), true);
         }
-        self.log_line(
-            &job.id,
-            &format!("attempt {}: preparing workspace", job.attempts),
-        )
-        .await;
+        self.log_line(&job.id, &format!("attempt {}: preparing workspace", job.attempts)).await;
         let prepared = tokio::select! {
             p = self.workspaces.prepare(&job.id, spec.repo.as_deref(), &spec.workspace) => p,
             _ = cancel.cancelled() => return AttemptEnd::Cancelled,
         };
         let prepared = match prepared {
             Ok(p) => p,
-            Err(e) => {
-                return failed(
-                    "prepare_failed",
-                    None,
-                    format!("preparing the workspace failed: {e}"),
-                    true,
-                )
-            }
+            Err(e) => return failed("prepare_failed", None, format!("preparing the workspace failed: {e}"), true),
         };
         if let Some(commit) = &prepared.commit {
-            self.log_line(&job.id, &format!("workspace at {commit}"))
-                .await;
+            self.log_line(&job.id, &format!("workspace at {commit}")).await;
         }
-        let end = self
-            .run_in(job, agent, &prepared.path, feedback, cancel)
-            .await;
+        let end = self.run_in(job, agent, &prepared.path, feedback, cancel).await;
         self.workspaces.release(&prepared).await;
         end
     }
@@ -352,10 +300,7 @@ impl Engine {
         };
         let dir = self.job_dir(&job.id);
         let log = dir.join("log");
-        let timeout = spec
-            .timeout_secs
-            .map(Duration::from_secs)
-            .unwrap_or(agent.timeout);
+        let timeout = spec.timeout_secs.map(Duration::from_secs).unwrap_or(agent.timeout);
         let inv = Invocation {
             agent,
             prompt: &prompt,
@@ -366,8 +311,7 @@ impl Engine {
             output_cap: agent::DEFAULT_OUTPUT_CAP,
             cancel,
         };
-        self.log_line(&job.id, &format!("running agent `{}`", agent.name))
-            .await;
+        self.log_line(&job.id, &format!("running agent `{}`", agent.name)).await;
         let run = match inv.run().await {
             Ok(r) => r,
             Err(e) => return failed("spawn_failed", None, e.to_string(), false),
@@ -375,41 +319,24 @@ impl Engine {
         match run.ending {
             Ending::Cancelled => return AttemptEnd::Cancelled,
             Ending::TimedOut(d) => {
-                return failed(
-                    "timeout",
-                    None,
-                    format!("timeout after {}", format_duration(d)),
-                    true,
-                )
+                return failed("timeout", None, format!("timeout after {}", format_duration(d)), true)
             }
             Ending::Exited(Some(0)) => {}
             Ending::Exited(code) => {
                 return failed(
                     "exit",
                     code,
-                    format!(
-                        "agent `{}` exited with {}; see the job log",
-                        agent.name,
-                        agent::describe_exit(code)
-                    ),
+                    format!("agent `{}` exited with {}; see the job log", agent.name, agent::describe_exit(code)),
                     true,
                 )
             }
         }
         let result = match inv.result(&run).await {
             Ok(r) => r,
-            Err(e) => {
-                return failed(
-                    "exit",
-                    Some(0),
-                    format!("agent `{}` succeeded but {e}", agent.name),
-                    true,
-                )
-            }
+            Err(e) => return failed("exit", Some(0), format!("agent `{}` succeeded but {e}", agent.name), true),
         };
         if let Some(verify) = &spec.verify {
-            self.log_line(&job.id, &format!("verifying with `{}`", verify.join(" ")))
-                .await;
+            self.log_line(&job.id, &format!("verifying with `{}`", verify.join(" "))).await;
             let check = AgentDef {
                 name: "verify".into(),
                 command: verify.clone(),
@@ -430,14 +357,7 @@ impl Engine {
                 cancel,
             };
             match v.run().await {
-                Err(e) => {
-                    return failed(
-                        "verify_failed",
-                        None,
-                        format!("verify could not run: {e}"),
-                        false,
-                    )
-                }
+                Err(e) => return failed("verify_failed", None, format!("verify could not run: {e}"), false),
                 Ok(r) => match r.ending {
                     Ending::Cancelled => return AttemptEnd::Cancelled,
                     Ending::Exited(Some(0)) => {}
@@ -488,12 +408,7 @@ impl Engine {
 
     async fn log_line(&self, id: &str, line: &str) {
         let path = self.job_dir(id).join("log");
-        if let Ok(mut f) = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .await
-        {
+        if let Ok(mut f) = tokio::fs::OpenOptions::new().create(true).append(true).open(&path).await {
             let _ = f.write_all(format!("[baton] {line}\n").as_bytes()).await;
         }
     }
@@ -503,23 +418,11 @@ impl Engine {
 /// --run`). `config.storage.path` should be a scratch folder.
 pub async fn run_locally(config: Config, specs: Vec<JobSpec>) -> Result<Vec<Job>, StoreError> {
     let store = Store::open(&config.storage.path)?;
-    let engine = Engine::new(
-        store.clone(),
-        Arc::new(config),
-        Arc::new(Notify::new()),
-        Arc::new(Notify::new()),
-        false,
-    );
+    let engine = Engine::new(store.clone(), Arc::new(config), Arc::new(Notify::new()), Arc::new(Notify::new()), false);
     let mut out = Vec::new();
     for spec in specs {
         let now = Utc::now();
-        let mut job = Job::new(
-            crate::store::job_id("simulated", &spec.trigger),
-            0,
-            "simulated".into(),
-            spec,
-            now,
-        );
+        let mut job = Job::new(crate::store::job_id("simulated", &spec.trigger), 0, "simulated".into(), spec, now);
         job.start_attempt(now);
         let id = job.id.clone();
         engine.execute(job, CancellationToken::new()).await;
@@ -533,13 +436,7 @@ pub fn job_dir(storage: &std::path::Path, id: &str) -> PathBuf {
 }
 
 fn failed(outcome: &'static str, exit_code: Option<i32>, error: String, retry: bool) -> AttemptEnd {
-    AttemptEnd::Failed {
-        outcome,
-        exit_code,
-        error,
-        retry,
-        feedback: None,
-    }
+    AttemptEnd::Failed { outcome, exit_code, error, retry, feedback: None }
 }
 
 /// 10 s, 20 s, 40 s, … capped at 10 minutes.

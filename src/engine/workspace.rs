@@ -78,22 +78,13 @@ impl Workspaces {
 
     /// Makes the job's workspace: an empty folder, or a worktree at the
     /// commit `ws` names (fetched into the repository's mirror first).
-    pub async fn prepare(
-        &self,
-        job_id: &str,
-        repo: Option<&str>,
-        ws: &Workspace,
-    ) -> Result<Prepared, WorkspaceError> {
+    pub async fn prepare(&self, job_id: &str, repo: Option<&str>, ws: &Workspace) -> Result<Prepared, WorkspaceError> {
         let path = self.worktree_path(job_id);
         // A leftover from an interrupted run of this same job.
         self.remove_dir(&path).await;
         if let Workspace::None = ws {
             tokio::fs::create_dir_all(&path).await?;
-            return Ok(Prepared {
-                path,
-                mirror: None,
-                commit: None,
-            });
+            return Ok(Prepared { path, mirror: None, commit: None });
         }
         let repo = repo.ok_or(WorkspaceError::NoRepository)?;
         let (owner, name) = split_repo(repo)?;
@@ -107,14 +98,12 @@ impl Workspaces {
             Workspace::None => unreachable!("handled above"),
             Workspace::DefaultBranch { branch } => {
                 let local = format!("refs/heads/{branch}");
-                self.fetch(&mirror, &url, &format!("+{local}:{local}"))
-                    .await?;
+                self.fetch(&mirror, &url, &format!("+{local}:{local}")).await?;
                 self.resolve(&mirror, &local).await?
             }
             Workspace::PrHead { number, sha, base } => {
                 let local = format!("refs/pull/{number}/head");
-                self.fetch(&mirror, &url, &format!("+{local}:{local}"))
-                    .await?;
+                self.fetch(&mirror, &url, &format!("+{local}:{local}")).await?;
                 if let Some(base) = base {
                     let base = format!("refs/heads/{base}");
                     // Best effort: the diff base helps, its absence must not fail the job.
@@ -125,36 +114,19 @@ impl Workspaces {
                     None => self.resolve(&mirror, &local).await?,
                 }
             }
-            Workspace::HeadSha { sha, branch } => {
-                self.ensure_commit(&mirror, &url, sha, branch.as_deref())
-                    .await?
-            }
+            Workspace::HeadSha { sha, branch } => self.ensure_commit(&mirror, &url, sha, branch.as_deref()).await?,
         };
         tokio::fs::create_dir_all(&self.worktrees).await?;
         let path_str = path.display().to_string();
-        git(
-            &mirror,
-            &["worktree", "add", "--detach", "--force", &path_str, &commit],
-            None,
-        )
-        .await?;
-        Ok(Prepared {
-            path,
-            mirror: Some(mirror),
-            commit: Some(commit),
-        })
+        git(&mirror, &["worktree", "add", "--detach", "--force", &path_str, &commit], None).await?;
+        Ok(Prepared { path, mirror: Some(mirror), commit: Some(commit) })
     }
 
     /// Removes a workspace.
     pub async fn release(&self, prepared: &Prepared) {
         if let Some(mirror) = &prepared.mirror {
             let path = prepared.path.display().to_string();
-            let _ = git(
-                mirror,
-                &["worktree", "remove", "--force", "--force", &path],
-                None,
-            )
-            .await;
+            let _ = git(mirror, &["worktree", "remove", "--force", "--force", &path], None).await;
         }
         self.remove_dir(&prepared.path).await;
         if let Some(mirror) = &prepared.mirror {
@@ -185,33 +157,17 @@ impl Workspaces {
     }
 
     async fn fetch(&self, mirror: &Path, url: &str, refspec: &str) -> Result<(), WorkspaceError> {
-        git(
-            mirror,
-            &["fetch", "--no-tags", "--quiet", url, refspec],
-            self.token.as_ref(),
-        )
-        .await?;
+        git(mirror, &["fetch", "--no-tags", "--quiet", url, refspec], self.token.as_ref()).await?;
         Ok(())
     }
 
     async fn resolve(&self, mirror: &Path, rev: &str) -> Result<String, WorkspaceError> {
-        let out = git(
-            mirror,
-            &["rev-parse", "--verify", &format!("{rev}^{{commit}}")],
-            None,
-        )
-        .await?;
+        let out = git(mirror, &["rev-parse", "--verify", &format!("{rev}^{{commit}}")], None).await?;
         Ok(out.trim().to_string())
     }
 
     async fn has_commit(&self, mirror: &Path, sha: &str) -> bool {
-        git(
-            mirror,
-            &["cat-file", "-e", &format!("{sha}^{{commit}}")],
-            None,
-        )
-        .await
-        .is_ok()
+        git(mirror, &["cat-file", "-e", &format!("{sha}^{{commit}}")], None).await.is_ok()
     }
 
     /// Makes sure `sha` is in the mirror: already there, fetched by id
@@ -233,8 +189,7 @@ impl Workspaces {
         if by_id.is_err() {
             if let Some(branch) = branch {
                 let local = format!("refs/heads/{branch}");
-                self.fetch(mirror, url, &format!("+{local}:{local}"))
-                    .await?;
+                self.fetch(mirror, url, &format!("+{local}:{local}")).await?;
             }
         }
         if self.has_commit(mirror, sha).await {
@@ -248,11 +203,7 @@ impl Workspaces {
 
 fn split_repo(repo: &str) -> Result<(&str, &str), WorkspaceError> {
     let ok = |s: &str| {
-        !s.is_empty()
-            && s != "."
-            && s != ".."
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        !s.is_empty() && s != "." && s != ".." && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     };
     match repo.split_once('/') {
         Some((o, n)) if ok(o) && ok(n) => Ok((o, n)),
@@ -274,34 +225,19 @@ async fn git(dir: &Path, args: &[&str], token: Option<&Secret>) -> Result<String
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     if let Some(token) = token {
-        let basic = base64::engine::general_purpose::STANDARD
-            .encode(format!("x-access-token:{}", token.expose()));
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{}", token.expose()));
         cmd.env("GIT_CONFIG_COUNT", "1")
             .env("GIT_CONFIG_KEY_0", "http.extraHeader")
-            .env(
-                "GIT_CONFIG_VALUE_0",
-                format!("Authorization: Basic {basic}"),
-            );
+            .env("GIT_CONFIG_VALUE_0", format!("Authorization: Basic {basic}"));
     }
     let command = args.first().copied().unwrap_or("").to_string();
     let out = match tokio::time::timeout(GIT_TIMEOUT, cmd.output()).await {
         Ok(out) => out?,
-        Err(_) => {
-            return Err(WorkspaceError::Git {
-                command,
-                message: "timed out".into(),
-            })
-        }
+        Err(_) => return Err(WorkspaceError::Git { command, message: "timed out".into() }),
     };
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let message = stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("no output")
-            .trim()
-            .to_string();
+        let message = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output").trim().to_string();
         return Err(WorkspaceError::Git { command, message });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())

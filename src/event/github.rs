@@ -187,10 +187,7 @@ pub fn normalize_value(name: &str, delivery: &str, value: Value) -> Result<Event
         delivery: delivery.to_string(),
         installation: p.installation.as_ref().and_then(|i| i.id),
         sender: p.sender.as_ref().and_then(|s| {
-            s.login.clone().map(|login| Actor {
-                login,
-                kind: s.kind.clone().unwrap_or_else(|| "User".into()),
-            })
+            s.login.clone().map(|login| Actor { login, kind: s.kind.clone().unwrap_or_else(|| "User".into()) })
         }),
         repository: None,
         subject: None,
@@ -258,10 +255,8 @@ pub fn normalize_value(name: &str, delivery: &str, value: Value) -> Result<Event
                 e.branch = c.head_branch.clone();
                 apply_check_pulls(&mut e, &c.pull_requests, repo_id);
                 if let (Some(head), Some(full)) = (&c.head_repository, repo_full) {
-                    e.head_in_repo = Some(
-                        head.full_name.as_deref() == Some(full)
-                            || head.id.is_some() && head.id == repo_id,
-                    );
+                    e.head_in_repo =
+                        Some(head.full_name.as_deref() == Some(full) || head.id.is_some() && head.id == repo_id);
                 } else if name == "workflow_job" {
                     // A job's payload does not say where its head lives.
                     e.head_in_repo = None;
@@ -279,20 +274,14 @@ pub fn normalize_value(name: &str, delivery: &str, value: Value) -> Result<Event
         }
         "push" => {
             e.head_sha = p.after.clone().filter(|s| !s.chars().all(|c| c == '0'));
-            e.branch = p
-                .git_ref
-                .as_deref()
-                .and_then(|r| r.strip_prefix("refs/heads/"))
-                .map(str::to_string);
+            e.branch = p.git_ref.as_deref().and_then(|r| r.strip_prefix("refs/heads/")).map(str::to_string);
             e.head_in_repo = Some(true);
         }
         "repository_dispatch" | "workflow_dispatch" => {
-            e.branch = p.branch.clone().or_else(|| {
-                p.git_ref
-                    .as_deref()
-                    .and_then(|r| r.strip_prefix("refs/heads/"))
-                    .map(str::to_string)
-            });
+            e.branch = p
+                .branch
+                .clone()
+                .or_else(|| p.git_ref.as_deref().and_then(|r| r.strip_prefix("refs/heads/")).map(str::to_string));
         }
         _ => {}
     }
@@ -314,8 +303,7 @@ fn apply_pull_refs(e: &mut Event, pr: &RawPull, repo_id: Option<u64>, repo_full:
         e.head_in_repo = Some(match &head.repo {
             None => false,
             Some(r) => {
-                (r.id.is_some() && r.id == repo_id)
-                    || (r.full_name.is_some() && r.full_name.as_deref() == repo_full)
+                (r.id.is_some() && r.id == repo_id) || (r.full_name.is_some() && r.full_name.as_deref() == repo_full)
             }
         });
     }
@@ -333,11 +321,7 @@ fn apply_check_pulls(e: &mut Event, prs: &[RawPull], repo_id: Option<u64>) {
         e.subject = pr.number;
         e.subject_is_pull_request = true;
         e.base_branch = pr.base.as_ref().and_then(|b| b.git_ref.clone());
-        let head_repo = pr
-            .head
-            .as_ref()
-            .and_then(|h| h.repo.as_ref())
-            .and_then(|r| r.id);
+        let head_repo = pr.head.as_ref().and_then(|h| h.repo.as_ref()).and_then(|r| r.id);
         e.head_in_repo = Some(head_repo.is_some() && head_repo == repo_id);
     } else {
         e.head_in_repo = Some(e.branch.is_some());
@@ -347,9 +331,7 @@ fn apply_check_pulls(e: &mut Event, prs: &[RawPull], repo_id: Option<u64>) {
 /// Field-by-field fallback for payloads where some field has an odd type.
 fn lenient(value: &Value) -> Payload {
     fn field<T: serde::de::DeserializeOwned + Default>(v: &Value, key: &str) -> T {
-        v.get(key)
-            .and_then(|f| T::deserialize(f).ok())
-            .unwrap_or_default()
+        v.get(key).and_then(|f| T::deserialize(f).ok()).unwrap_or_default()
     }
     Payload {
         action: field(value, "action"),
@@ -379,8 +361,7 @@ mod tests {
 
     #[test]
     fn odd_field_types_do_not_lose_the_event() {
-        let body =
-            br#"{"action":"opened","issue":{"number":"seven"},"repository":{"full_name":"a/b"}}"#;
+        let body = br#"{"action":"opened","issue":{"number":"seven"},"repository":{"full_name":"a/b"}}"#;
         let e = normalize("issues", "d1", body).unwrap();
         assert_eq!(e.kind, "issues.opened");
         assert_eq!(e.subject, None);
@@ -389,13 +370,7 @@ mod tests {
 
     #[test]
     fn non_objects_are_rejected() {
-        assert!(matches!(
-            normalize("issues", "d", b"[1]"),
-            Err(NormalizeError::NotAnObject)
-        ));
-        assert!(matches!(
-            normalize("issues", "d", b"{"),
-            Err(NormalizeError::Json(_))
-        ));
+        assert!(matches!(normalize("issues", "d", b"[1]"), Err(NormalizeError::NotAnObject)));
+        assert!(matches!(normalize("issues", "d", b"{"), Err(NormalizeError::Json(_))));
     }
 }

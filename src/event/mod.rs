@@ -4,6 +4,7 @@
 //! Rules match on `Event` fields and render prompts over `Event::context`;
 //! nothing downstream of ingress looks at HTTP or at a source's own format.
 
+pub mod generic;
 pub mod github;
 
 use std::sync::Arc;
@@ -22,10 +23,7 @@ pub struct Repository {
 
 impl Repository {
     pub fn owner(&self) -> &str {
-        self.full_name
-            .split_once('/')
-            .map(|(o, _)| o)
-            .unwrap_or(&self.full_name)
+        self.full_name.split_once('/').map(|(o, _)| o).unwrap_or(&self.full_name)
     }
 
     pub fn name(&self) -> &str {

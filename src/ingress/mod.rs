@@ -1,26 +1,30 @@
-//! Webhook ingress: `POST /webhooks/github`.
+//! Webhook ingress: `POST /webhooks/github` and `POST /webhooks/{source}`.
 //!
-//! Checks run cheapest-and-safest first: body size, then the signature (so
-//! nothing about an unsigned request is parsed), then headers, then JSON.
-//! A 2xx is sent only after the delivery and all its jobs are on disk.
+//! Checks run cheapest-and-safest first: the in-flight cap, body size and
+//! read time, then the signature (so nothing about an unsigned request is
+//! parsed), then headers, then JSON. A 2xx is sent only after the delivery
+//! and all its jobs are on disk.
 
 pub mod signature;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use chrono::Utc;
+use http_body_util::BodyExt;
 use serde_json::json;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
-use crate::config::Secret;
-use crate::event::github;
+use crate::config::{Secret, Source};
+use crate::event::{generic, github, Event};
 use crate::rules::SharedRules;
 use crate::store::{Accepted, Delivery, Store};
 
@@ -30,17 +34,21 @@ pub struct Ingress {
     pub store: Store,
     pub rules: SharedRules,
     pub secret: Secret,
+    pub sources: Arc<BTreeMap<String, Source>>,
     pub max_body_bytes: usize,
+    /// Time a client has to send the whole body.
+    pub read_timeout: Duration,
+    /// Requests in flight; none left means 503.
+    pub in_flight: Arc<Semaphore>,
     /// Woken when new jobs are queued.
     pub wake: Arc<Notify>,
 }
 
 pub fn router(state: Ingress) -> Router {
-    let limit = state.max_body_bytes;
     Router::new()
         .route("/webhooks/github", post(github_webhook))
-        // axum's own default is 2 MB; GitHub sends up to 25 MB.
-        .layer(DefaultBodyLimit::max(limit))
+        .route("/webhooks/{source}", post(generic_webhook))
+        .route_layer(middleware::from_fn_with_state(state.clone(), shed_load))
         .with_state(state)
 }
 
@@ -52,36 +60,58 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     answer(status, json!({ "error": message.into() }))
 }
 
+/// Beyond the in-flight cap a request is turned away at once rather than
+/// queued: a sender told to come back later loses nothing, a sender left
+/// waiting may time out after its delivery was stored.
+async fn shed_load(State(s): State<Ingress>, req: Request, next: Next) -> Response {
+    let Ok(_permit) = s.in_flight.clone().try_acquire_owned() else {
+        tracing::warn!("Too many requests in flight; answering 503.");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            Json(json!({ "error": "too many requests in flight; retry shortly" })),
+        )
+            .into_response();
+    };
+    next.run(req).await
+}
+
+/// Reads the body within the size and time limits.
+async fn read_body(s: &Ingress, headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
+    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, format!("body is larger than {} bytes", s.max_body_bytes));
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > s.max_body_bytes as u64) {
+        return Err(too_large());
+    }
+    let limited = http_body_util::Limited::new(body, s.max_body_bytes);
+    match tokio::time::timeout(s.read_timeout, limited.collect()).await {
+        Err(_) => Err(error(StatusCode::REQUEST_TIMEOUT, "the body did not arrive in time")),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(_)) => Err(error(StatusCode::BAD_REQUEST, "the body could not be read")),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
 }
 
 /// Delivery ids and event names become store keys and log fields: keep them
 /// short and printable.
 fn valid_token(s: &str) -> bool {
-    s.len() <= 200 && s.chars().all(|c| c.is_ascii_graphic())
+    !s.is_empty() && s.len() <= 200 && s.chars().all(|c| c.is_ascii_graphic())
 }
 
-async fn github_webhook(
-    State(s): State<Ingress>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body {
+async fn github_webhook(State(s): State<Ingress>, headers: HeaderMap, body: Body) -> Response {
+    let body = match read_body(&s, &headers, body).await {
         Ok(b) => b,
-        Err(r) => return error(r.status(), r.body_text()),
+        Err(r) => return r,
     };
     let sig = headers.get("x-hub-signature-256").map(|v| v.as_bytes());
     if let Err(e) = signature::verify(s.secret.expose().as_bytes(), &body, sig) {
         tracing::warn!(error = %e, "Webhook rejected: bad signature.");
-        return error(
-            StatusCode::UNAUTHORIZED,
-            format!("X-Hub-Signature-256: {e}"),
-        );
+        return error(StatusCode::UNAUTHORIZED, format!("X-Hub-Signature-256: {e}"));
     }
     let Some(event_name) = header(&headers, "x-github-event") else {
         return error(StatusCode::BAD_REQUEST, "missing X-GitHub-Event header");
@@ -90,10 +120,7 @@ async fn github_webhook(
         return error(StatusCode::BAD_REQUEST, "missing X-GitHub-Delivery header");
     };
     if !valid_token(event_name) || !valid_token(delivery_id) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "X-GitHub-Event and X-GitHub-Delivery must be short printable ASCII",
-        );
+        return error(StatusCode::BAD_REQUEST, "X-GitHub-Event and X-GitHub-Delivery must be short printable ASCII");
     }
     let event = match github::normalize(event_name, delivery_id, &body) {
         Ok(e) => e,
@@ -101,46 +128,73 @@ async fn github_webhook(
     };
     if event_name == "ping" {
         tracing::info!(delivery = %delivery_id, "Ping received.");
-        return answer(
-            StatusCode::OK,
-            json!({ "ok": true, "delivery": delivery_id }),
-        );
+        return answer(StatusCode::OK, json!({ "ok": true, "delivery": delivery_id }));
     }
+    admit(&s, event, &body).await
+}
 
+async fn generic_webhook(
+    State(s): State<Ingress>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(source) = s.sources.get(&name) else {
+        return error(StatusCode::NOT_FOUND, format!("no source `{name}` is configured"));
+    };
+    let body = match read_body(&s, &headers, body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let sig = headers.get(source.signature_header.as_str()).map(|v| v.as_bytes());
+    if let Err(e) = signature::verify(source.secret.expose().as_bytes(), &body, sig) {
+        tracing::warn!(source = %name, error = %e, "Webhook rejected: bad signature.");
+        return error(StatusCode::UNAUTHORIZED, format!("{}: {e}", source.signature_header));
+    }
+    let delivery_id = match &source.delivery_header {
+        Some(h) => match header(&headers, h) {
+            Some(id) if valid_token(id) => id.to_string(),
+            Some(_) => return error(StatusCode::BAD_REQUEST, format!("{h} must be short printable ASCII")),
+            None => return error(StatusCode::BAD_REQUEST, format!("missing {h} header")),
+        },
+        None => generic::body_delivery_id(&body),
+    };
+    // Kept apart from GitHub's ids, which are not under the source's control.
+    let delivery_id = format!("{name}:{delivery_id}");
+    match generic::normalize(source, &delivery_id, &body) {
+        Ok(event) => admit(&s, event, &body).await,
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+/// Matches a verified event, stores it with its jobs, and answers.
+async fn admit(s: &Ingress, event: Event, body: &[u8]) -> Response {
     let specs = s.rules.current().match_event(&event);
     let delivery = Delivery {
-        id: delivery_id.to_string(),
-        source: "github".into(),
+        id: event.delivery.clone(),
+        source: event.source.clone(),
         event: event.kind.clone(),
         received_at: Utc::now(),
         jobs: Vec::new(),
     };
-    match s.store.accept(delivery, &body, specs).await {
+    let id = event.delivery.as_str();
+    match s.store.accept(delivery, body, specs).await {
         Ok(Accepted::Duplicate) => {
-            tracing::info!(delivery = %delivery_id, "Duplicate delivery ignored.");
-            answer(
-                StatusCode::OK,
-                json!({ "duplicate": true, "delivery": delivery_id }),
-            )
+            tracing::info!(delivery = %id, "Duplicate delivery ignored.");
+            answer(StatusCode::OK, json!({ "duplicate": true, "delivery": id }))
         }
         Ok(Accepted::New(jobs)) => {
-            tracing::info!(delivery = %delivery_id, event = %event.kind, jobs = jobs.len(), "Delivery accepted.");
+            tracing::info!(delivery = %id, event = %event.kind, jobs = jobs.len(), "Delivery accepted.");
             if !jobs.is_empty() {
                 s.wake.notify_one();
             }
-            answer(
-                StatusCode::ACCEPTED,
-                json!({ "delivery": delivery_id, "jobs": jobs }),
-            )
+            answer(StatusCode::ACCEPTED, json!({ "delivery": id, "jobs": jobs }))
         }
         Err(e) => {
-            // Not stored, so not acknowledged: GitHub shows the failure and
-            // the delivery can be redelivered.
-            tracing::error!(delivery = %delivery_id, error = %e, "Delivery could not be stored.");
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "delivery could not be stored; retry later",
-            )
+            // Not stored, so not acknowledged: the sender sees the failure
+            // and the delivery can be sent again.
+            tracing::error!(delivery = %id, error = %e, "Delivery could not be stored.");
+            error(StatusCode::SERVICE_UNAVAILABLE, "delivery could not be stored; retry later")
         }
     }
 }

@@ -30,16 +30,12 @@ pub fn verify(secret: &[u8], body: &[u8], header: Option<&[u8]>) -> Result<(), S
     let digest = parse(header)?;
     let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
     mac.update(body);
-    mac.verify_slice(&digest)
-        .map_err(|_| SignatureError::Mismatch)
+    mac.verify_slice(&digest).map_err(|_| SignatureError::Mismatch)
 }
 
 /// `sha256=` followed by exactly 64 hex digits (either case).
 pub fn parse(header: &[u8]) -> Result<[u8; 32], SignatureError> {
-    let hex_part = header
-        .trim_ascii()
-        .strip_prefix(b"sha256=")
-        .ok_or(SignatureError::Malformed)?;
+    let hex_part = header.trim_ascii().strip_prefix(b"sha256=").ok_or(SignatureError::Malformed)?;
     let mut out = [0u8; 32];
     hex::decode_to_slice(hex_part, &mut out).map_err(|_| SignatureError::Malformed)?;
     Ok(out)
@@ -52,8 +48,7 @@ mod tests {
     // GitHub's documented example ("Validating webhook deliveries").
     const SECRET: &[u8] = b"It's a Secret to Everybody";
     const PAYLOAD: &[u8] = b"Hello, World!";
-    const SIGNATURE: &str =
-        "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+    const SIGNATURE: &str = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
 
     #[test]
     fn githubs_documented_example() {
@@ -63,28 +58,11 @@ mod tests {
 
     #[test]
     fn rejects_wrong_missing_and_malformed() {
-        assert_eq!(
-            verify(SECRET, b"Hello, World?", Some(SIGNATURE.as_bytes())),
-            Err(SignatureError::Mismatch)
-        );
-        assert_eq!(
-            verify(b"other", PAYLOAD, Some(SIGNATURE.as_bytes())),
-            Err(SignatureError::Mismatch)
-        );
+        assert_eq!(verify(SECRET, b"Hello, World?", Some(SIGNATURE.as_bytes())), Err(SignatureError::Mismatch));
+        assert_eq!(verify(b"other", PAYLOAD, Some(SIGNATURE.as_bytes())), Err(SignatureError::Mismatch));
         assert_eq!(verify(SECRET, PAYLOAD, None), Err(SignatureError::Missing));
-        for bad in [
-            "",
-            "sha256=",
-            "sha1=757107ea",
-            "sha256=zz",
-            &SIGNATURE[..70],
-            &format!("{SIGNATURE}00"),
-        ] {
-            assert_eq!(
-                verify(SECRET, PAYLOAD, Some(bad.as_bytes())),
-                Err(SignatureError::Malformed),
-                "{bad:?}"
-            );
+        for bad in ["", "sha256=", "sha1=757107ea", "sha256=zz", &SIGNATURE[..70], &format!("{SIGNATURE}00")] {
+            assert_eq!(verify(SECRET, PAYLOAD, Some(bad.as_bytes())), Err(SignatureError::Malformed), "{bad:?}");
         }
         let upper = format!("sha256={}", SIGNATURE[7..].to_uppercase());
         assert_eq!(verify(SECRET, PAYLOAD, Some(upper.as_bytes())), Ok(()));

@@ -49,39 +49,18 @@ impl GitHub {
     }
 
     /// Posts a comment on an issue or pull request; returns its URL.
-    pub async fn issue_comment(
-        &self,
-        repo: &str,
-        number: u64,
-        body: &str,
-    ) -> Result<Option<String>, GitHubError> {
-        self.post(
-            &format!("/repos/{repo}/issues/{number}/comments"),
-            json!({ "body": body }),
-        )
-        .await
+    pub async fn issue_comment(&self, repo: &str, number: u64, body: &str) -> Result<Option<String>, GitHubError> {
+        self.post(&format!("/repos/{repo}/issues/{number}/comments"), json!({ "body": body })).await
     }
 
     /// Posts a comment on a commit; returns its URL.
-    pub async fn commit_comment(
-        &self,
-        repo: &str,
-        sha: &str,
-        body: &str,
-    ) -> Result<Option<String>, GitHubError> {
-        self.post(
-            &format!("/repos/{repo}/commits/{sha}/comments"),
-            json!({ "body": body }),
-        )
-        .await
+    pub async fn commit_comment(&self, repo: &str, sha: &str, body: &str) -> Result<Option<String>, GitHubError> {
+        self.post(&format!("/repos/{repo}/commits/{sha}/comments"), json!({ "body": body })).await
     }
 
     async fn post(&self, route: &str, body: Value) -> Result<Option<String>, GitHubError> {
         let answer: Value = self.crab.post(route, Some(&body)).await.map_err(classify)?;
-        Ok(answer
-            .get("html_url")
-            .and_then(Value::as_str)
-            .map(str::to_string))
+        Ok(answer.get("html_url").and_then(Value::as_str).map(str::to_string))
     }
 }
 
@@ -97,16 +76,13 @@ fn classify(e: octocrab::Error) -> GitHubError {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok())
             };
-            let rate_limited = status.as_u16() == 429
-                || (status.as_u16() == 403 && header("x-ratelimit-remaining") == Some(0));
+            let rate_limited =
+                status.as_u16() == 429 || (status.as_u16() == 403 && header("x-ratelimit-remaining") == Some(0));
             let retry_after = header("retry-after").map(Duration::from_secs).or_else(|| {
-                source
-                    .rate_limit_reset
-                    .or(header("x-ratelimit-reset"))
-                    .map(|reset| {
-                        let now = chrono::Utc::now().timestamp().max(0) as u64;
-                        Duration::from_secs(reset.saturating_sub(now).max(1))
-                    })
+                source.rate_limit_reset.or(header("x-ratelimit-reset")).map(|reset| {
+                    let now = chrono::Utc::now().timestamp().max(0) as u64;
+                    Duration::from_secs(reset.saturating_sub(now).max(1))
+                })
             });
             GitHubError {
                 message: format!("GitHub answered {}: {}", status.as_u16(), source.message),
@@ -114,10 +90,6 @@ fn classify(e: octocrab::Error) -> GitHubError {
                 retry_after: if rate_limited { retry_after } else { None },
             }
         }
-        other => GitHubError {
-            message: format!("GitHub request failed: {other}"),
-            retryable: true,
-            retry_after: None,
-        },
+        other => GitHubError { message: format!("GitHub request failed: {other}"), retryable: true, retry_after: None },
     }
 }

@@ -31,19 +31,12 @@ const MAX_BODY_CHARS: usize = 65_536;
 
 /// The comment for a finished job.
 pub fn comment_body(job: &Job) -> String {
-    let footer = format!(
-        "\n\n---\n<sub>baton · trigger `{}` · job `{}`</sub>\n{}",
-        job.trigger,
-        job.id,
-        marker(&job.id)
-    );
+    let footer =
+        format!("\n\n---\n<sub>baton · trigger `{}` · job `{}`</sub>\n{}", job.trigger, job.id, marker(&job.id));
     let main = match job.state {
         JobState::Succeeded => job.result.clone().unwrap_or_default(),
         JobState::Cancelled => "baton: this job was cancelled.".to_string(),
-        _ => format!(
-            "baton could not finish this job: {}",
-            job.error.as_deref().unwrap_or("unknown error")
-        ),
+        _ => format!("baton could not finish this job: {}", job.error.as_deref().unwrap_or("unknown error")),
     };
     let room = MAX_BODY_CHARS.saturating_sub(footer.chars().count() + 200);
     let main = if main.chars().count() > room {
@@ -64,11 +57,7 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(store: Store, github: GitHub, wake: Arc<Notify>) -> Publisher {
-        Publisher {
-            store,
-            github,
-            wake,
-        }
+        Publisher { store, github, wake }
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -101,12 +90,8 @@ impl Publisher {
             }
             p.attempts += 1;
             let sent = match &p.target {
-                Target::IssueComment { number } => {
-                    self.github.issue_comment(&p.repo, *number, &p.body).await
-                }
-                Target::CommitComment { sha } => {
-                    self.github.commit_comment(&p.repo, sha, &p.body).await
-                }
+                Target::IssueComment { number } => self.github.issue_comment(&p.repo, *number, &p.body).await,
+                Target::CommitComment { sha } => self.github.commit_comment(&p.repo, sha, &p.body).await,
             };
             match sent {
                 Ok(url) => {

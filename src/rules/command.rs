@@ -22,11 +22,7 @@ pub fn parse(command: &str, body: &str) -> Option<SlashCommand> {
         return None;
     }
     let args = rest.trim().to_string();
-    Some(SlashCommand {
-        name: command.to_string(),
-        argv: split_words(&args),
-        args,
-    })
+    Some(SlashCommand { name: command.to_string(), argv: split_words(&args), args })
 }
 
 /// Shell-style word splitting without expansion. An unclosed quote runs to
@@ -83,12 +79,7 @@ mod tests {
 
     fn check(command: &str, body: &str, expected: Option<(&str, &[&str])>) {
         let got = parse(command, body);
-        let got = got.as_ref().map(|c| {
-            (
-                c.args.as_str(),
-                c.argv.iter().map(String::as_str).collect::<Vec<_>>(),
-            )
-        });
+        let got = got.as_ref().map(|c| (c.args.as_str(), c.argv.iter().map(String::as_str).collect::<Vec<_>>()));
         let expected = expected.map(|(a, v)| (a, v.to_vec()));
         assert_eq!(got, expected, "command {command:?} on {body:?}");
     }
@@ -96,11 +87,7 @@ mod tests {
     #[test]
     fn matches_whole_word_on_first_line_only() {
         check("/fix", "/fix", Some(("", &[])));
-        check(
-            "/fix",
-            "  /fix the build\nmore text",
-            Some(("the build", &["the", "build"])),
-        );
+        check("/fix", "  /fix the build\nmore text", Some(("the build", &["the", "build"])));
         check("/fix", "/fixup", None);
         check("/fix", "please /fix", None);
         check("/fix", "hello\n/fix it", None);
@@ -112,10 +99,7 @@ mod tests {
         check(
             "/fix",
             r#"/fix "two words" plain\ space 'single "q"'"#,
-            Some((
-                r#""two words" plain\ space 'single "q"'"#,
-                &["two words", "plain space", "single \"q\""],
-            )),
+            Some((r#""two words" plain\ space 'single "q"'"#, &["two words", "plain space", "single \"q\""])),
         );
         assert_eq!(split_words(r#"a "b \" c" d"#), vec!["a", "b \" c", "d"]);
         assert_eq!(split_words("  "), Vec::<String>::new());

@@ -84,9 +84,7 @@ pub struct RuleSet {
 
 impl std::fmt::Debug for RuleSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RuleSet")
-            .field("triggers", &self.triggers.len())
-            .finish()
+        f.debug_struct("RuleSet").field("triggers", &self.triggers.len()).finish()
     }
 }
 
@@ -119,10 +117,7 @@ impl RuleSet {
                 .collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => {
-                errors.push(Diagnostic::file(
-                    dir,
-                    format!("cannot read trigger folder: {e}"),
-                ));
+                errors.push(Diagnostic::file(dir, format!("cannot read trigger folder: {e}")));
                 Vec::new()
             }
         };
@@ -143,11 +138,7 @@ impl RuleSet {
         (RuleSet::from_triggers(triggers, env, config), errors)
     }
 
-    fn from_triggers(
-        triggers: Vec<Trigger>,
-        env: Environment<'static>,
-        config: &Config,
-    ) -> RuleSet {
+    fn from_triggers(triggers: Vec<Trigger>, env: Environment<'static>, config: &Config) -> RuleSet {
         let mut by_kind: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, t) in triggers.iter().enumerate() {
             for kind in &t.on {
@@ -157,12 +148,7 @@ impl RuleSet {
                 }
             }
         }
-        RuleSet {
-            triggers,
-            by_kind,
-            env,
-            bot_login: config.github.bot_login.clone(),
-        }
+        RuleSet { triggers, by_kind, env, bot_login: config.github.bot_login.clone() }
     }
 
     pub fn triggers(&self) -> &[Trigger] {
@@ -199,10 +185,7 @@ impl RuleSet {
     /// Every trigger's verdict on this event, for `simulate`.
     pub fn explain(&self, event: &Event) -> Vec<(&Trigger, Verdict)> {
         let ctx = base_context(event);
-        self.triggers
-            .iter()
-            .map(|t| (t, self.judge(t, event, &ctx)))
-            .collect()
+        self.triggers.iter().map(|t| (t, self.judge(t, event, &ctx))).collect()
     }
 
     fn judge(&self, t: &Trigger, event: &Event, ctx: &Value) -> Verdict {
@@ -210,10 +193,7 @@ impl RuleSet {
         let f = &t.filter;
 
         if !t.on.iter().any(|k| k == &event.kind || k == &event.name) {
-            return reject(
-                "on",
-                format!("listens for [{}], event is {}", t.on.join(", "), event.kind),
-            );
+            return reject("on", format!("listens for [{}], event is {}", t.on.join(", "), event.kind));
         }
         if let Some(sender) = &event.sender {
             if sender.login == self.bot_login {
@@ -228,70 +208,44 @@ impl RuleSet {
             if !f.repos.iter().any(|p| p.matches(repo)) {
                 return reject(
                     "repos",
-                    format!(
-                        "wanted {}, event is from {}",
-                        patterns(&f.repos),
-                        none_if_empty(repo)
-                    ),
+                    format!("wanted {}, event is from {}", patterns(&f.repos), none_if_empty(repo)),
                 );
             }
         }
         if !f.branches.is_empty() {
-            let branch = event
-                .base_branch
-                .as_deref()
-                .or(event.branch.as_deref())
-                .unwrap_or("");
+            let branch = event.base_branch.as_deref().or(event.branch.as_deref()).unwrap_or("");
             if !f.branches.iter().any(|p| p.matches(branch)) {
                 return reject(
                     "branches",
-                    format!(
-                        "wanted {}, event is on {}",
-                        patterns(&f.branches),
-                        none_if_empty(branch)
-                    ),
+                    format!("wanted {}, event is on {}", patterns(&f.branches), none_if_empty(branch)),
                 );
             }
         }
         if !f.labels.is_empty() && !f.labels.iter().any(|l| event.labels.contains(l)) {
             return reject(
                 "labels",
-                format!(
-                    "wanted any of [{}], has [{}]",
-                    f.labels.join(", "),
-                    event.labels.join(", ")
-                ),
+                format!("wanted any of [{}], has [{}]", f.labels.join(", "), event.labels.join(", ")),
             );
         }
         if let Some(l) = f.exclude_labels.iter().find(|l| event.labels.contains(l)) {
             return reject("exclude_labels", format!("has excluded label {l}"));
         }
         if event.draft == Some(true) && !f.draft {
-            return reject(
-                "draft",
-                "pull request is a draft (set filter.draft = true to match drafts)".into(),
-            );
+            return reject("draft", "pull request is a draft (set filter.draft = true to match drafts)".into());
         }
         if !f.conclusions.is_empty() {
             let c = event.conclusion.as_deref().unwrap_or("");
             if !f.conclusions.iter().any(|w| w == c) {
                 return reject(
                     "conclusions",
-                    format!(
-                        "wanted any of [{}], conclusion is {}",
-                        f.conclusions.join(", "),
-                        none_if_empty(c)
-                    ),
+                    format!("wanted any of [{}], conclusion is {}", f.conclusions.join(", "), none_if_empty(c)),
                 );
             }
         }
         let mut slash = None;
         if let Some(cmd) = &f.command {
             let Some(comment) = &event.comment else {
-                return reject(
-                    "command",
-                    format!("wanted a comment starting with {cmd}, event has no comment"),
-                );
+                return reject("command", format!("wanted a comment starting with {cmd}, event has no comment"));
             };
             match command::parse(cmd, &comment.body) {
                 Some(c) => slash = Some(c),
@@ -307,17 +261,11 @@ impl RuleSet {
             None => ctx.clone(),
         };
         if f.has_condition {
-            let rendered = self
-                .env
-                .get_template(&t.condition_name())
-                .and_then(|tmpl| tmpl.render(&ctx));
+            let rendered = self.env.get_template(&t.condition_name()).and_then(|tmpl| tmpl.render(&ctx));
             match rendered {
                 Ok(s) if s == "1" => {}
                 Ok(_) => {
-                    return reject(
-                        "if",
-                        format!("`{}` is false", f.condition_source.as_deref().unwrap_or("")),
-                    );
+                    return reject("if", format!("`{}` is false", f.condition_source.as_deref().unwrap_or("")));
                 }
                 Err(e) => return reject("if", format!("`if` failed to evaluate: {e}")),
             }
@@ -327,11 +275,7 @@ impl RuleSet {
             Ok(w) => w,
             Err(reason) => return reject("workspace", reason),
         };
-        let prompt = match self
-            .env
-            .get_template(&t.template_name())
-            .and_then(|tmpl| tmpl.render(&ctx))
-        {
+        let prompt = match self.env.get_template(&t.template_name()).and_then(|tmpl| tmpl.render(&ctx)) {
             Ok(p) => p,
             Err(e) => return reject("prompt", format!("prompt failed to render: {e}")),
         };
@@ -359,17 +303,14 @@ impl RuleSet {
 fn untrusted(f: &trigger::Filter, event: &Event) -> Option<String> {
     if let Some(assoc) = &event.association {
         if !f.authors.iter().any(|a| a == assoc) {
-            return Some(format!(
-                "author association {assoc} is not one of [{}]",
-                f.authors.join(", ")
-            ));
+            return Some(format!("author association {assoc} is not one of [{}]", f.authors.join(", ")));
         }
     }
     if f.allow_forks {
         return None;
     }
-    let about_head = event.subject_is_pull_request
-        || event.association.is_none() && CHECK_EVENTS.contains(&event.name.as_str());
+    let about_head =
+        event.subject_is_pull_request || event.association.is_none() && CHECK_EVENTS.contains(&event.name.as_str());
     if !about_head {
         return None;
     }
@@ -379,18 +320,14 @@ fn untrusted(f: &trigger::Filter, event: &Event) -> Option<String> {
         // A comment on a pull request does not say where its head lives; the
         // commenter, whose association was checked above, asked for the job.
         None if event.association.is_some() => None,
-        None => Some("cannot tell whether the head commit is from a fork (set filter.allow_forks = true to allow)".into()),
+        None => {
+            Some("cannot tell whether the head commit is from a fork (set filter.allow_forks = true to allow)".into())
+        }
     }
 }
 
 /// Events that carry no author association, only a head commit.
-const CHECK_EVENTS: &[&str] = &[
-    "check_run",
-    "check_suite",
-    "workflow_run",
-    "workflow_job",
-    "status",
-];
+const CHECK_EVENTS: &[&str] = &["check_run", "check_suite", "workflow_run", "workflow_job", "status"];
 
 fn workspace_for(kind: WorkspaceKind, event: &Event) -> Result<Workspace, String> {
     match kind {
@@ -404,18 +341,13 @@ fn workspace_for(kind: WorkspaceKind, event: &Event) -> Result<Workspace, String
             Ok(Workspace::DefaultBranch { branch })
         }
         WorkspaceKind::PrHead => match (event.subject, event.subject_is_pull_request) {
-            (Some(number), true) => Ok(Workspace::PrHead {
-                number,
-                sha: event.head_sha.clone(),
-                base: event.base_branch.clone(),
-            }),
+            (Some(number), true) => {
+                Ok(Workspace::PrHead { number, sha: event.head_sha.clone(), base: event.base_branch.clone() })
+            }
             _ => Err("workspace pr-head: event is not about a pull request".into()),
         },
         WorkspaceKind::HeadSha => match &event.head_sha {
-            Some(sha) => Ok(Workspace::HeadSha {
-                sha: sha.clone(),
-                branch: event.branch.clone(),
-            }),
+            Some(sha) => Ok(Workspace::HeadSha { sha: sha.clone(), branch: event.branch.clone() }),
             None => Err("workspace head-sha: event has no head sha".into()),
         },
     }
@@ -431,10 +363,7 @@ fn base_context(event: &Event) -> Value {
 }
 
 fn patterns(p: &[glob::Pattern]) -> String {
-    format!(
-        "[{}]",
-        p.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")
-    )
+    format!("[{}]", p.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", "))
 }
 
 fn none_if_empty(s: &str) -> &str {
@@ -452,9 +381,7 @@ pub struct SharedRules(std::sync::Arc<std::sync::RwLock<std::sync::Arc<RuleSet>>
 
 impl SharedRules {
     pub fn new(rules: RuleSet) -> SharedRules {
-        SharedRules(std::sync::Arc::new(std::sync::RwLock::new(
-            std::sync::Arc::new(rules),
-        )))
+        SharedRules(std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(rules))))
     }
 
     pub fn current(&self) -> std::sync::Arc<RuleSet> {

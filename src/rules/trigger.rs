@@ -91,16 +91,8 @@ struct OutputFile {
 /// The `author_association` values trusted by default.
 pub const DEFAULT_AUTHORS: &[&str] = &["OWNER", "MEMBER", "COLLABORATOR"];
 
-const ASSOCIATIONS: &[&str] = &[
-    "OWNER",
-    "MEMBER",
-    "COLLABORATOR",
-    "CONTRIBUTOR",
-    "FIRST_TIME_CONTRIBUTOR",
-    "FIRST_TIMER",
-    "MANNEQUIN",
-    "NONE",
-];
+const ASSOCIATIONS: &[&str] =
+    &["OWNER", "MEMBER", "COLLABORATOR", "CONTRIBUTOR", "FIRST_TIME_CONTRIBUTOR", "FIRST_TIMER", "MANNEQUIN", "NONE"];
 
 /// A compiled trigger. Its prompt and `if` templates live in the rule set's
 /// template environment under `template_name()` and `condition_name()`.
@@ -158,10 +150,14 @@ pub fn condition_name(trigger: &str) -> String {
     format!("{trigger}.if")
 }
 
-/// Whether `entry` (an element of `on`) names an event baton can deliver.
-fn known_event(entry: &str) -> bool {
+/// Whether `entry` (an element of `on`) names an event baton can deliver:
+/// a GitHub event, a job event, or a configured generic source.
+fn known_event(entry: &str, config: &Config) -> bool {
     let name = entry.split_once('.').map(|(n, _)| n).unwrap_or(entry);
-    KNOWN_EVENTS.contains(&name) || entry == "job.succeeded" || entry == "job.failed"
+    KNOWN_EVENTS.contains(&name)
+        || entry == "job.succeeded"
+        || entry == "job.failed"
+        || config.sources.contains_key(name)
 }
 
 /// Parses and compiles one trigger file. Templates are added to `env`.
@@ -171,16 +167,10 @@ pub fn compile(
     config: &Config,
     env: &mut minijinja::Environment<'static>,
 ) -> Result<Trigger, Vec<Diagnostic>> {
-    let file: TriggerFile =
-        toml::from_str(source).map_err(|e| vec![Diagnostic::from_toml(path, source, &e)])?;
-    let name = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("trigger")
-        .to_string();
+    let file: TriggerFile = toml::from_str(source).map_err(|e| vec![Diagnostic::from_toml(path, source, &e)])?;
+    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("trigger").to_string();
     let mut errors = Vec::new();
-    let at =
-        |span: std::ops::Range<usize>, msg: String| Diagnostic::at(path, source, Some(span), msg);
+    let at = |span: std::ops::Range<usize>, msg: String| Diagnostic::at(path, source, Some(span), msg);
 
     if file.on.get_ref().is_empty() {
         errors.push(at(file.on.span(), "`on` lists no events".into()));
@@ -188,16 +178,9 @@ pub fn compile(
     for entry in file.on.get_ref() {
         let e = entry.get_ref();
         if e == "schedule" {
-            errors.push(at(
-                entry.span(),
-                "`schedule` triggers are not supported by this version of baton".into(),
-            ));
-        } else if !known_event(e) {
-            let names: Vec<&str> = KNOWN_EVENTS
-                .iter()
-                .copied()
-                .chain(["job.succeeded", "job.failed"])
-                .collect();
+            errors.push(at(entry.span(), "`schedule` triggers are not supported by this version of baton".into()));
+        } else if !known_event(e, config) {
+            let names: Vec<&str> = KNOWN_EVENTS.iter().copied().chain(["job.succeeded", "job.failed"]).collect();
             let hint = crate::diag::suggest(e.split('.').next().unwrap_or(e), &names)
                 .map(|s| format!(" (did you mean `{s}`?)"))
                 .unwrap_or_default();
@@ -205,9 +188,7 @@ pub fn compile(
         }
     }
 
-    let globs = |list: &Option<Vec<Spanned<String>>>,
-                 errors: &mut Vec<Diagnostic>|
-     -> Vec<glob::Pattern> {
+    let globs = |list: &Option<Vec<Spanned<String>>>, errors: &mut Vec<Diagnostic>| -> Vec<glob::Pattern> {
         let mut out = Vec::new();
         for g in list.iter().flatten() {
             match glob::Pattern::new(g.get_ref()) {
@@ -242,33 +223,16 @@ pub fn compile(
 
     let command = match &f.command {
         Some(c) if !c.get_ref().starts_with('/') || c.get_ref().split_whitespace().count() != 1 => {
-            errors.push(at(
-                c.span(),
-                format!(
-                    "command `{}` must be one word starting with `/`",
-                    c.get_ref()
-                ),
-            ));
+            errors.push(at(c.span(), format!("command `{}` must be one word starting with `/`", c.get_ref())));
             None
         }
         other => other.as_ref().map(|c| c.get_ref().clone()),
     };
 
-    let allow_bots: Vec<String> = f
-        .allow_bots
-        .iter()
-        .flatten()
-        .map(|b| b.get_ref().clone())
-        .collect();
+    let allow_bots: Vec<String> = f.allow_bots.iter().flatten().map(|b| b.get_ref().clone()).collect();
     for b in f.allow_bots.iter().flatten() {
         if b.get_ref() == &config.github.bot_login {
-            errors.push(at(
-                b.span(),
-                format!(
-                    "`{}` is baton's own login and can never trigger jobs",
-                    b.get_ref()
-                ),
-            ));
+            errors.push(at(b.span(), format!("`{}` is baton's own login and can never trigger jobs", b.get_ref())));
         }
     }
 
@@ -279,10 +243,7 @@ pub fn compile(
             .map(drop)
             .and_then(|_| env.add_template_owned(condition_name(&name), wrapped));
         if let Err(e) = ok {
-            errors.push(at(
-                cond.span(),
-                format!("invalid `if` expression: {}", template_error(&e)),
-            ));
+            errors.push(at(cond.span(), format!("invalid `if` expression: {}", template_error(&e))));
         }
     }
 
@@ -291,19 +252,12 @@ pub fn compile(
         let names: Vec<&str> = config.agents.keys().map(String::as_str).collect();
         errors.push(at(
             job.agent.span(),
-            format!(
-                "unknown agent `{}`; defined agents: {}",
-                job.agent.get_ref(),
-                names.join(", ")
-            ),
+            format!("unknown agent `{}`; defined agents: {}", job.agent.get_ref(), names.join(", ")),
         ));
     }
     let prompt = match (&job.prompt, &job.prompt_file) {
         (Some(_), Some(pf)) => {
-            errors.push(at(
-                pf.span(),
-                "give either `prompt` or `prompt_file`, not both".into(),
-            ));
+            errors.push(at(pf.span(), "give either `prompt` or `prompt_file`, not both".into()));
             None
         }
         (Some(p), None) => Some((p.get_ref().clone(), p.span())),
@@ -313,28 +267,19 @@ pub fn compile(
             match std::fs::read_to_string(&full) {
                 Ok(text) => Some((text, pf.span())),
                 Err(e) => {
-                    errors.push(at(
-                        pf.span(),
-                        format!("cannot read prompt file {}: {e}", full.display()),
-                    ));
+                    errors.push(at(pf.span(), format!("cannot read prompt file {}: {e}", full.display())));
                     None
                 }
             }
         }
         (None, None) => {
-            errors.push(at(
-                file.job.span(),
-                "[job] needs a `prompt` or a `prompt_file`".into(),
-            ));
+            errors.push(at(file.job.span(), "[job] needs a `prompt` or a `prompt_file`".into()));
             None
         }
     };
     if let Some((text, span)) = prompt {
         if let Err(e) = env.add_template_owned(template_name(&name), text) {
-            errors.push(at(
-                span,
-                format!("invalid prompt template: {}", template_error(&e)),
-            ));
+            errors.push(at(span, format!("invalid prompt template: {}", template_error(&e))));
         }
     }
     let attempts = match &job.attempts {
@@ -358,12 +303,7 @@ pub fn compile(
         name,
         file: path.to_path_buf(),
         description: file.description,
-        on: file
-            .on
-            .into_inner()
-            .into_iter()
-            .map(Spanned::into_inner)
-            .collect(),
+        on: file.on.into_inner().into_iter().map(Spanned::into_inner).collect(),
         filter: Filter {
             repos,
             branches,
@@ -392,10 +332,7 @@ pub fn compile(
 /// minijinja's message without its "(in template …)" suffix, which would
 /// name baton's internal template names.
 fn template_error(e: &minijinja::Error) -> String {
-    let mut msg = e
-        .detail()
-        .map(str::to_string)
-        .unwrap_or_else(|| e.kind().to_string());
+    let mut msg = e.detail().map(str::to_string).unwrap_or_else(|| e.kind().to_string());
     if let Some(line) = e.line() {
         msg.push_str(&format!(" (template line {line})"));
     }

@@ -5,6 +5,7 @@
 //! a flush before the caller is told it happened: a delivery and all its jobs
 //! are written together, so a 2xx can never stand for half of them.
 
+mod commit;
 mod records;
 
 use std::path::{Path, PathBuf};
@@ -17,9 +18,9 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::Tree;
 
 use crate::rules::JobSpec;
+pub use commit::Durability;
 pub use records::{
-    Attempt, Delivery, Job, JobState, Publication, PublicationState, PublicationSummary, Target,
-    INTERRUPTED,
+    Attempt, Delivery, Job, JobState, Publication, PublicationState, PublicationSummary, Target, INTERRUPTED,
 };
 
 /// What went wrong in the store, with the path when it is about opening it.
@@ -30,19 +31,13 @@ pub enum StoreError {
     #[error("store error: {0}")]
     Sled(#[from] sled::Error),
     #[error("corrupt record in tree {tree}, key {key}: {source}")]
-    Corrupt {
-        tree: &'static str,
-        key: String,
-        source: serde_json::Error,
-    },
+    Corrupt { tree: &'static str, key: String, source: serde_json::Error },
+    #[error("flushing the store to disk failed")]
+    Flush,
     #[error("job {0} not found")]
     NoSuchJob(String),
     #[error("job {id} is {state}, not {expected}")]
-    WrongState {
-        id: String,
-        state: JobState,
-        expected: &'static str,
-    },
+    WrongState { id: String, state: JobState, expected: &'static str },
 }
 
 /// The outcome of storing a delivery.
@@ -58,8 +53,11 @@ pub enum Accepted {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    commit: std::sync::Arc<commit::GroupCommit>,
     path: PathBuf,
     deliveries: Tree,
+    /// received-at millis (u64 BE) ++ delivery id → (): retention order.
+    delivery_times: Tree,
     payloads: Tree,
     jobs: Tree,
     /// creation sequence (u64 BE) → job id: newest-first listing.
@@ -102,11 +100,7 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
-fn decode<T: DeserializeOwned>(
-    tree: &'static str,
-    key: &[u8],
-    bytes: &[u8],
-) -> Result<T, StoreError> {
+fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
         tree,
         key: String::from_utf8_lossy(key).into_owned(),
@@ -127,10 +121,11 @@ pub struct JobQuery {
 impl Store {
     /// Opens (or creates) the store in `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let open_err = |source| StoreError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
+        Store::open_with(path, Durability::Fsync)
+    }
+
+    pub fn open_with(path: &Path, durability: Durability) -> Result<Store, StoreError> {
+        let open_err = |source| StoreError::Open { path: path.to_path_buf(), source };
         std::fs::create_dir_all(path).map_err(|e| open_err(sled::Error::Io(e)))?;
         let db = sled::Config::new()
             .path(path.join("db"))
@@ -143,7 +138,9 @@ impl Store {
             .map_err(open_err)?;
         let tree = |name: &str| db.open_tree(name).map_err(open_err);
         Ok(Store {
+            commit: commit::GroupCommit::new(db.clone(), durability),
             deliveries: tree("deliveries")?,
+            delivery_times: tree("delivery_times")?,
             payloads: tree("payloads")?,
             jobs: tree("jobs")?,
             job_index: tree("job_index")?,
@@ -158,21 +155,16 @@ impl Store {
         &self.path
     }
 
-    /// Makes every write so far durable.
+    /// Makes every write so far durable (shared with concurrent writers:
+    /// see `commit`).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
-        Ok(())
+        self.commit.durable().await
     }
 
     /// Stores a delivery with the jobs its event created, atomically, and
     /// flushes to disk before returning. A delivery id seen before writes
     /// nothing and answers `Duplicate`.
-    pub async fn accept(
-        &self,
-        delivery: Delivery,
-        body: &[u8],
-        specs: Vec<JobSpec>,
-    ) -> Result<Accepted, StoreError> {
+    pub async fn accept(&self, delivery: Delivery, body: &[u8], specs: Vec<JobSpec>) -> Result<Accepted, StoreError> {
         let now = Utc::now();
         let mut jobs = Vec::with_capacity(specs.len());
         for spec in specs {
@@ -180,31 +172,18 @@ impl Store {
             if jobs.iter().any(|j: &Job| j.id == id) {
                 continue;
             }
-            jobs.push(Job::new(
-                id,
-                self.db.generate_id()?,
-                delivery.id.clone(),
-                spec,
-                now,
-            ));
+            jobs.push(Job::new(id, self.db.generate_id()?, delivery.id.clone(), spec, now));
         }
         let mut delivery = delivery;
         delivery.jobs = jobs.iter().map(|j| j.id.clone()).collect();
         let key = delivery.id.clone();
+        let mut time_key = (delivery.received_at.timestamp_millis().max(0) as u64).to_be_bytes().to_vec();
+        time_key.extend_from_slice(key.as_bytes());
         let record = encode(&delivery);
-        let job_records: Vec<(String, u64, Vec<u8>)> = jobs
-            .iter()
-            .map(|j| (j.id.clone(), j.seq, encode(j)))
-            .collect();
+        let job_records: Vec<(String, u64, Vec<u8>)> = jobs.iter().map(|j| (j.id.clone(), j.seq, encode(j))).collect();
 
-        let result = (
-            &self.deliveries,
-            &self.payloads,
-            &self.jobs,
-            &self.job_index,
-            &self.queue,
-        )
-            .transaction(|(deliveries, payloads, jobs, index, queue)| {
+        let result = (&self.deliveries, &self.payloads, &self.jobs, &self.job_index, &self.queue).transaction(
+            |(deliveries, payloads, jobs, index, queue)| {
                 if deliveries.get(key.as_bytes())?.is_some() {
                     return Ok(Accepted::Duplicate);
                 }
@@ -220,15 +199,47 @@ impl Store {
                     index.insert(&seq_key(*seq), id.as_bytes())?;
                     queue.insert(&seq_key(*seq), id.as_bytes())?;
                 }
-                Ok(Accepted::New(
-                    job_records.iter().map(|(id, _, _)| id.clone()).collect(),
-                ))
-            });
+                Ok(Accepted::New(job_records.iter().map(|(id, _, _)| id.clone()).collect()))
+            },
+        );
         let accepted = flatten(result)?;
         if let Accepted::New(_) = accepted {
             self.flush().await?;
         }
         Ok(accepted)
+    }
+
+    /// Forgets deliveries received before `cutoff` (their ids count as new
+    /// again), in small batches so ingress never waits on a long prune.
+    /// Jobs stay; a redelivery cannot double them, since job ids derive from
+    /// the delivery id. Returns how many were pruned.
+    pub async fn prune_deliveries(&self, cutoff: chrono::DateTime<Utc>) -> Result<usize, StoreError> {
+        let end = (cutoff.timestamp_millis().max(0) as u64).to_be_bytes();
+        let mut total = 0;
+        loop {
+            let batch = self.delivery_times.range(..end.as_slice()).keys().take(500).collect::<Result<Vec<_>, _>>()?;
+            if batch.is_empty() {
+                break;
+            }
+            let result = (&self.delivery_times, &self.deliveries, &self.payloads).transaction(
+                |(times, deliveries, payloads)| {
+                    for key in &batch {
+                        times.remove(key)?;
+                        let id = key.get(8..).unwrap_or_default();
+                        deliveries.remove(id)?;
+                        payloads.remove(id)?;
+                    }
+                    Ok(())
+                },
+            );
+            flatten(result)?;
+            total += batch.len();
+            tokio::task::yield_now().await;
+        }
+        if total > 0 {
+            self.flush().await?;
+        }
+        Ok(total)
     }
 
     pub fn delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
@@ -322,23 +333,18 @@ impl Store {
 
     /// Stores a job that has ended (or goes back to the queue for another
     /// attempt), with its publication if any, atomically and durably.
-    pub async fn finish(
-        &self,
-        job: &Job,
-        publication: Option<&Publication>,
-    ) -> Result<(), StoreError> {
+    pub async fn finish(&self, job: &Job, publication: Option<&Publication>) -> Result<(), StoreError> {
         let requeue = job.state == JobState::Queued;
-        let result =
-            (&self.jobs, &self.queue, &self.outbox).transaction(|(jobs, queue, outbox)| {
-                jobs.insert(job.id.as_bytes(), encode(job))?;
-                if requeue {
-                    queue.insert(&seq_key(job.seq), job.id.as_bytes())?;
-                }
-                if let Some(p) = publication {
-                    outbox.insert(job.id.as_bytes(), encode(p))?;
-                }
-                Ok(())
-            });
+        let result = (&self.jobs, &self.queue, &self.outbox).transaction(|(jobs, queue, outbox)| {
+            jobs.insert(job.id.as_bytes(), encode(job))?;
+            if requeue {
+                queue.insert(&seq_key(job.seq), job.id.as_bytes())?;
+            }
+            if let Some(p) = publication {
+                outbox.insert(job.id.as_bytes(), encode(p))?;
+            }
+            Ok(())
+        });
         flatten(result)?;
         self.flush().await
     }
@@ -354,12 +360,7 @@ impl Store {
         let result = (&self.queue, &self.jobs).transaction(|(queue, jobs)| {
             queue.remove(&seq_key(job.seq))?;
             let mut j = job.clone();
-            j.end(
-                JobState::Cancelled,
-                None,
-                Some(reason.to_string()),
-                Utc::now(),
-            );
+            j.end(JobState::Cancelled, None, Some(reason.to_string()), Utc::now());
             jobs.insert(id.as_bytes(), encode(&j))?;
             Ok(j)
         });
@@ -374,11 +375,7 @@ impl Store {
             return Err(StoreError::NoSuchJob(id.to_string()));
         };
         if !job.state.is_final() {
-            return Err(StoreError::WrongState {
-                id: id.to_string(),
-                state: job.state,
-                expected: "finished",
-            });
+            return Err(StoreError::WrongState { id: id.to_string(), state: job.state, expected: "finished" });
         }
         job.requeue_fresh();
         self.finish(&job, None).await?;
@@ -444,9 +441,6 @@ impl JobQuery {
     fn matches(&self, j: &Job) -> bool {
         self.state.is_none_or(|s| j.state == s)
             && self.trigger.as_ref().is_none_or(|t| &j.trigger == t)
-            && self
-                .repo
-                .as_ref()
-                .is_none_or(|r| j.repo.as_ref() == Some(r))
+            && self.repo.as_ref().is_none_or(|r| j.repo.as_ref() == Some(r))
     }
 }

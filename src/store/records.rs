@@ -31,10 +31,7 @@ pub enum JobState {
 
 impl JobState {
     pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            JobState::Succeeded | JobState::Failed | JobState::Cancelled
-        )
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -48,15 +45,9 @@ impl JobState {
     }
 
     pub fn parse(s: &str) -> Option<JobState> {
-        [
-            JobState::Queued,
-            JobState::Running,
-            JobState::Succeeded,
-            JobState::Failed,
-            JobState::Cancelled,
-        ]
-        .into_iter()
-        .find(|st| st.as_str() == s)
+        [JobState::Queued, JobState::Running, JobState::Succeeded, JobState::Failed, JobState::Cancelled]
+            .into_iter()
+            .find(|st| st.as_str() == s)
     }
 }
 
@@ -145,13 +136,7 @@ impl Job {
     }
 
     /// Closes the current attempt.
-    pub fn end_attempt(
-        &mut self,
-        outcome: &str,
-        exit_code: Option<i32>,
-        error: Option<String>,
-        now: DateTime<Utc>,
-    ) {
+    pub fn end_attempt(&mut self, outcome: &str, exit_code: Option<i32>, error: Option<String>, now: DateTime<Utc>) {
         if let Some(a) = self.history.last_mut().filter(|a| a.finished_at.is_none()) {
             a.finished_at = Some(now);
             a.exit_code = exit_code;
@@ -161,13 +146,7 @@ impl Job {
     }
 
     /// The job reaches a final state.
-    pub fn end(
-        &mut self,
-        state: JobState,
-        result: Option<String>,
-        error: Option<String>,
-        now: DateTime<Utc>,
-    ) {
+    pub fn end(&mut self, state: JobState, result: Option<String>, error: Option<String>, now: DateTime<Utc>) {
         self.state = state;
         self.result = result;
         self.error = error;
@@ -187,17 +166,11 @@ impl Job {
     /// Attempts that count against `attempts`: a daemon restart is not the
     /// job's fault, so an interrupted attempt does not use up the budget.
     pub fn counted_attempts(&self) -> u32 {
-        self.history
-            .iter()
-            .filter(|a| a.outcome.as_deref() != Some(INTERRUPTED))
-            .count() as u32
+        self.history.iter().filter(|a| a.outcome.as_deref() != Some(INTERRUPTED)).count() as u32
     }
 
     pub fn interruptions(&self) -> u32 {
-        self.history
-            .iter()
-            .filter(|a| a.outcome.as_deref() == Some(INTERRUPTED))
-            .count() as u32
+        self.history.iter().filter(|a| a.outcome.as_deref() == Some(INTERRUPTED)).count() as u32
     }
 
     pub fn attempts_left(&self) -> bool {

@@ -38,20 +38,12 @@ async fn run(def: &AgentDef, prompt: &str, cap: u64) -> (Ending, Result<String, 
     };
     let r = inv.run().await.expect("agent runs");
     let result = inv.result(&r).await;
-    (
-        r.ending,
-        result,
-        std::fs::read_to_string(&log).unwrap_or_default(),
-    )
+    (r.ending, result, std::fs::read_to_string(&log).unwrap_or_default())
 }
 
 #[tokio::test]
 async fn prompt_on_stdin_result_on_stdout() {
-    let def = agent(
-        &["sh", "-c", "tr a-z A-Z"],
-        PromptMode::Stdin,
-        ResultMode::Stdout,
-    );
+    let def = agent(&["sh", "-c", "tr a-z A-Z"], PromptMode::Stdin, ResultMode::Stdout);
     let (ending, result, _) = run(&def, "hello", 1 << 20).await;
     assert_eq!(ending, Ending::Exited(Some(0)));
     assert_eq!(result.unwrap(), "HELLO");
@@ -59,11 +51,7 @@ async fn prompt_on_stdin_result_on_stdout() {
 
 #[tokio::test]
 async fn prompt_as_argument_is_one_argv_element() {
-    let def = agent(
-        &["sh", "-c", "printf '%s|' \"$@\"", "sh", "{{ prompt }}"],
-        PromptMode::Arg,
-        ResultMode::Stdout,
-    );
+    let def = agent(&["sh", "-c", "printf '%s|' \"$@\"", "sh", "{{ prompt }}"], PromptMode::Arg, ResultMode::Stdout);
     let (_, result, _) = run(&def, "two words; $(not run)", 1 << 20).await;
     assert_eq!(result.unwrap(), "two words; $(not run)|");
 }
@@ -71,24 +59,13 @@ async fn prompt_as_argument_is_one_argv_element() {
 #[tokio::test]
 async fn prompt_in_a_file_result_in_a_file() {
     let def = agent(
-        &[
-            "sh",
-            "-c",
-            "cat \"$1\" | rev > \"$2\"",
-            "sh",
-            "{{ prompt_file }}",
-            "{{ result_file }}",
-        ],
+        &["sh", "-c", "cat \"$1\" | rev > \"$2\"", "sh", "{{ prompt_file }}", "{{ result_file }}"],
         PromptMode::File,
         ResultMode::File,
     );
     let (_, result, _) = run(&def, "abc", 1 << 20).await;
     assert_eq!(result.unwrap(), "cba");
-    let missing = agent(
-        &["sh", "-c", "true", "{{ result_file }}"],
-        PromptMode::Stdin,
-        ResultMode::File,
-    );
+    let missing = agent(&["sh", "-c", "true", "{{ result_file }}"], PromptMode::Stdin, ResultMode::File);
     let (_, result, _) = run(&missing, "x", 1 << 20).await;
     assert_eq!(result.unwrap_err(), "the agent wrote no result file");
 }
@@ -96,11 +73,7 @@ async fn prompt_in_a_file_result_in_a_file() {
 #[tokio::test]
 async fn json_field_result() {
     let def = agent(
-        &[
-            "sh",
-            "-c",
-            "echo '{\"result\": \"from json\", \"cost\": 1}'",
-        ],
+        &["sh", "-c", "echo '{\"result\": \"from json\", \"cost\": 1}'"],
         PromptMode::Stdin,
         ResultMode::Json("result".into()),
     );
@@ -111,11 +84,7 @@ async fn json_field_result() {
 #[tokio::test]
 async fn environment_is_cleared_except_path_home_and_listed() {
     // cargo sets both for the test process; only the listed one may pass.
-    let mut def = agent(
-        &["sh", "-c", "env | sort"],
-        PromptMode::Stdin,
-        ResultMode::Stdout,
-    );
+    let mut def = agent(&["sh", "-c", "env | sort"], PromptMode::Stdin, ResultMode::Stdout);
     def.env = vec!["CARGO_PKG_NAME".into()];
     let (_, result, _) = run(&def, "", 1 << 20).await;
     let env = result.unwrap();
@@ -126,11 +95,7 @@ async fn environment_is_cleared_except_path_home_and_listed() {
 
 #[tokio::test]
 async fn output_is_capped_and_the_log_says_where() {
-    let def = agent(
-        &["sh", "-c", "head -c 100000 /dev/zero | tr '\\0' x"],
-        PromptMode::Stdin,
-        ResultMode::Stdout,
-    );
+    let def = agent(&["sh", "-c", "head -c 100000 /dev/zero | tr '\\0' x"], PromptMode::Stdin, ResultMode::Stdout);
     let (ending, result, log) = run(&def, "", 1000).await;
     assert_eq!(ending, Ending::Exited(Some(0)));
     assert_eq!(result.unwrap().len(), 1000);

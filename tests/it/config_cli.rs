@@ -11,70 +11,36 @@ async fn built_in_defaults_serve_with_a_generated_secret_and_publishing_off() {
     // Every built-in default (127.0.0.1:8787, ./.baton, ./triggers, no
     // secret, no token); the file only adds an agent that exists here.
     let w = Workdir::new();
-    w.trigger(
-        "echo",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"shell\"\nworkspace = \"none\"\nprompt = \"hi\"\n",
-    );
+    w.trigger("echo", "on = [\"issues.opened\"]\n[job]\nagent = \"shell\"\nworkspace = \"none\"\nprompt = \"hi\"\n");
     let baton = {
-        std::fs::write(
-            w.path().join("baton.toml"),
-            "[agents.shell]\ncommand = [\"sh\", \"-c\", \"echo answer\"]\n",
-        )
-        .unwrap();
+        std::fs::write(w.path().join("baton.toml"), "[agents.shell]\ncommand = [\"sh\", \"-c\", \"echo answer\"]\n")
+            .unwrap();
         Baton::start(w.path(), &[])
     };
     assert_eq!(baton.url, "http://127.0.0.1:8787");
     let secret_file = w.path().join(".baton/webhook-secret");
-    let secret =
-        std::fs::read_to_string(&secret_file).expect("secret generated under storage.path");
+    let secret = std::fs::read_to_string(&secret_file).expect("secret generated under storage.path");
     assert_eq!(secret.trim().len(), 64);
-    assert_eq!(
-        std::fs::metadata(&secret_file)
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777,
-        0o600
-    );
+    assert_eq!(std::fs::metadata(&secret_file).unwrap().permissions().mode() & 0o777, 0o600);
     let log = baton.log_text();
-    assert!(
-        log.contains("webhook-secret") && log.contains("Secret"),
-        "startup says where the secret is: {log}"
-    );
+    assert!(log.contains("webhook-secret") && log.contains("Secret"), "startup says where the secret is: {log}");
     assert!(log.contains("Publishing is off"), "{log}");
-    assert!(
-        !log.contains(secret.trim()),
-        "the secret itself is never logged"
-    );
+    assert!(!log.contains(secret.trim()), "the secret itself is never logged");
 
-    let (status, answer) = baton
-        .deliver(
-            secret.trim(),
-            "issues",
-            "d-1",
-            &fixture("issues/opened.payload.json"),
-        )
-        .await;
+    let (status, answer) = baton.deliver(secret.trim(), "issues", "d-1", &fixture("issues/opened.payload.json")).await;
     assert_eq!(status, 202, "{answer}");
     let id = answer["jobs"][0].as_str().unwrap().to_string();
     let job = baton.finished(&id).await;
     assert_eq!(job["state"], "succeeded");
     assert_eq!(job["result"], "answer");
-    assert!(
-        job["publication"].is_null(),
-        "publishing is off without credentials"
-    );
+    assert!(job["publication"].is_null(), "publishing is off without credentials");
 }
 
 #[test]
 fn a_bad_config_stops_start_up_with_path_line_col() {
     let w = Workdir::new();
     w.config("[server]\nlisten = \"127.0.0.1:0\"\n\n[limits]\nmax_paralel_jobs = 3\n");
-    let out = Command::new(BIN)
-        .args(["serve", "--config", "baton.toml"])
-        .current_dir(w.path())
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["serve", "--config", "baton.toml"]).current_dir(w.path()).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     let expected = format!(
@@ -83,74 +49,40 @@ fn a_bad_config_stops_start_up_with_path_line_col() {
     );
     assert!(stderr.contains(&expected), "{stderr}");
 
-    w.config(
-        "[agents.x]\ncommand = [\"x\"]\ntimeout = \"soon\"\n[server]\nlisten = \"127.0.0.1:0\"\n",
-    );
-    let out = Command::new(BIN)
-        .args(["serve"])
-        .current_dir(w.path())
-        .output()
-        .unwrap();
+    w.config("[agents.x]\ncommand = [\"x\"]\ntimeout = \"soon\"\n[server]\nlisten = \"127.0.0.1:0\"\n");
+    let out = Command::new(BIN).args(["serve"]).current_dir(w.path()).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("baton.toml:3:11: invalid duration `soon`"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("baton.toml:3:11: invalid duration `soon`"), "{stderr}");
 }
 
 #[test]
 fn check_prints_every_error_and_exits_1() {
     let w = Workdir::new();
     w.config("[server]\nlisten = \"127.0.0.1:0\"\n");
+    w.trigger("good", "on = [\"issues.opened\"]\n[job]\nagent = \"codex\"\nprompt = \"ok\"\n");
     w.trigger(
-        "good",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"codex\"\nprompt = \"ok\"\n",
+        "typo",
+        "on = [\"issues.opened\"]\n[filter]\nlables = [\"bug\"]\n[job]\nagent = \"codex\"\nprompt = \"x\"\n",
     );
-    w.trigger("typo", "on = [\"issues.opened\"]\n[filter]\nlables = [\"bug\"]\n[job]\nagent = \"codex\"\nprompt = \"x\"\n");
-    w.trigger(
-        "agent",
-        "on = [\"isues.opened\"]\n[job]\nagent = \"nobody\"\nprompt = \"{{ unclosed\"\n",
-    );
-    let out = Command::new(BIN)
-        .arg("check")
-        .current_dir(w.path())
-        .output()
-        .unwrap();
+    w.trigger("agent", "on = [\"isues.opened\"]\n[job]\nagent = \"nobody\"\nprompt = \"{{ unclosed\"\n");
+    let out = Command::new(BIN).arg("check").current_dir(w.path()).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let t = |name: &str| w.path().join("triggers").join(name).display().to_string();
     for expected in [
-        format!(
-            "{}:3:1: unknown key `lables` (did you mean `labels`?)",
-            t("typo.toml")
-        ),
-        format!(
-            "{}:1:7: unknown event `isues.opened` (did you mean `issues`?)",
-            t("agent.toml")
-        ),
+        format!("{}:3:1: unknown key `lables` (did you mean `labels`?)", t("typo.toml")),
+        format!("{}:1:7: unknown event `isues.opened` (did you mean `issues`?)", t("agent.toml")),
         format!("{}:3:9: unknown agent `nobody`", t("agent.toml")),
         format!("{}:4:10: invalid prompt template", t("agent.toml")),
     ] {
-        assert!(
-            stdout.contains(&expected),
-            "missing {expected:?} in:\n{stdout}"
-        );
+        assert!(stdout.contains(&expected), "missing {expected:?} in:\n{stdout}");
     }
 
     std::fs::remove_file(w.path().join("triggers/typo.toml")).unwrap();
     std::fs::remove_file(w.path().join("triggers/agent.toml")).unwrap();
-    let out = Command::new(BIN)
-        .arg("check")
-        .current_dir(w.path())
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let out = Command::new(BIN).arg("check").current_dir(w.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
 #[test]
@@ -158,14 +90,6 @@ fn the_example_triggers_pass_check() {
     let root = env!("CARGO_MANIFEST_DIR");
     let w = Workdir::new();
     w.config(&format!("triggers = \"{root}/triggers\"\n"));
-    let out = Command::new(BIN)
-        .arg("check")
-        .current_dir(w.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let out = Command::new(BIN).arg("check").current_dir(w.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }

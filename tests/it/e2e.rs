@@ -19,20 +19,10 @@ echo "readme=$(cat README.md)"
 echo "prompt=$(printf '%s' "$prompt" | head -n1)"
 "#;
 
-fn setup(
-    fake: &FakeGitHub,
-    agent_body: &str,
-    agent_extra: &str,
-    trigger_extra: &str,
-) -> (Workdir, String) {
+fn setup(fake: &FakeGitHub, agent_body: &str, agent_extra: &str, trigger_extra: &str) -> (Workdir, String) {
     let w = Workdir::new();
     let repos = w.path().join("remote");
-    let sha = bare_repo(
-        &repos,
-        "Codertocat/Hello-World",
-        "master",
-        &[("README.md", "hello from master")],
-    );
+    let sha = bare_repo(&repos, "Codertocat/Hello-World", "master", &[("README.md", "hello from master")]);
     let agent = w.script("agent.sh", agent_body);
     w.config(&format!(
         r#"
@@ -74,14 +64,7 @@ kind = "comment"
 }
 
 async fn deliver_issue(baton: &Baton, delivery: &str) -> String {
-    let (status, body) = baton
-        .deliver(
-            SECRET,
-            "issues",
-            delivery,
-            &fixture("issues/opened.payload.json"),
-        )
-        .await;
+    let (status, body) = baton.deliver(SECRET, "issues", delivery, &fixture("issues/opened.payload.json")).await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["delivery"], delivery);
     let jobs = body["jobs"].as_array().expect("jobs list");
@@ -93,10 +76,7 @@ async fn deliver_issue(baton: &Baton, delivery: &str) -> String {
 async fn signed_issue_becomes_agent_job_and_comment() {
     let fake = FakeGitHub::start().await;
     let (w, sha) = setup(&fake, REPORTER, r#"env = ["BATON_TEST_PASSED"]"#, "");
-    let baton = Baton::start(
-        w.path(),
-        &[("GITHUB_TOKEN", TOKEN), ("BATON_TEST_PASSED", "yes")],
-    );
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN), ("BATON_TEST_PASSED", "yes")]);
 
     let id = deliver_issue(&baton, "e2e-1").await;
     let job = baton.finished(&id).await;
@@ -109,28 +89,14 @@ async fn signed_issue_becomes_agent_job_and_comment() {
     assert_eq!(job["delivery"], "e2e-1");
     assert!(job["created_at"].is_string() && job["finished_at"].is_string());
     let result = job["result"].as_str().unwrap();
-    assert!(
-        result.contains(&format!("sha={sha}")),
-        "agent ran at the default branch head: {result}"
-    );
-    assert!(
-        result.contains("token=unset"),
-        "agent must not see GITHUB_TOKEN: {result}"
-    );
-    assert!(
-        result.contains("extra=yes"),
-        "variables the agent lists pass through: {result}"
-    );
+    assert!(result.contains(&format!("sha={sha}")), "agent ran at the default branch head: {result}");
+    assert!(result.contains("token=unset"), "agent must not see GITHUB_TOKEN: {result}");
+    assert!(result.contains("extra=yes"), "variables the agent lists pass through: {result}");
     assert!(result.contains("readme=hello from master"), "{result}");
-    assert!(
-        result.contains("prompt=Investigate #1: Spelling error in the README file"),
-        "{result}"
-    );
+    assert!(result.contains("prompt=Investigate #1: Spelling error in the README file"), "{result}");
 
     eventually("the comment to be posted", || {
-        !fake
-            .posts("/repos/Codertocat/Hello-World/issues/1/comments")
-            .is_empty()
+        !fake.posts("/repos/Codertocat/Hello-World/issues/1/comments").is_empty()
     })
     .await;
     let posts = fake.posts("/repos/Codertocat/Hello-World/issues/1/comments");
@@ -138,41 +104,25 @@ async fn signed_issue_becomes_agent_job_and_comment() {
     let body = posts[0].body["body"].as_str().unwrap();
     assert!(body.contains(&format!("sha={sha}")), "{body}");
     assert!(body.contains(&format!("<!-- baton:job={id} -->")), "{body}");
-    let auth = posts[0]
-        .headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    assert!(
-        auth.contains(TOKEN),
-        "publishing authenticates with github.token"
-    );
+    let auth = posts[0].headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+    assert!(auth.contains(TOKEN), "publishing authenticates with github.token");
 
     // The publication's outcome lands on the job.
     let start = std::time::Instant::now();
     loop {
         let job = baton.job(&id).await;
         if job["publication"]["state"] == "published" {
-            assert_eq!(
-                job["publication"]["url"],
-                "https://github.example/comment/1"
-            );
+            assert_eq!(job["publication"]["url"], "https://github.example/comment/1");
             break;
         }
-        assert!(
-            start.elapsed() < crate::harness::WAIT,
-            "publication not recorded: {job}"
-        );
+        assert!(start.elapsed() < crate::harness::WAIT, "publication not recorded: {job}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     // The worktree is gone and the token never reached the log.
     assert!(!w.path().join(".baton/worktrees").join(&id).exists());
     assert!(!baton.log_text().contains(TOKEN));
     let (_, log) = baton.get(&format!("/api/jobs/{id}/log")).await;
-    assert!(
-        log.as_str().unwrap_or_default().contains("sha="),
-        "job log has the agent's output: {log}"
-    );
+    assert!(log.as_str().unwrap_or_default().contains("sha="), "job log has the agent's output: {log}");
 }
 
 #[tokio::test]
@@ -184,10 +134,7 @@ async fn missing_agent_command_fails_with_install_hint() {
         "investigate",
         "on = [\"issues.opened\"]\n[job]\nagent = \"codex\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
     );
-    let baton = Baton::start(
-        w.path(),
-        &[("PATH", "/usr/bin:/bin"), ("GITHUB_TOKEN", TOKEN)],
-    );
+    let baton = Baton::start(w.path(), &[("PATH", "/usr/bin:/bin"), ("GITHUB_TOKEN", TOKEN)]);
     let id = deliver_issue(&baton, "nf-1").await;
     let job = baton.finished(&id).await;
     assert_eq!(job["state"], "failed");
@@ -203,10 +150,7 @@ async fn timeout_fails_the_job_and_kills_the_agent() {
     let pid_file = pids.path().join("sleep.pid");
     // The agent starts a child of its own and waits on it: the timeout must
     // take the whole process group, not just the agent.
-    let agent = format!(
-        "#!/bin/sh\necho started\nsleep 300 &\necho $! > {}\nwait\n",
-        pid_file.display()
-    );
+    let agent = format!("#!/bin/sh\necho started\nsleep 300 &\necho $! > {}\nwait\n", pid_file.display());
     let (w, _) = setup(&fake, &agent, "", "timeout = \"1s\"\n");
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver_issue(&baton, "to-1").await;
@@ -214,25 +158,12 @@ async fn timeout_fails_the_job_and_kills_the_agent() {
     assert_eq!(job["state"], "failed");
     assert_eq!(job["error"], "timeout after 1s");
     assert_eq!(job["history"][0]["outcome"], "timeout");
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(
-        !crate::harness::process_running(pid),
-        "the agent's child {pid} survived the timeout"
-    );
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    assert!(!crate::harness::process_running(pid), "the agent's child {pid} survived the timeout");
     // The failure is reported where people look.
-    eventually("the failure comment", || {
-        !fake
-            .posts("/repos/Codertocat/Hello-World/issues/1/comments")
-            .is_empty()
-    })
-    .await;
-    let body: Value = fake.posts("/repos/Codertocat/Hello-World/issues/1/comments")[0]
-        .body
-        .clone();
+    eventually("the failure comment", || !fake.posts("/repos/Codertocat/Hello-World/issues/1/comments").is_empty())
+        .await;
+    let body: Value = fake.posts("/repos/Codertocat/Hello-World/issues/1/comments")[0].body.clone();
     assert!(body["body"].as_str().unwrap().contains("timeout after 1s"));
 }
 
@@ -245,10 +176,7 @@ async fn acknowledged_delivery_survives_kill_9() {
     let flag = gate.path().join("go");
     let (w, _) = setup(
         &fake,
-        &format!(
-            "#!/bin/sh\nwhile [ ! -e {} ]; do sleep 0.05; done\necho done\n",
-            flag.display()
-        ),
+        &format!("#!/bin/sh\nwhile [ ! -e {} ]; do sleep 0.05; done\necho done\n", flag.display()),
         "",
         "",
     );
@@ -262,14 +190,7 @@ async fn acknowledged_delivery_survives_kill_9() {
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["result"], "done");
     // The same delivery again is a duplicate, not a second job.
-    let (status, body) = baton
-        .deliver(
-            SECRET,
-            "issues",
-            "crash-1",
-            &fixture("issues/opened.payload.json"),
-        )
-        .await;
+    let (status, body) = baton.deliver(SECRET, "issues", "crash-1", &fixture("issues/opened.payload.json")).await;
     assert_eq!(status, 200);
     assert_eq!(body["duplicate"], true);
     let (_, list) = baton.get("/api/jobs?delivery=crash-1").await;

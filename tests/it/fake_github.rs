@@ -57,12 +57,6 @@ impl FakeGitHub {
     }
 
     pub fn posts(&self, path: &str) -> Vec<Recorded> {
-        self.requests
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|r| r.method == "POST" && r.path == path)
-            .cloned()
-            .collect()
+        self.requests.lock().unwrap().iter().filter(|r| r.method == "POST" && r.path == path).cloned().collect()
     }
 }

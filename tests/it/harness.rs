@@ -14,9 +14,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_baton");
 pub const WAIT: Duration = Duration::from_secs(60);
 
 pub fn fixture(rel: &str) -> Vec<u8> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/github")
-        .join(rel);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/github").join(rel);
     std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
 }
 
@@ -46,11 +44,7 @@ impl Workdir {
     }
 
     pub fn trigger(&self, name: &str, toml: &str) -> &Self {
-        std::fs::write(
-            self.path().join("triggers").join(format!("{name}.toml")),
-            toml,
-        )
-        .expect("write trigger");
+        std::fs::write(self.path().join("triggers").join(format!("{name}.toml")), toml).expect("write trigger");
         self
     }
 
@@ -107,20 +101,14 @@ impl Baton {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
-                panic!(
-                    "baton did not start; log:\n{}",
-                    logs.lock().unwrap().join("\n")
-                );
+                panic!("baton did not start; log:\n{}", logs.lock().unwrap().join("\n"));
             }
         };
         Baton {
             child,
             url: format!("http://{addr}"),
             logs,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
         }
     }
 
@@ -135,70 +123,38 @@ impl Baton {
     }
 
     /// Sends a delivery signed with `secret`; returns status and JSON body.
-    pub async fn deliver(
-        &self,
-        secret: &str,
-        event: &str,
-        delivery: &str,
-        body: &[u8],
-    ) -> (u16, Value) {
+    pub async fn deliver(&self, secret: &str, event: &str, delivery: &str, body: &[u8]) -> (u16, Value) {
         let sig = baton::ingress::signature::sign(secret.as_bytes(), body);
         self.post_webhook(
-            &[
-                ("x-github-event", event),
-                ("x-github-delivery", delivery),
-                ("x-hub-signature-256", &sig),
-            ],
+            &[("x-github-event", event), ("x-github-delivery", delivery), ("x-hub-signature-256", &sig)],
             body,
         )
         .await
     }
 
     pub async fn post_webhook(&self, headers: &[(&str, &str)], body: &[u8]) -> (u16, Value) {
-        let mut req = self
-            .http
-            .post(format!("{}/webhooks/github", self.url))
-            .body(body.to_vec());
+        let mut req = self.http.post(format!("{}/webhooks/github", self.url)).body(body.to_vec());
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
         let resp = req.send().await.expect("webhook request");
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await
-            .expect("GET");
+        let resp = self.http.get(format!("{}{path}", self.url)).send().await.expect("GET");
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     pub async fn post(&self, path: &str) -> (u16, Value) {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.url))
-            .send()
-            .await
-            .expect("POST");
+        let resp = self.http.post(format!("{}{path}", self.url)).send().await.expect("POST");
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     pub async fn job(&self, id: &str) -> Value {
@@ -212,17 +168,10 @@ impl Baton {
         let start = Instant::now();
         loop {
             let job = self.job(id).await;
-            if matches!(
-                job["state"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            ) {
+            if matches!(job["state"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
                 return job;
             }
-            assert!(
-                start.elapsed() < WAIT,
-                "job {id} did not finish: {job}\nlog:\n{}",
-                self.log_text()
-            );
+            assert!(start.elapsed() < WAIT, "job {id} did not finish: {job}\nlog:\n{}", self.log_text());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -249,22 +198,11 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .arg("-C")
         .arg(dir)
-        .args([
-            "-c",
-            "user.name=Test",
-            "-c",
-            "user.email=test@example.com",
-            "-c",
-            "init.defaultBranch=master",
-        ])
+        .args(["-c", "user.name=Test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=master"])
         .args(args)
         .output()
         .expect("run git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -282,15 +220,7 @@ pub fn bare_repo(root: &Path, full_name: &str, branch: &str, files: &[(&str, &st
     git(work.path(), &["add", "."]);
     git(work.path(), &["commit", "--quiet", "-m", "initial"]);
     let sha = git(work.path(), &["rev-parse", "HEAD"]);
-    git(
-        work.path(),
-        &[
-            "push",
-            "--quiet",
-            bare.to_str().unwrap(),
-            &format!("HEAD:refs/heads/{branch}"),
-        ],
-    );
+    git(work.path(), &["push", "--quiet", bare.to_str().unwrap(), &format!("HEAD:refs/heads/{branch}")]);
     sha
 }
 
@@ -298,9 +228,7 @@ pub fn bare_repo(root: &Path, full_name: &str, branch: &str, files: &[(&str, &st
 pub fn process_running(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesized command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
         Err(_) => false,
     }
 }

@@ -37,45 +37,30 @@ async fn every_bad_input_gets_its_status_and_the_daemon_keeps_serving() {
     // 413: over max_body_bytes, even when correctly signed.
     let big = vec![b' '; 70_000];
     let big_sig = baton::ingress::signature::sign(SECRET.as_bytes(), &big);
-    let (status, _) = baton
-        .post_webhook(&[ev, id, ("x-hub-signature-256", &big_sig)], &big)
-        .await;
+    let (status, _) = baton.post_webhook(&[ev, id, ("x-hub-signature-256", &big_sig)], &big).await;
     assert_eq!(status, 413);
     // 401: missing, wrong, malformed signature.
     let (status, _) = baton.post_webhook(&[ev, id], &body).await;
     assert_eq!(status, 401);
     let wrong = baton::ingress::signature::sign(b"not the secret", &body);
-    let (status, _) = baton
-        .post_webhook(&[ev, id, ("x-hub-signature-256", &wrong)], &body)
-        .await;
+    let (status, _) = baton.post_webhook(&[ev, id, ("x-hub-signature-256", &wrong)], &body).await;
     assert_eq!(status, 401);
-    let (status, _) = baton
-        .post_webhook(&[ev, id, ("x-hub-signature-256", "sha256=xyz")], &body)
-        .await;
+    let (status, _) = baton.post_webhook(&[ev, id, ("x-hub-signature-256", "sha256=xyz")], &body).await;
     assert_eq!(status, 401);
     // 400: a header missing.
-    let (status, answer) = baton
-        .post_webhook(&[id, ("x-hub-signature-256", &sig)], &body)
-        .await;
+    let (status, answer) = baton.post_webhook(&[id, ("x-hub-signature-256", &sig)], &body).await;
     assert_eq!(status, 400);
     assert!(answer["error"].as_str().unwrap().contains("X-GitHub-Event"));
-    let (status, answer) = baton
-        .post_webhook(&[ev, ("x-hub-signature-256", &sig)], &body)
-        .await;
+    let (status, answer) = baton.post_webhook(&[ev, ("x-hub-signature-256", &sig)], &body).await;
     assert_eq!(status, 400);
-    assert!(answer["error"]
-        .as_str()
-        .unwrap()
-        .contains("X-GitHub-Delivery"));
+    assert!(answer["error"].as_str().unwrap().contains("X-GitHub-Delivery"));
     // 400: not JSON, or JSON that is not an object.
     for junk in [&b"{not json"[..], b"[1,2]", b""] {
         let (status, _) = baton.deliver(SECRET, "issues", "junk", junk).await;
         assert_eq!(status, 400, "{:?}", String::from_utf8_lossy(junk));
     }
     // ping: 200, not stored.
-    let (status, _) = baton
-        .deliver(SECRET, "ping", "ping-1", &fixture("ping/payload.json"))
-        .await;
+    let (status, _) = baton.deliver(SECRET, "ping", "ping-1", &fixture("ping/payload.json")).await;
     assert_eq!(status, 200);
     let (_, list) = baton.get("/api/jobs?delivery=ping-1").await;
     assert_eq!(list["jobs"], json!([]));
@@ -109,35 +94,20 @@ async fn untrusted_authors_and_bots_start_no_job() {
     let (_w, baton) = daemon();
     let mut outsider = fixture_json("issues/opened.payload.json");
     outsider["issue"]["author_association"] = json!("NONE");
-    assert!(
-        accepted_jobs(&baton, "none-1", outsider.to_string().as_bytes())
-            .await
-            .is_empty()
-    );
+    assert!(accepted_jobs(&baton, "none-1", outsider.to_string().as_bytes()).await.is_empty());
 
     let mut bot = fixture_json("issues/opened.payload.json");
     bot["sender"]["type"] = json!("Bot");
     bot["sender"]["login"] = json!("dependabot[bot]");
-    assert!(accepted_jobs(&baton, "bot-1", bot.to_string().as_bytes())
-        .await
-        .is_empty());
+    assert!(accepted_jobs(&baton, "bot-1", bot.to_string().as_bytes()).await.is_empty());
 
     let mut itself = fixture_json("issues/opened.payload.json");
     itself["sender"]["login"] = json!("baton[bot]");
     itself["sender"]["type"] = json!("User");
-    assert!(
-        accepted_jobs(&baton, "self-1", itself.to_string().as_bytes())
-            .await
-            .is_empty()
-    );
+    assert!(accepted_jobs(&baton, "self-1", itself.to_string().as_bytes()).await.is_empty());
 
     // The same event from the owner does start one.
-    assert_eq!(
-        accepted_jobs(&baton, "owner-1", &fixture("issues/opened.payload.json"))
-            .await
-            .len(),
-        1
-    );
+    assert_eq!(accepted_jobs(&baton, "owner-1", &fixture("issues/opened.payload.json")).await.len(), 1);
 }
 
 #[tokio::test]
@@ -149,20 +119,9 @@ async fn job_api_filters_and_limits() {
         ids.push(accepted_jobs(&baton, &format!("list-{i}"), &body).await[0].clone());
     }
     let (_, list) = baton.get("/api/jobs?limit=3").await;
-    let got: Vec<Value> = list["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["id"].clone())
-        .collect();
-    assert_eq!(
-        got,
-        vec![ids[4].clone(), ids[3].clone(), ids[2].clone()],
-        "newest first"
-    );
-    let (_, list) = baton
-        .get("/api/jobs?trigger=on-issue&delivery=list-1")
-        .await;
+    let got: Vec<Value> = list["jobs"].as_array().unwrap().iter().map(|j| j["id"].clone()).collect();
+    assert_eq!(got, vec![ids[4].clone(), ids[3].clone(), ids[2].clone()], "newest first");
+    let (_, list) = baton.get("/api/jobs?trigger=on-issue&delivery=list-1").await;
     assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
     let (_, list) = baton.get("/api/jobs?trigger=other").await;
     assert_eq!(list["jobs"], json!([]));

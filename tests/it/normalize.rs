@@ -17,24 +17,13 @@ struct Want {
 
 fn check(w: &Want) {
     let name = w.file.split('/').next().unwrap();
-    let e =
-        normalize(name, "d", &fixture(w.file)).unwrap_or_else(|err| panic!("{}: {err}", w.file));
+    let e = normalize(name, "d", &fixture(w.file)).unwrap_or_else(|err| panic!("{}: {err}", w.file));
     assert_eq!(e.kind, w.kind, "{}", w.file);
     assert_eq!(e.subject, w.subject, "{} subject", w.file);
-    assert_eq!(
-        e.association.as_deref(),
-        w.association,
-        "{} association",
-        w.file
-    );
+    assert_eq!(e.association.as_deref(), w.association, "{} association", w.file);
     assert_eq!(e.head_sha.as_deref(), w.head_sha, "{} head_sha", w.file);
     assert_eq!(e.branch.as_deref(), w.branch, "{} branch", w.file);
-    assert_eq!(
-        e.conclusion.as_deref(),
-        w.conclusion,
-        "{} conclusion",
-        w.file
-    );
+    assert_eq!(e.conclusion.as_deref(), w.conclusion, "{} conclusion", w.file);
 }
 
 #[test]
@@ -113,33 +102,20 @@ fn recorded_payloads_normalize_to_the_expected_fields() {
 fn every_fixture_normalizes_with_its_repository_and_sender() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/github");
     let mut count = 0;
-    for dir in std::fs::read_dir(&root)
-        .unwrap()
-        .flatten()
-        .filter(|d| d.path().is_dir())
-    {
+    for dir in std::fs::read_dir(&root).unwrap().flatten().filter(|d| d.path().is_dir()) {
         let name = dir.file_name().to_string_lossy().into_owned();
         for file in std::fs::read_dir(dir.path()).unwrap().flatten() {
             let body = std::fs::read(file.path()).unwrap();
             let raw: Value = serde_json::from_slice(&body).unwrap();
-            let e = normalize(&name, "d", &body)
-                .unwrap_or_else(|err| panic!("{}: {err}", file.path().display()));
+            let e = normalize(&name, "d", &body).unwrap_or_else(|err| panic!("{}: {err}", file.path().display()));
             let action = raw["action"].as_str();
             let want_kind = match action {
                 Some(a) => format!("{name}.{a}"),
                 None => name.clone(),
             };
             assert_eq!(e.kind, want_kind, "{}", file.path().display());
-            assert_eq!(
-                e.repo_name(),
-                raw["repository"]["full_name"].as_str(),
-                "{}",
-                file.path().display()
-            );
-            assert_eq!(
-                e.sender.as_ref().map(|s| s.login.as_str()),
-                raw["sender"]["login"].as_str()
-            );
+            assert_eq!(e.repo_name(), raw["repository"]["full_name"].as_str(), "{}", file.path().display());
+            assert_eq!(e.sender.as_ref().map(|s| s.login.as_str()), raw["sender"]["login"].as_str());
             count += 1;
         }
     }

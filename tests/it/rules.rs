@@ -11,11 +11,7 @@ use crate::harness::{fixture, fixture_json};
 
 /// Loads one trigger (with `agent = "codex"` and a prompt added) and judges
 /// `payload` as event `name`; returns `Ok(prompt)` or `Err((filter, reason))`.
-fn judge(
-    trigger: &str,
-    name: &str,
-    payload: &[u8],
-) -> Result<baton::rules::JobSpec, (String, String)> {
+fn judge(trigger: &str, name: &str, payload: &[u8]) -> Result<baton::rules::JobSpec, (String, String)> {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("t.toml"), trigger).unwrap();
     let config = Config::from_source(None, "", Path::new("/")).unwrap();
@@ -55,70 +51,32 @@ fn on_matches_kind_or_whole_event() {
     let issue = fixture("issues/opened.payload.json");
     assert!(judge(&trig("[\"issues.opened\"]", ""), "issues", &issue).is_ok());
     assert!(judge(&trig("[\"issues\"]", ""), "issues", &issue).is_ok());
-    rejected_by(
-        judge(&trig("[\"issues.closed\"]", ""), "issues", &issue),
-        "on",
-    );
+    rejected_by(judge(&trig("[\"issues.closed\"]", ""), "issues", &issue), "on");
 }
 
 #[test]
 fn repos_globs() {
     let issue = fixture("issues/opened.payload.json");
-    assert!(judge(
-        &trig("[\"issues.opened\"]", "repos = [\"Codertocat/*\"]"),
-        "issues",
-        &issue
-    )
-    .is_ok());
-    let why = rejected_by(
-        judge(
-            &trig("[\"issues.opened\"]", "repos = [\"acme/*\"]"),
-            "issues",
-            &issue,
-        ),
-        "repos",
-    );
+    assert!(judge(&trig("[\"issues.opened\"]", "repos = [\"Codertocat/*\"]"), "issues", &issue).is_ok());
+    let why = rejected_by(judge(&trig("[\"issues.opened\"]", "repos = [\"acme/*\"]"), "issues", &issue), "repos");
     assert!(why.contains("Codertocat/Hello-World"), "{why}");
 }
 
 #[test]
 fn labels_and_exclude_labels() {
     let issue = fixture("issues/opened.payload.json"); // labelled "bug"
-    assert!(judge(
-        &trig("[\"issues.opened\"]", "labels = [\"bug\", \"crash\"]"),
-        "issues",
-        &issue
-    )
-    .is_ok());
-    let why = rejected_by(
-        judge(
-            &trig("[\"issues.opened\"]", "labels = [\"question\"]"),
-            "issues",
-            &issue,
-        ),
-        "labels",
-    );
+    assert!(judge(&trig("[\"issues.opened\"]", "labels = [\"bug\", \"crash\"]"), "issues", &issue).is_ok());
+    let why = rejected_by(judge(&trig("[\"issues.opened\"]", "labels = [\"question\"]"), "issues", &issue), "labels");
     assert_eq!(why, "wanted any of [question], has [bug]");
-    rejected_by(
-        judge(
-            &trig("[\"issues.opened\"]", "exclude_labels = [\"bug\"]"),
-            "issues",
-            &issue,
-        ),
-        "exclude_labels",
-    );
+    rejected_by(judge(&trig("[\"issues.opened\"]", "exclude_labels = [\"bug\"]"), "issues", &issue), "exclude_labels");
 }
 
 #[test]
 fn authors_default_to_owner_member_collaborator() {
     let t = trig("[\"issues.opened\"]", "");
-    for (assoc, ok) in [
-        ("OWNER", true),
-        ("MEMBER", true),
-        ("COLLABORATOR", true),
-        ("CONTRIBUTOR", false),
-        ("NONE", false),
-    ] {
+    for (assoc, ok) in
+        [("OWNER", true), ("MEMBER", true), ("COLLABORATOR", true), ("CONTRIBUTOR", false), ("NONE", false)]
+    {
         let mut p = fixture_json("issues/opened.payload.json");
         p["issue"]["author_association"] = json!(assoc);
         let r = judge(&t, "issues", p.to_string().as_bytes());
@@ -126,12 +84,9 @@ fn authors_default_to_owner_member_collaborator() {
     }
     let mut p = fixture_json("issues/opened.payload.json");
     p["issue"]["author_association"] = json!("CONTRIBUTOR");
-    assert!(judge(
-        &trig("[\"issues.opened\"]", "authors = [\"CONTRIBUTOR\"]"),
-        "issues",
-        p.to_string().as_bytes()
-    )
-    .is_ok());
+    assert!(
+        judge(&trig("[\"issues.opened\"]", "authors = [\"CONTRIBUTOR\"]"), "issues", p.to_string().as_bytes()).is_ok()
+    );
 }
 
 #[test]
@@ -142,17 +97,11 @@ fn command_matches_the_first_line_and_gives_args() {
     let spec = judge(&t, "issue_comment", p.to_string().as_bytes()).unwrap();
     assert_eq!(spec.prompt, "#1 the login page");
     p["comment"]["body"] = json!("please /investigate");
-    rejected_by(
-        judge(&t, "issue_comment", p.to_string().as_bytes()),
-        "command",
-    );
+    rejected_by(judge(&t, "issue_comment", p.to_string().as_bytes()), "command");
     // The commenter's association is what counts.
     p["comment"]["body"] = json!("/investigate");
     p["comment"]["author_association"] = json!("NONE");
-    rejected_by(
-        judge(&t, "issue_comment", p.to_string().as_bytes()),
-        "authors",
-    );
+    rejected_by(judge(&t, "issue_comment", p.to_string().as_bytes()), "authors");
 }
 
 #[test]
@@ -163,10 +112,7 @@ fn conclusions_and_head_sha_workspace() {
     let spec = judge(t, "check_run", &failed).unwrap();
     assert_eq!(
         spec.workspace,
-        Workspace::HeadSha {
-            sha: "ec26c3e57ca3a959ca5aad62de7213c562f8c821".into(),
-            branch: Some("changes".into())
-        }
+        Workspace::HeadSha { sha: "ec26c3e57ca3a959ca5aad62de7213c562f8c821".into(), branch: Some("changes".into()) }
     );
     assert_eq!(spec.subject, Some(2));
     rejected_by(judge(t, "check_run", &ok), "conclusions");
@@ -194,17 +140,11 @@ fn pull_requests_from_forks_need_allow_forks() {
     let t = "on = [\"pull_request.opened\"]\n[job]\nagent = \"codex\"\nworkspace = \"pr-head\"\nprompt = \"x\"\n";
     let same_repo = fixture("pull_request/opened.payload.json");
     let spec = judge(t, "pull_request", &same_repo).unwrap();
-    assert!(matches!(
-        spec.workspace,
-        Workspace::PrHead { number: 2, .. }
-    ));
+    assert!(matches!(spec.workspace, Workspace::PrHead { number: 2, .. }));
     let mut fork = fixture_json("pull_request/opened.payload.json");
     fork["pull_request"]["head"]["repo"]["id"] = json!(1);
     fork["pull_request"]["head"]["repo"]["full_name"] = json!("outsider/Hello-World");
-    rejected_by(
-        judge(t, "pull_request", fork.to_string().as_bytes()),
-        "authors",
-    );
+    rejected_by(judge(t, "pull_request", fork.to_string().as_bytes()), "authors");
     let allowed = t.replace("[job]", "[filter]\nallow_forks = true\n[job]");
     assert!(judge(&allowed, "pull_request", fork.to_string().as_bytes()).is_ok());
 }
