@@ -8,7 +8,7 @@
 //! deliveries cost about one fsync instead of N.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Once, Weak};
 
 use tokio::sync::{watch, Notify};
 
@@ -39,9 +39,13 @@ pub struct GroupCommit {
     db: sled::Db,
     mode: Durability,
     tickets: AtomicU64,
-    kick: Notify,
+    /// Shared with the flusher, which holds no strong reference while it
+    /// waits: dropping the store ends the flusher and releases the database.
+    kick: Arc<Notify>,
     flushed: watch::Sender<Flushed>,
     started: Once,
+    /// Flushes done so far (for metrics and tests).
+    pub flushes: AtomicU64,
 }
 
 impl GroupCommit {
@@ -50,9 +54,10 @@ impl GroupCommit {
             db,
             mode,
             tickets: AtomicU64::new(0),
-            kick: Notify::new(),
+            kick: Arc::new(Notify::new()),
             flushed: watch::Sender::new(Flushed::default()),
             started: Once::new(),
+            flushes: AtomicU64::new(0),
         })
     }
 
@@ -62,7 +67,7 @@ impl GroupCommit {
             return Ok(());
         }
         self.started.call_once(|| {
-            tokio::spawn(Arc::clone(self).flusher());
+            tokio::spawn(flusher(Arc::downgrade(self), self.kick.clone()));
         });
         let mut rx = self.flushed.subscribe();
         // Taken after the caller's write: any flush that starts later covers it.
@@ -81,29 +86,38 @@ impl GroupCommit {
             }
         }
     }
+}
 
-    async fn flusher(self: Arc<Self>) {
-        loop {
-            let target = self.tickets.load(Ordering::SeqCst);
-            let seen = {
-                let f = *self.flushed.borrow();
-                f.done.max(f.failed)
-            };
-            if target <= seen {
-                self.kick.notified().await;
-                continue;
-            }
-            let db = self.db.clone();
-            // sled's flush blocks on fsync: keep it off the async workers.
-            let result = tokio::task::spawn_blocking(move || db.flush()).await;
-            self.flushed.send_modify(|f| match result {
-                Ok(Ok(_)) => f.done = target,
-                Ok(Err(ref e)) => {
-                    tracing::error!(error = %e, "Flushing the store failed.");
-                    f.failed = target;
-                }
-                Err(_) => f.failed = target,
-            });
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        self.kick.notify_one();
+    }
+}
+
+async fn flusher(weak: Weak<GroupCommit>, kick: Arc<Notify>) {
+    loop {
+        let Some(this) = weak.upgrade() else { return };
+        let target = this.tickets.load(Ordering::SeqCst);
+        let seen = {
+            let f = *this.flushed.borrow();
+            f.done.max(f.failed)
+        };
+        if target <= seen {
+            drop(this);
+            kick.notified().await;
+            continue;
         }
+        let db = this.db.clone();
+        // sled's flush blocks on fsync: keep it off the async workers.
+        let result = tokio::task::spawn_blocking(move || db.flush()).await;
+        this.flushes.fetch_add(1, Ordering::Relaxed);
+        this.flushed.send_modify(|f| match result {
+            Ok(Ok(_)) => f.done = target,
+            Ok(Err(ref e)) => {
+                tracing::error!(error = %e, "Flushing the store failed.");
+                f.failed = target;
+            }
+            Err(_) => f.failed = target,
+        });
     }
 }

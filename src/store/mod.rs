@@ -182,26 +182,26 @@ impl Store {
         let record = encode(&delivery);
         let job_records: Vec<(String, u64, Vec<u8>)> = jobs.iter().map(|j| (j.id.clone(), j.seq, encode(j))).collect();
 
-        let result = (&self.deliveries, &self.payloads, &self.jobs, &self.job_index, &self.queue).transaction(
-            |(deliveries, payloads, jobs, index, queue)| {
-                if deliveries.get(key.as_bytes())?.is_some() {
-                    return Ok(Accepted::Duplicate);
+        let trees = (&self.deliveries, &self.delivery_times, &self.payloads, &self.jobs, &self.job_index, &self.queue);
+        let result = trees.transaction(|(deliveries, times, payloads, jobs, index, queue)| {
+            if deliveries.get(key.as_bytes())?.is_some() {
+                return Ok(Accepted::Duplicate);
+            }
+            deliveries.insert(key.as_bytes(), record.as_slice())?;
+            times.insert(time_key.as_slice(), &[])?;
+            payloads.insert(key.as_bytes(), body)?;
+            for (id, seq, bytes) in &job_records {
+                // A job id already present (a replayed delivery under a
+                // new id cannot collide, but be safe) is never doubled.
+                if jobs.get(id.as_bytes())?.is_some() {
+                    continue;
                 }
-                deliveries.insert(key.as_bytes(), record.as_slice())?;
-                payloads.insert(key.as_bytes(), body)?;
-                for (id, seq, bytes) in &job_records {
-                    // A job id already present (a replayed delivery under a
-                    // new id cannot collide, but be safe) is never doubled.
-                    if jobs.get(id.as_bytes())?.is_some() {
-                        continue;
-                    }
-                    jobs.insert(id.as_bytes(), bytes.as_slice())?;
-                    index.insert(&seq_key(*seq), id.as_bytes())?;
-                    queue.insert(&seq_key(*seq), id.as_bytes())?;
-                }
-                Ok(Accepted::New(job_records.iter().map(|(id, _, _)| id.clone()).collect()))
-            },
-        );
+                jobs.insert(id.as_bytes(), bytes.as_slice())?;
+                index.insert(&seq_key(*seq), id.as_bytes())?;
+                queue.insert(&seq_key(*seq), id.as_bytes())?;
+            }
+            Ok(Accepted::New(job_records.iter().map(|(id, _, _)| id.clone()).collect()))
+        });
         let accepted = flatten(result)?;
         if let Accepted::New(_) = accepted {
             self.flush().await?;
@@ -426,6 +426,11 @@ impl Store {
         });
         flatten(result)?;
         self.flush().await
+    }
+
+    /// Disk flushes done since the store was opened.
+    pub fn flushes(&self) -> u64 {
+        self.commit.flushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn job_count(&self) -> usize {

@@ -140,3 +140,195 @@ async fn job_api_filters_and_limits() {
     let (_, list) = baton.get("/api/jobs?state=succeeded").await;
     assert_eq!(list["jobs"].as_array().unwrap().len(), 5);
 }
+
+#[tokio::test]
+async fn an_unknown_event_type_is_stored_and_answered_202_with_no_jobs() {
+    let (_w, baton) = daemon();
+    let body = br#"{"action":"created","repository":{"full_name":"a/b"},"sender":{"login":"x","type":"User"}}"#;
+    let (status, answer) = baton.deliver(SECRET, "sponsorship", "unknown-1", body).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["jobs"], json!([]));
+    // Stored: sending it again is a duplicate.
+    let (status, answer) = baton.deliver(SECRET, "sponsorship", "unknown-1", body).await;
+    assert_eq!((status, answer["duplicate"].clone()), (200, json!(true)));
+}
+
+#[tokio::test]
+async fn generic_sources_verify_their_own_header_and_name_their_kind() {
+    let w = Workdir::new();
+    w.config(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[github]
+webhook_secret = "gh"
+[agents.noop]
+command = ["true"]
+[sources.ci]
+secret = "ci-secret"
+signature_header = "X-CI-Signature"
+action_field = "build.status"
+[sources.deploy]
+secret = "deploy-secret"
+delivery_header = "X-Deploy-Id"
+"#,
+    );
+    let job = "[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"{{ build.id }}\"\n[output]\nkind = \"none\"\n";
+    w.trigger("ci-failed", &format!("on = [\"ci.failed\"]\n{job}"));
+    w.trigger("deployed", &format!("on = [\"deploy\"]\n{job}"));
+    let baton = Baton::start(w.path(), &[]);
+    let http = reqwest::Client::new();
+    let send = |source: &str, headers: Vec<(&str, String)>, body: &'static [u8]| {
+        let mut req = http.post(format!("{}/webhooks/{source}", baton.url)).body(body);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let failed: &[u8] = br#"{"build": {"id": 42, "status": "failed"}, "repository": "acme/app"}"#;
+    let sig = baton::ingress::signature::sign(b"ci-secret", failed);
+    let (status, answer) = send("ci", vec![("X-CI-Signature", sig.clone())], failed).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["jobs"].as_array().unwrap().len(), 1);
+    let id = answer["jobs"][0].as_str().unwrap().to_string();
+    let job = baton.finished(&id).await;
+    assert_eq!(job["event"], "ci.failed");
+    assert_eq!(job["repo"], "acme/app");
+    assert_eq!(job["spec"]["prompt"], "42");
+    // No delivery header: the id is a hash of the body, so a resend is a duplicate.
+    let (status, answer) = send("ci", vec![("X-CI-Signature", sig)], failed).await;
+    assert_eq!((status, answer["duplicate"].clone()), (200, json!(true)));
+    // A passing build is kind ci.passed: no trigger listens.
+    let passed: &[u8] = br#"{"build": {"id": 43, "status": "passed"}}"#;
+    let (status, answer) =
+        send("ci", vec![("X-CI-Signature", baton::ingress::signature::sign(b"ci-secret", passed))], passed).await;
+    assert_eq!((status, answer["jobs"].clone()), (202, json!([])));
+    // Wrong secret, GitHub's header instead of the source's, unknown source.
+    let wrong = baton::ingress::signature::sign(b"gh", failed);
+    assert_eq!(send("ci", vec![("X-CI-Signature", wrong.clone())], failed).await.0, 401);
+    assert_eq!(send("ci", vec![("X-Hub-Signature-256", wrong)], failed).await.0, 401);
+    assert_eq!(send("nosuch", vec![], failed).await.0, 404);
+    // A source with a delivery header uses it, and requires it.
+    let body: &[u8] = br#"{"env": "prod"}"#;
+    let sig = baton::ingress::signature::sign(b"deploy-secret", body);
+    let (status, _) = send("deploy", vec![("X-Signature-256", sig.clone())], body).await;
+    assert_eq!(status, 400);
+    let (status, answer) =
+        send("deploy", vec![("X-Signature-256", sig.clone()), ("X-Deploy-Id", "7".into())], body).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["delivery"], "deploy:7");
+    let (status, answer) = send("deploy", vec![("X-Signature-256", sig), ("X-Deploy-Id", "8".into())], body).await;
+    assert_eq!((status, answer["jobs"].as_array().unwrap().len()), (202, 1), "a new id with the same body is new");
+}
+
+/// Opens a raw connection and sends `text` (no more).
+async fn raw(baton: &Baton, text: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr = baton.url.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(text.as_bytes()).await.unwrap();
+    stream
+}
+
+/// Reads until the server closes or answers; returns what it sent.
+async fn read_reply(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(20), stream.read(&mut buf))
+        .await
+        .expect("the server answers or closes in time")
+        .unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn slow_daemon(extra: &str) -> (Workdir, Baton) {
+    let w = Workdir::new();
+    w.config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nread_timeout = \"1s\"\n{extra}\n[github]\nwebhook_secret = \"{SECRET}\"\n"
+    ));
+    let baton = Baton::start(w.path(), &[]);
+    (w, baton)
+}
+
+#[tokio::test]
+async fn slow_clients_are_cut_off() {
+    let (_w, baton) = slow_daemon("");
+    // Headers that never finish: the connection is closed.
+    let mut stream = raw(&baton, "POST /webhooks/github HTTP/1.1\r\nHost: x\r\n").await;
+    let reply = read_reply(&mut stream).await;
+    assert!(reply.is_empty() || reply.contains("408"), "{reply:?}");
+    // A body that never finishes: 408.
+    let mut stream = raw(
+        &baton,
+        "POST /webhooks/github HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\nX-GitHub-Event: issues\r\n\r\n{\"a\":",
+    )
+    .await;
+    let reply = read_reply(&mut stream).await;
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
+    // And the daemon still serves.
+    assert_eq!(baton.get("/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn requests_beyond_the_in_flight_cap_get_503_with_retry_after() {
+    let (_w, baton) = slow_daemon("max_in_flight = 1");
+    // Holds the only slot while its body trickles in.
+    let mut held = raw(&baton, "POST /webhooks/github HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{").await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/webhooks/github", baton.url))
+        .header("x-github-event", "issues")
+        .header("x-github-delivery", "shed-1")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(resp.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    // Once the slot is free again, requests are served.
+    let _ = read_reply(&mut held).await;
+    drop(held);
+    let body = fixture("issues/opened.payload.json");
+    let mut status = 0;
+    for _ in 0..100 {
+        status = baton.deliver(SECRET, "issues", "shed-2", &body).await.0;
+        if status != 503 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 202);
+}
+
+#[tokio::test]
+async fn delivery_ids_are_forgotten_after_the_retention() {
+    let w = Workdir::new();
+    w.config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndelivery_retention = \"2s\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.noop]\ncommand = [\"true\"]\n"
+    ));
+    w.trigger(
+        "on-issue",
+        "on = [\"issues.opened\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
+    );
+    let baton = Baton::start(w.path(), &[]);
+    let body = fixture("issues/opened.payload.json");
+    let first = accepted_jobs(&baton, "kept-1", &body).await;
+    let start = std::time::Instant::now();
+    loop {
+        let (status, answer) = baton.deliver(SECRET, "issues", "kept-1", &body).await;
+        if status == 202 {
+            // Forgotten as a delivery, but its job is not doubled.
+            assert_eq!(answer["jobs"], json!(first));
+            break;
+        }
+        assert_eq!(answer["duplicate"], true);
+        assert!(start.elapsed() < crate::harness::WAIT, "the delivery id was never pruned");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let (_, list) = baton.get("/api/jobs").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+}

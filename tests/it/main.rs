@@ -10,3 +10,4 @@ mod harness;
 mod ingress;
 mod normalize;
 mod rules;
+mod store;

@@ -1,0 +1,114 @@
+//! The store on a real sled database: group commit, idempotence, retention,
+//! and clear errors for a store that cannot be opened.
+
+use std::sync::Arc;
+
+use baton::rules::{JobSpec, OutputKind, Workspace};
+use baton::store::{job_id, Accepted, Delivery, Durability, Store};
+use chrono::{Duration, Utc};
+
+fn spec(trigger: &str) -> JobSpec {
+    JobSpec {
+        trigger: trigger.into(),
+        event: "issues.opened".into(),
+        repo: Some("a/b".into()),
+        subject: Some(1),
+        subject_is_pull_request: false,
+        installation: None,
+        head_sha: None,
+        agent: "codex".into(),
+        prompt: "p".into(),
+        workspace: Workspace::None,
+        timeout_secs: None,
+        max_attempts: 1,
+        verify: None,
+        output: OutputKind::None,
+    }
+}
+
+fn delivery(id: &str, age: Duration) -> Delivery {
+    Delivery {
+        id: id.into(),
+        source: "github".into(),
+        event: "issues.opened".into(),
+        received_at: Utc::now() - age,
+        jobs: vec![],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_deliveries_share_flushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let n = 200;
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (store, barrier) = (store.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            store.accept(delivery(&format!("d{i}"), Duration::zero()), b"{}", vec![spec("t")]).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        assert!(matches!(t.await.unwrap(), Accepted::New(ref jobs) if jobs.len() == 1));
+    }
+    let flushes = store.flushes();
+    assert!(flushes >= 1, "acknowledged writes were flushed");
+    assert!(flushes < n as u64 / 2, "{n} concurrent deliveries took {flushes} flushes");
+    drop(store);
+    // Everything acknowledged is there after reopening.
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.job_count(), n);
+}
+
+#[tokio::test]
+async fn os_durability_skips_fsync() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(dir.path(), Durability::Os).unwrap();
+    store.accept(delivery("d", Duration::zero()), b"{}", vec![spec("t")]).await.unwrap();
+    assert_eq!(store.flushes(), 0);
+}
+
+#[tokio::test]
+async fn job_ids_derive_from_delivery_and_trigger_and_never_double() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(job_id("d1", "t"), job_id("d1", "t"));
+    assert_ne!(job_id("d1", "t"), job_id("d1", "u"));
+    assert_ne!(job_id("d1", "t"), job_id("d2", "t"));
+
+    let first =
+        store.accept(delivery("d1", Duration::zero()), b"{}", vec![spec("t"), spec("u"), spec("t")]).await.unwrap();
+    assert_eq!(first, Accepted::New(vec![job_id("d1", "t"), job_id("d1", "u")]));
+    let again = store.accept(delivery("d1", Duration::zero()), b"{}", vec![spec("t")]).await.unwrap();
+    assert_eq!(again, Accepted::Duplicate);
+    assert_eq!(store.job_count(), 2);
+}
+
+#[tokio::test]
+async fn pruning_forgets_old_delivery_ids_but_never_doubles_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.accept(delivery("old", Duration::days(8)), b"{}", vec![spec("t")]).await.unwrap();
+    store.accept(delivery("new", Duration::hours(1)), b"{}", vec![spec("t")]).await.unwrap();
+    let pruned = store.prune_deliveries(Utc::now() - Duration::days(7)).await.unwrap();
+    assert_eq!(pruned, 1);
+    assert!(store.delivery("old").unwrap().is_none());
+    assert!(store.delivery("new").unwrap().is_some());
+    // A redelivery of the pruned id is new again, but its job already exists.
+    let again = store.accept(delivery("old", Duration::zero()), b"{}", vec![spec("t")]).await.unwrap();
+    assert_eq!(again, Accepted::New(vec![job_id("old", "t")]));
+    assert_eq!(store.job_count(), 2);
+    assert_eq!(store.queued().unwrap().len(), 2);
+}
+
+#[test]
+fn an_unopenable_store_names_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    // A file where the database folder should be.
+    std::fs::write(dir.path().join("db"), b"not a database").unwrap();
+    let err = Store::open(dir.path()).err().expect("open fails").to_string();
+    assert!(err.contains(&dir.path().display().to_string()), "{err}");
+    assert!(err.starts_with("cannot open store at"), "{err}");
+}
