@@ -93,3 +93,16 @@ fn the_example_triggers_pass_check() {
     let out = Command::new(BIN).arg("check").current_dir(w.path()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+#[test]
+fn an_unopenable_store_is_a_clear_error_naming_its_path() {
+    let w = Workdir::new();
+    w.config("[server]\nlisten = \"127.0.0.1:0\"\n");
+    std::fs::create_dir_all(w.path().join(".baton")).unwrap();
+    std::fs::write(w.path().join(".baton/db"), "not a database").unwrap();
+    let out = Command::new(BIN).arg("serve").current_dir(w.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("cannot open store at {}", w.path().join(".baton").display())), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -116,6 +116,10 @@ impl Baton {
         self.logs.lock().unwrap().join("\n")
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `kill -9`: no chance to flush or clean up.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();

@@ -4,9 +4,11 @@
 
 mod agent;
 mod config_cli;
+mod crash;
 mod e2e;
 mod fake_github;
 mod harness;
+mod hostile;
 mod ingress;
 mod normalize;
 mod rules;
