@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{format_duration, AgentDef, Config, PromptMode, ResultMode};
 use crate::rules::{JobSpec, OutputKind};
-use crate::store::{Job, JobState, Publication, PublicationState, Store, StoreError, Target, INTERRUPTED};
+use crate::store::{Job, JobState, Phases, Publication, PublicationState, Store, StoreError, Target, INTERRUPTED};
 use agent::{Ending, Invocation};
 use workspace::Workspaces;
 
@@ -141,24 +141,31 @@ impl Engine {
 
     async fn dispatch(self: &Arc<Self>, done: &mpsc::UnboundedSender<String>) -> Result<(), StoreError> {
         let limits = &self.config.limits;
-        for (seq, id) in self.store.queued()? {
-            let (total, per_repo) = {
-                let running = self.running();
-                let Some(job) = self.store.job(&id)? else {
-                    continue;
-                };
-                let same_repo = running.values().filter(|(_, r)| r.is_some() && *r == job.repo).count();
-                (running.len(), if job.repo.is_some() { same_repo } else { 0 })
-            };
+        let (mut total, mut per_repo) = {
+            let running = self.running();
+            let mut per_repo: HashMap<String, usize> = HashMap::new();
+            for repo in running.values().filter_map(|(_, r)| r.clone()) {
+                *per_repo.entry(repo).or_default() += 1;
+            }
+            (running.len(), per_repo)
+        };
+        // Lazily, and only while a slot is free: a long queue costs nothing
+        // when every worker is busy.
+        for entry in self.store.queued() {
             if total >= limits.max_parallel_jobs {
                 break;
             }
-            if per_repo >= limits.max_parallel_per_repo {
-                continue;
+            let entry = entry?;
+            if let Some(repo) = &entry.repo {
+                if per_repo.get(repo).copied().unwrap_or(0) >= limits.max_parallel_per_repo {
+                    continue;
+                }
             }
-            let Some(job) = self.store.claim(seq, &id).await? else {
-                continue;
-            };
+            let Some(job) = self.store.claim(entry.seq, &entry.id).await? else { continue };
+            total += 1;
+            if let Some(repo) = &job.repo {
+                *per_repo.entry(repo.clone()).or_default() += 1;
+            }
             let cancel = CancellationToken::new();
             self.running().insert(job.id.clone(), (cancel.clone(), job.repo.clone()));
             let engine = Arc::clone(self);
@@ -192,7 +199,9 @@ impl Engine {
         tracing::info!(attempt = job.attempts, "Job started.");
         let mut feedback: Option<String> = None;
         loop {
-            let end = self.attempt(&job, feedback.as_deref(), &cancel).await;
+            let mut phases = Phases::default();
+            let end = self.attempt(&job, feedback.as_deref(), &cancel, &mut phases).await;
+            job.record_phases(phases);
             let now = Utc::now();
             match end {
                 AttemptEnd::Succeeded(result) => {
@@ -250,7 +259,13 @@ impl Engine {
     }
 
     /// One attempt: prepare, run, verify.
-    async fn attempt(&self, job: &Job, feedback: Option<&str>, cancel: &CancellationToken) -> AttemptEnd {
+    async fn attempt(
+        &self,
+        job: &Job,
+        feedback: Option<&str>,
+        cancel: &CancellationToken,
+        phases: &mut Phases,
+    ) -> AttemptEnd {
         let spec = &job.spec;
         let Some(agent) = self.config.agents.get(&spec.agent) else {
             return failed(
@@ -265,10 +280,12 @@ impl Engine {
             return failed("prepare_failed", None, format!("cannot create {}: {e}", dir.display()), true);
         }
         self.log_line(&job.id, &format!("attempt {}: preparing workspace", job.attempts)).await;
+        let started = std::time::Instant::now();
         let prepared = tokio::select! {
             p = self.workspaces.prepare(&job.id, spec.repo.as_deref(), &spec.workspace) => p,
             _ = cancel.cancelled() => return AttemptEnd::Cancelled,
         };
+        phases.prepare_ms = Some(started.elapsed().as_millis() as u64);
         let prepared = match prepared {
             Ok(p) => p,
             Err(e) => return failed("prepare_failed", None, format!("preparing the workspace failed: {e}"), true),
@@ -276,7 +293,7 @@ impl Engine {
         if let Some(commit) = &prepared.commit {
             self.log_line(&job.id, &format!("workspace at {commit}")).await;
         }
-        let end = self.run_in(job, agent, &prepared.path, feedback, cancel).await;
+        let end = self.run_in(job, agent, &prepared.path, feedback, cancel, phases).await;
         self.workspaces.release(&prepared).await;
         end
     }
@@ -288,6 +305,7 @@ impl Engine {
         workdir: &std::path::Path,
         feedback: Option<&str>,
         cancel: &CancellationToken,
+        phases: &mut Phases,
     ) -> AttemptEnd {
         let spec = &job.spec;
         let prompt = match feedback {
@@ -312,7 +330,10 @@ impl Engine {
             cancel,
         };
         self.log_line(&job.id, &format!("running agent `{}`", agent.name)).await;
-        let run = match inv.run().await {
+        let started = std::time::Instant::now();
+        let run = inv.run().await;
+        phases.run_ms = Some(started.elapsed().as_millis() as u64);
+        let run = match run {
             Ok(r) => r,
             Err(e) => return failed("spawn_failed", None, e.to_string(), false),
         };
@@ -356,7 +377,10 @@ impl Engine {
                 output_cap: agent::DEFAULT_OUTPUT_CAP,
                 cancel,
             };
-            match v.run().await {
+            let started = std::time::Instant::now();
+            let outcome = v.run().await;
+            phases.verify_ms = Some(started.elapsed().as_millis() as u64);
+            match outcome {
                 Err(e) => return failed("verify_failed", None, format!("verify could not run: {e}"), false),
                 Ok(r) => match r.ending {
                     Ending::Cancelled => return AttemptEnd::Cancelled,

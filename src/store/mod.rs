@@ -20,7 +20,7 @@ use sled::Tree;
 use crate::rules::JobSpec;
 pub use commit::Durability;
 pub use records::{
-    Attempt, Delivery, Job, JobState, Publication, PublicationState, PublicationSummary, Target, INTERRUPTED,
+    Attempt, Delivery, Job, JobState, Phases, Publication, PublicationState, PublicationSummary, Target, INTERRUPTED,
 };
 
 /// What went wrong in the store, with the path when it is about opening it.
@@ -108,6 +108,22 @@ fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> 
     })
 }
 
+/// A queued job, as the dispatcher sees it without loading the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueEntry {
+    pub seq: u64,
+    pub id: String,
+    pub repo: Option<String>,
+}
+
+/// Queue values carry the repository so per-repository limits need no job read.
+fn queue_value(id: &str, repo: Option<&str>) -> Vec<u8> {
+    match repo {
+        Some(r) => format!("{id}\n{r}").into_bytes(),
+        None => id.as_bytes().to_vec(),
+    }
+}
+
 /// Filters for listing jobs.
 #[derive(Debug, Default, Clone)]
 pub struct JobQuery {
@@ -181,6 +197,7 @@ impl Store {
         time_key.extend_from_slice(key.as_bytes());
         let record = encode(&delivery);
         let job_records: Vec<(String, u64, Vec<u8>)> = jobs.iter().map(|j| (j.id.clone(), j.seq, encode(j))).collect();
+        let repo = jobs.first().and_then(|j| j.repo.clone());
 
         let trees = (&self.deliveries, &self.delivery_times, &self.payloads, &self.jobs, &self.job_index, &self.queue);
         let result = trees.transaction(|(deliveries, times, payloads, jobs, index, queue)| {
@@ -198,7 +215,7 @@ impl Store {
                 }
                 jobs.insert(id.as_bytes(), bytes.as_slice())?;
                 index.insert(&seq_key(*seq), id.as_bytes())?;
-                queue.insert(&seq_key(*seq), id.as_bytes())?;
+                queue.insert(&seq_key(*seq), queue_value(id, repo.as_deref()))?;
             }
             Ok(Accepted::New(job_records.iter().map(|(id, _, _)| id.clone()).collect()))
         });
@@ -288,15 +305,18 @@ impl Store {
         Ok(out)
     }
 
-    /// Queued jobs in order, as (job id, repo) — without loading them.
-    pub fn queued(&self) -> Result<Vec<(u64, String)>, StoreError> {
-        let mut out = Vec::new();
-        for entry in self.queue.iter() {
+    /// Queued jobs in order, read lazily: (sequence, job id, repository).
+    pub fn queued(&self) -> impl Iterator<Item = Result<QueueEntry, StoreError>> + '_ {
+        self.queue.iter().map(|entry| {
             let (k, v) = entry?;
             let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
-            out.push((seq, String::from_utf8_lossy(&v).into_owned()));
-        }
-        Ok(out)
+            let text = String::from_utf8_lossy(&v);
+            let (id, repo) = match text.split_once('\n') {
+                Some((id, repo)) => (id.to_string(), Some(repo.to_string())),
+                None => (text.into_owned(), None),
+            };
+            Ok(QueueEntry { seq, id, repo })
+        })
     }
 
     /// Takes a queued job: it leaves the queue and becomes `running` with a
@@ -338,7 +358,7 @@ impl Store {
         let result = (&self.jobs, &self.queue, &self.outbox).transaction(|(jobs, queue, outbox)| {
             jobs.insert(job.id.as_bytes(), encode(job))?;
             if requeue {
-                queue.insert(&seq_key(job.seq), job.id.as_bytes())?;
+                queue.insert(&seq_key(job.seq), queue_value(&job.id, job.repo.as_deref()))?;
             }
             if let Some(p) = publication {
                 outbox.insert(job.id.as_bytes(), encode(p))?;

@@ -71,6 +71,17 @@ pub struct Attempt {
     /// `spawn_failed`, `prepare_failed`, `interrupted` (daemon restart).
     pub outcome: Option<String>,
     pub error: Option<String>,
+    /// Time spent in each phase, in milliseconds.
+    #[serde(default)]
+    pub phases: Phases,
+}
+
+/// Phase timings of one attempt (milliseconds; absent when not reached).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Phases {
+    pub prepare_ms: Option<u64>,
+    pub run_ms: Option<u64>,
+    pub verify_ms: Option<u64>,
 }
 
 /// A job: one trigger's work for one delivery.
@@ -132,6 +143,7 @@ impl Job {
             exit_code: None,
             outcome: None,
             error: None,
+            phases: Phases::default(),
         });
     }
 
@@ -142,6 +154,13 @@ impl Job {
             a.exit_code = exit_code;
             a.outcome = Some(outcome.to_string());
             a.error = error;
+        }
+    }
+
+    /// Records the phase timings of the current attempt.
+    pub fn record_phases(&mut self, phases: Phases) {
+        if let Some(a) = self.history.last_mut() {
+            a.phases = phases;
         }
     }
 

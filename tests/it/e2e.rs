@@ -88,6 +88,8 @@ async fn signed_issue_becomes_agent_job_and_comment() {
     assert_eq!(job["subject"], 1);
     assert_eq!(job["delivery"], "e2e-1");
     assert!(job["created_at"].is_string() && job["finished_at"].is_string());
+    let phases = &job["history"][0]["phases"];
+    assert!(phases["prepare_ms"].is_u64() && phases["run_ms"].is_u64(), "phase timings recorded: {phases}");
     let result = job["result"].as_str().unwrap();
     assert!(result.contains(&format!("sha={sha}")), "agent ran at the default branch head: {result}");
     assert!(result.contains("token=unset"), "agent must not see GITHUB_TOKEN: {result}");
