@@ -66,6 +66,8 @@ pub struct Store {
     queue: Tree,
     /// job id → `Publication` not yet delivered to GitHub.
     outbox: Tree,
+    /// job id → (), for jobs in state `running`: what a restart must recover.
+    running: Tree,
 }
 
 /// The id of the job `trigger` creates for `delivery`: the same pair always
@@ -162,6 +164,7 @@ impl Store {
             job_index: tree("job_index")?,
             queue: tree("queue")?,
             outbox: tree("outbox")?,
+            running: tree("running")?,
             path: path.to_path_buf(),
             db,
         })
@@ -322,7 +325,7 @@ impl Store {
     /// Takes a queued job: it leaves the queue and becomes `running` with a
     /// new attempt, in one transaction, flushed.
     pub async fn claim(&self, seq: u64, id: &str) -> Result<Option<Job>, StoreError> {
-        let result = (&self.queue, &self.jobs).transaction(|(queue, jobs)| {
+        let result = (&self.queue, &self.jobs, &self.running).transaction(|(queue, jobs, running)| {
             if queue.remove(&seq_key(seq))?.is_none() {
                 return Ok(None);
             }
@@ -338,6 +341,7 @@ impl Store {
             }
             job.start_attempt(Utc::now());
             jobs.insert(id.as_bytes(), encode(&job))?;
+            running.insert(id.as_bytes(), &[])?;
             Ok(Some(job))
         });
         let job = flatten(result)?;
@@ -355,16 +359,20 @@ impl Store {
     /// attempt), with its publication if any, atomically and durably.
     pub async fn finish(&self, job: &Job, publication: Option<&Publication>) -> Result<(), StoreError> {
         let requeue = job.state == JobState::Queued;
-        let result = (&self.jobs, &self.queue, &self.outbox).transaction(|(jobs, queue, outbox)| {
-            jobs.insert(job.id.as_bytes(), encode(job))?;
-            if requeue {
-                queue.insert(&seq_key(job.seq), queue_value(&job.id, job.repo.as_deref()))?;
-            }
-            if let Some(p) = publication {
-                outbox.insert(job.id.as_bytes(), encode(p))?;
-            }
-            Ok(())
-        });
+        let result =
+            (&self.jobs, &self.queue, &self.outbox, &self.running).transaction(|(jobs, queue, outbox, running)| {
+                jobs.insert(job.id.as_bytes(), encode(job))?;
+                if job.state != JobState::Running {
+                    running.remove(job.id.as_bytes())?;
+                }
+                if requeue {
+                    queue.insert(&seq_key(job.seq), queue_value(&job.id, job.repo.as_deref()))?;
+                }
+                if let Some(p) = publication {
+                    outbox.insert(job.id.as_bytes(), encode(p))?;
+                }
+                Ok(())
+            });
         flatten(result)?;
         self.flush().await
     }
@@ -378,15 +386,18 @@ impl Store {
             return Ok(None);
         }
         let result = (&self.queue, &self.jobs).transaction(|(queue, jobs)| {
-            queue.remove(&seq_key(job.seq))?;
+            // The dispatcher may have claimed it since it was read.
+            if queue.remove(&seq_key(job.seq))?.is_none() {
+                return Ok(None);
+            }
             let mut j = job.clone();
             j.end(JobState::Cancelled, None, Some(reason.to_string()), Utc::now());
             jobs.insert(id.as_bytes(), encode(&j))?;
-            Ok(j)
+            Ok(Some(j))
         });
         let job = flatten(result)?;
         self.flush().await?;
-        Ok(Some(job))
+        Ok(job)
     }
 
     /// Puts a finished job back in the queue for a fresh run.
@@ -402,14 +413,17 @@ impl Store {
         Ok(job)
     }
 
-    /// Jobs a previous daemon left `running`.
+    /// Jobs a previous daemon left `running` (read through the running
+    /// index, so start-up does not scan every job ever run).
     pub fn running(&self) -> Result<Vec<Job>, StoreError> {
         let mut out = Vec::new();
-        for entry in self.jobs.iter() {
-            let (k, v) = entry?;
-            let job: Job = decode("jobs", &k, &v)?;
-            if job.state == JobState::Running {
-                out.push(job);
+        for entry in self.running.iter() {
+            let (id, _) = entry?;
+            if let Some(bytes) = self.jobs.get(&id)? {
+                let job: Job = decode("jobs", &id, &bytes)?;
+                if job.state == JobState::Running {
+                    out.push(job);
+                }
             }
         }
         Ok(out)
@@ -453,12 +467,9 @@ impl Store {
         self.commit.flushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Counts every job: a full scan, for tests and tools, not hot paths.
     pub fn job_count(&self) -> usize {
         self.jobs.len()
-    }
-
-    pub fn queue_len(&self) -> usize {
-        self.queue.len()
     }
 }
 

@@ -1,0 +1,67 @@
+//! Sends COUNT signed deliveries (unique ids) with CONCURRENCY clients and
+//! waits until that many jobs have succeeded; prints `seconds jobs_per_second`.
+//!
+//! usage: flood URL SECRET PAYLOAD COUNT CONCURRENCY [wait-jobs]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[tokio::main]
+async fn main() {
+    let a: Vec<String> = std::env::args().skip(1).collect();
+    let (url, secret, payload) = (a[0].clone(), a[1].clone(), std::fs::read(&a[2]).expect("payload"));
+    let count: usize = a[3].parse().expect("count");
+    let concurrency: usize = a[4].parse().expect("concurrency");
+    let wait_jobs = a.get(5).is_some_and(|w| w == "wait-jobs");
+    let sig = baton::ingress::signature::sign(secret.as_bytes(), &payload);
+    let payload = Arc::new(payload);
+    let next = Arc::new(AtomicUsize::new(0));
+    let run = format!("{}", chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default());
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (url, sig, payload, next, run) = (url.clone(), sig.clone(), payload.clone(), next.clone(), run.clone());
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= count {
+                    return;
+                }
+                let resp = http
+                    .post(format!("{url}/webhooks/github"))
+                    .header("x-github-event", "issues")
+                    .header("x-github-delivery", format!("flood-{run}-{i}"))
+                    .header("x-hub-signature-256", &sig)
+                    .body(payload.as_ref().clone())
+                    .send()
+                    .await
+                    .expect("send");
+                assert!(resp.status().is_success(), "status {}", resp.status());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client");
+    }
+    if wait_jobs {
+        let http = reqwest::Client::new();
+        loop {
+            let v: serde_json::Value = http
+                .get(format!("{url}/api/jobs?state=succeeded&limit=100000"))
+                .send()
+                .await
+                .expect("list")
+                .json()
+                .await
+                .expect("json");
+            if v["jobs"].as_array().map_or(0, Vec::len) >= count {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("{secs:.3} {:.1}", count as f64 / secs);
+}

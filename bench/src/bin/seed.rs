@@ -1,0 +1,54 @@
+//! Fills a store with COUNT finished jobs, as a long-running daemon would
+//! have them, for the restart benchmark.
+//!
+//! usage: seed STORAGE_PATH COUNT
+
+use baton::rules::{JobSpec, OutputKind, Workspace};
+use baton::store::{Delivery, Durability, JobState, Store};
+
+#[tokio::main]
+async fn main() {
+    let a: Vec<String> = std::env::args().skip(1).collect();
+    let path = std::path::PathBuf::from(&a[0]);
+    let count: usize = a[1].parse().expect("count");
+    // Seeding, not serving: no fsync per record; one flush at the end.
+    let store = Store::open_with(&path, Durability::Os).expect("open store");
+    for i in 0..count {
+        let spec = JobSpec {
+            trigger: "investigate".into(),
+            event: "issues.opened".into(),
+            repo: Some("acme/app".into()),
+            subject: Some(i as u64),
+            subject_is_pull_request: false,
+            installation: None,
+            head_sha: None,
+            agent: "codex".into(),
+            prompt: format!("Investigate issue #{i}: something broke in the parser again."),
+            workspace: Workspace::DefaultBranch { branch: "main".into() },
+            timeout_secs: None,
+            max_attempts: 1,
+            verify: None,
+            output: OutputKind::Comment,
+        };
+        let delivery = Delivery {
+            id: format!("seed-{i}"),
+            source: "github".into(),
+            event: "issues.opened".into(),
+            received_at: chrono::Utc::now(),
+            jobs: vec![],
+        };
+        store.accept(delivery, b"{}", vec![spec]).await.expect("accept");
+    }
+    let entries: Vec<_> = store.queued().collect::<Result<_, _>>().expect("queue");
+    for e in entries {
+        let mut job = store.claim(e.seq, &e.id).await.expect("claim").expect("queued job");
+        let now = chrono::Utc::now();
+        job.end_attempt("exit", Some(0), None, now);
+        job.end(JobState::Succeeded, Some("The parser fails on empty input; see src/parse.rs:42.".into()), None, now);
+        store.finish(&job, None).await.expect("finish");
+    }
+    drop(store);
+    let store = Store::open(&path).expect("reopen");
+    store.flush().await.expect("flush");
+    println!("{}", store.job_count());
+}
