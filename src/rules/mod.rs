@@ -7,12 +7,13 @@
 //! Trigger rules come only from baton's own folder, never from a repository.
 
 pub mod command;
+pub mod template;
 pub mod trigger;
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use minijinja::{context, Environment, UndefinedBehavior, Value};
+use minijinja::{context, Environment, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -88,25 +89,16 @@ impl std::fmt::Debug for RuleSet {
     }
 }
 
-fn template_env() -> Environment<'static> {
-    let mut env = Environment::new();
-    // Payloads differ between events: a missing field renders empty instead
-    // of failing the job, and `issue.title` on a push is simply empty.
-    env.set_undefined_behavior(UndefinedBehavior::Chainable);
-    env.set_keep_trailing_newline(true);
-    env
-}
-
 impl RuleSet {
     /// An empty set (no trigger folder).
     pub fn empty(config: &Config) -> RuleSet {
-        RuleSet::from_triggers(Vec::new(), template_env(), config)
+        RuleSet::from_triggers(Vec::new(), template::environment(), config)
     }
 
     /// Loads every `*.toml` in `dir`. Files that fail are reported and left
     /// out; the others load. A missing folder is an empty set.
     pub fn load(dir: &Path, config: &Config) -> (RuleSet, Vec<Diagnostic>) {
-        let mut env = template_env();
+        let mut env = template::environment();
         let mut triggers = Vec::new();
         let mut errors = Vec::new();
         let mut files: Vec<_> = match std::fs::read_dir(dir) {
@@ -358,7 +350,7 @@ fn workspace_for(kind: WorkspaceKind, event: &Event) -> Result<Workspace, String
 fn base_context(event: &Event) -> Value {
     context! {
         event => Value::from_serialize(event),
-        ..Value::from_serialize(&*event.payload)
+        ..template::payload_value(&event.payload)
     }
 }
 
