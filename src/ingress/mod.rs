@@ -130,7 +130,7 @@ async fn github_webhook(State(s): State<Ingress>, headers: HeaderMap, body: Body
         tracing::info!(delivery = %delivery_id, "Ping received.");
         return answer(StatusCode::OK, json!({ "ok": true, "delivery": delivery_id }));
     }
-    admit(&s, event, &body).await
+    admit(&s, event).await
 }
 
 async fn generic_webhook(
@@ -162,13 +162,13 @@ async fn generic_webhook(
     // Kept apart from GitHub's ids, which are not under the source's control.
     let delivery_id = format!("{name}:{delivery_id}");
     match generic::normalize(source, &delivery_id, &body) {
-        Ok(event) => admit(&s, event, &body).await,
+        Ok(event) => admit(&s, event).await,
         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
 
 /// Matches a verified event, stores it with its jobs, and answers.
-async fn admit(s: &Ingress, event: Event, body: &[u8]) -> Response {
+async fn admit(s: &Ingress, event: Event) -> Response {
     let specs = s.rules.current().match_event(&event);
     let delivery = Delivery {
         id: event.delivery.clone(),
@@ -178,7 +178,7 @@ async fn admit(s: &Ingress, event: Event, body: &[u8]) -> Response {
         jobs: Vec::new(),
     };
     let id = event.delivery.as_str();
-    match s.store.accept(delivery, body, specs).await {
+    match s.store.accept(delivery, specs).await {
         Ok(Accepted::Duplicate) => {
             tracing::info!(delivery = %id, "Duplicate delivery ignored.");
             answer(StatusCode::OK, json!({ "duplicate": true, "delivery": id }))

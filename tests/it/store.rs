@@ -47,7 +47,7 @@ async fn concurrent_deliveries_share_flushes() {
         let (store, barrier) = (store.clone(), barrier.clone());
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
-            store.accept(delivery(&format!("d{i}"), Duration::zero()), b"{}", vec![spec("t")]).await.unwrap()
+            store.accept(delivery(&format!("d{i}"), Duration::zero()), vec![spec("t")]).await.unwrap()
         }));
     }
     for t in tasks {
@@ -66,7 +66,7 @@ async fn concurrent_deliveries_share_flushes() {
 async fn os_durability_skips_fsync() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_with(dir.path(), Durability::Os).unwrap();
-    store.accept(delivery("d", Duration::zero()), b"{}", vec![spec("t")]).await.unwrap();
+    store.accept(delivery("d", Duration::zero()), vec![spec("t")]).await.unwrap();
     assert_eq!(store.flushes(), 0);
 }
 
@@ -78,10 +78,9 @@ async fn job_ids_derive_from_delivery_and_trigger_and_never_double() {
     assert_ne!(job_id("d1", "t"), job_id("d1", "u"));
     assert_ne!(job_id("d1", "t"), job_id("d2", "t"));
 
-    let first =
-        store.accept(delivery("d1", Duration::zero()), b"{}", vec![spec("t"), spec("u"), spec("t")]).await.unwrap();
+    let first = store.accept(delivery("d1", Duration::zero()), vec![spec("t"), spec("u"), spec("t")]).await.unwrap();
     assert_eq!(first, Accepted::New(vec![job_id("d1", "t"), job_id("d1", "u")]));
-    let again = store.accept(delivery("d1", Duration::zero()), b"{}", vec![spec("t")]).await.unwrap();
+    let again = store.accept(delivery("d1", Duration::zero()), vec![spec("t")]).await.unwrap();
     assert_eq!(again, Accepted::Duplicate);
     assert_eq!(store.job_count(), 2);
 }
@@ -90,14 +89,14 @@ async fn job_ids_derive_from_delivery_and_trigger_and_never_double() {
 async fn pruning_forgets_old_delivery_ids_but_never_doubles_jobs() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    store.accept(delivery("old", Duration::days(8)), b"{}", vec![spec("t")]).await.unwrap();
-    store.accept(delivery("new", Duration::hours(1)), b"{}", vec![spec("t")]).await.unwrap();
+    store.accept(delivery("old", Duration::days(8)), vec![spec("t")]).await.unwrap();
+    store.accept(delivery("new", Duration::hours(1)), vec![spec("t")]).await.unwrap();
     let pruned = store.prune_deliveries(Utc::now() - Duration::days(7)).await.unwrap();
     assert_eq!(pruned, 1);
     assert!(store.delivery("old").unwrap().is_none());
     assert!(store.delivery("new").unwrap().is_some());
     // A redelivery of the pruned id is new again, but its job already exists.
-    let again = store.accept(delivery("old", Duration::zero()), b"{}", vec![spec("t")]).await.unwrap();
+    let again = store.accept(delivery("old", Duration::zero()), vec![spec("t")]).await.unwrap();
     assert_eq!(again, Accepted::New(vec![job_id("old", "t")]));
     assert_eq!(store.job_count(), 2);
     assert_eq!(store.queued().count(), 2);

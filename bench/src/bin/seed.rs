@@ -37,7 +37,7 @@ async fn main() {
             received_at: chrono::Utc::now(),
             jobs: vec![],
         };
-        store.accept(delivery, b"{}", vec![spec]).await.expect("accept");
+        store.accept(delivery, vec![spec]).await.expect("accept");
     }
     let entries: Vec<_> = store.queued().collect::<Result<_, _>>().expect("queue");
     for e in entries {
