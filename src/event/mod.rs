@@ -12,6 +12,10 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::Value;
 
+/// Starts the hidden marker in every body baton posts (`<!-- baton:job=ID -->`):
+/// it names the job, and keeps baton's own comments from triggering jobs.
+pub const MARKER_PREFIX: &str = "<!-- baton:";
+
 /// A repository an event is about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Repository {

@@ -20,7 +20,7 @@ pub use github::GitHub;
 /// A hidden marker in every body baton posts: it names the job, lets baton
 /// find its own comments, and keeps its comments from triggering jobs.
 pub fn marker(job_id: &str) -> String {
-    format!("<!-- baton:job={job_id} -->")
+    format!("{}job={job_id} -->", crate::event::MARKER_PREFIX)
 }
 
 /// Publications give up after this many tries.

@@ -195,6 +195,9 @@ impl RuleSet {
                 return reject("allow_bots", format!("sender {} is a bot", sender.login));
             }
         }
+        if event.comment.as_ref().is_some_and(|c| c.body.contains(crate::event::MARKER_PREFIX)) {
+            return reject("bot", "the comment was posted by baton".into());
+        }
         if !f.repos.is_empty() {
             let repo = event.repo_name().unwrap_or("");
             if !f.repos.iter().any(|p| p.matches(repo)) {
@@ -239,6 +242,9 @@ impl RuleSet {
             let Some(comment) = &event.comment else {
                 return reject("command", format!("wanted a comment starting with {cmd}, event has no comment"));
             };
+            if event.action.as_deref() == Some("edited") {
+                return reject("command", "an edited comment does not run its command again".into());
+            }
             match command::parse(cmd, &comment.body) {
                 Some(c) => slash = Some(c),
                 None => return reject("command", format!("comment does not start with {cmd}")),

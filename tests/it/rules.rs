@@ -148,3 +148,43 @@ fn pull_requests_from_forks_need_allow_forks() {
     let allowed = t.replace("[job]", "[filter]\nallow_forks = true\n[job]");
     assert!(judge(&allowed, "pull_request", fork.to_string().as_bytes()).is_ok());
 }
+
+#[test]
+fn branches_match_the_pull_request_base() {
+    let pr = fixture("pull_request/opened.payload.json"); // base master, head "changes"
+    let t = |b: &str| format!("on = [\"pull_request.opened\"]\n[filter]\nbranches = [\"{b}\"]\n[job]\nagent = \"codex\"\nworkspace = \"none\"\nprompt = \"x\"\n");
+    assert!(judge(&t("mast*"), "pull_request", &pr).is_ok());
+    let why = rejected_by(judge(&t("main"), "pull_request", &pr), "branches");
+    assert_eq!(why, "wanted [main], event is on master");
+}
+
+#[test]
+fn drafts_are_skipped_unless_asked_for() {
+    let t = "on = [\"pull_request.opened\"]\n[job]\nagent = \"codex\"\nworkspace = \"none\"\nprompt = \"x\"\n";
+    let mut p = fixture_json("pull_request/opened.payload.json");
+    p["pull_request"]["draft"] = json!(true);
+    rejected_by(judge(t, "pull_request", p.to_string().as_bytes()), "draft");
+    let with_drafts = t.replace("[job]", "[filter]\ndraft = true\n[job]");
+    assert!(judge(&with_drafts, "pull_request", p.to_string().as_bytes()).is_ok());
+}
+
+#[test]
+fn if_expressions_see_the_payload() {
+    let issue = fixture("issues/opened.payload.json"); // "Spelling error in the README file"
+    assert!(judge(&trig("[\"issues.opened\"]", "if = \"'readme' in issue.title | lower\""), "issues", &issue).is_ok());
+    let why = rejected_by(judge(&trig("[\"issues.opened\"]", "if = \"'crash' in issue.title | lower\""), "issues", &issue), "if");
+    assert!(why.contains("is false"), "{why}");
+    assert!(judge(&trig("[\"issues.opened\"]", "if = \"issue.number > 0 and event.kind == 'issues.opened'\""), "issues", &issue).is_ok());
+}
+
+#[test]
+fn baton_own_comments_and_edits_never_run_commands() {
+    let t = trig("[\"issue_comment\"]", "command = \"/fix\"");
+    let mut p = fixture_json("issue_comment/created.payload.json");
+    p["comment"]["body"] = json!("/fix it\n<!-- baton:job=abc -->");
+    rejected_by(judge(&t, "issue_comment", p.to_string().as_bytes()), "bot");
+    p["comment"]["body"] = json!("/fix it");
+    assert!(judge(&t, "issue_comment", p.to_string().as_bytes()).is_ok());
+    p["action"] = json!("edited");
+    rejected_by(judge(&t, "issue_comment", p.to_string().as_bytes()), "command");
+}
