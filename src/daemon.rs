@@ -51,7 +51,7 @@ pub async fn serve(
         tracing::warn!(folder = %config.triggers_dir.display(), "Trigger folder does not exist; no event will start a job.");
     }
     tracing::info!(triggers = rules.triggers().len(), folder = %config.triggers_dir.display(), "Triggers loaded.");
-    let rules = SharedRules::new(rules);
+    let rules = SharedRules::new(rules, crate::rules::fingerprint(&config.triggers_dir));
 
     let github = match &config.github.token {
         Some(token) => Some(GitHub::new(&config.github.api_url, token)?),
@@ -89,6 +89,7 @@ pub async fn serve(
         token: config.server.api_token.clone(),
         wake: wake.clone(),
         ready: ready.clone(),
+        rules: rules.clone(),
     }));
 
     let workers = CancellationToken::new();
@@ -96,6 +97,7 @@ pub async fn serve(
     let publisher_task =
         github.map(|gh| tokio::spawn(Publisher::new(store.clone(), gh, publish_wake).run(workers.clone())));
     tokio::spawn(prune_deliveries(store.clone(), config.storage.delivery_retention, workers.clone()));
+    tokio::spawn(reload_triggers(config.clone(), rules.clone(), workers.clone()));
 
     ready.store(true, Ordering::Release);
     let addr = listener.local_addr().map_err(ServeError::Server)?;
@@ -154,6 +156,35 @@ async fn serve_http(
     }
     Ok(())
 }
+
+/// Reloads the trigger folder on SIGHUP and whenever its files change.
+/// Changes are found by polling the folder's fingerprint (names, sizes,
+/// mtimes) rather than by a file watcher: watchers miss editors' rename-on-save,
+/// `git checkout` and bind mounts, and a poll of a few files costs nothing.
+async fn reload_triggers(config: Arc<Config>, rules: SharedRules, stop: CancellationToken) {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        let force = tokio::select! {
+            _ = tokio::time::sleep(TRIGGER_POLL) => false,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            _ = stop.cancelled() => return,
+        };
+        let (config, rules2) = (config.clone(), rules.clone());
+        let outcome = tokio::task::spawn_blocking(move || rules2.reload(&config.triggers_dir, &config, force)).await;
+        match outcome {
+            Ok(crate::rules::Reload::Unchanged) | Err(_) => {}
+            Ok(crate::rules::Reload::Loaded(n)) => tracing::info!(triggers = n, "Triggers reloaded."),
+            Ok(crate::rules::Reload::Kept(errors)) => {
+                for e in &errors {
+                    tracing::error!(error = %e, "Trigger file has an error; the previous triggers stay in force.");
+                }
+            }
+        }
+    }
+}
+
+/// How often the trigger folder is checked for changes.
+const TRIGGER_POLL: Duration = Duration::from_secs(2);
 
 /// Forgets delivery ids older than the retention, in the background.
 async fn prune_deliveries(store: Store, retention: Duration, stop: CancellationToken) {

@@ -31,6 +31,7 @@ pub struct Api {
     pub token: Option<Secret>,
     pub wake: Arc<Notify>,
     pub ready: Arc<AtomicBool>,
+    pub rules: crate::rules::SharedRules,
 }
 
 pub fn router(state: Api) -> Router {
@@ -40,6 +41,7 @@ pub fn router(state: Api) -> Router {
         .route("/api/jobs/{id}/log", get(job_log))
         .route("/api/jobs/{id}/cancel", post(cancel_job))
         .route("/api/jobs/{id}/retry", post(retry_job))
+        .route("/api/triggers", get(list_triggers))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({ "ok": true })) }))
@@ -163,4 +165,37 @@ async fn retry_job(State(s): State<Api>, Path(id): Path<String>) -> Response {
         }
         Err(e) => store_error(e),
     }
+}
+
+/// Every trigger in force with its file, and every file that failed to load.
+async fn list_triggers(State(s): State<Api>) -> Response {
+    let rules = s.rules.current();
+    let triggers: Vec<_> = rules
+        .triggers()
+        .iter()
+        .map(|t| {
+            json!({
+                "name": t.name,
+                "file": t.file.display().to_string(),
+                "description": t.description,
+                "on": t.on,
+                "agent": t.job.agent,
+            })
+        })
+        .collect();
+    let errors: Vec<_> = s
+        .rules
+        .errors()
+        .iter()
+        .map(|d| {
+            json!({
+                "file": d.path.display().to_string(),
+                "line": d.line,
+                "col": d.col,
+                "message": d.message,
+                "error": d.to_string(),
+            })
+        })
+        .collect();
+    Json(json!({ "triggers": triggers, "errors": errors })).into_response()
 }

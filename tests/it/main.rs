@@ -11,5 +11,6 @@ mod harness;
 mod hostile;
 mod ingress;
 mod normalize;
+mod reload;
 mod rules;
 mod store;

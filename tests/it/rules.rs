@@ -152,7 +152,9 @@ fn pull_requests_from_forks_need_allow_forks() {
 #[test]
 fn branches_match_the_pull_request_base() {
     let pr = fixture("pull_request/opened.payload.json"); // base master, head "changes"
-    let t = |b: &str| format!("on = [\"pull_request.opened\"]\n[filter]\nbranches = [\"{b}\"]\n[job]\nagent = \"codex\"\nworkspace = \"none\"\nprompt = \"x\"\n");
+    let t = |b: &str| {
+        format!("on = [\"pull_request.opened\"]\n[filter]\nbranches = [\"{b}\"]\n[job]\nagent = \"codex\"\nworkspace = \"none\"\nprompt = \"x\"\n")
+    };
     assert!(judge(&t("mast*"), "pull_request", &pr).is_ok());
     let why = rejected_by(judge(&t("main"), "pull_request", &pr), "branches");
     assert_eq!(why, "wanted [main], event is on master");
@@ -172,9 +174,17 @@ fn drafts_are_skipped_unless_asked_for() {
 fn if_expressions_see_the_payload() {
     let issue = fixture("issues/opened.payload.json"); // "Spelling error in the README file"
     assert!(judge(&trig("[\"issues.opened\"]", "if = \"'readme' in issue.title | lower\""), "issues", &issue).is_ok());
-    let why = rejected_by(judge(&trig("[\"issues.opened\"]", "if = \"'crash' in issue.title | lower\""), "issues", &issue), "if");
+    let why = rejected_by(
+        judge(&trig("[\"issues.opened\"]", "if = \"'crash' in issue.title | lower\""), "issues", &issue),
+        "if",
+    );
     assert!(why.contains("is false"), "{why}");
-    assert!(judge(&trig("[\"issues.opened\"]", "if = \"issue.number > 0 and event.kind == 'issues.opened'\""), "issues", &issue).is_ok());
+    assert!(judge(
+        &trig("[\"issues.opened\"]", "if = \"issue.number > 0 and event.kind == 'issues.opened'\""),
+        "issues",
+        &issue
+    )
+    .is_ok());
 }
 
 #[test]
