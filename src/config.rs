@@ -86,6 +86,8 @@ pub struct Github {
 pub struct Limits {
     pub max_parallel_jobs: usize,
     pub max_parallel_per_repo: usize,
+    /// How many job ends in a row may start jobs (investigate → fix → review).
+    pub max_chain_depth: u32,
 }
 
 /// How an agent command is run: what it is, how it gets its prompt and how
@@ -302,6 +304,7 @@ struct RawGithub {
 struct RawLimits {
     max_parallel_jobs: Option<Spanned<usize>>,
     max_parallel_per_repo: Option<Spanned<usize>>,
+    max_chain_depth: Option<u32>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -415,6 +418,7 @@ impl Config {
         let limits = Limits {
             max_parallel_jobs: positive(&raw.limits.max_parallel_jobs, 4, &mut errors),
             max_parallel_per_repo: positive(&raw.limits.max_parallel_per_repo, 2, &mut errors),
+            max_chain_depth: raw.limits.max_chain_depth.unwrap_or(3),
         };
 
         let mut agents = presets();

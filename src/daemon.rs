@@ -65,8 +65,14 @@ pub async fn serve(
     let config = Arc::new(config);
     let wake = Arc::new(Notify::new());
     let publish_wake = Arc::new(Notify::new());
-    let engine =
-        Arc::new(Engine::new(store.clone(), config.clone(), wake.clone(), publish_wake.clone(), github.is_some()));
+    let engine = Arc::new(Engine::new(
+        store.clone(),
+        rules.clone(),
+        config.clone(),
+        wake.clone(),
+        publish_wake.clone(),
+        github.is_some(),
+    ));
     let recovered = engine.recover().await?;
     if recovered > 0 {
         tracing::warn!(jobs = recovered, "Recovered jobs left running by a previous daemon.");

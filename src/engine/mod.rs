@@ -8,6 +8,7 @@
 //! The engine never talks to GitHub: publishing is the outbox's job.
 
 pub mod agent;
+pub mod chain;
 pub mod workspace;
 
 use std::collections::HashMap;
@@ -21,8 +22,10 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{format_duration, AgentDef, Config, PromptMode, ResultMode};
-use crate::rules::{JobSpec, OutputKind};
-use crate::store::{Job, JobState, Phases, Publication, PublicationState, Store, StoreError, Target, INTERRUPTED};
+use crate::rules::{JobSpec, OutputKind, RuleSet, SharedRules};
+use crate::store::{
+    Accepted, Delivery, Job, JobState, Phases, Publication, PublicationState, Store, StoreError, Target, INTERRUPTED,
+};
 use agent::{Ending, Invocation};
 use workspace::Workspaces;
 
@@ -35,6 +38,8 @@ const FEEDBACK_BYTES: usize = 4000;
 /// Runs jobs.
 pub struct Engine {
     store: Store,
+    /// For the events of jobs that end (chaining).
+    rules: SharedRules,
     config: Arc<Config>,
     workspaces: Workspaces,
     /// Woken by ingress (new jobs) and by the API (retry).
@@ -65,12 +70,14 @@ enum AttemptEnd {
 impl Engine {
     pub fn new(
         store: Store,
+        rules: SharedRules,
         config: Arc<Config>,
         wake: Arc<Notify>,
         publish_wake: Arc<Notify>,
         publishing: bool,
     ) -> Engine {
         Engine {
+            rules,
             workspaces: Workspaces::new(&config.storage.path, &config.github.git_url, config.github.token.clone()),
             store,
             config,
@@ -251,9 +258,37 @@ impl Engine {
                 if publication.is_some() {
                     self.publish_wake.notify_one();
                 }
+                self.emit_end(&job).await;
             }
             Err(e) => {
                 tracing::error!(error = %e, "Could not store the job's end; it will rerun after a restart.")
+            }
+        }
+    }
+
+    /// Sends a job's end back through the rules as `job.succeeded` or
+    /// `job.failed`; the jobs it starts are stored like any delivery's.
+    async fn emit_end(&self, job: &Job) {
+        let Some(event) = chain::job_event(job) else { return };
+        let specs = self.rules.current().match_event(&event);
+        if specs.is_empty() {
+            return;
+        }
+        let delivery = Delivery {
+            id: event.delivery.clone(),
+            source: event.source.clone(),
+            event: event.kind.clone(),
+            received_at: Utc::now(),
+            jobs: Vec::new(),
+        };
+        match self.store.accept(delivery, specs).await {
+            Ok(Accepted::New(ids)) => {
+                tracing::info!(delivery = %event.delivery, event = %event.kind, jobs = ids.len(), "Job end started jobs.");
+                self.wake.notify_one();
+            }
+            Ok(Accepted::Duplicate) => {}
+            Err(e) => {
+                tracing::error!(delivery = %event.delivery, error = %e, "Could not store the jobs a job end started.")
             }
         }
     }
@@ -267,6 +302,14 @@ impl Engine {
         phases: &mut Phases,
     ) -> AttemptEnd {
         let spec = &job.spec;
+        let limit = self.config.limits.max_chain_depth;
+        if spec.chain_depth > limit {
+            let why = format!(
+                "chain depth limit reached: this job was started by {} job ends in a row, and limits.max_chain_depth is {limit}",
+                spec.chain_depth
+            );
+            return failed("chain_limit", None, why, false);
+        }
         let Some(agent) = self.config.agents.get(&spec.agent) else {
             return failed(
                 "spawn_failed",
@@ -442,7 +485,9 @@ impl Engine {
 /// --run`). `config.storage.path` should be a scratch folder.
 pub async fn run_locally(config: Config, specs: Vec<JobSpec>) -> Result<Vec<Job>, StoreError> {
     let store = Store::open(&config.storage.path)?;
-    let engine = Engine::new(store.clone(), Arc::new(config), Arc::new(Notify::new()), Arc::new(Notify::new()), false);
+    let rules = SharedRules::new(RuleSet::empty(&config), Vec::new());
+    let engine =
+        Engine::new(store.clone(), rules, Arc::new(config), Arc::new(Notify::new()), Arc::new(Notify::new()), false);
     let mut out = Vec::new();
     for spec in specs {
         let now = Utc::now();

@@ -74,6 +74,7 @@ pub fn normalize(source: &Source, delivery: &str, body: &[u8]) -> Result<Event, 
         conclusion: lookup(&value, "conclusion").or_else(|| lookup(&value, "status")),
         draft: None,
         comment: None,
+        parent: None,
         payload: Arc::new(value),
     })
 }

@@ -201,6 +201,7 @@ pub fn normalize_value(name: &str, delivery: &str, value: Value) -> Result<Event
         conclusion: None,
         draft: None,
         comment: None,
+        parent: None,
         payload: Arc::new(Value::Null),
     };
 

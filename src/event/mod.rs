@@ -58,6 +58,15 @@ pub struct Comment {
     pub author: Option<String>,
 }
 
+/// The job whose end an event reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ParentJob {
+    pub id: String,
+    pub trigger: String,
+    /// How many job ends led to this one (0 for a job started from outside).
+    pub depth: u32,
+}
+
 /// One thing that happened, normalized.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
@@ -90,6 +99,8 @@ pub struct Event {
     pub conclusion: Option<String>,
     pub draft: Option<bool>,
     pub comment: Option<Comment>,
+    /// For `job.succeeded` / `job.failed`: the job that ended.
+    pub parent: Option<ParentJob>,
     /// The payload as received, for templates.
     #[serde(skip)]
     pub payload: Arc<Value>,

@@ -41,6 +41,13 @@ pub struct JobSpec {
     pub max_attempts: u32,
     pub verify: Option<Vec<String>>,
     pub output: OutputKind,
+    /// The repository's default branch, when the event named it.
+    #[serde(default)]
+    pub default_branch: Option<String>,
+    /// 0 for a job started by an outside event; a job started by another
+    /// job's end is one deeper than that job.
+    #[serde(default)]
+    pub chain_depth: u32,
 }
 
 /// The commit a job's worktree is made from.
@@ -198,6 +205,15 @@ impl RuleSet {
         if event.comment.as_ref().is_some_and(|c| c.body.contains(crate::event::MARKER_PREFIX)) {
             return reject("bot", "the comment was posted by baton".into());
         }
+        if !f.triggers.is_empty() {
+            let parent = event.parent.as_ref().map(|p| p.trigger.as_str()).unwrap_or("");
+            if !f.triggers.iter().any(|t| t == parent) {
+                return reject(
+                    "triggers",
+                    format!("wanted a job of [{}], event is {}", f.triggers.join(", "), none_if_empty(parent)),
+                );
+            }
+        }
         if !f.repos.is_empty() {
             let repo = event.repo_name().unwrap_or("");
             if !f.repos.iter().any(|p| p.matches(repo)) {
@@ -292,6 +308,8 @@ impl RuleSet {
             max_attempts: t.job.attempts,
             verify: t.job.verify.clone(),
             output: t.output,
+            default_branch: event.repository.as_ref().and_then(|r| r.default_branch.clone()),
+            chain_depth: event.parent.as_ref().map_or(0, |p| p.depth + 1),
         }))
     }
 }
@@ -299,6 +317,10 @@ impl RuleSet {
 /// Who may trigger: people by their association with the repository; events
 /// without one (checks, workflows, statuses) by where their head commit lives.
 fn untrusted(f: &trigger::Filter, event: &Event) -> Option<String> {
+    // A job's end: the job itself was admitted by these rules already.
+    if event.source == "baton" {
+        return None;
+    }
     if let Some(assoc) = &event.association {
         if !f.authors.iter().any(|a| a == assoc) {
             return Some(format!("author association {assoc} is not one of [{}]", f.authors.join(", ")));

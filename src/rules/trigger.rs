@@ -66,6 +66,7 @@ struct FilterFile {
     draft: Option<bool>,
     allow_forks: Option<bool>,
     allow_bots: Option<Vec<Spanned<String>>>,
+    triggers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +122,8 @@ pub struct Filter {
     pub draft: bool,
     pub allow_forks: bool,
     pub allow_bots: Vec<String>,
+    /// For `job.succeeded` / `job.failed`: the triggers whose jobs count.
+    pub triggers: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -317,6 +320,7 @@ pub fn compile(
             draft: f.draft.unwrap_or(false),
             allow_forks: f.allow_forks.unwrap_or(false),
             allow_bots,
+            triggers: f.triggers.clone().unwrap_or_default(),
         },
         job: JobTemplate {
             agent: job.agent.get_ref().clone(),

@@ -23,6 +23,8 @@ fn spec(trigger: &str) -> JobSpec {
         max_attempts: 1,
         verify: None,
         output: OutputKind::None,
+        default_branch: None,
+        chain_depth: 0,
     }
 }
 

@@ -29,6 +29,8 @@ async fn main() {
             max_attempts: 1,
             verify: None,
             output: OutputKind::Comment,
+            default_branch: Some("main".into()),
+            chain_depth: 0,
         };
         let delivery = Delivery {
             id: format!("seed-{i}"),

@@ -1,0 +1,74 @@
+//! Job ends as events: when a job succeeds or fails, an `Event` of kind
+//! `job.succeeded` / `job.failed` goes back through the rules, so a trigger
+//! with `filter.triggers = ["investigate"]` can take over (investigate → fix
+//! → review). Its delivery id derives from the job and its run, so a job's
+//! end is admitted once however often it is reprocessed.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::event::{Event, ParentJob, Repository};
+use crate::store::{Job, JobState};
+
+/// The event for a job that ended; `None` for a cancelled job.
+pub fn job_event(job: &Job) -> Option<Event> {
+    let action = match job.state {
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        _ => return None,
+    };
+    let spec = &job.spec;
+    let subject_key = if spec.subject_is_pull_request { "pull_request" } else { "issue" };
+    let mut payload = json!({
+        "action": action,
+        "trigger": job.trigger,
+        "result": job.result,
+        "error": job.error,
+        "subject": job.subject,
+        "job": {
+            "id": job.id,
+            "trigger": job.trigger,
+            "state": job.state,
+            "event": job.event,
+            "delivery": job.delivery,
+            "attempts": job.attempts,
+            "result": job.result,
+            "error": job.error,
+        },
+        "repository": {
+            "full_name": job.repo,
+            "default_branch": spec.default_branch,
+        },
+    });
+    if let Some(n) = job.subject {
+        payload[subject_key] = json!({ "number": n });
+    }
+    Some(Event {
+        source: "baton".into(),
+        name: "job".into(),
+        action: Some(action.into()),
+        kind: format!("job.{action}"),
+        delivery: format!("job:{}:{}", job.id, job.history.len()),
+        repository: job.repo.clone().map(|full_name| Repository {
+            full_name,
+            default_branch: spec.default_branch.clone(),
+            id: None,
+        }),
+        installation: spec.installation,
+        sender: None,
+        subject: job.subject,
+        subject_is_pull_request: spec.subject_is_pull_request,
+        association: None,
+        labels: Vec::new(),
+        branch: None,
+        base_branch: None,
+        head_sha: spec.head_sha.clone(),
+        head_in_repo: None,
+        conclusion: Some(action.into()),
+        draft: None,
+        comment: None,
+        parent: Some(ParentJob { id: job.id.clone(), trigger: job.trigger.clone(), depth: spec.chain_depth }),
+        payload: Arc::new(payload),
+    })
+}

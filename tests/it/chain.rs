@@ -1,0 +1,58 @@
+//! Chaining: a job's end is an event (`job.succeeded` / `job.failed`) that
+//! triggers can take over, up to a depth limit that says so in the job.
+
+use serde_json::Value;
+
+use crate::harness::{eventually_async, fixture, Baton, Workdir};
+
+const SECRET: &str = "chain-secret";
+
+#[tokio::test]
+async fn investigate_then_fix_then_a_loop_stopped_by_the_depth_limit() {
+    let w = Workdir::new();
+    w.config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.echo]\ncommand = [\"sh\", \"-c\", \"head -c 40\"]\n"
+    ));
+    let job = |prompt: &str| {
+        format!("[job]\nagent = \"echo\"\nworkspace = \"none\"\nprompt = \"{prompt}\"\n[output]\nkind = \"none\"\n")
+    };
+    w.trigger("investigate", &format!("on = [\"issues.opened\"]\n{}", job("found: #{{ issue.number }}")));
+    w.trigger(
+        "fix",
+        &format!("on = [\"job.succeeded\"]\n[filter]\ntriggers = [\"investigate\"]\n{}", job("fix {{ result }}")),
+    );
+    w.trigger(
+        "again",
+        &format!("on = [\"job.succeeded\"]\n[filter]\ntriggers = [\"fix\", \"again\"]\n{}", job("again {{ job.id }}")),
+    );
+    let baton = Baton::start(w.path(), &[]);
+    let (status, answer) = baton.deliver(SECRET, "issues", "chain-1", &fixture("issues/opened.payload.json")).await;
+    assert_eq!(status, 202, "{answer}");
+
+    let jobs = || async {
+        let (_, v) = baton.get("/api/jobs?limit=100").await;
+        v["jobs"].as_array().cloned().unwrap_or_default()
+    };
+    eventually_async("the chain to stop at the limit", || async {
+        jobs().await.iter().any(|j| j["trigger"] == "again" && j["state"] == "failed")
+    })
+    .await;
+    let all: Vec<Value> = jobs().await;
+    let by = |t: &str| all.iter().filter(|j| j["trigger"] == t).cloned().collect::<Vec<_>>();
+    assert_eq!(by("investigate").len(), 1);
+    let fix = &by("fix")[0];
+    assert_eq!(fix["state"], "succeeded");
+    assert_eq!(fix["spec"]["prompt"], "fix found: #1");
+    assert_eq!(fix["event"], "job.succeeded");
+    assert_eq!(fix["repo"], "Codertocat/Hello-World");
+    assert_eq!(fix["subject"], 1);
+    let again = by("again");
+    assert_eq!(again.len(), 3, "depth 2 and 3 run, depth 4 is stopped: {again:?}");
+    let failed: Vec<_> = again.iter().filter(|j| j["state"] == "failed").collect();
+    assert_eq!(failed.len(), 1);
+    let error = failed[0]["error"].as_str().unwrap();
+    assert!(error.contains("chain depth limit reached") && error.contains("max_chain_depth is 3"), "{error}");
+    // Nothing more comes after the stop.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(jobs().await.len(), all.len());
+}
