@@ -274,16 +274,10 @@ impl Engine {
         if specs.is_empty() {
             return;
         }
-        let delivery = Delivery {
-            id: event.delivery.clone(),
-            source: event.source.clone(),
-            event: event.kind.clone(),
-            received_at: Utc::now(),
-            jobs: Vec::new(),
-        };
+        let delivery = Delivery::new(&event.delivery, &event.source, &event.kind);
         match self.store.accept(delivery, specs).await {
-            Ok(Accepted::New(ids)) => {
-                tracing::info!(delivery = %event.delivery, event = %event.kind, jobs = ids.len(), "Job end started jobs.");
+            Ok(Accepted::New(admitted)) => {
+                tracing::info!(delivery = %event.delivery, event = %event.kind, jobs = admitted.jobs.len(), "Job end started jobs.");
                 self.wake.notify_one();
             }
             Ok(Accepted::Duplicate) => {}

@@ -18,7 +18,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use chrono::Utc;
 use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::sync::{Notify, Semaphore};
@@ -170,25 +169,22 @@ async fn generic_webhook(
 /// Matches a verified event, stores it with its jobs, and answers.
 async fn admit(s: &Ingress, event: Event) -> Response {
     let specs = s.rules.current().match_event(&event);
-    let delivery = Delivery {
-        id: event.delivery.clone(),
-        source: event.source.clone(),
-        event: event.kind.clone(),
-        received_at: Utc::now(),
-        jobs: Vec::new(),
-    };
+    let delivery = Delivery::new(&event.delivery, &event.source, &event.kind);
     let id = event.delivery.as_str();
     match s.store.accept(delivery, specs).await {
         Ok(Accepted::Duplicate) => {
             tracing::info!(delivery = %id, "Duplicate delivery ignored.");
             answer(StatusCode::OK, json!({ "duplicate": true, "delivery": id }))
         }
-        Ok(Accepted::New(jobs)) => {
-            tracing::info!(delivery = %id, event = %event.kind, jobs = jobs.len(), "Delivery accepted.");
+        Ok(Accepted::New(admitted)) => {
+            let jobs = admitted.jobs;
+            tracing::info!(delivery = %id, event = %event.kind, jobs = jobs.len(), skipped = admitted.skipped.len(), "Delivery accepted.");
             if !jobs.is_empty() {
                 s.wake.notify_one();
             }
-            answer(StatusCode::ACCEPTED, json!({ "delivery": id, "jobs": jobs }))
+            let skipped: Vec<_> =
+                admitted.skipped.iter().map(|k| json!({ "trigger": k.trigger, "reason": k.reason })).collect();
+            answer(StatusCode::ACCEPTED, json!({ "delivery": id, "jobs": jobs, "skipped": skipped }))
         }
         Err(e) => {
             // Not stored, so not acknowledged: the sender sees the failure

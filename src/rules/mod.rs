@@ -48,6 +48,12 @@ pub struct JobSpec {
     /// job's end is one deeper than that job.
     #[serde(default)]
     pub chain_depth: u32,
+    /// Jobs of this trigger per repository and hour, at most.
+    #[serde(default)]
+    pub max_runs_per_hour: Option<u32>,
+    /// Time between two jobs of this trigger on one issue or PR, at least.
+    #[serde(default)]
+    pub cooldown_secs: Option<u64>,
 }
 
 /// The commit a job's worktree is made from.
@@ -310,6 +316,8 @@ impl RuleSet {
             output: t.output,
             default_branch: event.repository.as_ref().and_then(|r| r.default_branch.clone()),
             chain_depth: event.parent.as_ref().map_or(0, |p| p.depth + 1),
+            max_runs_per_hour: t.job.max_runs_per_hour,
+            cooldown_secs: t.job.cooldown.map(|d| d.as_secs()),
         }))
     }
 }

@@ -80,6 +80,8 @@ struct JobFile {
     timeout: Option<HumanDuration>,
     attempts: Option<Spanned<u32>>,
     verify: Option<Spanned<Vec<String>>>,
+    max_runs_per_hour: Option<u32>,
+    cooldown: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,6 +135,8 @@ pub struct JobTemplate {
     pub timeout: Option<Duration>,
     pub attempts: u32,
     pub verify: Option<Vec<String>>,
+    pub max_runs_per_hour: Option<u32>,
+    pub cooldown: Option<Duration>,
 }
 
 impl Trigger {
@@ -328,6 +332,8 @@ pub fn compile(
             timeout: job.timeout.map(|t| t.0),
             attempts,
             verify: job.verify.as_ref().map(|v| v.get_ref().clone()),
+            max_runs_per_hour: job.max_runs_per_hour,
+            cooldown: job.cooldown.map(|c| c.0),
         },
         output: file.output.kind,
     })

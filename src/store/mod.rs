@@ -20,7 +20,8 @@ use sled::Tree;
 use crate::rules::JobSpec;
 pub use commit::Durability;
 pub use records::{
-    Attempt, Delivery, Job, JobState, Phases, Publication, PublicationState, PublicationSummary, Target, INTERRUPTED,
+    Attempt, Delivery, Job, JobState, Phases, Publication, PublicationState, PublicationSummary, Skipped, Target,
+    INTERRUPTED,
 };
 
 /// What went wrong in the store, with the path when it is about opening it.
@@ -43,10 +44,54 @@ pub enum StoreError {
 /// The outcome of storing a delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Accepted {
-    /// Stored, with the ids of the jobs it created.
-    New(Vec<String>),
+    /// Stored, with the jobs it created and the matches it skipped.
+    New(Admitted),
     /// A delivery with this id was stored before; nothing was written.
     Duplicate,
+}
+
+/// What a stored delivery started.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Admitted {
+    pub jobs: Vec<String>,
+    /// Matches held back by a trigger's rate limit or cooldown.
+    pub skipped: Vec<Skipped>,
+}
+
+/// Applies a trigger's `max_runs_per_hour` (per repository) and `cooldown`
+/// (per subject), recording the run when it may go ahead; `Some(reason)`
+/// when it may not.
+fn throttled(
+    tree: &sled::transaction::TransactionalTree,
+    spec: &JobSpec,
+    now: chrono::DateTime<Utc>,
+) -> Result<Option<String>, sled::transaction::UnabortableTransactionError> {
+    let repo = spec.repo.as_deref().unwrap_or("");
+    let now_ms = now.timestamp_millis();
+    let mut writes: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    if let Some(max) = spec.max_runs_per_hour {
+        let key = format!("rate\0{}\0{repo}", spec.trigger).into_bytes();
+        let mut runs: Vec<i64> = tree.get(&key)?.and_then(|v| serde_json::from_slice(&v).ok()).unwrap_or_default();
+        runs.retain(|t| now_ms - t < 3_600_000);
+        if runs.len() >= max as usize {
+            return Ok(Some(format!("max_runs_per_hour: {max} runs in the last hour for {repo}")));
+        }
+        runs.push(now_ms);
+        writes.push((key, encode(&runs)));
+    }
+    if let (Some(cooldown), Some(subject)) = (spec.cooldown_secs, spec.subject) {
+        let key = format!("cool\0{}\0{repo}\0{subject}", spec.trigger).into_bytes();
+        let last: Option<i64> = tree.get(&key)?.and_then(|v| serde_json::from_slice(&v).ok());
+        if let Some(last) = last.filter(|last| now_ms - last < cooldown as i64 * 1000) {
+            let left = (cooldown as i64 * 1000 - (now_ms - last)) / 1000 + 1;
+            return Ok(Some(format!("cooldown: #{subject} ran less than {cooldown}s ago ({left}s left)")));
+        }
+        writes.push((key, encode(&now_ms)));
+    }
+    for (k, v) in writes {
+        tree.insert(k, v)?;
+    }
+    Ok(None)
 }
 
 /// The sled database and its trees.
@@ -67,6 +112,8 @@ pub struct Store {
     outbox: Tree,
     /// job id → (), for jobs in state `running`: what a restart must recover.
     running: Tree,
+    /// Rate-limit and cooldown state of triggers.
+    throttle: Tree,
 }
 
 /// The id of the job `trigger` creates for `delivery`: the same pair always
@@ -163,6 +210,7 @@ impl Store {
             queue: tree("queue")?,
             outbox: tree("outbox")?,
             running: tree("running")?,
+            throttle: tree("throttle")?,
             path: path.to_path_buf(),
             db,
         })
@@ -195,33 +243,35 @@ impl Store {
             }
             jobs.push(Job::new(id, self.db.generate_id()?, delivery.id.clone(), spec, now));
         }
-        let mut delivery = delivery;
-        delivery.jobs = jobs.iter().map(|j| j.id.clone()).collect();
         let key = delivery.id.clone();
         let mut time_key = (delivery.received_at.timestamp_millis().max(0) as u64).to_be_bytes().to_vec();
         time_key.extend_from_slice(key.as_bytes());
-        let record = encode(&delivery);
-        let job_records: Vec<(String, u64, Vec<u8>)> = jobs.iter().map(|j| (j.id.clone(), j.seq, encode(j))).collect();
-        let repo = jobs.first().and_then(|j| j.repo.clone());
+        let encoded: Vec<Vec<u8>> = jobs.iter().map(encode).collect();
 
-        let trees = (&self.deliveries, &self.delivery_times, &self.jobs, &self.job_index, &self.queue);
-        let result = trees.transaction(|(deliveries, times, jobs, index, queue)| {
+        let trees = (&self.deliveries, &self.delivery_times, &self.jobs, &self.job_index, &self.queue, &self.throttle);
+        let result = trees.transaction(|(deliveries, times, job_tree, index, queue, throttle)| {
             if deliveries.get(key.as_bytes())?.is_some() {
                 return Ok(Accepted::Duplicate);
             }
-            deliveries.insert(key.as_bytes(), record.as_slice())?;
-            times.insert(time_key.as_slice(), &[])?;
-            for (id, seq, bytes) in &job_records {
-                // A job id already present (a replayed delivery under a
-                // new id cannot collide, but be safe) is never doubled.
-                if jobs.get(id.as_bytes())?.is_some() {
+            let mut record = delivery.clone();
+            for (job, bytes) in jobs.iter().zip(&encoded) {
+                if let Some(reason) = throttled(throttle, &job.spec, now)? {
+                    record.skipped.push(Skipped { trigger: job.trigger.clone(), reason });
                     continue;
                 }
-                jobs.insert(id.as_bytes(), bytes.as_slice())?;
-                index.insert(&seq_key(*seq), id.as_bytes())?;
-                queue.insert(&seq_key(*seq), queue_value(id, repo.as_deref()))?;
+                record.jobs.push(job.id.clone());
+                // A job id already present (its delivery was pruned and is
+                // now redelivered) is never doubled.
+                if job_tree.get(job.id.as_bytes())?.is_some() {
+                    continue;
+                }
+                job_tree.insert(job.id.as_bytes(), bytes.as_slice())?;
+                index.insert(&seq_key(job.seq), job.id.as_bytes())?;
+                queue.insert(&seq_key(job.seq), queue_value(&job.id, job.repo.as_deref()))?;
             }
-            Ok(Accepted::New(job_records.iter().map(|(id, _, _)| id.clone()).collect()))
+            deliveries.insert(key.as_bytes(), encode(&record))?;
+            times.insert(time_key.as_slice(), &[])?;
+            Ok(Accepted::New(Admitted { jobs: record.jobs, skipped: record.skipped }))
         });
         let accepted = flatten(result)?;
         if let Accepted::New(_) = accepted {

@@ -17,6 +17,30 @@ pub struct Delivery {
     pub received_at: DateTime<Utc>,
     /// Ids of the jobs it created.
     pub jobs: Vec<String>,
+    /// Matches that started no job, and why.
+    #[serde(default)]
+    pub skipped: Vec<Skipped>,
+}
+
+impl Delivery {
+    /// A delivery received now, before its jobs are known.
+    pub fn new(id: impl Into<String>, source: impl Into<String>, event: impl Into<String>) -> Delivery {
+        Delivery {
+            id: id.into(),
+            source: source.into(),
+            event: event.into(),
+            received_at: Utc::now(),
+            jobs: Vec::new(),
+            skipped: Vec::new(),
+        }
+    }
+}
+
+/// A trigger that matched but was held back (rate limit, cooldown).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub trigger: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

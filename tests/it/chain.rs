@@ -56,3 +56,52 @@ async fn investigate_then_fix_then_a_loop_stopped_by_the_depth_limit() {
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(jobs().await.len(), all.len());
 }
+
+#[tokio::test]
+async fn rate_limits_and_cooldowns_skip_matches_with_a_reason() {
+    let w = Workdir::new();
+    w.config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.noop]\ncommand = [\"true\"]\n"
+    ));
+    let trigger = |extra: &str| {
+        format!("on = [\"issues.opened\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"x\"\n{extra}\n[output]\nkind = \"none\"\n")
+    };
+    w.trigger("hourly", &trigger("max_runs_per_hour = 2"));
+    w.trigger("calm", &trigger("cooldown = \"1h\""));
+    let baton = Baton::start(w.path(), &[]);
+    let body = fixture("issues/opened.payload.json");
+    let mut answers = Vec::new();
+    for i in 0..3 {
+        let (status, answer) = baton.deliver(SECRET, "issues", &format!("burst-{i}"), &body).await;
+        assert_eq!(status, 202, "{answer}");
+        answers.push(answer);
+    }
+    let count = |a: &Value| a["jobs"].as_array().unwrap().len();
+    let reasons = |a: &Value| {
+        a["skipped"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| format!("{}: {}", s["trigger"], s["reason"]))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(count(&answers[0]), 2, "{}", answers[0]);
+    assert_eq!(count(&answers[1]), 1, "{}", answers[1]);
+    assert!(
+        reasons(&answers[1])[0].contains("\"calm\": \"cooldown: #1 ran less than 3600s ago"),
+        "{:?}",
+        reasons(&answers[1])
+    );
+    assert_eq!(count(&answers[2]), 0, "{}", answers[2]);
+    let third = reasons(&answers[2]).join("\n");
+    assert!(
+        third.contains("\"hourly\": \"max_runs_per_hour: 2 runs in the last hour for Codertocat/Hello-World\""),
+        "{third}"
+    );
+    assert!(third.contains("\"calm\": \"cooldown"), "{third}");
+    // Another issue is another subject: the cooldown does not hold it back.
+    let mut other: Value = serde_json::from_slice(&body).unwrap();
+    other["issue"]["number"] = serde_json::json!(2);
+    let (_, answer) = baton.deliver(SECRET, "issues", "other-1", other.to_string().as_bytes()).await;
+    assert_eq!(answer["jobs"].as_array().unwrap().len(), 1, "{answer}");
+}

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use baton::rules::{JobSpec, OutputKind, Workspace};
-use baton::store::{job_id, Accepted, Delivery, Durability, Store};
+use baton::store::{job_id, Accepted, Admitted, Delivery, Durability, Store};
 use chrono::{Duration, Utc};
 
 fn spec(trigger: &str) -> JobSpec {
@@ -25,17 +25,13 @@ fn spec(trigger: &str) -> JobSpec {
         output: OutputKind::None,
         default_branch: None,
         chain_depth: 0,
+        max_runs_per_hour: None,
+        cooldown_secs: None,
     }
 }
 
 fn delivery(id: &str, age: Duration) -> Delivery {
-    Delivery {
-        id: id.into(),
-        source: "github".into(),
-        event: "issues.opened".into(),
-        received_at: Utc::now() - age,
-        jobs: vec![],
-    }
+    Delivery { received_at: Utc::now() - age, ..Delivery::new(id, "github", "issues.opened") }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,7 +49,7 @@ async fn concurrent_deliveries_share_flushes() {
         }));
     }
     for t in tasks {
-        assert!(matches!(t.await.unwrap(), Accepted::New(ref jobs) if jobs.len() == 1));
+        assert!(matches!(t.await.unwrap(), Accepted::New(ref a) if a.jobs.len() == 1));
     }
     let flushes = store.flushes();
     assert!(flushes >= 1, "acknowledged writes were flushed");
@@ -81,7 +77,7 @@ async fn job_ids_derive_from_delivery_and_trigger_and_never_double() {
     assert_ne!(job_id("d1", "t"), job_id("d2", "t"));
 
     let first = store.accept(delivery("d1", Duration::zero()), vec![spec("t"), spec("u"), spec("t")]).await.unwrap();
-    assert_eq!(first, Accepted::New(vec![job_id("d1", "t"), job_id("d1", "u")]));
+    assert_eq!(first, Accepted::New(Admitted { jobs: vec![job_id("d1", "t"), job_id("d1", "u")], skipped: vec![] }));
     let again = store.accept(delivery("d1", Duration::zero()), vec![spec("t")]).await.unwrap();
     assert_eq!(again, Accepted::Duplicate);
     assert_eq!(store.job_count(), 2);
@@ -99,7 +95,7 @@ async fn pruning_forgets_old_delivery_ids_but_never_doubles_jobs() {
     assert!(store.delivery("new").unwrap().is_some());
     // A redelivery of the pruned id is new again, but its job already exists.
     let again = store.accept(delivery("old", Duration::zero()), vec![spec("t")]).await.unwrap();
-    assert_eq!(again, Accepted::New(vec![job_id("old", "t")]));
+    assert_eq!(again, Accepted::New(Admitted { jobs: vec![job_id("old", "t")], skipped: vec![] }));
     assert_eq!(store.job_count(), 2);
     assert_eq!(store.queued().count(), 2);
 }

@@ -31,14 +31,10 @@ async fn main() {
             output: OutputKind::Comment,
             default_branch: Some("main".into()),
             chain_depth: 0,
+            max_runs_per_hour: None,
+            cooldown_secs: None,
         };
-        let delivery = Delivery {
-            id: format!("seed-{i}"),
-            source: "github".into(),
-            event: "issues.opened".into(),
-            received_at: chrono::Utc::now(),
-            jobs: vec![],
-        };
+        let delivery = Delivery::new(format!("seed-{i}"), "github", "issues.opened");
         store.accept(delivery, vec![spec]).await.expect("accept");
     }
     let entries: Vec<_> = store.queued().collect::<Result<_, _>>().expect("queue");
