@@ -106,3 +106,36 @@ fn an_unopenable_store_is_a_clear_error_naming_its_path() {
     assert!(stderr.contains(&format!("cannot open store at {}", w.path().join(".baton").display())), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn simulate_explains_every_trigger_and_runs_matches_locally() {
+    let w = Workdir::new();
+    w.config("[agents.echo]\ncommand = [\"sh\", \"-c\", \"cat; echo ' (ran)'\"]\n");
+    let job = "[job]\nagent = \"echo\"\nworkspace = \"none\"\nprompt = \"Look at #{{ issue.number }}\"\n";
+    w.trigger("bugs", &format!("on = [\"issues.opened\"]\n[filter]\nlabels = [\"bug\"]\n{job}"));
+    w.trigger("questions", &format!("on = [\"issues.opened\"]\n[filter]\nlabels = [\"question\"]\n{job}"));
+    w.trigger("pulls", &format!("on = [\"pull_request.opened\"]\n{job}"));
+    let payload = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/github/issues/opened.payload.json");
+    let out = Command::new(BIN)
+        .args(["simulate", "--event", "issues", "--payload"])
+        .arg(&payload)
+        .current_dir(w.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("event: issues.opened"), "{stdout}");
+    assert!(stdout.contains("✓ bugs matches"), "{stdout}");
+    assert!(stdout.contains("Look at #1"), "{stdout}");
+    assert!(stdout.contains("✗ questions: labels: wanted any of [question], has [bug]"), "{stdout}");
+    assert!(stdout.contains("✗ pulls: on: listens for [pull_request.opened], event is issues.opened"), "{stdout}");
+
+    let out = Command::new(BIN)
+        .args(["simulate", "--run", "--event", "issues", "--payload"])
+        .arg(&payload)
+        .current_dir(w.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("== bugs (succeeded) ==\nLook at #1 (ran)"), "{stdout}");
+}
