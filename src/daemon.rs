@@ -104,6 +104,7 @@ pub async fn serve(
         github.map(|gh| tokio::spawn(Publisher::new(store.clone(), gh, publish_wake).run(workers.clone())));
     tokio::spawn(prune_deliveries(store.clone(), config.storage.delivery_retention, workers.clone()));
     tokio::spawn(reload_triggers(config.clone(), rules.clone(), workers.clone()));
+    tokio::spawn(run_schedules(store.clone(), rules.clone(), wake.clone(), workers.clone()));
 
     ready.store(true, Ordering::Release);
     let addr = listener.local_addr().map_err(ServeError::Server)?;
@@ -185,6 +186,21 @@ async fn reload_triggers(config: Arc<Config>, rules: SharedRules, stop: Cancella
                     tracing::error!(error = %e, "Trigger file has an error; the previous triggers stay in force.");
                 }
             }
+        }
+    }
+}
+
+/// Fires schedule triggers; their jobs go through the store like any other.
+async fn run_schedules(store: Store, rules: SharedRules, wake: Arc<Notify>, stop: CancellationToken) {
+    loop {
+        match crate::schedule::tick(&store, &rules, chrono::Utc::now()).await {
+            Ok(fired) if !fired.is_empty() => wake.notify_one(),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "Schedules could not be checked; will retry."),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.cancelled() => return,
         }
     }
 }

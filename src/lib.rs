@@ -13,4 +13,5 @@ pub mod event;
 pub mod ingress;
 pub mod publish;
 pub mod rules;
+pub mod schedule;
 pub mod store;

@@ -96,6 +96,13 @@ impl Workspaces {
         self.ensure_mirror(&mirror).await?;
         let commit = match ws {
             Workspace::None => unreachable!("handled above"),
+            // `HEAD` (schedules, which have no payload to name the branch)
+            // is whatever the remote's HEAD points at: its default branch.
+            Workspace::DefaultBranch { branch } if branch == "HEAD" => {
+                let local = "refs/baton/remote-head";
+                self.fetch(&mirror, &url, &format!("+HEAD:{local}")).await?;
+                self.resolve(&mirror, local).await?
+            }
             Workspace::DefaultBranch { branch } => {
                 let local = format!("refs/heads/{branch}");
                 self.fetch(&mirror, &url, &format!("+{local}:{local}")).await?;

@@ -44,6 +44,8 @@ pub enum OutputKind {
 struct TriggerFile {
     description: Option<String>,
     on: Spanned<Vec<Spanned<String>>>,
+    schedule: Option<Spanned<String>>,
+    timezone: Option<Spanned<String>>,
     #[serde(default)]
     filter: FilterFile,
     job: Spanned<JobFile>,
@@ -108,6 +110,9 @@ pub struct Trigger {
     pub filter: Filter,
     pub job: JobTemplate,
     pub output: OutputKind,
+    /// For `on = ["schedule"]`: when, and for which repositories.
+    pub schedule: Option<crate::schedule::Schedule>,
+    pub schedule_repos: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -185,7 +190,12 @@ pub fn compile(
     for entry in file.on.get_ref() {
         let e = entry.get_ref();
         if e == "schedule" {
-            errors.push(at(entry.span(), "`schedule` triggers are not supported by this version of baton".into()));
+            if file.on.get_ref().len() > 1 {
+                errors.push(at(
+                    entry.span(),
+                    "a schedule trigger listens to nothing else: use on = [\"schedule\"]".into(),
+                ));
+            }
         } else if !known_event(e, config) {
             let names: Vec<&str> = KNOWN_EVENTS.iter().copied().chain(["job.succeeded", "job.failed"]).collect();
             let hint = crate::diag::suggest(e.split('.').next().unwrap_or(e), &names)
@@ -193,6 +203,45 @@ pub fn compile(
                 .unwrap_or_default();
             errors.push(at(entry.span(), format!("unknown event `{e}`{hint}")));
         }
+    }
+
+    let is_schedule = file.on.get_ref().iter().any(|e| e.get_ref() == "schedule");
+    let mut schedule = None;
+    let mut schedule_repos = Vec::new();
+    match (&file.schedule, is_schedule) {
+        (Some(expr), true) => {
+            match crate::schedule::Schedule::parse(expr.get_ref(), file.timezone.as_ref().map(|t| t.get_ref().as_str()))
+            {
+                Ok(s) => schedule = Some(s),
+                Err(msg) => {
+                    let span = match &file.timezone {
+                        Some(tz) if msg.contains("timezone") => tz.span(),
+                        _ => expr.span(),
+                    };
+                    errors.push(at(span, msg));
+                }
+            }
+            let repos = file.filter.repos.as_deref().unwrap_or_default();
+            if repos.is_empty() {
+                errors
+                    .push(at(expr.span(), "a schedule needs filter.repos naming the repositories it runs for".into()));
+            }
+            for r in repos {
+                let name = r.get_ref();
+                if name.contains(['*', '?', '[']) || name.split('/').count() != 2 {
+                    errors.push(at(r.span(), format!("a schedule's repos must be exact owner/name, not `{name}`")));
+                } else {
+                    schedule_repos.push(name.clone());
+                }
+            }
+        }
+        (Some(expr), false) => errors.push(at(expr.span(), "`schedule` needs on = [\"schedule\"]".into())),
+        (None, true) => errors
+            .push(at(file.on.span(), "on = [\"schedule\"] needs a `schedule`, e.g. schedule = \"0 3 * * 1-5\"".into())),
+        (None, false) => {}
+    }
+    if let (Some(tz), None) = (&file.timezone, &file.schedule) {
+        errors.push(at(tz.span(), "`timezone` applies only to a `schedule`".into()));
     }
 
     let globs = |list: &Option<Vec<Spanned<String>>>, errors: &mut Vec<Diagnostic>| -> Vec<glob::Pattern> {
@@ -336,6 +385,8 @@ pub fn compile(
             cooldown: job.cooldown.map(|c| c.0),
         },
         output: file.output.kind,
+        schedule,
+        schedule_repos,
     })
 }
 

@@ -114,6 +114,8 @@ pub struct Store {
     running: Tree,
     /// Rate-limit and cooldown state of triggers.
     throttle: Tree,
+    /// trigger name → last fire time (RFC 3339) of a schedule trigger.
+    schedules: Tree,
 }
 
 /// The id of the job `trigger` creates for `delivery`: the same pair always
@@ -211,6 +213,7 @@ impl Store {
             outbox: tree("outbox")?,
             running: tree("running")?,
             throttle: tree("throttle")?,
+            schedules: tree("schedules")?,
             path: path.to_path_buf(),
             db,
         })
@@ -506,6 +509,19 @@ impl Store {
             Ok(())
         });
         flatten(result)?;
+        self.flush().await
+    }
+
+    /// When a schedule trigger last fired.
+    pub fn schedule_last(&self, trigger: &str) -> Result<Option<chrono::DateTime<Utc>>, StoreError> {
+        match self.schedules.get(trigger.as_bytes())? {
+            Some(v) => Ok(Some(decode("schedules", trigger.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn set_schedule_last(&self, trigger: &str, at: chrono::DateTime<Utc>) -> Result<(), StoreError> {
+        self.schedules.insert(trigger.as_bytes(), encode(&at))?;
         self.flush().await
     }
 

@@ -115,7 +115,8 @@ fn simulate_explains_every_trigger_and_runs_matches_locally() {
     w.trigger("bugs", &format!("on = [\"issues.opened\"]\n[filter]\nlabels = [\"bug\"]\n{job}"));
     w.trigger("questions", &format!("on = [\"issues.opened\"]\n[filter]\nlabels = [\"question\"]\n{job}"));
     w.trigger("pulls", &format!("on = [\"pull_request.opened\"]\n{job}"));
-    let payload = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/github/issues/opened.payload.json");
+    let payload =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/github/issues/opened.payload.json");
     let out = Command::new(BIN)
         .args(["simulate", "--event", "issues", "--payload"])
         .arg(&payload)
@@ -138,4 +139,24 @@ fn simulate_explains_every_trigger_and_runs_matches_locally() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("== bugs (succeeded) ==\nLook at #1 (ran)"), "{stdout}");
+}
+
+#[test]
+fn check_reports_bad_schedules_where_they_are() {
+    let w = Workdir::new();
+    w.trigger("cron", "on = [\"schedule\"]\nschedule = \"0 9 * *\"\n[filter]\nrepos = [\"a/b\"]\n[job]\nagent = \"codex\"\nprompt = \"x\"\n");
+    w.trigger("tz", "on = [\"schedule\"]\nschedule = \"0 9 * * 1-5\"\ntimezone = \"Mars/Olympus\"\n[filter]\nrepos = [\"a/*\"]\n[job]\nagent = \"codex\"\nprompt = \"x\"\n");
+    w.trigger("bare", "on = [\"issues.opened\"]\nschedule = \"0 9 * * *\"\n[job]\nagent = \"codex\"\nprompt = \"x\"\n");
+    let out = Command::new(BIN).arg("check").current_dir(w.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let t = |name: &str| w.path().join("triggers").join(name).display().to_string();
+    for expected in [
+        format!("{}:2:12: invalid schedule `0 9 * *`: expected 5 fields", t("cron.toml")),
+        format!("{}:3:12: unknown timezone `Mars/Olympus`", t("tz.toml")),
+        format!("{}:5:10: a schedule's repos must be exact owner/name, not `a/*`", t("tz.toml")),
+        format!("{}:2:12: `schedule` needs on = [\"schedule\"]", t("bare.toml")),
+    ] {
+        assert!(stdout.contains(&expected), "missing {expected:?} in:\n{stdout}");
+    }
 }

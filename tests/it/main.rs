@@ -14,4 +14,5 @@ mod ingress;
 mod normalize;
 mod reload;
 mod rules;
+mod schedule;
 mod store;
