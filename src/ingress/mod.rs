@@ -168,23 +168,36 @@ async fn generic_webhook(
 
 /// Matches a verified event, stores it with its jobs, and answers.
 async fn admit(s: &Ingress, event: Event) -> Response {
-    let specs = s.rules.current().match_event(&event);
+    let rules = s.rules.current();
+    let matches = rules.evaluate(&event);
     let delivery = Delivery::new(&event.delivery, &event.source, &event.kind);
     let id = event.delivery.as_str();
-    match s.store.accept(delivery, specs).await {
+    if let (Some(repo), Some(n), Some(sha), "pull_request") =
+        (event.repo_name(), event.subject, event.head_sha.as_deref(), event.name.as_str())
+    {
+        if let Err(e) = s.store.set_head(repo, n, sha) {
+            tracing::warn!(delivery = %id, error = %e, "Could not note the pull request's head.");
+        }
+    }
+    let held = matches.pending.len();
+    match s.store.accept_with(delivery, matches.jobs, matches.pending).await {
         Ok(Accepted::Duplicate) => {
             tracing::info!(delivery = %id, "Duplicate delivery ignored.");
             answer(StatusCode::OK, json!({ "duplicate": true, "delivery": id }))
         }
         Ok(Accepted::New(admitted)) => {
-            let jobs = admitted.jobs;
-            tracing::info!(delivery = %id, event = %event.kind, jobs = jobs.len(), skipped = admitted.skipped.len(), "Delivery accepted.");
+            let mut jobs = admitted.jobs;
+            match approve(s, &rules, &event).await {
+                Ok(approved) => jobs.extend(approved),
+                Err(e) => tracing::error!(delivery = %id, error = %e, "Approving held jobs failed."),
+            }
+            tracing::info!(delivery = %id, event = %event.kind, jobs = jobs.len(), held, skipped = admitted.skipped.len(), "Delivery accepted.");
             if !jobs.is_empty() {
                 s.wake.notify_one();
             }
             let skipped: Vec<_> =
                 admitted.skipped.iter().map(|k| json!({ "trigger": k.trigger, "reason": k.reason })).collect();
-            answer(StatusCode::ACCEPTED, json!({ "delivery": id, "jobs": jobs, "skipped": skipped }))
+            answer(StatusCode::ACCEPTED, json!({ "delivery": id, "jobs": jobs, "skipped": skipped, "held": held }))
         }
         Err(e) => {
             // Not stored, so not acknowledged: the sender sees the failure
@@ -194,3 +207,33 @@ async fn admit(s: &Ingress, event: Event) -> Response {
         }
     }
 }
+
+/// `/baton approve` on an issue or PR, by someone a held job's trigger
+/// trusts, releases the jobs held there (for a PR: at its current head).
+async fn approve(
+    s: &Ingress,
+    rules: &crate::rules::RuleSet,
+    event: &Event,
+) -> Result<Vec<String>, crate::store::StoreError> {
+    let (Some(comment), Some(repo), Some(n)) = (&event.comment, event.repo_name(), event.subject) else {
+        return Ok(Vec::new());
+    };
+    if event.kind != "issue_comment.created" || crate::rules::command::parse(APPROVE, &comment.body).is_none() {
+        return Ok(Vec::new());
+    }
+    if event.sender.as_ref().is_some_and(|a| a.is_bot()) {
+        return Ok(Vec::new());
+    }
+    let Some(assoc) = event.association.as_deref() else { return Ok(Vec::new()) };
+    let approved = s
+        .store
+        .approve(repo, n, |spec| rules.get(&spec.trigger).is_some_and(|t| t.filter.authors.iter().any(|a| a == assoc)))
+        .await?;
+    if !approved.is_empty() {
+        tracing::info!(delivery = %event.delivery, jobs = approved.len(), approver = comment.author.as_deref().unwrap_or(""), "Held jobs approved.");
+    }
+    Ok(approved)
+}
+
+/// The comment that releases held jobs.
+const APPROVE: &str = "/baton approve";

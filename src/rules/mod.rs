@@ -76,10 +76,24 @@ pub enum Workspace {
     },
 }
 
+/// What an event starts.
+#[derive(Debug, Default, Clone)]
+pub struct Matches {
+    pub jobs: Vec<JobSpec>,
+    /// Matches from people `authors` does not trust, on an issue or PR.
+    pub pending: Vec<JobSpec>,
+}
+
 /// One trigger's answer to one event.
 #[derive(Debug, Clone)]
 pub enum Verdict {
     Matched(Box<JobSpec>),
+    /// Everything matched but the person: the job waits for a trusted
+    /// person's `/baton approve` on the issue or pull request.
+    NeedsApproval {
+        spec: Box<JobSpec>,
+        reason: String,
+    },
     /// The first filter that said no, and why.
     Rejected {
         filter: &'static str,
@@ -166,6 +180,12 @@ impl RuleSet {
 
     /// Jobs this event starts, one per matching trigger, in trigger order.
     pub fn match_event(&self, event: &Event) -> Vec<JobSpec> {
+        self.evaluate(event).jobs
+    }
+
+    /// Jobs this event starts, and jobs that wait for an approval.
+    pub fn evaluate(&self, event: &Event) -> Matches {
+        let mut out = Matches::default();
         let mut candidates: Vec<usize> = Vec::new();
         for key in [event.kind.as_str(), event.name.as_str()] {
             if let Some(list) = self.by_kind.get(key) {
@@ -173,18 +193,19 @@ impl RuleSet {
             }
         }
         if candidates.is_empty() {
-            return Vec::new();
+            return out;
         }
         candidates.sort_unstable();
         candidates.dedup();
         let ctx = base_context(event);
-        candidates
-            .into_iter()
-            .filter_map(|i| match self.judge(&self.triggers[i], event, &ctx) {
-                Verdict::Matched(spec) => Some(*spec),
-                Verdict::Rejected { .. } => None,
-            })
-            .collect()
+        for i in candidates {
+            match self.judge(&self.triggers[i], event, &ctx) {
+                Verdict::Matched(spec) => out.jobs.push(*spec),
+                Verdict::NeedsApproval { spec, .. } => out.pending.push(*spec),
+                Verdict::Rejected { .. } => {}
+            }
+        }
+        out
     }
 
     /// Every trigger's verdict on this event, for `simulate`.
@@ -272,8 +293,15 @@ impl RuleSet {
                 None => return reject("command", format!("comment does not start with {cmd}")),
             }
         }
+        let mut approval = None;
         if let Some(reason) = untrusted(f, event) {
-            return reject("authors", reason);
+            // An outsider's issue or PR can still run once someone trusted
+            // approves it there; anything else is simply rejected.
+            let approvable = event.source == "github" && event.subject.is_some() && f.command.is_none();
+            if !approvable {
+                return reject("authors", reason);
+            }
+            approval = Some(reason);
         }
 
         let ctx = match &slash {
@@ -299,7 +327,7 @@ impl RuleSet {
             Ok(p) => p,
             Err(e) => return reject("prompt", format!("prompt failed to render: {e}")),
         };
-        Verdict::Matched(Box::new(JobSpec {
+        let spec = Box::new(JobSpec {
             trigger: t.name.clone(),
             event: event.kind.clone(),
             repo: event.repo_name().map(str::to_string),
@@ -318,7 +346,11 @@ impl RuleSet {
             chain_depth: event.parent.as_ref().map_or(0, |p| p.depth + 1),
             max_runs_per_hour: t.job.max_runs_per_hour,
             cooldown_secs: t.job.cooldown.map(|d| d.as_secs()),
-        }))
+        });
+        match approval {
+            Some(reason) => Verdict::NeedsApproval { spec, reason },
+            None => Verdict::Matched(spec),
+        }
     }
 }
 

@@ -50,6 +50,21 @@ pub enum Accepted {
     Duplicate,
 }
 
+/// Held jobs per issue or PR, at most (oldest go first).
+const MAX_PENDING: usize = 20;
+
+fn subject_key(repo: &str, number: u64) -> Vec<u8> {
+    format!("{repo}#{number}").into_bytes()
+}
+
+/// A job held until a trusted person approves it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Pending {
+    pub delivery: String,
+    pub held_at: chrono::DateTime<Utc>,
+    pub spec: JobSpec,
+}
+
 /// What a stored delivery started.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Admitted {
@@ -116,6 +131,10 @@ pub struct Store {
     throttle: Tree,
     /// trigger name → last fire time (RFC 3339) of a schedule trigger.
     schedules: Tree,
+    /// `owner/name#N` → jobs held for approval on that issue or PR.
+    approvals: Tree,
+    /// `owner/name#N` → the pull request's current head sha.
+    heads: Tree,
 }
 
 /// The id of the job `trigger` creates for `delivery`: the same pair always
@@ -214,6 +233,8 @@ impl Store {
             running: tree("running")?,
             throttle: tree("throttle")?,
             schedules: tree("schedules")?,
+            approvals: tree("approvals")?,
+            heads: tree("heads")?,
             path: path.to_path_buf(),
             db,
         })
@@ -237,6 +258,17 @@ impl Store {
     /// rendered prompt and workspace), and storing 10–30 KB bodies cost a
     /// third of ingest throughput in sled (bench/RESULTS.md).
     pub async fn accept(&self, delivery: Delivery, specs: Vec<JobSpec>) -> Result<Accepted, StoreError> {
+        self.accept_with(delivery, specs, Vec::new()).await
+    }
+
+    /// `accept`, also holding `pending` jobs (from people the trigger does
+    /// not trust) until someone trusted approves them on their issue or PR.
+    pub async fn accept_with(
+        &self,
+        delivery: Delivery,
+        specs: Vec<JobSpec>,
+        pending: Vec<JobSpec>,
+    ) -> Result<Accepted, StoreError> {
         let now = Utc::now();
         let mut jobs = Vec::with_capacity(specs.len());
         for spec in specs {
@@ -251,10 +283,37 @@ impl Store {
         time_key.extend_from_slice(key.as_bytes());
         let encoded: Vec<Vec<u8>> = jobs.iter().map(encode).collect();
 
-        let trees = (&self.deliveries, &self.delivery_times, &self.jobs, &self.job_index, &self.queue, &self.throttle);
-        let result = trees.transaction(|(deliveries, times, job_tree, index, queue, throttle)| {
+        let held: Vec<(Vec<u8>, Pending)> = pending
+            .into_iter()
+            .filter_map(|spec| {
+                let key = subject_key(spec.repo.as_deref()?, spec.subject?);
+                Some((key, Pending { delivery: delivery.id.clone(), held_at: now, spec }))
+            })
+            .collect();
+
+        let trees = (
+            &self.deliveries,
+            &self.delivery_times,
+            &self.jobs,
+            &self.job_index,
+            &self.queue,
+            &self.throttle,
+            &self.approvals,
+        );
+        let result = trees.transaction(|(deliveries, times, job_tree, index, queue, throttle, approvals)| {
             if deliveries.get(key.as_bytes())?.is_some() {
                 return Ok(Accepted::Duplicate);
+            }
+            for (subject, p) in &held {
+                let mut list: Vec<Pending> =
+                    approvals.get(subject)?.and_then(|v| serde_json::from_slice(&v).ok()).unwrap_or_default();
+                list.retain(|old| !(old.delivery == p.delivery && old.spec.trigger == p.spec.trigger));
+                list.push(p.clone());
+                // An outsider cannot grow this without bound.
+                if list.len() > MAX_PENDING {
+                    list.drain(..list.len() - MAX_PENDING);
+                }
+                approvals.insert(subject.as_slice(), encode(&list))?;
             }
             let mut record = delivery.clone();
             for (job, bytes) in jobs.iter().zip(&encoded) {
@@ -510,6 +569,73 @@ impl Store {
         });
         flatten(result)?;
         self.flush().await
+    }
+
+    /// Remembers a pull request's current head (from its own events), which
+    /// an approval must match.
+    pub fn set_head(&self, repo: &str, number: u64, sha: &str) -> Result<(), StoreError> {
+        self.heads.insert(subject_key(repo, number), sha.as_bytes())?;
+        Ok(())
+    }
+
+    /// Jobs held on an issue or PR for approval.
+    pub fn pending(&self, repo: &str, number: u64) -> Result<Vec<Pending>, StoreError> {
+        let key = subject_key(repo, number);
+        match self.approvals.get(&key)? {
+            Some(v) => decode("approvals", &key, &v),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// A trusted person approved what waits on this issue or PR: every held
+    /// job `may_approve` accepts becomes a queued job — for a PR, only those
+    /// held at its current head (a later push needs a new approval, and
+    /// holds for an older head are dropped). Returns the new job ids.
+    pub async fn approve(
+        &self,
+        repo: &str,
+        number: u64,
+        may_approve: impl Fn(&JobSpec) -> bool,
+    ) -> Result<Vec<String>, StoreError> {
+        let key = subject_key(repo, number);
+        let head = self.heads.get(&key)?.map(|v| String::from_utf8_lossy(&v).into_owned());
+        let held = self.pending(repo, number)?;
+        let seqs: Vec<u64> = held.iter().map(|_| self.db.generate_id()).collect::<Result<_, _>>()?;
+        let now = Utc::now();
+        let result = (&self.approvals, &self.jobs, &self.job_index, &self.queue).transaction(
+            |(approvals, jobs, index, queue)| {
+                let mut keep = Vec::new();
+                let mut started = Vec::new();
+                for (p, seq) in held.iter().zip(&seqs) {
+                    let at_head =
+                        !p.spec.subject_is_pull_request || p.spec.head_sha.is_none() || p.spec.head_sha == head;
+                    if !at_head {
+                        continue; // held for an older head: gone with the push
+                    }
+                    if !may_approve(&p.spec) {
+                        keep.push(p.clone());
+                        continue;
+                    }
+                    let id = job_id(&p.delivery, &p.spec.trigger);
+                    if jobs.get(id.as_bytes())?.is_none() {
+                        let job = Job::new(id.clone(), *seq, p.delivery.clone(), p.spec.clone(), now);
+                        jobs.insert(id.as_bytes(), encode(&job))?;
+                        index.insert(&seq_key(*seq), id.as_bytes())?;
+                        queue.insert(&seq_key(*seq), queue_value(&id, job.repo.as_deref()))?;
+                        started.push(id);
+                    }
+                }
+                if keep.is_empty() {
+                    approvals.remove(key.as_slice())?;
+                } else {
+                    approvals.insert(key.as_slice(), encode(&keep))?;
+                }
+                Ok(started)
+            },
+        );
+        let started = flatten(result)?;
+        self.flush().await?;
+        Ok(started)
     }
 
     /// When a schedule trigger last fired.

@@ -1,0 +1,68 @@
+//! Outsiders' pull requests wait for `/baton approve` from someone trusted,
+//! and an approval holds only for the head commit it was given on.
+
+use serde_json::{json, Value};
+
+use crate::harness::{fixture_json, Baton, Workdir};
+
+const SECRET: &str = "approve-secret";
+
+fn pr(action: &str, sha: &str) -> Vec<u8> {
+    let mut p = fixture_json("pull_request/opened.payload.json");
+    p["action"] = json!(action);
+    p["pull_request"]["author_association"] = json!("CONTRIBUTOR");
+    p["pull_request"]["head"]["sha"] = json!(sha);
+    p.to_string().into_bytes()
+}
+
+fn comment(body: &str, association: &str) -> Vec<u8> {
+    let mut p = fixture_json("issue_comment/created.payload.json");
+    p["issue"]["number"] = json!(2);
+    p["issue"]["pull_request"] = json!({ "url": "https://api.github.com/repos/Codertocat/Hello-World/pulls/2" });
+    p["comment"]["body"] = json!(body);
+    p["comment"]["author_association"] = json!(association);
+    p.to_string().into_bytes()
+}
+
+#[tokio::test]
+async fn outsider_pull_requests_run_after_approval_at_their_head() {
+    let w = Workdir::new();
+    w.config(&format!("[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.noop]\ncommand = [\"true\"]\n"));
+    w.trigger(
+        "review",
+        "on = [\"pull_request.opened\", \"pull_request.synchronize\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"review {{ pull_request.head.sha }}\"\n[output]\nkind = \"none\"\n",
+    );
+    let baton = Baton::start(w.path(), &[]);
+    let send = |event: &'static str, id: &'static str, body: Vec<u8>| {
+        let baton = &baton;
+        async move {
+            let (status, answer) = baton.deliver(SECRET, event, id, &body).await;
+            assert_eq!(status, 202, "{answer}");
+            answer
+        }
+    };
+    let jobs = |a: &Value| a["jobs"].as_array().unwrap().clone();
+
+    let opened = send("pull_request", "pr-open", pr("opened", "aaaaaaa")).await;
+    assert_eq!((jobs(&opened).len(), opened["held"].clone()), (0, json!(1)), "{opened}");
+    // An outsider cannot approve their own work.
+    let own = send("issue_comment", "c-own", comment("/baton approve", "CONTRIBUTOR")).await;
+    assert!(jobs(&own).is_empty(), "{own}");
+    // A push moves the head: the hold for the old head no longer counts.
+    let pushed = send("pull_request", "pr-push", pr("synchronize", "bbbbbbb")).await;
+    assert_eq!(pushed["held"], 1);
+    let approved = send("issue_comment", "c-owner", comment("/baton approve", "OWNER")).await;
+    let started = jobs(&approved);
+    assert_eq!(started.len(), 1, "only the current head runs: {approved}");
+    let job = baton.job(started[0].as_str().unwrap()).await;
+    assert_eq!(job["spec"]["prompt"], "review bbbbbbb");
+    assert_eq!(job["delivery"], "pr-push");
+    // The approval was for that head: a later push waits again.
+    let later = send("pull_request", "pr-push-2", pr("synchronize", "ccccccc")).await;
+    assert_eq!((jobs(&later).len(), later["held"].clone()), (0, json!(1)));
+    let again = send("issue_comment", "c-owner-2", comment("/baton approve", "MEMBER")).await;
+    assert_eq!(jobs(&again).len(), 1, "{again}");
+    // Nothing left to approve.
+    let nothing = send("issue_comment", "c-owner-3", comment("/baton approve", "OWNER")).await;
+    assert!(jobs(&nothing).is_empty());
+}
