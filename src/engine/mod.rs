@@ -53,7 +53,8 @@ pub struct Engine {
 
 /// How one attempt ended.
 enum AttemptEnd {
-    Succeeded(String),
+    /// The result, and the branch pushed with the agent's changes, if any.
+    Succeeded(String, Option<String>),
     Cancelled,
     Failed {
         /// `exit`, `timeout`, `verify_failed`, `spawn_failed`, …
@@ -211,7 +212,8 @@ impl Engine {
             job.record_phases(phases);
             let now = Utc::now();
             match end {
-                AttemptEnd::Succeeded(result) => {
+                AttemptEnd::Succeeded(result, branch) => {
+                    job.branch = branch;
                     job.end_attempt("exit", Some(0), None, now);
                     job.end(JobState::Succeeded, Some(result), None, now);
                 }
@@ -439,7 +441,34 @@ impl Engine {
                 },
             }
         }
-        AttemptEnd::Succeeded(result)
+        if spec.output == OutputKind::PullRequest && self.publishing {
+            let Some(repo) = spec.repo.as_deref() else {
+                return failed("publish_failed", Some(0), "a pull_request output needs a repository".into(), false);
+            };
+            let short = job.id.get(..8).unwrap_or(&job.id);
+            let subject = spec.subject.map(|n| n.to_string()).unwrap_or_else(|| "run".into());
+            let branch = format!("baton/{}/{subject}-{short}", job.trigger);
+            let message = format!("{}\n\nMade by baton (trigger {}, job {}).", pr_title(job), job.trigger, job.id);
+            self.log_line(&job.id, &format!("committing the changes and pushing {branch}")).await;
+            return match self
+                .workspaces
+                .commit_and_push(workdir, repo, &branch, &message, &self.config.github.bot_login)
+                .await
+            {
+                Ok(Some(sha)) => {
+                    self.log_line(&job.id, &format!("pushed {sha} to {branch}")).await;
+                    AttemptEnd::Succeeded(result, Some(branch))
+                }
+                Ok(None) => {
+                    self.log_line(&job.id, "the agent changed nothing; no pull request").await;
+                    AttemptEnd::Succeeded(result, None)
+                }
+                // Not retried: another attempt would run the agent again
+                // for a failure that is not its own.
+                Err(e) => failed("publish_failed", Some(0), format!("pushing the branch failed: {e}"), false),
+            };
+        }
+        AttemptEnd::Succeeded(result, None)
     }
 
     /// The outbox record for a finished job, when its result has somewhere to go.
@@ -449,16 +478,24 @@ impl Engine {
             return None;
         }
         let repo = spec.repo.clone()?;
-        let target = match (spec.subject, &spec.head_sha) {
-            (Some(number), _) => Target::IssueComment { number },
-            (None, Some(sha)) => Target::CommitComment { sha: sha.clone() },
-            (None, None) => return None,
+        let (target, body) = match (&job.branch, spec.subject, &spec.head_sha) {
+            (Some(branch), _, _) => (
+                Target::PullRequest {
+                    head: branch.clone(),
+                    base: spec.default_branch.clone().unwrap_or_else(|| "main".into()),
+                    title: pr_title(job),
+                },
+                crate::publish::pull_request_body(job),
+            ),
+            (None, Some(number), _) => (Target::IssueComment { number }, crate::publish::comment_body(job)),
+            (None, None, Some(sha)) => (Target::CommitComment { sha: sha.clone() }, crate::publish::comment_body(job)),
+            (None, None, None) => return None,
         };
         Some(Publication {
             job: job.id.clone(),
             repo,
             target,
-            body: crate::publish::comment_body(job),
+            body,
             state: PublicationState::Pending,
             attempts: 0,
             next_attempt_at: Utc::now(),
@@ -492,6 +529,14 @@ pub async fn run_locally(config: Config, specs: Vec<JobSpec>) -> Result<Vec<Job>
         out.extend(store.job(&id)?);
     }
     Ok(out)
+}
+
+/// The title of the pull request a job opens.
+fn pr_title(job: &Job) -> String {
+    match job.spec.subject {
+        Some(n) => format!("baton: {} for #{n}", job.trigger),
+        None => format!("baton: {}", job.trigger),
+    }
 }
 
 pub fn job_dir(storage: &std::path::Path, id: &str) -> PathBuf {

@@ -141,6 +141,46 @@ impl Workspaces {
         }
     }
 
+    /// Commits everything the agent changed in `worktree` as `author` and
+    /// force-pushes it to `branch` of the repository. `Ok(None)` when the
+    /// agent changed nothing.
+    pub async fn commit_and_push(
+        &self,
+        worktree: &Path,
+        repo: &str,
+        branch: &str,
+        message: &str,
+        author: &str,
+    ) -> Result<Option<String>, WorkspaceError> {
+        let (owner, name) = split_repo(repo)?;
+        git(worktree, &["add", "--all"], None).await?;
+        if git(worktree, &["status", "--porcelain"], None).await?.trim().is_empty() {
+            return Ok(None);
+        }
+        let email = format!("{author}@users.noreply.github.com");
+        git(
+            worktree,
+            &[
+                "-c",
+                &format!("user.name={author}"),
+                "-c",
+                &format!("user.email={email}"),
+                "commit",
+                "--quiet",
+                "--no-verify",
+                "-m",
+                message,
+            ],
+            None,
+        )
+        .await?;
+        let sha = git(worktree, &["rev-parse", "HEAD"], None).await?.trim().to_string();
+        let url = format!("{}/{owner}/{name}.git", self.git_url);
+        git(worktree, &["push", "--quiet", "--force", &url, &format!("HEAD:refs/heads/{branch}")], self.token.as_ref())
+            .await?;
+        Ok(Some(sha))
+    }
+
     async fn remove_dir(&self, path: &Path) {
         if tokio::fs::metadata(path).await.is_ok() {
             let _ = tokio::fs::remove_dir_all(path).await;

@@ -58,6 +58,25 @@ impl GitHub {
         self.post(&format!("/repos/{repo}/commits/{sha}/comments"), json!({ "body": body })).await
     }
 
+    /// Opens a pull request; one already open for the branch (a re-run
+    /// pushed to it again) counts as done.
+    pub async fn pull_request(
+        &self,
+        repo: &str,
+        title: &str,
+        head: &str,
+        base: &str,
+        body: &str,
+    ) -> Result<Option<String>, GitHubError> {
+        let sent = self
+            .post(&format!("/repos/{repo}/pulls"), json!({ "title": title, "head": head, "base": base, "body": body }))
+            .await;
+        match sent {
+            Err(e) if e.message.starts_with("GitHub answered 422") && e.message.contains("already exists") => Ok(None),
+            other => other,
+        }
+    }
+
     async fn post(&self, route: &str, body: Value) -> Result<Option<String>, GitHubError> {
         let answer: Value = self.crab.post(route, Some(&body)).await.map_err(classify)?;
         Ok(answer.get("html_url").and_then(Value::as_str).map(str::to_string))

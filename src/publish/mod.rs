@@ -34,6 +34,12 @@ pub fn comment_body(job: &Job) -> String {
     let footer =
         format!("\n\n---\n<sub>baton · trigger `{}` · job `{}`</sub>\n{}", job.trigger, job.id, marker(&job.id));
     let main = match job.state {
+        JobState::Succeeded if job.spec.output == crate::rules::OutputKind::PullRequest && job.branch.is_none() => {
+            format!(
+                "The agent changed nothing, so there is no pull request.\n\n{}",
+                job.result.clone().unwrap_or_default()
+            )
+        }
         JobState::Succeeded => job.result.clone().unwrap_or_default(),
         JobState::Cancelled => "baton: this job was cancelled.".to_string(),
         _ => format!("baton could not finish this job: {}", job.error.as_deref().unwrap_or("unknown error")),
@@ -46,6 +52,16 @@ pub fn comment_body(job: &Job) -> String {
         main
     };
     format!("{main}{footer}")
+}
+
+/// The body of the pull request a job opens: the result, and `Fixes #N`
+/// when the job came from an issue.
+pub fn pull_request_body(job: &Job) -> String {
+    let mut body = comment_body(job);
+    if let (Some(n), false) = (job.spec.subject, job.spec.subject_is_pull_request) {
+        body = format!("Fixes #{n}\n\n{body}");
+    }
+    body
 }
 
 /// Delivers outbox entries.
@@ -92,6 +108,9 @@ impl Publisher {
             let sent = match &p.target {
                 Target::IssueComment { number } => self.github.issue_comment(&p.repo, *number, &p.body).await,
                 Target::CommitComment { sha } => self.github.commit_comment(&p.repo, sha, &p.body).await,
+                Target::PullRequest { head, base, title } => {
+                    self.github.pull_request(&p.repo, title, head, base, &p.body).await
+                }
             };
             match sent {
                 Ok(url) => {

@@ -35,6 +35,8 @@ pub enum OutputKind {
     /// A comment on the subject, or a commit comment on the head sha.
     #[default]
     Comment,
+    /// baton commits the agent's changes, pushes a branch and opens a PR.
+    PullRequest,
     /// Kept on the job only.
     None,
 }

@@ -130,6 +130,9 @@ pub struct Job {
     pub error: Option<String>,
     pub history: Vec<Attempt>,
     pub publication: Option<PublicationSummary>,
+    /// The branch baton pushed with the agent's changes (`pull_request` output).
+    #[serde(default)]
+    pub branch: Option<String>,
     pub spec: JobSpec,
 }
 
@@ -152,6 +155,7 @@ impl Job {
             error: None,
             history: Vec::new(),
             publication: None,
+            branch: None,
             spec,
         }
     }
@@ -229,6 +233,8 @@ pub enum Target {
     IssueComment { number: u64 },
     /// A comment on a commit, for events with no issue or PR.
     CommitComment { sha: String },
+    /// A pull request from a branch baton pushed.
+    PullRequest { head: String, base: String, title: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

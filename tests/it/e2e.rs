@@ -232,3 +232,57 @@ async fn cancel_stops_a_running_job_and_retry_runs_it_again() {
     let (status, _) = baton.post("/api/jobs/unknown/retry").await;
     assert_eq!(status, 404);
 }
+
+fn fix_trigger(w: &Workdir) {
+    w.trigger(
+        "fix",
+        "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"default-branch\"\nprompt = \"fix #{{ issue.number }}\"\n[output]\nkind = \"pull_request\"\n",
+    );
+    std::fs::remove_file(w.path().join("triggers/investigate.toml")).unwrap();
+}
+
+#[tokio::test]
+async fn pull_request_output_pushes_the_agents_commit_and_opens_a_pr() {
+    let fake = FakeGitHub::start().await;
+    let (w, base_sha) =
+        setup(&fake, "#!/bin/sh\necho 'fixed spelling' >> README.md\necho 'I fixed the README.'\n", "", "");
+    fix_trigger(&w);
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver_issue(&baton, "pr-1").await;
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let branch = job["branch"].as_str().expect("a branch was pushed").to_string();
+    assert_eq!(branch, format!("baton/fix/1-{}", &id[..8]));
+
+    // The bare repository has the branch, one commit on top of master, by baton.
+    let bare = w.path().join("remote/Codertocat/Hello-World.git");
+    let log = crate::harness::git(&bare, &["log", "--format=%an|%s|%P", "-1", &branch]);
+    assert!(log.starts_with(&format!("baton[bot]|baton: fix for #1|{base_sha}")), "{log}");
+    let readme = crate::harness::git(&bare, &["show", &format!("{branch}:README.md")]);
+    assert!(readme.ends_with("fixed spelling"), "{readme}");
+
+    eventually("the pull request", || !fake.posts("/repos/Codertocat/Hello-World/pulls").is_empty()).await;
+    let pr = &fake.posts("/repos/Codertocat/Hello-World/pulls")[0].body;
+    assert_eq!(pr["head"], branch.as_str());
+    assert_eq!(pr["base"], "master");
+    let body = pr["body"].as_str().unwrap();
+    assert!(body.starts_with("Fixes #1") && body.contains("I fixed the README.") && body.contains(&id), "{body}");
+    assert!(!baton.log_text().contains(TOKEN));
+}
+
+#[tokio::test]
+async fn pull_request_output_without_changes_says_so_in_a_comment() {
+    let fake = FakeGitHub::start().await;
+    let (w, _) = setup(&fake, "#!/bin/sh\necho 'Nothing to fix.'\n", "", "");
+    fix_trigger(&w);
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver_issue(&baton, "pr-none").await;
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "succeeded");
+    assert!(job["branch"].is_null());
+    eventually("the comment", || !fake.posts("/repos/Codertocat/Hello-World/issues/1/comments").is_empty()).await;
+    let body =
+        fake.posts("/repos/Codertocat/Hello-World/issues/1/comments")[0].body["body"].as_str().unwrap().to_string();
+    assert!(body.starts_with("The agent changed nothing, so there is no pull request."), "{body}");
+    assert!(fake.posts("/repos/Codertocat/Hello-World/pulls").is_empty());
+}
