@@ -65,6 +65,9 @@ pub struct Invocation<'a> {
     pub timeout: Duration,
     pub output_cap: u64,
     pub cancel: &'a CancellationToken,
+    /// Told the agent's process group id as soon as it runs, so a daemon
+    /// that dies can find the group at its next start.
+    pub on_spawn: Option<&'a (dyn Fn(i32) + Send + Sync)>,
 }
 
 impl Invocation<'_> {
@@ -131,6 +134,9 @@ impl Invocation<'_> {
         // With process_group(0) the group id is the child's pid. Take it now:
         // `child.id()` is gone once the child has been reaped.
         let pgid = child.id().and_then(|p| i32::try_from(p).ok());
+        if let (Some(pgid), Some(on_spawn)) = (pgid, self.on_spawn) {
+            on_spawn(pgid);
+        }
 
         if let Some(mut stdin) = child.stdin.take() {
             let prompt = self.prompt.as_bytes().to_vec();
@@ -291,6 +297,45 @@ async fn drain(mut reader: tokio::task::JoinHandle<Vec<u8>>) -> Vec<u8> {
             reader.abort();
             Vec::new()
         }
+    }
+}
+
+/// Who a process is, across pid reuse: its start time (clock ticks after
+/// boot) and the boot it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProcessIdentity {
+    pub pgid: i32,
+    pub start_ticks: Option<u64>,
+    pub boot_id: Option<String>,
+}
+
+fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesized name; starttime is field 22 (index 19 here).
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string())
+}
+
+impl ProcessIdentity {
+    pub fn of(pgid: i32) -> ProcessIdentity {
+        ProcessIdentity { pgid, start_ticks: start_ticks(pgid), boot_id: boot_id() }
+    }
+
+    /// Kills the group a previous daemon left behind, if it is still the
+    /// same one: same boot, and its leader (when alive) started when recorded.
+    pub fn kill_leftover(&self) -> bool {
+        if self.boot_id.is_none() || self.boot_id != boot_id() || !group_alive(self.pgid) {
+            return false;
+        }
+        if let Some(now) = start_ticks(self.pgid) {
+            if Some(now) != self.start_ticks {
+                return false; // the pid belongs to someone else now
+            }
+        }
+        kill_group(self.pgid, libc::SIGKILL)
     }
 }
 

@@ -104,6 +104,14 @@ impl Engine {
     /// are requeued (their attempt recorded as interrupted) or failed when
     /// out of attempts, and its worktrees are removed. Call before `run`.
     pub async fn recover(&self) -> Result<usize, StoreError> {
+        // Agents a dead daemon left running go first: a requeued job must
+        // never run beside its old self.
+        for (job, process) in self.store.agents::<agent::ProcessIdentity>()? {
+            if process.kill_leftover() {
+                tracing::warn!(job = %job, pgid = process.pgid, "Killed an agent left running by a previous daemon.");
+            }
+            self.store.forget_agent(&job)?;
+        }
         let stale = self.store.running()?;
         let now = Utc::now();
         for mut job in stale.iter().cloned() {
@@ -358,6 +366,15 @@ impl Engine {
         let dir = self.job_dir(&job.id);
         let log = dir.join("log");
         let timeout = spec.timeout_secs.map(Duration::from_secs).unwrap_or(agent.timeout);
+        let store = self.store.clone();
+        let job_id = job.id.clone();
+        let note = move |pgid: i32| {
+            if let Err(e) = store.note_agent(&job_id, &agent::ProcessIdentity::of(pgid)) {
+                tracing::warn!(error = %e, "Could not record the agent's process group.");
+            }
+            let store = store.clone();
+            tokio::spawn(async move { store.flush().await });
+        };
         let inv = Invocation {
             agent,
             prompt: &prompt,
@@ -367,11 +384,13 @@ impl Engine {
             timeout,
             output_cap: agent::DEFAULT_OUTPUT_CAP,
             cancel,
+            on_spawn: Some(&note),
         };
         self.log_line(&job.id, &format!("running agent `{}`", agent.name)).await;
         let started = std::time::Instant::now();
         let run = inv.run().await;
         phases.run_ms = Some(started.elapsed().as_millis() as u64);
+        let _ = self.store.forget_agent(&job.id);
         let run = match run {
             Ok(r) => r,
             Err(e) => return failed("spawn_failed", None, e.to_string(), false),
@@ -415,6 +434,7 @@ impl Engine {
                 timeout,
                 output_cap: agent::DEFAULT_OUTPUT_CAP,
                 cancel,
+                on_spawn: None,
             };
             let started = std::time::Instant::now();
             let outcome = v.run().await;

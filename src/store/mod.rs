@@ -135,6 +135,8 @@ pub struct Store {
     approvals: Tree,
     /// `owner/name#N` → the pull request's current head sha.
     heads: Tree,
+    /// job id → the process group of its running agent, for start-up cleanup.
+    agents: Tree,
 }
 
 /// The id of the job `trigger` creates for `delivery`: the same pair always
@@ -235,6 +237,7 @@ impl Store {
             schedules: tree("schedules")?,
             approvals: tree("approvals")?,
             heads: tree("heads")?,
+            agents: tree("agents")?,
             path: path.to_path_buf(),
             db,
         })
@@ -636,6 +639,28 @@ impl Store {
         let started = flatten(result)?;
         self.flush().await?;
         Ok(started)
+    }
+
+    /// Records a running agent's process (made durable by the next flush,
+    /// and by sled's own within a second).
+    pub fn note_agent<T: serde::Serialize>(&self, job: &str, process: &T) -> Result<(), StoreError> {
+        self.agents.insert(job.as_bytes(), encode(process))?;
+        Ok(())
+    }
+
+    pub fn forget_agent(&self, job: &str) -> Result<(), StoreError> {
+        self.agents.remove(job.as_bytes())?;
+        Ok(())
+    }
+
+    /// Agents recorded as running, by job.
+    pub fn agents<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<(String, T)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.agents.iter() {
+            let (k, v) = entry?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), decode("agents", &k, &v)?));
+        }
+        Ok(out)
     }
 
     /// When a schedule trigger last fired.

@@ -35,6 +35,7 @@ async fn run(def: &AgentDef, prompt: &str, cap: u64) -> (Ending, Result<String, 
         timeout: def.timeout,
         output_cap: cap,
         cancel: &cancel,
+        on_spawn: None,
     };
     let r = inv.run().await.expect("agent runs");
     let result = inv.result(&r).await;

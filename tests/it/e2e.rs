@@ -286,3 +286,36 @@ async fn pull_request_output_without_changes_says_so_in_a_comment() {
     assert!(body.starts_with("The agent changed nothing, so there is no pull request."), "{body}");
     assert!(fake.posts("/repos/Codertocat/Hello-World/pulls").is_empty());
 }
+
+#[tokio::test]
+async fn agents_left_by_a_killed_daemon_are_killed_before_their_job_reruns() {
+    let fake = FakeGitHub::start().await;
+    let scratch = tempfile::tempdir().unwrap();
+    let runs = scratch.path().join("runs");
+    let pids = scratch.path().join("pids");
+    // Each run records itself and leaves a long sleep in its process group;
+    // the first run then waits forever, the second finishes.
+    let agent = format!(
+        "#!/bin/sh\necho run >> {runs}\nsleep 300 &\necho $! >> {pids}\nif [ $(wc -l < {runs}) -eq 1 ]; then wait; fi\necho second run done\n",
+        runs = runs.display(),
+        pids = pids.display()
+    );
+    let (w, _) = setup(&fake, &agent, "", "");
+    let mut baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver_issue(&baton, "orphan-1").await;
+    eventually("the first run to start its sleep", || {
+        std::fs::read_to_string(&pids).is_ok_and(|p| p.lines().count() == 1)
+    })
+    .await;
+    baton.kill9();
+    let first_sleep: i32 = std::fs::read_to_string(&pids).unwrap().trim().parse().unwrap();
+    assert!(crate::harness::process_running(first_sleep), "the agent outlives a kill -9 of the daemon");
+
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["result"], "second run done");
+    assert_eq!(job["history"][0]["outcome"], "interrupted");
+    assert!(!crate::harness::process_running(first_sleep), "the old agent's group was killed at start-up");
+    assert!(baton.log_text().contains("Killed an agent left running by a previous daemon."));
+}
