@@ -232,7 +232,8 @@ impl Engine {
                 AttemptEnd::Failed { outcome, exit_code, error, retry, feedback: fb } => {
                     job.end_attempt(outcome, exit_code, Some(error.clone()), now);
                     if retry && job.attempts_left() {
-                        let wait = backoff(job.attempts);
+                        let base = job.spec.backoff_secs.map(Duration::from_secs).unwrap_or(DEFAULT_BACKOFF);
+                        let wait = backoff(base, job.counted_attempts());
                         tracing::warn!(error = %error, retry_in = %format_duration(wait), "Attempt failed; retrying.");
                         self.log_line(
                             &job.id,
@@ -567,11 +568,13 @@ fn failed(outcome: &'static str, exit_code: Option<i32>, error: String, retry: b
     AttemptEnd::Failed { outcome, exit_code, error, retry, feedback: None }
 }
 
-/// 10 s, 20 s, 40 s, … capped at 10 minutes.
-fn backoff(attempt: u32) -> Duration {
-    let secs = 10u64.saturating_mul(1 << attempt.saturating_sub(1).min(6));
-    Duration::from_secs(secs.min(600))
+/// `base`, then doubling, capped at 10 minutes.
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    base.saturating_mul(1 << attempt.saturating_sub(1).min(6)).min(Duration::from_secs(600))
 }
+
+/// The wait before a job's second attempt; each further one doubles it.
+const DEFAULT_BACKOFF: Duration = Duration::from_secs(10);
 
 fn tail(s: &str, max: usize) -> String {
     if s.len() <= max {
@@ -609,9 +612,10 @@ mod tests {
 
     #[test]
     fn backoff_doubles_and_is_capped() {
-        assert_eq!(backoff(1), Duration::from_secs(10));
-        assert_eq!(backoff(2), Duration::from_secs(20));
-        assert_eq!(backoff(30), Duration::from_secs(600));
+        assert_eq!(backoff(DEFAULT_BACKOFF, 1), Duration::from_secs(10));
+        assert_eq!(backoff(DEFAULT_BACKOFF, 2), Duration::from_secs(20));
+        assert_eq!(backoff(DEFAULT_BACKOFF, 30), Duration::from_secs(600));
+        assert_eq!(backoff(Duration::from_secs(1), 3), Duration::from_secs(4));
     }
 
     #[test]

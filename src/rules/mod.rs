@@ -54,6 +54,9 @@ pub struct JobSpec {
     /// Time between two jobs of this trigger on one issue or PR, at least.
     #[serde(default)]
     pub cooldown_secs: Option<u64>,
+    /// The wait before a second attempt (doubling after).
+    #[serde(default)]
+    pub backoff_secs: Option<u64>,
 }
 
 /// The commit a job's worktree is made from.
@@ -346,6 +349,7 @@ impl RuleSet {
             chain_depth: event.parent.as_ref().map_or(0, |p| p.depth + 1),
             max_runs_per_hour: t.job.max_runs_per_hour,
             cooldown_secs: t.job.cooldown.map(|d| d.as_secs()),
+            backoff_secs: t.job.backoff.map(|d| d.as_secs()),
         });
         match approval {
             Some(reason) => Verdict::NeedsApproval { spec, reason },

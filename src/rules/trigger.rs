@@ -86,6 +86,7 @@ struct JobFile {
     verify: Option<Spanned<Vec<String>>>,
     max_runs_per_hour: Option<u32>,
     cooldown: Option<HumanDuration>,
+    backoff: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,6 +145,7 @@ pub struct JobTemplate {
     pub verify: Option<Vec<String>>,
     pub max_runs_per_hour: Option<u32>,
     pub cooldown: Option<Duration>,
+    pub backoff: Option<Duration>,
 }
 
 impl Trigger {
@@ -385,6 +387,7 @@ pub fn compile(
             verify: job.verify.as_ref().map(|v| v.get_ref().clone()),
             max_runs_per_hour: job.max_runs_per_hour,
             cooldown: job.cooldown.map(|c| c.0),
+            backoff: job.backoff.map(|b| b.0),
         },
         output: file.output.kind,
         schedule,

@@ -319,3 +319,35 @@ async fn agents_left_by_a_killed_daemon_are_killed_before_their_job_reruns() {
     assert!(!crate::harness::process_running(first_sleep), "the old agent's group was killed at start-up");
     assert!(baton.log_text().contains("Killed an agent left running by a previous daemon."));
 }
+
+#[tokio::test]
+async fn a_failed_verification_is_fed_into_the_next_attempt() {
+    let fake = FakeGitHub::start().await;
+    let scratch = tempfile::tempdir().unwrap();
+    let prompts = scratch.path().join("prompts");
+    let attempts = scratch.path().join("attempts");
+    // The agent writes what it was asked; the check passes only on the
+    // second attempt, after printing why the first failed.
+    let agent = format!(
+        "#!/bin/sh\ncat >> {p}\necho '---' >> {p}\necho attempt >> {a}\necho done\n",
+        p = prompts.display(),
+        a = attempts.display()
+    );
+    let verify = format!(
+        "attempts = 2\nbackoff = \"1s\"\nverify = [\"sh\", \"-c\", \"echo 'test_parser failed: expected 3, got 4' >&2; [ $(wc -l < {}) -ge 2 ]\"]\n",
+        attempts.display()
+    );
+    let (w, _) = setup(&fake, &agent, "", &verify);
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver_issue(&baton, "verify-1").await;
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 2);
+    assert_eq!(job["history"][0]["outcome"], "verify_failed");
+    assert!(job["history"][0]["phases"]["verify_ms"].is_u64());
+    let all = std::fs::read_to_string(&prompts).unwrap();
+    let second = all.split("---").nth(1).unwrap();
+    assert!(second.contains("Your previous attempt failed verification"), "{second}");
+    assert!(second.contains("test_parser failed: expected 3, got 4"), "{second}");
+    assert!(!all.split("---").next().unwrap().contains("previous attempt"));
+}

@@ -204,3 +204,52 @@ fn baton_own_comments_and_edits_never_run_commands() {
     p["action"] = json!("edited");
     rejected_by(judge(&t, "issue_comment", p.to_string().as_bytes()), "command");
 }
+
+#[test]
+fn exclude_labels_and_job_triggers_both_ways() {
+    let issue = fixture("issues/opened.payload.json"); // labelled "bug"
+    assert!(judge(&trig("[\"issues.opened\"]", "exclude_labels = [\"wontfix\"]"), "issues", &issue).is_ok());
+}
+
+#[test]
+fn job_events_match_filter_triggers_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("fix.toml"),
+        "on = [\"job.succeeded\"]\n[filter]\ntriggers = [\"investigate\"]\n[job]\nagent = \"codex\"\nprompt = \"fix: {{ result }}\"\n",
+    )
+    .unwrap();
+    let config = Config::from_source(None, "", Path::new("/")).unwrap();
+    let (rules, errors) = RuleSet::load(dir.path(), &config);
+    assert!(errors.is_empty(), "{errors:?}");
+    let issue = normalize("issues", "d", &fixture("issues/opened.payload.json")).unwrap();
+    let parent = rules_spec_for(&issue);
+    let finished = |trigger: &str| {
+        let mut spec = parent.clone();
+        spec.trigger = trigger.into();
+        let mut job = baton::store::Job::new("j1".into(), 1, "d".into(), spec, chrono::Utc::now());
+        job.start_attempt(chrono::Utc::now());
+        job.end(baton::store::JobState::Succeeded, Some("the cause".into()), None, chrono::Utc::now());
+        baton::engine::chain::job_event(&job).unwrap()
+    };
+    let specs = rules.match_event(&finished("investigate"));
+    assert_eq!(specs.len(), 1);
+    assert_eq!(specs[0].prompt, "fix: the cause");
+    assert_eq!(specs[0].chain_depth, 1);
+    assert_eq!(specs[0].workspace, Workspace::DefaultBranch { branch: "master".into() });
+    let (_, verdict) = rules.explain(&finished("review")).remove(0);
+    assert!(matches!(verdict, Verdict::Rejected { filter: "triggers", .. }), "{verdict:?}");
+}
+
+/// A spec as the issue fixture would start it.
+fn rules_spec_for(event: &baton::event::Event) -> baton::rules::JobSpec {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("investigate.toml"),
+        "on = [\"issues.opened\"]\n[job]\nagent = \"codex\"\nprompt = \"x\"\n",
+    )
+    .unwrap();
+    let config = Config::from_source(None, "", Path::new("/")).unwrap();
+    let (rules, _) = RuleSet::load(dir.path(), &config);
+    rules.match_event(event).remove(0)
+}

@@ -27,6 +27,7 @@ fn spec(trigger: &str) -> JobSpec {
         chain_depth: 0,
         max_runs_per_hour: None,
         cooldown_secs: None,
+        backoff_secs: None,
     }
 }
 

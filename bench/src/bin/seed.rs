@@ -33,6 +33,7 @@ async fn main() {
             chain_depth: 0,
             max_runs_per_hour: None,
             cooldown_secs: None,
+            backoff_secs: None,
         };
         let delivery = Delivery::new(format!("seed-{i}"), "github", "issues.opened");
         store.accept(delivery, vec![spec]).await.expect("accept");
