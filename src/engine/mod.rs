@@ -49,6 +49,8 @@ pub struct Engine {
     publishing: bool,
     /// Running jobs: id → (cancel token, repository).
     running: Mutex<HashMap<String, (CancellationToken, Option<String>)>>,
+    /// Running jobs cancelled by a newer job of their group: id → that job.
+    superseded: Mutex<HashMap<String, String>>,
 }
 
 /// How one attempt ended.
@@ -86,6 +88,7 @@ impl Engine {
             publish_wake,
             publishing,
             running: Mutex::new(HashMap::new()),
+            superseded: Mutex::new(HashMap::new()),
         }
     }
 
@@ -156,6 +159,14 @@ impl Engine {
     }
 
     async fn dispatch(self: &Arc<Self>, done: &mpsc::UnboundedSender<String>) -> Result<(), StoreError> {
+        for (id, by) in self.store.take_cancels()? {
+            let token = self.running().get(&id).map(|(t, _)| t.clone());
+            if let Some(token) = token {
+                tracing::info!(job = %id, by = %by, "Cancelling a job superseded in its concurrency group.");
+                self.superseded.lock().unwrap_or_else(|p| p.into_inner()).insert(id, by);
+                token.cancel();
+            }
+        }
         let limits = &self.config.limits;
         let (mut total, mut per_repo) = {
             let running = self.running();
@@ -227,7 +238,13 @@ impl Engine {
                 }
                 AttemptEnd::Cancelled => {
                     job.end_attempt("cancelled", None, None, now);
-                    job.end(JobState::Cancelled, None, Some("cancelled".into()), now);
+                    let by = self.superseded.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.id);
+                    let why = match &by {
+                        Some(by) => format!("cancelled: superseded by job {by}"),
+                        None => "cancelled".into(),
+                    };
+                    job.displaced_by = by;
+                    job.end(JobState::Cancelled, None, Some(why), now);
                 }
                 AttemptEnd::Failed { outcome, exit_code, error, retry, feedback: fb } => {
                     job.end_attempt(outcome, exit_code, Some(error.clone()), now);

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::diag::Diagnostic;
 use crate::event::Event;
-pub use trigger::{OutputKind, Trigger, WorkspaceKind};
+pub use trigger::{OnConflict, OutputKind, Trigger, WorkspaceKind};
 
 /// What a job needs to run, fixed when its event matched: later edits of the
 /// trigger folder do not change a job that is already queued.
@@ -57,6 +57,11 @@ pub struct JobSpec {
     /// The wait before a second attempt (doubling after).
     #[serde(default)]
     pub backoff_secs: Option<u64>,
+    /// The concurrency group: at most one of its jobs runs at a time.
+    #[serde(default)]
+    pub concurrency: Option<String>,
+    #[serde(default)]
+    pub on_conflict: OnConflict,
 }
 
 /// The commit a job's worktree is made from.
@@ -330,6 +335,15 @@ impl RuleSet {
             Ok(p) => p,
             Err(e) => return reject("prompt", format!("prompt failed to render: {e}")),
         };
+        let concurrency = if t.job.has_concurrency {
+            match self.env.get_template(&trigger::concurrency_name(&t.name)).and_then(|tmpl| tmpl.render(&ctx)) {
+                Ok(g) if !g.trim().is_empty() => Some(g.trim().to_string()),
+                Ok(_) => None,
+                Err(e) => return reject("concurrency", format!("concurrency failed to render: {e}")),
+            }
+        } else {
+            None
+        };
         let spec = Box::new(JobSpec {
             trigger: t.name.clone(),
             event: event.kind.clone(),
@@ -350,6 +364,8 @@ impl RuleSet {
             max_runs_per_hour: t.job.max_runs_per_hour,
             cooldown_secs: t.job.cooldown.map(|d| d.as_secs()),
             backoff_secs: t.job.backoff.map(|d| d.as_secs()),
+            concurrency,
+            on_conflict: t.job.on_conflict,
         });
         match approval {
             Some(reason) => Verdict::NeedsApproval { spec, reason },

@@ -28,6 +28,21 @@ pub enum WorkspaceKind {
     HeadSha,
 }
 
+/// What a newer job does when its concurrency group is busy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnConflict {
+    /// At most one waits: a newer waiting job replaces an older waiting one.
+    #[default]
+    ReplacePending,
+    /// All wait, in order (up to a cap).
+    Queue,
+    /// The newer job cancels the running one (and replaces any waiting one).
+    CancelInProgress,
+    /// The newer job is dropped while one runs or waits.
+    Skip,
+}
+
 /// Where the result goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -87,6 +102,9 @@ struct JobFile {
     max_runs_per_hour: Option<u32>,
     cooldown: Option<HumanDuration>,
     backoff: Option<HumanDuration>,
+    concurrency: Option<Spanned<String>>,
+    on_conflict: Option<OnConflict>,
+    cancel_in_progress: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -146,6 +164,8 @@ pub struct JobTemplate {
     pub max_runs_per_hour: Option<u32>,
     pub cooldown: Option<Duration>,
     pub backoff: Option<Duration>,
+    pub has_concurrency: bool,
+    pub on_conflict: OnConflict,
 }
 
 impl Trigger {
@@ -160,6 +180,10 @@ impl Trigger {
 
 pub fn template_name(trigger: &str) -> String {
     format!("{trigger}.prompt")
+}
+
+pub fn concurrency_name(trigger: &str) -> String {
+    format!("{trigger}.concurrency")
 }
 
 pub fn condition_name(trigger: &str) -> String {
@@ -350,6 +374,19 @@ pub fn compile(
         Some(a) => *a.get_ref(),
         None => 1,
     };
+    if let Some(c) = &job.concurrency {
+        if let Err(e) = env.add_template_owned(concurrency_name(&name), c.get_ref().clone()) {
+            errors.push(at(c.span(), format!("invalid concurrency template: {}", template_error(&e))));
+        }
+    }
+    let on_conflict = match (&job.cancel_in_progress, job.on_conflict) {
+        (Some(c), Some(p)) if *c.get_ref() && p != OnConflict::CancelInProgress => {
+            errors.push(at(c.span(), "cancel_in_progress = true contradicts on_conflict".into()));
+            p
+        }
+        (Some(c), None) if *c.get_ref() => OnConflict::CancelInProgress,
+        (_, p) => p.unwrap_or_default(),
+    };
     if let Some(v) = &job.verify {
         if v.get_ref().is_empty() {
             errors.push(at(v.span(), "verify must name a command".into()));
@@ -388,6 +425,8 @@ pub fn compile(
             max_runs_per_hour: job.max_runs_per_hour,
             cooldown: job.cooldown.map(|c| c.0),
             backoff: job.backoff.map(|b| b.0),
+            has_concurrency: job.concurrency.is_some(),
+            on_conflict,
         },
         output: file.output.kind,
         schedule,

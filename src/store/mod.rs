@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use sled::Tree;
 
-use crate::rules::JobSpec;
+use crate::rules::{JobSpec, OnConflict};
 pub use commit::Durability;
 pub use records::{
     Attempt, Delivery, Job, JobState, Phases, Publication, PublicationState, PublicationSummary, Skipped, Target,
@@ -48,6 +48,83 @@ pub enum Accepted {
     New(Admitted),
     /// A delivery with this id was stored before; nothing was written.
     Duplicate,
+}
+
+/// Jobs waiting in one concurrency group with `on_conflict = "queue"`, at most.
+const MAX_GROUP_QUEUE: usize = 50;
+
+/// Who holds a concurrency group, and who waits for it.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct GroupState {
+    running: Option<String>,
+    /// (job id, queue sequence), in order.
+    waiting: Vec<(String, u64)>,
+}
+
+type TxTree = sled::transaction::TransactionalTree;
+type TxError = sled::transaction::UnabortableTransactionError;
+
+fn group_state(groups: &TxTree, group: &str) -> Result<GroupState, TxError> {
+    Ok(groups.get(group.as_bytes())?.and_then(|v| serde_json::from_slice(&v).ok()).unwrap_or_default())
+}
+
+/// A new job joins its concurrency group under its trigger's `on_conflict`.
+/// Returns the job as dropped (cancelled) when the policy turns it away;
+/// waiting jobs it replaces are cancelled, and a running one it supersedes is
+/// marked for the engine to cancel.
+fn join_group(
+    groups: &TxTree,
+    jobs: &TxTree,
+    queue: &TxTree,
+    cancels: &TxTree,
+    group: &str,
+    job: &Job,
+    now: chrono::DateTime<Utc>,
+) -> Result<Option<Job>, TxError> {
+    let mut st = group_state(groups, group)?;
+    let busy = st.running.clone().or_else(|| st.waiting.first().map(|(w, _)| w.clone()));
+    let drop_with = |why: String| {
+        let mut dropped = job.clone();
+        dropped.end(JobState::Cancelled, None, Some(why), now);
+        dropped.displaced_by = busy.clone();
+        dropped
+    };
+    match job.spec.on_conflict {
+        OnConflict::Skip if busy.is_some() => {
+            let holder = busy.clone().unwrap_or_default();
+            return Ok(Some(drop_with(format!(
+                "dropped: concurrency group `{group}` is busy with job {holder} (on_conflict = skip)"
+            ))));
+        }
+        OnConflict::Queue if st.waiting.len() >= MAX_GROUP_QUEUE => {
+            return Ok(Some(drop_with(format!(
+                "dropped: {MAX_GROUP_QUEUE} jobs already wait in concurrency group `{group}`"
+            ))));
+        }
+        OnConflict::ReplacePending | OnConflict::CancelInProgress => {
+            for (waiting, seq) in std::mem::take(&mut st.waiting) {
+                if let Some(bytes) = jobs.get(waiting.as_bytes())? {
+                    if let Ok(mut old) = serde_json::from_slice::<Job>(&bytes) {
+                        if old.state == JobState::Queued {
+                            old.end(JobState::Cancelled, None, Some(format!("replaced by job {}", job.id)), now);
+                            old.displaced_by = Some(job.id.clone());
+                            jobs.insert(waiting.as_bytes(), encode(&old))?;
+                            queue.remove(&seq_key(seq))?;
+                        }
+                    }
+                }
+            }
+            if job.spec.on_conflict == OnConflict::CancelInProgress {
+                if let Some(running) = &st.running {
+                    cancels.insert(running.as_bytes(), job.id.as_bytes())?;
+                }
+            }
+        }
+        _ => {}
+    }
+    st.waiting.push((job.id.clone(), job.seq));
+    groups.insert(group.as_bytes(), encode(&st))?;
+    Ok(None)
 }
 
 /// Held jobs per issue or PR, at most (oldest go first).
@@ -137,6 +214,10 @@ pub struct Store {
     heads: Tree,
     /// job id → the process group of its running agent, for start-up cleanup.
     agents: Tree,
+    /// concurrency group → `GroupState`.
+    groups: Tree,
+    /// running job id → why it must be cancelled (cancel-in-progress).
+    cancels: Tree,
 }
 
 /// The id of the job `trigger` creates for `delivery`: the same pair always
@@ -238,6 +319,8 @@ impl Store {
             approvals: tree("approvals")?,
             heads: tree("heads")?,
             agents: tree("agents")?,
+            groups: tree("groups")?,
+            cancels: tree("cancels")?,
             path: path.to_path_buf(),
             db,
         })
@@ -302,42 +385,51 @@ impl Store {
             &self.queue,
             &self.throttle,
             &self.approvals,
+            &self.groups,
+            &self.cancels,
         );
-        let result = trees.transaction(|(deliveries, times, job_tree, index, queue, throttle, approvals)| {
-            if deliveries.get(key.as_bytes())?.is_some() {
-                return Ok(Accepted::Duplicate);
-            }
-            for (subject, p) in &held {
-                let mut list: Vec<Pending> =
-                    approvals.get(subject)?.and_then(|v| serde_json::from_slice(&v).ok()).unwrap_or_default();
-                list.retain(|old| !(old.delivery == p.delivery && old.spec.trigger == p.spec.trigger));
-                list.push(p.clone());
-                // An outsider cannot grow this without bound.
-                if list.len() > MAX_PENDING {
-                    list.drain(..list.len() - MAX_PENDING);
+        let result =
+            trees.transaction(|(deliveries, times, job_tree, index, queue, throttle, approvals, groups, cancels)| {
+                if deliveries.get(key.as_bytes())?.is_some() {
+                    return Ok(Accepted::Duplicate);
                 }
-                approvals.insert(subject.as_slice(), encode(&list))?;
-            }
-            let mut record = delivery.clone();
-            for (job, bytes) in jobs.iter().zip(&encoded) {
-                if let Some(reason) = throttled(throttle, &job.spec, now)? {
-                    record.skipped.push(Skipped { trigger: job.trigger.clone(), reason });
-                    continue;
+                for (subject, p) in &held {
+                    let mut list: Vec<Pending> =
+                        approvals.get(subject)?.and_then(|v| serde_json::from_slice(&v).ok()).unwrap_or_default();
+                    list.retain(|old| !(old.delivery == p.delivery && old.spec.trigger == p.spec.trigger));
+                    list.push(p.clone());
+                    // An outsider cannot grow this without bound.
+                    if list.len() > MAX_PENDING {
+                        list.drain(..list.len() - MAX_PENDING);
+                    }
+                    approvals.insert(subject.as_slice(), encode(&list))?;
                 }
-                record.jobs.push(job.id.clone());
-                // A job id already present (its delivery was pruned and is
-                // now redelivered) is never doubled.
-                if job_tree.get(job.id.as_bytes())?.is_some() {
-                    continue;
+                let mut record = delivery.clone();
+                for (job, bytes) in jobs.iter().zip(&encoded) {
+                    if let Some(reason) = throttled(throttle, &job.spec, now)? {
+                        record.skipped.push(Skipped { trigger: job.trigger.clone(), reason });
+                        continue;
+                    }
+                    record.jobs.push(job.id.clone());
+                    // A job id already present (its delivery was pruned and is
+                    // now redelivered) is never doubled.
+                    if job_tree.get(job.id.as_bytes())?.is_some() {
+                        continue;
+                    }
+                    index.insert(&seq_key(job.seq), job.id.as_bytes())?;
+                    if let Some(group) = &job.spec.concurrency {
+                        if let Some(dropped) = join_group(groups, job_tree, queue, cancels, group, job, now)? {
+                            job_tree.insert(job.id.as_bytes(), encode(&dropped))?;
+                            continue;
+                        }
+                    }
+                    job_tree.insert(job.id.as_bytes(), bytes.as_slice())?;
+                    queue.insert(&seq_key(job.seq), queue_value(&job.id, job.repo.as_deref()))?;
                 }
-                job_tree.insert(job.id.as_bytes(), bytes.as_slice())?;
-                index.insert(&seq_key(job.seq), job.id.as_bytes())?;
-                queue.insert(&seq_key(job.seq), queue_value(&job.id, job.repo.as_deref()))?;
-            }
-            deliveries.insert(key.as_bytes(), encode(&record))?;
-            times.insert(time_key.as_slice(), &[])?;
-            Ok(Accepted::New(Admitted { jobs: record.jobs, skipped: record.skipped }))
-        });
+                deliveries.insert(key.as_bytes(), encode(&record))?;
+                times.insert(time_key.as_slice(), &[])?;
+                Ok(Accepted::New(Admitted { jobs: record.jobs, skipped: record.skipped }))
+            });
         let accepted = flatten(result)?;
         if let Accepted::New(_) = accepted {
             self.flush().await?;
@@ -437,28 +529,51 @@ impl Store {
     /// Takes a queued job: it leaves the queue and becomes `running` with a
     /// new attempt, in one transaction, flushed.
     pub async fn claim(&self, seq: u64, id: &str) -> Result<Option<Job>, StoreError> {
-        let result = (&self.queue, &self.jobs, &self.running).transaction(|(queue, jobs, running)| {
-            if queue.remove(&seq_key(seq))?.is_none() {
-                return Ok(None);
-            }
-            let Some(bytes) = jobs.get(id.as_bytes())? else {
-                return Ok(None);
-            };
-            let mut job: Job = match decode("jobs", id.as_bytes(), &bytes) {
-                Ok(j) => j,
-                Err(e) => return abort(e),
-            };
-            if job.state != JobState::Queued {
-                return Ok(None);
-            }
-            job.start_attempt(Utc::now());
-            jobs.insert(id.as_bytes(), encode(&job))?;
-            running.insert(id.as_bytes(), &[])?;
-            Ok(Some(job))
-        });
+        let result =
+            (&self.queue, &self.jobs, &self.running, &self.groups).transaction(|(queue, jobs, running, groups)| {
+                let Some(bytes) = jobs.get(id.as_bytes())? else {
+                    return Ok(None);
+                };
+                let mut job: Job = match decode("jobs", id.as_bytes(), &bytes) {
+                    Ok(j) => j,
+                    Err(e) => return abort(e),
+                };
+                if job.state != JobState::Queued {
+                    queue.remove(&seq_key(seq))?;
+                    return Ok(None);
+                }
+                if let Some(group) = &job.spec.concurrency {
+                    let mut st = group_state(groups, group)?;
+                    if st.running.as_ref().is_some_and(|r| r != id) {
+                        return Ok(None); // waits, still queued, for its group
+                    }
+                    st.running = Some(id.to_string());
+                    st.waiting.retain(|(w, _)| w != id);
+                    groups.insert(group.as_bytes(), encode(&st))?;
+                }
+                if queue.remove(&seq_key(seq))?.is_none() {
+                    return Ok(None);
+                }
+                job.start_attempt(Utc::now());
+                jobs.insert(id.as_bytes(), encode(&job))?;
+                running.insert(id.as_bytes(), &[])?;
+                Ok(Some(job))
+            });
         let job = flatten(result)?;
         self.flush().await?;
         Ok(job)
+    }
+
+    /// Running jobs that a newer job of their concurrency group cancels, with
+    /// that job's id; each is handed out once.
+    pub fn take_cancels(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.cancels.iter() {
+            let (k, v) = entry?;
+            self.cancels.remove(&k)?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned()));
+        }
+        Ok(out)
     }
 
     /// Writes a job record as it is now (progress inside a state).
@@ -471,20 +586,31 @@ impl Store {
     /// attempt), with its publication if any, atomically and durably.
     pub async fn finish(&self, job: &Job, publication: Option<&Publication>) -> Result<(), StoreError> {
         let requeue = job.state == JobState::Queued;
-        let result =
-            (&self.jobs, &self.queue, &self.outbox, &self.running).transaction(|(jobs, queue, outbox, running)| {
-                jobs.insert(job.id.as_bytes(), encode(job))?;
-                if job.state != JobState::Running {
-                    running.remove(job.id.as_bytes())?;
+        let trees = (&self.jobs, &self.queue, &self.outbox, &self.running, &self.groups);
+        let result = trees.transaction(|(jobs, queue, outbox, running, groups)| {
+            jobs.insert(job.id.as_bytes(), encode(job))?;
+            if job.state != JobState::Running {
+                running.remove(job.id.as_bytes())?;
+            }
+            if requeue {
+                queue.insert(&seq_key(job.seq), queue_value(&job.id, job.repo.as_deref()))?;
+            }
+            if let Some(group) = &job.spec.concurrency {
+                let mut st = group_state(groups, group)?;
+                if st.running.as_deref() == Some(job.id.as_str()) {
+                    st.running = None;
                 }
-                if requeue {
-                    queue.insert(&seq_key(job.seq), queue_value(&job.id, job.repo.as_deref()))?;
+                if requeue && !st.waiting.iter().any(|(w, _)| w == &job.id) {
+                    // Back to the front: it was first in line before.
+                    st.waiting.insert(0, (job.id.clone(), job.seq));
                 }
-                if let Some(p) = publication {
-                    outbox.insert(job.id.as_bytes(), encode(p))?;
-                }
-                Ok(())
-            });
+                groups.insert(group.as_bytes(), encode(&st))?;
+            }
+            if let Some(p) = publication {
+                outbox.insert(job.id.as_bytes(), encode(p))?;
+            }
+            Ok(())
+        });
         flatten(result)?;
         self.flush().await
     }
@@ -497,10 +623,15 @@ impl Store {
         if job.state != JobState::Queued {
             return Ok(None);
         }
-        let result = (&self.queue, &self.jobs).transaction(|(queue, jobs)| {
+        let result = (&self.queue, &self.jobs, &self.groups).transaction(|(queue, jobs, groups)| {
             // The dispatcher may have claimed it since it was read.
             if queue.remove(&seq_key(job.seq))?.is_none() {
                 return Ok(None);
+            }
+            if let Some(group) = &job.spec.concurrency {
+                let mut st = group_state(groups, group)?;
+                st.waiting.retain(|(w, _)| w != id);
+                groups.insert(group.as_bytes(), encode(&st))?;
             }
             let mut j = job.clone();
             j.end(JobState::Cancelled, None, Some(reason.to_string()), Utc::now());

@@ -133,6 +133,9 @@ pub struct Job {
     /// The branch baton pushed with the agent's changes (`pull_request` output).
     #[serde(default)]
     pub branch: Option<String>,
+    /// The job that replaced, dropped or cancelled this one (concurrency groups).
+    #[serde(default)]
+    pub displaced_by: Option<String>,
     pub spec: JobSpec,
 }
 
@@ -156,6 +159,7 @@ impl Job {
             history: Vec::new(),
             publication: None,
             branch: None,
+            displaced_by: None,
             spec,
         }
     }

@@ -9,6 +9,7 @@ mod config_cli;
 mod crash;
 mod e2e;
 mod fake_github;
+mod groups;
 mod harness;
 mod hostile;
 mod ingress;

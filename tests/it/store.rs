@@ -28,6 +28,8 @@ fn spec(trigger: &str) -> JobSpec {
         max_runs_per_hour: None,
         cooldown_secs: None,
         backoff_secs: None,
+        concurrency: None,
+        on_conflict: Default::default(),
     }
 }
 
@@ -109,4 +111,25 @@ fn an_unopenable_store_names_its_path() {
     let err = Store::open(dir.path()).err().expect("open fails").to_string();
     assert!(err.contains(&dir.path().display().to_string()), "{err}");
     assert!(err.starts_with("cannot open store at"), "{err}");
+}
+
+#[tokio::test]
+async fn a_group_runs_one_job_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let grouped = |t: &str| {
+        let mut s = spec(t);
+        s.concurrency = Some("g".into());
+        s
+    };
+    store.accept(delivery("a", Duration::zero()), vec![grouped("t")]).await.unwrap();
+    let first = store.queued().next().unwrap().unwrap();
+    let mut a = store.claim(first.seq, &first.id).await.unwrap().expect("A runs");
+    store.accept(delivery("c", Duration::zero()), vec![grouped("t")]).await.unwrap();
+    let c = store.queued().next().unwrap().unwrap();
+    assert!(store.claim(c.seq, &c.id).await.unwrap().is_none(), "C waits while A runs");
+    assert_eq!(store.queued().count(), 1);
+    a.end(baton::store::JobState::Succeeded, None, None, Utc::now());
+    store.finish(&a, None).await.unwrap();
+    assert!(store.claim(c.seq, &c.id).await.unwrap().is_some(), "C runs once A is done");
 }

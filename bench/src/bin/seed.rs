@@ -34,6 +34,8 @@ async fn main() {
             max_runs_per_hour: None,
             cooldown_secs: None,
             backoff_secs: None,
+            concurrency: None,
+            on_conflict: Default::default(),
         };
         let delivery = Delivery::new(format!("seed-{i}"), "github", "issues.opened");
         store.accept(delivery, vec![spec]).await.expect("accept");
