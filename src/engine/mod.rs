@@ -358,7 +358,11 @@ impl Engine {
         if let Some(commit) = &prepared.commit {
             self.log_line(&job.id, &format!("workspace at {commit}")).await;
         }
-        let end = self.run_in(job, agent, &prepared.path, feedback, cancel, phases).await;
+        let mut skills: Vec<(String, String)> = spec.skills.clone();
+        if let (Some(repo), Some(default)) = (spec.repo.as_deref(), spec.default_branch.as_deref()) {
+            skills.extend(self.workspaces.conventions(&prepared, repo, default).await);
+        }
+        let end = self.run_in(job, agent, &prepared.path, feedback, &skills, cancel, phases).await;
         self.workspaces.release(&prepared).await;
         end
     }
@@ -369,17 +373,19 @@ impl Engine {
         agent: &AgentDef,
         workdir: &std::path::Path,
         feedback: Option<&str>,
+        skills: &[(String, String)],
         cancel: &CancellationToken,
         phases: &mut Phases,
     ) -> AttemptEnd {
         let spec = &job.spec;
+        let base = with_skills(&spec.prompt, skills);
         let prompt = match feedback {
             Some(fb) => format!(
                 "{}\n\n## Your previous attempt failed verification\n\nThe check `{}` failed with this output:\n\n```\n{fb}\n```\n\nFix the cause and try again.\n",
-                spec.prompt,
+                base,
                 spec.verify.as_ref().map(|v| v.join(" ")).unwrap_or_default()
             ),
-            None => spec.prompt.clone(),
+            None => base,
         };
         let dir = self.job_dir(&job.id);
         let log = dir.join("log");
@@ -567,6 +573,35 @@ pub async fn run_locally(config: Config, specs: Vec<JobSpec>) -> Result<Vec<Job>
         out.extend(store.job(&id)?);
     }
     Ok(out)
+}
+
+/// Convention files added to every prompt, in all.
+const SKILLS_CAP: usize = 32 * 1024;
+
+/// The prompt with convention files under a heading, capped in size.
+fn with_skills(prompt: &str, skills: &[(String, String)]) -> String {
+    if skills.is_empty() {
+        return prompt.to_string();
+    }
+    let mut out = format!("{}\n\n## Conventions to follow\n", prompt.trim_end());
+    let mut left = SKILLS_CAP;
+    for (name, text) in skills {
+        let text = text.trim();
+        if text.len() > left {
+            let mut cut = left;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            out.push_str(&format!(
+                "\n### {name}\n\n{}\n\n(cut: conventions are limited to {SKILLS_CAP} bytes)\n",
+                &text[..cut]
+            ));
+            break;
+        }
+        left -= text.len();
+        out.push_str(&format!("\n### {name}\n\n{text}\n"));
+    }
+    out
 }
 
 /// The title of the pull request a job opens.

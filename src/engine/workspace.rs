@@ -129,6 +129,39 @@ impl Workspaces {
         Ok(Prepared { path, mirror: Some(mirror), commit: Some(commit) })
     }
 
+    /// The repository's own convention files — `AGENTS.md`, `CLAUDE.md` and
+    /// `.baton/skills/*.md` — as they are on the default branch, never on the
+    /// commit under work: a pull request must not rewrite its own reviewer's
+    /// instructions. `(path, text)` pairs, in that order.
+    pub async fn conventions(&self, prepared: &Prepared, repo: &str, default_branch: &str) -> Vec<(String, String)> {
+        let Some(mirror) = &prepared.mirror else { return Vec::new() };
+        let Ok((owner, name)) = split_repo(repo) else { return Vec::new() };
+        let local = format!("refs/heads/{default_branch}");
+        let rev = if default_branch == "HEAD" { "refs/baton/remote-head".to_string() } else { local.clone() };
+        if default_branch != "HEAD" && !self.has_commit(mirror, &rev).await {
+            let url = format!("{}/{owner}/{name}.git", self.git_url);
+            let lock = self.lock_for(repo);
+            let _guard = lock.lock().await;
+            if self.fetch(mirror, &url, &format!("+{local}:{local}")).await.is_err() {
+                return Vec::new();
+            }
+        }
+        let mut paths = vec!["AGENTS.md".to_string(), "CLAUDE.md".to_string()];
+        if let Ok(listing) = git(mirror, &["ls-tree", "--name-only", &format!("{rev}:.baton/skills")], None).await {
+            let mut skills: Vec<String> =
+                listing.lines().filter(|l| l.ends_with(".md")).map(|l| format!(".baton/skills/{l}")).collect();
+            skills.sort();
+            paths.extend(skills);
+        }
+        let mut out = Vec::new();
+        for path in paths {
+            if let Ok(text) = git(mirror, &["show", &format!("{rev}:{path}")], None).await {
+                out.push((path, text));
+            }
+        }
+        out
+    }
+
     /// Removes a workspace.
     pub async fn release(&self, prepared: &Prepared) {
         if let Some(mirror) = &prepared.mirror {

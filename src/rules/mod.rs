@@ -62,6 +62,9 @@ pub struct JobSpec {
     pub concurrency: Option<String>,
     #[serde(default)]
     pub on_conflict: OnConflict,
+    /// The trigger's `skills` files: (name, text), read from baton's folder.
+    #[serde(default)]
+    pub skills: Vec<(String, String)>,
 }
 
 /// The commit a job's worktree is made from.
@@ -366,6 +369,7 @@ impl RuleSet {
             backoff_secs: t.job.backoff.map(|d| d.as_secs()),
             concurrency,
             on_conflict: t.job.on_conflict,
+            skills: t.job.skills.clone(),
         });
         match approval {
             Some(reason) => Verdict::NeedsApproval { spec, reason },

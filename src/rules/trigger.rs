@@ -105,6 +105,7 @@ struct JobFile {
     concurrency: Option<Spanned<String>>,
     on_conflict: Option<OnConflict>,
     cancel_in_progress: Option<Spanned<bool>>,
+    skills: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +167,8 @@ pub struct JobTemplate {
     pub backoff: Option<Duration>,
     pub has_concurrency: bool,
     pub on_conflict: OnConflict,
+    /// Convention files: (path as written, text).
+    pub skills: Vec<(String, String)>,
 }
 
 impl Trigger {
@@ -374,6 +377,14 @@ pub fn compile(
         Some(a) => *a.get_ref(),
         None => 1,
     };
+    let mut skills = Vec::new();
+    for f in job.skills.iter().flatten() {
+        let full = path.parent().unwrap_or(Path::new(".")).join(f.get_ref());
+        match std::fs::read_to_string(&full) {
+            Ok(text) => skills.push((f.get_ref().clone(), text)),
+            Err(e) => errors.push(at(f.span(), format!("cannot read skill file {}: {e}", full.display()))),
+        }
+    }
     if let Some(c) = &job.concurrency {
         if let Err(e) = env.add_template_owned(concurrency_name(&name), c.get_ref().clone()) {
             errors.push(at(c.span(), format!("invalid concurrency template: {}", template_error(&e))));
@@ -427,6 +438,7 @@ pub fn compile(
             backoff: job.backoff.map(|b| b.0),
             has_concurrency: job.concurrency.is_some(),
             on_conflict,
+            skills,
         },
         output: file.output.kind,
         schedule,

@@ -30,6 +30,7 @@ fn spec(trigger: &str) -> JobSpec {
         backoff_secs: None,
         concurrency: None,
         on_conflict: Default::default(),
+        skills: vec![],
     }
 }
 

@@ -36,6 +36,7 @@ async fn main() {
             backoff_secs: None,
             concurrency: None,
             on_conflict: Default::default(),
+            skills: vec![],
         };
         let delivery = Delivery::new(format!("seed-{i}"), "github", "issues.opened");
         store.accept(delivery, vec![spec]).await.expect("accept");
