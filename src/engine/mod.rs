@@ -362,7 +362,8 @@ impl Engine {
         if let (Some(repo), Some(default)) = (spec.repo.as_deref(), spec.default_branch.as_deref()) {
             skills.extend(self.workspaces.conventions(&prepared, repo, default).await);
         }
-        let end = self.run_in(job, agent, &prepared.path, feedback, &skills, cancel, phases).await;
+        let prompt = prompt_for(spec, &skills, feedback);
+        let end = self.run_in(job, agent, &prepared.path, &prompt, cancel, phases).await;
         self.workspaces.release(&prepared).await;
         end
     }
@@ -372,21 +373,11 @@ impl Engine {
         job: &Job,
         agent: &AgentDef,
         workdir: &std::path::Path,
-        feedback: Option<&str>,
-        skills: &[(String, String)],
+        prompt: &str,
         cancel: &CancellationToken,
         phases: &mut Phases,
     ) -> AttemptEnd {
         let spec = &job.spec;
-        let base = with_skills(&spec.prompt, skills);
-        let prompt = match feedback {
-            Some(fb) => format!(
-                "{}\n\n## Your previous attempt failed verification\n\nThe check `{}` failed with this output:\n\n```\n{fb}\n```\n\nFix the cause and try again.\n",
-                base,
-                spec.verify.as_ref().map(|v| v.join(" ")).unwrap_or_default()
-            ),
-            None => base,
-        };
         let dir = self.job_dir(&job.id);
         let log = dir.join("log");
         let timeout = spec.timeout_secs.map(Duration::from_secs).unwrap_or(agent.timeout);
@@ -401,7 +392,7 @@ impl Engine {
         };
         let inv = Invocation {
             agent,
-            prompt: &prompt,
+            prompt,
             workdir,
             job_dir: &dir,
             log: &log,
@@ -573,6 +564,19 @@ pub async fn run_locally(config: Config, specs: Vec<JobSpec>) -> Result<Vec<Job>
         out.extend(store.job(&id)?);
     }
     Ok(out)
+}
+
+/// What the agent is asked: the trigger's prompt, the conventions, and after
+/// a failed verification, its output.
+fn prompt_for(spec: &JobSpec, skills: &[(String, String)], feedback: Option<&str>) -> String {
+    let base = with_skills(&spec.prompt, skills);
+    match feedback {
+        Some(fb) => format!(
+            "{base}\n\n## Your previous attempt failed verification\n\nThe check `{}` failed with this output:\n\n```\n{fb}\n```\n\nFix the cause and try again.\n",
+            spec.verify.as_ref().map(|v| v.join(" ")).unwrap_or_default()
+        ),
+        None => base,
+    }
 }
 
 /// Convention files added to every prompt, in all.
