@@ -105,6 +105,8 @@ pub struct AgentDef {
     pub timeout: Duration,
     /// Told to the user when the command cannot be found.
     pub install: Option<String>,
+    /// Jobs of this agent running at once, at most.
+    pub max_parallel: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -316,6 +318,7 @@ struct RawAgent {
     env: Option<Vec<String>>,
     timeout: Option<HumanDuration>,
     install: Option<String>,
+    max_parallel: Option<usize>,
 }
 
 impl Config {
@@ -564,6 +567,7 @@ pub fn presets() -> BTreeMap<String, AgentDef> {
         env: env.iter().map(|s| s.to_string()).collect(),
         timeout: Duration::from_secs(30 * 60),
         install: Some(install.to_string()),
+        max_parallel: None,
     };
     let list = [
         def(
@@ -650,6 +654,7 @@ fn merge_agent(name: &str, raw: &RawAgent, preset: Option<&AgentDef>) -> Result<
         env: raw.env.clone().or(preset.map(|p| p.env.clone())).unwrap_or_default(),
         timeout: raw.timeout.map(|t| t.0).or(preset.map(|p| p.timeout)).unwrap_or(Duration::from_secs(30 * 60)),
         install: raw.install.clone().or(preset.and_then(|p| p.install.clone())),
+        max_parallel: raw.max_parallel.or(preset.and_then(|p| p.max_parallel)).filter(|n| *n > 0),
     })
 }
 

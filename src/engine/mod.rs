@@ -47,8 +47,8 @@ pub struct Engine {
     /// Woken when a publication is written to the outbox.
     publish_wake: Arc<Notify>,
     publishing: bool,
-    /// Running jobs: id → (cancel token, repository).
-    running: Mutex<HashMap<String, (CancellationToken, Option<String>)>>,
+    /// Running jobs: id → (cancel token, repository, agent).
+    running: Mutex<HashMap<String, (CancellationToken, Option<String>, String)>>,
     /// Running jobs cancelled by a newer job of their group: id → that job.
     superseded: Mutex<HashMap<String, String>>,
 }
@@ -92,7 +92,7 @@ impl Engine {
         }
     }
 
-    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, (CancellationToken, Option<String>)>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, (CancellationToken, Option<String>, String)>> {
         match self.running.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -160,7 +160,7 @@ impl Engine {
 
     async fn dispatch(self: &Arc<Self>, done: &mpsc::UnboundedSender<String>) -> Result<(), StoreError> {
         for (id, by) in self.store.take_cancels()? {
-            let token = self.running().get(&id).map(|(t, _)| t.clone());
+            let token = self.running().get(&id).map(|(t, _, _)| t.clone());
             if let Some(token) = token {
                 tracing::info!(job = %id, by = %by, "Cancelling a job superseded in its concurrency group.");
                 self.superseded.lock().unwrap_or_else(|p| p.into_inner()).insert(id, by);
@@ -168,13 +168,17 @@ impl Engine {
             }
         }
         let limits = &self.config.limits;
-        let (mut total, mut per_repo) = {
+        let (mut total, mut per_repo, mut per_agent) = {
             let running = self.running();
             let mut per_repo: HashMap<String, usize> = HashMap::new();
-            for repo in running.values().filter_map(|(_, r)| r.clone()) {
-                *per_repo.entry(repo).or_default() += 1;
+            let mut per_agent: HashMap<String, usize> = HashMap::new();
+            for (_, repo, agent) in running.values() {
+                if let Some(repo) = repo {
+                    *per_repo.entry(repo.clone()).or_default() += 1;
+                }
+                *per_agent.entry(agent.clone()).or_default() += 1;
             }
-            (running.len(), per_repo)
+            (running.len(), per_repo, per_agent)
         };
         // Lazily, and only while a slot is free: a long queue costs nothing
         // when every worker is busy.
@@ -188,13 +192,18 @@ impl Engine {
                     continue;
                 }
             }
+            let agent_cap = self.config.agents.get(&entry.agent).and_then(|a| a.max_parallel);
+            if agent_cap.is_some_and(|cap| per_agent.get(&entry.agent).copied().unwrap_or(0) >= cap) {
+                continue;
+            }
             let Some(job) = self.store.claim(entry.seq, &entry.id).await? else { continue };
             total += 1;
             if let Some(repo) = &job.repo {
                 *per_repo.entry(repo.clone()).or_default() += 1;
             }
+            *per_agent.entry(job.spec.agent.clone()).or_default() += 1;
             let cancel = CancellationToken::new();
-            self.running().insert(job.id.clone(), (cancel.clone(), job.repo.clone()));
+            self.running().insert(job.id.clone(), (cancel.clone(), job.repo.clone(), job.spec.agent.clone()));
             let engine = Arc::clone(self);
             let done = done.clone();
             tokio::spawn(async move {
@@ -211,7 +220,7 @@ impl Engine {
         if let Some(job) = self.store.cancel_queued(id, "cancelled").await? {
             return Ok(Some(job));
         }
-        let token = self.running().get(id).map(|(t, _)| t.clone());
+        let token = self.running().get(id).map(|(t, _, _)| t.clone());
         match token {
             Some(t) => {
                 t.cancel();
@@ -439,6 +448,7 @@ impl Engine {
                 env: agent.env.clone(),
                 timeout,
                 install: None,
+                max_parallel: None,
             };
             let v = Invocation {
                 agent: &check,

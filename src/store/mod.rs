@@ -265,15 +265,14 @@ fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> 
 pub struct QueueEntry {
     pub seq: u64,
     pub id: String,
+    pub agent: String,
     pub repo: Option<String>,
 }
 
-/// Queue values carry the repository so per-repository limits need no job read.
-fn queue_value(id: &str, repo: Option<&str>) -> Vec<u8> {
-    match repo {
-        Some(r) => format!("{id}\n{r}").into_bytes(),
-        None => id.as_bytes().to_vec(),
-    }
+/// Queue values carry the agent and repository, so the dispatcher's limits
+/// need no job read: `id \n agent \n repo`.
+fn queue_value(job: &Job) -> Vec<u8> {
+    format!("{}\n{}\n{}", job.id, job.spec.agent, job.repo.as_deref().unwrap_or("")).into_bytes()
 }
 
 /// Filters for listing jobs.
@@ -424,7 +423,7 @@ impl Store {
                         }
                     }
                     job_tree.insert(job.id.as_bytes(), bytes.as_slice())?;
-                    queue.insert(&seq_key(job.seq), queue_value(&job.id, job.repo.as_deref()))?;
+                    queue.insert(&seq_key(job.seq), queue_value(job))?;
                 }
                 deliveries.insert(key.as_bytes(), encode(&record))?;
                 times.insert(time_key.as_slice(), &[])?;
@@ -518,11 +517,11 @@ impl Store {
             let (k, v) = entry?;
             let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
             let text = String::from_utf8_lossy(&v);
-            let (id, repo) = match text.split_once('\n') {
-                Some((id, repo)) => (id.to_string(), Some(repo.to_string())),
-                None => (text.into_owned(), None),
-            };
-            Ok(QueueEntry { seq, id, repo })
+            let mut parts = text.splitn(3, '\n');
+            let id = parts.next().unwrap_or_default().to_string();
+            let agent = parts.next().unwrap_or_default().to_string();
+            let repo = parts.next().filter(|r| !r.is_empty()).map(str::to_string);
+            Ok(QueueEntry { seq, id, agent, repo })
         })
     }
 
@@ -593,7 +592,7 @@ impl Store {
                 running.remove(job.id.as_bytes())?;
             }
             if requeue {
-                queue.insert(&seq_key(job.seq), queue_value(&job.id, job.repo.as_deref()))?;
+                queue.insert(&seq_key(job.seq), queue_value(job))?;
             }
             if let Some(group) = &job.spec.concurrency {
                 let mut st = group_state(groups, group)?;
@@ -755,7 +754,7 @@ impl Store {
                         let job = Job::new(id.clone(), *seq, p.delivery.clone(), p.spec.clone(), now);
                         jobs.insert(id.as_bytes(), encode(&job))?;
                         index.insert(&seq_key(*seq), id.as_bytes())?;
-                        queue.insert(&seq_key(*seq), queue_value(&id, job.repo.as_deref()))?;
+                        queue.insert(&seq_key(*seq), queue_value(&job))?;
                         started.push(id);
                     }
                 }

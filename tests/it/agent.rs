@@ -16,6 +16,7 @@ fn agent(command: &[&str], prompt: PromptMode, result: ResultMode) -> AgentDef {
         env: vec![],
         timeout: Duration::from_secs(30),
         install: None,
+        max_parallel: None,
     }
 }
 

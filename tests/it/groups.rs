@@ -110,3 +110,36 @@ async fn cancel_in_progress_stops_the_review_of_the_old_head() {
     let new = baton.finished(&c[0]).await;
     assert_eq!(new["result"], "done cccc");
 }
+
+#[tokio::test]
+async fn an_agent_runs_at_most_its_max_parallel_jobs() {
+    let w = Workdir::new();
+    let started = w.path().join("started");
+    let release = w.path().join("release");
+    let agent = w.script(
+        "agent.sh",
+        &format!(
+            "#!/bin/sh\necho x >> {}\nwhile [ ! -e {} ]; do sleep 0.05; done\necho done\n",
+            started.display(),
+            release.display()
+        ),
+    );
+    w.config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[limits]\nmax_parallel_jobs = 4\nmax_parallel_per_repo = 4\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.a]\ncommand = [\"{}\"]\nmax_parallel = 1\n",
+        agent.display()
+    ));
+    w.trigger(
+        "t",
+        "on = [\"pull_request.opened\", \"pull_request.synchronize\"]\n[job]\nagent = \"a\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
+    );
+    let baton = Baton::start(w.path(), &[]);
+    let first = send(&baton, "m-1", "opened", "1111").await;
+    let second = send(&baton, "m-2", "synchronize", "2222").await;
+    eventually("one job to start", || std::fs::read_to_string(&started).is_ok()).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(std::fs::read_to_string(&started).unwrap().lines().count(), 1, "the second waits for the agent");
+    assert_eq!(baton.job(&second[0]).await["state"], "queued");
+    std::fs::write(&release, "").unwrap();
+    assert_eq!(baton.finished(&first[0]).await["state"], "succeeded");
+    assert_eq!(baton.finished(&second[0]).await["state"], "succeeded");
+}
