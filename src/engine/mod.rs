@@ -47,10 +47,17 @@ pub struct Engine {
     /// Woken when a publication is written to the outbox.
     publish_wake: Arc<Notify>,
     publishing: bool,
-    /// Running jobs: id → (cancel token, repository, agent).
-    running: Mutex<HashMap<String, (CancellationToken, Option<String>, String)>>,
+    /// Running jobs by id.
+    running: Mutex<HashMap<String, RunningJob>>,
     /// Running jobs cancelled by a newer job of their group: id → that job.
     superseded: Mutex<HashMap<String, String>>,
+}
+
+/// What the dispatcher knows of a running job.
+struct RunningJob {
+    cancel: CancellationToken,
+    repo: Option<String>,
+    agent: String,
 }
 
 /// How one attempt ended.
@@ -92,7 +99,7 @@ impl Engine {
         }
     }
 
-    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, (CancellationToken, Option<String>, String)>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunningJob>> {
         match self.running.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -160,7 +167,7 @@ impl Engine {
 
     async fn dispatch(self: &Arc<Self>, done: &mpsc::UnboundedSender<String>) -> Result<(), StoreError> {
         for (id, by) in self.store.take_cancels()? {
-            let token = self.running().get(&id).map(|(t, _, _)| t.clone());
+            let token = self.running().get(&id).map(|r| r.cancel.clone());
             if let Some(token) = token {
                 tracing::info!(job = %id, by = %by, "Cancelling a job superseded in its concurrency group.");
                 self.superseded.lock().unwrap_or_else(|p| p.into_inner()).insert(id, by);
@@ -172,11 +179,11 @@ impl Engine {
             let running = self.running();
             let mut per_repo: HashMap<String, usize> = HashMap::new();
             let mut per_agent: HashMap<String, usize> = HashMap::new();
-            for (_, repo, agent) in running.values() {
-                if let Some(repo) = repo {
+            for r in running.values() {
+                if let Some(repo) = &r.repo {
                     *per_repo.entry(repo.clone()).or_default() += 1;
                 }
-                *per_agent.entry(agent.clone()).or_default() += 1;
+                *per_agent.entry(r.agent.clone()).or_default() += 1;
             }
             (running.len(), per_repo, per_agent)
         };
@@ -203,7 +210,8 @@ impl Engine {
             }
             *per_agent.entry(job.spec.agent.clone()).or_default() += 1;
             let cancel = CancellationToken::new();
-            self.running().insert(job.id.clone(), (cancel.clone(), job.repo.clone(), job.spec.agent.clone()));
+            let entry = RunningJob { cancel: cancel.clone(), repo: job.repo.clone(), agent: job.spec.agent.clone() };
+            self.running().insert(job.id.clone(), entry);
             let engine = Arc::clone(self);
             let done = done.clone();
             tokio::spawn(async move {
@@ -220,7 +228,7 @@ impl Engine {
         if let Some(job) = self.store.cancel_queued(id, "cancelled").await? {
             return Ok(Some(job));
         }
-        let token = self.running().get(id).map(|(t, _, _)| t.clone());
+        let token = self.running().get(id).map(|r| r.cancel.clone());
         match token {
             Some(t) => {
                 t.cancel();
