@@ -142,6 +142,8 @@ async fn job_log(State(s): State<Api>, Path(id): Path<String>) -> Response {
     }
     let path = s.engine.job_dir(&id).join("log");
     let text = tokio::fs::read(&path).await.unwrap_or_default();
+    // The log is the agent's raw output; what leaves the daemon is scrubbed.
+    let text = s.engine.redact(&String::from_utf8_lossy(&text));
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
 }
 

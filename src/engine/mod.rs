@@ -49,6 +49,8 @@ pub struct Engine {
     publishing: bool,
     /// Running jobs by id.
     running: Mutex<HashMap<String, RunningJob>>,
+    /// Scrubs secrets from results and errors before anyone sees them.
+    redactor: crate::publish::redact::Redactor,
     /// Running jobs cancelled by a newer job of their group: id → that job.
     superseded: Mutex<HashMap<String, String>>,
 }
@@ -87,6 +89,7 @@ impl Engine {
         publishing: bool,
     ) -> Engine {
         Engine {
+            redactor: crate::publish::redact::Redactor::new(config.secrets()),
             rules,
             workspaces: Workspaces::new(&config.storage.path, &config.github.git_url, config.github.token.clone()),
             store,
@@ -108,6 +111,11 @@ impl Engine {
 
     pub fn job_dir(&self, id: &str) -> PathBuf {
         job_dir(&self.config.storage.path, id)
+    }
+
+    /// `text` with every secret baton knows of replaced.
+    pub fn redact(&self, text: &str) -> String {
+        self.redactor.redact(text)
     }
 
     /// Puts back what a previous daemon left half done: jobs it was running
@@ -295,6 +303,12 @@ impl Engine {
                 }
             }
             break;
+        }
+        // What an agent says goes to the API and to GitHub: never with a secret in it.
+        job.result = job.result.as_deref().map(|r| self.redactor.redact(r));
+        job.error = job.error.as_deref().map(|e| self.redactor.redact(e));
+        for a in &mut job.history {
+            a.error = a.error.as_deref().map(|e| self.redactor.redact(e));
         }
         let publication = self.publication_for(&job);
         match self.store.finish(&job, publication.as_ref()).await {

@@ -6,6 +6,7 @@
 //! and a 4xx that cannot succeed is recorded on the job, visibly.
 
 pub mod github;
+pub mod redact;
 
 use std::sync::Arc;
 use std::time::Duration;
