@@ -63,6 +63,7 @@ pub async fn serve(
         }
     };
     let config = Arc::new(config);
+    let metrics: Arc<crate::metrics::Metrics> = Arc::default();
     let wake = Arc::new(Notify::new());
     let publish_wake = Arc::new(Notify::new());
     let engine = Arc::new(Engine::new(
@@ -72,6 +73,7 @@ pub async fn serve(
         wake.clone(),
         publish_wake.clone(),
         github.is_some(),
+        metrics.clone(),
     ));
     let recovered = engine.recover().await?;
     if recovered > 0 {
@@ -88,6 +90,7 @@ pub async fn serve(
         read_timeout: config.server.read_timeout,
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.server.max_in_flight)),
         wake: wake.clone(),
+        metrics: metrics.clone(),
     })
     .merge(api::router(api::Api {
         store: store.clone(),
@@ -96,12 +99,13 @@ pub async fn serve(
         wake: wake.clone(),
         ready: ready.clone(),
         rules: rules.clone(),
+        metrics: metrics.clone(),
     }));
 
     let workers = CancellationToken::new();
     let engine_task = tokio::spawn(engine.clone().run(workers.clone()));
-    let publisher_task =
-        github.map(|gh| tokio::spawn(Publisher::new(store.clone(), gh, publish_wake).run(workers.clone())));
+    let publisher_task = github
+        .map(|gh| tokio::spawn(Publisher::new(store.clone(), gh, publish_wake, metrics.clone()).run(workers.clone())));
     tokio::spawn(prune_deliveries(store.clone(), config.storage.delivery_retention, workers.clone()));
     tokio::spawn(reload_triggers(config.clone(), rules.clone(), workers.clone()));
     tokio::spawn(run_schedules(store.clone(), rules.clone(), wake.clone(), workers.clone()));

@@ -11,6 +11,7 @@ pub mod diag;
 pub mod engine;
 pub mod event;
 pub mod ingress;
+pub mod metrics;
 pub mod publish;
 pub mod rules;
 pub mod schedule;

@@ -32,6 +32,7 @@ pub struct Api {
     pub wake: Arc<Notify>,
     pub ready: Arc<AtomicBool>,
     pub rules: crate::rules::SharedRules,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub fn router(state: Api) -> Router {
@@ -46,6 +47,7 @@ pub fn router(state: Api) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({ "ok": true })) }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .merge(api)
         .with_state(state)
 }
@@ -96,6 +98,14 @@ async fn readyz(State(s): State<Api>) -> Response {
     } else {
         error(StatusCode::SERVICE_UNAVAILABLE, "starting")
     }
+}
+
+async fn metrics(State(s): State<Api>) -> Response {
+    let store = s.store.clone();
+    let counts = tokio::task::spawn_blocking(move || (store.queued().count(), store.size_on_disk())).await;
+    let (queued, bytes) = counts.unwrap_or((0, 0));
+    let text = s.metrics.render(queued, s.engine.running_count(), bytes);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 async fn list_jobs(State(s): State<Api>, Query(q): Query<HashMap<String, String>>) -> Response {

@@ -49,6 +49,7 @@ pub struct Engine {
     publishing: bool,
     /// Running jobs by id.
     running: Mutex<HashMap<String, RunningJob>>,
+    metrics: Arc<crate::metrics::Metrics>,
     /// Scrubs secrets from results and errors before anyone sees them.
     redactor: crate::publish::redact::Redactor,
     /// Running jobs cancelled by a newer job of their group: id → that job.
@@ -87,8 +88,10 @@ impl Engine {
         wake: Arc<Notify>,
         publish_wake: Arc<Notify>,
         publishing: bool,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Engine {
         Engine {
+            metrics,
             redactor: crate::publish::redact::Redactor::new(config.secrets()),
             rules,
             workspaces: Workspaces::new(&config.storage.path, &config.github.git_url, config.github.token.clone()),
@@ -111,6 +114,11 @@ impl Engine {
 
     pub fn job_dir(&self, id: &str) -> PathBuf {
         job_dir(&self.config.storage.path, id)
+    }
+
+    /// Jobs running now.
+    pub fn running_count(&self) -> usize {
+        self.running().len()
     }
 
     /// `text` with every secret baton knows of replaced.
@@ -314,6 +322,12 @@ impl Engine {
         match self.store.finish(&job, publication.as_ref()).await {
             Ok(()) => {
                 tracing::info!(state = %job.state, error = job.error.as_deref().unwrap_or(""), "Job finished.");
+                let seconds = job
+                    .started_at
+                    .zip(job.finished_at)
+                    .map(|(a, b)| (b - a).num_milliseconds().max(0) as f64 / 1000.0)
+                    .unwrap_or(0.0);
+                self.metrics.job_finished(&job.trigger, job.state.as_str(), seconds);
                 if publication.is_some() {
                     self.publish_wake.notify_one();
                 }
@@ -584,8 +598,15 @@ impl Engine {
 pub async fn run_locally(config: Config, specs: Vec<JobSpec>) -> Result<Vec<Job>, StoreError> {
     let store = Store::open(&config.storage.path)?;
     let rules = SharedRules::new(RuleSet::empty(&config), Vec::new());
-    let engine =
-        Engine::new(store.clone(), rules, Arc::new(config), Arc::new(Notify::new()), Arc::new(Notify::new()), false);
+    let engine = Engine::new(
+        store.clone(),
+        rules,
+        Arc::new(config),
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+        false,
+        Arc::default(),
+    );
     let mut out = Vec::new();
     for spec in specs {
         let now = Utc::now();

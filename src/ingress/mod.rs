@@ -41,6 +41,7 @@ pub struct Ingress {
     pub in_flight: Arc<Semaphore>,
     /// Woken when new jobs are queued.
     pub wake: Arc<Notify>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub fn router(state: Ingress) -> Router {
@@ -182,10 +183,12 @@ async fn admit(s: &Ingress, event: Event) -> Response {
     let held = matches.pending.len();
     match s.store.accept_with(delivery, matches.jobs, matches.pending).await {
         Ok(Accepted::Duplicate) => {
+            s.metrics.delivery(&event.kind, "duplicate");
             tracing::info!(delivery = %id, "Duplicate delivery ignored.");
             answer(StatusCode::OK, json!({ "duplicate": true, "delivery": id }))
         }
         Ok(Accepted::New(admitted)) => {
+            s.metrics.delivery(&event.kind, "accepted");
             let mut jobs = admitted.jobs;
             match approve(s, &rules, &event).await {
                 Ok(approved) => jobs.extend(approved),
@@ -202,6 +205,7 @@ async fn admit(s: &Ingress, event: Event) -> Response {
         Err(e) => {
             // Not stored, so not acknowledged: the sender sees the failure
             // and the delivery can be sent again.
+            s.metrics.delivery(&event.kind, "failed");
             tracing::error!(delivery = %id, error = %e, "Delivery could not be stored.");
             error(StatusCode::SERVICE_UNAVAILABLE, "delivery could not be stored; retry later")
         }

@@ -70,11 +70,12 @@ pub struct Publisher {
     store: Store,
     github: GitHub,
     wake: Arc<Notify>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Publisher {
-    pub fn new(store: Store, github: GitHub, wake: Arc<Notify>) -> Publisher {
-        Publisher { store, github, wake }
+    pub fn new(store: Store, github: GitHub, wake: Arc<Notify>, metrics: Arc<crate::metrics::Metrics>) -> Publisher {
+        Publisher { store, github, wake, metrics }
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -115,12 +116,14 @@ impl Publisher {
             };
             match sent {
                 Ok(url) => {
+                    self.metrics.publish("published");
                     p.state = PublicationState::Published;
                     p.url = url;
                     p.last_error = None;
                     tracing::info!(job = %p.job, url = p.url.as_deref().unwrap_or(""), "Result published.");
                 }
                 Err(e) if e.retryable && p.attempts < MAX_ATTEMPTS => {
+                    self.metrics.publish("retry");
                     let wait = e.retry_after.unwrap_or_else(|| backoff(p.attempts));
                     p.next_attempt_at = now + chrono::Duration::from_std(wait).unwrap_or_default();
                     p.last_error = Some(e.message.clone());
@@ -128,6 +131,7 @@ impl Publisher {
                     tracing::warn!(job = %p.job, error = %e, attempt = p.attempts, "Publishing failed; will retry.");
                 }
                 Err(e) => {
+                    self.metrics.publish("failed");
                     p.state = PublicationState::Failed;
                     p.last_error = Some(e.message.clone());
                     tracing::error!(job = %p.job, error = %e, "Publishing failed for good.");

@@ -806,6 +806,11 @@ impl Store {
         self.flush().await
     }
 
+    /// Bytes the database takes on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
     /// Disk flushes done since the store was opened.
     pub fn flushes(&self) -> u64 {
         self.commit.flushes.load(std::sync::atomic::Ordering::Relaxed)

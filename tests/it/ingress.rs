@@ -332,3 +332,24 @@ async fn delivery_ids_are_forgotten_after_the_retention() {
     let (_, list) = baton.get("/api/jobs").await;
     assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn metrics_count_deliveries_jobs_and_the_queue() {
+    let (_w, baton) = daemon();
+    let body = fixture("issues/opened.payload.json");
+    let id = accepted_jobs(&baton, "m-1", &body).await[0].as_str().unwrap().to_string();
+    let _ = baton.deliver(SECRET, "issues", "m-1", &body).await;
+    baton.finished(&id).await;
+    let text = reqwest::get(format!("{}/metrics", baton.url)).await.unwrap().text().await.unwrap();
+    for line in [
+        "baton_deliveries_total{event=\"issues.opened\",outcome=\"accepted\"} 1",
+        "baton_deliveries_total{event=\"issues.opened\",outcome=\"duplicate\"} 1",
+        "baton_jobs_finished_total{trigger=\"on-issue\",state=\"succeeded\"} 1",
+        "baton_job_duration_seconds_count{trigger=\"on-issue\"} 1",
+        "baton_queue_depth 0",
+        "baton_jobs_running 0",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    assert!(text.contains("baton_store_size_bytes "));
+}

@@ -1,0 +1,124 @@
+//! Counters and gauges for `GET /metrics` (Prometheus text format).
+//!
+//! Labels stay low-cardinality: event kinds, trigger names, states and
+//! outcomes, never a job or delivery id.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+
+/// Upper bounds of the job duration histogram, in seconds.
+const BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0];
+
+#[derive(Default)]
+struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+/// The daemon's metrics; shared by ingress, engine and publisher.
+#[derive(Default)]
+pub struct Metrics {
+    deliveries: Mutex<BTreeMap<(String, &'static str), u64>>,
+    jobs: Mutex<BTreeMap<(String, &'static str), u64>>,
+    durations: Mutex<BTreeMap<String, Histogram>>,
+    publishes: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
+    *map.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default() += 1;
+}
+
+/// Label values are our own names, but escape them as the format asks.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+impl Metrics {
+    /// A delivery answered: `accepted`, `duplicate` or `failed` (not stored).
+    pub fn delivery(&self, event: &str, outcome: &'static str) {
+        bump(&self.deliveries, (event.to_string(), outcome));
+    }
+
+    /// A job reached a final state after running `seconds`.
+    pub fn job_finished(&self, trigger: &str, state: &'static str, seconds: f64) {
+        bump(&self.jobs, (trigger.to_string(), state));
+        let mut d = self.durations.lock().unwrap_or_else(|p| p.into_inner());
+        let h = d.entry(trigger.to_string()).or_default();
+        if h.counts.is_empty() {
+            h.counts = vec![0; BUCKETS.len()];
+        }
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if seconds <= *b {
+                h.counts[i] += 1;
+            }
+        }
+        h.sum += seconds;
+        h.count += 1;
+    }
+
+    /// A publication attempt: `published`, `retry` or `failed`.
+    pub fn publish(&self, outcome: &'static str) {
+        bump(&self.publishes, outcome);
+    }
+
+    /// The text exposition, with the gauges read at scrape time.
+    pub fn render(&self, queued: usize, running: usize, store_bytes: u64) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP baton_deliveries_total Webhook deliveries by event and outcome.");
+        let _ = writeln!(out, "# TYPE baton_deliveries_total counter");
+        for ((event, outcome), n) in self.deliveries.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "baton_deliveries_total{{event=\"{}\",outcome=\"{outcome}\"}} {n}", label(event));
+        }
+        let _ = writeln!(out, "# HELP baton_jobs_finished_total Jobs by trigger and final state.");
+        let _ = writeln!(out, "# TYPE baton_jobs_finished_total counter");
+        for ((trigger, state), n) in self.jobs.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "baton_jobs_finished_total{{trigger=\"{}\",state=\"{state}\"}} {n}", label(trigger));
+        }
+        let _ = writeln!(out, "# HELP baton_job_duration_seconds Time from a job's start to its end.");
+        let _ = writeln!(out, "# TYPE baton_job_duration_seconds histogram");
+        for (trigger, h) in self.durations.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let t = label(trigger);
+            for (b, n) in BUCKETS.iter().zip(&h.counts) {
+                let _ = writeln!(out, "baton_job_duration_seconds_bucket{{trigger=\"{t}\",le=\"{b}\"}} {n}");
+            }
+            let _ = writeln!(out, "baton_job_duration_seconds_bucket{{trigger=\"{t}\",le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(out, "baton_job_duration_seconds_sum{{trigger=\"{t}\"}} {}", h.sum);
+            let _ = writeln!(out, "baton_job_duration_seconds_count{{trigger=\"{t}\"}} {}", h.count);
+        }
+        let _ = writeln!(out, "# HELP baton_publish_attempts_total Attempts to publish a result, by outcome.");
+        let _ = writeln!(out, "# TYPE baton_publish_attempts_total counter");
+        for (outcome, n) in self.publishes.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "baton_publish_attempts_total{{outcome=\"{outcome}\"}} {n}");
+        }
+        for (name, help, v) in [
+            ("baton_queue_depth", "Jobs waiting to run.", queued as u64),
+            ("baton_jobs_running", "Jobs running now.", running as u64),
+            ("baton_store_size_bytes", "Size of the store on disk.", store_bytes),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.delivery("issues.opened", "accepted");
+        m.delivery("issues.opened", "accepted");
+        m.job_finished("investigate", "succeeded", 3.0);
+        m.publish("published");
+        let text = m.render(2, 1, 4096);
+        assert!(text.contains("baton_deliveries_total{event=\"issues.opened\",outcome=\"accepted\"} 2"), "{text}");
+        assert!(text.contains("baton_jobs_finished_total{trigger=\"investigate\",state=\"succeeded\"} 1"));
+        assert!(text.contains("baton_job_duration_seconds_bucket{trigger=\"investigate\",le=\"1\"} 0"));
+        assert!(text.contains("baton_job_duration_seconds_bucket{trigger=\"investigate\",le=\"5\"} 1"));
+        assert!(text.contains("baton_queue_depth 2\n") && text.contains("baton_store_size_bytes 4096"));
+    }
+}
