@@ -21,6 +21,8 @@ use crate::config::Secret;
 use crate::engine::Engine;
 use crate::store::{JobQuery, JobState, Store, StoreError};
 
+mod dashboard;
+
 /// The most jobs one listing returns.
 pub const MAX_LIMIT: usize = 100_000;
 
@@ -43,6 +45,8 @@ pub fn router(state: Api) -> Router {
         .route("/api/jobs/{id}/cancel", post(cancel_job))
         .route("/api/jobs/{id}/retry", post(retry_job))
         .route("/api/triggers", get(list_triggers))
+        .route("/", get(dashboard::jobs_page))
+        .route("/jobs/{id}", get(dashboard::job_page))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({ "ok": true })) }))

@@ -14,7 +14,7 @@ fn daemon() -> (Workdir, Baton) {
     ));
     w.trigger(
         "on-issue",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
+        "on = [\"issues.opened\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"about {{ issue.title }}\"\n[output]\nkind = \"none\"\n",
     );
     let baton = Baton::start(w.path(), &[]);
     (w, baton)
@@ -352,4 +352,33 @@ async fn metrics_count_deliveries_jobs_and_the_queue() {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
     assert!(text.contains("baton_store_size_bytes "));
+}
+
+#[tokio::test]
+async fn the_dashboard_lists_jobs_and_shows_one_escaped() {
+    let (_w, baton) = daemon();
+    let mut p = fixture_json("issues/opened.payload.json");
+    p["issue"]["title"] = json!("<script>alert(1)</script>");
+    let id = accepted_jobs(&baton, "dash-1", p.to_string().as_bytes()).await[0].as_str().unwrap().to_string();
+    baton.finished(&id).await;
+    let page = |path: String| async move {
+        let resp = reqwest::get(path).await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    };
+    let (status, html) = page(format!("{}/", baton.url)).await;
+    assert_eq!(status, 200);
+    assert!(html.contains(&id) && html.contains("on-issue") && html.contains("succeeded"), "{html}");
+    let (status, html) = page(format!("{}/?state=failed", baton.url)).await;
+    assert_eq!(status, 200);
+    assert!(!html.contains(&id));
+    let (status, html) = page(format!("{}/jobs/{id}", baton.url)).await;
+    assert_eq!(status, 200);
+    assert!(html.contains("Attempts") && html.contains(&format!("/api/jobs/{id}/log")), "{html}");
+    assert!(
+        html.contains("about &lt;script&gt;alert(1)&lt;&#x2f;script&gt;")
+            || html.contains("about &lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{html}"
+    );
+    assert!(!html.contains("<script>alert(1)"), "the title is escaped");
+    assert_eq!(page(format!("{}/jobs/nope", baton.url)).await.0, 404);
 }

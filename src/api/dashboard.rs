@@ -1,0 +1,110 @@
+//! The dashboard: server-rendered pages over the job store (minijinja
+//! templates compiled into the binary, a little plain JavaScript, no build
+//! step). `/` lists jobs; `/jobs/{id}` shows one, following its log live.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use minijinja::{context, Environment};
+use serde_json::{json, Value};
+
+use super::Api;
+use crate::store::{Job, JobQuery, JobState};
+
+fn templates() -> &'static Environment<'static> {
+    static ENV: OnceLock<Environment<'static>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = Environment::new();
+        for (name, source) in [
+            ("jobs.html", include_str!("templates/jobs.html")),
+            ("job.html", include_str!("templates/job.html")),
+            ("style.css", include_str!("templates/style.css")),
+        ] {
+            // The templates ship in the binary and are tested; a failure
+            // here is a build defect, reported on every page.
+            if let Err(e) = env.add_template(name, source) {
+                tracing::error!(template = name, error = %e, "Dashboard template does not compile.");
+            }
+        }
+        env
+    })
+}
+
+fn render(name: &str, ctx: minijinja::Value) -> Response {
+    match templates().get_template(name).and_then(|t| t.render(ctx)) {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => {
+            tracing::error!(template = name, error = %e, "Dashboard page failed to render.");
+            (StatusCode::INTERNAL_SERVER_ERROR, "the page failed to render; see the daemon log").into_response()
+        }
+    }
+}
+
+/// A job as the pages show it: the API's fields plus a readable duration.
+fn view(job: &Job) -> Value {
+    let mut v = serde_json::to_value(job).unwrap_or(Value::Null);
+    if let (Some(a), Some(b)) = (job.started_at, job.finished_at) {
+        let secs = (b - a).num_seconds().max(0) as u64;
+        v["duration"] = json!(crate::config::format_duration(std::time::Duration::from_secs(secs)));
+    }
+    v
+}
+
+pub async fn jobs_page(State(s): State<Api>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let state = q.get("state").and_then(|st| JobState::parse(st));
+    let query = JobQuery {
+        state,
+        trigger: q.get("trigger").cloned(),
+        repo: q.get("repo").cloned(),
+        limit: 200,
+        ..Default::default()
+    };
+    let store = s.store.clone();
+    let jobs = match tokio::task::spawn_blocking(move || store.list_jobs(&query)).await {
+        Ok(Ok(jobs)) => jobs,
+        _ => return (StatusCode::INTERNAL_SERVER_ERROR, "the jobs could not be read").into_response(),
+    };
+    let jobs: Vec<Value> = jobs.iter().map(view).collect();
+    render("jobs.html", context! { jobs, state => state.map(|s| s.as_str()) })
+}
+
+pub async fn job_page(State(s): State<Api>, Path(id): Path<String>) -> Response {
+    match s.store.job(&id) {
+        Ok(Some(job)) => render("job.html", context! { job => view(&job) }),
+        Ok(None) => (StatusCode::NOT_FOUND, Html(format!("<p>No job {}.</p>", html_escape(&id)))).into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "the job could not be read").into_response(),
+    }
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_compile() {
+        for (name, source) in
+            [("jobs.html", include_str!("templates/jobs.html")), ("job.html", include_str!("templates/job.html"))]
+        {
+            let mut env = Environment::new();
+            env.add_template("style.css", "").unwrap();
+            if let Err(e) = env.add_template(name, source) {
+                panic!("{name}: {e:#}");
+            }
+        }
+    }
+
+    #[test]
+    fn templates_compile_and_render_an_empty_list() {
+        let html =
+            templates().get_template("jobs.html").unwrap().render(context! { jobs => Vec::<Value>::new() }).unwrap();
+        assert!(html.contains("No jobs yet"));
+        assert!(html.contains(".state.failed"), "the stylesheet is inlined");
+    }
+}
