@@ -95,7 +95,8 @@ impl Workspaces {
         let _guard = lock.lock().await;
         self.ensure_mirror(&mirror).await?;
         let commit = match ws {
-            Workspace::None => unreachable!("handled above"),
+            // Handled above; kept total rather than asserted.
+            Workspace::None => return Err(WorkspaceError::NoRepository),
             // `HEAD` (schedules, which have no payload to name the branch)
             // is whatever the remote's HEAD points at: its default branch.
             Workspace::DefaultBranch { branch } if branch == "HEAD" => {
