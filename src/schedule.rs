@@ -14,7 +14,6 @@
 //! id names the slot).
 
 use std::str::FromStr;
-use std::sync::Arc;
 
 use chrono::{DateTime, LocalResult, NaiveDateTime, TimeZone, Utc};
 use chrono_tz::Tz;
@@ -160,28 +159,9 @@ pub fn event(trigger: &str, repo: &str, slot: DateTime<Utc>) -> Event {
         "repository": { "full_name": repo },
     });
     Event {
-        source: "schedule".into(),
-        name: "schedule".into(),
-        action: None,
-        kind: "schedule".into(),
-        delivery: format!("schedule:{trigger}:{repo}:{}", slot.timestamp()),
         // No payload names the default branch: `HEAD` is the remote's own.
         repository: Some(Repository { full_name: repo.to_string(), default_branch: Some("HEAD".into()), id: None }),
-        installation: None,
-        sender: None,
-        subject: None,
-        subject_is_pull_request: false,
-        association: None,
-        labels: Vec::new(),
-        branch: None,
-        base_branch: None,
-        head_sha: None,
-        head_in_repo: None,
-        conclusion: None,
-        draft: None,
-        comment: None,
-        parent: None,
-        payload: Arc::new(payload),
+        ..Event::new("schedule", "schedule", None, &format!("schedule:{trigger}:{repo}:{}", slot.timestamp()), payload)
     }
 }
 

@@ -4,8 +4,6 @@
 //! → review). Its delivery id derives from the job and its run, so a job's
 //! end is admitted once however often it is reprocessed.
 
-use std::sync::Arc;
-
 use serde_json::json;
 
 use crate::event::{Event, ParentJob, Repository};
@@ -44,31 +42,19 @@ pub fn job_event(job: &Job) -> Option<Event> {
     if let Some(n) = job.subject {
         payload[subject_key] = json!({ "number": n });
     }
+    let delivery = format!("job:{}:{}", job.id, job.history.len());
     Some(Event {
-        source: "baton".into(),
-        name: "job".into(),
-        action: Some(action.into()),
-        kind: format!("job.{action}"),
-        delivery: format!("job:{}:{}", job.id, job.history.len()),
         repository: job.repo.clone().map(|full_name| Repository {
             full_name,
             default_branch: spec.default_branch.clone(),
             id: None,
         }),
         installation: spec.installation,
-        sender: None,
         subject: job.subject,
         subject_is_pull_request: spec.subject_is_pull_request,
-        association: None,
-        labels: Vec::new(),
-        branch: None,
-        base_branch: None,
         head_sha: spec.head_sha.clone(),
-        head_in_repo: None,
         conclusion: Some(action.into()),
-        draft: None,
-        comment: None,
         parent: Some(ParentJob { id: job.id.clone(), trigger: job.trigger.clone(), depth: spec.chain_depth }),
-        payload: Arc::new(payload),
+        ..Event::new("baton", "job", Some(action.into()), &delivery, payload)
     })
 }

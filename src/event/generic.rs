@@ -1,13 +1,11 @@
 //! Generic webhook sources (`[sources.NAME]`): any JSON a CI system or a
 //! script sends becomes an `Event` of kind `NAME` or `NAME.<action>`.
 
-use std::sync::Arc;
-
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::github::NormalizeError;
-use super::{kind_of, Event, Repository};
+use super::{Event, Repository};
 use crate::config::Source;
 
 /// The delivery id when the source names no header for it: the same body
@@ -50,32 +48,17 @@ pub fn normalize(source: &Source, delivery: &str, body: &[u8]) -> Result<Event, 
         None => lookup(&value, "repository.full_name").or_else(|| lookup(&value, "repository")),
     }
     .filter(|r| r.split('/').count() == 2);
+    let repository = repo.map(|full_name| Repository {
+        full_name,
+        default_branch: lookup(&value, "repository.default_branch"),
+        id: None,
+    });
     Ok(Event {
-        source: source.name.clone(),
-        name: source.name.clone(),
-        kind: kind_of(&source.name, action.as_deref()),
-        action,
-        delivery: delivery.to_string(),
-        repository: repo.map(|full_name| Repository {
-            full_name,
-            default_branch: lookup(&value, "repository.default_branch"),
-            id: None,
-        }),
-        installation: None,
-        sender: None,
-        subject: None,
-        subject_is_pull_request: false,
-        association: None,
-        labels: Vec::new(),
+        repository,
         branch: lookup(&value, "branch"),
-        base_branch: None,
         head_sha: lookup(&value, "sha").or_else(|| lookup(&value, "head_sha")),
-        head_in_repo: None,
         conclusion: lookup(&value, "conclusion").or_else(|| lookup(&value, "status")),
-        draft: None,
-        comment: None,
-        parent: None,
-        payload: Arc::new(value),
+        ..Event::new(&source.name, &source.name, action, delivery, value)
     })
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{kind_of, Actor, Comment, Event, Repository};
+use super::{Actor, Comment, Event, Repository};
 
 /// Why a payload could not be normalized.
 #[derive(Debug, thiserror::Error)]
@@ -180,29 +180,11 @@ pub fn normalize_value(name: &str, delivery: &str, value: Value) -> Result<Event
     let repo_full = repository.as_ref().map(|r| r.full_name.as_str());
 
     let mut e = Event {
-        source: "github".into(),
-        name: name.to_string(),
-        action: p.action.clone(),
-        kind: kind_of(name, p.action.as_deref()),
-        delivery: delivery.to_string(),
         installation: p.installation.as_ref().and_then(|i| i.id),
         sender: p.sender.as_ref().and_then(|s| {
             s.login.clone().map(|login| Actor { login, kind: s.kind.clone().unwrap_or_else(|| "User".into()) })
         }),
-        repository: None,
-        subject: None,
-        subject_is_pull_request: false,
-        association: None,
-        labels: Vec::new(),
-        branch: None,
-        base_branch: None,
-        head_sha: None,
-        head_in_repo: None,
-        conclusion: None,
-        draft: None,
-        comment: None,
-        parent: None,
-        payload: Arc::new(Value::Null),
+        ..Event::new("github", name, p.action.clone(), delivery, Value::Null)
     };
 
     if let Some(issue) = &p.issue {

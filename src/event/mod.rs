@@ -107,6 +107,33 @@ pub struct Event {
 }
 
 impl Event {
+    /// An event with its identity and payload only; normalizers fill in the rest.
+    pub fn new(source: &str, name: &str, action: Option<String>, delivery: &str, payload: Value) -> Event {
+        Event {
+            source: source.to_string(),
+            name: name.to_string(),
+            kind: kind_of(name, action.as_deref()),
+            action,
+            delivery: delivery.to_string(),
+            repository: None,
+            installation: None,
+            sender: None,
+            subject: None,
+            subject_is_pull_request: false,
+            association: None,
+            labels: Vec::new(),
+            branch: None,
+            base_branch: None,
+            head_sha: None,
+            head_in_repo: None,
+            conclusion: None,
+            draft: None,
+            comment: None,
+            parent: None,
+            payload: Arc::new(payload),
+        }
+    }
+
     pub fn repo_name(&self) -> Option<&str> {
         self.repository.as_ref().map(|r| r.full_name.as_str())
     }
