@@ -155,6 +155,14 @@ impl Engine {
             tracing::warn!(job = %job.id, state = %job.state, "Job interrupted by a restart recovered.");
             self.store.finish(&job, publication.as_ref()).await?;
         }
+        // Ends that a crash kept from going through the rules (their
+        // delivery ids make a second pass harmless).
+        for id in self.store.pending_ends()? {
+            match self.store.job(&id)? {
+                Some(job) => self.emit_end(&job).await,
+                None => self.store.end_handled(&id)?,
+            }
+        }
         let worktrees = self.config.storage.path.join("worktrees");
         if worktrees.exists() {
             let _ = tokio::fs::remove_dir_all(&worktrees).await;
@@ -344,19 +352,23 @@ impl Engine {
     async fn emit_end(&self, job: &Job) {
         let Some(event) = chain::job_event(job) else { return };
         let specs = self.rules.current().match_event(&event);
-        if specs.is_empty() {
-            return;
+        if !specs.is_empty() {
+            let delivery = Delivery::new(&event.delivery, &event.source, &event.kind);
+            match self.store.accept(delivery, specs).await {
+                Ok(Accepted::New(admitted)) => {
+                    tracing::info!(delivery = %event.delivery, event = %event.kind, jobs = admitted.jobs.len(), "Job end started jobs.");
+                    self.wake.notify_one();
+                }
+                Ok(Accepted::Duplicate) => {}
+                Err(e) => {
+                    // Left pending: the next start sends it through again.
+                    tracing::error!(delivery = %event.delivery, error = %e, "Could not store the jobs a job end started.");
+                    return;
+                }
+            }
         }
-        let delivery = Delivery::new(&event.delivery, &event.source, &event.kind);
-        match self.store.accept(delivery, specs).await {
-            Ok(Accepted::New(admitted)) => {
-                tracing::info!(delivery = %event.delivery, event = %event.kind, jobs = admitted.jobs.len(), "Job end started jobs.");
-                self.wake.notify_one();
-            }
-            Ok(Accepted::Duplicate) => {}
-            Err(e) => {
-                tracing::error!(delivery = %event.delivery, error = %e, "Could not store the jobs a job end started.")
-            }
+        if let Err(e) = self.store.end_handled(&job.id) {
+            tracing::warn!(job = %job.id, error = %e, "Could not clear the job's pending end.");
         }
     }
 

@@ -216,6 +216,9 @@ pub struct Store {
     agents: Tree,
     /// concurrency group → `GroupState`.
     groups: Tree,
+    /// job id → (): jobs whose end has not yet gone back through the rules
+    /// (chaining); written with the end, cleared once it has.
+    ends: Tree,
     /// running job id → why it must be cancelled (cancel-in-progress).
     cancels: Tree,
 }
@@ -319,6 +322,7 @@ impl Store {
             heads: tree("heads")?,
             agents: tree("agents")?,
             groups: tree("groups")?,
+            ends: tree("ends")?,
             cancels: tree("cancels")?,
             path: path.to_path_buf(),
             db,
@@ -585,9 +589,13 @@ impl Store {
     /// attempt), with its publication if any, atomically and durably.
     pub async fn finish(&self, job: &Job, publication: Option<&Publication>) -> Result<(), StoreError> {
         let requeue = job.state == JobState::Queued;
-        let trees = (&self.jobs, &self.queue, &self.outbox, &self.running, &self.groups);
-        let result = trees.transaction(|(jobs, queue, outbox, running, groups)| {
+        let ended = matches!(job.state, JobState::Succeeded | JobState::Failed);
+        let trees = (&self.jobs, &self.queue, &self.outbox, &self.running, &self.groups, &self.ends);
+        let result = trees.transaction(|(jobs, queue, outbox, running, groups, ends)| {
             jobs.insert(job.id.as_bytes(), encode(job))?;
+            if ended {
+                ends.insert(job.id.as_bytes(), &[])?;
+            }
             if job.state != JobState::Running {
                 running.remove(job.id.as_bytes())?;
             }
@@ -702,6 +710,17 @@ impl Store {
         });
         flatten(result)?;
         self.flush().await
+    }
+
+    /// Jobs whose end still has to go back through the rules.
+    pub fn pending_ends(&self) -> Result<Vec<String>, StoreError> {
+        self.ends.iter().keys().map(|k| Ok(String::from_utf8_lossy(&k?).into_owned())).collect()
+    }
+
+    /// A job's end went through the rules (and what it started is stored).
+    pub fn end_handled(&self, id: &str) -> Result<(), StoreError> {
+        self.ends.remove(id.as_bytes())?;
+        Ok(())
     }
 
     /// Remembers a pull request's current head (from its own events), which

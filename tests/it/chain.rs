@@ -105,3 +105,65 @@ async fn rate_limits_and_cooldowns_skip_matches_with_a_reason() {
     let (_, answer) = baton.deliver(SECRET, "issues", "other-1", other.to_string().as_bytes()).await;
     assert_eq!(answer["jobs"].as_array().unwrap().len(), 1, "{answer}");
 }
+
+#[tokio::test]
+async fn a_job_end_lost_to_a_crash_goes_through_the_rules_at_the_next_start() {
+    use std::sync::Arc;
+
+    use baton::config::Config;
+    use baton::engine::Engine;
+    use baton::rules::{RuleSet, SharedRules};
+    use baton::store::{Delivery, JobState, Store};
+
+    let triggers = tempfile::tempdir().unwrap();
+    std::fs::write(
+        triggers.path().join("investigate.toml"),
+        "on = [\"issues.opened\"]\n[job]\nagent = \"codex\"\nprompt = \"x\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        triggers.path().join("fix.toml"),
+        "on = [\"job.succeeded\"]\n[filter]\ntriggers = [\"investigate\"]\n[job]\nagent = \"codex\"\nprompt = \"fix {{ result }}\"\n",
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let config =
+        Config::from_source(None, &format!("[storage]\npath = \"{}\"\n", data.path().display()), data.path()).unwrap();
+    let (set, errors) = RuleSet::load(triggers.path(), &config);
+    assert!(errors.is_empty(), "{errors:?}");
+    let rules = SharedRules::new(set, Vec::new());
+
+    // A job ends, and the daemon dies before its end goes through the rules.
+    let store = Store::open(data.path()).unwrap();
+    let event = baton::event::github::normalize("issues", "d1", &crate::harness::fixture("issues/opened.payload.json"))
+        .unwrap();
+    store.accept(Delivery::new("d1", "github", "issues.opened"), rules.current().match_event(&event)).await.unwrap();
+    let entry = store.queued().next().unwrap().unwrap();
+    let mut job = store.claim(entry.seq, &entry.id).await.unwrap().unwrap();
+    job.end(JobState::Succeeded, Some("the cause".into()), None, chrono::Utc::now());
+    store.finish(&job, None).await.unwrap();
+    assert_eq!(store.pending_ends().unwrap(), vec![job.id.clone()]);
+    drop(store);
+
+    let store = Store::open(data.path()).unwrap();
+    let engine = |store: &Store| {
+        Engine::new(
+            store.clone(),
+            rules.clone(),
+            Arc::new(config.clone()),
+            Arc::default(),
+            Arc::default(),
+            false,
+            Arc::default(),
+        )
+    };
+    engine(&store).recover().await.unwrap();
+    assert!(store.pending_ends().unwrap().is_empty());
+    let queued: Vec<_> = store.queued().map(|e| store.job(&e.unwrap().id).unwrap().unwrap()).collect();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].trigger, "fix");
+    assert_eq!(queued[0].spec.prompt, "fix the cause");
+    // A second pass starts nothing new.
+    engine(&store).recover().await.unwrap();
+    assert_eq!(store.queued().count(), 1);
+}
