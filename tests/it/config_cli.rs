@@ -160,3 +160,44 @@ fn check_reports_bad_schedules_where_they_are() {
         assert!(stdout.contains(&expected), "missing {expected:?} in:\n{stdout}");
     }
 }
+
+#[tokio::test]
+async fn the_jobs_cli_lists_shows_and_prints_logs_of_a_running_daemon() {
+    let w = Workdir::new();
+    w.config("[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"cli-secret\"\n[agents.echo]\ncommand = [\"sh\", \"-c\", \"echo hello from the agent\"]\n");
+    w.trigger("greet", "on = [\"issues.opened\"]\n[job]\nagent = \"echo\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n");
+    let baton = Baton::start(w.path(), &[]);
+    // `baton deliver` signs and sends, as GitHub would.
+    let payload =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/github/issues/opened.payload.json");
+    let url = format!("{}/webhooks/github", baton.url);
+    let out = Command::new(BIN)
+        .args(["deliver", "--url", &url, "--secret", "cli-secret", "--event", "issues"])
+        .arg(&payload)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(stdout.starts_with("202 "), "{stdout}");
+    let answer: serde_json::Value = serde_json::from_str(stdout.trim_start_matches("202 ")).unwrap();
+    let id = answer["jobs"][0].as_str().unwrap().to_string();
+    baton.finished(&id).await;
+
+    let jobs = |args: &[&str]| {
+        let out = Command::new(BIN).arg("jobs").args(args).env("BATON_URL", &baton.url).output().unwrap();
+        assert!(out.status.success(), "{:?}: {}", args, String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let list = jobs(&["list"]);
+    assert!(
+        list.starts_with("ID") && list.contains(&id) && list.contains("succeeded") && list.contains("greet"),
+        "{list}"
+    );
+    let show = jobs(&["show", &id]);
+    assert!(show.contains("\"result\": \"hello from the agent\""), "{show}");
+    let logs = jobs(&["logs", &id, "--follow"]);
+    assert!(logs.contains("hello from the agent") && logs.contains("agent exited with status 0"), "{logs}");
+    let out = Command::new(BIN).args(["jobs", "cancel", &id]).env("BATON_URL", &baton.url).output().unwrap();
+    assert!(!out.status.success(), "a finished job cannot be cancelled");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("409"), "{}", String::from_utf8_lossy(&out.stderr));
+}
