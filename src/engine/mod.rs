@@ -540,7 +540,7 @@ impl Engine {
             };
             let short = job.id.get(..8).unwrap_or(&job.id);
             let subject = spec.subject.map(|n| n.to_string()).unwrap_or_else(|| "run".into());
-            let branch = format!("baton/{}/{subject}-{short}", job.trigger);
+            let branch = format!("{}{}/{subject}-{short}", crate::rules::BATON_BRANCH_PREFIX, job.trigger);
             let message = format!("{}\n\nMade by baton (trigger {}, job {}).", pr_title(job), job.trigger, job.id);
             self.log_line(&job.id, &format!("committing the changes and pushing {branch}")).await;
             return match self

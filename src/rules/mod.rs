@@ -243,6 +243,17 @@ impl RuleSet {
         if event.comment.as_ref().is_some_and(|c| c.body.contains(crate::event::MARKER_PREFIX)) {
             return reject("bot", "the comment was posted by baton".into());
         }
+        // baton's own pull requests (a failing check on one, say) would
+        // otherwise start the job that made them, again and again.
+        if !f.own_branches && event.branch.as_deref().is_some_and(|b| b.starts_with(BATON_BRANCH_PREFIX)) {
+            return reject(
+                "own_branches",
+                format!(
+                    "branch {} is baton's own (set filter.own_branches = true to match)",
+                    event.branch.as_deref().unwrap_or("")
+                ),
+            );
+        }
         if !f.triggers.is_empty() {
             let parent = event.parent.as_ref().map(|p| p.trigger.as_str()).unwrap_or("");
             if !f.triggers.iter().any(|t| t == parent) {
@@ -409,6 +420,9 @@ fn untrusted(f: &trigger::Filter, event: &Event) -> Option<String> {
         }
     }
 }
+
+/// Branches baton pushes (`pull_request` output) start with this.
+pub const BATON_BRANCH_PREFIX: &str = "baton/";
 
 /// Events that carry no author association, only a head commit.
 const CHECK_EVENTS: &[&str] = &["check_run", "check_suite", "workflow_run", "workflow_job", "status"];

@@ -86,6 +86,7 @@ struct FilterFile {
     allow_forks: Option<bool>,
     allow_bots: Option<Vec<Spanned<String>>>,
     triggers: Option<Vec<String>>,
+    own_branches: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,6 +154,8 @@ pub struct Filter {
     pub allow_bots: Vec<String>,
     /// For `job.succeeded` / `job.failed`: the triggers whose jobs count.
     pub triggers: Vec<String>,
+    /// Whether events on baton's own `baton/…` branches may match.
+    pub own_branches: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -426,6 +429,7 @@ pub fn compile(
             allow_forks: f.allow_forks.unwrap_or(false),
             allow_bots,
             triggers: f.triggers.clone().unwrap_or_default(),
+            own_branches: f.own_branches.unwrap_or(false),
         },
         job: JobTemplate {
             agent: job.agent.get_ref().clone(),

@@ -253,3 +253,14 @@ fn rules_spec_for(event: &baton::event::Event) -> baton::rules::JobSpec {
     let (rules, _) = RuleSet::load(dir.path(), &config);
     rules.match_event(event).remove(0)
 }
+
+#[test]
+fn batons_own_branches_trigger_only_triggers_that_opt_in() {
+    let t = "on = [\"check_run.completed\"]\n[job]\nagent = \"codex\"\nworkspace = \"none\"\nprompt = \"x\"\n";
+    let mut p = fixture_json("check_run/completed.1.payload.json");
+    p["check_run"]["check_suite"]["head_branch"] = json!("baton/fix/1-abcdef12");
+    let why = rejected_by(judge(t, "check_run", p.to_string().as_bytes()), "own_branches");
+    assert!(why.contains("baton/fix/1-abcdef12"), "{why}");
+    let opted_in = t.replace("[job]", "[filter]\nown_branches = true\n[job]");
+    assert!(judge(&opted_in, "check_run", p.to_string().as_bytes()).is_ok());
+}
