@@ -45,6 +45,9 @@ pub struct Server {
     pub max_in_flight: usize,
     /// Time a client has to send its headers, and then its body.
     pub read_timeout: Duration,
+    /// On SIGTERM, how long running jobs may take to finish before they are
+    /// stopped (and resumed at the next start).
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -278,6 +281,7 @@ struct RawServer {
     api_token: Option<Spanned<String>>,
     max_in_flight: Option<Spanned<usize>>,
     read_timeout: Option<HumanDuration>,
+    shutdown_grace: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -491,6 +495,7 @@ impl Config {
                 api_token,
                 max_in_flight,
                 read_timeout: raw.server.read_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
+                shutdown_grace: raw.server.shutdown_grace.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
             },
             storage: Storage {
                 path: storage,

@@ -115,8 +115,11 @@ pub async fn serve(
     tracing::info!(listen = %addr, storage = %config.storage.path.display(), "baton is serving.");
     let result = serve_http(listener, app, config.server.read_timeout, shutdown.clone()).await;
 
+    // No new deliveries, no new jobs; running jobs get the grace period to
+    // finish, then stop and are left to resume at the next start.
     workers.cancel();
     let _ = engine_task.await;
+    engine.drain(config.server.shutdown_grace).await;
     if let Some(t) = publisher_task {
         let _ = t.await;
     }

@@ -52,6 +52,9 @@ pub struct Engine {
     metrics: Arc<crate::metrics::Metrics>,
     /// Scrubs secrets from results and errors before anyone sees them.
     redactor: crate::publish::redact::Redactor,
+    /// Set when the daemon stops: a job stopped now is left `running`, to be
+    /// resumed at the next start, rather than recorded as cancelled.
+    stopping: std::sync::atomic::AtomicBool,
     /// Running jobs cancelled by a newer job of their group: id → that job.
     superseded: Mutex<HashMap<String, String>>,
 }
@@ -102,6 +105,7 @@ impl Engine {
             publishing,
             running: Mutex::new(HashMap::new()),
             superseded: Mutex::new(HashMap::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -241,10 +245,35 @@ impl Engine {
             tokio::spawn(async move {
                 let id = job.id.clone();
                 engine.execute(job, cancel).await;
+                // Also here, not only in the dispatcher: while the daemon
+                // drains, the dispatcher no longer runs.
+                engine.running().remove(&id);
                 let _ = done.send(id);
             });
         }
         Ok(())
+    }
+
+    /// Waits up to `grace` for running jobs to finish, then stops the rest,
+    /// leaving them `running` in the store so the next start resumes them.
+    pub async fn drain(&self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.running_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if self.running_count() == 0 {
+            return;
+        }
+        tracing::warn!(jobs = self.running_count(), "Stopping jobs still running; they resume at the next start.");
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        for r in self.running().values() {
+            r.cancel.cancel();
+        }
+        // Agents get their SIGTERM-then-SIGKILL; wait for that, bounded.
+        let deadline = tokio::time::Instant::now() + agent::KILL_GRACE + Duration::from_secs(2);
+        while self.running_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Cancels a job: a queued one at once, a running one by stopping its agent.
@@ -276,6 +305,12 @@ impl Engine {
                     job.branch = branch;
                     job.end_attempt("exit", Some(0), None, now);
                     job.end(JobState::Succeeded, Some(result), None, now);
+                }
+                AttemptEnd::Cancelled if self.stopping.load(std::sync::atomic::Ordering::SeqCst) => {
+                    // The daemon is stopping: the job stays `running` in the
+                    // store and the next start requeues it as interrupted.
+                    tracing::info!("Job stopped by shutdown; it resumes at the next start.");
+                    return;
                 }
                 AttemptEnd::Cancelled => {
                     job.end_attempt("cancelled", None, None, now);

@@ -420,3 +420,51 @@ async fn secrets_in_a_result_are_redacted_before_anyone_sees_them() {
     let log = log.as_str().unwrap().to_string();
     assert!(log.contains("found [redacted] in .env") && !log.contains("ghp_abc"), "{log}");
 }
+
+#[tokio::test]
+async fn sigterm_lets_running_jobs_finish_within_the_grace_then_leaves_the_rest_to_resume() {
+    let fake = FakeGitHub::start().await;
+    let scratch = tempfile::tempdir().unwrap();
+    let flag = scratch.path().join("go");
+    let started = scratch.path().join("started");
+    // Issue 1's job finishes in a moment; issue 2's waits for the flag.
+    let agent = format!(
+        "#!/bin/sh\nprompt=$(cat)\necho \"$prompt\" >> {s}\ncase \"$prompt\" in *'#2'*) while [ ! -e {f} ]; do sleep 0.05; done;; *) sleep 1;; esac\necho \"done $prompt\"\n",
+        s = started.display(),
+        f = flag.display()
+    );
+    let (w, _) = setup(&fake, &agent, "", "");
+    let config = std::fs::read_to_string(w.path().join("baton.toml")).unwrap();
+    std::fs::write(
+        w.path().join("baton.toml"),
+        config.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:0\"\nshutdown_grace = \"3s\""),
+    )
+    .unwrap();
+    let mut baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let quick = deliver_issue(&baton, "term-1").await;
+    let mut second = crate::harness::fixture_json("issues/opened.payload.json");
+    second["issue"]["number"] = serde_json::json!(2);
+    let (_, answer) = baton.deliver(SECRET, "issues", "term-2", second.to_string().as_bytes()).await;
+    let slow = answer["jobs"][0].as_str().unwrap().to_string();
+    eventually("both agents to start", || std::fs::read_to_string(&started).is_ok_and(|s| s.lines().count() == 2))
+        .await;
+
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(baton.pid() as i32, libc::SIGTERM) };
+    let status = baton.wait_exit();
+    assert_eq!(status, Some(0), "a clean exit:\n{}", baton.log_text());
+    assert!(baton.log_text().contains("Stopping jobs still running; they resume at the next start."));
+
+    std::fs::write(&flag, "").unwrap();
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let done = baton.finished(&quick).await;
+    assert_eq!(
+        (done["state"].clone(), done["attempts"].clone()),
+        (serde_json::json!("succeeded"), serde_json::json!(1)),
+        "finished within the grace: {done}"
+    );
+    let resumed = baton.finished(&slow).await;
+    assert_eq!(resumed["state"], "succeeded", "{resumed}");
+    assert_eq!(resumed["history"][0]["outcome"], "interrupted");
+    assert_eq!(resumed["result"], "done Investigate #2: Spelling error in the README file");
+}

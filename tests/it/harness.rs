@@ -120,6 +120,18 @@ impl Baton {
         self.child.id()
     }
 
+    /// Waits (bounded) for the daemon to exit by itself; its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < WAIT {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("baton did not exit; log:\n{}", self.log_text());
+    }
+
     /// `kill -9`: no chance to flush or clean up.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
