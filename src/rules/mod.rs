@@ -23,7 +23,7 @@ pub use trigger::{OnConflict, OutputKind, Trigger, WorkspaceKind};
 
 /// What a job needs to run, fixed when its event matched: later edits of the
 /// trigger folder do not change a job that is already queued.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct JobSpec {
     pub trigger: String,
     pub event: String,
@@ -68,9 +68,10 @@ pub struct JobSpec {
 }
 
 /// The commit a job's worktree is made from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Workspace {
+    #[default]
     None,
     DefaultBranch {
         branch: String,

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use baton::rules::{JobSpec, OutputKind, Workspace};
+use baton::rules::{JobSpec, OutputKind};
 use baton::store::{job_id, Accepted, Admitted, Delivery, Durability, Store};
 use chrono::{Duration, Utc};
 
@@ -13,24 +13,11 @@ fn spec(trigger: &str) -> JobSpec {
         event: "issues.opened".into(),
         repo: Some("a/b".into()),
         subject: Some(1),
-        subject_is_pull_request: false,
-        installation: None,
-        head_sha: None,
         agent: "codex".into(),
         prompt: "p".into(),
-        workspace: Workspace::None,
-        timeout_secs: None,
         max_attempts: 1,
-        verify: None,
         output: OutputKind::None,
-        default_branch: None,
-        chain_depth: 0,
-        max_runs_per_hour: None,
-        cooldown_secs: None,
-        backoff_secs: None,
-        concurrency: None,
-        on_conflict: Default::default(),
-        skills: vec![],
+        ..JobSpec::default()
     }
 }
 

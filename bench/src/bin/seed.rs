@@ -19,24 +19,13 @@ async fn main() {
             event: "issues.opened".into(),
             repo: Some("acme/app".into()),
             subject: Some(i as u64),
-            subject_is_pull_request: false,
-            installation: None,
-            head_sha: None,
             agent: "codex".into(),
             prompt: format!("Investigate issue #{i}: something broke in the parser again."),
             workspace: Workspace::DefaultBranch { branch: "main".into() },
-            timeout_secs: None,
             max_attempts: 1,
-            verify: None,
             output: OutputKind::Comment,
             default_branch: Some("main".into()),
-            chain_depth: 0,
-            max_runs_per_hour: None,
-            cooldown_secs: None,
-            backoff_secs: None,
-            concurrency: None,
-            on_conflict: Default::default(),
-            skills: vec![],
+            ..JobSpec::default()
         };
         let delivery = Delivery::new(format!("seed-{i}"), "github", "issues.opened");
         store.accept(delivery, vec![spec]).await.expect("accept");
