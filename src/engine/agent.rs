@@ -118,6 +118,7 @@ impl Invocation<'_> {
                 cmd.env(name, v);
             }
         }
+        cmd.envs(&self.agent.vars);
         let mut child = cmd.spawn().map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
                 AgentError::NotFound {

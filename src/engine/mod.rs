@@ -529,6 +529,7 @@ impl Engine {
                 prompt: PromptMode::Stdin,
                 result: ResultMode::Stdout,
                 env: agent.env.clone(),
+                vars: Default::default(),
                 timeout,
                 install: None,
                 max_parallel: None,

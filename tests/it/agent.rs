@@ -14,6 +14,7 @@ fn agent(command: &[&str], prompt: PromptMode, result: ResultMode) -> AgentDef {
         prompt,
         result,
         env: vec![],
+        vars: Default::default(),
         timeout: Duration::from_secs(30),
         install: None,
         max_parallel: None,

@@ -14,6 +14,7 @@ mod harness;
 mod hostile;
 mod ingress;
 mod normalize;
+mod real_agents;
 mod reload;
 mod rules;
 mod schedule;

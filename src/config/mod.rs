@@ -16,8 +16,12 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
+mod agents;
+
 use crate::diag::Diagnostic;
 pub use crate::store::Durability;
+use agents::{merge_agent, RawAgent};
+pub use agents::{presets, AgentDef, Preset, PromptMode, ResultMode};
 
 /// The file `baton serve` reads when `--config` is not given.
 pub const DEFAULT_CONFIG_FILE: &str = "baton.toml";
@@ -91,57 +95,6 @@ pub struct Limits {
     pub max_parallel_per_repo: usize,
     /// How many job ends in a row may start jobs (investigate → fix → review).
     pub max_chain_depth: u32,
-}
-
-/// How an agent command is run: what it is, how it gets its prompt and how
-/// its answer is read back.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AgentDef {
-    pub name: String,
-    /// argv; each element is a minijinja template over `prompt`,
-    /// `prompt_file` and `result_file`.
-    pub command: Vec<String>,
-    pub prompt: PromptMode,
-    pub result: ResultMode,
-    /// Environment variables passed through besides PATH and HOME.
-    pub env: Vec<String>,
-    pub timeout: Duration,
-    /// Told to the user when the command cannot be found.
-    pub install: Option<String>,
-    /// Jobs of this agent running at once, at most.
-    pub max_parallel: Option<usize>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PromptMode {
-    Stdin,
-    Arg,
-    File,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ResultMode {
-    Stdout,
-    File,
-    /// A top-level field of a JSON object printed on stdout.
-    Json(String),
-}
-
-impl<'de> Deserialize<'de> for ResultMode {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        match s.as_str() {
-            "stdout" => Ok(ResultMode::Stdout),
-            "file" => Ok(ResultMode::File),
-            _ => match s.strip_prefix("json:") {
-                Some(field) if !field.is_empty() => Ok(ResultMode::Json(field.to_string())),
-                _ => Err(serde::de::Error::custom(format!(
-                    "invalid result `{s}`: expected `stdout`, `file` or `json:FIELD`"
-                ))),
-            },
-        }
-    }
 }
 
 /// A secret value. Its only accessor says what it does; `Debug` never shows it.
@@ -313,18 +266,6 @@ struct RawLimits {
     max_chain_depth: Option<u32>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAgent {
-    command: Option<Vec<String>>,
-    prompt: Option<PromptMode>,
-    result: Option<ResultMode>,
-    env: Option<Vec<String>>,
-    timeout: Option<HumanDuration>,
-    install: Option<String>,
-    max_parallel: Option<usize>,
-}
-
 impl Config {
     /// Loads `path`, or `./baton.toml` when it exists, or the built-in defaults.
     pub fn load(path: Option<&Path>) -> Result<Config, Vec<Diagnostic>> {
@@ -430,7 +371,7 @@ impl Config {
 
         let mut agents = presets();
         for (name, spanned) in &raw.agents {
-            match merge_agent(name, spanned.get_ref(), agents.get(name)) {
+            match merge_agent(name, spanned.get_ref()) {
                 Ok(def) => {
                     agents.insert(name.clone(), def);
                 }
@@ -560,107 +501,6 @@ fn resolve_secret(value: &str, base: &Path) -> Result<Secret, String> {
         return Err("empty secret".into());
     }
     Ok(Secret::new(value.to_string()))
-}
-
-/// The agents that work with no configuration beyond their API key.
-pub fn presets() -> BTreeMap<String, AgentDef> {
-    let def = |name: &str, command: &[&str], prompt, result, env: &[&str], install: &str| AgentDef {
-        name: name.to_string(),
-        command: command.iter().map(|s| s.to_string()).collect(),
-        prompt,
-        result,
-        env: env.iter().map(|s| s.to_string()).collect(),
-        timeout: Duration::from_secs(30 * 60),
-        install: Some(install.to_string()),
-        max_parallel: None,
-    };
-    let list = [
-        def(
-            "codex",
-            &[
-                "codex",
-                "exec",
-                "--sandbox",
-                "workspace-write",
-                "--skip-git-repo-check",
-                "--ephemeral",
-                "-o",
-                "{{ result_file }}",
-                "-",
-            ],
-            PromptMode::Stdin,
-            ResultMode::File,
-            &["OPENAI_API_KEY", "CODEX_HOME"],
-            "npm install -g @openai/codex",
-        ),
-        def(
-            "claude",
-            &["claude", "-p", "--output-format", "json", "--permission-mode", "acceptEdits"],
-            PromptMode::Stdin,
-            ResultMode::Json("result".into()),
-            &["ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"],
-            "npm install -g @anthropic-ai/claude-code",
-        ),
-        def(
-            "gemini",
-            &["gemini", "--output-format", "json", "--approval-mode", "auto_edit"],
-            PromptMode::Stdin,
-            ResultMode::Json("response".into()),
-            &["GEMINI_API_KEY", "GOOGLE_API_KEY"],
-            "npm install -g @google/gemini-cli",
-        ),
-        def(
-            "aider",
-            &[
-                "aider",
-                "--yes-always",
-                "--no-auto-commits",
-                "--no-check-update",
-                "--no-show-model-warnings",
-                "--message-file",
-                "{{ prompt_file }}",
-            ],
-            PromptMode::File,
-            ResultMode::Stdout,
-            &["OPENAI_API_KEY", "ANTHROPIC_API_KEY"],
-            "pip install aider-chat",
-        ),
-    ];
-    list.into_iter().map(|a| (a.name.clone(), a)).collect()
-}
-
-/// Keys given in the file replace the preset's; the others keep the preset's.
-fn merge_agent(name: &str, raw: &RawAgent, preset: Option<&AgentDef>) -> Result<AgentDef, String> {
-    let command = match (&raw.command, preset) {
-        (Some(c), _) => c.clone(),
-        (None, Some(p)) => p.command.clone(),
-        (None, None) => return Err("`command` is required for an agent that is not a preset".into()),
-    };
-    if command.is_empty() || command[0].trim().is_empty() {
-        return Err("`command` must name a program".into());
-    }
-    let prompt = raw.prompt.or(preset.map(|p| p.prompt)).unwrap_or(PromptMode::Stdin);
-    let result = raw.result.clone().or(preset.map(|p| p.result.clone())).unwrap_or(ResultMode::Stdout);
-    let mentions = |var: &str| command.iter().any(|a| a.contains(var));
-    if prompt == PromptMode::Arg && !mentions("prompt") {
-        return Err("prompt = \"arg\" needs `{{ prompt }}` in `command`".into());
-    }
-    if prompt == PromptMode::File && !mentions("prompt_file") {
-        return Err("prompt = \"file\" needs `{{ prompt_file }}` in `command`".into());
-    }
-    if result == ResultMode::File && !mentions("result_file") {
-        return Err("result = \"file\" needs `{{ result_file }}` in `command`".into());
-    }
-    Ok(AgentDef {
-        name: name.to_string(),
-        command,
-        prompt,
-        result,
-        env: raw.env.clone().or(preset.map(|p| p.env.clone())).unwrap_or_default(),
-        timeout: raw.timeout.map(|t| t.0).or(preset.map(|p| p.timeout)).unwrap_or(Duration::from_secs(30 * 60)),
-        install: raw.install.clone().or(preset.and_then(|p| p.install.clone())),
-        max_parallel: raw.max_parallel.or(preset.and_then(|p| p.max_parallel)).filter(|n| *n > 0),
-    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,252 @@
+//! The real Codex and Claude Code CLIs, run through baton's presets against a
+//! scripted fake of their model APIs on loopback. The fake asks for one tool
+//! call that writes a file, then answers; the test checks the file landed in
+//! the job's worktree (it is in the pushed branch) and the answer became the
+//! job's result.
+//!
+//! `.ci/run` installs the CLIs from npm; where they are missing the test
+//! installs them under `target/real-agents` itself.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::http::Uri;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use serde_json::{json, Value};
+
+use crate::fake_github::FakeGitHub;
+use crate::harness::{bare_repo, eventually, fixture, git, Baton, Workdir};
+
+const SECRET: &str = "real-agent-secret";
+const PROOF_FILE: &str = "AGENT_PROOF.txt";
+
+/// Which model API the fake speaks.
+#[derive(Clone, Copy)]
+enum Api {
+    /// OpenAI Responses, as Codex calls it: `POST /v1/responses`, SSE.
+    Responses,
+    /// Anthropic Messages, as Claude Code calls it: `POST /v1/messages`, SSE.
+    Messages,
+}
+
+/// A scripted model: first a tool call writing `PROOF_FILE`, then, once the
+/// tool's result comes back, a final message.
+struct FakeModel {
+    url: String,
+    /// Every request body, in order.
+    requests: Arc<Mutex<Vec<Value>>>,
+}
+
+impl FakeModel {
+    async fn start(api: Api, final_text: &'static str, proof: &'static str) -> FakeModel {
+        let requests: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let sink = requests.clone();
+        let app = Router::new().fallback(move |uri: Uri, body: Bytes| {
+            let sink = sink.clone();
+            async move {
+                let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+                    return (axum::http::StatusCode::NOT_FOUND, "").into_response();
+                };
+                sink.lock().unwrap().push(body.clone());
+                match api {
+                    Api::Responses if uri.path().ends_with("/responses") => responses(&body, final_text, proof),
+                    Api::Messages if uri.path().ends_with("/messages") => messages(&body, final_text, proof),
+                    _ => (axum::http::StatusCode::NOT_FOUND, "").into_response(),
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeModel { url, requests }
+    }
+
+    fn requests(&self) -> Vec<Value> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+fn sse(events: &[Value]) -> Response {
+    let mut out = String::new();
+    for e in events {
+        out.push_str(&format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap_or("message")));
+    }
+    ([("content-type", "text/event-stream")], out).into_response()
+}
+
+/// Codex: `exec_command` writes the file; the next turn answers.
+fn responses(body: &Value, final_text: &str, proof: &str) -> Response {
+    let answered =
+        body["input"].as_array().is_some_and(|items| items.iter().any(|i| i["type"] == "function_call_output"));
+    let item = if answered {
+        json!({"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+               "content": [{"type": "output_text", "text": final_text, "annotations": []}]})
+    } else {
+        let cmd = format!("printf '%s\\n' '{proof}' > {PROOF_FILE}");
+        json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "exec_command",
+               "arguments": json!({"cmd": cmd}).to_string(), "status": "completed"})
+    };
+    sse(&[
+        json!({"type": "response.created", "response": {"id": "resp_1"}}),
+        json!({"type": "response.output_item.added", "output_index": 0, "item": item}),
+        json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+        json!({"type": "response.completed", "response": {"id": "resp_1", "usage": {
+            "input_tokens": 10, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 15}}}),
+    ])
+}
+
+/// Claude Code: the `Write` tool writes the file at an absolute path, read
+/// from the system prompt's "Primary working directory"; side requests
+/// without tools (the session title) get plain text.
+fn messages(body: &Value, final_text: &str, proof: &str) -> Response {
+    let has_write = body["tools"].as_array().is_some_and(|t| t.iter().any(|t| t["name"] == "Write"));
+    let answered = body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .is_some_and(|last| last["content"].as_array().is_some_and(|c| c.iter().any(|b| b["type"] == "tool_result")));
+    let cwd = body.to_string().split("Primary working directory: ").nth(1).and_then(|rest| {
+        // The system prompt is JSON-escaped here: the line ends at `\n`.
+        rest.split("\\n").next().map(str::to_string)
+    });
+    let (block, delta, stop) = match cwd {
+        Some(cwd) if has_write && !answered => (
+            json!({"type": "tool_use", "id": "toolu_1", "name": "Write", "input": {}}),
+            json!({"type": "input_json_delta", "partial_json":
+                json!({"file_path": format!("{cwd}/{PROOF_FILE}"), "content": format!("{proof}\n")}).to_string()}),
+            "tool_use",
+        ),
+        _ => (json!({"type": "text", "text": ""}), json!({"type": "text_delta", "text": final_text}), "end_turn"),
+    };
+    sse(&[
+        json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+            "model": body["model"], "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": 10, "output_tokens": 1}}}),
+        json!({"type": "content_block_start", "index": 0, "content_block": block}),
+        json!({"type": "content_block_delta", "index": 0, "delta": delta}),
+        json!({"type": "content_block_stop", "index": 0}),
+        json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null},
+            "usage": {"output_tokens": 5}}),
+        json!({"type": "message_stop"}),
+    ])
+}
+
+/// The folder holding `program`: on PATH, or installed from npm into
+/// `target/real-agents/<program>` on first use.
+fn cli_dir(program: &str, package: &str) -> PathBuf {
+    if let Some(dir) =
+        std::env::var_os("PATH").iter().flat_map(std::env::split_paths).find(|d| d.join(program).is_file())
+    {
+        return dir;
+    }
+    let prefix = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/real-agents").join(program);
+    let bin = prefix.join("bin");
+    if !bin.join(program).is_file() {
+        let out = Command::new("npm")
+            .args(["install", "--global", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&prefix)
+            .arg(package)
+            .output()
+            .unwrap_or_else(|e| panic!("`{program}` is not on PATH and npm cannot run to install {package}: {e}"));
+        assert!(out.status.success(), "npm install {package}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    bin
+}
+
+/// Runs one job through `preset` (tuned by `agent_keys`) against `model`, with
+/// a `pull_request` output so the worktree's changes come back as a branch.
+async fn run_job(preset: &str, agent_keys: &str, env: &[(&str, &str)], cli: &Path) -> (Workdir, Value) {
+    let fake = FakeGitHub::start().await;
+    let w = Workdir::new();
+    let repos = w.path().join("remote");
+    bare_repo(&repos, "Codertocat/Hello-World", "master", &[("README.md", "hello from master")]);
+    w.config(&format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[github]
+api_url = "{api}"
+git_url = "file://{repos}"
+token = "env:GITHUB_TOKEN"
+webhook_secret = "{SECRET}"
+
+[agents.{preset}]
+timeout = "2m"
+{agent_keys}
+"#,
+        api = fake.url,
+        repos = repos.display(),
+    ));
+    w.trigger(
+        "fix",
+        &format!(
+            "on = [\"issues.opened\"]\n[job]\nagent = \"{preset}\"\nworkspace = \"default-branch\"\n\
+             prompt = \"Fix #{{{{ issue.number }}}}: {{{{ issue.title }}}}\"\n[output]\nkind = \"pull_request\"\n"
+        ),
+    );
+    let home = w.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let path = format!("{}:{}", cli.display(), std::env::var("PATH").unwrap_or_default());
+    let mut all_env = vec![("GITHUB_TOKEN", "ghs_realagenttoken"), ("PATH", path.as_str())];
+    let home = home.display().to_string();
+    all_env.push(("HOME", home.as_str()));
+    all_env.extend_from_slice(env);
+    let baton = Baton::start(w.path(), &all_env);
+    let (status, body) = baton.deliver(SECRET, "issues", "real-agent-1", &fixture("issues/opened.payload.json")).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["jobs"][0].as_str().expect("a job").to_string();
+    let job = baton.finished(&id).await;
+    let log = baton.get(&format!("/api/jobs/{id}/log")).await;
+    assert_eq!(job["state"], "succeeded", "{job}\njob log: {log:?}\ndaemon log:\n{}", baton.log_text());
+    eventually("the pull request", || !fake.posts("/repos/Codertocat/Hello-World/pulls").is_empty()).await;
+    (w, job)
+}
+
+/// The file the agent's tool call wrote, as committed on the job's branch.
+fn proof_on_branch(w: &Workdir, job: &Value) -> String {
+    let branch = job["branch"].as_str().expect("the agent's change was pushed");
+    let bare = w.path().join("remote/Codertocat/Hello-World.git");
+    git(&bare, &["show", &format!("{branch}:{PROOF_FILE}")])
+}
+
+fn prompt_reached(requests: &[Value]) -> bool {
+    requests.iter().any(|r| r.to_string().contains("Fix #1: Spelling error in the README file"))
+}
+
+#[tokio::test]
+async fn codex_preset_edits_the_worktree_and_its_last_message_is_the_result() {
+    let cli = cli_dir("codex", "@openai/codex@0.169.0");
+    let model = FakeModel::start(Api::Responses, "Codex wrote the proof file.", "edited by codex").await;
+    let keys = format!("model = \"baton-fake\"\nbase_url = \"{}/v1\"", model.url);
+    let (w, job) = run_job("codex", &keys, &[("OPENAI_API_KEY", "sk-fake-codex-key")], &cli).await;
+    assert_eq!(job["result"], "Codex wrote the proof file.");
+    assert_eq!(proof_on_branch(&w, &job), "edited by codex");
+    let requests = model.requests();
+    assert!(requests.len() >= 2, "a tool call and an answer: {}", requests.len());
+    assert!(prompt_reached(&requests), "baton's prompt reached the model");
+    assert!(
+        requests.iter().any(|r| r["input"].to_string().contains("function_call_output")),
+        "the tool's output came back to the model"
+    );
+}
+
+#[tokio::test]
+async fn claude_preset_edits_the_worktree_and_its_answer_is_the_result() {
+    let cli = cli_dir("claude", "@anthropic-ai/claude-code@2.1.197");
+    let model = FakeModel::start(Api::Messages, "Claude wrote the proof file.", "edited by claude").await;
+    let keys = format!("model = \"claude-fake\"\nmax_turns = 5\nbase_url = \"{}\"", model.url);
+    let env = [("ANTHROPIC_API_KEY", "sk-ant-fake-key"), ("CLAUDE_CODE_MAX_RETRIES", "0")];
+    let (w, job) = run_job("claude", &keys, &env, &cli).await;
+    assert_eq!(job["result"], "Claude wrote the proof file.");
+    assert_eq!(proof_on_branch(&w, &job), "edited by claude");
+    let requests = model.requests();
+    assert!(prompt_reached(&requests), "baton's prompt reached the model");
+    assert!(requests.iter().any(|r| r["model"] == "claude-fake"), "`model` reached the CLI");
+    assert!(requests.iter().any(|r| r["messages"].to_string().contains("tool_result")), "the tool ran");
+}
