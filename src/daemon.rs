@@ -109,6 +109,7 @@ pub async fn serve(
     tokio::spawn(prune_deliveries(store.clone(), config.storage.delivery_retention, workers.clone()));
     tokio::spawn(reload_triggers(config.clone(), rules.clone(), workers.clone()));
     tokio::spawn(run_schedules(store.clone(), rules.clone(), wake.clone(), workers.clone()));
+    tokio::spawn(gc_mirrors(engine.clone(), config.storage.gc_interval, workers.clone()));
 
     ready.store(true, Ordering::Release);
     let addr = listener.local_addr().map_err(ServeError::Server)?;
@@ -229,6 +230,17 @@ async fn prune_deliveries(store: Store, retention: Duration, stop: CancellationT
             Ok(n) => tracing::info!(deliveries = n, "Pruned old delivery ids."),
             Err(e) => tracing::warn!(error = %e, "Pruning delivery ids failed; will retry."),
         }
+    }
+}
+
+/// Keeps the mirrors' disk in check, in the background.
+async fn gc_mirrors(engine: Arc<Engine>, every: Duration, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        engine.gc_mirrors().await;
     }
 }
 

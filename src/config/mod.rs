@@ -60,6 +60,10 @@ pub struct Storage {
     pub durability: Durability,
     /// How long delivery ids are kept for duplicate detection.
     pub delivery_retention: Duration,
+    /// Finished worktrees kept for reuse, across repositories (0: none).
+    pub worktree_pool: usize,
+    /// How often mirrors are garbage-collected.
+    pub gc_interval: Duration,
 }
 
 /// A generic webhook source: `POST /webhooks/NAME`.
@@ -244,6 +248,8 @@ struct RawStorage {
     #[serde(default)]
     durability: Durability,
     delivery_retention: Option<HumanDuration>,
+    worktree_pool: Option<usize>,
+    gc_interval: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -446,6 +452,8 @@ impl Config {
                     .delivery_retention
                     .map(|d| d.0)
                     .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
+                worktree_pool: raw.storage.worktree_pool.unwrap_or(4),
+                gc_interval: raw.storage.gc_interval.map(|d| d.0).unwrap_or(Duration::from_secs(24 * 3600)),
             },
             github: Github {
                 api_url,

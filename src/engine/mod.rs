@@ -97,7 +97,12 @@ impl Engine {
             metrics,
             redactor: crate::publish::redact::Redactor::new(config.secrets()),
             rules,
-            workspaces: Workspaces::new(&config.storage.path, &config.github.git_url, config.github.token.clone()),
+            workspaces: Workspaces::new(
+                &config.storage.path,
+                &config.github.git_url,
+                config.github.token.clone(),
+                config.storage.worktree_pool,
+            ),
             store,
             config,
             wake,
@@ -118,6 +123,11 @@ impl Engine {
 
     pub fn job_dir(&self, id: &str) -> PathBuf {
         job_dir(&self.config.storage.path, id)
+    }
+
+    /// Garbage-collects the mirrors fetched into since the last call.
+    pub async fn gc_mirrors(&self) {
+        self.workspaces.gc().await;
     }
 
     /// Jobs running now.
@@ -170,8 +180,9 @@ impl Engine {
         let worktrees = self.config.storage.path.join("worktrees");
         if worktrees.exists() {
             let _ = tokio::fs::remove_dir_all(&worktrees).await;
-            prune_mirrors(&self.config.storage.path.join("mirrors")).await;
         }
+        prune_mirrors(&self.config.storage.path.join("mirrors")).await;
+        self.workspaces.load_pool().await;
         Ok(stale.len())
     }
 
@@ -448,7 +459,8 @@ impl Engine {
             Err(e) => return failed("prepare_failed", None, format!("preparing the workspace failed: {e}"), true),
         };
         if let Some(commit) = &prepared.commit {
-            self.log_line(&job.id, &format!("workspace at {commit}")).await;
+            let how = if prepared.recycled { " (a recycled worktree, reset)" } else { "" };
+            self.log_line(&job.id, &format!("workspace at {commit}{how}")).await;
         }
         let mut skills: Vec<(String, String)> = spec.skills.clone();
         if let (Some(repo), Some(default)) = (spec.repo.as_deref(), spec.default_branch.as_deref()) {
@@ -456,7 +468,7 @@ impl Engine {
         }
         let prompt = prompt_for(spec, &skills, feedback);
         let end = self.run_in(job, agent, &prepared.path, &prompt, cancel, phases).await;
-        self.workspaces.release(&prepared).await;
+        self.workspaces.release(prepared).await;
         end
     }
 

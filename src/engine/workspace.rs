@@ -5,8 +5,18 @@
 //! per-repository lock, so two jobs never fetch into one mirror at once.
 //! Credentials reach git through `GIT_CONFIG_*` environment variables
 //! (an `http.extraHeader`), never through URLs, remotes or files.
+//!
+//! Checking out a large tree dominates preparing a job, so a finished job's
+//! worktree goes back to a small pool (`storage.worktree_pool` across all
+//! repositories, least recently used out first) and the next job on that
+//! repository resets it to its own commit: `checkout --detach --force` then
+//! `clean -ffdx`, which rewrites only what differs. A worktree is cleaned when
+//! it is pooled too, so the pool holds no build output: its disk is at most
+//! the pool size times a checkout. Every git call has its ceiling at the
+//! folder above the one it runs in, so a worktree whose `.git` an agent
+//! deleted can never lead git to a repository around the storage folder.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,26 +52,95 @@ pub struct Prepared {
     pub mirror: Option<PathBuf>,
     /// The commit checked out.
     pub commit: Option<String>,
+    /// The repository, for worktrees that may go back to the pool.
+    repo: Option<String>,
+    /// Whether this is a pooled worktree reset for this job.
+    pub recycled: bool,
+}
+
+/// An idle worktree in the pool.
+#[derive(Debug)]
+struct Idle {
+    repo: String,
+    path: PathBuf,
+    mirror: PathBuf,
 }
 
 /// Mirrors and worktrees under one storage folder.
 pub struct Workspaces {
     mirrors: PathBuf,
+    /// Per-job folders of `workspace = "none"` jobs; gone at each start.
     worktrees: PathBuf,
+    /// Every repository worktree, at `pool/<owner>/<name>/<job that made it>`.
+    pool_dir: PathBuf,
     git_url: String,
     token: Option<Secret>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Idle worktrees, least recently used first.
+    idle: Mutex<VecDeque<Idle>>,
+    pool_cap: usize,
+    /// Repositories fetched into since their mirror's last gc.
+    fetched: Mutex<BTreeSet<String>>,
 }
 
 impl Workspaces {
-    pub fn new(storage: &Path, git_url: &str, token: Option<Secret>) -> Workspaces {
+    pub fn new(storage: &Path, git_url: &str, token: Option<Secret>, pool_cap: usize) -> Workspaces {
         Workspaces {
             mirrors: storage.join("mirrors"),
             worktrees: storage.join("worktrees"),
+            pool_dir: storage.join("pool"),
             git_url: git_url.trim_end_matches('/').to_string(),
             token,
             locks: Mutex::new(HashMap::new()),
+            idle: Mutex::new(VecDeque::new()),
+            pool_cap,
+            fetched: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+        match self.idle.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// At start-up: worktrees a previous daemon left become the idle pool
+    /// (each is reset before any job sees it); those over the cap go.
+    pub async fn load_pool(&self) {
+        let mut found = Vec::new();
+        for (owner, repo_dirs) in list_dirs(&self.pool_dir).await {
+            for (name, slots) in list_dirs(&repo_dirs).await {
+                let mirror = self.mirrors.join(&owner).join(format!("{name}.git"));
+                for (_, path) in list_dirs(&slots).await {
+                    let modified = tokio::fs::metadata(&path).await.and_then(|m| m.modified()).ok();
+                    found.push((modified, Idle { repo: format!("{owner}/{name}"), path, mirror: mirror.clone() }));
+                }
+            }
+        }
+        found.sort_by_key(|(modified, _)| *modified);
+        let mut evicted = Vec::new();
+        {
+            let mut idle = self.idle();
+            for (_, slot) in found {
+                if split_repo(&slot.repo).is_ok() && slot.mirror.join("HEAD").exists() {
+                    idle.push_back(slot);
+                } else {
+                    evicted.push(slot);
+                }
+            }
+            while idle.len() > self.pool_cap {
+                evicted.extend(idle.pop_front());
+            }
+        }
+        for slot in evicted {
+            self.discard(&slot.path, Some(&slot.mirror)).await;
+        }
+    }
+
+    /// The idle worktrees, for tests and the dashboard: `(repo, path)`.
+    pub fn pooled(&self) -> Vec<(String, PathBuf)> {
+        self.idle().iter().map(|i| (i.repo.clone(), i.path.clone())).collect()
     }
 
     fn lock_for(&self, repo: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -84,7 +163,7 @@ impl Workspaces {
         self.remove_dir(&path).await;
         if let Workspace::None = ws {
             tokio::fs::create_dir_all(&path).await?;
-            return Ok(Prepared { path, mirror: None, commit: None });
+            return Ok(Prepared { path, mirror: None, commit: None, repo: None, recycled: false });
         }
         let repo = repo.ok_or(WorkspaceError::NoRepository)?;
         let (owner, name) = split_repo(repo)?;
@@ -94,6 +173,10 @@ impl Workspaces {
         let lock = self.lock_for(repo);
         let _guard = lock.lock().await;
         self.ensure_mirror(&mirror).await?;
+        match self.fetched.lock() {
+            Ok(mut f) => f.insert(repo.to_string()),
+            Err(p) => p.into_inner().insert(repo.to_string()),
+        };
         let commit = match ws {
             // Handled above; kept total rather than asserted.
             Workspace::None => return Err(WorkspaceError::NoRepository),
@@ -124,10 +207,85 @@ impl Workspaces {
             }
             Workspace::HeadSha { sha, branch } => self.ensure_commit(&mirror, &url, sha, branch.as_deref()).await?,
         };
-        tokio::fs::create_dir_all(&self.worktrees).await?;
+        let recycled = {
+            let mut idle = self.idle();
+            let newest = idle.iter().rposition(|i| i.repo == repo);
+            newest.and_then(|at| idle.remove(at))
+        };
+        if let Some(slot) = recycled {
+            match self.reset(&slot.path, &commit).await {
+                Ok(()) => {
+                    return Ok(Prepared {
+                        path: slot.path,
+                        mirror: Some(mirror),
+                        commit: Some(commit),
+                        repo: Some(repo.to_string()),
+                        recycled: true,
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(path = %slot.path.display(), error = %e, "A pooled worktree could not be reset; making a new one.");
+                    self.discard(&slot.path, Some(&mirror)).await;
+                }
+            }
+        }
+        // Unique per attempt: an earlier attempt's worktree may be idle in the pool.
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let path = self.pool_dir.join(owner).join(name).join(format!("{job_id}-{stamp:x}"));
+        if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent).await?;
+        }
         let path_str = path.display().to_string();
         git(&mirror, &["worktree", "add", "--detach", "--force", &path_str, &commit], None).await?;
-        Ok(Prepared { path, mirror: Some(mirror), commit: Some(commit) })
+        Ok(Prepared { path, mirror: Some(mirror), commit: Some(commit), repo: Some(repo.to_string()), recycled: false })
+    }
+
+    /// Garbage-collects the mirror of every repository fetched into since
+    /// the last call, each under its repository's lock (never beside a
+    /// fetch). Pooled worktrees' commits are kept: git counts linked
+    /// worktrees' HEADs as reachable.
+    pub async fn gc(&self) {
+        let repos = match self.fetched.lock() {
+            Ok(mut f) => std::mem::take(&mut *f),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        };
+        for repo in repos {
+            let Ok((owner, name)) = split_repo(&repo) else { continue };
+            let mirror = self.mirrors.join(owner).join(format!("{name}.git"));
+            let lock = self.lock_for(&repo);
+            let _guard = lock.lock().await;
+            let started = std::time::Instant::now();
+            match git(&mirror, &["gc", "--quiet"], None).await {
+                Ok(_) => {
+                    tracing::info!(repo = %repo, ms = started.elapsed().as_millis() as u64, "Mirror garbage-collected.")
+                }
+                Err(e) => {
+                    tracing::warn!(repo = %repo, error = %e, "Mirror gc failed; will retry after the next fetch.")
+                }
+            }
+        }
+    }
+
+    /// Puts a pooled worktree at `commit` with nothing of its last job left:
+    /// tracked files as committed, no untracked or ignored file, no index.
+    async fn reset(&self, path: &Path, commit: &str) -> Result<(), WorkspaceError> {
+        git(path, &["checkout", "--quiet", "--detach", "--force", commit], None).await?;
+        git(path, &["clean", "-ffdxq"], None).await?;
+        Ok(())
+    }
+
+    /// Removes a worktree and its registration in the mirror.
+    async fn discard(&self, path: &Path, mirror: Option<&Path>) {
+        if let Some(mirror) = mirror {
+            if tokio::fs::metadata(path).await.is_ok() {
+                let path = path.display().to_string();
+                let _ = git(mirror, &["worktree", "remove", "--force", "--force", &path], None).await;
+            }
+        }
+        self.remove_dir(path).await;
+        if let Some(mirror) = mirror {
+            let _ = git(mirror, &["worktree", "prune"], None).await;
+        }
     }
 
     /// The repository's own convention files — `AGENTS.md`, `CLAUDE.md` and
@@ -163,15 +321,29 @@ impl Workspaces {
         out
     }
 
-    /// Removes a workspace.
-    pub async fn release(&self, prepared: &Prepared) {
-        if let Some(mirror) = &prepared.mirror {
-            let path = prepared.path.display().to_string();
-            let _ = git(mirror, &["worktree", "remove", "--force", "--force", &path], None).await;
+    /// Gives a workspace back: a repository worktree is cleaned and pooled
+    /// (evicting the least recently used one over the cap); anything else,
+    /// or one that does not clean, is removed.
+    pub async fn release(&self, prepared: Prepared) {
+        let (Some(mirror), Some(repo)) = (prepared.mirror, prepared.repo) else {
+            self.remove_dir(&prepared.path).await;
+            return;
+        };
+        if self.pool_cap == 0 || git(&prepared.path, &["clean", "-ffdxq"], None).await.is_err() {
+            self.discard(&prepared.path, Some(&mirror)).await;
+            return;
         }
-        self.remove_dir(&prepared.path).await;
-        if let Some(mirror) = &prepared.mirror {
-            let _ = git(mirror, &["worktree", "prune"], None).await;
+        let evicted = {
+            let mut idle = self.idle();
+            idle.push_back(Idle { repo, path: prepared.path, mirror });
+            let mut evicted = Vec::new();
+            while idle.len() > self.pool_cap {
+                evicted.extend(idle.pop_front());
+            }
+            evicted
+        };
+        for slot in evicted {
+            self.discard(&slot.path, Some(&slot.mirror)).await;
         }
     }
 
@@ -282,6 +454,18 @@ impl Workspaces {
     }
 }
 
+/// `(name, path)` of the folders in `dir`.
+async fn list_dirs(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    let Ok(mut entries) = tokio::fs::read_dir(dir).await else { return out };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        if entry.file_type().await.is_ok_and(|t| t.is_dir()) {
+            out.push((entry.file_name().to_string_lossy().into_owned(), entry.path()));
+        }
+    }
+    out
+}
+
 fn split_repo(repo: &str) -> Result<(&str, &str), WorkspaceError> {
     let ok = |s: &str| {
         !s.is_empty() && s != "." && s != ".." && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
@@ -296,6 +480,11 @@ fn split_repo(repo: &str) -> Result<(&str, &str), WorkspaceError> {
 /// environment-provided header so the token appears in no argv or file.
 async fn git(dir: &Path, args: &[&str], token: Option<&Secret>) -> Result<String, WorkspaceError> {
     let mut cmd = Command::new("git");
+    if let Some(parent) = dir.parent() {
+        // Never look for a repository above `dir`: a worktree without its
+        // `.git` must fail, not find whatever repository holds the storage.
+        cmd.env("GIT_CEILING_DIRECTORIES", parent);
+    }
     cmd.arg("-C")
         .arg(dir)
         .args(args)

@@ -82,6 +82,7 @@ async fn read_body(s: &Ingress, headers: &HeaderMap, body: Body) -> Result<Bytes
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > s.max_body_bytes as u64) {
+        drain(body).await;
         return Err(too_large());
     }
     let limited = http_body_util::Limited::new(body, s.max_body_bytes);
@@ -91,6 +92,25 @@ async fn read_body(s: &Ingress, headers: &HeaderMap, body: Body) -> Result<Bytes
         Ok(Err(_)) => Err(error(StatusCode::BAD_REQUEST, "the body could not be read")),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }
+}
+
+/// Reads and drops what a client is still sending, within bounds, so that
+/// it reads our answer rather than a reset (hyper does no lingering close).
+async fn drain(body: Body) {
+    use http_body_util::BodyExt as _;
+    const DRAIN_BYTES: usize = 1024 * 1024;
+    const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+    let mut body = body;
+    let mut seen = 0;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > DRAIN_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {

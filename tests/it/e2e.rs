@@ -131,12 +131,13 @@ async fn signed_issue_becomes_agent_job_and_comment() {
 async fn missing_agent_command_fails_with_install_hint() {
     let fake = FakeGitHub::start().await;
     let (w, _) = setup(&fake, REPORTER, "", "");
-    // Point the trigger at the codex preset, which is not installed here.
+    // Point the trigger at the codex preset, with a PATH it is not on.
     w.trigger(
         "investigate",
         "on = [\"issues.opened\"]\n[job]\nagent = \"codex\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
     );
-    let baton = Baton::start(w.path(), &[("PATH", "/usr/bin:/bin"), ("GITHUB_TOKEN", TOKEN)]);
+    let empty = tempfile::tempdir().unwrap();
+    let baton = Baton::start(w.path(), &[("PATH", empty.path().to_str().unwrap()), ("GITHUB_TOKEN", TOKEN)]);
     let id = deliver_issue(&baton, "nf-1").await;
     let job = baton.finished(&id).await;
     assert_eq!(job["state"], "failed");

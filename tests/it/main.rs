@@ -19,3 +19,4 @@ mod reload;
 mod rules;
 mod schedule;
 mod store;
+mod workspaces;

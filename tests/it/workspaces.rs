@@ -1,0 +1,189 @@
+//! Workspaces: recycled worktrees keep nothing of the job before, the pool
+//! is bounded, a worktree an agent broke never reaches the repository around
+//! the storage folder, and mirrors are garbage-collected in the background.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::harness::{bare_repo, eventually, fixture_json, git, Baton, Workdir};
+
+const SECRET: &str = "workspace-secret";
+
+/// A daemon whose one trigger runs `agent_body` on every opened issue, with
+/// repositories under `remote/`.
+fn setup(agent_body: &str, storage_extra: &str) -> Workdir {
+    setup_with(agent_body, storage_extra, "", "none")
+}
+
+fn setup_with(agent_body: &str, storage_extra: &str, github_extra: &str, output: &str) -> Workdir {
+    let w = Workdir::new();
+    let agent = w.script("agent.sh", agent_body);
+    w.config(&format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[storage]
+{storage_extra}
+
+[github]
+git_url = "file://{repos}"
+webhook_secret = "{SECRET}"
+{github_extra}
+
+[agents.script]
+command = ["{agent}"]
+"#,
+        repos = w.path().join("remote").display(),
+        agent = agent.display(),
+    ));
+    w.trigger(
+        "work",
+        &format!(
+            "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"default-branch\"\n\
+             prompt = \"work\"\n[output]\nkind = \"{output}\"\n"
+        ),
+    );
+    w
+}
+
+/// Opens an issue on `repo` and waits for its job to succeed.
+async fn run_issue(baton: &Baton, repo: &str, delivery: &str) -> Value {
+    let mut payload = fixture_json("issues/opened.payload.json");
+    let (owner, name) = repo.split_once('/').unwrap();
+    payload["repository"]["full_name"] = repo.into();
+    payload["repository"]["name"] = name.into();
+    payload["repository"]["owner"]["login"] = owner.into();
+    let (status, body) = baton.deliver(SECRET, "issues", delivery, payload.to_string().as_bytes()).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["jobs"][0].as_str().expect("a job").to_string();
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", baton.log_text());
+    job
+}
+
+async fn job_log(baton: &Baton, id: &Value) -> String {
+    let resp = reqwest::get(format!("{}/api/jobs/{}/log", baton.url, id.as_str().unwrap())).await.unwrap();
+    resp.text().await.unwrap()
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).trim().to_string()
+}
+
+#[tokio::test]
+async fn a_recycled_worktree_keeps_nothing_of_the_job_before() {
+    let state = tempfile::tempdir().unwrap();
+    let s = state.path().display();
+    // The first job leaves every kind of mess; the second reports what it finds.
+    let agent = format!(
+        r#"#!/bin/sh
+n=$(cat {s}/count 2>/dev/null || echo 0); n=$((n+1)); echo $n > {s}/count
+pwd > {s}/pwd$n
+if [ $n -eq 1 ]; then
+  echo changed > README.md
+  echo junk > untracked.txt
+  mkdir -p build/deep && echo obj > build/deep/x.o
+  echo log > debug.log
+  echo staged > staged.txt && git add staged.txt
+  git -c user.name=a -c user.email=a@b commit -qm local
+  mkdir nested && (cd nested && git init -q && echo n > n.txt)
+  echo left a mess
+else
+  git status --porcelain --ignored > {s}/status
+  git rev-parse HEAD > {s}/head
+  cat README.md > {s}/readme
+  find . -path ./.git -prune -o -print | sort > {s}/files
+  echo reported
+fi
+"#
+    );
+    let w = setup(&agent, "");
+    let origin = w.path().join("remote/Codertocat/Hello-World.git");
+    bare_repo(
+        &w.path().join("remote"),
+        "Codertocat/Hello-World",
+        "master",
+        &[("README.md", "hello v1"), (".gitignore", "*.log\n")],
+    );
+    let baton = Baton::start(w.path(), &[]);
+    run_issue(&baton, "Codertocat/Hello-World", "recycle-1").await;
+
+    // The branch moves on between the jobs: the next job is at a nearby commit.
+    let clone = tempfile::tempdir().unwrap();
+    git(clone.path(), &["clone", "--quiet", origin.to_str().unwrap(), "."]);
+    std::fs::write(clone.path().join("README.md"), "hello v2").unwrap();
+    std::fs::write(clone.path().join("second.txt"), "2").unwrap();
+    git(clone.path(), &["add", "."]);
+    git(clone.path(), &["commit", "--quiet", "-m", "v2"]);
+    git(clone.path(), &["push", "--quiet", "origin", "HEAD:master"]);
+    let v2 = git(clone.path(), &["rev-parse", "HEAD"]);
+
+    let second = run_issue(&baton, "Codertocat/Hello-World", "recycle-2").await;
+    assert_eq!(read(&state.path().join("pwd1")), read(&state.path().join("pwd2")), "the worktree was reused");
+    assert!(job_log(&baton, &second["id"]).await.contains("recycled worktree"));
+    assert_eq!(read(&state.path().join("status")), "", "no change, untracked or ignored file survives");
+    assert_eq!(read(&state.path().join("head")), v2);
+    assert_eq!(read(&state.path().join("readme")), "hello v2");
+    assert_eq!(read(&state.path().join("files")), ".\n./.gitignore\n./README.md\n./second.txt");
+}
+
+#[tokio::test]
+async fn the_pool_is_bounded_and_least_recently_used_goes_first() {
+    let w = setup("#!/bin/sh\necho ok\n", "worktree_pool = 1");
+    for repo in ["acme/one", "acme/two"] {
+        bare_repo(&w.path().join("remote"), repo, "master", &[("README.md", repo)]);
+    }
+    let baton = Baton::start(w.path(), &[]);
+    run_issue(&baton, "acme/one", "bound-1").await;
+    run_issue(&baton, "acme/two", "bound-2").await;
+    let pool = w.path().join(".baton/pool/acme");
+    let slots = |repo: &str| std::fs::read_dir(pool.join(repo)).map(|d| d.count()).unwrap_or(0);
+    eventually("the older worktree to be evicted", || slots("one") == 0).await;
+    assert_eq!(slots("two"), 1, "the most recent worktree stays for the next job");
+    // The evicted worktree is unregistered from its mirror too.
+    let listed = git(&w.path().join(".baton/mirrors/acme/one.git"), &["worktree", "list", "--porcelain"]);
+    assert_eq!(listed.lines().filter(|l| l.starts_with("worktree ")).count(), 1, "{listed}");
+}
+
+#[tokio::test]
+async fn a_worktree_whose_git_link_an_agent_deleted_never_reaches_the_repository_around_it() {
+    let fake = crate::fake_github::FakeGitHub::start().await;
+    let agent = "#!/bin/sh\nrm -f .git\necho change > README.md\necho done\n";
+    let w = setup_with(agent, "", &format!("api_url = \"{}\"\ntoken = \"env:GITHUB_TOKEN\"", fake.url), "pull_request");
+    // The daemon's own folder is a git repository with work in progress.
+    git(w.path(), &["init", "--quiet"]);
+    std::fs::write(w.path().join("precious.txt"), "uncommitted work").unwrap();
+    let origin = w.path().join("remote/Codertocat/Hello-World.git");
+    bare_repo(&w.path().join("remote"), "Codertocat/Hello-World", "master", &[("README.md", "hi")]);
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", "ghs_workspacetest")]);
+    let mut payload = fixture_json("issues/opened.payload.json");
+    payload["repository"]["full_name"] = "Codertocat/Hello-World".into();
+    let (status, body) = baton.deliver(SECRET, "issues", "broken-1", payload.to_string().as_bytes()).await;
+    assert_eq!(status, 202, "{body}");
+    let job = baton.finished(body["jobs"][0].as_str().unwrap()).await;
+    assert_eq!(job["state"], "failed", "committing outside the worktree must fail: {job}");
+    let outer_head =
+        std::process::Command::new("git").arg("-C").arg(w.path()).args(["rev-parse", "--verify", "HEAD"]).output();
+    assert!(!outer_head.unwrap().status.success(), "nothing was committed in the repository around");
+    let branches = git(&origin, &["branch", "--list", "baton/*"]);
+    assert_eq!(branches, "", "nothing was pushed");
+    assert!(fake.posts("/repos/Codertocat/Hello-World/pulls").is_empty());
+}
+
+#[tokio::test]
+async fn mirrors_are_garbage_collected_in_the_background() {
+    let w = setup("#!/bin/sh\necho ok\n", "gc_interval = \"1s\"");
+    bare_repo(&w.path().join("remote"), "Codertocat/Hello-World", "master", &[("README.md", "hi")]);
+    let baton = Baton::start(w.path(), &[]);
+    run_issue(&baton, "Codertocat/Hello-World", "gc-1").await;
+    let mirror = w.path().join(".baton/mirrors/Codertocat/Hello-World.git");
+    // A small fetch arrives as loose objects; gc packs them.
+    eventually("the mirror to be packed", || {
+        let counts = git(&mirror, &["count-objects", "-v"]);
+        counts.lines().any(|l| l == "count: 0") && counts.lines().any(|l| l.starts_with("packs: ") && l != "packs: 0")
+    })
+    .await;
+    eventually("gc to be logged", || baton.log_text().contains("Mirror garbage-collected.")).await;
+}
