@@ -32,6 +32,9 @@ use workspace::Workspaces;
 /// A job interrupted by this many daemon restarts fails.
 const MAX_INTERRUPTIONS: u32 = 3;
 
+/// A claimed job's lease; its worker renews it every third of this.
+const DEFAULT_LEASE: Duration = Duration::from_secs(60);
+
 /// How much of a failed verification's output the next prompt carries.
 const FEEDBACK_BYTES: usize = 4000;
 
@@ -57,6 +60,8 @@ pub struct Engine {
     stopping: std::sync::atomic::AtomicBool,
     /// Running jobs cancelled by a newer job of their group: id → that job.
     superseded: Mutex<HashMap<String, String>>,
+    /// How long a claimed job stays claimed without its worker renewing.
+    lease: Duration,
 }
 
 /// What the dispatcher knows of a running job.
@@ -64,6 +69,8 @@ struct RunningJob {
     cancel: CancellationToken,
     repo: Option<String>,
     agent: String,
+    /// Its worker, for the lease reaper to abort.
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// How one attempt ended.
@@ -111,6 +118,7 @@ impl Engine {
             running: Mutex::new(HashMap::new()),
             superseded: Mutex::new(HashMap::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            lease: DEFAULT_LEASE,
         }
     }
 
@@ -153,21 +161,8 @@ impl Engine {
             self.store.forget_agent(&job)?;
         }
         let stale = self.store.running()?;
-        let now = Utc::now();
-        for mut job in stale.iter().cloned() {
-            job.end_attempt(INTERRUPTED, None, Some("daemon restarted".into()), now);
-            // Restarts do not use up a job's attempts, but a job that keeps
-            // being interrupted (say, it takes the machine down) must end.
-            let publication = if job.interruptions() < MAX_INTERRUPTIONS && job.attempts_left() {
-                job.state = JobState::Queued;
-                None
-            } else {
-                let why = format!("interrupted by {} daemon restarts", job.interruptions());
-                job.end(JobState::Failed, None, Some(why), now);
-                self.publication_for(&job)
-            };
-            tracing::warn!(job = %job.id, state = %job.state, "Job interrupted by a restart recovered.");
-            self.store.finish(&job, publication.as_ref()).await?;
+        for job in stale.iter().cloned() {
+            self.put_back(job, "daemon restarted").await?;
         }
         // Ends that a crash kept from going through the rules (their
         // delivery ids make a second pass harmless).
@@ -186,9 +181,75 @@ impl Engine {
         Ok(stale.len())
     }
 
+    /// Ends a running job's attempt as interrupted (`why`) and requeues it,
+    /// or fails it once interruptions or attempts run out.
+    async fn put_back(&self, mut job: Job, why: &str) -> Result<(), StoreError> {
+        let now = Utc::now();
+        job.end_attempt(INTERRUPTED, None, Some(why.to_string()), now);
+        // Interruptions do not use up a job's attempts, but a job that keeps
+        // being interrupted (say, it takes the machine down) must end.
+        let publication = if job.interruptions() < MAX_INTERRUPTIONS && job.attempts_left() {
+            job.state = JobState::Queued;
+            None
+        } else {
+            let why = format!("interrupted {} times (last: {why})", job.interruptions());
+            job.end(JobState::Failed, None, Some(why), now);
+            self.publication_for(&job)
+        };
+        tracing::warn!(job = %job.id, state = %job.state, why, "Interrupted job put back.");
+        self.store.finish(&job, publication.as_ref()).await
+    }
+
+    /// Sets how long a claimed job's lease lasts without renewal (the
+    /// worker renews it every third of that). For tests; 60 s by default.
+    pub fn set_lease(&mut self, lease: Duration) {
+        self.lease = lease;
+    }
+
+    /// Keeps a job's lease alive while its worker lives; never returns.
+    async fn renew_lease(&self, id: &str) {
+        let mut every = tokio::time::interval(self.lease / 3);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            if let Err(e) = self.store.renew_lease(id, self.lease) {
+                tracing::warn!(job = %id, error = %e, "Renewing a job's lease failed; will retry.");
+            }
+        }
+    }
+
+    /// Takes back jobs whose lease ran out: their worker died (a panic) or
+    /// hangs. The worker is aborted and its agent's group killed before the
+    /// job is requeued, so the job never runs twice at once.
+    async fn reap_expired_leases(&self) -> Result<(), StoreError> {
+        for id in self.store.expired_leases()? {
+            let worker = self.running().remove(&id);
+            if let Some(worker) = worker {
+                worker.cancel.cancel();
+                if let Some(task) = worker.task {
+                    task.abort();
+                    let _ = task.await;
+                }
+            }
+            for (job, process) in self.store.agents::<agent::ProcessIdentity>()? {
+                if job == id {
+                    process.kill_leftover();
+                    self.store.forget_agent(&job)?;
+                }
+            }
+            if let Some(job) = self.store.job(&id)?.filter(|j| j.state == JobState::Running) {
+                tracing::warn!(job = %id, "A job's lease expired: its worker stopped renewing it.");
+                self.put_back(job, "lease expired: its worker stopped").await?;
+            }
+        }
+        Ok(())
+    }
+
     /// The dispatcher: claims queued jobs within the limits until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+        let mut reap = tokio::time::interval(self.lease / 3);
+        reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if let Err(e) = self.dispatch(&done_tx).await {
                 tracing::error!(error = %e, "Dispatching jobs failed; retrying shortly.");
@@ -198,6 +259,11 @@ impl Engine {
                 _ = self.wake.notified() => {}
                 Some(id) = done_rx.recv() => {
                     self.running().remove(&id);
+                }
+                _ = reap.tick() => {
+                    if let Err(e) = self.reap_expired_leases().await {
+                        tracing::error!(error = %e, "Checking job leases failed; retrying shortly.");
+                    }
                 }
                 _ = shutdown.cancelled() => break,
             }
@@ -242,25 +308,41 @@ impl Engine {
             if agent_cap.is_some_and(|cap| per_agent.get(&entry.agent).copied().unwrap_or(0) >= cap) {
                 continue;
             }
-            let Some(job) = self.store.claim(entry.seq, &entry.id).await? else { continue };
+            let Some(job) = self.store.claim(&entry, self.lease).await? else { continue };
             total += 1;
             if let Some(repo) = &job.repo {
                 *per_repo.entry(repo.clone()).or_default() += 1;
             }
             *per_agent.entry(job.spec.agent.clone()).or_default() += 1;
             let cancel = CancellationToken::new();
-            let entry = RunningJob { cancel: cancel.clone(), repo: job.repo.clone(), agent: job.spec.agent.clone() };
-            self.running().insert(job.id.clone(), entry);
+            let entry = RunningJob {
+                cancel: cancel.clone(),
+                repo: job.repo.clone(),
+                agent: job.spec.agent.clone(),
+                task: None,
+            };
+            let id = job.id.clone();
+            // Registered before the task starts, so a job that ends at once
+            // finds itself there to remove.
+            let mut running = self.running();
+            running.insert(id.clone(), entry);
             let engine = Arc::clone(self);
             let done = done.clone();
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 let id = job.id.clone();
-                engine.execute(job, cancel).await;
+                tokio::select! {
+                    _ = engine.execute(job, cancel) => {}
+                    _ = engine.renew_lease(&id) => {}
+                }
                 // Also here, not only in the dispatcher: while the daemon
                 // drains, the dispatcher no longer runs.
                 engine.running().remove(&id);
                 let _ = done.send(id);
             });
+            if let Some(entry) = running.get_mut(&id) {
+                entry.task = Some(task);
+            }
+            drop(running);
         }
         Ok(())
     }

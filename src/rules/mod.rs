@@ -51,6 +51,9 @@ pub struct JobSpec {
     /// Jobs of this trigger per repository and hour, at most.
     #[serde(default)]
     pub max_runs_per_hour: Option<u32>,
+    /// Higher runs first (-100 to 100).
+    #[serde(default)]
+    pub priority: i8,
     /// Time between two jobs of this trigger on one issue or PR, at least.
     #[serde(default)]
     pub cooldown_secs: Option<u64>,
@@ -377,6 +380,7 @@ impl RuleSet {
             default_branch: event.repository.as_ref().and_then(|r| r.default_branch.clone()),
             chain_depth: event.parent.as_ref().map_or(0, |p| p.depth + 1),
             max_runs_per_hour: t.job.max_runs_per_hour,
+            priority: t.job.priority,
             cooldown_secs: t.job.cooldown.map(|d| d.as_secs()),
             backoff_secs: t.job.backoff.map(|d| d.as_secs()),
             concurrency,

@@ -101,6 +101,7 @@ struct JobFile {
     attempts: Option<Spanned<u32>>,
     verify: Option<Spanned<Vec<String>>>,
     max_runs_per_hour: Option<u32>,
+    priority: Option<Spanned<i64>>,
     cooldown: Option<HumanDuration>,
     backoff: Option<HumanDuration>,
     concurrency: Option<Spanned<String>>,
@@ -166,6 +167,8 @@ pub struct JobTemplate {
     pub attempts: u32,
     pub verify: Option<Vec<String>>,
     pub max_runs_per_hour: Option<u32>,
+    /// Higher runs first; first in, first out within a priority.
+    pub priority: i8,
     pub cooldown: Option<Duration>,
     pub backoff: Option<Duration>,
     pub has_concurrency: bool,
@@ -380,6 +383,14 @@ pub fn compile(
         Some(a) => *a.get_ref(),
         None => 1,
     };
+    let priority = match &job.priority {
+        Some(p) if !(-100..=100).contains(p.get_ref()) => {
+            errors.push(at(p.span(), "priority must be between -100 and 100".into()));
+            0
+        }
+        Some(p) => *p.get_ref() as i8,
+        None => 0,
+    };
     let mut skills = Vec::new();
     for f in job.skills.iter().flatten() {
         let full = path.parent().unwrap_or(Path::new(".")).join(f.get_ref());
@@ -438,6 +449,7 @@ pub fn compile(
             attempts,
             verify: job.verify.as_ref().map(|v| v.get_ref().clone()),
             max_runs_per_hour: job.max_runs_per_hour,
+            priority,
             cooldown: job.cooldown.map(|c| c.0),
             backoff: job.backoff.map(|b| b.0),
             has_concurrency: job.concurrency.is_some(),

@@ -9,6 +9,7 @@ mod commit;
 mod records;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use chrono::Utc;
 use serde::de::DeserializeOwned;
@@ -102,14 +103,14 @@ fn join_group(
             ))));
         }
         OnConflict::ReplacePending | OnConflict::CancelInProgress => {
-            for (waiting, seq) in std::mem::take(&mut st.waiting) {
+            for (waiting, _seq) in std::mem::take(&mut st.waiting) {
                 if let Some(bytes) = jobs.get(waiting.as_bytes())? {
                     if let Ok(mut old) = serde_json::from_slice::<Job>(&bytes) {
                         if old.state == JobState::Queued {
                             old.end(JobState::Cancelled, None, Some(format!("replaced by job {}", job.id)), now);
                             old.displaced_by = Some(job.id.clone());
                             jobs.insert(waiting.as_bytes(), encode(&old))?;
-                            queue.remove(&seq_key(seq))?;
+                            queue.remove(&queue_key(&old))?;
                         }
                     }
                 }
@@ -202,7 +203,8 @@ pub struct Store {
     queue: Tree,
     /// job id → `Publication` not yet delivered to GitHub.
     outbox: Tree,
-    /// job id → (), for jobs in state `running`: what a restart must recover.
+    /// job id → lease deadline (Unix ms, u64 BE), for jobs in state
+    /// `running`: what a restart must recover, and what a worker renews.
     running: Tree,
     /// Rate-limit and cooldown state of triggers.
     throttle: Tree,
@@ -237,6 +239,21 @@ fn seq_key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
 }
 
+/// `now + lease` in Unix milliseconds, big-endian: byte order is time order.
+fn lease_deadline(lease: Duration) -> [u8; 8] {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from((now + lease).as_millis()).unwrap_or(u64::MAX).to_be_bytes()
+}
+
+/// Queue keys sort by priority, highest first, then by sequence: one
+/// priority byte (`100 - priority`, so 0 is the highest) and the sequence.
+fn queue_key(job: &Job) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = (100 - i16::from(job.spec.priority).clamp(-100, 100)) as u8;
+    key[1..].copy_from_slice(&job.seq.to_be_bytes());
+    key
+}
+
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
 fn abort<T>(e: StoreError) -> TxResult<T> {
@@ -266,6 +283,8 @@ fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> 
 /// A queued job, as the dispatcher sees it without loading the job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueEntry {
+    /// The queue key: priority, then sequence.
+    key: Vec<u8>,
     pub seq: u64,
     pub id: String,
     pub agent: String,
@@ -427,7 +446,7 @@ impl Store {
                         }
                     }
                     job_tree.insert(job.id.as_bytes(), bytes.as_slice())?;
-                    queue.insert(&seq_key(job.seq), queue_value(job))?;
+                    queue.insert(&queue_key(job), queue_value(job))?;
                 }
                 deliveries.insert(key.as_bytes(), encode(&record))?;
                 times.insert(time_key.as_slice(), &[])?;
@@ -519,19 +538,21 @@ impl Store {
     pub fn queued(&self) -> impl Iterator<Item = Result<QueueEntry, StoreError>> + '_ {
         self.queue.iter().map(|entry| {
             let (k, v) = entry?;
-            let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+            let seq = k.get(1..).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
             let text = String::from_utf8_lossy(&v);
             let mut parts = text.splitn(3, '\n');
             let id = parts.next().unwrap_or_default().to_string();
             let agent = parts.next().unwrap_or_default().to_string();
             let repo = parts.next().filter(|r| !r.is_empty()).map(str::to_string);
-            Ok(QueueEntry { seq, id, agent, repo })
+            Ok(QueueEntry { key: k.to_vec(), seq, id, agent, repo })
         })
     }
 
     /// Takes a queued job: it leaves the queue and becomes `running` with a
     /// new attempt, in one transaction, flushed.
-    pub async fn claim(&self, seq: u64, id: &str) -> Result<Option<Job>, StoreError> {
+    pub async fn claim(&self, entry: &QueueEntry, lease: Duration) -> Result<Option<Job>, StoreError> {
+        let deadline = lease_deadline(lease);
+        let (key, id) = (entry.key.as_slice(), entry.id.as_str());
         let result =
             (&self.queue, &self.jobs, &self.running, &self.groups).transaction(|(queue, jobs, running, groups)| {
                 let Some(bytes) = jobs.get(id.as_bytes())? else {
@@ -542,7 +563,7 @@ impl Store {
                     Err(e) => return abort(e),
                 };
                 if job.state != JobState::Queued {
-                    queue.remove(&seq_key(seq))?;
+                    queue.remove(key)?;
                     return Ok(None);
                 }
                 if let Some(group) = &job.spec.concurrency {
@@ -554,12 +575,12 @@ impl Store {
                     st.waiting.retain(|(w, _)| w != id);
                     groups.insert(group.as_bytes(), encode(&st))?;
                 }
-                if queue.remove(&seq_key(seq))?.is_none() {
+                if queue.remove(key)?.is_none() {
                     return Ok(None);
                 }
                 job.start_attempt(Utc::now());
                 jobs.insert(id.as_bytes(), encode(&job))?;
-                running.insert(id.as_bytes(), &[])?;
+                running.insert(id.as_bytes(), &deadline)?;
                 Ok(Some(job))
             });
         let job = flatten(result)?;
@@ -600,7 +621,7 @@ impl Store {
                 running.remove(job.id.as_bytes())?;
             }
             if requeue {
-                queue.insert(&seq_key(job.seq), queue_value(job))?;
+                queue.insert(&queue_key(job), queue_value(job))?;
             }
             if let Some(group) = &job.spec.concurrency {
                 let mut st = group_state(groups, group)?;
@@ -632,7 +653,7 @@ impl Store {
         }
         let result = (&self.queue, &self.jobs, &self.groups).transaction(|(queue, jobs, groups)| {
             // The dispatcher may have claimed it since it was read.
-            if queue.remove(&seq_key(job.seq))?.is_none() {
+            if queue.remove(&queue_key(&job))?.is_none() {
                 return Ok(None);
             }
             if let Some(group) = &job.spec.concurrency {
@@ -661,6 +682,27 @@ impl Store {
         job.requeue_fresh();
         self.finish(&job, None).await?;
         Ok(job)
+    }
+
+    /// Extends a running job's lease; a job no longer running is left alone.
+    /// Not flushed: after a restart every running job is recovered anyway.
+    pub fn renew_lease(&self, id: &str, lease: Duration) -> Result<(), StoreError> {
+        let deadline = lease_deadline(lease);
+        self.running.fetch_and_update(id.as_bytes(), |old| old.map(|_| deadline.to_vec()))?;
+        Ok(())
+    }
+
+    /// Running jobs whose lease ran out: their worker stopped renewing.
+    pub fn expired_leases(&self) -> Result<Vec<String>, StoreError> {
+        let now = lease_deadline(Duration::ZERO);
+        let mut out = Vec::new();
+        for entry in self.running.iter() {
+            let (id, deadline) = entry?;
+            if deadline.as_ref() < now.as_slice() {
+                out.push(String::from_utf8_lossy(&id).into_owned());
+            }
+        }
+        Ok(out)
     }
 
     /// Jobs a previous daemon left `running` (read through the running
@@ -773,7 +815,7 @@ impl Store {
                         let job = Job::new(id.clone(), *seq, p.delivery.clone(), p.spec.clone(), now);
                         jobs.insert(id.as_bytes(), encode(&job))?;
                         index.insert(&seq_key(*seq), id.as_bytes())?;
-                        queue.insert(&seq_key(*seq), queue_value(&job))?;
+                        queue.insert(&queue_key(&job), queue_value(&job))?;
                         started.push(id);
                     }
                 }

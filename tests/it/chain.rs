@@ -139,7 +139,7 @@ async fn a_job_end_lost_to_a_crash_goes_through_the_rules_at_the_next_start() {
         .unwrap();
     store.accept(Delivery::new("d1", "github", "issues.opened"), rules.current().match_event(&event)).await.unwrap();
     let entry = store.queued().next().unwrap().unwrap();
-    let mut job = store.claim(entry.seq, &entry.id).await.unwrap().unwrap();
+    let mut job = store.claim(&entry, std::time::Duration::from_secs(60)).await.unwrap().unwrap();
     job.end(JobState::Succeeded, Some("the cause".into()), None, chrono::Utc::now());
     store.finish(&job, None).await.unwrap();
     assert_eq!(store.pending_ends().unwrap(), vec![job.id.clone()]);

@@ -13,6 +13,7 @@ mod groups;
 mod harness;
 mod hostile;
 mod ingress;
+mod lease;
 mod normalize;
 mod real_agents;
 mod reload;

@@ -7,6 +7,8 @@ use baton::rules::{JobSpec, OutputKind};
 use baton::store::{job_id, Accepted, Admitted, Delivery, Durability, Store};
 use chrono::{Duration, Utc};
 
+const LEASE: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn spec(trigger: &str) -> JobSpec {
     JobSpec {
         trigger: trigger.into(),
@@ -112,12 +114,49 @@ async fn a_group_runs_one_job_at_a_time() {
     };
     store.accept(delivery("a", Duration::zero()), vec![grouped("t")]).await.unwrap();
     let first = store.queued().next().unwrap().unwrap();
-    let mut a = store.claim(first.seq, &first.id).await.unwrap().expect("A runs");
+    let mut a = store.claim(&first, LEASE).await.unwrap().expect("A runs");
     store.accept(delivery("c", Duration::zero()), vec![grouped("t")]).await.unwrap();
     let c = store.queued().next().unwrap().unwrap();
-    assert!(store.claim(c.seq, &c.id).await.unwrap().is_none(), "C waits while A runs");
+    assert!(store.claim(&c, LEASE).await.unwrap().is_none(), "C waits while A runs");
     assert_eq!(store.queued().count(), 1);
     a.end(baton::store::JobState::Succeeded, None, None, Utc::now());
     store.finish(&a, None).await.unwrap();
-    assert!(store.claim(c.seq, &c.id).await.unwrap().is_some(), "C runs once A is done");
+    assert!(store.claim(&c, LEASE).await.unwrap().is_some(), "C runs once A is done");
+}
+
+#[tokio::test]
+async fn the_queue_is_first_in_first_out_within_a_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    for (name, priority) in [("low", -1), ("first", 0), ("urgent-1", 5), ("second", 0), ("urgent-2", 5)] {
+        let mut s = spec(name);
+        s.priority = priority;
+        store.accept(delivery(name, Duration::zero()), vec![s]).await.unwrap();
+    }
+    let order: Vec<String> = store.queued().map(|e| store.job(&e.unwrap().id).unwrap().unwrap().trigger).collect();
+    assert_eq!(order, ["urgent-1", "urgent-2", "first", "second", "low"]);
+    // Claiming takes the head of the queue out.
+    let head = store.queued().next().unwrap().unwrap();
+    assert_eq!(store.claim(&head, LEASE).await.unwrap().unwrap().trigger, "urgent-1");
+    assert_eq!(store.queued().count(), 4);
+}
+
+#[tokio::test]
+async fn a_lease_lapses_unless_renewed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.accept(delivery("l", Duration::zero()), vec![spec("t")]).await.unwrap();
+    let entry = store.queued().next().unwrap().unwrap();
+    let job = store.claim(&entry, std::time::Duration::from_millis(50)).await.unwrap().unwrap();
+    assert!(store.expired_leases().unwrap().is_empty(), "fresh lease");
+    tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+    assert_eq!(store.expired_leases().unwrap(), vec![job.id.clone()]);
+    store.renew_lease(&job.id, LEASE).unwrap();
+    assert!(store.expired_leases().unwrap().is_empty(), "renewed");
+    // A job that has ended holds no lease to renew.
+    let mut ended = job.clone();
+    ended.end(baton::store::JobState::Succeeded, None, None, Utc::now());
+    store.finish(&ended, None).await.unwrap();
+    store.renew_lease(&job.id, std::time::Duration::ZERO).unwrap();
+    assert!(store.expired_leases().unwrap().is_empty());
 }
