@@ -90,3 +90,61 @@ async fn kill_9_mid_flood_loses_nothing_acknowledged() {
     assert_eq!(ids.len(), per_delivery.values().map(Vec::len).sum::<usize>(), "no job is listed twice");
     assert!(per_delivery.values().all(|jobs| jobs.len() == 1), "no delivery has two jobs");
 }
+
+#[tokio::test]
+async fn kill_9_while_two_jobs_run_then_both_complete_exactly_once() {
+    let w = Workdir::new();
+    let state = tempfile::tempdir().unwrap();
+    let s = state.path().display();
+    // Each run records its job (the workspace folder is named after it);
+    // before the restart, runs hang as a long job would.
+    let agent = w.script(
+        "agent.sh",
+        &format!(
+            "#!/bin/sh\nid=$(basename \"$PWD\")\necho \"$id\" >> {s}/started\n\
+             while [ ! -f {s}/restarted ]; do sleep 0.1; done\necho \"$id\" >> {s}/completed\necho \"done $id\"\n"
+        ),
+    );
+    w.config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.slow]\ncommand = [\"{}\"]\n",
+        agent.display()
+    ));
+    w.trigger(
+        "work",
+        "on = [\"issues.opened\"]\n[job]\nagent = \"slow\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
+    );
+    let body = fixture("issues/opened.payload.json");
+    let mut baton = Baton::start(w.path(), &[]);
+    let mut ids = Vec::new();
+    for delivery in ["two-1", "two-2"] {
+        let (status, answer) = baton.deliver(SECRET, "issues", delivery, &body).await;
+        assert_eq!(status, 202, "{answer}");
+        ids.push(answer["jobs"][0].as_str().unwrap().to_string());
+    }
+    let lines = |name: &str| -> Vec<String> {
+        std::fs::read_to_string(state.path().join(name)).unwrap_or_default().lines().map(str::to_string).collect()
+    };
+    crate::harness::eventually("both jobs to run", || lines("started").len() == 2).await;
+    baton.kill9();
+
+    // The agents outlive the kill; the next start kills them before it
+    // serves, and only then may runs finish.
+    let baton = Baton::start(w.path(), &[]);
+    std::fs::write(state.path().join("restarted"), "").unwrap();
+    for id in &ids {
+        let job = baton.finished(id).await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        assert_eq!(job["result"], format!("done {id}"));
+        let outcomes: Vec<&str> =
+            job["history"].as_array().unwrap().iter().filter_map(|a| a["outcome"].as_str()).collect();
+        assert_eq!(outcomes, ["interrupted", "exit"], "{job}");
+    }
+    let mut completed = lines("completed");
+    completed.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(completed, expected, "each job completed exactly once");
+    let mut started = lines("started");
+    started.sort();
+    assert_eq!(started.len(), 4, "one interrupted run and one rerun each: {started:?}");
+}
