@@ -28,7 +28,7 @@ pub enum ServeError {
     #[error("webhook secret at {path}: {source}")]
     Secret { path: std::path::PathBuf, source: std::io::Error },
     #[error("GitHub client: {0}")]
-    GitHub(#[from] crate::publish::github::GitHubError),
+    GitHub(#[from] crate::auth::AuthError),
     #[error("server error: {0}")]
     Server(std::io::Error),
 }
@@ -53,15 +53,15 @@ pub async fn serve(
     tracing::info!(triggers = rules.triggers().len(), folder = %config.triggers_dir.display(), "Triggers loaded.");
     let rules = SharedRules::new(rules, crate::rules::fingerprint(&config.triggers_dir));
 
-    let github = match &config.github.token {
-        Some(token) => Some(GitHub::new(&config.github.api_url, token)?),
-        None => {
-            tracing::warn!(
-                "Publishing is off: no GitHub credentials (set github.token, or GITHUB_TOKEN). Results stay on each job."
-            );
-            None
-        }
-    };
+    let credentials = crate::auth::Credentials::from_config(&config.github)?.map(Arc::new);
+    match &credentials {
+        Some(c) if c.is_app() => tracing::info!(app_id = config.github.app_id, "Publishing as a GitHub App."),
+        Some(_) => tracing::info!("Publishing with github.token."),
+        None => tracing::warn!(
+            "Publishing is off: no GitHub credentials (set github.token, or GITHUB_TOKEN, or github.app_id and github.private_key). Results stay on each job."
+        ),
+    }
+    let github = credentials.clone().map(|c| GitHub::new(&config.github.api_url, c));
     let config = Arc::new(config);
     let metrics: Arc<crate::metrics::Metrics> = Arc::default();
     let wake = Arc::new(Notify::new());
@@ -72,7 +72,7 @@ pub async fn serve(
         config.clone(),
         wake.clone(),
         publish_wake.clone(),
-        github.is_some(),
+        credentials.clone(),
         metrics.clone(),
     ));
     let recovered = engine.recover().await?;
@@ -110,6 +110,9 @@ pub async fn serve(
     tokio::spawn(reload_triggers(config.clone(), rules.clone(), workers.clone()));
     tokio::spawn(run_schedules(store.clone(), rules.clone(), wake.clone(), workers.clone()));
     tokio::spawn(gc_mirrors(engine.clone(), config.storage.gc_interval, workers.clone()));
+    if let Some(c) = credentials.clone().filter(|c| c.is_app()) {
+        tokio::spawn(crate::catchup::run(c, store.clone(), workers.clone()));
+    }
 
     ready.store(true, Ordering::Release);
     let addr = listener.local_addr().map_err(ServeError::Server)?;

@@ -5,6 +5,8 @@
 //! reads the store and asks the engine to cancel; `daemon` wires it all.
 
 pub mod api;
+pub mod auth;
+pub mod catchup;
 pub mod config;
 pub mod daemon;
 pub mod diag;

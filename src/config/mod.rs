@@ -52,6 +52,8 @@ pub struct Server {
     /// On SIGTERM, how long running jobs may take to finish before they are
     /// stopped (and resumed at the next start).
     pub shutdown_grace: Duration,
+    /// Where people reach the dashboard, for links in status comments.
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -239,6 +241,7 @@ struct RawServer {
     max_in_flight: Option<Spanned<usize>>,
     read_timeout: Option<HumanDuration>,
     shutdown_grace: Option<HumanDuration>,
+    public_url: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -358,6 +361,7 @@ impl Config {
             }
         };
         let api_url = url(&raw.github.api_url, "https://api.github.com", &mut errors);
+        let public_url = raw.server.public_url.as_ref().map(|_| url(&raw.server.public_url, "", &mut errors));
         let git_url = url(&raw.github.git_url, "https://github.com", &mut errors);
 
         let positive = |field: &Option<Spanned<usize>>, default: usize, errors: &mut Vec<Diagnostic>| match field {
@@ -443,6 +447,7 @@ impl Config {
                 max_in_flight,
                 read_timeout: raw.server.read_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
                 shutdown_grace: raw.server.shutdown_grace.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
+                public_url,
             },
             storage: Storage {
                 path: storage,

@@ -24,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{format_duration, AgentDef, Config, PromptMode, ResultMode};
 use crate::rules::{JobSpec, OutputKind, RuleSet, SharedRules};
 use crate::store::{
-    Accepted, Delivery, Job, JobState, Phases, Publication, PublicationState, Store, StoreError, Target, INTERRUPTED,
+    Accepted, Delivery, Job, JobState, Phases, Publication, PublicationState, Purpose, Store, StoreError, Target,
+    INTERRUPTED,
 };
 use agent::{Ending, Invocation};
 use workspace::Workspaces;
@@ -97,9 +98,10 @@ impl Engine {
         config: Arc<Config>,
         wake: Arc<Notify>,
         publish_wake: Arc<Notify>,
-        publishing: bool,
+        credentials: Option<Arc<crate::auth::Credentials>>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Engine {
+        let publishing = credentials.is_some();
         Engine {
             metrics,
             redactor: crate::publish::redact::Redactor::new(config.secrets()),
@@ -107,7 +109,7 @@ impl Engine {
             workspaces: Workspaces::new(
                 &config.storage.path,
                 &config.github.git_url,
-                config.github.token.clone(),
+                credentials,
                 config.storage.worktree_pool,
             ),
             store,
@@ -188,16 +190,16 @@ impl Engine {
         job.end_attempt(INTERRUPTED, None, Some(why.to_string()), now);
         // Interruptions do not use up a job's attempts, but a job that keeps
         // being interrupted (say, it takes the machine down) must end.
-        let publication = if job.interruptions() < MAX_INTERRUPTIONS && job.attempts_left() {
+        let publications = if job.interruptions() < MAX_INTERRUPTIONS && job.attempts_left() {
             job.state = JobState::Queued;
-            None
+            Vec::new()
         } else {
             let why = format!("interrupted {} times (last: {why})", job.interruptions());
             job.end(JobState::Failed, None, Some(why), now);
-            self.publication_for(&job)
+            self.publications_for(&job)
         };
         tracing::warn!(job = %job.id, state = %job.state, why, "Interrupted job put back.");
-        self.store.finish(&job, publication.as_ref()).await
+        self.store.finish(&job, &publications).await
     }
 
     /// Sets how long a claimed job's lease lasts without renewal (the
@@ -387,6 +389,14 @@ impl Engine {
     #[tracing::instrument(skip_all, fields(job = %job.id, trigger = %job.trigger))]
     async fn execute(&self, mut job: Job, cancel: CancellationToken) {
         tracing::info!(attempt = job.attempts, "Job started.");
+        let started = self.start_publications_for(&job);
+        if !started.is_empty() {
+            job.progress.started = true;
+            match self.store.start_publications(&job, &started).await {
+                Ok(()) => self.publish_wake.notify_one(),
+                Err(e) => tracing::error!(error = %e, "Could not record the job's start publications."),
+            }
+        }
         let mut feedback: Option<String> = None;
         loop {
             let mut phases = Phases::default();
@@ -454,8 +464,8 @@ impl Engine {
         for a in &mut job.history {
             a.error = a.error.as_deref().map(|e| self.redactor.redact(e));
         }
-        let publication = self.publication_for(&job);
-        match self.store.finish(&job, publication.as_ref()).await {
+        let publications = self.publications_for(&job);
+        match self.store.finish(&job, &publications).await {
             Ok(()) => {
                 tracing::info!(state = %job.state, error = job.error.as_deref().unwrap_or(""), "Job finished.");
                 let seconds = job
@@ -464,7 +474,7 @@ impl Engine {
                     .map(|(a, b)| (b - a).num_milliseconds().max(0) as f64 / 1000.0)
                     .unwrap_or(0.0);
                 self.metrics.job_finished(&job.trigger, job.state.as_str(), seconds);
-                if publication.is_some() {
+                if !publications.is_empty() {
                     self.publish_wake.notify_one();
                 }
                 self.emit_end(&job).await;
@@ -532,7 +542,7 @@ impl Engine {
         self.log_line(&job.id, &format!("attempt {}: preparing workspace", job.attempts)).await;
         let started = std::time::Instant::now();
         let prepared = tokio::select! {
-            p = self.workspaces.prepare(&job.id, spec.repo.as_deref(), &spec.workspace) => p,
+            p = self.workspaces.prepare(&job.id, spec.repo.as_deref(), spec.installation, &spec.workspace) => p,
             _ = cancel.cancelled() => return AttemptEnd::Cancelled,
         };
         phases.prepare_ms = Some(started.elapsed().as_millis() as u64);
@@ -546,7 +556,7 @@ impl Engine {
         }
         let mut skills: Vec<(String, String)> = spec.skills.clone();
         if let (Some(repo), Some(default)) = (spec.repo.as_deref(), spec.default_branch.as_deref()) {
-            skills.extend(self.workspaces.conventions(&prepared, repo, default).await);
+            skills.extend(self.workspaces.conventions(&prepared, repo, spec.installation, default).await);
         }
         let prompt = prompt_for(spec, &skills, feedback);
         let end = self.run_in(job, agent, &prepared.path, &prompt, cancel, phases).await;
@@ -665,58 +675,156 @@ impl Engine {
             }
         }
         if spec.output == OutputKind::PullRequest && self.publishing {
-            let Some(repo) = spec.repo.as_deref() else {
-                return failed("publish_failed", Some(0), "a pull_request output needs a repository".into(), false);
-            };
-            let short = job.id.get(..8).unwrap_or(&job.id);
-            let subject = spec.subject.map(|n| n.to_string()).unwrap_or_else(|| "run".into());
-            let branch = format!("{}{}/{subject}-{short}", crate::rules::BATON_BRANCH_PREFIX, job.trigger);
-            let message = format!("{}\n\nMade by baton (trigger {}, job {}).", pr_title(job), job.trigger, job.id);
-            self.log_line(&job.id, &format!("committing the changes and pushing {branch}")).await;
-            return match self
-                .workspaces
-                .commit_and_push(workdir, repo, &branch, &message, &self.config.github.bot_login)
-                .await
-            {
-                Ok(Some(sha)) => {
-                    self.log_line(&job.id, &format!("pushed {sha} to {branch}")).await;
-                    AttemptEnd::Succeeded(result, Some(branch))
-                }
-                Ok(None) => {
-                    self.log_line(&job.id, "the agent changed nothing; no pull request").await;
-                    AttemptEnd::Succeeded(result, None)
-                }
-                // Not retried: another attempt would run the agent again
-                // for a failure that is not its own.
-                Err(e) => failed("publish_failed", Some(0), format!("pushing the branch failed: {e}"), false),
-            };
+            return self.push_changes(job, workdir, result).await;
         }
         AttemptEnd::Succeeded(result, None)
     }
 
-    /// The outbox record for a finished job, when its result has somewhere to go.
-    fn publication_for(&self, job: &Job) -> Option<Publication> {
+    /// `pull_request` output: the agent's changes, checked (paths inside
+    /// `output.allowed_paths`, no secret in an added line), committed as
+    /// the bot and pushed to `baton/<trigger>/<subject>-<job>`. Failures
+    /// here are not retried: another attempt would run the agent again for
+    /// a failure that is not its own.
+    async fn push_changes(&self, job: &Job, workdir: &std::path::Path, result: String) -> AttemptEnd {
+        let spec = &job.spec;
+        let Some(repo) = spec.repo.as_deref() else {
+            return failed("publish_failed", Some(0), "a pull_request output needs a repository".into(), false);
+        };
+        let staged = match self.workspaces.stage(workdir).await {
+            Ok(Some(staged)) => staged,
+            Ok(None) => {
+                self.log_line(&job.id, "the agent changed nothing; no pull request").await;
+                return AttemptEnd::Succeeded(result, None);
+            }
+            Err(e) => return failed("publish_failed", Some(0), format!("staging the changes failed: {e}"), false),
+        };
+        let allowed: Vec<glob::Pattern> =
+            spec.output_options.allowed_paths.iter().filter_map(|g| glob::Pattern::new(g).ok()).collect();
+        if !allowed.is_empty() {
+            let outside: Vec<&str> =
+                staged.paths.iter().filter(|p| !allowed.iter().any(|g| g.matches(p))).map(String::as_str).collect();
+            if !outside.is_empty() {
+                let shown = outside.iter().take(10).copied().collect::<Vec<_>>().join(", ");
+                let why = format!("the agent changed files outside output.allowed_paths ({shown}); nothing was pushed");
+                return failed("publish_failed", Some(0), why, false);
+            }
+        }
+        if self.redactor.redact(&staged.added) != staged.added {
+            let why =
+                "the agent's changes contain what looks like a secret (a token or private key); nothing was pushed";
+            return failed("publish_failed", Some(0), why.into(), false);
+        }
+        let short = job.id.get(..8).unwrap_or(&job.id);
+        let subject = spec.subject.map(|n| n.to_string()).unwrap_or_else(|| "run".into());
+        let branch = format!("{}{}/{subject}-{short}", crate::rules::BATON_BRANCH_PREFIX, job.trigger);
+        let mut titled = job.clone();
+        titled.result = Some(result.clone());
+        let title = crate::publish::pull_request_title(&titled);
+        let message = format!("{title}\n\nMade by baton (trigger {}, job {}).", job.trigger, job.id);
+        self.log_line(&job.id, &format!("committing the changes and pushing {branch}")).await;
+        let pushed = self
+            .workspaces
+            .commit_and_push(workdir, repo, spec.installation, &branch, &message, &self.config.github.bot_login)
+            .await;
+        match pushed {
+            Ok(sha) => {
+                self.log_line(&job.id, &format!("pushed {sha} to {branch}")).await;
+                AttemptEnd::Succeeded(result, Some(branch))
+            }
+            Err(e) => failed("publish_failed", Some(0), format!("pushing the branch failed: {e}"), false),
+        }
+    }
+
+    /// What a job's end puts on GitHub: its result where the output says
+    /// (a check run, a pull request, a review, or a comment — the status
+    /// comment edited in place when there is one), and the status comment's
+    /// last edit when the result went elsewhere. Failures and cancellations
+    /// go where a comment would.
+    fn publications_for(&self, job: &Job) -> Vec<Publication> {
         let spec: &JobSpec = &job.spec;
         if spec.output == OutputKind::None || !self.publishing || !job.state.is_final() {
-            return None;
+            return Vec::new();
         }
-        let repo = spec.repo.clone()?;
-        let (target, body) = match (&job.branch, spec.subject, &spec.head_sha) {
-            (Some(branch), _, _) => (
-                Target::PullRequest {
+        let Some(repo) = spec.repo.clone() else { return Vec::new() };
+        let publication = |purpose, target, body| self.publication(job, &repo, purpose, target, body);
+        let mut out = Vec::new();
+        let succeeded = job.state == JobState::Succeeded;
+        match (spec.output, &job.branch, spec.subject) {
+            (OutputKind::CheckRun, _, _) => {
+                if let Some(sha) = &spec.head_sha {
+                    let conclusion = Some(crate::publish::conclusion(job).to_string());
+                    let target = Target::CheckRun { head_sha: sha.clone(), name: check_name(job), conclusion };
+                    out.push(publication(Purpose::Final, target, crate::publish::comment_body(job)));
+                }
+            }
+            (OutputKind::PullRequest, Some(branch), _) if succeeded => {
+                let target = Target::PullRequest {
                     head: branch.clone(),
                     base: spec.default_branch.clone().unwrap_or_else(|| "main".into()),
-                    title: pr_title(job),
-                },
-                crate::publish::pull_request_body(job),
-            ),
-            (None, Some(number), _) => (Target::IssueComment { number }, crate::publish::comment_body(job)),
-            (None, None, Some(sha)) => (Target::CommitComment { sha: sha.clone() }, crate::publish::comment_body(job)),
-            (None, None, None) => return None,
-        };
-        Some(Publication {
+                    title: crate::publish::pull_request_title(job),
+                };
+                out.push(publication(Purpose::Final, target, crate::publish::pull_request_body(job)));
+            }
+            (OutputKind::Review, _, Some(number)) if succeeded && spec.subject_is_pull_request => {
+                out.push(publication(Purpose::Final, Target::Review { number }, crate::publish::comment_body(job)));
+            }
+            _ => {}
+        }
+        let progress = spec.output_options.progress && job.progress.started;
+        match (spec.subject, out.is_empty()) {
+            (Some(number), true) if progress => {
+                out.push(publication(Purpose::Final, Target::EditStatus { number }, crate::publish::comment_body(job)))
+            }
+            (Some(number), false) if progress => out.push(publication(
+                Purpose::StatusEnd,
+                Target::EditStatus { number },
+                crate::publish::status_end_body(job),
+            )),
+            (Some(number), true) => out.push(publication(
+                Purpose::Final,
+                Target::IssueComment { number },
+                crate::publish::comment_body(job),
+            )),
+            (None, true) if spec.output != OutputKind::CheckRun => {
+                if let Some(sha) = &spec.head_sha {
+                    let target = Target::CommitComment { sha: sha.clone() };
+                    out.push(publication(Purpose::Final, target, crate::publish::comment_body(job)));
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// What a job's start puts on GitHub, once per job: 👀 and a status
+    /// comment (with `progress`), and an in-progress check run.
+    fn start_publications_for(&self, job: &Job) -> Vec<Publication> {
+        let spec: &JobSpec = &job.spec;
+        if spec.output == OutputKind::None || !self.publishing || job.progress.started {
+            return Vec::new();
+        }
+        let Some(repo) = spec.repo.clone() else { return Vec::new() };
+        let mut out = Vec::new();
+        if let (true, Some(number)) = (spec.output_options.progress, spec.subject) {
+            let reaction = Target::Reaction { number, comment_id: spec.comment_id };
+            out.push(self.publication(job, &repo, Purpose::Reaction, reaction, String::new()));
+            let body = crate::publish::status_start_body(job, self.config.server.public_url.as_deref());
+            out.push(self.publication(job, &repo, Purpose::Status, Target::StatusComment { number }, body));
+        }
+        if let (OutputKind::CheckRun, Some(sha)) = (spec.output, &spec.head_sha) {
+            let target = Target::CheckRun { head_sha: sha.clone(), name: check_name(job), conclusion: None };
+            let body = crate::publish::status_start_body(job, self.config.server.public_url.as_deref());
+            out.push(self.publication(job, &repo, Purpose::CheckStart, target, body));
+        }
+        out
+    }
+
+    fn publication(&self, job: &Job, repo: &str, purpose: Purpose, target: Target, body: String) -> Publication {
+        Publication {
             job: job.id.clone(),
-            repo,
+            purpose,
+            repo: repo.to_string(),
+            installation: job.spec.installation,
             target,
             body,
             state: PublicationState::Pending,
@@ -724,7 +832,9 @@ impl Engine {
             next_attempt_at: Utc::now(),
             last_error: None,
             url: None,
-        })
+            maybe_sent: false,
+            remote_id: None,
+        }
     }
 
     async fn log_line(&self, id: &str, line: &str) {
@@ -746,7 +856,7 @@ pub async fn run_locally(config: Config, specs: Vec<JobSpec>) -> Result<Vec<Job>
         Arc::new(config),
         Arc::new(Notify::new()),
         Arc::new(Notify::new()),
-        false,
+        None,
         Arc::default(),
     );
     let mut out = Vec::new();
@@ -803,12 +913,9 @@ fn with_skills(prompt: &str, skills: &[(String, String)]) -> String {
     out
 }
 
-/// The title of the pull request a job opens.
-fn pr_title(job: &Job) -> String {
-    match job.spec.subject {
-        Some(n) => format!("baton: {} for #{n}", job.trigger),
-        None => format!("baton: {}", job.trigger),
-    }
+/// The check run a job makes is named after its trigger.
+fn check_name(job: &Job) -> String {
+    format!("baton/{}", job.trigger)
 }
 
 pub fn job_dir(storage: &std::path::Path, id: &str) -> PathBuf {

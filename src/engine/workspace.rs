@@ -24,6 +24,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use tokio::process::Command;
 
+use crate::auth::Credentials;
 use crate::config::Secret;
 use crate::rules::Workspace;
 
@@ -42,6 +43,15 @@ pub enum WorkspaceError {
     Io(#[from] std::io::Error),
     #[error("commit {0} not found after fetching")]
     MissingCommit(String),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+}
+
+/// What an agent changed, staged: the paths, and the lines it added.
+#[derive(Debug)]
+pub struct Staged {
+    pub paths: Vec<String>,
+    pub added: String,
 }
 
 /// A prepared workspace; hand it back to `release`.
@@ -74,7 +84,7 @@ pub struct Workspaces {
     /// Every repository worktree, at `pool/<owner>/<name>/<job that made it>`.
     pool_dir: PathBuf,
     git_url: String,
-    token: Option<Secret>,
+    credentials: Option<Arc<Credentials>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Idle worktrees, least recently used first.
     idle: Mutex<VecDeque<Idle>>,
@@ -84,13 +94,13 @@ pub struct Workspaces {
 }
 
 impl Workspaces {
-    pub fn new(storage: &Path, git_url: &str, token: Option<Secret>, pool_cap: usize) -> Workspaces {
+    pub fn new(storage: &Path, git_url: &str, credentials: Option<Arc<Credentials>>, pool_cap: usize) -> Workspaces {
         Workspaces {
             mirrors: storage.join("mirrors"),
             worktrees: storage.join("worktrees"),
             pool_dir: storage.join("pool"),
             git_url: git_url.trim_end_matches('/').to_string(),
-            token,
+            credentials,
             locks: Mutex::new(HashMap::new()),
             idle: Mutex::new(VecDeque::new()),
             pool_cap,
@@ -157,7 +167,13 @@ impl Workspaces {
 
     /// Makes the job's workspace: an empty folder, or a worktree at the
     /// commit `ws` names (fetched into the repository's mirror first).
-    pub async fn prepare(&self, job_id: &str, repo: Option<&str>, ws: &Workspace) -> Result<Prepared, WorkspaceError> {
+    pub async fn prepare(
+        &self,
+        job_id: &str,
+        repo: Option<&str>,
+        installation: Option<u64>,
+        ws: &Workspace,
+    ) -> Result<Prepared, WorkspaceError> {
         let path = self.worktree_path(job_id);
         // A leftover from an interrupted run of this same job.
         self.remove_dir(&path).await;
@@ -169,6 +185,7 @@ impl Workspaces {
         let (owner, name) = split_repo(repo)?;
         let mirror = self.mirrors.join(owner).join(format!("{name}.git"));
         let url = format!("{}/{owner}/{name}.git", self.git_url);
+        let token = self.token(installation, repo).await?;
 
         let lock = self.lock_for(repo);
         let _guard = lock.lock().await;
@@ -184,28 +201,30 @@ impl Workspaces {
             // is whatever the remote's HEAD points at: its default branch.
             Workspace::DefaultBranch { branch } if branch == "HEAD" => {
                 let local = "refs/baton/remote-head";
-                self.fetch(&mirror, &url, &format!("+HEAD:{local}")).await?;
+                self.fetch(&mirror, &url, &format!("+HEAD:{local}"), token.as_ref()).await?;
                 self.resolve(&mirror, local).await?
             }
             Workspace::DefaultBranch { branch } => {
                 let local = format!("refs/heads/{branch}");
-                self.fetch(&mirror, &url, &format!("+{local}:{local}")).await?;
+                self.fetch(&mirror, &url, &format!("+{local}:{local}"), token.as_ref()).await?;
                 self.resolve(&mirror, &local).await?
             }
             Workspace::PrHead { number, sha, base } => {
                 let local = format!("refs/pull/{number}/head");
-                self.fetch(&mirror, &url, &format!("+{local}:{local}")).await?;
+                self.fetch(&mirror, &url, &format!("+{local}:{local}"), token.as_ref()).await?;
                 if let Some(base) = base {
                     let base = format!("refs/heads/{base}");
                     // Best effort: the diff base helps, its absence must not fail the job.
-                    let _ = self.fetch(&mirror, &url, &format!("+{base}:{base}")).await;
+                    let _ = self.fetch(&mirror, &url, &format!("+{base}:{base}"), token.as_ref()).await;
                 }
                 match sha {
-                    Some(sha) => self.ensure_commit(&mirror, &url, sha, None).await?,
+                    Some(sha) => self.ensure_commit(&mirror, &url, sha, None, token.as_ref()).await?,
                     None => self.resolve(&mirror, &local).await?,
                 }
             }
-            Workspace::HeadSha { sha, branch } => self.ensure_commit(&mirror, &url, sha, branch.as_deref()).await?,
+            Workspace::HeadSha { sha, branch } => {
+                self.ensure_commit(&mirror, &url, sha, branch.as_deref(), token.as_ref()).await?
+            }
         };
         let recycled = {
             let mut idle = self.idle();
@@ -292,16 +311,23 @@ impl Workspaces {
     /// `.baton/skills/*.md` — as they are on the default branch, never on the
     /// commit under work: a pull request must not rewrite its own reviewer's
     /// instructions. `(path, text)` pairs, in that order.
-    pub async fn conventions(&self, prepared: &Prepared, repo: &str, default_branch: &str) -> Vec<(String, String)> {
+    pub async fn conventions(
+        &self,
+        prepared: &Prepared,
+        repo: &str,
+        installation: Option<u64>,
+        default_branch: &str,
+    ) -> Vec<(String, String)> {
         let Some(mirror) = &prepared.mirror else { return Vec::new() };
         let Ok((owner, name)) = split_repo(repo) else { return Vec::new() };
         let local = format!("refs/heads/{default_branch}");
         let rev = if default_branch == "HEAD" { "refs/baton/remote-head".to_string() } else { local.clone() };
         if default_branch != "HEAD" && !self.has_commit(mirror, &rev).await {
             let url = format!("{}/{owner}/{name}.git", self.git_url);
+            let Ok(token) = self.token(installation, repo).await else { return Vec::new() };
             let lock = self.lock_for(repo);
             let _guard = lock.lock().await;
-            if self.fetch(mirror, &url, &format!("+{local}:{local}")).await.is_err() {
+            if self.fetch(mirror, &url, &format!("+{local}:{local}"), token.as_ref()).await.is_err() {
                 return Vec::new();
             }
         }
@@ -347,22 +373,39 @@ impl Workspaces {
         }
     }
 
-    /// Commits everything the agent changed in `worktree` as `author` and
-    /// force-pushes it to `branch` of the repository. `Ok(None)` when the
-    /// agent changed nothing.
+    /// Stages everything the agent changed in `worktree`: the paths and the
+    /// added lines, for checks before anything leaves the machine. `None`
+    /// when the agent changed nothing.
+    pub async fn stage(&self, worktree: &Path) -> Result<Option<Staged>, WorkspaceError> {
+        git(worktree, &["add", "--all"], None).await?;
+        let names = git(worktree, &["diff", "--cached", "--name-only", "-z"], None).await?;
+        let paths: Vec<String> = names.split('\0').filter(|p| !p.is_empty()).map(str::to_string).collect();
+        if paths.is_empty() {
+            return Ok(None);
+        }
+        let diff = git(worktree, &["diff", "--cached", "--no-color", "--unified=0"], None).await?;
+        let added = diff
+            .lines()
+            .filter(|l| l.starts_with('+') && !l.starts_with("+++"))
+            .map(|l| &l[1..])
+            .collect::<Vec<_>>()
+            .join("\n");
+        Ok(Some(Staged { paths, added }))
+    }
+
+    /// Commits what `stage` staged as `author` and force-pushes it to
+    /// `branch` of the repository; returns the commit.
     pub async fn commit_and_push(
         &self,
         worktree: &Path,
         repo: &str,
+        installation: Option<u64>,
         branch: &str,
         message: &str,
         author: &str,
-    ) -> Result<Option<String>, WorkspaceError> {
+    ) -> Result<String, WorkspaceError> {
         let (owner, name) = split_repo(repo)?;
-        git(worktree, &["add", "--all"], None).await?;
-        if git(worktree, &["status", "--porcelain"], None).await?.trim().is_empty() {
-            return Ok(None);
-        }
+        let token = self.token(installation, repo).await?;
         let email = format!("{author}@users.noreply.github.com");
         git(
             worktree,
@@ -382,9 +425,19 @@ impl Workspaces {
         .await?;
         let sha = git(worktree, &["rev-parse", "HEAD"], None).await?.trim().to_string();
         let url = format!("{}/{owner}/{name}.git", self.git_url);
-        git(worktree, &["push", "--quiet", "--force", &url, &format!("HEAD:refs/heads/{branch}")], self.token.as_ref())
+        git(worktree, &["push", "--quiet", "--force", &url, &format!("HEAD:refs/heads/{branch}")], token.as_ref())
             .await?;
-        Ok(Some(sha))
+        Ok(sha)
+    }
+
+    /// The token git uses for `repo`, if any.
+    async fn token(&self, installation: Option<u64>, repo: &str) -> Result<Option<Secret>, WorkspaceError> {
+        match &self.credentials {
+            // A local mirror source (tests, air-gapped setups) takes no token.
+            _ if self.git_url.starts_with("file://") => Ok(None),
+            None => Ok(None),
+            Some(c) => c.token(installation, repo).await.map(Some).map_err(WorkspaceError::Auth),
+        }
     }
 
     async fn remove_dir(&self, path: &Path) {
@@ -409,8 +462,14 @@ impl Workspaces {
         Ok(())
     }
 
-    async fn fetch(&self, mirror: &Path, url: &str, refspec: &str) -> Result<(), WorkspaceError> {
-        git(mirror, &["fetch", "--no-tags", "--quiet", url, refspec], self.token.as_ref()).await?;
+    async fn fetch(
+        &self,
+        mirror: &Path,
+        url: &str,
+        refspec: &str,
+        token: Option<&Secret>,
+    ) -> Result<(), WorkspaceError> {
+        git(mirror, &["fetch", "--no-tags", "--quiet", url, refspec], token).await?;
         Ok(())
     }
 
@@ -431,6 +490,7 @@ impl Workspaces {
         url: &str,
         sha: &str,
         branch: Option<&str>,
+        token: Option<&Secret>,
     ) -> Result<String, WorkspaceError> {
         if !sha.chars().all(|c| c.is_ascii_hexdigit()) || sha.len() < 7 {
             return Err(WorkspaceError::MissingCommit(sha.to_string()));
@@ -438,11 +498,11 @@ impl Workspaces {
         if self.has_commit(mirror, sha).await {
             return Ok(sha.to_string());
         }
-        let by_id = self.fetch(mirror, url, sha).await;
+        let by_id = self.fetch(mirror, url, sha, token).await;
         if by_id.is_err() {
             if let Some(branch) = branch {
                 let local = format!("refs/heads/{branch}");
-                self.fetch(mirror, url, &format!("+{local}:{local}")).await?;
+                self.fetch(mirror, url, &format!("+{local}:{local}"), token).await?;
             }
         }
         if self.has_commit(mirror, sha).await {

@@ -1,14 +1,17 @@
-//! The GitHub REST client for publishing, on octocrab.
+//! The GitHub REST calls baton publishes with, on octocrab.
 //!
 //! Built without octocrab's retry layer: it re-sends a POST at once on a 5xx,
-//! which can post a comment twice. The outbox retries instead, with backoff.
+//! which can post a comment twice. The outbox retries instead, with backoff,
+//! and looks for its marker before re-sending a create whose answer was lost.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use octocrab::Octocrab;
 use serde_json::{json, Value};
 
-use crate::config::Secret;
+use crate::auth::Credentials;
 
 /// A failed GitHub call, classified for the outbox.
 #[derive(Debug, thiserror::Error)]
@@ -19,68 +22,281 @@ pub struct GitHubError {
     pub retryable: bool,
     /// When GitHub said to come back (rate limits).
     pub retry_after: Option<Duration>,
+    /// Whether the request may have taken effect although it failed (a 5xx
+    /// or a lost connection, as opposed to a refusal).
+    pub maybe_applied: bool,
+}
+
+impl GitHubError {
+    fn fatal(message: String) -> GitHubError {
+        GitHubError { message, retryable: false, retry_after: None, maybe_applied: false }
+    }
+}
+
+/// A check run to create.
+pub struct CheckRun<'a> {
+    pub sha: &'a str,
+    pub name: &'a str,
+    /// The job id, by which baton finds its run again.
+    pub external_id: &'a str,
+    /// `None`: in progress.
+    pub conclusion: Option<&'a str>,
+    pub summary: &'a str,
+}
+
+/// Something GitHub made: its id and page.
+#[derive(Debug, Clone, Default)]
+pub struct Created {
+    pub id: Option<u64>,
+    pub url: Option<String>,
+}
+
+fn created(v: &Value) -> Created {
+    Created { id: v["id"].as_u64(), url: v["html_url"].as_str().map(str::to_string) }
 }
 
 /// An authenticated client for one GitHub (or GitHub Enterprise, or a fake).
-#[derive(Clone)]
 pub struct GitHub {
-    crab: Octocrab,
+    api_url: String,
+    credentials: Arc<Credentials>,
+    /// One client per token: installation tokens rotate.
+    clients: Mutex<HashMap<String, Octocrab>>,
 }
 
 impl GitHub {
-    pub fn new(api_url: &str, token: &Secret) -> Result<GitHub, GitHubError> {
-        let crab = Octocrab::builder()
-            .base_uri(api_url)
-            .map_err(|e| GitHubError {
-                message: format!("invalid github.api_url `{api_url}`: {e}"),
-                retryable: false,
-                retry_after: None,
-            })?
-            .personal_token(token.expose().to_string())
-            .set_connect_timeout(Some(Duration::from_secs(10)))
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .build()
-            .map_err(|e| GitHubError {
-                message: format!("cannot build the GitHub client: {e}"),
-                retryable: false,
-                retry_after: None,
-            })?;
-        Ok(GitHub { crab })
+    pub fn new(api_url: &str, credentials: Arc<Credentials>) -> GitHub {
+        GitHub { api_url: api_url.to_string(), credentials, clients: Mutex::new(HashMap::new()) }
     }
 
-    /// Posts a comment on an issue or pull request; returns its URL.
-    pub async fn issue_comment(&self, repo: &str, number: u64, body: &str) -> Result<Option<String>, GitHubError> {
-        self.post(&format!("/repos/{repo}/issues/{number}/comments"), json!({ "body": body })).await
+    async fn client(&self, installation: Option<u64>, repo: &str) -> Result<Octocrab, GitHubError> {
+        let token = self.credentials.token(installation, repo).await.map_err(|e| GitHubError {
+            message: e.to_string(),
+            retryable: true,
+            retry_after: None,
+            maybe_applied: false,
+        })?;
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(token.expose()) {
+            return Ok(c.clone());
+        }
+        let client = crate::auth::token_client(&self.api_url, &token).map_err(|e| GitHubError::fatal(e.to_string()))?;
+        // Old installation tokens expire; their clients go with them.
+        if clients.len() > 32 {
+            clients.clear();
+        }
+        clients.insert(token.expose().to_string(), client.clone());
+        Ok(client)
     }
 
-    /// Posts a comment on a commit; returns its URL.
-    pub async fn commit_comment(&self, repo: &str, sha: &str, body: &str) -> Result<Option<String>, GitHubError> {
-        self.post(&format!("/repos/{repo}/commits/{sha}/comments"), json!({ "body": body })).await
+    async fn post(&self, at: (Option<u64>, &str), route: &str, body: Value) -> Result<Value, GitHubError> {
+        self.client(at.0, at.1).await?.post(route, Some(&body)).await.map_err(classify)
+    }
+
+    async fn patch(&self, at: (Option<u64>, &str), route: &str, body: Value) -> Result<Value, GitHubError> {
+        self.client(at.0, at.1).await?.patch(route, Some(&body)).await.map_err(classify)
+    }
+
+    async fn get(&self, at: (Option<u64>, &str), route: &str) -> Result<Value, GitHubError> {
+        self.client(at.0, at.1).await?.get(route, None::<&()>).await.map_err(classify)
+    }
+
+    /// Posts a comment on an issue or pull request.
+    pub async fn create_comment(
+        &self,
+        inst: Option<u64>,
+        repo: &str,
+        number: u64,
+        body: &str,
+    ) -> Result<Created, GitHubError> {
+        let v = self
+            .post((inst, repo), &format!("/repos/{repo}/issues/{number}/comments"), json!({ "body": body }))
+            .await?;
+        Ok(created(&v))
+    }
+
+    /// Replaces a comment's body.
+    pub async fn edit_comment(
+        &self,
+        inst: Option<u64>,
+        repo: &str,
+        id: u64,
+        body: &str,
+    ) -> Result<Created, GitHubError> {
+        let v =
+            self.patch((inst, repo), &format!("/repos/{repo}/issues/comments/{id}"), json!({ "body": body })).await?;
+        Ok(created(&v))
+    }
+
+    /// The newest comment on an issue or PR that carries `marker`.
+    pub async fn find_comment(
+        &self,
+        inst: Option<u64>,
+        repo: &str,
+        number: u64,
+        marker: &str,
+    ) -> Result<Option<Created>, GitHubError> {
+        let list = self.get((inst, repo), &format!("/repos/{repo}/issues/{number}/comments?per_page=100")).await?;
+        Ok(find_marked(&list, marker))
+    }
+
+    /// Posts a comment on a commit.
+    pub async fn commit_comment(
+        &self,
+        inst: Option<u64>,
+        repo: &str,
+        sha: &str,
+        body: &str,
+    ) -> Result<Created, GitHubError> {
+        let v =
+            self.post((inst, repo), &format!("/repos/{repo}/commits/{sha}/comments"), json!({ "body": body })).await?;
+        Ok(created(&v))
+    }
+
+    pub async fn find_commit_comment(
+        &self,
+        inst: Option<u64>,
+        repo: &str,
+        sha: &str,
+        marker: &str,
+    ) -> Result<Option<Created>, GitHubError> {
+        let list = self.get((inst, repo), &format!("/repos/{repo}/commits/{sha}/comments?per_page=100")).await?;
+        Ok(find_marked(&list, marker))
+    }
+
+    /// 👀 on a comment, or on the issue or PR itself. GitHub answers a
+    /// repeated reaction with the existing one, so this is idempotent.
+    pub async fn react(
+        &self,
+        inst: Option<u64>,
+        repo: &str,
+        number: u64,
+        comment: Option<u64>,
+    ) -> Result<Created, GitHubError> {
+        let route = match comment {
+            Some(id) => format!("/repos/{repo}/issues/comments/{id}/reactions"),
+            None => format!("/repos/{repo}/issues/{number}/reactions"),
+        };
+        let v = self.post((inst, repo), &route, json!({ "content": "eyes" })).await?;
+        Ok(Created { id: v["id"].as_u64(), url: None })
+    }
+
+    /// A pull request review with event `COMMENT`.
+    pub async fn review(&self, inst: Option<u64>, repo: &str, number: u64, body: &str) -> Result<Created, GitHubError> {
+        let v = self
+            .post(
+                (inst, repo),
+                &format!("/repos/{repo}/pulls/{number}/reviews"),
+                json!({ "body": body, "event": "COMMENT" }),
+            )
+            .await?;
+        Ok(created(&v))
+    }
+
+    pub async fn find_review(
+        &self,
+        inst: Option<u64>,
+        repo: &str,
+        number: u64,
+        marker: &str,
+    ) -> Result<Option<Created>, GitHubError> {
+        let list = self.get((inst, repo), &format!("/repos/{repo}/pulls/{number}/reviews?per_page=100")).await?;
+        Ok(find_marked(&list, marker))
     }
 
     /// Opens a pull request; one already open for the branch (a re-run
     /// pushed to it again) counts as done.
     pub async fn pull_request(
         &self,
+        inst: Option<u64>,
         repo: &str,
         title: &str,
         head: &str,
         base: &str,
         body: &str,
-    ) -> Result<Option<String>, GitHubError> {
+    ) -> Result<Created, GitHubError> {
         let sent = self
-            .post(&format!("/repos/{repo}/pulls"), json!({ "title": title, "head": head, "base": base, "body": body }))
+            .post(
+                (inst, repo),
+                &format!("/repos/{repo}/pulls"),
+                json!({ "title": title, "head": head, "base": base, "body": body }),
+            )
             .await;
         match sent {
-            Err(e) if e.message.starts_with("GitHub answered 422") && e.message.contains("already exists") => Ok(None),
-            other => other,
+            Ok(v) => Ok(created(&v)),
+            Err(e) if e.message.starts_with("GitHub answered 422") && e.message.contains("already exists") => {
+                Ok(Created::default())
+            }
+            Err(e) => Err(e),
         }
     }
 
-    async fn post(&self, route: &str, body: Value) -> Result<Option<String>, GitHubError> {
-        let answer: Value = self.crab.post(route, Some(&body)).await.map_err(classify)?;
-        Ok(answer.get("html_url").and_then(Value::as_str).map(str::to_string))
+    /// Creates a check run: in progress, or completed with its conclusion.
+    pub async fn create_check_run(
+        &self,
+        inst: Option<u64>,
+        repo: &str,
+        run: &CheckRun<'_>,
+    ) -> Result<Created, GitHubError> {
+        let mut body = json!({
+            "name": run.name, "head_sha": run.sha, "external_id": run.external_id,
+            "output": { "title": run.name, "summary": run.summary },
+        });
+        match run.conclusion {
+            None => body["status"] = json!("in_progress"),
+            Some(c) => {
+                body["status"] = json!("completed");
+                body["conclusion"] = json!(c);
+            }
+        }
+        let v = self.post((inst, repo), &format!("/repos/{repo}/check-runs"), body).await?;
+        Ok(created(&v))
     }
+
+    /// Completes a check run made earlier.
+    pub async fn complete_check_run(
+        &self,
+        inst: Option<u64>,
+        repo: &str,
+        id: u64,
+        name: &str,
+        conclusion: &str,
+        summary: &str,
+    ) -> Result<Created, GitHubError> {
+        let body = json!({
+            "status": "completed", "conclusion": conclusion,
+            "output": { "title": name, "summary": summary },
+        });
+        let v = self.patch((inst, repo), &format!("/repos/{repo}/check-runs/{id}"), body).await?;
+        Ok(created(&v))
+    }
+
+    /// The check run this job made on `sha`, found by its external id.
+    pub async fn find_check_run(
+        &self,
+        inst: Option<u64>,
+        repo: &str,
+        sha: &str,
+        name: &str,
+        external_id: &str,
+    ) -> Result<Option<Created>, GitHubError> {
+        let name: String = name
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let list = self.get((inst, repo), &format!("/repos/{repo}/commits/{sha}/check-runs?check_name={name}")).await?;
+        Ok(list["check_runs"]
+            .as_array()
+            .and_then(|runs| runs.iter().find(|r| r["external_id"] == external_id))
+            .map(created))
+    }
+}
+
+/// The newest item of a listing whose body carries `marker`.
+fn find_marked(list: &Value, marker: &str) -> Option<Created> {
+    list.as_array()?.iter().rev().find(|c| c["body"].as_str().is_some_and(|b| b.contains(marker))).map(created)
 }
 
 fn classify(e: octocrab::Error) -> GitHubError {
@@ -107,8 +323,21 @@ fn classify(e: octocrab::Error) -> GitHubError {
                 message: format!("GitHub answered {}: {}", status.as_u16(), source.message),
                 retryable: status.is_server_error() || rate_limited,
                 retry_after: if rate_limited { retry_after } else { None },
+                maybe_applied: status.is_server_error(),
             }
         }
-        other => GitHubError { message: format!("GitHub request failed: {other}"), retryable: true, retry_after: None },
+        // A JSON answer that does not parse means the request went through.
+        octocrab::Error::Serde { .. } | octocrab::Error::Json { .. } => GitHubError {
+            message: "GitHub's answer could not be read".into(),
+            retryable: true,
+            retry_after: None,
+            maybe_applied: true,
+        },
+        other => GitHubError {
+            message: format!("GitHub request failed: {other}"),
+            retryable: true,
+            retry_after: None,
+            maybe_applied: true,
+        },
     }
 }

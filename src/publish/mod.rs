@@ -5,6 +5,7 @@
 //! and waiting out rate limits. A failed publication never re-runs the agent,
 //! and a 4xx that cannot succeed is recorded on the job, visibly.
 
+pub mod body;
 pub mod github;
 pub mod redact;
 
@@ -15,54 +16,25 @@ use chrono::Utc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Job, JobState, PublicationState, Store, Target};
+use crate::store::{Job, Publication, PublicationState, Purpose, Store, Target};
+pub use body::{
+    comment_body, conclusion, marker, pull_request_body, pull_request_title, status_end_body, status_start_body,
+};
 pub use github::GitHub;
-
-/// A hidden marker in every body baton posts: it names the job, lets baton
-/// find its own comments, and keeps its comments from triggering jobs.
-pub fn marker(job_id: &str) -> String {
-    format!("{}job={job_id} -->", crate::event::MARKER_PREFIX)
-}
+use github::GitHubError;
 
 /// Publications give up after this many tries.
 const MAX_ATTEMPTS: u32 = 12;
 
-/// GitHub rejects comment bodies over 65,536 characters.
-const MAX_BODY_CHARS: usize = 65_536;
+/// A job's end waits this long between looks at its start publications.
+const DEFER: Duration = Duration::from_secs(1);
 
-/// The comment for a finished job.
-pub fn comment_body(job: &Job) -> String {
-    let footer =
-        format!("\n\n---\n<sub>baton · trigger `{}` · job `{}`</sub>\n{}", job.trigger, job.id, marker(&job.id));
-    let main = match job.state {
-        JobState::Succeeded if job.spec.output == crate::rules::OutputKind::PullRequest && job.branch.is_none() => {
-            format!(
-                "The agent changed nothing, so there is no pull request.\n\n{}",
-                job.result.clone().unwrap_or_default()
-            )
-        }
-        JobState::Succeeded => job.result.clone().unwrap_or_default(),
-        JobState::Cancelled => "baton: this job was cancelled.".to_string(),
-        _ => format!("baton could not finish this job: {}", job.error.as_deref().unwrap_or("unknown error")),
-    };
-    let room = MAX_BODY_CHARS.saturating_sub(footer.chars().count() + 200);
-    let main = if main.chars().count() > room {
-        let cut: String = main.chars().take(room).collect();
-        format!("{cut}\n\n… (cut: the result is longer than GitHub allows; the full text is on the job `{}`)", job.id)
-    } else {
-        main
-    };
-    format!("{main}{footer}")
-}
-
-/// The body of the pull request a job opens: the result, and `Fixes #N`
-/// when the job came from an issue.
-pub fn pull_request_body(job: &Job) -> String {
-    let mut body = comment_body(job);
-    if let (Some(n), false) = (job.spec.subject, job.spec.subject_is_pull_request) {
-        body = format!("Fixes #{n}\n\n{body}");
-    }
-    body
+/// How one try went.
+enum Outcome {
+    /// Done; `created` when it made a new comment or pull request.
+    Done { made: github::Created, created: bool },
+    /// Not yet: it waits for a start publication of its job.
+    Wait,
 }
 
 /// Delivers outbox entries.
@@ -96,51 +68,232 @@ impl Publisher {
         }
     }
 
-    /// Tries every due publication; returns when the next one is due.
+    /// Tries every due publication, those of a job's start first; returns
+    /// when the next one is due.
     async fn drain(&self) -> Result<Option<Duration>, crate::store::StoreError> {
         let mut next: Option<Duration> = None;
-        for mut p in self.store.outbox()? {
+        let mut soon = |wait: Duration| next = Some(next.map_or(wait, |n: Duration| n.min(wait)));
+        let mut outbox = self.store.outbox()?;
+        outbox.sort_by_key(|p| !p.purpose.at_start());
+        for mut p in outbox {
             let now = Utc::now();
             if p.next_attempt_at > now {
-                let wait = (p.next_attempt_at - now).to_std().unwrap_or_default();
-                next = Some(next.map_or(wait, |n| n.min(wait)));
+                soon((p.next_attempt_at - now).to_std().unwrap_or_default());
                 continue;
             }
-            p.attempts += 1;
-            let sent = match &p.target {
-                Target::IssueComment { number } => self.github.issue_comment(&p.repo, *number, &p.body).await,
-                Target::CommitComment { sha } => self.github.commit_comment(&p.repo, sha, &p.body).await,
-                Target::PullRequest { head, base, title } => {
-                    self.github.pull_request(&p.repo, title, head, base, &p.body).await
-                }
+            let Some(job) = self.store.job(&p.job)? else {
+                // The job is gone (it cannot be, short of a wiped store): drop it.
+                p.state = PublicationState::Failed;
+                self.store.update_publication(&p, false).await?;
+                continue;
             };
-            match sent {
-                Ok(url) => {
+            p.attempts += 1;
+            match self.attempt(&mut p, &job).await {
+                Ok(Outcome::Wait) => {
+                    p.attempts -= 1;
+                    soon(DEFER);
+                    continue;
+                }
+                Ok(Outcome::Done { made, created }) => {
                     self.metrics.publish("published");
                     p.state = PublicationState::Published;
-                    p.url = url;
+                    p.url = made.url.or(p.url.take());
+                    p.remote_id = made.id.or(p.remote_id);
                     p.last_error = None;
-                    tracing::info!(job = %p.job, url = p.url.as_deref().unwrap_or(""), "Result published.");
-                }
-                Err(e) if e.retryable && p.attempts < MAX_ATTEMPTS => {
-                    self.metrics.publish("retry");
-                    let wait = e.retry_after.unwrap_or_else(|| backoff(p.attempts));
-                    p.next_attempt_at = now + chrono::Duration::from_std(wait).unwrap_or_default();
-                    p.last_error = Some(e.message.clone());
-                    next = Some(next.map_or(wait, |n| n.min(wait)));
-                    tracing::warn!(job = %p.job, error = %e, attempt = p.attempts, "Publishing failed; will retry.");
+                    p.maybe_sent = false;
+                    tracing::info!(job = %p.job, purpose = p.purpose.as_str(), url = p.url.as_deref().unwrap_or(""), "Published.");
+                    self.store.update_publication(&p, created).await?;
                 }
                 Err(e) => {
-                    self.metrics.publish("failed");
-                    p.state = PublicationState::Failed;
+                    p.maybe_sent = p.maybe_sent || e.maybe_applied;
                     p.last_error = Some(e.message.clone());
-                    tracing::error!(job = %p.job, error = %e, "Publishing failed for good.");
+                    if e.retryable && p.attempts < MAX_ATTEMPTS {
+                        self.metrics.publish("retry");
+                        let wait = e.retry_after.unwrap_or_else(|| backoff(p.attempts));
+                        p.next_attempt_at = now + chrono::Duration::from_std(wait).unwrap_or_default();
+                        soon(wait);
+                        tracing::warn!(job = %p.job, purpose = p.purpose.as_str(), error = %e, attempt = p.attempts, "Publishing failed; will retry.");
+                    } else {
+                        self.metrics.publish("failed");
+                        p.state = PublicationState::Failed;
+                        tracing::error!(job = %p.job, purpose = p.purpose.as_str(), error = %e, "Publishing failed for good.");
+                    }
+                    self.store.update_publication(&p, false).await?;
                 }
             }
-            self.store.update_publication(&p).await?;
         }
         Ok(next)
     }
+
+    /// One try at `p`. A create whose earlier answer was lost first looks
+    /// for its marker, so nothing lands twice.
+    async fn attempt(&self, p: &mut Publication, job: &Job) -> Result<Outcome, GitHubError> {
+        let (gh, inst, repo) = (&self.github, p.installation, p.repo.clone());
+        let repo = repo.as_str();
+        let body = p.body.clone();
+        let result_marker = marker(&job.id);
+        let done = |made: github::Created| Ok(Outcome::Done { made, created: false });
+        // Start publications still in the outbox hold back the job's end.
+        let start_pending = |purpose: Purpose| -> Result<bool, GitHubError> {
+            let pending = self.store.outbox().map_err(|e| GitHubError {
+                message: e.to_string(),
+                retryable: true,
+                retry_after: None,
+                maybe_applied: false,
+            })?;
+            Ok(pending.iter().any(|o| o.job == job.id && o.purpose == purpose))
+        };
+        match p.target.clone() {
+            Target::Reaction { number, comment_id } => done(gh.react(inst, repo, number, comment_id).await?),
+            Target::StatusComment { number } => {
+                let status = body::status_marker(&job.id);
+                if p.maybe_sent {
+                    if let Some(found) = gh.find_comment(inst, repo, number, &status).await? {
+                        return done(found);
+                    }
+                }
+                self.create(p, job, CapKind::Comment, gh.create_comment(inst, repo, number, &body)).await
+            }
+            Target::EditStatus { number } => {
+                if let Some(id) = job.progress.status_comment {
+                    return done(gh.edit_comment(inst, repo, id, &p.body).await?);
+                }
+                if start_pending(Purpose::Status)? {
+                    return Ok(Outcome::Wait);
+                }
+                // The status comment never landed: say it in a new one.
+                if p.maybe_sent {
+                    if let Some(found) = gh.find_comment(inst, repo, number, &result_marker).await? {
+                        return done(found);
+                    }
+                }
+                self.create(p, job, CapKind::Comment, gh.create_comment(inst, repo, number, &body)).await
+            }
+            Target::IssueComment { number } => {
+                if p.maybe_sent {
+                    if let Some(found) = gh.find_comment(inst, repo, number, &result_marker).await? {
+                        return done(found);
+                    }
+                }
+                self.create(p, job, CapKind::Comment, gh.create_comment(inst, repo, number, &body)).await
+            }
+            Target::CommitComment { sha } => {
+                if p.maybe_sent {
+                    if let Some(found) = gh.find_commit_comment(inst, repo, &sha, &result_marker).await? {
+                        return done(found);
+                    }
+                }
+                self.create(p, job, CapKind::Comment, gh.commit_comment(inst, repo, &sha, &body)).await
+            }
+            Target::Review { number } => {
+                if p.maybe_sent {
+                    if let Some(found) = gh.find_review(inst, repo, number, &result_marker).await? {
+                        return done(found);
+                    }
+                }
+                self.create(p, job, CapKind::Comment, gh.review(inst, repo, number, &body)).await
+            }
+            Target::PullRequest { head, base, title } => {
+                // GitHub refuses a second PR for one branch: no marker needed.
+                let sent = gh.pull_request(inst, repo, &title, &head, &base, &body);
+                self.create(p, job, CapKind::PullRequest, sent).await
+            }
+            Target::CheckRun { head_sha, name, conclusion } => {
+                let summary = body.clone();
+                match conclusion {
+                    None => {
+                        if p.maybe_sent {
+                            if let Some(found) = gh.find_check_run(inst, repo, &head_sha, &name, &job.id).await? {
+                                return done(found);
+                            }
+                        }
+                        let run = github::CheckRun {
+                            sha: &head_sha,
+                            name: &name,
+                            external_id: &job.id,
+                            conclusion: None,
+                            summary: &summary,
+                        };
+                        self.create(p, job, CapKind::None, gh.create_check_run(inst, repo, &run)).await
+                    }
+                    Some(conclusion) => {
+                        let id = match job.progress.check_run {
+                            Some(id) => Some(id),
+                            None if start_pending(Purpose::CheckStart)? => return Ok(Outcome::Wait),
+                            None => gh.find_check_run(inst, repo, &head_sha, &name, &job.id).await?.and_then(|c| c.id),
+                        };
+                        match id {
+                            Some(id) => {
+                                done(gh.complete_check_run(inst, repo, id, &name, &conclusion, &summary).await?)
+                            }
+                            None => {
+                                let run = github::CheckRun {
+                                    sha: &head_sha,
+                                    name: &name,
+                                    external_id: &job.id,
+                                    conclusion: Some(&conclusion),
+                                    summary: &summary,
+                                };
+                                self.create(p, job, CapKind::None, gh.create_check_run(inst, repo, &run)).await
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a create within the job's caps, marking the publication as
+    /// maybe sent (durably) before the request leaves.
+    async fn create(
+        &self,
+        p: &mut Publication,
+        job: &Job,
+        kind: CapKind,
+        send: impl std::future::Future<Output = Result<github::Created, GitHubError>>,
+    ) -> Result<Outcome, GitHubError> {
+        let opts = &job.spec.output_options;
+        let over = match kind {
+            CapKind::Comment => (job.progress.comments >= opts.max_comments)
+                .then(|| format!("the job's cap of {} comments (output.max_comments) is reached", opts.max_comments)),
+            CapKind::PullRequest => (job.progress.pull_requests >= opts.max_pull_requests).then(|| {
+                format!(
+                    "the job's cap of {} pull requests (output.max_pull_requests) is reached",
+                    opts.max_pull_requests
+                )
+            }),
+            CapKind::None => None,
+        };
+        if let Some(why) = over {
+            return Err(GitHubError { message: why, retryable: false, retry_after: None, maybe_applied: false });
+        }
+        if !p.maybe_sent {
+            p.maybe_sent = true;
+            self.store.update_publication(p, false).await.map_err(|e| GitHubError {
+                message: e.to_string(),
+                retryable: true,
+                retry_after: None,
+                maybe_applied: false,
+            })?;
+        }
+        match send.await {
+            Ok(made) => Ok(Outcome::Done { made, created: kind != CapKind::None }),
+            Err(e) => {
+                if !e.maybe_applied {
+                    p.maybe_sent = false;
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// What a create counts against.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CapKind {
+    Comment,
+    PullRequest,
+    None,
 }
 
 /// 2 s, 4 s, 8 s, … capped at 5 minutes.

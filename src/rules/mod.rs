@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::diag::Diagnostic;
 use crate::event::Event;
-pub use trigger::{OnConflict, OutputKind, Trigger, WorkspaceKind};
+pub use trigger::{OnConflict, OutputKind, OutputOptions, Trigger, WorkspaceKind};
 
 /// What a job needs to run, fixed when its event matched: later edits of the
 /// trigger folder do not change a job that is already queued.
@@ -41,6 +41,11 @@ pub struct JobSpec {
     pub max_attempts: u32,
     pub verify: Option<Vec<String>>,
     pub output: OutputKind,
+    #[serde(default)]
+    pub output_options: OutputOptions,
+    /// The comment that triggered the job, for the 👀 reaction.
+    #[serde(default)]
+    pub comment_id: Option<u64>,
     /// The repository's default branch, when the event named it.
     #[serde(default)]
     pub default_branch: Option<String>,
@@ -377,6 +382,8 @@ impl RuleSet {
             max_attempts: t.job.attempts,
             verify: t.job.verify.clone(),
             output: t.output,
+            output_options: t.output_options.clone(),
+            comment_id: event.comment.as_ref().and_then(|c| c.id),
             default_branch: event.repository.as_ref().and_then(|r| r.default_branch.clone()),
             chain_depth: event.parent.as_ref().map_or(0, |p| p.depth + 1),
             max_runs_per_hour: t.job.max_runs_per_hour,

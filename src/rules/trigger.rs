@@ -52,8 +52,44 @@ pub enum OutputKind {
     Comment,
     /// baton commits the agent's changes, pushes a branch and opens a PR.
     PullRequest,
+    /// A pull request review (event `COMMENT`) with the result as its body.
+    Review,
+    /// A check run on the head commit: in progress at start, completed with
+    /// the result as its summary (GitHub App only).
+    CheckRun,
     /// Kept on the job only.
     None,
+}
+
+/// How a trigger's result is published, beyond where it goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OutputOptions {
+    /// A 👀 reaction and a status comment at start, edited in place at the end.
+    pub progress: bool,
+    /// minijinja templates for the pull request's title and body.
+    pub title: Option<String>,
+    pub body: Option<String>,
+    /// Globs; a change outside them fails the job and nothing is pushed.
+    pub allowed_paths: Vec<String>,
+    /// New comments (status and result) one job may post, at most.
+    pub max_comments: u32,
+    /// Pull requests one job may open, at most.
+    pub max_pull_requests: u32,
+}
+
+impl Default for OutputOptions {
+    /// What a job stored before these options existed gets.
+    fn default() -> Self {
+        OutputOptions {
+            progress: false,
+            title: None,
+            body: None,
+            allowed_paths: Vec::new(),
+            max_comments: 3,
+            max_pull_requests: 1,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,8 +149,13 @@ struct JobFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OutputFile {
-    #[serde(default)]
-    kind: OutputKind,
+    kind: Option<Spanned<OutputKind>>,
+    progress: Option<bool>,
+    title: Option<Spanned<String>>,
+    body: Option<Spanned<String>>,
+    allowed_paths: Option<Vec<Spanned<String>>>,
+    max_comments: Option<u32>,
+    max_pull_requests: Option<u32>,
 }
 
 /// The `author_association` values trusted by default.
@@ -134,6 +175,7 @@ pub struct Trigger {
     pub filter: Filter,
     pub job: JobTemplate,
     pub output: OutputKind,
+    pub output_options: OutputOptions,
     /// For `on = ["schedule"]`: when, and for which repositories.
     pub schedule: Option<crate::schedule::Schedule>,
     pub schedule_repos: Vec<String>,
@@ -383,6 +425,37 @@ pub fn compile(
         Some(a) => *a.get_ref(),
         None => 1,
     };
+    let out = &file.output;
+    let output = out.kind.as_ref().map(|k| *k.get_ref()).unwrap_or_default();
+    if let Some(kind) = &out.kind {
+        if output == OutputKind::CheckRun && config.github.app_id.is_none() {
+            errors.push(at(
+                kind.span(),
+                "kind = \"check_run\" needs a GitHub App (github.app_id): GitHub lets only Apps create check runs"
+                    .into(),
+            ));
+        }
+    }
+    for template in [&out.title, &out.body].into_iter().flatten() {
+        if let Err(e) = minijinja::Environment::new().template_from_str(template.get_ref()) {
+            errors.push(at(template.span(), format!("invalid template: {}", template_error(&e))));
+        }
+    }
+    for g in out.allowed_paths.iter().flatten() {
+        if let Err(e) = glob::Pattern::new(g.get_ref()) {
+            errors.push(at(g.span(), format!("invalid glob: {e}")));
+        }
+    }
+    let output_options = OutputOptions {
+        progress: out
+            .progress
+            .unwrap_or(matches!(output, OutputKind::Comment | OutputKind::Review | OutputKind::PullRequest)),
+        title: out.title.as_ref().map(|t| t.get_ref().clone()),
+        body: out.body.as_ref().map(|t| t.get_ref().clone()),
+        allowed_paths: out.allowed_paths.iter().flatten().map(|g| g.get_ref().clone()).collect(),
+        max_comments: out.max_comments.unwrap_or(3),
+        max_pull_requests: out.max_pull_requests.unwrap_or(1),
+    };
     let priority = match &job.priority {
         Some(p) if !(-100..=100).contains(p.get_ref()) => {
             errors.push(at(p.span(), "priority must be between -100 and 100".into()));
@@ -456,7 +529,8 @@ pub fn compile(
             on_conflict,
             skills,
         },
-        output: file.output.kind,
+        output,
+        output_options,
         schedule,
         schedule_repos,
     })

@@ -21,8 +21,8 @@ use sled::Tree;
 use crate::rules::{JobSpec, OnConflict};
 pub use commit::Durability;
 pub use records::{
-    Attempt, Delivery, Job, JobState, Phases, Publication, PublicationState, PublicationSummary, Skipped, Target,
-    INTERRUPTED,
+    Attempt, Delivery, Job, JobState, Phases, Progress, Publication, PublicationState, PublicationSummary, Purpose,
+    Skipped, Target, INTERRUPTED,
 };
 
 /// What went wrong in the store, with the path when it is about opening it.
@@ -199,9 +199,11 @@ pub struct Store {
     jobs: Tree,
     /// creation sequence (u64 BE) → job id: newest-first listing.
     job_index: Tree,
-    /// sequence (u64 BE) → job id, for queued jobs only: FIFO order.
+    /// `100 - priority` (u8) ++ sequence (u64 BE) → `id\nagent\nrepo`, for
+    /// queued jobs only: highest priority first, FIFO within one.
     queue: Tree,
-    /// job id → `Publication` not yet delivered to GitHub.
+    /// job id (its result) or `job id/purpose` → `Publication` not yet
+    /// delivered to GitHub.
     outbox: Tree,
     /// job id → lease deadline (Unix ms, u64 BE), for jobs in state
     /// `running`: what a restart must recover, and what a worker renews.
@@ -223,6 +225,8 @@ pub struct Store {
     ends: Tree,
     /// running job id → why it must be cancelled (cancel-in-progress).
     cancels: Tree,
+    /// GitHub delivery guid → when baton asked GitHub to redeliver it.
+    redeliveries: Tree,
 }
 
 /// The id of the job `trigger` creates for `delivery`: the same pair always
@@ -237,6 +241,35 @@ pub fn job_id(delivery: &str, trigger: &str) -> String {
 
 fn seq_key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
+}
+
+/// `job` as the engine has it, with what the publisher wrote on the stored
+/// record since (the status comment, the check run, what was created, the
+/// publication's outcome): the two write one record, and neither may undo
+/// the other.
+fn with_publisher_fields(jobs: &TxTree, job: &Job) -> Result<Job, TxError> {
+    let mut merged = job.clone();
+    if let Some(stored) = jobs.get(job.id.as_bytes())?.and_then(|b| serde_json::from_slice::<Job>(&b).ok()) {
+        let (p, s) = (&mut merged.progress, &stored.progress);
+        p.started |= s.started;
+        p.status_comment = p.status_comment.or(s.status_comment);
+        p.check_run = p.check_run.or(s.check_run);
+        p.comments = p.comments.max(s.comments);
+        p.pull_requests = p.pull_requests.max(s.pull_requests);
+        if merged.publication.is_none() {
+            merged.publication = stored.publication;
+        }
+    }
+    Ok(merged)
+}
+
+/// A job's result publication is keyed by the job id (as it always was);
+/// the others by `job/purpose`, so a job has at most one of each.
+fn outbox_key(p: &Publication) -> Vec<u8> {
+    match p.purpose {
+        Purpose::Final => p.job.as_bytes().to_vec(),
+        other => format!("{}/{}", p.job, other.as_str()).into_bytes(),
+    }
 }
 
 /// `now + lease` in Unix milliseconds, big-endian: byte order is time order.
@@ -343,6 +376,7 @@ impl Store {
             groups: tree("groups")?,
             ends: tree("ends")?,
             cancels: tree("cancels")?,
+            redeliveries: tree("redeliveries")?,
             path: path.to_path_buf(),
             db,
         })
@@ -488,6 +522,16 @@ impl Store {
         Ok(total)
     }
 
+    /// Records that baton asked GitHub to redeliver `guid`; `false` when it
+    /// had already asked (catch-up asks once per delivery).
+    pub async fn note_redelivery(&self, guid: &str) -> Result<bool, StoreError> {
+        let now = Utc::now().to_rfc3339();
+        let fresh =
+            self.redeliveries.compare_and_swap(guid.as_bytes(), None as Option<&[u8]>, Some(now.as_bytes()))?.is_ok();
+        self.flush().await?;
+        Ok(fresh)
+    }
+
     pub fn delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
         match self.deliveries.get(id.as_bytes())? {
             Some(bytes) => Ok(Some(decode("deliveries", id.as_bytes(), &bytes)?)),
@@ -602,18 +646,22 @@ impl Store {
 
     /// Writes a job record as it is now (progress inside a state).
     pub async fn save(&self, job: &Job) -> Result<(), StoreError> {
-        self.jobs.insert(job.id.as_bytes(), encode(job))?;
+        let result = self.jobs.transaction(|jobs| {
+            jobs.insert(job.id.as_bytes(), encode(&with_publisher_fields(jobs, job)?))?;
+            Ok(())
+        });
+        flatten(result)?;
         self.flush().await
     }
 
     /// Stores a job that has ended (or goes back to the queue for another
     /// attempt), with its publication if any, atomically and durably.
-    pub async fn finish(&self, job: &Job, publication: Option<&Publication>) -> Result<(), StoreError> {
+    pub async fn finish(&self, job: &Job, publications: &[Publication]) -> Result<(), StoreError> {
         let requeue = job.state == JobState::Queued;
         let ended = matches!(job.state, JobState::Succeeded | JobState::Failed);
         let trees = (&self.jobs, &self.queue, &self.outbox, &self.running, &self.groups, &self.ends);
         let result = trees.transaction(|(jobs, queue, outbox, running, groups, ends)| {
-            jobs.insert(job.id.as_bytes(), encode(job))?;
+            jobs.insert(job.id.as_bytes(), encode(&with_publisher_fields(jobs, job)?))?;
             if ended {
                 ends.insert(job.id.as_bytes(), &[])?;
             }
@@ -634,8 +682,21 @@ impl Store {
                 }
                 groups.insert(group.as_bytes(), encode(&st))?;
             }
-            if let Some(p) = publication {
-                outbox.insert(job.id.as_bytes(), encode(p))?;
+            for p in publications {
+                outbox.insert(outbox_key(p), encode(p))?;
+            }
+            Ok(())
+        });
+        flatten(result)?;
+        self.flush().await
+    }
+
+    /// Writes a running job with the publications of its start, durably.
+    pub async fn start_publications(&self, job: &Job, publications: &[Publication]) -> Result<(), StoreError> {
+        let result = (&self.jobs, &self.outbox).transaction(|(jobs, outbox)| {
+            jobs.insert(job.id.as_bytes(), encode(&with_publisher_fields(jobs, job)?))?;
+            for p in publications {
+                outbox.insert(outbox_key(p), encode(p))?;
             }
             Ok(())
         });
@@ -680,7 +741,7 @@ impl Store {
             return Err(StoreError::WrongState { id: id.to_string(), state: job.state, expected: "finished" });
         }
         job.requeue_fresh();
-        self.finish(&job, None).await?;
+        self.finish(&job, &[]).await?;
         Ok(job)
     }
 
@@ -733,19 +794,41 @@ impl Store {
 
     /// Records a publication attempt; a final one leaves the outbox and its
     /// outcome is written onto the job, in one transaction.
-    pub async fn update_publication(&self, p: &Publication) -> Result<(), StoreError> {
+    /// `created` counts a new comment or pull request against the job's caps.
+    pub async fn update_publication(&self, p: &Publication, created: bool) -> Result<(), StoreError> {
+        let key = outbox_key(p);
         let result = (&self.outbox, &self.jobs).transaction(|(outbox, jobs)| {
             if p.state == PublicationState::Pending {
-                outbox.insert(p.job.as_bytes(), encode(p))?;
+                outbox.insert(key.as_slice(), encode(p))?;
             } else {
-                outbox.remove(p.job.as_bytes())?;
+                outbox.remove(key.as_slice())?;
             }
             if let Some(bytes) = jobs.get(p.job.as_bytes())? {
                 let mut job: Job = match decode("jobs", p.job.as_bytes(), &bytes) {
                     Ok(j) => j,
                     Err(e) => return abort(e),
                 };
-                job.publication = Some(p.summary());
+                if p.purpose == Purpose::Final {
+                    job.publication = Some(p.summary());
+                }
+                if p.state == PublicationState::Published {
+                    match p.purpose {
+                        Purpose::Status => job.progress.status_comment = p.remote_id,
+                        Purpose::CheckStart => job.progress.check_run = p.remote_id,
+                        _ => {}
+                    }
+                }
+                if created {
+                    match p.target {
+                        Target::PullRequest { .. } => job.progress.pull_requests += 1,
+                        Target::IssueComment { .. }
+                        | Target::CommitComment { .. }
+                        | Target::StatusComment { .. }
+                        | Target::EditStatus { .. }
+                        | Target::Review { .. } => job.progress.comments += 1,
+                        Target::Reaction { .. } | Target::CheckRun { .. } => {}
+                    }
+                }
                 jobs.insert(p.job.as_bytes(), encode(&job))?;
             }
             Ok(())

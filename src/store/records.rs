@@ -136,7 +136,25 @@ pub struct Job {
     /// The job that replaced, dropped or cancelled this one (concurrency groups).
     #[serde(default)]
     pub displaced_by: Option<String>,
+    /// What baton has put on GitHub for this job so far.
+    #[serde(default)]
+    pub progress: Progress,
     pub spec: JobSpec,
+}
+
+/// A job's footprint on GitHub.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Whether the start publications (reaction, status comment, check run)
+    /// were written to the outbox: they are written once per job.
+    pub started: bool,
+    /// The status comment, edited in place at the end.
+    pub status_comment: Option<u64>,
+    /// The check run, completed at the end.
+    pub check_run: Option<u64>,
+    /// Comments and pull requests created, for the per-job caps.
+    pub comments: u32,
+    pub pull_requests: u32,
 }
 
 impl Job {
@@ -160,6 +178,7 @@ impl Job {
             publication: None,
             branch: None,
             displaced_by: None,
+            progress: Progress::default(),
             spec,
         }
     }
@@ -239,6 +258,48 @@ pub enum Target {
     CommitComment { sha: String },
     /// A pull request from a branch baton pushed.
     PullRequest { head: String, base: String, title: String },
+    /// A pull request review (event `COMMENT`).
+    Review { number: u64 },
+    /// 👀 on the triggering comment, or on the issue or PR itself.
+    Reaction { number: u64, comment_id: Option<u64> },
+    /// The status comment posted when the job starts.
+    StatusComment { number: u64 },
+    /// The status comment, edited in place; posted anew if it never landed.
+    EditStatus { number: u64 },
+    /// A check run on `head_sha`: in progress without a conclusion, else
+    /// completed with it (the run made at start is updated when known).
+    CheckRun { head_sha: String, name: String, conclusion: Option<String> },
+}
+
+/// Why a publication exists. A job has at most one of each.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    /// The job's result (or failure), where the trigger's output says.
+    #[default]
+    Final,
+    Reaction,
+    Status,
+    CheckStart,
+    /// The status comment's last edit, when the result went elsewhere.
+    StatusEnd,
+}
+
+impl Purpose {
+    /// Published when the job starts; a job's end waits for these.
+    pub fn at_start(self) -> bool {
+        matches!(self, Purpose::Reaction | Purpose::Status | Purpose::CheckStart)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Final => "final",
+            Purpose::Reaction => "reaction",
+            Purpose::Status => "status",
+            Purpose::CheckStart => "check-start",
+            Purpose::StatusEnd => "status-end",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,7 +315,12 @@ pub enum PublicationState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Publication {
     pub job: String,
+    #[serde(default)]
+    pub purpose: Purpose,
     pub repo: String,
+    /// The App installation the event came from, for its token.
+    #[serde(default)]
+    pub installation: Option<u64>,
     pub target: Target,
     pub body: String,
     pub state: PublicationState,
@@ -262,6 +328,13 @@ pub struct Publication {
     pub next_attempt_at: DateTime<Utc>,
     pub last_error: Option<String>,
     pub url: Option<String>,
+    /// A creating request went out and its answer was lost (a crash, a 5xx,
+    /// a timeout): before sending again, baton looks for its marker.
+    #[serde(default)]
+    pub maybe_sent: bool,
+    /// The id GitHub gave what was created (comment, check run).
+    #[serde(default)]
+    pub remote_id: Option<u64>,
 }
 
 /// What the job record shows of its publication.

@@ -141,7 +141,7 @@ async fn a_job_end_lost_to_a_crash_goes_through_the_rules_at_the_next_start() {
     let entry = store.queued().next().unwrap().unwrap();
     let mut job = store.claim(&entry, std::time::Duration::from_secs(60)).await.unwrap().unwrap();
     job.end(JobState::Succeeded, Some("the cause".into()), None, chrono::Utc::now());
-    store.finish(&job, None).await.unwrap();
+    store.finish(&job, &[]).await.unwrap();
     assert_eq!(store.pending_ends().unwrap(), vec![job.id.clone()]);
     drop(store);
 
@@ -153,7 +153,7 @@ async fn a_job_end_lost_to_a_crash_goes_through_the_rules_at_the_next_start() {
             Arc::new(config.clone()),
             Arc::default(),
             Arc::default(),
-            false,
+            None,
             Arc::default(),
         )
     };

@@ -1,8 +1,6 @@
 //! The whole path: signed webhook → trigger → git worktree → real agent
 //! process → comment on the fake GitHub.
 
-use serde_json::Value;
-
 use crate::fake_github::FakeGitHub;
 use crate::harness::{bare_repo, eventually, fixture, Baton, Workdir};
 
@@ -63,6 +61,14 @@ kind = "comment"
     (w, sha)
 }
 
+/// The comment on issue #1 that carries job `id`'s result, once it does.
+pub async fn final_comment(fake: &FakeGitHub, id: &str) -> String {
+    let marker = format!("<!-- baton:job={id} -->");
+    let find = || fake.comments("Codertocat/Hello-World#1").into_iter().find(|c| c.body.contains(&marker));
+    eventually("the result comment", || find().is_some()).await;
+    find().map(|c| c.body).unwrap_or_default()
+}
+
 async fn deliver_issue(baton: &Baton, delivery: &str) -> String {
     let (status, body) = baton.deliver(SECRET, "issues", delivery, &fixture("issues/opened.payload.json")).await;
     assert_eq!(status, 202, "{body}");
@@ -97,24 +103,25 @@ async fn signed_issue_becomes_agent_job_and_comment() {
     assert!(result.contains("readme=hello from master"), "{result}");
     assert!(result.contains("prompt=Investigate #1: Spelling error in the README file"), "{result}");
 
-    eventually("the comment to be posted", || {
-        !fake.posts("/repos/Codertocat/Hello-World/issues/1/comments").is_empty()
-    })
-    .await;
+    // One comment: the status comment, edited in place into the result.
+    let body = final_comment(&fake, &id).await;
+    assert_eq!(fake.comments("Codertocat/Hello-World#1").len(), 1);
+    assert!(body.contains(&format!("sha={sha}")), "{body}");
     let posts = fake.posts("/repos/Codertocat/Hello-World/issues/1/comments");
     assert_eq!(posts.len(), 1);
-    let body = posts[0].body["body"].as_str().unwrap();
-    assert!(body.contains(&format!("sha={sha}")), "{body}");
-    assert!(body.contains(&format!("<!-- baton:job={id} -->")), "{body}");
+    assert!(posts[0].body["body"].as_str().unwrap().contains("baton is working on it"));
     let auth = posts[0].headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
     assert!(auth.contains(TOKEN), "publishing authenticates with github.token");
+    let reactions = fake.posts("/repos/Codertocat/Hello-World/issues/1/reactions");
+    assert_eq!(reactions.len(), 1, "👀 on the issue");
+    assert_eq!(reactions[0].body["content"], "eyes");
 
     // The publication's outcome lands on the job.
     let start = std::time::Instant::now();
     loop {
         let job = baton.job(&id).await;
         if job["publication"]["state"] == "published" {
-            assert_eq!(job["publication"]["url"], "https://github.example/comment/1");
+            assert!(job["publication"]["url"].as_str().unwrap().starts_with("https://github.example/"), "{job}");
             break;
         }
         assert!(start.elapsed() < crate::harness::WAIT, "publication not recorded: {job}");
@@ -163,11 +170,11 @@ async fn timeout_fails_the_job_and_kills_the_agent() {
     assert_eq!(job["history"][0]["outcome"], "timeout");
     let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
     assert!(!crate::harness::process_running(pid), "the agent's child {pid} survived the timeout");
-    // The failure is reported where people look.
-    eventually("the failure comment", || !fake.posts("/repos/Codertocat/Hello-World/issues/1/comments").is_empty())
-        .await;
-    let body: Value = fake.posts("/repos/Codertocat/Hello-World/issues/1/comments")[0].body.clone();
-    assert!(body["body"].as_str().unwrap().contains("timeout after 1s"));
+    // The failure is reported where people look: the status comment says so.
+    let job_id = job["id"].as_str().unwrap();
+    let body = final_comment(&fake, job_id).await;
+    assert!(body.contains("timed out") && body.contains("timeout after 1s"), "{body}");
+    assert_eq!(fake.comments("Codertocat/Hello-World#1").len(), 1);
 }
 
 #[tokio::test]
@@ -281,9 +288,7 @@ async fn pull_request_output_without_changes_says_so_in_a_comment() {
     let job = baton.finished(&id).await;
     assert_eq!(job["state"], "succeeded");
     assert!(job["branch"].is_null());
-    eventually("the comment", || !fake.posts("/repos/Codertocat/Hello-World/issues/1/comments").is_empty()).await;
-    let body =
-        fake.posts("/repos/Codertocat/Hello-World/issues/1/comments")[0].body["body"].as_str().unwrap().to_string();
+    let body = final_comment(&fake, &id).await;
     assert!(body.starts_with("The agent changed nothing, so there is no pull request."), "{body}");
     assert!(fake.posts("/repos/Codertocat/Hello-World/pulls").is_empty());
 }
@@ -414,8 +419,7 @@ async fn secrets_in_a_result_are_redacted_before_anyone_sees_them() {
     let job = baton.finished(&id).await;
     let result = job["result"].as_str().unwrap();
     assert_eq!(result, "found [redacted] in .env\nand the webhook secret [redacted]");
-    eventually("the comment", || !fake.posts("/repos/Codertocat/Hello-World/issues/1/comments").is_empty()).await;
-    let body = fake.posts("/repos/Codertocat/Hello-World/issues/1/comments")[0].body["body"].to_string();
+    let body = final_comment(&fake, &id).await;
     assert!(body.contains("found [redacted] in .env") && !body.contains("ghp_abc") && !body.contains(SECRET), "{body}");
     let (_, log) = baton.get(&format!("/api/jobs/{id}/log")).await;
     let log = log.as_str().unwrap().to_string();

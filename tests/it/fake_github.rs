@@ -1,10 +1,15 @@
-//! A fake GitHub REST API: records every request and answers like GitHub.
+//! A fake GitHub REST API: records every request, keeps the comments,
+//! reviews and check runs it is sent (so baton can list and edit them), and
+//! can inject faults — a 502 on every Nth write (after applying it, as a
+//! GitHub whose answer is lost), and rate-limit 403s on the first writes.
+//! As a GitHub App host it checks RS256 JWTs against a public key from the
+//! test and hands out an installation token that writes must then carry.
 
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde_json::{json, Value};
 
@@ -14,38 +19,80 @@ pub struct Recorded {
     pub path: String,
     pub headers: HeaderMap,
     pub body: Value,
+    /// The status the fake answered.
+    pub status: u16,
+}
+
+/// Faults to inject into writes (POST and PATCH outside `/app`).
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Every Nth write is applied and then answered 502.
+    pub fail_every_nth_write: Option<usize>,
+    /// The first N writes are answered 403 with `X-RateLimit-Remaining: 0`
+    /// and a reset one second ahead, and not applied.
+    pub rate_limited_writes: usize,
+}
+
+/// The App the fake plays host to.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub app_id: u64,
+    pub public_pem: String,
+    pub installation: u64,
+    pub token: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Comment {
+    pub id: u64,
+    /// `owner/name#number`, or `owner/name@sha` for commit comments.
+    pub on: String,
+    pub body: String,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    writes: usize,
+    faults: Faults,
+    app: Option<App>,
+    comments: Vec<Comment>,
+    reviews: Vec<Comment>,
+    check_runs: Vec<Value>,
+    hook_deliveries: Vec<Value>,
 }
 
 #[derive(Clone, Default)]
 pub struct FakeGitHub {
     pub requests: Arc<Mutex<Vec<Recorded>>>,
+    state: Arc<Mutex<State>>,
     pub url: String,
 }
 
 impl FakeGitHub {
     pub async fn start() -> FakeGitHub {
+        FakeGitHub::start_with(Faults::default(), None).await
+    }
+
+    pub async fn start_with(faults: Faults, app: Option<App>) -> FakeGitHub {
         let requests: Arc<Mutex<Vec<Recorded>>> = Arc::default();
-        let sink = requests.clone();
+        let state = Arc::new(Mutex::new(State { faults, app, next_id: 1000, ..State::default() }));
+        let (sink, st) = (requests.clone(), state.clone());
         let app = Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-            let sink = sink.clone();
+            let (sink, st) = (sink.clone(), st.clone());
             async move {
-                let mut list = sink.lock().unwrap();
-                list.push(Recorded {
+                let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let path = uri.path().to_string();
+                let query = uri.query().unwrap_or("").to_string();
+                let response = handle(&mut st.lock().unwrap(), &method, &path, &query, &headers, &body);
+                sink.lock().unwrap().push(Recorded {
                     method: method.to_string(),
-                    path: uri.path().to_string(),
+                    path,
                     headers,
-                    body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+                    body,
+                    status: response.status().as_u16(),
                 });
-                let id = list.len();
-                if method == Method::POST {
-                    (
-                        StatusCode::CREATED,
-                        axum::Json(json!({ "id": id, "html_url": format!("https://github.example/comment/{id}") })),
-                    )
-                        .into_response()
-                } else {
-                    axum::Json(json!({})).into_response()
-                }
+                response
             }
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -53,10 +100,213 @@ impl FakeGitHub {
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        FakeGitHub { requests, url }
+        FakeGitHub { requests, state, url }
     }
 
     pub fn posts(&self, path: &str) -> Vec<Recorded> {
         self.requests.lock().unwrap().iter().filter(|r| r.method == "POST" && r.path == path).cloned().collect()
+    }
+
+    pub fn requests_to(&self, method: &str, path_prefix: &str) -> Vec<Recorded> {
+        let list = self.requests.lock().unwrap();
+        list.iter().filter(|r| r.method == method && r.path.starts_with(path_prefix)).cloned().collect()
+    }
+
+    /// The comments on `owner/name#number` as they stand now.
+    pub fn comments(&self, on: &str) -> Vec<Comment> {
+        self.state.lock().unwrap().comments.iter().filter(|c| c.on == on).cloned().collect()
+    }
+
+    pub fn reviews(&self, on: &str) -> Vec<Comment> {
+        self.state.lock().unwrap().reviews.iter().filter(|c| c.on == on).cloned().collect()
+    }
+
+    pub fn check_runs(&self) -> Vec<Value> {
+        self.state.lock().unwrap().check_runs.clone()
+    }
+
+    /// What `GET /app/hook/deliveries` lists.
+    pub fn set_hook_deliveries(&self, list: Vec<Value>) {
+        self.state.lock().unwrap().hook_deliveries = list;
+    }
+}
+
+fn answer(status: StatusCode, body: Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+fn not_found() -> Response {
+    answer(StatusCode::NOT_FOUND, json!({ "message": "Not Found" }))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get("authorization")?.to_str().ok()?;
+    let (_, token) = value.split_once(' ')?;
+    Some(token.trim().to_string())
+}
+
+/// Whether the request carries a JWT signed by the App's key, issued by it.
+fn valid_jwt(app: &App, headers: &HeaderMap) -> bool {
+    let Some(token) = bearer(headers) else { return false };
+    let Ok(key) = jsonwebtoken::DecodingKey::from_rsa_pem(app.public_pem.as_bytes()) else { return false };
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    // GitHub's `iss` is the App id as a number, which jsonwebtoken's own
+    // issuer check does not read: it is compared below.
+    validation.set_required_spec_claims(&["exp", "iat"]);
+    match jsonwebtoken::decode::<Value>(&token, &key, &validation) {
+        Ok(data) => data.claims["iss"].as_u64() == Some(app.app_id),
+        Err(e) => {
+            eprintln!("fake GitHub: JWT rejected: {e:?}");
+            false
+        }
+    }
+}
+
+fn handle(st: &mut State, method: &Method, path: &str, query: &str, headers: &HeaderMap, body: &Value) -> Response {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let is_app_route = parts.first() == Some(&"app") || (parts.len() == 4 && parts[3] == "installation");
+    if let Some(app) = st.app.clone() {
+        if is_app_route {
+            if !valid_jwt(&app, headers) {
+                return answer(StatusCode::UNAUTHORIZED, json!({ "message": "A JSON web token could not be decoded" }));
+            }
+        } else if bearer(headers).as_deref() != Some(app.token.as_str()) {
+            return answer(StatusCode::UNAUTHORIZED, json!({ "message": "Bad credentials" }));
+        }
+    }
+    let write = (*method == Method::POST || *method == Method::PATCH) && !is_app_route;
+    let mut lost_answer = false;
+    if write {
+        st.writes += 1;
+        if st.writes <= st.faults.rate_limited_writes {
+            let reset = chrono::Utc::now().timestamp() + 1;
+            return (
+                StatusCode::FORBIDDEN,
+                [("x-ratelimit-remaining", "0".to_string()), ("x-ratelimit-reset", reset.to_string())],
+                axum::Json(json!({ "message": "API rate limit exceeded" })),
+            )
+                .into_response();
+        }
+        lost_answer = st.faults.fail_every_nth_write.is_some_and(|n| st.writes % n == 0);
+    }
+    let response = route(st, method, &parts, query, body);
+    if lost_answer {
+        return answer(StatusCode::BAD_GATEWAY, json!({ "message": "Server Error" }));
+    }
+    response
+}
+
+fn route(st: &mut State, method: &Method, parts: &[&str], query: &str, body: &Value) -> Response {
+    st.next_id += 1;
+    let id = st.next_id;
+    let text = body["body"].as_str().unwrap_or_default().to_string();
+    match (method.as_str(), parts) {
+        ("POST", ["app", "installations", inst, "access_tokens"]) => match &st.app {
+            Some(app) if inst.parse::<u64>().ok() == Some(app.installation) => answer(
+                StatusCode::CREATED,
+                json!({ "token": app.token, "expires_at": (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339() }),
+            ),
+            _ => not_found(),
+        },
+        ("GET", ["repos", _, _, "installation"]) => match &st.app {
+            Some(app) => answer(StatusCode::OK, json!({ "id": app.installation })),
+            None => not_found(),
+        },
+        ("GET", ["app", "hook", "deliveries"]) => answer(StatusCode::OK, Value::Array(st.hook_deliveries.clone())),
+        ("POST", ["app", "hook", "deliveries", _, "attempts"]) => answer(StatusCode::ACCEPTED, json!({})),
+        ("POST", ["repos", o, r, "issues", n, "comments"]) => {
+            let c = Comment { id, on: format!("{o}/{r}#{n}"), body: text };
+            st.comments.push(c);
+            answer(
+                StatusCode::CREATED,
+                json!({ "id": id, "html_url": format!("https://github.example/{o}/{r}/issues/{n}#issuecomment-{id}") }),
+            )
+        }
+        ("GET", ["repos", o, r, "issues", n, "comments"]) => {
+            let on = format!("{o}/{r}#{n}");
+            let list: Vec<Value> = st
+                .comments
+                .iter()
+                .filter(|c| c.on == on)
+                .map(
+                    |c| json!({ "id": c.id, "body": c.body, "html_url": format!("https://github.example/c/{}", c.id) }),
+                )
+                .collect();
+            answer(StatusCode::OK, Value::Array(list))
+        }
+        ("PATCH", ["repos", _, _, "issues", "comments", cid]) => {
+            let cid: u64 = cid.parse().unwrap_or(0);
+            match st.comments.iter_mut().find(|c| c.id == cid) {
+                Some(c) => {
+                    c.body = text;
+                    answer(StatusCode::OK, json!({ "id": cid, "html_url": format!("https://github.example/c/{cid}") }))
+                }
+                None => not_found(),
+            }
+        }
+        ("POST", ["repos", _, _, "issues", .., "reactions"]) => {
+            answer(StatusCode::CREATED, json!({ "id": id, "content": body["content"] }))
+        }
+        ("POST", ["repos", o, r, "pulls", n, "reviews"]) => {
+            st.reviews.push(Comment { id, on: format!("{o}/{r}#{n}"), body: text });
+            answer(StatusCode::OK, json!({ "id": id, "html_url": format!("https://github.example/review/{id}") }))
+        }
+        ("GET", ["repos", o, r, "pulls", n, "reviews"]) => {
+            let on = format!("{o}/{r}#{n}");
+            let list: Vec<Value> =
+                st.reviews.iter().filter(|c| c.on == on).map(|c| json!({ "id": c.id, "body": c.body })).collect();
+            answer(StatusCode::OK, Value::Array(list))
+        }
+        ("POST", ["repos", o, r, "commits", sha, "comments"]) => {
+            st.comments.push(Comment { id, on: format!("{o}/{r}@{sha}"), body: text });
+            answer(
+                StatusCode::CREATED,
+                json!({ "id": id, "html_url": format!("https://github.example/commit-comment/{id}") }),
+            )
+        }
+        ("GET", ["repos", o, r, "commits", sha, "comments"]) => {
+            let on = format!("{o}/{r}@{sha}");
+            let list: Vec<Value> =
+                st.comments.iter().filter(|c| c.on == on).map(|c| json!({ "id": c.id, "body": c.body })).collect();
+            answer(StatusCode::OK, Value::Array(list))
+        }
+        ("POST", ["repos", o, r, "check-runs"]) => {
+            let mut run = body.clone();
+            run["id"] = json!(id);
+            run["repo"] = json!(format!("{o}/{r}"));
+            st.check_runs.push(run);
+            answer(StatusCode::CREATED, json!({ "id": id, "html_url": format!("https://github.example/runs/{id}") }))
+        }
+        ("PATCH", ["repos", _, _, "check-runs", rid]) => {
+            let rid: u64 = rid.parse().unwrap_or(0);
+            match st.check_runs.iter_mut().find(|c| c["id"] == rid) {
+                Some(run) => {
+                    for (k, v) in body.as_object().into_iter().flatten() {
+                        run[k] = v.clone();
+                    }
+                    answer(
+                        StatusCode::OK,
+                        json!({ "id": rid, "html_url": format!("https://github.example/runs/{rid}") }),
+                    )
+                }
+                None => not_found(),
+            }
+        }
+        ("GET", ["repos", o, r, "commits", sha, "check-runs"]) => {
+            let name = query.split('&').find_map(|kv| kv.strip_prefix("check_name=")).unwrap_or("").replace("%2F", "/");
+            let repo = format!("{o}/{r}");
+            let runs: Vec<Value> = st
+                .check_runs
+                .iter()
+                .filter(|c| c["repo"] == repo && c["head_sha"] == *sha && (name.is_empty() || c["name"] == name))
+                .cloned()
+                .collect();
+            answer(StatusCode::OK, json!({ "total_count": runs.len(), "check_runs": runs }))
+        }
+        ("POST", _) => {
+            answer(StatusCode::CREATED, json!({ "id": id, "html_url": format!("https://github.example/comment/{id}") }))
+        }
+        ("GET", _) => answer(StatusCode::OK, json!({})),
+        _ => not_found(),
     }
 }

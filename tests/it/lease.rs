@@ -49,7 +49,7 @@ async fn setup(sleep: &str) -> Setup {
         .await
         .unwrap();
     let mut engine =
-        Engine::new(store.clone(), rules, Arc::new(config), Arc::default(), Arc::default(), false, Arc::default());
+        Engine::new(store.clone(), rules, Arc::new(config), Arc::default(), Arc::default(), None, Arc::default());
     engine.set_lease(LEASE);
     Setup { _dirs: (data, triggers), store, engine: Arc::new(engine), runs }
 }

@@ -15,6 +15,7 @@ mod hostile;
 mod ingress;
 mod lease;
 mod normalize;
+mod publish;
 mod real_agents;
 mod reload;
 mod rules;

@@ -120,7 +120,7 @@ async fn a_group_runs_one_job_at_a_time() {
     assert!(store.claim(&c, LEASE).await.unwrap().is_none(), "C waits while A runs");
     assert_eq!(store.queued().count(), 1);
     a.end(baton::store::JobState::Succeeded, None, None, Utc::now());
-    store.finish(&a, None).await.unwrap();
+    store.finish(&a, &[]).await.unwrap();
     assert!(store.claim(&c, LEASE).await.unwrap().is_some(), "C runs once A is done");
 }
 
@@ -156,7 +156,7 @@ async fn a_lease_lapses_unless_renewed() {
     // A job that has ended holds no lease to renew.
     let mut ended = job.clone();
     ended.end(baton::store::JobState::Succeeded, None, None, Utc::now());
-    store.finish(&ended, None).await.unwrap();
+    store.finish(&ended, &[]).await.unwrap();
     store.renew_lease(&job.id, std::time::Duration::ZERO).unwrap();
     assert!(store.expired_leases().unwrap().is_empty());
 }

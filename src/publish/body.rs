@@ -1,0 +1,144 @@
+//! What baton says on GitHub: the bodies of comments, reviews, pull
+//! requests and check runs. Every body carries a hidden marker naming the
+//! job, so baton can find its own posts and never triggers on them.
+
+use crate::rules::OutputKind;
+use crate::store::{Job, JobState};
+
+/// GitHub rejects bodies over 65,536 characters.
+const MAX_BODY_CHARS: usize = 65_536;
+
+/// The hidden marker of a job's result.
+pub fn marker(job_id: &str) -> String {
+    format!("{}job={job_id} -->", crate::event::MARKER_PREFIX)
+}
+
+/// The hidden marker of a job's status comment (distinct from its result's,
+/// so that finding one never passes for the other).
+pub fn status_marker(job_id: &str) -> String {
+    format!("{}job={job_id} status -->", crate::event::MARKER_PREFIX)
+}
+
+fn footer(job: &Job, marker: &str) -> String {
+    format!("\n\n---\n<sub>baton · trigger `{}` · job `{}`</sub>\n{marker}", job.trigger, job.id)
+}
+
+/// `main` cut to fit GitHub's limit beside `footer`, with a note.
+fn fit(main: String, footer: &str, job: &Job) -> String {
+    let room = MAX_BODY_CHARS.saturating_sub(footer.chars().count() + 200);
+    let main = if main.chars().count() > room {
+        let cut: String = main.chars().take(room).collect();
+        format!("{cut}\n\n… (cut: the result is longer than GitHub allows; the full text is on the job `{}`)", job.id)
+    } else {
+        main
+    };
+    format!("{main}{footer}")
+}
+
+/// Whether the job's last attempt ran out of time.
+fn timed_out(job: &Job) -> bool {
+    job.history.last().and_then(|a| a.outcome.as_deref()) == Some("timeout")
+}
+
+/// The result of a finished job, or why there is none.
+pub fn comment_body(job: &Job) -> String {
+    let main = match job.state {
+        JobState::Succeeded if job.spec.output == OutputKind::PullRequest && job.branch.is_none() => {
+            format!(
+                "The agent changed nothing, so there is no pull request.\n\n{}",
+                job.result.clone().unwrap_or_default()
+            )
+        }
+        JobState::Succeeded => job.result.clone().unwrap_or_default(),
+        JobState::Cancelled => format!("baton: this job was cancelled. {}", job.error.as_deref().unwrap_or("")),
+        _ if timed_out(job) => {
+            format!("baton: this job timed out: {}", job.error.as_deref().unwrap_or("the agent ran out of time"))
+        }
+        _ => format!("baton could not finish this job: {}", job.error.as_deref().unwrap_or("unknown error")),
+    };
+    fit(main, &footer(job, &marker(&job.id)), job)
+}
+
+/// The status comment when a job starts.
+pub fn status_start_body(job: &Job, public_url: Option<&str>) -> String {
+    let link = match public_url {
+        Some(url) => format!(" ([job `{}`]({}/jobs/{}))", job.id, url.trim_end_matches('/'), job.id),
+        None => format!(" (job `{}`)", job.id),
+    };
+    format!(
+        "👀 baton is working on it: trigger `{}`{link}. This comment is updated when the job ends.{}",
+        job.trigger,
+        footer(job, &status_marker(&job.id))
+    )
+}
+
+/// The status comment's last edit when the result went elsewhere.
+pub fn status_end_body(job: &Job) -> String {
+    let main = match (job.state, job.spec.output) {
+        (JobState::Succeeded, OutputKind::PullRequest) => match &job.branch {
+            Some(branch) => format!("Done: the changes are in a pull request from `{branch}`."),
+            None => "Done: the agent changed nothing, so there is no pull request.".to_string(),
+        },
+        (JobState::Succeeded, OutputKind::Review) => "Done: the review is posted.".to_string(),
+        (JobState::Succeeded, OutputKind::CheckRun) => "Done: see the check run.".to_string(),
+        (JobState::Succeeded, _) => "Done.".to_string(),
+        _ => return comment_body(job),
+    };
+    fit(main, &footer(job, &marker(&job.id)), job)
+}
+
+/// The conclusion of a job's check run.
+pub fn conclusion(job: &Job) -> &'static str {
+    match job.state {
+        JobState::Succeeded => "success",
+        JobState::Cancelled => "cancelled",
+        _ if timed_out(job) => "timed_out",
+        _ => "failure",
+    }
+}
+
+/// The context of a trigger's `output.title` and `output.body` templates.
+fn template_context(job: &Job) -> minijinja::Value {
+    minijinja::context! {
+        job => minijinja::context! { id => job.id, trigger => job.trigger, branch => job.branch },
+        result => job.result.clone().unwrap_or_default(),
+        trigger => job.trigger,
+        repo => job.repo,
+        subject => job.subject,
+    }
+}
+
+/// `template` rendered for `job`, or `None` (logged) when it fails.
+fn render(template: Option<&str>, job: &Job) -> Option<String> {
+    let template = template?;
+    match minijinja::Environment::new().render_str(template, template_context(job)) {
+        Ok(text) if !text.trim().is_empty() => Some(text),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(job = %job.id, error = %e, "An output template failed; using the default.");
+            None
+        }
+    }
+}
+
+/// The title of the pull request a job opens (`output.title`, or a default).
+pub fn pull_request_title(job: &Job) -> String {
+    let title = render(job.spec.output_options.title.as_deref(), job).unwrap_or_else(|| match job.spec.subject {
+        Some(n) => format!("baton: {} for #{n}", job.trigger),
+        None => format!("baton: {}", job.trigger),
+    });
+    title.lines().next().unwrap_or_default().chars().take(256).collect()
+}
+
+/// The body of the pull request a job opens: `output.body`, or the result
+/// with `Fixes #N` when the job came from an issue.
+pub fn pull_request_body(job: &Job) -> String {
+    if let Some(body) = render(job.spec.output_options.body.as_deref(), job) {
+        return fit(body, &footer(job, &marker(&job.id)), job);
+    }
+    let mut body = comment_body(job);
+    if let (Some(n), false) = (job.spec.subject, job.spec.subject_is_pull_request) {
+        body = format!("Fixes #{n}\n\n{body}");
+    }
+    body
+}

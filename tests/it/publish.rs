@@ -1,0 +1,352 @@
+//! Publishing against a fake GitHub that loses answers and rate-limits:
+//! exactly one comment per job, status comments that always end edited,
+//! reviews, check runs as a GitHub App, pull request templates and the
+//! checks a change must pass before it is pushed.
+
+use std::time::Duration;
+
+use crate::fake_github::{App, FakeGitHub, Faults};
+use crate::harness::{bare_repo, eventually, fixture, Baton, Workdir};
+
+const SECRET: &str = "publish-secret";
+const TOKEN: &str = "ghp_publishTestToken0123456789abcdefghij";
+
+/// A daemon with one `work` trigger (`trigger_toml` is its body after `on`)
+/// whose agent is `agent_body`, publishing to `fake`.
+fn setup(fake: &FakeGitHub, agent_body: &str, on: &str, trigger_toml: &str, github_extra: &str) -> Workdir {
+    let w = Workdir::new();
+    let repos = w.path().join("remote");
+    bare_repo(&repos, "Codertocat/Hello-World", "master", &[("README.md", "hello")]);
+    let agent = w.script("agent.sh", agent_body);
+    w.config(&format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+public_url = "https://baton.example"
+
+[github]
+api_url = "{api}"
+git_url = "file://{repos}"
+webhook_secret = "{SECRET}"
+{github_extra}
+
+[agents.script]
+command = ["{agent}"]
+"#,
+        api = fake.url,
+        repos = repos.display(),
+        agent = agent.display(),
+    ));
+    w.trigger("work", &format!("on = [\"{on}\"]\n{trigger_toml}"));
+    w
+}
+
+async fn deliver(baton: &Baton, event: &str, fixture_path: &str, delivery: &str) -> String {
+    let (status, body) = baton.deliver(SECRET, event, delivery, &fixture(fixture_path)).await;
+    assert_eq!(status, 202, "{body}");
+    body["jobs"][0].as_str().expect("a job").to_string()
+}
+
+fn marker(id: &str) -> String {
+    format!("<!-- baton:job={id} -->")
+}
+
+#[tokio::test]
+async fn with_lost_answers_and_rate_limits_each_job_lands_exactly_one_comment_edited_to_its_result() {
+    // The first write is rate-limited; after that every third write is
+    // applied but its answer lost (502).
+    let faults = Faults { fail_every_nth_write: Some(3), rate_limited_writes: 1 };
+    let fake = FakeGitHub::start_with(faults, None).await;
+    let w = setup(
+        &fake,
+        "#!/bin/sh\ncat > /dev/null\necho \"result of $(basename $PWD)\"\n",
+        "issues.opened",
+        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"comment\"\n",
+        "token = \"env:GITHUB_TOKEN\"",
+    );
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(deliver(&baton, "issues", "issues/opened.payload.json", &format!("faulty-{n}")).await);
+    }
+    for id in &ids {
+        assert_eq!(baton.finished(id).await["state"], "succeeded");
+    }
+    let all_final = || {
+        let comments = fake.comments("Codertocat/Hello-World#1");
+        ids.iter().all(|id| comments.iter().any(|c| c.body.contains(&marker(id))))
+    };
+    eventually("every status comment to end edited with its result", all_final).await;
+    let comments = fake.comments("Codertocat/Hello-World#1");
+    assert_eq!(comments.len(), ids.len(), "exactly one comment per job: {comments:#?}");
+    for id in &ids {
+        let mine: Vec<_> = comments.iter().filter(|c| c.body.contains(&format!("job={id}"))).collect();
+        assert_eq!(mine.len(), 1, "{id}: {comments:#?}");
+        assert!(mine[0].body.starts_with(&format!("result of {id}")), "{}", mine[0].body);
+    }
+    // The faults really happened.
+    let statuses: Vec<u16> = fake.requests.lock().unwrap().iter().map(|r| r.status).collect();
+    assert!(statuses.contains(&502) && statuses.contains(&403), "{statuses:?}");
+}
+
+#[tokio::test]
+async fn a_cancelled_job_leaves_its_status_comment_saying_so() {
+    let fake = FakeGitHub::start().await;
+    let w = setup(
+        &fake,
+        "#!/bin/sh\nsleep 300\n",
+        "issues.opened",
+        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n",
+        "token = \"env:GITHUB_TOKEN\"",
+    );
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver(&baton, "issues", "issues/opened.payload.json", "cancel-1").await;
+    eventually("the status comment", || {
+        fake.comments("Codertocat/Hello-World#1").iter().any(|c| c.body.contains("baton is working on it"))
+    })
+    .await;
+    let status = fake.comments("Codertocat/Hello-World#1")[0].body.clone();
+    assert!(status.contains(&format!("https://baton.example/jobs/{id}")), "links to the dashboard: {status}");
+    let (code, answer) = baton.post(&format!("/api/jobs/{id}/cancel")).await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(baton.finished(&id).await["state"], "cancelled");
+    eventually("the status comment to say cancelled", || {
+        fake.comments("Codertocat/Hello-World#1").iter().any(|c| c.body.contains("was cancelled"))
+    })
+    .await;
+    assert_eq!(fake.comments("Codertocat/Hello-World#1").len(), 1);
+}
+
+#[tokio::test]
+async fn review_output_posts_a_comment_review_and_closes_the_status_comment() {
+    let fake = FakeGitHub::start().await;
+    let w = setup(
+        &fake,
+        "#!/bin/sh\necho 'Looks good; one nit in README.'\n",
+        "pull_request.opened",
+        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"review\"\n[output]\nkind = \"review\"\n",
+        "token = \"env:GITHUB_TOKEN\"",
+    );
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver(&baton, "pull_request", "pull_request/opened.payload.json", "review-1").await;
+    assert_eq!(baton.finished(&id).await["state"], "succeeded");
+    eventually("the review", || !fake.reviews("Codertocat/Hello-World#2").is_empty()).await;
+    let review = &fake.requests_to("POST", "/repos/Codertocat/Hello-World/pulls/2/reviews")[0].body;
+    assert_eq!(review["event"], "COMMENT");
+    let body = review["body"].as_str().unwrap();
+    assert!(body.starts_with("Looks good; one nit in README.") && body.contains(&marker(&id)), "{body}");
+    eventually("the status comment to close", || {
+        fake.comments("Codertocat/Hello-World#2").iter().any(|c| c.body.contains("Done: the review is posted."))
+    })
+    .await;
+}
+
+/// An RSA key pair for the App: (private PEM, public PEM).
+fn app_keys() -> (String, String) {
+    use rsa::pkcs1::{EncodeRsaPrivateKey, EncodeRsaPublicKey, LineEnding};
+    let mut rng = rsa::rand_core::OsRng;
+    let private = rsa::RsaPrivateKey::new(&mut rng, 2048).expect("RSA key");
+    let public = rsa::RsaPublicKey::from(&private);
+    (private.to_pkcs1_pem(LineEnding::LF).expect("PEM").to_string(), public.to_pkcs1_pem(LineEnding::LF).expect("PEM"))
+}
+
+#[tokio::test]
+async fn as_a_github_app_a_check_run_goes_from_in_progress_to_its_conclusion() {
+    let (private_pem, public_pem) = app_keys();
+    let app = App { app_id: 4242, public_pem, installation: 1, token: "ghs_installationTokenFromTheFake01".into() };
+    let fake = FakeGitHub::start_with(Faults::default(), Some(app.clone())).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let key_file = scratch.path().join("app.pem");
+    std::fs::write(&key_file, &private_pem).unwrap();
+    let w = setup(
+        &fake,
+        "#!/bin/sh\necho 'All checks of the agent passed.'\n",
+        "pull_request.opened",
+        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"check\"\n[output]\nkind = \"check_run\"\n",
+        &format!("app_id = 4242\nprivate_key = \"file:{}\"", key_file.display()),
+    );
+    let baton = Baton::start(w.path(), &[]);
+    let id = deliver(&baton, "pull_request", "pull_request/opened.payload.json", "app-1").await;
+    assert_eq!(baton.finished(&id).await["state"], "succeeded");
+    let done = || fake.check_runs().iter().any(|r| r["status"] == "completed");
+    let seen = || {
+        let list = fake.requests.lock().unwrap();
+        list.iter().map(|r| format!("{} {} {} {}", r.method, r.path, r.status, r.body)).collect::<Vec<_>>().join("\n")
+    };
+    for _ in 0..200 {
+        if done() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(done(), "requests:\n{}\nlog:\n{}", seen(), baton.log_text());
+
+    // The JWT bought an installation token, and the writes used it (the
+    // fake answers 401 to anything else).
+    let tokens = fake.requests_to("POST", "/app/installations/1/access_tokens");
+    assert_eq!(tokens.len(), 1, "one token, cached for the later calls");
+    assert_eq!(tokens[0].status, 201, "the fake accepted the App's JWT");
+    let created = fake.requests_to("POST", "/repos/Codertocat/Hello-World/check-runs");
+    assert_eq!(created.len(), 1);
+    assert_eq!(created[0].body["status"], "in_progress");
+    assert_eq!(created[0].body["head_sha"], "ec26c3e57ca3a959ca5aad62de7213c562f8c821");
+    let auth = created[0].headers.get("authorization").unwrap().to_str().unwrap();
+    assert!(auth.ends_with(&app.token), "{auth}");
+    let runs = fake.check_runs();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0]["conclusion"], "success");
+    assert!(runs[0]["output"]["summary"].as_str().unwrap().starts_with("All checks of the agent passed."));
+    assert!(!baton.log_text().contains(&app.token), "the installation token never reaches the log");
+}
+
+#[tokio::test]
+async fn check_run_output_without_an_app_is_a_trigger_error() {
+    let fake = FakeGitHub::start().await;
+    let w = setup(
+        &fake,
+        "#!/bin/sh\ntrue\n",
+        "pull_request.opened",
+        "[job]\nagent = \"script\"\nprompt = \"x\"\n[output]\nkind = \"check_run\"\n",
+        "token = \"x\"",
+    );
+    let out = std::process::Command::new(crate::harness::BIN).args(["check"]).current_dir(w.path()).output().unwrap();
+    let err = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("work.toml:") && err.contains("needs a GitHub App"), "{err}");
+}
+
+/// A pull_request trigger over a script agent.
+fn pr_setup(fake: &FakeGitHub, agent_body: &str, output_extra: &str) -> Workdir {
+    setup(
+        fake,
+        agent_body,
+        "issues.opened",
+        &format!(
+            "[job]\nagent = \"script\"\nworkspace = \"default-branch\"\nprompt = \"fix\"\n\
+             [output]\nkind = \"pull_request\"\n{output_extra}\n"
+        ),
+        "token = \"env:GITHUB_TOKEN\"",
+    )
+}
+
+#[tokio::test]
+async fn pull_request_title_and_body_come_from_the_triggers_templates() {
+    let fake = FakeGitHub::start().await;
+    let w = pr_setup(
+        &fake,
+        "#!/bin/sh\nmkdir -p src && echo fixed > src/lib.txt\necho 'Fixed the spelling.'\n",
+        "title = \"Fix #{{ subject }}: {{ result }}\"\nbody = \"{{ result }}\\n\\nCloses #{{ subject }} (job {{ job.id }})\"\nallowed_paths = [\"src/**\"]",
+    );
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver(&baton, "issues", "issues/opened.payload.json", "tmpl-1").await;
+    assert_eq!(baton.finished(&id).await["state"], "succeeded");
+    eventually("the pull request", || !fake.posts("/repos/Codertocat/Hello-World/pulls").is_empty()).await;
+    let pr = &fake.posts("/repos/Codertocat/Hello-World/pulls")[0].body;
+    assert_eq!(pr["title"], "Fix #1: Fixed the spelling.");
+    let body = pr["body"].as_str().unwrap();
+    assert!(body.starts_with(&format!("Fixed the spelling.\n\nCloses #1 (job {id})")), "{body}");
+    assert!(body.contains(&marker(&id)));
+    eventually("the status comment to close", || {
+        fake.comments("Codertocat/Hello-World#1")
+            .iter()
+            .any(|c| c.body.contains("Done: the changes are in a pull request"))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_change_outside_allowed_paths_is_never_pushed() {
+    let fake = FakeGitHub::start().await;
+    let w = pr_setup(&fake, "#!/bin/sh\necho changed >> README.md\necho done\n", "allowed_paths = [\"src/**\"]");
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver(&baton, "issues", "issues/opened.payload.json", "paths-1").await;
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "failed");
+    assert!(job["error"].as_str().unwrap().contains("outside output.allowed_paths (README.md)"), "{job}");
+    let bare = w.path().join("remote/Codertocat/Hello-World.git");
+    assert_eq!(crate::harness::git(&bare, &["branch", "--list", "baton/*"]), "");
+    assert!(fake.posts("/repos/Codertocat/Hello-World/pulls").is_empty());
+}
+
+#[tokio::test]
+async fn a_change_carrying_a_secret_is_never_pushed() {
+    let fake = FakeGitHub::start().await;
+    let w = pr_setup(&fake, "#!/bin/sh\necho 'TOKEN=ghp_abcdefghijklmnopqrstuvwxyz0123456789' > .env\necho done\n", "");
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver(&baton, "issues", "issues/opened.payload.json", "secret-1").await;
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "failed");
+    assert!(job["error"].as_str().unwrap().contains("looks like a secret"), "{job}");
+    let bare = w.path().join("remote/Codertocat/Hello-World.git");
+    assert_eq!(crate::harness::git(&bare, &["branch", "--list", "baton/*"]), "");
+}
+
+#[tokio::test]
+async fn the_per_job_comment_cap_holds() {
+    let fake = FakeGitHub::start().await;
+    // A cap of one comment: the status comment uses it, so the result has
+    // to go into that comment, by edit — and a job without progress whose
+    // cap is zero posts nothing and says why.
+    let w = setup(
+        &fake,
+        "#!/bin/sh\necho result\n",
+        "issues.opened",
+        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nprogress = false\nmax_comments = 0\n",
+        "token = \"env:GITHUB_TOKEN\"",
+    );
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver(&baton, "issues", "issues/opened.payload.json", "cap-1").await;
+    assert_eq!(baton.finished(&id).await["state"], "succeeded");
+    let start = std::time::Instant::now();
+    let job = loop {
+        let job = baton.job(&id).await;
+        if job["publication"]["state"] == "failed" {
+            break job;
+        }
+        assert!(start.elapsed() < crate::harness::WAIT, "{job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(job["publication"]["error"].as_str().unwrap().contains("cap of 0 comments"), "{job}");
+    assert!(fake.comments("Codertocat/Hello-World#1").is_empty());
+}
+
+#[tokio::test]
+async fn catch_up_asks_github_to_redeliver_failed_deliveries_it_never_stored_once() {
+    let (private_pem, public_pem) = app_keys();
+    let app = App { app_id: 7, public_pem, installation: 1, token: "ghs_catchUpInstallationToken00001".into() };
+    let fake = FakeGitHub::start_with(Faults::default(), Some(app)).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let key_file = scratch.path().join("app.pem");
+    std::fs::write(&key_file, &private_pem).unwrap();
+    let w = setup(
+        &fake,
+        "#!/bin/sh\necho ok\n",
+        "issues.opened",
+        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
+        &format!("app_id = 7\nprivate_key = \"file:{}\"", key_file.display()),
+    );
+    // One delivery reached baton before.
+    let mut baton = Baton::start(w.path(), &[]);
+    deliver(&baton, "issues", "issues/opened.payload.json", "known-guid").await;
+    baton.kill9();
+
+    let ago = |h: i64| (chrono::Utc::now() - chrono::Duration::hours(h)).to_rfc3339();
+    let delivery = |id: u64, guid: &str, code: u64, at: String| serde_json::json!({ "id": id, "guid": guid, "status_code": code, "delivered_at": at, "event": "issues", "action": "opened" });
+    fake.set_hook_deliveries(vec![
+        delivery(1, "lost-guid", 502, ago(1)),
+        delivery(2, "known-guid", 0, ago(1)),
+        delivery(3, "fine-guid", 202, ago(1)),
+        delivery(4, "ancient-guid", 500, ago(24 * 4)),
+    ]);
+    let attempts = || fake.requests_to("POST", "/app/hook/deliveries/");
+    let mut baton = Baton::start(w.path(), &[]);
+    eventually("the redelivery request", || !attempts().is_empty()).await;
+    baton.kill9();
+    // A second start asks for nothing again.
+    let baton = Baton::start(w.path(), &[]);
+    eventually("the second start's catch-up", || fake.requests_to("GET", "/app/hook/deliveries").len() >= 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let paths: Vec<String> = attempts().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(paths, ["/app/hook/deliveries/1/attempts"]);
+    drop(baton);
+}
