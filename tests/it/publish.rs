@@ -350,3 +350,29 @@ async fn catch_up_asks_github_to_redeliver_failed_deliveries_it_never_stored_onc
     assert_eq!(paths, ["/app/hook/deliveries/1/attempts"]);
     drop(baton);
 }
+
+#[tokio::test]
+async fn a_job_interrupted_by_a_daemon_crash_still_ends_its_one_status_comment() {
+    let fake = FakeGitHub::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let go = state.path().join("go");
+    let w = setup(
+        &fake,
+        &format!("#!/bin/sh\nwhile [ ! -f {} ]; do sleep 0.1; done\necho 'finished after the restart'\n", go.display()),
+        "issues.opened",
+        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n",
+        "token = \"env:GITHUB_TOKEN\"",
+    );
+    let mut baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver(&baton, "issues", "issues/opened.payload.json", "crash-status-1").await;
+    eventually("the status comment", || !fake.comments("Codertocat/Hello-World#1").is_empty()).await;
+    baton.kill9();
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(baton.finished(&id).await["state"], "succeeded");
+    eventually("the status comment to carry the result", || {
+        fake.comments("Codertocat/Hello-World#1").iter().any(|c| c.body.starts_with("finished after the restart"))
+    })
+    .await;
+    assert_eq!(fake.comments("Codertocat/Hello-World#1").len(), 1, "the rerun posted no second status comment");
+}
