@@ -61,9 +61,9 @@ pub async fn serve(
             "Publishing is off: no GitHub credentials (set github.token, or GITHUB_TOKEN, or github.app_id and github.private_key). Results stay on each job."
         ),
     }
-    let github = credentials.clone().map(|c| GitHub::new(&config.github.api_url, c));
-    let config = Arc::new(config);
     let metrics: Arc<crate::metrics::Metrics> = Arc::default();
+    let github = credentials.clone().map(|c| GitHub::new(&config.github.api_url, c, Some(metrics.clone())));
+    let config = Arc::new(config);
     let wake = Arc::new(Notify::new());
     let publish_wake = Arc::new(Notify::new());
     let engine = Arc::new(Engine::new(

@@ -18,12 +18,13 @@ struct Histogram {
 }
 
 /// The daemon's metrics; shared by ingress, engine and publisher.
-#[derive(Default)]
 pub struct Metrics {
     deliveries: Mutex<BTreeMap<(String, &'static str), u64>>,
     jobs: Mutex<BTreeMap<(String, &'static str), u64>>,
     durations: Mutex<BTreeMap<String, Histogram>>,
     publishes: Mutex<BTreeMap<&'static str, u64>>,
+    /// GitHub's `X-RateLimit-Remaining` on its latest answer; -1 until one.
+    rate_limit_remaining: std::sync::atomic::AtomicI64,
 }
 
 fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
@@ -35,7 +36,25 @@ fn label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            deliveries: Mutex::default(),
+            jobs: Mutex::default(),
+            durations: Mutex::default(),
+            publishes: Mutex::default(),
+            rate_limit_remaining: std::sync::atomic::AtomicI64::new(-1),
+        }
+    }
+}
+
 impl Metrics {
+    /// What GitHub said is left of the rate limit.
+    pub fn rate_limit_remaining(&self, remaining: u64) {
+        let v = i64::try_from(remaining).unwrap_or(i64::MAX);
+        self.rate_limit_remaining.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// A delivery answered: `accepted`, `duplicate` or `failed` (not stored).
     pub fn delivery(&self, event: &str, outcome: &'static str) {
         bump(&self.deliveries, (event.to_string(), outcome));
@@ -92,10 +111,16 @@ impl Metrics {
         for (outcome, n) in self.publishes.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let _ = writeln!(out, "baton_publish_attempts_total{{outcome=\"{outcome}\"}} {n}");
         }
+        let remaining = self.rate_limit_remaining.load(std::sync::atomic::Ordering::Relaxed);
         for (name, help, v) in [
-            ("baton_queue_depth", "Jobs waiting to run.", queued as u64),
-            ("baton_jobs_running", "Jobs running now.", running as u64),
-            ("baton_store_size_bytes", "Size of the store on disk.", store_bytes),
+            ("baton_queue_depth", "Jobs waiting to run.", queued as i64),
+            ("baton_jobs_running", "Jobs running now.", running as i64),
+            ("baton_store_size_bytes", "Size of the store on disk.", store_bytes as i64),
+            (
+                "baton_github_rate_limit_remaining",
+                "Requests GitHub's rate limit still allows (its latest X-RateLimit-Remaining; -1 before any call).",
+                remaining,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
@@ -120,5 +145,8 @@ mod tests {
         assert!(text.contains("baton_job_duration_seconds_bucket{trigger=\"investigate\",le=\"1\"} 0"));
         assert!(text.contains("baton_job_duration_seconds_bucket{trigger=\"investigate\",le=\"5\"} 1"));
         assert!(text.contains("baton_queue_depth 2\n") && text.contains("baton_store_size_bytes 4096"));
+        assert!(text.contains("baton_github_rate_limit_remaining -1\n"));
+        m.rate_limit_remaining(4999);
+        assert!(m.render(0, 0, 0).contains("baton_github_rate_limit_remaining 4999\n"));
     }
 }

@@ -125,16 +125,26 @@ async fn list_jobs(State(s): State<Api>, Query(q): Query<HashMap<String, String>
             return error(StatusCode::BAD_REQUEST, "state must be one of queued, running, succeeded, failed, cancelled")
         }
     };
+    let before = match q.get("cursor").map(|c| c.parse::<u64>()) {
+        None => None,
+        Some(Ok(seq)) => Some(seq),
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "cursor must be the `next` of an earlier page"),
+    };
     let query = JobQuery {
         delivery: q.get("delivery").cloned(),
         state,
         trigger: q.get("trigger").cloned(),
         repo: q.get("repo").cloned(),
         limit,
+        before,
     };
     let store = s.store.clone();
     match tokio::task::spawn_blocking(move || store.list_jobs(&query)).await {
-        Ok(Ok(jobs)) => Json(json!({ "jobs": jobs })).into_response(),
+        Ok(Ok(jobs)) => {
+            // A full page may have more behind it: `next` resumes after its last job.
+            let next = (jobs.len() == limit).then(|| jobs.last().map(|j| j.seq.to_string())).flatten();
+            Json(json!({ "jobs": jobs, "next": next })).into_response()
+        }
         Ok(Err(e)) => store_error(e),
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "listing jobs failed"),
     }
@@ -148,17 +158,93 @@ async fn show_job(State(s): State<Api>, Path(id): Path<String>) -> Response {
     }
 }
 
-async fn job_log(State(s): State<Api>, Path(id): Path<String>) -> Response {
+async fn job_log(State(s): State<Api>, Path(id): Path<String>, headers: axum::http::HeaderMap) -> Response {
     match s.store.job(&id) {
         Ok(Some(_)) => {}
         Ok(None) => return error(StatusCode::NOT_FOUND, format!("job {id} not found")),
         Err(e) => return store_error(e),
+    }
+    let wants_events =
+        headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
+    if wants_events {
+        return log_events(s, id);
     }
     let path = s.engine.job_dir(&id).join("log");
     let text = tokio::fs::read(&path).await.unwrap_or_default();
     // The log is the agent's raw output; what leaves the daemon is scrubbed.
     let text = s.engine.redact(&String::from_utf8_lossy(&text));
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
+}
+
+/// How often a followed log is checked for new lines.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The job's log as Server-Sent Events: what is there, then each new line as
+/// it is written (one `data:` per line), and `event: end` with the job's
+/// final state once it has ended and every line has been sent.
+fn log_events(s: Api, id: String) -> Response {
+    struct Follow {
+        s: Api,
+        id: String,
+        path: std::path::PathBuf,
+        offset: u64,
+        done: bool,
+    }
+    let path = s.engine.job_dir(&id).join("log");
+    let start = Follow { s, id, path, offset: 0, done: false };
+    let stream = futures_util::stream::unfold(start, |mut f| async move {
+        if f.done {
+            return None;
+        }
+        loop {
+            let state = f.s.store.job(&f.id).ok().flatten().map(|j| j.state);
+            let ended = state.is_none_or(|st| st.is_final());
+            // Whole lines while the job runs; everything once it has ended.
+            let text = read_from(&f.path, f.offset, !ended).await;
+            if !text.is_empty() {
+                f.offset += text.len() as u64;
+                let text = f.s.engine.redact(&String::from_utf8_lossy(&text));
+                let mut event = String::new();
+                for line in text.trim_end_matches('\n').split('\n') {
+                    event.push_str("data: ");
+                    event.push_str(line.trim_end_matches('\r'));
+                    event.push('\n');
+                }
+                event.push('\n');
+                return Some((Ok::<_, std::convert::Infallible>(event), f));
+            }
+            if ended {
+                f.done = true;
+                let state = state.map_or("gone", |st| st.as_str());
+                return Some((Ok(format!("event: end\ndata: {state}\n\n")), f));
+            }
+            tokio::time::sleep(FOLLOW_EVERY).await;
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(axum::body::Body::from_stream(stream))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "log stream failed"))
+}
+
+/// The bytes of `path` from `offset`: up to the last newline when
+/// `whole_lines`, else all of them.
+async fn read_from(path: &std::path::Path, offset: u64, whole_lines: bool) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let Ok(mut file) = tokio::fs::File::open(path).await else { return Vec::new() };
+    if file.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    if file.read_to_end(&mut buf).await.is_err() {
+        return Vec::new();
+    }
+    if whole_lines {
+        let end = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        buf.truncate(end);
+    }
+    buf
 }
 
 async fn cancel_job(State(s): State<Api>, Path(id): Path<String>) -> Response {

@@ -61,11 +61,12 @@ pub struct GitHub {
     credentials: Arc<Credentials>,
     /// One client per token: installation tokens rotate.
     clients: Mutex<HashMap<String, Octocrab>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl GitHub {
-    pub fn new(api_url: &str, credentials: Arc<Credentials>) -> GitHub {
-        GitHub { api_url: api_url.to_string(), credentials, clients: Mutex::new(HashMap::new()) }
+    pub fn new(api_url: &str, credentials: Arc<Credentials>, metrics: Option<Arc<crate::metrics::Metrics>>) -> GitHub {
+        GitHub { api_url: api_url.to_string(), credentials, clients: Mutex::new(HashMap::new()), metrics }
     }
 
     async fn client(&self, installation: Option<u64>, repo: &str) -> Result<Octocrab, GitHubError> {
@@ -89,15 +90,51 @@ impl GitHub {
     }
 
     async fn post(&self, at: (Option<u64>, &str), route: &str, body: Value) -> Result<Value, GitHubError> {
-        self.client(at.0, at.1).await?.post(route, Some(&body)).await.map_err(classify)
+        self.call(at, axum::http::Method::POST, route, Some(body)).await
     }
 
     async fn patch(&self, at: (Option<u64>, &str), route: &str, body: Value) -> Result<Value, GitHubError> {
-        self.client(at.0, at.1).await?.patch(route, Some(&body)).await.map_err(classify)
+        self.call(at, axum::http::Method::PATCH, route, Some(body)).await
     }
 
     async fn get(&self, at: (Option<u64>, &str), route: &str) -> Result<Value, GitHubError> {
-        self.client(at.0, at.1).await?.get(route, None::<&()>).await.map_err(classify)
+        self.call(at, axum::http::Method::GET, route, None).await
+    }
+
+    /// One request, raw so the rate-limit headers can be read off every answer.
+    async fn call(
+        &self,
+        at: (Option<u64>, &str),
+        method: axum::http::Method,
+        route: &str,
+        body: Option<Value>,
+    ) -> Result<Value, GitHubError> {
+        let crab = self.client(at.0, at.1).await?;
+        let sent = match method {
+            axum::http::Method::POST => crab._post(route, body.as_ref()).await,
+            axum::http::Method::PATCH => crab._patch(route, body.as_ref()).await,
+            _ => crab._get(route).await,
+        };
+        let response = sent.map_err(classify)?;
+        let remaining = response
+            .headers()
+            .get("x-ratelimit-remaining")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if let (Some(remaining), Some(metrics)) = (remaining, &self.metrics) {
+            metrics.rate_limit_remaining(remaining);
+        }
+        let response = octocrab::map_github_error(response).await.map_err(classify)?;
+        let text = crab.body_to_string(response).await.map_err(classify)?;
+        if text.trim().is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_str(&text).map_err(|_| GitHubError {
+            message: "GitHub's answer was not JSON".into(),
+            retryable: true,
+            retry_after: None,
+            maybe_applied: true,
+        })
     }
 
     /// Posts a comment on an issue or pull request.

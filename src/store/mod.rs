@@ -338,6 +338,8 @@ pub struct JobQuery {
     pub trigger: Option<String>,
     pub repo: Option<String>,
     pub limit: usize,
+    /// Only jobs created before this one (its `seq`): the page after it.
+    pub before: Option<u64>,
 }
 
 impl Store {
@@ -558,11 +560,15 @@ impl Store {
                 }
             }
             out.sort_by_key(|j| std::cmp::Reverse(j.seq));
-            out.retain(|j| q.matches(j));
+            out.retain(|j| q.matches(j) && q.before.is_none_or(|b| j.seq < b));
             out.truncate(q.limit);
             return Ok(out);
         }
-        for entry in self.job_index.iter().rev() {
+        let entries = match q.before {
+            Some(seq) => self.job_index.range(..seq_key(seq).as_slice()),
+            None => self.job_index.iter(),
+        };
+        for entry in entries.rev() {
             let (_, id) = entry?;
             let Some(bytes) = self.jobs.get(&id)? else {
                 continue;
@@ -810,6 +816,12 @@ impl Store {
                 };
                 if p.purpose == Purpose::Final {
                     job.publication = Some(p.summary());
+                    if let (PublicationState::Published, Some(ended)) = (p.state, job.finished_at) {
+                        let ms = (Utc::now() - ended).num_milliseconds().max(0) as u64;
+                        if let Some(last) = job.history.last_mut() {
+                            last.phases.publish_ms = Some(ms);
+                        }
+                    }
                 }
                 if p.state == PublicationState::Published {
                     match p.purpose {

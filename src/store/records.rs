@@ -106,6 +106,9 @@ pub struct Phases {
     pub prepare_ms: Option<u64>,
     pub run_ms: Option<u64>,
     pub verify_ms: Option<u64>,
+    /// From the job's end to its result landing on GitHub.
+    #[serde(default)]
+    pub publish_ms: Option<u64>,
 }
 
 /// A job: one trigger's work for one delivery.

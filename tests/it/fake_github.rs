@@ -189,9 +189,14 @@ fn handle(st: &mut State, method: &Method, path: &str, query: &str, headers: &He
         }
         lost_answer = st.faults.fail_every_nth_write.is_some_and(|n| st.writes % n == 0);
     }
-    let response = route(st, method, &parts, query, body);
+    let mut response = route(st, method, &parts, query, body);
     if lost_answer {
         return answer(StatusCode::BAD_GATEWAY, json!({ "message": "Server Error" }));
+    }
+    // GitHub counts down its rate limit on every answer.
+    let left = 5000usize.saturating_sub(st.writes);
+    if let Ok(v) = left.to_string().parse() {
+        response.headers_mut().insert("x-ratelimit-remaining", v);
     }
     response
 }

@@ -3,6 +3,7 @@
 //! what it is sent. One test crate, so it links once.
 
 mod agent;
+mod api;
 mod approve;
 mod chain;
 mod config_cli;

@@ -84,6 +84,11 @@ async fn with_lost_answers_and_rate_limits_each_job_lands_exactly_one_comment_ed
         assert_eq!(mine.len(), 1, "{id}: {comments:#?}");
         assert!(mine[0].body.starts_with(&format!("result of {id}")), "{}", mine[0].body);
     }
+    // The rate limit GitHub reports is a gauge.
+    let metrics = reqwest::get(format!("{}/metrics", baton.url)).await.unwrap().text().await.unwrap();
+    let gauge = metrics.lines().find(|l| l.starts_with("baton_github_rate_limit_remaining ")).unwrap_or_default();
+    let left: i64 = gauge.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(-1);
+    assert!((4000..5000).contains(&left), "{gauge}");
     // The faults really happened.
     let statuses: Vec<u16> = fake.requests.lock().unwrap().iter().map(|r| r.status).collect();
     assert!(statuses.contains(&502) && statuses.contains(&403), "{statuses:?}");

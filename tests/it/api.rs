@@ -1,0 +1,92 @@
+//! The job API: cursor pagination and the live log as Server-Sent Events.
+
+use serde_json::Value;
+
+use crate::harness::{fixture, Baton, Workdir};
+
+const SECRET: &str = "api-secret";
+
+fn daemon(agent: &str) -> (Workdir, Baton) {
+    let w = Workdir::new();
+    let script = w.script("agent.sh", agent);
+    w.config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.script]\ncommand = [\"{}\"]\n",
+        script.display()
+    ));
+    w.trigger(
+        "work",
+        "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
+    );
+    let baton = Baton::start(w.path(), &[]);
+    (w, baton)
+}
+
+async fn deliver(baton: &Baton, delivery: &str) -> String {
+    let (status, body) = baton.deliver(SECRET, "issues", delivery, &fixture("issues/opened.payload.json")).await;
+    assert_eq!(status, 202, "{body}");
+    body["jobs"][0].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn job_listings_page_with_a_cursor() {
+    let (_w, baton) = daemon("#!/bin/sh\necho ok\n");
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(deliver(&baton, &format!("page-{n}")).await);
+    }
+    ids.reverse(); // the listing is newest first
+    let mut seen = Vec::new();
+    let mut path = "/api/jobs?limit=2".to_string();
+    let mut pages = 0;
+    loop {
+        let (status, page) = baton.get(&path).await;
+        assert_eq!(status, 200, "{page}");
+        pages += 1;
+        seen.extend(page["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()));
+        match &page["next"] {
+            Value::String(next) => path = format!("/api/jobs?limit=2&cursor={next}"),
+            Value::Null => break,
+            other => panic!("next: {other}"),
+        }
+        assert!(pages < 10);
+    }
+    assert_eq!(seen, ids);
+    assert_eq!(pages, 3);
+    let (status, answer) = baton.get("/api/jobs?cursor=nope").await;
+    assert_eq!(status, 400, "{answer}");
+}
+
+#[tokio::test]
+async fn the_log_streams_live_as_server_sent_events() {
+    let (w, baton) = daemon("#!/bin/sh\necho first line\nsleep 1\necho second line\nsleep 0.3\necho third line\n");
+    let _ = w;
+    let id = deliver(&baton, "sse-1").await;
+    let resp = reqwest::Client::new()
+        .get(format!("{}/api/jobs/{id}/log", baton.url))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let mut resp = resp;
+    let mut text = String::new();
+    let mut live = false;
+    let deadline = std::time::Instant::now() + crate::harness::WAIT;
+    while !text.contains("event: end") {
+        assert!(std::time::Instant::now() < deadline, "stream did not end: {text}");
+        let Some(chunk) = resp.chunk().await.unwrap() else { break };
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        if text.contains("data: first line") && !text.contains("second line") {
+            // The first line arrived while the agent still ran.
+            live |= baton.job(&id).await["state"] == "running";
+        }
+    }
+    assert!(live, "the log was not followed live: {text}");
+    let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    let first = data.iter().position(|l| *l == "first line").expect("first");
+    let second = data.iter().position(|l| *l == "second line").expect("second");
+    let third = data.iter().position(|l| *l == "third line").expect("third");
+    assert!(first < second && second < third, "{data:?}");
+    assert!(text.ends_with("event: end\ndata: succeeded\n\n"), "{text}");
+}
