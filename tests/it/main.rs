@@ -5,9 +5,11 @@
 mod agent;
 mod api;
 mod approve;
+mod browser;
 mod chain;
 mod config_cli;
 mod crash;
+mod deploy;
 mod e2e;
 mod fake_github;
 mod groups;
