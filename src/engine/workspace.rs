@@ -359,6 +359,11 @@ impl Workspaces {
             self.discard(&prepared.path, Some(&mirror)).await;
             return;
         }
+        // The index written at checkout is older than nothing in the tree
+        // ("racily clean"), so the next checkout would re-hash every file:
+        // refreshing it now, off the next job's clock, saves that (0.5 s for
+        // 80 MB). It exits 1 when files changed; the reset takes care of them.
+        let _ = git(&prepared.path, &["update-index", "-q", "--refresh"], None).await;
         let evicted = {
             let mut idle = self.idle();
             idle.push_back(Idle { repo, path: prepared.path, mirror });
