@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::harness::{fixture, WAIT};
 
-const LEASE: Duration = Duration::from_millis(300);
+const LEASE: Duration = Duration::from_secs(1);
 
 struct Setup {
     _dirs: (tempfile::TempDir, tempfile::TempDir),
@@ -91,7 +91,7 @@ async fn a_claim_whose_worker_is_gone_is_taken_back_when_its_lease_lapses() {
 #[tokio::test]
 async fn a_worker_renews_its_lease_for_as_long_as_its_job_runs() {
     // The agent runs for several leases.
-    let s = setup("1.5").await;
+    let s = setup("3.5").await;
     let id = s.store.queued().next().unwrap().unwrap().id;
     let stop = CancellationToken::new();
     let dispatcher = tokio::spawn(s.engine.clone().run(stop.clone()));

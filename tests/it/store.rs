@@ -147,9 +147,9 @@ async fn a_lease_lapses_unless_renewed() {
     let store = Store::open(dir.path()).unwrap();
     store.accept(delivery("l", Duration::zero()), vec![spec("t")]).await.unwrap();
     let entry = store.queued().next().unwrap().unwrap();
-    let job = store.claim(&entry, std::time::Duration::from_millis(50)).await.unwrap().unwrap();
+    let job = store.claim(&entry, std::time::Duration::from_millis(500)).await.unwrap().unwrap();
     assert!(store.expired_leases().unwrap().is_empty(), "fresh lease");
-    tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     assert_eq!(store.expired_leases().unwrap(), vec![job.id.clone()]);
     store.renew_lease(&job.id, LEASE).unwrap();
     assert!(store.expired_leases().unwrap().is_empty(), "renewed");
