@@ -266,76 +266,49 @@ fn apply_tuning(def: &mut AgentDef, preset: Option<Preset>, raw: &RawAgent) -> R
             return Err("budget_usd must be a positive amount".into());
         }
     }
-    let unsupported = |key: &str| -> Result<(), String> {
-        Err(format!("`{key}` is not supported by the {} CLI; remove it", preset.name()))
-    };
-    let mut flags: Vec<String> = Vec::new();
-    let model = |flags: &mut Vec<String>| {
-        if let Some(m) = &raw.model {
-            flags.extend(["--model".to_string(), m.clone()]);
+    // Only Claude Code has flags for turns and budget.
+    if preset != Preset::Claude {
+        let given = [raw.max_turns.map(|_| "max_turns"), raw.budget_usd.map(|_| "budget_usd")];
+        if let Some(key) = given.into_iter().flatten().next() {
+            return Err(format!("`{key}` is not supported by the {} CLI; remove it", preset.name()));
         }
-    };
-    match preset {
-        Preset::Claude => {
-            model(&mut flags);
+    }
+    let mut flags: Vec<String> = Vec::new();
+    if let Some(m) = &raw.model {
+        flags.extend(["--model".to_string(), m.clone()]);
+    }
+    match (preset, &raw.base_url) {
+        (Preset::Claude, url) => {
             if let Some(n) = raw.max_turns {
                 flags.extend(["--max-turns".to_string(), n.to_string()]);
             }
             if let Some(b) = raw.budget_usd {
                 flags.extend(["--max-budget-usd".to_string(), b.to_string()]);
             }
-            if let Some(url) = &raw.base_url {
+            if let Some(url) = url {
                 def.vars.insert("ANTHROPIC_BASE_URL".into(), url.clone());
             }
         }
-        Preset::Codex => {
-            if raw.max_turns.is_some() {
-                return unsupported("max_turns");
-            }
-            if raw.budget_usd.is_some() {
-                return unsupported("budget_usd");
-            }
-            model(&mut flags);
-            // Codex's built-in provider ignores OPENAI_BASE_URL: a gateway is
-            // a custom provider. `{ ` never forms a minijinja `{{`.
-            if let Some(url) = &raw.base_url {
-                // A JSON string is also a valid TOML basic string.
-                let url = serde_json::Value::String(url.clone()).to_string();
-                flags.extend([
-                    "-c".to_string(),
-                    "model_provider=baton".to_string(),
-                    "-c".to_string(),
-                    format!(
-                        "model_providers.baton={{ name = \"baton\", base_url = {url}, wire_api = \"responses\", \
-                         env_key = \"OPENAI_API_KEY\" }}"
-                    ),
-                ]);
-            }
+        // Codex's built-in provider ignores OPENAI_BASE_URL: a gateway is a
+        // custom provider. `{ ` never forms a minijinja `{{`, and a JSON
+        // string is also a valid TOML basic string.
+        (Preset::Codex, Some(url)) => {
+            let url = serde_json::Value::String(url.clone()).to_string();
+            flags.extend([
+                "-c".to_string(),
+                "model_provider=baton".to_string(),
+                "-c".to_string(),
+                format!(
+                    "model_providers.baton={{ name = \"baton\", base_url = {url}, wire_api = \"responses\", \
+                     env_key = \"OPENAI_API_KEY\" }}"
+                ),
+            ]);
         }
-        Preset::Gemini => {
-            if raw.max_turns.is_some() {
-                return unsupported("max_turns");
-            }
-            if raw.budget_usd.is_some() {
-                return unsupported("budget_usd");
-            }
-            model(&mut flags);
-            if let Some(url) = &raw.base_url {
-                def.vars.insert("GOOGLE_GEMINI_BASE_URL".into(), url.clone());
-            }
+        (Preset::Gemini, Some(url)) => {
+            def.vars.insert("GOOGLE_GEMINI_BASE_URL".into(), url.clone());
         }
-        Preset::Aider => {
-            if raw.max_turns.is_some() {
-                return unsupported("max_turns");
-            }
-            if raw.budget_usd.is_some() {
-                return unsupported("budget_usd");
-            }
-            model(&mut flags);
-            if let Some(url) = &raw.base_url {
-                flags.extend(["--openai-api-base".to_string(), url.clone()]);
-            }
-        }
+        (Preset::Aider, Some(url)) => flags.extend(["--openai-api-base".to_string(), url.clone()]),
+        (_, None) => {}
     }
     // Options go before any positional argument: after the program, and
     // after Codex's `exec` subcommand.

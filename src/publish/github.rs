@@ -33,6 +33,14 @@ impl GitHubError {
     }
 }
 
+/// Where baton looks for its marker before re-sending a create.
+#[derive(Debug, Clone, Copy)]
+pub enum Listing<'a> {
+    IssueComments(u64),
+    CommitComments(&'a str),
+    Reviews(u64),
+}
+
 /// A check run to create.
 pub struct CheckRun<'a> {
     pub sha: &'a str,
@@ -137,6 +145,23 @@ impl GitHub {
         })
     }
 
+    /// The newest item of `listing` whose body carries `marker`.
+    pub async fn find(
+        &self,
+        inst: Option<u64>,
+        repo: &str,
+        listing: Listing<'_>,
+        marker: &str,
+    ) -> Result<Option<Created>, GitHubError> {
+        let route = match listing {
+            Listing::IssueComments(n) => format!("/repos/{repo}/issues/{n}/comments?per_page=100"),
+            Listing::CommitComments(sha) => format!("/repos/{repo}/commits/{sha}/comments?per_page=100"),
+            Listing::Reviews(n) => format!("/repos/{repo}/pulls/{n}/reviews?per_page=100"),
+        };
+        let list = self.get((inst, repo), &route).await?;
+        Ok(find_marked(&list, marker))
+    }
+
     /// Posts a comment on an issue or pull request.
     pub async fn create_comment(
         &self,
@@ -164,18 +189,6 @@ impl GitHub {
         Ok(created(&v))
     }
 
-    /// The newest comment on an issue or PR that carries `marker`.
-    pub async fn find_comment(
-        &self,
-        inst: Option<u64>,
-        repo: &str,
-        number: u64,
-        marker: &str,
-    ) -> Result<Option<Created>, GitHubError> {
-        let list = self.get((inst, repo), &format!("/repos/{repo}/issues/{number}/comments?per_page=100")).await?;
-        Ok(find_marked(&list, marker))
-    }
-
     /// Posts a comment on a commit.
     pub async fn commit_comment(
         &self,
@@ -187,17 +200,6 @@ impl GitHub {
         let v =
             self.post((inst, repo), &format!("/repos/{repo}/commits/{sha}/comments"), json!({ "body": body })).await?;
         Ok(created(&v))
-    }
-
-    pub async fn find_commit_comment(
-        &self,
-        inst: Option<u64>,
-        repo: &str,
-        sha: &str,
-        marker: &str,
-    ) -> Result<Option<Created>, GitHubError> {
-        let list = self.get((inst, repo), &format!("/repos/{repo}/commits/{sha}/comments?per_page=100")).await?;
-        Ok(find_marked(&list, marker))
     }
 
     /// 👀 on a comment, or on the issue or PR itself. GitHub answers a
@@ -227,17 +229,6 @@ impl GitHub {
             )
             .await?;
         Ok(created(&v))
-    }
-
-    pub async fn find_review(
-        &self,
-        inst: Option<u64>,
-        repo: &str,
-        number: u64,
-        marker: &str,
-    ) -> Result<Option<Created>, GitHubError> {
-        let list = self.get((inst, repo), &format!("/repos/{repo}/pulls/{number}/reviews?per_page=100")).await?;
-        Ok(find_marked(&list, marker))
     }
 
     /// Opens a pull request; one already open for the branch (a re-run

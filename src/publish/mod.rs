@@ -21,7 +21,7 @@ pub use body::{
     comment_body, conclusion, marker, pull_request_body, pull_request_title, status_end_body, status_start_body,
 };
 pub use github::GitHub;
-use github::GitHubError;
+use github::{GitHubError, Listing};
 
 /// Publications give up after this many tries.
 const MAX_ATTEMPTS: u32 = 12;
@@ -147,12 +147,8 @@ impl Publisher {
             Target::Reaction { number, comment_id } => done(gh.react(inst, repo, number, comment_id).await?),
             Target::StatusComment { number } => {
                 let status = body::status_marker(&job.id);
-                if p.maybe_sent {
-                    if let Some(found) = gh.find_comment(inst, repo, number, &status).await? {
-                        return done(found);
-                    }
-                }
-                self.create(p, job, CapKind::Comment, gh.create_comment(inst, repo, number, &body)).await
+                let look = Some((Listing::IssueComments(number), status.as_str()));
+                self.create(p, job, CapKind::Comment, look, gh.create_comment(inst, repo, number, &body)).await
             }
             Target::EditStatus { number } => {
                 if let Some(id) = job.progress.status_comment {
@@ -162,41 +158,25 @@ impl Publisher {
                     return Ok(Outcome::Wait);
                 }
                 // The status comment never landed: say it in a new one.
-                if p.maybe_sent {
-                    if let Some(found) = gh.find_comment(inst, repo, number, &result_marker).await? {
-                        return done(found);
-                    }
-                }
-                self.create(p, job, CapKind::Comment, gh.create_comment(inst, repo, number, &body)).await
+                let look = Some((Listing::IssueComments(number), result_marker.as_str()));
+                self.create(p, job, CapKind::Comment, look, gh.create_comment(inst, repo, number, &body)).await
             }
             Target::IssueComment { number } => {
-                if p.maybe_sent {
-                    if let Some(found) = gh.find_comment(inst, repo, number, &result_marker).await? {
-                        return done(found);
-                    }
-                }
-                self.create(p, job, CapKind::Comment, gh.create_comment(inst, repo, number, &body)).await
+                let look = Some((Listing::IssueComments(number), result_marker.as_str()));
+                self.create(p, job, CapKind::Comment, look, gh.create_comment(inst, repo, number, &body)).await
             }
             Target::CommitComment { sha } => {
-                if p.maybe_sent {
-                    if let Some(found) = gh.find_commit_comment(inst, repo, &sha, &result_marker).await? {
-                        return done(found);
-                    }
-                }
-                self.create(p, job, CapKind::Comment, gh.commit_comment(inst, repo, &sha, &body)).await
+                let look = Some((Listing::CommitComments(&sha), result_marker.as_str()));
+                self.create(p, job, CapKind::Comment, look, gh.commit_comment(inst, repo, &sha, &body)).await
             }
             Target::Review { number } => {
-                if p.maybe_sent {
-                    if let Some(found) = gh.find_review(inst, repo, number, &result_marker).await? {
-                        return done(found);
-                    }
-                }
-                self.create(p, job, CapKind::Comment, gh.review(inst, repo, number, &body)).await
+                let look = Some((Listing::Reviews(number), result_marker.as_str()));
+                self.create(p, job, CapKind::Comment, look, gh.review(inst, repo, number, &body)).await
             }
             Target::PullRequest { head, base, title } => {
                 // GitHub refuses a second PR for one branch: no marker needed.
                 let sent = gh.pull_request(inst, repo, &title, &head, &base, &body);
-                self.create(p, job, CapKind::PullRequest, sent).await
+                self.create(p, job, CapKind::PullRequest, None, sent).await
             }
             Target::CheckRun { head_sha, name, conclusion } => {
                 let summary = body.clone();
@@ -214,7 +194,7 @@ impl Publisher {
                             conclusion: None,
                             summary: &summary,
                         };
-                        self.create(p, job, CapKind::None, gh.create_check_run(inst, repo, &run)).await
+                        self.create(p, job, CapKind::None, None, gh.create_check_run(inst, repo, &run)).await
                     }
                     Some(conclusion) => {
                         let id = match job.progress.check_run {
@@ -234,7 +214,7 @@ impl Publisher {
                                     conclusion: Some(&conclusion),
                                     summary: &summary,
                                 };
-                                self.create(p, job, CapKind::None, gh.create_check_run(inst, repo, &run)).await
+                                self.create(p, job, CapKind::None, None, gh.create_check_run(inst, repo, &run)).await
                             }
                         }
                     }
@@ -244,14 +224,22 @@ impl Publisher {
     }
 
     /// Sends a create within the job's caps, marking the publication as
-    /// maybe sent (durably) before the request leaves.
+    /// maybe sent (durably) before the request leaves. When an earlier try's
+    /// answer was lost, `look` finds what it made instead.
     async fn create(
         &self,
         p: &mut Publication,
         job: &Job,
         kind: CapKind,
+        look: Option<(Listing<'_>, &str)>,
         send: impl std::future::Future<Output = Result<github::Created, GitHubError>>,
     ) -> Result<Outcome, GitHubError> {
+        if let (true, Some((listing, marker))) = (p.maybe_sent, look) {
+            let repo = p.repo.clone();
+            if let Some(made) = self.github.find(p.installation, &repo, listing, marker).await? {
+                return Ok(Outcome::Done { made, created: kind != CapKind::None });
+            }
+        }
         let opts = &job.spec.output_options;
         let over = match kind {
             CapKind::Comment => (job.progress.comments >= opts.max_comments)
