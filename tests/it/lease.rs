@@ -54,16 +54,22 @@ async fn setup(sleep: &str) -> Setup {
     Setup { _dirs: (data, triggers), store, engine: Arc::new(engine), runs }
 }
 
-async fn finished(store: &Store, id: &str) -> baton::store::Job {
+/// Runs the dispatcher until job `id` has ended; returns the job.
+async fn run_until_finished(s: &Setup, id: &str) -> baton::store::Job {
+    let stop = CancellationToken::new();
+    let dispatcher = tokio::spawn(s.engine.clone().run(stop.clone()));
     let start = std::time::Instant::now();
-    loop {
-        let job = store.job(id).unwrap().unwrap();
+    let job = loop {
+        let job = s.store.job(id).unwrap().unwrap();
         if job.state.is_final() {
-            return job;
+            break job;
         }
         assert!(start.elapsed() < WAIT, "job did not finish: {job:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
+    stop.cancel();
+    let _ = dispatcher.await;
+    job
 }
 
 fn runs(path: &Path) -> usize {
@@ -76,11 +82,7 @@ async fn a_claim_whose_worker_is_gone_is_taken_back_when_its_lease_lapses() {
     // Claimed as a worker would, and then the worker is never heard of again.
     let entry = s.store.queued().next().unwrap().unwrap();
     let id = s.store.claim(&entry, LEASE).await.unwrap().unwrap().id;
-    let stop = CancellationToken::new();
-    let dispatcher = tokio::spawn(s.engine.clone().run(stop.clone()));
-    let job = finished(&s.store, &id).await;
-    stop.cancel();
-    let _ = dispatcher.await;
+    let job = run_until_finished(&s, &id).await;
     assert_eq!(job.state.to_string(), "succeeded", "{job:?}");
     assert_eq!(job.history.len(), 2, "{job:?}");
     assert_eq!(job.history[0].outcome.as_deref(), Some("interrupted"));
@@ -93,11 +95,7 @@ async fn a_worker_renews_its_lease_for_as_long_as_its_job_runs() {
     // The agent runs for several leases.
     let s = setup("3.5").await;
     let id = s.store.queued().next().unwrap().unwrap().id;
-    let stop = CancellationToken::new();
-    let dispatcher = tokio::spawn(s.engine.clone().run(stop.clone()));
-    let job = finished(&s.store, &id).await;
-    stop.cancel();
-    let _ = dispatcher.await;
+    let job = run_until_finished(&s, &id).await;
     assert_eq!(job.state.to_string(), "succeeded", "{job:?}");
     assert_eq!(job.history.len(), 1, "never taken back while renewed: {job:?}");
     assert_eq!(runs(&s.runs), 1);
