@@ -109,10 +109,7 @@ impl Workspaces {
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
-        match self.idle.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        locked(&self.idle)
     }
 
     /// At start-up: worktrees a previous daemon left become the idle pool
@@ -154,11 +151,7 @@ impl Workspaces {
     }
 
     fn lock_for(&self, repo: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = match self.locks.lock() {
-            Ok(l) => l,
-            Err(p) => p.into_inner(),
-        };
-        locks.entry(repo.to_string()).or_default().clone()
+        locked(&self.locks).entry(repo.to_string()).or_default().clone()
     }
 
     pub fn worktree_path(&self, job_id: &str) -> PathBuf {
@@ -190,10 +183,7 @@ impl Workspaces {
         let lock = self.lock_for(repo);
         let _guard = lock.lock().await;
         self.ensure_mirror(&mirror).await?;
-        match self.fetched.lock() {
-            Ok(mut f) => f.insert(repo.to_string()),
-            Err(p) => p.into_inner().insert(repo.to_string()),
-        };
+        locked(&self.fetched).insert(repo.to_string());
         let commit = match ws {
             // Handled above; kept total rather than asserted.
             Workspace::None => return Err(WorkspaceError::NoRepository),
@@ -264,10 +254,7 @@ impl Workspaces {
     /// fetch). Pooled worktrees' commits are kept: git counts linked
     /// worktrees' HEADs as reachable.
     pub async fn gc(&self) {
-        let repos = match self.fetched.lock() {
-            Ok(mut f) => std::mem::take(&mut *f),
-            Err(p) => std::mem::take(&mut *p.into_inner()),
-        };
+        let repos = std::mem::take(&mut *locked(&self.fetched));
         for repo in repos {
             let Ok((owner, name)) = split_repo(&repo) else { continue };
             let mirror = self.mirrors.join(owner).join(format!("{name}.git"));
@@ -517,6 +504,12 @@ impl Workspaces {
             Err(WorkspaceError::MissingCommit(sha.to_string()))
         }
     }
+}
+
+/// A guard even on a mutex a panicking thread poisoned: the state behind
+/// these locks is valid after any partial update.
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// `(name, path)` of the folders in `dir`.

@@ -28,8 +28,19 @@ pub struct GitHubError {
 }
 
 impl GitHubError {
-    fn fatal(message: String) -> GitHubError {
+    /// Cannot succeed by trying again.
+    pub fn fatal(message: String) -> GitHubError {
         GitHubError { message, retryable: false, retry_after: None, maybe_applied: false }
+    }
+
+    /// Failed before anything reached GitHub; worth another try.
+    pub fn before_sending(message: String) -> GitHubError {
+        GitHubError { message, retryable: true, retry_after: None, maybe_applied: false }
+    }
+
+    /// The request went out and its answer was lost: it may have taken effect.
+    fn answer_lost(message: String) -> GitHubError {
+        GitHubError { message, retryable: true, retry_after: None, maybe_applied: true }
     }
 }
 
@@ -78,12 +89,8 @@ impl GitHub {
     }
 
     async fn client(&self, installation: Option<u64>, repo: &str) -> Result<Octocrab, GitHubError> {
-        let token = self.credentials.token(installation, repo).await.map_err(|e| GitHubError {
-            message: e.to_string(),
-            retryable: true,
-            retry_after: None,
-            maybe_applied: false,
-        })?;
+        let token =
+            self.credentials.token(installation, repo).await.map_err(|e| GitHubError::before_sending(e.to_string()))?;
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(token.expose()) {
             return Ok(c.clone());
@@ -137,12 +144,7 @@ impl GitHub {
         if text.trim().is_empty() {
             return Ok(Value::Null);
         }
-        serde_json::from_str(&text).map_err(|_| GitHubError {
-            message: "GitHub's answer was not JSON".into(),
-            retryable: true,
-            retry_after: None,
-            maybe_applied: true,
-        })
+        serde_json::from_str(&text).map_err(|_| GitHubError::answer_lost("GitHub's answer was not JSON".into()))
     }
 
     /// The newest item of `listing` whose body carries `marker`.
@@ -355,17 +357,9 @@ fn classify(e: octocrab::Error) -> GitHubError {
             }
         }
         // A JSON answer that does not parse means the request went through.
-        octocrab::Error::Serde { .. } | octocrab::Error::Json { .. } => GitHubError {
-            message: "GitHub's answer could not be read".into(),
-            retryable: true,
-            retry_after: None,
-            maybe_applied: true,
-        },
-        other => GitHubError {
-            message: format!("GitHub request failed: {other}"),
-            retryable: true,
-            retry_after: None,
-            maybe_applied: true,
-        },
+        octocrab::Error::Serde { .. } | octocrab::Error::Json { .. } => {
+            GitHubError::answer_lost("GitHub's answer could not be read".into())
+        }
+        other => GitHubError::answer_lost(format!("GitHub request failed: {other}")),
     }
 }

@@ -135,13 +135,7 @@ impl Publisher {
         let done = |made: github::Created| Ok(Outcome::Done { made, created: false });
         // Start publications still in the outbox hold back the job's end.
         let start_pending = |purpose: Purpose| -> Result<bool, GitHubError> {
-            let pending = self.store.outbox().map_err(|e| GitHubError {
-                message: e.to_string(),
-                retryable: true,
-                retry_after: None,
-                maybe_applied: false,
-            })?;
-            Ok(pending.iter().any(|o| o.job == job.id && o.purpose == purpose))
+            self.store.publication_pending(&job.id, purpose).map_err(|e| GitHubError::before_sending(e.to_string()))
         };
         match p.target.clone() {
             Target::Reaction { number, comment_id } => done(gh.react(inst, repo, number, comment_id).await?),
@@ -253,16 +247,11 @@ impl Publisher {
             CapKind::None => None,
         };
         if let Some(why) = over {
-            return Err(GitHubError { message: why, retryable: false, retry_after: None, maybe_applied: false });
+            return Err(GitHubError::fatal(why));
         }
         if !p.maybe_sent {
             p.maybe_sent = true;
-            self.store.update_publication(p, false).await.map_err(|e| GitHubError {
-                message: e.to_string(),
-                retryable: true,
-                retry_after: None,
-                maybe_applied: false,
-            })?;
+            self.store.update_publication(p, false).await.map_err(|e| GitHubError::before_sending(e.to_string()))?;
         }
         match send.await {
             Ok(made) => Ok(Outcome::Done { made, created: kind != CapKind::None }),

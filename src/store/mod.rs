@@ -266,9 +266,13 @@ fn with_publisher_fields(jobs: &TxTree, job: &Job) -> Result<Job, TxError> {
 /// A job's result publication is keyed by the job id (as it always was);
 /// the others by `job/purpose`, so a job has at most one of each.
 fn outbox_key(p: &Publication) -> Vec<u8> {
-    match p.purpose {
-        Purpose::Final => p.job.as_bytes().to_vec(),
-        other => format!("{}/{}", p.job, other.as_str()).into_bytes(),
+    outbox_key_of(&p.job, p.purpose)
+}
+
+fn outbox_key_of(job: &str, purpose: Purpose) -> Vec<u8> {
+    match purpose {
+        Purpose::Final => job.as_bytes().to_vec(),
+        other => format!("{job}/{}", other.as_str()).into_bytes(),
     }
 }
 
@@ -786,6 +790,11 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Whether job `job`'s publication for `purpose` is still in the outbox.
+    pub fn publication_pending(&self, job: &str, purpose: Purpose) -> Result<bool, StoreError> {
+        Ok(self.outbox.contains_key(outbox_key_of(job, purpose))?)
     }
 
     /// Publications not yet delivered.
