@@ -145,17 +145,8 @@ impl Workspaces {
         }
     }
 
-    /// The idle worktrees, for tests and the dashboard: `(repo, path)`.
-    pub fn pooled(&self) -> Vec<(String, PathBuf)> {
-        self.idle().iter().map(|i| (i.repo.clone(), i.path.clone())).collect()
-    }
-
     fn lock_for(&self, repo: &str) -> Arc<tokio::sync::Mutex<()>> {
         locked(&self.locks).entry(repo.to_string()).or_default().clone()
-    }
-
-    pub fn worktree_path(&self, job_id: &str) -> PathBuf {
-        self.worktrees.join(job_id)
     }
 
     /// Makes the job's workspace: an empty folder, or a worktree at the
@@ -167,10 +158,10 @@ impl Workspaces {
         installation: Option<u64>,
         ws: &Workspace,
     ) -> Result<Prepared, WorkspaceError> {
-        let path = self.worktree_path(job_id);
-        // A leftover from an interrupted run of this same job.
-        self.remove_dir(&path).await;
         if let Workspace::None = ws {
+            let path = self.worktrees.join(job_id);
+            // A leftover from an interrupted run of this same job.
+            self.remove_dir(&path).await;
             tokio::fs::create_dir_all(&path).await?;
             return Ok(Prepared { path, mirror: None, commit: None, repo: None, recycled: false });
         }
