@@ -7,10 +7,14 @@ use crate::harness::{fixture, Baton, Workdir};
 const SECRET: &str = "api-secret";
 
 fn daemon(agent: &str) -> (Workdir, Baton) {
+    daemon_with(agent, "")
+}
+
+fn daemon_with(agent: &str, server_extra: &str) -> (Workdir, Baton) {
     let w = Workdir::new();
     let script = w.script("agent.sh", agent);
     w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.script]\ncommand = [\"{}\"]\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.script]\ncommand = [\"{}\"]\n",
         script.display()
     ));
     w.trigger(
@@ -89,4 +93,50 @@ async fn the_log_streams_live_as_server_sent_events() {
     let third = data.iter().position(|l| *l == "third line").expect("third");
     assert!(first < second && second < third, "{data:?}");
     assert!(text.ends_with("event: end\ndata: succeeded\n\n"), "{text}");
+}
+
+#[tokio::test]
+async fn with_an_api_token_every_api_route_wants_it_and_health_stays_open() {
+    let (_w, baton) = daemon_with("#!/bin/sh\necho ok\n", "api_token = \"s3cret-api-token\"");
+    let http = reqwest::Client::new();
+    for path in ["/api/jobs", "/api/triggers", "/api/jobs/nope/log", "/"] {
+        let bare = http.get(format!("{}{path}", baton.url)).send().await.unwrap();
+        assert_eq!(bare.status(), 401, "{path} without the token");
+        let wrong = http.get(format!("{}{path}", baton.url)).bearer_auth("nope").send().await.unwrap();
+        assert_eq!(wrong.status(), 401, "{path} with a wrong token");
+    }
+    let ok = http.get(format!("{}/api/jobs", baton.url)).bearer_auth("s3cret-api-token").send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(baton.get(path).await.0, 200, "{path}");
+    }
+    assert!(!baton.log_text().contains("s3cret-api-token"));
+}
+
+#[tokio::test]
+async fn every_log_line_about_a_delivery_or_job_carries_its_id() {
+    let (_w, baton) = daemon("#!/bin/sh\necho ok\n");
+    let id = deliver(&baton, "logged-1").await;
+    assert_eq!(baton.finished(&id).await["state"], "succeeded");
+    crate::harness::eventually("the job's end in the log", || baton.log_text().contains("Job finished.")).await;
+    let lines: Vec<Value> = baton.log_text().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let about =
+        |what: &'static str| lines.iter().filter(move |l| l["message"].as_str().is_some_and(|m| m.contains(what)));
+    let accepted: Vec<&Value> = about("Delivery accepted").collect();
+    assert_eq!(accepted.len(), 1);
+    assert_eq!(accepted[0]["delivery"], "logged-1");
+    for message in ["Job started", "Job finished"] {
+        let found: Vec<&Value> = about(message).collect();
+        assert!(!found.is_empty(), "{message}");
+        for line in found {
+            assert_eq!(line["span"]["job"], id.as_str(), "{line}");
+        }
+    }
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    let out = std::process::Command::new(crate::harness::BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("baton {}", env!("CARGO_PKG_VERSION")));
 }
