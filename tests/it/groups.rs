@@ -111,8 +111,9 @@ async fn cancel_in_progress_stops_the_review_of_the_old_head() {
     assert_eq!(new["result"], "done cccc");
 }
 
-#[tokio::test]
-async fn an_agent_runs_at_most_its_max_parallel_jobs() {
+/// Two jobs on one repository, under `limits` and `agent_extra`: the second
+/// must wait until the first is done.
+async fn the_second_job_waits(limits: &str, agent_extra: &str) {
     let w = Workdir::new();
     let started = w.path().join("started");
     let release = w.path().join("release");
@@ -125,7 +126,7 @@ async fn an_agent_runs_at_most_its_max_parallel_jobs() {
         ),
     );
     w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[limits]\nmax_parallel_jobs = 4\nmax_parallel_per_repo = 4\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.a]\ncommand = [\"{}\"]\nmax_parallel = 1\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[limits]\n{limits}\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.a]\ncommand = [\"{}\"]\n{agent_extra}\n",
         agent.display()
     ));
     w.trigger(
@@ -137,9 +138,28 @@ async fn an_agent_runs_at_most_its_max_parallel_jobs() {
     let second = send(&baton, "m-2", "synchronize", "2222").await;
     eventually("one job to start", || std::fs::read_to_string(&started).is_ok()).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    assert_eq!(std::fs::read_to_string(&started).unwrap().lines().count(), 1, "the second waits for the agent");
+    assert_eq!(
+        std::fs::read_to_string(&started).unwrap().lines().count(),
+        1,
+        "the second waits ({limits} {agent_extra})"
+    );
     assert_eq!(baton.job(&second[0]).await["state"], "queued");
     std::fs::write(&release, "").unwrap();
     assert_eq!(baton.finished(&first[0]).await["state"], "succeeded");
     assert_eq!(baton.finished(&second[0]).await["state"], "succeeded");
+}
+
+#[tokio::test]
+async fn an_agent_runs_at_most_its_max_parallel_jobs() {
+    the_second_job_waits("max_parallel_jobs = 4\nmax_parallel_per_repo = 4", "max_parallel = 1").await;
+}
+
+#[tokio::test]
+async fn a_repository_runs_at_most_max_parallel_per_repo_jobs() {
+    the_second_job_waits("max_parallel_jobs = 4\nmax_parallel_per_repo = 1", "").await;
+}
+
+#[tokio::test]
+async fn the_daemon_runs_at_most_max_parallel_jobs() {
+    the_second_job_waits("max_parallel_jobs = 1\nmax_parallel_per_repo = 4", "").await;
 }
