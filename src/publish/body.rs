@@ -142,3 +142,34 @@ pub fn pull_request_body(job: &Job) -> String {
     }
     body
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::JobSpec;
+
+    fn job(result: &str) -> Job {
+        let spec = JobSpec { trigger: "t".into(), output: OutputKind::Comment, ..JobSpec::default() };
+        let mut job = Job::new("abc123".into(), 1, "d".into(), spec, chrono::Utc::now());
+        job.end(JobState::Succeeded, Some(result.to_string()), None, chrono::Utc::now());
+        job
+    }
+
+    #[test]
+    fn a_long_result_is_cut_to_fit_github_and_keeps_its_marker() {
+        let body = comment_body(&job(&"é".repeat(100_000)));
+        assert!(body.chars().count() <= MAX_BODY_CHARS);
+        assert!(body.contains("cut: the result is longer than GitHub allows; the full text is on the job `abc123`"));
+        assert!(body.ends_with(&marker("abc123")));
+        let short = comment_body(&job("short"));
+        assert!(short.starts_with("short") && !short.contains("cut:"));
+    }
+
+    #[test]
+    fn the_status_marker_is_not_the_result_marker() {
+        let j = job("x");
+        let status = status_start_body(&j, Some("https://baton.example/"));
+        assert!(status.contains(&status_marker("abc123")) && !status.contains(&marker("abc123")));
+        assert!(status.contains("https://baton.example/jobs/abc123"));
+    }
+}
