@@ -187,3 +187,50 @@ async fn mirrors_are_garbage_collected_in_the_background() {
     .await;
     eventually("gc to be logged", || baton.log_text().contains("Mirror garbage-collected.")).await;
 }
+
+#[tokio::test]
+async fn two_jobs_on_one_repository_never_fetch_at_once() {
+    let w = setup("#!/bin/sh\necho ok\n", "");
+    w.config(
+        &std::fs::read_to_string(w.path().join("baton.toml"))
+            .unwrap()
+            .replace("[github]", "[limits]\nmax_parallel_jobs = 4\nmax_parallel_per_repo = 4\n[github]"),
+    );
+    // Enough to fetch that two unlocked fetches would overlap.
+    let files: Vec<(String, String)> =
+        (0..400).map(|i| (format!("f{i}.txt"), format!("{i} {}", "x".repeat(2000 + i)))).collect();
+    let refs: Vec<(&str, &str)> = files.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    bare_repo(&w.path().join("remote"), "Codertocat/Hello-World", "master", &refs);
+    let trace = w.path().join("git-trace");
+    let baton = Baton::start(w.path(), &[("GIT_TRACE_PERFORMANCE", trace.to_str().unwrap())]);
+    let mut payload = fixture_json("issues/opened.payload.json");
+    payload["repository"]["full_name"] = "Codertocat/Hello-World".into();
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let (status, body) =
+            baton.deliver(SECRET, "issues", &format!("lock-{n}"), payload.to_string().as_bytes()).await;
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["jobs"][0].as_str().unwrap().to_string());
+    }
+    for id in &ids {
+        assert_eq!(baton.finished(id).await["state"], "succeeded");
+    }
+    // Each traced `git fetch` as (start, end) in seconds of the day.
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let mut fetches: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.contains("git command: git -C") && l.contains(" fetch "))
+        .filter_map(|l| {
+            let clock = l.split_whitespace().next()?;
+            let mut hms = clock.split(':').map(|p| p.parse::<f64>().ok());
+            let end = hms.next()?? * 3600.0 + hms.next()?? * 60.0 + hms.next()??;
+            let took: f64 = l.split("performance: ").nth(1)?.split(' ').next()?.parse().ok()?;
+            Some((end - took, end))
+        })
+        .collect();
+    assert!(fetches.len() >= 3, "{text}");
+    fetches.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for pair in fetches.windows(2) {
+        assert!(pair[1].0 >= pair[0].1 - 0.001, "two fetches overlapped: {pair:?}");
+    }
+}
