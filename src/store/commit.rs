@@ -88,6 +88,21 @@ impl GroupCommit {
     }
 }
 
+impl GroupCommit {
+    /// Flushes now, on this thread, for a caller that batches its own
+    /// writes (the store's writer thread).
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        if self.mode == Durability::Os {
+            return Ok(());
+        }
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.db.flush().map(|_| ()).map_err(|e| {
+            tracing::error!(error = %e, "Flushing the store failed.");
+            StoreError::Flush
+        })
+    }
+}
+
 impl Drop for GroupCommit {
     fn drop(&mut self) {
         self.kick.notify_one();

@@ -7,6 +7,7 @@
 
 mod commit;
 mod records;
+mod writer;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -36,10 +37,26 @@ pub enum StoreError {
     Corrupt { tree: &'static str, key: String, source: serde_json::Error },
     #[error("flushing the store to disk failed")]
     Flush,
+    #[error("the store is closed")]
+    Closed,
+    /// One failure shared by every delivery of a batch (see `writer`).
+    #[error("{0}")]
+    Batch(String),
     #[error("job {0} not found")]
     NoSuchJob(String),
     #[error("job {id} is {state}, not {expected}")]
     WrongState { id: String, state: JobState, expected: &'static str },
+}
+
+impl StoreError {
+    /// The same failure again, for the next one who must hear of it.
+    fn again(&self) -> StoreError {
+        match self {
+            StoreError::Flush => StoreError::Flush,
+            StoreError::Closed => StoreError::Closed,
+            other => StoreError::Batch(other.to_string()),
+        }
+    }
 }
 
 /// The outcome of storing a delivery.
@@ -128,6 +145,98 @@ fn join_group(
     Ok(None)
 }
 
+/// A delivery and its jobs, ready for the writer thread.
+struct Admission {
+    delivery: Delivery,
+    /// `delivery_times` key: received-at millis ++ delivery id.
+    time_key: Vec<u8>,
+    jobs: Vec<Job>,
+    /// `jobs`, encoded outside the transaction (which may run again).
+    encoded: Vec<Vec<u8>>,
+    held: Vec<(Vec<u8>, Pending)>,
+    now: chrono::DateTime<Utc>,
+}
+
+/// The trees admitting a delivery writes.
+#[derive(Clone)]
+struct AdmitTrees {
+    deliveries: Tree,
+    delivery_times: Tree,
+    jobs: Tree,
+    job_index: Tree,
+    queue: Tree,
+    throttle: Tree,
+    approvals: Tree,
+    groups: Tree,
+    cancels: Tree,
+}
+
+impl AdmitTrees {
+    /// Admits a batch in one transaction, in order: each delivery sees the
+    /// ones before it (a duplicate within the batch is a duplicate).
+    fn apply(&self, batch: &[Admission]) -> Result<Vec<Accepted>, StoreError> {
+        let trees = (
+            &self.deliveries,
+            &self.delivery_times,
+            &self.jobs,
+            &self.job_index,
+            &self.queue,
+            &self.throttle,
+            &self.approvals,
+            &self.groups,
+            &self.cancels,
+        );
+        flatten(trees.transaction(|t| batch.iter().map(|a| Ok(admit(t, a)?)).collect::<TxResult<Vec<_>>>()))
+    }
+}
+
+type AdmitTx = (TxTree, TxTree, TxTree, TxTree, TxTree, TxTree, TxTree, TxTree, TxTree);
+
+/// One delivery's writes, inside the batch's transaction.
+fn admit(t: &AdmitTx, a: &Admission) -> Result<Accepted, TxError> {
+    let (deliveries, times, job_tree, index, queue, throttle, approvals, groups, cancels) = t;
+    let (key, now) = (a.delivery.id.as_bytes(), a.now);
+    if deliveries.get(key)?.is_some() {
+        return Ok(Accepted::Duplicate);
+    }
+    for (subject, p) in &a.held {
+        let mut list: Vec<Pending> =
+            approvals.get(subject)?.and_then(|v| serde_json::from_slice(&v).ok()).unwrap_or_default();
+        list.retain(|old| !(old.delivery == p.delivery && old.spec.trigger == p.spec.trigger));
+        list.push(p.clone());
+        // An outsider cannot grow this without bound.
+        if list.len() > MAX_PENDING {
+            list.drain(..list.len() - MAX_PENDING);
+        }
+        approvals.insert(subject.as_slice(), encode(&list))?;
+    }
+    let mut record = a.delivery.clone();
+    for (job, bytes) in a.jobs.iter().zip(&a.encoded) {
+        if let Some(reason) = throttled(throttle, &job.spec, now)? {
+            record.skipped.push(Skipped { trigger: job.trigger.clone(), reason });
+            continue;
+        }
+        record.jobs.push(job.id.clone());
+        // A job id already present (its delivery was pruned and is now
+        // redelivered) is never doubled.
+        if job_tree.get(job.id.as_bytes())?.is_some() {
+            continue;
+        }
+        index.insert(&seq_key(job.seq), job.id.as_bytes())?;
+        if let Some(group) = &job.spec.concurrency {
+            if let Some(dropped) = join_group(groups, job_tree, queue, cancels, group, job, now)? {
+                job_tree.insert(job.id.as_bytes(), encode(&dropped))?;
+                continue;
+            }
+        }
+        job_tree.insert(job.id.as_bytes(), bytes.as_slice())?;
+        queue.insert(&queue_key(job), queue_value(job))?;
+    }
+    deliveries.insert(key, encode(&record))?;
+    times.insert(a.time_key.as_slice(), &[])?;
+    Ok(Accepted::New(Admitted { jobs: record.jobs, skipped: record.skipped }))
+}
+
 /// Held jobs per issue or PR, at most (oldest go first).
 const MAX_PENDING: usize = 20;
 
@@ -192,6 +301,8 @@ fn throttled(
 pub struct Store {
     db: sled::Db,
     commit: std::sync::Arc<commit::GroupCommit>,
+    /// Stores deliveries in batches (see `writer`).
+    writer: std::sync::Arc<writer::Writer<Admission>>,
     path: PathBuf,
     deliveries: Tree,
     /// received-at millis (u64 BE) ++ delivery id → (): retention order.
@@ -208,8 +319,6 @@ pub struct Store {
     /// job id → lease deadline (Unix ms, u64 BE), for jobs in state
     /// `running`: what a restart must recover, and what a worker renews.
     running: Tree,
-    /// Rate-limit and cooldown state of triggers.
-    throttle: Tree,
     /// trigger name → last fire time (RFC 3339) of a schedule trigger.
     schedules: Tree,
     /// `owner/name#N` → jobs held for approval on that issue or PR.
@@ -365,23 +474,40 @@ impl Store {
             .open()
             .map_err(open_err)?;
         let tree = |name: &str| db.open_tree(name).map_err(open_err);
-        Ok(Store {
-            commit: commit::GroupCommit::new(db.clone(), durability),
+        let admit = AdmitTrees {
             deliveries: tree("deliveries")?,
             delivery_times: tree("delivery_times")?,
             jobs: tree("jobs")?,
             job_index: tree("job_index")?,
             queue: tree("queue")?,
+            throttle: tree("throttle")?,
+            approvals: tree("approvals")?,
+            groups: tree("groups")?,
+            cancels: tree("cancels")?,
+        };
+        let commit = commit::GroupCommit::new(db.clone(), durability);
+        let trees = admit.clone();
+        let writer = writer::Writer::start(commit.clone(), move |batch: &[Admission]| trees.apply(batch))
+            .map_err(|e| open_err(sled::Error::Io(e)))?;
+        // The rate-limit and cooldown state (`throttle`) is the writer's alone.
+        let AdmitTrees { deliveries, delivery_times, jobs, job_index, queue, approvals, groups, cancels, .. } = admit;
+        Ok(Store {
+            commit,
+            writer: std::sync::Arc::new(writer),
+            deliveries,
+            delivery_times,
+            jobs,
+            job_index,
+            queue,
             outbox: tree("outbox")?,
             running: tree("running")?,
-            throttle: tree("throttle")?,
             schedules: tree("schedules")?,
-            approvals: tree("approvals")?,
+            approvals,
             heads: tree("heads")?,
             agents: tree("agents")?,
-            groups: tree("groups")?,
+            groups,
             ends: tree("ends")?,
-            cancels: tree("cancels")?,
+            cancels,
             redeliveries: tree("redeliveries")?,
             path: path.to_path_buf(),
             db,
@@ -399,8 +525,9 @@ impl Store {
     }
 
     /// Stores a delivery with the jobs its event created, atomically, and
-    /// flushes to disk before returning. A delivery id seen before writes
-    /// nothing and answers `Duplicate`.
+    /// flushes to disk before returning (batched with concurrent deliveries
+    /// by the writer thread). A delivery id seen before writes nothing and
+    /// answers `Duplicate`.
     ///
     /// The payload itself is not kept: each job carries what it needs (its
     /// rendered prompt and workspace), and storing 10–30 KB bodies cost a
@@ -426,11 +553,9 @@ impl Store {
             }
             jobs.push(Job::new(id, self.db.generate_id()?, delivery.id.clone(), spec, now));
         }
-        let key = delivery.id.clone();
         let mut time_key = (delivery.received_at.timestamp_millis().max(0) as u64).to_be_bytes().to_vec();
-        time_key.extend_from_slice(key.as_bytes());
+        time_key.extend_from_slice(delivery.id.as_bytes());
         let encoded: Vec<Vec<u8>> = jobs.iter().map(encode).collect();
-
         let held: Vec<(Vec<u8>, Pending)> = pending
             .into_iter()
             .filter_map(|spec| {
@@ -438,65 +563,7 @@ impl Store {
                 Some((key, Pending { delivery: delivery.id.clone(), held_at: now, spec }))
             })
             .collect();
-
-        let trees = (
-            &self.deliveries,
-            &self.delivery_times,
-            &self.jobs,
-            &self.job_index,
-            &self.queue,
-            &self.throttle,
-            &self.approvals,
-            &self.groups,
-            &self.cancels,
-        );
-        let result =
-            trees.transaction(|(deliveries, times, job_tree, index, queue, throttle, approvals, groups, cancels)| {
-                if deliveries.get(key.as_bytes())?.is_some() {
-                    return Ok(Accepted::Duplicate);
-                }
-                for (subject, p) in &held {
-                    let mut list: Vec<Pending> =
-                        approvals.get(subject)?.and_then(|v| serde_json::from_slice(&v).ok()).unwrap_or_default();
-                    list.retain(|old| !(old.delivery == p.delivery && old.spec.trigger == p.spec.trigger));
-                    list.push(p.clone());
-                    // An outsider cannot grow this without bound.
-                    if list.len() > MAX_PENDING {
-                        list.drain(..list.len() - MAX_PENDING);
-                    }
-                    approvals.insert(subject.as_slice(), encode(&list))?;
-                }
-                let mut record = delivery.clone();
-                for (job, bytes) in jobs.iter().zip(&encoded) {
-                    if let Some(reason) = throttled(throttle, &job.spec, now)? {
-                        record.skipped.push(Skipped { trigger: job.trigger.clone(), reason });
-                        continue;
-                    }
-                    record.jobs.push(job.id.clone());
-                    // A job id already present (its delivery was pruned and is
-                    // now redelivered) is never doubled.
-                    if job_tree.get(job.id.as_bytes())?.is_some() {
-                        continue;
-                    }
-                    index.insert(&seq_key(job.seq), job.id.as_bytes())?;
-                    if let Some(group) = &job.spec.concurrency {
-                        if let Some(dropped) = join_group(groups, job_tree, queue, cancels, group, job, now)? {
-                            job_tree.insert(job.id.as_bytes(), encode(&dropped))?;
-                            continue;
-                        }
-                    }
-                    job_tree.insert(job.id.as_bytes(), bytes.as_slice())?;
-                    queue.insert(&queue_key(job), queue_value(job))?;
-                }
-                deliveries.insert(key.as_bytes(), encode(&record))?;
-                times.insert(time_key.as_slice(), &[])?;
-                Ok(Accepted::New(Admitted { jobs: record.jobs, skipped: record.skipped }))
-            });
-        let accepted = flatten(result)?;
-        if let Accepted::New(_) = accepted {
-            self.flush().await?;
-        }
-        Ok(accepted)
+        self.writer.submit(Admission { delivery, time_key, jobs, encoded, held, now }).await
     }
 
     /// Forgets deliveries received before `cutoff` (their ids count as new

@@ -53,6 +53,38 @@ async fn concurrent_deliveries_share_flushes() {
     assert_eq!(store.job_count(), n);
 }
 
+/// Deliveries are written in batches: the same delivery twice in one batch
+/// must still be stored once and answered once as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_delivery_sent_twice_at_once_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let n = 100;
+    let barrier = Arc::new(tokio::sync::Barrier::new(2 * n));
+    let mut tasks = Vec::new();
+    for i in 0..2 * n {
+        let (store, barrier) = (store.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            store.accept(delivery(&format!("d{}", i / 2), Duration::zero()), vec![spec("t")]).await.unwrap()
+        }));
+    }
+    let mut new = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Accepted::New(a) => {
+                assert_eq!(a.jobs.len(), 1);
+                new += 1;
+            }
+            Accepted::Duplicate => {}
+        }
+    }
+    assert_eq!(new, n, "each delivery is new exactly once");
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.job_count(), n);
+}
+
 #[tokio::test]
 async fn os_durability_skips_fsync() {
     let dir = tempfile::tempdir().unwrap();

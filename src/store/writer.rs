@@ -1,0 +1,103 @@
+//! Batched admission: one writer thread stores deliveries for everyone.
+//!
+//! A delivery and its jobs are one sled transaction and, before the sender
+//! hears 2xx, one flush. Done per delivery from many tasks, both dominate
+//! ingest: concurrent transactions over the same trees contend, and each
+//! carries a fixed cost. Here every delivery waiting when the writer comes
+//! round goes into one transaction and one flush; while that flush is on
+//! disk the next batch gathers, so a burst costs a few transactions rather
+//! than one per request. Deliveries are processed in arrival order inside
+//! the transaction, so a duplicate within one batch is still seen as one.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::oneshot;
+
+use super::commit::GroupCommit;
+use super::{Accepted, StoreError};
+
+/// Deliveries taken into one transaction, at most: bounds how long the
+/// first of them waits on the others.
+const MAX_BATCH: usize = 256;
+
+type Reply = oneshot::Sender<Result<Accepted, StoreError>>;
+
+/// The writer thread and the way to it. Dropped with the last `Store`
+/// clone: closing the channel ends the thread, and the drop waits for it so
+/// the database is released when the store is gone.
+pub(super) struct Writer<A: Send + 'static> {
+    tx: Mutex<Option<mpsc::Sender<(A, Reply)>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl<A: Send + 'static> Writer<A> {
+    /// Starts the thread. `apply` writes a batch in one transaction and
+    /// answers each admission in order; the flush after it is the writer's.
+    pub fn start<F>(commit: Arc<GroupCommit>, apply: F) -> Result<Writer<A>, std::io::Error>
+    where
+        F: Fn(&[A]) -> Result<Vec<Accepted>, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel::<(A, Reply)>();
+        let thread = std::thread::Builder::new().name("baton-store".into()).spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let (admissions, replies): (Vec<A>, Vec<Reply>) = batch.into_iter().unzip();
+                let outcome = apply(&admissions).and_then(|accepted| {
+                    // Duplicates wrote nothing, but one may be of a delivery
+                    // in this very batch: answer none before the flush.
+                    if accepted.iter().any(|a| matches!(a, Accepted::New(_))) {
+                        commit.flush_blocking()?;
+                    }
+                    Ok(accepted)
+                });
+                match outcome {
+                    Ok(accepted) => {
+                        for (reply, a) in replies.into_iter().zip(accepted) {
+                            let _ = reply.send(Ok(a));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, deliveries = replies.len(), "Storing deliveries failed.");
+                        for reply in replies {
+                            let _ = reply.send(Err(e.again()));
+                        }
+                    }
+                }
+            }
+        })?;
+        Ok(Writer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
+    }
+
+    /// Stores `admission` with whatever else is waiting; returns once it is
+    /// durable (or known to have failed).
+    pub async fn submit(&self, admission: A) -> Result<Accepted, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let sent = match self.tx.lock() {
+            Ok(tx) => tx.as_ref().is_some_and(|tx| tx.send((admission, reply)).is_ok()),
+            Err(_) => false,
+        };
+        if !sent {
+            return Err(StoreError::Closed);
+        }
+        answer.await.unwrap_or(Err(StoreError::Closed))
+    }
+}
+
+impl<A: Send + 'static> Drop for Writer<A> {
+    fn drop(&mut self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        if let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = thread.join();
+        }
+    }
+}
