@@ -11,7 +11,8 @@ use sha2::Sha256;
 async fn main() {
     let mut args = std::env::args().skip(1);
     let listen = args.next().unwrap_or_else(|| "127.0.0.1:9901".into());
-    let secret: &'static [u8] = Box::leak(args.next().unwrap_or_else(|| "secret".into()).into_bytes().into_boxed_slice());
+    let secret: &'static [u8] =
+        Box::leak(args.next().unwrap_or_else(|| "secret".into()).into_bytes().into_boxed_slice());
     let app = axum::Router::new()
         .route(
             "/webhooks/github",
