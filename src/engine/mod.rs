@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -839,9 +838,13 @@ impl Engine {
 
     async fn log_line(&self, id: &str, line: &str) {
         let path = self.job_dir(id).join("log");
-        if let Ok(mut f) = tokio::fs::OpenOptions::new().create(true).append(true).open(&path).await {
-            let _ = f.write_all(format!("[baton] {line}\n").as_bytes()).await;
-        }
+        let text = format!("[baton] {line}\n");
+        // Open, write and close in one trip to the blocking pool, not three.
+        let _ = tokio::task::spawn_blocking(move || {
+            use std::io::Write as _;
+            std::fs::OpenOptions::new().create(true).append(true).open(&path)?.write_all(text.as_bytes())
+        })
+        .await;
     }
 }
 

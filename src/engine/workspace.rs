@@ -76,11 +76,18 @@ struct Idle {
     mirror: PathBuf,
 }
 
+/// Emptied `workspace = "none"` folders kept for reuse, at most.
+const MAX_EMPTY: usize = 64;
+
 /// Mirrors and worktrees under one storage folder.
 pub struct Workspaces {
     mirrors: PathBuf,
-    /// Per-job folders of `workspace = "none"` jobs; gone at each start.
+    /// Folders of `workspace = "none"` jobs; gone at each start.
     worktrees: PathBuf,
+    /// Emptied `workspace = "none"` folders, ready for the next such job:
+    /// creating and deleting one per job made inode allocation (ext4 skips
+    /// recently deleted inodes) the largest cost of a short job.
+    empty: Mutex<Vec<PathBuf>>,
     /// Every repository worktree, at `pool/<owner>/<name>/<job that made it>`.
     pool_dir: PathBuf,
     git_url: String,
@@ -98,6 +105,7 @@ impl Workspaces {
         Workspaces {
             mirrors: storage.join("mirrors"),
             worktrees: storage.join("worktrees"),
+            empty: Mutex::new(Vec::new()),
             pool_dir: storage.join("pool"),
             git_url: git_url.trim_end_matches('/').to_string(),
             credentials,
@@ -160,10 +168,22 @@ impl Workspaces {
     ) -> Result<Prepared, WorkspaceError> {
         if let Workspace::None = ws {
             let path = self.worktrees.join(job_id);
-            // A leftover from an interrupted run of this same job.
-            self.remove_dir(&path).await;
-            tokio::fs::create_dir_all(&path).await?;
-            return Ok(Prepared { path, mirror: None, commit: None, repo: None, recycled: false });
+            let (dir, reused) = (path.clone(), locked(&self.empty).pop());
+            let recycled = blocking(move || {
+                // A leftover from an interrupted run of this same job.
+                remove_tree(&dir)?;
+                // An emptied folder takes the job's name: a rename, not a
+                // new inode.
+                if let Some(old) = reused {
+                    if std::fs::rename(&old, &dir).is_ok() {
+                        return Ok(true);
+                    }
+                    let _ = remove_tree(&old);
+                }
+                std::fs::create_dir_all(&dir).map(|_| false)
+            })
+            .await?;
+            return Ok(Prepared { path, mirror: None, commit: None, repo: None, recycled });
         }
         let repo = repo.ok_or(WorkspaceError::NoRepository)?;
         let (owner, name) = split_repo(repo)?;
@@ -330,7 +350,18 @@ impl Workspaces {
     /// or one that does not clean, is removed.
     pub async fn release(&self, prepared: Prepared) {
         let (Some(mirror), Some(repo)) = (prepared.mirror, prepared.repo) else {
-            self.remove_dir(&prepared.path).await;
+            let path = prepared.path;
+            if path.parent() == Some(self.worktrees.as_path()) && locked(&self.empty).len() < MAX_EMPTY {
+                let dir = path.clone();
+                if blocking(move || empty_out(&dir)).await.is_ok() {
+                    let mut empty = locked(&self.empty);
+                    if empty.len() < MAX_EMPTY {
+                        empty.push(path);
+                        return;
+                    }
+                }
+            }
+            self.remove_dir(&path).await;
             return;
         };
         if self.pool_cap == 0 || git(&prepared.path, &["clean", "-ffdxq"], None).await.is_err() {
@@ -424,9 +455,8 @@ impl Workspaces {
     }
 
     async fn remove_dir(&self, path: &Path) {
-        if tokio::fs::metadata(path).await.is_ok() {
-            let _ = tokio::fs::remove_dir_all(path).await;
-        }
+        let path = path.to_path_buf();
+        let _ = blocking(move || remove_tree(&path)).await;
     }
 
     async fn ensure_mirror(&self, mirror: &Path) -> Result<(), WorkspaceError> {
@@ -560,6 +590,45 @@ async fn git(dir: &Path, args: &[&str], token: Option<&Secret>) -> Result<String
         return Err(WorkspaceError::Git { command, message });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Removes a folder and everything in it; one already gone is fine.
+fn remove_tree(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Empties a job's folder for the next job, or fails if it cannot be
+/// trusted to be what baton made: the agent may have replaced it with a
+/// link, changed its mode, or left something that will not go.
+fn empty_out(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.file_type().is_dir() {
+        return Err(std::io::Error::other("not a folder any more"));
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        // `file_type` does not follow links: a link is removed, never its target.
+        if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(entry.path())?;
+        } else {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    match std::fs::read_dir(dir)?.next() {
+        None => Ok(()),
+        Some(_) => Err(std::io::Error::other("not empty after cleaning")),
+    }
+}
+
+/// Runs file-system work on the blocking pool, as one unit (each trip is a
+/// thread handoff, which shows at a few hundred jobs a second).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
 #[cfg(test)]

@@ -234,3 +234,64 @@ async fn two_jobs_on_one_repository_never_fetch_at_once() {
         assert!(pair[1].0 >= pair[0].1 - 0.001, "two fetches overlapped: {pair:?}");
     }
 }
+
+/// `workspace = "none"` folders are emptied and reused rather than made
+/// anew for every job (inode allocation was the largest cost of a short
+/// job): nothing a job leaves reaches the next, a link it leaves is removed
+/// without touching its target, and a folder it swapped for a link is never
+/// handed out again.
+#[tokio::test]
+async fn an_empty_workspace_is_reused_with_nothing_of_the_job_before() {
+    let w = Workdir::new();
+    let outside = w.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("keep"), "keep").unwrap();
+    let mode = w.path().join("mode");
+    let agent = w.script(
+        "agent.sh",
+        &format!(
+            r#"#!/bin/sh
+cat > /dev/null
+echo "inode $(stat -c %i .) sees [$(ls -A | tr '\n' ' ')]"
+case $(cat {mode}) in
+  dirty) mkdir -p sub/deeper && echo x > sub/deeper/f && echo s > secret.txt && touch .hidden && ln -s {outside} link ;;
+  swap) here=$PWD; cd .. && rm -rf "$here" && ln -s {outside} "$here" ;;
+esac
+"#,
+            mode = mode.display(),
+            outside = outside.display()
+        ),
+    );
+    w.config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n\
+         [limits]\nmax_parallel_jobs = 1\n[agents.script]\ncommand = [\"{}\"]\n",
+        agent.display()
+    ));
+    w.trigger(
+        "work",
+        "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"work\"\n\
+         [output]\nkind = \"none\"\n",
+    );
+    let baton = Baton::start(w.path(), &[]);
+    let run = async |n: u32, what: &str| -> (String, String) {
+        std::fs::write(&mode, what).unwrap();
+        let payload = fixture_json("issues/opened.payload.json").to_string();
+        let (status, body) = baton.deliver(SECRET, "issues", &format!("empty-{n}"), payload.as_bytes()).await;
+        assert_eq!(status, 202, "{body}");
+        let job = baton.finished(body["jobs"][0].as_str().unwrap()).await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        let result = job["result"].as_str().unwrap().trim().to_string();
+        let (inode, sees) = result.strip_prefix("inode ").unwrap().split_once(" sees ").unwrap();
+        (inode.to_string(), sees.to_string())
+    };
+    let (first, sees) = run(1, "dirty").await;
+    assert_eq!(sees, "[]");
+    let (second, sees) = run(2, "look").await;
+    assert_eq!(second, first, "the emptied folder is reused");
+    assert_eq!(sees, "[]", "nothing of the job before");
+    assert_eq!(read(&outside.join("keep")), "keep", "a link's target is left alone");
+    run(3, "swap").await;
+    let (_, sees) = run(4, "look").await;
+    assert_eq!(sees, "[]", "a folder swapped for a link is not handed out");
+    assert_eq!(read(&outside.join("keep")), "keep");
+}
