@@ -50,7 +50,10 @@ impl<A: Send + 'static> Writer<A> {
                     }
                 }
                 let (admissions, replies): (Vec<A>, Vec<Reply>) = batch.into_iter().unzip();
-                let outcome = apply(&admissions).and_then(|accepted| {
+                // A bug in one batch fails that batch, not every delivery after it.
+                let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| apply(&admissions)))
+                    .unwrap_or_else(|_| Err(StoreError::Batch("storing the batch panicked".into())));
+                let outcome = applied.and_then(|accepted| {
                     // Duplicates wrote nothing, but one may be of a delivery
                     // in this very batch: answer none before the flush.
                     if accepted.iter().any(|a| matches!(a, Accepted::New(_))) {
