@@ -11,7 +11,7 @@ pub mod agent;
 pub mod chain;
 pub mod workspace;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{format_duration, AgentDef, Config, PromptMode, ResultMode};
 use crate::rules::{JobSpec, OutputKind, RuleSet, SharedRules};
 use crate::store::{
-    Accepted, Delivery, Job, JobState, Phases, Publication, PublicationState, Purpose, Store, StoreError, Target,
-    INTERRUPTED,
+    Accepted, Delivery, Job, JobState, Phases, Publication, PublicationState, Purpose, QueueEntry, Store, StoreError,
+    Target, INTERRUPTED,
 };
 use agent::{Ending, Invocation};
 use workspace::Workspaces;
@@ -293,23 +293,24 @@ impl Engine {
             }
             (running.len(), per_repo, per_agent)
         };
-        // Lazily, and only while a slot is free: a long queue costs nothing
-        // when every worker is busy.
-        for entry in self.store.queued() {
-            if total >= limits.max_parallel_jobs {
-                break;
-            }
-            let entry = entry?;
-            if let Some(repo) = &entry.repo {
-                if per_repo.get(repo).copied().unwrap_or(0) >= limits.max_parallel_per_repo {
-                    continue;
-                }
-            }
-            let agent_cap = self.config.agents.get(&entry.agent).and_then(|a| a.max_parallel);
-            if agent_cap.is_some_and(|cap| per_agent.get(&entry.agent).copied().unwrap_or(0) >= cap) {
+        // Jobs the store declined this pass (their concurrency group is busy).
+        let mut declined: HashSet<String> = HashSet::new();
+        // Only while a slot is free: a long queue costs nothing when every
+        // worker is busy, and a repository at its limit is passed over whole.
+        while total < limits.max_parallel_jobs {
+            let repo_full = |repo: Option<&str>| {
+                repo.is_some_and(|r| per_repo.get(r).copied().unwrap_or(0) >= limits.max_parallel_per_repo)
+            };
+            let eligible = |entry: &QueueEntry| {
+                let agent_cap = self.config.agents.get(&entry.agent).and_then(|a| a.max_parallel);
+                !declined.contains(&entry.id)
+                    && agent_cap.is_none_or(|cap| per_agent.get(&entry.agent).copied().unwrap_or(0) < cap)
+            };
+            let Some(entry) = self.store.next_queued(repo_full, eligible)? else { break };
+            let Some(job) = self.store.claim(&entry, self.lease).await? else {
+                declined.insert(entry.id);
                 continue;
-            }
-            let Some(job) = self.store.claim(&entry, self.lease).await? else { continue };
+            };
             total += 1;
             if let Some(repo) = &job.repo {
                 *per_repo.entry(repo.clone()).or_default() += 1;

@@ -93,7 +93,7 @@ fn group_state(groups: &TxTree, group: &str) -> Result<GroupState, TxError> {
 fn join_group(
     groups: &TxTree,
     jobs: &TxTree,
-    queue: &TxTree,
+    queue: QueueTx<'_>,
     cancels: &TxTree,
     group: &str,
     job: &Job,
@@ -127,7 +127,7 @@ fn join_group(
                             old.end(JobState::Cancelled, None, Some(format!("replaced by job {}", job.id)), now);
                             old.displaced_by = Some(job.id.clone());
                             jobs.insert(waiting.as_bytes(), encode(&old))?;
-                            queue.remove(&queue_key(&old))?;
+                            queue.remove(&queue_key(&old), old.repo.as_deref())?;
                         }
                     }
                 }
@@ -165,6 +165,7 @@ struct AdmitTrees {
     jobs: Tree,
     job_index: Tree,
     queue: Tree,
+    queue_by_repo: Tree,
     throttle: Tree,
     approvals: Tree,
     groups: Tree,
@@ -181,6 +182,7 @@ impl AdmitTrees {
             &self.jobs,
             &self.job_index,
             &self.queue,
+            &self.queue_by_repo,
             &self.throttle,
             &self.approvals,
             &self.groups,
@@ -190,11 +192,12 @@ impl AdmitTrees {
     }
 }
 
-type AdmitTx = (TxTree, TxTree, TxTree, TxTree, TxTree, TxTree, TxTree, TxTree, TxTree);
+type AdmitTx = (TxTree, TxTree, TxTree, TxTree, TxTree, TxTree, TxTree, TxTree, TxTree, TxTree);
 
 /// One delivery's writes, inside the batch's transaction.
 fn admit(t: &AdmitTx, a: &Admission) -> Result<Accepted, TxError> {
-    let (deliveries, times, job_tree, index, queue, throttle, approvals, groups, cancels) = t;
+    let (deliveries, times, job_tree, index, queue, by_repo, throttle, approvals, groups, cancels) = t;
+    let queue = QueueTx { queue, by_repo };
     let (key, now) = (a.delivery.id.as_bytes(), a.now);
     if deliveries.get(key)?.is_some() {
         return Ok(Accepted::Duplicate);
@@ -230,7 +233,7 @@ fn admit(t: &AdmitTx, a: &Admission) -> Result<Accepted, TxError> {
             }
         }
         job_tree.insert(job.id.as_bytes(), bytes.as_slice())?;
-        queue.insert(&queue_key(job), queue_value(job))?;
+        queue.push(job)?;
     }
     deliveries.insert(key, encode(&record))?;
     times.insert(a.time_key.as_slice(), &[])?;
@@ -313,6 +316,9 @@ pub struct Store {
     /// `100 - priority` (u8) ++ sequence (u64 BE) → `id\nagent\nrepo`, for
     /// queued jobs only: highest priority first, FIFO within one.
     queue: Tree,
+    /// The same entries by repository (see `by_repo_key`), so dispatch can
+    /// pass over a repository at its limit without reading its whole line.
+    queue_by_repo: Tree,
     /// job id (its result) or `job id/purpose` → `Publication` not yet
     /// delivered to GitHub.
     outbox: Tree,
@@ -443,6 +449,49 @@ fn queue_value(job: &Job) -> Vec<u8> {
     format!("{}\n{}\n{}", job.id, job.spec.agent, job.repo.as_deref().unwrap_or("")).into_bytes()
 }
 
+/// The queue and its per-repository index (`queue_by_repo`), which are
+/// always written together.
+#[derive(Clone, Copy)]
+struct QueueTx<'a> {
+    queue: &'a TxTree,
+    by_repo: &'a TxTree,
+}
+
+impl QueueTx<'_> {
+    fn push(&self, job: &Job) -> Result<(), TxError> {
+        let (key, value) = (queue_key(job), queue_value(job));
+        self.by_repo.insert(by_repo_key(job.repo.as_deref(), &key), value.as_slice())?;
+        self.queue.insert(&key, value)?;
+        Ok(())
+    }
+
+    /// Takes an entry out; whether it was there.
+    fn remove(&self, key: &[u8], repo: Option<&str>) -> Result<bool, TxError> {
+        self.by_repo.remove(by_repo_key(repo, key))?;
+        Ok(self.queue.remove(key)?.is_some())
+    }
+}
+
+/// `queue_by_repo` keys: the repository (empty for none), a zero byte, and
+/// the queue key, so each repository's line is in queue order.
+fn by_repo_key(repo: Option<&str>, key: &[u8]) -> Vec<u8> {
+    let mut k = repo.unwrap_or("").as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(key);
+    k
+}
+
+/// A queue entry from its key and value (`id \n agent \n repo`).
+fn queue_entry(key: &[u8], value: &[u8]) -> QueueEntry {
+    let seq = key.get(1..).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+    let text = String::from_utf8_lossy(value);
+    let mut parts = text.splitn(3, '\n');
+    let id = parts.next().unwrap_or_default().to_string();
+    let agent = parts.next().unwrap_or_default().to_string();
+    let repo = parts.next().filter(|r| !r.is_empty()).map(str::to_string);
+    QueueEntry { key: key.to_vec(), seq, id, agent, repo }
+}
+
 /// Filters for listing jobs.
 #[derive(Debug, Default, Clone)]
 pub struct JobQuery {
@@ -480,6 +529,7 @@ impl Store {
             jobs: tree("jobs")?,
             job_index: tree("job_index")?,
             queue: tree("queue")?,
+            queue_by_repo: tree("queue_by_repo")?,
             throttle: tree("throttle")?,
             approvals: tree("approvals")?,
             groups: tree("groups")?,
@@ -490,7 +540,26 @@ impl Store {
         let writer = writer::Writer::start(commit.clone(), move |batch: &[Admission]| trees.apply(batch))
             .map_err(|e| open_err(sled::Error::Io(e)))?;
         // The rate-limit and cooldown state (`throttle`) is the writer's alone.
-        let AdmitTrees { deliveries, delivery_times, jobs, job_index, queue, approvals, groups, cancels, .. } = admit;
+        let AdmitTrees {
+            deliveries,
+            delivery_times,
+            jobs,
+            job_index,
+            queue,
+            queue_by_repo,
+            approvals,
+            groups,
+            cancels,
+            ..
+        } = admit;
+        // Stores from before the index have a queue without it.
+        if queue_by_repo.is_empty() && !queue.is_empty() {
+            for item in queue.iter() {
+                let (k, v) = item.map_err(open_err)?;
+                let entry = queue_entry(&k, &v);
+                queue_by_repo.insert(by_repo_key(entry.repo.as_deref(), &k), v).map_err(open_err)?;
+            }
+        }
         Ok(Store {
             commit,
             writer: std::sync::Arc::new(writer),
@@ -499,6 +568,7 @@ impl Store {
             jobs,
             job_index,
             queue,
+            queue_by_repo,
             outbox: tree("outbox")?,
             running: tree("running")?,
             schedules: tree("schedules")?,
@@ -659,51 +729,85 @@ impl Store {
     pub fn queued(&self) -> impl Iterator<Item = Result<QueueEntry, StoreError>> + '_ {
         self.queue.iter().map(|entry| {
             let (k, v) = entry?;
-            let seq = k.get(1..).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
-            let text = String::from_utf8_lossy(&v);
-            let mut parts = text.splitn(3, '\n');
-            let id = parts.next().unwrap_or_default().to_string();
-            let agent = parts.next().unwrap_or_default().to_string();
-            let repo = parts.next().filter(|r| !r.is_empty()).map(str::to_string);
-            Ok(QueueEntry { key: k.to_vec(), seq, id, agent, repo })
+            Ok(queue_entry(&k, &v))
         })
+    }
+
+    /// The queued job to run next: the first in queue order among the first
+    /// `eligible` entry of each repository's line, passing over whole
+    /// repositories that are `full` (at their limit) without reading them.
+    /// Dispatch costs a look per repository, not a read of the whole queue.
+    pub fn next_queued(
+        &self,
+        full: impl Fn(Option<&str>) -> bool,
+        eligible: impl Fn(&QueueEntry) -> bool,
+    ) -> Result<Option<QueueEntry>, StoreError> {
+        let mut best: Option<QueueEntry> = None;
+        let mut from: Vec<u8> = Vec::new();
+        while let Some(first) = self.queue_by_repo.range(from.as_slice()..).next() {
+            let (k, _) = first?;
+            // repository ++ 0 ++ 9-byte queue key
+            let Some(repo_len) = k.len().checked_sub(10) else {
+                from = k.to_vec();
+                from.push(0);
+                continue;
+            };
+            let repo = (repo_len > 0).then(|| String::from_utf8_lossy(&k[..repo_len]).into_owned());
+            if !full(repo.as_deref()) {
+                for item in self.queue_by_repo.scan_prefix(&k[..=repo_len]) {
+                    let (k, v) = item?;
+                    let entry = queue_entry(&k[repo_len + 1..], &v);
+                    if eligible(&entry) {
+                        if best.as_ref().is_none_or(|b| entry.key < b.key) {
+                            best = Some(entry);
+                        }
+                        break;
+                    }
+                }
+            }
+            // The next repository's line starts after every key of this one.
+            from = k[..repo_len].to_vec();
+            from.push(1);
+        }
+        Ok(best)
     }
 
     /// Takes a queued job: it leaves the queue and becomes `running` with a
     /// new attempt, in one transaction, flushed.
     pub async fn claim(&self, entry: &QueueEntry, lease: Duration) -> Result<Option<Job>, StoreError> {
         let deadline = lease_deadline(lease);
-        let (key, id) = (entry.key.as_slice(), entry.id.as_str());
-        let result =
-            (&self.queue, &self.jobs, &self.running, &self.groups).transaction(|(queue, jobs, running, groups)| {
-                let Some(bytes) = jobs.get(id.as_bytes())? else {
-                    return Ok(None);
-                };
-                let mut job: Job = match decode("jobs", id.as_bytes(), &bytes) {
-                    Ok(j) => j,
-                    Err(e) => return abort(e),
-                };
-                if job.state != JobState::Queued {
-                    queue.remove(key)?;
-                    return Ok(None);
+        let (key, id, repo) = (entry.key.as_slice(), entry.id.as_str(), entry.repo.as_deref());
+        let trees = (&self.queue, &self.queue_by_repo, &self.jobs, &self.running, &self.groups);
+        let result = trees.transaction(|(queue, by_repo, jobs, running, groups)| {
+            let queue = QueueTx { queue, by_repo };
+            let Some(bytes) = jobs.get(id.as_bytes())? else {
+                return Ok(None);
+            };
+            let mut job: Job = match decode("jobs", id.as_bytes(), &bytes) {
+                Ok(j) => j,
+                Err(e) => return abort(e),
+            };
+            if job.state != JobState::Queued {
+                queue.remove(key, repo)?;
+                return Ok(None);
+            }
+            if let Some(group) = &job.spec.concurrency {
+                let mut st = group_state(groups, group)?;
+                if st.running.as_ref().is_some_and(|r| r != id) {
+                    return Ok(None); // waits, still queued, for its group
                 }
-                if let Some(group) = &job.spec.concurrency {
-                    let mut st = group_state(groups, group)?;
-                    if st.running.as_ref().is_some_and(|r| r != id) {
-                        return Ok(None); // waits, still queued, for its group
-                    }
-                    st.running = Some(id.to_string());
-                    st.waiting.retain(|(w, _)| w != id);
-                    groups.insert(group.as_bytes(), encode(&st))?;
-                }
-                if queue.remove(key)?.is_none() {
-                    return Ok(None);
-                }
-                job.start_attempt(Utc::now());
-                jobs.insert(id.as_bytes(), encode(&job))?;
-                running.insert(id.as_bytes(), &deadline)?;
-                Ok(Some(job))
-            });
+                st.running = Some(id.to_string());
+                st.waiting.retain(|(w, _)| w != id);
+                groups.insert(group.as_bytes(), encode(&st))?;
+            }
+            if !queue.remove(key, repo)? {
+                return Ok(None);
+            }
+            job.start_attempt(Utc::now());
+            jobs.insert(id.as_bytes(), encode(&job))?;
+            running.insert(id.as_bytes(), &deadline)?;
+            Ok(Some(job))
+        });
         let job = flatten(result)?;
         self.flush().await?;
         Ok(job)
@@ -736,8 +840,9 @@ impl Store {
     pub async fn finish(&self, job: &Job, publications: &[Publication]) -> Result<(), StoreError> {
         let requeue = job.state == JobState::Queued;
         let ended = matches!(job.state, JobState::Succeeded | JobState::Failed);
-        let trees = (&self.jobs, &self.queue, &self.outbox, &self.running, &self.groups, &self.ends);
-        let result = trees.transaction(|(jobs, queue, outbox, running, groups, ends)| {
+        let trees =
+            (&self.jobs, &self.queue, &self.queue_by_repo, &self.outbox, &self.running, &self.groups, &self.ends);
+        let result = trees.transaction(|(jobs, queue, by_repo, outbox, running, groups, ends)| {
             jobs.insert(job.id.as_bytes(), encode(&with_publisher_fields(jobs, job)?))?;
             if ended {
                 ends.insert(job.id.as_bytes(), &[])?;
@@ -746,7 +851,7 @@ impl Store {
                 running.remove(job.id.as_bytes())?;
             }
             if requeue {
-                queue.insert(&queue_key(job), queue_value(job))?;
+                QueueTx { queue, by_repo }.push(job)?;
             }
             if let Some(group) = &job.spec.concurrency {
                 let mut st = group_state(groups, group)?;
@@ -789,9 +894,11 @@ impl Store {
         if job.state != JobState::Queued {
             return Ok(None);
         }
-        let result = (&self.queue, &self.jobs, &self.groups).transaction(|(queue, jobs, groups)| {
+        let trees = (&self.queue, &self.queue_by_repo, &self.jobs, &self.groups);
+        let result = trees.transaction(|(queue, by_repo, jobs, groups)| {
             // The dispatcher may have claimed it since it was read.
-            if queue.remove(&queue_key(&job))?.is_none() {
+            let queue = QueueTx { queue, by_repo };
+            if !queue.remove(&queue_key(&job), job.repo.as_deref())? {
                 return Ok(None);
             }
             if let Some(group) = &job.spec.concurrency {
@@ -967,8 +1074,8 @@ impl Store {
         let held = self.pending(repo, number)?;
         let seqs: Vec<u64> = held.iter().map(|_| self.db.generate_id()).collect::<Result<_, _>>()?;
         let now = Utc::now();
-        let result = (&self.approvals, &self.jobs, &self.job_index, &self.queue).transaction(
-            |(approvals, jobs, index, queue)| {
+        let result = (&self.approvals, &self.jobs, &self.job_index, &self.queue, &self.queue_by_repo).transaction(
+            |(approvals, jobs, index, queue, by_repo)| {
                 let mut keep = Vec::new();
                 let mut started = Vec::new();
                 for (p, seq) in held.iter().zip(&seqs) {
@@ -986,7 +1093,7 @@ impl Store {
                         let job = Job::new(id.clone(), *seq, p.delivery.clone(), p.spec.clone(), now);
                         jobs.insert(id.as_bytes(), encode(&job))?;
                         index.insert(&seq_key(*seq), id.as_bytes())?;
-                        queue.insert(&queue_key(&job), queue_value(&job))?;
+                        QueueTx { queue, by_repo }.push(&job)?;
                         started.push(id);
                     }
                 }
@@ -1059,5 +1166,35 @@ impl JobQuery {
         self.state.is_none_or(|s| j.state == s)
             && self.trigger.as_ref().is_none_or(|t| &j.trigger == t)
             && self.repo.as_ref().is_none_or(|r| j.repo.as_ref() == Some(r))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store written before `queue_by_repo` existed gets the index built
+    /// when it opens, so its queued jobs still run.
+    #[tokio::test]
+    async fn the_repository_index_is_built_for_a_store_without_it() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        {
+            let store = Store::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+            for n in 0..3 {
+                let spec = JobSpec {
+                    trigger: format!("t{n}"),
+                    agent: "a".into(),
+                    repo: Some(format!("o/r{n}")),
+                    ..JobSpec::default()
+                };
+                store.accept(Delivery::new(format!("d{n}"), "github", "issues.opened"), vec![spec]).await.ok();
+            }
+            store.queue_by_repo.clear().ok();
+            store.flush().await.ok();
+        }
+        let store = Store::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let next = store.next_queued(|_| false, |_| true).ok().flatten().map(|e| e.repo);
+        assert_eq!(next, Some(Some("o/r0".to_string())));
+        assert_eq!(store.queue_by_repo.len(), 3);
     }
 }

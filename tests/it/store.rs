@@ -173,6 +173,55 @@ async fn the_queue_is_first_in_first_out_within_a_priority() {
     assert_eq!(store.queued().count(), 4);
 }
 
+/// Dispatch asks the store for the next job among repositories below their
+/// limit: queue order across repositories, a full repository passed over
+/// with one look rather than one per job in its line, and jobs the
+/// dispatcher cannot take (agent at its limit, group busy) skipped.
+#[tokio::test]
+async fn the_next_job_comes_from_the_first_repository_below_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let queue = [("busy/repo", 0), ("busy/repo", 5), ("other/one", 0), ("other/two", 0), ("other/two", 1)];
+    for (n, (repo, priority)) in queue.iter().enumerate() {
+        let mut s = spec(&format!("{repo}-{n}"));
+        s.repo = Some(repo.to_string());
+        s.priority = *priority;
+        store.accept(delivery(&format!("d{n}"), Duration::zero()), vec![s]).await.unwrap();
+    }
+    // A long line on the busy repository.
+    for n in 0..200 {
+        let mut s = spec(&format!("line-{n}"));
+        s.repo = Some("busy/repo".into());
+        store.accept(delivery(&format!("line{n}"), Duration::zero()), vec![s]).await.unwrap();
+    }
+    let trigger = |e: Option<baton::store::QueueEntry>| store.job(&e.unwrap().id).unwrap().unwrap().trigger;
+    let none_full = |_: Option<&str>| false;
+    let all = |_: &baton::store::QueueEntry| true;
+    assert_eq!(trigger(store.next_queued(none_full, all).unwrap()), "busy/repo-1", "highest priority first");
+
+    let looks = std::cell::Cell::new(0);
+    let busy_full = |repo: Option<&str>| {
+        looks.set(looks.get() + 1);
+        repo == Some("busy/repo")
+    };
+    assert_eq!(trigger(store.next_queued(busy_full, all).unwrap()), "other/two-4", "then priority across the rest");
+    assert_eq!(looks.get(), 3, "one look per repository, not per queued job");
+
+    let not_two = |e: &baton::store::QueueEntry| e.repo.as_deref() != Some("other/two");
+    let only_busy_full = |repo: Option<&str>| repo == Some("busy/repo");
+    assert_eq!(trigger(store.next_queued(only_busy_full, not_two).unwrap()), "other/one-2", "FIFO within a priority");
+
+    // Claimed and cancelled jobs leave both the queue and the index.
+    let next = store.next_queued(only_busy_full, all).unwrap().unwrap();
+    assert_eq!(store.claim(&next, LEASE).await.unwrap().unwrap().trigger, "other/two-4");
+    let next = store.next_queued(only_busy_full, all).unwrap().unwrap();
+    assert_eq!(store.cancel_queued(&next.id.clone(), "no").await.unwrap().unwrap().trigger, "other/one-2");
+    assert_eq!(trigger(store.next_queued(only_busy_full, all).unwrap()), "other/two-3");
+    assert_eq!(store.queued().count(), 203);
+    let everything_full = |_: Option<&str>| true;
+    assert!(store.next_queued(everything_full, all).unwrap().is_none());
+}
+
 #[tokio::test]
 async fn a_lease_lapses_unless_renewed() {
     let dir = tempfile::tempdir().unwrap();
