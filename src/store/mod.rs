@@ -535,7 +535,9 @@ impl Store {
             groups: tree("groups")?,
             cancels: tree("cancels")?,
         };
-        let commit = commit::GroupCommit::new(db.clone(), durability);
+        // sled keeps its log in `db/db`; group commit fsyncs it (see `commit`).
+        let data_file = std::fs::File::open(path.join("db").join("db")).map_err(|e| open_err(sled::Error::Io(e)))?;
+        let commit = commit::GroupCommit::new(db.clone(), data_file, durability);
         let trees = admit.clone();
         let writer = writer::Writer::start(commit.clone(), move |batch: &[Admission]| trees.apply(batch))
             .map_err(|e| open_err(sled::Error::Io(e)))?;

@@ -148,3 +148,53 @@ async fn kill_9_while_two_jobs_run_then_both_complete_exactly_once() {
     started.sort();
     assert_eq!(started.len(), 4, "one interrupted run and one rerun each: {started:?}");
 }
+
+/// sled's flush writes with `sync_file_range` (no metadata, no drive cache)
+/// and leaves the fsync to a thread that runs once a second, so baton
+/// `fdatasync`s sled's data file itself before it acknowledges anything.
+/// Seen from outside, with strace: a delivery answered 202 was preceded by
+/// an `fdatasync` of `.baton/db/db` (sled's own calls are `fsync`).
+#[tokio::test]
+async fn an_acknowledged_delivery_is_fdatasynced_not_only_flushed_by_sled() {
+    assert!(
+        std::process::Command::new("strace").arg("-V").output().is_ok(),
+        "this test needs strace (apt-get install strace; .ci/run installs it)"
+    );
+    let w = Workdir::new();
+    w.config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.noop]\ncommand = [\"true\"]\n"
+    ));
+    w.trigger(
+        "one",
+        "on = [\"issues.opened\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
+    );
+    let trace = w.path().join("trace.txt");
+    let trace_arg = trace.display().to_string();
+    let wrapper = ["strace", "-f", "-y", "-e", "trace=fdatasync", "-o", trace_arg.as_str()];
+    let baton = Baton::start_under(w.path(), &[], &wrapper);
+    // Killing strace alone (as dropping `baton` does) could leave baton
+    // running, detached: it goes first, even when an assertion fails.
+    struct KillTraced(u32);
+    impl Drop for KillTraced {
+        fn drop(&mut self) {
+            let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.0)).unwrap_or_default();
+            for pid in children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                // SAFETY: signalling a process this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    let _traced = KillTraced(baton.pid());
+    let syncs = || {
+        std::fs::read_to_string(&trace)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("fdatasync(") && l.contains("/.baton/db/db>") && l.contains("= 0"))
+            .count()
+    };
+    let before = syncs();
+    let (status, body) = baton.deliver(SECRET, "issues", "durable-1", &fixture("issues/opened.payload.json")).await;
+    assert_eq!(status, 202, "{body}");
+    // strace writes its line as the call returns; the file may lag a little.
+    crate::harness::eventually("an fdatasync of the store's data file", || syncs() > before).await;
+}

@@ -70,7 +70,20 @@ impl Baton {
     /// Starts `baton serve` in `dir` (its `baton.toml` must listen on
     /// 127.0.0.1:0) and waits until it serves.
     pub fn start(dir: &Path, env: &[(&str, &str)]) -> Baton {
-        let mut cmd = Command::new(BIN);
+        Baton::start_under(dir, env, &[])
+    }
+
+    /// `start`, run by `wrapper` (a command that runs the one after it,
+    /// such as `strace -o FILE`).
+    pub fn start_under(dir: &Path, env: &[(&str, &str)], wrapper: &[&str]) -> Baton {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.args(["--log-format", "json", "serve"])
             .current_dir(dir)
             .env("RUST_LOG", "info")
