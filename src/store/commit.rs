@@ -45,7 +45,7 @@ struct Flushed {
 pub struct GroupCommit {
     db: sled::Db,
     /// sled's data file, for the `fdatasync` that sled's flush leaves out.
-    file: Arc<std::fs::File>,
+    file: std::fs::File,
     mode: Durability,
     tickets: AtomicU64,
     /// Shared with the flusher, which holds no strong reference while it
@@ -62,7 +62,7 @@ impl GroupCommit {
     pub fn new(db: sled::Db, file: std::fs::File, mode: Durability) -> Arc<GroupCommit> {
         Arc::new(GroupCommit {
             db,
-            file: Arc::new(file),
+            file,
             mode,
             tickets: AtomicU64::new(0),
             kick: Arc::new(Notify::new()),
@@ -97,9 +97,7 @@ impl GroupCommit {
             }
         }
     }
-}
 
-impl GroupCommit {
     /// Flushes now, on this thread, for a caller that batches its own
     /// writes (the store's writer thread).
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
@@ -133,17 +131,12 @@ async fn flusher(weak: Weak<GroupCommit>, kick: Arc<Notify>) {
             kick.notified().await;
             continue;
         }
-        let (db, file) = (this.db.clone(), this.file.clone());
-        // Both block on the disk: keep them off the async workers.
-        let result = tokio::task::spawn_blocking(move || sync(&db, &file)).await;
-        this.flushes.fetch_add(1, Ordering::Relaxed);
+        let flushing = this.clone();
+        // It blocks on the disk: keep it off the async workers.
+        let result = tokio::task::spawn_blocking(move || flushing.flush_blocking()).await;
         this.flushed.send_modify(|f| match result {
-            Ok(Ok(_)) => f.done = target,
-            Ok(Err(ref e)) => {
-                tracing::error!(error = %e, "Flushing the store failed.");
-                f.failed = target;
-            }
-            Err(_) => f.failed = target,
+            Ok(Ok(())) => f.done = target,
+            _ => f.failed = target,
         });
     }
 }

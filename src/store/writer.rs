@@ -9,8 +9,7 @@
 //! than one per request. Deliveries are processed in arrival order inside
 //! the transaction, so a duplicate within one batch is still seen as one.
 
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
@@ -28,8 +27,8 @@ type Reply = oneshot::Sender<Result<Accepted, StoreError>>;
 /// clone: closing the channel ends the thread, and the drop waits for it so
 /// the database is released when the store is gone.
 pub(super) struct Writer<A: Send + 'static> {
-    tx: Mutex<Option<mpsc::Sender<(A, Reply)>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    tx: Option<mpsc::Sender<(A, Reply)>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl<A: Send + 'static> Writer<A> {
@@ -76,18 +75,14 @@ impl<A: Send + 'static> Writer<A> {
                 }
             }
         })?;
-        Ok(Writer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
+        Ok(Writer { tx: Some(tx), thread: Some(thread) })
     }
 
     /// Stores `admission` with whatever else is waiting; returns once it is
     /// durable (or known to have failed).
     pub async fn submit(&self, admission: A) -> Result<Accepted, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let sent = match self.tx.lock() {
-            Ok(tx) => tx.as_ref().is_some_and(|tx| tx.send((admission, reply)).is_ok()),
-            Err(_) => false,
-        };
-        if !sent {
+        if self.tx.as_ref().is_none_or(|tx| tx.send((admission, reply)).is_err()) {
             return Err(StoreError::Closed);
         }
         answer.await.unwrap_or(Err(StoreError::Closed))
@@ -96,10 +91,8 @@ impl<A: Send + 'static> Writer<A> {
 
 impl<A: Send + 'static> Drop for Writer<A> {
     fn drop(&mut self) {
-        if let Ok(mut tx) = self.tx.lock() {
-            tx.take();
-        }
-        if let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+        self.tx.take();
+        if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
