@@ -31,6 +31,21 @@ pub enum ServeError {
     GitHub(#[from] crate::auth::AuthError),
     #[error("server error: {0}")]
     Server(std::io::Error),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
+}
+
+/// The sandbox agents run in, or `None` (with a loud warning) when the
+/// config turned it off.
+pub fn sandbox(config: &Config) -> Result<Option<Arc<crate::sandbox::Sandbox>>, crate::sandbox::SandboxError> {
+    if !config.sandbox.enabled {
+        tracing::warn!(
+            "THE AGENT SANDBOX IS OFF ([sandbox] enabled = false): agents run with the daemon's own authority and \
+             can read its token, its store and every other job. Turn it back on unless this machine runs nothing else."
+        );
+        return Ok(None);
+    }
+    crate::sandbox::Sandbox::new(config.hidden_paths()).map(|s| Some(Arc::new(s)))
 }
 
 /// Runs the daemon on an already bound listener (tests bind port 0).
@@ -39,6 +54,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    let sandbox = sandbox(&config)?;
     let store = Store::open_with(&config.storage.path, config.storage.durability)?;
     if config.github.webhook_secret.is_none() {
         config.github.webhook_secret = Some(generated_secret(&config.storage.path)?);
@@ -66,15 +82,18 @@ pub async fn serve(
     let config = Arc::new(config);
     let wake = Arc::new(Notify::new());
     let publish_wake = Arc::new(Notify::new());
-    let engine = Arc::new(Engine::new(
-        store.clone(),
-        rules.clone(),
-        config.clone(),
-        wake.clone(),
-        publish_wake.clone(),
-        credentials.clone(),
-        metrics.clone(),
-    ));
+    let engine = Arc::new(
+        Engine::new(
+            store.clone(),
+            rules.clone(),
+            config.clone(),
+            wake.clone(),
+            publish_wake.clone(),
+            credentials.clone(),
+            metrics.clone(),
+        )
+        .with_sandbox(sandbox),
+    );
     let recovered = engine.recover().await?;
     if recovered > 0 {
         tracing::warn!(jobs = recovered, "Recovered jobs left running by a previous daemon.");

@@ -72,6 +72,20 @@ enum Command {
         /// The payload file.
         file: PathBuf,
     },
+    /// The first process inside an agent's sandbox (started by baton itself).
+    #[command(name = "sandbox-init", hide = true)]
+    SandboxInit {
+        #[arg(long)]
+        proxy: Option<PathBuf>,
+        #[arg(long, default_value_t = baton::sandbox::PROXY_PORT)]
+        port: u16,
+        #[arg(long)]
+        max_processes: Option<u64>,
+        #[arg(long)]
+        max_data: Option<u64>,
+        #[arg(last = true, required = true)]
+        argv: Vec<std::ffi::OsString>,
+    },
     /// Inspect and control jobs of a running daemon.
     Jobs {
         /// The daemon's address.
@@ -110,7 +124,27 @@ enum JobsCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::SandboxInit { proxy, port, max_processes, max_data, argv } = cli.command {
+        let code =
+            baton::sandbox::init::run(baton::sandbox::init::InitArgs { proxy, port, max_processes, max_data, argv });
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     init_logging(cli.log_format);
+    // `serve` loads its config and locks its secrets away before any thread
+    // exists: the environment cannot be changed safely once threads run.
+    let command = match cli.command {
+        Command::Serve { config } => match load_config(config.as_deref()) {
+            Ok(config) => {
+                baton::harden::protect(&config.secret_vars);
+                Prepared::Serve(Box::new(config))
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        other => Prepared::Other(other),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -118,7 +152,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let outcome = match command {
+        Prepared::Serve(config) => runtime.block_on(serve(*config)),
+        Prepared::Other(command) => runtime.block_on(run(command)),
+    };
+    match outcome {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -137,9 +175,16 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// A command ready to run.
+enum Prepared {
+    Serve(Box<Config>),
+    Other(Command),
+}
+
 async fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Serve { config } => serve(config.as_deref()).await,
+        Command::Serve { config } => serve(load_config(config.as_deref())?).await,
+        Command::SandboxInit { .. } => Ok(ExitCode::FAILURE),
         Command::Check { config } => Ok(check(config.as_deref())),
         Command::Simulate { event, payload, config, run } => simulate(&event, &payload, config.as_deref(), run).await,
         Command::Deliver { url, secret, event, delivery, file } => {
@@ -157,8 +202,7 @@ fn join(errors: &[Diagnostic]) -> String {
     errors.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n")
 }
 
-async fn serve(path: Option<&Path>) -> Result<ExitCode> {
-    let config = load_config(path)?;
+async fn serve(config: Config) -> Result<ExitCode> {
     let listener = baton::daemon::bind(&config).await?;
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
@@ -192,12 +236,24 @@ fn check(path: Option<&Path>) -> ExitCode {
     for e in &errors {
         println!("{e}");
     }
-    if errors.is_empty() {
+    let sandbox = sandbox_check(&config);
+    if let Err(e) = &sandbox {
+        println!("{}: {e}", config.file.as_deref().unwrap_or(Path::new("<built-in defaults>")).display());
+    }
+    if errors.is_empty() && sandbox.is_ok() {
         println!("ok: {} trigger(s) in {}", rules.triggers().len(), config.triggers_dir.display());
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// `[sandbox] enabled` needs a working bubblewrap.
+fn sandbox_check(config: &Config) -> Result<(), baton::sandbox::SandboxError> {
+    if config.sandbox.enabled {
+        baton::sandbox::preflight()?;
+    }
+    Ok(())
 }
 
 async fn simulate(event: &str, payload: &Path, path: Option<&Path>, run: bool) -> Result<ExitCode> {
@@ -229,7 +285,8 @@ async fn simulate(event: &str, payload: &Path, path: Option<&Path>, run: bool) -
     if run && !matched.is_empty() {
         let scratch = std::env::temp_dir().join(format!("baton-simulate-{}", std::process::id()));
         config.storage.path = scratch.clone();
-        let results = baton::engine::run_locally(config, matched).await;
+        let sandbox = baton::daemon::sandbox(&config)?;
+        let results = baton::engine::run_locally(config, matched, sandbox).await;
         let _ = std::fs::remove_dir_all(&scratch);
         for job in results? {
             println!("\n== {} ({}) ==", job.trigger, job.state);

@@ -23,6 +23,8 @@ pub struct Metrics {
     jobs: Mutex<BTreeMap<(String, &'static str), u64>>,
     durations: Mutex<BTreeMap<String, Histogram>>,
     publishes: Mutex<BTreeMap<&'static str, u64>>,
+    /// Connections the egress proxy refused, by agent.
+    egress_blocked: Mutex<BTreeMap<String, u64>>,
     /// GitHub's `X-RateLimit-Remaining` on its latest answer; -1 until one.
     rate_limit_remaining: std::sync::atomic::AtomicI64,
 }
@@ -43,6 +45,7 @@ impl Default for Metrics {
             jobs: Mutex::default(),
             durations: Mutex::default(),
             publishes: Mutex::default(),
+            egress_blocked: Mutex::default(),
             rate_limit_remaining: std::sync::atomic::AtomicI64::new(-1),
         }
     }
@@ -82,6 +85,11 @@ impl Metrics {
         bump(&self.publishes, outcome);
     }
 
+    /// `count` connections of `agent` refused by its egress allowlist.
+    pub fn egress_blocked(&self, agent: &str, count: u64) {
+        *self.egress_blocked.lock().unwrap_or_else(|p| p.into_inner()).entry(agent.to_string()).or_default() += count;
+    }
+
     /// The text exposition, with the gauges read at scrape time.
     pub fn render(&self, queued: usize, running: usize, store_bytes: u64) -> String {
         let mut out = String::new();
@@ -110,6 +118,12 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE baton_publish_attempts_total counter");
         for (outcome, n) in self.publishes.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let _ = writeln!(out, "baton_publish_attempts_total{{outcome=\"{outcome}\"}} {n}");
+        }
+        let _ =
+            writeln!(out, "# HELP baton_egress_blocked_total Agent connections refused by their network allowlist.");
+        let _ = writeln!(out, "# TYPE baton_egress_blocked_total counter");
+        for (agent, n) in self.egress_blocked.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "baton_egress_blocked_total{{agent=\"{}\"}} {n}", label(agent));
         }
         let remaining = self.rate_limit_remaining.load(std::sync::atomic::Ordering::Relaxed);
         for (name, help, v) in [

@@ -8,11 +8,14 @@
 //! than a flag the agent rejects at 3 a.m.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
 use super::HumanDuration;
+use crate::sandbox::egress::{rule_for_url, HostRule};
+use crate::sandbox::{parse_size, Profile};
 
 /// How an agent command is run: what it is, how it gets its prompt and how
 /// its answer is read back.
@@ -34,6 +37,8 @@ pub struct AgentDef {
     pub install: Option<String>,
     /// Jobs of this agent running at once, at most.
     pub max_parallel: Option<usize>,
+    /// What its sandbox lets it see, reach and use.
+    pub sandbox: Profile,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -94,8 +99,21 @@ impl Preset {
         Preset::ALL.into_iter().find(|p| p.name() == name)
     }
 
-    /// The preset's own definition, before any user keys.
-    pub fn def(self) -> AgentDef {
+    /// The model API the CLI talks to, reachable from its sandbox.
+    fn hosts(self) -> &'static [&'static str] {
+        match self {
+            Preset::Codex => &["api.openai.com:443"],
+            Preset::Claude => &["api.anthropic.com:443"],
+            Preset::Gemini => &["generativelanguage.googleapis.com:443"],
+            Preset::Aider => &["api.openai.com:443", "api.anthropic.com:443"],
+        }
+    }
+
+    /// The preset's own definition, before any user keys. `sandboxed`:
+    /// whether baton's sandbox confines it (then a CLI's own sandbox is
+    /// switched off rather than nested: Codex's `bwrap` inside baton's
+    /// hangs, and baton's is the boundary either way).
+    pub fn def(self, sandboxed: bool) -> AgentDef {
         let def = |command: &[&str], prompt, result, env: &[&str], vars: &[(&str, &str)], install: &str| AgentDef {
             name: self.name().to_string(),
             command: command.iter().map(|s| s.to_string()).collect(),
@@ -106,6 +124,10 @@ impl Preset {
             timeout: Duration::from_secs(30 * 60),
             install: Some(install.to_string()),
             max_parallel: None,
+            sandbox: Profile {
+                network: self.hosts().iter().filter_map(|h| HostRule::parse(h).ok()).collect(),
+                ..Profile::default()
+            },
         };
         match self {
             // Without `--disable plugins` and analytics off, Codex clones a
@@ -115,7 +137,7 @@ impl Preset {
                     "codex",
                     "exec",
                     "--sandbox",
-                    "workspace-write",
+                    if sandboxed { "danger-full-access" } else { "workspace-write" },
                     "--skip-git-repo-check",
                     "--ephemeral",
                     "--disable",
@@ -170,8 +192,8 @@ impl Preset {
 }
 
 /// The agents that work with no configuration beyond their API key.
-pub fn presets() -> BTreeMap<String, AgentDef> {
-    Preset::ALL.into_iter().map(|p| (p.name().to_string(), p.def())).collect()
+pub fn presets(sandboxed: bool) -> BTreeMap<String, AgentDef> {
+    Preset::ALL.into_iter().map(|p| (p.name().to_string(), p.def(sandboxed))).collect()
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -190,12 +212,18 @@ pub(super) struct RawAgent {
     base_url: Option<String>,
     max_turns: Option<u32>,
     budget_usd: Option<f64>,
+    pub(super) network: Option<Vec<toml::Spanned<String>>>,
+    pub(super) read_only: Option<Vec<PathBuf>>,
+    pub(super) read_write: Option<Vec<PathBuf>>,
+    max_memory: Option<String>,
+    max_processes: Option<u64>,
 }
 
 /// Keys given in the file replace the preset's; the others keep the preset's.
-pub(super) fn merge_agent(name: &str, raw: &RawAgent) -> Result<AgentDef, String> {
+/// Relative `read_only`/`read_write` paths resolve against `base`.
+pub(super) fn merge_agent(name: &str, raw: &RawAgent, sandboxed: bool, base_dir: &Path) -> Result<AgentDef, String> {
     let preset = raw.preset.or(Preset::named(name));
-    let base = preset.map(Preset::def);
+    let base = preset.map(|p| p.def(sandboxed));
     let base = base.as_ref();
     let command = match (&raw.command, base) {
         (Some(c), _) => c.clone(),
@@ -227,9 +255,44 @@ pub(super) fn merge_agent(name: &str, raw: &RawAgent) -> Result<AgentDef, String
         timeout: raw.timeout.map(|t| t.0).or(base.map(|p| p.timeout)).unwrap_or(Duration::from_secs(30 * 60)),
         install: raw.install.clone().or(base.and_then(|p| p.install.clone())),
         max_parallel: raw.max_parallel.or(base.and_then(|p| p.max_parallel)).filter(|n| *n > 0),
+        sandbox: sandbox_profile(raw, base, base_dir)?,
     };
     apply_tuning(&mut def, preset, raw)?;
     Ok(def)
+}
+
+/// The sandbox keys over the preset's: an explicit `network` replaces the
+/// preset's hosts (and `base_url`'s), so `[]` really cuts everything.
+fn sandbox_profile(raw: &RawAgent, base: Option<&AgentDef>, base_dir: &Path) -> Result<Profile, String> {
+    let mut profile = base.map(|b| b.sandbox.clone()).unwrap_or_default();
+    match &raw.network {
+        Some(entries) => {
+            profile.network =
+                entries.iter().map(|e| HostRule::parse(e.get_ref())).collect::<Result<Vec<_>, String>>()?;
+        }
+        None => {
+            if let Some(rule) = raw.base_url.as_deref().and_then(rule_for_url) {
+                profile.network.push(rule);
+            }
+        }
+    }
+    let absolute = |paths: &Vec<PathBuf>| paths.iter().map(|p| base_dir.join(p)).collect::<Vec<_>>();
+    if let Some(p) = &raw.read_only {
+        profile.read_only = absolute(p);
+    }
+    if let Some(p) = &raw.read_write {
+        profile.read_write = absolute(p);
+    }
+    if let Some(m) = &raw.max_memory {
+        profile.max_memory = parse_size(m).map_err(|e| format!("max_memory: {e}"))?;
+    }
+    if let Some(n) = raw.max_processes {
+        if n < 8 {
+            return Err("max_processes must be at least 8 (the sandbox itself takes a few)".into());
+        }
+        profile.max_processes = n;
+    }
+    Ok(profile)
 }
 
 /// Maps `model`, `base_url`, `max_turns` and `budget_usd` onto the CLI's own
@@ -323,7 +386,7 @@ mod tests {
 
     fn merge(src: &str, name: &str) -> Result<AgentDef, String> {
         let raw: RawAgent = toml::from_str(src).map_err(|e| e.to_string())?;
-        merge_agent(name, &raw)
+        merge_agent(name, &raw, true, Path::new("/etc/baton"))
     }
 
     #[test]

@@ -38,6 +38,18 @@ pub struct Config {
     pub limits: Limits,
     pub agents: BTreeMap<String, AgentDef>,
     pub sources: BTreeMap<String, Source>,
+    pub sandbox: SandboxSettings,
+    /// Files secrets were read from (`file:`): hidden from agents.
+    pub secret_files: Vec<PathBuf>,
+    /// Variables secrets were read from (`env:`): erased once loaded.
+    pub secret_vars: Vec<String>,
+}
+
+/// `[sandbox]`.
+#[derive(Debug, Clone)]
+pub struct SandboxSettings {
+    /// Whether agents run sandboxed; off only on purpose.
+    pub enabled: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -220,6 +232,14 @@ struct RawConfig {
     agents: BTreeMap<String, Spanned<RawAgent>>,
     #[serde(default)]
     sources: BTreeMap<String, Spanned<RawSource>>,
+    #[serde(default)]
+    sandbox: RawSandbox,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSandbox {
+    enabled: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -327,7 +347,15 @@ impl Config {
             Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
         };
 
+        let mut secret_files = Vec::new();
+        let mut secret_vars = Vec::new();
         let mut secret = |field: &Option<Spanned<String>>, implicit_env: Option<&str>| -> Option<Secret> {
+            if let Some(file) = field.as_ref().and_then(|s| s.get_ref().strip_prefix("file:")) {
+                secret_files.push(absolute(base, Path::new(file)));
+            }
+            if let Some(var) = field.as_ref().and_then(|s| s.get_ref().strip_prefix("env:")) {
+                secret_vars.push(var.to_string());
+            }
             match field {
                 Some(s) => match resolve_secret(s.get_ref(), base) {
                     Ok(v) => Some(v),
@@ -379,9 +407,23 @@ impl Config {
             max_chain_depth: raw.limits.max_chain_depth.unwrap_or(3),
         };
 
-        let mut agents = presets();
+        let sandboxed = raw.sandbox.enabled.unwrap_or(true);
+        let mut agents = presets(sandboxed);
         for (name, spanned) in &raw.agents {
-            match merge_agent(name, spanned.get_ref()) {
+            // Each bad network entry is reported where it is.
+            let entries = spanned.get_ref().network.iter().flatten();
+            let bad: Vec<Diagnostic> = entries
+                .filter_map(|e| {
+                    crate::sandbox::egress::HostRule::parse(e.get_ref())
+                        .err()
+                        .map(|msg| at(e.span(), format!("agents.{name}.network: {msg}")))
+                })
+                .collect();
+            if !bad.is_empty() {
+                errors.extend(bad);
+                continue;
+            }
+            match merge_agent(name, spanned.get_ref(), sandboxed, base) {
                 Ok(def) => {
                     agents.insert(name.clone(), def);
                 }
@@ -398,6 +440,12 @@ impl Config {
                     format!("sources.{name}: a source name is letters, digits, `-` and `_`, and not `github`"),
                 ));
                 continue;
+            }
+            if let Some(file) = raw_source.secret.get_ref().strip_prefix("file:") {
+                secret_files.push(absolute(base, Path::new(file)));
+            }
+            if let Some(var) = raw_source.secret.get_ref().strip_prefix("env:") {
+                secret_vars.push(var.to_string());
             }
             match resolve_secret(raw_source.secret.get_ref(), base) {
                 Ok(secret) => {
@@ -472,7 +520,27 @@ impl Config {
             limits,
             agents,
             sources,
+            sandbox: SandboxSettings { enabled: sandboxed },
+            secret_files,
+            secret_vars,
         })
+    }
+
+    /// baton's own paths, which no agent may see: the storage folder (store,
+    /// mirrors, other jobs, the generated webhook secret), the config file
+    /// and its folder, the trigger folder, and files secrets came from.
+    pub fn hidden_paths(&self) -> Vec<PathBuf> {
+        let mut out = vec![self.storage.path.clone(), self.triggers_dir.clone()];
+        if let Some(file) = &self.file {
+            out.push(file.clone());
+            // Its folder holds the triggers, env files and keys, usually;
+            // not when it is a system folder everything needs (`/etc`).
+            if let Some(dir) = file.parent().filter(|d| d.components().count() > 2) {
+                out.push(dir.to_path_buf());
+            }
+        }
+        out.extend(self.secret_files.iter().cloned());
+        out
     }
 
     /// Every configured secret value, so output can be scrubbed of them.

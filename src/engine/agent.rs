@@ -15,6 +15,9 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{format_duration, AgentDef, PromptMode, ResultMode};
+use crate::sandbox::cgroup::LimitHit;
+use crate::sandbox::egress::Blocked;
+use crate::sandbox::Sandbox;
 
 /// How long a process group has between SIGTERM and SIGKILL.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -32,6 +35,8 @@ pub enum AgentError {
     Template(String),
     #[error("cannot write agent files in {path}: {source}")]
     Files { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 /// How the process ended.
@@ -51,6 +56,22 @@ pub struct Run {
     pub output_tail: String,
     /// The agent's process group id, recorded at spawn time.
     pub pgid: Option<i32>,
+    /// The sandbox cap the run ran into, if any.
+    pub limit: Option<LimitHit>,
+    /// Destinations its egress proxy refused.
+    pub egress_blocked: Vec<Blocked>,
+}
+
+/// The sandbox a run is confined to, and what it sees besides its workspace.
+pub struct Confinement<'a> {
+    pub sandbox: &'a Sandbox,
+    /// Unique among runs at one time.
+    pub name: String,
+    /// baton's folder for the run (the agent's `HOME`, the proxy socket);
+    /// made anew and removed afterwards.
+    pub run_dir: PathBuf,
+    /// Shown read-only at the same path (the mirror's objects).
+    pub expose: Vec<PathBuf>,
 }
 
 /// One invocation of an agent.
@@ -68,6 +89,8 @@ pub struct Invocation<'a> {
     /// Told the agent's process group id as soon as it runs, so a daemon
     /// that dies can find the group at its next start.
     pub on_spawn: Option<&'a (dyn Fn(i32) + Send + Sync)>,
+    /// The sandbox; `None` runs the agent unconfined (`[sandbox] enabled = false`).
+    pub confine: Option<Confinement<'a>>,
 }
 
 impl Invocation<'_> {
@@ -96,17 +119,67 @@ impl Invocation<'_> {
     /// Runs the agent to its end.
     pub async fn run(&self) -> Result<Run, AgentError> {
         let files_err = |source| AgentError::Files { path: self.job_dir.to_path_buf(), source };
-        tokio::fs::create_dir_all(self.job_dir).await.map_err(files_err)?;
-        let _ = tokio::fs::remove_file(self.result_file()).await;
-        if self.agent.prompt == PromptMode::File {
-            tokio::fs::write(self.prompt_file(), self.prompt).await.map_err(files_err)?;
-        }
+        // Made anew for every run: an earlier run may have left links here
+        // that a write of the prompt would follow.
+        let (dir, prompt_file) = (
+            self.job_dir.to_path_buf(),
+            (self.agent.prompt == PromptMode::File).then(|| (self.prompt_file(), self.prompt.to_string())),
+        );
+        tokio::task::spawn_blocking(move || {
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            std::fs::create_dir_all(&dir)?;
+            if let Some((path, text)) = prompt_file {
+                std::fs::write(path, text)?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        .map_err(files_err)?;
         let argv = self.argv()?;
         let program = argv[0].clone();
+        let path_var = std::env::var_os("PATH").unwrap_or_default();
+        let Some(resolved) = resolve_program(&program, &path_var, self.workdir) else {
+            return Err(AgentError::NotFound {
+                hint: match &self.agent.install {
+                    Some(how) => format!("; install it with `{how}`"),
+                    None => "; install it or set the full path in the agent's `command`".into(),
+                },
+                program: program.clone(),
+            });
+        };
 
-        let mut cmd = Command::new(&program);
-        cmd.args(&argv[1..])
-            .current_dir(self.workdir)
+        let mut jail = None;
+        let mut cmd = match &self.confine {
+            Some(c) => {
+                let mut expose = c.expose.clone();
+                if !crate::sandbox::is_system_path(&resolved) {
+                    expose.push(resolved.clone());
+                }
+                let run = crate::sandbox::Run {
+                    name: &c.name,
+                    profile: &self.agent.sandbox,
+                    workdir: self.workdir,
+                    io_dir: self.job_dir,
+                    run_dir: &c.run_dir,
+                    expose,
+                };
+                let j = c.sandbox.jail(&run, &argv)?;
+                let mut cmd = Command::new(&j.program);
+                cmd.args(&j.args);
+                jail = Some(j);
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new(&program);
+                cmd.args(&argv[1..]);
+                cmd
+            }
+        };
+        cmd.current_dir(self.workdir)
             .env_clear()
             .stdin(if self.agent.prompt == PromptMode::Stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
@@ -119,19 +192,30 @@ impl Invocation<'_> {
             }
         }
         cmd.envs(&self.agent.vars);
-        let mut child = cmd.spawn().map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                AgentError::NotFound {
-                    hint: match &self.agent.install {
-                        Some(how) => format!("; install it with `{how}`"),
-                        None => "; install it or set the full path in the agent's `command`".into(),
-                    },
-                    program: program.clone(),
+        let mut cgroup_files = Vec::new();
+        if let Some(j) = &jail {
+            cmd.envs(j.env.iter().map(|(k, v)| (k, v)));
+            cgroup_files = j.cgroup_files();
+        }
+        // SAFETY: the closure only makes async-signal-safe calls (close_range,
+        // open, write, close) on memory prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                // No descriptor of the daemon's reaches the agent, whoever opened it.
+                let _ = crate::harden::cloexec_from_3();
+                crate::sandbox::join_cgroups(&cgroup_files)
+            });
+        }
+        let spawned = cmd.spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(source) => {
+                if let Some(j) = jail {
+                    let _ = tokio::task::spawn_blocking(move || j.close()).await;
                 }
-            } else {
-                AgentError::Spawn { program: program.clone(), source }
+                return Err(AgentError::Spawn { program: program.clone(), source });
             }
-        })?;
+        };
         // With process_group(0) the group id is the child's pid. Take it now:
         // `child.id()` is gone once the child has been reaped.
         let pgid = child.id().and_then(|p| i32::try_from(p).ok());
@@ -196,6 +280,14 @@ impl Invocation<'_> {
             Ending::TimedOut(d) => format!("\n[baton] agent stopped: timeout after {}\n", format_duration(*d)),
             Ending::Cancelled => "\n[baton] agent stopped: job cancelled\n".to_string(),
         };
+        let (limit, egress_blocked) = match jail {
+            Some(j) => tokio::task::spawn_blocking(move || j.close()).await.unwrap_or_default(),
+            None => (None, Vec::new()),
+        };
+        let mut note = note;
+        for b in &egress_blocked {
+            note.push_str(&format!("[baton] egress refused: {}:{} ({}×)\n", b.host, b.port, b.count));
+        }
         let _ = log.file.write_all(note.as_bytes()).await;
         let _ = log.file.flush().await;
         Ok(Run {
@@ -203,6 +295,8 @@ impl Invocation<'_> {
             stdout: String::from_utf8_lossy(&stdout).into_owned(),
             output_tail: String::from_utf8_lossy(&log.tail).into_owned(),
             pgid,
+            limit,
+            egress_blocked,
         })
     }
 
@@ -210,13 +304,54 @@ impl Invocation<'_> {
     pub async fn result(&self, run: &Run) -> Result<String, String> {
         match &self.agent.result {
             ResultMode::Stdout => Ok(run.stdout.trim().to_string()),
-            ResultMode::File => match tokio::fs::read_to_string(self.result_file()).await {
-                Ok(s) => Ok(s.trim().to_string()),
-                Err(_) => Err("the agent wrote no result file".into()),
-            },
+            ResultMode::File => {
+                let path = self.result_file();
+                tokio::task::spawn_blocking(move || read_result_file(&path))
+                    .await
+                    .unwrap_or_else(|_| Err("the result file could not be read".into()))
+            }
             ResultMode::Json(field) => json_field(&run.stdout, field),
         }
     }
+}
+
+/// A result file bigger than this is cut.
+const MAX_RESULT: u64 = 4 * 1024 * 1024;
+
+/// Reads the agent's result file, never through a link: an agent that
+/// swaps it for a link to some other file gets an error, not that file.
+fn read_result_file(path: &Path) -> Result<String, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(
+            |e| match e.raw_os_error() {
+                Some(libc::ELOOP) => "the agent's result file is a symbolic link; baton does not follow it".to_string(),
+                _ => "the agent wrote no result file".to_string(),
+            },
+        )?;
+    let meta = file.metadata().map_err(|_| "the result file could not be read".to_string())?;
+    if !meta.is_file() {
+        return Err("the agent's result file is not a regular file".into());
+    }
+    let mut text = String::new();
+    file.take(MAX_RESULT)
+        .read_to_string(&mut text)
+        .map_err(|_| "the agent's result file is not UTF-8 text".to_string())?;
+    Ok(text.trim().to_string())
+}
+
+/// Where `program` is: a path (relative to `workdir`), or found on `path`.
+fn resolve_program(program: &str, path: &std::ffi::OsStr, workdir: &Path) -> Option<PathBuf> {
+    let runnable = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = workdir.join(program);
+        return runnable(&p).then_some(p);
+    }
+    std::env::split_paths(path).map(|d| d.join(program)).find(|p| runnable(p))
 }
 
 pub fn describe_exit(code: Option<i32>) -> String {

@@ -62,6 +62,16 @@ pub struct Engine {
     superseded: Mutex<HashMap<String, String>>,
     /// How long a claimed job stays claimed without its worker renewing.
     lease: Duration,
+    /// Confines every agent and verify run; `None` only when the config
+    /// turned it off.
+    sandbox: Option<Arc<crate::sandbox::Sandbox>>,
+}
+
+/// What an attempt reports besides how it ended.
+#[derive(Default)]
+struct Report {
+    phases: Phases,
+    egress_blocked: Vec<crate::sandbox::egress::Blocked>,
 }
 
 /// What the dispatcher knows of a running job.
@@ -120,7 +130,16 @@ impl Engine {
             superseded: Mutex::new(HashMap::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
             lease: DEFAULT_LEASE,
+            sandbox: None,
         }
+    }
+
+    /// Runs every agent and verify command in `sandbox`; without it (the
+    /// config turned it off, or a test of something else) they run
+    /// unconfined, with a warning in every job's log.
+    pub fn with_sandbox(mut self, sandbox: Option<Arc<crate::sandbox::Sandbox>>) -> Engine {
+        self.sandbox = sandbox;
+        self
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunningJob>> {
@@ -177,7 +196,6 @@ impl Engine {
         if worktrees.exists() {
             let _ = tokio::fs::remove_dir_all(&worktrees).await;
         }
-        prune_mirrors(&self.config.storage.path.join("mirrors")).await;
         self.workspaces.load_pool().await;
         Ok(stale.len())
     }
@@ -399,9 +417,14 @@ impl Engine {
         }
         let mut feedback: Option<String> = None;
         loop {
-            let mut phases = Phases::default();
-            let end = self.attempt(&job, feedback.as_deref(), &cancel, &mut phases).await;
-            job.record_phases(phases);
+            let mut report = Report::default();
+            let end = self.attempt(&job, feedback.as_deref(), &cancel, &mut report).await;
+            job.record_phases(report.phases);
+            if !report.egress_blocked.is_empty() {
+                let n = report.egress_blocked.iter().map(|b| b.count).sum();
+                self.metrics.egress_blocked(&job.spec.agent, n);
+                job.record_egress(report.egress_blocked);
+            }
             let now = Utc::now();
             match end {
                 AttemptEnd::Succeeded(result, branch) => {
@@ -516,8 +539,9 @@ impl Engine {
         job: &Job,
         feedback: Option<&str>,
         cancel: &CancellationToken,
-        phases: &mut Phases,
+        report: &mut Report,
     ) -> AttemptEnd {
+        let phases = &mut report.phases;
         let spec = &job.spec;
         let limit = self.config.limits.max_chain_depth;
         if spec.chain_depth > limit {
@@ -539,6 +563,9 @@ impl Engine {
         if let Err(e) = tokio::fs::create_dir_all(&dir).await {
             return failed("prepare_failed", None, format!("cannot create {}: {e}", dir.display()), true);
         }
+        if self.sandbox.is_none() {
+            self.log_line(&job.id, UNSANDBOXED_WARNING).await;
+        }
         self.log_line(&job.id, &format!("attempt {}: preparing workspace", job.attempts)).await;
         let started = std::time::Instant::now();
         let prepared = tokio::select! {
@@ -559,21 +586,37 @@ impl Engine {
             skills.extend(self.workspaces.conventions(&prepared, repo, spec.installation, default).await);
         }
         let prompt = prompt_for(spec, &skills, feedback);
-        let end = self.run_in(job, agent, &prepared.path, &prompt, cancel, phases).await;
+        let end = self.run_in(job, agent, &prepared, &prompt, cancel, report).await;
         self.workspaces.release(prepared).await;
         end
+    }
+
+    /// The sandbox for one run of `job` (`kind`: agent or verify), showing
+    /// `expose` read-only; `None` when the sandbox is off.
+    fn confinement(&self, job: &Job, kind: &str, expose: &[PathBuf]) -> Option<agent::Confinement<'_>> {
+        let sandbox = self.sandbox.as_deref()?;
+        Some(agent::Confinement {
+            sandbox,
+            name: format!("{}-{}-{kind}", job.id, job.attempts),
+            run_dir: self.job_dir(&job.id).join(format!("{kind}-run")),
+            expose: expose.to_vec(),
+        })
     }
 
     async fn run_in(
         &self,
         job: &Job,
         agent: &AgentDef,
-        workdir: &std::path::Path,
+        prepared: &workspace::Prepared,
         prompt: &str,
         cancel: &CancellationToken,
-        phases: &mut Phases,
+        report: &mut Report,
     ) -> AttemptEnd {
+        let phases = &mut report.phases;
         let spec = &job.spec;
+        let workdir = prepared.path.as_path();
+        let expose: Vec<PathBuf> = prepared.objects.iter().cloned().collect();
+        let expose = expose.as_slice();
         let dir = self.job_dir(&job.id);
         let log = dir.join("log");
         let timeout = spec.timeout_secs.map(Duration::from_secs).unwrap_or(agent.timeout);
@@ -586,16 +629,18 @@ impl Engine {
             let store = store.clone();
             tokio::spawn(async move { store.flush().await });
         };
+        let io = dir.join("io");
         let inv = Invocation {
             agent,
             prompt,
             workdir,
-            job_dir: &dir,
+            job_dir: &io,
             log: &log,
             timeout,
             output_cap: agent::DEFAULT_OUTPUT_CAP,
             cancel,
             on_spawn: Some(&note),
+            confine: self.confinement(job, "agent", expose),
         };
         self.log_line(&job.id, &format!("running agent `{}`", agent.name)).await;
         let started = std::time::Instant::now();
@@ -606,6 +651,10 @@ impl Engine {
             Ok(r) => r,
             Err(e) => return failed("spawn_failed", None, e.to_string(), false),
         };
+        report.egress_blocked.extend(run.egress_blocked.iter().cloned());
+        if let Some(hit) = run.limit {
+            return failed("limit", run_code(&run), limit_message(&agent.name, hit, &agent.sandbox), false);
+        }
         match run.ending {
             Ending::Cancelled => return AttemptEnd::Cancelled,
             Ending::TimedOut(d) => {
@@ -637,21 +686,29 @@ impl Engine {
                 timeout,
                 install: None,
                 max_parallel: None,
+                sandbox: agent.sandbox.clone(),
             };
             let v = Invocation {
                 agent: &check,
                 prompt: "",
                 workdir,
-                job_dir: &dir.join("verify"),
+                job_dir: &dir.join("verify-io"),
                 log: &log,
                 timeout,
                 output_cap: agent::DEFAULT_OUTPUT_CAP,
                 cancel,
                 on_spawn: None,
+                confine: self.confinement(job, "verify", expose),
             };
             let started = std::time::Instant::now();
             let outcome = v.run().await;
-            phases.verify_ms = Some(started.elapsed().as_millis() as u64);
+            report.phases.verify_ms = Some(started.elapsed().as_millis() as u64);
+            if let Ok(r) = &outcome {
+                report.egress_blocked.extend(r.egress_blocked.iter().cloned());
+                if let Some(hit) = r.limit {
+                    return failed("limit", run_code(r), limit_message("verify", hit, &agent.sandbox), false);
+                }
+            }
             match outcome {
                 Err(e) => return failed("verify_failed", None, format!("verify could not run: {e}"), false),
                 Ok(r) => match r.ending {
@@ -675,7 +732,7 @@ impl Engine {
             }
         }
         if spec.output == OutputKind::PullRequest && self.publishing {
-            return self.push_changes(job, workdir, result).await;
+            return self.push_changes(job, prepared, result).await;
         }
         AttemptEnd::Succeeded(result, None)
     }
@@ -685,12 +742,12 @@ impl Engine {
     /// the bot and pushed to `baton/<trigger>/<subject>-<job>`. Failures
     /// here are not retried: another attempt would run the agent again for
     /// a failure that is not its own.
-    async fn push_changes(&self, job: &Job, workdir: &std::path::Path, result: String) -> AttemptEnd {
+    async fn push_changes(&self, job: &Job, prepared: &workspace::Prepared, result: String) -> AttemptEnd {
         let spec = &job.spec;
         let Some(repo) = spec.repo.as_deref() else {
             return failed("publish_failed", Some(0), "a pull_request output needs a repository".into(), false);
         };
-        let staged = match self.workspaces.stage(workdir).await {
+        let staged = match self.workspaces.stage(prepared).await {
             Ok(Some(staged)) => staged,
             Ok(None) => {
                 self.log_line(&job.id, "the agent changed nothing; no pull request").await;
@@ -724,7 +781,7 @@ impl Engine {
         self.log_line(&job.id, &format!("committing the changes and pushing {branch}")).await;
         let pushed = self
             .workspaces
-            .commit_and_push(workdir, repo, spec.installation, &branch, &message, &self.config.github.bot_login)
+            .commit_and_push(prepared, repo, spec.installation, &branch, &message, &self.config.github.bot_login)
             .await;
         match pushed {
             Ok(sha) => {
@@ -851,7 +908,11 @@ impl Engine {
 
 /// Runs jobs to their end in this process, publishing nothing (`simulate
 /// --run`). `config.storage.path` should be a scratch folder.
-pub async fn run_locally(config: Config, specs: Vec<JobSpec>) -> Result<Vec<Job>, StoreError> {
+pub async fn run_locally(
+    config: Config,
+    specs: Vec<JobSpec>,
+    sandbox: Option<Arc<crate::sandbox::Sandbox>>,
+) -> Result<Vec<Job>, StoreError> {
     let store = Store::open(&config.storage.path)?;
     let rules = SharedRules::new(RuleSet::empty(&config), Vec::new());
     let engine = Engine::new(
@@ -862,7 +923,8 @@ pub async fn run_locally(config: Config, specs: Vec<JobSpec>) -> Result<Vec<Job>
         Arc::new(Notify::new()),
         None,
         Arc::default(),
-    );
+    )
+    .with_sandbox(sandbox);
     let mut out = Vec::new();
     for spec in specs {
         let now = Utc::now();
@@ -926,6 +988,30 @@ pub fn job_dir(storage: &std::path::Path, id: &str) -> PathBuf {
     storage.join("jobs").join(id)
 }
 
+/// Logged on every job while `[sandbox] enabled = false`.
+const UNSANDBOXED_WARNING: &str = "WARNING: the sandbox is off ([sandbox] enabled = false): this agent runs with \
+     the daemon's own authority and can read its keys, its store and other jobs";
+
+fn run_code(run: &agent::Run) -> Option<i32> {
+    match run.ending {
+        Ending::Exited(code) => code,
+        _ => None,
+    }
+}
+
+/// Why a run that hit a sandbox cap failed.
+fn limit_message(who: &str, hit: crate::sandbox::cgroup::LimitHit, profile: &crate::sandbox::Profile) -> String {
+    match hit {
+        crate::sandbox::cgroup::LimitHit::Memory => {
+            format!("`{who}` reached its memory limit (max_memory = {} MiB) and was stopped", profile.max_memory >> 20)
+        }
+        crate::sandbox::cgroup::LimitHit::Processes => format!(
+            "`{who}` reached its process limit (max_processes = {}): it could not start more processes",
+            profile.max_processes
+        ),
+    }
+}
+
 fn failed(outcome: &'static str, exit_code: Option<i32>, error: String, retry: bool) -> AttemptEnd {
     AttemptEnd::Failed { outcome, exit_code, error, retry, feedback: None }
 }
@@ -947,25 +1033,6 @@ fn tail(s: &str, max: usize) -> String {
         start += 1;
     }
     format!("…{}", &s[start..])
-}
-
-async fn prune_mirrors(mirrors: &std::path::Path) {
-    let Ok(mut owners) = tokio::fs::read_dir(mirrors).await else {
-        return;
-    };
-    while let Ok(Some(owner)) = owners.next_entry().await {
-        let Ok(mut repos) = tokio::fs::read_dir(owner.path()).await else {
-            continue;
-        };
-        while let Ok(Some(repo)) = repos.next_entry().await {
-            let _ = tokio::process::Command::new("git")
-                .arg("-C")
-                .arg(repo.path())
-                .args(["worktree", "prune"])
-                .output()
-                .await;
-        }
-    }
 }
 
 #[cfg(test)]

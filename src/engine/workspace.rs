@@ -1,20 +1,30 @@
 //! Job workspaces: one bare mirror per repository under the storage folder,
-//! and a detached `git worktree` per job at the commit its workspace names.
+//! and per job a self-contained checkout at the commit its workspace names.
 //!
-//! `git` runs as a binary. Fetches of one repository are serialized by a
-//! per-repository lock, so two jobs never fetch into one mirror at once.
-//! Credentials reach git through `GIT_CONFIG_*` environment variables
-//! (an `http.extraHeader`), never through URLs, remotes or files.
+//! A checkout is a slot, `pool/<owner>/<name>/<slot>/`, holding `work/` (the
+//! files the agent works on) and `git/`, baton's own repository for them:
+//! objects borrowed read-only from the mirror (alternates), its own index,
+//! HEAD and config. The agent gets a separate `work/.git`, made fresh for
+//! each job, borrowing the same objects. So nothing an agent writes (hooks,
+//! config, refs, attributes' drivers) is ever read by a git command of the
+//! daemon: baton stages, commits and pushes through `git/`, from the files
+//! the agent left, and only ever pushes one commit of its own on top of the
+//! commit it prepared.
+//!
+//! `git` runs as a binary with a cleared environment, no system or global
+//! config, and hooks and fsmonitor off. Fetches of one repository are
+//! serialized by a per-repository lock. Credentials reach git through
+//! `GIT_CONFIG_*` environment variables (an `http.extraHeader`), never
+//! through URLs, remotes or files.
 //!
 //! Checking out a large tree dominates preparing a job, so a finished job's
-//! worktree goes back to a small pool (`storage.worktree_pool` across all
+//! slot goes back to a small pool (`storage.worktree_pool` across all
 //! repositories, least recently used out first) and the next job on that
 //! repository resets it to its own commit: `checkout --detach --force` then
-//! `clean -ffdx`, which rewrites only what differs. A worktree is cleaned when
-//! it is pooled too, so the pool holds no build output: its disk is at most
-//! the pool size times a checkout. Every git call has its ceiling at the
-//! folder above the one it runs in, so a worktree whose `.git` an agent
-//! deleted can never lead git to a repository around the storage folder.
+//! `clean -ffdx`, which rewrites only what differs. A slot is cleaned when it
+//! is pooled too, so the pool holds no build output. The mirror keeps a ref
+//! per slot (`refs/baton/keep/…`), so its gc never drops a commit a slot has
+//! checked out.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -57,21 +67,28 @@ pub struct Staged {
 /// A prepared workspace; hand it back to `release`.
 #[derive(Debug)]
 pub struct Prepared {
+    /// The files the agent works on.
     pub path: PathBuf,
+    /// baton's repository for them (`None` for `workspace = "none"`).
+    git_dir: Option<PathBuf>,
     /// The mirror the worktree belongs to, when there is one.
     pub mirror: Option<PathBuf>,
     /// The commit checked out.
     pub commit: Option<String>,
+    /// The object store the workspace's repository borrows from (shown
+    /// read-only to a sandboxed agent, so its git works).
+    pub objects: Option<PathBuf>,
     /// The repository, for worktrees that may go back to the pool.
     repo: Option<String>,
     /// Whether this is a pooled worktree reset for this job.
     pub recycled: bool,
 }
 
-/// An idle worktree in the pool.
+/// An idle slot in the pool.
 #[derive(Debug)]
 struct Idle {
     repo: String,
+    /// The slot folder (holding `work/` and `git/`).
     path: PathBuf,
     mirror: PathBuf,
 }
@@ -131,6 +148,8 @@ impl Workspaces {
                     let modified = tokio::fs::metadata(&path).await.and_then(|m| m.modified()).ok();
                     found.push((modified, Idle { repo: format!("{owner}/{name}"), path, mirror: mirror.clone() }));
                 }
+                // Worktrees of a version before slots were self-contained.
+                let _ = git(&mirror, None, &["worktree", "prune"], None).await;
             }
         }
         found.sort_by_key(|(modified, _)| *modified);
@@ -138,7 +157,8 @@ impl Workspaces {
         {
             let mut idle = self.idle();
             for (_, slot) in found {
-                if split_repo(&slot.repo).is_ok() && slot.mirror.join("HEAD").exists() {
+                let whole = slot.path.join("git/HEAD").is_file() && is_real_dir(&slot.path.join("work"));
+                if whole && split_repo(&slot.repo).is_ok() && slot.mirror.join("HEAD").exists() {
                     idle.push_back(slot);
                 } else {
                     evicted.push(slot);
@@ -183,7 +203,15 @@ impl Workspaces {
                 std::fs::create_dir_all(&dir).map(|_| false)
             })
             .await?;
-            return Ok(Prepared { path, mirror: None, commit: None, repo: None, recycled });
+            return Ok(Prepared {
+                path,
+                git_dir: None,
+                mirror: None,
+                commit: None,
+                objects: None,
+                repo: None,
+                recycled,
+            });
         }
         let repo = repo.ok_or(WorkspaceError::NoRepository)?;
         let (owner, name) = split_repo(repo)?;
@@ -233,31 +261,41 @@ impl Workspaces {
             newest.and_then(|at| idle.remove(at))
         };
         if let Some(slot) = recycled {
-            match self.reset(&slot.path, &commit).await {
-                Ok(()) => {
-                    return Ok(Prepared {
-                        path: slot.path,
-                        mirror: Some(mirror),
-                        commit: Some(commit),
-                        repo: Some(repo.to_string()),
-                        recycled: true,
-                    })
-                }
+            match self.reset(&slot.path, &mirror, &commit).await {
+                Ok(()) => return Ok(self.prepared(slot.path, mirror, commit, repo, true)),
                 Err(e) => {
-                    tracing::warn!(path = %slot.path.display(), error = %e, "A pooled worktree could not be reset; making a new one.");
+                    tracing::warn!(path = %slot.path.display(), error = %e, "A pooled workspace could not be reset; making a new one.");
                     self.discard(&slot.path, Some(&mirror)).await;
                 }
             }
         }
-        // Unique per attempt: an earlier attempt's worktree may be idle in the pool.
+        // Unique per attempt: an earlier attempt's slot may be idle in the pool.
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        let path = self.pool_dir.join(owner).join(name).join(format!("{job_id}-{stamp:x}"));
-        if let Some(parent) = path.parent() {
-            tokio::fs::create_dir_all(parent).await?;
+        let slot = self.pool_dir.join(owner).join(name).join(format!("{job_id}-{stamp:x}"));
+        tokio::fs::create_dir_all(slot.join("work")).await?;
+        let git_dir = slot.join("git");
+        let made = async {
+            init_bare(&git_dir).await?;
+            borrow_objects(&git_dir, &mirror).await?;
+            self.reset(&slot, &mirror, &commit).await
+        };
+        if let Err(e) = made.await {
+            self.discard(&slot, Some(&mirror)).await;
+            return Err(e);
         }
-        let path_str = path.display().to_string();
-        git(&mirror, &["worktree", "add", "--detach", "--force", &path_str, &commit], None).await?;
-        Ok(Prepared { path, mirror: Some(mirror), commit: Some(commit), repo: Some(repo.to_string()), recycled: false })
+        Ok(self.prepared(slot, mirror, commit, repo, false))
+    }
+
+    fn prepared(&self, slot: PathBuf, mirror: PathBuf, commit: String, repo: &str, recycled: bool) -> Prepared {
+        Prepared {
+            path: slot.join("work"),
+            git_dir: Some(slot.join("git")),
+            objects: Some(mirror.join("objects")),
+            mirror: Some(mirror),
+            commit: Some(commit),
+            repo: Some(repo.to_string()),
+            recycled,
+        }
     }
 
     /// Garbage-collects the mirror of every repository fetched into since
@@ -272,7 +310,7 @@ impl Workspaces {
             let lock = self.lock_for(&repo);
             let _guard = lock.lock().await;
             let started = std::time::Instant::now();
-            match git(&mirror, &["gc", "--quiet"], None).await {
+            match git(&mirror, None, &["gc", "--quiet"], None).await {
                 Ok(_) => {
                     tracing::info!(repo = %repo, ms = started.elapsed().as_millis() as u64, "Mirror garbage-collected.")
                 }
@@ -283,25 +321,30 @@ impl Workspaces {
         }
     }
 
-    /// Puts a pooled worktree at `commit` with nothing of its last job left:
-    /// tracked files as committed, no untracked or ignored file, no index.
-    async fn reset(&self, path: &Path, commit: &str) -> Result<(), WorkspaceError> {
-        git(path, &["checkout", "--quiet", "--detach", "--force", commit], None).await?;
-        git(path, &["clean", "-ffdxq"], None).await?;
+    /// Puts a slot at `commit` with nothing of its last job left: tracked
+    /// files as committed, no untracked or ignored file, and a fresh
+    /// `work/.git` for the agent. The agent's old `.git` goes first, unread.
+    async fn reset(&self, slot: &Path, mirror: &Path, commit: &str) -> Result<(), WorkspaceError> {
+        let work = slot.join("work");
+        let git_dir = slot.join("git");
+        if !is_real_dir(&work) {
+            return Err(WorkspaceError::Io(std::io::Error::other("the workspace folder was replaced")));
+        }
+        let agent_git = work.join(".git");
+        self.remove_dir(&agent_git).await;
+        let tree = Some(work.as_path());
+        git(&git_dir, tree, &["checkout", "--quiet", "--detach", "--force", commit], None).await?;
+        git(&git_dir, tree, &["clean", "-ffdxq"], None).await?;
+        keep(mirror, slot, commit).await?;
+        agent_repository(&git_dir, &agent_git, mirror, commit).await?;
         Ok(())
     }
 
-    /// Removes a worktree and its registration in the mirror.
-    async fn discard(&self, path: &Path, mirror: Option<&Path>) {
-        if let Some(mirror) = mirror {
-            if tokio::fs::metadata(path).await.is_ok() {
-                let path = path.display().to_string();
-                let _ = git(mirror, &["worktree", "remove", "--force", "--force", &path], None).await;
-            }
-        }
-        self.remove_dir(path).await;
-        if let Some(mirror) = mirror {
-            let _ = git(mirror, &["worktree", "prune"], None).await;
+    /// Removes a slot and its keep-ref in the mirror.
+    async fn discard(&self, slot: &Path, mirror: Option<&Path>) {
+        self.remove_dir(slot).await;
+        if let (Some(mirror), Some(name)) = (mirror, slot.file_name()) {
+            let _ = tokio::fs::remove_file(mirror.join("refs/baton/keep").join(name)).await;
         }
     }
 
@@ -330,7 +373,8 @@ impl Workspaces {
             }
         }
         let mut paths = vec!["AGENTS.md".to_string(), "CLAUDE.md".to_string()];
-        if let Ok(listing) = git(mirror, &["ls-tree", "--name-only", &format!("{rev}:.baton/skills")], None).await {
+        if let Ok(listing) = git(mirror, None, &["ls-tree", "--name-only", &format!("{rev}:.baton/skills")], None).await
+        {
             let mut skills: Vec<String> =
                 listing.lines().filter(|l| l.ends_with(".md")).map(|l| format!(".baton/skills/{l}")).collect();
             skills.sort();
@@ -338,18 +382,18 @@ impl Workspaces {
         }
         let mut out = Vec::new();
         for path in paths {
-            if let Ok(text) = git(mirror, &["show", &format!("{rev}:{path}")], None).await {
+            if let Ok(text) = git(mirror, None, &["show", &format!("{rev}:{path}")], None).await {
                 out.push((path, text));
             }
         }
         out
     }
 
-    /// Gives a workspace back: a repository worktree is cleaned and pooled
+    /// Gives a workspace back: a repository slot is cleaned and pooled
     /// (evicting the least recently used one over the cap); anything else,
     /// or one that does not clean, is removed.
     pub async fn release(&self, prepared: Prepared) {
-        let (Some(mirror), Some(repo)) = (prepared.mirror, prepared.repo) else {
+        let (Some(mirror), Some(repo), Some(git_dir)) = (prepared.mirror, prepared.repo, prepared.git_dir) else {
             let path = prepared.path;
             if path.parent() == Some(self.worktrees.as_path()) && locked(&self.empty).len() < MAX_EMPTY {
                 let dir = path.clone();
@@ -364,18 +408,22 @@ impl Workspaces {
             self.remove_dir(&path).await;
             return;
         };
-        if self.pool_cap == 0 || git(&prepared.path, &["clean", "-ffdxq"], None).await.is_err() {
-            self.discard(&prepared.path, Some(&mirror)).await;
+        let slot = prepared.path.parent().map(Path::to_path_buf).unwrap_or_else(|| prepared.path.clone());
+        self.remove_dir(&prepared.path.join(".git")).await;
+        let tree = Some(prepared.path.as_path());
+        let clean = is_real_dir(&prepared.path) && git(&git_dir, tree, &["clean", "-ffdxq"], None).await.is_ok();
+        if self.pool_cap == 0 || !clean {
+            self.discard(&slot, Some(&mirror)).await;
             return;
         }
         // The index written at checkout is older than nothing in the tree
         // ("racily clean"), so the next checkout would re-hash every file:
         // refreshing it now, off the next job's clock, saves that (0.5 s for
         // 80 MB). It exits 1 when files changed; the reset takes care of them.
-        let _ = git(&prepared.path, &["update-index", "-q", "--refresh"], None).await;
+        let _ = git(&git_dir, tree, &["update-index", "-q", "--refresh"], None).await;
         let evicted = {
             let mut idle = self.idle();
-            idle.push_back(Idle { repo, path: prepared.path, mirror });
+            idle.push_back(Idle { repo, path: slot, mirror });
             let mut evicted = Vec::new();
             while idle.len() > self.pool_cap {
                 evicted.extend(idle.pop_front());
@@ -387,17 +435,23 @@ impl Workspaces {
         }
     }
 
-    /// Stages everything the agent changed in `worktree`: the paths and the
-    /// added lines, for checks before anything leaves the machine. `None`
-    /// when the agent changed nothing.
-    pub async fn stage(&self, worktree: &Path) -> Result<Option<Staged>, WorkspaceError> {
-        git(worktree, &["add", "--all"], None).await?;
-        let names = git(worktree, &["diff", "--cached", "--name-only", "-z"], None).await?;
+    /// Stages everything in the workspace's files, through baton's own
+    /// repository (never the agent's `.git`): the paths that differ from
+    /// the prepared commit, and the lines added, for checks before anything
+    /// leaves the machine. `None` when nothing differs.
+    pub async fn stage(&self, prepared: &Prepared) -> Result<Option<Staged>, WorkspaceError> {
+        let (Some(git_dir), Some(base)) = (&prepared.git_dir, &prepared.commit) else {
+            return Ok(None);
+        };
+        let tree = Some(prepared.path.as_path());
+        git(git_dir, tree, &["add", "--all"], None).await?;
+        let names = git(git_dir, tree, &["diff", "--cached", "--no-renames", "--name-only", "-z", base], None).await?;
         let paths: Vec<String> = names.split('\0').filter(|p| !p.is_empty()).map(str::to_string).collect();
         if paths.is_empty() {
             return Ok(None);
         }
-        let diff = git(worktree, &["diff", "--cached", "--no-color", "--unified=0"], None).await?;
+        let diff =
+            git(git_dir, tree, &["diff", "--cached", "--no-color", "--no-ext-diff", "--unified=0", base], None).await?;
         let added = diff
             .lines()
             .filter(|l| l.starts_with('+') && !l.starts_with("+++"))
@@ -407,11 +461,12 @@ impl Workspaces {
         Ok(Some(Staged { paths, added }))
     }
 
-    /// Commits what `stage` staged as `author` and force-pushes it to
-    /// `branch` of the repository; returns the commit.
+    /// Commits what `stage` staged as `author`, on top of the prepared
+    /// commit, and force-pushes it to `branch` of the repository; returns
+    /// the commit.
     pub async fn commit_and_push(
         &self,
-        worktree: &Path,
+        prepared: &Prepared,
         repo: &str,
         installation: Option<u64>,
         branch: &str,
@@ -419,10 +474,13 @@ impl Workspaces {
         author: &str,
     ) -> Result<String, WorkspaceError> {
         let (owner, name) = split_repo(repo)?;
+        let git_dir = prepared.git_dir.as_deref().ok_or(WorkspaceError::NoRepository)?;
         let token = self.token(installation, repo).await?;
         let email = format!("{author}@users.noreply.github.com");
+        let tree = Some(prepared.path.as_path());
         git(
-            worktree,
+            git_dir,
+            tree,
             &[
                 "-c",
                 &format!("user.name={author}"),
@@ -437,10 +495,15 @@ impl Workspaces {
             None,
         )
         .await?;
-        let sha = git(worktree, &["rev-parse", "HEAD"], None).await?.trim().to_string();
+        let sha = git(git_dir, None, &["rev-parse", "HEAD"], None).await?.trim().to_string();
         let url = format!("{}/{owner}/{name}.git", self.git_url);
-        git(worktree, &["push", "--quiet", "--force", &url, &format!("HEAD:refs/heads/{branch}")], token.as_ref())
-            .await?;
+        git(
+            git_dir,
+            None,
+            &["push", "--quiet", "--force", &url, &format!("{sha}:refs/heads/{branch}")],
+            token.as_ref(),
+        )
+        .await?;
         Ok(sha)
     }
 
@@ -469,8 +532,7 @@ impl Workspaces {
         // leaves a half-made mirror that looks whole.
         let tmp = parent.join(format!(".init-{}", std::process::id()));
         self.remove_dir(&tmp).await;
-        let tmp_str = tmp.display().to_string();
-        git(parent, &["init", "--bare", "--quiet", &tmp_str], None).await?;
+        init_bare(&tmp).await?;
         tokio::fs::rename(&tmp, mirror).await?;
         Ok(())
     }
@@ -482,17 +544,17 @@ impl Workspaces {
         refspec: &str,
         token: Option<&Secret>,
     ) -> Result<(), WorkspaceError> {
-        git(mirror, &["fetch", "--no-tags", "--quiet", url, refspec], token).await?;
+        git(mirror, None, &["fetch", "--no-tags", "--quiet", url, refspec], token).await?;
         Ok(())
     }
 
     async fn resolve(&self, mirror: &Path, rev: &str) -> Result<String, WorkspaceError> {
-        let out = git(mirror, &["rev-parse", "--verify", &format!("{rev}^{{commit}}")], None).await?;
+        let out = git(mirror, None, &["rev-parse", "--verify", &format!("{rev}^{{commit}}")], None).await?;
         Ok(out.trim().to_string())
     }
 
     async fn has_commit(&self, mirror: &Path, sha: &str) -> bool {
-        git(mirror, &["cat-file", "-e", &format!("{sha}^{{commit}}")], None).await.is_ok()
+        git(mirror, None, &["cat-file", "-e", &format!("{sha}^{{commit}}")], None).await.is_ok()
     }
 
     /// Makes sure `sha` is in the mirror: already there, fetched by id
@@ -555,31 +617,69 @@ fn split_repo(repo: &str) -> Result<(&str, &str), WorkspaceError> {
     }
 }
 
-/// Runs git in `dir`; with a token, authenticates HTTP(S) through an
-/// environment-provided header so the token appears in no argv or file.
-async fn git(dir: &Path, args: &[&str], token: Option<&Secret>) -> Result<String, WorkspaceError> {
-    let mut cmd = Command::new("git");
-    if let Some(parent) = dir.parent() {
-        // Never look for a repository above `dir`: a worktree without its
-        // `.git` must fail, not find whatever repository holds the storage.
-        cmd.env("GIT_CEILING_DIRECTORIES", parent);
+/// Runs git on the repository `git_dir` (with `work_tree`, if any); with a
+/// token, authenticates HTTP(S) through an environment-provided header so
+/// the token appears in no argv or file.
+///
+/// Nothing but baton's own files configures it: the environment is cleared
+/// (PATH and git's trace variables pass), system and global config are off,
+/// and hooks and fsmonitor are disabled, so nothing an agent wrote can make
+/// git run a program.
+async fn git(
+    git_dir: &Path,
+    work_tree: Option<&Path>,
+    args: &[&str],
+    token: Option<&Secret>,
+) -> Result<String, WorkspaceError> {
+    let mut cmd = hardened_git();
+    cmd.env("GIT_DIR", git_dir);
+    match work_tree {
+        Some(tree) => {
+            cmd.env("GIT_WORK_TREE", tree).current_dir(tree);
+        }
+        None => {
+            cmd.current_dir(git_dir);
+        }
     }
-    cmd.arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env("GIT_ASKPASS", "true")
-        .env_remove("GIT_DIR")
-        .env_remove("GIT_WORK_TREE")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
+    cmd.args(args);
     if let Some(token) = token {
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{}", token.expose()));
         cmd.env("GIT_CONFIG_COUNT", "1")
             .env("GIT_CONFIG_KEY_0", "http.extraHeader")
             .env("GIT_CONFIG_VALUE_0", format!("Authorization: Basic {basic}"));
     }
-    let command = args.first().copied().unwrap_or("").to_string();
+    output(cmd, args).await
+}
+
+/// `git init --bare` of a new repository at `path`.
+async fn init_bare(path: &Path) -> Result<(), WorkspaceError> {
+    let mut cmd = hardened_git();
+    let args = ["init", "--bare", "--quiet"];
+    cmd.args(args).arg(path);
+    output(cmd, &args).await.map(|_| ())
+}
+
+/// git with nothing but what baton gives it (see `git`).
+fn hardened_git() -> Command {
+    let mut cmd = Command::new("git");
+    cmd.env_clear();
+    for (k, v) in std::env::vars_os() {
+        if k == "PATH" || k.to_str().is_some_and(|k| k.starts_with("GIT_TRACE")) {
+            cmd.env(k, v);
+        }
+    }
+    cmd.env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_ASKPASS", "true")
+        .args(["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "protocol.ext.allow=never"])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn output(mut cmd: Command, args: &[&str]) -> Result<String, WorkspaceError> {
+    let command = args.iter().find(|a| !a.starts_with('-') && !a.contains('=')).copied().unwrap_or("").to_string();
     let out = match tokio::time::timeout(GIT_TIMEOUT, cmd.output()).await {
         Ok(out) => out?,
         Err(_) => return Err(WorkspaceError::Git { command, message: "timed out".into() }),
@@ -590,6 +690,51 @@ async fn git(dir: &Path, args: &[&str], token: Option<&Secret>) -> Result<String
         return Err(WorkspaceError::Git { command, message });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Makes `git_dir` read its objects from the mirror's as well.
+async fn borrow_objects(git_dir: &Path, mirror: &Path) -> std::io::Result<()> {
+    let info = git_dir.join("objects/info");
+    tokio::fs::create_dir_all(&info).await?;
+    tokio::fs::write(info.join("alternates"), format!("{}\n", mirror.join("objects").display())).await
+}
+
+/// Records in the mirror that `slot` has `commit` checked out, so the
+/// mirror's gc keeps it.
+async fn keep(mirror: &Path, slot: &Path, commit: &str) -> Result<(), WorkspaceError> {
+    let Some(name) = slot.file_name() else { return Ok(()) };
+    let dir = mirror.join("refs/baton/keep");
+    tokio::fs::create_dir_all(&dir).await?;
+    tokio::fs::write(dir.join(name), format!("{commit}\n")).await?;
+    Ok(())
+}
+
+/// The agent's own repository in its workspace: HEAD at `commit`, objects
+/// borrowed from the mirror, and a copy of baton's index (so `git status`
+/// starts clean without re-hashing the tree). Written as plain files: no
+/// process, a few milliseconds.
+async fn agent_repository(git_dir: &Path, agent_git: &Path, mirror: &Path, commit: &str) -> std::io::Result<()> {
+    let (git_dir, agent_git, objects, commit) =
+        (git_dir.to_path_buf(), agent_git.to_path_buf(), mirror.join("objects"), commit.to_string());
+    blocking(move || {
+        for dir in ["objects/info", "objects/pack", "refs/heads", "refs/tags"] {
+            std::fs::create_dir_all(agent_git.join(dir))?;
+        }
+        std::fs::write(agent_git.join("HEAD"), format!("{commit}\n"))?;
+        std::fs::write(
+            agent_git.join("config"),
+            "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n",
+        )?;
+        std::fs::write(agent_git.join("objects/info/alternates"), format!("{}\n", objects.display()))?;
+        std::fs::copy(git_dir.join("index"), agent_git.join("index"))?;
+        Ok(())
+    })
+    .await
+}
+
+/// A folder, and not a link to one.
+fn is_real_dir(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_dir())
 }
 
 /// Removes a folder and everything in it; one already gone is fine.

@@ -98,6 +98,9 @@ pub struct Attempt {
     /// Time spent in each phase, in milliseconds.
     #[serde(default)]
     pub phases: Phases,
+    /// Destinations the sandbox's egress proxy refused.
+    #[serde(default)]
+    pub egress_blocked: Vec<crate::sandbox::egress::Blocked>,
 }
 
 /// Phase timings of one attempt (milliseconds; absent when not reached).
@@ -198,6 +201,7 @@ impl Job {
             outcome: None,
             error: None,
             phases: Phases::default(),
+            egress_blocked: Vec::new(),
         });
     }
 
@@ -208,6 +212,17 @@ impl Job {
             a.exit_code = exit_code;
             a.outcome = Some(outcome.to_string());
             a.error = error;
+        }
+    }
+
+    /// Adds refused destinations to the current attempt's.
+    pub fn record_egress(&mut self, blocked: Vec<crate::sandbox::egress::Blocked>) {
+        let Some(a) = self.history.last_mut() else { return };
+        for b in blocked {
+            match a.egress_blocked.iter_mut().find(|x| x.host == b.host && x.port == b.port) {
+                Some(x) => x.count += b.count,
+                None => a.egress_blocked.push(b),
+            }
         }
     }
 

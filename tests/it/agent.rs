@@ -18,6 +18,7 @@ fn agent(command: &[&str], prompt: PromptMode, result: ResultMode) -> AgentDef {
         timeout: Duration::from_secs(30),
         install: None,
         max_parallel: None,
+        sandbox: Default::default(),
     }
 }
 
@@ -38,6 +39,7 @@ async fn run(def: &AgentDef, prompt: &str, cap: u64) -> (Ending, Result<String, 
         output_cap: cap,
         cancel: &cancel,
         on_spawn: None,
+        confine: None,
     };
     let r = inv.run().await.expect("agent runs");
     let result = inv.result(&r).await;

@@ -142,7 +142,7 @@ impl Driver {
 #[tokio::test]
 async fn the_dashboard_lists_a_delivered_job_and_follows_its_log_live() {
     let w = Workdir::new();
-    let gate = w.path().join("finish");
+    let gate = w.shared().join("finish");
     let agent = w.script(
         "agent.sh",
         &format!(
@@ -152,8 +152,9 @@ async fn the_dashboard_lists_a_delivered_job_and_follows_its_log_live() {
         ),
     );
     w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.script]\ncommand = [\"{}\"]\n",
-        agent.display()
+        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.script]\ncommand = [\"{}\"]\n{}\n",
+        agent.display(),
+        w.shared_key()
     ));
     w.trigger(
         "investigate",

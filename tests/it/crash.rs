@@ -106,7 +106,7 @@ async fn kill_9_while_two_jobs_run_then_both_complete_exactly_once() {
         ),
     );
     w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.slow]\ncommand = [\"{}\"]\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.slow]\ncommand = [\"{}\"]\nread_write = [\"{s}\"]\n",
         agent.display()
     ));
     w.trigger(

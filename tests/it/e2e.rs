@@ -143,8 +143,10 @@ async fn missing_agent_command_fails_with_install_hint() {
         "investigate",
         "on = [\"issues.opened\"]\n[job]\nagent = \"codex\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
     );
-    let empty = tempfile::tempdir().unwrap();
-    let baton = Baton::start(w.path(), &[("PATH", empty.path().to_str().unwrap()), ("GITHUB_TOKEN", TOKEN)]);
+    // A PATH with bubblewrap (the sandbox needs it) and nothing else.
+    let bin = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(baton::sandbox::find_bwrap().expect("bwrap"), bin.path().join("bwrap")).unwrap();
+    let baton = Baton::start(w.path(), &[("PATH", bin.path().to_str().unwrap()), ("GITHUB_TOKEN", TOKEN)]);
     let id = deliver_issue(&baton, "nf-1").await;
     let job = baton.finished(&id).await;
     assert_eq!(job["state"], "failed");
@@ -160,16 +162,20 @@ async fn timeout_fails_the_job_and_kills_the_agent() {
     let pid_file = pids.path().join("sleep.pid");
     // The agent starts a child of its own and waits on it: the timeout must
     // take the whole process group, not just the agent.
-    let agent = format!("#!/bin/sh\necho started\nsleep 300 &\necho $! > {}\nwait\n", pid_file.display());
-    let (w, _) = setup(&fake, &agent, "", "timeout = \"1s\"\n");
+    // The sleep is found from outside by its unique argument (inside the
+    // sandbox's PID namespace its pid means nothing here).
+    let marker = crate::harness::unique_sleep();
+    let agent = format!("#!/bin/sh\necho started\nsleep {marker} &\necho $! > {}\nwait\n", pid_file.display());
+    let (w, _) = setup(&fake, &agent, &format!("read_write = [\"{}\"]", pids.path().display()), "timeout = \"1s\"\n");
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver_issue(&baton, "to-1").await;
     let job = baton.finished(&id).await;
     assert_eq!(job["state"], "failed");
     assert_eq!(job["error"], "timeout after 1s");
     assert_eq!(job["history"][0]["outcome"], "timeout");
-    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
-    assert!(!crate::harness::process_running(pid), "the agent's child {pid} survived the timeout");
+    assert!(pid_file.exists(), "the agent started its child");
+    let left = crate::harness::processes_with_arg(&marker);
+    assert!(left.is_empty(), "the agent's child survived the timeout: {left:?}");
     // The failure is reported where people look: the status comment says so.
     let job_id = job["id"].as_str().unwrap();
     let body = final_comment(&fake, job_id).await;
@@ -187,7 +193,7 @@ async fn acknowledged_delivery_survives_kill_9() {
     let (w, _) = setup(
         &fake,
         &format!("#!/bin/sh\nwhile [ ! -e {} ]; do sleep 0.05; done\necho done\n", flag.display()),
-        "",
+        &format!("read_write = [\"{}\"]", gate.path().display()),
         "",
     );
     let mut baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
@@ -218,7 +224,7 @@ async fn cancel_stops_a_running_job_and_retry_runs_it_again() {
         started = started.display(),
         flag = flag.display()
     );
-    let (w, _) = setup(&fake, &agent, "", "");
+    let (w, _) = setup(&fake, &agent, &format!("read_write = [\"{}\"]", gate.path().display()), "");
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver_issue(&baton, "cancel-1").await;
     eventually("the agent to start", || started.exists()).await;
@@ -293,37 +299,56 @@ async fn pull_request_output_without_changes_says_so_in_a_comment() {
     assert!(fake.posts("/repos/Codertocat/Hello-World/pulls").is_empty());
 }
 
+/// Sandboxed, an agent dies with the daemon that ran it (bubblewrap's
+/// die-with-parent); unsandboxed it outlives a `kill -9`, and the next start
+/// kills its process group before the job runs again.
 #[tokio::test]
 async fn agents_left_by_a_killed_daemon_are_killed_before_their_job_reruns() {
-    let fake = FakeGitHub::start().await;
-    let scratch = tempfile::tempdir().unwrap();
-    let runs = scratch.path().join("runs");
-    let pids = scratch.path().join("pids");
-    // Each run records itself and leaves a long sleep in its process group;
-    // the first run then waits forever, the second finishes.
-    let agent = format!(
-        "#!/bin/sh\necho run >> {runs}\nsleep 300 &\necho $! >> {pids}\nif [ $(wc -l < {runs}) -eq 1 ]; then wait; fi\necho second run done\n",
-        runs = runs.display(),
-        pids = pids.display()
-    );
-    let (w, _) = setup(&fake, &agent, "", "");
-    let mut baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
-    let id = deliver_issue(&baton, "orphan-1").await;
-    eventually("the first run to start its sleep", || {
-        std::fs::read_to_string(&pids).is_ok_and(|p| p.lines().count() == 1)
-    })
-    .await;
-    baton.kill9();
-    let first_sleep: i32 = std::fs::read_to_string(&pids).unwrap().trim().parse().unwrap();
-    assert!(crate::harness::process_running(first_sleep), "the agent outlives a kill -9 of the daemon");
+    for sandboxed in [true, false] {
+        let fake = FakeGitHub::start().await;
+        let scratch = tempfile::tempdir().unwrap();
+        let runs = scratch.path().join("runs");
+        let pids = scratch.path().join("pids");
+        // Each run records itself and leaves a long sleep in its process group;
+        // the first run then waits forever, the second finishes.
+        let marker = crate::harness::unique_sleep();
+        let agent = format!(
+            "#!/bin/sh\necho run >> {runs}\nsleep {marker} &\necho $! >> {pids}\nif [ $(wc -l < {runs}) -eq 1 ]; then wait; fi\necho second run done\n",
+            runs = runs.display(),
+            pids = pids.display()
+        );
+        let (w, _) = setup(&fake, &agent, &format!("read_write = [\"{}\"]", scratch.path().display()), "");
+        if !sandboxed {
+            let config = std::fs::read_to_string(w.path().join("baton.toml")).unwrap();
+            w.config(&format!("[sandbox]\nenabled = false\n{config}"));
+        }
+        let mut baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+        let id = deliver_issue(&baton, "orphan-1").await;
+        eventually("the first run to start its sleep", || {
+            std::fs::read_to_string(&pids).is_ok_and(|p| p.lines().count() == 1)
+        })
+        .await;
+        baton.kill9();
+        if sandboxed {
+            eventually("the sandboxed agent to die with its daemon", || {
+                crate::harness::processes_with_arg(&marker).is_empty()
+            })
+            .await;
+        } else {
+            let left = crate::harness::processes_with_arg(&marker);
+            assert_eq!(left.len(), 1, "an unconfined agent outlives a kill -9 of the daemon");
+        }
 
-    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
-    let job = baton.finished(&id).await;
-    assert_eq!(job["state"], "succeeded", "{job}");
-    assert_eq!(job["result"], "second run done");
-    assert_eq!(job["history"][0]["outcome"], "interrupted");
-    assert!(!crate::harness::process_running(first_sleep), "the old agent's group was killed at start-up");
-    assert!(baton.log_text().contains("Killed an agent left running by a previous daemon."));
+        let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+        let job = baton.finished(&id).await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        assert_eq!(job["result"], "second run done");
+        assert_eq!(job["history"][0]["outcome"], "interrupted");
+        assert!(crate::harness::processes_with_arg(&marker).is_empty(), "the old agent's group was killed at start-up");
+        if !sandboxed {
+            assert!(baton.log_text().contains("Killed an agent left running by a previous daemon."));
+        }
+    }
 }
 
 #[tokio::test]
@@ -343,7 +368,7 @@ async fn a_failed_verification_is_fed_into_the_next_attempt() {
         "attempts = 2\nbackoff = \"1s\"\nverify = [\"sh\", \"-c\", \"echo 'test_parser failed: expected 3, got 4' >&2; [ $(wc -l < {}) -ge 2 ]\"]\n",
         attempts.display()
     );
-    let (w, _) = setup(&fake, &agent, "", &verify);
+    let (w, _) = setup(&fake, &agent, &format!("read_write = [\"{}\"]", scratch.path().display()), &verify);
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver_issue(&baton, "verify-1").await;
     let job = baton.finished(&id).await;
@@ -438,7 +463,7 @@ async fn sigterm_lets_running_jobs_finish_within_the_grace_then_leaves_the_rest_
         s = started.display(),
         f = flag.display()
     );
-    let (w, _) = setup(&fake, &agent, "", "");
+    let (w, _) = setup(&fake, &agent, &format!("read_write = [\"{}\"]", scratch.path().display()), "");
     let config = std::fs::read_to_string(w.path().join("baton.toml")).unwrap();
     std::fs::write(
         w.path().join("baton.toml"),

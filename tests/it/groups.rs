@@ -18,8 +18,8 @@ fn pr(action: &str, sha: &str) -> Vec<u8> {
 /// aaaa and bbbb until `release` exists.
 fn daemon(triggers: &[(&str, &str)]) -> (Workdir, Baton, std::path::PathBuf, std::path::PathBuf) {
     let w = Workdir::new();
-    let started = w.path().join("started");
-    let release = w.path().join("release");
+    let started = w.shared().join("started");
+    let release = w.shared().join("release");
     let agent = w.script(
         "agent.sh",
         &format!(
@@ -29,8 +29,9 @@ fn daemon(triggers: &[(&str, &str)]) -> (Workdir, Baton, std::path::PathBuf, std
         ),
     );
     w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[limits]\nmax_parallel_jobs = 4\nmax_parallel_per_repo = 4\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.a]\ncommand = [\"{}\"]\n",
-        agent.display()
+        "[server]\nlisten = \"127.0.0.1:0\"\n[limits]\nmax_parallel_jobs = 4\nmax_parallel_per_repo = 4\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.a]\ncommand = [\"{}\"]\n{}\n",
+        agent.display(),
+        w.shared_key()
     ));
     for (name, job_extra) in triggers {
         w.trigger(
@@ -115,8 +116,8 @@ async fn cancel_in_progress_stops_the_review_of_the_old_head() {
 /// must wait until the first is done.
 async fn the_second_job_waits(limits: &str, agent_extra: &str) {
     let w = Workdir::new();
-    let started = w.path().join("started");
-    let release = w.path().join("release");
+    let started = w.shared().join("started");
+    let release = w.shared().join("release");
     let agent = w.script(
         "agent.sh",
         &format!(
@@ -126,8 +127,9 @@ async fn the_second_job_waits(limits: &str, agent_extra: &str) {
         ),
     );
     w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[limits]\n{limits}\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.a]\ncommand = [\"{}\"]\n{agent_extra}\n",
-        agent.display()
+        "[server]\nlisten = \"127.0.0.1:0\"\n[limits]\n{limits}\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.a]\ncommand = [\"{}\"]\n{agent_extra}\n{}\n",
+        agent.display(),
+        w.shared_key()
     ));
     w.trigger(
         "t",

@@ -25,17 +25,30 @@ pub fn fixture_json(rel: &str) -> Value {
 /// A scratch folder holding `baton.toml` and `triggers/`.
 pub struct Workdir {
     pub dir: tempfile::TempDir,
+    /// Outside the config folder (which the sandbox hides): files a test
+    /// shares with its agents, given to them with `read_write`.
+    shared: tempfile::TempDir,
 }
 
 impl Workdir {
     pub fn new() -> Workdir {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("triggers")).expect("triggers dir");
-        Workdir { dir }
+        Workdir { dir, shared: tempfile::tempdir().expect("tempdir") }
     }
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// A folder the test and its agents share (see `shared_key`).
+    pub fn shared(&self) -> &Path {
+        self.shared.path()
+    }
+
+    /// The agent key that lets a sandboxed agent use `shared()`.
+    pub fn shared_key(&self) -> String {
+        format!("read_write = [\"{}\"]", self.shared().display())
     }
 
     pub fn config(&self, toml: &str) -> &Self {
@@ -273,4 +286,26 @@ where
         assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A `sleep` argument no other process has: 300 seconds and a unique
+/// fraction, so a test can find the process from outside the sandbox's PID
+/// namespace (see `processes_with_arg`).
+pub fn unique_sleep() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("300.{:05}{:04}", std::process::id() % 100_000, n)
+}
+
+/// Live processes one of whose arguments is exactly `arg`.
+pub fn processes_with_arg(arg: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if cmdline.split(|b| *b == 0).any(|a| a == arg.as_bytes()) && process_running(pid) {
+            out.push(pid);
+        }
+    }
+    out
 }

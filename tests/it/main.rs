@@ -22,6 +22,7 @@ mod publish;
 mod real_agents;
 mod reload;
 mod rules;
+mod sandbox;
 mod schedule;
 mod store;
 mod workspaces;

@@ -368,6 +368,9 @@ async fn a_job_interrupted_by_a_daemon_crash_still_ends_its_one_status_comment()
         "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n",
         "token = \"env:GITHUB_TOKEN\"",
     );
+    // The agent's gate is outside what the sandbox shows by default.
+    let config = std::fs::read_to_string(w.path().join("baton.toml")).unwrap();
+    w.config(&format!("{config}read_write = [\"{}\"]\n", state.path().display()));
     let mut baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver(&baton, "issues", "issues/opened.payload.json", "crash-status-1").await;
     eventually("the status comment", || !fake.comments("Codertocat/Hello-World#1").is_empty()).await;

@@ -160,6 +160,10 @@ fn cli_dir(program: &str, package: &str) -> PathBuf {
 
 /// Runs one job through `preset` (tuned by `agent_keys`) against `model`, with
 /// a `pull_request` output so the worktree's changes come back as a branch.
+///
+/// The agent runs in baton's sandbox: its fake model API is reached through
+/// the egress proxy (allowed by `base_url`), and a CLI installed outside the
+/// system folders is shown read-only.
 async fn run_job(preset: &str, agent_keys: &str, env: &[(&str, &str)], cli: &Path) -> (Workdir, Value) {
     let fake = FakeGitHub::start().await;
     let w = Workdir::new();
@@ -179,9 +183,14 @@ webhook_secret = "{SECRET}"
 [agents.{preset}]
 timeout = "2m"
 {agent_keys}
+{cli_keys}
 "#,
         api = fake.url,
         repos = repos.display(),
+        cli_keys = match cli.parent() {
+            Some(prefix) if !cli.starts_with("/usr") => format!("read_only = [\"{}\"]", prefix.display()),
+            _ => String::new(),
+        },
     ));
     w.trigger(
         "fix",

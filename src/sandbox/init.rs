@@ -1,0 +1,88 @@
+//! The first process inside a sandbox (`baton sandbox-init`, hidden): it
+//! sets the rlimits that stand in for cgroups where baton has none, bridges
+//! `127.0.0.1:PORT` in the sandbox's empty network namespace to the run's
+//! egress proxy socket, then runs the agent and exits as it did.
+//!
+//! It stays small on purpose: one thread (its threads count against the
+//! run's process cap), no logging (its stderr is the agent's).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// What the daemon tells the init.
+#[derive(Debug, Clone)]
+pub struct InitArgs {
+    /// The proxy's Unix socket, as mounted in the sandbox.
+    pub proxy: Option<PathBuf>,
+    /// Where the bridge listens on the sandbox's loopback.
+    pub port: u16,
+    /// RLIMIT_NPROC, when no cgroup caps processes.
+    pub max_processes: Option<u64>,
+    /// RLIMIT_DATA, when no cgroup caps memory.
+    pub max_data: Option<u64>,
+    pub argv: Vec<OsString>,
+}
+
+/// Runs the agent; returns the exit code for the init to exit with.
+pub fn run(args: InitArgs) -> i32 {
+    let limit = |resource, value: u64| {
+        let lim = libc::rlimit { rlim_cur: value, rlim_max: value };
+        // SAFETY: setrlimit with a valid struct; no memory is shared.
+        unsafe { libc::setrlimit(resource, &lim) };
+    };
+    if let Some(n) = args.max_processes {
+        limit(libc::RLIMIT_NPROC, n);
+    }
+    if let Some(n) = args.max_data {
+        limit(libc::RLIMIT_DATA, n);
+    }
+    let Some((program, rest)) = args.argv.split_first() else {
+        eprintln!("baton sandbox-init: no command");
+        return 127;
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_io().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("baton sandbox-init: {e}");
+            return 127;
+        }
+    };
+    runtime.block_on(async move {
+        if let Some(socket) = args.proxy {
+            match tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await {
+                Ok(listener) => {
+                    tokio::spawn(bridge(listener, socket));
+                }
+                Err(e) => eprintln!("baton sandbox-init: cannot listen for the egress proxy: {e}"),
+            }
+        }
+        let mut child = match tokio::process::Command::new(program).args(rest).spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+                eprintln!("baton sandbox-init: cannot run {}: {e}", program.to_string_lossy());
+                return code;
+            }
+        };
+        match child.wait().await {
+            Ok(status) => {
+                use std::os::unix::process::ExitStatusExt as _;
+                status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+            }
+            Err(_) => 1,
+        }
+    })
+}
+
+/// Every connection to the loopback port becomes one to the proxy socket.
+async fn bridge(listener: tokio::net::TcpListener, socket: PathBuf) {
+    loop {
+        let Ok((mut tcp, _)) = listener.accept().await else { continue };
+        let socket = socket.clone();
+        tokio::spawn(async move {
+            if let Ok(mut unix) = tokio::net::UnixStream::connect(&socket).await {
+                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
+            }
+        });
+    }
+}
