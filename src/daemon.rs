@@ -119,6 +119,7 @@ pub async fn serve(
         ready: ready.clone(),
         rules: rules.clone(),
         metrics: metrics.clone(),
+        hosts: Arc::new(api::Hosts::new(config.server.listen, config.server.public_url.as_deref())),
     }));
 
     let workers = CancellationToken::new();

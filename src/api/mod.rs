@@ -22,6 +22,9 @@ use crate::engine::Engine;
 use crate::store::{JobQuery, JobState, Store, StoreError};
 
 mod dashboard;
+mod origin;
+
+pub use origin::Hosts;
 
 /// The most jobs one listing returns.
 pub const MAX_LIMIT: usize = 100_000;
@@ -35,6 +38,8 @@ pub struct Api {
     pub ready: Arc<AtomicBool>,
     pub rules: crate::rules::SharedRules,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The names this daemon answers to (DNS rebinding and CSRF guard).
+    pub hosts: Arc<Hosts>,
 }
 
 pub fn router(state: Api) -> Router {
@@ -47,7 +52,8 @@ pub fn router(state: Api) -> Router {
         .route("/api/triggers", get(list_triggers))
         .route("/", get(dashboard::jobs_page))
         .route("/jobs/{id}", get(dashboard::job_page))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .route_layer(middleware::from_fn_with_state(state.hosts.clone(), origin::same_site));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({ "ok": true })) }))
         .route("/readyz", get(readyz))

@@ -23,6 +23,9 @@ pub use crate::store::Durability;
 use agents::{merge_agent, RawAgent};
 pub use agents::{presets, AgentDef, Preset, PromptMode, ResultMode};
 
+/// Webhook secrets shorter than this get a warning.
+const MIN_SECRET_LEN: usize = 16;
+
 /// The file `baton serve` reads when `--config` is not given.
 pub const DEFAULT_CONFIG_FILE: &str = "baton.toml";
 
@@ -485,6 +488,16 @@ impl Config {
         if !errors.is_empty() {
             return Err(errors);
         }
+        // A short HMAC key can be guessed offline from one signed delivery.
+        let short = webhook_secret
+            .iter()
+            .map(|s| ("github.webhook_secret".to_string(), s))
+            .chain(sources.iter().map(|(name, src)| (format!("sources.{name}.secret"), &src.secret)));
+        for (key, secret) in short {
+            if secret.expose().len() < MIN_SECRET_LEN {
+                tracing::warn!(key = %key, "This webhook secret is shorter than {MIN_SECRET_LEN} bytes; use a long random one (e.g. `openssl rand -hex 32`).");
+            }
+        }
         Ok(Config {
             file: path.map(Path::to_path_buf),
             triggers_dir,
@@ -574,6 +587,7 @@ fn resolve_secret(value: &str, base: &Path) -> Result<Secret, String> {
     if let Some(file) = value.strip_prefix("file:") {
         let path = absolute(base, Path::new(file));
         return match std::fs::read_to_string(&path) {
+            Ok(v) if v.trim().is_empty() => Err(format!("secret file {} is empty", path.display())),
             Ok(v) => Ok(Secret::new(v.trim_end_matches(['\n', '\r']).to_string())),
             Err(e) => Err(format!("cannot read secret file {}: {e}", path.display())),
         };
@@ -636,6 +650,20 @@ mod tests {
     fn env_secret_that_is_unset_is_an_error_naming_the_variable() {
         let err = first_error("[github]\ntoken = \"env:BATON_TEST_SURELY_UNSET\"\n");
         assert!(err.contains(":2:9: environment variable BATON_TEST_SURELY_UNSET is not set"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_secret_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("empty"), "\n").unwrap();
+        let err = Config::from_source(None, "[github]\nwebhook_secret = \"file:empty\"\n", dir.path()).unwrap_err();
+        assert!(
+            err[0].to_string().contains(":2:18: secret file") && err[0].to_string().contains("is empty"),
+            "{}",
+            err[0]
+        );
+        let src = "[sources.ci]\nsecret = \"file:empty\"\n";
+        assert!(Config::from_source(None, src, dir.path()).unwrap_err()[0].to_string().contains("is empty"));
     }
 
     #[test]

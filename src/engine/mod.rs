@@ -766,6 +766,18 @@ impl Engine {
                 return failed("publish_failed", Some(0), why, false);
             }
         }
+        if !spec.output_options.allow_workflow_changes {
+            let workflows: Vec<&str> =
+                staged.paths.iter().filter(|p| is_workflow_path(p)).map(String::as_str).take(10).collect();
+            if !workflows.is_empty() {
+                let why = format!(
+                    "the agent changed GitHub Actions workflows or actions ({}); these are pushed only with \
+                     output.allow_workflow_changes = true; nothing was pushed",
+                    workflows.join(", ")
+                );
+                return failed("publish_failed", Some(0), why, false);
+            }
+        }
         if self.redactor.redact(&staged.added) != staged.added {
             let why =
                 "the agent's changes contain what looks like a secret (a token or private key); nothing was pushed";
@@ -774,10 +786,13 @@ impl Engine {
         let short = job.id.get(..8).unwrap_or(&job.id);
         let subject = spec.subject.map(|n| n.to_string()).unwrap_or_else(|| "run".into());
         let branch = format!("{}{}/{subject}-{short}", crate::rules::BATON_BRANCH_PREFIX, job.trigger);
+        // The commit message leaves the machine with the push: it is made
+        // from the redacted result, and redacted once more whole.
         let mut titled = job.clone();
-        titled.result = Some(result.clone());
+        titled.result = Some(self.redactor.redact(&result));
         let title = crate::publish::pull_request_title(&titled);
-        let message = format!("{title}\n\nMade by baton (trigger {}, job {}).", job.trigger, job.id);
+        let message =
+            self.redactor.redact(&format!("{title}\n\nMade by baton (trigger {}, job {}).", job.trigger, job.id));
         self.log_line(&job.id, &format!("committing the changes and pushing {branch}")).await;
         let pushed = self
             .workspaces
@@ -986,6 +1001,12 @@ fn check_name(job: &Job) -> String {
 
 pub fn job_dir(storage: &std::path::Path, id: &str) -> PathBuf {
     storage.join("jobs").join(id)
+}
+
+/// Workflows and composite actions: what a push must not change unless the
+/// trigger allows it.
+fn is_workflow_path(path: &str) -> bool {
+    path.starts_with(".github/workflows/") || path.starts_with(".github/actions/")
 }
 
 /// Logged on every job while `[sandbox] enabled = false`.

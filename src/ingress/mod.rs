@@ -245,13 +245,25 @@ async fn approve(
     if event.kind != "issue_comment.created" || crate::rules::command::parse(APPROVE, &comment.body).is_none() {
         return Ok(Vec::new());
     }
-    if event.sender.as_ref().is_some_and(|a| a.is_bot()) {
+    // Never baton's own words (an injected agent's result could start with
+    // the command), never a bot's.
+    let bot_login = rules.bot_login();
+    let by_bot = event.sender.as_ref().is_some_and(|a| a.is_bot() || a.login == bot_login)
+        || comment.author.as_deref().is_some_and(|a| a == bot_login || a.ends_with("[bot]"));
+    if by_bot || comment.body.contains(crate::event::MARKER_PREFIX) {
+        tracing::info!(delivery = %event.delivery, "An approval by a bot or carrying baton's marker was ignored.");
         return Ok(Vec::new());
     }
     let Some(assoc) = event.association.as_deref() else { return Ok(Vec::new()) };
+    let approver = crate::store::Approval {
+        by: comment.author.clone().or_else(|| event.sender.as_ref().map(|s| s.login.clone())).unwrap_or_default(),
+        at: chrono::Utc::now(),
+    };
     let approved = s
         .store
-        .approve(repo, n, |spec| rules.get(&spec.trigger).is_some_and(|t| t.filter.authors.iter().any(|a| a == assoc)))
+        .approve(repo, n, &approver, |spec| {
+            rules.get(&spec.trigger).is_some_and(|t| t.filter.authors.iter().any(|a| a == assoc))
+        })
         .await?;
     if !approved.is_empty() {
         tracing::info!(delivery = %event.delivery, jobs = approved.len(), approver = comment.author.as_deref().unwrap_or(""), "Held jobs approved.");

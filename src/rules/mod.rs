@@ -194,6 +194,11 @@ impl RuleSet {
         &self.triggers
     }
 
+    /// The login events from baton itself carry.
+    pub fn bot_login(&self) -> &str {
+        &self.bot_login
+    }
+
     pub fn get(&self, name: &str) -> Option<&Trigger> {
         self.triggers.iter().find(|t| t.name == name)
     }

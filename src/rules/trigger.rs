@@ -76,6 +76,10 @@ pub struct OutputOptions {
     pub max_comments: u32,
     /// Pull requests one job may open, at most.
     pub max_pull_requests: u32,
+    /// Whether a change may touch `.github/workflows/**` or
+    /// `.github/actions/**` (a workflow pushed with a token that may write
+    /// workflows runs with the repository's secrets).
+    pub allow_workflow_changes: bool,
 }
 
 impl Default for OutputOptions {
@@ -88,6 +92,7 @@ impl Default for OutputOptions {
             allowed_paths: Vec::new(),
             max_comments: 3,
             max_pull_requests: 1,
+            allow_workflow_changes: false,
         }
     }
 }
@@ -156,6 +161,7 @@ struct OutputFile {
     allowed_paths: Option<Vec<Spanned<String>>>,
     max_comments: Option<u32>,
     max_pull_requests: Option<u32>,
+    allow_workflow_changes: Option<bool>,
 }
 
 /// The `author_association` values trusted by default.
@@ -455,6 +461,7 @@ pub fn compile(
         allowed_paths: out.allowed_paths.iter().flatten().map(|g| g.get_ref().clone()).collect(),
         max_comments: out.max_comments.unwrap_or(3),
         max_pull_requests: out.max_pull_requests.unwrap_or(1),
+        allow_workflow_changes: out.allow_workflow_changes.unwrap_or(false),
     };
     let priority = match &job.priority {
         Some(p) if !(-100..=100).contains(p.get_ref()) => {

@@ -22,8 +22,8 @@ use sled::Tree;
 use crate::rules::{JobSpec, OnConflict};
 pub use commit::Durability;
 pub use records::{
-    Attempt, Delivery, Job, JobState, Phases, Progress, Publication, PublicationState, PublicationSummary, Purpose,
-    Skipped, Target, INTERRUPTED,
+    Approval, Attempt, Delivery, Job, JobState, Phases, Progress, Publication, PublicationState, PublicationSummary,
+    Purpose, Skipped, Target, INTERRUPTED,
 };
 
 /// What went wrong in the store, with the path when it is about opening it.
@@ -1069,6 +1069,7 @@ impl Store {
         &self,
         repo: &str,
         number: u64,
+        approval: &Approval,
         may_approve: impl Fn(&JobSpec) -> bool,
     ) -> Result<Vec<String>, StoreError> {
         let key = subject_key(repo, number);
@@ -1092,7 +1093,8 @@ impl Store {
                     }
                     let id = job_id(&p.delivery, &p.spec.trigger);
                     if jobs.get(id.as_bytes())?.is_none() {
-                        let job = Job::new(id.clone(), *seq, p.delivery.clone(), p.spec.clone(), now);
+                        let mut job = Job::new(id.clone(), *seq, p.delivery.clone(), p.spec.clone(), now);
+                        job.approved = Some(approval.clone());
                         jobs.insert(id.as_bytes(), encode(&job))?;
                         index.insert(&seq_key(*seq), id.as_bytes())?;
                         QueueTx { queue, by_repo }.push(&job)?;

@@ -114,6 +114,13 @@ pub struct Phases {
     pub publish_ms: Option<u64>,
 }
 
+/// Who released a held job, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    pub by: String,
+    pub at: DateTime<Utc>,
+}
+
 /// A job: one trigger's work for one delivery.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
@@ -145,6 +152,9 @@ pub struct Job {
     /// What baton has put on GitHub for this job so far.
     #[serde(default)]
     pub progress: Progress,
+    /// The approval that released it, when it was held.
+    #[serde(default)]
+    pub approved: Option<Approval>,
     pub spec: JobSpec,
 }
 
@@ -185,6 +195,7 @@ impl Job {
             branch: None,
             displaced_by: None,
             progress: Progress::default(),
+            approved: None,
             spec,
         }
     }

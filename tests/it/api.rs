@@ -140,3 +140,42 @@ fn version_prints_the_crate_version() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("baton {}", env!("CARGO_PKG_VERSION")));
 }
+
+/// DNS rebinding and cross-site requests: a daemon on loopback is reachable
+/// from any page its user opens, so the API and dashboard answer only to
+/// their own names, and nothing changes state for another site.
+#[tokio::test]
+async fn other_sites_can_neither_read_nor_change_anything() {
+    let (_w, baton) = daemon("#!/bin/sh\necho ok\n");
+    let id = deliver(&baton, "site-1").await;
+    baton.finished(&id).await;
+    let http = reqwest::Client::new();
+    let send = |method: reqwest::Method, path: &str, headers: &[(&str, &str)]| {
+        let mut req = http.request(method, format!("{}{path}", baton.url));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    use reqwest::Method;
+    // Rebinding: the browser sends the attacker's name as Host.
+    for path in ["/api/jobs", "/", &format!("/jobs/{id}")] {
+        assert_eq!(send(Method::GET, path, &[("host", "attacker.example")]).await, 421, "{path}");
+    }
+    assert_eq!(send(Method::GET, "/api/jobs", &[("host", "localhost:8787")]).await, 200);
+    // Cross-site posts (a form or a no-cors fetch).
+    let retry = format!("/api/jobs/{id}/retry");
+    let foreign = [("origin", "http://evil.example"), ("content-type", "text/plain")];
+    assert_eq!(send(Method::POST, &retry, &foreign).await, 403);
+    assert_eq!(send(Method::POST, &retry, &[("sec-fetch-site", "cross-site")]).await, 403);
+    assert_eq!(send(Method::POST, &retry, &[("origin", "null")]).await, 403);
+    assert_eq!(baton.job(&id).await["attempts"], 1, "nothing ran again");
+    // The same site, and clients that send no Origin, still can.
+    let own = baton.url.clone();
+    assert_eq!(send(Method::POST, &retry, &[("origin", own.as_str()), ("sec-fetch-site", "same-origin")]).await, 202);
+    baton.finished(&id).await;
+    assert_eq!(send(Method::POST, &retry, &[]).await, 202);
+    // Webhooks are signed, not same-site: they are not affected.
+    let (status, _) = baton.deliver(SECRET, "issues", "site-2", &fixture("issues/opened.payload.json")).await;
+    assert_eq!(status, 202);
+}

@@ -384,3 +384,43 @@ async fn a_job_interrupted_by_a_daemon_crash_still_ends_its_one_status_comment()
     .await;
     assert_eq!(fake.comments("Codertocat/Hello-World#1").len(), 1, "the rerun posted no second status comment");
 }
+
+/// What is pushed is checked as a whole against the commit baton prepared,
+/// whatever the agent committed itself: its own commits of a workflow and a
+/// token, followed by an allowed edit, push nothing.
+#[tokio::test]
+async fn an_agents_own_commits_are_checked_like_its_files_and_workflows_need_consent() {
+    for (output_extra, expect) in [
+        ("allowed_paths = [\"docs/**\"]\n", "outside output.allowed_paths"),
+        ("", "allow_workflow_changes"),
+        ("allow_workflow_changes = true\n", ""),
+    ] {
+        let fake = FakeGitHub::start().await;
+        let agent = "#!/bin/sh\nmkdir -p .github/workflows docs\n\
+                     printf 'on: push\\njobs: {}\\n' > .github/workflows/evil.yml\n\
+                     git add -A && git -c user.name=a -c user.email=a@b commit -qm sneaky\n\
+                     echo 'better docs' > docs/index.md\necho done\n";
+        let w = setup(
+            &fake,
+            agent,
+            "issues.opened",
+            &format!(
+                "[job]\nagent = \"script\"\nworkspace = \"default-branch\"\nprompt = \"x\"\n[output]\nkind = \"pull_request\"\n{output_extra}"
+            ),
+            "token = \"env:GITHUB_TOKEN\"",
+        );
+        let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+        let id = deliver(&baton, "issues", "issues/opened.payload.json", "sneaky-1").await;
+        let job = baton.finished(&id).await;
+        let origin = w.path().join("remote/Codertocat/Hello-World.git");
+        let branches = crate::harness::git(&origin, &["branch", "--list", "baton/*"]);
+        if expect.is_empty() {
+            assert_eq!(job["state"], "succeeded", "{job}");
+            assert!(!branches.is_empty(), "pushed with consent");
+        } else {
+            assert_eq!(job["state"], "failed", "{job}");
+            assert!(job["error"].as_str().unwrap().contains(expect), "{job}");
+            assert_eq!(branches, "", "nothing was pushed");
+        }
+    }
+}
