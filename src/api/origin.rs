@@ -42,7 +42,7 @@ impl Hosts {
 
     fn allows(&self, host: &str) -> bool {
         let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
-        self.names.iter().any(|n| *n == host) || (self.any_ip && host.parse::<IpAddr>().is_ok())
+        self.names.contains(&host) || (self.any_ip && host.parse::<IpAddr>().is_ok())
     }
 }
 
