@@ -108,7 +108,9 @@ pub async fn serve(
         max_body_bytes: config.server.max_body_bytes,
         read_timeout: config.server.read_timeout,
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.server.max_in_flight)),
+        buffered: Arc::new(tokio::sync::Semaphore::new(ingress::buffer_permits(config.server.max_buffered_bytes))),
         wake: wake.clone(),
+        reject_replays: config.server.reject_replays,
         metrics: metrics.clone(),
     })
     .merge(api::router(api::Api {
@@ -120,6 +122,7 @@ pub async fn serve(
         rules: rules.clone(),
         metrics: metrics.clone(),
         hosts: Arc::new(api::Hosts::new(config.server.listen, config.server.public_url.as_deref())),
+        streams: Arc::new(tokio::sync::Semaphore::new(config.server.max_streams)),
     }));
 
     let workers = CancellationToken::new();
@@ -130,6 +133,7 @@ pub async fn serve(
     tokio::spawn(reload_triggers(config.clone(), rules.clone(), workers.clone()));
     tokio::spawn(run_schedules(store.clone(), rules.clone(), wake.clone(), workers.clone()));
     tokio::spawn(gc_mirrors(engine.clone(), config.storage.gc_interval, workers.clone()));
+    tokio::spawn(prune_jobs(store.clone(), config.storage.path.clone(), config.storage.job_retention, workers.clone()));
     if let Some(c) = credentials.clone().filter(|c| c.is_app()) {
         tokio::spawn(crate::catchup::run(c, store.clone(), workers.clone()));
     }
@@ -252,6 +256,45 @@ async fn prune_deliveries(store: Store, retention: Duration, stop: CancellationT
             Ok(0) => {}
             Ok(n) => tracing::info!(deliveries = n, "Pruned old delivery ids."),
             Err(e) => tracing::warn!(error = %e, "Pruning delivery ids failed; will retry."),
+        }
+    }
+}
+
+/// Jobs pruned per batch: the store is never held long.
+const PRUNE_BATCH: usize = 500;
+
+/// Forgets finished jobs older than the retention, and removes their
+/// folders (log, run folders), in batches in the background.
+async fn prune_jobs(store: Store, storage: std::path::PathBuf, retention: Duration, stop: CancellationToken) {
+    let every = (retention / 8).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        let cutoff = chrono::Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::days(30));
+        loop {
+            match store.prune_jobs(cutoff, PRUNE_BATCH).await {
+                Ok(ids) if ids.is_empty() => break,
+                Ok(ids) => {
+                    let n = ids.len();
+                    let storage = storage.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for id in ids {
+                            let _ = std::fs::remove_dir_all(crate::engine::job_dir(&storage, &id));
+                        }
+                    })
+                    .await;
+                    tracing::info!(jobs = n, "Pruned finished jobs past their retention.");
+                    if n < PRUNE_BATCH || stop.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Pruning old jobs failed; will retry.");
+                    break;
+                }
+            }
         }
     }
 }

@@ -26,8 +26,9 @@ mod origin;
 
 pub use origin::Hosts;
 
-/// The most jobs one listing returns.
-pub const MAX_LIMIT: usize = 100_000;
+/// The most jobs one page returns: a larger `limit` gets this many and a
+/// `next` cursor, so no request builds an unbounded answer in memory.
+pub const MAX_LIMIT: usize = 10_000;
 
 #[derive(Clone)]
 pub struct Api {
@@ -40,6 +41,8 @@ pub struct Api {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The names this daemon answers to (DNS rebinding and CSRF guard).
     pub hosts: Arc<Hosts>,
+    /// Live log streams at once (`server.max_streams`); none left: 503.
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn router(state: Api) -> Router {
@@ -121,8 +124,8 @@ async fn metrics(State(s): State<Api>) -> Response {
 async fn list_jobs(State(s): State<Api>, Query(q): Query<HashMap<String, String>>) -> Response {
     let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
         None => 100,
-        Some(Ok(n)) if (1..=MAX_LIMIT).contains(&n) => n,
-        Some(_) => return error(StatusCode::BAD_REQUEST, format!("limit must be a number from 1 to {MAX_LIMIT}")),
+        Some(Ok(n)) if n >= 1 => n.min(MAX_LIMIT),
+        Some(_) => return error(StatusCode::BAD_REQUEST, "limit must be a positive number"),
     };
     let state = match q.get("state").map(|s| JobState::parse(s)) {
         None => None,
@@ -195,9 +198,19 @@ fn log_events(s: Api, id: String) -> Response {
         path: std::path::PathBuf,
         offset: u64,
         done: bool,
+        /// The stream's place under `server.max_streams`, given back when it ends.
+        _slot: tokio::sync::OwnedSemaphorePermit,
     }
+    let Ok(slot) = s.streams.clone().try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            Json(json!({ "error": "too many live log streams; retry shortly or read the log without following" })),
+        )
+            .into_response();
+    };
     let path = s.engine.job_dir(&id).join("log");
-    let start = Follow { s, id, path, offset: 0, done: false };
+    let start = Follow { s, id, path, offset: 0, done: false, _slot: slot };
     let stream = futures_util::stream::unfold(start, |mut f| async move {
         if f.done {
             return None;

@@ -62,6 +62,13 @@ pub struct Server {
     pub api_token: Option<Secret>,
     /// Requests handled at once; beyond it, 503 with `Retry-After`.
     pub max_in_flight: usize,
+    /// Unverified webhook body bytes held at once; beyond it, 503.
+    pub max_buffered_bytes: usize,
+    /// Live log streams (SSE) at once; beyond it, 503.
+    pub max_streams: usize,
+    /// A signed body already received under another delivery id (within
+    /// `storage.delivery_retention`) is answered as a duplicate.
+    pub reject_replays: bool,
     /// Time a client has to send its headers, and then its body.
     pub read_timeout: Duration,
     /// On SIGTERM, how long running jobs may take to finish before they are
@@ -81,6 +88,8 @@ pub struct Storage {
     pub worktree_pool: usize,
     /// How often mirrors are garbage-collected.
     pub gc_interval: Duration,
+    /// Finished jobs, their folders and logs are pruned after this.
+    pub job_retention: Duration,
 }
 
 /// A generic webhook source: `POST /webhooks/NAME`.
@@ -262,6 +271,9 @@ struct RawServer {
     max_body_bytes: Option<Spanned<u64>>,
     api_token: Option<Spanned<String>>,
     max_in_flight: Option<Spanned<usize>>,
+    max_buffered_bytes: Option<Spanned<u64>>,
+    max_streams: Option<Spanned<usize>>,
+    reject_replays: Option<bool>,
     read_timeout: Option<HumanDuration>,
     shutdown_grace: Option<HumanDuration>,
     public_url: Option<Spanned<String>>,
@@ -276,6 +288,7 @@ struct RawStorage {
     delivery_retention: Option<HumanDuration>,
     worktree_pool: Option<usize>,
     gc_interval: Option<HumanDuration>,
+    job_retention: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -404,6 +417,18 @@ impl Config {
             Some(n) => *n.get_ref(),
         };
         let max_in_flight = positive(&raw.server.max_in_flight, 512, &mut errors);
+        let max_streams = positive(&raw.server.max_streams, 64, &mut errors);
+        let max_buffered_bytes = match &raw.server.max_buffered_bytes {
+            None => (64usize << 20).max(max_body_bytes),
+            Some(n) if (*n.get_ref() as usize) < max_body_bytes => {
+                errors.push(at(
+                    n.span(),
+                    format!("max_buffered_bytes must be at least max_body_bytes ({max_body_bytes}), or no delivery that large could ever be received"),
+                ));
+                max_body_bytes
+            }
+            Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
+        };
         let limits = Limits {
             max_parallel_jobs: positive(&raw.limits.max_parallel_jobs, 4, &mut errors),
             max_parallel_per_repo: positive(&raw.limits.max_parallel_per_repo, 2, &mut errors),
@@ -506,6 +531,9 @@ impl Config {
                 max_body_bytes,
                 api_token,
                 max_in_flight,
+                max_buffered_bytes,
+                max_streams,
+                reject_replays: raw.server.reject_replays.unwrap_or(true),
                 read_timeout: raw.server.read_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
                 shutdown_grace: raw.server.shutdown_grace.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
                 public_url,
@@ -520,6 +548,7 @@ impl Config {
                     .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
                 worktree_pool: raw.storage.worktree_pool.unwrap_or(4),
                 gc_interval: raw.storage.gc_interval.map(|d| d.0).unwrap_or(Duration::from_secs(24 * 3600)),
+                job_retention: raw.storage.job_retention.map(|d| d.0).unwrap_or(Duration::from_secs(30 * 24 * 3600)),
             },
             github: Github {
                 api_url,

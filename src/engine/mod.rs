@@ -520,7 +520,7 @@ impl Engine {
                     tracing::info!(delivery = %event.delivery, event = %event.kind, jobs = admitted.jobs.len(), "Job end started jobs.");
                     self.wake.notify_one();
                 }
-                Ok(Accepted::Duplicate) => {}
+                Ok(Accepted::Duplicate | Accepted::Replay { .. }) => {}
                 Err(e) => {
                     // Left pending: the next start sends it through again.
                     tracing::error!(delivery = %event.delivery, error = %e, "Could not store the jobs a job end started.");

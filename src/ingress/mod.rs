@@ -39,8 +39,13 @@ pub struct Ingress {
     pub read_timeout: Duration,
     /// Requests in flight; none left means 503.
     pub in_flight: Arc<Semaphore>,
+    /// Unverified body bytes held at once, in KiB; a request reserves its
+    /// declared length before its body is read, and none left means 503.
+    pub buffered: Arc<Semaphore>,
     /// Woken when new jobs are queued.
     pub wake: Arc<Notify>,
+    /// Whether a body seen under another delivery id is a replay.
+    pub reject_replays: bool,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -76,8 +81,22 @@ async fn shed_load(State(s): State<Ingress>, req: Request, next: Next) -> Respon
     next.run(req).await
 }
 
-/// Reads the body within the size and time limits.
-async fn read_body(s: &Ingress, headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
+/// Converts the bytes a request may buffer into budget permits (KiB).
+pub fn buffer_permits(bytes: usize) -> usize {
+    bytes.div_ceil(1024)
+}
+
+/// A body read within the size, time and buffer limits, with its share of
+/// the buffer budget: drop `reserved` once the signature is checked.
+struct Unverified {
+    body: Bytes,
+    reserved: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Reads the body within the size and time limits, once the buffer budget
+/// has room for its declared length (the most it may be, when undeclared):
+/// strangers' unsigned bodies cannot make baton hold more than the budget.
+async fn read_body(s: &Ingress, headers: &HeaderMap, body: Body) -> Result<Unverified, Response> {
     let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, format!("body is larger than {} bytes", s.max_body_bytes));
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
@@ -85,13 +104,49 @@ async fn read_body(s: &Ingress, headers: &HeaderMap, body: Body) -> Result<Bytes
         drain(body).await;
         return Err(too_large());
     }
-    let limited = http_body_util::Limited::new(body, s.max_body_bytes);
-    match tokio::time::timeout(s.read_timeout, limited.collect()).await {
+    let want = declared.map(|n| n as usize).unwrap_or(s.max_body_bytes);
+    let permits = u32::try_from(buffer_permits(want).max(1)).unwrap_or(u32::MAX);
+    let Ok(reserved) = s.buffered.clone().try_acquire_many_owned(permits) else {
+        tracing::warn!(bytes = want, "Unverified bodies fill the buffer budget; answering 503.");
+        drain(body).await;
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            Json(json!({ "error": "too many webhook bodies are being received; retry shortly" })),
+        )
+            .into_response());
+    };
+    match tokio::time::timeout(s.read_timeout, collect(body, want.min(s.max_body_bytes))).await {
         Err(_) => Err(error(StatusCode::REQUEST_TIMEOUT, "the body did not arrive in time")),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Ok(Err(_)) => Err(error(StatusCode::BAD_REQUEST, "the body could not be read")),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(Collect::TooLarge)) => Err(too_large()),
+        Ok(Err(Collect::Broken)) => Err(error(StatusCode::BAD_REQUEST, "the body could not be read")),
+        Ok(Ok(body)) => Ok(Unverified { body, reserved }),
     }
+}
+
+enum Collect {
+    TooLarge,
+    Broken,
+}
+
+/// The body in one buffer of at most `limit` bytes, sized up front: each
+/// frame is copied in once, never gathered and copied again, so a body
+/// costs its size and no more (what the buffer budget counts).
+async fn collect(mut body: Body, limit: usize) -> Result<Bytes, Collect> {
+    let mut buf = bytes::BytesMut::with_capacity(limit.min(1 << 20));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| Collect::Broken)?;
+        if let Some(data) = frame.data_ref() {
+            if buf.len() + data.len() > limit {
+                return Err(Collect::TooLarge);
+            }
+            if buf.capacity() - buf.len() < data.len() {
+                buf.reserve(limit - buf.len());
+            }
+            buf.extend_from_slice(data);
+        }
+    }
+    Ok(buf.freeze())
 }
 
 /// Reads and drops what a client is still sending, within bounds, so that
@@ -124,7 +179,7 @@ fn valid_token(s: &str) -> bool {
 }
 
 async fn github_webhook(State(s): State<Ingress>, headers: HeaderMap, body: Body) -> Response {
-    let body = match read_body(&s, &headers, body).await {
+    let Unverified { body, reserved } = match read_body(&s, &headers, body).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -133,6 +188,7 @@ async fn github_webhook(State(s): State<Ingress>, headers: HeaderMap, body: Body
         tracing::warn!(error = %e, "Webhook rejected: bad signature.");
         return error(StatusCode::UNAUTHORIZED, format!("X-Hub-Signature-256: {e}"));
     }
+    drop(reserved);
     let Some(event_name) = header(&headers, "x-github-event") else {
         return error(StatusCode::BAD_REQUEST, "missing X-GitHub-Event header");
     };
@@ -150,7 +206,7 @@ async fn github_webhook(State(s): State<Ingress>, headers: HeaderMap, body: Body
         tracing::info!(delivery = %delivery_id, "Ping received.");
         return answer(StatusCode::OK, json!({ "ok": true, "delivery": delivery_id }));
     }
-    admit(&s, event).await
+    admit(&s, event, Some((event_name, &body))).await
 }
 
 async fn generic_webhook(
@@ -162,7 +218,7 @@ async fn generic_webhook(
     let Some(source) = s.sources.get(&name) else {
         return error(StatusCode::NOT_FOUND, format!("no source `{name}` is configured"));
     };
-    let body = match read_body(&s, &headers, body).await {
+    let Unverified { body, reserved } = match read_body(&s, &headers, body).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -171,6 +227,7 @@ async fn generic_webhook(
         tracing::warn!(source = %name, error = %e, "Webhook rejected: bad signature.");
         return error(StatusCode::UNAUTHORIZED, format!("{}: {e}", source.signature_header));
     }
+    drop(reserved);
     let delivery_id = match &source.delivery_header {
         Some(h) => match header(&headers, h) {
             Some(id) if valid_token(id) => id.to_string(),
@@ -182,24 +239,24 @@ async fn generic_webhook(
     // Kept apart from GitHub's ids, which are not under the source's control.
     let delivery_id = format!("{name}:{delivery_id}");
     match generic::normalize(source, &delivery_id, &body) {
-        Ok(event) => admit(&s, event).await,
+        Ok(event) => admit(&s, event, None).await,
         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
 
 /// Matches a verified event, stores it with its jobs, and answers.
-async fn admit(s: &Ingress, event: Event) -> Response {
+/// `signed`, the event name and body as received, fingerprints a GitHub
+/// delivery, so the same body under a new delivery id is a replay. Generic
+/// sources' bodies may legitimately repeat (`{"env": "prod"}`): a source
+/// without a delivery header is deduplicated by its body already.
+async fn admit(s: &Ingress, event: Event, signed: Option<(&str, &[u8])>) -> Response {
     let rules = s.rules.current();
     let matches = rules.evaluate(&event);
-    let delivery = Delivery::new(&event.delivery, &event.source, &event.kind);
-    let id = event.delivery.as_str();
-    if let (Some(repo), Some(n), Some(sha), "pull_request") =
-        (event.repo_name(), event.subject, event.head_sha.as_deref(), event.name.as_str())
-    {
-        if let Err(e) = s.store.set_head(repo, n, sha) {
-            tracing::warn!(delivery = %id, error = %e, "Could not note the pull request's head.");
-        }
+    let mut delivery = Delivery::new(&event.delivery, &event.source, &event.kind);
+    if let (true, Some((name, body))) = (s.reject_replays, signed) {
+        delivery = delivery.with_body(name, body);
     }
+    let id = event.delivery.as_str();
     let held = matches.pending.len();
     match s.store.accept_with(delivery, matches.jobs, matches.pending).await {
         Ok(Accepted::Duplicate) => {
@@ -207,8 +264,23 @@ async fn admit(s: &Ingress, event: Event) -> Response {
             tracing::info!(delivery = %id, "Duplicate delivery ignored.");
             answer(StatusCode::OK, json!({ "duplicate": true, "delivery": id }))
         }
+        Ok(Accepted::Replay { of }) => {
+            s.metrics.delivery(&event.kind, "replay");
+            tracing::warn!(delivery = %id, first = %of, "A body already delivered came again under a new delivery id; ignored as a replay.");
+            answer(StatusCode::OK, json!({ "duplicate": true, "replay": true, "replay_of": of, "delivery": id }))
+        }
         Ok(Accepted::New(admitted)) => {
             s.metrics.delivery(&event.kind, "accepted");
+            // Only a new delivery moves a pull request's head (a redelivery
+            // of an old event must not), and only forward.
+            if let (Some(repo), Some(n), Some(sha), "pull_request") =
+                (event.repo_name(), event.subject, event.head_sha.as_deref(), event.name.as_str())
+            {
+                let updated_at = event.payload["pull_request"]["updated_at"].as_str().unwrap_or_default();
+                if let Err(e) = s.store.set_head(repo, n, sha, updated_at) {
+                    tracing::warn!(delivery = %id, error = %e, "Could not note the pull request's head.");
+                }
+            }
             let mut jobs = admitted.jobs;
             match approve(s, &rules, &event).await {
                 Ok(approved) => jobs.extend(approved),

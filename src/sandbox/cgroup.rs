@@ -63,6 +63,23 @@ impl Cgroups {
         }
     }
 
+    /// Removes run groups a previous daemon left (a group still in use is
+    /// not empty, and rmdir refuses it).
+    pub fn remove_leftovers(&self) {
+        let parents: Vec<&PathBuf> = match self {
+            Cgroups::V2 { parent } => vec![parent],
+            Cgroups::V1 { memory, pids } => memory.iter().chain(pids.iter()).collect(),
+            Cgroups::Unavailable => Vec::new(),
+        };
+        for parent in parents {
+            for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+                if entry.file_name().to_string_lossy().starts_with("baton-run-") {
+                    let _ = std::fs::remove_dir(entry.path());
+                }
+            }
+        }
+    }
+
     pub fn describe(&self) -> &'static str {
         match self {
             Cgroups::V2 { .. } => "cgroup v2",
@@ -78,7 +95,10 @@ impl Cgroups {
 
     /// A group for one run, with its caps set; `None` without cgroups.
     pub fn create(&self, name: &str, max_memory: u64, max_processes: u64) -> std::io::Result<Option<Cgroup>> {
-        let name = format!("baton-run-{name}");
+        // The daemon's pid keeps two daemons on one machine (whose job ids
+        // may agree) out of each other's groups: removing a group kills
+        // everything in it.
+        let name = format!("baton-run-{}-{name}", std::process::id());
         let group = match self {
             Cgroups::Unavailable => return Ok(None),
             Cgroups::V2 { parent } => {

@@ -152,6 +152,7 @@ impl Sandbox {
         let bwrap = preflight()?;
         let init = std::env::current_exe()?;
         let cgroups = Cgroups::detect();
+        cgroups.remove_leftovers();
         tracing::info!(bwrap = %bwrap.display(), limits = cgroups.describe(), "Agents run sandboxed.");
         let mut hidden: Vec<PathBuf> = hidden.into_iter().filter(|p| p.exists()).collect();
         hidden.extend(SYSTEM_SECRETS.iter().map(PathBuf::from).filter(|p| p.exists()));

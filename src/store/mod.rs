@@ -66,6 +66,9 @@ pub enum Accepted {
     New(Admitted),
     /// A delivery with this id was stored before; nothing was written.
     Duplicate,
+    /// The same event and body came before under another delivery id
+    /// (within the delivery retention): a replay; nothing was written.
+    Replay { of: String },
 }
 
 /// Jobs waiting in one concurrency group with `on_conflict = "queue"`, at most.
@@ -202,6 +205,12 @@ fn admit(t: &AdmitTx, a: &Admission) -> Result<Accepted, TxError> {
     if deliveries.get(key)?.is_some() {
         return Ok(Accepted::Duplicate);
     }
+    let body_key = a.delivery.fingerprint.as_deref().map(body_key);
+    if let Some(body_key) = &body_key {
+        if let Some(first) = deliveries.get(body_key.as_slice())? {
+            return Ok(Accepted::Replay { of: String::from_utf8_lossy(&first).into_owned() });
+        }
+    }
     for (subject, p) in &a.held {
         let mut list: Vec<Pending> =
             approvals.get(subject)?.and_then(|v| serde_json::from_slice(&v).ok()).unwrap_or_default();
@@ -237,7 +246,28 @@ fn admit(t: &AdmitTx, a: &Admission) -> Result<Accepted, TxError> {
     }
     deliveries.insert(key, encode(&record))?;
     times.insert(a.time_key.as_slice(), &[])?;
+    if let Some(body_key) = body_key {
+        // Kept beside the delivery id, and forgotten with it (same time key).
+        deliveries.insert(body_key.as_slice(), key)?;
+        let mut time_key = a.time_key.get(..8).unwrap_or_default().to_vec();
+        time_key.extend_from_slice(&body_key);
+        times.insert(time_key, &[])?;
+    }
     Ok(Accepted::New(Admitted { jobs: record.jobs, skipped: record.skipped }))
+}
+
+/// `sha \n updated_at` (a head noted before times were kept: no time).
+fn head_of(value: &[u8]) -> (&str, &str) {
+    let text = std::str::from_utf8(value).unwrap_or_default();
+    text.split_once('\n').unwrap_or((text, ""))
+}
+
+/// Where a body fingerprint is kept in `deliveries`: apart from any
+/// delivery id (those are printable ASCII, never a zero byte).
+fn body_key(fingerprint: &str) -> Vec<u8> {
+    let mut k = b"\0body:".to_vec();
+    k.extend_from_slice(fingerprint.as_bytes());
+    k
 }
 
 /// Held jobs per issue or PR, at most (oldest go first).
@@ -667,6 +697,57 @@ impl Store {
         Ok(total)
     }
 
+    /// Forgets finished jobs that ended before `cutoff`, oldest first, at most
+    /// `max` of them: their record, index entry and outbox entries. Never a
+    /// queued or running job, nor one whose end has not gone through the
+    /// rules or whose publications are still pending. Returns the ids
+    /// forgotten, so their folders can go too.
+    pub async fn prune_jobs(&self, cutoff: chrono::DateTime<Utc>, max: usize) -> Result<Vec<String>, StoreError> {
+        let mut doomed: Vec<(Vec<u8>, String)> = Vec::new();
+        for item in self.job_index.iter() {
+            let (seq, id) = item?;
+            let id = String::from_utf8_lossy(&id).into_owned();
+            let Some(job) = self.job(&id)? else {
+                doomed.push((seq.to_vec(), id)); // an index entry left by a crash
+                continue;
+            };
+            // Jobs are indexed in creation order: none created after the
+            // cutoff can have finished before it.
+            if job.created_at >= cutoff || doomed.len() >= max {
+                break;
+            }
+            let finished_before = job.state.is_final() && job.finished_at.is_some_and(|t| t < cutoff);
+            if !finished_before || self.ends.contains_key(id.as_bytes())? {
+                continue;
+            }
+            let pending = self.outbox.scan_prefix(id.as_bytes()).values().any(|v| {
+                v.ok()
+                    .and_then(|v| serde_json::from_slice::<Publication>(&v).ok())
+                    .is_some_and(|p| p.job == id && p.state == PublicationState::Pending)
+            });
+            if !pending {
+                doomed.push((seq.to_vec(), id));
+            }
+        }
+        if doomed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let result = (&self.jobs, &self.job_index, &self.outbox).transaction(|(jobs, index, outbox)| {
+            for (seq, id) in &doomed {
+                index.remove(seq.as_slice())?;
+                jobs.remove(id.as_bytes())?;
+                outbox.remove(id.as_bytes())?;
+                for purpose in Purpose::ALL {
+                    outbox.remove(outbox_key_of(id, purpose))?;
+                }
+            }
+            Ok(())
+        });
+        flatten(result)?;
+        self.flush().await?;
+        Ok(doomed.into_iter().map(|(_, id)| id).collect())
+    }
+
     /// Records that baton asked GitHub to redeliver `guid`; `false` when it
     /// had already asked (catch-up asks once per delivery).
     pub async fn note_redelivery(&self, guid: &str) -> Result<bool, StoreError> {
@@ -1047,9 +1128,22 @@ impl Store {
 
     /// Remembers a pull request's current head (from its own events), which
     /// an approval must match.
-    pub fn set_head(&self, repo: &str, number: u64, sha: &str) -> Result<(), StoreError> {
-        self.heads.insert(subject_key(repo, number), sha.as_bytes())?;
+    /// Notes a pull request's head as of `updated_at` (GitHub's RFC 3339
+    /// time, which orders as text): only ever forward, so an older event
+    /// arriving late cannot move the head back to a replaced commit.
+    pub fn set_head(&self, repo: &str, number: u64, sha: &str, updated_at: &str) -> Result<(), StoreError> {
+        let value = format!("{sha}\n{updated_at}");
+        let key = subject_key(repo, number);
+        self.heads.fetch_and_update(&key, |old| {
+            let newer = old.is_none_or(|o| head_of(o).1 <= updated_at);
+            Some(if newer { value.as_bytes().to_vec() } else { old.unwrap_or_default().to_vec() })
+        })?;
         Ok(())
+    }
+
+    /// The head noted for a pull request.
+    pub fn head(&self, repo: &str, number: u64) -> Result<Option<String>, StoreError> {
+        Ok(self.heads.get(subject_key(repo, number))?.map(|v| head_of(&v).0.to_string()))
     }
 
     /// Jobs held on an issue or PR for approval.
@@ -1073,7 +1167,7 @@ impl Store {
         may_approve: impl Fn(&JobSpec) -> bool,
     ) -> Result<Vec<String>, StoreError> {
         let key = subject_key(repo, number);
-        let head = self.heads.get(&key)?.map(|v| String::from_utf8_lossy(&v).into_owned());
+        let head = self.head(repo, number)?;
         let held = self.pending(repo, number)?;
         let seqs: Vec<u64> = held.iter().map(|_| self.db.generate_id()).collect::<Result<_, _>>()?;
         let now = Utc::now();

@@ -20,9 +20,24 @@ pub struct Delivery {
     /// Matches that started no job, and why.
     #[serde(default)]
     pub skipped: Vec<Skipped>,
+    /// A hash of the event name and body (webhooks only): a signed body
+    /// sent again under a new delivery id is a replay, not new work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 impl Delivery {
+    /// Marks the delivery with the hash of `event` and `body`.
+    pub fn with_body(mut self, event: &str, body: &[u8]) -> Delivery {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update(event.as_bytes());
+        h.update([0]);
+        h.update(body);
+        self.fingerprint = Some(hex::encode(h.finalize()));
+        self
+    }
+
     /// A delivery received now, before its jobs are known.
     pub fn new(id: impl Into<String>, source: impl Into<String>, event: impl Into<String>) -> Delivery {
         Delivery {
@@ -32,6 +47,7 @@ impl Delivery {
             received_at: Utc::now(),
             jobs: Vec::new(),
             skipped: Vec::new(),
+            fingerprint: None,
         }
     }
 }
@@ -315,6 +331,9 @@ pub enum Purpose {
 }
 
 impl Purpose {
+    pub const ALL: [Purpose; 5] =
+        [Purpose::Final, Purpose::Reaction, Purpose::Status, Purpose::CheckStart, Purpose::StatusEnd];
+
     /// Published when the job starts; a job's end waits for these.
     pub fn at_start(self) -> bool {
         matches!(self, Purpose::Reaction | Purpose::Status | Purpose::CheckStart)

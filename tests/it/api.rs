@@ -179,3 +179,70 @@ async fn other_sites_can_neither_read_nor_change_anything() {
     let (status, _) = baton.deliver(SECRET, "issues", "site-2", &fixture("issues/opened.payload.json")).await;
     assert_eq!(status, 202);
 }
+
+/// Live log streams count against `server.max_streams`; one more is told to
+/// come back later, and a closed stream frees its place. A huge `limit` is
+/// served a page at a time.
+#[tokio::test]
+async fn live_streams_are_capped_and_listings_are_paged() {
+    let (w, baton) = daemon_with("#!/bin/sh\necho working\nsleep 30\n", "max_streams = 2");
+    let _ = &w;
+    let id = deliver(&baton, "streams-1").await;
+    let http = reqwest::Client::new();
+    let open = || http.get(format!("{}/api/jobs/{id}/log", baton.url)).header("accept", "text/event-stream").send();
+    let first = open().await.unwrap();
+    let second = open().await.unwrap();
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    let third = open().await.unwrap();
+    assert_eq!(third.status().as_u16(), 503);
+    assert!(third.headers().contains_key("retry-after"));
+    // The plain log is not a stream: it is always served.
+    let (status, _) = baton.get(&format!("/api/jobs/{id}/log")).await;
+    assert_eq!(status, 200);
+    drop(first);
+    crate::harness::eventually_async("a freed stream slot", || async {
+        open().await.map(|r| r.status().as_u16() == 200).unwrap_or(false)
+    })
+    .await;
+    drop(second);
+    let (status, page) = baton.get("/api/jobs?limit=100000").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 1);
+    let (_, cancelled) = baton.post(&format!("/api/jobs/{id}/cancel")).await;
+    assert!(cancelled["id"].is_string());
+}
+
+/// `storage.job_retention` prunes finished jobs and their folders in the
+/// background; a job still running is never pruned.
+#[tokio::test]
+async fn finished_jobs_are_pruned_after_their_retention_and_running_ones_never() {
+    let agent = "#!/bin/sh\nif [ \"$(cat)\" = slow ]; then sleep 8; fi\necho done\n";
+    let w = Workdir::new();
+    let script = w.script("agent.sh", agent);
+    w.config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\njob_retention = \"2s\"\n[github]\nwebhook_secret = \"{SECRET}\"\n\
+         [agents.script]\ncommand = [\"{}\"]\n",
+        script.display()
+    ));
+    w.trigger(
+        "work",
+        "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"none\"\n\
+         prompt = \"{% if issue.number == 2 %}slow{% else %}quick{% endif %}\"\n[output]\nkind = \"none\"\n",
+    );
+    let baton = Baton::start(w.path(), &[]);
+    let quick = deliver(&baton, "retention-1").await;
+    assert_eq!(baton.finished(&quick).await["state"], "succeeded");
+    let mut slow_issue = crate::harness::fixture_json("issues/opened.payload.json");
+    slow_issue["issue"]["number"] = 2.into();
+    let (_, answer) = baton.deliver(SECRET, "issues", "retention-2", slow_issue.to_string().as_bytes()).await;
+    let slow = answer["jobs"][0].as_str().unwrap().to_string();
+    let folder = w.path().join(".baton/jobs").join(&quick);
+    assert!(folder.exists());
+    crate::harness::eventually_async("the finished job to be pruned", || async {
+        baton.get(&format!("/api/jobs/{quick}")).await.0 == 404
+    })
+    .await;
+    assert!(!folder.exists(), "its folder went with it");
+    assert_eq!(baton.job(&slow).await["state"], "running", "a running job is never pruned");
+    assert!(baton.log_text().contains("Pruned finished jobs past their retention."));
+}

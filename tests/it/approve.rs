@@ -111,3 +111,53 @@ async fn baton_and_bots_never_approve_and_an_approval_is_recorded() {
     assert_eq!(job["approved"]["by"], "octocat", "{job}");
     assert!(job["approved"]["at"].is_string(), "{job}");
 }
+
+/// Only a new delivery moves a pull request's head, and only forward: a
+/// redelivery of the first `opened`, or an older event arriving late, after
+/// a `synchronize` cannot make an approval run the replaced commit.
+#[tokio::test]
+async fn an_old_event_arriving_late_never_moves_the_head_back() {
+    let w = Workdir::new();
+    w.config(&format!("[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.noop]\ncommand = [\"true\"]\n"));
+    w.trigger(
+        "review",
+        "on = [\"pull_request.opened\", \"pull_request.synchronize\", \"pull_request.edited\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\n\
+         prompt = \"review {{ pull_request.head.sha }}\"\n[output]\nkind = \"none\"\n",
+    );
+    let baton = Baton::start(w.path(), &[]);
+    let at = |action: &str, sha: &str, updated: &str| {
+        let mut p: Value = serde_json::from_slice(&pr(action, sha)).unwrap();
+        p["pull_request"]["updated_at"] = json!(updated);
+        p.to_string().into_bytes()
+    };
+    let opened = at("opened", "aaaaaaa", "2026-11-30T10:00:00Z");
+    let sig = baton::ingress::signature::sign(SECRET.as_bytes(), &opened);
+    let raw = |id: &'static str| {
+        let (body, sig) = (opened.clone(), sig.clone());
+        let baton = &baton;
+        async move {
+            baton
+                .post_webhook(
+                    &[("x-github-event", "pull_request"), ("x-github-delivery", id), ("x-hub-signature-256", &sig)],
+                    &body,
+                )
+                .await
+        }
+    };
+    assert_eq!(raw("pr-1").await.0, 202);
+    assert_eq!(
+        baton.deliver(SECRET, "pull_request", "pr-2", &at("synchronize", "bbbbbbb", "2026-11-30T10:05:00Z")).await.0,
+        202
+    );
+    // GitHub's redelivery of the first event, and an older one arriving late.
+    assert_eq!(raw("pr-1").await.0, 200);
+    assert_eq!(
+        baton.deliver(SECRET, "pull_request", "pr-0", &at("edited", "aaaaaaa", "2026-11-30T09:59:00Z")).await.0,
+        202
+    );
+    let (_, approved) = baton.deliver(SECRET, "issue_comment", "ok", &comment("/baton approve", "OWNER")).await;
+    let started = approved["jobs"].as_array().unwrap();
+    assert_eq!(started.len(), 1, "{approved}");
+    let job = baton.job(started[0].as_str().unwrap()).await;
+    assert_eq!(job["spec"]["prompt"], "review bbbbbbb", "the approval ran the current head");
+}

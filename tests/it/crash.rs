@@ -37,15 +37,16 @@ async fn kill_9_mid_flood_loses_nothing_acknowledged() {
                 (url.clone(), body.clone(), acked.clone(), next.clone(), round_acks.clone());
             clients.push(tokio::spawn(async move {
                 let http = reqwest::Client::new();
-                let sig = baton::ingress::signature::sign(SECRET.as_bytes(), &body);
                 loop {
                     let id = format!("flood-{}", next.fetch_add(1, Ordering::SeqCst));
+                    let body = crate::harness::unique_body(&body, &id);
+                    let sig = baton::ingress::signature::sign(SECRET.as_bytes(), &body);
                     let sent = http
                         .post(format!("{url}/webhooks/github"))
                         .header("x-github-event", "issues")
                         .header("x-github-delivery", &id)
                         .header("x-hub-signature-256", &sig)
-                        .body(body.as_ref().clone())
+                        .body(body)
                         .send()
                         .await;
                     let Ok(resp) = sent else { return };

@@ -165,7 +165,14 @@ impl Baton {
     }
 
     /// Sends a delivery signed with `secret`; returns status and JSON body.
+    ///
+    /// Tests reuse fixtures under many delivery ids, where GitHub never
+    /// sends one body twice: a JSON object body gets a field naming the
+    /// delivery, so it is not taken for a replay. `post_webhook` sends bytes
+    /// as they are.
     pub async fn deliver(&self, secret: &str, event: &str, delivery: &str, body: &[u8]) -> (u16, Value) {
+        let unique = unique_body(body, delivery);
+        let body = unique.as_slice();
         let sig = baton::ingress::signature::sign(secret.as_bytes(), body);
         self.post_webhook(
             &[("x-github-event", event), ("x-github-delivery", delivery), ("x-hub-signature-256", &sig)],
@@ -223,6 +230,19 @@ impl Drop for Baton {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A JSON object `body` with a field naming `delivery`, so each delivery of
+/// a reused fixture is a body of its own (as GitHub's always are) rather
+/// than a replay; any other body as it is.
+pub fn unique_body(body: &[u8], delivery: &str) -> Vec<u8> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut map)) => {
+            map.insert("baton_test_delivery".into(), Value::String(delivery.to_string()));
+            serde_json::to_vec(&map).unwrap_or_else(|_| body.to_vec())
+        }
+        _ => body.to_vec(),
     }
 }
 

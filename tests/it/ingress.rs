@@ -382,3 +382,121 @@ async fn the_dashboard_lists_jobs_and_shows_one_escaped() {
     assert!(!html.contains("<script>alert(1)"), "the title is escaped");
     assert_eq!(page(format!("{}/jobs/nope", baton.url)).await.0, 404);
 }
+
+/// Strangers' unsigned bodies are bounded by `server.max_buffered_bytes`
+/// (64 MiB by default), not by the number of requests: 50 concurrent 25 MB
+/// unsigned posts keep the daemon's memory under 150 MB, the ones over the
+/// budget are turned away with 503 and Retry-After before their body is
+/// read, and signed deliveries sent at the same time still get in.
+#[tokio::test]
+async fn unsigned_floods_cannot_make_baton_hold_more_than_its_buffer_budget() {
+    let w = Workdir::new();
+    w.config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.noop]\ncommand = [\"true\"]\n"
+    ));
+    w.trigger(
+        "on-issue",
+        "on = [\"issues.opened\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
+    );
+    let baton = Baton::start(w.path(), &[]);
+    let pid = baton.pid();
+    let rss_kb = move || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(rss_kb(), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        })
+    };
+    let big = bytes::Bytes::from(vec![b'x'; 25 * 1024 * 1024]);
+    let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60)).build().unwrap();
+    let floods: Vec<_> = (0..50)
+        .map(|n| {
+            let req = http
+                .post(format!("{}/webhooks/github", baton.url))
+                .header("x-github-event", "issues")
+                .header("x-github-delivery", format!("flood-{n}"))
+                .header("x-hub-signature-256", "sha256=00")
+                .body(big.clone());
+            tokio::spawn(async move {
+                match req.send().await {
+                    Ok(r) => Some((r.status().as_u16(), r.headers().contains_key("retry-after"))),
+                    Err(_) => None, // cut off mid-upload after the 503
+                }
+            })
+        })
+        .collect();
+    // Signed deliveries, meanwhile.
+    let body = fixture("issues/opened.payload.json");
+    let mut signed = 0;
+    for n in 0..5 {
+        let (status, answer) = baton.deliver(SECRET, "issues", &format!("during-flood-{n}"), &body).await;
+        assert!(status == 202 || status == 503, "{status}: {answer}");
+        if status == 202 {
+            signed += 1;
+        }
+    }
+    let mut answers = Vec::new();
+    for f in floods {
+        answers.push(f.await.unwrap());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak_mb = peak.load(std::sync::atomic::Ordering::Relaxed) / 1024;
+    assert!(peak_mb < 150, "the daemon held {peak_mb} MB");
+    assert!(signed >= 4, "signed deliveries got in during the flood: {signed} of 5");
+    let refused = answers.iter().flatten().filter(|(s, retry)| *s == 503 && *retry).count();
+    let unsigned = answers.iter().flatten().filter(|(s, _)| *s == 401).count();
+    assert!(refused > 0, "some were turned away: {answers:?}");
+    assert!(unsigned + refused + answers.iter().filter(|a| a.is_none()).count() == 50, "{answers:?}");
+    // And the daemon goes on.
+    let (status, _) = baton.deliver(SECRET, "issues", "after-flood", &body).await;
+    assert_eq!(status, 202);
+}
+
+/// A captured signed body sent again under a new delivery id is a replay:
+/// answered as a duplicate that says so, and it starts nothing.
+#[tokio::test]
+async fn a_replayed_body_under_a_new_delivery_id_starts_nothing() {
+    let (_w, baton) = daemon();
+    let body = fixture("issues/opened.payload.json");
+    let sig = baton::ingress::signature::sign(SECRET.as_bytes(), &body);
+    let send = |id: &'static str| {
+        let (body, sig) = (body.clone(), sig.clone());
+        let baton = &baton;
+        async move {
+            baton
+                .post_webhook(
+                    &[("x-github-event", "issues"), ("x-github-delivery", id), ("x-hub-signature-256", &sig)],
+                    &body,
+                )
+                .await
+        }
+    };
+    let (status, first) = send("original").await;
+    assert_eq!(status, 202, "{first}");
+    let (status, replay) = send("replayed").await;
+    assert_eq!(status, 200, "{replay}");
+    assert_eq!((replay["duplicate"].clone(), replay["replay_of"].clone()), (json!(true), json!("original")));
+    let (_, list) = baton.get("/api/jobs").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1, "the replay started no job");
+    // The same body under another event name is another event.
+    let (status, other) = baton
+        .post_webhook(
+            &[("x-github-event", "issue_comment"), ("x-github-delivery", "other"), ("x-hub-signature-256", &sig)],
+            &body,
+        )
+        .await;
+    assert_eq!(status, 202, "{other}");
+}

@@ -77,6 +77,7 @@ async fn the_same_delivery_sent_twice_at_once_is_stored_once() {
                 new += 1;
             }
             Accepted::Duplicate => {}
+            Accepted::Replay { of } => panic!("no body fingerprints here, yet a replay of {of}"),
         }
     }
     assert_eq!(new, n, "each delivery is new exactly once");

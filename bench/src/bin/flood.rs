@@ -14,14 +14,14 @@ async fn main() {
     let count: usize = a[3].parse().expect("count");
     let concurrency: usize = a[4].parse().expect("concurrency");
     let wait_jobs = a.get(5).is_some_and(|w| w == "wait-jobs");
-    let sig = baton::ingress::signature::sign(secret.as_bytes(), &payload);
     let payload = Arc::new(payload);
+    let secret = Arc::new(secret);
     let next = Arc::new(AtomicUsize::new(0));
     let run = format!("{}", chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default());
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (url, sig, payload, next, run) = (url.clone(), sig.clone(), payload.clone(), next.clone(), run.clone());
+        let (url, secret, payload, next, run) = (url.clone(), secret.clone(), payload.clone(), next.clone(), run.clone());
         tasks.push(tokio::spawn(async move {
             let http = reqwest::Client::new();
             loop {
@@ -29,12 +29,16 @@ async fn main() {
                 if i >= count {
                     return;
                 }
+                // Every body differs, as GitHub's do: baton turns away a
+                // signed body sent again under a new delivery id (a replay).
+                let body = unique_body(&payload, &format!("{run}-{i}"));
+                let sig = baton::ingress::signature::sign(secret.as_bytes(), &body);
                 let resp = http
                     .post(format!("{url}/webhooks/github"))
                     .header("x-github-event", "issues")
                     .header("x-github-delivery", format!("flood-{run}-{i}"))
                     .header("x-hub-signature-256", &sig)
-                    .body(payload.as_ref().clone())
+                    .body(body)
                     .send()
                     .await
                     .expect("send");
@@ -55,6 +59,15 @@ async fn main() {
     }
     let secs = start.elapsed().as_secs_f64();
     println!("{secs:.3} {:.1}", count as f64 / secs);
+}
+
+/// `payload` (a JSON object) with a first field naming `nonce`.
+fn unique_body(payload: &[u8], nonce: &str) -> Vec<u8> {
+    let at = payload.iter().position(|b| *b == b'{').map_or(0, |i| i + 1);
+    let mut body = payload[..at].to_vec();
+    body.extend_from_slice(format!("\"bench_nonce\":\"{nonce}\",").as_bytes());
+    body.extend_from_slice(&payload[at..]);
+    body
 }
 
 /// Jobs finished successfully, from baton's `baton_jobs_finished_total`.
