@@ -891,14 +891,23 @@ impl Engine {
         out
     }
 
+    /// Every publication passes here on its way to the outbox: whatever a
+    /// template put in its body or title (a prompt, the event's text, the
+    /// result) leaves redacted.
     fn publication(&self, job: &Job, repo: &str, purpose: Purpose, target: Target, body: String) -> Publication {
+        let target = match target {
+            Target::PullRequest { head, base, title } => {
+                Target::PullRequest { head, base, title: self.redactor.redact(&title) }
+            }
+            other => other,
+        };
         Publication {
             job: job.id.clone(),
             purpose,
             repo: repo.to_string(),
             installation: job.spec.installation,
             target,
-            body,
+            body: self.redactor.redact(&body),
             state: PublicationState::Pending,
             attempts: 0,
             next_attempt_at: Utc::now(),

@@ -117,6 +117,13 @@ impl Driver {
         self.call(reqwest::Method::GET, &format!("/element/{id}/text"), None).await.as_str().unwrap_or("").to_string()
     }
 
+    async fn click(&self, css: &str) {
+        let found =
+            self.call(reqwest::Method::POST, "/element", Some(json!({ "using": "css selector", "value": css }))).await;
+        let id = found.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).expect("element to click");
+        self.call(reqwest::Method::POST, &format!("/element/{id}/click"), Some(json!({}))).await;
+    }
+
     async fn screenshot(&self, name: &str) -> std::path::PathBuf {
         let shot = self.call(reqwest::Method::GET, "/screenshot", None).await;
         let png = base64::engine::general_purpose::STANDARD.decode(shot.as_str().unwrap_or("")).expect("PNG");
@@ -185,4 +192,41 @@ async fn the_dashboard_lists_a_delivered_job_and_follows_its_log_live() {
     assert!(
         std::fs::metadata(&jobs_png).unwrap().len() > 10_000 && std::fs::metadata(&job_png).unwrap().len() > 10_000
     );
+}
+
+/// The job page's own Cancel and Retry buttons work in a browser: they are
+/// same-origin requests, which the cross-site guard lets through.
+#[tokio::test]
+async fn the_job_pages_cancel_and_retry_buttons_work() {
+    let w = Workdir::new();
+    let gate = w.shared().join("finish");
+    let agent = w.script(
+        "agent.sh",
+        &format!("#!/bin/sh\necho started\nwhile [ ! -f {} ]; do sleep 0.1; done\necho finished\n", gate.display()),
+    );
+    w.config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.script]\ncommand = [\"{}\"]\n{}\n",
+        agent.display(),
+        w.shared_key()
+    ));
+    w.trigger(
+        "investigate",
+        "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
+    );
+    let baton = Baton::start(w.path(), &[]);
+    let (status, body) =
+        baton.deliver(SECRET, "issues", "browser-buttons", &fixture("issues/opened.payload.json")).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["jobs"][0].as_str().unwrap().to_string();
+    let driver = Driver::start().await;
+    driver.go(&format!("{}/jobs/{id}", baton.url)).await;
+    driver.wait_for_text("#log", "started").await;
+    driver.click("#cancel").await;
+    driver.wait_for_text("#state", "cancelled").await;
+    assert_eq!(baton.job(&id).await["state"], "cancelled");
+    std::fs::write(&gate, "").unwrap();
+    driver.click("#retry").await;
+    driver.wait_for_text("body", "finished").await;
+    assert_eq!(baton.finished(&id).await["state"], "succeeded");
+    assert_eq!(driver.text("#action-error").await, "", "no button was refused");
 }

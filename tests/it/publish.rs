@@ -424,3 +424,33 @@ async fn an_agents_own_commits_are_checked_like_its_files_and_workflows_need_con
         }
     }
 }
+
+/// Everything baton writes to GitHub is redacted: the pull request's title
+/// and body, and the commit message it pushes, even when a template puts
+/// the raw result, or the issue's own text, there.
+#[tokio::test]
+async fn titles_bodies_and_commit_messages_carry_no_secret() {
+    let fake = FakeGitHub::start().await;
+    let leaked = "ghp_abcdefghijklmnopqrstuvwxyz0123456789";
+    let agent = format!("#!/bin/sh\ncat > /dev/null\necho change >> README.md\necho 'token {leaked} found'\n");
+    let w = setup(
+        &fake,
+        &agent,
+        "issues.opened",
+        "[job]\nagent = \"script\"\nworkspace = \"default-branch\"\nprompt = \"x\"\n[output]\nkind = \"pull_request\"\n\
+         title = \"{{ result }}\"\nbody = \"{{ result }} / {{ job.spec.prompt }}\"\n",
+        "token = \"env:GITHUB_TOKEN\"",
+    );
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver(&baton, "issues", "issues/opened.payload.json", "title-leak").await;
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let branch = job["branch"].as_str().unwrap();
+    let origin = w.path().join("remote/Codertocat/Hello-World.git");
+    let message = crate::harness::git(&origin, &["log", "-1", "--format=%B", branch]);
+    assert!(!message.contains(leaked) && message.contains("[redacted]"), "{message}");
+    eventually("the pull request", || !fake.posts("/repos/Codertocat/Hello-World/pulls").is_empty()).await;
+    let pr = &fake.posts("/repos/Codertocat/Hello-World/pulls")[0].body;
+    assert!(!pr.to_string().contains(leaked), "{pr}");
+    assert!(pr["title"].as_str().unwrap().contains("[redacted]"), "{pr}");
+}
