@@ -575,6 +575,10 @@ impl Engine {
         phases.prepare_ms = Some(started.elapsed().as_millis() as u64);
         let prepared = match prepared {
             Ok(p) => p,
+            // Another attempt would find the head moved all the same.
+            Err(e @ workspace::WorkspaceError::HeadMoved { .. }) => {
+                return failed("prepare_failed", None, format!("preparing the workspace failed: {e}"), false)
+            }
             Err(e) => return failed("prepare_failed", None, format!("preparing the workspace failed: {e}"), true),
         };
         if let Some(commit) = &prepared.commit {

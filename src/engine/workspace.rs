@@ -53,6 +53,11 @@ pub enum WorkspaceError {
     Io(#[from] std::io::Error),
     #[error("commit {0} not found after fetching")]
     MissingCommit(String),
+    #[error(
+        "the pull request's head moved from {pinned} to {now} since the job was asked for; \
+         nothing ran (ask again to run on the new head)"
+    )]
+    HeadMoved { pinned: String, now: String },
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
 }
@@ -238,9 +243,15 @@ impl Workspaces {
                 self.fetch(&mirror, &url, &format!("+{local}:{local}"), token.as_ref()).await?;
                 self.resolve(&mirror, &local).await?
             }
-            Workspace::PrHead { number, sha, base } => {
+            Workspace::PrHead { number, sha, base, pinned } => {
                 let local = format!("refs/pull/{number}/head");
                 self.fetch(&mirror, &url, &format!("+{local}:{local}"), token.as_ref()).await?;
+                if let (true, Some(sha)) = (*pinned, sha) {
+                    let now = self.resolve(&mirror, &local).await?;
+                    if !now.starts_with(sha.as_str()) {
+                        return Err(WorkspaceError::HeadMoved { pinned: sha.clone(), now });
+                    }
+                }
                 if let Some(base) = base {
                     let base = format!("refs/heads/{base}");
                     // Best effort: the diff base helps, its absence must not fail the job.

@@ -96,6 +96,9 @@ pub struct Event {
     /// Whether the head commit lives in the repository itself (not a fork);
     /// `None` when the payload does not say.
     pub head_in_repo: Option<bool>,
+    /// `head_sha` is what baton had noted of a pull request when a comment
+    /// on it arrived: a job it starts must run at exactly that commit.
+    pub head_pinned: bool,
     pub conclusion: Option<String>,
     pub draft: Option<bool>,
     pub comment: Option<Comment>,
@@ -107,6 +110,18 @@ pub struct Event {
 }
 
 impl Event {
+    /// A hash of the title and body of the issue or pull request the event
+    /// is about, as the payload has them now (`None` when it has neither).
+    pub fn subject_text(&self) -> Option<String> {
+        use sha2::Digest as _;
+        let subject = [&self.payload["pull_request"], &self.payload["issue"]].into_iter().find(|v| v.is_object())?;
+        let mut h = sha2::Sha256::new();
+        h.update(subject["title"].as_str().unwrap_or_default().as_bytes());
+        h.update([0]);
+        h.update(subject["body"].as_str().unwrap_or_default().as_bytes());
+        Some(hex::encode(&h.finalize()[..16]))
+    }
+
     /// An event with its identity and payload only; normalizers fill in the rest.
     pub fn new(source: &str, name: &str, action: Option<String>, delivery: &str, payload: Value) -> Event {
         Event {
@@ -126,6 +141,7 @@ impl Event {
             base_branch: None,
             head_sha: None,
             head_in_repo: None,
+            head_pinned: false,
             conclusion: None,
             draft: None,
             comment: None,

@@ -249,7 +249,8 @@ async fn generic_webhook(
 /// delivery, so the same body under a new delivery id is a replay. Generic
 /// sources' bodies may legitimately repeat (`{"env": "prod"}`): a source
 /// without a delivery header is deduplicated by its body already.
-async fn admit(s: &Ingress, event: Event, signed: Option<(&str, &[u8])>) -> Response {
+async fn admit(s: &Ingress, mut event: Event, signed: Option<(&str, &[u8])>) -> Response {
+    pin_comment_to_head(s, &mut event);
     let rules = s.rules.current();
     let matches = rules.evaluate(&event);
     let mut delivery = Delivery::new(&event.delivery, &event.source, &event.kind);
@@ -258,7 +259,8 @@ async fn admit(s: &Ingress, event: Event, signed: Option<(&str, &[u8])>) -> Resp
     }
     let id = event.delivery.as_str();
     let held = matches.pending.len();
-    match s.store.accept_with(delivery, matches.jobs, matches.pending).await {
+    let subject_text = if matches.pending.is_empty() { None } else { event.subject_text() };
+    match s.store.accept_with(delivery, matches.jobs, matches.pending, subject_text).await {
         Ok(Accepted::Duplicate) => {
             s.metrics.delivery(&event.kind, "duplicate");
             tracing::info!(delivery = %id, "Duplicate delivery ignored.");
@@ -277,7 +279,8 @@ async fn admit(s: &Ingress, event: Event, signed: Option<(&str, &[u8])>) -> Resp
                 (event.repo_name(), event.subject, event.head_sha.as_deref(), event.name.as_str())
             {
                 let updated_at = event.payload["pull_request"]["updated_at"].as_str().unwrap_or_default();
-                if let Err(e) = s.store.set_head(repo, n, sha, updated_at) {
+                let head = crate::store::PrHead { sha: sha.to_string(), in_repo: event.head_in_repo };
+                if let Err(e) = s.store.set_head(repo, n, &head, updated_at) {
                     tracing::warn!(delivery = %id, error = %e, "Could not note the pull request's head.");
                 }
             }
@@ -304,6 +307,27 @@ async fn admit(s: &Ingress, event: Event, signed: Option<(&str, &[u8])>) -> Resp
     }
 }
 
+/// A comment on a pull request says nothing of the PR's head: what baton
+/// noted from the PR's own events fills it in before the rules look, so
+/// `allow_forks` applies to comments too and a `pr-head` job is pinned to
+/// the commit the commenter saw (not whatever the branch holds when the job
+/// runs). Nothing noted: the event stays as it came.
+fn pin_comment_to_head(s: &Ingress, event: &mut Event) {
+    if event.comment.is_none() || !event.subject_is_pull_request || event.head_sha.is_some() {
+        return;
+    }
+    let (Some(repo), Some(n)) = (event.repo_name(), event.subject) else { return };
+    match s.store.pr_head(repo, n) {
+        Ok(Some(head)) => {
+            event.head_sha = Some(head.sha);
+            event.head_in_repo = head.in_repo;
+            event.head_pinned = true;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(delivery = %event.delivery, error = %e, "Could not read the pull request's head."),
+    }
+}
+
 /// `/baton approve` on an issue or PR, by someone a held job's trigger
 /// trusts, releases the jobs held there (for a PR: at its current head).
 async fn approve(
@@ -314,9 +338,12 @@ async fn approve(
     let (Some(comment), Some(repo), Some(n)) = (&event.comment, event.repo_name(), event.subject) else {
         return Ok(Vec::new());
     };
-    if event.kind != "issue_comment.created" || crate::rules::command::parse(APPROVE, &comment.body).is_none() {
+    if event.kind != "issue_comment.created" {
         return Ok(Vec::new());
     }
+    let Some(command) = crate::rules::command::parse(APPROVE, &comment.body) else { return Ok(Vec::new()) };
+    let edited_ok = command.argv.iter().any(|a| a == "--edited");
+    let current_text = event.subject_text();
     // Never baton's own words (an injected agent's result could start with
     // the command), never a bot's.
     let bot_login = rules.bot_login();
@@ -333,8 +360,16 @@ async fn approve(
     };
     let approved = s
         .store
-        .approve(repo, n, &approver, |spec| {
-            rules.get(&spec.trigger).is_some_and(|t| t.filter.authors.iter().any(|a| a == assoc))
+        .approve(repo, n, &approver, |p| {
+            let trusted = rules.get(&p.spec.trigger).is_some_and(|t| t.filter.authors.iter().any(|a| a == assoc));
+            let unchanged = p.approvable(current_text.as_deref(), edited_ok);
+            if trusted && !unchanged {
+                tracing::warn!(
+                    delivery = %event.delivery, trigger = %p.spec.trigger,
+                    "A held job stays held: its issue or pull request was edited since; `/baton approve --edited` releases it."
+                );
+            }
+            trusted && unchanged
         })
         .await?;
     if !approved.is_empty() {

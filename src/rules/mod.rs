@@ -89,6 +89,10 @@ pub enum Workspace {
         number: u64,
         sha: Option<String>,
         base: Option<String>,
+        /// The job must run at `sha` and no other commit: if the pull
+        /// request's head has moved by the time it runs, it fails.
+        #[serde(default)]
+        pinned: bool,
     },
     HeadSha {
         sha: String,
@@ -456,9 +460,12 @@ fn workspace_for(kind: WorkspaceKind, event: &Event) -> Result<Workspace, String
             Ok(Workspace::DefaultBranch { branch })
         }
         WorkspaceKind::PrHead => match (event.subject, event.subject_is_pull_request) {
-            (Some(number), true) => {
-                Ok(Workspace::PrHead { number, sha: event.head_sha.clone(), base: event.base_branch.clone() })
-            }
+            (Some(number), true) => Ok(Workspace::PrHead {
+                number,
+                sha: event.head_sha.clone(),
+                base: event.base_branch.clone(),
+                pinned: event.head_pinned,
+            }),
             _ => Err("workspace pr-head: event is not about a pull request".into()),
         },
         WorkspaceKind::HeadSha => match &event.head_sha {

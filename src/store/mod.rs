@@ -256,10 +256,20 @@ fn admit(t: &AdmitTx, a: &Admission) -> Result<Accepted, TxError> {
     Ok(Accepted::New(Admitted { jobs: record.jobs, skipped: record.skipped }))
 }
 
-/// `sha \n updated_at` (a head noted before times were kept: no time).
+/// A pull request's head as its last event showed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrHead {
+    pub sha: String,
+    /// In the repository itself (`true`) or a fork (`false`).
+    pub in_repo: Option<bool>,
+}
+
+/// `sha \n updated_at [\n repo|fork]` (a head noted before times were
+/// kept: no time).
 fn head_of(value: &[u8]) -> (&str, &str) {
     let text = std::str::from_utf8(value).unwrap_or_default();
-    text.split_once('\n').unwrap_or((text, ""))
+    let mut parts = text.split('\n');
+    (parts.next().unwrap_or_default(), parts.next().unwrap_or_default())
 }
 
 /// Where a body fingerprint is kept in `deliveries`: apart from any
@@ -283,6 +293,22 @@ pub struct Pending {
     pub delivery: String,
     pub held_at: chrono::DateTime<Utc>,
     pub spec: JobSpec,
+    /// A hash of the issue's or PR's title and body when the match was
+    /// held: its prompt was rendered from that text.
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+impl Pending {
+    /// Whether an approval may release this held job: not when the issue's
+    /// or PR's text (`current`) differs from what the prompt was made of,
+    /// unless the approver said `--edited` after reading it.
+    pub fn approvable(&self, current: Option<&str>, edited_ok: bool) -> bool {
+        match (&self.text, current) {
+            (Some(then), Some(now)) => then == now || edited_ok,
+            _ => true,
+        }
+    }
 }
 
 /// What a stored delivery started.
@@ -635,7 +661,7 @@ impl Store {
     /// rendered prompt and workspace), and storing 10–30 KB bodies cost a
     /// third of ingest throughput in sled (bench/RESULTS.md).
     pub async fn accept(&self, delivery: Delivery, specs: Vec<JobSpec>) -> Result<Accepted, StoreError> {
-        self.accept_with(delivery, specs, Vec::new()).await
+        self.accept_with(delivery, specs, Vec::new(), None).await
     }
 
     /// `accept`, also holding `pending` jobs (from people the trigger does
@@ -645,6 +671,7 @@ impl Store {
         delivery: Delivery,
         specs: Vec<JobSpec>,
         pending: Vec<JobSpec>,
+        subject_text: Option<String>,
     ) -> Result<Accepted, StoreError> {
         let now = Utc::now();
         let mut jobs = Vec::with_capacity(specs.len());
@@ -662,7 +689,8 @@ impl Store {
             .into_iter()
             .filter_map(|spec| {
                 let key = subject_key(spec.repo.as_deref()?, spec.subject?);
-                Some((key, Pending { delivery: delivery.id.clone(), held_at: now, spec }))
+                let text = subject_text.clone();
+                Some((key, Pending { delivery: delivery.id.clone(), held_at: now, spec, text }))
             })
             .collect();
         self.writer.submit(Admission { delivery, time_key, jobs, encoded, held, now }).await
@@ -1131,8 +1159,13 @@ impl Store {
     /// Notes a pull request's head as of `updated_at` (GitHub's RFC 3339
     /// time, which orders as text): only ever forward, so an older event
     /// arriving late cannot move the head back to a replaced commit.
-    pub fn set_head(&self, repo: &str, number: u64, sha: &str, updated_at: &str) -> Result<(), StoreError> {
-        let value = format!("{sha}\n{updated_at}");
+    pub fn set_head(&self, repo: &str, number: u64, head: &PrHead, updated_at: &str) -> Result<(), StoreError> {
+        let fork = match head.in_repo {
+            Some(true) => "repo",
+            Some(false) => "fork",
+            None => "",
+        };
+        let value = format!("{}\n{updated_at}\n{fork}", head.sha);
         let key = subject_key(repo, number);
         self.heads.fetch_and_update(&key, |old| {
             let newer = old.is_none_or(|o| head_of(o).1 <= updated_at);
@@ -1144,6 +1177,22 @@ impl Store {
     /// The head noted for a pull request.
     pub fn head(&self, repo: &str, number: u64) -> Result<Option<String>, StoreError> {
         Ok(self.heads.get(subject_key(repo, number))?.map(|v| head_of(&v).0.to_string()))
+    }
+
+    /// The head noted for a pull request, and whether it lives in the
+    /// repository or a fork (when the event said).
+    pub fn pr_head(&self, repo: &str, number: u64) -> Result<Option<PrHead>, StoreError> {
+        Ok(self.heads.get(subject_key(repo, number))?.map(|v| {
+            let text = String::from_utf8_lossy(&v);
+            let mut parts = text.split('\n');
+            let sha = parts.next().unwrap_or_default().to_string();
+            let in_repo = match parts.nth(1) {
+                Some("repo") => Some(true),
+                Some("fork") => Some(false),
+                _ => None,
+            };
+            PrHead { sha, in_repo }
+        }))
     }
 
     /// Jobs held on an issue or PR for approval.
@@ -1164,7 +1213,7 @@ impl Store {
         repo: &str,
         number: u64,
         approval: &Approval,
-        may_approve: impl Fn(&JobSpec) -> bool,
+        may_approve: impl Fn(&Pending) -> bool,
     ) -> Result<Vec<String>, StoreError> {
         let key = subject_key(repo, number);
         let head = self.head(repo, number)?;
@@ -1181,7 +1230,7 @@ impl Store {
                     if !at_head {
                         continue; // held for an older head: gone with the push
                     }
-                    if !may_approve(&p.spec) {
+                    if !may_approve(p) {
                         keep.push(p.clone());
                         continue;
                     }

@@ -2,7 +2,7 @@
 //! process → comment on the fake GitHub.
 
 use crate::fake_github::FakeGitHub;
-use crate::harness::{bare_repo, eventually, fixture, Baton, Workdir};
+use crate::harness::{bare_repo, eventually, fixture, git, Baton, Workdir};
 
 const SECRET: &str = "e2e-webhook-secret";
 const TOKEN: &str = "ghp_e2eFakeTokenThatMustNotLeak0123456789";
@@ -497,4 +497,79 @@ async fn sigterm_lets_running_jobs_finish_within_the_grace_then_leaves_the_rest_
     assert_eq!(resumed["state"], "succeeded", "{resumed}");
     assert_eq!(resumed["history"][0]["outcome"], "interrupted");
     assert_eq!(resumed["result"], "done Investigate #2: Spelling error in the README file");
+}
+
+/// A comment on a pull request runs only what baton knows the PR to be:
+/// from a fork it needs `allow_forks`, like the PR's own events; and the
+/// job is pinned to the head baton last saw, failing rather than running a
+/// commit pushed after.
+#[tokio::test]
+async fn comments_on_fork_prs_need_allow_forks_and_run_only_the_head_they_saw() {
+    let fake = FakeGitHub::start().await;
+    let (w, base_sha) = setup(&fake, REPORTER, "", "");
+    // refs/pull/2/head in the origin: one commit on top of master.
+    let origin = w.path().join("remote/Codertocat/Hello-World.git");
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["clone", "--quiet", origin.to_str().unwrap(), "."]);
+    std::fs::write(work.path().join("README.md"), "from the pull request").unwrap();
+    git(work.path(), &["commit", "--quiet", "-am", "pr"]);
+    let seen = git(work.path(), &["rev-parse", "HEAD"]);
+    git(work.path(), &["push", "--quiet", "origin", "HEAD:refs/pull/2/head"]);
+    let pr = |fork: bool| {
+        let mut p = crate::harness::fixture_json("pull_request/opened.payload.json");
+        p["pull_request"]["head"]["sha"] = seen.clone().into();
+        if fork {
+            p["pull_request"]["head"]["repo"]["id"] = 999_999.into();
+            p["pull_request"]["head"]["repo"]["full_name"] = "stranger/Hello-World".into();
+        }
+        p.to_string().into_bytes()
+    };
+    let comment = || {
+        let mut p = crate::harness::fixture_json("issue_comment/created.payload.json");
+        p["issue"]["number"] = 2.into();
+        p["issue"]["pull_request"] =
+            serde_json::json!({ "url": "https://api.github.com/repos/Codertocat/Hello-World/pulls/2" });
+        p["comment"]["body"] = "/fix".into();
+        p["comment"]["author_association"] = "MEMBER".into();
+        p.to_string().into_bytes()
+    };
+    let trigger = |allow_forks: bool| {
+        format!(
+            "on = [\"issue_comment.created\"]\n[filter]\ncommand = \"/fix\"\nallow_forks = {allow_forks}\n[job]\nagent = \"script\"\n\
+             workspace = \"pr-head\"\nprompt = \"fix\"\nattempts = 2\n[output]\nkind = \"none\"\n"
+        )
+    };
+    std::fs::remove_file(w.path().join("triggers/investigate.toml")).unwrap();
+    w.trigger("fix", &trigger(false));
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let (status, answer) = baton.deliver(SECRET, "pull_request", "fork-pr", &pr(true)).await;
+    assert_eq!(status, 202, "{answer}");
+    let (_, answer) = baton.deliver(SECRET, "issue_comment", "fork-comment", &comment()).await;
+    assert!(
+        answer["jobs"].as_array().unwrap().is_empty(),
+        "a comment on a fork's PR ran without allow_forks: {answer}"
+    );
+    drop(baton);
+
+    // With allow_forks the job runs, at the head baton saw.
+    w.trigger("fix", &trigger(true));
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let (_, answer) = baton.deliver(SECRET, "issue_comment", "fork-comment-2", &comment()).await;
+    let id = answer["jobs"][0].as_str().expect("a job").to_string();
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["spec"]["workspace"]["sha"], seen.as_str(), "the job shows the commit it is pinned to");
+    assert!(job["result"].as_str().unwrap().contains("readme=from the pull request"), "{job}");
+
+    // The PR moves on without baton hearing of it: a comment's job fails
+    // rather than run a commit nobody looked at.
+    git(work.path(), &["commit", "--quiet", "--allow-empty", "-m", "pushed later"]);
+    git(work.path(), &["push", "--quiet", "--force", "origin", "HEAD:refs/pull/2/head"]);
+    let (_, answer) = baton.deliver(SECRET, "issue_comment", "fork-comment-3", &comment()).await;
+    let id = answer["jobs"][0].as_str().expect("a job").to_string();
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(job["error"].as_str().unwrap().contains(&format!("moved from {seen}")), "{job}");
+    assert_eq!(job["attempts"], 1, "not retried");
+    let _ = base_sha;
 }
