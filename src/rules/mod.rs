@@ -334,7 +334,7 @@ impl RuleSet {
             }
         }
         let mut approval = None;
-        if let Some(reason) = untrusted(f, event) {
+        if let Some(reason) = untrusted(f, event, t.job.workspace) {
             // An outsider's issue or PR can still run once someone trusted
             // approves it there; anything else is simply rejected.
             let approvable = event.source == "github" && event.subject.is_some() && f.command.is_none();
@@ -412,7 +412,7 @@ impl RuleSet {
 
 /// Who may trigger: people by their association with the repository; events
 /// without one (checks, workflows, statuses) by where their head commit lives.
-fn untrusted(f: &trigger::Filter, event: &Event) -> Option<String> {
+fn untrusted(f: &trigger::Filter, event: &Event, workspace: WorkspaceKind) -> Option<String> {
     // A job's end: the job itself was admitted by these rules already.
     if event.source == "baton" {
         return None;
@@ -433,9 +433,16 @@ fn untrusted(f: &trigger::Filter, event: &Event) -> Option<String> {
     match event.head_in_repo {
         Some(true) => None,
         Some(false) => Some("head commit is from a fork (set filter.allow_forks = true to allow)".into()),
-        // A comment on a pull request does not say where its head lives; the
-        // commenter, whose association was checked above, asked for the job.
-        None if event.association.is_some() => None,
+        // A comment on a pull request does not say where its head lives, and
+        // baton had not seen the PR's own events (ingress fills it in when it
+        // has). The commenter, checked above, asked for the job; but running
+        // the head's code needs to know it is not a stranger's.
+        None if event.association.is_some() && workspace != WorkspaceKind::PrHead => None,
+        None if event.association.is_some() => Some(
+            "cannot tell whether the pull request's head is from a fork: baton has not seen this pull request's \
+             own events (it notes them when the PR opens or is pushed to); set filter.allow_forks = true to allow"
+                .into(),
+        ),
         None => {
             Some("cannot tell whether the head commit is from a fork (set filter.allow_forks = true to allow)".into())
         }

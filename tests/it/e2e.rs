@@ -542,6 +542,9 @@ async fn comments_on_fork_prs_need_allow_forks_and_run_only_the_head_they_saw() 
     std::fs::remove_file(w.path().join("triggers/investigate.toml")).unwrap();
     w.trigger("fix", &trigger(false));
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    // Before baton has seen the PR at all, it cannot tell: no job.
+    let (_, answer) = baton.deliver(SECRET, "issue_comment", "unseen-comment", &comment()).await;
+    assert!(answer["jobs"].as_array().unwrap().is_empty(), "an unseen PR's head ran: {answer}");
     let (status, answer) = baton.deliver(SECRET, "pull_request", "fork-pr", &pr(true)).await;
     assert_eq!(status, 202, "{answer}");
     let (_, answer) = baton.deliver(SECRET, "issue_comment", "fork-comment", &comment()).await;
