@@ -192,19 +192,21 @@ impl Invocation<'_> {
             }
         }
         cmd.envs(&self.agent.vars);
-        let mut cgroup_files = Vec::new();
         if let Some(j) = &jail {
             cmd.envs(j.env.iter().map(|(k, v)| (k, v)));
-            cgroup_files = j.cgroup_files();
-        }
-        // SAFETY: the closure only makes async-signal-safe calls (close_range,
-        // open, write, close) on memory prepared before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                // No descriptor of the daemon's reaches the agent, whoever opened it.
-                let _ = crate::harden::cloexec_from_3();
-                crate::sandbox::join_cgroups(&cgroup_files)
-            });
+            let cgroup_files = j.cgroup_files();
+            // SAFETY: the closure only makes async-signal-safe calls
+            // (close_range, open, write, close) on memory prepared before
+            // the fork. Only here: a pre_exec makes std fork rather than
+            // posix_spawn, which costs a busy daemon dearly per job. (The
+            // daemon marked what it inherited close-on-exec at start, and
+            // opens everything else so.)
+            unsafe {
+                cmd.pre_exec(move || {
+                    let _ = crate::harden::cloexec_from_3();
+                    crate::sandbox::join_cgroups(&cgroup_files)
+                });
+            }
         }
         let spawned = cmd.spawn();
         let mut child = match spawned {

@@ -347,12 +347,14 @@ impl Jail {
     pub fn close(self) -> (Option<LimitHit>, Vec<Blocked>) {
         self.stop.cancel();
         let hit = self.cgroup.as_ref().and_then(Cgroup::limit_hit);
-        if let Some(c) = self.cgroup {
-            c.remove();
-        }
         let socket = socket_path(&self.run_dir);
         let _ = std::fs::remove_file(&socket);
         let _ = remove_tree(&self.run_dir);
+        if let Some(c) = self.cgroup {
+            // The kernel may hold an emptied group busy for a moment after
+            // its last process is reaped; the job need not wait for that.
+            let _ = std::thread::Builder::new().name("baton-cgroup".into()).spawn(move || c.remove());
+        }
         (hit, self.refusals.list())
     }
 }
