@@ -770,6 +770,13 @@ impl Engine {
                 return failed("publish_failed", Some(0), why, false);
             }
         }
+        if staged.bytes > spec.output_options.max_push_bytes {
+            let why = format!(
+                "the agent's changes add up to {} bytes, over output.max_push_bytes ({}); nothing was pushed",
+                staged.bytes, spec.output_options.max_push_bytes
+            );
+            return failed("publish_failed", Some(0), why, false);
+        }
         if !spec.output_options.allow_workflow_changes {
             let workflows: Vec<&str> =
                 staged.paths.iter().filter(|p| is_workflow_path(p)).map(String::as_str).take(10).collect();

@@ -67,6 +67,8 @@ pub enum WorkspaceError {
 pub struct Staged {
     pub paths: Vec<String>,
     pub added: String,
+    /// The size of the changed files as they are now (deleted ones: 0).
+    pub bytes: u64,
 }
 
 /// A prepared workspace; hand it back to `release`.
@@ -469,7 +471,10 @@ impl Workspaces {
             .map(|l| &l[1..])
             .collect::<Vec<_>>()
             .join("\n");
-        Ok(Some(Staged { paths, added }))
+        // Links count as themselves, never as what they point at.
+        let bytes =
+            paths.iter().filter_map(|p| std::fs::symlink_metadata(prepared.path.join(p)).ok()).map(|m| m.len()).sum();
+        Ok(Some(Staged { paths, added, bytes }))
     }
 
     /// Commits what `stage` staged as `author`, on top of the prepared

@@ -359,7 +359,7 @@ impl RuleSet {
             }
         }
 
-        let workspace = match workspace_for(t.job.workspace, event) {
+        let workspace = match workspace_for(t.job.workspace, event, t.job.latest_head) {
             Ok(w) => w,
             Err(reason) => return reject("workspace", reason),
         };
@@ -455,7 +455,7 @@ pub const BATON_BRANCH_PREFIX: &str = "baton/";
 /// Events that carry no author association, only a head commit.
 const CHECK_EVENTS: &[&str] = &["check_run", "check_suite", "workflow_run", "workflow_job", "status"];
 
-fn workspace_for(kind: WorkspaceKind, event: &Event) -> Result<Workspace, String> {
+fn workspace_for(kind: WorkspaceKind, event: &Event, latest_head: bool) -> Result<Workspace, String> {
     match kind {
         WorkspaceKind::None => Ok(Workspace::None),
         WorkspaceKind::DefaultBranch => {
@@ -467,12 +467,17 @@ fn workspace_for(kind: WorkspaceKind, event: &Event) -> Result<Workspace, String
             Ok(Workspace::DefaultBranch { branch })
         }
         WorkspaceKind::PrHead => match (event.subject, event.subject_is_pull_request) {
-            (Some(number), true) => Ok(Workspace::PrHead {
-                number,
-                sha: event.head_sha.clone(),
-                base: event.base_branch.clone(),
-                pinned: event.head_pinned,
-            }),
+            (Some(number), true) => {
+                // Only what baton noted for a comment is unpinned by
+                // `latest_head`: a PR's own event names the commit it is about.
+                let unpin = latest_head && event.head_pinned;
+                Ok(Workspace::PrHead {
+                    number,
+                    sha: if unpin { None } else { event.head_sha.clone() },
+                    base: event.base_branch.clone(),
+                    pinned: event.head_pinned && !unpin,
+                })
+            }
             _ => Err("workspace pr-head: event is not about a pull request".into()),
         },
         WorkspaceKind::HeadSha => match &event.head_sha {

@@ -61,6 +61,10 @@ pub enum OutputKind {
     None,
 }
 
+/// What a `pull_request` output pushes, at most, by default (GitHub refuses
+/// files over 100 MB anyway).
+pub const DEFAULT_MAX_PUSH_BYTES: u64 = 50 << 20;
+
 /// How a trigger's result is published, beyond where it goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -76,6 +80,8 @@ pub struct OutputOptions {
     pub max_comments: u32,
     /// Pull requests one job may open, at most.
     pub max_pull_requests: u32,
+    /// A change whose changed files add up to more than this is not pushed.
+    pub max_push_bytes: u64,
     /// Whether a change may touch `.github/workflows/**` or
     /// `.github/actions/**` (a workflow pushed with a token that may write
     /// workflows runs with the repository's secrets).
@@ -92,6 +98,7 @@ impl Default for OutputOptions {
             allowed_paths: Vec::new(),
             max_comments: 3,
             max_pull_requests: 1,
+            max_push_bytes: DEFAULT_MAX_PUSH_BYTES,
             allow_workflow_changes: false,
         }
     }
@@ -143,6 +150,7 @@ struct JobFile {
     verify: Option<Spanned<Vec<String>>>,
     max_runs_per_hour: Option<u32>,
     priority: Option<Spanned<i64>>,
+    latest_head: Option<bool>,
     cooldown: Option<HumanDuration>,
     backoff: Option<HumanDuration>,
     concurrency: Option<Spanned<String>>,
@@ -162,6 +170,7 @@ struct OutputFile {
     max_comments: Option<u32>,
     max_pull_requests: Option<u32>,
     allow_workflow_changes: Option<bool>,
+    max_push_bytes: Option<u64>,
 }
 
 /// The `author_association` values trusted by default.
@@ -217,6 +226,9 @@ pub struct JobTemplate {
     pub max_runs_per_hour: Option<u32>,
     /// Higher runs first; first in, first out within a priority.
     pub priority: i8,
+    /// A comment's `pr-head` job runs whatever the PR's head is when it
+    /// starts, rather than the commit baton had noted (and failing if moved).
+    pub latest_head: bool,
     pub cooldown: Option<Duration>,
     pub backoff: Option<Duration>,
     pub has_concurrency: bool,
@@ -462,6 +474,7 @@ pub fn compile(
         max_comments: out.max_comments.unwrap_or(3),
         max_pull_requests: out.max_pull_requests.unwrap_or(1),
         allow_workflow_changes: out.allow_workflow_changes.unwrap_or(false),
+        max_push_bytes: out.max_push_bytes.unwrap_or(DEFAULT_MAX_PUSH_BYTES),
     };
     let priority = match &job.priority {
         Some(p) if !(-100..=100).contains(p.get_ref()) => {
@@ -530,6 +543,7 @@ pub fn compile(
             verify: job.verify.as_ref().map(|v| v.get_ref().clone()),
             max_runs_per_hour: job.max_runs_per_hour,
             priority,
+            latest_head: job.latest_head.unwrap_or(false),
             cooldown: job.cooldown.map(|c| c.0),
             backoff: job.backoff.map(|b| b.0),
             has_concurrency: job.concurrency.is_some(),

@@ -574,5 +574,13 @@ async fn comments_on_fork_prs_need_allow_forks_and_run_only_the_head_they_saw() 
     assert_eq!(job["state"], "failed", "{job}");
     assert!(job["error"].as_str().unwrap().contains(&format!("moved from {seen}")), "{job}");
     assert_eq!(job["attempts"], 1, "not retried");
+
+    // A trigger that opts into the latest head runs it instead.
+    drop(baton);
+    w.trigger("fix", &trigger(true).replace("[job]\n", "[job]\nlatest_head = true\n"));
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let (_, answer) = baton.deliver(SECRET, "issue_comment", "fork-comment-4", &comment()).await;
+    let id = answer["jobs"][0].as_str().expect("a job").to_string();
+    assert_eq!(baton.finished(&id).await["state"], "succeeded");
     let _ = base_sha;
 }

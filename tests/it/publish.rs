@@ -454,3 +454,23 @@ async fn titles_bodies_and_commit_messages_carry_no_secret() {
     assert!(!pr.to_string().contains(leaked), "{pr}");
     assert!(pr["title"].as_str().unwrap().contains("[redacted]"), "{pr}");
 }
+
+/// A change bigger than `output.max_push_bytes` is not pushed.
+#[tokio::test]
+async fn a_change_over_max_push_bytes_is_never_pushed() {
+    let fake = FakeGitHub::start().await;
+    let w = setup(
+        &fake,
+        "#!/bin/sh\nhead -c 5000 /dev/zero | tr '\\0' x > big.txt\necho done\n",
+        "issues.opened",
+        "[job]\nagent = \"script\"\nworkspace = \"default-branch\"\nprompt = \"x\"\n[output]\nkind = \"pull_request\"\nmax_push_bytes = 1000\n",
+        "token = \"env:GITHUB_TOKEN\"",
+    );
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver(&baton, "issues", "issues/opened.payload.json", "too-big").await;
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(job["error"].as_str().unwrap().contains("5000 bytes, over output.max_push_bytes (1000)"), "{job}");
+    let origin = w.path().join("remote/Codertocat/Hello-World.git");
+    assert_eq!(crate::harness::git(&origin, &["branch", "--list", "baton/*"]), "");
+}
