@@ -146,6 +146,21 @@ impl Driver {
     }
 }
 
+/// A daemon whose `investigate` trigger runs `agent` on opened issues; the
+/// agent may use the workdir's shared folder (for its gate file).
+fn start(w: &Workdir, agent: &std::path::Path) -> Baton {
+    w.config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.script]\ncommand = [\"{}\"]\n{}\n",
+        agent.display(),
+        w.shared_key()
+    ));
+    w.trigger(
+        "investigate",
+        "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"Investigate #{{ issue.number }}\"\n[output]\nkind = \"none\"\n",
+    );
+    Baton::start(w.path(), &[])
+}
+
 #[tokio::test]
 async fn the_dashboard_lists_a_delivered_job_and_follows_its_log_live() {
     let w = Workdir::new();
@@ -158,16 +173,7 @@ async fn the_dashboard_lists_a_delivered_job_and_follows_its_log_live() {
             gate.display()
         ),
     );
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.script]\ncommand = [\"{}\"]\n{}\n",
-        agent.display(),
-        w.shared_key()
-    ));
-    w.trigger(
-        "investigate",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"Investigate #{{ issue.number }}\"\n[output]\nkind = \"none\"\n",
-    );
-    let baton = Baton::start(w.path(), &[]);
+    let baton = start(&w, &agent);
     let (status, body) = baton.deliver(SECRET, "issues", "browser-1", &fixture("issues/opened.payload.json")).await;
     assert_eq!(status, 202, "{body}");
     let id = body["jobs"][0].as_str().unwrap().to_string();
@@ -204,16 +210,7 @@ async fn the_job_pages_cancel_and_retry_buttons_work() {
         "agent.sh",
         &format!("#!/bin/sh\necho started\nwhile [ ! -f {} ]; do sleep 0.1; done\necho finished\n", gate.display()),
     );
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.script]\ncommand = [\"{}\"]\n{}\n",
-        agent.display(),
-        w.shared_key()
-    ));
-    w.trigger(
-        "investigate",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
-    );
-    let baton = Baton::start(w.path(), &[]);
+    let baton = start(&w, &agent);
     let (status, body) =
         baton.deliver(SECRET, "issues", "browser-buttons", &fixture("issues/opened.payload.json")).await;
     assert_eq!(status, 202, "{body}");
