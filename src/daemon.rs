@@ -129,13 +129,20 @@ pub async fn serve(
     let engine_task = tokio::spawn(engine.clone().run(workers.clone()));
     let publisher_task = github
         .map(|gh| tokio::spawn(Publisher::new(store.clone(), gh, publish_wake, metrics.clone()).run(workers.clone())));
-    tokio::spawn(prune_deliveries(store.clone(), config.storage.delivery_retention, workers.clone()));
-    tokio::spawn(reload_triggers(config.clone(), rules.clone(), workers.clone()));
-    tokio::spawn(run_schedules(store.clone(), rules.clone(), wake.clone(), workers.clone()));
-    tokio::spawn(gc_mirrors(engine.clone(), config.storage.gc_interval, workers.clone()));
-    tokio::spawn(prune_jobs(store.clone(), config.storage.path.clone(), config.storage.job_retention, workers.clone()));
+    // Background loops, each stopped by `workers` and joined at shutdown.
+    let background = tokio_util::task::TaskTracker::new();
+    background.spawn(prune_deliveries(store.clone(), config.storage.delivery_retention, workers.clone()));
+    background.spawn(reload_triggers(config.clone(), rules.clone(), workers.clone()));
+    background.spawn(run_schedules(store.clone(), rules.clone(), wake.clone(), workers.clone()));
+    background.spawn(gc_mirrors(engine.clone(), config.storage.gc_interval, workers.clone()));
+    background.spawn(prune_jobs(
+        store.clone(),
+        config.storage.path.clone(),
+        config.storage.job_retention,
+        workers.clone(),
+    ));
     if let Some(c) = credentials.clone().filter(|c| c.is_app()) {
-        tokio::spawn(crate::catchup::run(c, store.clone(), workers.clone()));
+        background.spawn(crate::catchup::run(c, store.clone(), workers.clone()));
     }
 
     ready.store(true, Ordering::Release);
@@ -151,10 +158,19 @@ pub async fn serve(
     if let Some(t) = publisher_task {
         let _ = t.await;
     }
+    // A loop in the middle of its work (a mirror's gc, a prune batch)
+    // finishes it; one that does not within the bound is left behind.
+    background.close();
+    if tokio::time::timeout(BACKGROUND_GRACE, background.wait()).await.is_err() {
+        tracing::warn!("A background task did not stop in time; stopping without it.");
+    }
     store.flush().await?;
     tracing::info!("baton stopped.");
     result
 }
+
+/// How long shutdown waits for background loops to finish what they are doing.
+const BACKGROUND_GRACE: Duration = Duration::from_secs(10);
 
 /// The HTTP loop. Hand-rolled on hyper rather than `axum::serve` for the
 /// header read timeout: a client that trickles its headers (slowloris) is

@@ -1081,6 +1081,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn workflows_and_actions_are_what_needs_consent() {
+        for path in [".github/workflows/ci.yml", ".github/actions/setup/action.yml"] {
+            assert!(is_workflow_path(path), "{path}");
+        }
+        for path in [".github/CODEOWNERS", "docs/.github/workflows/x.yml", ".github/workflows"] {
+            assert!(!is_workflow_path(path), "{path}");
+        }
+    }
+
+    #[test]
     fn backoff_doubles_and_is_capped() {
         assert_eq!(backoff(DEFAULT_BACKOFF, 1), Duration::from_secs(10));
         assert_eq!(backoff(DEFAULT_BACKOFF, 2), Duration::from_secs(20));

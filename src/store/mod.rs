@@ -1320,6 +1320,25 @@ impl JobQuery {
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_approval_releases_a_held_job_only_for_the_text_it_was_held_with() {
+        let held = |text: Option<&str>| Pending {
+            delivery: "d".into(),
+            held_at: Utc::now(),
+            spec: JobSpec::default(),
+            text: text.map(str::to_string),
+        };
+        // (text when held, text now, `--edited`) → released?
+        let check = |then: Option<&str>, now: Option<&str>, edited: bool, expect: bool| {
+            assert_eq!(held(then).approvable(now, edited), expect, "{then:?} → {now:?}, --edited {edited}");
+        };
+        check(Some("a"), Some("a"), false, true);
+        check(Some("a"), Some("b"), false, false);
+        check(Some("a"), Some("b"), true, true);
+        check(None, Some("b"), false, true); // held before texts were kept
+        check(Some("a"), None, false, true); // the approval shows no text
+    }
+
     /// A store written before `queue_by_repo` existed gets the index built
     /// when it opens, so its queued jobs still run.
     #[tokio::test]
