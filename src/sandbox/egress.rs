@@ -158,6 +158,10 @@ impl Refusals {
     }
 }
 
+/// The init's report of a connection attempted around the proxy (never
+/// forwarded; an agent that sends it only miscounts its own run).
+pub const DIRECT_METHOD: &str = "BATON-DIRECT";
+
 /// A request head is at most this long; longer is refused.
 const MAX_HEAD: usize = 64 * 1024;
 
@@ -207,6 +211,13 @@ async fn handle(stream: UnixStream, rules: &[HostRule], refusals: &Refusals) {
         Ok(Ok(head)) => head,
         _ => return,
     };
+    if let Some(rest) = head.strip_prefix(DIRECT_METHOD.as_bytes()) {
+        let dest = String::from_utf8_lossy(rest);
+        if let Some(Ok((host, Some(port)))) = dest.split_whitespace().next().map(split_host_port) {
+            refusals.record(host.trim_start_matches('[').trim_end_matches(']'), port);
+        }
+        return;
+    }
     let target = match parse_head(&head) {
         Ok(t) => t,
         Err(why) => {

@@ -48,15 +48,36 @@ pub fn run(args: InitArgs) -> i32 {
         }
     };
     runtime.block_on(async move {
-        if let Some(socket) = args.proxy {
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(rest);
+        let mut watch = None;
+        if let Some(socket) = &args.proxy {
             match tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await {
                 Ok(listener) => {
-                    tokio::spawn(bridge(listener, socket));
+                    tokio::spawn(bridge(listener, socket.clone()));
                 }
                 Err(e) => eprintln!("baton sandbox-init: cannot listen for the egress proxy: {e}"),
             }
+            // Direct connections are watched (and reported to the proxy)
+            // where seccomp allows; without it they still fail, uncounted.
+            if super::watch::supported() {
+                if let Ok((ours, theirs)) = std::os::unix::net::UnixStream::pair() {
+                    let filter = super::watch::filter();
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+                    // SAFETY: `install` makes only async-signal-safe calls on
+                    // memory prepared before the fork. A failure is ignored:
+                    // the agent runs, unwatched.
+                    unsafe {
+                        cmd.pre_exec(move || {
+                            let _ = super::watch::install(&filter, fd);
+                            Ok(())
+                        });
+                    }
+                    watch = Some((ours, theirs, socket.clone()));
+                }
+            }
         }
-        let mut child = match tokio::process::Command::new(program).args(rest).spawn() {
+        let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
                 let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
@@ -64,6 +85,17 @@ pub fn run(args: InitArgs) -> i32 {
                 return code;
             }
         };
+        if let Some((ours, theirs, socket)) = watch {
+            // Ours is the only end left once the child has exec'd: the
+            // listener arrives, or end of file when the filter was refused.
+            drop(theirs);
+            if let Ok(listener) = super::watch::receive_fd(&std::os::fd::OwnedFd::from(ours)) {
+                let bridge = std::net::SocketAddr::from(([127, 0, 0, 1], args.port));
+                let _ = std::thread::Builder::new()
+                    .name("watch".into())
+                    .spawn(move || super::watch::serve(listener, bridge, |dest| report_direct(&socket, dest)));
+            }
+        }
         match child.wait().await {
             Ok(status) => {
                 use std::os::unix::process::ExitStatusExt as _;
@@ -72,6 +104,14 @@ pub fn run(args: InitArgs) -> i32 {
             Err(_) => 1,
         }
     })
+}
+
+/// Tells the run's proxy of a connection made around it (see `watch`).
+fn report_direct(socket: &std::path::Path, dest: std::net::SocketAddr) {
+    use std::io::Write as _;
+    if let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) {
+        let _ = write!(s, "{} {dest} HTTP/1.1\r\n\r\n", super::egress::DIRECT_METHOD);
+    }
 }
 
 /// Every connection to the loopback port becomes one to the proxy socket.

@@ -22,6 +22,7 @@
 pub mod cgroup;
 pub mod egress;
 pub mod init;
+pub mod watch;
 
 use std::ffi::{CString, OsString};
 use std::path::{Path, PathBuf};
