@@ -45,7 +45,7 @@ pub fn sandbox(config: &Config) -> Result<Option<Arc<crate::sandbox::Sandbox>>, 
         );
         return Ok(None);
     }
-    crate::sandbox::Sandbox::new(config.hidden_paths()).map(|s| Some(Arc::new(s)))
+    crate::sandbox::Sandbox::new(config.hidden_paths(), config.sandbox.caps).map(|s| Some(Arc::new(s)))
 }
 
 /// Runs the daemon on an already bound listener (tests bind port 0).

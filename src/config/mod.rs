@@ -53,6 +53,8 @@ pub struct Config {
 pub struct SandboxSettings {
     /// Whether agents run sandboxed; off only on purpose.
     pub enabled: bool,
+    /// How memory and process caps are enforced.
+    pub caps: crate::sandbox::CapsBy,
 }
 
 #[derive(Debug, Clone)]
@@ -252,6 +254,8 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawSandbox {
     enabled: Option<bool>,
+    #[serde(default)]
+    caps: crate::sandbox::CapsBy,
 }
 
 #[derive(Debug, Deserialize)]
@@ -562,7 +566,7 @@ impl Config {
             limits,
             agents,
             sources,
-            sandbox: SandboxSettings { enabled: sandboxed },
+            sandbox: SandboxSettings { enabled: sandboxed, caps: raw.sandbox.caps },
             secret_files,
             secret_vars,
         })

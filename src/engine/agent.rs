@@ -283,7 +283,14 @@ impl Invocation<'_> {
             Ending::Cancelled => "\n[baton] agent stopped: job cancelled\n".to_string(),
         };
         let (limit, egress_blocked) = match jail {
-            Some(j) => tokio::task::spawn_blocking(move || j.close()).await.unwrap_or_default(),
+            Some(j) => {
+                let by_init = match &ending {
+                    Ending::Exited(code) => j.limit_from_exit(*code),
+                    _ => None,
+                };
+                let (hit, blocked) = tokio::task::spawn_blocking(move || j.close()).await.unwrap_or_default();
+                (hit.or(by_init), blocked)
+            }
             None => (None, Vec::new()),
         };
         let mut note = note;

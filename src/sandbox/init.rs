@@ -16,9 +16,11 @@ pub struct InitArgs {
     pub proxy: Option<PathBuf>,
     /// Where the bridge listens on the sandbox's loopback.
     pub port: u16,
-    /// RLIMIT_NPROC, when no cgroup caps processes.
+    /// The process cap, when no cgroup enforces it: RLIMIT_NPROC (which
+    /// Linux does not apply to root), and the init's own count.
     pub max_processes: Option<u64>,
-    /// RLIMIT_DATA, when no cgroup caps memory.
+    /// The memory cap, when no cgroup enforces it: the init's own sum of the
+    /// sandbox's resident memory, with RLIMIT_DATA as a looser backstop.
     pub max_data: Option<u64>,
     pub argv: Vec<OsString>,
 }
@@ -34,7 +36,14 @@ pub fn run(args: InitArgs) -> i32 {
         limit(libc::RLIMIT_NPROC, n);
     }
     if let Some(n) = args.max_data {
-        limit(libc::RLIMIT_DATA, n);
+        // The backstop a single process cannot pass; the exact cap is the
+        // init's count across the tree (`caps`).
+        limit(libc::RLIMIT_DATA, n.saturating_mul(2).max(n.saturating_add(1 << 30)));
+    }
+    let hit = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+    if args.max_processes.is_some() || args.max_data.is_some() {
+        let (hit, procs, mem) = (hit.clone(), args.max_processes, args.max_data);
+        let _ = std::thread::Builder::new().name("caps".into()).spawn(move || caps(procs, mem, &hit));
     }
     let Some((program, rest)) = args.argv.split_first() else {
         eprintln!("baton sandbox-init: no command");
@@ -96,14 +105,62 @@ pub fn run(args: InitArgs) -> i32 {
                     .spawn(move || super::watch::serve(listener, bridge, |dest| report_direct(&socket, dest)));
             }
         }
-        match child.wait().await {
+        let code = match child.wait().await {
             Ok(status) => {
                 use std::os::unix::process::ExitStatusExt as _;
                 status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
             }
             Err(_) => 1,
+        };
+        match hit.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => code,
+            why => why,
         }
     })
+}
+
+/// The init's exit code when the run hit its memory cap (rlimit mode).
+pub const EXIT_MEMORY: i32 = 240;
+/// The init's exit code when the run hit its process cap (rlimit mode).
+pub const EXIT_PROCESSES: i32 = 241;
+
+/// Where no cgroup caps the run: counts its threads and resident memory
+/// every few milliseconds (this /proc is the sandbox's own: every process
+/// in it is the run's). At the process cap the run is marked (the kernel
+/// refuses the fork, except for root); past it, and past the memory cap,
+/// everything but the init is killed, as a cgroup's OOM killer would.
+fn caps(max_processes: Option<u64>, max_memory: Option<u64>, hit: &std::sync::atomic::AtomicI32) {
+    // SAFETY: sysconf with a constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    let me = std::process::id().to_string();
+    loop {
+        let (mut threads, mut resident) = (0u64, 0u64);
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+            threads += status.lines().find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok()).unwrap_or(1);
+            if pid != me {
+                let statm = std::fs::read_to_string(entry.path().join("statm")).unwrap_or_default();
+                resident += statm.split_whitespace().nth(1).and_then(|r| r.parse::<u64>().ok()).unwrap_or(0) * page;
+            }
+        }
+        let over = |cap: Option<u64>, n: u64| cap.is_some_and(|c| n > c);
+        if max_processes.is_some_and(|c| threads >= c) {
+            hit.store(EXIT_PROCESSES, std::sync::atomic::Ordering::SeqCst);
+        }
+        let mut kill = over(max_processes, threads);
+        if over(max_memory, resident) {
+            hit.store(EXIT_MEMORY, std::sync::atomic::Ordering::SeqCst);
+            kill = true;
+        }
+        if kill {
+            // SAFETY: kill(2) of every process this one may signal: in this
+            // PID namespace, all but itself and its pid 1.
+            unsafe { libc::kill(-1, libc::SIGKILL) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Tells the run's proxy of a connection made around it (see `watch`).

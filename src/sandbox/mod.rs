@@ -146,13 +146,27 @@ pub struct Sandbox {
     hidden: Vec<PathBuf>,
 }
 
+/// How a run's memory and process caps are enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CapsBy {
+    /// A cgroup where baton may make one, else rlimits.
+    #[default]
+    Auto,
+    /// rlimits and the init's own count, even where cgroups would do.
+    Rlimits,
+}
+
 impl Sandbox {
     /// Checks bubblewrap and finds where runs' cgroups go. `hidden` are
     /// baton's paths (storage, config, triggers, key files).
-    pub fn new(hidden: Vec<PathBuf>) -> Result<Sandbox, SandboxError> {
+    pub fn new(hidden: Vec<PathBuf>, caps: CapsBy) -> Result<Sandbox, SandboxError> {
         let bwrap = preflight()?;
         let init = std::env::current_exe()?;
-        let cgroups = Cgroups::detect();
+        let cgroups = match caps {
+            CapsBy::Auto => Cgroups::detect(),
+            CapsBy::Rlimits => Cgroups::Unavailable,
+        };
         cgroups.remove_leftovers();
         tracing::info!(bwrap = %bwrap.display(), limits = cgroups.describe(), "Agents run sandboxed.");
         let mut hidden: Vec<PathBuf> = hidden.into_iter().filter(|p| p.exists()).collect();
@@ -269,7 +283,17 @@ impl Sandbox {
                 env.push((name.to_string(), proxy.clone()));
             }
         }
-        Ok(Jail { program: self.bwrap.clone(), args: a.0, env, cgroup, refusals, stop, run_dir: run.run_dir.into() })
+        let rlimits = cgroup.is_none();
+        Ok(Jail {
+            program: self.bwrap.clone(),
+            args: a.0,
+            env,
+            cgroup,
+            rlimits,
+            refusals,
+            stop,
+            run_dir: run.run_dir.into(),
+        })
     }
 }
 
@@ -332,12 +356,23 @@ pub struct Jail {
     /// Variables set for the agent on top of its own.
     pub env: Vec<(String, String)>,
     cgroup: Option<Cgroup>,
+    /// Caps enforced by the init (its exit code says which was hit).
+    rlimits: bool,
     refusals: Refusals,
     stop: CancellationToken,
     run_dir: PathBuf,
 }
 
 impl Jail {
+    /// The cap a run in rlimit mode hit, from its exit code.
+    pub fn limit_from_exit(&self, code: Option<i32>) -> Option<LimitHit> {
+        match code {
+            Some(init::EXIT_MEMORY) if self.rlimits => Some(LimitHit::Memory),
+            Some(init::EXIT_PROCESSES) if self.rlimits => Some(LimitHit::Processes),
+            _ => None,
+        }
+    }
+
     /// The `cgroup.procs` files the child writes itself into before exec.
     pub fn cgroup_files(&self) -> Vec<CString> {
         self.cgroup.as_ref().map(Cgroup::procs_files).unwrap_or_default()

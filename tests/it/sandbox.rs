@@ -356,8 +356,16 @@ if (exec 3<>/dev/tcp/1.1.1.1/443) 2>/dev/null; then echo "RAW CONNECTED"; else e
     assert!(page.as_str().unwrap().contains(&format!("127.0.0.1:{denied} ×2")), "the dashboard shows the refusal");
 }
 
+/// With a cgroup (this machine's), and with the rlimits and the init's own
+/// count that stand in where baton may make none.
 #[tokio::test]
 async fn a_run_past_its_process_or_memory_cap_fails_with_that_reason() {
+    for caps in ["auto", "rlimits"] {
+        caps_hit(caps).await;
+    }
+}
+
+async fn caps_hit(caps: &str) {
     for (keys, body, reason) in [
         (
             "max_processes = 32",
@@ -371,11 +379,13 @@ async fn a_run_past_its_process_or_memory_cap_fails_with_that_reason() {
         ),
     ] {
         let scene = Scene::new(body, keys, "none", "");
+        let config = std::fs::read_to_string(scene.w.path().join("baton.toml")).unwrap();
+        scene.w.config(&format!("[sandbox]\ncaps = \"{caps}\"\n{config}"));
         let baton = scene.start();
         let id = open_issue(&baton, "sandbox-limits").await;
         let job = baton.finished(&id).await;
-        assert_eq!(job["state"], "failed", "{job}\n{}", scene.raw_log(&id));
-        assert!(job["error"].as_str().unwrap().contains(reason), "{job}");
+        assert_eq!(job["state"], "failed", "caps = {caps}: {job}\n{}", scene.raw_log(&id));
+        assert!(job["error"].as_str().unwrap().contains(reason), "caps = {caps}: {job}");
         assert_eq!(job["history"][0]["outcome"], "limit", "{job}");
     }
 }
