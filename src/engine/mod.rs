@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{format_duration, AgentDef, Config, PromptMode, ResultMode};
 use crate::rules::{JobSpec, OutputKind, RuleSet, SharedRules};
 use crate::store::{
-    Accepted, Delivery, Job, JobState, Phases, Publication, PublicationState, Purpose, QueueEntry, Store, StoreError,
-    Target, INTERRUPTED,
+    Accepted, Delivery, Job, JobState, Outcome, Phases, Publication, PublicationState, Purpose, QueueEntry, Store,
+    StoreError, Target,
 };
 use agent::{Ending, Invocation};
 use workspace::Workspaces;
@@ -89,8 +89,7 @@ enum AttemptEnd {
     Succeeded(String, Option<String>),
     Cancelled,
     Failed {
-        /// `exit`, `timeout`, `verify_failed`, `spawn_failed`, …
-        outcome: &'static str,
+        outcome: Outcome,
         exit_code: Option<i32>,
         error: String,
         /// Whether another attempt could help.
@@ -204,7 +203,7 @@ impl Engine {
     /// or fails it once interruptions or attempts run out.
     async fn put_back(&self, mut job: Job, why: &str) -> Result<(), StoreError> {
         let now = Utc::now();
-        job.end_attempt(INTERRUPTED, None, Some(why.to_string()), now);
+        job.end_attempt(Outcome::Interrupted, None, Some(why.to_string()), now);
         // Interruptions do not use up a job's attempts, but a job that keeps
         // being interrupted (say, it takes the machine down) must end.
         let publications = if job.interruptions() < MAX_INTERRUPTIONS && job.attempts_left() {
@@ -429,7 +428,7 @@ impl Engine {
             match end {
                 AttemptEnd::Succeeded(result, branch) => {
                     job.branch = branch;
-                    job.end_attempt("exit", Some(0), None, now);
+                    job.end_attempt(Outcome::Exit, Some(0), None, now);
                     job.end(JobState::Succeeded, Some(result), None, now);
                 }
                 AttemptEnd::Cancelled if self.stopping.load(std::sync::atomic::Ordering::SeqCst) => {
@@ -439,7 +438,7 @@ impl Engine {
                     return;
                 }
                 AttemptEnd::Cancelled => {
-                    job.end_attempt("cancelled", None, None, now);
+                    job.end_attempt(Outcome::Cancelled, None, None, now);
                     let by = self.superseded.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.id);
                     let why = match &by {
                         Some(by) => format!("cancelled: superseded by job {by}"),
@@ -549,11 +548,11 @@ impl Engine {
                 "chain depth limit reached: this job was started by {} job ends in a row, and limits.max_chain_depth is {limit}",
                 spec.chain_depth
             );
-            return failed("chain_limit", None, why, false);
+            return failed(Outcome::ChainLimit, None, why, false);
         }
         let Some(agent) = self.config.agents.get(&spec.agent) else {
             return failed(
-                "spawn_failed",
+                Outcome::SpawnFailed,
                 None,
                 format!("agent `{}` is not defined in the configuration", spec.agent),
                 false,
@@ -561,7 +560,7 @@ impl Engine {
         };
         let dir = self.job_dir(&job.id);
         if let Err(e) = tokio::fs::create_dir_all(&dir).await {
-            return failed("prepare_failed", None, format!("cannot create {}: {e}", dir.display()), true);
+            return failed(Outcome::PrepareFailed, None, format!("cannot create {}: {e}", dir.display()), true);
         }
         if self.sandbox.is_none() {
             self.log_line(&job.id, UNSANDBOXED_WARNING).await;
@@ -577,9 +576,11 @@ impl Engine {
             Ok(p) => p,
             // Another attempt would find the head moved all the same.
             Err(e @ workspace::WorkspaceError::HeadMoved { .. }) => {
-                return failed("prepare_failed", None, format!("preparing the workspace failed: {e}"), false)
+                return failed(Outcome::PrepareFailed, None, format!("preparing the workspace failed: {e}"), false)
             }
-            Err(e) => return failed("prepare_failed", None, format!("preparing the workspace failed: {e}"), true),
+            Err(e) => {
+                return failed(Outcome::PrepareFailed, None, format!("preparing the workspace failed: {e}"), true)
+            }
         };
         if let Some(commit) = &prepared.commit {
             let how = if prepared.recycled { " (a recycled worktree, reset)" } else { "" };
@@ -653,21 +654,21 @@ impl Engine {
         let _ = self.store.forget_agent(&job.id);
         let run = match run {
             Ok(r) => r,
-            Err(e) => return failed("spawn_failed", None, e.to_string(), false),
+            Err(e) => return failed(Outcome::SpawnFailed, None, e.to_string(), false),
         };
         report.egress_blocked.extend(run.egress_blocked.iter().cloned());
         if let Some(hit) = run.limit {
-            return failed("limit", run_code(&run), limit_message(&agent.name, hit, &agent.sandbox), false);
+            return failed(Outcome::Limit, run_code(&run), limit_message(&agent.name, hit, &agent.sandbox), false);
         }
         match run.ending {
             Ending::Cancelled => return AttemptEnd::Cancelled,
             Ending::TimedOut(d) => {
-                return failed("timeout", None, format!("timeout after {}", format_duration(d)), true)
+                return failed(Outcome::Timeout, None, format!("timeout after {}", format_duration(d)), true)
             }
             Ending::Exited(Some(0)) => {}
             Ending::Exited(code) => {
                 return failed(
-                    "exit",
+                    Outcome::Exit,
                     code,
                     format!("agent `{}` exited with {}; see the job log", agent.name, agent::describe_exit(code)),
                     true,
@@ -676,7 +677,7 @@ impl Engine {
         }
         let result = match inv.result(&run).await {
             Ok(r) => r,
-            Err(e) => return failed("exit", Some(0), format!("agent `{}` succeeded but {e}", agent.name), true),
+            Err(e) => return failed(Outcome::Exit, Some(0), format!("agent `{}` succeeded but {e}", agent.name), true),
         };
         if let Some(verify) = &spec.verify {
             self.log_line(&job.id, &format!("verifying with `{}`", verify.join(" "))).await;
@@ -710,11 +711,11 @@ impl Engine {
             if let Ok(r) = &outcome {
                 report.egress_blocked.extend(r.egress_blocked.iter().cloned());
                 if let Some(hit) = r.limit {
-                    return failed("limit", run_code(r), limit_message("verify", hit, &agent.sandbox), false);
+                    return failed(Outcome::Limit, run_code(r), limit_message("verify", hit, &agent.sandbox), false);
                 }
             }
             match outcome {
-                Err(e) => return failed("verify_failed", None, format!("verify could not run: {e}"), false),
+                Err(e) => return failed(Outcome::VerifyFailed, None, format!("verify could not run: {e}"), false),
                 Ok(r) => match r.ending {
                     Ending::Cancelled => return AttemptEnd::Cancelled,
                     Ending::Exited(Some(0)) => {}
@@ -725,7 +726,7 @@ impl Engine {
                             Ending::Cancelled => "cancelled".into(),
                         };
                         return AttemptEnd::Failed {
-                            outcome: "verify_failed",
+                            outcome: Outcome::VerifyFailed,
                             exit_code: Some(0),
                             error: format!("verification `{}` failed ({why})", verify.join(" ")),
                             retry: true,
@@ -749,7 +750,7 @@ impl Engine {
     async fn push_changes(&self, job: &Job, prepared: &workspace::Prepared, result: String) -> AttemptEnd {
         let spec = &job.spec;
         let Some(repo) = spec.repo.as_deref() else {
-            return failed("publish_failed", Some(0), "a pull_request output needs a repository".into(), false);
+            return failed(Outcome::PublishFailed, Some(0), "a pull_request output needs a repository".into(), false);
         };
         let staged = match self.workspaces.stage(prepared).await {
             Ok(Some(staged)) => staged,
@@ -757,7 +758,9 @@ impl Engine {
                 self.log_line(&job.id, "the agent changed nothing; no pull request").await;
                 return AttemptEnd::Succeeded(result, None);
             }
-            Err(e) => return failed("publish_failed", Some(0), format!("staging the changes failed: {e}"), false),
+            Err(e) => {
+                return failed(Outcome::PublishFailed, Some(0), format!("staging the changes failed: {e}"), false)
+            }
         };
         let allowed: Vec<glob::Pattern> =
             spec.output_options.allowed_paths.iter().filter_map(|g| glob::Pattern::new(g).ok()).collect();
@@ -767,7 +770,7 @@ impl Engine {
             if !outside.is_empty() {
                 let shown = outside.iter().take(10).copied().collect::<Vec<_>>().join(", ");
                 let why = format!("the agent changed files outside output.allowed_paths ({shown}); nothing was pushed");
-                return failed("publish_failed", Some(0), why, false);
+                return failed(Outcome::PublishFailed, Some(0), why, false);
             }
         }
         if staged.bytes > spec.output_options.max_push_bytes {
@@ -775,7 +778,7 @@ impl Engine {
                 "the agent's changes add up to {} bytes, over output.max_push_bytes ({}); nothing was pushed",
                 staged.bytes, spec.output_options.max_push_bytes
             );
-            return failed("publish_failed", Some(0), why, false);
+            return failed(Outcome::PublishFailed, Some(0), why, false);
         }
         if !spec.output_options.allow_workflow_changes {
             let workflows: Vec<&str> =
@@ -786,13 +789,13 @@ impl Engine {
                      output.allow_workflow_changes = true; nothing was pushed",
                     workflows.join(", ")
                 );
-                return failed("publish_failed", Some(0), why, false);
+                return failed(Outcome::PublishFailed, Some(0), why, false);
             }
         }
         if self.redactor.redact(&staged.added) != staged.added {
             let why =
                 "the agent's changes contain what looks like a secret (a token or private key); nothing was pushed";
-            return failed("publish_failed", Some(0), why.into(), false);
+            return failed(Outcome::PublishFailed, Some(0), why.into(), false);
         }
         let short = job.id.get(..8).unwrap_or(&job.id);
         let subject = spec.subject.map(|n| n.to_string()).unwrap_or_else(|| "run".into());
@@ -814,7 +817,7 @@ impl Engine {
                 self.log_line(&job.id, &format!("pushed {sha} to {branch}")).await;
                 AttemptEnd::Succeeded(result, Some(branch))
             }
-            Err(e) => failed("publish_failed", Some(0), format!("pushing the branch failed: {e}"), false),
+            Err(e) => failed(Outcome::PublishFailed, Some(0), format!("pushing the branch failed: {e}"), false),
         }
     }
 
@@ -1053,7 +1056,7 @@ fn limit_message(who: &str, hit: crate::sandbox::cgroup::LimitHit, profile: &cra
     }
 }
 
-fn failed(outcome: &'static str, exit_code: Option<i32>, error: String, retry: bool) -> AttemptEnd {
+fn failed(outcome: Outcome, exit_code: Option<i32>, error: String, retry: bool) -> AttemptEnd {
     AttemptEnd::Failed { outcome, exit_code, error, retry, feedback: None }
 }
 

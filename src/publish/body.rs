@@ -37,7 +37,7 @@ fn fit(main: String, footer: &str, job: &Job) -> String {
 
 /// Whether the job's last attempt ran out of time.
 fn timed_out(job: &Job) -> bool {
-    job.history.last().and_then(|a| a.outcome.as_deref()) == Some("timeout")
+    job.history.last().and_then(|a| a.outcome) == Some(crate::store::Outcome::Timeout)
 }
 
 /// The result of a finished job, or why there is none.

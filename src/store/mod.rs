@@ -22,8 +22,8 @@ use sled::Tree;
 use crate::rules::{JobSpec, OnConflict};
 pub use commit::Durability;
 pub use records::{
-    Approval, Attempt, Delivery, Job, JobState, Phases, Progress, Publication, PublicationState, PublicationSummary,
-    Purpose, Skipped, Target, INTERRUPTED,
+    Approval, Attempt, Delivery, Job, JobState, Outcome, Phases, Progress, Publication, PublicationState,
+    PublicationSummary, Purpose, Skipped, Target,
 };
 
 /// What went wrong in the store, with the path when it is about opening it.

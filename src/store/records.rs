@@ -97,8 +97,32 @@ impl fmt::Display for JobState {
     }
 }
 
-/// The outcome of an attempt cut short by a daemon restart.
-pub const INTERRUPTED: &str = "interrupted";
+/// How an attempt ended. Stored and shown as its snake_case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The agent exited (0 when the attempt succeeded).
+    Exit,
+    Timeout,
+    Cancelled,
+    /// Its `verify` command failed.
+    VerifyFailed,
+    /// The agent could not start (not installed, not defined, the sandbox).
+    SpawnFailed,
+    /// The workspace could not be made.
+    PrepareFailed,
+    /// Its changes could not be pushed (or were refused: paths, secrets, size).
+    PublishFailed,
+    /// Too many job ends in a row started it.
+    ChainLimit,
+    /// It ran into its sandbox's memory or process cap.
+    Limit,
+    /// A daemon restart (or a lapsed lease) cut it short.
+    Interrupted,
+    /// Written by a later version; kept rather than refused.
+    #[serde(other)]
+    Unknown,
+}
 
 /// One try at running a job's agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,9 +131,8 @@ pub struct Attempt {
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
     pub exit_code: Option<i32>,
-    /// Why it ended: `exit`, `timeout`, `cancelled`, `verify_failed`,
-    /// `spawn_failed`, `prepare_failed`, `interrupted` (daemon restart).
-    pub outcome: Option<String>,
+    /// Why it ended; `None` while it runs.
+    pub outcome: Option<Outcome>,
     pub error: Option<String>,
     /// Time spent in each phase, in milliseconds.
     #[serde(default)]
@@ -233,11 +256,11 @@ impl Job {
     }
 
     /// Closes the current attempt.
-    pub fn end_attempt(&mut self, outcome: &str, exit_code: Option<i32>, error: Option<String>, now: DateTime<Utc>) {
+    pub fn end_attempt(&mut self, outcome: Outcome, exit_code: Option<i32>, error: Option<String>, now: DateTime<Utc>) {
         if let Some(a) = self.history.last_mut().filter(|a| a.finished_at.is_none()) {
             a.finished_at = Some(now);
             a.exit_code = exit_code;
-            a.outcome = Some(outcome.to_string());
+            a.outcome = Some(outcome);
             a.error = error;
         }
     }
@@ -281,11 +304,11 @@ impl Job {
     /// Attempts that count against `attempts`: a daemon restart is not the
     /// job's fault, so an interrupted attempt does not use up the budget.
     pub fn counted_attempts(&self) -> u32 {
-        self.history.iter().filter(|a| a.outcome.as_deref() != Some(INTERRUPTED)).count() as u32
+        self.history.iter().filter(|a| a.outcome != Some(Outcome::Interrupted)).count() as u32
     }
 
     pub fn interruptions(&self) -> u32 {
-        self.history.iter().filter(|a| a.outcome.as_deref() == Some(INTERRUPTED)).count() as u32
+        self.history.iter().filter(|a| a.outcome == Some(Outcome::Interrupted)).count() as u32
     }
 
     pub fn attempts_left(&self) -> bool {
@@ -402,5 +425,25 @@ impl Publication {
             url: self.url.clone(),
             error: self.last_error.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_keep_the_names_the_api_has_always_shown() {
+        let check = |o: Outcome, name: &str| {
+            assert_eq!(serde_json::to_value(o).unwrap(), serde_json::json!(name));
+            assert_eq!(serde_json::from_value::<Outcome>(serde_json::json!(name)).unwrap(), o);
+        };
+        check(Outcome::Exit, "exit");
+        check(Outcome::VerifyFailed, "verify_failed");
+        check(Outcome::PrepareFailed, "prepare_failed");
+        check(Outcome::Interrupted, "interrupted");
+        check(Outcome::Limit, "limit");
+        // A record from a later version still reads.
+        assert_eq!(serde_json::from_value::<Outcome>(serde_json::json!("something_new")).unwrap(), Outcome::Unknown);
     }
 }

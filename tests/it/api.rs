@@ -216,13 +216,19 @@ async fn live_streams_are_capped_and_listings_are_paged() {
 /// background; a job still running is never pruned.
 #[tokio::test]
 async fn finished_jobs_are_pruned_after_their_retention_and_running_ones_never() {
-    let agent = "#!/bin/sh\nif [ \"$(cat)\" = slow ]; then sleep 8; fi\necho done\n";
+    // The slow job runs until the test lets it go.
     let w = Workdir::new();
-    let script = w.script("agent.sh", agent);
+    let gate = w.shared().join("go");
+    let agent = format!(
+        "#!/bin/sh\nif [ \"$(cat)\" = slow ]; then while [ ! -e {} ]; do sleep 0.1; done; fi\necho done\n",
+        gate.display()
+    );
+    let script = w.script("agent.sh", &agent);
     w.config(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\njob_retention = \"2s\"\n[github]\nwebhook_secret = \"{SECRET}\"\n\
-         [agents.script]\ncommand = [\"{}\"]\n",
-        script.display()
+         [agents.script]\ncommand = [\"{}\"]\n{}\n",
+        script.display(),
+        w.shared_key()
     ));
     w.trigger(
         "work",
@@ -245,4 +251,5 @@ async fn finished_jobs_are_pruned_after_their_retention_and_running_ones_never()
     assert!(!folder.exists(), "its folder went with it");
     assert_eq!(baton.job(&slow).await["state"], "running", "a running job is never pruned");
     assert!(baton.log_text().contains("Pruned finished jobs past their retention."));
+    std::fs::write(&gate, "").unwrap();
 }

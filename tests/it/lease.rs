@@ -85,7 +85,7 @@ async fn a_claim_whose_worker_is_gone_is_taken_back_when_its_lease_lapses() {
     let job = run_until_finished(&s, &id).await;
     assert_eq!(job.state.to_string(), "succeeded", "{job:?}");
     assert_eq!(job.history.len(), 2, "{job:?}");
-    assert_eq!(job.history[0].outcome.as_deref(), Some("interrupted"));
+    assert_eq!(job.history[0].outcome, Some(baton::store::Outcome::Interrupted));
     assert!(job.history[0].error.as_deref().is_some_and(|e| e.contains("lease expired")), "{job:?}");
     assert_eq!(runs(&s.runs), 1, "the agent ran once");
 }

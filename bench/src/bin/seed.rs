@@ -34,7 +34,7 @@ async fn main() {
     for e in entries {
         let mut job = store.claim(&e, std::time::Duration::from_secs(60)).await.expect("claim").expect("queued job");
         let now = chrono::Utc::now();
-        job.end_attempt("exit", Some(0), None, now);
+        job.end_attempt(baton::store::Outcome::Exit, Some(0), None, now);
         job.end(JobState::Succeeded, Some("The parser fails on empty input; see src/parse.rs:42.".into()), None, now);
         store.finish(&job, &[]).await.expect("finish");
         // A daemon sends each end through the rules (chaining) as it
