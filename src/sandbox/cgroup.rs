@@ -73,9 +73,15 @@ impl Cgroups {
         };
         for parent in parents {
             for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
-                if entry.file_name().to_string_lossy().starts_with("baton-run-") {
-                    let _ = std::fs::remove_dir(entry.path());
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(rest) = name.strip_prefix("baton-run-") else { continue };
+                // A live daemon's group may be empty for a moment (made,
+                // its child not yet in): only a dead daemon's go.
+                let owner = rest.split('-').next().unwrap_or_default();
+                if owner.parse::<u32>().is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists()) {
+                    continue;
                 }
+                let _ = std::fs::remove_dir(entry.path());
             }
         }
     }

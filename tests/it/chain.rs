@@ -145,7 +145,7 @@ async fn a_job_end_lost_to_a_crash_goes_through_the_rules_at_the_next_start() {
     assert_eq!(store.pending_ends().unwrap(), vec![job.id.clone()]);
     drop(store);
 
-    let store = Store::open(data.path()).unwrap();
+    let store = crate::harness::reopen_store(data.path()).await;
     let engine = |store: &Store| {
         Engine::new(
             store.clone(),

@@ -581,6 +581,7 @@ async fn comments_on_fork_prs_need_allow_forks_and_run_only_the_head_they_saw() 
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let (_, answer) = baton.deliver(SECRET, "issue_comment", "fork-comment-4", &comment()).await;
     let id = answer["jobs"][0].as_str().expect("a job").to_string();
-    assert_eq!(baton.finished(&id).await["state"], "succeeded");
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
     let _ = base_sha;
 }

@@ -329,3 +329,19 @@ pub fn processes_with_arg(arg: &str) -> Vec<i32> {
     }
     out
 }
+
+/// Opens a store just dropped: its writer and flusher threads let go of
+/// sled's file lock a moment after the last handle goes (bounded wait).
+pub async fn reopen_store(path: &std::path::Path) -> baton::store::Store {
+    let start = std::time::Instant::now();
+    loop {
+        match baton::store::Store::open(path) {
+            Ok(store) => return store,
+            Err(e) if start.elapsed() < WAIT => {
+                let _ = e;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("reopening the store: {e}"),
+        }
+    }
+}

@@ -41,7 +41,7 @@ async fn catch_up_across_a_restart_fires_once() {
 
     // The daemon is down from 01:30 to 05:10, then restarts on the same store.
     drop(store);
-    let store = Store::open(data.path()).unwrap();
+    let store = crate::harness::reopen_store(data.path()).await;
     let fired = tick(&store, &rules, at("2026-11-24T05:10:00Z")).await.unwrap();
     assert_eq!(fired.len(), 2, "missed slots collapse into one run per repository: {fired:?}");
     assert!(fired[0].ends_with(&at("2026-11-24T05:00:00Z").timestamp().to_string()), "{fired:?}");

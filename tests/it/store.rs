@@ -49,7 +49,7 @@ async fn concurrent_deliveries_share_flushes() {
     assert!(flushes < n as u64 / 2, "{n} concurrent deliveries took {flushes} flushes");
     drop(store);
     // Everything acknowledged is there after reopening.
-    let store = Store::open(dir.path()).unwrap();
+    let store = crate::harness::reopen_store(dir.path()).await;
     assert_eq!(store.job_count(), n);
 }
 
@@ -82,7 +82,7 @@ async fn the_same_delivery_sent_twice_at_once_is_stored_once() {
     }
     assert_eq!(new, n, "each delivery is new exactly once");
     drop(store);
-    let store = Store::open(dir.path()).unwrap();
+    let store = crate::harness::reopen_store(dir.path()).await;
     assert_eq!(store.job_count(), n);
 }
 
