@@ -394,13 +394,15 @@ impl Engine {
             return Ok(Some(job));
         }
         let token = self.running().get(id).map(|r| r.cancel.clone());
-        match token {
-            Some(t) => {
-                t.cancel();
-                self.store.job(id)
-            }
-            None => Ok(None),
+        let Some(token) = token else { return Ok(None) };
+        // A worker stays registered for a moment after its job's end is
+        // stored: that job is no longer running, whatever the map says.
+        let job = self.store.job(id)?;
+        if job.as_ref().is_none_or(|j| j.state.is_final()) {
+            return Ok(None);
         }
+        token.cancel();
+        Ok(job)
     }
 
     #[tracing::instrument(skip_all, fields(job = %job.id, trigger = %job.trigger))]
