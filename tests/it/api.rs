@@ -248,7 +248,8 @@ async fn finished_jobs_are_pruned_after_their_retention_and_running_ones_never()
         baton.get(&format!("/api/jobs/{quick}")).await.0 == 404
     })
     .await;
-    assert!(!folder.exists(), "its folder went with it");
+    // The record goes first, then the folder.
+    crate::harness::eventually("its folder to go with it", || !folder.exists()).await;
     assert_eq!(baton.job(&slow).await["state"], "running", "a running job is never pruned");
     assert!(baton.log_text().contains("Pruned finished jobs past their retention."));
     std::fs::write(&gate, "").unwrap();
