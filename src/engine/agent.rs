@@ -352,15 +352,12 @@ fn read_result_file(path: &Path) -> Result<String, String> {
 
 /// Where `program` is: a path (relative to `workdir`), or found on `path`.
 fn resolve_program(program: &str, path: &std::ffi::OsStr, workdir: &Path) -> Option<PathBuf> {
-    let runnable = |p: &Path| {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
+    use crate::sandbox::is_executable;
     if program.contains('/') {
         let p = workdir.join(program);
-        return runnable(&p).then_some(p);
+        return is_executable(&p).then_some(p);
     }
-    std::env::split_paths(path).map(|d| d.join(program)).find(|p| runnable(p))
+    std::env::split_paths(path).map(|d| d.join(program)).find(|p| is_executable(p))
 }
 
 pub fn describe_exit(code: Option<i32>) -> String {

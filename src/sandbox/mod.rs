@@ -113,7 +113,8 @@ pub fn find_bwrap() -> Option<PathBuf> {
     std::env::split_paths(&path).map(|d| d.join("bwrap")).find(|p| is_executable(p))
 }
 
-fn is_executable(p: &Path) -> bool {
+/// A file anyone may run (what `PATH` lookup accepts).
+pub fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }

@@ -68,16 +68,24 @@ pub unsafe fn install(filter: &[libc::sock_filter], to_init: i32) -> std::io::Re
     sent
 }
 
+/// A message of the one byte in `iov`, with `control` (its first
+/// `control_len` bytes) for the descriptor. Async-signal-safe.
+fn one_byte_message(iov: &mut libc::iovec, control: &mut [u8], control_len: usize) -> libc::msghdr {
+    // SAFETY: msghdr is plain data; all-zero is its empty value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control_len.min(control.len()) as _;
+    msg
+}
+
 /// Sends `fd` over the Unix socket `sock` (SCM_RIGHTS).
 unsafe fn send_fd(sock: i32, fd: i32) -> std::io::Result<()> {
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
     let mut space = [0u8; 64];
-    let mut msg: libc::msghdr = std::mem::zeroed();
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = space.as_mut_ptr().cast();
-    msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) as _;
+    let msg = one_byte_message(&mut iov, &mut space, libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) as usize);
     let cmsg = libc::CMSG_FIRSTHDR(&msg);
     (*cmsg).cmsg_level = libc::SOL_SOCKET;
     (*cmsg).cmsg_type = libc::SCM_RIGHTS;
@@ -97,11 +105,8 @@ pub fn receive_fd(sock: &OwnedFd) -> std::io::Result<OwnedFd> {
         let mut byte = [0u8; 1];
         let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
         let mut space = [0u8; 64];
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = space.as_mut_ptr().cast();
-        msg.msg_controllen = space.len() as _;
+        let len = space.len();
+        let mut msg = one_byte_message(&mut iov, &mut space, len);
         if libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) < 0 {
             return Err(std::io::Error::last_os_error());
         }

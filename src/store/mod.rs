@@ -264,12 +264,29 @@ pub struct PrHead {
     pub in_repo: Option<bool>,
 }
 
-/// `sha \n updated_at [\n repo|fork]` (a head noted before times were
-/// kept: no time).
-fn head_of(value: &[u8]) -> (&str, &str) {
-    let text = std::str::from_utf8(value).unwrap_or_default();
+/// A noted head as stored: `sha \n updated_at \n repo|fork|` (a head
+/// noted by an older version is the sha alone).
+fn encode_head(head: &PrHead, updated_at: &str) -> String {
+    let fork = match head.in_repo {
+        Some(true) => "repo",
+        Some(false) => "fork",
+        None => "",
+    };
+    format!("{}\n{updated_at}\n{fork}", head.sha)
+}
+
+/// The head and the `updated_at` it was noted at.
+fn decode_head(value: &[u8]) -> (PrHead, String) {
+    let text = String::from_utf8_lossy(value);
     let mut parts = text.split('\n');
-    (parts.next().unwrap_or_default(), parts.next().unwrap_or_default())
+    let sha = parts.next().unwrap_or_default().to_string();
+    let updated_at = parts.next().unwrap_or_default().to_string();
+    let in_repo = match parts.next() {
+        Some("repo") => Some(true),
+        Some("fork") => Some(false),
+        _ => None,
+    };
+    (PrHead { sha, in_repo }, updated_at)
 }
 
 /// Where a body fingerprint is kept in `deliveries`: apart from any
@@ -1160,15 +1177,10 @@ impl Store {
     /// time, which orders as text): only ever forward, so an older event
     /// arriving late cannot move the head back to a replaced commit.
     pub fn set_head(&self, repo: &str, number: u64, head: &PrHead, updated_at: &str) -> Result<(), StoreError> {
-        let fork = match head.in_repo {
-            Some(true) => "repo",
-            Some(false) => "fork",
-            None => "",
-        };
-        let value = format!("{}\n{updated_at}\n{fork}", head.sha);
+        let value = encode_head(head, updated_at);
         let key = subject_key(repo, number);
         self.heads.fetch_and_update(&key, |old| {
-            let newer = old.is_none_or(|o| head_of(o).1 <= updated_at);
+            let newer = old.is_none_or(|o| decode_head(o).1.as_str() <= updated_at);
             Some(if newer { value.as_bytes().to_vec() } else { old.unwrap_or_default().to_vec() })
         })?;
         Ok(())
@@ -1176,23 +1188,13 @@ impl Store {
 
     /// The head noted for a pull request.
     pub fn head(&self, repo: &str, number: u64) -> Result<Option<String>, StoreError> {
-        Ok(self.heads.get(subject_key(repo, number))?.map(|v| head_of(&v).0.to_string()))
+        Ok(self.pr_head(repo, number)?.map(|h| h.sha))
     }
 
     /// The head noted for a pull request, and whether it lives in the
     /// repository or a fork (when the event said).
     pub fn pr_head(&self, repo: &str, number: u64) -> Result<Option<PrHead>, StoreError> {
-        Ok(self.heads.get(subject_key(repo, number))?.map(|v| {
-            let text = String::from_utf8_lossy(&v);
-            let mut parts = text.split('\n');
-            let sha = parts.next().unwrap_or_default().to_string();
-            let in_repo = match parts.nth(1) {
-                Some("repo") => Some(true),
-                Some("fork") => Some(false),
-                _ => None,
-            };
-            PrHead { sha, in_repo }
-        }))
+        Ok(self.heads.get(subject_key(repo, number))?.map(|v| decode_head(&v).0))
     }
 
     /// Jobs held on an issue or PR for approval.
