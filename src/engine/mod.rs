@@ -1031,7 +1031,11 @@ pub fn job_dir(storage: &std::path::Path, id: &str) -> PathBuf {
 /// Workflows and composite actions: what a push must not change unless the
 /// trigger allows it.
 fn is_workflow_path(path: &str) -> bool {
-    path.starts_with(".github/workflows/") || path.starts_with(".github/actions/")
+    // The folders themselves too: a change that turns `.github` or one of
+    // them into a link would put other files where workflows are read.
+    matches!(path, ".github" | ".github/workflows" | ".github/actions")
+        || path.starts_with(".github/workflows/")
+        || path.starts_with(".github/actions/")
 }
 
 /// Logged on every job while `[sandbox] enabled = false`.
@@ -1090,7 +1094,11 @@ mod tests {
         for path in [".github/workflows/ci.yml", ".github/actions/setup/action.yml"] {
             assert!(is_workflow_path(path), "{path}");
         }
-        for path in [".github/CODEOWNERS", "docs/.github/workflows/x.yml", ".github/workflows"] {
+        // A link replacing one of the folders counts as a change to it.
+        for path in [".github", ".github/workflows", ".github/actions"] {
+            assert!(is_workflow_path(path), "{path}");
+        }
+        for path in [".github/CODEOWNERS", "docs/.github/workflows/x.yml", ".githubx"] {
             assert!(!is_workflow_path(path), "{path}");
         }
     }

@@ -474,3 +474,26 @@ async fn a_change_over_max_push_bytes_is_never_pushed() {
     let origin = w.path().join("remote/Codertocat/Hello-World.git");
     assert_eq!(crate::harness::git(&origin, &["branch", "--list", "baton/*"]), "");
 }
+
+/// A workflow slipped in through a link: `.github` made a link to a folder
+/// holding `workflows/evil.yml` is a workflow change like any other.
+#[tokio::test]
+async fn a_workflow_folder_replaced_by_a_link_needs_consent_too() {
+    let fake = FakeGitHub::start().await;
+    let agent = "#!/bin/sh\nmkdir -p docs/workflows\nprintf 'on: push\\njobs: {}\\n' > docs/workflows/evil.yml\n\
+                 ln -s docs .github\necho done\n";
+    let w = setup(
+        &fake,
+        agent,
+        "issues.opened",
+        "[job]\nagent = \"script\"\nworkspace = \"default-branch\"\nprompt = \"x\"\n[output]\nkind = \"pull_request\"\n",
+        "token = \"env:GITHUB_TOKEN\"",
+    );
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver(&baton, "issues", "issues/opened.payload.json", "link-workflow").await;
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(job["error"].as_str().unwrap().contains("allow_workflow_changes"), "{job}");
+    let origin = w.path().join("remote/Codertocat/Hello-World.git");
+    assert_eq!(crate::harness::git(&origin, &["branch", "--list", "baton/*"]), "");
+}
