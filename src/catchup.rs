@@ -35,7 +35,7 @@ pub async fn catch_up(credentials: &Credentials, store: &Store) -> Result<usize,
             .as_str()
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
             .is_some_and(|t| now - t.with_timezone(&Utc) < WINDOW);
-        if ok || !recent || store.delivery(guid).map_err(|e| e.to_string())?.is_some() {
+        if ok || !recent || store.delivery(guid).await.map_err(|e| e.to_string())?.is_some() {
             continue;
         }
         if !store.note_redelivery(guid).await.map_err(|e| e.to_string())? {

@@ -55,7 +55,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let sandbox = sandbox(&config)?;
-    let store = Store::open_with(&config.storage.path, config.storage.durability)?;
+    let store = Store::connect(&crate::store::Location::of(&config), &config.storage.path).await?;
     if config.github.webhook_secret.is_none() {
         config.github.webhook_secret = Some(generated_secret(&config.storage.path)?);
     }
@@ -126,6 +126,8 @@ pub async fn serve(
     }));
 
     let workers = CancellationToken::new();
+    // Another replica's new jobs and publications wake this one's workers.
+    let listening = store.listen(wake.clone(), publish_wake.clone(), workers.clone());
     let engine_task = tokio::spawn(engine.clone().run(workers.clone()));
     let publisher_task = github
         .map(|gh| tokio::spawn(Publisher::new(store.clone(), gh, publish_wake, metrics.clone()).run(workers.clone())));
@@ -163,6 +165,9 @@ pub async fn serve(
     background.close();
     if tokio::time::timeout(BACKGROUND_GRACE, background.wait()).await.is_err() {
         tracing::warn!("A background task did not stop in time; stopping without it.");
+    }
+    if let Some(l) = listening {
+        let _ = l.await;
     }
     store.flush().await?;
     tracing::info!("baton stopped.");

@@ -10,6 +10,7 @@ pub mod catchup;
 pub mod config;
 pub mod daemon;
 pub mod diag;
+pub mod domain;
 pub mod engine;
 pub mod event;
 pub mod harden;

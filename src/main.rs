@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use baton::config::Config;
 use baton::diag::Diagnostic;
 use baton::rules::{RuleSet, Verdict};
+use baton::store::Store;
 
 #[derive(Parser)]
 #[command(name = "baton", version, about = "Event-triggered automation daemon for coding agents")]
@@ -40,6 +41,14 @@ enum Command {
     Check {
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Apply the PostgreSQL schema (`[storage] backend = "postgres"`), or print it.
+    Migrate {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the schema's SQL instead of applying it.
+        #[arg(long)]
+        print: bool,
     },
     /// Show which triggers match a payload, and the prompt each would get.
     Simulate {
@@ -185,7 +194,8 @@ async fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Serve { config } => serve(load_config(config.as_deref())?).await,
         Command::SandboxInit { .. } => Ok(ExitCode::FAILURE),
-        Command::Check { config } => Ok(check(config.as_deref())),
+        Command::Check { config } => Ok(check(config.as_deref()).await),
+        Command::Migrate { config, print } => migrate(config.as_deref(), print).await,
         Command::Simulate { event, payload, config, run } => simulate(&event, &payload, config.as_deref(), run).await,
         Command::Deliver { url, secret, event, delivery, file } => {
             deliver(&url, &secret, &event, delivery, &file).await
@@ -222,7 +232,22 @@ async fn serve(config: Config) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn check(path: Option<&Path>) -> ExitCode {
+/// `baton migrate`: the schema a PostgreSQL store needs, printed or applied.
+async fn migrate(path: Option<&Path>, print: bool) -> Result<ExitCode> {
+    if print {
+        print!("{}", baton::store::SCHEMA);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let config = load_config(path)?;
+    if config.storage.backend != baton::config::Backend::Postgres {
+        anyhow::bail!("[storage] backend is not \"postgres\": sled needs no migration");
+    }
+    Store::connect(&baton::store::Location::of(&config), &config.storage.path).await?;
+    println!("ok: the database schema is up to date");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn check(path: Option<&Path>) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(errors) => {
@@ -240,7 +265,18 @@ fn check(path: Option<&Path>) -> ExitCode {
     if let Err(e) = &sandbox {
         println!("{}: {e}", config.file.as_deref().unwrap_or(Path::new("<built-in defaults>")).display());
     }
-    if errors.is_empty() && sandbox.is_ok() {
+    // A database that cannot be reached is reported here, not at the first
+    // delivery.
+    let database = match config.storage.backend {
+        baton::config::Backend::Postgres => {
+            Store::connect(&baton::store::Location::of(&config), &config.storage.path).await.map(|_| ())
+        }
+        baton::config::Backend::Sled => Ok(()),
+    };
+    if let Err(e) = &database {
+        println!("{}: storage: {e}", config.file.as_deref().unwrap_or(Path::new("<built-in defaults>")).display());
+    }
+    if errors.is_empty() && sandbox.is_ok() && database.is_ok() {
         println!("ok: {} trigger(s) in {}", rules.triggers().len(), config.triggers_dir.display());
         ExitCode::SUCCESS
     } else {

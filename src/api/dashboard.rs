@@ -62,9 +62,8 @@ pub async fn jobs_page(State(s): State<Api>, Query(q): Query<HashMap<String, Str
         limit: 200,
         ..Default::default()
     };
-    let store = s.store.clone();
-    let jobs = match tokio::task::spawn_blocking(move || store.list_jobs(&query)).await {
-        Ok(Ok(jobs)) => jobs,
+    let jobs = match s.store.list_jobs(&query).await {
+        Ok(jobs) => jobs,
         _ => return (StatusCode::INTERNAL_SERVER_ERROR, "the jobs could not be read").into_response(),
     };
     let jobs: Vec<Value> = jobs.iter().map(view).collect();
@@ -72,7 +71,7 @@ pub async fn jobs_page(State(s): State<Api>, Query(q): Query<HashMap<String, Str
 }
 
 pub async fn job_page(State(s): State<Api>, Path(id): Path<String>) -> Response {
-    match s.store.job(&id) {
+    match s.store.job(&id).await {
         Ok(Some(job)) => render("job.html", context! { job => view(&job) }),
         Ok(None) => (StatusCode::NOT_FOUND, Html(format!("<p>No job {}.</p>", html_escape(&id)))).into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "the job could not be read").into_response(),

@@ -73,6 +73,10 @@ fn store_error(e: StoreError) -> Response {
     match e {
         StoreError::NoSuchJob(id) => error(StatusCode::NOT_FOUND, format!("job {id} not found")),
         StoreError::WrongState { .. } => error(StatusCode::CONFLICT, e.to_string()),
+        other if other.is_unavailable() => {
+            tracing::error!(error = %other, "Store unavailable in the API.");
+            error(StatusCode::SERVICE_UNAVAILABLE, "the store is unavailable; retry shortly")
+        }
         other => {
             tracing::error!(error = %other, "Store error in the API.");
             error(StatusCode::INTERNAL_SERVER_ERROR, "store error; see the daemon log")
@@ -114,9 +118,8 @@ async fn readyz(State(s): State<Api>) -> Response {
 }
 
 async fn metrics(State(s): State<Api>) -> Response {
-    let store = s.store.clone();
-    let counts = tokio::task::spawn_blocking(move || (store.queued().count(), store.size_on_disk())).await;
-    let (queued, bytes) = counts.unwrap_or((0, 0));
+    let queued = s.store.queued().await.map(|q| q.len()).unwrap_or(0);
+    let bytes = s.store.size_on_disk();
     let text = s.metrics.render(queued, s.engine.running_count(), bytes);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
@@ -147,20 +150,18 @@ async fn list_jobs(State(s): State<Api>, Query(q): Query<HashMap<String, String>
         limit,
         before,
     };
-    let store = s.store.clone();
-    match tokio::task::spawn_blocking(move || store.list_jobs(&query)).await {
-        Ok(Ok(jobs)) => {
+    match s.store.list_jobs(&query).await {
+        Ok(jobs) => {
             // A full page may have more behind it: `next` resumes after its last job.
             let next = (jobs.len() == limit).then(|| jobs.last().map(|j| j.seq.to_string())).flatten();
             Json(json!({ "jobs": jobs, "next": next })).into_response()
         }
-        Ok(Err(e)) => store_error(e),
-        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "listing jobs failed"),
+        Err(e) => store_error(e),
     }
 }
 
 async fn show_job(State(s): State<Api>, Path(id): Path<String>) -> Response {
-    match s.store.job(&id) {
+    match s.store.job(&id).await {
         Ok(Some(job)) => Json(job).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("job {id} not found")),
         Err(e) => store_error(e),
@@ -168,7 +169,7 @@ async fn show_job(State(s): State<Api>, Path(id): Path<String>) -> Response {
 }
 
 async fn job_log(State(s): State<Api>, Path(id): Path<String>, headers: axum::http::HeaderMap) -> Response {
-    match s.store.job(&id) {
+    match s.store.job(&id).await {
         Ok(Some(_)) => {}
         Ok(None) => return error(StatusCode::NOT_FOUND, format!("job {id} not found")),
         Err(e) => return store_error(e),
@@ -179,7 +180,7 @@ async fn job_log(State(s): State<Api>, Path(id): Path<String>, headers: axum::ht
         return log_events(s, id);
     }
     let path = s.engine.job_dir(&id).join("log");
-    let text = tokio::fs::read(&path).await.unwrap_or_default();
+    let text = log_from(&s, &id, &path, 0, false).await;
     // The log is the agent's raw output; what leaves the daemon is scrubbed.
     let text = s.engine.redact(&String::from_utf8_lossy(&text));
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
@@ -216,10 +217,10 @@ fn log_events(s: Api, id: String) -> Response {
             return None;
         }
         loop {
-            let state = f.s.store.job(&f.id).ok().flatten().map(|j| j.state);
+            let state = f.s.store.job(&f.id).await.ok().flatten().map(|j| j.state);
             let ended = state.is_none_or(|st| st.is_final());
             // Whole lines while the job runs; everything once it has ended.
-            let text = read_from(&f.path, f.offset, !ended).await;
+            let text = log_from(&f.s, &f.id, &f.path, f.offset, !ended).await;
             if !text.is_empty() {
                 f.offset += text.len() as u64;
                 let text = f.s.engine.redact(&String::from_utf8_lossy(&text));
@@ -247,6 +248,20 @@ fn log_events(s: Api, id: String) -> Response {
         .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "log stream failed"))
 }
 
+/// A job's log from `offset`: this replica's file when it ran the job here,
+/// else what the replica that runs it shipped to the store.
+async fn log_from(s: &Api, id: &str, path: &std::path::Path, offset: u64, whole_lines: bool) -> Vec<u8> {
+    if tokio::fs::try_exists(path).await.unwrap_or(false) {
+        return read_from(path, offset, whole_lines).await;
+    }
+    let mut buf = s.store.read_log(id, offset).await.ok().flatten().unwrap_or_default();
+    if whole_lines {
+        let end = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        buf.truncate(end);
+    }
+    buf
+}
+
 /// The bytes of `path` from `offset`: up to the last newline when
 /// `whole_lines`, else all of them.
 async fn read_from(path: &std::path::Path, offset: u64, whole_lines: bool) -> Vec<u8> {
@@ -269,7 +284,7 @@ async fn read_from(path: &std::path::Path, offset: u64, whole_lines: bool) -> Ve
 async fn cancel_job(State(s): State<Api>, Path(id): Path<String>) -> Response {
     match s.engine.cancel(&id).await {
         Ok(Some(job)) => Json(job).into_response(),
-        Ok(None) => match s.store.job(&id) {
+        Ok(None) => match s.store.job(&id).await {
             Ok(Some(job)) => error(StatusCode::CONFLICT, format!("job {id} is {}, not queued or running", job.state)),
             Ok(None) => error(StatusCode::NOT_FOUND, format!("job {id} not found")),
             Err(e) => store_error(e),

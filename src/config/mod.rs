@@ -19,7 +19,6 @@ use toml::Spanned;
 mod agents;
 
 use crate::diag::Diagnostic;
-pub use crate::store::Durability;
 use agents::{merge_agent, RawAgent};
 pub use agents::{presets, AgentDef, Preset, PromptMode, ResultMode};
 
@@ -92,6 +91,37 @@ pub struct Storage {
     pub gc_interval: Duration,
     /// Finished jobs, their folders and logs are pruned after this.
     pub job_retention: Duration,
+    /// The database: sled in `path` (one replica), or PostgreSQL.
+    pub backend: Backend,
+    /// PostgreSQL's URL (a secret: it may carry a password).
+    pub url: Option<Secret>,
+    /// The PostgreSQL schema baton's tables live in (created if missing).
+    pub schema: Option<String>,
+    /// This replica's name in the database: what it runs and sends is
+    /// marked with it. Default: the host name and the storage folder.
+    pub replica: String,
+}
+
+/// What "durable" means for an acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// fsync before anything is acknowledged (the default).
+    #[default]
+    Fsync,
+    /// Leave writing back to the operating system: faster, but an
+    /// acknowledged delivery can be lost if the machine (not just baton)
+    /// crashes. Unsafe; for throwaway setups only.
+    Os,
+}
+
+/// `[storage] backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Sled,
+    Postgres,
 }
 
 /// A generic webhook source: `POST /webhooks/NAME`.
@@ -127,6 +157,10 @@ pub struct Limits {
     pub max_parallel_per_repo: usize,
     /// How many job ends in a row may start jobs (investigate → fix → review).
     pub max_chain_depth: u32,
+    /// How long a claim on a running job holds unless its worker renews it
+    /// (every third of it): a replica that dies has its jobs taken back by
+    /// the others this long after.
+    pub job_lease: Duration,
 }
 
 /// A secret value. Its only accessor says what it does; `Debug` never shows it.
@@ -293,6 +327,10 @@ struct RawStorage {
     worktree_pool: Option<usize>,
     gc_interval: Option<HumanDuration>,
     job_retention: Option<HumanDuration>,
+    backend: Option<Spanned<Backend>>,
+    url: Option<Spanned<String>>,
+    schema: Option<String>,
+    replica: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -313,6 +351,7 @@ struct RawLimits {
     max_parallel_jobs: Option<Spanned<usize>>,
     max_parallel_per_repo: Option<Spanned<usize>>,
     max_chain_depth: Option<u32>,
+    job_lease: Option<HumanDuration>,
 }
 
 impl Config {
@@ -395,6 +434,14 @@ impl Config {
         let webhook_secret = secret(&raw.github.webhook_secret, Some("GITHUB_WEBHOOK_SECRET"));
         let token = secret(&raw.github.token, Some("GITHUB_TOKEN"));
         let private_key = secret(&raw.github.private_key, None);
+        let database_url = secret(&raw.storage.url, None);
+        let backend = raw.storage.backend.as_ref().map(|b| *b.get_ref()).unwrap_or_default();
+        if let (Backend::Postgres, None, Some(b)) = (backend, &raw.storage.url, &raw.storage.backend) {
+            errors.push(at(
+                b.span(),
+                "storage.backend = \"postgres\" needs storage.url, e.g. url = \"env:DATABASE_URL\"".to_string(),
+            ));
+        }
 
         let url = |field: &Option<Spanned<String>>, default: &str, errors: &mut Vec<Diagnostic>| -> String {
             match field {
@@ -437,6 +484,7 @@ impl Config {
             max_parallel_jobs: positive(&raw.limits.max_parallel_jobs, 4, &mut errors),
             max_parallel_per_repo: positive(&raw.limits.max_parallel_per_repo, 2, &mut errors),
             max_chain_depth: raw.limits.max_chain_depth.unwrap_or(3),
+            job_lease: raw.limits.job_lease.map(|d| d.0).filter(|d| !d.is_zero()).unwrap_or(Duration::from_secs(60)),
         };
 
         let sandboxed = raw.sandbox.enabled.unwrap_or(true);
@@ -543,7 +591,6 @@ impl Config {
                 public_url,
             },
             storage: Storage {
-                path: storage,
                 durability: raw.storage.durability,
                 delivery_retention: raw
                     .storage
@@ -553,6 +600,11 @@ impl Config {
                 worktree_pool: raw.storage.worktree_pool.unwrap_or(4),
                 gc_interval: raw.storage.gc_interval.map(|d| d.0).unwrap_or(Duration::from_secs(24 * 3600)),
                 job_retention: raw.storage.job_retention.map(|d| d.0).unwrap_or(Duration::from_secs(30 * 24 * 3600)),
+                replica: raw.storage.replica.clone().unwrap_or_else(|| default_replica(&storage)),
+                path: storage,
+                backend,
+                url: database_url,
+                schema: raw.storage.schema.clone(),
             },
             github: Github {
                 api_url,
@@ -606,6 +658,22 @@ fn absolute(cwd: &Path, p: &Path) -> PathBuf {
     } else {
         cwd.join(p)
     }
+}
+
+/// A replica's default name: this host, and a hash of its storage folder
+/// (two replicas on one host keep apart; a restart keeps its name).
+fn default_replica(storage: &Path) -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
+    let host = if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "baton".to_string()
+    };
+    use sha2::Digest as _;
+    let hash = sha2::Sha256::digest(storage.to_string_lossy().as_bytes());
+    format!("{host}-{}", hex::encode(&hash[..4]))
 }
 
 /// `env:NAME` reads a variable, `file:PATH` a file (relative to the config's

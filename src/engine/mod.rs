@@ -8,10 +8,9 @@
 //! The engine never talks to GitHub: publishing is the outbox's job.
 
 pub mod agent;
-pub mod chain;
 pub mod workspace;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,19 +20,18 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{format_duration, AgentDef, Config, PromptMode, ResultMode};
+use crate::domain::Limits;
 use crate::rules::{JobSpec, OutputKind, RuleSet, SharedRules};
-use crate::store::{
-    Accepted, Delivery, Job, JobState, Outcome, Phases, Publication, PublicationState, Purpose, QueueEntry, Store,
-    StoreError, Target,
-};
+use crate::store::{Accepted, Delivery, Job, JobState, Outcome, Phases, Store, StoreError};
 use agent::{Ending, Invocation};
 use workspace::Workspaces;
 
-/// A job interrupted by this many daemon restarts fails.
-const MAX_INTERRUPTIONS: u32 = 3;
+/// How often a running job's new log lines go to a shared store.
+const LOG_SHIP_EVERY: Duration = Duration::from_millis(500);
 
-/// A claimed job's lease; its worker renews it every third of this.
-const DEFAULT_LEASE: Duration = Duration::from_secs(60);
+/// Who asked for a cancel made through the store (the API, on a replica
+/// other than the one running the job).
+const CANCEL_ASKED: &str = "api";
 
 /// How much of a failed verification's output the next prompt carries.
 const FEEDBACK_BYTES: usize = 4000;
@@ -49,7 +47,8 @@ pub struct Engine {
     wake: Arc<Notify>,
     /// Woken when a publication is written to the outbox.
     publish_wake: Arc<Notify>,
-    publishing: bool,
+    /// What a job's start and end put on GitHub.
+    planner: crate::publish::plan::Planner,
     /// Running jobs by id.
     running: Mutex<HashMap<String, RunningJob>>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -77,8 +76,6 @@ struct Report {
 /// What the dispatcher knows of a running job.
 struct RunningJob {
     cancel: CancellationToken,
-    repo: Option<String>,
-    agent: String,
     /// Its worker, for the lease reaper to abort.
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -111,6 +108,12 @@ impl Engine {
     ) -> Engine {
         let publishing = credentials.is_some();
         Engine {
+            planner: crate::publish::plan::Planner {
+                publishing,
+                public_url: config.server.public_url.clone(),
+                redactor: crate::publish::redact::Redactor::new(config.secrets()),
+            },
+            lease: config.limits.job_lease,
             metrics,
             redactor: crate::publish::redact::Redactor::new(config.secrets()),
             rules,
@@ -124,11 +127,9 @@ impl Engine {
             config,
             wake,
             publish_wake,
-            publishing,
             running: Mutex::new(HashMap::new()),
             superseded: Mutex::new(HashMap::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
-            lease: DEFAULT_LEASE,
             sandbox: None,
         }
     }
@@ -173,22 +174,22 @@ impl Engine {
     pub async fn recover(&self) -> Result<usize, StoreError> {
         // Agents a dead daemon left running go first: a requeued job must
         // never run beside its old self.
-        for (job, process) in self.store.agents::<agent::ProcessIdentity>()? {
+        for (job, process) in self.store.agents::<agent::ProcessIdentity>().await? {
             if process.kill_leftover() {
                 tracing::warn!(job = %job, pgid = process.pgid, "Killed an agent left running by a previous daemon.");
             }
-            self.store.forget_agent(&job)?;
+            self.store.forget_agent(&job).await?;
         }
-        let stale = self.store.running()?;
+        let stale = self.store.running().await?;
         for job in stale.iter().cloned() {
             self.put_back(job, "daemon restarted").await?;
         }
         // Ends that a crash kept from going through the rules (their
         // delivery ids make a second pass harmless).
-        for id in self.store.pending_ends()? {
-            match self.store.job(&id)? {
+        for id in self.store.pending_ends().await? {
+            match self.store.job(&id).await? {
                 Some(job) => self.emit_end(&job).await,
-                None => self.store.end_handled(&id)?,
+                None => self.store.end_handled(&id).await?,
             }
         }
         let worktrees = self.config.storage.path.join("worktrees");
@@ -201,19 +202,9 @@ impl Engine {
 
     /// Ends a running job's attempt as interrupted (`why`) and requeues it,
     /// or fails it once interruptions or attempts run out.
-    async fn put_back(&self, mut job: Job, why: &str) -> Result<(), StoreError> {
-        let now = Utc::now();
-        job.end_attempt(Outcome::Interrupted, None, Some(why.to_string()), now);
-        // Interruptions do not use up a job's attempts, but a job that keeps
-        // being interrupted (say, it takes the machine down) must end.
-        let publications = if job.interruptions() < MAX_INTERRUPTIONS && job.attempts_left() {
-            job.state = JobState::Queued;
-            Vec::new()
-        } else {
-            let why = format!("interrupted {} times (last: {why})", job.interruptions());
-            job.end(JobState::Failed, None, Some(why), now);
-            self.publications_for(&job)
-        };
+    async fn put_back(&self, job: Job, why: &str) -> Result<(), StoreError> {
+        let job = crate::domain::dispatch::interrupt(&job, why, Utc::now());
+        let publications = self.planner.at_end(&job);
         tracing::warn!(job = %job.id, state = %job.state, why, "Interrupted job put back.");
         self.store.finish(&job, &publications).await
     }
@@ -230,9 +221,44 @@ impl Engine {
         every.tick().await;
         loop {
             every.tick().await;
-            if let Err(e) = self.store.renew_lease(id, self.lease) {
+            if let Err(e) = self.store.renew_lease(id, self.lease).await {
                 tracing::warn!(job = %id, error = %e, "Renewing a job's lease failed; will retry.");
             }
+        }
+    }
+
+    /// Ships a running job's log to the store in batches, for the API of
+    /// every replica; never returns.
+    async fn ship_log(&self, id: &str, shipped: &std::sync::atomic::AtomicU64) {
+        if !self.store.ships_logs() {
+            return std::future::pending().await;
+        }
+        let mut every = tokio::time::interval(LOG_SHIP_EVERY);
+        loop {
+            every.tick().await;
+            self.ship_log_once(id, shipped).await;
+        }
+    }
+
+    /// Ships what the job's log gained since `shipped`.
+    async fn ship_log_once(&self, id: &str, shipped: &std::sync::atomic::AtomicU64) {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        if !self.store.ships_logs() {
+            return;
+        }
+        let from = shipped.load(Ordering::Acquire);
+        let Ok(mut file) = tokio::fs::File::open(self.job_dir(id).join("log")).await else { return };
+        let mut buf = Vec::new();
+        if file.seek(std::io::SeekFrom::Start(from)).await.is_err() || file.read_to_end(&mut buf).await.is_err() {
+            return;
+        }
+        if buf.is_empty() {
+            return;
+        }
+        match self.store.append_log(id, from, &buf).await {
+            Ok(()) => shipped.store(from + buf.len() as u64, Ordering::Release),
+            Err(e) => tracing::warn!(job = %id, error = %e, "Shipping the job's log failed; will retry."),
         }
     }
 
@@ -240,7 +266,7 @@ impl Engine {
     /// hangs. The worker is aborted and its agent's group killed before the
     /// job is requeued, so the job never runs twice at once.
     async fn reap_expired_leases(&self) -> Result<(), StoreError> {
-        for id in self.store.expired_leases()? {
+        for id in self.store.expired_leases(self.lease).await? {
             let worker = self.running().remove(&id);
             if let Some(worker) = worker {
                 worker.cancel.cancel();
@@ -249,13 +275,13 @@ impl Engine {
                     let _ = task.await;
                 }
             }
-            for (job, process) in self.store.agents::<agent::ProcessIdentity>()? {
+            for (job, process) in self.store.agents::<agent::ProcessIdentity>().await? {
                 if job == id {
                     process.kill_leftover();
-                    self.store.forget_agent(&job)?;
+                    self.store.forget_agent(&job).await?;
                 }
             }
-            if let Some(job) = self.store.job(&id)?.filter(|j| j.state == JobState::Running) {
+            if let Some(job) = self.store.job(&id).await?.filter(|j| j.state == JobState::Running) {
                 tracing::warn!(job = %id, "A job's lease expired: its worker stopped renewing it.");
                 self.put_back(job, "lease expired: its worker stopped").await?;
             }
@@ -288,58 +314,39 @@ impl Engine {
         }
     }
 
+    /// The limits a claim keeps, from the config.
+    fn limits(&self) -> Limits {
+        let limits = &self.config.limits;
+        Limits {
+            per_replica: limits.max_parallel_jobs,
+            per_repo: limits.max_parallel_per_repo,
+            per_agent: self
+                .config
+                .agents
+                .iter()
+                .filter_map(|(name, a)| Some((name.clone(), a.max_parallel?)))
+                .collect(),
+        }
+    }
+
     async fn dispatch(self: &Arc<Self>, done: &mpsc::UnboundedSender<String>) -> Result<(), StoreError> {
-        for (id, by) in self.store.take_cancels()? {
+        for (id, by) in self.store.take_cancels().await? {
             let token = self.running().get(&id).map(|r| r.cancel.clone());
             if let Some(token) = token {
-                tracing::info!(job = %id, by = %by, "Cancelling a job superseded in its concurrency group.");
-                self.superseded.lock().unwrap_or_else(|p| p.into_inner()).insert(id, by);
+                if by != CANCEL_ASKED {
+                    tracing::info!(job = %id, by = %by, "Cancelling a job superseded in its concurrency group.");
+                    self.superseded.lock().unwrap_or_else(|p| p.into_inner()).insert(id, by);
+                }
                 token.cancel();
             }
         }
-        let limits = &self.config.limits;
-        let (mut total, mut per_repo, mut per_agent) = {
-            let running = self.running();
-            let mut per_repo: HashMap<String, usize> = HashMap::new();
-            let mut per_agent: HashMap<String, usize> = HashMap::new();
-            for r in running.values() {
-                if let Some(repo) = &r.repo {
-                    *per_repo.entry(repo.clone()).or_default() += 1;
-                }
-                *per_agent.entry(r.agent.clone()).or_default() += 1;
-            }
-            (running.len(), per_repo, per_agent)
-        };
-        // Jobs the store declined this pass (their concurrency group is busy).
-        let mut declined: HashSet<String> = HashSet::new();
+        let limits = self.limits();
         // Only while a slot is free: a long queue costs nothing when every
-        // worker is busy, and a repository at its limit is passed over whole.
-        while total < limits.max_parallel_jobs {
-            let repo_full = |repo: Option<&str>| {
-                repo.is_some_and(|r| per_repo.get(r).copied().unwrap_or(0) >= limits.max_parallel_per_repo)
-            };
-            let eligible = |entry: &QueueEntry| {
-                let agent_cap = self.config.agents.get(&entry.agent).and_then(|a| a.max_parallel);
-                !declined.contains(&entry.id)
-                    && agent_cap.is_none_or(|cap| per_agent.get(&entry.agent).copied().unwrap_or(0) < cap)
-            };
-            let Some(entry) = self.store.next_queued(repo_full, eligible)? else { break };
-            let Some(job) = self.store.claim(&entry, self.lease).await? else {
-                declined.insert(entry.id);
-                continue;
-            };
-            total += 1;
-            if let Some(repo) = &job.repo {
-                *per_repo.entry(repo.clone()).or_default() += 1;
-            }
-            *per_agent.entry(job.spec.agent.clone()).or_default() += 1;
+        // worker is busy.
+        while self.running_count() < limits.per_replica {
+            let Some(job) = self.store.claim_next(&limits, self.lease).await? else { break };
             let cancel = CancellationToken::new();
-            let entry = RunningJob {
-                cancel: cancel.clone(),
-                repo: job.repo.clone(),
-                agent: job.spec.agent.clone(),
-                task: None,
-            };
+            let entry = RunningJob { cancel: cancel.clone(), task: None };
             let id = job.id.clone();
             // Registered before the task starts, so a job that ends at once
             // finds itself there to remove.
@@ -349,10 +356,13 @@ impl Engine {
             let done = done.clone();
             let task = tokio::spawn(async move {
                 let id = job.id.clone();
+                let shipped = std::sync::atomic::AtomicU64::new(0);
                 tokio::select! {
                     _ = engine.execute(job, cancel) => {}
                     _ = engine.renew_lease(&id) => {}
+                    _ = engine.ship_log(&id, &shipped) => {}
                 }
+                engine.ship_log_once(&id, &shipped).await;
                 // Also here, not only in the dispatcher: while the daemon
                 // drains, the dispatcher no longer runs.
                 engine.running().remove(&id);
@@ -394,21 +404,24 @@ impl Engine {
             return Ok(Some(job));
         }
         let token = self.running().get(id).map(|r| r.cancel.clone());
-        let Some(token) = token else { return Ok(None) };
         // A worker stays registered for a moment after its job's end is
         // stored: that job is no longer running, whatever the map says.
-        let job = self.store.job(id)?;
-        if job.as_ref().is_none_or(|j| j.state.is_final()) {
+        let job = self.store.job(id).await?;
+        if job.as_ref().is_none_or(|j| j.state != JobState::Running) {
             return Ok(None);
         }
-        token.cancel();
+        match token {
+            Some(token) => token.cancel(),
+            // Another replica runs it: that replica stops it.
+            None => self.store.request_cancel(id, CANCEL_ASKED).await?,
+        }
         Ok(job)
     }
 
     #[tracing::instrument(skip_all, fields(job = %job.id, trigger = %job.trigger))]
     async fn execute(&self, mut job: Job, cancel: CancellationToken) {
         tracing::info!(attempt = job.attempts, "Job started.");
-        let started = self.start_publications_for(&job);
+        let started = self.planner.at_start(&job);
         if !started.is_empty() {
             job.progress.started = true;
             match self.store.start_publications(&job, &started).await {
@@ -488,7 +501,7 @@ impl Engine {
         for a in &mut job.history {
             a.error = a.error.as_deref().map(|e| self.redactor.redact(e));
         }
-        let publications = self.publications_for(&job);
+        let publications = self.planner.at_end(&job);
         match self.store.finish(&job, &publications).await {
             Ok(()) => {
                 tracing::info!(state = %job.state, error = job.error.as_deref().unwrap_or(""), "Job finished.");
@@ -512,7 +525,7 @@ impl Engine {
     /// Sends a job's end back through the rules as `job.succeeded` or
     /// `job.failed`; the jobs it starts are stored like any delivery's.
     async fn emit_end(&self, job: &Job) {
-        let Some(event) = chain::job_event(job) else { return };
+        let Some(event) = crate::domain::chain::job_event(job) else { return };
         let specs = self.rules.current().match_event(&event);
         if !specs.is_empty() {
             let delivery = Delivery::new(&event.delivery, &event.source, &event.kind);
@@ -529,7 +542,7 @@ impl Engine {
                 }
             }
         }
-        if let Err(e) = self.store.end_handled(&job.id) {
+        if let Err(e) = self.store.end_handled(&job.id).await {
             tracing::warn!(job = %job.id, error = %e, "Could not clear the job's pending end.");
         }
     }
@@ -630,11 +643,13 @@ impl Engine {
         let store = self.store.clone();
         let job_id = job.id.clone();
         let note = move |pgid: i32| {
-            if let Err(e) = store.note_agent(&job_id, &agent::ProcessIdentity::of(pgid)) {
-                tracing::warn!(error = %e, "Could not record the agent's process group.");
-            }
-            let store = store.clone();
-            tokio::spawn(async move { store.flush().await });
+            let (store, job_id) = (store.clone(), job_id.clone());
+            tokio::spawn(async move {
+                if let Err(e) = store.note_agent(&job_id, &agent::ProcessIdentity::of(pgid)).await {
+                    tracing::warn!(error = %e, "Could not record the agent's process group.");
+                }
+                store.flush().await
+            });
         };
         let io = dir.join("io");
         let inv = Invocation {
@@ -653,7 +668,7 @@ impl Engine {
         let started = std::time::Instant::now();
         let run = inv.run().await;
         phases.run_ms = Some(started.elapsed().as_millis() as u64);
-        let _ = self.store.forget_agent(&job.id);
+        let _ = self.store.forget_agent(&job.id).await;
         let run = match run {
             Ok(r) => r,
             Err(e) => return failed(Outcome::SpawnFailed, None, e.to_string(), false),
@@ -738,7 +753,7 @@ impl Engine {
                 },
             }
         }
-        if spec.output == OutputKind::PullRequest && self.publishing {
+        if spec.output == OutputKind::PullRequest && self.planner.publishing {
             return self.push_changes(job, prepared, result).await;
         }
         AttemptEnd::Succeeded(result, None)
@@ -823,117 +838,6 @@ impl Engine {
         }
     }
 
-    /// What a job's end puts on GitHub: its result where the output says
-    /// (a check run, a pull request, a review, or a comment — the status
-    /// comment edited in place when there is one), and the status comment's
-    /// last edit when the result went elsewhere. Failures and cancellations
-    /// go where a comment would.
-    fn publications_for(&self, job: &Job) -> Vec<Publication> {
-        let spec: &JobSpec = &job.spec;
-        if spec.output == OutputKind::None || !self.publishing || !job.state.is_final() {
-            return Vec::new();
-        }
-        let Some(repo) = spec.repo.clone() else { return Vec::new() };
-        let publication = |purpose, target, body| self.publication(job, &repo, purpose, target, body);
-        let mut out = Vec::new();
-        let succeeded = job.state == JobState::Succeeded;
-        match (spec.output, &job.branch, spec.subject) {
-            (OutputKind::CheckRun, _, _) => {
-                if let Some(sha) = &spec.head_sha {
-                    let conclusion = Some(crate::publish::conclusion(job).to_string());
-                    let target = Target::CheckRun { head_sha: sha.clone(), name: check_name(job), conclusion };
-                    out.push(publication(Purpose::Final, target, crate::publish::comment_body(job)));
-                }
-            }
-            (OutputKind::PullRequest, Some(branch), _) if succeeded => {
-                let target = Target::PullRequest {
-                    head: branch.clone(),
-                    base: spec.default_branch.clone().unwrap_or_else(|| "main".into()),
-                    title: crate::publish::pull_request_title(job),
-                };
-                out.push(publication(Purpose::Final, target, crate::publish::pull_request_body(job)));
-            }
-            (OutputKind::Review, _, Some(number)) if succeeded && spec.subject_is_pull_request => {
-                out.push(publication(Purpose::Final, Target::Review { number }, crate::publish::comment_body(job)));
-            }
-            _ => {}
-        }
-        let progress = spec.output_options.progress && job.progress.started;
-        match (spec.subject, out.is_empty()) {
-            (Some(number), true) if progress => {
-                out.push(publication(Purpose::Final, Target::EditStatus { number }, crate::publish::comment_body(job)))
-            }
-            (Some(number), false) if progress => out.push(publication(
-                Purpose::StatusEnd,
-                Target::EditStatus { number },
-                crate::publish::status_end_body(job),
-            )),
-            (Some(number), true) => out.push(publication(
-                Purpose::Final,
-                Target::IssueComment { number },
-                crate::publish::comment_body(job),
-            )),
-            (None, true) if spec.output != OutputKind::CheckRun => {
-                if let Some(sha) = &spec.head_sha {
-                    let target = Target::CommitComment { sha: sha.clone() };
-                    out.push(publication(Purpose::Final, target, crate::publish::comment_body(job)));
-                }
-            }
-            _ => {}
-        }
-        out
-    }
-
-    /// What a job's start puts on GitHub, once per job: 👀 and a status
-    /// comment (with `progress`), and an in-progress check run.
-    fn start_publications_for(&self, job: &Job) -> Vec<Publication> {
-        let spec: &JobSpec = &job.spec;
-        if spec.output == OutputKind::None || !self.publishing || job.progress.started {
-            return Vec::new();
-        }
-        let Some(repo) = spec.repo.clone() else { return Vec::new() };
-        let mut out = Vec::new();
-        if let (true, Some(number)) = (spec.output_options.progress, spec.subject) {
-            let reaction = Target::Reaction { number, comment_id: spec.comment_id };
-            out.push(self.publication(job, &repo, Purpose::Reaction, reaction, String::new()));
-            let body = crate::publish::status_start_body(job, self.config.server.public_url.as_deref());
-            out.push(self.publication(job, &repo, Purpose::Status, Target::StatusComment { number }, body));
-        }
-        if let (OutputKind::CheckRun, Some(sha)) = (spec.output, &spec.head_sha) {
-            let target = Target::CheckRun { head_sha: sha.clone(), name: check_name(job), conclusion: None };
-            let body = crate::publish::status_start_body(job, self.config.server.public_url.as_deref());
-            out.push(self.publication(job, &repo, Purpose::CheckStart, target, body));
-        }
-        out
-    }
-
-    /// Every publication passes here on its way to the outbox: whatever a
-    /// template put in its body or title (a prompt, the event's text, the
-    /// result) leaves redacted.
-    fn publication(&self, job: &Job, repo: &str, purpose: Purpose, target: Target, body: String) -> Publication {
-        let target = match target {
-            Target::PullRequest { head, base, title } => {
-                Target::PullRequest { head, base, title: self.redactor.redact(&title) }
-            }
-            other => other,
-        };
-        Publication {
-            job: job.id.clone(),
-            purpose,
-            repo: repo.to_string(),
-            installation: job.spec.installation,
-            target,
-            body: self.redactor.redact(&body),
-            state: PublicationState::Pending,
-            attempts: 0,
-            next_attempt_at: Utc::now(),
-            last_error: None,
-            url: None,
-            maybe_sent: false,
-            remote_id: None,
-        }
-    }
-
     async fn log_line(&self, id: &str, line: &str) {
         let path = self.job_dir(id).join("log");
         let text = format!("[baton] {line}\n");
@@ -972,7 +876,7 @@ pub async fn run_locally(
         job.start_attempt(now);
         let id = job.id.clone();
         engine.execute(job, CancellationToken::new()).await;
-        out.extend(store.job(&id)?);
+        out.extend(store.job(&id).await?);
     }
     Ok(out)
 }
@@ -1017,11 +921,6 @@ fn with_skills(prompt: &str, skills: &[(String, String)]) -> String {
         out.push_str(&format!("\n### {name}\n\n{text}\n"));
     }
     out
-}
-
-/// The check run a job makes is named after its trigger.
-fn check_name(job: &Job) -> String {
-    format!("baton/{}", job.trigger)
 }
 
 pub fn job_dir(storage: &std::path::Path, id: &str) -> PathBuf {

@@ -250,7 +250,7 @@ async fn generic_webhook(
 /// sources' bodies may legitimately repeat (`{"env": "prod"}`): a source
 /// without a delivery header is deduplicated by its body already.
 async fn admit(s: &Ingress, mut event: Event, signed: Option<(&str, &[u8])>) -> Response {
-    pin_comment_to_head(s, &mut event);
+    pin_comment_to_head(s, &mut event).await;
     let rules = s.rules.current();
     let matches = rules.evaluate(&event);
     let mut delivery = Delivery::new(&event.delivery, &event.source, &event.kind);
@@ -280,7 +280,7 @@ async fn admit(s: &Ingress, mut event: Event, signed: Option<(&str, &[u8])>) -> 
             {
                 let updated_at = event.payload["pull_request"]["updated_at"].as_str().unwrap_or_default();
                 let head = crate::store::PrHead { sha: sha.to_string(), in_repo: event.head_in_repo };
-                if let Err(e) = s.store.set_head(repo, n, &head, updated_at) {
+                if let Err(e) = s.store.set_head(repo, n, &head, updated_at).await {
                     tracing::warn!(delivery = %id, error = %e, "Could not note the pull request's head.");
                 }
             }
@@ -312,12 +312,12 @@ async fn admit(s: &Ingress, mut event: Event, signed: Option<(&str, &[u8])>) -> 
 /// `allow_forks` applies to comments too and a `pr-head` job is pinned to
 /// the commit the commenter saw (not whatever the branch holds when the job
 /// runs). Nothing noted: the event stays as it came.
-fn pin_comment_to_head(s: &Ingress, event: &mut Event) {
+async fn pin_comment_to_head(s: &Ingress, event: &mut Event) {
     if event.comment.is_none() || !event.subject_is_pull_request || event.head_sha.is_some() {
         return;
     }
     let (Some(repo), Some(n)) = (event.repo_name(), event.subject) else { return };
-    match s.store.pr_head(repo, n) {
+    match s.store.pr_head(repo, n).await {
         Ok(Some(head)) => {
             event.head_sha = Some(head.sha);
             event.head_in_repo = head.in_repo;

@@ -87,16 +87,6 @@ pub fn status_end_body(job: &Job) -> String {
     fit(main, &footer(job, &marker(&job.id)), job)
 }
 
-/// The conclusion of a job's check run.
-pub fn conclusion(job: &Job) -> &'static str {
-    match job.state {
-        JobState::Succeeded => "success",
-        JobState::Cancelled => "cancelled",
-        _ if timed_out(job) => "timed_out",
-        _ => "failure",
-    }
-}
-
 /// The context of a trigger's `output.title` and `output.body` templates.
 fn template_context(job: &Job) -> minijinja::Value {
     minijinja::context! {

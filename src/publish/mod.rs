@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod github;
+pub mod plan;
 pub mod redact;
 
 use std::sync::Arc;
@@ -17,11 +18,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{Job, Publication, PublicationState, Purpose, Store, Target};
-pub use body::{
-    comment_body, conclusion, marker, pull_request_body, pull_request_title, status_end_body, status_start_body,
-};
+pub use body::{comment_body, marker, pull_request_body, pull_request_title, status_end_body, status_start_body};
 pub use github::GitHub;
 use github::{GitHubError, Listing};
+use plan::CapKind;
 
 /// Publications give up after this many tries.
 const MAX_ATTEMPTS: u32 = 12;
@@ -73,7 +73,7 @@ impl Publisher {
     async fn drain(&self) -> Result<Option<Duration>, crate::store::StoreError> {
         let mut next: Option<Duration> = None;
         let mut soon = |wait: Duration| next = Some(next.map_or(wait, |n: Duration| n.min(wait)));
-        let mut outbox = self.store.outbox()?;
+        let mut outbox = self.store.outbox().await?;
         outbox.sort_by_key(|p| !p.purpose.at_start());
         for mut p in outbox {
             let now = Utc::now();
@@ -81,7 +81,7 @@ impl Publisher {
                 soon((p.next_attempt_at - now).to_std().unwrap_or_default());
                 continue;
             }
-            let Some(job) = self.store.job(&p.job)? else {
+            let Some(job) = self.store.job(&p.job).await? else {
                 // The job is gone (it cannot be, short of a wiped store): drop it.
                 p.state = PublicationState::Failed;
                 self.store.update_publication(&p, false).await?;
@@ -134,9 +134,6 @@ impl Publisher {
         let result_marker = marker(&job.id);
         let done = |made: github::Created| Ok(Outcome::Done { made, created: false });
         // Start publications still in the outbox hold back the job's end.
-        let start_pending = |purpose: Purpose| -> Result<bool, GitHubError> {
-            self.store.publication_pending(&job.id, purpose).map_err(|e| GitHubError::before_sending(e.to_string()))
-        };
         match p.target.clone() {
             Target::Reaction { number, comment_id } => done(gh.react(inst, repo, number, comment_id).await?),
             Target::StatusComment { number } => {
@@ -148,7 +145,7 @@ impl Publisher {
                 if let Some(id) = job.progress.status_comment {
                     return done(gh.edit_comment(inst, repo, id, &p.body).await?);
                 }
-                if start_pending(Purpose::Status)? {
+                if self.start_pending(&job.id, Purpose::Status).await? {
                     return Ok(Outcome::Wait);
                 }
                 // The status comment never landed: say it in a new one.
@@ -193,19 +190,21 @@ impl Publisher {
                     Some(conclusion) => {
                         let id = match job.progress.check_run {
                             Some(id) => Some(id),
-                            None if start_pending(Purpose::CheckStart)? => return Ok(Outcome::Wait),
+                            None if self.start_pending(&job.id, Purpose::CheckStart).await? => {
+                                return Ok(Outcome::Wait)
+                            }
                             None => gh.find_check_run(inst, repo, &head_sha, &name, &job.id).await?.and_then(|c| c.id),
                         };
                         match id {
                             Some(id) => {
-                                done(gh.complete_check_run(inst, repo, id, &name, &conclusion, &summary).await?)
+                                done(gh.complete_check_run(inst, repo, id, &name, conclusion.as_str(), &summary).await?)
                             }
                             None => {
                                 let run = github::CheckRun {
                                     sha: &head_sha,
                                     name: &name,
                                     external_id: &job.id,
-                                    conclusion: Some(&conclusion),
+                                    conclusion: Some(conclusion.as_str()),
                                     summary: &summary,
                                 };
                                 self.create(p, job, CapKind::None, None, gh.create_check_run(inst, repo, &run)).await
@@ -215,6 +214,12 @@ impl Publisher {
                 }
             }
         }
+    }
+
+    /// Whether the job's start publication for `purpose` is still to send:
+    /// its end waits for it.
+    async fn start_pending(&self, job: &str, purpose: Purpose) -> Result<bool, GitHubError> {
+        self.store.publication_pending(job, purpose).await.map_err(|e| GitHubError::before_sending(e.to_string()))
     }
 
     /// Sends a create within the job's caps, marking the publication as
@@ -234,19 +239,7 @@ impl Publisher {
                 return Ok(Outcome::Done { made, created: kind != CapKind::None });
             }
         }
-        let opts = &job.spec.output_options;
-        let over = match kind {
-            CapKind::Comment => (job.progress.comments >= opts.max_comments)
-                .then(|| format!("the job's cap of {} comments (output.max_comments) is reached", opts.max_comments)),
-            CapKind::PullRequest => (job.progress.pull_requests >= opts.max_pull_requests).then(|| {
-                format!(
-                    "the job's cap of {} pull requests (output.max_pull_requests) is reached",
-                    opts.max_pull_requests
-                )
-            }),
-            CapKind::None => None,
-        };
-        if let Some(why) = over {
+        if let Some(why) = plan::cap_reached(job, kind) {
             return Err(GitHubError::fatal(why));
         }
         if !p.maybe_sent {
@@ -263,14 +256,6 @@ impl Publisher {
             }
         }
     }
-}
-
-/// What a create counts against.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum CapKind {
-    Comment,
-    PullRequest,
-    None,
 }
 
 /// 2 s, 4 s, 8 s, … capped at 5 minutes.

@@ -7,6 +7,7 @@
 //! Trigger rules come only from baton's own folder, never from a repository.
 
 pub mod command;
+pub mod cron;
 pub mod template;
 pub mod trigger;
 

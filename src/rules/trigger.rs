@@ -192,7 +192,7 @@ pub struct Trigger {
     pub output: OutputKind,
     pub output_options: OutputOptions,
     /// For `on = ["schedule"]`: when, and for which repositories.
-    pub schedule: Option<crate::schedule::Schedule>,
+    pub schedule: Option<crate::rules::cron::Schedule>,
     pub schedule_repos: Vec<String>,
 }
 
@@ -307,8 +307,10 @@ pub fn compile(
     let mut schedule_repos = Vec::new();
     match (&file.schedule, is_schedule) {
         (Some(expr), true) => {
-            match crate::schedule::Schedule::parse(expr.get_ref(), file.timezone.as_ref().map(|t| t.get_ref().as_str()))
-            {
+            match crate::rules::cron::Schedule::parse(
+                expr.get_ref(),
+                file.timezone.as_ref().map(|t| t.get_ref().as_str()),
+            ) {
                 Ok(s) => schedule = Some(s),
                 Err(msg) => {
                     let span = match &file.timezone {

@@ -20,19 +20,7 @@ use std::sync::{Arc, Once, Weak};
 use tokio::sync::{watch, Notify};
 
 use super::StoreError;
-
-/// What "durable" means for an acknowledgement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    /// fsync before anything is acknowledged (the default).
-    #[default]
-    Fsync,
-    /// Leave writing back to the operating system: faster, but an
-    /// acknowledged delivery can be lost if the machine (not just baton)
-    /// crashes. Unsafe; for throwaway setups only.
-    Os,
-}
+pub use crate::config::Durability;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Flushed {

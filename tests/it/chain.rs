@@ -134,15 +134,15 @@ async fn a_job_end_lost_to_a_crash_goes_through_the_rules_at_the_next_start() {
     let rules = SharedRules::new(set, Vec::new());
 
     // A job ends, and the daemon dies before its end goes through the rules.
-    let store = Store::open(data.path()).unwrap();
+    let store = crate::harness::open_store(data.path()).await;
     let event = baton::event::github::normalize("issues", "d1", &crate::harness::fixture("issues/opened.payload.json"))
         .unwrap();
     store.accept(Delivery::new("d1", "github", "issues.opened"), rules.current().match_event(&event)).await.unwrap();
-    let entry = store.queued().next().unwrap().unwrap();
-    let mut job = store.claim(&entry, std::time::Duration::from_secs(60)).await.unwrap().unwrap();
+    let limits = baton::store::Limits { per_replica: 1, per_repo: 1, ..Default::default() };
+    let mut job = store.claim_next(&limits, std::time::Duration::from_secs(60)).await.unwrap().unwrap();
     job.end(JobState::Succeeded, Some("the cause".into()), None, chrono::Utc::now());
     store.finish(&job, &[]).await.unwrap();
-    assert_eq!(store.pending_ends().unwrap(), vec![job.id.clone()]);
+    assert_eq!(store.pending_ends().await.unwrap(), vec![job.id.clone()]);
     drop(store);
 
     let store = crate::harness::reopen_store(data.path()).await;
@@ -158,12 +158,15 @@ async fn a_job_end_lost_to_a_crash_goes_through_the_rules_at_the_next_start() {
         )
     };
     engine(&store).recover().await.unwrap();
-    assert!(store.pending_ends().unwrap().is_empty());
-    let queued: Vec<_> = store.queued().map(|e| store.job(&e.unwrap().id).unwrap().unwrap()).collect();
+    assert!(store.pending_ends().await.unwrap().is_empty());
+    let mut queued = Vec::new();
+    for e in store.queued().await.unwrap() {
+        queued.push(store.job(&e.id).await.unwrap().unwrap());
+    }
     assert_eq!(queued.len(), 1);
     assert_eq!(queued[0].trigger, "fix");
     assert_eq!(queued[0].spec.prompt, "fix the cause");
     // A second pass starts nothing new.
     engine(&store).recover().await.unwrap();
-    assert_eq!(store.queued().count(), 1);
+    assert_eq!(store.queued().await.unwrap().len(), 1);
 }

@@ -201,3 +201,37 @@ async fn the_jobs_cli_lists_shows_and_prints_logs_of_a_running_daemon() {
     assert!(!out.status.success(), "a finished job cannot be cancelled");
     assert!(String::from_utf8_lossy(&out.stderr).contains("409"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `backend = "postgres"` without a URL is a config error where it is; an
+/// unreachable database is named by `baton check` (without its password);
+/// `baton migrate --print` shows the schema.
+#[test]
+fn postgres_storage_is_checked_before_it_is_used() {
+    let w = tempfile::tempdir().unwrap();
+    std::fs::write(w.path().join("baton.toml"), "[storage]\nbackend = \"postgres\"\n").unwrap();
+    let out = Command::new(BIN).arg("check").current_dir(w.path()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("baton.toml:2:11: storage.backend = \"postgres\" needs storage.url"), "{text}");
+
+    // Nothing listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::fs::write(
+        w.path().join("baton.toml"),
+        "[storage]\nbackend = \"postgres\"\nurl = \"env:BATON_TEST_DB\"\n[sandbox]\nenabled = false\n",
+    )
+    .unwrap();
+    let url = format!("postgres://baton:hunter2-secret@127.0.0.1:{port}/baton");
+    let out = Command::new(BIN).arg("check").env("BATON_TEST_DB", &url).current_dir(w.path()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains(&format!("cannot reach the database at postgres://baton@127.0.0.1:{port}/baton")), "{text}");
+    assert!(!text.contains("hunter2"), "the password never prints: {text}");
+
+    let out = Command::new(BIN).args(["migrate", "--print"]).output().unwrap();
+    let schema = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for table in ["deliveries", "jobs", "queue", "running", "outbox", "job_logs"] {
+        assert!(schema.contains(&format!("CREATE TABLE {table}")), "{table} in {schema}");
+    }
+}

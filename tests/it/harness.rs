@@ -13,6 +13,70 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_baton");
 /// Everything a test waits for is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// The database the tests of this binary run on: `BATON_TEST_BACKEND`
+/// (`sled` or `postgres`), else the binary's own default (`tests/it` runs
+/// on sled, `tests/pg` the same storage tests on PostgreSQL).
+pub fn postgres() -> bool {
+    match std::env::var("BATON_TEST_BACKEND").as_deref() {
+        Ok("postgres") => true,
+        Ok("sled") => false,
+        _ => crate::DEFAULT_BACKEND == "postgres",
+    }
+}
+
+/// The test database: `BATON_TEST_DATABASE_URL`, or the project machine's.
+pub fn database_url() -> String {
+    std::env::var("BATON_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// Each test's own schema, named after its folder: tests run in parallel on
+/// one database without seeing each other, and a reopened store (or a
+/// restarted daemon) finds its tables again.
+pub fn schema_for(dir: &Path) -> String {
+    use sha2::Digest as _;
+    let hash = sha2::Sha256::digest(dir.to_string_lossy().as_bytes());
+    format!("t_{}", hex::encode(&hash[..8]))
+}
+
+/// `toml` with its `[storage]` pointed at this test's PostgreSQL schema
+/// (when the tests run on PostgreSQL), named after `dir`.
+pub fn with_backend(toml: &str, dir: &Path) -> String {
+    if !postgres() {
+        return toml.to_string();
+    }
+    let (url, schema) = (database_url(), schema_for(dir));
+    // A config read back and written again loses what was put in before.
+    let ours = ["backend = \"postgres\"".to_string(), format!("url = \"{url}\""), format!("schema = \"{schema}\"")];
+    let toml: String = toml
+        .lines()
+        .filter(|l| !ours.iter().any(|o| l.trim_start_matches("storage.") == o))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    match toml.find("[storage]\n") {
+        Some(at) => {
+            let at = at + "[storage]\n".len();
+            let keys = format!("backend = \"postgres\"\nurl = \"{url}\"\nschema = \"{schema}\"\n");
+            format!("{}{keys}{}", &toml[..at], &toml[at..])
+        }
+        // Dotted keys at the top: whatever the test appends later stays
+        // in the table it meant.
+        None => {
+            format!("storage.backend = \"postgres\"\nstorage.url = \"{url}\"\nstorage.schema = \"{schema}\"\n{toml}")
+        }
+    }
+}
+
+/// Drops a test's schema (best effort: a leftover only takes space).
+pub fn drop_schema(dir: &Path) {
+    if postgres() {
+        let _ = Command::new("psql")
+            .args([&database_url(), "-q", "-c", &format!("DROP SCHEMA IF EXISTS {} CASCADE", schema_for(dir))])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 pub fn fixture(rel: &str) -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/github").join(rel);
     std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
@@ -52,7 +116,7 @@ impl Workdir {
     }
 
     pub fn config(&self, toml: &str) -> &Self {
-        std::fs::write(self.path().join("baton.toml"), toml).expect("write config");
+        std::fs::write(self.path().join("baton.toml"), with_backend(toml, self.path())).expect("write config");
         self
     }
 
@@ -68,6 +132,12 @@ impl Workdir {
         std::fs::write(&path, body).expect("write script");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         path
+    }
+}
+
+impl Drop for Workdir {
+    fn drop(&mut self) {
+        drop_schema(self.path());
     }
 }
 
@@ -330,18 +400,34 @@ pub fn processes_with_arg(arg: &str) -> Vec<i32> {
     out
 }
 
-/// Opens a store just dropped: its writer and flusher threads let go of
-/// sled's file lock a moment after the last handle goes (bounded wait).
-pub async fn reopen_store(path: &std::path::Path) -> baton::store::Store {
+/// Opens the store in `path` on the test backend: sled there, or the
+/// PostgreSQL schema named after `path`. A sled store just dropped lets go
+/// of its file lock a moment after the last handle goes (bounded wait).
+pub async fn open_store(path: &std::path::Path) -> baton::store::Store {
     let start = std::time::Instant::now();
     loop {
-        match baton::store::Store::open(path) {
+        let opened = if postgres() {
+            let location = baton::store::Location::Postgres {
+                url: database_url(),
+                schema: Some(schema_for(path)),
+                replica: "test".into(),
+            };
+            baton::store::Store::connect(&location, path).await
+        } else {
+            baton::store::Store::open(path)
+        };
+        match opened {
             Ok(store) => return store,
-            Err(e) if start.elapsed() < WAIT => {
+            Err(e) if start.elapsed() < WAIT && !postgres() => {
                 let _ = e;
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
-            Err(e) => panic!("reopening the store: {e}"),
+            Err(e) => panic!("opening the store: {e}"),
         }
     }
+}
+
+/// `open_store`, for a store just dropped.
+pub async fn reopen_store(path: &std::path::Path) -> baton::store::Store {
+    open_store(path).await
 }

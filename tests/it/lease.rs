@@ -42,7 +42,7 @@ async fn setup(sleep: &str) -> Setup {
     let (set, errors) = RuleSet::load(triggers.path(), &config);
     assert!(errors.is_empty(), "{errors:?}");
     let rules = SharedRules::new(set, Vec::new());
-    let store = Store::open(&data.path().join("store")).unwrap();
+    let store = crate::harness::open_store(&data.path().join("store")).await;
     let event = baton::event::github::normalize("issues", "lease-1", &fixture("issues/opened.payload.json")).unwrap();
     store
         .accept(Delivery::new("lease-1", "github", "issues.opened"), rules.current().match_event(&event))
@@ -60,7 +60,7 @@ async fn run_until_finished(s: &Setup, id: &str) -> baton::store::Job {
     let dispatcher = tokio::spawn(s.engine.clone().run(stop.clone()));
     let start = std::time::Instant::now();
     let job = loop {
-        let job = s.store.job(id).unwrap().unwrap();
+        let job = s.store.job(id).await.unwrap().unwrap();
         if job.state.is_final() {
             break job;
         }
@@ -80,8 +80,8 @@ fn runs(path: &Path) -> usize {
 async fn a_claim_whose_worker_is_gone_is_taken_back_when_its_lease_lapses() {
     let s = setup("0").await;
     // Claimed as a worker would, and then the worker is never heard of again.
-    let entry = s.store.queued().next().unwrap().unwrap();
-    let id = s.store.claim(&entry, LEASE).await.unwrap().unwrap().id;
+    let limits = baton::store::Limits { per_replica: 1, per_repo: 1, ..Default::default() };
+    let id = s.store.claim_next(&limits, LEASE).await.unwrap().unwrap().id;
     let job = run_until_finished(&s, &id).await;
     assert_eq!(job.state.to_string(), "succeeded", "{job:?}");
     assert_eq!(job.history.len(), 2, "{job:?}");
@@ -94,7 +94,7 @@ async fn a_claim_whose_worker_is_gone_is_taken_back_when_its_lease_lapses() {
 async fn a_worker_renews_its_lease_for_as_long_as_its_job_runs() {
     // The agent runs for several leases.
     let s = setup("3.5").await;
-    let id = s.store.queued().next().unwrap().unwrap().id;
+    let id = s.store.queued().await.unwrap()[0].id.clone();
     let job = run_until_finished(&s, &id).await;
     assert_eq!(job.state.to_string(), "succeeded", "{job:?}");
     assert_eq!(job.history.len(), 1, "never taken back while renewed: {job:?}");

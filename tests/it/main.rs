@@ -1,6 +1,10 @@
 //! Integration tests: the real `baton` binary over loopback HTTP, real git
 //! repositories, real agent processes, and a fake GitHub API that records
-//! what it is sent. One test crate, so it links once.
+//! what it is sent. One test crate, so it links once; `tests/pg` runs the
+//! storage tests again on PostgreSQL.
+
+/// The store these tests run on, unless `BATON_TEST_BACKEND` says otherwise.
+pub const DEFAULT_BACKEND: &str = "sled";
 
 mod agent;
 mod api;
@@ -16,6 +20,7 @@ mod groups;
 mod harness;
 mod hostile;
 mod ingress;
+mod layout;
 mod lease;
 mod normalize;
 mod publish;

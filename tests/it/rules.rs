@@ -230,7 +230,7 @@ fn job_events_match_filter_triggers_both_ways() {
         let mut job = baton::store::Job::new("j1".into(), 1, "d".into(), spec, chrono::Utc::now());
         job.start_attempt(chrono::Utc::now());
         job.end(baton::store::JobState::Succeeded, Some("the cause".into()), None, chrono::Utc::now());
-        baton::engine::chain::job_event(&job).unwrap()
+        baton::domain::chain::job_event(&job).unwrap()
     };
     let specs = rules.match_event(&finished("investigate"));
     assert_eq!(specs.len(), 1);

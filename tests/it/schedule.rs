@@ -7,7 +7,6 @@ use std::path::Path;
 use baton::config::Config;
 use baton::rules::{RuleSet, SharedRules};
 use baton::schedule::tick;
-use baton::store::Store;
 use chrono::{DateTime, Utc};
 
 fn at(s: &str) -> DateTime<Utc> {
@@ -31,7 +30,7 @@ async fn catch_up_across_a_restart_fires_once() {
     let triggers = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     let rules = rules(triggers.path());
-    let store = Store::open(data.path()).unwrap();
+    let store = crate::harness::open_store(data.path()).await;
 
     assert!(tick(&store, &rules, at("2026-11-24T00:30:00Z")).await.unwrap().is_empty(), "first sight owes nothing");
     assert!(tick(&store, &rules, at("2026-11-24T00:59:59Z")).await.unwrap().is_empty());
@@ -45,15 +44,18 @@ async fn catch_up_across_a_restart_fires_once() {
     let fired = tick(&store, &rules, at("2026-11-24T05:10:00Z")).await.unwrap();
     assert_eq!(fired.len(), 2, "missed slots collapse into one run per repository: {fired:?}");
     assert!(fired[0].ends_with(&at("2026-11-24T05:00:00Z").timestamp().to_string()), "{fired:?}");
-    assert_eq!(store.queued().count(), 4);
+    assert_eq!(store.queued().await.unwrap().len(), 4);
 
     // A crash after the jobs were stored but before the fire time was: the
     // same slot again is a duplicate, never a second run.
     store.set_schedule_last("hourly", at("2026-11-24T04:30:00Z")).await.unwrap();
     assert!(tick(&store, &rules, at("2026-11-24T05:20:00Z")).await.unwrap().is_empty());
-    assert_eq!(store.queued().count(), 4);
+    assert_eq!(store.queued().await.unwrap().len(), 4);
 
-    let jobs: Vec<_> = store.queued().map(|e| store.job(&e.unwrap().id).unwrap().unwrap()).collect();
+    let mut jobs = Vec::new();
+    for e in store.queued().await.unwrap() {
+        jobs.push(store.job(&e.id).await.unwrap().unwrap());
+    }
     assert!(
         jobs.iter().any(|j| j.spec.prompt == "chores for acme/lib at 2026-11-24T05:00:00+00:00"),
         "{:?}",

@@ -11,8 +11,7 @@ use crate::rules::JobSpec;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Delivery {
     pub id: String,
-    /// `github` or a generic source's name.
-    pub source: String,
+    pub source: super::Source,
     pub event: String,
     pub received_at: DateTime<Utc>,
     /// Ids of the jobs it created.
@@ -39,10 +38,10 @@ impl Delivery {
     }
 
     /// A delivery received now, before its jobs are known.
-    pub fn new(id: impl Into<String>, source: impl Into<String>, event: impl Into<String>) -> Delivery {
+    pub fn new(id: impl Into<String>, source: &str, event: impl Into<String>) -> Delivery {
         Delivery {
             id: id.into(),
-            source: source.into(),
+            source: super::Source::parse(source),
             event: event.into(),
             received_at: Utc::now(),
             jobs: Vec::new(),
@@ -314,6 +313,23 @@ impl Job {
     pub fn attempts_left(&self) -> bool {
         self.counted_attempts() < self.spec.max_attempts
     }
+
+    /// The issue or PR the job is about, if any.
+    pub fn subject_of(&self) -> Option<super::Subject> {
+        let n = self.spec.subject?;
+        Some(if self.spec.subject_is_pull_request { super::Subject::PullRequest(n) } else { super::Subject::Issue(n) })
+    }
+
+    /// How the job reads as a check run.
+    pub fn conclusion(&self) -> super::Conclusion {
+        use super::Conclusion;
+        match self.state {
+            JobState::Succeeded => Conclusion::Success,
+            JobState::Cancelled => Conclusion::Cancelled,
+            _ if self.history.last().and_then(|a| a.outcome) == Some(Outcome::Timeout) => Conclusion::TimedOut,
+            _ => Conclusion::Failure,
+        }
+    }
 }
 
 /// Where a publication goes.
@@ -336,7 +352,7 @@ pub enum Target {
     EditStatus { number: u64 },
     /// A check run on `head_sha`: in progress without a conclusion, else
     /// completed with it (the run made at start is updated when known).
-    CheckRun { head_sha: String, name: String, conclusion: Option<String> },
+    CheckRun { head_sha: String, name: String, conclusion: Option<super::Conclusion> },
 }
 
 /// Why a publication exists. A job has at most one of each.

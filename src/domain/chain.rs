@@ -6,8 +6,8 @@
 
 use serde_json::json;
 
+use super::{Job, JobState};
 use crate::event::{Event, ParentJob, Repository};
-use crate::store::{Job, JobState};
 
 /// The event for a job that ended; `None` for a cancelled job.
 pub fn job_event(job: &Job) -> Option<Event> {

@@ -1,0 +1,453 @@
+//! Admission: what storing a delivery writes. Dedupe by delivery id and by
+//! signed body (replays), job ids from (delivery, trigger), the triggers'
+//! rate limits and cooldowns, concurrency groups under `on_conflict`, and
+//! jobs held for approval.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+
+use super::approval::{Pending, MAX_PENDING};
+use super::dispatch::QueueEntry;
+use super::{Delivery, Job, JobState, Plan, Skipped, Write};
+use crate::rules::{JobSpec, OnConflict};
+
+/// Jobs waiting in one concurrency group with `on_conflict = "queue"`, at most.
+pub const MAX_GROUP_QUEUE: usize = 50;
+
+/// The outcome of storing a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// Stored, with the jobs it created and the matches it skipped.
+    New(Admitted),
+    /// A delivery with this id was stored before; nothing was written.
+    Duplicate,
+    /// The same event and body came before under another delivery id
+    /// (within the delivery retention): a replay; nothing was written.
+    Replay { of: String },
+}
+
+/// What a stored delivery started.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Admitted {
+    pub jobs: Vec<String>,
+    /// Matches held back by a trigger's rate limit or cooldown.
+    pub skipped: Vec<Skipped>,
+}
+
+/// Who holds a concurrency group, and who waits for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct GroupState {
+    pub running: Option<String>,
+    /// (job id, queue sequence), in order.
+    pub waiting: Vec<(String, u64)>,
+}
+
+/// A delivery and the jobs its event created, ready to store.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    pub delivery: Delivery,
+    pub jobs: Vec<Job>,
+    /// Matches held until someone trusted approves: (subject key, job).
+    pub held: Vec<(String, Pending)>,
+    pub now: DateTime<Utc>,
+}
+
+/// The records admitting a batch reads. A backend fills it (see
+/// [`AdmitView::wanted`]) inside its transaction, then runs [`admit`] for
+/// each delivery in order; the view takes each one's writes, so a later
+/// delivery of the batch sees the earlier ones.
+#[derive(Debug, Default)]
+pub struct AdmitView {
+    /// Delivery ids already stored.
+    pub deliveries: HashSet<String>,
+    /// Body fingerprint → the delivery that first brought it.
+    pub bodies: HashMap<String, String>,
+    /// Stored jobs among the batch's ids and those waiting in its groups.
+    pub jobs: HashMap<String, Job>,
+    pub groups: HashMap<String, GroupState>,
+    pub throttles: HashMap<String, Vec<i64>>,
+    /// Subject key → jobs held there.
+    pub held: HashMap<String, Vec<Pending>>,
+}
+
+/// The keys of the records a batch reads, sorted (a backend that locks
+/// rows locks them in this order).
+#[derive(Debug, Default)]
+pub struct Wanted {
+    pub deliveries: BTreeSet<String>,
+    pub bodies: BTreeSet<String>,
+    pub jobs: BTreeSet<String>,
+    pub groups: BTreeSet<String>,
+    pub throttles: BTreeSet<String>,
+    pub subjects: BTreeSet<String>,
+}
+
+impl AdmitView {
+    /// What `batch` reads, except the jobs waiting in its groups: those are
+    /// known once the groups are loaded ([`AdmitView::waiting`]).
+    pub fn wanted(batch: &[Admission]) -> Wanted {
+        let mut w = Wanted::default();
+        for a in batch {
+            w.deliveries.insert(a.delivery.id.clone());
+            w.bodies.extend(a.delivery.fingerprint.clone());
+            for job in &a.jobs {
+                w.jobs.insert(job.id.clone());
+                w.groups.extend(job.spec.concurrency.clone());
+                w.throttles.extend(throttle_keys(&job.spec));
+            }
+            w.subjects.extend(a.held.iter().map(|(s, _)| s.clone()));
+        }
+        w
+    }
+
+    /// Jobs waiting in the loaded groups (`replace_pending` may cancel them).
+    pub fn waiting(&self) -> BTreeSet<String> {
+        self.groups.values().flat_map(|g| g.waiting.iter().map(|(id, _)| id.clone())).collect()
+    }
+}
+
+/// The throttle records a job's trigger keeps: runs per repository and hour,
+/// and the last run per issue or PR.
+pub fn throttle_keys(spec: &JobSpec) -> Vec<String> {
+    let repo = spec.repo.as_deref().unwrap_or("");
+    let mut keys = Vec::new();
+    if spec.max_runs_per_hour.is_some() {
+        keys.push(format!("rate\u{1f}{}\u{1f}{repo}", spec.trigger));
+    }
+    if let (Some(_), Some(subject)) = (spec.cooldown_secs, spec.subject) {
+        keys.push(format!("cool\u{1f}{}\u{1f}{repo}\u{1f}{subject}", spec.trigger));
+    }
+    keys
+}
+
+/// Applies a trigger's `max_runs_per_hour` (per repository) and `cooldown`
+/// (per subject): the runs to record when it may go ahead, else why not.
+fn throttle(
+    throttles: &HashMap<String, Vec<i64>>,
+    spec: &JobSpec,
+    now: DateTime<Utc>,
+) -> Result<Vec<(String, Vec<i64>)>, String> {
+    let repo = spec.repo.as_deref().unwrap_or("");
+    let now_ms = now.timestamp_millis();
+    let mut writes = Vec::new();
+    for key in throttle_keys(spec) {
+        let mut runs = throttles.get(&key).cloned().unwrap_or_default();
+        if key.starts_with("rate\u{1f}") {
+            let max = spec.max_runs_per_hour.unwrap_or(u32::MAX);
+            runs.retain(|t| now_ms - t < 3_600_000);
+            if runs.len() >= max as usize {
+                return Err(format!("max_runs_per_hour: {max} runs in the last hour for {repo}"));
+            }
+            runs.push(now_ms);
+        } else {
+            let cooldown = spec.cooldown_secs.unwrap_or(0) as i64 * 1000;
+            if let Some(last) = runs.iter().max().filter(|last| now_ms - *last < cooldown) {
+                let left = (cooldown - (now_ms - last)) / 1000 + 1;
+                let subject = spec.subject.unwrap_or(0);
+                let secs = cooldown / 1000;
+                return Err(format!("cooldown: #{subject} ran less than {secs}s ago ({left}s left)"));
+            }
+            runs = vec![now_ms];
+        }
+        writes.push((key, runs));
+    }
+    Ok(writes)
+}
+
+/// A new job joins its concurrency group under its trigger's `on_conflict`:
+/// the writes when it may wait there, or the job as dropped (cancelled) when
+/// the policy turns it away. Waiting jobs it replaces are cancelled, and a
+/// running one it supersedes is marked for cancelling.
+fn join_group(view: &AdmitView, group: &str, job: &Job, now: DateTime<Utc>) -> Result<Plan, Box<Job>> {
+    let mut st = view.groups.get(group).cloned().unwrap_or_default();
+    let busy = st.running.clone().or_else(|| st.waiting.first().map(|(w, _)| w.clone()));
+    let drop_with = |why: String| {
+        let mut dropped = job.clone();
+        dropped.end(JobState::Cancelled, None, Some(why), now);
+        dropped.displaced_by = busy.clone();
+        Box::new(dropped)
+    };
+    let mut plan = Plan::new();
+    match job.spec.on_conflict {
+        OnConflict::Skip if busy.is_some() => {
+            let holder = busy.clone().unwrap_or_default();
+            return Err(drop_with(format!(
+                "dropped: concurrency group `{group}` is busy with job {holder} (on_conflict = skip)"
+            )));
+        }
+        OnConflict::Queue if st.waiting.len() >= MAX_GROUP_QUEUE => {
+            return Err(drop_with(format!(
+                "dropped: {MAX_GROUP_QUEUE} jobs already wait in concurrency group `{group}`"
+            )));
+        }
+        OnConflict::ReplacePending | OnConflict::CancelInProgress => {
+            for (waiting, _seq) in std::mem::take(&mut st.waiting) {
+                if let Some(old) = view.jobs.get(&waiting).filter(|j| j.state == JobState::Queued) {
+                    let mut old = old.clone();
+                    old.end(JobState::Cancelled, None, Some(format!("replaced by job {}", job.id)), now);
+                    old.displaced_by = Some(job.id.clone());
+                    plan.push(Write::Dequeue(QueueEntry::of(&old)));
+                    plan.push(Write::Job { job: Box::new(old), new: false });
+                }
+            }
+            if job.spec.on_conflict == OnConflict::CancelInProgress {
+                if let Some(running) = &st.running {
+                    plan.push(Write::Cancel { job: running.clone(), by: job.id.clone() });
+                }
+            }
+        }
+        _ => {}
+    }
+    st.waiting.push((job.id.clone(), job.seq));
+    plan.push(Write::Group { name: group.to_string(), state: st });
+    Ok(plan)
+}
+
+/// One delivery's admission, against (and into) `view`.
+pub fn admit(view: &mut AdmitView, a: &Admission) -> (Accepted, Plan) {
+    if view.deliveries.contains(&a.delivery.id) {
+        return (Accepted::Duplicate, Plan::new());
+    }
+    if let Some(of) = a.delivery.fingerprint.as_ref().and_then(|f| view.bodies.get(f)) {
+        return (Accepted::Replay { of: of.clone() }, Plan::new());
+    }
+    let mut plan = Plan::new();
+    for (subject, p) in &a.held {
+        let list = view.held.entry(subject.clone()).or_default();
+        list.retain(|old| !(old.delivery == p.delivery && old.spec.trigger == p.spec.trigger));
+        list.push(p.clone());
+        // An outsider cannot grow this without bound.
+        if list.len() > MAX_PENDING {
+            list.drain(..list.len() - MAX_PENDING);
+        }
+        plan.push(Write::Held { subject: subject.clone(), list: list.clone() });
+    }
+    let mut record = a.delivery.clone();
+    for job in &a.jobs {
+        match throttle(&view.throttles, &job.spec, a.now) {
+            Err(reason) => {
+                record.skipped.push(Skipped { trigger: job.trigger.clone(), reason });
+                continue;
+            }
+            Ok(runs) => {
+                for (key, runs) in runs {
+                    view.throttles.insert(key.clone(), runs.clone());
+                    plan.push(Write::Throttle { key, runs });
+                }
+            }
+        }
+        record.jobs.push(job.id.clone());
+        // A job id already present (its delivery was pruned and is now
+        // redelivered) is never doubled.
+        if view.jobs.contains_key(&job.id) {
+            continue;
+        }
+        let mut stored = job.clone();
+        if let Some(group) = &job.spec.concurrency {
+            match join_group(view, group, job, a.now) {
+                Ok(writes) => plan.extend(writes),
+                Err(dropped) => stored = *dropped,
+            }
+        }
+        if stored.state == JobState::Queued {
+            plan.push(Write::Enqueue(QueueEntry::of(&stored)));
+        }
+        plan.push(Write::Job { job: Box::new(stored), new: true });
+    }
+    // The view takes the plan's writes, for the batch's next delivery.
+    for w in &plan {
+        match w {
+            Write::Job { job, .. } => {
+                view.jobs.insert(job.id.clone(), (**job).clone());
+            }
+            Write::Group { name, state } => {
+                view.groups.insert(name.clone(), state.clone());
+            }
+            _ => {}
+        }
+    }
+    view.deliveries.insert(record.id.clone());
+    if let Some(f) = &record.fingerprint {
+        view.bodies.insert(f.clone(), record.id.clone());
+    }
+    let admitted = Admitted { jobs: record.jobs.clone(), skipped: record.skipped.clone() };
+    plan.push(Write::Delivery(record));
+    (Accepted::New(admitted), plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::render;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap_or_default()
+    }
+
+    fn job(id: &str, seq: u64, spec: JobSpec) -> Job {
+        Job::new(id.into(), seq, format!("d-{id}"), spec, at(0))
+    }
+
+    fn spec(trigger: &str) -> JobSpec {
+        JobSpec { trigger: trigger.into(), agent: "a".into(), repo: Some("o/r".into()), ..JobSpec::default() }
+    }
+
+    fn grouped(on_conflict: OnConflict) -> JobSpec {
+        JobSpec { concurrency: Some("g".into()), on_conflict, ..spec("t") }
+    }
+
+    fn delivery(id: &str, jobs: Vec<Job>, secs: i64) -> Admission {
+        Admission { delivery: Delivery::new(id, "github", "issues.opened"), jobs, held: Vec::new(), now: at(secs) }
+    }
+
+    /// Admits `batch` in order against `view`; renders each answer and plan.
+    fn check(mut view: AdmitView, batch: Vec<Admission>, expect: &str) {
+        let mut out = String::new();
+        for a in &batch {
+            let (accepted, plan) = admit(&mut view, a);
+            let answer = match accepted {
+                Accepted::New(ad) => {
+                    format!("new {:?} skipped {:?}", ad.jobs, ad.skipped.iter().map(|s| &s.reason).collect::<Vec<_>>())
+                }
+                other => format!("{other:?}"),
+            };
+            out.push_str(&format!("{}: {answer}\n{}", a.delivery.id, render(&plan)));
+        }
+        assert_eq!(out.trim(), expect.trim(), "\n--- got ---\n{out}");
+    }
+
+    #[test]
+    fn dedupe_by_id_and_by_body_and_job_ids_never_double() {
+        let mut replay = delivery("d2", vec![], 0);
+        replay.delivery.fingerprint = Some("f1".into());
+        let mut first = delivery("d1", vec![job("j1", 1, spec("t"))], 0);
+        first.delivery.fingerprint = Some("f1".into());
+        let mut view = AdmitView::default();
+        view.jobs.insert("j9".into(), job("j9", 9, spec("t")));
+        check(
+            view,
+            vec![first.clone(), first, replay, delivery("d3", vec![job("j9", 10, spec("t"))], 0)],
+            r#"
+d1: new ["j1"] skipped []
+enqueue j1
+job j1 queued new
+delivery d1 jobs=["j1"] skipped=0
+d1: Duplicate
+d2: Replay { of: "d1" }
+d3: new ["j9"] skipped []
+delivery d3 jobs=["j9"] skipped=0"#,
+        );
+    }
+
+    #[test]
+    fn rate_limits_and_cooldowns_skip_with_their_reason() {
+        let rate = JobSpec { max_runs_per_hour: Some(1), ..spec("r") };
+        let cool = JobSpec { cooldown_secs: Some(60), subject: Some(7), ..spec("c") };
+        check(
+            AdmitView::default(),
+            vec![
+                delivery("d1", vec![job("a", 1, rate.clone()), job("b", 2, cool.clone())], 0),
+                delivery("d2", vec![job("c", 3, rate.clone()), job("e", 4, cool.clone())], 30),
+                delivery("d3", vec![job("f", 5, rate), job("g", 6, cool)], 3_601),
+            ],
+            r#"
+d1: new ["a", "b"] skipped []
+throttle rate/r/o/r runs=1
+enqueue a
+job a queued new
+throttle cool/c/o/r/7 runs=1
+enqueue b
+job b queued new
+delivery d1 jobs=["a", "b"] skipped=0
+d2: new [] skipped ["max_runs_per_hour: 1 runs in the last hour for o/r", "cooldown: #7 ran less than 60s ago (31s left)"]
+delivery d2 jobs=[] skipped=2
+d3: new ["f", "g"] skipped []
+throttle rate/r/o/r runs=1
+enqueue f
+job f queued new
+throttle cool/c/o/r/7 runs=1
+enqueue g
+job g queued new
+delivery d3 jobs=["f", "g"] skipped=0"#,
+        );
+    }
+
+    #[test]
+    fn concurrency_groups_follow_on_conflict() {
+        let mut view = AdmitView::default();
+        view.groups.insert("g".into(), GroupState { running: Some("r".into()), waiting: vec![("w".into(), 2)] });
+        view.jobs.insert("w".into(), job("w", 2, grouped(OnConflict::Queue)));
+        check(
+            view,
+            vec![
+                delivery("d1", vec![job("s", 3, grouped(OnConflict::Skip))], 0),
+                delivery("d2", vec![job("q", 4, grouped(OnConflict::Queue))], 0),
+                delivery("d3", vec![job("p", 5, grouped(OnConflict::ReplacePending))], 0),
+                delivery("d4", vec![job("c", 6, grouped(OnConflict::CancelInProgress))], 0),
+            ],
+            r#"
+d1: new ["s"] skipped []
+job s cancelled new (dropped: concurrency group `g` is busy with job r (on_conflict = skip))
+delivery d1 jobs=["s"] skipped=0
+d2: new ["q"] skipped []
+group g running=r waiting=["w", "q"]
+enqueue q
+job q queued new
+delivery d2 jobs=["q"] skipped=0
+d3: new ["p"] skipped []
+dequeue w
+job w cancelled (replaced by job p)
+dequeue q
+job q cancelled (replaced by job p)
+group g running=r waiting=["p"]
+enqueue p
+job p queued new
+delivery d3 jobs=["p"] skipped=0
+d4: new ["c"] skipped []
+dequeue p
+job p cancelled (replaced by job c)
+cancel r by c
+group g running=r waiting=["c"]
+enqueue c
+job c queued new
+delivery d4 jobs=["c"] skipped=0"#,
+        );
+    }
+
+    #[test]
+    fn a_full_group_line_drops_the_newcomer() {
+        let mut view = AdmitView::default();
+        let waiting = (0..MAX_GROUP_QUEUE as u64).map(|n| (format!("w{n}"), n)).collect();
+        view.groups.insert("g".into(), GroupState { running: None, waiting });
+        check(
+            view,
+            vec![delivery("d1", vec![job("x", 99, grouped(OnConflict::Queue))], 0)],
+            r#"
+d1: new ["x"] skipped []
+job x cancelled new (dropped: 50 jobs already wait in concurrency group `g`)
+delivery d1 jobs=["x"] skipped=0"#,
+        );
+    }
+
+    #[test]
+    fn held_jobs_are_kept_per_subject_newest_twenty() {
+        let held = |n: usize| {
+            let p = Pending { delivery: format!("h{n}"), held_at: at(0), spec: spec("t"), text: None };
+            ("o/r#1".to_string(), p)
+        };
+        let mut view = AdmitView::default();
+        view.held.insert("o/r#1".into(), (0..MAX_PENDING).map(|n| held(n).1).collect());
+        let mut a = delivery("d1", vec![], 0);
+        a.held.push(held(100));
+        check(
+            view,
+            vec![a],
+            r#"
+d1: new [] skipped []
+held o/r#1 n=20
+delivery d1 jobs=[] skipped=0"#,
+        );
+    }
+}

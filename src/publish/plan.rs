@@ -1,0 +1,155 @@
+//! Publication planning: what a job's start and end put on GitHub, as
+//! outbox records (the engine stores them with the job's state; the
+//! publisher sends them), and the per-job caps on what a job may create.
+//! Pure: no IO.
+
+use chrono::Utc;
+
+use super::redact::Redactor;
+use crate::domain::{Job, JobState, Publication, PublicationState, Purpose, Subject, Target};
+use crate::rules::{JobSpec, OutputKind};
+
+/// Plans publications for the jobs of one daemon.
+pub struct Planner {
+    /// Off without GitHub credentials: nothing is planned.
+    pub publishing: bool,
+    /// Links the status comment to the dashboard.
+    pub public_url: Option<String>,
+    /// Every body and title leaves through it.
+    pub redactor: Redactor,
+}
+
+/// What a create counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapKind {
+    Comment,
+    PullRequest,
+    None,
+}
+
+/// Why `job` may not create one more `kind`, when its caps are reached.
+pub fn cap_reached(job: &Job, kind: CapKind) -> Option<String> {
+    let opts = &job.spec.output_options;
+    match kind {
+        CapKind::Comment => (job.progress.comments >= opts.max_comments)
+            .then(|| format!("the job's cap of {} comments (output.max_comments) is reached", opts.max_comments)),
+        CapKind::PullRequest => (job.progress.pull_requests >= opts.max_pull_requests).then(|| {
+            format!("the job's cap of {} pull requests (output.max_pull_requests) is reached", opts.max_pull_requests)
+        }),
+        CapKind::None => None,
+    }
+}
+
+impl Planner {
+    /// What a job's end puts on GitHub: its result where the output says
+    /// (a check run, a pull request, a review, or a comment — the status
+    /// comment edited in place when there is one), and the status comment's
+    /// last edit when the result went elsewhere. Failures and cancellations
+    /// go where a comment would.
+    pub fn at_end(&self, job: &Job) -> Vec<Publication> {
+        let spec: &JobSpec = &job.spec;
+        if spec.output == OutputKind::None || !self.publishing || !job.state.is_final() {
+            return Vec::new();
+        }
+        let Some(repo) = spec.repo.clone() else { return Vec::new() };
+        let publication = |purpose, target, body| self.publication(job, &repo, purpose, target, body);
+        let mut out = Vec::new();
+        let succeeded = job.state == JobState::Succeeded;
+        match (spec.output, &job.branch, job.subject_of()) {
+            (OutputKind::CheckRun, _, _) => {
+                if let Some(sha) = &spec.head_sha {
+                    let conclusion = Some(job.conclusion());
+                    let target = Target::CheckRun { head_sha: sha.clone(), name: check_name(job), conclusion };
+                    out.push(publication(Purpose::Final, target, super::comment_body(job)));
+                }
+            }
+            (OutputKind::PullRequest, Some(branch), _) if succeeded => {
+                let target = Target::PullRequest {
+                    head: branch.clone(),
+                    base: spec.default_branch.clone().unwrap_or_else(|| "main".into()),
+                    title: super::pull_request_title(job),
+                };
+                out.push(publication(Purpose::Final, target, super::pull_request_body(job)));
+            }
+            (OutputKind::Review, _, Some(Subject::PullRequest(number))) if succeeded => {
+                out.push(publication(Purpose::Final, Target::Review { number }, super::comment_body(job)));
+            }
+            _ => {}
+        }
+        let progress = spec.output_options.progress && job.progress.started;
+        match (spec.subject, out.is_empty()) {
+            (Some(number), true) if progress => {
+                out.push(publication(Purpose::Final, Target::EditStatus { number }, super::comment_body(job)))
+            }
+            (Some(number), false) if progress => {
+                out.push(publication(Purpose::StatusEnd, Target::EditStatus { number }, super::status_end_body(job)))
+            }
+            (Some(number), true) => {
+                out.push(publication(Purpose::Final, Target::IssueComment { number }, super::comment_body(job)))
+            }
+            (None, true) if spec.output != OutputKind::CheckRun => {
+                if let Some(sha) = &spec.head_sha {
+                    let target = Target::CommitComment { sha: sha.clone() };
+                    out.push(publication(Purpose::Final, target, super::comment_body(job)));
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// What a job's start puts on GitHub, once per job: 👀 and a status
+    /// comment (with `progress`), and an in-progress check run.
+    pub fn at_start(&self, job: &Job) -> Vec<Publication> {
+        let spec: &JobSpec = &job.spec;
+        if spec.output == OutputKind::None || !self.publishing || job.progress.started {
+            return Vec::new();
+        }
+        let Some(repo) = spec.repo.clone() else { return Vec::new() };
+        let mut out = Vec::new();
+        if let (true, Some(number)) = (spec.output_options.progress, spec.subject) {
+            let reaction = Target::Reaction { number, comment_id: spec.comment_id };
+            out.push(self.publication(job, &repo, Purpose::Reaction, reaction, String::new()));
+            let body = super::status_start_body(job, self.public_url.as_deref());
+            out.push(self.publication(job, &repo, Purpose::Status, Target::StatusComment { number }, body));
+        }
+        if let (OutputKind::CheckRun, Some(sha)) = (spec.output, &spec.head_sha) {
+            let target = Target::CheckRun { head_sha: sha.clone(), name: check_name(job), conclusion: None };
+            let body = super::status_start_body(job, self.public_url.as_deref());
+            out.push(self.publication(job, &repo, Purpose::CheckStart, target, body));
+        }
+        out
+    }
+
+    /// Every publication passes here on its way to the outbox: whatever a
+    /// template put in its body or title (a prompt, the event's text, the
+    /// result) leaves redacted.
+    pub fn publication(&self, job: &Job, repo: &str, purpose: Purpose, target: Target, body: String) -> Publication {
+        let target = match target {
+            Target::PullRequest { head, base, title } => {
+                Target::PullRequest { head, base, title: self.redactor.redact(&title) }
+            }
+            other => other,
+        };
+        Publication {
+            job: job.id.clone(),
+            purpose,
+            repo: repo.to_string(),
+            installation: job.spec.installation,
+            target,
+            body: self.redactor.redact(&body),
+            state: PublicationState::Pending,
+            attempts: 0,
+            next_attempt_at: Utc::now(),
+            last_error: None,
+            url: None,
+            maybe_sent: false,
+            remote_id: None,
+        }
+    }
+}
+
+/// The check run a job makes is named after its trigger.
+fn check_name(job: &Job) -> String {
+    format!("baton/{}", job.trigger)
+}

@@ -1,0 +1,1154 @@
+//! The PostgreSQL backend, for several replicas on one database.
+//!
+//! The tables are in `migrations/`, applied at start under an advisory lock.
+//! Each change is a domain plan applied in one transaction, like sled's; what
+//! is new is that other replicas write too:
+//! - admission takes a transaction-scoped advisory lock per delivery id and
+//!   body fingerprint (in sorted order), so two replicas given the same
+//!   delivery store it once;
+//! - claims run under one advisory lock, so the limits that span replicas
+//!   (per repository, per agent, concurrency groups) are checked against
+//!   every replica's running jobs; queue rows are taken `FOR UPDATE SKIP
+//!   LOCKED`;
+//! - a running job carries its replica and a lease deadline; a lapsed lease
+//!   is taken by exactly one replica (one `UPDATE … RETURNING`);
+//! - the outbox leases each publication to one replica at a time;
+//! - `NOTIFY` wakes every replica's dispatcher and publisher.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::types::Json;
+use sqlx::{Postgres, Row, Transaction};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::{JobQuery, PrHead, StoreError};
+use crate::domain::admission::{self, Admission, AdmitView};
+use crate::domain::approval::{self, Pending};
+use crate::domain::dispatch::{self, Claim, Limits, Load, QueueEntry};
+use crate::domain::{subject_key, Accepted, Approval, Delivery, GroupState, Job, Plan, Publication, Purpose, Write};
+
+/// The migrations, in order; each runs once, in its own transaction.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("migrations/0001_tables.sql"))];
+
+/// The whole schema, as `baton migrate --print` shows it.
+pub const SCHEMA: &str = include_str!("migrations/0001_tables.sql");
+
+/// Advisory lock keys (arbitrary, fixed): migrations, and claims.
+const MIGRATE_LOCK: i64 = 0x6261_746f_6e00_0001;
+const CLAIM_LOCK: i64 = 0x6261_746f_6e00_0002;
+
+/// How long a replica holds a publication it is sending.
+const OUTBOX_LEASE: Duration = Duration::from_secs(60);
+
+/// Deliveries stored in one transaction, at most.
+const MAX_BATCH: usize = 256;
+
+type Reply = oneshot::Sender<Result<Accepted, StoreError>>;
+
+/// A pool of connections to one database (and schema), as one replica.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    /// This replica's name: what it runs, leases and sends is marked with it.
+    replica: String,
+    /// The `NOTIFY` channels of this schema: the queue, the outbox.
+    channels: (String, String),
+    /// Deliveries waiting for the batch writer.
+    admissions: mpsc::Sender<(Admission, Reply)>,
+}
+
+fn pg(e: sqlx::Error) -> StoreError {
+    StoreError::Postgres(e.to_string())
+}
+
+/// Whether a transaction failed only because another got in its way
+/// (serialization, deadlock, a unique key taken meanwhile): run it again.
+fn conflict(e: &StoreError) -> bool {
+    matches!(e, StoreError::Postgres(m) if m.contains("40001") || m.contains("40P01") || m.contains("duplicate key"))
+}
+
+/// `url` without its password, for messages.
+fn display_url(url: &str) -> String {
+    match url.split_once("://").and_then(|(scheme, rest)| rest.split_once('@').map(|(cred, host)| (scheme, cred, host)))
+    {
+        Some((scheme, cred, host)) => {
+            let user = cred.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// Runs `f` again while it fails on a conflict with another transaction.
+macro_rules! retrying {
+    ($body:expr) => {{
+        let mut tries = 0;
+        loop {
+            match $body {
+                Err(e) if conflict(&e) && tries < 8 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(5 * tries)).await;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
+impl PgStore {
+    /// Connects, creates the schema if it is missing and applies the
+    /// migrations, then starts the batch writer.
+    pub async fn connect(url: &str, schema: Option<&str>, replica: &str) -> Result<PgStore, StoreError> {
+        let unreachable = |reason: String| StoreError::Unreachable { url: display_url(url), reason };
+        let mut options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| unreachable(e.to_string()))?;
+        if let Some(schema) = schema {
+            options = options.options([("search_path", schema)]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_with(options)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        migrate(&pool, schema).await?;
+        let tag = schema.unwrap_or("public").replace(|c: char| !c.is_ascii_alphanumeric() && c != '_', "_");
+        let (tx, rx) = mpsc::channel(4096);
+        let store = PgStore {
+            pool,
+            replica: replica.to_string(),
+            channels: (format!("baton_queue_{tag}"), format!("baton_outbox_{tag}")),
+            admissions: tx,
+        };
+        tokio::spawn(store.clone().write_batches(rx));
+        Ok(store)
+    }
+
+    /// The batch writer: every delivery waiting (up to `MAX_BATCH`) goes
+    /// into one transaction, committed before any of them is answered.
+    async fn write_batches(self, mut rx: mpsc::Receiver<(Admission, Reply)>) {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            let (admissions, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            let result = retrying!(self.admit_batch(&admissions).await);
+            match result {
+                Ok(answers) => {
+                    for (reply, answer) in replies.into_iter().zip(answers) {
+                        let _ = reply.send(Ok(answer));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, deliveries = replies.len(), "Storing deliveries failed.");
+                    for reply in replies {
+                        let _ = reply.send(Err(e.again()));
+                    }
+                }
+            }
+        }
+    }
+
+    pub async fn admit(&self, admission: Admission) -> Result<Accepted, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.admissions.send((admission, tx)).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn admit_batch(&self, batch: &[Admission]) -> Result<Vec<Accepted>, StoreError> {
+        let mut batch = batch.to_vec();
+        let mut tx = self.pool.begin().await.map_err(pg)?;
+        let wanted = AdmitView::wanted(&batch);
+        // The same delivery (or body) on two replicas at once: one waits.
+        let locks: Vec<String> =
+            wanted.deliveries.iter().cloned().chain(wanted.bodies.iter().map(|b| format!("\0{b}"))).collect();
+        let mut locks: Vec<String> = locks.into_iter().map(|l| l.replace('\0', "body:")).collect();
+        locks.sort();
+        sqlx::query("SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) FROM (SELECT unnest($1::text[]) AS k ORDER BY 1) s")
+            .bind(&locks)
+            .execute(&mut *tx)
+            .await
+            .map_err(pg)?;
+        let mut view = AdmitView::default();
+        let ids: Vec<String> = wanted.deliveries.iter().cloned().collect();
+        for row in sqlx::query("SELECT id FROM deliveries WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(pg)?
+        {
+            view.deliveries.insert(row.try_get(0).map_err(pg)?);
+        }
+        let bodies: Vec<String> = wanted.bodies.iter().cloned().collect();
+        if !bodies.is_empty() {
+            let rows = sqlx::query("SELECT fingerprint, id FROM deliveries WHERE fingerprint = ANY($1)")
+                .bind(&bodies)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(pg)?;
+            for row in rows {
+                view.bodies.insert(row.try_get(0).map_err(pg)?, row.try_get(1).map_err(pg)?);
+            }
+        }
+        let groups: Vec<String> = wanted.groups.iter().cloned().collect();
+        view.groups = lock_groups(&mut tx, &groups).await?;
+        let mut job_ids: Vec<String> = wanted.jobs.iter().cloned().collect();
+        job_ids.extend(view.waiting());
+        view.jobs = load_jobs(&mut tx, &job_ids).await?;
+        let keys: Vec<String> = wanted.throttles.iter().cloned().collect();
+        if !keys.is_empty() {
+            sqlx::query("INSERT INTO throttles (key, runs) SELECT unnest($1::text[]), '[]' ON CONFLICT DO NOTHING")
+                .bind(&keys)
+                .execute(&mut *tx)
+                .await
+                .map_err(pg)?;
+            let rows = sqlx::query("SELECT key, runs FROM throttles WHERE key = ANY($1) ORDER BY key FOR UPDATE")
+                .bind(&keys)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(pg)?;
+            for row in rows {
+                let Json(runs): Json<Vec<i64>> = row.try_get(1).map_err(pg)?;
+                view.throttles.insert(row.try_get(0).map_err(pg)?, runs);
+            }
+        }
+        let subjects: Vec<String> = wanted.subjects.iter().cloned().collect();
+        if !subjects.is_empty() {
+            let rows =
+                sqlx::query("SELECT subject, list FROM held WHERE subject = ANY($1) ORDER BY subject FOR UPDATE")
+                    .bind(&subjects)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(pg)?;
+            for row in rows {
+                let Json(list): Json<Vec<Pending>> = row.try_get(1).map_err(pg)?;
+                view.held.insert(row.try_get(0).map_err(pg)?, list);
+            }
+        }
+        // Job numbers, in one trip.
+        let count = batch.iter().map(|a| a.jobs.len()).sum::<usize>() as i64;
+        if count > 0 {
+            let seqs: Vec<i64> = sqlx::query_scalar("SELECT nextval('job_seq') FROM generate_series(1, $1)")
+                .bind(count)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(pg)?;
+            let mut seqs = seqs.into_iter();
+            for job in batch.iter_mut().flat_map(|a| a.jobs.iter_mut()) {
+                job.seq = seqs.next().unwrap_or(0) as u64;
+            }
+        }
+        let mut plan = Plan::new();
+        let mut answers = Vec::with_capacity(batch.len());
+        for a in &batch {
+            let (accepted, writes) = admission::admit(&mut view, a);
+            plan.extend(writes);
+            answers.push(accepted);
+        }
+        self.apply(&mut tx, &plan, Duration::ZERO).await?;
+        tx.commit().await.map_err(pg)?;
+        Ok(answers)
+    }
+
+    /// Applies a plan inside `tx`: its net effect per record (a later write
+    /// to a record wins, as if applied in order), one statement per table.
+    async fn apply(&self, tx: &mut Transaction<'_, Postgres>, plan: &Plan, lease: Duration) -> Result<(), StoreError> {
+        let mut deliveries = Vec::new();
+        let mut jobs: BTreeMap<String, Job> = BTreeMap::new();
+        let mut queue: BTreeMap<String, Option<QueueEntry>> = BTreeMap::new();
+        let mut groups: BTreeMap<String, GroupState> = BTreeMap::new();
+        let mut throttles: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        let mut held: BTreeMap<String, Vec<Pending>> = BTreeMap::new();
+        let mut cancels: BTreeMap<String, String> = BTreeMap::new();
+        let mut leases: BTreeMap<String, bool> = BTreeMap::new();
+        let mut ends = Vec::new();
+        let mut outbox: BTreeMap<(String, &'static str), Option<Publication>> = BTreeMap::new();
+        for w in plan {
+            match w {
+                Write::Delivery(d) => deliveries.push(d),
+                Write::Job { job, .. } => {
+                    jobs.insert(job.id.clone(), (**job).clone());
+                }
+                Write::Enqueue(e) => {
+                    queue.insert(e.id.clone(), Some(e.clone()));
+                }
+                Write::Dequeue(e) => {
+                    queue.insert(e.id.clone(), None);
+                }
+                Write::Group { name, state } => {
+                    groups.insert(name.clone(), state.clone());
+                }
+                Write::Throttle { key, runs } => {
+                    throttles.insert(key.clone(), runs.clone());
+                }
+                Write::Cancel { job, by } => {
+                    cancels.insert(job.clone(), by.clone());
+                }
+                Write::Held { subject, list } => {
+                    held.insert(subject.clone(), list.clone());
+                }
+                Write::Lease(id) => {
+                    leases.insert(id.clone(), true);
+                }
+                Write::Unlease(id) => {
+                    leases.insert(id.clone(), false);
+                }
+                Write::End(id) => ends.push(id.clone()),
+                Write::Outbox(p) => {
+                    outbox.insert((p.job.clone(), p.purpose.as_str()), Some((**p).clone()));
+                }
+                Write::Unbox { job, purpose } => {
+                    outbox.insert((job.clone(), purpose.as_str()), None);
+                }
+            }
+        }
+        let q = |sql: &'static str| sqlx::query(sql);
+        if !deliveries.is_empty() {
+            let ids: Vec<&str> = deliveries.iter().map(|d| d.id.as_str()).collect();
+            let at: Vec<DateTime<Utc>> = deliveries.iter().map(|d| d.received_at).collect();
+            let fp: Vec<Option<&str>> = deliveries.iter().map(|d| d.fingerprint.as_deref()).collect();
+            let rec: Vec<String> = deliveries.iter().map(json).collect();
+            q("INSERT INTO deliveries (id, received_at, fingerprint, record)
+               SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[]::jsonb[])")
+            .bind(ids)
+            .bind(at)
+            .bind(fp)
+            .bind(rec)
+            .execute(&mut **tx)
+            .await
+            .map_err(pg)?;
+        }
+        if !jobs.is_empty() {
+            let v: Vec<&Job> = jobs.values().collect();
+            q("INSERT INTO jobs (id, seq, state, trigger, repo, finished_at, record)
+               SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::text[]::jsonb[])
+               ON CONFLICT (id) DO UPDATE SET state = excluded.state, finished_at = excluded.finished_at, record = excluded.record")
+            .bind(v.iter().map(|j| j.id.as_str()).collect::<Vec<_>>())
+            .bind(v.iter().map(|j| j.seq as i64).collect::<Vec<_>>())
+            .bind(v.iter().map(|j| j.state.as_str()).collect::<Vec<_>>())
+            .bind(v.iter().map(|j| j.trigger.as_str()).collect::<Vec<_>>())
+            .bind(v.iter().map(|j| j.repo.as_deref()).collect::<Vec<_>>())
+            .bind(v.iter().map(|j| j.finished_at).collect::<Vec<_>>())
+            .bind(v.iter().map(json).collect::<Vec<_>>())
+            .execute(&mut **tx)
+            .await
+            .map_err(pg)?;
+        }
+        let gone: Vec<&str> = queue.iter().filter(|(_, e)| e.is_none()).map(|(id, _)| id.as_str()).collect();
+        if !gone.is_empty() {
+            q("DELETE FROM queue WHERE id = ANY($1)").bind(gone).execute(&mut **tx).await.map_err(pg)?;
+        }
+        let added: Vec<&QueueEntry> = queue.values().flatten().collect();
+        if !added.is_empty() {
+            q("INSERT INTO queue (id, priority, seq, agent, repo)
+               SELECT * FROM unnest($1::text[], $2::smallint[], $3::bigint[], $4::text[], $5::text[]) ON CONFLICT DO NOTHING")
+            .bind(added.iter().map(|e| e.id.as_str()).collect::<Vec<_>>())
+            .bind(added.iter().map(|e| i16::from(e.priority)).collect::<Vec<_>>())
+            .bind(added.iter().map(|e| e.seq as i64).collect::<Vec<_>>())
+            .bind(added.iter().map(|e| e.agent.as_str()).collect::<Vec<_>>())
+            .bind(added.iter().map(|e| e.repo.as_deref()).collect::<Vec<_>>())
+            .execute(&mut **tx)
+            .await
+            .map_err(pg)?;
+        }
+        for (name, state) in &groups {
+            if state.running.is_none() && state.waiting.is_empty() {
+                q("DELETE FROM groups WHERE name = $1").bind(name).execute(&mut **tx).await.map_err(pg)?;
+            } else {
+                q("INSERT INTO groups (name, state) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET state = excluded.state")
+                    .bind(name)
+                    .bind(Json(state))
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(pg)?;
+            }
+        }
+        if !throttles.is_empty() {
+            q("INSERT INTO throttles (key, runs) SELECT * FROM unnest($1::text[], $2::text[]::jsonb[])
+               ON CONFLICT (key) DO UPDATE SET runs = excluded.runs")
+            .bind(throttles.keys().collect::<Vec<_>>())
+            .bind(throttles.values().map(json).collect::<Vec<_>>())
+            .execute(&mut **tx)
+            .await
+            .map_err(pg)?;
+        }
+        for (subject, list) in &held {
+            if list.is_empty() {
+                q("DELETE FROM held WHERE subject = $1").bind(subject).execute(&mut **tx).await.map_err(pg)?;
+            } else {
+                q("INSERT INTO held (subject, list) VALUES ($1, $2) ON CONFLICT (subject) DO UPDATE SET list = excluded.list")
+                    .bind(subject)
+                    .bind(Json(list))
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(pg)?;
+            }
+        }
+        for (job, by) in &cancels {
+            q("INSERT INTO cancels (id, by_job) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET by_job = excluded.by_job")
+                .bind(job)
+                .bind(by)
+                .execute(&mut **tx)
+                .await
+                .map_err(pg)?;
+        }
+        for (id, on) in &leases {
+            if *on {
+                let job = jobs.get(id);
+                q("INSERT INTO running (id, replica, lease_until, agent, repo)
+                   VALUES ($1, $2, now() + make_interval(secs => $3), $4, $5)
+                   ON CONFLICT (id) DO UPDATE SET replica = excluded.replica, lease_until = excluded.lease_until")
+                .bind(id)
+                .bind(&self.replica)
+                .bind(lease.as_secs_f64())
+                .bind(job.map(|j| j.spec.agent.as_str()).unwrap_or(""))
+                .bind(job.and_then(|j| j.repo.as_deref()))
+                .execute(&mut **tx)
+                .await
+                .map_err(pg)?;
+            } else {
+                q("DELETE FROM running WHERE id = $1").bind(id).execute(&mut **tx).await.map_err(pg)?;
+            }
+        }
+        if !ends.is_empty() {
+            q("INSERT INTO ends (id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING")
+                .bind(&ends)
+                .execute(&mut **tx)
+                .await
+                .map_err(pg)?;
+        }
+        for ((job, purpose), p) in &outbox {
+            match p {
+                Some(p) => q("INSERT INTO outbox (job, purpose, record) VALUES ($1, $2, $3)
+                              ON CONFLICT (job, purpose) DO UPDATE SET record = excluded.record")
+                .bind(job)
+                .bind(*purpose)
+                .bind(Json(p))
+                .execute(&mut **tx)
+                .await
+                .map_err(pg)?,
+                None => q("DELETE FROM outbox WHERE job = $1 AND purpose = $2")
+                    .bind(job)
+                    .bind(*purpose)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(pg)?,
+            };
+        }
+        // Wake the replicas (on commit) when there is work for them.
+        let queue_woken = queue.values().any(Option::is_some) || leases.values().any(|on| !on) || !cancels.is_empty();
+        if queue_woken {
+            q("SELECT pg_notify($1, '')").bind(&self.channels.0).execute(&mut **tx).await.map_err(pg)?;
+        }
+        if outbox.values().any(Option::is_some) {
+            q("SELECT pg_notify($1, '')").bind(&self.channels.1).execute(&mut **tx).await.map_err(pg)?;
+        }
+        Ok(())
+    }
+
+    /// Applies `plan` in a transaction of its own.
+    async fn apply_alone(&self, plan: &Plan, lease: Duration) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(pg)?;
+        self.apply(&mut tx, plan, lease).await?;
+        tx.commit().await.map_err(pg)
+    }
+
+    /// Wakes `queue` and `outbox` on the schema's notifications; after a
+    /// lost connection (notifications may have been missed) it wakes both.
+    pub fn listen(
+        &self,
+        queue: std::sync::Arc<Notify>,
+        outbox: std::sync::Arc<Notify>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let (pool, channels) = (self.pool.clone(), self.channels.clone());
+        tokio::spawn(async move {
+            let mut listener: Option<PgListener> = None;
+            loop {
+                if listener.is_none() {
+                    match PgListener::connect_with(&pool).await {
+                        Ok(mut l) => match l.listen_all([channels.0.as_str(), channels.1.as_str()]).await {
+                            Ok(()) => {
+                                listener = Some(l);
+                                queue.notify_one();
+                                outbox.notify_one();
+                            }
+                            Err(e) => tracing::warn!(error = %e, "Cannot listen for other replicas' work; retrying."),
+                        },
+                        Err(e) => tracing::warn!(error = %e, "Cannot listen for other replicas' work; retrying."),
+                    }
+                }
+                let Some(l) = listener.as_mut() else {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = stop.cancelled() => return,
+                    }
+                };
+                tokio::select! {
+                    n = l.try_recv() => match n {
+                        Ok(Some(n)) if n.channel() == channels.1 => outbox.notify_one(),
+                        Ok(Some(_)) => queue.notify_one(),
+                        // The connection was lost and is made anew: wake all.
+                        Ok(None) => {
+                            queue.notify_one();
+                            outbox.notify_one();
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "Lost the database's notifications; reconnecting.");
+                            listener = None;
+                        }
+                    },
+                    _ = stop.cancelled() => return,
+                }
+            }
+        })
+    }
+
+    pub async fn prune_deliveries(&self, cutoff: DateTime<Utc>) -> Result<usize, StoreError> {
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(
+                "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries WHERE received_at < $1 LIMIT 500)",
+            )
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await
+            .map_err(pg)?
+            .rows_affected();
+            total += n as usize;
+            if n < 500 {
+                return Ok(total);
+            }
+        }
+    }
+
+    pub async fn prune_jobs(&self, cutoff: DateTime<Utc>, max: usize) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(pg)?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM jobs WHERE id IN (
+                SELECT j.id FROM jobs j
+                WHERE j.state IN ('succeeded', 'failed', 'cancelled') AND j.finished_at < $1
+                  AND NOT EXISTS (SELECT 1 FROM ends e WHERE e.id = j.id)
+                  AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job = j.id AND o.record->>'state' = 'pending')
+                ORDER BY j.seq LIMIT $2
+                FOR UPDATE SKIP LOCKED)
+             RETURNING id",
+        )
+        .bind(cutoff)
+        .bind(max as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(pg)?;
+        sqlx::query("DELETE FROM outbox WHERE job = ANY($1)").bind(&ids).execute(&mut *tx).await.map_err(pg)?;
+        sqlx::query("DELETE FROM job_logs WHERE job = ANY($1)").bind(&ids).execute(&mut *tx).await.map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        Ok(ids)
+    }
+
+    pub async fn note_redelivery(&self, guid: &str) -> Result<bool, StoreError> {
+        let n = sqlx::query("INSERT INTO redeliveries (guid) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(guid)
+            .execute(&self.pool)
+            .await
+            .map_err(pg)?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    pub async fn delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
+        let row: Option<Json<Delivery>> = sqlx::query_scalar("SELECT record FROM deliveries WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(pg)?;
+        Ok(row.map(|Json(d)| d))
+    }
+
+    pub async fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        let row: Option<Json<Job>> = sqlx::query_scalar("SELECT record FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(pg)?;
+        Ok(row.map(|Json(j)| j))
+    }
+
+    pub async fn list_jobs(&self, q: &JobQuery) -> Result<Vec<Job>, StoreError> {
+        if let Some(delivery) = &q.delivery {
+            let ids = self.delivery(delivery).await?.map(|d| d.jobs).unwrap_or_default();
+            let jobs = load_jobs_from(&self.pool, &ids).await?;
+            return Ok(q.finish(jobs.into_values().collect()));
+        }
+        let rows: Vec<Json<Job>> = sqlx::query_scalar(
+            "SELECT record FROM jobs
+             WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR trigger = $2)
+               AND ($3::text IS NULL OR repo = $3) AND ($4::bigint IS NULL OR seq < $4)
+             ORDER BY seq DESC LIMIT $5",
+        )
+        .bind(q.state.map(|s| s.as_str()))
+        .bind(q.trigger.as_deref())
+        .bind(q.repo.as_deref())
+        .bind(q.before.map(|b| b as i64))
+        .bind(q.limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pg)?;
+        Ok(rows.into_iter().map(|Json(j)| j).collect())
+    }
+
+    pub async fn queued(&self) -> Result<Vec<QueueEntry>, StoreError> {
+        let rows = sqlx::query("SELECT id, priority, seq, agent, repo FROM queue ORDER BY priority DESC, seq")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(pg)?;
+        rows.iter().map(queue_entry).collect()
+    }
+
+    pub async fn claim_next(&self, limits: &Limits, lease: Duration) -> Result<Option<Job>, StoreError> {
+        retrying!(self.try_claim(limits, lease).await)
+    }
+
+    async fn try_claim(&self, limits: &Limits, lease: Duration) -> Result<Option<Job>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(pg)?;
+        // Claims are one at a time across replicas, so the limits that span
+        // them hold: each claim sees every claim before it.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CLAIM_LOCK).execute(&mut *tx).await.map_err(pg)?;
+        let mut load = Load::default();
+        for row in sqlx::query("SELECT replica, agent, repo FROM running").fetch_all(&mut *tx).await.map_err(pg)? {
+            let replica: String = row.try_get(0).map_err(pg)?;
+            let entry = QueueEntry {
+                priority: 0,
+                seq: 0,
+                id: String::new(),
+                agent: row.try_get(1).map_err(pg)?,
+                repo: row.try_get(2).map_err(pg)?,
+            };
+            load.add(&entry, replica == self.replica);
+        }
+        if !load.has_room(limits) {
+            return Ok(None);
+        }
+        let full_repos: Vec<&String> =
+            load.per_repo.iter().filter(|(_, n)| **n >= limits.per_repo).map(|(r, _)| r).collect();
+        let full_agents: Vec<&String> = limits
+            .per_agent
+            .iter()
+            .filter(|(a, cap)| load.per_agent.get(*a).copied().unwrap_or(0) >= **cap)
+            .map(|(a, _)| a)
+            .collect();
+        let rows = sqlx::query(
+            "SELECT id, priority, seq, agent, repo FROM queue
+             WHERE (repo IS NULL OR NOT repo = ANY($1)) AND NOT agent = ANY($2)
+             ORDER BY priority DESC, seq LIMIT 64 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(full_repos)
+        .bind(full_agents)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(pg)?;
+        let entries: Vec<QueueEntry> = rows.iter().map(queue_entry).collect::<Result<_, _>>()?;
+        for entry in entries {
+            if !load.admits(limits, &entry) {
+                continue;
+            }
+            let job = load_jobs(&mut tx, std::slice::from_ref(&entry.id)).await?.remove(&entry.id);
+            let group = match job.as_ref().and_then(|j| j.spec.concurrency.clone()) {
+                Some(g) => lock_groups(&mut tx, std::slice::from_ref(&g)).await?.remove(&g),
+                None => None,
+            };
+            match dispatch::claim(&entry, job.as_ref(), group.as_ref(), Utc::now()) {
+                Claim::Run(job, plan) => {
+                    self.apply(&mut tx, &plan, lease).await?;
+                    tx.commit().await.map_err(pg)?;
+                    return Ok(Some(*job));
+                }
+                Claim::Stale(plan) => self.apply(&mut tx, &plan, lease).await?,
+                Claim::Wait => {}
+            }
+        }
+        tx.commit().await.map_err(pg)?;
+        Ok(None)
+    }
+
+    pub async fn take_cancels(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query(
+            "DELETE FROM cancels c USING running r WHERE c.id = r.id AND r.replica = $1 RETURNING c.id, c.by_job",
+        )
+        .bind(&self.replica)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pg)?;
+        // Cancels of jobs that stopped running meanwhile are moot.
+        sqlx::query("DELETE FROM cancels c WHERE NOT EXISTS (SELECT 1 FROM running r WHERE r.id = c.id)")
+            .execute(&self.pool)
+            .await
+            .map_err(pg)?;
+        rows.iter().map(|r| Ok((r.try_get(0).map_err(pg)?, r.try_get(1).map_err(pg)?))).collect()
+    }
+
+    pub async fn request_cancel(&self, id: &str, by: &str) -> Result<(), StoreError> {
+        self.apply_alone(&vec![Write::Cancel { job: id.to_string(), by: by.to_string() }], Duration::ZERO).await
+    }
+
+    pub async fn save(&self, job: &Job) -> Result<(), StoreError> {
+        retrying!(
+            async {
+                let mut tx = self.pool.begin().await.map_err(pg)?;
+                let stored = lock_job(&mut tx, &job.id).await?;
+                let plan = vec![Write::Job { job: Box::new(dispatch::merged(job, stored.as_ref())), new: false }];
+                self.apply(&mut tx, &plan, Duration::ZERO).await?;
+                tx.commit().await.map_err(pg)
+            }
+            .await
+        )
+    }
+
+    pub async fn finish(&self, job: &Job, publications: &[Publication]) -> Result<(), StoreError> {
+        retrying!(
+            async {
+                let mut tx = self.pool.begin().await.map_err(pg)?;
+                let group = match &job.spec.concurrency {
+                    Some(g) => lock_groups(&mut tx, std::slice::from_ref(g)).await?.remove(g),
+                    None => None,
+                };
+                let stored = lock_job(&mut tx, &job.id).await?;
+                let plan = dispatch::finish(job, stored.as_ref(), group.as_ref(), publications);
+                self.apply(&mut tx, &plan, Duration::ZERO).await?;
+                tx.commit().await.map_err(pg)
+            }
+            .await
+        )
+    }
+
+    pub async fn start_publications(&self, job: &Job, publications: &[Publication]) -> Result<(), StoreError> {
+        retrying!(
+            async {
+                let mut tx = self.pool.begin().await.map_err(pg)?;
+                let stored = lock_job(&mut tx, &job.id).await?;
+                let mut plan = vec![Write::Job { job: Box::new(dispatch::merged(job, stored.as_ref())), new: false }];
+                plan.extend(publications.iter().map(|p| Write::Outbox(Box::new(p.clone()))));
+                self.apply(&mut tx, &plan, Duration::ZERO).await?;
+                tx.commit().await.map_err(pg)
+            }
+            .await
+        )
+    }
+
+    pub async fn cancel_queued(&self, id: &str, reason: &str) -> Result<Option<Job>, StoreError> {
+        retrying!(
+            async {
+                let mut tx = self.pool.begin().await.map_err(pg)?;
+                let Some(job) = self.job(id).await? else { return Ok(None) };
+                let group = match &job.spec.concurrency {
+                    Some(g) => lock_groups(&mut tx, std::slice::from_ref(g)).await?.remove(g),
+                    None => None,
+                };
+                // Still queued? (A claim may have taken it since.)
+                let queued: Option<String> = sqlx::query_scalar("SELECT id FROM queue WHERE id = $1 FOR UPDATE")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(pg)?;
+                let Some(job) = lock_job(&mut tx, id)
+                    .await?
+                    .filter(|j| queued.is_some() && j.state == crate::domain::JobState::Queued)
+                else {
+                    return Ok(None);
+                };
+                let (job, plan) = dispatch::cancel(&job, group.as_ref(), reason, Utc::now());
+                self.apply(&mut tx, &plan, Duration::ZERO).await?;
+                tx.commit().await.map_err(pg)?;
+                Ok(Some(job))
+            }
+            .await
+        )
+    }
+
+    pub async fn renew_lease(&self, id: &str, lease: Duration) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE running SET lease_until = now() + make_interval(secs => $1) WHERE id = $2 AND replica = $3",
+        )
+        .bind(lease.as_secs_f64())
+        .bind(id)
+        .bind(&self.replica)
+        .execute(&self.pool)
+        .await
+        .map_err(pg)?;
+        Ok(())
+    }
+
+    /// Takes every lapsed lease for this replica, so no other replica takes
+    /// the same job back.
+    pub async fn take_expired(&self, lease: Duration) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "UPDATE running SET replica = $1, lease_until = now() + make_interval(secs => $2)
+             WHERE lease_until < now() RETURNING id",
+        )
+        .bind(&self.replica)
+        .bind(lease.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pg)
+    }
+
+    pub async fn running(&self) -> Result<Vec<Job>, StoreError> {
+        let rows: Vec<Json<Job>> = sqlx::query_scalar(
+            "SELECT j.record FROM running r JOIN jobs j ON j.id = r.id WHERE r.replica = $1 AND j.state = 'running'",
+        )
+        .bind(&self.replica)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pg)?;
+        Ok(rows.into_iter().map(|Json(j)| j).collect())
+    }
+
+    pub async fn publication_pending(&self, job: &str, purpose: Purpose) -> Result<bool, StoreError> {
+        let row: Option<i32> = sqlx::query_scalar("SELECT 1 FROM outbox WHERE job = $1 AND purpose = $2")
+            .bind(job)
+            .bind(purpose.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(pg)?;
+        Ok(row.is_some())
+    }
+
+    /// The publications this replica may send: free ones, lapsed ones, and
+    /// its own, each leased to it.
+    pub async fn outbox(&self) -> Result<Vec<Publication>, StoreError> {
+        let rows: Vec<Json<Publication>> = sqlx::query_scalar(
+            "UPDATE outbox SET lease_by = $1, lease_until = now() + make_interval(secs => $2)
+             WHERE (job, purpose) IN (
+                 SELECT job, purpose FROM outbox
+                 WHERE lease_by IS NULL OR lease_by = $1 OR lease_until < now()
+                 LIMIT 100 FOR UPDATE SKIP LOCKED)
+             RETURNING record",
+        )
+        .bind(&self.replica)
+        .bind(OUTBOX_LEASE.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pg)?;
+        Ok(rows.into_iter().map(|Json(p)| p).collect())
+    }
+
+    pub async fn update_publication(&self, p: &Publication, created: bool) -> Result<(), StoreError> {
+        retrying!(
+            async {
+                let mut tx = self.pool.begin().await.map_err(pg)?;
+                let job = lock_job(&mut tx, &p.job).await?;
+                let plan = dispatch::publication_update(job.as_ref(), p, created, Utc::now());
+                self.apply(&mut tx, &plan, Duration::ZERO).await?;
+                tx.commit().await.map_err(pg)
+            }
+            .await
+        )
+    }
+
+    pub async fn pending_ends(&self) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar("SELECT id FROM ends").fetch_all(&self.pool).await.map_err(pg)
+    }
+
+    pub async fn end_handled(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM ends WHERE id = $1").bind(id).execute(&self.pool).await.map_err(pg)?;
+        Ok(())
+    }
+
+    pub async fn set_head(&self, repo: &str, number: u64, head: &PrHead, updated_at: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO heads (subject, value, updated_at) VALUES ($1, $2, $3)
+             ON CONFLICT (subject) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
+             WHERE heads.updated_at <= excluded.updated_at",
+        )
+        .bind(subject_key(repo, number))
+        .bind(super::encode_head(head, updated_at))
+        .bind(updated_at)
+        .execute(&self.pool)
+        .await
+        .map_err(pg)?;
+        Ok(())
+    }
+
+    pub async fn pr_head(&self, repo: &str, number: u64) -> Result<Option<PrHead>, StoreError> {
+        let value: Option<String> = sqlx::query_scalar("SELECT value FROM heads WHERE subject = $1")
+            .bind(subject_key(repo, number))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(pg)?;
+        Ok(value.map(|v| super::decode_head(&v).0))
+    }
+
+    pub async fn pending(&self, repo: &str, number: u64) -> Result<Vec<Pending>, StoreError> {
+        let list: Option<Json<Vec<Pending>>> = sqlx::query_scalar("SELECT list FROM held WHERE subject = $1")
+            .bind(subject_key(repo, number))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(pg)?;
+        Ok(list.map(|Json(l)| l).unwrap_or_default())
+    }
+
+    pub async fn approve(
+        &self,
+        repo: &str,
+        number: u64,
+        approval: &Approval,
+        may_approve: impl Fn(&Pending) -> bool,
+    ) -> Result<Vec<String>, StoreError> {
+        let subject = subject_key(repo, number);
+        let head = self.pr_head(repo, number).await?.map(|h| h.sha);
+        let mut tx = self.pool.begin().await.map_err(pg)?;
+        let list: Option<Json<Vec<Pending>>> =
+            sqlx::query_scalar("SELECT list FROM held WHERE subject = $1 FOR UPDATE")
+                .bind(&subject)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(pg)?;
+        let held = list.map(|Json(l)| l).unwrap_or_default();
+        let ids: Vec<String> = held.iter().map(|p| crate::domain::job_id(&p.delivery, &p.spec.trigger)).collect();
+        let exists: HashSet<String> = load_jobs(&mut tx, &ids).await?.into_keys().collect();
+        let seqs: Vec<i64> = sqlx::query_scalar("SELECT nextval('job_seq') FROM generate_series(1, $1)")
+            .bind(held.len() as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(pg)?;
+        let mut next = seqs.into_iter();
+        let (started, plan) = approval::approve(
+            &subject,
+            &held,
+            head.as_deref(),
+            approval,
+            may_approve,
+            |id| exists.contains(id),
+            || next.next().unwrap_or(0) as u64,
+            Utc::now(),
+        );
+        self.apply(&mut tx, &plan, Duration::ZERO).await?;
+        tx.commit().await.map_err(pg)?;
+        Ok(started)
+    }
+
+    pub async fn note_agent(&self, job: &str, process: &serde_json::Value) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO agents (replica, job, process) VALUES ($1, $2, $3)
+             ON CONFLICT (replica, job) DO UPDATE SET process = excluded.process",
+        )
+        .bind(&self.replica)
+        .bind(job)
+        .bind(Json(process))
+        .execute(&self.pool)
+        .await
+        .map_err(pg)?;
+        Ok(())
+    }
+
+    pub async fn forget_agent(&self, job: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM agents WHERE replica = $1 AND job = $2")
+            .bind(&self.replica)
+            .bind(job)
+            .execute(&self.pool)
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    pub async fn agents(&self) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+        let rows = sqlx::query("SELECT job, process FROM agents WHERE replica = $1")
+            .bind(&self.replica)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|r| {
+                let Json(v): Json<serde_json::Value> = r.try_get(1).map_err(pg)?;
+                Ok((r.try_get(0).map_err(pg)?, v))
+            })
+            .collect()
+    }
+
+    pub async fn schedule_last(&self, trigger: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        sqlx::query_scalar("SELECT last_fired FROM schedules WHERE trigger = $1")
+            .bind(trigger)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(pg)
+    }
+
+    pub async fn set_schedule_last(&self, trigger: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO schedules (trigger, last_fired) VALUES ($1, $2)
+             ON CONFLICT (trigger) DO UPDATE SET last_fired = greatest(schedules.last_fired, excluded.last_fired)",
+        )
+        .bind(trigger)
+        .bind(at)
+        .execute(&self.pool)
+        .await
+        .map_err(pg)?;
+        Ok(())
+    }
+
+    pub async fn append_log(&self, job: &str, offset: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO job_logs (job, start_at, chunk) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+            .bind(job)
+            .bind(offset as i64)
+            .bind(bytes)
+            .execute(&self.pool)
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    pub async fn read_log(&self, job: &str, offset: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT start_at, chunk FROM job_logs WHERE job = $1 AND start_at + length(chunk) > $2 ORDER BY start_at",
+        )
+        .bind(job)
+        .bind(offset as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pg)?;
+        if rows.is_empty() {
+            let any: Option<i32> = sqlx::query_scalar("SELECT 1 FROM job_logs WHERE job = $1 LIMIT 1")
+                .bind(job)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(pg)?;
+            return Ok(any.map(|_| Vec::new()));
+        }
+        let mut out = Vec::new();
+        let mut at = offset;
+        for row in rows {
+            let start: i64 = row.try_get(0).map_err(pg)?;
+            let chunk: Vec<u8> = row.try_get(1).map_err(pg)?;
+            let start = start as u64;
+            if start > at {
+                break; // a gap: the rest is not shipped yet
+            }
+            let skip = (at - start) as usize;
+            if let Some(rest) = chunk.get(skip..) {
+                out.extend_from_slice(rest);
+                at += rest.len() as u64;
+            }
+        }
+        Ok(Some(out))
+    }
+
+    pub async fn job_count(&self) -> Result<usize, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&self.pool).await.map_err(pg)?;
+        Ok(n as usize)
+    }
+}
+
+/// Brings the schema up to date, one replica at a time.
+async fn migrate(pool: &PgPool, schema: Option<&str>) -> Result<(), StoreError> {
+    let mut conn = pool.acquire().await.map_err(pg)?;
+    sqlx::query("SELECT pg_advisory_lock($1)").bind(MIGRATE_LOCK).execute(&mut *conn).await.map_err(pg)?;
+    let result = async {
+        if let Some(schema) = schema {
+            let quoted = format!("\"{}\"", schema.replace('"', "\"\""));
+            sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {quoted}")).execute(&mut *conn).await.map_err(pg)?;
+        }
+        sqlx::query("CREATE TABLE IF NOT EXISTS baton_migrations (version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+            .execute(&mut *conn)
+            .await
+            .map_err(pg)?;
+        let done: Vec<i32> =
+            sqlx::query_scalar("SELECT version FROM baton_migrations").fetch_all(&mut *conn).await.map_err(pg)?;
+        for (version, sql) in MIGRATIONS {
+            if done.contains(version) {
+                continue;
+            }
+            let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(pg)?;
+            sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(pg)?;
+            sqlx::query("INSERT INTO baton_migrations (version) VALUES ($1)").bind(version).execute(&mut *tx).await.map_err(pg)?;
+            tx.commit().await.map_err(pg)?;
+            tracing::info!(version, "Applied a database migration.");
+        }
+        Ok(())
+    }
+    .await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(MIGRATE_LOCK).execute(&mut *conn).await;
+    result
+}
+
+/// The groups named, created if missing and locked (in name order).
+async fn lock_groups(
+    tx: &mut Transaction<'_, Postgres>,
+    names: &[String],
+) -> Result<HashMap<String, GroupState>, StoreError> {
+    let mut out = HashMap::new();
+    if names.is_empty() {
+        return Ok(out);
+    }
+    sqlx::query("INSERT INTO groups (name, state) SELECT unnest($1::text[]), '{}' ON CONFLICT DO NOTHING")
+        .bind(names)
+        .execute(&mut **tx)
+        .await
+        .map_err(pg)?;
+    let rows = sqlx::query("SELECT name, state FROM groups WHERE name = ANY($1) ORDER BY name FOR UPDATE")
+        .bind(names)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(pg)?;
+    for row in rows {
+        let Json(state): Json<GroupState> = row.try_get(1).map_err(pg)?;
+        out.insert(row.try_get(0).map_err(pg)?, state);
+    }
+    Ok(out)
+}
+
+async fn load_jobs(tx: &mut Transaction<'_, Postgres>, ids: &[String]) -> Result<HashMap<String, Job>, StoreError> {
+    let rows: Vec<Json<Job>> = sqlx::query_scalar("SELECT record FROM jobs WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(pg)?;
+    Ok(rows.into_iter().map(|Json(j)| (j.id.clone(), j)).collect())
+}
+
+async fn load_jobs_from(pool: &PgPool, ids: &[String]) -> Result<HashMap<String, Job>, StoreError> {
+    let rows: Vec<Json<Job>> =
+        sqlx::query_scalar("SELECT record FROM jobs WHERE id = ANY($1)").bind(ids).fetch_all(pool).await.map_err(pg)?;
+    Ok(rows.into_iter().map(|Json(j)| (j.id.clone(), j)).collect())
+}
+
+async fn lock_job(tx: &mut Transaction<'_, Postgres>, id: &str) -> Result<Option<Job>, StoreError> {
+    let row: Option<Json<Job>> = sqlx::query_scalar("SELECT record FROM jobs WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(pg)?;
+    Ok(row.map(|Json(j)| j))
+}
+
+fn queue_entry(row: &sqlx::postgres::PgRow) -> Result<QueueEntry, StoreError> {
+    let priority: i16 = row.try_get(1).map_err(pg)?;
+    let seq: i64 = row.try_get(2).map_err(pg)?;
+    Ok(QueueEntry {
+        id: row.try_get(0).map_err(pg)?,
+        priority: priority.clamp(-100, 100) as i8,
+        seq: seq as u64,
+        agent: row.try_get(3).map_err(pg)?,
+        repo: row.try_get(4).map_err(pg)?,
+    })
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    // Records are plain data structs; serializing them cannot fail.
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_password_in_messages() {
+        assert_eq!(display_url("postgres://baton:s3cret@db:5432/baton"), "postgres://baton@db:5432/baton");
+        assert_eq!(display_url("postgres://db/baton"), "postgres://db/baton");
+    }
+}
