@@ -317,7 +317,33 @@ async fn prune_jobs(store: Store, storage: std::path::PathBuf, retention: Durati
                 }
             }
         }
+        // Another replica may have pruned jobs this one ran: their folders
+        // here go too, once the store no longer knows them.
+        let jobs = storage.join("jobs");
+        let dir = jobs.clone();
+        let old = tokio::task::spawn_blocking(move || folders_older_than(&dir, retention)).await.unwrap_or_default();
+        for id in old {
+            if let Ok(None) = store.job(&id).await {
+                let path = jobs.join(&id);
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(path)).await;
+            }
+        }
     }
+}
+
+/// The names of the folders in `dir` untouched for longer than `age`
+/// (never following a link).
+fn folders_older_than(dir: &std::path::Path, age: Duration) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.path()
+                .symlink_metadata()
+                .is_ok_and(|m| m.is_dir() && m.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|e| e > age))
+        })
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect()
 }
 
 /// Keeps the mirrors' disk in check, in the background.

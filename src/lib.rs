@@ -1,8 +1,9 @@
 //! baton: an event-triggered automation daemon for coding agents.
 //!
 //! Data flows one way: `ingress` (webhooks) → `rules` (match, render) →
-//! `store` (durable) → `engine` (run agents) → `publish` (GitHub). `api`
-//! reads the store and asks the engine to cancel; `daemon` wires it all.
+//! `store` (durable) → `engine` (run agents) → `publish` (GitHub). `domain`
+//! holds the records and the policies the store applies; `api` reads the
+//! store and asks the engine to cancel; `daemon` wires it all.
 
 pub mod api;
 pub mod auth;

@@ -648,6 +648,8 @@ impl Config {
             .flatten()
             .cloned()
             .chain(self.sources.values().map(|s| s.secret.clone()))
+            .chain(self.storage.url.clone())
+            .chain(self.storage.url.as_ref().and_then(|u| database_password(u.expose())).map(Secret::new))
             .collect()
     }
 }
@@ -658,6 +660,14 @@ fn absolute(cwd: &Path, p: &Path) -> PathBuf {
     } else {
         cwd.join(p)
     }
+}
+
+/// The password in a database URL (`scheme://user:PASSWORD@host/…`), if any.
+fn database_password(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let credentials = rest.rsplit_once('@')?.0;
+    let password = credentials.split_once(':')?.1;
+    (!password.is_empty()).then(|| password.to_string())
 }
 
 /// A replica's default name: this host, and a hash of its storage folder
@@ -709,6 +719,22 @@ mod tests {
 
     fn first_error(src: &str) -> String {
         load(src).unwrap_err()[0].to_string()
+    }
+
+    #[test]
+    fn a_database_url_and_its_password_are_secrets() {
+        std::env::set_var("BATON_TEST_DB_URL_FOR_SECRETS", "postgres://baton:pa55word@db:5432/baton");
+        let c = Config::from_source(
+            None,
+            "[storage]\nbackend = \"postgres\"\nurl = \"env:BATON_TEST_DB_URL_FOR_SECRETS\"\n",
+            Path::new("/"),
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        let secrets: Vec<String> = c.secrets().iter().map(|s| s.expose().to_string()).collect();
+        assert!(secrets.contains(&"postgres://baton:pa55word@db:5432/baton".to_string()), "{secrets:?}");
+        assert!(secrets.contains(&"pa55word".to_string()));
+        assert_eq!(database_password("postgres://db/baton"), None);
+        assert!(c.secret_vars.contains(&"BATON_TEST_DB_URL_FOR_SECRETS".to_string()));
     }
 
     #[test]

@@ -216,13 +216,20 @@ impl Engine {
     }
 
     /// Keeps a job's lease alive while its worker lives; never returns.
+    /// Returns only when the lease was lost: another replica took the job
+    /// back (this one was cut off for longer than the lease).
     async fn renew_lease(&self, id: &str) {
         let mut every = tokio::time::interval(self.lease / 3);
         every.tick().await;
         loop {
             every.tick().await;
-            if let Err(e) = self.store.renew_lease(id, self.lease).await {
-                tracing::warn!(job = %id, error = %e, "Renewing a job's lease failed; will retry.");
+            match self.store.renew_lease(id, self.lease).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::error!(job = %id, "This replica lost the job's lease to another; stopping its run here.");
+                    return;
+                }
+                Err(e) => tracing::warn!(job = %id, error = %e, "Renewing a job's lease failed; will retry."),
             }
         }
     }
@@ -262,6 +269,21 @@ impl Engine {
         }
     }
 
+    /// Kills the recorded agent of job `id`, if it still runs.
+    async fn kill_agent(&self, id: &str) {
+        match self.store.agents::<agent::ProcessIdentity>().await {
+            Ok(agents) => {
+                for (job, process) in agents {
+                    if job == id {
+                        process.kill_leftover();
+                        let _ = self.store.forget_agent(&job).await;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(job = %id, error = %e, "Could not read the agent to stop."),
+        }
+    }
+
     /// Takes back jobs whose lease ran out: their worker died (a panic) or
     /// hangs. The worker is aborted and its agent's group killed before the
     /// job is requeued, so the job never runs twice at once.
@@ -275,12 +297,7 @@ impl Engine {
                     let _ = task.await;
                 }
             }
-            for (job, process) in self.store.agents::<agent::ProcessIdentity>().await? {
-                if job == id {
-                    process.kill_leftover();
-                    self.store.forget_agent(&job).await?;
-                }
-            }
+            self.kill_agent(&id).await;
             if let Some(job) = self.store.job(&id).await?.filter(|j| j.state == JobState::Running) {
                 tracing::warn!(job = %id, "A job's lease expired: its worker stopped renewing it.");
                 self.put_back(job, "lease expired: its worker stopped").await?;
@@ -359,7 +376,11 @@ impl Engine {
                 let shipped = std::sync::atomic::AtomicU64::new(0);
                 tokio::select! {
                     _ = engine.execute(job, cancel) => {}
-                    _ = engine.renew_lease(&id) => {}
+                    _ = engine.renew_lease(&id) => {
+                        // The job is another replica's now: its run here
+                        // stops, agent and all, and stores nothing.
+                        engine.kill_agent(&id).await;
+                    }
                     _ = engine.ship_log(&id, &shipped) => {}
                 }
                 engine.ship_log_once(&id, &shipped).await;

@@ -153,3 +153,74 @@ impl Planner {
 fn check_name(job: &Job) -> String {
     format!("baton/{}", job.trigger)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Outcome;
+
+    fn planner() -> Planner {
+        Planner { publishing: true, public_url: None, redactor: Redactor::new(Vec::new()) }
+    }
+
+    /// (output, how the job ended, about a PR?, progress shown?) → what its
+    /// end publishes, as `purpose:target` in order.
+    fn check(output: OutputKind, state: JobState, pr: bool, progress: bool, expect: &str) {
+        let mut spec = JobSpec {
+            trigger: "t".into(),
+            repo: Some("o/r".into()),
+            subject: Some(7),
+            subject_is_pull_request: pr,
+            head_sha: Some("abc".into()),
+            output,
+            ..JobSpec::default()
+        };
+        spec.output_options.progress = progress;
+        let mut job = Job::new("j".into(), 1, "d".into(), spec, Utc::now());
+        job.start_attempt(Utc::now());
+        job.progress.started = progress;
+        if output == OutputKind::PullRequest && state == JobState::Succeeded {
+            job.branch = Some("baton/j".into());
+        }
+        job.end_attempt(Outcome::Exit, Some(0), None, Utc::now());
+        job.end(state, Some("ok".into()), None, Utc::now());
+        let got: Vec<String> = planner()
+            .at_end(&job)
+            .iter()
+            .map(|p| {
+                let target =
+                    serde_json::to_value(&p.target).unwrap_or_default()["kind"].as_str().unwrap_or("").to_string();
+                format!("{}:{target}", p.purpose.as_str())
+            })
+            .collect();
+        assert_eq!(got.join(" "), expect, "{output:?} {state} pr={pr} progress={progress}");
+    }
+
+    #[test]
+    fn a_jobs_end_publishes_where_its_output_says() {
+        use JobState::*;
+        use OutputKind as O;
+        check(O::Comment, Succeeded, false, false, "final:issue_comment");
+        check(O::Comment, Failed, false, false, "final:issue_comment");
+        check(O::Comment, Succeeded, false, true, "final:edit_status");
+        check(O::Review, Succeeded, true, false, "final:review");
+        check(O::Review, Succeeded, false, false, "final:issue_comment"); // an issue has no review
+        check(O::Review, Failed, true, true, "final:edit_status");
+        check(O::PullRequest, Succeeded, false, true, "final:pull_request status-end:edit_status");
+        check(O::PullRequest, Failed, false, false, "final:issue_comment");
+        check(O::CheckRun, Succeeded, true, false, "final:check_run");
+        check(O::CheckRun, Cancelled, true, true, "final:check_run status-end:edit_status");
+        check(O::None, Failed, false, false, "");
+    }
+
+    #[test]
+    fn caps_stop_creates_past_the_jobs_limits() {
+        let mut job = Job::new("j".into(), 1, "d".into(), JobSpec::default(), Utc::now());
+        job.spec.output_options.max_comments = 2;
+        job.progress.comments = 1;
+        assert_eq!(cap_reached(&job, CapKind::Comment), None);
+        job.progress.comments = 2;
+        assert!(cap_reached(&job, CapKind::Comment).is_some_and(|w| w.contains("output.max_comments")));
+        assert_eq!(cap_reached(&job, CapKind::None), None);
+    }
+}

@@ -51,6 +51,8 @@ pub enum StoreError {
     Batch(String),
     #[error("job {0} not found")]
     NoSuchJob(String),
+    #[error("job {0} is no longer this replica's: another took it back")]
+    LeaseLost(String),
     #[error("job {id} is {state}, not {expected}")]
     WrongState { id: String, state: JobState, expected: &'static str },
 }
@@ -284,7 +286,8 @@ impl Store {
     }
 
     /// Stores a job that has ended (or goes back to the queue for another
-    /// attempt), with its publications, atomically and durably.
+    /// attempt), with its publications, atomically and durably. Only the
+    /// replica holding the job's lease may: `LeaseLost` otherwise.
     pub async fn finish(&self, job: &Job, publications: &[Publication]) -> Result<(), StoreError> {
         on!(self, b => b.finish(job, publications).await, b.finish(job, publications).await)
     }
@@ -312,12 +315,13 @@ impl Store {
             return Err(StoreError::WrongState { id: id.to_string(), state: job.state, expected: "finished" });
         }
         job.requeue_fresh();
-        self.finish(&job, &[]).await?;
+        on!(self, b => b.finish(&job, &[]).await?, b.requeue(&job).await?);
         Ok(job)
     }
 
-    /// Extends a running job's lease; a job no longer running is left alone.
-    pub async fn renew_lease(&self, id: &str, lease: Duration) -> Result<(), StoreError> {
+    /// Extends a running job's lease; `false` when this replica no longer
+    /// holds it (the job ended, or another replica took it back).
+    pub async fn renew_lease(&self, id: &str, lease: Duration) -> Result<bool, StoreError> {
         on!(self, b => b.renew_lease(id, lease), b.renew_lease(id, lease).await)
     }
 

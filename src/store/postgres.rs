@@ -166,9 +166,8 @@ impl PgStore {
         let mut tx = self.pool.begin().await.map_err(pg)?;
         let wanted = AdmitView::wanted(&batch);
         // The same delivery (or body) on two replicas at once: one waits.
-        let locks: Vec<String> =
-            wanted.deliveries.iter().cloned().chain(wanted.bodies.iter().map(|b| format!("\0{b}"))).collect();
-        let mut locks: Vec<String> = locks.into_iter().map(|l| l.replace('\0', "body:")).collect();
+        let mut locks: Vec<String> =
+            wanted.deliveries.iter().cloned().chain(wanted.bodies.iter().map(|b| format!("body:{b}"))).collect();
         locks.sort();
         sqlx::query("SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) FROM (SELECT unnest($1::text[]) AS k ORDER BY 1) s")
             .bind(&locks)
@@ -709,10 +708,33 @@ impl PgStore {
         )
     }
 
+    /// A job's end (or its return to the queue), from the replica that
+    /// holds its lease: a worker cut off long enough for another replica to
+    /// take the job back must not write over what that one does.
     pub async fn finish(&self, job: &Job, publications: &[Publication]) -> Result<(), StoreError> {
+        self.finish_as(job, publications, true).await
+    }
+
+    /// A finished job back in the queue (`retry`): it holds no lease.
+    pub async fn requeue(&self, job: &Job) -> Result<(), StoreError> {
+        self.finish_as(job, &[], false).await
+    }
+
+    async fn finish_as(&self, job: &Job, publications: &[Publication], leased: bool) -> Result<(), StoreError> {
         retrying!(
             async {
                 let mut tx = self.pool.begin().await.map_err(pg)?;
+                if leased {
+                    let holder: Option<String> =
+                        sqlx::query_scalar("SELECT replica FROM running WHERE id = $1 FOR UPDATE")
+                            .bind(&job.id)
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(pg)?;
+                    if holder.as_deref() != Some(self.replica.as_str()) {
+                        return Err(StoreError::LeaseLost(job.id.clone()));
+                    }
+                }
                 let group = match &job.spec.concurrency {
                     Some(g) => lock_groups(&mut tx, std::slice::from_ref(g)).await?.remove(g),
                     None => None,
@@ -770,8 +792,8 @@ impl PgStore {
         )
     }
 
-    pub async fn renew_lease(&self, id: &str, lease: Duration) -> Result<(), StoreError> {
-        sqlx::query(
+    pub async fn renew_lease(&self, id: &str, lease: Duration) -> Result<bool, StoreError> {
+        let n = sqlx::query(
             "UPDATE running SET lease_until = now() + make_interval(secs => $1) WHERE id = $2 AND replica = $3",
         )
         .bind(lease.as_secs_f64())
@@ -779,8 +801,9 @@ impl PgStore {
         .bind(&self.replica)
         .execute(&self.pool)
         .await
-        .map_err(pg)?;
-        Ok(())
+        .map_err(pg)?
+        .rows_affected();
+        Ok(n == 1)
     }
 
     /// Takes every lapsed lease for this replica, so no other replica takes
@@ -797,9 +820,15 @@ impl PgStore {
         .map_err(pg)
     }
 
+    /// This replica's running jobs (after a restart: what it left), their
+    /// leases renewed in the same statement, so no other replica takes them
+    /// back while this one puts them back.
     pub async fn running(&self) -> Result<Vec<Job>, StoreError> {
         let rows: Vec<Json<Job>> = sqlx::query_scalar(
-            "SELECT j.record FROM running r JOIN jobs j ON j.id = r.id WHERE r.replica = $1 AND j.state = 'running'",
+            "WITH mine AS (
+                 UPDATE running SET lease_until = greatest(lease_until, now() + interval '60 seconds')
+                 WHERE replica = $1 RETURNING id)
+             SELECT j.record FROM mine JOIN jobs j ON j.id = mine.id WHERE j.state = 'running'",
         )
         .bind(&self.replica)
         .fetch_all(&self.pool)

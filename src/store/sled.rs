@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::Utc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional, TransactionalTree};
+use sled::transaction::{TransactionError, Transactional, TransactionalTree};
 use sled::Tree;
 
 use super::commit::{self, Durability};
@@ -619,10 +619,10 @@ impl SledStore {
         Ok(job)
     }
 
-    pub fn renew_lease(&self, id: &str, lease: Duration) -> Result<(), StoreError> {
+    pub fn renew_lease(&self, id: &str, lease: Duration) -> Result<bool, StoreError> {
         let deadline = lease_deadline(lease);
-        self.t.running.fetch_and_update(id.as_bytes(), |old| old.map(|_| deadline.to_vec()))?;
-        Ok(())
+        let old = self.t.running.fetch_and_update(id.as_bytes(), |old| old.map(|_| deadline.to_vec()))?;
+        Ok(old.is_some())
     }
 
     pub fn expired_leases(&self) -> Result<Vec<String>, StoreError> {
@@ -857,9 +857,6 @@ fn flatten<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreErro
         TransactionError::Storage(e) => StoreError::Sled(e),
     })
 }
-
-#[allow(dead_code)]
-type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Records are plain data structs; serializing them cannot fail.

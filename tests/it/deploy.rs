@@ -43,7 +43,10 @@ fn every_yaml_manifest_parses_and_runs_one_replica_with_probes_and_a_volume() {
     let mut kinds = Vec::new();
     let mut files = vec![deploy().join("docker-compose.yml")];
     for entry in std::fs::read_dir(deploy().join("kubernetes")).unwrap() {
-        files.push(entry.unwrap().path());
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            files.push(path);
+        }
     }
     for file in &files {
         for doc in yaml_documents(file) {
@@ -112,4 +115,56 @@ fn the_shipped_configs_load() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+/// The multi-replica variant: N replicas rolled one at a time, the database
+/// URL from the Secret, workspaces per pod, and a config that is valid and
+/// wants exactly that database.
+#[test]
+fn the_replicas_variant_rolls_several_pods_on_one_database() {
+    let dir = deploy().join("kubernetes/replicas");
+    let deployment = &yaml_documents(&dir.join("deployment.yaml"))[0];
+    assert!(deployment["spec"]["replicas"].as_u64().unwrap() >= 2);
+    assert_eq!(deployment["spec"]["strategy"]["type"].as_str(), Some("RollingUpdate"));
+    let pod = &deployment["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let env = c["env"].as_sequence().unwrap();
+    let db = env.iter().find(|e| e["name"].as_str() == Some("DATABASE_URL")).expect("DATABASE_URL");
+    assert_eq!(db["valueFrom"]["secretKeyRef"]["name"].as_str(), Some("baton-secrets"));
+    let secret = &yaml_documents(&dir.join("secret.example.yaml"))[0];
+    let key = db["valueFrom"]["secretKeyRef"]["key"].as_str().unwrap();
+    assert!(secret["stringData"][key].as_str().is_some_and(|u| u.starts_with("postgres://")));
+    // The storage folder is a volume of each pod's own.
+    let mount = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some("/var/lib/baton"))
+        .unwrap();
+    let volume = pod["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
+    assert!(volume["emptyDir"].is_mapping(), "{volume:?}");
+
+    // The config is valid; the only thing `check` misses is the database.
+    let maps = yaml_documents(&dir.join("configmap.yaml"));
+    let work = tempfile::tempdir().unwrap();
+    let config = maps[0]["data"]["baton.toml"].as_str().unwrap();
+    assert!(config.contains("backend = \"postgres\"") && config.contains("url = \"env:DATABASE_URL\""));
+    std::fs::write(work.path().join("baton.toml"), config).unwrap();
+    std::fs::create_dir(work.path().join("triggers")).unwrap();
+    for (name, text) in maps[1]["data"].as_mapping().unwrap() {
+        std::fs::write(work.path().join("triggers").join(name.as_str().unwrap()), text.as_str().unwrap()).unwrap();
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = Command::new(crate::harness::BIN)
+        .args(["check", "--config", "baton.toml"])
+        .current_dir(work.path())
+        .env("BATON_API_TOKEN", "t")
+        .env("GITHUB_WEBHOOK_SECRET", "s")
+        .env("DATABASE_URL", format!("postgres://baton@127.0.0.1:{port}/baton"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let errors: Vec<&str> = text.lines().filter(|l| !l.starts_with("ok:")).collect();
+    assert_eq!(errors.len(), 1, "{text}");
+    assert!(errors[0].contains("cannot reach the database"), "{text}");
 }

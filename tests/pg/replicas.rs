@@ -260,6 +260,196 @@ async fn three_replicas_survive_a_kill_under_a_flood() {
     drop_schema(&schema);
 }
 
+/// A job queued through a full replica starts on an idle one, woken by the
+/// database (not by a poll: the idle replica's own tick is 20 s away); its
+/// log is served by the replica that did not run it; a cancel asked of one
+/// replica stops a job running on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_wakes_an_idle_replica_and_logs_and_cancels_cross_replicas() {
+    let (schema, db) = (fresh_schema(), database_url());
+    let shared = tempfile::tempdir().unwrap();
+    let release = shared.path().join("release");
+    use std::os::unix::fs::PermissionsExt;
+    let agent = shared.path().join("agent.sh");
+    std::fs::write(
+        &agent,
+        format!(
+            "#!/bin/sh\nd=$(cat)\necho \"working on $d\"\ncase \"$d\" in block*) while [ ! -e {r} ]; do sleep 0.05; done;; esac\necho \"done $d\"\n",
+            r = release.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let extra = format!(
+        "[limits]\nmax_parallel_jobs = 1\nmax_parallel_per_repo = 100\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.rec]\ncommand = [\"{}\"]\n",
+        agent.display()
+    );
+    let trigger = "on = [\"issues.opened\"]\n[job]\nagent = \"rec\"\nworkspace = \"none\"\nprompt = \"{{ baton_test_delivery }}\"\n[output]\nkind = \"none\"\n";
+    let (a, b) = (Replica::new("a", &schema, &db, &extra, trigger), Replica::new("b", &schema, &db, &extra, trigger));
+    let da = a.start();
+    let http = reqwest::Client::new();
+    assert_eq!(send(&http, &da.url, "block-1").await, Ok(202));
+    let blocker = job_id("block-1", "work");
+    let deadline = Instant::now() + LONG_WAIT;
+    while da.job(&blocker).await["state"] != "running" {
+        assert!(Instant::now() < deadline, "the blocking job never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // B starts idle; A is full. Work sent to A must run on B.
+    let db_ = b.start();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(send(&http, &da.url, "quick-1").await, Ok(202));
+    let quick = job_id("quick-1", "work");
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let job = db_.job(&quick).await;
+        if job["state"] == "succeeded" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the idle replica was not woken: {job}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(da.job(&blocker).await["state"], "running", "A was full all along");
+    // A serves the log of a job B ran, plain and as a stream.
+    let deadline = Instant::now() + LONG_WAIT;
+    loop {
+        let text = reqwest::get(format!("{}/api/jobs/{quick}/log", da.url)).await.unwrap().text().await.unwrap();
+        if text.contains("working on quick-1") && text.contains("done quick-1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "A never served B's log: {text:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events = reqwest::Client::new()
+        .get(format!("{}/api/jobs/{quick}/log", da.url))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        events.contains("data: working on quick-1") && events.ends_with("event: end\ndata: succeeded\n\n"),
+        "{events}"
+    );
+    // A cancel asked of B stops the job A runs.
+    let (status, answer) = db_.post(&format!("/api/jobs/{blocker}/cancel")).await;
+    assert_eq!(status, 200, "{answer}");
+    let job = da.finished(&blocker).await;
+    assert_eq!(job["state"], "cancelled", "{job}");
+    drop((da, db_));
+    drop_schema(&schema);
+}
+
+/// Limits that span replicas hold when they claim at the same moment:
+/// one job per repository, however many replicas race for its line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_racing_to_claim_keep_the_limits() {
+    let (schema, db) = (fresh_schema(), database_url());
+    let stores =
+        [store_on(&schema, "x", &db).await, store_on(&schema, "y", &db).await, store_on(&schema, "z", &db).await];
+    let spec = |n: usize| baton::rules::JobSpec {
+        trigger: format!("t{n}"),
+        agent: "a".into(),
+        repo: Some("one/repo".into()),
+        max_attempts: 1,
+        ..Default::default()
+    };
+    // More than one claim's look at the queue: each replica sees a
+    // different part of the line.
+    let mut accepts = Vec::new();
+    for n in 0..300 {
+        let (store, spec) = (stores[0].clone(), spec(n));
+        let d = baton::store::Delivery::new(format!("race-{n}"), "github", "issues.opened");
+        accepts.push(tokio::spawn(async move { store.accept(d, vec![spec]).await.unwrap() }));
+    }
+    for a in accepts {
+        a.await.unwrap();
+    }
+    for round in 0..10 {
+        let limits = baton::store::Limits { per_replica: 10, per_repo: 1, ..Default::default() };
+        let barrier = Arc::new(tokio::sync::Barrier::new(3));
+        let mut claims = Vec::new();
+        for store in &stores {
+            let (store, limits, barrier) = (store.clone(), limits.clone(), barrier.clone());
+            claims.push(tokio::spawn(async move {
+                barrier.wait().await;
+                store.claim_next(&limits, Duration::from_secs(60)).await.unwrap()
+            }));
+        }
+        let mut claimed = Vec::new();
+        for (n, c) in claims.into_iter().enumerate() {
+            claimed.extend(c.await.unwrap().map(|job| (n, job)));
+        }
+        assert_eq!(claimed.len(), 1, "round {round}: one job of the repository at a time, across replicas");
+        let (by, mut job) = claimed.remove(0);
+        job.end(JobState::Succeeded, None, None, chrono::Utc::now());
+        stores[by].finish(&job, &[]).await.unwrap();
+    }
+    drop_schema(&schema);
+}
+
+/// GitHub sends one delivery to several replicas at once (a redelivery
+/// behind a load balancer): it is stored once, with one job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_delivery_at_three_replicas_at_once_is_stored_once() {
+    let (schema, db) = (fresh_schema(), database_url());
+    let stores =
+        [store_on(&schema, "x", &db).await, store_on(&schema, "y", &db).await, store_on(&schema, "z", &db).await];
+    let spec = baton::rules::JobSpec { trigger: "t".into(), agent: "a".into(), max_attempts: 1, ..Default::default() };
+    let mut answers = Vec::new();
+    for n in 0..50 {
+        let barrier = Arc::new(tokio::sync::Barrier::new(3));
+        for store in &stores {
+            let (store, spec, barrier) = (store.clone(), spec.clone(), barrier.clone());
+            answers.push(tokio::spawn(async move {
+                barrier.wait().await;
+                let d = baton::store::Delivery::new(format!("same-{n}"), "github", "issues.opened");
+                store.accept(d, vec![spec]).await.unwrap()
+            }));
+        }
+    }
+    let mut new = 0;
+    for a in answers {
+        match a.await.unwrap() {
+            baton::store::Accepted::New(_) => new += 1,
+            baton::store::Accepted::Duplicate => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(new, 50, "each delivery is new exactly once");
+    assert_eq!(stores[1].job_count().await.unwrap(), 50);
+    drop_schema(&schema);
+}
+
+/// A replica cut off for longer than its lease finds the job taken back:
+/// its renewal fails (so it stops the run) and it cannot store an end over
+/// what the replica that took the job does.
+#[tokio::test]
+async fn a_replica_that_lost_its_lease_writes_nothing_more() {
+    let (schema, db) = (fresh_schema(), database_url());
+    let (x, y) = (store_on(&schema, "x", &db).await, store_on(&schema, "y", &db).await);
+    let spec = baton::rules::JobSpec { trigger: "t".into(), agent: "a".into(), max_attempts: 2, ..Default::default() };
+    x.accept(baton::store::Delivery::new("lost-1", "github", "issues.opened"), vec![spec]).await.unwrap();
+    let limits = baton::store::Limits { per_replica: 1, per_repo: 1, ..Default::default() };
+    let job = x.claim_next(&limits, Duration::from_millis(300)).await.unwrap().unwrap();
+    assert!(x.renew_lease(&job.id, Duration::from_millis(300)).await.unwrap(), "x holds it");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(y.expired_leases(Duration::from_secs(60)).await.unwrap(), vec![job.id.clone()], "y takes it back");
+    assert!(y.expired_leases(Duration::from_secs(60)).await.unwrap().is_empty(), "once");
+    assert!(!x.renew_lease(&job.id, Duration::from_secs(60)).await.unwrap(), "x learns it lost the lease");
+    let mut done = job.clone();
+    done.end(JobState::Succeeded, Some("x's result".into()), None, chrono::Utc::now());
+    let err = x.finish(&done, &[]).await.expect_err("x may not store an end");
+    assert!(matches!(err, baton::store::StoreError::LeaseLost(_)), "{err}");
+    // y puts it back as interrupted; it stays queued, not x's success.
+    let back = baton::domain::dispatch::interrupt(&job, "lease expired", chrono::Utc::now());
+    y.finish(&back, &[]).await.unwrap();
+    assert_eq!(x.job(&job.id).await.unwrap().unwrap().state, JobState::Queued);
+    drop_schema(&schema);
+}
+
 /// Two replicas share one concurrency group: its jobs never overlap, though
 /// half are sent to each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
 //! Sends COUNT signed deliveries (unique ids) with CONCURRENCY clients and
 //! waits until that many jobs have succeeded; prints `seconds jobs_per_second`.
 //!
-//! usage: flood URL SECRET PAYLOAD COUNT CONCURRENCY [wait-jobs]
+//! usage: flood URL[,URL…] SECRET PAYLOAD COUNT CONCURRENCY [wait-jobs]
+//! (several URLs: replicas of one daemon, sent to in turn)
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -10,7 +11,8 @@ use std::time::{Duration, Instant};
 #[tokio::main]
 async fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
-    let (url, secret, payload) = (a[0].clone(), a[1].clone(), std::fs::read(&a[2]).expect("payload"));
+    let urls: Arc<Vec<String>> = Arc::new(a[0].split(',').map(str::to_string).collect());
+    let (secret, payload) = (a[1].clone(), std::fs::read(&a[2]).expect("payload"));
     let count: usize = a[3].parse().expect("count");
     let concurrency: usize = a[4].parse().expect("concurrency");
     let wait_jobs = a.get(5).is_some_and(|w| w == "wait-jobs");
@@ -21,7 +23,7 @@ async fn main() {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (url, secret, payload, next, run) = (url.clone(), secret.clone(), payload.clone(), next.clone(), run.clone());
+        let (urls, secret, payload, next, run) = (urls.clone(), secret.clone(), payload.clone(), next.clone(), run.clone());
         tasks.push(tokio::spawn(async move {
             let http = reqwest::Client::new();
             loop {
@@ -33,6 +35,7 @@ async fn main() {
                 // signed body sent again under a new delivery id (a replay).
                 let body = unique_body(&payload, &format!("{run}-{i}"));
                 let sig = baton::ingress::signature::sign(secret.as_bytes(), &body);
+                let url = &urls[i % urls.len()];
                 let resp = http
                     .post(format!("{url}/webhooks/github"))
                     .header("x-github-event", "issues")
@@ -53,7 +56,14 @@ async fn main() {
         // Counted off /metrics: listing the jobs themselves would have the
         // client load the server it measures (decoding every job per poll).
         let http = reqwest::Client::new();
-        while succeeded(&http, &url).await < count {
+        loop {
+            let mut done = 0;
+            for url in urls.iter() {
+                done += succeeded(&http, url).await;
+            }
+            if done >= count {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
