@@ -13,6 +13,8 @@ use serde_json::{json, Value};
 
 use crate::auth::Credentials;
 
+/// Pages of a listing read when looking for a marker (100 items each).
+const MAX_FIND_PAGES: u32 = 50;
 /// A failed GitHub call, classified for the outbox.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
@@ -160,8 +162,18 @@ impl GitHub {
             Listing::CommitComments(sha) => format!("/repos/{repo}/commits/{sha}/comments?per_page=100"),
             Listing::Reviews(n) => format!("/repos/{repo}/pulls/{n}/reviews?per_page=100"),
         };
-        let list = self.get((inst, repo), &route).await?;
-        Ok(find_marked(&list, marker))
+        // GitHub lists oldest first: on a busy issue what baton just made is
+        // on a later page, so every page is read (up to a bound).
+        for page in 1..=MAX_FIND_PAGES {
+            let list = self.get((inst, repo), &format!("{route}&page={page}")).await?;
+            if let Some(found) = find_marked(&list, marker) {
+                return Ok(Some(found));
+            }
+            if list.as_array().is_none_or(|items| items.len() < 100) {
+                break;
+            }
+        }
+        Ok(None)
     }
 
     /// Posts a comment on an issue or pull request.

@@ -142,11 +142,15 @@ impl Publisher {
                 self.create(p, job, CapKind::Comment, look, gh.create_comment(inst, repo, number, &body)).await
             }
             Target::EditStatus { number } => {
-                if let Some(id) = job.progress.status_comment {
-                    return done(gh.edit_comment(inst, repo, id, &p.body).await?);
+                let mut status = job.progress.status_comment;
+                if status.is_none() {
+                    if self.start_pending(&job.id, Purpose::Status).await? {
+                        return Ok(Outcome::Wait);
+                    }
+                    status = self.fresh(job).await?.progress.status_comment;
                 }
-                if self.start_pending(&job.id, Purpose::Status).await? {
-                    return Ok(Outcome::Wait);
+                if let Some(id) = status {
+                    return done(gh.edit_comment(inst, repo, id, &p.body).await?);
                 }
                 // The status comment never landed: say it in a new one.
                 let look = Some((Listing::IssueComments(number), result_marker.as_str()));
@@ -193,7 +197,12 @@ impl Publisher {
                             None if self.start_pending(&job.id, Purpose::CheckStart).await? => {
                                 return Ok(Outcome::Wait)
                             }
-                            None => gh.find_check_run(inst, repo, &head_sha, &name, &job.id).await?.and_then(|c| c.id),
+                            None => match self.fresh(job).await?.progress.check_run {
+                                Some(id) => Some(id),
+                                None => {
+                                    gh.find_check_run(inst, repo, &head_sha, &name, &job.id).await?.and_then(|c| c.id)
+                                }
+                            },
                         };
                         match id {
                             Some(id) => {
@@ -213,6 +222,17 @@ impl Publisher {
                     }
                 }
             }
+        }
+    }
+
+    /// `job` as stored now. Read after a start publication is found sent:
+    /// whichever replica sent it wrote what it made onto the job in the same
+    /// transaction that took it out of the outbox, so this sees it.
+    async fn fresh(&self, job: &Job) -> Result<Job, GitHubError> {
+        match self.store.job(&job.id).await {
+            Ok(Some(job)) => Ok(job),
+            Ok(None) => Ok(job.clone()),
+            Err(e) => Err(GitHubError::before_sending(e.to_string())),
         }
     }
 

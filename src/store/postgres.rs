@@ -24,6 +24,7 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Row, Transaction};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::writer::{Reply, MAX_BATCH};
 use super::{JobQuery, PrHead, StoreError};
 use crate::domain::admission::{self, Admission, AdmitView};
 use crate::domain::approval::{self, Pending};
@@ -42,11 +43,6 @@ const CLAIM_LOCK: i64 = 0x6261_746f_6e00_0002;
 
 /// How long a replica holds a publication it is sending.
 const OUTBOX_LEASE: Duration = Duration::from_secs(60);
-
-/// Deliveries stored in one transaction, at most.
-const MAX_BATCH: usize = 256;
-
-type Reply = oneshot::Sender<Result<Accepted, StoreError>>;
 
 /// A pool of connections to one database (and schema), as one replica.
 #[derive(Clone)]
@@ -138,20 +134,7 @@ impl PgStore {
                 }
             }
             let (admissions, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-            let result = retrying!(self.admit_batch(&admissions).await);
-            match result {
-                Ok(answers) => {
-                    for (reply, answer) in replies.into_iter().zip(answers) {
-                        let _ = reply.send(Ok(answer));
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, deliveries = replies.len(), "Storing deliveries failed.");
-                    for reply in replies {
-                        let _ = reply.send(Err(e.again()));
-                    }
-                }
-            }
+            super::writer::answer_all(replies, retrying!(self.admit_batch(&admissions).await));
         }
     }
 

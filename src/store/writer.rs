@@ -19,9 +19,27 @@ use super::{Accepted, StoreError};
 
 /// Deliveries taken into one transaction, at most: bounds how long the
 /// first of them waits on the others.
-const MAX_BATCH: usize = 256;
+pub(super) const MAX_BATCH: usize = 256;
 
-type Reply = oneshot::Sender<Result<Accepted, StoreError>>;
+pub(super) type Reply = oneshot::Sender<Result<Accepted, StoreError>>;
+
+/// Answers every delivery of a batch: each its own outcome, or all the
+/// batch's failure.
+pub(super) fn answer_all(replies: Vec<Reply>, outcome: Result<Vec<Accepted>, StoreError>) {
+    match outcome {
+        Ok(accepted) => {
+            for (reply, a) in replies.into_iter().zip(accepted) {
+                let _ = reply.send(Ok(a));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, deliveries = replies.len(), "Storing deliveries failed.");
+            for reply in replies {
+                let _ = reply.send(Err(e.again()));
+            }
+        }
+    }
+}
 
 /// The writer thread and the way to it. Dropped with the last `Store`
 /// clone: closing the channel ends the thread, and the drop waits for it so
@@ -60,19 +78,7 @@ impl<A: Send + 'static> Writer<A> {
                     }
                     Ok(accepted)
                 });
-                match outcome {
-                    Ok(accepted) => {
-                        for (reply, a) in replies.into_iter().zip(accepted) {
-                            let _ = reply.send(Ok(a));
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, deliveries = replies.len(), "Storing deliveries failed.");
-                        for reply in replies {
-                            let _ = reply.send(Err(e.again()));
-                        }
-                    }
-                }
+                answer_all(replies, outcome);
             }
         })?;
         Ok(Writer { tx: Some(tx), thread: Some(thread) })

@@ -117,6 +117,16 @@ impl FakeGitHub {
         self.state.lock().unwrap().comments.iter().filter(|c| c.on == on).cloned().collect()
     }
 
+    /// Adds `n` comments by others on `owner/name#number` (a busy issue).
+    pub fn add_comments(&self, on: &str, n: usize) {
+        let mut st = self.state.lock().unwrap();
+        for _ in 0..n {
+            st.next_id += 1;
+            let id = st.next_id;
+            st.comments.push(Comment { id, on: on.to_string(), body: format!("a comment by someone else ({id})") });
+        }
+    }
+
     pub fn reviews(&self, on: &str) -> Vec<Comment> {
         self.state.lock().unwrap().reviews.iter().filter(|c| c.on == on).cloned().collect()
     }
@@ -228,11 +238,21 @@ fn route(st: &mut State, method: &Method, parts: &[&str], query: &str, body: &Va
             )
         }
         ("GET", ["repos", o, r, "issues", n, "comments"]) => {
+            // Oldest first, a page at a time, as GitHub lists them.
+            let param = |name: &str, default: usize| {
+                query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+                    .unwrap_or(default)
+            };
+            let (per_page, page) = (param("per_page", 30).clamp(1, 100), param("page", 1).max(1));
             let on = format!("{o}/{r}#{n}");
             let list: Vec<Value> = st
                 .comments
                 .iter()
                 .filter(|c| c.on == on)
+                .skip((page - 1) * per_page)
+                .take(per_page)
                 .map(
                     |c| json!({ "id": c.id, "body": c.body, "html_url": format!("https://github.example/c/{}", c.id) }),
                 )

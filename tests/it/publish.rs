@@ -94,6 +94,37 @@ async fn with_lost_answers_and_rate_limits_each_job_lands_exactly_one_comment_ed
     assert!(statuses.contains(&502) && statuses.contains(&403), "{statuses:?}");
 }
 
+/// On an issue with hundreds of comments, what baton made is on a later
+/// page of GitHub's listing (oldest first): a lost answer is still found
+/// there, never posted again.
+#[tokio::test]
+async fn a_lost_answer_on_a_busy_issue_is_found_on_a_later_page() {
+    let faults = Faults { fail_every_nth_write: Some(2), rate_limited_writes: 0 };
+    let fake = FakeGitHub::start_with(faults, None).await;
+    fake.add_comments("Codertocat/Hello-World#1", 250);
+    let w = setup(
+        &fake,
+        "#!/bin/sh\ncat > /dev/null\necho \"result of $(basename $PWD)\"\n",
+        "issues.opened",
+        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"comment\"\n",
+        "token = \"env:GITHUB_TOKEN\"",
+    );
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver(&baton, "issues", "issues/opened.payload.json", "busy-1").await;
+    assert_eq!(baton.finished(&id).await["state"], "succeeded");
+    let done =
+        || fake.comments("Codertocat/Hello-World#1").iter().any(|c| c.body.starts_with(&format!("result of {id}")));
+    eventually("the status comment edited to the result", done).await;
+    let mine: Vec<_> = fake
+        .comments("Codertocat/Hello-World#1")
+        .into_iter()
+        .filter(|c| c.body.contains(&format!("job={id}")))
+        .collect();
+    assert_eq!(mine.len(), 1, "{mine:#?}");
+    let statuses: Vec<u16> = fake.requests.lock().unwrap().iter().map(|r| r.status).collect();
+    assert!(statuses.contains(&502), "an answer was lost: {statuses:?}");
+}
+
 #[tokio::test]
 async fn a_cancelled_job_leaves_its_status_comment_saying_so() {
     let fake = FakeGitHub::start().await;
