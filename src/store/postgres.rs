@@ -41,6 +41,9 @@ pub const SCHEMA: &str = include_str!("migrations/0001_tables.sql");
 const MIGRATE_LOCK: i64 = 0x6261_746f_6e00_0001;
 const CLAIM_LOCK: i64 = 0x6261_746f_6e00_0002;
 
+/// Admission batches in flight at once.
+const WRITERS: usize = 2;
+
 /// How long a replica holds a publication it is sending.
 const OUTBOX_LEASE: Duration = Duration::from_secs(60);
 
@@ -57,13 +60,21 @@ pub struct PgStore {
 }
 
 fn pg(e: sqlx::Error) -> StoreError {
-    StoreError::Postgres(e.to_string())
+    match &e {
+        // The code tells a conflict to retry from a real failure.
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => StoreError::Postgres(format!("{} (SQLSTATE {code})", db.message())),
+            None => StoreError::Postgres(db.message().to_string()),
+        },
+        _ => StoreError::Postgres(e.to_string()),
+    }
 }
 
 /// Whether a transaction failed only because another got in its way
 /// (serialization, deadlock, a unique key taken meanwhile): run it again.
 fn conflict(e: &StoreError) -> bool {
-    matches!(e, StoreError::Postgres(m) if m.contains("40001") || m.contains("40P01") || m.contains("duplicate key"))
+    let codes = ["(SQLSTATE 40001)", "(SQLSTATE 40P01)", "(SQLSTATE 23505)"];
+    matches!(e, StoreError::Postgres(m) if codes.iter().any(|c| m.ends_with(c)))
 }
 
 /// `url` without its password, for messages.
@@ -118,21 +129,31 @@ impl PgStore {
             channels: (format!("baton_queue_{tag}"), format!("baton_outbox_{tag}")),
             admissions: tx,
         };
-        tokio::spawn(store.clone().write_batches(rx));
+        // Batches overlap: while one commits (and waits on the WAL's flush),
+        // the next is gathered and written.
+        let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..WRITERS {
+            tokio::spawn(store.clone().write_batches(rx.clone()));
+        }
         Ok(store)
     }
 
     /// The batch writer: every delivery waiting (up to `MAX_BATCH`) goes
     /// into one transaction, committed before any of them is answered.
-    async fn write_batches(self, mut rx: mpsc::Receiver<(Admission, Reply)>) {
-        while let Some(first) = rx.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
+    async fn write_batches(self, rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<(Admission, Reply)>>>) {
+        loop {
+            let batch = {
+                let mut rx = rx.lock().await;
+                let Some(first) = rx.recv().await else { return };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
                 }
-            }
+                batch
+            };
             let (admissions, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
             super::writer::answer_all(replies, retrying!(self.admit_batch(&admissions).await));
         }
@@ -148,41 +169,14 @@ impl PgStore {
         let mut batch = batch.to_vec();
         let mut tx = self.pool.begin().await.map_err(pg)?;
         let wanted = AdmitView::wanted(&batch);
-        // The same delivery (or body) on two replicas at once: one waits.
-        let mut locks: Vec<String> =
-            wanted.deliveries.iter().cloned().chain(wanted.bodies.iter().map(|b| format!("body:{b}"))).collect();
-        locks.sort();
-        sqlx::query("SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) FROM (SELECT unnest($1::text[]) AS k ORDER BY 1) s")
-            .bind(&locks)
-            .execute(&mut *tx)
-            .await
-            .map_err(pg)?;
         let mut view = AdmitView::default();
-        let ids: Vec<String> = wanted.deliveries.iter().cloned().collect();
-        for row in sqlx::query("SELECT id FROM deliveries WHERE id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(pg)?
-        {
-            view.deliveries.insert(row.try_get(0).map_err(pg)?);
-        }
-        let bodies: Vec<String> = wanted.bodies.iter().cloned().collect();
-        if !bodies.is_empty() {
-            let rows = sqlx::query("SELECT fingerprint, id FROM deliveries WHERE fingerprint = ANY($1)")
-                .bind(&bodies)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(pg)?;
-            for row in rows {
-                view.bodies.insert(row.try_get(0).map_err(pg)?, row.try_get(1).map_err(pg)?);
-            }
-        }
+        // Rows a decision depends on are locked first, in key order: a
+        // group's line, a trigger's runs, a subject's held jobs. (Two
+        // replicas storing one delivery id or body at once is settled by
+        // the primary key and the unique fingerprint: the loser's batch
+        // runs again and finds it stored.)
         let groups: Vec<String> = wanted.groups.iter().cloned().collect();
         view.groups = lock_groups(&mut tx, &groups).await?;
-        let mut job_ids: Vec<String> = wanted.jobs.iter().cloned().collect();
-        job_ids.extend(view.waiting());
-        view.jobs = load_jobs(&mut tx, &job_ids).await?;
         let keys: Vec<String> = wanted.throttles.iter().cloned().collect();
         if !keys.is_empty() {
             sqlx::query("INSERT INTO throttles (key, runs) SELECT unnest($1::text[]), '[]' ON CONFLICT DO NOTHING")
@@ -213,18 +207,54 @@ impl PgStore {
                 view.held.insert(row.try_get(0).map_err(pg)?, list);
             }
         }
-        // Job numbers, in one trip.
+        // Everything else in one trip: stored ids, bodies, jobs (the batch's
+        // and those waiting in its groups), and the new jobs' numbers.
+        let ids: Vec<String> = wanted.deliveries.iter().cloned().collect();
+        let bodies: Vec<String> = wanted.bodies.iter().cloned().collect();
+        let mut job_ids: Vec<String> = wanted.jobs.iter().cloned().collect();
+        job_ids.extend(view.waiting());
         let count = batch.iter().map(|a| a.jobs.len()).sum::<usize>() as i64;
-        if count > 0 {
-            let seqs: Vec<i64> = sqlx::query_scalar("SELECT nextval('job_seq') FROM generate_series(1, $1)")
-                .bind(count)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(pg)?;
-            let mut seqs = seqs.into_iter();
-            for job in batch.iter_mut().flat_map(|a| a.jobs.iter_mut()) {
-                job.seq = seqs.next().unwrap_or(0) as u64;
+        let rows = sqlx::query(
+            "SELECT 0, id, NULL::text FROM deliveries WHERE id = ANY($1)
+             UNION ALL SELECT 1, fingerprint, id FROM deliveries WHERE fingerprint = ANY($2)
+             UNION ALL SELECT 2, id, record::text FROM jobs WHERE id = ANY($3)
+             UNION ALL SELECT 3, NULL, nextval('job_seq')::text FROM generate_series(1, $4)",
+        )
+        .bind(&ids)
+        .bind(&bodies)
+        .bind(&job_ids)
+        .bind(count)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(pg)?;
+        let mut seqs = Vec::new();
+        for row in rows {
+            let kind: i32 = row.try_get(0).map_err(pg)?;
+            let key: Option<String> = row.try_get(1).map_err(pg)?;
+            let value: Option<String> = row.try_get(2).map_err(pg)?;
+            match (kind, key, value) {
+                (0, Some(id), _) => {
+                    view.deliveries.insert(id);
+                }
+                (1, Some(fingerprint), Some(id)) => {
+                    view.bodies.insert(fingerprint, id);
+                }
+                (2, Some(id), Some(record)) => {
+                    let job: Job = serde_json::from_str(&record).map_err(|source| StoreError::Corrupt {
+                        tree: "jobs",
+                        key: id.clone(),
+                        source,
+                    })?;
+                    view.jobs.insert(id, job);
+                }
+                (3, _, Some(seq)) => seqs.push(seq.parse::<u64>().unwrap_or(0)),
+                _ => {}
             }
+        }
+        seqs.sort_unstable();
+        let mut seqs = seqs.into_iter();
+        for job in batch.iter_mut().flat_map(|a| a.jobs.iter_mut()) {
+            job.seq = seqs.next().unwrap_or(0);
         }
         let mut plan = Plan::new();
         let mut answers = Vec::with_capacity(batch.len());
@@ -291,54 +321,6 @@ impl PgStore {
             }
         }
         let q = |sql: &'static str| sqlx::query(sql);
-        if !deliveries.is_empty() {
-            let ids: Vec<&str> = deliveries.iter().map(|d| d.id.as_str()).collect();
-            let at: Vec<DateTime<Utc>> = deliveries.iter().map(|d| d.received_at).collect();
-            let fp: Vec<Option<&str>> = deliveries.iter().map(|d| d.fingerprint.as_deref()).collect();
-            let rec: Vec<String> = deliveries.iter().map(json).collect();
-            q("INSERT INTO deliveries (id, received_at, fingerprint, record)
-               SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[]::jsonb[])")
-            .bind(ids)
-            .bind(at)
-            .bind(fp)
-            .bind(rec)
-            .execute(&mut **tx)
-            .await
-            .map_err(pg)?;
-        }
-        if !jobs.is_empty() {
-            let v: Vec<&Job> = jobs.values().collect();
-            q("INSERT INTO jobs (id, seq, state, trigger, repo, finished_at, record)
-               SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::text[]::jsonb[])
-               ON CONFLICT (id) DO UPDATE SET state = excluded.state, finished_at = excluded.finished_at, record = excluded.record")
-            .bind(v.iter().map(|j| j.id.as_str()).collect::<Vec<_>>())
-            .bind(v.iter().map(|j| j.seq as i64).collect::<Vec<_>>())
-            .bind(v.iter().map(|j| j.state.as_str()).collect::<Vec<_>>())
-            .bind(v.iter().map(|j| j.trigger.as_str()).collect::<Vec<_>>())
-            .bind(v.iter().map(|j| j.repo.as_deref()).collect::<Vec<_>>())
-            .bind(v.iter().map(|j| j.finished_at).collect::<Vec<_>>())
-            .bind(v.iter().map(json).collect::<Vec<_>>())
-            .execute(&mut **tx)
-            .await
-            .map_err(pg)?;
-        }
-        let gone: Vec<&str> = queue.iter().filter(|(_, e)| e.is_none()).map(|(id, _)| id.as_str()).collect();
-        if !gone.is_empty() {
-            q("DELETE FROM queue WHERE id = ANY($1)").bind(gone).execute(&mut **tx).await.map_err(pg)?;
-        }
-        let added: Vec<&QueueEntry> = queue.values().flatten().collect();
-        if !added.is_empty() {
-            q("INSERT INTO queue (id, priority, seq, agent, repo)
-               SELECT * FROM unnest($1::text[], $2::smallint[], $3::bigint[], $4::text[], $5::text[]) ON CONFLICT DO NOTHING")
-            .bind(added.iter().map(|e| e.id.as_str()).collect::<Vec<_>>())
-            .bind(added.iter().map(|e| i16::from(e.priority)).collect::<Vec<_>>())
-            .bind(added.iter().map(|e| e.seq as i64).collect::<Vec<_>>())
-            .bind(added.iter().map(|e| e.agent.as_str()).collect::<Vec<_>>())
-            .bind(added.iter().map(|e| e.repo.as_deref()).collect::<Vec<_>>())
-            .execute(&mut **tx)
-            .await
-            .map_err(pg)?;
-        }
         for (name, state) in &groups {
             if state.running.is_none() && state.waiting.is_empty() {
                 q("DELETE FROM groups WHERE name = $1").bind(name).execute(&mut **tx).await.map_err(pg)?;
@@ -423,14 +405,82 @@ impl PgStore {
                     .map_err(pg)?,
             };
         }
-        // Wake the replicas (on commit) when there is work for them.
-        let queue_woken = queue.values().any(Option::is_some) || leases.values().any(|on| !on) || !cancels.is_empty();
-        if queue_woken {
-            q("SELECT pg_notify($1, '')").bind(&self.channels.0).execute(&mut **tx).await.map_err(pg)?;
+        // The records every delivery writes, and the wake-ups, in one
+        // statement (its parts are data-modifying CTEs): admission's trips
+        // to the database are what its rate is made of.
+        let wake_queue = queue.values().any(Option::is_some) || leases.values().any(|on| !on) || !cancels.is_empty();
+        let wake_outbox = outbox.values().any(Option::is_some);
+        let gone: Vec<&str> = queue.iter().filter(|(_, e)| e.is_none()).map(|(id, _)| id.as_str()).collect();
+        let added: Vec<&QueueEntry> = queue.values().flatten().collect();
+        let jobs: Vec<&Job> = jobs.values().collect();
+        let mut sql = Sql::default();
+        if !deliveries.is_empty() {
+            sql.cte(
+                "INSERT INTO deliveries (id, received_at, fingerprint, record)
+                 SELECT * FROM unnest(?::text[], ?::timestamptz[], ?::text[], ?::text[]::jsonb[])",
+            );
         }
-        if outbox.values().any(Option::is_some) {
-            q("SELECT pg_notify($1, '')").bind(&self.channels.1).execute(&mut **tx).await.map_err(pg)?;
+        if !jobs.is_empty() {
+            sql.cte(
+                "INSERT INTO jobs (id, seq, state, trigger, repo, finished_at, record)
+                 SELECT * FROM unnest(?::text[], ?::bigint[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], ?::text[]::jsonb[])
+                 ON CONFLICT (id) DO UPDATE SET state = excluded.state, finished_at = excluded.finished_at, record = excluded.record",
+            );
         }
+        if !gone.is_empty() {
+            sql.cte("DELETE FROM queue WHERE id = ANY(?)");
+        }
+        if !added.is_empty() {
+            sql.cte(
+                "INSERT INTO queue (id, priority, seq, agent, repo)
+                 SELECT * FROM unnest(?::text[], ?::smallint[], ?::bigint[], ?::text[], ?::text[]) ON CONFLICT DO NOTHING",
+            );
+        }
+        let notify = match (wake_queue, wake_outbox) {
+            (true, true) => "SELECT pg_notify(?, ''), pg_notify(?, '')",
+            (true, false) | (false, true) => "SELECT pg_notify(?, '')",
+            (false, false) => "SELECT 1",
+        };
+        if sql.is_empty() && notify == "SELECT 1" {
+            return Ok(());
+        }
+        let text = sql.finish(notify);
+        let mut query = sqlx::query(&text);
+        if !deliveries.is_empty() {
+            query = query
+                .bind(deliveries.iter().map(|d| d.id.as_str()).collect::<Vec<_>>())
+                .bind(deliveries.iter().map(|d| d.received_at).collect::<Vec<_>>())
+                .bind(deliveries.iter().map(|d| d.fingerprint.as_deref()).collect::<Vec<_>>())
+                .bind(deliveries.iter().map(json).collect::<Vec<_>>());
+        }
+        if !jobs.is_empty() {
+            query = query
+                .bind(jobs.iter().map(|j| j.id.as_str()).collect::<Vec<_>>())
+                .bind(jobs.iter().map(|j| j.seq as i64).collect::<Vec<_>>())
+                .bind(jobs.iter().map(|j| j.state.as_str()).collect::<Vec<_>>())
+                .bind(jobs.iter().map(|j| j.trigger.as_str()).collect::<Vec<_>>())
+                .bind(jobs.iter().map(|j| j.repo.as_deref()).collect::<Vec<_>>())
+                .bind(jobs.iter().map(|j| j.finished_at).collect::<Vec<_>>())
+                .bind(jobs.iter().map(json).collect::<Vec<_>>());
+        }
+        if !gone.is_empty() {
+            query = query.bind(gone);
+        }
+        if !added.is_empty() {
+            query = query
+                .bind(added.iter().map(|e| e.id.as_str()).collect::<Vec<_>>())
+                .bind(added.iter().map(|e| i16::from(e.priority)).collect::<Vec<_>>())
+                .bind(added.iter().map(|e| e.seq as i64).collect::<Vec<_>>())
+                .bind(added.iter().map(|e| e.agent.as_str()).collect::<Vec<_>>())
+                .bind(added.iter().map(|e| e.repo.as_deref()).collect::<Vec<_>>());
+        }
+        if wake_queue {
+            query = query.bind(&self.channels.0);
+        }
+        if wake_outbox {
+            query = query.bind(&self.channels.1);
+        }
+        query.execute(&mut **tx).await.map_err(pg)?;
         Ok(())
     }
 
@@ -1055,6 +1105,46 @@ impl PgStore {
     }
 }
 
+/// One statement made of data-modifying CTEs and a final `SELECT`, its `?`
+/// placeholders numbered in order (no part has a `?` of its own).
+#[derive(Default)]
+struct Sql {
+    ctes: Vec<&'static str>,
+}
+
+impl Sql {
+    fn cte(&mut self, part: &'static str) {
+        self.ctes.push(part);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ctes.is_empty()
+    }
+
+    fn finish(&self, last: &str) -> String {
+        let mut text = String::new();
+        for (i, part) in self.ctes.iter().enumerate() {
+            text.push_str(if i == 0 { "WITH " } else { ", " });
+            text.push_str(&format!("w{i} AS ({part})"));
+        }
+        if !text.is_empty() {
+            text.push(' ');
+        }
+        text.push_str(last);
+        let mut out = String::with_capacity(text.len() + 32);
+        let mut n = 0;
+        for c in text.chars() {
+            if c == '?' {
+                n += 1;
+                out.push_str(&format!("${n}"));
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+}
+
 /// Brings the schema up to date, one replica at a time.
 async fn migrate(pool: &PgPool, schema: Option<&str>) -> Result<(), StoreError> {
     let mut conn = pool.acquire().await.map_err(pg)?;
@@ -1157,6 +1247,28 @@ fn json<T: serde::Serialize>(v: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_statement_numbers_its_placeholders_in_order() {
+        let mut sql = Sql::default();
+        assert_eq!(sql.finish("SELECT pg_notify(?, '')"), "SELECT pg_notify($1, '')");
+        sql.cte("INSERT INTO a SELECT * FROM unnest(?::text[], ?::text[])");
+        sql.cte("DELETE FROM b WHERE id = ANY(?)");
+        assert_eq!(
+            sql.finish("SELECT 1"),
+            "WITH w0 AS (INSERT INTO a SELECT * FROM unnest($1::text[], $2::text[])), w1 AS (DELETE FROM b WHERE id = ANY($3)) SELECT 1"
+        );
+    }
+
+    #[test]
+    fn only_conflicts_between_transactions_are_retried() {
+        let check = |m: &str, expect: bool| assert_eq!(conflict(&StoreError::Postgres(m.into())), expect, "{m}");
+        check("deadlock detected (SQLSTATE 40P01)", true);
+        check("could not serialize access (SQLSTATE 40001)", true);
+        check("duplicate key value violates unique constraint \"jobs_pkey\" (SQLSTATE 23505)", true);
+        check("relation \"jobs\" does not exist (SQLSTATE 42P01)", false);
+        check("pool timed out while waiting for an open connection", false);
+    }
 
     #[test]
     fn urls_lose_their_password_in_messages() {
