@@ -59,6 +59,11 @@ pub fn comment_body(job: &Job) -> String {
     fit(main, &footer(job, &marker(&job.id)), job)
 }
 
+/// A line-by-line review's body: its summary and baton's footer.
+pub fn review_body(job: &Job, summary: &str) -> String {
+    fit(summary.to_string(), &footer(job, &marker(&job.id)), job)
+}
+
 /// The status comment when a job starts.
 pub fn status_start_body(job: &Job, public_url: Option<&str>) -> String {
     let link = match public_url {

@@ -235,14 +235,43 @@ impl GitHub {
 
     /// A pull request review with event `COMMENT`.
     pub async fn review(&self, inst: Option<u64>, repo: &str, number: u64, body: &str) -> Result<Created, GitHubError> {
-        let v = self
-            .post(
-                (inst, repo),
-                &format!("/repos/{repo}/pulls/{number}/reviews"),
-                json!({ "body": body, "event": "COMMENT" }),
-            )
-            .await?;
+        self.review_with(inst, repo, number, body, "COMMENT", &[]).await
+    }
+
+    /// Posts a review with its event and inline comments (each `path`,
+    /// `line`, `side`, and optionally `start_line`/`start_side`, `body`).
+    pub async fn review_with(
+        &self,
+        inst: Option<u64>,
+        repo: &str,
+        number: u64,
+        body: &str,
+        event: &str,
+        comments: &[Value],
+    ) -> Result<Created, GitHubError> {
+        let mut request = json!({ "body": body, "event": event });
+        if !comments.is_empty() {
+            request["comments"] = Value::Array(comments.to_vec());
+        }
+        let v = self.post((inst, repo), &format!("/repos/{repo}/pulls/{number}/reviews"), request).await?;
         Ok(created(&v))
+    }
+
+    /// The pull request's changed files, each with its `patch` (every page).
+    pub async fn pr_files(&self, inst: Option<u64>, repo: &str, number: u64) -> Result<Vec<Value>, GitHubError> {
+        let mut files = Vec::new();
+        // GitHub lists at most 3,000 files, 100 a page.
+        for page in 1..=30 {
+            let list =
+                self.get((inst, repo), &format!("/repos/{repo}/pulls/{number}/files?per_page=100&page={page}")).await?;
+            let items = list.as_array().cloned().unwrap_or_default();
+            let last = items.len() < 100;
+            files.extend(items);
+            if last {
+                break;
+            }
+        }
+        Ok(files)
     }
 
     /// Opens a pull request; one already open for the branch (a re-run

@@ -9,6 +9,7 @@ pub mod body;
 pub mod github;
 pub mod plan;
 pub mod redact;
+pub mod review;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use chrono::Utc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Job, Publication, PublicationState, Purpose, Store, Target};
+use crate::store::{Job, JobState, Publication, PublicationState, Purpose, Store, Target};
 pub use body::{comment_body, marker, pull_request_body, pull_request_title, status_end_body, status_start_body};
 pub use github::GitHub;
 use github::{GitHubError, Listing};
@@ -166,7 +167,17 @@ impl Publisher {
             }
             Target::Review { number } => {
                 let look = Some((Listing::Reviews(number), result_marker.as_str()));
-                self.create(p, job, CapKind::Comment, look, gh.review(inst, repo, number, &body)).await
+                // A review answered as JSON goes line by line; any other
+                // answer is the review's body, as it is.
+                let answer = job.result.as_deref().filter(|_| job.state == JobState::Succeeded).and_then(review::parse);
+                let Some(answer) = answer else {
+                    return self.create(p, job, CapKind::Comment, look, gh.review(inst, repo, number, &body)).await;
+                };
+                let diff = review::DiffLines::from_files(&gh.pr_files(inst, repo, number).await?);
+                let planned = review::plan(&answer, &diff, job.spec.output_options.allow_approve);
+                let body = body::review_body(job, &planned.body);
+                let send = gh.review_with(inst, repo, number, &body, planned.event, &planned.comments);
+                self.create(p, job, CapKind::Comment, look, send).await
             }
             Target::PullRequest { head, base, title } => {
                 // GitHub refuses a second PR for one branch: no marker needed.

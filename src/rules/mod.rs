@@ -22,6 +22,15 @@ use crate::diag::Diagnostic;
 use crate::event::Event;
 pub use trigger::{OnConflict, OutputKind, OutputOptions, Trigger, WorkspaceKind};
 
+/// What the prompt of a `review` trigger asks for: the JSON baton turns into
+/// one review with inline comments (see `publish::review`).
+pub const REVIEW_ANSWER_FORMAT: &str = "\n\n## Answer format\n\n\
+Answer with one JSON object and nothing else:\n\
+{\"summary\": \"what you found, in a few sentences\", \"event\": \"COMMENT\" or \"REQUEST_CHANGES\" or \"APPROVE\", \
+\"comments\": [{\"path\": \"the file, as in the diff\", \"line\": N, \"side\": \"RIGHT\" (new code) or \"LEFT\" (removed code), \
+\"start_line\": M (optional: a range M..N), \"body\": \"the finding\", \"suggestion\": \"replacement text for those lines (optional)\"}]}\n\
+Comment only on lines the pull request changes or shows around its changes.";
+
 /// What a job needs to run, fixed when its event matched: later edits of the
 /// trigger folder do not change a job that is already queued.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -365,6 +374,8 @@ impl RuleSet {
             Err(reason) => return reject("workspace", reason),
         };
         let prompt = match self.env.get_template(&t.template_name()).and_then(|tmpl| tmpl.render(&ctx)) {
+            // A review is asked for in the format baton posts line by line.
+            Ok(p) if t.output == OutputKind::Review => format!("{p}{REVIEW_ANSWER_FORMAT}"),
             Ok(p) => p,
             Err(e) => return reject("prompt", format!("prompt failed to render: {e}")),
         };

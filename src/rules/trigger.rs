@@ -86,6 +86,9 @@ pub struct OutputOptions {
     /// `.github/actions/**` (a workflow pushed with a token that may write
     /// workflows runs with the repository's secrets).
     pub allow_workflow_changes: bool,
+    /// Whether a review's `APPROVE` is posted as an approval (otherwise it
+    /// is a comment).
+    pub allow_approve: bool,
 }
 
 impl Default for OutputOptions {
@@ -100,6 +103,7 @@ impl Default for OutputOptions {
             max_pull_requests: 1,
             max_push_bytes: DEFAULT_MAX_PUSH_BYTES,
             allow_workflow_changes: false,
+            allow_approve: false,
         }
     }
 }
@@ -171,6 +175,7 @@ struct OutputFile {
     max_pull_requests: Option<u32>,
     allow_workflow_changes: Option<bool>,
     max_push_bytes: Option<u64>,
+    allow_approve: Option<bool>,
 }
 
 /// The `author_association` values trusted by default.
@@ -477,6 +482,7 @@ pub fn compile(
         max_pull_requests: out.max_pull_requests.unwrap_or(1),
         allow_workflow_changes: out.allow_workflow_changes.unwrap_or(false),
         max_push_bytes: out.max_push_bytes.unwrap_or(DEFAULT_MAX_PUSH_BYTES),
+        allow_approve: out.allow_approve.unwrap_or(false),
     };
     let priority = match &job.priority {
         Some(p) if !(-100..=100).contains(p.get_ref()) => {

@@ -58,6 +58,10 @@ struct State {
     app: Option<App>,
     comments: Vec<Comment>,
     reviews: Vec<Comment>,
+    /// Each review as posted: its event and inline comments.
+    review_posts: Vec<Value>,
+    /// `owner/name#N` → the pull request's changed files (`filename`, `patch`).
+    pr_files: std::collections::HashMap<String, Vec<Value>>,
     check_runs: Vec<Value>,
     hook_deliveries: Vec<Value>,
 }
@@ -125,6 +129,16 @@ impl FakeGitHub {
             let id = st.next_id;
             st.comments.push(Comment { id, on: on.to_string(), body: format!("a comment by someone else ({id})") });
         }
+    }
+
+    /// Sets a pull request's changed files, as `GET …/pulls/N/files` lists them.
+    pub fn set_pr_files(&self, on: &str, files: Vec<Value>) {
+        self.state.lock().unwrap().pr_files.insert(on.to_string(), files);
+    }
+
+    /// The reviews accepted, as posted (`event`, `body`, `comments`).
+    pub fn review_posts(&self) -> Vec<Value> {
+        self.state.lock().unwrap().review_posts.clone()
     }
 
     pub fn reviews(&self, on: &str) -> Vec<Comment> {
@@ -273,8 +287,33 @@ fn route(st: &mut State, method: &Method, parts: &[&str], query: &str, body: &Va
             answer(StatusCode::CREATED, json!({ "id": id, "content": body["content"] }))
         }
         ("POST", ["repos", o, r, "pulls", n, "reviews"]) => {
-            st.reviews.push(Comment { id, on: format!("{o}/{r}#{n}"), body: text });
+            let on = format!("{o}/{r}#{n}");
+            // As GitHub: an inline comment must be on a line of the diff, and
+            // a suggestion block must be closed.
+            let files = st.pr_files.get(&on).cloned().unwrap_or_default();
+            for c in body["comments"].as_array().into_iter().flatten() {
+                let (path, side) = (c["path"].as_str().unwrap_or(""), c["side"].as_str().unwrap_or("RIGHT"));
+                let patch = files.iter().find(|f| f["filename"] == path).and_then(|f| f["patch"].as_str());
+                let shown = patch.map(|p| diff_lines(p, side == "LEFT")).unwrap_or_default();
+                let lines = [c["line"].as_u64(), c["start_line"].as_u64()];
+                if lines.iter().flatten().any(|l| !shown.contains(l)) {
+                    return answer(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        json!({ "message": "Unprocessable Entity", "errors": ["Line could not be resolved"] }),
+                    );
+                }
+                let text = c["body"].as_str().unwrap_or("");
+                if text.contains("suggestion\n") && !suggestion_closed(text) {
+                    return answer(StatusCode::UNPROCESSABLE_ENTITY, json!({ "message": "unclosed suggestion block" }));
+                }
+            }
+            st.review_posts.push(body.clone());
+            st.reviews.push(Comment { id, on, body: text });
             answer(StatusCode::OK, json!({ "id": id, "html_url": format!("https://github.example/review/{id}") }))
+        }
+        ("GET", ["repos", o, r, "pulls", n, "files"]) => {
+            let files = st.pr_files.get(&format!("{o}/{r}#{n}")).cloned().unwrap_or_default();
+            answer(StatusCode::OK, Value::Array(files))
         }
         ("GET", ["repos", o, r, "pulls", n, "reviews"]) => {
             let on = format!("{o}/{r}#{n}");
@@ -334,4 +373,62 @@ fn route(st: &mut State, method: &Method, parts: &[&str], query: &str, body: &Va
         ("GET", _) => answer(StatusCode::OK, json!({})),
         _ => not_found(),
     }
+}
+
+/// The new-file (or, `left`, old-file) line numbers a unified diff shows.
+fn diff_lines(patch: &str, left: bool) -> Vec<u64> {
+    let mut out = Vec::new();
+    let (mut old, mut new) = (0, 0);
+    for line in patch.split('\n') {
+        if line.starts_with("@@") {
+            let nums: Vec<u64> = line
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|s| !s.is_empty())
+                .filter_map(|s| s.parse().ok())
+                .collect();
+            // @@ -a[,b] +c[,d] @@: the first number is old's start; new's is
+            // the first after the '+'.
+            old = nums.first().copied().unwrap_or(0);
+            let plus = line.find('+').unwrap_or(0);
+            new = line[plus..]
+                .split(|c: char| !c.is_ascii_digit())
+                .find(|s| !s.is_empty())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            continue;
+        }
+        let (shows_old, shows_new) = match line.as_bytes().first() {
+            Some(b'+') => (false, true),
+            Some(b'-') => (true, false),
+            Some(b'\\') => continue,
+            _ => (true, true),
+        };
+        if shows_old {
+            if left {
+                out.push(old);
+            }
+            old += 1;
+        }
+        if shows_new {
+            if !left {
+                out.push(new);
+            }
+            new += 1;
+        }
+    }
+    out
+}
+
+/// Whether every ```` ```suggestion ```` fence in `text` is closed by a
+/// fence of the same length.
+fn suggestion_closed(text: &str) -> bool {
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        if let Some(fence) = line.strip_suffix("suggestion").filter(|f| !f.is_empty() && f.chars().all(|c| c == '`')) {
+            if !lines.by_ref().any(|l| l == fence) {
+                return false;
+            }
+        }
+    }
+    true
 }

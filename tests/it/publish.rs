@@ -177,6 +177,80 @@ async fn review_output_posts_a_comment_review_and_closes_the_status_comment() {
     .await;
 }
 
+/// The pull request the review tests look at: one file, one hunk.
+fn review_fixture(fake: &FakeGitHub) {
+    let patch = "@@ -1,3 +1,4 @@\n fn a() {\n-    old();\n+    new();\n+    more();\n }";
+    fake.set_pr_files(
+        "Codertocat/Hello-World#2",
+        vec![serde_json::json!({ "filename": "src/lib.rs", "patch": patch })],
+    );
+}
+
+/// A review trigger whose agent answers `answer`; `allow_approve` as given.
+fn review_daemon(fake: &FakeGitHub, answer: &str, allow_approve: bool) -> (Workdir, Baton) {
+    let agent = format!("#!/bin/sh\ncat > /dev/null\ncat <<'EOF'\n{answer}\nEOF\n");
+    let trigger = format!(
+        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"review\"\n[output]\nkind = \"review\"\nallow_approve = {allow_approve}\n"
+    );
+    let w = setup(fake, &agent, "pull_request.opened", &trigger, "token = \"env:GITHUB_TOKEN\"");
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    (w, baton)
+}
+
+/// A review answered as JSON lands as one review: findings on diff lines
+/// inline (a suggestion as a suggestion block, a removed line on the left),
+/// a finding elsewhere in the summary, never dropped; `APPROVE` only with
+/// `allow_approve`. The prompt asked for the format.
+#[tokio::test]
+async fn a_json_review_lands_line_by_line_and_approves_only_when_allowed() {
+    let answer = serde_json::json!({
+        "summary": "One bug, one question, one typo.",
+        "event": "APPROVE",
+        "comments": [
+            { "path": "src/lib.rs", "line": 3, "start_line": 2, "body": "Called twice.", "suggestion": "    new();" },
+            { "path": "src/lib.rs", "line": 2, "side": "LEFT", "body": "Why remove old()?" },
+            { "path": "README.md", "line": 40, "body": "Typo in the intro." }
+        ]
+    })
+    .to_string();
+    for allow in [false, true] {
+        let fake = FakeGitHub::start().await;
+        review_fixture(&fake);
+        let (_w, baton) = review_daemon(&fake, &answer, allow);
+        let id = deliver(&baton, "pull_request", "pull_request/opened.payload.json", &format!("jr-{allow}")).await;
+        assert_eq!(baton.finished(&id).await["state"], "succeeded");
+        eventually("the review", || !fake.review_posts().is_empty()).await;
+        let review = &fake.review_posts()[0];
+        assert_eq!(review["event"], if allow { "APPROVE" } else { "COMMENT" }, "{review}");
+        let comments = review["comments"].as_array().unwrap();
+        assert_eq!(comments.len(), 2, "{review}");
+        assert_eq!(comments[0]["path"], "src/lib.rs");
+        assert_eq!((comments[0]["start_line"].as_u64(), comments[0]["line"].as_u64()), (Some(2), Some(3)));
+        assert_eq!(comments[0]["body"], "Called twice.\n\n```suggestion\n    new();\n```");
+        assert_eq!((comments[1]["side"].as_str(), comments[1]["line"].as_u64()), (Some("LEFT"), Some(2)));
+        let body = review["body"].as_str().unwrap();
+        assert!(body.starts_with("One bug, one question, one typo."), "{body}");
+        assert!(body.contains("`README.md:40`: Typo in the intro.") && body.contains(&marker(&id)), "{body}");
+        let job = baton.job(&id).await;
+        assert!(job["spec"]["prompt"].as_str().unwrap().contains("## Answer format"), "{job}");
+    }
+}
+
+/// An answer that is not valid review JSON is the review's body, as it is.
+#[tokio::test]
+async fn a_review_that_is_not_valid_json_is_posted_as_it_is() {
+    let fake = FakeGitHub::start().await;
+    review_fixture(&fake);
+    let broken = r#"{"summary": "cut short", "comments": [{"path": "src/lib.rs""#;
+    let (_w, baton) = review_daemon(&fake, broken, false);
+    let id = deliver(&baton, "pull_request", "pull_request/opened.payload.json", "broken-review").await;
+    assert_eq!(baton.finished(&id).await["state"], "succeeded");
+    eventually("the review", || !fake.review_posts().is_empty()).await;
+    let review = &fake.review_posts()[0];
+    assert!(review["comments"].is_null(), "{review}");
+    assert!(review["body"].as_str().unwrap().starts_with(broken), "{review}");
+}
+
 /// An RSA key pair for the App: (private PEM, public PEM).
 fn app_keys() -> (String, String) {
     use rsa::pkcs1::{EncodeRsaPrivateKey, EncodeRsaPublicKey, LineEnding};
