@@ -169,7 +169,7 @@ pub async fn serve(
     if let Some(l) = listening {
         let _ = l.await;
     }
-    store.flush().await?;
+    store.close().await?;
     tracing::info!("baton stopped.");
     result
 }

@@ -375,7 +375,7 @@ impl Engine {
                 let id = job.id.clone();
                 let shipped = std::sync::atomic::AtomicU64::new(0);
                 tokio::select! {
-                    _ = engine.execute(job, cancel) => {}
+                    _ = engine.execute(job, cancel, &shipped) => {}
                     _ = engine.renew_lease(&id) => {
                         // The job is another replica's now: its run here
                         // stops, agent and all, and stores nothing.
@@ -383,7 +383,6 @@ impl Engine {
                     }
                     _ = engine.ship_log(&id, &shipped) => {}
                 }
-                engine.ship_log_once(&id, &shipped).await;
                 // Also here, not only in the dispatcher: while the daemon
                 // drains, the dispatcher no longer runs.
                 engine.running().remove(&id);
@@ -440,7 +439,7 @@ impl Engine {
     }
 
     #[tracing::instrument(skip_all, fields(job = %job.id, trigger = %job.trigger))]
-    async fn execute(&self, mut job: Job, cancel: CancellationToken) {
+    async fn execute(&self, mut job: Job, cancel: CancellationToken, shipped: &std::sync::atomic::AtomicU64) {
         tracing::info!(attempt = job.attempts, "Job started.");
         let started = self.planner.at_start(&job);
         if !started.is_empty() {
@@ -523,6 +522,9 @@ impl Engine {
             a.error = a.error.as_deref().map(|e| self.redactor.redact(e));
         }
         let publications = self.planner.at_end(&job);
+        // The whole log is in a shared store before the job reads as ended
+        // there: a follower on another replica then misses no line.
+        self.ship_log_once(&job.id, shipped).await;
         match self.store.finish(&job, &publications).await {
             Ok(()) => {
                 tracing::info!(state = %job.state, error = job.error.as_deref().unwrap_or(""), "Job finished.");
@@ -896,7 +898,7 @@ pub async fn run_locally(
         let mut job = Job::new(crate::store::job_id("simulated", &spec.trigger), 0, "simulated".into(), spec, now);
         job.start_attempt(now);
         let id = job.id.clone();
-        engine.execute(job, CancellationToken::new()).await;
+        engine.execute(job, CancellationToken::new(), &std::sync::atomic::AtomicU64::new(0)).await;
         out.extend(store.job(&id).await?);
     }
     Ok(out)

@@ -168,6 +168,12 @@ impl Store {
         on!(self, b => { let _ = (queue, outbox, stop, b); None }, Some(b.listen(queue, outbox, stop)))
     }
 
+    /// At shutdown: makes every write durable and stops the store's own
+    /// tasks (PostgreSQL's batch writers), waiting for them.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        on!(self, b => b.flush().await, { b.close().await; Ok(()) })
+    }
+
     /// Makes every write so far durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         on!(self, b => b.flush().await, { let _ = b; Ok(()) })
@@ -259,6 +265,11 @@ impl Store {
     /// Queued jobs in queue order.
     pub async fn queued(&self) -> Result<Vec<QueueEntry>, StoreError> {
         on!(self, b => b.queued(), b.queued().await)
+    }
+
+    /// How many jobs are queued (a count, not a read of the queue).
+    pub async fn queue_len(&self) -> Result<usize, StoreError> {
+        on!(self, b => Ok(b.queue_len()), b.queue_len().await)
     }
 
     /// Claims the next queued job `limits` allow, in priority and arrival

@@ -57,6 +57,9 @@ pub struct PgStore {
     channels: (String, String),
     /// Deliveries waiting for the batch writer.
     admissions: mpsc::Sender<(Admission, Reply)>,
+    /// Stops the batch writers once what waits is stored (`close`).
+    stop: tokio_util::sync::CancellationToken,
+    writers: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 fn pg(e: sqlx::Error) -> StoreError {
@@ -128,14 +131,24 @@ impl PgStore {
             replica: replica.to_string(),
             channels: (format!("baton_queue_{tag}"), format!("baton_outbox_{tag}")),
             admissions: tx,
+            stop: tokio_util::sync::CancellationToken::new(),
+            writers: std::sync::Arc::default(),
         };
         // Batches overlap: while one commits (and waits on the WAL's flush),
         // the next is gathered and written.
         let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
-        for _ in 0..WRITERS {
-            tokio::spawn(store.clone().write_batches(rx.clone()));
-        }
+        let handles = (0..WRITERS).map(|_| tokio::spawn(store.clone().write_batches(rx.clone()))).collect();
+        *store.writers.lock().unwrap_or_else(|p| p.into_inner()) = handles;
         Ok(store)
+    }
+
+    /// Stores what waits, then stops the batch writers and waits for them.
+    pub async fn close(&self) {
+        self.stop.cancel();
+        let handles = std::mem::take(&mut *self.writers.lock().unwrap_or_else(|p| p.into_inner()));
+        for h in handles {
+            let _ = h.await;
+        }
     }
 
     /// The batch writer: every delivery waiting (up to `MAX_BATCH`) goes
@@ -144,7 +157,13 @@ impl PgStore {
         loop {
             let batch = {
                 let mut rx = rx.lock().await;
-                let Some(first) = rx.recv().await else { return };
+                let first = tokio::select! {
+                    // What is already sent is stored before a stop.
+                    biased;
+                    next = rx.recv() => next,
+                    _ = self.stop.cancelled() => None,
+                };
+                let Some(first) = first else { return };
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
                     match rx.try_recv() {
@@ -632,6 +651,11 @@ impl PgStore {
         .await
         .map_err(pg)?;
         Ok(rows.into_iter().map(|Json(j)| j).collect())
+    }
+
+    pub async fn queue_len(&self) -> Result<usize, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM queue").fetch_one(&self.pool).await.map_err(pg)?;
+        Ok(n as usize)
     }
 
     pub async fn queued(&self) -> Result<Vec<QueueEntry>, StoreError> {

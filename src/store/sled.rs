@@ -458,6 +458,10 @@ impl SledStore {
         Ok(out)
     }
 
+    pub fn queue_len(&self) -> usize {
+        self.t.queue.len()
+    }
+
     pub fn queued(&self) -> Result<Vec<QueueEntry>, StoreError> {
         self.t.queue.iter().map(|entry| entry.map(|(k, v)| queue_entry(&k, &v)).map_err(Into::into)).collect()
     }

@@ -340,7 +340,14 @@ async fn metrics_count_deliveries_jobs_and_the_queue() {
     let id = accepted_jobs(&baton, "m-1", &body).await[0].as_str().unwrap().to_string();
     let _ = baton.deliver(SECRET, "issues", "m-1", &body).await;
     baton.finished(&id).await;
-    let text = reqwest::get(format!("{}/metrics", baton.url)).await.unwrap().text().await.unwrap();
+    // A worker lets go of its job a moment after the job's end is stored.
+    let metrics = || async { reqwest::get(format!("{}/metrics", baton.url)).await.unwrap().text().await.unwrap() };
+    let start = std::time::Instant::now();
+    while !metrics().await.contains("baton_jobs_running 0") {
+        assert!(start.elapsed() < crate::harness::WAIT, "the job never stopped counting as running");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let text = metrics().await;
     for line in [
         "baton_deliveries_total{event=\"issues.opened\",outcome=\"accepted\"} 1",
         "baton_deliveries_total{event=\"issues.opened\",outcome=\"duplicate\"} 1",
