@@ -107,15 +107,18 @@ impl Engine {
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Engine {
         let publishing = credentials.is_some();
+        // One redactor, built once: the engine scrubs results with it, the
+        // planner everything it puts in the outbox.
+        let redactor = crate::publish::redact::Redactor::new(config.secrets());
         Engine {
             planner: crate::publish::plan::Planner {
                 publishing,
                 public_url: config.server.public_url.clone(),
-                redactor: crate::publish::redact::Redactor::new(config.secrets()),
+                redactor: redactor.clone(),
             },
             lease: config.limits.job_lease,
             metrics,
-            redactor: crate::publish::redact::Redactor::new(config.secrets()),
+            redactor,
             rules,
             workspaces: Workspaces::new(
                 &config.storage.path,
