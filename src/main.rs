@@ -235,7 +235,7 @@ async fn serve(config: Config) -> Result<ExitCode> {
 /// `baton migrate`: the schema a PostgreSQL store needs, printed or applied.
 async fn migrate(path: Option<&Path>, print: bool) -> Result<ExitCode> {
     if print {
-        print!("{}", baton::store::SCHEMA);
+        print!("{}", baton::store::schema());
         return Ok(ExitCode::SUCCESS);
     }
     let config = load_config(path)?;

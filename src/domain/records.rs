@@ -184,6 +184,9 @@ pub struct Job {
     /// The branch baton pushed with the agent's changes (`pull_request` output).
     #[serde(default)]
     pub branch: Option<String>,
+    /// The commit baton pushed (`pull_request` and `push` outputs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
     /// The job that replaced, dropped or cancelled this one (concurrency groups).
     #[serde(default)]
     pub displaced_by: Option<String>,
@@ -231,6 +234,7 @@ impl Job {
             history: Vec::new(),
             publication: None,
             branch: None,
+            commit: None,
             displaced_by: None,
             progress: Progress::default(),
             approved: None,

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{format_duration, AgentDef, Config, PromptMode, ResultMode};
 use crate::domain::Limits;
 use crate::rules::{JobSpec, OutputKind, RuleSet, SharedRules};
-use crate::store::{Accepted, Delivery, Job, JobState, Outcome, Phases, Store, StoreError};
+use crate::store::{Accepted, Delivery, Job, JobState, Note, Outcome, Phases, Store, StoreError};
 use agent::{Ending, Invocation};
 use workspace::Workspaces;
 
@@ -82,8 +82,8 @@ struct RunningJob {
 
 /// How one attempt ended.
 enum AttemptEnd {
-    /// The result, and the branch pushed with the agent's changes, if any.
-    Succeeded(String, Option<String>),
+    /// The result, and what was pushed with the agent's changes, if anything.
+    Succeeded(String, Option<Pushed>),
     Cancelled,
     Failed {
         outcome: Outcome,
@@ -94,6 +94,13 @@ enum AttemptEnd {
         /// Verification output for the next attempt's prompt.
         feedback: Option<String>,
     },
+}
+
+/// What baton pushed with an agent's change.
+#[derive(Debug)]
+struct Pushed {
+    branch: String,
+    commit: String,
 }
 
 impl Engine {
@@ -444,6 +451,15 @@ impl Engine {
     #[tracing::instrument(skip_all, fields(job = %job.id, trigger = %job.trigger))]
     async fn execute(&self, mut job: Job, cancel: CancellationToken, shipped: &std::sync::atomic::AtomicU64) {
         tracing::info!(attempt = job.attempts, "Job started.");
+        if let Some((why, first)) = self.repair_refused(&job).await {
+            self.log_line(&job.id, &why).await;
+            let now = Utc::now();
+            job.end_attempt(Outcome::ChainLimit, None, Some(why.clone()), now);
+            job.end(JobState::Failed, None, Some(why), now);
+            // Said once on the pull request; later refusals are quiet.
+            let publications = if first { self.planner.at_end(&job) } else { Vec::new() };
+            return self.finish(job, shipped, publications).await;
+        }
         let started = self.planner.at_start(&job);
         if !started.is_empty() {
             job.progress.started = true;
@@ -464,8 +480,11 @@ impl Engine {
             }
             let now = Utc::now();
             match end {
-                AttemptEnd::Succeeded(result, branch) => {
-                    job.branch = branch;
+                AttemptEnd::Succeeded(result, pushed) => {
+                    if let Some(p) = pushed {
+                        job.branch = Some(p.branch);
+                        job.commit = Some(p.commit);
+                    }
                     job.end_attempt(Outcome::Exit, Some(0), None, now);
                     job.end(JobState::Succeeded, Some(result), None, now);
                 }
@@ -525,6 +544,17 @@ impl Engine {
             a.error = a.error.as_deref().map(|e| self.redactor.redact(e));
         }
         let publications = self.planner.at_end(&job);
+        self.finish(job, shipped, publications).await
+    }
+
+    /// Stores a job's end with what it publishes, and sends the end through
+    /// the rules.
+    async fn finish(
+        &self,
+        job: Job,
+        shipped: &std::sync::atomic::AtomicU64,
+        publications: Vec<crate::domain::Publication>,
+    ) {
         // The whole log is in a shared store before the job reads as ended
         // there: a follower on another replica then misses no line.
         self.ship_log_once(&job.id, shipped).await;
@@ -546,6 +576,43 @@ impl Engine {
                 tracing::error!(error = %e, "Could not store the job's end; it will rerun after a restart.")
             }
         }
+    }
+
+    /// A repair (a `push` answering a failed check) past its bound: why,
+    /// and whether this is the first refusal on its pull request. Each
+    /// repair baton pushed counts against `job.max_repairs_per_pr`, and as
+    /// one link of a chain against `limits.max_chain_depth`.
+    async fn repair_refused(&self, job: &Job) -> Option<(String, bool)> {
+        let spec = &job.spec;
+        let (true, Some(repo), Some(number)) = (spec.is_repair(), job.repo.clone(), job.subject) else { return None };
+        let pushed = match self.store.note(&Note::Repairs { repo: repo.clone(), number }).await {
+            Ok(n) => n.and_then(|v| v.as_u64()).unwrap_or(0),
+            Err(e) => {
+                tracing::error!(error = %e, "Could not read the repairs pushed; refusing to push another.");
+                return Some((format!("could not read how many repairs baton pushed to #{number}: {e}"), false));
+            }
+        };
+        let depth = self.config.limits.max_chain_depth;
+        let why = if pushed >= u64::from(spec.max_repairs_per_pr) {
+            format!(
+                "baton has pushed {pushed} repairs to this pull request, its limit (job.max_repairs_per_pr = {}); \
+                 it stops repairing it here, over to a person",
+                spec.max_repairs_per_pr
+            )
+        } else if pushed > u64::from(depth) {
+            format!(
+                "chain depth limit reached: baton has pushed {pushed} repairs to this pull request in a row, and \
+                 limits.max_chain_depth is {depth}; it stops repairing it here"
+            )
+        } else {
+            return None;
+        };
+        let stopped = Note::RepairsStopped { repo, number };
+        let first = match self.store.note(&stopped).await {
+            Ok(None) => self.store.set_note(&stopped, &serde_json::json!(job.id)).await.is_ok(),
+            _ => false,
+        };
+        Some((why, first))
     }
 
     /// Sends a job's end back through the rules as `job.succeeded` or
@@ -722,146 +789,290 @@ impl Engine {
             Ok(r) => r,
             Err(e) => return failed(Outcome::Exit, Some(0), format!("agent `{}` succeeded but {e}", agent.name), true),
         };
-        if let Some(verify) = &spec.verify {
-            self.log_line(&job.id, &format!("verifying with `{}`", verify.join(" "))).await;
-            let check = AgentDef {
-                name: "verify".into(),
-                command: verify.clone(),
-                prompt: PromptMode::Stdin,
-                result: ResultMode::Stdout,
-                env: agent.env.clone(),
-                vars: Default::default(),
-                timeout,
-                install: None,
-                max_parallel: None,
-                sandbox: agent.sandbox.clone(),
-            };
-            let v = Invocation {
-                agent: &check,
-                prompt: "",
-                workdir,
-                job_dir: &dir.join("verify-io"),
-                log: &log,
-                timeout,
-                output_cap: agent::DEFAULT_OUTPUT_CAP,
-                cancel,
-                on_spawn: None,
-                confine: self.confinement(job, "verify", expose),
-            };
-            let started = std::time::Instant::now();
-            let outcome = v.run().await;
-            report.phases.verify_ms = Some(started.elapsed().as_millis() as u64);
-            if let Ok(r) = &outcome {
-                report.egress_blocked.extend(r.egress_blocked.iter().cloned());
-                if let Some(hit) = r.limit {
-                    return failed(Outcome::Limit, run_code(r), limit_message("verify", hit, &agent.sandbox), false);
-                }
-            }
-            match outcome {
-                Err(e) => return failed(Outcome::VerifyFailed, None, format!("verify could not run: {e}"), false),
-                Ok(r) => match r.ending {
-                    Ending::Cancelled => return AttemptEnd::Cancelled,
-                    Ending::Exited(Some(0)) => {}
-                    ending => {
-                        let why = match ending {
-                            Ending::TimedOut(d) => format!("timeout after {}", format_duration(d)),
-                            Ending::Exited(code) => format!("exit {}", agent::describe_exit(code)),
-                            Ending::Cancelled => "cancelled".into(),
-                        };
-                        return AttemptEnd::Failed {
-                            outcome: Outcome::VerifyFailed,
-                            exit_code: Some(0),
-                            error: format!("verification `{}` failed ({why})", verify.join(" ")),
-                            retry: true,
-                            feedback: Some(tail(&r.output_tail, FEEDBACK_BYTES)),
-                        };
-                    }
-                },
-            }
+        if let Err(end) = self.verify(job, agent, workdir, expose, cancel, report).await {
+            return end;
         }
-        if spec.output == OutputKind::PullRequest && self.planner.publishing {
-            return self.push_changes(job, prepared, result).await;
+        match spec.output {
+            OutputKind::PullRequest if self.planner.publishing => self.push_changes(job, prepared, result).await,
+            OutputKind::Push if self.planner.publishing => {
+                self.push_to_pull_request(job, agent, prepared, result, cancel, report).await
+            }
+            _ => AttemptEnd::Succeeded(result, None),
         }
-        AttemptEnd::Succeeded(result, None)
     }
 
-    /// `pull_request` output: the agent's changes, checked (paths inside
-    /// `output.allowed_paths`, no secret in an added line), committed as
-    /// the bot and pushed to `baton/<trigger>/<subject>-<job>`. Failures
-    /// here are not retried: another attempt would run the agent again for
-    /// a failure that is not its own.
-    async fn push_changes(&self, job: &Job, prepared: &workspace::Prepared, result: String) -> AttemptEnd {
-        let spec = &job.spec;
-        let Some(repo) = spec.repo.as_deref() else {
-            return failed(Outcome::PublishFailed, Some(0), "a pull_request output needs a repository".into(), false);
+    /// Runs the trigger's `verify` command in the workspace, sandboxed like
+    /// the agent; `Err` is how the attempt ends when it fails.
+    async fn verify(
+        &self,
+        job: &Job,
+        agent: &AgentDef,
+        workdir: &std::path::Path,
+        expose: &[PathBuf],
+        cancel: &CancellationToken,
+        report: &mut Report,
+    ) -> Result<(), AttemptEnd> {
+        let Some(verify) = &job.spec.verify else { return Ok(()) };
+        let dir = self.job_dir(&job.id);
+        let log = dir.join("log");
+        let timeout = job.spec.timeout_secs.map(Duration::from_secs).unwrap_or(agent.timeout);
+        self.log_line(&job.id, &format!("verifying with `{}`", verify.join(" "))).await;
+        let check = AgentDef {
+            name: "verify".into(),
+            command: verify.clone(),
+            prompt: PromptMode::Stdin,
+            result: ResultMode::Stdout,
+            env: agent.env.clone(),
+            vars: Default::default(),
+            timeout,
+            install: None,
+            max_parallel: None,
+            sandbox: agent.sandbox.clone(),
         };
-        let staged = match self.workspaces.stage(prepared).await {
-            Ok(Some(staged)) => staged,
-            Ok(None) => {
-                self.log_line(&job.id, "the agent changed nothing; no pull request").await;
-                return AttemptEnd::Succeeded(result, None);
-            }
-            Err(e) => {
-                return failed(Outcome::PublishFailed, Some(0), format!("staging the changes failed: {e}"), false)
-            }
+        let v = Invocation {
+            agent: &check,
+            prompt: "",
+            workdir,
+            job_dir: &dir.join("verify-io"),
+            log: &log,
+            timeout,
+            output_cap: agent::DEFAULT_OUTPUT_CAP,
+            cancel,
+            on_spawn: None,
+            confine: self.confinement(job, "verify", expose),
         };
+        let started = std::time::Instant::now();
+        let outcome = v.run().await;
+        report.phases.verify_ms = Some(started.elapsed().as_millis() as u64);
+        if let Ok(r) = &outcome {
+            report.egress_blocked.extend(r.egress_blocked.iter().cloned());
+            if let Some(hit) = r.limit {
+                return Err(failed(Outcome::Limit, run_code(r), limit_message("verify", hit, &agent.sandbox), false));
+            }
+        }
+        match outcome {
+            Err(e) => Err(failed(Outcome::VerifyFailed, None, format!("verify could not run: {e}"), false)),
+            Ok(r) => match r.ending {
+                Ending::Cancelled => Err(AttemptEnd::Cancelled),
+                Ending::Exited(Some(0)) => Ok(()),
+                ending => {
+                    let why = match ending {
+                        Ending::TimedOut(d) => format!("timeout after {}", format_duration(d)),
+                        Ending::Exited(code) => format!("exit {}", agent::describe_exit(code)),
+                        Ending::Cancelled => "cancelled".into(),
+                    };
+                    Err(AttemptEnd::Failed {
+                        outcome: Outcome::VerifyFailed,
+                        exit_code: Some(0),
+                        error: format!("verification `{}` failed ({why})", verify.join(" ")),
+                        retry: true,
+                        feedback: Some(tail(&r.output_tail, FEEDBACK_BYTES)),
+                    })
+                }
+            },
+        }
+    }
+
+    /// Why the agent's change may not leave the machine, if it may not:
+    /// paths outside `output.allowed_paths`, over `max_push_bytes`,
+    /// workflows without consent, or what looks like a secret.
+    fn refuse_change(&self, spec: &JobSpec, staged: &workspace::Staged) -> Option<String> {
+        let opts = &spec.output_options;
         let allowed: Vec<glob::Pattern> =
-            spec.output_options.allowed_paths.iter().filter_map(|g| glob::Pattern::new(g).ok()).collect();
+            opts.allowed_paths.iter().filter_map(|g| glob::Pattern::new(g).ok()).collect();
         if !allowed.is_empty() {
             let outside: Vec<&str> =
                 staged.paths.iter().filter(|p| !allowed.iter().any(|g| g.matches(p))).map(String::as_str).collect();
             if !outside.is_empty() {
                 let shown = outside.iter().take(10).copied().collect::<Vec<_>>().join(", ");
-                let why = format!("the agent changed files outside output.allowed_paths ({shown}); nothing was pushed");
-                return failed(Outcome::PublishFailed, Some(0), why, false);
+                return Some(format!(
+                    "the agent changed files outside output.allowed_paths ({shown}); nothing was pushed"
+                ));
             }
         }
-        if staged.bytes > spec.output_options.max_push_bytes {
-            let why = format!(
+        if staged.bytes > opts.max_push_bytes {
+            return Some(format!(
                 "the agent's changes add up to {} bytes, over output.max_push_bytes ({}); nothing was pushed",
-                staged.bytes, spec.output_options.max_push_bytes
-            );
-            return failed(Outcome::PublishFailed, Some(0), why, false);
+                staged.bytes, opts.max_push_bytes
+            ));
         }
-        if !spec.output_options.allow_workflow_changes {
+        if !opts.allow_workflow_changes {
             let workflows: Vec<&str> =
                 staged.paths.iter().filter(|p| is_workflow_path(p)).map(String::as_str).take(10).collect();
             if !workflows.is_empty() {
-                let why = format!(
+                return Some(format!(
                     "the agent changed GitHub Actions workflows or actions ({}); these are pushed only with \
                      output.allow_workflow_changes = true; nothing was pushed",
                     workflows.join(", ")
-                );
-                return failed(Outcome::PublishFailed, Some(0), why, false);
+                ));
             }
         }
         if self.redactor.redact(&staged.added) != staged.added {
-            let why =
-                "the agent's changes contain what looks like a secret (a token or private key); nothing was pushed";
-            return failed(Outcome::PublishFailed, Some(0), why.into(), false);
+            return Some(
+                "the agent's changes contain what looks like a secret (a token or private key); nothing was pushed"
+                    .into(),
+            );
+        }
+        None
+    }
+
+    /// The agent's change staged and checked, or how the attempt ends
+    /// (`Ok(None)`: nothing changed).
+    async fn staged(&self, job: &Job, prepared: &workspace::Prepared) -> Result<Option<workspace::Staged>, AttemptEnd> {
+        match self.workspaces.stage(prepared).await {
+            Ok(None) => Ok(None),
+            Ok(Some(staged)) => match self.refuse_change(&job.spec, &staged) {
+                Some(why) => Err(failed(Outcome::PublishFailed, Some(0), why, false)),
+                None => Ok(Some(staged)),
+            },
+            Err(e) => Err(failed(Outcome::PublishFailed, Some(0), format!("staging the changes failed: {e}"), false)),
+        }
+    }
+
+    /// The message of the commit baton makes: the redacted title (a
+    /// template's, or the result's first line) and where it came from. It
+    /// leaves the machine with the push, so it is redacted once more whole.
+    fn commit_message(&self, job: &Job, result: &str) -> String {
+        let mut titled = job.clone();
+        titled.result = Some(self.redactor.redact(result));
+        let title = crate::publish::pull_request_title(&titled);
+        self.redactor.redact(&format!("{title}\n\nMade by baton (trigger {}, job {}).", job.trigger, job.id))
+    }
+
+    /// `pull_request` output: the agent's changes, checked, committed as the
+    /// bot and pushed to `baton/<trigger>/<subject>-<job>`. Failures here
+    /// are not retried: another attempt would run the agent again for a
+    /// failure that is not its own.
+    async fn push_changes(&self, job: &Job, prepared: &workspace::Prepared, result: String) -> AttemptEnd {
+        let spec = &job.spec;
+        let Some(repo) = spec.repo.as_deref() else {
+            return failed(Outcome::PublishFailed, Some(0), "a pull_request output needs a repository".into(), false);
+        };
+        match self.staged(job, prepared).await {
+            Err(end) => return end,
+            Ok(None) => {
+                self.log_line(&job.id, "the agent changed nothing; no pull request").await;
+                return AttemptEnd::Succeeded(result, None);
+            }
+            Ok(Some(_)) => {}
         }
         let short = job.id.get(..8).unwrap_or(&job.id);
         let subject = spec.subject.map(|n| n.to_string()).unwrap_or_else(|| "run".into());
         let branch = format!("{}{}/{subject}-{short}", crate::rules::BATON_BRANCH_PREFIX, job.trigger);
-        // The commit message leaves the machine with the push: it is made
-        // from the redacted result, and redacted once more whole.
-        let mut titled = job.clone();
-        titled.result = Some(self.redactor.redact(&result));
-        let title = crate::publish::pull_request_title(&titled);
-        let message =
-            self.redactor.redact(&format!("{title}\n\nMade by baton (trigger {}, job {}).", job.trigger, job.id));
+        let message = self.commit_message(job, &result);
         self.log_line(&job.id, &format!("committing the changes and pushing {branch}")).await;
-        let pushed = self
-            .workspaces
-            .commit_and_push(prepared, repo, spec.installation, &branch, &message, &self.config.github.bot_login)
-            .await;
-        match pushed {
-            Ok(sha) => {
-                self.log_line(&job.id, &format!("pushed {sha} to {branch}")).await;
-                AttemptEnd::Succeeded(result, Some(branch))
+        let pushed = async {
+            let commit = self.workspaces.commit(prepared, &message, &self.config.github.bot_login).await?;
+            self.workspaces.push_branch(prepared, repo, spec.installation, &branch, &commit).await?;
+            Ok::<_, workspace::WorkspaceError>(commit)
+        };
+        match pushed.await {
+            Ok(commit) => {
+                self.log_line(&job.id, &format!("pushed {commit} to {branch}")).await;
+                AttemptEnd::Succeeded(result, Some(Pushed { branch, commit }))
             }
             Err(e) => failed(Outcome::PublishFailed, Some(0), format!("pushing the branch failed: {e}"), false),
         }
+    }
+
+    /// `push` output: the agent's change, checked, committed as the bot on
+    /// the head the job ran at, and pushed to the pull request's branch as
+    /// a fast-forward from that head — never forced. When the branch moved
+    /// on meanwhile, the job fails naming both heads, or (`on_moved =
+    /// "rebase"`, never for a repair) the change is replayed onto the new
+    /// head, checked and verified again, and pushed from there.
+    async fn push_to_pull_request(
+        &self,
+        job: &Job,
+        agent: &AgentDef,
+        prepared: &workspace::Prepared,
+        result: String,
+        cancel: &CancellationToken,
+        report: &mut Report,
+    ) -> AttemptEnd {
+        let spec = &job.spec;
+        let (Some(repo), Some(target), Some(base)) = (spec.repo.as_deref(), &spec.push, prepared.commit.clone()) else {
+            return failed(
+                Outcome::PublishFailed,
+                Some(0),
+                "a push output needs a pull request's branch".into(),
+                false,
+            );
+        };
+        match self.staged(job, prepared).await {
+            Err(end) => return end,
+            Ok(None) => {
+                self.log_line(&job.id, "the agent changed nothing; nothing to push").await;
+                return AttemptEnd::Succeeded(result, None);
+            }
+            Ok(Some(_)) => {}
+        }
+        let publish_failed = |why: String| failed(Outcome::PublishFailed, Some(0), why, false);
+        let message = self.commit_message(job, &result);
+        let commit = match self.workspaces.commit(prepared, &message, &self.config.github.bot_login).await {
+            Ok(c) => c,
+            Err(e) => return publish_failed(format!("committing the change failed: {e}")),
+        };
+        let branch = &target.branch;
+        let push = |from: String, commit: String| async move {
+            self.log_line(&job.id, &format!("pushing {commit} onto {branch} of {} (from {from})", target.repo)).await;
+            self.workspaces.push_onto(prepared, &target.repo, spec.installation, repo, branch, &from, &commit).await
+        };
+        let moved_to = match push(base.clone(), commit.clone()).await {
+            Ok(()) => return self.pushed(job, result, branch, commit).await,
+            Err(workspace::WorkspaceError::BranchMoved { to, .. }) => to,
+            Err(e) => return publish_failed(format!("pushing to {branch} failed: {e}")),
+        };
+        let moved = format!("the branch moved from {base} to {moved_to}");
+        if spec.output_options.on_moved != crate::rules::trigger::OnMoved::Rebase || spec.is_repair() {
+            let hint = if spec.is_repair() {
+                " (a repair is never replayed onto a head its failure was not seen on)"
+            } else {
+                " (output.on_moved = \"rebase\" replays the change onto the new head)"
+            };
+            return publish_failed(format!("{moved} while the agent worked; nothing was pushed{hint}"));
+        }
+        self.log_line(&job.id, &format!("{moved}; replaying the change onto it")).await;
+        let replayed = self
+            .workspaces
+            .replay(prepared, &target.repo, spec.installation, repo, branch, &base, &commit, &moved_to)
+            .await;
+        let (commit, changes) = match replayed {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return publish_failed(format!("{moved}, and the change does not apply onto it; nothing was pushed"))
+            }
+            Err(e) => return publish_failed(format!("{moved}, and replaying the change failed: {e}")),
+        };
+        let Some(changes) = changes else {
+            self.log_line(&job.id, "the new head already holds the change; nothing to push").await;
+            return AttemptEnd::Succeeded(result, None);
+        };
+        if let Some(why) = self.refuse_change(spec, &changes) {
+            return publish_failed(format!("{moved}; replayed onto it, {why}"));
+        }
+        let expose: Vec<PathBuf> = prepared.objects.iter().cloned().collect();
+        if let Err(end) = self.verify(job, agent, &prepared.path, &expose, cancel, report).await {
+            return match end {
+                AttemptEnd::Failed { error, .. } => publish_failed(format!("{moved}; replayed onto it, {error}")),
+                other => other,
+            };
+        }
+        match push(moved_to.clone(), commit.clone()).await {
+            Ok(()) => self.pushed(job, result, branch, commit).await,
+            Err(e) => publish_failed(format!("{moved}; the replayed change could not be pushed either: {e}")),
+        }
+    }
+
+    /// A push landed: logged, and counted when it is a repair.
+    async fn pushed(&self, job: &Job, result: String, branch: &str, commit: String) -> AttemptEnd {
+        self.log_line(&job.id, &format!("pushed {commit} to {branch}")).await;
+        if let (true, Some(repo), Some(number)) = (job.spec.is_repair(), job.repo.clone(), job.subject) {
+            if let Err(e) = self.store.count_up(&Note::Repairs { repo, number }).await {
+                tracing::error!(error = %e, "Could not count the repair pushed.");
+            }
+        }
+        AttemptEnd::Succeeded(result, Some(Pushed { branch: branch.to_string(), commit }))
     }
 
     async fn log_line(&self, id: &str, line: &str) {

@@ -58,6 +58,8 @@ pub enum WorkspaceError {
          nothing ran (ask again to run on the new head)"
     )]
     HeadMoved { pinned: String, now: String },
+    #[error("the branch moved from {from} to {to}")]
+    BranchMoved { from: String, to: String },
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
 }
@@ -458,13 +460,23 @@ impl Workspaces {
         };
         let tree = Some(prepared.path.as_path());
         git(git_dir, tree, &["add", "--all"], None).await?;
-        let names = git(git_dir, tree, &["diff", "--cached", "--no-renames", "--name-only", "-z", base], None).await?;
+        self.changes(git_dir, tree, &[base, "--cached"]).await
+    }
+
+    /// What `git diff ARGS` shows, as paths, added lines and sizes.
+    async fn changes(
+        &self,
+        git_dir: &Path,
+        tree: Option<&Path>,
+        args: &[&str],
+    ) -> Result<Option<Staged>, WorkspaceError> {
+        let with = |flags: &[&'static str]| [flags, args].concat();
+        let names = git(git_dir, tree, &with(&["diff", "--no-renames", "--name-only", "-z"]), None).await?;
         let paths: Vec<String> = names.split('\0').filter(|p| !p.is_empty()).map(str::to_string).collect();
         if paths.is_empty() {
             return Ok(None);
         }
-        let diff =
-            git(git_dir, tree, &["diff", "--cached", "--no-color", "--no-ext-diff", "--unified=0", base], None).await?;
+        let diff = git(git_dir, tree, &with(&["diff", "--no-color", "--no-ext-diff", "--unified=0"]), None).await?;
         let added = diff
             .lines()
             .filter(|l| l.starts_with('+') && !l.starts_with("+++"))
@@ -472,55 +484,138 @@ impl Workspaces {
             .collect::<Vec<_>>()
             .join("\n");
         // Links count as themselves, never as what they point at.
-        let bytes =
-            paths.iter().filter_map(|p| std::fs::symlink_metadata(prepared.path.join(p)).ok()).map(|m| m.len()).sum();
+        let bytes = match tree {
+            Some(tree) => {
+                paths.iter().filter_map(|p| std::fs::symlink_metadata(tree.join(p)).ok()).map(|m| m.len()).sum()
+            }
+            None => 0,
+        };
         Ok(Some(Staged { paths, added, bytes }))
     }
 
     /// Commits what `stage` staged as `author`, on top of the prepared
-    /// commit, and force-pushes it to `branch` of the repository; returns
-    /// the commit.
-    pub async fn commit_and_push(
+    /// commit; returns the commit.
+    pub async fn commit(&self, prepared: &Prepared, message: &str, author: &str) -> Result<String, WorkspaceError> {
+        let git_dir = prepared.git_dir.as_deref().ok_or(WorkspaceError::NoRepository)?;
+        let tree = Some(prepared.path.as_path());
+        let id = identity(author);
+        let mut args: Vec<&str> = id.iter().map(String::as_str).collect();
+        args.extend(["commit", "--quiet", "--no-verify", "-m", message]);
+        git(git_dir, tree, &args, None).await?;
+        Ok(git(git_dir, None, &["rev-parse", "HEAD"], None).await?.trim().to_string())
+    }
+
+    /// Force-pushes `commit` to baton's own `branch` of `repo`.
+    pub async fn push_branch(
         &self,
         prepared: &Prepared,
         repo: &str,
         installation: Option<u64>,
         branch: &str,
-        message: &str,
-        author: &str,
-    ) -> Result<String, WorkspaceError> {
-        let (owner, name) = split_repo(repo)?;
+        commit: &str,
+    ) -> Result<(), WorkspaceError> {
         let git_dir = prepared.git_dir.as_deref().ok_or(WorkspaceError::NoRepository)?;
         let token = self.token(installation, repo).await?;
-        let email = format!("{author}@users.noreply.github.com");
-        let tree = Some(prepared.path.as_path());
+        let url = self.url(repo)?;
+        let refspec = format!("{commit}:refs/heads/{branch}");
+        git(git_dir, None, &["push", "--quiet", "--force", &url, &refspec], token.as_ref()).await?;
+        Ok(())
+    }
+
+    /// Moves someone else's `branch` of `repo` from `from` to `commit`, and
+    /// only from there: git checks the branch still holds `from` and moves
+    /// it in one step on the remote side (so `commit`, a descendant of
+    /// `from`, lands as a fast-forward or not at all). A branch that moved
+    /// on is `BranchMoved`, naming where it is now.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn push_onto(
+        &self,
+        prepared: &Prepared,
+        repo: &str,
+        installation: Option<u64>,
+        token_repo: &str,
+        branch: &str,
+        from: &str,
+        commit: &str,
+    ) -> Result<(), WorkspaceError> {
+        let git_dir = prepared.git_dir.as_deref().ok_or(WorkspaceError::NoRepository)?;
+        let token = self.token(installation, token_repo).await?;
+        let url = self.url(repo)?;
+        let remote = format!("refs/heads/{branch}");
+        let lease = format!("--force-with-lease={remote}:{from}");
+        let pushed =
+            git(git_dir, None, &["push", "--quiet", &lease, &url, &format!("{commit}:{remote}")], token.as_ref()).await;
+        let Err(e) = pushed else { return Ok(()) };
+        let listed = git(git_dir, None, &["ls-remote", &url, &remote], token.as_ref()).await?;
+        let now = listed.split_whitespace().next().unwrap_or("").to_string();
+        if now == from {
+            return Err(e);
+        }
+        Err(WorkspaceError::BranchMoved {
+            from: from.to_string(),
+            to: if now.is_empty() { "nowhere (deleted)".into() } else { now },
+        })
+    }
+
+    /// Replays `commit` (a child of `base`) onto `branch` of `repo` as it is
+    /// now, `onto`, with a three-way merge made in baton's repository; the
+    /// result is checked out in the workspace. Returns the new commit and
+    /// its changes against `onto`, or `None` when the change does not apply
+    /// cleanly.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn replay(
+        &self,
+        prepared: &Prepared,
+        repo: &str,
+        installation: Option<u64>,
+        token_repo: &str,
+        branch: &str,
+        base: &str,
+        commit: &str,
+        onto: &str,
+    ) -> Result<Option<(String, Option<Staged>)>, WorkspaceError> {
+        let git_dir = prepared.git_dir.as_deref().ok_or(WorkspaceError::NoRepository)?;
+        let token = self.token(installation, token_repo).await?;
+        let url = self.url(repo)?;
+        let moved = "refs/baton/moved";
         git(
             git_dir,
-            tree,
-            &[
-                "-c",
-                &format!("user.name={author}"),
-                "-c",
-                &format!("user.email={email}"),
-                "commit",
-                "--quiet",
-                "--no-verify",
-                "-m",
-                message,
-            ],
             None,
-        )
-        .await?;
-        let sha = git(git_dir, None, &["rev-parse", "HEAD"], None).await?.trim().to_string();
-        let url = format!("{}/{owner}/{name}.git", self.git_url);
-        git(
-            git_dir,
-            None,
-            &["push", "--quiet", "--force", &url, &format!("{sha}:refs/heads/{branch}")],
+            &["fetch", "--no-tags", "--quiet", &url, &format!("+refs/heads/{branch}:{moved}")],
             token.as_ref(),
         )
         .await?;
-        Ok(sha)
+        let fetched = git(git_dir, None, &["rev-parse", "--verify", &format!("{moved}^{{commit}}")], None).await?;
+        if fetched.trim() != onto {
+            return Err(WorkspaceError::BranchMoved { from: onto.to_string(), to: fetched.trim().to_string() });
+        }
+        let merged = git(
+            git_dir,
+            None,
+            &["merge-tree", "--write-tree", "--no-messages", &format!("--merge-base={base}"), onto, commit],
+            None,
+        )
+        .await;
+        // merge-tree exits 1 on a conflict: the change does not apply.
+        let Ok(merged) = merged else { return Ok(None) };
+        let tree = merged.lines().next().unwrap_or_default().trim().to_string();
+        let message = git(git_dir, None, &["log", "-1", "--format=%B", commit], None).await?;
+        let author = git(git_dir, None, &["log", "-1", "--format=%an", commit], None).await?;
+        let id = identity(author.trim());
+        let mut args: Vec<&str> = id.iter().map(String::as_str).collect();
+        args.extend(["commit-tree", &tree, "-p", onto, "-m", message.trim_end()]);
+        let new = git(git_dir, None, &args, None).await?.trim().to_string();
+        let work = Some(prepared.path.as_path());
+        git(git_dir, work, &["reset", "--quiet", "--hard", &new], None).await?;
+        git(git_dir, work, &["clean", "--quiet", "-ffdx"], None).await?;
+        let changes = self.changes(git_dir, work, &[onto, &new]).await?;
+        Ok(Some((new, changes)))
+    }
+
+    /// `{git_url}/{owner}/{name}.git`.
+    fn url(&self, repo: &str) -> Result<String, WorkspaceError> {
+        let (owner, name) = split_repo(repo)?;
+        Ok(format!("{}/{owner}/{name}.git", self.git_url))
     }
 
     /// The token git uses for `repo`, if any.
@@ -665,6 +760,11 @@ async fn git(
             .env("GIT_CONFIG_VALUE_0", format!("Authorization: Basic {basic}"));
     }
     output(cmd, args).await
+}
+
+/// `-c user.name=… -c user.email=…` for commits made as `author`.
+fn identity(author: &str) -> [String; 4] {
+    ["-c".into(), format!("user.name={author}"), "-c".into(), format!("user.email={author}@users.noreply.github.com")]
 }
 
 /// `git init --bare` of a new repository at `path`.

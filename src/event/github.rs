@@ -113,6 +113,7 @@ struct RawPull {
     author_association: Option<String>,
     labels: Vec<Named>,
     draft: Option<bool>,
+    maintainer_can_modify: Option<bool>,
     head: Option<RawRef>,
     base: Option<RawRef>,
 }
@@ -289,7 +290,9 @@ fn apply_pull_refs(e: &mut Event, pr: &RawPull, repo_id: Option<u64>, repo_full:
                 (r.id.is_some() && r.id == repo_id) || (r.full_name.is_some() && r.full_name.as_deref() == repo_full)
             }
         });
+        e.head_repo = head.repo.as_ref().and_then(|r| r.full_name.clone());
     }
+    e.maintainer_can_modify = pr.maintainer_can_modify;
     if let Some(base) = &pr.base {
         e.base_branch = base.git_ref.clone();
     }
@@ -306,6 +309,11 @@ fn apply_check_pulls(e: &mut Event, prs: &[RawPull], repo_id: Option<u64>) {
         e.base_branch = pr.base.as_ref().and_then(|b| b.git_ref.clone());
         let head_repo = pr.head.as_ref().and_then(|h| h.repo.as_ref()).and_then(|r| r.id);
         e.head_in_repo = Some(head_repo.is_some() && head_repo == repo_id);
+        // GitHub lists only pull requests whose head is in this repository:
+        // the check's branch is the PR's head branch.
+        if e.branch.is_none() {
+            e.branch = pr.head.as_ref().and_then(|h| h.git_ref.clone());
+        }
     } else {
         e.head_in_repo = Some(e.branch.is_some());
     }

@@ -96,6 +96,12 @@ pub struct Event {
     /// Whether the head commit lives in the repository itself (not a fork);
     /// `None` when the payload does not say.
     pub head_in_repo: Option<bool>,
+    /// The repository a pull request's head branch lives in (`owner/name`;
+    /// a fork's, for a PR from a fork).
+    pub head_repo: Option<String>,
+    /// Whether a pull request from a fork lets the base repository's
+    /// maintainers push to its branch.
+    pub maintainer_can_modify: Option<bool>,
     /// `head_sha` is what baton had noted of a pull request when a comment
     /// on it arrived: a job it starts must run at exactly that commit.
     pub head_pinned: bool,
@@ -141,6 +147,8 @@ impl Event {
             base_branch: None,
             head_sha: None,
             head_in_repo: None,
+            head_repo: None,
+            maintainer_can_modify: None,
             head_pinned: false,
             conclusion: None,
             draft: None,

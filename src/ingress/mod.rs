@@ -279,7 +279,13 @@ async fn admit(s: &Ingress, mut event: Event, signed: Option<(&str, &[u8])>) -> 
                 (event.repo_name(), event.subject, event.head_sha.as_deref(), event.name.as_str())
             {
                 let updated_at = event.payload["pull_request"]["updated_at"].as_str().unwrap_or_default();
-                let head = crate::store::PrHead { sha: sha.to_string(), in_repo: event.head_in_repo };
+                let head = crate::store::PrHead {
+                    sha: sha.to_string(),
+                    in_repo: event.head_in_repo,
+                    branch: event.branch.clone(),
+                    repo: event.head_repo.clone(),
+                    maintainer_can_modify: event.maintainer_can_modify,
+                };
                 if let Err(e) = s.store.set_head(repo, n, &head, updated_at).await {
                     tracing::warn!(delivery = %id, error = %e, "Could not note the pull request's head.");
                 }
@@ -321,6 +327,9 @@ async fn pin_comment_to_head(s: &Ingress, event: &mut Event) {
         Ok(Some(head)) => {
             event.head_sha = Some(head.sha);
             event.head_in_repo = head.in_repo;
+            event.branch = head.branch;
+            event.head_repo = head.repo;
+            event.maintainer_can_modify = head.maintainer_can_modify;
             event.head_pinned = true;
         }
         Ok(None) => {}

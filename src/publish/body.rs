@@ -49,6 +49,9 @@ pub fn comment_body(job: &Job) -> String {
                 job.result.clone().unwrap_or_default()
             )
         }
+        JobState::Succeeded if job.spec.output == OutputKind::Push => {
+            format!("{}\n\n{}", job.result.clone().unwrap_or_default(), pushed_line(job))
+        }
         JobState::Succeeded => job.result.clone().unwrap_or_default(),
         JobState::Cancelled => format!("baton: this job was cancelled. {}", job.error.as_deref().unwrap_or("")),
         _ if timed_out(job) => {
@@ -57,6 +60,22 @@ pub fn comment_body(job: &Job) -> String {
         _ => format!("baton could not finish this job: {}", job.error.as_deref().unwrap_or("unknown error")),
     };
     fit(main, &footer(job, &marker(&job.id)), job)
+}
+
+/// What a `push` job did to the pull request's branch. GitHub links a
+/// full commit id (and `owner/name@id` for a fork's) by itself.
+fn pushed_line(job: &Job) -> String {
+    match (&job.commit, &job.spec.push) {
+        (Some(commit), Some(target)) => {
+            let link = if job.repo.as_deref() == Some(target.repo.as_str()) {
+                commit.clone()
+            } else {
+                format!("{}@{commit}", target.repo)
+            };
+            format!("Pushed {link} to `{}`.", target.branch)
+        }
+        _ => "The agent changed nothing, so nothing was pushed.".to_string(),
+    }
 }
 
 /// A line-by-line review's body: its summary and baton's footer.

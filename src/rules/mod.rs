@@ -83,6 +83,31 @@ pub struct JobSpec {
     /// The trigger's `skills` files: (name, text), read from baton's folder.
     #[serde(default)]
     pub skills: Vec<(String, String)>,
+    /// `push` output: the pull request branch the change goes to.
+    #[serde(default)]
+    pub push: Option<PushTarget>,
+    /// `push` answering a failed check: baton's pushes per PR, at most.
+    #[serde(default)]
+    pub max_repairs_per_pr: u32,
+}
+
+impl JobSpec {
+    /// Whether this job pushes a fix for a failed check, workflow or
+    /// status: a repair, bounded per pull request, that never rebases (its
+    /// failure belongs to the head it was seen on).
+    pub fn is_repair(&self) -> bool {
+        self.output == OutputKind::Push
+            && CHECK_EVENTS.iter().any(|e| self.event == *e || self.event.starts_with(&format!("{e}.")))
+    }
+}
+
+/// Where a `push` output commits: a pull request's head branch.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PushTarget {
+    /// The repository the branch lives in (`owner/name`): a fork's, for a
+    /// pull request from a fork.
+    pub repo: String,
+    pub branch: String,
 }
 
 /// The commit a job's worktree is made from.
@@ -369,7 +394,24 @@ impl RuleSet {
             }
         }
 
+        let push = match t.output {
+            OutputKind::Push => match push_target(f, event) {
+                Ok(target) => Some(target),
+                Err(reason) => return reject("output", reason),
+            },
+            _ => None,
+        };
         let workspace = match workspace_for(t.job.workspace, event, t.job.latest_head) {
+            // A push's change is replayed onto a moved branch only when the
+            // trigger asks (and never for a repair): otherwise it must run
+            // on the head it was matched at.
+            Ok(Workspace::PrHead { number, sha, base, .. })
+                if push.is_some()
+                    && (t.output_options.on_moved == trigger::OnMoved::Fail
+                        || CHECK_EVENTS.contains(&event.name.as_str())) =>
+            {
+                Workspace::PrHead { number, pinned: sha.is_some(), sha, base }
+            }
             Ok(w) => w,
             Err(reason) => return reject("workspace", reason),
         };
@@ -414,6 +456,8 @@ impl RuleSet {
             concurrency,
             on_conflict: t.job.on_conflict,
             skills: t.job.skills.clone(),
+            push,
+            max_repairs_per_pr: t.job.max_repairs_per_pr,
         });
         match approval {
             Some(reason) => Verdict::NeedsApproval { spec, reason },
@@ -458,6 +502,35 @@ fn untrusted(f: &trigger::Filter, event: &Event, workspace: WorkspaceKind) -> Op
         None => {
             Some("cannot tell whether the head commit is from a fork (set filter.allow_forks = true to allow)".into())
         }
+    }
+}
+
+/// The branch a `push` output commits to: the pull request's head branch,
+/// in this repository, or in a fork only when the trigger allows forks and
+/// the fork lets maintainers push.
+fn push_target(f: &trigger::Filter, event: &Event) -> Result<PushTarget, String> {
+    if !event.subject_is_pull_request {
+        return Err("kind = \"push\" commits to a pull request: the event is not about one".into());
+    }
+    let Some(branch) = event.branch.clone() else {
+        return Err("kind = \"push\": baton does not know the pull request's head branch (it notes it from the \
+                    PR's own events)"
+            .into());
+    };
+    let base = event.repo_name().unwrap_or_default();
+    match event.head_in_repo {
+        Some(true) => Ok(PushTarget { repo: base.to_string(), branch }),
+        Some(false) if !f.allow_forks => {
+            Err("kind = \"push\": the pull request is from a fork (set filter.allow_forks = true to push there)".into())
+        }
+        Some(false) if event.maintainer_can_modify != Some(true) => {
+            Err("kind = \"push\": the fork's author does not allow edits from maintainers".into())
+        }
+        Some(false) => match event.head_repo.clone() {
+            Some(repo) => Ok(PushTarget { repo, branch }),
+            None => Err("kind = \"push\": the fork's repository is gone".into()),
+        },
+        None => Err("kind = \"push\": cannot tell whether the pull request's head is from a fork".into()),
     }
 }
 

@@ -52,6 +52,9 @@ pub enum OutputKind {
     Comment,
     /// baton commits the agent's changes, pushes a branch and opens a PR.
     PullRequest,
+    /// baton commits the agent's changes onto the pull request's own head
+    /// branch: a fast-forward of the head the job was matched at.
+    Push,
     /// A pull request review (event `COMMENT`) with the result as its body.
     Review,
     /// A check run on the head commit: in progress at start, completed with
@@ -60,6 +63,23 @@ pub enum OutputKind {
     /// Kept on the job only.
     None,
 }
+
+/// What a `push` output does when the pull request's branch moved on
+/// while the agent worked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnMoved {
+    /// Push nothing; the job fails naming both heads.
+    #[default]
+    Fail,
+    /// Replay the change onto the new head, check and verify it again, and
+    /// push that (once).
+    Rebase,
+}
+
+/// Pushes of a `push` output answering a failed check, per pull request,
+/// at most (`job.max_repairs_per_pr`).
+pub const DEFAULT_MAX_REPAIRS: u32 = 3;
 
 /// What a `pull_request` output pushes, at most, by default (GitHub refuses
 /// files over 100 MB anyway).
@@ -89,6 +109,8 @@ pub struct OutputOptions {
     /// Whether a review's `APPROVE` is posted as an approval (otherwise it
     /// is a comment).
     pub allow_approve: bool,
+    /// `push`: what to do when the branch moved on.
+    pub on_moved: OnMoved,
 }
 
 impl Default for OutputOptions {
@@ -104,6 +126,7 @@ impl Default for OutputOptions {
             max_push_bytes: DEFAULT_MAX_PUSH_BYTES,
             allow_workflow_changes: false,
             allow_approve: false,
+            on_moved: OnMoved::Fail,
         }
     }
 }
@@ -161,6 +184,7 @@ struct JobFile {
     on_conflict: Option<OnConflict>,
     cancel_in_progress: Option<Spanned<bool>>,
     skills: Option<Vec<Spanned<String>>>,
+    max_repairs_per_pr: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +200,7 @@ struct OutputFile {
     allow_workflow_changes: Option<bool>,
     max_push_bytes: Option<u64>,
     allow_approve: Option<bool>,
+    on_moved: Option<Spanned<OnMoved>>,
 }
 
 /// The `author_association` values trusted by default.
@@ -240,6 +265,8 @@ pub struct JobTemplate {
     pub on_conflict: OnConflict,
     /// Convention files: (path as written, text).
     pub skills: Vec<(String, String)>,
+    /// `push` answering a failed check: baton's pushes per PR, at most.
+    pub max_repairs_per_pr: u32,
 }
 
 impl Trigger {
@@ -461,6 +488,21 @@ pub fn compile(
             ));
         }
     }
+    if let Some(kind) = &out.kind {
+        if output == OutputKind::Push && file.job.get_ref().workspace != WorkspaceKind::PrHead {
+            errors.push(at(
+                kind.span(),
+                "kind = \"push\" commits onto the pull request's head: it needs [job] workspace = \"pr-head\"".into(),
+            ));
+        }
+    }
+    if let (Some(m), false) = (&out.on_moved, output == OutputKind::Push) {
+        errors.push(at(m.span(), "`on_moved` applies only to kind = \"push\"".into()));
+    }
+    let repairs = file.job.get_ref().max_repairs_per_pr.as_ref();
+    if let (Some(r), false) = (repairs, output == OutputKind::Push) {
+        errors.push(at(r.span(), "`max_repairs_per_pr` counts pushes: it needs [output] kind = \"push\"".into()));
+    }
     for template in [&out.title, &out.body].into_iter().flatten() {
         if let Err(e) = minijinja::Environment::new().template_from_str(template.get_ref()) {
             errors.push(at(template.span(), format!("invalid template: {}", template_error(&e))));
@@ -472,9 +514,10 @@ pub fn compile(
         }
     }
     let output_options = OutputOptions {
-        progress: out
-            .progress
-            .unwrap_or(matches!(output, OutputKind::Comment | OutputKind::Review | OutputKind::PullRequest)),
+        progress: out.progress.unwrap_or(matches!(
+            output,
+            OutputKind::Comment | OutputKind::Review | OutputKind::PullRequest | OutputKind::Push
+        )),
         title: out.title.as_ref().map(|t| t.get_ref().clone()),
         body: out.body.as_ref().map(|t| t.get_ref().clone()),
         allowed_paths: out.allowed_paths.iter().flatten().map(|g| g.get_ref().clone()).collect(),
@@ -483,6 +526,7 @@ pub fn compile(
         allow_workflow_changes: out.allow_workflow_changes.unwrap_or(false),
         max_push_bytes: out.max_push_bytes.unwrap_or(DEFAULT_MAX_PUSH_BYTES),
         allow_approve: out.allow_approve.unwrap_or(false),
+        on_moved: out.on_moved.as_ref().map(|m| *m.get_ref()).unwrap_or_default(),
     };
     let priority = match &job.priority {
         Some(p) if !(-100..=100).contains(p.get_ref()) => {
@@ -557,6 +601,7 @@ pub fn compile(
             has_concurrency: job.concurrency.is_some(),
             on_conflict,
             skills,
+            max_repairs_per_pr: repairs.map(|r| *r.get_ref()).unwrap_or(DEFAULT_MAX_REPAIRS),
         },
         output,
         output_options,

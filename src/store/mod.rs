@@ -27,7 +27,7 @@ pub use crate::domain::{
 };
 use crate::rules::JobSpec;
 pub use commit::Durability;
-pub use postgres::SCHEMA;
+pub use postgres::schema;
 
 /// What went wrong in the store, with the path when it is about opening it.
 #[derive(Debug, thiserror::Error)]
@@ -393,6 +393,25 @@ impl Store {
         on!(self, b => b.pr_head(repo, number), b.pr_head(repo, number).await)
     }
 
+    /// What baton remembers under `key` between jobs (see `Note`).
+    pub async fn note(&self, key: &Note) -> Result<Option<serde_json::Value>, StoreError> {
+        let key = key.to_string();
+        on!(self, b => b.note(&key), b.note(&key).await)
+    }
+
+    /// Remembers `value` under `key`, durably.
+    pub async fn set_note(&self, key: &Note, value: &serde_json::Value) -> Result<(), StoreError> {
+        let key = key.to_string();
+        on!(self, b => b.set_note(&key, value).await, b.set_note(&key, value).await)
+    }
+
+    /// Adds one to the count under `key` and returns the new count, durably
+    /// and atomically (two replicas counting at once count two).
+    pub async fn count_up(&self, key: &Note) -> Result<u64, StoreError> {
+        let key = key.to_string();
+        on!(self, b => b.count_up(&key).await, b.count_up(&key).await)
+    }
+
     /// Jobs held on an issue or PR for approval.
     pub async fn pending(&self, repo: &str, number: u64) -> Result<Vec<Pending>, StoreError> {
         on!(self, b => b.pending(repo, number), b.pending(repo, number).await)
@@ -470,36 +489,80 @@ impl Store {
     }
 }
 
-/// A pull request's head as its last event showed it.
+/// What baton remembers about a pull request between its jobs.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Note {
+    /// How many repairs (`push` answering a failed check) baton pushed.
+    Repairs { repo: String, number: u64 },
+    /// Whether baton already said it stopped repairing.
+    RepairsStopped { repo: String, number: u64 },
+    /// What a review trigger last reviewed: the head and its findings.
+    Reviewed { repo: String, number: u64, trigger: String },
+}
+
+impl std::fmt::Display for Note {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Note::Repairs { repo, number } => write!(f, "repairs\u{1f}{}", crate::domain::subject_key(repo, *number)),
+            Note::RepairsStopped { repo, number } => {
+                write!(f, "repairs-stopped\u{1f}{}", crate::domain::subject_key(repo, *number))
+            }
+            Note::Reviewed { repo, number, trigger } => {
+                write!(f, "reviewed\u{1f}{}\u{1f}{trigger}", crate::domain::subject_key(repo, *number))
+            }
+        }
+    }
+}
+
+/// A pull request's head as its last event showed it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PrHead {
     pub sha: String,
     /// In the repository itself (`true`) or a fork (`false`).
     pub in_repo: Option<bool>,
+    /// The head branch, and the repository it lives in (`owner/name`).
+    pub branch: Option<String>,
+    pub repo: Option<String>,
+    /// Whether a fork's author lets maintainers push to the branch.
+    pub maintainer_can_modify: Option<bool>,
 }
 
-/// A noted head as stored: `sha \n updated_at \n repo|fork|` (a head
-/// noted by an older version is the sha alone).
+/// A noted head as stored, a field per line: `sha`, `updated_at`,
+/// `repo|fork|`, branch, head repository, `edit|noedit|` (a head noted by
+/// an older version has fewer lines, down to the sha alone).
 fn encode_head(head: &PrHead, updated_at: &str) -> String {
-    let fork = match head.in_repo {
-        Some(true) => "repo",
-        Some(false) => "fork",
+    let flag = |v: Option<bool>, yes: &'static str, no: &'static str| match v {
+        Some(true) => yes,
+        Some(false) => no,
         None => "",
     };
-    format!("{}\n{updated_at}\n{fork}", head.sha)
+    format!(
+        "{}\n{updated_at}\n{}\n{}\n{}\n{}",
+        head.sha,
+        flag(head.in_repo, "repo", "fork"),
+        head.branch.as_deref().unwrap_or_default(),
+        head.repo.as_deref().unwrap_or_default(),
+        flag(head.maintainer_can_modify, "edit", "noedit"),
+    )
 }
 
 /// The head and the `updated_at` it was noted at.
 fn decode_head(text: &str) -> (PrHead, String) {
     let mut parts = text.split('\n');
-    let sha = parts.next().unwrap_or_default().to_string();
-    let updated_at = parts.next().unwrap_or_default().to_string();
-    let in_repo = match parts.next() {
-        Some("repo") => Some(true),
-        Some("fork") => Some(false),
+    let mut next = || parts.next().unwrap_or_default().to_string();
+    let sha = next();
+    let updated_at = next();
+    let flag = |v: String, yes: &str, no: &str| match v.as_str() {
+        x if x == yes => Some(true),
+        x if x == no => Some(false),
         _ => None,
     };
-    (PrHead { sha, in_repo }, updated_at)
+    let in_repo = flag(next(), "repo", "fork");
+    let some = |v: String| Some(v).filter(|v| !v.is_empty());
+    let branch = some(next());
+    let repo = some(next());
+    let maintainer_can_modify = flag(next(), "edit", "noedit");
+    (PrHead { sha, in_repo, branch, repo, maintainer_can_modify }, updated_at)
 }
 
 /// Filters for listing jobs.

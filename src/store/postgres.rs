@@ -32,10 +32,13 @@ use crate::domain::dispatch::{self, Claim, Limits, Load, QueueEntry};
 use crate::domain::{subject_key, Accepted, Approval, Delivery, GroupState, Job, Plan, Publication, Purpose, Write};
 
 /// The migrations, in order; each runs once, in its own transaction.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("migrations/0001_tables.sql"))];
+const MIGRATIONS: &[(i32, &str)] =
+    &[(1, include_str!("migrations/0001_tables.sql")), (2, include_str!("migrations/0002_notes.sql"))];
 
 /// The whole schema, as `baton migrate --print` shows it.
-pub const SCHEMA: &str = include_str!("migrations/0001_tables.sql");
+pub fn schema() -> String {
+    MIGRATIONS.iter().map(|(_, sql)| *sql).collect::<Vec<_>>().join("\n")
+}
 
 /// Advisory lock keys (arbitrary, fixed): migrations, and claims.
 const MIGRATE_LOCK: i64 = 0x6261_746f_6e00_0001;
@@ -967,6 +970,40 @@ impl PgStore {
             .await
             .map_err(pg)?;
         Ok(value.map(|v| super::decode_head(&v).0))
+    }
+
+    pub async fn note(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        let value: Option<Json<serde_json::Value>> = sqlx::query_scalar("SELECT value FROM notes WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(pg)?;
+        Ok(value.map(|v| v.0))
+    }
+
+    pub async fn set_note(&self, key: &str, value: &serde_json::Value) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO notes (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(Json(value))
+        .execute(&self.pool)
+        .await
+        .map_err(pg)?;
+        Ok(())
+    }
+
+    pub async fn count_up(&self, key: &str) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "INSERT INTO notes (key, value) VALUES ($1, '1') ON CONFLICT (key) DO UPDATE
+             SET value = to_jsonb(COALESCE((notes.value #>> '{}')::bigint, 0) + 1)
+             RETURNING (value #>> '{}')::bigint",
+        )
+        .bind(key)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(pg)?;
+        Ok(n.max(0) as u64)
     }
 
     pub async fn pending(&self, repo: &str, number: u64) -> Result<Vec<Pending>, StoreError> {

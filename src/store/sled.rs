@@ -249,6 +249,8 @@ pub struct SledStore {
     schedules: Tree,
     /// `owner/name#N` → the pull request's current head (see `encode_head`).
     heads: Tree,
+    /// key → what baton remembers of a pull request (see `Store::note`).
+    notes: Tree,
     /// job id → the process group of its running agent, for start-up cleanup.
     agents: Tree,
     /// GitHub delivery guid → when baton asked GitHub to redeliver it.
@@ -314,6 +316,7 @@ impl SledStore {
             writer: std::sync::Arc::new(writer),
             schedules: tree("schedules")?,
             heads: tree("heads")?,
+            notes: tree("notes")?,
             agents: tree("agents")?,
             redeliveries: tree("redeliveries")?,
             t,
@@ -698,6 +701,24 @@ impl SledStore {
     pub fn pr_head(&self, repo: &str, number: u64) -> Result<Option<PrHead>, StoreError> {
         let key = subject_key(repo, number);
         Ok(self.heads.get(key.as_bytes())?.map(|v| super::decode_head(&String::from_utf8_lossy(&v)).0))
+    }
+
+    pub fn note(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        Ok(self.notes.get(key.as_bytes())?.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    pub async fn set_note(&self, key: &str, value: &serde_json::Value) -> Result<(), StoreError> {
+        self.notes.insert(key.as_bytes(), serde_json::to_vec(value).unwrap_or_default())?;
+        self.flush().await
+    }
+
+    pub async fn count_up(&self, key: &str) -> Result<u64, StoreError> {
+        let count = |v: Option<&[u8]>| v.and_then(|v| serde_json::from_slice::<u64>(v).ok()).unwrap_or(0);
+        let new = self
+            .notes
+            .update_and_fetch(key.as_bytes(), |old| Some(serde_json::to_vec(&(count(old) + 1)).unwrap_or_default()))?;
+        self.flush().await?;
+        Ok(count(new.as_deref()))
     }
 
     pub fn pending(&self, repo: &str, number: u64) -> Result<Vec<Pending>, StoreError> {

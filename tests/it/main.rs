@@ -24,6 +24,7 @@ mod layout;
 mod lease;
 mod normalize;
 mod publish;
+mod push;
 mod real_agents;
 mod reload;
 mod rules;

@@ -264,3 +264,64 @@ fn batons_own_branches_trigger_only_triggers_that_opt_in() {
     let opted_in = t.replace("[job]", "[filter]\nown_branches = true\n[job]");
     assert!(judge(&opted_in, "check_run", p.to_string().as_bytes()).is_ok());
 }
+
+/// `kind = "push"` goes to the pull request's own head branch: in the
+/// repository itself, or in a fork only with `allow_forks` and the fork's
+/// consent to maintainer edits; the job is pinned to the head it matched.
+#[test]
+fn push_targets_the_pull_requests_branch_and_a_fork_only_with_consent() {
+    let push = |filter: &str| {
+        format!(
+            "on = [\"pull_request.opened\"]\n[filter]\n{filter}\n[job]\nagent = \"codex\"\nworkspace = \"pr-head\"\n\
+             prompt = \"x\"\n[output]\nkind = \"push\"\n"
+        )
+    };
+    let same = fixture("pull_request/opened.payload.json");
+    let spec = judge(&push(""), "pull_request", &same).unwrap();
+    let target = spec.push.clone().expect("a target");
+    assert_eq!((target.repo.as_str(), target.branch.as_str()), ("Codertocat/Hello-World", "changes"));
+    assert!(matches!(spec.workspace, Workspace::PrHead { pinned: true, .. }), "{:?}", spec.workspace);
+
+    let fork = |editable: bool| {
+        let mut p = fixture_json("pull_request/opened.payload.json");
+        p["pull_request"]["head"]["repo"] = json!({ "id": 999, "full_name": "someone/Hello-World" });
+        p["pull_request"]["maintainer_can_modify"] = json!(editable);
+        serde_json::to_vec(&p).unwrap()
+    };
+    let why = rejected_by(judge(&push(""), "pull_request", &fork(true)), "output");
+    assert!(why.contains("from a fork (set filter.allow_forks = true"), "{why}");
+    let why = rejected_by(judge(&push("allow_forks = true"), "pull_request", &fork(false)), "output");
+    assert!(why.contains("does not allow edits from maintainers"), "{why}");
+    let spec = judge(&push("allow_forks = true"), "pull_request", &fork(true)).unwrap();
+    assert_eq!(spec.push.map(|t| t.repo), Some("someone/Hello-World".to_string()));
+
+    // An issue has no branch to push to.
+    let why = rejected_by(
+        judge(
+            &push("").replace("pull_request.opened", "issues.opened"),
+            "issues",
+            &fixture("issues/opened.payload.json"),
+        ),
+        "output",
+    );
+    assert!(why.contains("not about one"), "{why}");
+}
+
+/// A push commits onto the pull request's head, so it needs that head as
+/// its workspace; `on_moved` and `max_repairs_per_pr` belong to pushes.
+#[test]
+fn push_options_are_checked_where_they_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::from_source(None, "", Path::new("/")).unwrap();
+    for (body, expect) in [
+        ("[job]\nagent = \"codex\"\nworkspace = \"default-branch\"\nprompt = \"x\"\n[output]\nkind = \"push\"\n", "needs [job] workspace = \"pr-head\""),
+        ("[job]\nagent = \"codex\"\nprompt = \"x\"\n[output]\nkind = \"comment\"\non_moved = \"rebase\"\n", "`on_moved` applies only"),
+        ("[job]\nagent = \"codex\"\nprompt = \"x\"\nmax_repairs_per_pr = 2\n", "`max_repairs_per_pr` counts pushes"),
+        ("[job]\nagent = \"codex\"\nworkspace = \"pr-head\"\nprompt = \"x\"\n[output]\nkind = \"push\"\non_moved = \"merge\"\n", "unknown variant `merge`"),
+    ] {
+        std::fs::write(dir.path().join("t.toml"), format!("on = [\"pull_request.opened\"]\n{body}")).unwrap();
+        let (_, errors) = RuleSet::load(dir.path(), &config);
+        let text = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+        assert!(text.contains("t.toml:") && text.contains(expect), "{expect}: {text}");
+    }
+}

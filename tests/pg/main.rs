@@ -29,6 +29,8 @@ mod ingress;
 mod lease;
 #[path = "../it/publish.rs"]
 mod publish;
+#[path = "../it/push.rs"]
+mod push;
 mod replicas;
 #[path = "../it/schedule.rs"]
 mod schedule;

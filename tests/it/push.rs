@@ -1,0 +1,301 @@
+//! `[output] kind = "push"`: the agent's change lands on the pull request's
+//! own branch as a fast-forward of the head the job ran at, never forced;
+//! and the CI repair loop built on it, bounded per pull request. A local
+//! bare repository is the origin (with GitHub's `refs/pull/N/head`), the
+//! fake GitHub takes the comments.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::fake_github::FakeGitHub;
+use crate::harness::{bare_repo, eventually, fixture_json, git, Baton, Workdir};
+
+const SECRET: &str = "push-secret";
+const TOKEN: &str = "ghp_pushTestToken0123456789abcdefghijklm";
+const PR: &str = "Codertocat/Hello-World#2";
+
+/// The origin: `master` with two files, and pull request #2 from branch
+/// `changes` one commit ahead. Returns the bare repository and the PR head.
+fn origin(w: &Workdir) -> (PathBuf, String) {
+    let root = w.path().join("remote");
+    bare_repo(&root, "Codertocat/Hello-World", "master", &[("README.md", "hello\n"), ("fix.txt", "start\n")]);
+    let bare = root.join("Codertocat/Hello-World.git");
+    let head = advance(&bare, "master", "changes", "feature.txt", "feature\n");
+    (bare, head)
+}
+
+/// Commits `file` = `content` on top of `from` and pushes it to `branch`,
+/// moving `refs/pull/2/head` with it as GitHub does; returns the commit.
+fn advance(bare: &Path, from: &str, branch: &str, file: &str, content: &str) -> String {
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["clone", "--quiet", "--branch", from, bare.to_str().unwrap(), "."]);
+    std::fs::write(work.path().join(file), content).unwrap();
+    git(work.path(), &["add", "."]);
+    git(work.path(), &["commit", "--quiet", "-m", &format!("edit {file}")]);
+    git(work.path(), &["push", "--quiet", "origin", &format!("HEAD:refs/heads/{branch}")]);
+    let sha = git(work.path(), &["rev-parse", "HEAD"]);
+    git(bare, &["update-ref", "refs/pull/2/head", &sha]);
+    sha
+}
+
+/// GitHub moves `refs/pull/2/head` when the branch is pushed to.
+fn follow_branch(bare: &Path) -> String {
+    let sha = git(bare, &["rev-parse", "refs/heads/changes"]);
+    git(bare, &["update-ref", "refs/pull/2/head", &sha]);
+    sha
+}
+
+/// A daemon whose `work` trigger (on `on`, `extra` appended) pushes what
+/// the `agent` script changes.
+fn daemon(fake: &FakeGitHub, w: &Workdir, agent: &str, on: &str, extra: &str) -> Baton {
+    daemon_with(fake, w, agent, on, extra, "")
+}
+
+/// `daemon`, with `output` keys added.
+fn daemon_with(fake: &FakeGitHub, w: &Workdir, agent: &str, on: &str, extra: &str, output: &str) -> Baton {
+    let script = w.script("agent.sh", agent);
+    w.config(&format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[github]
+api_url = "{api}"
+git_url = "file://{remote}"
+webhook_secret = "{SECRET}"
+token = "env:GITHUB_TOKEN"
+
+[agents.script]
+command = ["{script}"]
+{shared}
+"#,
+        api = fake.url,
+        remote = w.path().join("remote").display(),
+        script = script.display(),
+        shared = w.shared_key(),
+    ));
+    w.trigger(
+        "work",
+        &format!(
+            "on = [\"{on}\"]\n[job]\nagent = \"script\"\nworkspace = \"pr-head\"\nprompt = \"fix it\"\n{extra}\n\
+             [output]\nkind = \"push\"\ntitle = \"Fix: {{{{ result }}}}\"\n{output}\n"
+        ),
+    );
+    Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)])
+}
+
+/// Pull request #2 as an event of `action` at `head`.
+fn pull_request(action: &str, head: &str, updated_at: &str) -> Vec<u8> {
+    let mut p = fixture_json("pull_request/opened.payload.json");
+    p["action"] = json!(action);
+    p["pull_request"]["head"]["sha"] = json!(head);
+    p["pull_request"]["updated_at"] = json!(updated_at);
+    serde_json::to_vec(&p).unwrap()
+}
+
+/// A check on pull request #2 that failed at `head` (`run` tells runs apart).
+fn check_failed(head: &str, run: u64) -> Vec<u8> {
+    let mut p = fixture_json("check_run/completed.payload.json");
+    p["check_run"]["id"] = json!(run);
+    p["check_run"]["conclusion"] = json!("failure");
+    p["check_run"]["head_sha"] = json!(head);
+    p["check_run"]["check_suite"]["head_sha"] = json!(head);
+    p["check_run"]["check_suite"]["conclusion"] = json!("failure");
+    p["check_run"]["pull_requests"][0]["head"]["sha"] = json!(head);
+    serde_json::to_vec(&p).unwrap()
+}
+
+async fn deliver(baton: &Baton, event: &str, delivery: &str, body: &[u8]) -> Option<String> {
+    let (status, answer) = baton.deliver(SECRET, event, delivery, body).await;
+    assert_eq!(status, 202, "{answer}");
+    answer["jobs"][0].as_str().map(str::to_string)
+}
+
+fn log_of(bare: &Path, range: &str, format: &str) -> String {
+    git(bare, &["log", &format!("--format={format}"), range])
+}
+
+/// A push on a pull request's own event lands as one bot commit on top of
+/// the head the job ran at; its message is the redacted title template; the
+/// status comment names the commit; the agent's own `.git` is not what is
+/// pushed.
+#[tokio::test]
+async fn a_push_lands_one_bot_commit_on_the_pull_requests_branch_and_the_status_comment_names_it() {
+    let fake = FakeGitHub::start().await;
+    let w = Workdir::new();
+    let (bare, head) = origin(&w);
+    let leaked = "ghp_abcdefghijklmnopqrstuvwxyz0123456789";
+    let agent = format!("#!/bin/sh\ncat > /dev/null\necho fixed >> fix.txt\necho 'the typo (token {leaked})'\n");
+    let baton = daemon(&fake, &w, &agent, "pull_request.opened", "");
+    let id = deliver(&baton, "pull_request", "push-1", &pull_request("opened", &head, "2026-01-01T00:00:00Z"))
+        .await
+        .expect("a job");
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let pushed = git(&bare, &["rev-parse", "refs/heads/changes"]);
+    assert_eq!(job["commit"], pushed.as_str(), "{job}");
+    assert_eq!(git(&bare, &["rev-parse", &format!("{pushed}^")]), head, "a fast-forward of the head it ran at");
+    assert_eq!(
+        log_of(&bare, &format!("{head}..{pushed}"), "%an <%ae>"),
+        "baton[bot] <baton[bot]@users.noreply.github.com>"
+    );
+    let message = log_of(&bare, &format!("{head}..{pushed}"), "%B");
+    assert!(message.starts_with("Fix: the typo (token ") && !message.contains(leaked), "{message}");
+    assert_eq!(git(&bare, &["show", &format!("{pushed}:fix.txt")]), "start\nfixed");
+    eventually("the status comment to name the commit", || {
+        fake.comments(PR).iter().any(|c| c.body.contains(&format!("Pushed {pushed} to `changes`.")))
+    })
+    .await;
+    assert!(fake.posts("/repos/Codertocat/Hello-World/pulls").is_empty(), "no new pull request");
+}
+
+/// `/fix` on a pull request, in a trigger whose output is `push`, updates
+/// that pull request: its head and branch come from what baton noted of
+/// the PR's own events.
+#[tokio::test]
+async fn slash_fix_on_a_pull_request_pushes_to_it() {
+    let fake = FakeGitHub::start().await;
+    let w = Workdir::new();
+    let (bare, head) = origin(&w);
+    let agent = "#!/bin/sh\ncat > /dev/null\necho fixed >> fix.txt\necho 'Fixed.'\n";
+    let baton = daemon(&fake, &w, agent, "issue_comment.created", "[filter]\ncommand = \"/fix\"\n");
+    // The trigger ignores the PR's own event; baton notes its head.
+    assert_eq!(
+        deliver(&baton, "pull_request", "fix-pr", &pull_request("opened", &head, "2026-01-01T00:00:00Z")).await,
+        None
+    );
+    let mut comment = fixture_json("issue_comment/created.payload.json");
+    comment["issue"]["number"] = json!(2);
+    comment["issue"]["pull_request"] = json!({ "url": "https://api.github.com/repos/Codertocat/Hello-World/pulls/2" });
+    comment["comment"]["body"] = json!("/fix the typo please");
+    let id = deliver(&baton, "issue_comment", "fix-1", &serde_json::to_vec(&comment).unwrap()).await.expect("a job");
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let pushed = git(&bare, &["rev-parse", "refs/heads/changes"]);
+    assert_eq!(git(&bare, &["rev-parse", &format!("{pushed}^")]), head);
+    assert_eq!(job["commit"], pushed.as_str());
+}
+
+/// An agent that says it started, waits for the test to say go (after
+/// moving the branch), then changes `file`.
+fn waiting_agent(shared: &Path, file: &str) -> String {
+    let s = shared.display();
+    format!(
+        "#!/bin/sh\ncat > /dev/null\ntouch {s}/started\nwhile [ ! -f {s}/go ]; do sleep 0.05; done\n\
+         echo agent >> {file}\necho 'Agent change.'\n"
+    )
+}
+
+/// Runs a push job whose branch someone else moves (changing `their_file`)
+/// while the agent works (changing `our_file`); returns the job, the head
+/// it ran at, the head someone else pushed, and the folder with the origin.
+async fn moved_while_working(on_moved: &str, our_file: &str, their_file: &str) -> (Value, String, String, Workdir) {
+    let fake = FakeGitHub::start().await;
+    let w = Workdir::new();
+    let (bare, head) = origin(&w);
+    let verify = "verify = [\"sh\", \"-c\", \"grep -q agent fix.txt || grep -q agent feature.txt\"]";
+    let output = format!("on_moved = \"{on_moved}\"");
+    let agent = waiting_agent(w.shared(), our_file);
+    let baton = daemon_with(&fake, &w, &agent, "pull_request.opened", verify, &output);
+    let id = deliver(&baton, "pull_request", "moved-1", &pull_request("opened", &head, "2026-01-01T00:00:00Z"))
+        .await
+        .expect("a job");
+    eventually("the agent to start", || w.shared().join("started").exists()).await;
+    let theirs = advance(&bare, "changes", "changes", their_file, "theirs\n");
+    std::fs::write(w.shared().join("go"), "").unwrap();
+    let job = baton.finished(&id).await;
+    (job, head, theirs, w)
+}
+
+fn bare_of(w: &Workdir) -> PathBuf {
+    w.path().join("remote/Codertocat/Hello-World.git")
+}
+
+/// A branch that moved while the agent worked is never overwritten: the
+/// job fails naming both heads (on_moved = "fail", the default).
+#[tokio::test]
+async fn a_branch_that_moved_is_not_overwritten_and_the_job_names_both_heads() {
+    let (job, head, theirs, w) = moved_while_working("fail", "fix.txt", "other.txt").await;
+    assert_eq!(job["state"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains(&format!("the branch moved from {head} to {theirs}")), "{error}");
+    assert!(error.contains("nothing was pushed"), "{error}");
+    assert_eq!(git(&bare_of(&w), &["rev-parse", "refs/heads/changes"]), theirs);
+}
+
+/// With on_moved = "rebase" the change is replayed onto the new head and
+/// verified again before it is pushed; a change that no longer applies
+/// pushes nothing.
+#[tokio::test]
+async fn on_moved_rebase_replays_the_change_onto_the_new_head_or_pushes_nothing() {
+    let (job, _, theirs, w) = moved_while_working("rebase", "fix.txt", "other.txt").await;
+    let bare = bare_of(&w);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let pushed = git(&bare, &["rev-parse", "refs/heads/changes"]);
+    assert_eq!(git(&bare, &["rev-parse", &format!("{pushed}^")]), theirs, "on top of the new head");
+    assert_eq!(git(&bare, &["show", &format!("{pushed}:other.txt")]), "theirs");
+    assert_eq!(git(&bare, &["show", &format!("{pushed}:fix.txt")]), "start\nagent");
+    assert_eq!(job["commit"], pushed.as_str());
+
+    // Both sides change the same line: nothing applies, nothing is pushed.
+    let (job, _, theirs, w) = moved_while_working("rebase", "feature.txt", "feature.txt").await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(job["error"].as_str().unwrap().contains("does not apply"), "{job}");
+    assert_eq!(git(&bare_of(&w), &["rev-parse", "refs/heads/changes"]), theirs);
+}
+
+/// The CI repair loop, end to end: a check fails on a pull request, the
+/// agent fixes it and baton pushes; the new head's check fails again, twice.
+/// With `max_repairs_per_pr = 2` the third repair is refused with one
+/// comment, and a later failure is refused without another. A failure seen
+/// on a head the branch has since left pushes nothing.
+#[tokio::test]
+async fn the_ci_repair_loop_pushes_fixes_until_its_bound_then_says_so_once() {
+    let fake = FakeGitHub::start().await;
+    let w = Workdir::new();
+    let (bare, head) = origin(&w);
+    let agent = "#!/bin/sh\ncat > /dev/null\necho repaired >> fix.txt\necho 'Repaired the test.'\n";
+    let extra = "max_repairs_per_pr = 2\nconcurrency = \"repair-{{ repository.full_name }}\"\n\
+                 on_conflict = \"queue\"\n[filter]\nconclusions = [\"failure\"]";
+    let baton = daemon(&fake, &w, agent, "check_run.completed", extra);
+
+    let first = deliver(&baton, "check_run", "ci-1", &check_failed(&head, 1)).await.expect("a repair");
+    assert_eq!(baton.finished(&first).await["state"], "succeeded");
+    let h1 = follow_branch(&bare);
+    assert_eq!(git(&bare, &["rev-parse", &format!("{h1}^")]), head);
+
+    // A failure reported late for the head baton already replaced: the
+    // branch is not where that failure was, so nothing is pushed.
+    let stale = deliver(&baton, "check_run", "ci-stale", &check_failed(&head, 9)).await.expect("a job");
+    let job = baton.finished(&stale).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(job["error"].as_str().unwrap().contains("moved"), "{job}");
+    assert_eq!(git(&bare, &["rev-parse", "refs/heads/changes"]), h1);
+
+    let second = deliver(&baton, "check_run", "ci-2", &check_failed(&h1, 2)).await.expect("a repair");
+    assert_eq!(baton.finished(&second).await["state"], "succeeded");
+    let h2 = follow_branch(&bare);
+    assert_eq!(git(&bare, &["rev-parse", &format!("{h2}^")]), h1);
+
+    let third = deliver(&baton, "check_run", "ci-3", &check_failed(&h2, 3)).await.expect("a job");
+    let job = baton.finished(&third).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains("pushed 2 repairs") && error.contains("max_repairs_per_pr = 2"), "{error}");
+    assert_eq!(git(&bare, &["rev-parse", "refs/heads/changes"]), h2, "nothing more was pushed");
+    eventually("the comment saying baton stops", || {
+        fake.comments(PR).iter().any(|c| c.body.contains("it stops repairing it here"))
+    })
+    .await;
+
+    let fourth = deliver(&baton, "check_run", "ci-4", &check_failed(&h2, 4)).await.expect("a job");
+    assert_eq!(baton.finished(&fourth).await["state"], "failed");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let stops = fake.comments(PR).iter().filter(|c| c.body.contains("it stops repairing it here")).count();
+    assert_eq!(stops, 1, "said once");
+    assert_eq!(
+        git(&bare, &["log", "--format=%an", "master..changes"]).lines().filter(|a| a.contains("baton")).count(),
+        2
+    );
+}
