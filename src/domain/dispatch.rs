@@ -236,7 +236,8 @@ pub fn published(job: &Job, p: &Publication, created: bool, now: DateTime<Utc>) 
             | Target::CommitComment { .. }
             | Target::StatusComment { .. }
             | Target::EditStatus { .. }
-            | Target::Review { .. } => job.progress.comments += 1,
+            | Target::Review { .. }
+            | Target::ReviewReply { .. } => job.progress.comments += 1,
             Target::Reaction { .. } | Target::CheckRun { .. } => {}
         }
     }

@@ -348,8 +348,16 @@ pub enum Target {
     PullRequest { head: String, base: String, title: String },
     /// A pull request review (event `COMMENT`).
     Review { number: u64 },
-    /// 👀 on the triggering comment, or on the issue or PR itself.
-    Reaction { number: u64, comment_id: Option<u64> },
+    /// 👀 on the triggering comment (a review comment when `review`), or on
+    /// the issue or PR itself.
+    Reaction {
+        number: u64,
+        comment_id: Option<u64>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        review: bool,
+    },
+    /// A reply in a pull request's review thread (to its first comment).
+    ReviewReply { number: u64, comment_id: u64 },
     /// The status comment posted when the job starts.
     StatusComment { number: u64 },
     /// The status comment, edited in place; posted anew if it never landed.

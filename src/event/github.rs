@@ -134,6 +134,13 @@ struct RawComment {
     body: Option<String>,
     author_association: Option<String>,
     user: Option<RawUser>,
+    // A review comment's place in the diff.
+    in_reply_to_id: Option<u64>,
+    path: Option<String>,
+    line: Option<u64>,
+    original_line: Option<u64>,
+    side: Option<String>,
+    diff_hunk: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,6 +217,20 @@ pub fn normalize_value(name: &str, delivery: &str, value: Value) -> Result<Event
             body: c.body.clone().unwrap_or_default(),
             author: c.user.as_ref().and_then(|u| u.login.clone()),
         });
+    }
+
+    if let (Some(c), "pull_request_review_comment") = (&p.comment, name) {
+        if let (Some(id), Some(path)) = (c.id, &c.path) {
+            let author = c.user.as_ref().and_then(|u| u.login.clone()).unwrap_or_default();
+            e.thread = Some(crate::event::Thread {
+                root: c.in_reply_to_id.unwrap_or(id),
+                path: path.clone(),
+                line: c.line.or(c.original_line),
+                side: c.side.clone(),
+                diff_hunk: c.diff_hunk.clone().unwrap_or_default(),
+                comments: vec![crate::event::ThreadComment { id, author, body: c.body.clone().unwrap_or_default() }],
+            });
+        }
     }
 
     match name {

@@ -58,6 +58,27 @@ pub struct Comment {
     pub author: Option<String>,
 }
 
+/// The review thread a review comment belongs to: where it is in the diff,
+/// and the conversation so far (what baton has seen of it, oldest first,
+/// ending with this comment).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Thread {
+    /// The thread's first comment: replies go to it.
+    pub root: u64,
+    pub path: String,
+    pub line: Option<u64>,
+    pub side: Option<String>,
+    pub diff_hunk: String,
+    pub comments: Vec<ThreadComment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ThreadComment {
+    pub id: u64,
+    pub author: String,
+    pub body: String,
+}
+
 /// The job whose end an event reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ParentJob {
@@ -108,6 +129,8 @@ pub struct Event {
     pub conclusion: Option<String>,
     pub draft: Option<bool>,
     pub comment: Option<Comment>,
+    /// For a review comment: its thread.
+    pub thread: Option<Thread>,
     /// For `job.succeeded` / `job.failed`: the job that ended.
     pub parent: Option<ParentJob>,
     /// The payload as received, for templates.
@@ -153,6 +176,7 @@ impl Event {
             conclusion: None,
             draft: None,
             comment: None,
+            thread: None,
             parent: None,
             payload: Arc::new(payload),
         }

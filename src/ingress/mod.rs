@@ -251,6 +251,7 @@ async fn generic_webhook(
 /// without a delivery header is deduplicated by its body already.
 async fn admit(s: &Ingress, mut event: Event, signed: Option<(&str, &[u8])>) -> Response {
     pin_comment_to_head(s, &mut event).await;
+    note_thread(s, &mut event).await;
     let rules = s.rules.current();
     let matches = rules.evaluate(&event);
     let mut delivery = Delivery::new(&event.delivery, &event.source, &event.kind);
@@ -335,6 +336,43 @@ async fn pin_comment_to_head(s: &Ingress, event: &mut Event) {
         Ok(None) => {}
         Err(e) => tracing::warn!(delivery = %event.delivery, error = %e, "Could not read the pull request's head."),
     }
+}
+
+/// Comments a review thread keeps, at most (the newest), and the
+/// characters kept of each.
+const THREAD_COMMENTS: usize = 50;
+const THREAD_COMMENT_CHARS: usize = 4000;
+
+/// A review comment's payload names its place in the diff but not the
+/// conversation it answers: baton notes every review comment it is sent
+/// (its own included, before the rules drop those) by thread, and a new one
+/// carries what came before it. Noted before it is stored, by comment id, so
+/// a delivery sent again adds nothing twice.
+async fn note_thread(s: &Ingress, event: &mut Event) {
+    let (Some(thread), Some(repo)) = (event.thread.as_mut(), event.repository.as_ref()) else { return };
+    if event.action.as_deref() != Some("created") {
+        return;
+    }
+    let key = crate::store::Note::Thread { repo: repo.full_name.clone(), root: thread.root };
+    let mut seen: Vec<crate::event::ThreadComment> = match s.store.note(&key).await {
+        Ok(v) => v.and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(delivery = %event.delivery, error = %e, "Could not read the review thread.");
+            return;
+        }
+    };
+    for c in std::mem::take(&mut thread.comments) {
+        if !seen.iter().any(|s| s.id == c.id) {
+            let body = c.body.chars().take(THREAD_COMMENT_CHARS).collect();
+            seen.push(crate::event::ThreadComment { body, ..c });
+        }
+    }
+    let skip = seen.len().saturating_sub(THREAD_COMMENTS);
+    seen.drain(..skip);
+    if let Err(e) = s.store.set_note(&key, &serde_json::to_value(&seen).unwrap_or_default()).await {
+        tracing::warn!(delivery = %event.delivery, error = %e, "Could not note the review comment.");
+    }
+    thread.comments = seen;
 }
 
 /// `/baton approve` on an issue or PR, by someone a held job's trigger

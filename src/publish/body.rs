@@ -105,6 +105,7 @@ pub fn status_end_body(job: &Job) -> String {
         },
         (JobState::Succeeded, OutputKind::Review) => "Done: the review is posted.".to_string(),
         (JobState::Succeeded, OutputKind::CheckRun) => "Done: see the check run.".to_string(),
+        (JobState::Succeeded, _) if job.spec.reply_to.is_some() => "Done: answered in the review thread.".to_string(),
         (JobState::Succeeded, _) => "Done.".to_string(),
         _ => return comment_body(job),
     };

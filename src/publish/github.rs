@@ -52,6 +52,7 @@ pub enum Listing<'a> {
     IssueComments(u64),
     CommitComments(&'a str),
     Reviews(u64),
+    ReviewComments(u64),
 }
 
 /// A check run to create.
@@ -161,6 +162,7 @@ impl GitHub {
             Listing::IssueComments(n) => format!("/repos/{repo}/issues/{n}/comments?per_page=100"),
             Listing::CommitComments(sha) => format!("/repos/{repo}/commits/{sha}/comments?per_page=100"),
             Listing::Reviews(n) => format!("/repos/{repo}/pulls/{n}/reviews?per_page=100"),
+            Listing::ReviewComments(n) => format!("/repos/{repo}/pulls/{n}/comments?per_page=100"),
         };
         // GitHub lists oldest first: on a busy issue what baton just made is
         // on a later page, so every page is read (up to a bound).
@@ -224,13 +226,29 @@ impl GitHub {
         repo: &str,
         number: u64,
         comment: Option<u64>,
+        review: bool,
     ) -> Result<Created, GitHubError> {
         let route = match comment {
+            Some(id) if review => format!("/repos/{repo}/pulls/comments/{id}/reactions"),
             Some(id) => format!("/repos/{repo}/issues/comments/{id}/reactions"),
             None => format!("/repos/{repo}/issues/{number}/reactions"),
         };
         let v = self.post((inst, repo), &route, json!({ "content": "eyes" })).await?;
         Ok(Created { id: v["id"].as_u64(), url: None })
+    }
+
+    /// A reply in a review thread, to its first comment.
+    pub async fn reply(
+        &self,
+        inst: Option<u64>,
+        repo: &str,
+        number: u64,
+        comment: u64,
+        body: &str,
+    ) -> Result<Created, GitHubError> {
+        let route = format!("/repos/{repo}/pulls/{number}/comments/{comment}/replies");
+        let v = self.post((inst, repo), &route, json!({ "body": body })).await?;
+        Ok(created(&v))
     }
 
     /// A pull request review with event `COMMENT`.

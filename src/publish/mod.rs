@@ -136,7 +136,13 @@ impl Publisher {
         let done = |made: github::Created| Ok(Outcome::Done { made, created: false });
         // Start publications still in the outbox hold back the job's end.
         match p.target.clone() {
-            Target::Reaction { number, comment_id } => done(gh.react(inst, repo, number, comment_id).await?),
+            Target::Reaction { number, comment_id, review } => {
+                done(gh.react(inst, repo, number, comment_id, review).await?)
+            }
+            Target::ReviewReply { number, comment_id } => {
+                let look = Some((Listing::ReviewComments(number), result_marker.as_str()));
+                self.create(p, job, CapKind::Comment, look, gh.reply(inst, repo, number, comment_id, &body)).await
+            }
             Target::StatusComment { number } => {
                 let status = body::status_marker(&job.id);
                 let look = Some((Listing::IssueComments(number), status.as_str()));

@@ -74,6 +74,17 @@ impl Planner {
             (OutputKind::Review, _, Some(Subject::PullRequest(number))) if succeeded => {
                 out.push(publication(Purpose::Final, Target::Review { number }, super::comment_body(job)));
             }
+            // Asked for in a review thread: answered there, failures too.
+            (OutputKind::Comment | OutputKind::Push, _, Some(Subject::PullRequest(number)))
+                if spec.reply_to.is_some() =>
+            {
+                let comment_id = spec.reply_to.unwrap_or_default();
+                out.push(publication(
+                    Purpose::Final,
+                    Target::ReviewReply { number, comment_id },
+                    super::comment_body(job),
+                ));
+            }
             _ => {}
         }
         let progress = spec.output_options.progress && job.progress.started;
@@ -108,7 +119,7 @@ impl Planner {
         let Some(repo) = spec.repo.clone() else { return Vec::new() };
         let mut out = Vec::new();
         if let (true, Some(number)) = (spec.output_options.progress, spec.subject) {
-            let reaction = Target::Reaction { number, comment_id: spec.comment_id };
+            let reaction = Target::Reaction { number, comment_id: spec.comment_id, review: spec.reply_to.is_some() };
             out.push(self.publication(job, &repo, Purpose::Reaction, reaction, String::new()));
             let body = super::status_start_body(job, self.public_url.as_deref());
             out.push(self.publication(job, &repo, Purpose::Status, Target::StatusComment { number }, body));
@@ -211,6 +222,40 @@ mod tests {
         check(O::CheckRun, Succeeded, true, false, "final:check_run");
         check(O::CheckRun, Cancelled, true, true, "final:check_run status-end:edit_status");
         check(O::None, Failed, false, false, "");
+    }
+
+    /// A job asked for in a review thread answers there, whatever its end;
+    /// the status comment only says where.
+    #[test]
+    fn a_thread_is_answered_in_the_thread() {
+        for (output, state) in [(OutputKind::Push, JobState::Succeeded), (OutputKind::Comment, JobState::Failed)] {
+            let spec = JobSpec {
+                repo: Some("o/r".into()),
+                subject: Some(7),
+                subject_is_pull_request: true,
+                output,
+                reply_to: Some(100),
+                comment_id: Some(101),
+                ..JobSpec::default()
+            };
+            let mut job = Job::new("j".into(), 1, "d".into(), spec, Utc::now());
+            job.spec.output_options.progress = true;
+            let start = planner().at_start(&job);
+            assert_eq!(start[0].target, Target::Reaction { number: 7, comment_id: Some(101), review: true });
+            job.progress.started = true;
+            job.start_attempt(Utc::now());
+            job.end(state, Some("ok".into()), None, Utc::now());
+            let end = planner().at_end(&job);
+            let got: Vec<_> = end.iter().map(|p| (p.purpose, p.target.clone())).collect();
+            assert_eq!(
+                got,
+                vec![
+                    (Purpose::Final, Target::ReviewReply { number: 7, comment_id: 100 }),
+                    (Purpose::StatusEnd, Target::EditStatus { number: 7 })
+                ],
+                "{output:?} {state}"
+            );
+        }
     }
 
     #[test]

@@ -89,6 +89,10 @@ pub struct JobSpec {
     /// `push` answering a failed check: baton's pushes per PR, at most.
     #[serde(default)]
     pub max_repairs_per_pr: u32,
+    /// For a job asked for in a review thread: the thread's first comment,
+    /// which the result answers.
+    #[serde(default)]
+    pub reply_to: Option<u64>,
 }
 
 impl JobSpec {
@@ -458,6 +462,7 @@ impl RuleSet {
             skills: t.job.skills.clone(),
             push,
             max_repairs_per_pr: t.job.max_repairs_per_pr,
+            reply_to: event.thread.as_ref().map(|t| t.root),
         });
         match approval {
             Some(reason) => Verdict::NeedsApproval { spec, reason },
@@ -577,6 +582,7 @@ fn workspace_for(kind: WorkspaceKind, event: &Event, latest_head: bool) -> Resul
 fn base_context(event: &Event) -> Value {
     context! {
         event => Value::from_serialize(event),
+        thread => Value::from_serialize(&event.thread),
         ..template::payload_value(&event.payload)
     }
 }

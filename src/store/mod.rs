@@ -498,6 +498,8 @@ pub enum Note {
     RepairsStopped { repo: String, number: u64 },
     /// What a review trigger last reviewed: the head and its findings.
     Reviewed { repo: String, number: u64, trigger: String },
+    /// The comments of a review thread baton has seen, by its first comment.
+    Thread { repo: String, root: u64 },
 }
 
 impl std::fmt::Display for Note {
@@ -507,6 +509,7 @@ impl std::fmt::Display for Note {
             Note::RepairsStopped { repo, number } => {
                 write!(f, "repairs-stopped\u{1f}{}", crate::domain::subject_key(repo, *number))
             }
+            Note::Thread { repo, root } => write!(f, "thread\u{1f}{repo}\u{1f}{root}"),
             Note::Reviewed { repo, number, trigger } => {
                 write!(f, "reviewed\u{1f}{}\u{1f}{trigger}", crate::domain::subject_key(repo, *number))
             }

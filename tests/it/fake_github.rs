@@ -60,6 +60,8 @@ struct State {
     reviews: Vec<Comment>,
     /// Each review as posted: its event and inline comments.
     review_posts: Vec<Value>,
+    /// Replies in review threads; `on` is `owner/name#N/ROOT`.
+    replies: Vec<Comment>,
     /// `owner/name#N` → the pull request's changed files (`filename`, `patch`).
     pr_files: std::collections::HashMap<String, Vec<Value>>,
     check_runs: Vec<Value>,
@@ -139,6 +141,12 @@ impl FakeGitHub {
     /// The reviews accepted, as posted (`event`, `body`, `comments`).
     pub fn review_posts(&self) -> Vec<Value> {
         self.state.lock().unwrap().review_posts.clone()
+    }
+
+    /// Replies in the review thread that starts at comment `root` of `on`.
+    pub fn replies(&self, on: &str, root: u64) -> Vec<Comment> {
+        let on = format!("{on}/{root}");
+        self.state.lock().unwrap().replies.iter().filter(|c| c.on == on).cloned().collect()
     }
 
     pub fn reviews(&self, on: &str) -> Vec<Comment> {
@@ -310,6 +318,20 @@ fn route(st: &mut State, method: &Method, parts: &[&str], query: &str, body: &Va
             st.review_posts.push(body.clone());
             st.reviews.push(Comment { id, on, body: text });
             answer(StatusCode::OK, json!({ "id": id, "html_url": format!("https://github.example/review/{id}") }))
+        }
+        ("POST", ["repos", o, r, "pulls", n, "comments", root, "replies"]) => {
+            st.replies.push(Comment { id, on: format!("{o}/{r}#{n}/{root}"), body: text });
+            answer(StatusCode::CREATED, json!({ "id": id, "html_url": format!("https://github.example/reply/{id}") }))
+        }
+        ("GET", ["repos", o, r, "pulls", n, "comments"]) => {
+            let on = format!("{o}/{r}#{n}/");
+            let list: Vec<Value> = st
+                .replies
+                .iter()
+                .filter(|c| c.on.starts_with(&on))
+                .map(|c| json!({ "id": c.id, "body": c.body }))
+                .collect();
+            answer(StatusCode::OK, Value::Array(list))
         }
         ("GET", ["repos", o, r, "pulls", n, "files"]) => {
             let files = st.pr_files.get(&format!("{o}/{r}#{n}")).cloned().unwrap_or_default();

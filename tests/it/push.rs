@@ -49,11 +49,19 @@ fn follow_branch(bare: &Path) -> String {
 /// A daemon whose `work` trigger (on `on`, `extra` appended) pushes what
 /// the `agent` script changes.
 fn daemon(fake: &FakeGitHub, w: &Workdir, agent: &str, on: &str, extra: &str) -> Baton {
-    daemon_with(fake, w, agent, on, extra, "")
+    daemon_with(fake, w, agent, on, extra, "", "\"fix it\"")
 }
 
-/// `daemon`, with `output` keys added.
-fn daemon_with(fake: &FakeGitHub, w: &Workdir, agent: &str, on: &str, extra: &str, output: &str) -> Baton {
+/// `daemon`, with `output` keys added and the prompt given (TOML).
+fn daemon_with(
+    fake: &FakeGitHub,
+    w: &Workdir,
+    agent: &str,
+    on: &str,
+    extra: &str,
+    output: &str,
+    prompt: &str,
+) -> Baton {
     let script = w.script("agent.sh", agent);
     w.config(&format!(
         r#"
@@ -78,7 +86,7 @@ command = ["{script}"]
     w.trigger(
         "work",
         &format!(
-            "on = [\"{on}\"]\n[job]\nagent = \"script\"\nworkspace = \"pr-head\"\nprompt = \"fix it\"\n{extra}\n\
+            "on = [\"{on}\"]\n[job]\nagent = \"script\"\nworkspace = \"pr-head\"\nprompt = {prompt}\n{extra}\n\
              [output]\nkind = \"push\"\ntitle = \"Fix: {{{{ result }}}}\"\n{output}\n"
         ),
     );
@@ -197,7 +205,7 @@ async fn moved_while_working(on_moved: &str, our_file: &str, their_file: &str) -
     let verify = "verify = [\"sh\", \"-c\", \"grep -q agent fix.txt || grep -q agent feature.txt\"]";
     let output = format!("on_moved = \"{on_moved}\"");
     let agent = waiting_agent(w.shared(), our_file);
-    let baton = daemon_with(&fake, &w, &agent, "pull_request.opened", verify, &output);
+    let baton = daemon_with(&fake, &w, &agent, "pull_request.opened", verify, &output, "\"fix it\"");
     let id = deliver(&baton, "pull_request", "moved-1", &pull_request("opened", &head, "2026-01-01T00:00:00Z"))
         .await
         .expect("a job");
@@ -298,4 +306,55 @@ async fn the_ci_repair_loop_pushes_fixes_until_its_bound_then_says_so_once() {
         git(&bare, &["log", "--format=%an", "master..changes"]).lines().filter(|a| a.contains("baton")).count(),
         2
     );
+}
+
+/// A review comment on pull request #2: comment `id`, by `login`
+/// (`association`), replying to `reply_to` when given.
+fn review_comment(id: u64, reply_to: Option<u64>, login: &str, association: &str, body: &str, head: &str) -> Vec<u8> {
+    let mut p = fixture_json("pull_request_review_comment/created.payload.json");
+    p["comment"]["id"] = json!(id);
+    p["comment"]["body"] = json!(body);
+    p["comment"]["user"]["login"] = json!(login);
+    p["comment"]["author_association"] = json!(association);
+    if let Some(root) = reply_to {
+        p["comment"]["in_reply_to_id"] = json!(root);
+    }
+    p["sender"]["login"] = json!(login);
+    p["sender"]["type"] = json!(if login.ends_with("[bot]") { "Bot" } else { "User" });
+    p["pull_request"]["head"]["sha"] = json!(head);
+    serde_json::to_vec(&p).unwrap()
+}
+
+/// `/fix` in a reply to a review comment runs a job whose prompt carries
+/// the thread (path, line, diff hunk, the conversation, baton's own comment
+/// included); with `kind = "push"` the fix lands on the pull request and
+/// baton answers in the thread naming the commit.
+#[tokio::test]
+async fn a_fix_asked_in_a_review_thread_lands_on_the_pr_and_is_answered_there() {
+    let fake = FakeGitHub::start().await;
+    let w = Workdir::new();
+    let (bare, head) = origin(&w);
+    // The agent's answer is its prompt, to show what it was given.
+    let agent = "#!/bin/sh\np=$(cat)\necho fixed >> fix.txt\nprintf 'Fixed.\\n%s\\n' \"$p\"\n";
+    let prompt = "\"\"\"at {{ thread.path }}:{{ thread.line }}\n{{ thread.diff_hunk }}\n\
+                  {% for c in thread.comments %}{{ c.author }} said {{ c.body }}\n{% endfor %}\"\"\"";
+    let on = "pull_request_review_comment.created";
+    let baton = daemon_with(&fake, &w, agent, on, "[filter]\ncommand = \"/fix\"", "", prompt);
+    // baton's own inline comment starts the thread: noted, never a job.
+    let own = review_comment(100, None, "baton[bot]", "NONE", "Off by one here.", &head);
+    assert_eq!(deliver(&baton, "pull_request_review_comment", "rc-1", &own).await, None);
+    let ask = review_comment(101, Some(100), "Codertocat", "OWNER", "/fix use <= instead", &head);
+    let id = deliver(&baton, "pull_request_review_comment", "rc-2", &ask).await.expect("a job");
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let pushed = git(&bare, &["rev-parse", "refs/heads/changes"]);
+    assert_eq!(git(&bare, &["rev-parse", &format!("{pushed}^")]), head);
+    eventually("the reply in the thread", || !fake.replies(PR, 100).is_empty()).await;
+    let reply = &fake.replies(PR, 100)[0].body;
+    assert!(reply.contains(&format!("Pushed {pushed} to `changes`.")), "{reply}");
+    assert!(reply.contains("at README.md:265\n@@ -1 +1 @@"), "{reply}");
+    assert!(reply.contains("baton[bot] said Off by one here.\nCodertocat said /fix use <= instead"), "{reply}");
+    // The reaction went to the review comment, and no comment repeats the result.
+    assert!(!fake.posts("/repos/Codertocat/Hello-World/pulls/comments/101/reactions").is_empty());
+    assert!(fake.comments(PR).iter().all(|c| !c.body.contains("Fixed.")), "answered in the thread only");
 }
