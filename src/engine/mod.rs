@@ -96,6 +96,9 @@ enum AttemptEnd {
     },
 }
 
+/// The most of `{{ review.diff }}` a prompt carries.
+const REVIEW_DIFF_CAP: usize = 200 * 1024;
+
 /// What baton pushed with an agent's change.
 #[derive(Debug)]
 struct Pushed {
@@ -698,7 +701,19 @@ impl Engine {
         if let (Some(repo), Some(default)) = (spec.repo.as_deref(), spec.default_branch.as_deref()) {
             skills.extend(self.workspaces.conventions(&prepared, repo, spec.installation, default).await);
         }
-        let prompt = prompt_for(spec, &skills, feedback);
+        let mut prompt = prompt_for(spec, &skills, feedback);
+        if prompt.contains(crate::rules::REVIEW_DIFF) {
+            let diff = match &spec.review_since {
+                Some(since) => {
+                    match self.workspaces.diff_since(&prepared, spec.installation, since, REVIEW_DIFF_CAP).await {
+                        Ok(diff) => diff,
+                        Err(e) => format!("(the changes since {since} could not be read here: {e})"),
+                    }
+                }
+                None => String::new(),
+            };
+            prompt = prompt.replace(crate::rules::REVIEW_DIFF, &diff);
+        }
         let end = self.run_in(job, agent, &prepared, &prompt, cancel, report).await;
         self.workspaces.release(prepared).await;
         end

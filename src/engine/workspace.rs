@@ -612,6 +612,37 @@ impl Workspaces {
         Ok(Some((new, changes)))
     }
 
+    /// `git diff since..commit` of a prepared repository workspace (the
+    /// commit `since` fetched when the mirror lacks it), at most `cap` bytes.
+    pub async fn diff_since(
+        &self,
+        prepared: &Prepared,
+        installation: Option<u64>,
+        since: &str,
+        cap: usize,
+    ) -> Result<String, WorkspaceError> {
+        let (Some(mirror), Some(commit), Some(repo)) = (&prepared.mirror, &prepared.commit, &prepared.repo) else {
+            return Err(WorkspaceError::NoRepository);
+        };
+        let token = self.token(installation, repo).await?;
+        let url = self.url(repo)?;
+        {
+            let lock = self.lock_for(repo);
+            let _guard = lock.lock().await;
+            self.ensure_commit(mirror, &url, since, None, token.as_ref()).await?;
+        }
+        let mut diff = git(mirror, None, &["diff", "--no-color", "--no-ext-diff", since, commit], None).await?;
+        if diff.len() > cap {
+            let mut cut = cap;
+            while !diff.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            diff.truncate(cut);
+            diff.push_str("\n… (cut: the diff is longer; the workspace has the whole history)\n");
+        }
+        Ok(diff)
+    }
+
     /// `{git_url}/{owner}/{name}.git`.
     fn url(&self, repo: &str) -> Result<String, WorkspaceError> {
         let (owner, name) = split_repo(repo)?;

@@ -131,6 +131,10 @@ pub struct Event {
     pub comment: Option<Comment>,
     /// For a review comment: its thread.
     pub thread: Option<Thread>,
+    /// For a pull request: the head each review trigger reviewed last
+    /// (trigger name → sha), as baton noted it.
+    #[serde(skip)]
+    pub reviewed: std::collections::BTreeMap<String, String>,
     /// For `job.succeeded` / `job.failed`: the job that ended.
     pub parent: Option<ParentJob>,
     /// The payload as received, for templates.
@@ -177,6 +181,7 @@ impl Event {
             draft: None,
             comment: None,
             thread: None,
+            reviewed: Default::default(),
             parent: None,
             payload: Arc::new(payload),
         }

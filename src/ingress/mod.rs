@@ -253,6 +253,7 @@ async fn admit(s: &Ingress, mut event: Event, signed: Option<(&str, &[u8])>) -> 
     pin_comment_to_head(s, &mut event).await;
     note_thread(s, &mut event).await;
     let rules = s.rules.current();
+    recall_reviews(s, &rules, &mut event).await;
     let matches = rules.evaluate(&event);
     let mut delivery = Delivery::new(&event.delivery, &event.source, &event.kind);
     if let (true, Some((name, body))) = (s.reject_replays, signed) {
@@ -335,6 +336,32 @@ async fn pin_comment_to_head(s: &Ingress, event: &mut Event) {
         }
         Ok(None) => {}
         Err(e) => tracing::warn!(delivery = %event.delivery, error = %e, "Could not read the pull request's head."),
+    }
+}
+
+/// For an event on a pull request: the head each review trigger listening
+/// for it reviewed last, so an incremental review covers what changed since.
+async fn recall_reviews(s: &Ingress, rules: &crate::rules::RuleSet, event: &mut Event) {
+    let (Some(repo), Some(number), true) = (event.repo_name(), event.subject, event.subject_is_pull_request) else {
+        return;
+    };
+    let repo = repo.to_string();
+    let listening = rules.triggers().iter().filter(|t| {
+        t.output == crate::rules::OutputKind::Review && t.on.iter().any(|k| k == &event.kind || k == &event.name)
+    });
+    for t in listening {
+        let note = crate::store::Note::Reviewed { repo: repo.clone(), number, trigger: t.name.clone() };
+        match s.store.note(&note).await {
+            Ok(Some(v)) => {
+                if let Some(head) = v["head"].as_str() {
+                    event.reviewed.insert(t.name.clone(), head.to_string());
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(delivery = %event.delivery, error = %e, "Could not read what was reviewed before.")
+            }
+        }
     }
 }
 

@@ -103,7 +103,15 @@ pub fn status_end_body(job: &Job) -> String {
             Some(branch) => format!("Done: the changes are in a pull request from `{branch}`."),
             None => "Done: the agent changed nothing, so there is no pull request.".to_string(),
         },
-        (JobState::Succeeded, OutputKind::Review) => "Done: the review is posted.".to_string(),
+        (JobState::Succeeded, OutputKind::Review) => {
+            let short = |sha: &str| sha.get(..7).unwrap_or(sha).to_string();
+            let head = job.spec.head_sha.as_deref().map(short).unwrap_or_default();
+            match &job.spec.review_since {
+                Some(since) => format!("Done: the review is posted (reviewed {}..{head}).", short(since)),
+                None if head.is_empty() => "Done: the review is posted.".to_string(),
+                None => format!("Done: the review is posted (reviewed {head}, the whole pull request)."),
+            }
+        }
         (JobState::Succeeded, OutputKind::CheckRun) => "Done: see the check run.".to_string(),
         (JobState::Succeeded, _) if job.spec.reply_to.is_some() => "Done: answered in the review thread.".to_string(),
         (JobState::Succeeded, _) => "Done.".to_string(),

@@ -18,7 +18,7 @@ use chrono::Utc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Job, JobState, Publication, PublicationState, Purpose, Store, Target};
+use crate::store::{Job, JobState, Note, Publication, PublicationState, Purpose, Store, Target};
 pub use body::{comment_body, marker, pull_request_body, pull_request_title, status_end_body, status_start_body};
 pub use github::GitHub;
 use github::{GitHubError, Listing};
@@ -29,6 +29,16 @@ const MAX_ATTEMPTS: u32 = 12;
 
 /// A job's end waits this long between looks at its start publications.
 const DEFER: Duration = Duration::from_secs(1);
+
+/// What a review trigger last reviewed on a pull request (`Note::Reviewed`).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Reviewed {
+    /// The head it reviewed.
+    pub head: Option<String>,
+    /// Fingerprints of the findings posted (see `review::plan`).
+    #[serde(default)]
+    pub findings: std::collections::HashSet<String>,
+}
 
 /// How one try went.
 enum Outcome {
@@ -126,6 +136,39 @@ impl Publisher {
         Ok(next)
     }
 
+    /// What this trigger last reviewed on the pull request (nothing, when
+    /// the store cannot say: the review then repeats rather than drops).
+    async fn reviewed(&self, note: &Note) -> Reviewed {
+        match self.store.note(note).await {
+            Ok(v) => v.and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not read what was reviewed before.");
+                Reviewed::default()
+            }
+        }
+    }
+
+    /// After a review landed: the head it covered and every finding said.
+    async fn note_reviewed(
+        &self,
+        sent: Result<Outcome, GitHubError>,
+        note: &Note,
+        job: &Job,
+        findings: std::collections::HashSet<String>,
+    ) -> Result<Outcome, GitHubError> {
+        if let (Ok(Outcome::Done { .. }), Some(head)) = (&sent, &job.spec.head_sha) {
+            let mut findings: Vec<String> = findings.into_iter().collect();
+            findings.sort();
+            let value =
+                serde_json::to_value(Reviewed { head: Some(head.clone()), findings: findings.into_iter().collect() })
+                    .unwrap_or_default();
+            if let Err(e) = self.store.set_note(note, &value).await {
+                tracing::warn!(job = %job.id, error = %e, "Could not note what was reviewed.");
+            }
+        }
+        sent
+    }
+
     /// One try at `p`. A create whose earlier answer was lost first looks
     /// for its marker, so nothing lands twice.
     async fn attempt(&self, p: &mut Publication, job: &Job) -> Result<Outcome, GitHubError> {
@@ -176,14 +219,21 @@ impl Publisher {
                 // A review answered as JSON goes line by line; any other
                 // answer is the review's body, as it is.
                 let answer = job.result.as_deref().filter(|_| job.state == JobState::Succeeded).and_then(review::parse);
+                let note = Note::Reviewed { repo: repo.to_string(), number, trigger: job.trigger.clone() };
+                let earlier = self.reviewed(&note).await;
                 let Some(answer) = answer else {
-                    return self.create(p, job, CapKind::Comment, look, gh.review(inst, repo, number, &body)).await;
+                    let sent = self.create(p, job, CapKind::Comment, look, gh.review(inst, repo, number, &body)).await;
+                    return self.note_reviewed(sent, &note, job, earlier.findings).await;
                 };
                 let diff = review::DiffLines::from_files(&gh.pr_files(inst, repo, number).await?);
-                let planned = review::plan(&answer, &diff, job.spec.output_options.allow_approve);
+                // A full review says everything again; an incremental one
+                // leaves out what it already said on lines that read the same.
+                let posted = if job.spec.review_full { Default::default() } else { earlier.findings };
+                let planned = review::plan(&answer, &diff, job.spec.output_options.allow_approve, &posted);
                 let body = body::review_body(job, &planned.body);
                 let send = gh.review_with(inst, repo, number, &body, planned.event, &planned.comments);
-                self.create(p, job, CapKind::Comment, look, send).await
+                let sent = self.create(p, job, CapKind::Comment, look, send).await;
+                self.note_reviewed(sent, &note, job, planned.findings.into_iter().collect()).await
             }
             Target::PullRequest { head, base, title } => {
                 // GitHub refuses a second PR for one branch: no marker needed.

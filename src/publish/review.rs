@@ -64,10 +64,14 @@ pub fn parse(result: &str) -> Option<Answer> {
     })
 }
 
+/// Line number → its text, on one side of a file's diff.
+type Lines = HashMap<u64, String>;
+
 /// The lines a pull request's diff shows, per file and side.
 #[derive(Debug, Default, Clone)]
 pub struct DiffLines {
-    lines: HashMap<String, (HashSet<u64>, HashSet<u64>)>,
+    /// path → (old-file lines, new-file lines).
+    lines: HashMap<String, (Lines, Lines)>,
 }
 
 impl DiffLines {
@@ -83,10 +87,16 @@ impl DiffLines {
 
     /// Whether `line` on `side` of `path` is in the diff.
     pub fn has(&self, path: &str, side: Side, line: u64) -> bool {
-        self.lines.get(path).is_some_and(|(left, right)| match side {
-            Side::Left => left.contains(&line),
-            Side::Right => right.contains(&line),
-        })
+        self.text(path, side, line).is_some()
+    }
+
+    /// The text of `line` on `side` of `path`, when the diff shows it.
+    pub fn text(&self, path: &str, side: Side, line: u64) -> Option<&str> {
+        let (left, right) = self.lines.get(path)?;
+        match side {
+            Side::Left => left.get(&line).map(String::as_str),
+            Side::Right => right.get(&line).map(String::as_str),
+        }
     }
 }
 
@@ -115,8 +125,8 @@ impl Side {
 /// The old-file (LEFT) and new-file (RIGHT) line numbers a unified diff
 /// shows: removed and context lines on the left, added and context lines
 /// on the right.
-fn patch_lines(patch: &str) -> (HashSet<u64>, HashSet<u64>) {
-    let (mut left, mut right) = (HashSet::new(), HashSet::new());
+fn patch_lines(patch: &str) -> (Lines, Lines) {
+    let (mut left, mut right) = (HashMap::new(), HashMap::new());
     let (mut old, mut new) = (0u64, 0u64);
     for line in patch.lines() {
         if let Some(header) = line.strip_prefix("@@ ") {
@@ -134,17 +144,18 @@ fn patch_lines(patch: &str) -> (HashSet<u64>, HashSet<u64>) {
         }
         match line.chars().next() {
             Some('+') => {
-                right.insert(new);
+                right.insert(new, line[1..].to_string());
                 new += 1;
             }
             Some('-') => {
-                left.insert(old);
+                left.insert(old, line[1..].to_string());
                 old += 1;
             }
             Some('\\') => {} // "\ No newline at end of file"
             _ => {
-                left.insert(old);
-                right.insert(new);
+                let text = line.get(1..).unwrap_or_default().to_string();
+                left.insert(old, text.clone());
+                right.insert(new, text);
                 old += 1;
                 new += 1;
             }
@@ -161,10 +172,27 @@ pub struct Review {
     pub event: &'static str,
     /// Inline comments, as GitHub's create-review API takes them.
     pub comments: Vec<serde_json::Value>,
+    /// The fingerprint of every finding posted, this time or before.
+    pub findings: Vec<String>,
 }
 
-/// Plans the review for `answer` against the diff.
-pub fn plan(answer: &Answer, diff: &DiffLines, allow_approve: bool) -> Review {
+/// A finding's fingerprint: where it is, by the text of its lines (not
+/// their numbers, which shift as the pull request grows), and what it says.
+/// A finding off the diff is known by its line number.
+fn fingerprint(f: &Finding, side: Side, lines: &str) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for part in [f.path.as_str(), side.as_str(), lines, f.body.trim(), f.suggestion.as_deref().unwrap_or("")] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(&h.finalize()[..12])
+}
+
+/// Plans the review for `answer` against the diff. A finding whose
+/// fingerprint is in `posted` (an earlier review of this pull request said
+/// it, on lines that read the same) is not repeated.
+pub fn plan(answer: &Answer, diff: &DiffLines, allow_approve: bool, posted: &HashSet<String>) -> Review {
     let event = match answer.event.as_deref().map(str::to_ascii_uppercase).as_deref() {
         Some("REQUEST_CHANGES") => "REQUEST_CHANGES",
         Some("APPROVE") if allow_approve => "APPROVE",
@@ -172,6 +200,8 @@ pub fn plan(answer: &Answer, diff: &DiffLines, allow_approve: bool) -> Review {
     };
     let mut comments = Vec::new();
     let mut elsewhere = Vec::new();
+    let mut findings: Vec<String> = posted.iter().cloned().collect();
+    let mut repeated = 0;
     for f in &answer.comments {
         let side = Side::parse(f.side.as_deref());
         let mut body = f.body.clone();
@@ -179,7 +209,21 @@ pub fn plan(answer: &Answer, diff: &DiffLines, allow_approve: bool) -> Review {
             body.push_str(&suggestion_block(s));
         }
         let start = f.start_line.filter(|s| *s < f.line && diff.has(&f.path, side, *s));
-        if f.line > 0 && diff.has(&f.path, side, f.line) {
+        let inline = f.line > 0 && diff.has(&f.path, side, f.line);
+        let lines = match inline {
+            true => (start.unwrap_or(f.line)..=f.line)
+                .filter_map(|l| diff.text(&f.path, side, l))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            false => format!("line {}", f.line),
+        };
+        let print = fingerprint(f, side, &lines);
+        if posted.contains(&print) {
+            repeated += 1;
+            continue;
+        }
+        findings.push(print);
+        if inline {
             let mut c = serde_json::json!({ "path": f.path, "line": f.line, "side": side.as_str(), "body": body });
             if let Some(start) = start {
                 c["start_line"] = start.into();
@@ -195,10 +239,16 @@ pub fn plan(answer: &Answer, diff: &DiffLines, allow_approve: bool) -> Review {
         body.push_str("\n\n**On lines outside this diff:**\n");
         body.push_str(&elsewhere.join("\n"));
     }
+    if repeated > 0 {
+        let s = if repeated == 1 { "" } else { "s" };
+        body.push_str(&format!("\n\n({repeated} finding{s} from an earlier review still apply, not repeated.)"));
+    }
     if body.is_empty() {
         body = "(no summary)".into();
     }
-    Review { body, event, comments }
+    findings.sort();
+    findings.dedup();
+    Review { body, event, comments, findings }
 }
 
 /// A GitHub suggestion block: a fence longer than any backtick run inside.
@@ -279,9 +329,9 @@ mod tests {
                 },
             ],
         };
-        let r = plan(&answer, &diff(), false);
+        let r = plan(&answer, &diff(), false, &HashSet::new());
         assert_eq!(r.event, "COMMENT", "APPROVE needs allow_approve");
-        assert_eq!(plan(&answer, &diff(), true).event, "APPROVE");
+        assert_eq!(plan(&answer, &diff(), true, &HashSet::new()).event, "APPROVE");
         assert_eq!(r.comments.len(), 2);
         assert_eq!(r.comments[0]["start_line"], 2);
         assert_eq!(r.comments[0]["body"], "Call it once.\n\n```suggestion\n    new();\n```");

@@ -93,7 +93,19 @@ pub struct JobSpec {
     /// which the result answers.
     #[serde(default)]
     pub reply_to: Option<u64>,
+    /// `review` output: the head this trigger reviewed last on the pull
+    /// request, when this review covers only what changed since.
+    #[serde(default)]
+    pub review_since: Option<String>,
+    /// `review` output: a full review (`/review full`, or `incremental =
+    /// false`), which repeats findings said before.
+    #[serde(default)]
+    pub review_full: bool,
 }
+
+/// Stands for `{{ review.diff }}` in a rendered prompt until the engine,
+/// which has the repository, puts the diff there.
+pub const REVIEW_DIFF: &str = "\u{1}baton:review.diff\u{1}";
 
 impl JobSpec {
     /// Whether this job pushes a fix for a failed check, workflow or
@@ -419,9 +431,41 @@ impl RuleSet {
             Ok(w) => w,
             Err(reason) => return reject("workspace", reason),
         };
+        // A review covers what changed since this trigger's last review of
+        // the pull request, unless asked for in full.
+        let review_full = t.output == OutputKind::Review
+            && (!t.output_options.incremental
+                || slash.as_ref().is_some_and(|c| c.args.split_whitespace().next() == Some("full")));
+        let review_since = match (t.output, review_full) {
+            (OutputKind::Review, false) => {
+                event.reviewed.get(&t.name).filter(|since| event.head_sha.as_ref() != Some(*since)).cloned()
+            }
+            _ => None,
+        };
+        let ctx = match t.output {
+            OutputKind::Review => context! {
+                review => context! {
+                    since => review_since,
+                    head => event.head_sha,
+                    full => review_full,
+                    diff => review_since.as_ref().map(|_| REVIEW_DIFF),
+                },
+                ..ctx
+            },
+            _ => ctx,
+        };
         let prompt = match self.env.get_template(&t.template_name()).and_then(|tmpl| tmpl.render(&ctx)) {
             // A review is asked for in the format baton posts line by line.
-            Ok(p) if t.output == OutputKind::Review => format!("{p}{REVIEW_ANSWER_FORMAT}"),
+            Ok(p) if t.output == OutputKind::Review => {
+                let since = match (&review_since, &event.head_sha) {
+                    (Some(since), Some(head)) => format!(
+                        "\n\nThis pull request was reviewed up to {since} before: review what changed since \
+                         ({since}..{head}). Findings already posted on lines that did not change are not repeated."
+                    ),
+                    _ => String::new(),
+                };
+                format!("{p}{since}{REVIEW_ANSWER_FORMAT}")
+            }
             Ok(p) => p,
             Err(e) => return reject("prompt", format!("prompt failed to render: {e}")),
         };
@@ -463,6 +507,8 @@ impl RuleSet {
             push,
             max_repairs_per_pr: t.job.max_repairs_per_pr,
             reply_to: event.thread.as_ref().map(|t| t.root),
+            review_since,
+            review_full,
         });
         match approval {
             Some(reason) => Verdict::NeedsApproval { spec, reason },

@@ -111,6 +111,9 @@ pub struct OutputOptions {
     pub allow_approve: bool,
     /// `push`: what to do when the branch moved on.
     pub on_moved: OnMoved,
+    /// `review`: review what changed since this trigger's last review of
+    /// the pull request, and never repeat a finding (default true).
+    pub incremental: bool,
 }
 
 impl Default for OutputOptions {
@@ -127,6 +130,7 @@ impl Default for OutputOptions {
             allow_workflow_changes: false,
             allow_approve: false,
             on_moved: OnMoved::Fail,
+            incremental: true,
         }
     }
 }
@@ -201,6 +205,7 @@ struct OutputFile {
     max_push_bytes: Option<u64>,
     allow_approve: Option<bool>,
     on_moved: Option<Spanned<OnMoved>>,
+    incremental: Option<Spanned<bool>>,
 }
 
 /// The `author_association` values trusted by default.
@@ -499,6 +504,9 @@ pub fn compile(
     if let (Some(m), false) = (&out.on_moved, output == OutputKind::Push) {
         errors.push(at(m.span(), "`on_moved` applies only to kind = \"push\"".into()));
     }
+    if let (Some(i), false) = (&out.incremental, output == OutputKind::Review) {
+        errors.push(at(i.span(), "`incremental` applies only to kind = \"review\"".into()));
+    }
     let repairs = file.job.get_ref().max_repairs_per_pr.as_ref();
     if let (Some(r), false) = (repairs, output == OutputKind::Push) {
         errors.push(at(r.span(), "`max_repairs_per_pr` counts pushes: it needs [output] kind = \"push\"".into()));
@@ -527,6 +535,7 @@ pub fn compile(
         max_push_bytes: out.max_push_bytes.unwrap_or(DEFAULT_MAX_PUSH_BYTES),
         allow_approve: out.allow_approve.unwrap_or(false),
         on_moved: out.on_moved.as_ref().map(|m| *m.get_ref()).unwrap_or_default(),
+        incremental: out.incremental.as_ref().is_none_or(|i| *i.get_ref()),
     };
     let priority = match &job.priority {
         Some(p) if !(-100..=100).contains(p.get_ref()) => {

@@ -1,6 +1,8 @@
-//! `[output] kind = "push"`: the agent's change lands on the pull request's
-//! own branch as a fast-forward of the head the job ran at, never forced;
-//! and the CI repair loop built on it, bounded per pull request. A local
+//! Agents that work on the pull request itself. `[output] kind = "push"`:
+//! the agent's change lands on the pull request's own branch as a
+//! fast-forward of the head the job ran at, never forced; the CI repair
+//! loop built on it, bounded per pull request; fixes asked for in review
+//! threads; and reviews that cover only what changed since the last one. A local
 //! bare repository is the origin (with GitHub's `refs/pull/N/head`), the
 //! fake GitHub takes the comments.
 
@@ -63,6 +65,11 @@ fn daemon_with(
     prompt: &str,
 ) -> Baton {
     let script = w.script("agent.sh", agent);
+    // A push titled after the result, unless the output is given whole.
+    let output = match output.starts_with("kind") {
+        true => output.to_string(),
+        false => format!("kind = \"push\"\ntitle = \"Fix: {{{{ result }}}}\"\n{output}"),
+    };
     w.config(&format!(
         r#"
 [server]
@@ -87,7 +94,7 @@ command = ["{script}"]
         "work",
         &format!(
             "on = [\"{on}\"]\n[job]\nagent = \"script\"\nworkspace = \"pr-head\"\nprompt = {prompt}\n{extra}\n\
-             [output]\nkind = \"push\"\ntitle = \"Fix: {{{{ result }}}}\"\n{output}\n"
+             [output]\n{output}\n"
         ),
     );
     Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)])
@@ -357,4 +364,75 @@ async fn a_fix_asked_in_a_review_thread_lands_on_the_pr_and_is_answered_there() 
     // The reaction went to the review comment, and no comment repeats the result.
     assert!(!fake.posts("/repos/Codertocat/Hello-World/pulls/comments/101/reactions").is_empty());
     assert!(fake.comments(PR).iter().all(|c| !c.body.contains("Fixed.")), "answered in the thread only");
+}
+
+/// An incremental review: the second review of a pull request is asked
+/// about `last..head` (`{{ review.since }}`, `{{ review.diff }}`), does not
+/// repeat a finding on lines that read the same, and says what it covered;
+/// a finding on a line that changed is posted again.
+#[tokio::test]
+async fn a_re_review_covers_what_changed_since_and_repeats_no_finding() {
+    let fake = FakeGitHub::start().await;
+    let w = Workdir::new();
+    let (bare, head) = origin(&w);
+    let files = |text: &str| vec![json!({ "filename": "feature.txt", "patch": format!("@@ -0,0 +1 @@\n+{text}") })];
+    fake.set_pr_files(PR, files("feature"));
+    let answer = json!({
+        "summary": "Two things.",
+        "comments": [
+            { "path": "feature.txt", "line": 1, "body": "Name it better." },
+            { "path": "README.md", "line": 1, "body": "Typo." }
+        ]
+    });
+    let prompts = w.shared().join("prompts");
+    let agent = format!("#!/bin/sh\n{{ cat; echo; echo ---; }} >> {}\ncat <<'EOF'\n{answer}\nEOF\n", prompts.display());
+    let prompt = "\"since={{ review.since }}\\n{{ review.diff }}\"";
+    let on = "pull_request";
+    let baton = daemon_with(&fake, &w, &agent, on, "", "kind = \"review\"", prompt);
+    let review = |n: usize| fake.review_posts().get(n).cloned();
+
+    let first = deliver(&baton, "pull_request", "rr-1", &pull_request("opened", &head, "2026-01-01T00:00:00Z"))
+        .await
+        .expect("a review");
+    assert_eq!(baton.finished(&first).await["state"], "succeeded");
+    eventually("the first review", || review(0).is_some()).await;
+    let r = review(0).unwrap();
+    assert_eq!(r["comments"].as_array().map(Vec::len), Some(1), "{r}");
+    assert!(r["body"].as_str().unwrap().contains("`README.md:1`: Typo."), "{r}");
+    eventually("the status to say what was reviewed", || {
+        fake.comments(PR).iter().any(|c| c.body.contains(&format!("reviewed {}, the whole pull request", &head[..7])))
+    })
+    .await;
+
+    // A push adds a line elsewhere: the re-review is asked about it alone.
+    let h1 = advance(&bare, "changes", "changes", "other.txt", "added later\n");
+    let second = deliver(&baton, "pull_request", "rr-2", &pull_request("synchronize", &h1, "2026-01-01T00:01:00Z"))
+        .await
+        .expect("a review");
+    assert_eq!(baton.finished(&second).await["state"], "succeeded");
+    let asked = std::fs::read_to_string(&prompts).unwrap();
+    let asked = asked.split("\n---\n").nth(1).unwrap_or_default().to_string();
+    assert!(asked.starts_with(&format!("since={head}\n")), "{asked}");
+    assert!(asked.contains("+added later") && !asked.contains("+feature"), "only what changed since: {asked}");
+    assert!(asked.contains(&format!("reviewed up to {head} before")), "{asked}");
+    eventually("the second review", || review(1).is_some()).await;
+    let r = review(1).unwrap();
+    assert!(r["comments"].is_null(), "nothing repeated inline: {r}");
+    let body = r["body"].as_str().unwrap();
+    assert!(!body.contains("Typo.") && body.contains("2 findings from an earlier review still apply"), "{body}");
+    eventually("the status to say the range", || {
+        fake.comments(PR).iter().any(|c| c.body.contains(&format!("reviewed {}..{}", &head[..7], &h1[..7])))
+    })
+    .await;
+
+    // The line the finding was on now reads differently: it is said again.
+    fake.set_pr_files(PR, files("feature, renamed"));
+    let h2 = advance(&bare, "changes", "changes", "other.txt", "added again\n");
+    let third = deliver(&baton, "pull_request", "rr-3", &pull_request("synchronize", &h2, "2026-01-01T00:02:00Z"))
+        .await
+        .expect("a review");
+    assert_eq!(baton.finished(&third).await["state"], "succeeded");
+    eventually("the third review", || review(2).is_some()).await;
+    let r = review(2).unwrap();
+    assert_eq!(r["comments"][0]["body"], "Name it better.", "{r}");
 }

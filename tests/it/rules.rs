@@ -325,3 +325,51 @@ fn push_options_are_checked_where_they_are_written() {
         assert!(text.contains("t.toml:") && text.contains(expect), "{expect}: {text}");
     }
 }
+
+/// A review trigger covers what changed since its last review of the pull
+/// request (as ingress recalls it on the event), unless `/review full` or
+/// `incremental = false` asks for all of it.
+#[test]
+fn a_review_is_incremental_unless_asked_for_in_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::from_source(None, "", Path::new("/")).unwrap();
+    let spec_for = |trigger: &str, name: &str, payload: &[u8]| {
+        std::fs::write(dir.path().join("t.toml"), trigger).unwrap();
+        let (rules, errors) = RuleSet::load(dir.path(), &config);
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut event = normalize(name, "d", payload).unwrap();
+        event.reviewed.insert("t".into(), "1111111aaaa".into());
+        rules.match_event(&event).pop()
+    };
+    let review = |on: &str, extra: &str| {
+        format!(
+            "on = [\"{on}\"]\n[job]\nagent = \"codex\"\nworkspace = \"pr-head\"\n\
+             prompt = \"since={{{{ review.since }}}} full={{{{ review.full }}}}\"\n[output]\nkind = \"review\"\n{extra}"
+        )
+    };
+    let sync = fixture("pull_request/synchronize.payload.json");
+    let spec = spec_for(&review("pull_request.synchronize", ""), "pull_request", &sync).expect("a review");
+    assert_eq!(spec.review_since.as_deref(), Some("1111111aaaa"));
+    assert!(spec.prompt.starts_with("since=1111111aaaa full=False"), "{}", spec.prompt);
+    assert!(spec.prompt.contains("reviewed up to 1111111aaaa before"), "{}", spec.prompt);
+
+    let spec = spec_for(&review("pull_request.synchronize", "incremental = false"), "pull_request", &sync).unwrap();
+    assert_eq!((spec.review_since, spec.review_full), (None, true));
+
+    let mut comment = fixture_json("issue_comment/created.payload.json");
+    comment["issue"]["pull_request"] = json!({ "url": "https://api.github.com/repos/Codertocat/Hello-World/pulls/1" });
+    let with_command = |body: &str| {
+        let mut c = comment.clone();
+        c["comment"]["body"] = json!(body);
+        serde_json::to_vec(&c).unwrap()
+    };
+    let on_command = review("issue_comment.created", "")
+        .replace("[job]", "[filter]\ncommand = \"/review\"\nallow_forks = true\n[job]");
+    let spec = spec_for(&on_command, "issue_comment", &with_command("/review full")).expect("a review");
+    assert!(
+        spec.review_full && spec.review_since.is_none() && spec.prompt.starts_with("since=None full=True"),
+        "{spec:?}"
+    );
+    let spec = spec_for(&on_command, "issue_comment", &with_command("/review")).expect("a review");
+    assert!(!spec.review_full, "{spec:?}");
+}
