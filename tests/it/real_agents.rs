@@ -158,17 +158,25 @@ fn cli_dir(program: &str, package: &str) -> PathBuf {
     bin
 }
 
-/// Runs one job through `preset` (tuned by `agent_keys`) against `model`, with
-/// a `pull_request` output so the worktree's changes come back as a branch.
+/// A daemon whose agent `preset` (tuned by `agent_keys`) talks to a fake
+/// model, with the one trigger `trigger` (TOML), publishing to `fake`.
 ///
 /// The agent runs in baton's sandbox: its fake model API is reached through
 /// the egress proxy (allowed by `base_url`), and a CLI installed outside the
 /// system folders is shown read-only.
-async fn run_job(preset: &str, agent_keys: &str, env: &[(&str, &str)], cli: &Path) -> (Workdir, Value) {
-    let fake = FakeGitHub::start().await;
+fn daemon(
+    fake: &FakeGitHub,
+    preset: &str,
+    agent_keys: &str,
+    env: &[(&str, &str)],
+    cli: &Path,
+    trigger: &str,
+) -> (Workdir, Baton) {
     let w = Workdir::new();
     let repos = w.path().join("remote");
-    bare_repo(&repos, "Codertocat/Hello-World", "master", &[("README.md", "hello from master")]);
+    let head = bare_repo(&repos, "Codertocat/Hello-World", "master", &[("README.md", "hello from master")]);
+    // Pull request #2's head, as GitHub keeps it.
+    git(&repos.join("Codertocat/Hello-World.git"), &["update-ref", "refs/pull/2/head", &head]);
     w.config(&format!(
         r#"
 [server]
@@ -192,13 +200,7 @@ timeout = "2m"
             _ => String::new(),
         },
     ));
-    w.trigger(
-        "fix",
-        &format!(
-            "on = [\"issues.opened\"]\n[job]\nagent = \"{preset}\"\nworkspace = \"default-branch\"\n\
-             prompt = \"Fix #{{{{ issue.number }}}}: {{{{ issue.title }}}}\"\n[output]\nkind = \"pull_request\"\n"
-        ),
-    );
+    w.trigger("work", trigger);
     let home = w.path().join("home");
     std::fs::create_dir_all(&home).unwrap();
     let path = format!("{}:{}", cli.display(), std::env::var("PATH").unwrap_or_default());
@@ -207,12 +209,30 @@ timeout = "2m"
     all_env.push(("HOME", home.as_str()));
     all_env.extend_from_slice(env);
     let baton = Baton::start(w.path(), &all_env);
-    let (status, body) = baton.deliver(SECRET, "issues", "real-agent-1", &fixture("issues/opened.payload.json")).await;
-    assert_eq!(status, 202, "{body}");
-    let id = body["jobs"][0].as_str().expect("a job").to_string();
+    (w, baton)
+}
+
+/// Delivers `body` as `event` and waits for its one job to succeed.
+async fn job_of(baton: &Baton, event: &str, body: &[u8]) -> Value {
+    let (status, answer) = baton.deliver(SECRET, event, "real-agent-1", body).await;
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["jobs"][0].as_str().expect("a job").to_string();
     let job = baton.finished(&id).await;
     let log = baton.get(&format!("/api/jobs/{id}/log")).await;
     assert_eq!(job["state"], "succeeded", "{job}\njob log: {log:?}\ndaemon log:\n{}", baton.log_text());
+    job
+}
+
+/// Runs one job through `preset` with a `pull_request` output, so the
+/// worktree's changes come back as a branch.
+async fn run_job(preset: &str, agent_keys: &str, env: &[(&str, &str)], cli: &Path) -> (Workdir, Value) {
+    let fake = FakeGitHub::start().await;
+    let trigger = format!(
+        "on = [\"issues.opened\"]\n[job]\nagent = \"{preset}\"\nworkspace = \"default-branch\"\n\
+         prompt = \"Fix #{{{{ issue.number }}}}: {{{{ issue.title }}}}\"\n[output]\nkind = \"pull_request\"\n"
+    );
+    let (w, baton) = daemon(&fake, preset, agent_keys, env, cli, &trigger);
+    let job = job_of(&baton, "issues", &fixture("issues/opened.payload.json")).await;
     eventually("the pull request", || !fake.posts("/repos/Codertocat/Hello-World/pulls").is_empty()).await;
     (w, job)
 }
@@ -258,4 +278,46 @@ async fn claude_preset_edits_the_worktree_and_its_answer_is_the_result() {
     assert!(prompt_reached(&requests), "baton's prompt reached the model");
     assert!(requests.iter().any(|r| r["model"] == "claude-fake"), "`model` reached the CLI");
     assert!(requests.iter().any(|r| r["messages"].to_string().contains("tool_result")), "the tool ran");
+}
+
+/// The real Claude Code CLI reviews a pull request: the scripted model
+/// answers in the review JSON baton asked for, and its findings land as
+/// inline comments (a suggestion as a suggestion block) in one review.
+#[tokio::test]
+async fn claude_reviews_a_pull_request_line_by_line() {
+    let cli = cli_dir("claude", "@anthropic-ai/claude-code@2.1.197");
+    let answer = json!({
+        "summary": "One bug.",
+        "event": "REQUEST_CHANGES",
+        "comments": [{ "path": "src/lib.rs", "line": 3, "body": "Called twice.", "suggestion": "    new();" }]
+    })
+    .to_string();
+    let model = FakeModel::start(Api::Messages, Box::leak(answer.into_boxed_str()), "review notes").await;
+    let keys = format!("model = \"claude-fake\"\nmax_turns = 5\nbase_url = \"{}\"", model.url);
+    let env = [("ANTHROPIC_API_KEY", "sk-ant-fake-key"), ("CLAUDE_CODE_MAX_RETRIES", "0")];
+    let fake = FakeGitHub::start().await;
+    let patch = "@@ -1,3 +1,4 @@\n fn a() {\n-    old();\n+    new();\n+    more();\n }";
+    fake.set_pr_files("Codertocat/Hello-World#2", vec![json!({ "filename": "src/lib.rs", "patch": patch })]);
+    let trigger = "on = [\"pull_request.opened\"]\n[job]\nagent = \"claude\"\nworkspace = \"pr-head\"\n\
+                   prompt = \"Review pull request #{{ pull_request.number }}.\"\n[output]\nkind = \"review\"\n";
+    let (w, baton) = daemon(&fake, "claude", &keys, &env, &cli, trigger);
+    let head = git(&w.path().join("remote/Codertocat/Hello-World.git"), &["rev-parse", "master"]);
+    let mut pr = crate::harness::fixture_json("pull_request/opened.payload.json");
+    pr["pull_request"]["head"]["sha"] = json!(head);
+    let job = job_of(&baton, "pull_request", &serde_json::to_vec(&pr).unwrap()).await;
+    assert!(job["result"].as_str().unwrap().contains("\"REQUEST_CHANGES\""), "{job}");
+    let requests = model.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.to_string().contains("Review pull request #2.") && r.to_string().contains("Answer format")),
+        "the prompt, with the answer format, reached the model"
+    );
+    eventually("the review", || !fake.review_posts().is_empty()).await;
+    let review = &fake.review_posts()[0];
+    assert_eq!(review["event"], "REQUEST_CHANGES", "{review}");
+    assert!(review["body"].as_str().unwrap().starts_with("One bug."), "{review}");
+    let comments = review["comments"].as_array().expect("inline comments");
+    assert_eq!((comments[0]["path"].as_str(), comments[0]["line"].as_u64()), (Some("src/lib.rs"), Some(3)));
+    assert_eq!(comments[0]["body"], "Called twice.\n\n```suggestion\n    new();\n```");
 }
