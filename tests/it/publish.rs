@@ -172,7 +172,9 @@ async fn review_output_posts_a_comment_review_and_closes_the_status_comment() {
     let body = review["body"].as_str().unwrap();
     assert!(body.starts_with("Looks good; one nit in README.") && body.contains(&marker(&id)), "{body}");
     eventually("the status comment to close", || {
-        fake.comments("Codertocat/Hello-World#2").iter().any(|c| c.body.contains("Done: the review is posted."))
+        fake.comments("Codertocat/Hello-World#2")
+            .iter()
+            .any(|c| c.body.contains("Done: the review is posted (reviewed ec26c3e, the whole pull request)."))
     })
     .await;
 }
