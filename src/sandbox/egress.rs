@@ -216,6 +216,8 @@ async fn handle(stream: UnixStream, rules: &[HostRule], refusals: &Refusals) {
         if let Some(Ok((host, Some(port)))) = dest.split_whitespace().next().map(split_host_port) {
             refusals.record(host.trim_start_matches('[').trim_end_matches(']'), port);
         }
+        // Counted: the init lets the agent's connect go on.
+        let _ = client.get_mut().write_all(b"k").await;
         return;
     }
     let target = match parse_head(&head) {

@@ -163,11 +163,15 @@ fn caps(max_processes: Option<u64>, max_memory: Option<u64>, hit: &std::sync::at
     }
 }
 
-/// Tells the run's proxy of a connection made around it (see `watch`).
+/// Tells the run's proxy of a connection made around it (see `watch`), and
+/// waits (briefly) until it has counted it.
 fn report_direct(socket: &std::path::Path, dest: std::net::SocketAddr) {
-    use std::io::Write as _;
+    use std::io::{Read as _, Write as _};
     if let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) {
-        let _ = write!(s, "{} {dest} HTTP/1.1\r\n\r\n", super::egress::DIRECT_METHOD);
+        let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+        if write!(s, "{} {dest} HTTP/1.1\r\n\r\n", super::egress::DIRECT_METHOD).is_ok() {
+            let _ = s.read(&mut [0u8; 1]);
+        }
     }
 }
 

@@ -133,14 +133,16 @@ pub fn serve(listener: OwnedFd, bridge: SocketAddr, report: impl Fn(SocketAddr))
             }
         }
         let dest = destination(req.pid, req.data.args[1], req.data.args[2]);
+        // Reported (and acknowledged) before the call goes on: an agent
+        // that exits right after its connect is still counted.
+        if let Some(dest) = dest.filter(|d| *d != bridge) {
+            report(dest);
+        }
         let mut resp: libc::seccomp_notif_resp = unsafe { std::mem::zeroed() };
         resp.id = req.id;
         resp.flags = libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32;
         // SAFETY: as above.
         unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &mut resp) };
-        if let Some(dest) = dest.filter(|d| *d != bridge) {
-            report(dest);
-        }
     }
 }
 
