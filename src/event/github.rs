@@ -228,7 +228,12 @@ pub fn normalize_value(name: &str, delivery: &str, value: Value) -> Result<Event
                 line: c.line.or(c.original_line),
                 side: c.side.clone(),
                 diff_hunk: c.diff_hunk.clone().unwrap_or_default(),
-                comments: vec![crate::event::ThreadComment { id, author, body: c.body.clone().unwrap_or_default() }],
+                comments: vec![crate::event::ThreadComment {
+                    id,
+                    author,
+                    association: c.author_association.clone().unwrap_or_default(),
+                    body: c.body.clone().unwrap_or_default(),
+                }],
             });
         }
     }

@@ -76,6 +76,10 @@ pub struct Thread {
 pub struct ThreadComment {
     pub id: u64,
     pub author: String,
+    /// The author's `author_association`: a template can leave out what
+    /// people the trigger does not trust wrote.
+    #[serde(default)]
+    pub association: String,
     pub body: String,
 }
 

@@ -436,3 +436,40 @@ async fn a_re_review_covers_what_changed_since_and_repeats_no_finding() {
     let r = review(2).unwrap();
     assert_eq!(r["comments"][0]["body"], "Name it better.", "{r}");
 }
+
+/// The attacks of issue 14, against a push. An agent that commits a
+/// workflow itself pushes nothing, and the job says why. An agent that
+/// plants `pre-push`, `pre-commit` and `post-commit` hooks in its own
+/// `.git` gets its allowed change pushed and none of its hooks run.
+#[tokio::test]
+async fn an_agent_cannot_push_a_workflow_or_get_its_hooks_run_through_a_push() {
+    let sneaky = "mkdir -p .github/workflows\nprintf 'on: push\\n' > .github/workflows/x.yml\n\
+                  git add -A && git -c user.name=a -c user.email=a@b commit -qm sneaky\n";
+    for (attack, pushed) in [(sneaky, false), ("", true)] {
+        let fake = FakeGitHub::start().await;
+        let w = Workdir::new();
+        let (bare, head) = origin(&w);
+        let ran = w.shared().join("hook-ran");
+        let agent = format!(
+            "#!/bin/sh\ncat > /dev/null\n{attack}\
+             for h in pre-push post-commit pre-commit; do printf '#!/bin/sh\\ntouch {ran}\\n' > .git/hooks/$h; \
+             chmod +x .git/hooks/$h; done\necho fixed >> fix.txt\necho done\n",
+            ran = ran.display()
+        );
+        let baton = daemon(&fake, &w, &agent, "pull_request.opened", "");
+        let id = deliver(&baton, "pull_request", "hostile-1", &pull_request("opened", &head, "2026-01-01T00:00:00Z"))
+            .await
+            .expect("a job");
+        let job = baton.finished(&id).await;
+        let now = git(&bare, &["rev-parse", "refs/heads/changes"]);
+        if pushed {
+            assert_eq!(job["state"], "succeeded", "{job}");
+            assert_eq!(git(&bare, &["rev-parse", &format!("{now}^")]), head);
+        } else {
+            assert_eq!(job["state"], "failed", "{job}");
+            assert!(job["error"].as_str().unwrap().contains("allow_workflow_changes"), "{job}");
+            assert_eq!(now, head, "nothing was pushed");
+        }
+        assert!(!ran.exists(), "no hook of the agent's ran");
+    }
+}
