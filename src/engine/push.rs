@@ -65,16 +65,25 @@ impl Engine {
         None
     }
 
-    /// The agent's change staged and checked, or how the attempt ends
-    /// (`Ok(None)`: nothing changed).
-    async fn staged(&self, job: &Job, prepared: &workspace::Prepared) -> Result<Option<workspace::Staged>, AttemptEnd> {
+    /// Stages the agent's change and checks it: `None` when it may go on
+    /// to be committed, else how the attempt ends (nothing changed, saying
+    /// `unchanged`; or the change may not leave).
+    async fn stage_or_end(
+        &self,
+        job: &Job,
+        prepared: &workspace::Prepared,
+        result: &str,
+        unchanged: &str,
+    ) -> Option<AttemptEnd> {
         match self.workspaces.stage(prepared).await {
-            Ok(None) => Ok(None),
-            Ok(Some(staged)) => match self.refuse_change(&job.spec, &staged) {
-                Some(why) => Err(failed(Outcome::PublishFailed, Some(0), why, false)),
-                None => Ok(Some(staged)),
-            },
-            Err(e) => Err(failed(Outcome::PublishFailed, Some(0), format!("staging the changes failed: {e}"), false)),
+            Ok(None) => {
+                self.log_line(&job.id, &format!("the agent changed nothing; {unchanged}")).await;
+                Some(AttemptEnd::Succeeded(result.to_string(), None))
+            }
+            Ok(Some(staged)) => {
+                self.refuse_change(&job.spec, &staged).map(|why| failed(Outcome::PublishFailed, Some(0), why, false))
+            }
+            Err(e) => Some(failed(Outcome::PublishFailed, Some(0), format!("staging the changes failed: {e}"), false)),
         }
     }
 
@@ -97,13 +106,8 @@ impl Engine {
         let Some(repo) = spec.repo.as_deref() else {
             return failed(Outcome::PublishFailed, Some(0), "a pull_request output needs a repository".into(), false);
         };
-        match self.staged(job, prepared).await {
-            Err(end) => return end,
-            Ok(None) => {
-                self.log_line(&job.id, "the agent changed nothing; no pull request").await;
-                return AttemptEnd::Succeeded(result, None);
-            }
-            Ok(Some(_)) => {}
+        if let Some(end) = self.stage_or_end(job, prepared, &result, "no pull request").await {
+            return end;
         }
         let short = job.id.get(..8).unwrap_or(&job.id);
         let subject = spec.subject.map(|n| n.to_string()).unwrap_or_else(|| "run".into());
@@ -112,7 +116,8 @@ impl Engine {
         self.log_line(&job.id, &format!("committing the changes and pushing {branch}")).await;
         let pushed = async {
             let commit = self.workspaces.commit(prepared, &message, &self.config.github.bot_login).await?;
-            self.workspaces.push_branch(prepared, repo, spec.installation, &branch, &commit).await?;
+            let over = workspace::Over::Anything;
+            self.workspaces.push(prepared, repo, spec.installation, repo, &branch, &commit, over).await?;
             Ok::<_, workspace::WorkspaceError>(commit)
         };
         match pushed.await {
@@ -148,13 +153,8 @@ impl Engine {
                 false,
             );
         };
-        match self.staged(job, prepared).await {
-            Err(end) => return end,
-            Ok(None) => {
-                self.log_line(&job.id, "the agent changed nothing; nothing to push").await;
-                return AttemptEnd::Succeeded(result, None);
-            }
-            Ok(Some(_)) => {}
+        if let Some(end) = self.stage_or_end(job, prepared, &result, "nothing to push").await {
+            return end;
         }
         let publish_failed = |why: String| failed(Outcome::PublishFailed, Some(0), why, false);
         let message = self.commit_message(job, &result);
@@ -165,7 +165,8 @@ impl Engine {
         let branch = &target.branch;
         let push = |from: String, commit: String| async move {
             self.log_line(&job.id, &format!("pushing {commit} onto {branch} of {} (from {from})", target.repo)).await;
-            self.workspaces.push_onto(prepared, &target.repo, spec.installation, repo, branch, &from, &commit).await
+            let over = workspace::Over::Only(&from);
+            self.workspaces.push(prepared, &target.repo, spec.installation, repo, branch, &commit, over).await
         };
         let moved_to = match push(base.clone(), commit.clone()).await {
             Ok(()) => return self.pushed(job, result, branch, commit).await,

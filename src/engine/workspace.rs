@@ -64,6 +64,15 @@ pub enum WorkspaceError {
     Auth(#[from] crate::auth::AuthError),
 }
 
+/// What a push may replace on the remote branch.
+#[derive(Debug, Clone, Copy)]
+pub enum Over<'a> {
+    /// Whatever it holds (baton's own branches).
+    Anything,
+    /// Only this commit (someone's pull request branch).
+    Only(&'a str),
+}
+
 /// What an agent changed, staged: the paths, and the lines it added.
 #[derive(Debug)]
 pub struct Staged {
@@ -505,47 +514,36 @@ impl Workspaces {
         Ok(git(git_dir, None, &["rev-parse", "HEAD"], None).await?.trim().to_string())
     }
 
-    /// Force-pushes `commit` to baton's own `branch` of `repo`.
-    pub async fn push_branch(
-        &self,
-        prepared: &Prepared,
-        repo: &str,
-        installation: Option<u64>,
-        branch: &str,
-        commit: &str,
-    ) -> Result<(), WorkspaceError> {
-        let git_dir = prepared.git_dir.as_deref().ok_or(WorkspaceError::NoRepository)?;
-        let token = self.token(installation, repo).await?;
-        let url = self.url(repo)?;
-        let refspec = format!("{commit}:refs/heads/{branch}");
-        git(git_dir, None, &["push", "--quiet", "--force", &url, &refspec], token.as_ref()).await?;
-        Ok(())
-    }
-
-    /// Moves someone else's `branch` of `repo` from `from` to `commit`, and
-    /// only from there: git checks the branch still holds `from` and moves
-    /// it in one step on the remote side (so `commit`, a descendant of
-    /// `from`, lands as a fast-forward or not at all). A branch that moved
-    /// on is `BranchMoved`, naming where it is now.
+    /// Pushes `commit` to `branch` of `repo` (with the token for
+    /// `token_repo`, the repository the job is about). `Over::Anything`
+    /// replaces whatever the branch holds: only for baton's own branches.
+    /// `Over::Only(from)` moves someone else's branch from `from` and only
+    /// from there: git checks the branch still holds `from` and moves it in
+    /// one step on the remote side (so `commit`, a descendant of `from`,
+    /// lands as a fast-forward or not at all); a branch that moved on is
+    /// `BranchMoved`, naming where it is now.
     #[allow(clippy::too_many_arguments)]
-    pub async fn push_onto(
+    pub async fn push(
         &self,
         prepared: &Prepared,
         repo: &str,
         installation: Option<u64>,
         token_repo: &str,
         branch: &str,
-        from: &str,
         commit: &str,
+        over: Over<'_>,
     ) -> Result<(), WorkspaceError> {
         let git_dir = prepared.git_dir.as_deref().ok_or(WorkspaceError::NoRepository)?;
         let token = self.token(installation, token_repo).await?;
         let url = self.url(repo)?;
         let remote = format!("refs/heads/{branch}");
-        let lease = format!("--force-with-lease={remote}:{from}");
+        let how = match over {
+            Over::Anything => "--force".to_string(),
+            Over::Only(from) => format!("--force-with-lease={remote}:{from}"),
+        };
         let pushed =
-            git(git_dir, None, &["push", "--quiet", &lease, &url, &format!("{commit}:{remote}")], token.as_ref()).await;
-        let Err(e) = pushed else { return Ok(()) };
+            git(git_dir, None, &["push", "--quiet", &how, &url, &format!("{commit}:{remote}")], token.as_ref()).await;
+        let (Err(e), Over::Only(from)) = (pushed, over) else { return Ok(()) };
         let listed = git(git_dir, None, &["ls-remote", &url, &remote], token.as_ref()).await?;
         let now = listed.split_whitespace().next().unwrap_or("").to_string();
         if now == from {
