@@ -129,8 +129,12 @@ pub async fn serve(
     // Another replica's new jobs and publications wake this one's workers.
     let listening = store.listen(wake.clone(), publish_wake.clone(), workers.clone());
     let engine_task = tokio::spawn(engine.clone().run(workers.clone()));
-    let publisher_task = github
-        .map(|gh| tokio::spawn(Publisher::new(store.clone(), gh, publish_wake, metrics.clone()).run(workers.clone())));
+    // Without GitHub credentials the publisher still sends notifications.
+    let notify = Arc::new(config.notify.clone());
+    let publisher_task = (github.is_some() || !notify.is_empty()).then(|| {
+        let publisher = Publisher::new(store.clone(), github, notify, publish_wake, metrics.clone());
+        tokio::spawn(publisher.run(workers.clone()))
+    });
     // Background loops, each stopped by `workers` and joined at shutdown.
     let background = tokio_util::task::TaskTracker::new();
     background.spawn(prune_deliveries(store.clone(), config.storage.delivery_retention, workers.clone()));

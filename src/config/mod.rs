@@ -40,6 +40,8 @@ pub struct Config {
     pub limits: Limits,
     pub agents: BTreeMap<String, AgentDef>,
     pub sources: BTreeMap<String, Source>,
+    /// `[notify.NAME]`: where job ends are announced.
+    pub notify: BTreeMap<String, NotifyTarget>,
     pub sandbox: SandboxSettings,
     /// Files secrets were read from (`file:`): hidden from agents.
     pub secret_files: Vec<PathBuf>,
@@ -122,6 +124,26 @@ pub enum Backend {
     #[default]
     Sled,
     Postgres,
+}
+
+/// `[notify.NAME]`: a place told when a job ends.
+#[derive(Debug, Clone)]
+pub struct NotifyTarget {
+    pub name: String,
+    pub kind: NotifyKind,
+    /// Where to POST (a Slack incoming-webhook URL is itself a secret).
+    pub url: Secret,
+    /// `webhook`: the key the body is signed with (`X-Baton-Signature-256`).
+    pub secret: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyKind {
+    /// Any URL: baton's JSON, signed with HMAC-SHA256.
+    Webhook,
+    /// A Slack incoming webhook: a Block Kit message.
+    Slack,
 }
 
 /// A generic webhook source: `POST /webhooks/NAME`.
@@ -281,7 +303,17 @@ struct RawConfig {
     #[serde(default)]
     sources: BTreeMap<String, Spanned<RawSource>>,
     #[serde(default)]
+    notify: BTreeMap<String, Spanned<RawNotify>>,
+    #[serde(default)]
     sandbox: RawSandbox,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    kind: NotifyKind,
+    url: Spanned<String>,
+    secret: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -548,6 +580,44 @@ impl Config {
             }
         }
 
+        let mut notify = BTreeMap::new();
+        for (name, spanned) in &raw.notify {
+            let target = spanned.get_ref();
+            let mut resolve = |value: &Spanned<String>| {
+                let v = value.get_ref();
+                if let Some(file) = v.strip_prefix("file:") {
+                    secret_files.push(absolute(base, Path::new(file)));
+                }
+                if let Some(var) = v.strip_prefix("env:") {
+                    secret_vars.push(var.to_string());
+                }
+                resolve_secret(v, base).map_err(|msg| at(value.span(), format!("notify.{name}: {msg}")))
+            };
+            let url = resolve(&target.url);
+            let secret = target.secret.as_ref().map(&mut resolve).transpose();
+            let (url, secret) = match (url, secret) {
+                (Ok(url), Ok(secret)) => (url, secret),
+                (url, secret) => {
+                    errors.extend(url.err().into_iter().chain(secret.err()));
+                    continue;
+                }
+            };
+            if !url.expose().starts_with("https://") && !url.expose().starts_with("http://") {
+                errors.push(at(target.url.span(), format!("notify.{name}: the url must be http:// or https://")));
+                continue;
+            }
+            if target.kind == NotifyKind::Webhook && secret.is_none() {
+                errors.push(at(
+                    spanned.span(),
+                    format!(
+                        "notify.{name}: a webhook target signs its body: give `secret` (e.g. \"env:NOTIFY_SECRET\")"
+                    ),
+                ));
+                continue;
+            }
+            notify.insert(name.clone(), NotifyTarget { name: name.clone(), kind: target.kind, url, secret });
+        }
+
         let triggers_dir = base.join(raw.triggers.as_ref().map(|t| t.get_ref().as_str()).unwrap_or("triggers"));
         let storage = base.join(raw.storage.path.as_deref().unwrap_or(".baton"));
 
@@ -618,6 +688,7 @@ impl Config {
             limits,
             agents,
             sources,
+            notify,
             sandbox: SandboxSettings { enabled: sandboxed, caps: raw.sandbox.caps },
             secret_files,
             secret_vars,
@@ -648,6 +719,7 @@ impl Config {
             .flatten()
             .cloned()
             .chain(self.sources.values().map(|s| s.secret.clone()))
+            .chain(self.notify.values().flat_map(|n| [Some(n.url.clone()), n.secret.clone()]).flatten())
             .chain(self.storage.url.clone())
             .chain(self.storage.url.as_ref().and_then(|u| database_password(u.expose())).map(Secret::new))
             .collect()

@@ -238,7 +238,7 @@ pub fn published(job: &Job, p: &Publication, created: bool, now: DateTime<Utc>) 
             | Target::EditStatus { .. }
             | Target::Review { .. }
             | Target::ReviewReply { .. } => job.progress.comments += 1,
-            Target::Reaction { .. } | Target::CheckRun { .. } => {}
+            Target::Reaction { .. } | Target::CheckRun { .. } | Target::Notify { .. } => {}
         }
     }
     job

@@ -358,6 +358,13 @@ pub enum Target {
     },
     /// A reply in a pull request's review thread (to its first comment).
     ReviewReply { number: u64, comment_id: u64 },
+    /// The job's end, told to `[notify.NAME]` targets; `sent` are those
+    /// that took it (a retry tells only the others).
+    Notify {
+        targets: Vec<String>,
+        #[serde(default)]
+        sent: Vec<String>,
+    },
     /// The status comment posted when the job starts.
     StatusComment { number: u64 },
     /// The status comment, edited in place; posted anew if it never landed.
@@ -379,11 +386,13 @@ pub enum Purpose {
     CheckStart,
     /// The status comment's last edit, when the result went elsewhere.
     StatusEnd,
+    /// The job's end, told to the trigger's notify targets.
+    Notify,
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 5] =
-        [Purpose::Final, Purpose::Reaction, Purpose::Status, Purpose::CheckStart, Purpose::StatusEnd];
+    pub const ALL: [Purpose; 6] =
+        [Purpose::Final, Purpose::Reaction, Purpose::Status, Purpose::CheckStart, Purpose::StatusEnd, Purpose::Notify];
 
     /// Published when the job starts; a job's end waits for these.
     pub fn at_start(self) -> bool {
@@ -397,6 +406,7 @@ impl Purpose {
             Purpose::Status => "status",
             Purpose::CheckStart => "check-start",
             Purpose::StatusEnd => "status-end",
+            Purpose::Notify => "notify",
         }
     }
 }

@@ -120,6 +120,7 @@ impl Engine {
                 publishing,
                 public_url: config.server.public_url.clone(),
                 redactor: redactor.clone(),
+                web_url: config.github.git_url.clone(),
             },
             lease: config.limits.job_lease,
             metrics,

@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod github;
+pub mod notify;
 pub mod plan;
 pub mod redact;
 pub mod review;
@@ -51,14 +52,29 @@ enum Outcome {
 /// Delivers outbox entries.
 pub struct Publisher {
     store: Store,
-    github: GitHub,
+    /// `None` without GitHub credentials: only notifications are sent.
+    github: Option<GitHub>,
+    /// `[notify.NAME]`, and the client that calls them.
+    notify: Arc<std::collections::BTreeMap<String, crate::config::NotifyTarget>>,
+    http: reqwest::Client,
     wake: Arc<Notify>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Publisher {
-    pub fn new(store: Store, github: GitHub, wake: Arc<Notify>, metrics: Arc<crate::metrics::Metrics>) -> Publisher {
-        Publisher { store, github, wake, metrics }
+    pub fn new(
+        store: Store,
+        github: Option<GitHub>,
+        notify: Arc<std::collections::BTreeMap<String, crate::config::NotifyTarget>>,
+        wake: Arc<Notify>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Publisher {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("baton/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default();
+        Publisher { store, github, notify, http, wake, metrics }
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -136,6 +152,26 @@ impl Publisher {
         Ok(next)
     }
 
+    /// Tells each of a notification's targets that has not taken it yet;
+    /// those that took it are noted on the record, which is stored after
+    /// every try, so a retry tells only the others.
+    async fn notify_all(&self, p: &mut Publication, job: &Job) -> Result<Outcome, GitHubError> {
+        let Target::Notify { targets, sent } = &mut p.target else {
+            return Err(GitHubError::fatal("not a notification".into()));
+        };
+        for name in targets.iter() {
+            if sent.contains(name) {
+                continue;
+            }
+            let Some(target) = self.notify.get(name) else {
+                return Err(GitHubError::fatal(format!("notify target `{name}` is not configured")));
+            };
+            notify::send(&self.http, target, &job.id, &p.body).await?;
+            sent.push(name.clone());
+        }
+        Ok(Outcome::Done { made: github::Created::default(), created: false })
+    }
+
     /// What this trigger last reviewed on the pull request (nothing, when
     /// the store cannot say: the review then repeats rather than drops).
     async fn reviewed(&self, note: &Note) -> Reviewed {
@@ -172,13 +208,20 @@ impl Publisher {
     /// One try at `p`. A create whose earlier answer was lost first looks
     /// for its marker, so nothing lands twice.
     async fn attempt(&self, p: &mut Publication, job: &Job) -> Result<Outcome, GitHubError> {
-        let (gh, inst, repo) = (&self.github, p.installation, p.repo.clone());
+        if let Target::Notify { .. } = p.target {
+            return self.notify_all(p, job).await;
+        }
+        let Some(gh) = &self.github else {
+            return Err(GitHubError::fatal("publishing to GitHub is off: no GitHub credentials".into()));
+        };
+        let (inst, repo) = (p.installation, p.repo.clone());
         let repo = repo.as_str();
         let body = p.body.clone();
         let result_marker = marker(&job.id);
         let done = |made: github::Created| Ok(Outcome::Done { made, created: false });
         // Start publications still in the outbox hold back the job's end.
         match p.target.clone() {
+            Target::Notify { .. } => self.notify_all(p, job).await,
             Target::Reaction { number, comment_id, review } => {
                 done(gh.react(inst, repo, number, comment_id, review).await?)
             }
@@ -322,7 +365,8 @@ impl Publisher {
     ) -> Result<Outcome, GitHubError> {
         if let (true, Some((listing, marker))) = (p.maybe_sent, look) {
             let repo = p.repo.clone();
-            if let Some(made) = self.github.find(p.installation, &repo, listing, marker).await? {
+            let github = self.github.as_ref().ok_or_else(|| GitHubError::fatal("no GitHub credentials".into()))?;
+            if let Some(made) = github.find(p.installation, &repo, listing, marker).await? {
                 return Ok(Outcome::Done { made, created: kind != CapKind::None });
             }
         }

@@ -17,6 +17,8 @@ pub struct Planner {
     pub public_url: Option<String>,
     /// Every body and title leaves through it.
     pub redactor: Redactor,
+    /// GitHub's web address (`github.git_url`), for links in notifications.
+    pub web_url: String,
 }
 
 /// What a create counts against.
@@ -47,6 +49,25 @@ impl Planner {
     /// last edit when the result went elsewhere. Failures and cancellations
     /// go where a comment would.
     pub fn at_end(&self, job: &Job) -> Vec<Publication> {
+        let mut out = self.on_github_at_end(job);
+        out.extend(self.notification(job));
+        out
+    }
+
+    /// The trigger's notify targets, told of the job's end when `notify_on`
+    /// lists it (whether or not anything goes to GitHub).
+    fn notification(&self, job: &Job) -> Option<Publication> {
+        let opts = &job.spec.output_options;
+        if opts.notify.is_empty() || !job.state.is_final() || !opts.notify_on.iter().any(|e| e == job.state.as_str()) {
+            return None;
+        }
+        let body = super::notify::payload(job, &self.web_url, self.public_url.as_deref()).to_string();
+        let target = Target::Notify { targets: opts.notify.clone(), sent: Vec::new() };
+        let repo = job.spec.repo.clone().unwrap_or_default();
+        Some(self.publication(job, &repo, Purpose::Notify, target, body))
+    }
+
+    fn on_github_at_end(&self, job: &Job) -> Vec<Publication> {
         let spec: &JobSpec = &job.spec;
         if spec.output == OutputKind::None || !self.publishing || !job.state.is_final() {
             return Vec::new();
@@ -171,7 +192,12 @@ mod tests {
     use crate::domain::Outcome;
 
     fn planner() -> Planner {
-        Planner { publishing: true, public_url: None, redactor: Redactor::new(Vec::new()) }
+        Planner {
+            publishing: true,
+            public_url: None,
+            redactor: Redactor::new(Vec::new()),
+            web_url: "https://github.com".into(),
+        }
     }
 
     /// (output, how the job ended, about a PR?, progress shown?) → what its
@@ -255,6 +281,36 @@ mod tests {
                 ],
                 "{output:?} {state}"
             );
+        }
+    }
+
+    /// Notify targets hear of the ends `notify_on` lists, whether or not
+    /// anything goes to GitHub.
+    #[test]
+    fn notifications_follow_notify_on_even_without_github() {
+        for (state, publishing, expect) in [
+            (JobState::Failed, true, "final:issue_comment notify:notify"),
+            (JobState::Failed, false, "notify:notify"),
+            (JobState::Succeeded, true, "final:issue_comment"),
+            (JobState::Cancelled, false, ""),
+        ] {
+            let mut spec = JobSpec { repo: Some("o/r".into()), subject: Some(7), ..JobSpec::default() };
+            spec.output_options.notify = vec!["team".into()];
+            spec.output_options.notify_on = vec!["failed".into()];
+            let mut job = Job::new("j".into(), 1, "d".into(), spec, Utc::now());
+            job.start_attempt(Utc::now());
+            job.end(state, Some("r".into()), None, Utc::now());
+            let planner = Planner { publishing, ..planner() };
+            let got: Vec<String> = planner
+                .at_end(&job)
+                .iter()
+                .map(|p| {
+                    let kind =
+                        serde_json::to_value(&p.target).unwrap_or_default()["kind"].as_str().unwrap_or("").to_string();
+                    format!("{}:{kind}", p.purpose.as_str())
+                })
+                .collect();
+            assert_eq!(got.join(" "), expect, "{state} publishing={publishing}");
         }
     }
 

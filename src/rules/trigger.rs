@@ -114,7 +114,16 @@ pub struct OutputOptions {
     /// `review`: review what changed since this trigger's last review of
     /// the pull request, and never repeat a finding (default true).
     pub incremental: bool,
+    /// `[notify.NAME]` targets told of the job's end.
+    #[serde(default)]
+    pub notify: Vec<String>,
+    /// The ends they are told of (`succeeded`, `failed`, `cancelled`).
+    #[serde(default)]
+    pub notify_on: Vec<String>,
 }
+
+/// The ends a notification can be about; `notify_on` defaults to all.
+pub const NOTIFY_ON: &[&str] = &["succeeded", "failed", "cancelled"];
 
 impl Default for OutputOptions {
     /// What a job stored before these options existed gets.
@@ -131,6 +140,8 @@ impl Default for OutputOptions {
             allow_approve: false,
             on_moved: OnMoved::Fail,
             incremental: true,
+            notify: Vec::new(),
+            notify_on: Vec::new(),
         }
     }
 }
@@ -206,6 +217,8 @@ struct OutputFile {
     allow_approve: Option<bool>,
     on_moved: Option<Spanned<OnMoved>>,
     incremental: Option<Spanned<bool>>,
+    notify: Option<Vec<Spanned<String>>>,
+    notify_on: Option<Vec<Spanned<String>>>,
 }
 
 /// The `author_association` values trusted by default.
@@ -507,6 +520,35 @@ pub fn compile(
     if let (Some(i), false) = (&out.incremental, output == OutputKind::Review) {
         errors.push(at(i.span(), "`incremental` applies only to kind = \"review\"".into()));
     }
+    for n in out.notify.iter().flatten() {
+        if !config.notify.contains_key(n.get_ref()) {
+            let names: Vec<&str> = config.notify.keys().map(String::as_str).collect();
+            let hint = crate::diag::suggest(n.get_ref(), &names)
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            errors.push(at(
+                n.span(),
+                format!(
+                    "unknown notify target `{}`{hint}: define it as [notify.{}] in baton.toml",
+                    n.get_ref(),
+                    n.get_ref()
+                ),
+            ));
+        }
+    }
+    for e in out.notify_on.iter().flatten() {
+        if !NOTIFY_ON.contains(&e.get_ref().as_str()) {
+            errors.push(at(
+                e.span(),
+                format!("unknown job end `{}`; expected one of {}", e.get_ref(), NOTIFY_ON.join(", ")),
+            ));
+        }
+    }
+    if let (Some(list), None) = (&out.notify_on, &out.notify) {
+        if let Some(first) = list.first() {
+            errors.push(at(first.span(), "`notify_on` needs `notify` naming where to send".into()));
+        }
+    }
     let repairs = file.job.get_ref().max_repairs_per_pr.as_ref();
     if let (Some(r), false) = (repairs, output == OutputKind::Push) {
         errors.push(at(r.span(), "`max_repairs_per_pr` counts pushes: it needs [output] kind = \"push\"".into()));
@@ -536,6 +578,11 @@ pub fn compile(
         allow_approve: out.allow_approve.unwrap_or(false),
         on_moved: out.on_moved.as_ref().map(|m| *m.get_ref()).unwrap_or_default(),
         incremental: out.incremental.as_ref().is_none_or(|i| *i.get_ref()),
+        notify: out.notify.iter().flatten().map(|n| n.get_ref().clone()).collect(),
+        notify_on: match &out.notify_on {
+            Some(list) => list.iter().map(|e| e.get_ref().clone()).collect(),
+            None => NOTIFY_ON.iter().map(|e| e.to_string()).collect(),
+        },
     };
     let priority = match &job.priority {
         Some(p) if !(-100..=100).contains(p.get_ref()) => {

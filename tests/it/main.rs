@@ -23,6 +23,7 @@ mod ingress;
 mod layout;
 mod lease;
 mod normalize;
+mod notify;
 mod publish;
 mod push;
 mod real_agents;
