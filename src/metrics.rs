@@ -25,6 +25,9 @@ pub struct Metrics {
     publishes: Mutex<BTreeMap<&'static str, u64>>,
     /// Connections the egress proxy refused, by agent.
     egress_blocked: Mutex<BTreeMap<String, u64>>,
+    /// Tokens by (trigger, agent, kind), and dollars by (trigger, agent).
+    tokens: Mutex<BTreeMap<(String, String, &'static str), u64>>,
+    cost: Mutex<BTreeMap<(String, String), f64>>,
     /// GitHub's `X-RateLimit-Remaining` on its latest answer; -1 until one.
     rate_limit_remaining: std::sync::atomic::AtomicI64,
 }
@@ -46,6 +49,8 @@ impl Default for Metrics {
             durations: Mutex::default(),
             publishes: Mutex::default(),
             egress_blocked: Mutex::default(),
+            tokens: Mutex::default(),
+            cost: Mutex::default(),
             rate_limit_remaining: std::sync::atomic::AtomicI64::new(-1),
         }
     }
@@ -90,6 +95,24 @@ impl Metrics {
         *self.egress_blocked.lock().unwrap_or_else(|p| p.into_inner()).entry(agent.to_string()).or_default() += count;
     }
 
+    /// An attempt's model use.
+    pub fn usage(&self, trigger: &str, agent: &str, usage: &crate::store::Usage) {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        for (kind, n) in
+            [("input", usage.input_tokens), ("output", usage.output_tokens), ("cached", usage.cached_tokens)]
+        {
+            *tokens.entry((trigger.to_string(), agent.to_string(), kind)).or_default() += n;
+        }
+        if let Some(c) = usage.cost_usd {
+            *self
+                .cost
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry((trigger.to_string(), agent.to_string()))
+                .or_default() += c;
+        }
+    }
+
     /// The text exposition, with the gauges read at scrape time.
     pub fn render(&self, queued: usize, running: usize, store_bytes: u64) -> String {
         let mut out = String::new();
@@ -124,6 +147,22 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE baton_egress_blocked_total counter");
         for (agent, n) in self.egress_blocked.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let _ = writeln!(out, "baton_egress_blocked_total{{agent=\"{}\"}} {n}", label(agent));
+        }
+        let _ = writeln!(out, "# HELP baton_agent_tokens_total Model tokens agents used, as their CLIs reported.");
+        let _ = writeln!(out, "# TYPE baton_agent_tokens_total counter");
+        for ((trigger, agent, kind), n) in self.tokens.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let (t, a) = (label(trigger), label(agent));
+            let _ = writeln!(out, "baton_agent_tokens_total{{trigger=\"{t}\",agent=\"{a}\",kind=\"{kind}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP baton_agent_cost_usd_total What agents' model use cost, in US dollars.");
+        let _ = writeln!(out, "# TYPE baton_agent_cost_usd_total counter");
+        for ((trigger, agent), c) in self.cost.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(
+                out,
+                "baton_agent_cost_usd_total{{trigger=\"{}\",agent=\"{}\"}} {c}",
+                label(trigger),
+                label(agent)
+            );
         }
         let remaining = self.rate_limit_remaining.load(std::sync::atomic::Ordering::Relaxed);
         for (name, help, v) in [

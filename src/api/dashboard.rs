@@ -72,7 +72,10 @@ pub async fn jobs_page(State(s): State<Api>, Query(q): Query<HashMap<String, Str
 
 pub async fn job_page(State(s): State<Api>, Path(id): Path<String>) -> Response {
     match s.store.job(&id).await {
-        Ok(Some(job)) => render("job.html", context! { job => view(&job) }),
+        Ok(Some(job)) => {
+            let usage = job.usage.as_ref().map(crate::publish::body::usage_line);
+            render("job.html", context! { job => view(&job), usage })
+        }
         Ok(None) => (StatusCode::NOT_FOUND, Html(format!("<p>No job {}.</p>", html_escape(&id)))).into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "the job could not be read").into_response(),
     }

@@ -39,6 +39,24 @@ pub struct AgentDef {
     pub max_parallel: Option<usize>,
     /// What its sandbox lets it see, reach and use.
     pub sandbox: Profile,
+    /// How its CLI reports model use (besides `$BATON_USAGE_FILE`).
+    pub usage: UsageFormat,
+    /// The model it was told to use (`model`), for the price table.
+    pub model: Option<String>,
+}
+
+/// Where an agent's model use is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UsageFormat {
+    /// Only the agent's own `$BATON_USAGE_FILE`.
+    #[default]
+    None,
+    /// Claude Code's `--output-format json` object.
+    Claude,
+    /// Codex's `--json` event stream.
+    Codex,
+    /// Gemini CLI's JSON output's `stats`.
+    Gemini,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -128,6 +146,13 @@ impl Preset {
                 network: self.hosts().iter().filter_map(|h| HostRule::parse(h).ok()).collect(),
                 ..Profile::default()
             },
+            usage: match self {
+                Preset::Codex => UsageFormat::Codex,
+                Preset::Claude => UsageFormat::Claude,
+                Preset::Gemini => UsageFormat::Gemini,
+                Preset::Aider => UsageFormat::None,
+            },
+            model: None,
         };
         match self {
             // Without `--disable plugins` and analytics off, Codex clones a
@@ -144,6 +169,9 @@ impl Preset {
                     "plugins",
                     "-c",
                     "analytics.enabled=false",
+                    // Events (with each turn's usage) on stdout; the last
+                    // message still goes to the result file.
+                    "--json",
                     "-o",
                     "{{ result_file }}",
                     "-",
@@ -256,6 +284,13 @@ pub(super) fn merge_agent(name: &str, raw: &RawAgent, sandboxed: bool, base_dir:
         install: raw.install.clone().or(base.and_then(|p| p.install.clone())),
         max_parallel: raw.max_parallel.or(base.and_then(|p| p.max_parallel)).filter(|n| *n > 0),
         sandbox: sandbox_profile(raw, base, base_dir)?,
+        // A command of the user's own reports nothing baton can read on
+        // stdout: only its usage file counts.
+        usage: match (&raw.command, base) {
+            (None, Some(p)) => p.usage,
+            _ => UsageFormat::None,
+        },
+        model: raw.model.clone(),
     };
     apply_tuning(&mut def, preset, raw)?;
     Ok(def)

@@ -20,7 +20,7 @@ mod agents;
 
 use crate::diag::Diagnostic;
 use agents::{merge_agent, RawAgent};
-pub use agents::{presets, AgentDef, Preset, PromptMode, ResultMode};
+pub use agents::{presets, AgentDef, Preset, PromptMode, ResultMode, UsageFormat};
 
 /// Webhook secrets shorter than this get a warning.
 const MIN_SECRET_LEN: usize = 16;
@@ -42,6 +42,9 @@ pub struct Config {
     pub sources: BTreeMap<String, Source>,
     /// `[notify.NAME]`: where job ends are announced.
     pub notify: BTreeMap<String, NotifyTarget>,
+    /// `[prices."MODEL"]`: what a model costs, for CLIs that report tokens
+    /// but no cost.
+    pub prices: BTreeMap<String, Price>,
     pub sandbox: SandboxSettings,
     /// Files secrets were read from (`file:`): hidden from agents.
     pub secret_files: Vec<PathBuf>,
@@ -124,6 +127,17 @@ pub enum Backend {
     #[default]
     Sled,
     Postgres,
+}
+
+/// `[prices."MODEL"]`, in US dollars per million tokens. baton ships no
+/// prices (they would go stale): only the mechanism.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+    /// Cached input; the input price when not given.
+    pub cached_per_mtok: Option<f64>,
 }
 
 /// `[notify.NAME]`: a place told when a job ends.
@@ -304,6 +318,8 @@ struct RawConfig {
     sources: BTreeMap<String, Spanned<RawSource>>,
     #[serde(default)]
     notify: BTreeMap<String, Spanned<RawNotify>>,
+    #[serde(default)]
+    prices: BTreeMap<String, Spanned<Price>>,
     #[serde(default)]
     sandbox: RawSandbox,
 }
@@ -618,6 +634,17 @@ impl Config {
             notify.insert(name.clone(), NotifyTarget { name: name.clone(), kind: target.kind, url, secret });
         }
 
+        let mut prices = BTreeMap::new();
+        for (model, spanned) in &raw.prices {
+            let p = spanned.get_ref();
+            let ok = |v: f64| v.is_finite() && v >= 0.0;
+            if !(ok(p.input_per_mtok) && ok(p.output_per_mtok) && p.cached_per_mtok.is_none_or(ok)) {
+                errors.push(at(spanned.span(), format!("prices.\"{model}\": prices are amounts of 0 or more")));
+                continue;
+            }
+            prices.insert(model.clone(), p.clone());
+        }
+
         let triggers_dir = base.join(raw.triggers.as_ref().map(|t| t.get_ref().as_str()).unwrap_or("triggers"));
         let storage = base.join(raw.storage.path.as_deref().unwrap_or(".baton"));
 
@@ -689,6 +716,7 @@ impl Config {
             agents,
             sources,
             notify,
+            prices,
             sandbox: SandboxSettings { enabled: sandboxed, caps: raw.sandbox.caps },
             secret_files,
             secret_vars,

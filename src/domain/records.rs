@@ -139,6 +139,42 @@ pub struct Attempt {
     /// Destinations the sandbox's egress proxy refused.
     #[serde(default)]
     pub egress_blocked: Vec<crate::sandbox::egress::Blocked>,
+    /// What the agent's model use was, as its CLI reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// An agent's model use: tokens, turns, and what it cost when known (the
+/// CLI's own figure, or the configured price table's).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Input tokens read from the model's cache (part of `input_tokens`).
+    pub cached_tokens: u64,
+    pub cost_usd: Option<f64>,
+    pub turns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+impl Usage {
+    /// Both together: tokens and turns add up; a cost is known only when
+    /// both sides knew theirs; a model stays when it is the same.
+    pub fn plus(&self, other: &Usage) -> Usage {
+        let add = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+        };
+        Usage {
+            input_tokens: self.input_tokens + other.input_tokens,
+            output_tokens: self.output_tokens + other.output_tokens,
+            cached_tokens: self.cached_tokens + other.cached_tokens,
+            cost_usd: self.cost_usd.zip(other.cost_usd).map(|(a, b)| a + b),
+            turns: add(self.turns, other.turns),
+            model: if self.model == other.model { self.model.clone() } else { None },
+        }
+    }
 }
 
 /// Phase timings of one attempt (milliseconds; absent when not reached).
@@ -187,6 +223,9 @@ pub struct Job {
     /// The commit baton pushed (`pull_request` and `push` outputs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit: Option<String>,
+    /// The model use of all its attempts together, when any was reported.
+    #[serde(default)]
+    pub usage: Option<Usage>,
     /// The job that replaced, dropped or cancelled this one (concurrency groups).
     #[serde(default)]
     pub displaced_by: Option<String>,
@@ -235,6 +274,7 @@ impl Job {
             publication: None,
             branch: None,
             commit: None,
+            usage: None,
             displaced_by: None,
             progress: Progress::default(),
             approved: None,
@@ -255,6 +295,7 @@ impl Job {
             error: None,
             phases: Phases::default(),
             egress_blocked: Vec::new(),
+            usage: None,
         });
     }
 
@@ -277,6 +318,15 @@ impl Job {
                 None => a.egress_blocked.push(b),
             }
         }
+    }
+
+    /// Records the current attempt's model use, and the job's total.
+    pub fn record_usage(&mut self, usage: Option<Usage>) {
+        if let (Some(a), Some(u)) = (self.history.last_mut(), usage) {
+            a.usage = Some(u);
+        }
+        let used: Vec<&Usage> = self.history.iter().filter_map(|a| a.usage.as_ref()).collect();
+        self.usage = used.split_first().map(|(first, rest)| rest.iter().fold((*first).clone(), |t, u| t.plus(u)));
     }
 
     /// Records the phase timings of the current attempt.

@@ -102,6 +102,19 @@ impl Invocation<'_> {
         self.job_dir.join("result.md")
     }
 
+    /// Where any agent may report its model use (`$BATON_USAGE_FILE`).
+    pub fn usage_file(&self) -> PathBuf {
+        self.job_dir.join("usage.json")
+    }
+
+    /// The model use the run reported: on the CLI's own output, or in the
+    /// usage file (read as the result file is: never through a link).
+    pub async fn usage(&self, run: &Run) -> Option<crate::store::Usage> {
+        let path = self.usage_file();
+        let file = tokio::task::spawn_blocking(move || read_result_file(&path).ok()).await.ok().flatten();
+        super::usage::read(self.agent.usage, &run.stdout, file.as_deref())
+    }
+
     fn argv(&self) -> Result<Vec<String>, AgentError> {
         let env = minijinja::Environment::new();
         let ctx = minijinja::context! {
@@ -192,6 +205,7 @@ impl Invocation<'_> {
             }
         }
         cmd.envs(&self.agent.vars);
+        cmd.env("BATON_USAGE_FILE", self.usage_file());
         if let Some(j) = &jail {
             cmd.envs(j.env.iter().map(|(k, v)| (k, v)));
             let cgroup_files = j.cgroup_files();

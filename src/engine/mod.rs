@@ -9,6 +9,7 @@
 
 pub mod agent;
 mod push;
+pub mod usage;
 pub mod workspace;
 
 use std::collections::HashMap;
@@ -73,6 +74,7 @@ pub struct Engine {
 struct Report {
     phases: Phases,
     egress_blocked: Vec<crate::sandbox::egress::Blocked>,
+    usage: Option<crate::store::Usage>,
 }
 
 /// What the dispatcher knows of a running job.
@@ -472,6 +474,7 @@ impl Engine {
             let mut report = Report::default();
             let end = self.attempt(&job, feedback.as_deref(), &cancel, &mut report).await;
             job.record_phases(report.phases);
+            job.record_usage(report.usage.take());
             if !report.egress_blocked.is_empty() {
                 let n = report.egress_blocked.iter().map(|b| b.count).sum();
                 self.metrics.egress_blocked(&job.spec.agent, n);
@@ -741,6 +744,12 @@ impl Engine {
             Err(e) => return failed(Outcome::SpawnFailed, None, e.to_string(), false),
         };
         report.egress_blocked.extend(run.egress_blocked.iter().cloned());
+        if let Some(used) = inv.usage(&run).await {
+            let model = used.model.clone().or(agent.model.clone());
+            let used = usage::priced(used, model.as_deref().and_then(|m| self.config.prices.get(m)));
+            self.metrics.usage(&job.trigger, &agent.name, &used);
+            report.usage = Some(used);
+        }
         if let Some(hit) = run.limit {
             return failed(Outcome::Limit, run_code(&run), limit_message(&agent.name, hit, &agent.sandbox), false);
         }
@@ -802,6 +811,8 @@ impl Engine {
             install: None,
             max_parallel: None,
             sandbox: agent.sandbox.clone(),
+            usage: crate::config::UsageFormat::None,
+            model: None,
         };
         let v = Invocation {
             agent: &check,

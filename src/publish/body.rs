@@ -20,7 +20,19 @@ pub fn status_marker(job_id: &str) -> String {
 }
 
 fn footer(job: &Job, marker: &str) -> String {
-    format!("\n\n---\n<sub>baton · trigger `{}` · job `{}`</sub>\n{marker}", job.trigger, job.id)
+    let usage = job.usage.as_ref().map(|u| format!(" · {}", usage_line(u))).unwrap_or_default();
+    format!("\n\n---\n<sub>baton · trigger `{}` · job `{}`{usage}</sub>\n{marker}", job.trigger, job.id)
+}
+
+/// A job's model use in a few words: `12.3k tokens in, 1.2k out, $0.08`.
+pub fn usage_line(u: &crate::store::Usage) -> String {
+    let count = |n: u64| match n {
+        0..1_000 => n.to_string(),
+        1_000..1_000_000 => format!("{:.1}k", n as f64 / 1e3),
+        _ => format!("{:.1}M", n as f64 / 1e6),
+    };
+    let cost = u.cost_usd.map(|c| format!(", ${c:.2}")).unwrap_or_default();
+    format!("{} tokens in, {} out{cost}", count(u.input_tokens), count(u.output_tokens))
 }
 
 /// `main` cut to fit GitHub's limit beside `footer`, with a note.
@@ -164,6 +176,20 @@ pub fn pull_request_body(job: &Job) -> String {
         body = format!("Fixes #{n}\n\n{body}");
     }
     body
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::usage_line;
+    use crate::store::Usage;
+
+    #[test]
+    fn usage_reads_in_a_few_words() {
+        let u = Usage { input_tokens: 12_345, output_tokens: 1_234, cost_usd: Some(0.0812), ..Usage::default() };
+        assert_eq!(usage_line(&u), "12.3k tokens in, 1.2k out, $0.08");
+        let u = Usage { input_tokens: 2_500_000, output_tokens: 12, ..Usage::default() };
+        assert_eq!(usage_line(&u), "2.5M tokens in, 12 out");
+    }
 }
 
 #[cfg(test)]

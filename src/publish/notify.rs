@@ -48,7 +48,8 @@ pub fn payload(job: &Job, web_url: &str, public_url: Option<&str>) -> Value {
         "result": head,
         "subject_url": subject_url,
         "dashboard_url": public_url.map(|u| format!("{}/jobs/{}", u.trim_end_matches('/'), job.id)),
-        "cost_usd": Value::Null,
+        "cost_usd": job.usage.as_ref().and_then(|u| u.cost_usd),
+        "usage": job.usage,
     })
 }
 

@@ -23,7 +23,7 @@ use chrono::Utc;
 use crate::domain::Admission;
 pub use crate::domain::{
     job_id, Accepted, Admitted, Approval, Attempt, Delivery, Job, JobState, Limits, Outcome, Pending, Phases,
-    Publication, PublicationState, PublicationSummary, Purpose, QueueEntry, Skipped, Target,
+    Publication, PublicationState, PublicationSummary, Purpose, QueueEntry, Skipped, Target, Usage,
 };
 use crate::rules::JobSpec;
 pub use commit::Durability;

@@ -19,6 +19,8 @@ fn agent(command: &[&str], prompt: PromptMode, result: ResultMode) -> AgentDef {
         install: None,
         max_parallel: None,
         sandbox: Default::default(),
+        usage: Default::default(),
+        model: None,
     }
 }
 

@@ -590,3 +590,43 @@ async fn comments_on_fork_prs_need_allow_forks_and_run_only_the_head_they_saw() 
     assert_eq!(job["state"], "succeeded", "{job}");
     let _ = base_sha;
 }
+
+/// Any agent may report its model use in the file `$BATON_USAGE_FILE`
+/// names; a cost it leaves out comes from `[prices."MODEL"]`. Each attempt
+/// keeps its own, the job their total; the dashboard shows it.
+#[tokio::test]
+async fn an_agent_reports_its_usage_in_the_usage_file_and_attempts_add_up() {
+    let fake = FakeGitHub::start().await;
+    // The first attempt reports and fails; the second reports and succeeds.
+    let scratch = tempfile::tempdir().unwrap();
+    let tries = scratch.path().join("tries");
+    let agent = format!(
+        "#!/bin/sh\ncat > /dev/null\necho x >> {tries}\n\
+         printf '{{\"usage\": {{\"input_tokens\": 1000, \"output_tokens\": 200, \"model\": \"house-model\"}}}}' > \"$BATON_USAGE_FILE\"\n\
+         if [ $(wc -l < {tries}) -eq 1 ]; then exit 1; fi\necho done\n",
+        tries = tries.display()
+    );
+    let (w, _) = setup(
+        &fake,
+        &agent,
+        &format!("read_write = [\"{}\"]", scratch.path().display()),
+        "attempts = 2\nbackoff = \"1s\"",
+    );
+    let config = std::fs::read_to_string(w.path().join("baton.toml")).unwrap();
+    w.config(&format!("[prices.\"house-model\"]\ninput_per_mtok = 1.0\noutput_per_mtok = 5.0\n{config}"));
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver_issue(&baton, "usage-1").await;
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    for a in 0..2 {
+        let u = &job["history"][a]["usage"];
+        assert_eq!((u["input_tokens"].as_u64(), u["output_tokens"].as_u64()), (Some(1000), Some(200)), "{job}");
+        assert!((u["cost_usd"].as_f64().unwrap_or_default() - 0.002).abs() < 1e-12, "{u}");
+    }
+    let total = &job["usage"];
+    assert_eq!((total["input_tokens"].as_u64(), total["output_tokens"].as_u64()), (Some(2000), Some(400)), "{job}");
+    assert!((total["cost_usd"].as_f64().unwrap_or_default() - 0.004).abs() < 1e-12, "{total}");
+    let (_, page) = baton.get(&format!("/jobs/{id}")).await;
+    assert!(page.as_str().unwrap_or_default().contains("2.0k tokens in, 400 out, $0.00"), "the dashboard shows it");
+    assert!(final_comment(&fake, &id).await.contains("2.0k tokens in, 400 out, $0.00"), "and the comment's footer");
+}

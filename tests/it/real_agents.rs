@@ -188,6 +188,11 @@ git_url = "file://{repos}"
 token = "env:GITHUB_TOKEN"
 webhook_secret = "{SECRET}"
 
+# What the fake model costs, for CLIs that report tokens but no cost.
+[prices."baton-fake"]
+input_per_mtok = 2.0
+output_per_mtok = 10.0
+
 [agents.{preset}]
 timeout = "2m"
 {agent_keys}
@@ -225,7 +230,12 @@ async fn job_of(baton: &Baton, event: &str, body: &[u8]) -> Value {
 
 /// Runs one job through `preset` with a `pull_request` output, so the
 /// worktree's changes come back as a branch.
-async fn run_job(preset: &str, agent_keys: &str, env: &[(&str, &str)], cli: &Path) -> (Workdir, Value) {
+async fn run_job(
+    preset: &str,
+    agent_keys: &str,
+    env: &[(&str, &str)],
+    cli: &Path,
+) -> (Workdir, Value, Baton, FakeGitHub) {
     let fake = FakeGitHub::start().await;
     let trigger = format!(
         "on = [\"issues.opened\"]\n[job]\nagent = \"{preset}\"\nworkspace = \"default-branch\"\n\
@@ -234,7 +244,30 @@ async fn run_job(preset: &str, agent_keys: &str, env: &[(&str, &str)], cli: &Pat
     let (w, baton) = daemon(&fake, preset, agent_keys, env, cli, &trigger);
     let job = job_of(&baton, "issues", &fixture("issues/opened.payload.json")).await;
     eventually("the pull request", || !fake.posts("/repos/Codertocat/Hello-World/pulls").is_empty()).await;
-    (w, job)
+    (w, job, baton, fake)
+}
+
+/// The job's model use is what the fake model reported on each of its
+/// answers (10 tokens in, 5 out), added up; it is in the job, in the status
+/// comment's footer and in `/metrics`.
+async fn check_usage(job: &Value, answers: usize, baton: &Baton, fake: &FakeGitHub, agent: &str) {
+    let usage = &job["usage"];
+    assert_eq!(usage["input_tokens"].as_u64(), Some(10 * answers as u64), "{usage}");
+    assert_eq!(usage["output_tokens"].as_u64(), Some(5 * answers as u64), "{usage}");
+    assert_eq!(job["history"][0]["usage"], *usage, "one attempt: its usage is the total");
+    let footer = format!("{} tokens in, {} out, $", 10 * answers, 5 * answers);
+    eventually("the status comment's footer", || {
+        fake.comments("Codertocat/Hello-World#1").iter().any(|c| c.body.contains(&footer))
+    })
+    .await;
+    let (_, metrics) = baton.get("/metrics").await;
+    let line =
+        format!("baton_agent_tokens_total{{trigger=\"work\",agent=\"{agent}\",kind=\"input\"}} {}", 10 * answers);
+    assert!(metrics.as_str().unwrap_or_default().contains(&line), "{metrics}");
+    assert!(metrics
+        .as_str()
+        .unwrap_or_default()
+        .contains(&format!("baton_agent_cost_usd_total{{trigger=\"work\",agent=\"{agent}\"}}")));
 }
 
 /// The file the agent's tool call wrote, as committed on the job's branch.
@@ -253,8 +286,13 @@ async fn codex_preset_edits_the_worktree_and_its_last_message_is_the_result() {
     let cli = cli_dir("codex", "@openai/codex@0.169.0");
     let model = FakeModel::start(Api::Responses, "Codex wrote the proof file.", "edited by codex").await;
     let keys = format!("model = \"baton-fake\"\nbase_url = \"{}/v1\"", model.url);
-    let (w, job) = run_job("codex", &keys, &[("OPENAI_API_KEY", "sk-fake-codex-key")], &cli).await;
+    let (w, job, baton, fake) = run_job("codex", &keys, &[("OPENAI_API_KEY", "sk-fake-codex-key")], &cli).await;
     assert_eq!(job["result"], "Codex wrote the proof file.");
+    let answers = model.requests().iter().filter(|r| r.get("input").is_some()).count();
+    check_usage(&job, answers, &baton, &fake, "codex").await;
+    // Codex reports no cost: the price table's, 2 $/M in and 10 $/M out.
+    let cost = job["usage"]["cost_usd"].as_f64().expect("priced");
+    assert!((cost - (answers as f64) * (10.0 * 2.0 + 5.0 * 10.0) / 1e6).abs() < 1e-12, "{cost}");
     assert_eq!(proof_on_branch(&w, &job), "edited by codex");
     let requests = model.requests();
     assert!(requests.len() >= 2, "a tool call and an answer: {}", requests.len());
@@ -271,8 +309,13 @@ async fn claude_preset_edits_the_worktree_and_its_answer_is_the_result() {
     let model = FakeModel::start(Api::Messages, "Claude wrote the proof file.", "edited by claude").await;
     let keys = format!("model = \"claude-fake\"\nmax_turns = 5\nbase_url = \"{}\"", model.url);
     let env = [("ANTHROPIC_API_KEY", "sk-ant-fake-key"), ("CLAUDE_CODE_MAX_RETRIES", "0")];
-    let (w, job) = run_job("claude", &keys, &env, &cli).await;
+    let (w, job, baton, fake) = run_job("claude", &keys, &env, &cli).await;
     assert_eq!(job["result"], "Claude wrote the proof file.");
+    let answers = model.requests().iter().filter(|r| r.get("messages").is_some()).count();
+    check_usage(&job, answers, &baton, &fake, "claude").await;
+    // Claude Code prices its own use: its figure is kept.
+    assert!(job["usage"]["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{job}");
+    assert_eq!(job["usage"]["model"], "claude-fake");
     assert_eq!(proof_on_branch(&w, &job), "edited by claude");
     let requests = model.requests();
     assert!(prompt_reached(&requests), "baton's prompt reached the model");
