@@ -118,6 +118,8 @@ pub enum Outcome {
     Limit,
     /// A daemon restart (or a lapsed lease) cut it short.
     Interrupted,
+    /// It spent its `budget_usd`.
+    Budget,
     /// Written by a later version; kept rather than refused.
     #[serde(other)]
     Unknown,

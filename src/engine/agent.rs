@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{format_duration, AgentDef, PromptMode, ResultMode};
+use crate::config::{format_duration, AgentDef, PromptMode, ResultMode, UsageFormat};
 use crate::sandbox::cgroup::LimitHit;
 use crate::sandbox::egress::Blocked;
 use crate::sandbox::Sandbox;
@@ -45,7 +45,22 @@ pub enum Ending {
     Exited(Option<i32>),
     TimedOut(Duration),
     Cancelled,
+    /// baton stopped it: its model use passed the run's budget.
+    OverBudget,
 }
+
+/// What one run may spend: the CLI's own cap where it has one (Claude
+/// Code's `--max-budget-usd`), else baton watches the use the CLI reports
+/// as it goes and stops the run past it.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    pub usd: f64,
+    /// For a CLI that reports tokens but no cost.
+    pub price: Option<crate::config::Price>,
+}
+
+/// How often baton reads a running agent's reported use.
+const BUDGET_POLL: Duration = Duration::from_millis(200);
 
 /// What one run produced.
 #[derive(Debug)]
@@ -91,6 +106,8 @@ pub struct Invocation<'a> {
     pub on_spawn: Option<&'a (dyn Fn(i32) + Send + Sync)>,
     /// The sandbox; `None` runs the agent unconfined (`[sandbox] enabled = false`).
     pub confine: Option<Confinement<'a>>,
+    /// What the run may spend.
+    pub budget: Option<&'a Budget>,
 }
 
 impl Invocation<'_> {
@@ -122,11 +139,49 @@ impl Invocation<'_> {
             prompt_file => self.prompt_file().display().to_string(),
             result_file => self.result_file().display().to_string(),
         };
-        self.agent
+        let mut argv: Vec<String> = self
+            .agent
             .command
             .iter()
             .map(|arg| env.render_str(arg, &ctx).map_err(|e| AgentError::Template(e.to_string())))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        if let (Some(b), UsageFormat::Claude) = (self.budget, self.agent.usage) {
+            argv.splice(1..1, ["--max-budget-usd".to_string(), b.usd.to_string()]);
+        }
+        Ok(argv)
+    }
+
+    /// Whether baton itself watches the run's spending (a CLI without a cap
+    /// of its own).
+    fn watches_budget(&self) -> bool {
+        self.budget.is_some() && self.agent.usage != UsageFormat::Claude
+    }
+
+    /// Returns once the use the run reported since `offset` of its log
+    /// (Codex's events, say) or in its usage file passes the budget.
+    async fn over_budget(&self, offset: u64) {
+        let Some(budget) = self.budget else { return std::future::pending().await };
+        loop {
+            tokio::time::sleep(BUDGET_POLL).await;
+            let (log, usage_file) = (self.log.to_path_buf(), self.usage_file());
+            let (text, file) = tokio::task::spawn_blocking(move || {
+                use std::io::{Read as _, Seek as _};
+                let mut text = String::new();
+                if let Ok(mut f) = std::fs::File::open(&log) {
+                    if f.seek(std::io::SeekFrom::Start(offset)).is_ok() {
+                        let _ = f.take(DEFAULT_OUTPUT_CAP).read_to_string(&mut text);
+                    }
+                }
+                (text, read_result_file(&usage_file).ok())
+            })
+            .await
+            .unwrap_or_default();
+            let used = super::usage::read(self.agent.usage, &text, file.as_deref())
+                .map(|u| super::usage::priced(u, budget.price.as_ref()));
+            if used.and_then(|u| u.cost_usd).is_some_and(|c| c >= budget.usd) {
+                return;
+            }
+        }
     }
 
     /// Runs the agent to its end.
@@ -255,6 +310,8 @@ impl Invocation<'_> {
             .open(self.log)
             .await
             .map_err(|source| AgentError::Files { path: self.log.to_path_buf(), source })?;
+        // The job's log holds earlier runs too: a budget counts this one's.
+        let log_start = log.metadata().await.map(|m| m.len()).unwrap_or(0);
         let log = std::sync::Arc::new(tokio::sync::Mutex::new(CappedLog {
             file: log,
             left: self.output_cap,
@@ -264,10 +321,12 @@ impl Invocation<'_> {
         let stdout = child.stdout.take().map(|s| tokio::spawn(pump(s, log.clone(), true)));
         let stderr = child.stderr.take().map(|s| tokio::spawn(pump(s, log.clone(), false)));
 
+        let watching = self.watches_budget();
         let ending = tokio::select! {
             status = child.wait() => Ending::Exited(status.ok().and_then(|s| s.code())),
             _ = tokio::time::sleep(self.timeout) => Ending::TimedOut(self.timeout),
             _ = self.cancel.cancelled() => Ending::Cancelled,
+            _ = self.over_budget(log_start), if watching => Ending::OverBudget,
         };
         if let Some(pgid) = pgid {
             if matches!(ending, Ending::Exited(_)) {
@@ -295,6 +354,7 @@ impl Invocation<'_> {
             }
             Ending::TimedOut(d) => format!("\n[baton] agent stopped: timeout after {}\n", format_duration(*d)),
             Ending::Cancelled => "\n[baton] agent stopped: job cancelled\n".to_string(),
+            Ending::OverBudget => "\n[baton] agent stopped: its budget is spent\n".to_string(),
         };
         let (limit, egress_blocked) = match jail {
             Some(j) => {

@@ -722,6 +722,10 @@ impl Engine {
             });
         };
         let io = dir.join("io");
+        let budget = spec.budget_usd.map(|usd| agent::Budget {
+            usd,
+            price: agent.model.as_deref().and_then(|m| self.config.prices.get(m)).cloned(),
+        });
         let inv = Invocation {
             agent,
             prompt,
@@ -733,6 +737,7 @@ impl Engine {
             cancel,
             on_spawn: Some(&note),
             confine: self.confinement(job, "agent", expose),
+            budget: budget.as_ref(),
         };
         self.log_line(&job.id, &format!("running agent `{}`", agent.name)).await;
         let started = std::time::Instant::now();
@@ -753,8 +758,21 @@ impl Engine {
         if let Some(hit) = run.limit {
             return failed(Outcome::Limit, run_code(&run), limit_message(&agent.name, hit, &agent.sandbox), false);
         }
+        // Stopped by baton past its budget, or by the CLI's own cap.
+        let spent = report.usage.as_ref().and_then(|u| u.cost_usd);
+        if let Some(b) = &budget {
+            if run.ending == Ending::OverBudget
+                || (spent.is_some_and(|s| s >= b.usd) && run.ending != Ending::Exited(Some(0)))
+            {
+                let spent = spent.map(usage::dollars).unwrap_or_else(|| "an unknown amount".into());
+                let why = format!("budget of {} reached after {spent}", usage::dollars(b.usd));
+                return failed(Outcome::Budget, run_code(&run), why, false);
+            }
+        }
         match run.ending {
             Ending::Cancelled => return AttemptEnd::Cancelled,
+            // Only a run with a budget is watched (handled above).
+            Ending::OverBudget => return failed(Outcome::Budget, None, "the run's budget is spent".into(), false),
             Ending::TimedOut(d) => {
                 return failed(Outcome::Timeout, None, format!("timeout after {}", format_duration(d)), true)
             }
@@ -825,6 +843,7 @@ impl Engine {
             cancel,
             on_spawn: None,
             confine: self.confinement(job, "verify", expose),
+            budget: None,
         };
         let started = std::time::Instant::now();
         let outcome = v.run().await;
@@ -845,6 +864,7 @@ impl Engine {
                         Ending::TimedOut(d) => format!("timeout after {}", format_duration(d)),
                         Ending::Exited(code) => format!("exit {}", agent::describe_exit(code)),
                         Ending::Cancelled => "cancelled".into(),
+                        Ending::OverBudget => "over budget".into(),
                     };
                     Err(AttemptEnd::Failed {
                         outcome: Outcome::VerifyFailed,

@@ -51,19 +51,45 @@ fn n(v: &Value) -> u64 {
 /// and writes apart from `input_tokens`; here they are part of it.
 fn claude(v: &Value) -> Option<Usage> {
     let u = v.get("usage")?;
-    let cached = n(&u["cache_read_input_tokens"]);
-    let model = v["modelUsage"].as_object().and_then(|m| {
-        // The model that did the work: the one that wrote the most.
-        m.iter().max_by_key(|(_, mu)| n(&mu["outputTokens"])).map(|(name, _)| name.clone())
-    });
+    let by_model = v["modelUsage"].as_object();
+    // The model that did the work: the one that wrote the most.
+    let model =
+        by_model.and_then(|m| m.iter().max_by_key(|(_, mu)| n(&mu["outputTokens"])).map(|(name, _)| name.clone()));
+    // `modelUsage` counts every request, side ones and a run stopped by its
+    // budget included (whose `usage` reads 0); `usage` is the fallback.
+    let (input, output, cached) = match by_model.filter(|m| !m.is_empty()) {
+        Some(m) => m.values().fold((0, 0, 0), |(i, o, c), mu| {
+            let cached = n(&mu["cacheReadInputTokens"]);
+            (
+                i + n(&mu["inputTokens"]) + cached + n(&mu["cacheCreationInputTokens"]),
+                o + n(&mu["outputTokens"]),
+                c + cached,
+            )
+        }),
+        None => {
+            let cached = n(&u["cache_read_input_tokens"]);
+            (n(&u["input_tokens"]) + cached + n(&u["cache_creation_input_tokens"]), n(&u["output_tokens"]), cached)
+        }
+    };
     Some(Usage {
-        input_tokens: n(&u["input_tokens"]) + cached + n(&u["cache_creation_input_tokens"]),
-        output_tokens: n(&u["output_tokens"]),
+        input_tokens: input,
+        output_tokens: output,
         cached_tokens: cached,
         cost_usd: v["total_cost_usd"].as_f64(),
         turns: v["num_turns"].as_u64(),
         model,
     })
+}
+
+/// US dollars as people read them: cents from a dollar up, else as many
+/// digits as it takes (`$0.000175`).
+pub fn dollars(usd: f64) -> String {
+    if usd >= 1.0 {
+        format!("${usd:.2}")
+    } else {
+        let s = format!("{usd:.6}");
+        format!("${}", s.trim_end_matches('0').trim_end_matches('.'))
+    }
 }
 
 /// Every `{"type": "turn.completed", "usage": {"input_tokens",
@@ -150,9 +176,17 @@ mod tests {
             UsageFormat::Claude,
             r#"{"type":"result","result":"ok","num_turns":3,"total_cost_usd":0.0123,
                 "usage":{"input_tokens":10,"cache_read_input_tokens":100,"cache_creation_input_tokens":5,"output_tokens":7},
-                "modelUsage":{"claude-haiku":{"outputTokens":1},"claude-sonnet":{"outputTokens":6}}}"#,
+                "modelUsage":{"claude-haiku":{"inputTokens":2,"outputTokens":1},
+                              "claude-sonnet":{"inputTokens":8,"cacheReadInputTokens":100,"cacheCreationInputTokens":5,"outputTokens":6}}}"#,
             None,
             "in=115 out=7 cached=100 cost=Some(0.0123) turns=Some(3) model=Some(\"claude-sonnet\")",
+        );
+        // Without `modelUsage`: `usage`.
+        check(
+            UsageFormat::Claude,
+            r#"{"usage":{"input_tokens":10,"cache_read_input_tokens":100,"output_tokens":7},"total_cost_usd":0.5}"#,
+            None,
+            "in=110 out=7 cached=100 cost=Some(0.5) turns=None model=None",
         );
         check(
             UsageFormat::Codex,
@@ -183,6 +217,14 @@ mod tests {
             Some("{\"usage\": {\"cost_usd\": -1}}"),
             "in=0 out=0 cached=0 cost=None turns=None model=None",
         );
+    }
+
+    #[test]
+    fn dollars_read_as_people_write_them() {
+        assert_eq!(dollars(2.0134), "$2.01");
+        assert_eq!(dollars(0.25), "$0.25");
+        assert_eq!(dollars(0.000175), "$0.000175");
+        assert_eq!(dollars(0.0), "$0");
     }
 
     #[test]

@@ -101,6 +101,9 @@ pub struct JobSpec {
     /// false`), which repeats findings said before.
     #[serde(default)]
     pub review_full: bool,
+    /// What one run may spend, in US dollars (`[job] budget_usd`).
+    #[serde(default)]
+    pub budget_usd: Option<f64>,
 }
 
 /// Stands for `{{ review.diff }}` in a rendered prompt until the engine,
@@ -509,6 +512,7 @@ impl RuleSet {
             reply_to: event.thread.as_ref().map(|t| t.root),
             review_since,
             review_full,
+            budget_usd: t.job.budget_usd,
         });
         match approval {
             Some(reason) => Verdict::NeedsApproval { spec, reason },

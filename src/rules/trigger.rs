@@ -200,6 +200,7 @@ struct JobFile {
     cancel_in_progress: Option<Spanned<bool>>,
     skills: Option<Vec<Spanned<String>>>,
     max_repairs_per_pr: Option<Spanned<u32>>,
+    budget_usd: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -285,6 +286,8 @@ pub struct JobTemplate {
     pub skills: Vec<(String, String)>,
     /// `push` answering a failed check: baton's pushes per PR, at most.
     pub max_repairs_per_pr: u32,
+    /// What one run may spend, in US dollars.
+    pub budget_usd: Option<f64>,
 }
 
 impl Trigger {
@@ -549,6 +552,10 @@ pub fn compile(
             errors.push(at(first.span(), "`notify_on` needs `notify` naming where to send".into()));
         }
     }
+    let budget = file.job.get_ref().budget_usd.as_ref();
+    if let Some(b) = budget.filter(|b| !(b.get_ref().is_finite() && *b.get_ref() > 0.0)) {
+        errors.push(at(b.span(), "budget_usd must be a positive amount of US dollars".into()));
+    }
     let repairs = file.job.get_ref().max_repairs_per_pr.as_ref();
     if let (Some(r), false) = (repairs, output == OutputKind::Push) {
         errors.push(at(r.span(), "`max_repairs_per_pr` counts pushes: it needs [output] kind = \"push\"".into()));
@@ -658,6 +665,7 @@ pub fn compile(
             on_conflict,
             skills,
             max_repairs_per_pr: repairs.map(|r| *r.get_ref()).unwrap_or(DEFAULT_MAX_REPAIRS),
+            budget_usd: budget.map(|b| *b.get_ref()),
         },
         output,
         output_options,

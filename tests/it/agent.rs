@@ -42,6 +42,7 @@ async fn run(def: &AgentDef, prompt: &str, cap: u64) -> (Ending, Result<String, 
         cancel: &cancel,
         on_spawn: None,
         confine: None,
+        budget: None,
     };
     let r = inv.run().await.expect("agent runs");
     let result = inv.result(&r).await;

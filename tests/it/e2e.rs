@@ -630,3 +630,27 @@ async fn an_agent_reports_its_usage_in_the_usage_file_and_attempts_add_up() {
     assert!(page.as_str().unwrap_or_default().contains("2.0k tokens in, 400 out, $0.00"), "the dashboard shows it");
     assert!(final_comment(&fake, &id).await.contains("2.0k tokens in, 400 out, $0.00"), "and the comment's footer");
 }
+
+/// `[job] budget_usd`: for a CLI without a cap of its own baton reads the
+/// use the agent reports as it goes and stops it past the budget; the job
+/// fails saying so, and is not retried.
+#[tokio::test]
+async fn a_run_past_its_budget_is_stopped_and_fails_saying_so() {
+    let fake = FakeGitHub::start().await;
+    // Reports ten cents more every tenth of a second, for ever.
+    let agent = "#!/bin/sh\ncat > /dev/null\nn=0\nwhile true; do n=$((n + 1))\n\
+                 printf '{\"usage\": {\"input_tokens\": %d, \"cost_usd\": 0.%d}}' $((n * 100)) $n > \"$BATON_USAGE_FILE.tmp\"\n\
+                 mv \"$BATON_USAGE_FILE.tmp\" \"$BATON_USAGE_FILE\"\nsleep 0.1\ndone\n";
+    let (w, _) = setup(&fake, agent, "", "budget_usd = 0.25\nattempts = 3");
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver_issue(&baton, "budget-1").await;
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    let spent: f64 = error.strip_prefix("budget of $0.25 reached after $").and_then(|s| s.parse().ok()).unwrap_or(-1.0);
+    // Stopped within a few of its reports of passing the budget.
+    assert!((0.25..1.0).contains(&spent), "{error}");
+    assert_eq!(job["attempts"], 1, "a budget is not retried");
+    assert_eq!(job["history"][0]["outcome"], "budget");
+    assert!(final_comment(&fake, &id).await.contains("budget of $0.25 reached"), "the comment says so");
+}

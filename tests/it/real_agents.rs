@@ -364,3 +364,28 @@ async fn claude_reviews_a_pull_request_line_by_line() {
     assert_eq!((comments[0]["path"].as_str(), comments[0]["line"].as_u64()), (Some("src/lib.rs"), Some(3)));
     assert_eq!(comments[0]["body"], "Called twice.\n\n```suggestion\n    new();\n```");
 }
+
+/// `[job] budget_usd` with the real Claude Code: baton passes it as the
+/// CLI's own `--max-budget-usd`, the CLI stops past it (the scripted model's
+/// first answer costs more), and the job fails saying so.
+#[tokio::test]
+async fn claude_stops_at_the_jobs_budget() {
+    let cli = cli_dir("claude", "@anthropic-ai/claude-code@2.1.197");
+    let model = FakeModel::start(Api::Messages, "Claude wrote the proof file.", "edited by claude").await;
+    let keys = format!("model = \"claude-fake\"\nmax_turns = 5\nbase_url = \"{}\"", model.url);
+    let env = [("ANTHROPIC_API_KEY", "sk-ant-fake-key"), ("CLAUDE_CODE_MAX_RETRIES", "0")];
+    let fake = FakeGitHub::start().await;
+    let trigger = "on = [\"issues.opened\"]\n[job]\nagent = \"claude\"\nworkspace = \"default-branch\"\n\
+                   prompt = \"Fix it.\"\nbudget_usd = 0.0001\n[output]\nkind = \"comment\"\n";
+    let (_w, baton) = daemon(&fake, "claude", &keys, &env, &cli, trigger);
+    let (status, answer) = baton.deliver(SECRET, "issues", "budget-1", &fixture("issues/opened.payload.json")).await;
+    assert_eq!(status, 202, "{answer}");
+    let job = baton.finished(answer["jobs"][0].as_str().unwrap()).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["error"], "budget of $0.0001 reached after $0.000175", "{job}");
+    assert_eq!(job["history"][0]["outcome"], "budget");
+    // What the one answer cost, as the CLI counted it.
+    assert_eq!((job["usage"]["input_tokens"].as_u64(), job["usage"]["output_tokens"].as_u64()), (Some(10), Some(5)));
+    let argv = model.requests().len();
+    assert_eq!(argv, 1, "the CLI stopped after the answer that passed the budget");
+}
