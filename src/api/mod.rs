@@ -154,7 +154,16 @@ async fn list_jobs(State(s): State<Api>, Query(q): Query<HashMap<String, String>
         Ok(jobs) => {
             // A full page may have more behind it: `next` resumes after its last job.
             let next = (jobs.len() == limit).then(|| jobs.last().map(|j| j.seq.to_string())).flatten();
-            Json(json!({ "jobs": jobs, "next": next })).into_response()
+            let mut answer = json!({ "jobs": jobs, "next": next });
+            // One delivery's page also says what it matched but skipped
+            // (rate limits, cooldowns, budgets), and why.
+            if let Some(id) = &query.delivery {
+                match s.store.delivery(id).await {
+                    Ok(d) => answer["skipped"] = json!(d.map(|d| d.skipped).unwrap_or_default()),
+                    Err(e) => return store_error(e),
+                }
+            }
+            Json(answer).into_response()
         }
         Err(e) => store_error(e),
     }

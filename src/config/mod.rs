@@ -197,6 +197,10 @@ pub struct Limits {
     /// (every third of it): a replica that dies has its jobs taken back by
     /// the others this long after.
     pub job_lease: Duration,
+    /// What all agents, and each repository's, may spend in a rolling day
+    /// (US dollars); a match over it is skipped.
+    pub daily_budget_usd: Option<f64>,
+    pub daily_budget_per_repo_usd: Option<f64>,
 }
 
 /// A secret value. Its only accessor says what it does; `Debug` never shows it.
@@ -400,6 +404,8 @@ struct RawLimits {
     max_parallel_per_repo: Option<Spanned<usize>>,
     max_chain_depth: Option<u32>,
     job_lease: Option<HumanDuration>,
+    daily_budget_usd: Option<Spanned<f64>>,
+    daily_budget_per_repo_usd: Option<Spanned<f64>>,
 }
 
 impl Config {
@@ -515,6 +521,16 @@ impl Config {
             }
             Some(n) => *n.get_ref(),
         };
+        // A budget in US dollars: positive, or an error where it is written.
+        let amount = |v: &Option<Spanned<f64>>, key: &str, errors: &mut Vec<Diagnostic>| {
+            let v = v.as_ref()?;
+            if v.get_ref().is_finite() && *v.get_ref() > 0.0 {
+                Some(*v.get_ref())
+            } else {
+                errors.push(at(v.span(), format!("{key} must be a positive amount of US dollars")));
+                None
+            }
+        };
         let max_in_flight = positive(&raw.server.max_in_flight, 512, &mut errors);
         let max_streams = positive(&raw.server.max_streams, 64, &mut errors);
         let max_buffered_bytes = match &raw.server.max_buffered_bytes {
@@ -533,6 +549,12 @@ impl Config {
             max_parallel_per_repo: positive(&raw.limits.max_parallel_per_repo, 2, &mut errors),
             max_chain_depth: raw.limits.max_chain_depth.unwrap_or(3),
             job_lease: raw.limits.job_lease.map(|d| d.0).filter(|d| !d.is_zero()).unwrap_or(Duration::from_secs(60)),
+            daily_budget_usd: amount(&raw.limits.daily_budget_usd, "limits.daily_budget_usd", &mut errors),
+            daily_budget_per_repo_usd: amount(
+                &raw.limits.daily_budget_per_repo_usd,
+                "limits.daily_budget_per_repo_usd",
+                &mut errors,
+            ),
         };
 
         let sandboxed = raw.sandbox.enabled.unwrap_or(true);

@@ -96,6 +96,7 @@ impl AdmitView {
                 w.jobs.insert(job.id.clone());
                 w.groups.extend(job.spec.concurrency.clone());
                 w.throttles.extend(throttle_keys(&job.spec));
+                w.throttles.extend(budget_keys(&job.spec).into_iter().filter(|b| b.cap.is_some()).map(|b| b.key));
             }
             w.subjects.extend(a.held.iter().map(|(s, _)| s.clone()));
         }
@@ -120,6 +121,80 @@ pub fn throttle_keys(spec: &JobSpec) -> Vec<String> {
         keys.push(format!("cool\u{1f}{}\u{1f}{repo}\u{1f}{subject}", spec.trigger));
     }
     keys
+}
+
+/// Spending is kept by the hour, in the throttle records: `[hour, micro
+/// dollars, hour, micro dollars, …]`, the last day's hours only.
+const SPEND_HOURS: i64 = 24;
+
+/// One rolling day's spending a job counts against, and its cap.
+pub struct BudgetKey {
+    pub key: String,
+    pub cap: Option<f64>,
+    /// Whose budget, for the reason a match is skipped.
+    pub whose: String,
+}
+
+/// Every job's spending counts in three: all agents', its trigger's and
+/// its repository's (whether or not a cap is set yet).
+pub fn budget_keys(spec: &JobSpec) -> Vec<BudgetKey> {
+    let repo = spec.repo.as_deref().unwrap_or("");
+    let b = spec.daily_budgets;
+    vec![
+        BudgetKey { key: "spend\u{1f}all".into(), cap: b.all, whose: "all agents' (limits.daily_budget_usd)".into() },
+        BudgetKey {
+            key: format!("spend\u{1f}trigger\u{1f}{}", spec.trigger),
+            cap: b.trigger,
+            whose: format!("trigger {}'s (job.daily_budget_usd)", spec.trigger),
+        },
+        BudgetKey {
+            key: format!("spend\u{1f}repo\u{1f}{repo}"),
+            cap: b.repo,
+            whose: format!("{repo}'s (limits.daily_budget_per_repo_usd)"),
+        },
+    ]
+}
+
+fn hour_of(now: DateTime<Utc>) -> i64 {
+    now.timestamp().div_euclid(3600)
+}
+
+/// What `buckets` hold for the rolling day up to `now` (this hour and the
+/// 23 before it), in US dollars.
+pub fn spent(buckets: &[i64], now: DateTime<Utc>) -> f64 {
+    let since = hour_of(now) - SPEND_HOURS;
+    buckets.chunks_exact(2).filter(|b| b[0] > since).map(|b| b[1] as f64 / 1e6).sum()
+}
+
+/// What recording `usd` spent at `now` writes, given the buckets stored.
+pub fn spend(stored: &HashMap<String, Vec<i64>>, spec: &JobSpec, usd: f64, now: DateTime<Utc>) -> Plan {
+    let (hour, micro) = (hour_of(now), (usd * 1e6).round().max(0.0) as i64);
+    budget_keys(spec)
+        .into_iter()
+        .map(|b| {
+            let mut runs: Vec<i64> = stored
+                .get(&b.key)
+                .map(|r| r.chunks_exact(2).filter(|x| x[0] > hour - SPEND_HOURS).flatten().copied().collect())
+                .unwrap_or_default();
+            match runs.len().checked_sub(2) {
+                Some(at) if runs[at] == hour => runs[at + 1] += micro,
+                _ => runs.extend([hour, micro]),
+            }
+            Write::Throttle { key: b.key, runs }
+        })
+        .collect()
+}
+
+/// Why a job may not start: a rolling day's budget it counts against is
+/// spent.
+fn over_budget(throttles: &HashMap<String, Vec<i64>>, spec: &JobSpec, now: DateTime<Utc>) -> Option<String> {
+    budget_keys(spec).into_iter().find_map(|b| {
+        let cap = b.cap?;
+        let so_far = spent(throttles.get(&b.key).map(Vec::as_slice).unwrap_or_default(), now);
+        let (cap_text, spent_text) = (super::dollars(cap), super::dollars(so_far));
+        (so_far >= cap)
+            .then(|| format!("daily budget: {} {cap_text} is spent ({spent_text} in the last 24 h)", b.whose))
+    })
 }
 
 /// Applies a trigger's `max_runs_per_hour` (per repository) and `cooldown`
@@ -226,6 +301,10 @@ pub fn admit(view: &mut AdmitView, a: &Admission) -> (Accepted, Plan) {
     }
     let mut record = a.delivery.clone();
     for job in &a.jobs {
+        if let Some(reason) = over_budget(&view.throttles, &job.spec, a.now) {
+            record.skipped.push(Skipped { trigger: job.trigger.clone(), reason });
+            continue;
+        }
         match throttle(&view.throttles, &job.spec, a.now) {
             Err(reason) => {
                 record.skipped.push(Skipped { trigger: job.trigger.clone(), reason });
@@ -300,6 +379,43 @@ mod tests {
 
     fn delivery(id: &str, jobs: Vec<Job>, secs: i64) -> Admission {
         Admission { delivery: Delivery::new(id, "github", "issues.opened"), jobs, held: Vec::new(), now: at(secs) }
+    }
+
+    /// Spending is counted by the hour for a rolling day, in all three
+    /// scopes; a match whose budget is spent is skipped saying whose.
+    #[test]
+    fn daily_budgets_count_a_rolling_day_and_skip_past_them() {
+        let capped = JobSpec {
+            daily_budgets: crate::rules::DailyBudgets { trigger: Some(1.0), ..Default::default() },
+            ..spec("t")
+        };
+        let mut stored: HashMap<String, Vec<i64>> = HashMap::new();
+        // 0.6 at hour 0, 0.3 later in that hour, 0.2 a day and an hour later.
+        for (secs, usd) in [(0, 0.6), (1800, 0.3), (25 * 3600, 0.2)] {
+            for w in spend(&stored, &capped, usd, at(secs)) {
+                if let Write::Throttle { key, runs } = w {
+                    stored.insert(key, runs);
+                }
+            }
+        }
+        let hour = at(0).timestamp().div_euclid(3600);
+        let trigger = stored.get("spend\u{1f}trigger\u{1f}t").cloned().unwrap_or_default();
+        assert_eq!(trigger, vec![hour + 25, 200_000], "the day-old hour is gone");
+        assert_eq!(stored.len(), 3, "all agents', the trigger's and the repository's");
+        assert!((spent(&[hour, 900_000], at(1800)) - 0.9).abs() < 1e-9);
+
+        let mut view = AdmitView { throttles: stored.clone(), ..AdmitView::default() };
+        view.throttles.insert("spend\u{1f}trigger\u{1f}t".into(), vec![hour, 1_000_000]);
+        let (accepted, _) = admit(&mut view, &delivery("d1", vec![job("j1", 1, capped.clone())], 60));
+        let Accepted::New(ad) = accepted else { panic!("stored") };
+        assert!(ad.jobs.is_empty());
+        assert_eq!(
+            ad.skipped[0].reason,
+            "daily budget: trigger t's (job.daily_budget_usd) $1.00 is spent ($1.00 in the last 24 h)"
+        );
+        // A day later the same spending no longer counts.
+        let (accepted, _) = admit(&mut view, &delivery("d2", vec![job("j2", 2, capped)], 24 * 3600));
+        assert!(matches!(accepted, Accepted::New(ad) if ad.jobs == ["j2"]));
     }
 
     /// Admits `batch` in order against `view`; renders each answer and plan.

@@ -179,6 +179,17 @@ impl Usage {
     }
 }
 
+/// US dollars as people read them: cents from a dollar up, else as many
+/// digits as it takes (`$0.000175`).
+pub fn dollars(usd: f64) -> String {
+    if usd >= 1.0 {
+        format!("${usd:.2}")
+    } else {
+        let s = format!("{usd:.6}");
+        format!("${}", s.trim_end_matches('0').trim_end_matches('.'))
+    }
+}
+
 /// Phase timings of one attempt (milliseconds; absent when not reached).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Phases {
@@ -515,6 +526,18 @@ impl Publication {
             url: self.url.clone(),
             error: self.last_error.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod dollar_tests {
+    #[test]
+    fn dollars_read_as_people_write_them() {
+        use super::dollars;
+        assert_eq!(dollars(2.0134), "$2.01");
+        assert_eq!(dollars(0.25), "$0.25");
+        assert_eq!(dollars(0.000175), "$0.000175");
+        assert_eq!(dollars(0.0), "$0");
     }
 }
 

@@ -753,6 +753,11 @@ impl Engine {
             let model = used.model.clone().or(agent.model.clone());
             let used = usage::priced(used, model.as_deref().and_then(|m| self.config.prices.get(m)));
             self.metrics.usage(&job.trigger, &agent.name, &used);
+            if let Some(usd) = used.cost_usd.filter(|c| *c > 0.0) {
+                if let Err(e) = self.store.record_spend(spec, usd).await {
+                    tracing::error!(error = %e, "Could not count what the run spent against the daily budgets.");
+                }
+            }
             report.usage = Some(used);
         }
         if let Some(hit) = run.limit {
@@ -764,8 +769,8 @@ impl Engine {
             if run.ending == Ending::OverBudget
                 || (spent.is_some_and(|s| s >= b.usd) && run.ending != Ending::Exited(Some(0)))
             {
-                let spent = spent.map(usage::dollars).unwrap_or_else(|| "an unknown amount".into());
-                let why = format!("budget of {} reached after {spent}", usage::dollars(b.usd));
+                let spent = spent.map(crate::domain::dollars).unwrap_or_else(|| "an unknown amount".into());
+                let why = format!("budget of {} reached after {spent}", crate::domain::dollars(b.usd));
                 return failed(Outcome::Budget, run_code(&run), why, false);
             }
         }

@@ -81,17 +81,6 @@ fn claude(v: &Value) -> Option<Usage> {
     })
 }
 
-/// US dollars as people read them: cents from a dollar up, else as many
-/// digits as it takes (`$0.000175`).
-pub fn dollars(usd: f64) -> String {
-    if usd >= 1.0 {
-        format!("${usd:.2}")
-    } else {
-        let s = format!("{usd:.6}");
-        format!("${}", s.trim_end_matches('0').trim_end_matches('.'))
-    }
-}
-
 /// Every `{"type": "turn.completed", "usage": {"input_tokens",
 /// "cached_input_tokens", "output_tokens"}}` line, added up.
 fn codex(stdout: &str) -> Option<Usage> {
@@ -217,14 +206,6 @@ mod tests {
             Some("{\"usage\": {\"cost_usd\": -1}}"),
             "in=0 out=0 cached=0 cost=None turns=None model=None",
         );
-    }
-
-    #[test]
-    fn dollars_read_as_people_write_them() {
-        assert_eq!(dollars(2.0134), "$2.01");
-        assert_eq!(dollars(0.25), "$0.25");
-        assert_eq!(dollars(0.000175), "$0.000175");
-        assert_eq!(dollars(0.0), "$0");
     }
 
     #[test]

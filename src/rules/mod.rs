@@ -104,6 +104,20 @@ pub struct JobSpec {
     /// What one run may spend, in US dollars (`[job] budget_usd`).
     #[serde(default)]
     pub budget_usd: Option<f64>,
+    /// What may be spent in a rolling day, past which a match is skipped.
+    #[serde(default)]
+    pub daily_budgets: DailyBudgets,
+}
+
+/// Caps on spending over a rolling day (US dollars), fixed at match time:
+/// all agents (`[limits] daily_budget_usd`), this trigger's jobs (`[job]
+/// daily_budget_usd`), this repository's (`[limits]
+/// daily_budget_per_repo_usd`).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct DailyBudgets {
+    pub all: Option<f64>,
+    pub trigger: Option<f64>,
+    pub repo: Option<f64>,
 }
 
 /// Stands for `{{ review.diff }}` in a rendered prompt until the engine,
@@ -186,6 +200,8 @@ pub struct RuleSet {
     by_kind: HashMap<String, Vec<usize>>,
     env: Environment<'static>,
     bot_login: String,
+    /// The configuration's caps on a rolling day's spending.
+    daily_budgets: DailyBudgets,
 }
 
 impl std::fmt::Debug for RuleSet {
@@ -245,7 +261,12 @@ impl RuleSet {
                 }
             }
         }
-        RuleSet { triggers, by_kind, env, bot_login: config.github.bot_login.clone() }
+        let daily_budgets = DailyBudgets {
+            all: config.limits.daily_budget_usd,
+            trigger: None,
+            repo: config.limits.daily_budget_per_repo_usd,
+        };
+        RuleSet { triggers, by_kind, env, bot_login: config.github.bot_login.clone(), daily_budgets }
     }
 
     pub fn triggers(&self) -> &[Trigger] {
@@ -513,6 +534,7 @@ impl RuleSet {
             review_since,
             review_full,
             budget_usd: t.job.budget_usd,
+            daily_budgets: DailyBudgets { trigger: t.job.daily_budget_usd, ..self.daily_budgets },
         });
         match approval {
             Some(reason) => Verdict::NeedsApproval { spec, reason },

@@ -201,6 +201,7 @@ struct JobFile {
     skills: Option<Vec<Spanned<String>>>,
     max_repairs_per_pr: Option<Spanned<u32>>,
     budget_usd: Option<Spanned<f64>>,
+    daily_budget_usd: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -288,6 +289,8 @@ pub struct JobTemplate {
     pub max_repairs_per_pr: u32,
     /// What one run may spend, in US dollars.
     pub budget_usd: Option<f64>,
+    /// What this trigger's jobs may spend in a rolling day.
+    pub daily_budget_usd: Option<f64>,
 }
 
 impl Trigger {
@@ -553,8 +556,11 @@ pub fn compile(
         }
     }
     let budget = file.job.get_ref().budget_usd.as_ref();
-    if let Some(b) = budget.filter(|b| !(b.get_ref().is_finite() && *b.get_ref() > 0.0)) {
-        errors.push(at(b.span(), "budget_usd must be a positive amount of US dollars".into()));
+    let daily = file.job.get_ref().daily_budget_usd.as_ref();
+    for (key, b) in [("budget_usd", budget), ("daily_budget_usd", daily)] {
+        if let Some(b) = b.filter(|b| !(b.get_ref().is_finite() && *b.get_ref() > 0.0)) {
+            errors.push(at(b.span(), format!("{key} must be a positive amount of US dollars")));
+        }
     }
     let repairs = file.job.get_ref().max_repairs_per_pr.as_ref();
     if let (Some(r), false) = (repairs, output == OutputKind::Push) {
@@ -666,6 +672,7 @@ pub fn compile(
             skills,
             max_repairs_per_pr: repairs.map(|r| *r.get_ref()).unwrap_or(DEFAULT_MAX_REPAIRS),
             budget_usd: budget.map(|b| *b.get_ref()),
+            daily_budget_usd: daily.map(|b| *b.get_ref()),
         },
         output,
         output_options,

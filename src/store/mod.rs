@@ -393,6 +393,13 @@ impl Store {
         on!(self, b => b.pr_head(repo, number), b.pr_head(repo, number).await)
     }
 
+    /// Counts `usd` an attempt of a `spec` job spent, against the rolling
+    /// day's budgets (all agents', its trigger's, its repository's).
+    pub async fn record_spend(&self, spec: &JobSpec, usd: f64) -> Result<(), StoreError> {
+        let now = Utc::now();
+        on!(self, b => b.record_spend(spec, usd, now).await, b.record_spend(spec, usd, now).await)
+    }
+
     /// What baton remembers under `key` between jobs (see `Note`).
     pub async fn note(&self, key: &Note) -> Result<Option<serde_json::Value>, StoreError> {
         let key = key.to_string();

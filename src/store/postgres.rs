@@ -808,6 +808,38 @@ impl PgStore {
         )
     }
 
+    pub async fn record_spend(
+        &self,
+        spec: &crate::rules::JobSpec,
+        usd: f64,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let keys: Vec<String> = admission::budget_keys(spec).into_iter().map(|b| b.key).collect();
+        retrying!(
+            async {
+                let mut tx = self.pool.begin().await.map_err(pg)?;
+                sqlx::query("INSERT INTO throttles (key, runs) SELECT unnest($1::text[]), '[]' ON CONFLICT DO NOTHING")
+                    .bind(&keys)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(pg)?;
+                let rows = sqlx::query("SELECT key, runs FROM throttles WHERE key = ANY($1) ORDER BY key FOR UPDATE")
+                    .bind(&keys)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(pg)?;
+                let mut stored = HashMap::new();
+                for row in rows {
+                    let Json(runs): Json<Vec<i64>> = row.try_get(1).map_err(pg)?;
+                    stored.insert(row.try_get::<String, _>(0).map_err(pg)?, runs);
+                }
+                self.apply(&mut tx, &admission::spend(&stored, spec, usd, now), Duration::ZERO).await?;
+                tx.commit().await.map_err(pg)
+            }
+            .await
+        )
+    }
+
     pub async fn start_publications(&self, job: &Job, publications: &[Publication]) -> Result<(), StoreError> {
         retrying!(
             async {

@@ -585,6 +585,24 @@ impl SledStore {
         self.flush().await
     }
 
+    pub async fn record_spend(
+        &self,
+        spec: &crate::rules::JobSpec,
+        usd: f64,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), StoreError> {
+        self.t.transaction(|tx| {
+            let mut stored = std::collections::HashMap::new();
+            for b in admission::budget_keys(spec) {
+                if let Some(runs) = tx.get::<Vec<i64>>(T::Throttle, b.key.as_bytes())? {
+                    stored.insert(b.key, runs);
+                }
+            }
+            tx.apply(&admission::spend(&stored, spec, usd, now), Duration::ZERO)
+        })?;
+        self.flush().await
+    }
+
     pub async fn finish(&self, job: &Job, publications: &[Publication]) -> Result<(), StoreError> {
         self.t.transaction(|tx| {
             let stored = tx.get::<Job>(T::Jobs, job.id.as_bytes())?;

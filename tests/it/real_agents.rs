@@ -389,3 +389,34 @@ async fn claude_stops_at_the_jobs_budget() {
     let argv = model.requests().len();
     assert_eq!(argv, 1, "the CLI stopped after the answer that passed the budget");
 }
+
+/// `[job] daily_budget_usd`: the real Claude Code's first job spends what
+/// the scripted model's answers cost; that passes the trigger's budget for
+/// the day, so the next match is skipped with the reason, in the 202 and
+/// on its delivery.
+#[tokio::test]
+async fn a_spent_daily_budget_skips_the_next_job() {
+    let cli = cli_dir("claude", "@anthropic-ai/claude-code@2.1.197");
+    let model = FakeModel::start(Api::Messages, "Claude wrote the proof file.", "edited by claude").await;
+    let keys = format!("model = \"claude-fake\"\nmax_turns = 5\nbase_url = \"{}\"", model.url);
+    let env = [("ANTHROPIC_API_KEY", "sk-ant-fake-key"), ("CLAUDE_CODE_MAX_RETRIES", "0")];
+    let fake = FakeGitHub::start().await;
+    let trigger = "on = [\"issues.opened\"]\n[job]\nagent = \"claude\"\nworkspace = \"default-branch\"\n\
+                   prompt = \"Fix it.\"\ndaily_budget_usd = 0.0003\n[output]\nkind = \"comment\"\n";
+    let (_w, baton) = daemon(&fake, "claude", &keys, &env, &cli, trigger);
+    let first = job_of(&baton, "issues", &fixture("issues/opened.payload.json")).await;
+    let cost = first["usage"]["cost_usd"].as_f64().expect("the CLI's cost");
+    assert!(cost > 0.0003, "the first job spends past the budget: {cost}");
+
+    let (status, answer) =
+        baton.deliver(SECRET, "issues", "real-agent-2", &fixture("issues/opened.payload.json")).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["jobs"], serde_json::json!([]), "{answer}");
+    let reason = answer["skipped"][0]["reason"].as_str().unwrap_or_default();
+    assert_eq!(
+        reason,
+        format!("daily budget: trigger work's (job.daily_budget_usd) $0.0003 is spent (${cost} in the last 24 h)")
+    );
+    let (_, listed) = baton.get("/api/jobs?delivery=real-agent-2").await;
+    assert_eq!(listed["skipped"][0]["reason"], reason, "{listed}");
+}

@@ -244,3 +244,28 @@ async fn a_lease_lapses_unless_renewed() {
     store.renew_lease(&job.id, std::time::Duration::ZERO).await.unwrap();
     assert!(store.expired_leases(LEASE).await.unwrap().is_empty());
 }
+
+/// What runs spend is counted against the rolling day's budgets in the
+/// store (both backends): under a cap a match is admitted, past it skipped,
+/// and a repository's spending does not count against another's.
+#[tokio::test]
+async fn spending_past_a_daily_budget_skips_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::harness::open_store(dir.path()).await;
+    let capped = |repo: &str| JobSpec {
+        repo: Some(repo.into()),
+        daily_budgets: baton::rules::DailyBudgets { repo: Some(1.0), ..Default::default() },
+        ..spec("t")
+    };
+    store.record_spend(&capped("a/b"), 0.6).await.unwrap();
+    let first = store.accept(delivery("b1", Duration::zero()), vec![capped("a/b")]).await.unwrap();
+    assert!(matches!(first, Accepted::New(ref a) if a.jobs.len() == 1), "{first:?}");
+    store.record_spend(&capped("a/b"), 0.5).await.unwrap();
+    let second = store.accept(delivery("b2", Duration::zero()), vec![capped("a/b")]).await.unwrap();
+    let Accepted::New(Admitted { jobs, skipped }) = second else { panic!("stored: {second:?}") };
+    assert!(jobs.is_empty());
+    assert_eq!(skipped[0].reason, "daily budget: a/b's (limits.daily_budget_per_repo_usd) $1.00 is spent ($1.10 in the last 24 h)");
+    let other = store.accept(delivery("b3", Duration::zero()), vec![capped("c/d")]).await.unwrap();
+    assert!(matches!(other, Accepted::New(ref a) if a.jobs.len() == 1), "{other:?}");
+    assert_eq!(store.delivery("b2").await.unwrap().map(|d| d.skipped.len()), Some(1), "kept on the delivery");
+}
