@@ -55,8 +55,8 @@ pub enum Ending {
 #[derive(Debug, Clone)]
 pub struct Budget {
     pub usd: f64,
-    /// For a CLI that reports tokens but no cost.
-    pub price: Option<crate::config::Price>,
+    /// For a CLI that reports tokens but no cost (`[prices]`).
+    pub prices: std::sync::Arc<std::collections::BTreeMap<String, crate::config::Price>>,
 }
 
 /// How often baton reads a running agent's reported use.
@@ -177,7 +177,7 @@ impl Invocation<'_> {
             .await
             .unwrap_or_default();
             let used = super::usage::read(self.agent.usage, &text, file.as_deref())
-                .map(|u| super::usage::priced(u, budget.price.as_ref()));
+                .map(|u| super::usage::priced_by(u, self.agent.model.as_deref(), &budget.prices));
             if used.and_then(|u| u.cost_usd).is_some_and(|c| c >= budget.usd) {
                 return;
             }

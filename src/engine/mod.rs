@@ -722,10 +722,8 @@ impl Engine {
             });
         };
         let io = dir.join("io");
-        let budget = spec.budget_usd.map(|usd| agent::Budget {
-            usd,
-            price: agent.model.as_deref().and_then(|m| self.config.prices.get(m)).cloned(),
-        });
+        let budget =
+            spec.budget_usd.map(|usd| agent::Budget { usd, prices: std::sync::Arc::new(self.config.prices.clone()) });
         let inv = Invocation {
             agent,
             prompt,
@@ -750,8 +748,7 @@ impl Engine {
         };
         report.egress_blocked.extend(run.egress_blocked.iter().cloned());
         if let Some(used) = inv.usage(&run).await {
-            let model = used.model.clone().or(agent.model.clone());
-            let used = usage::priced(used, model.as_deref().and_then(|m| self.config.prices.get(m)));
+            let used = usage::priced_by(used, agent.model.as_deref(), &self.config.prices);
             self.metrics.usage(&job.trigger, &agent.name, &used);
             if let Some(usd) = used.cost_usd.filter(|c| *c > 0.0) {
                 if let Err(e) = self.store.record_spend(spec, usd).await {

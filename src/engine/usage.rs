@@ -5,6 +5,8 @@
 //! in `$BATON_USAGE_FILE`. A cost the CLI does not report comes from the
 //! configured price table. Pure: the engine hands in the output.
 
+use std::collections::BTreeMap;
+
 use serde_json::Value;
 
 use crate::config::{Price, UsageFormat};
@@ -20,6 +22,14 @@ pub fn read(format: UsageFormat, stdout: &str, file: Option<&str>) -> Option<Usa
         UsageFormat::Gemini => last_object(stdout).and_then(|v| gemini(&v)),
     };
     from_cli.or_else(|| file.and_then(|f| serde_json::from_str::<Value>(f).ok()).and_then(|v| generic(&v["usage"])))
+}
+
+/// Fills in the cost from the price table when the CLI gave none: the
+/// price of the model the CLI named, else of the agent's `model`.
+pub fn priced_by(usage: Usage, agent_model: Option<&str>, prices: &BTreeMap<String, Price>) -> Usage {
+    let model = usage.model.clone();
+    let price = model.as_deref().or(agent_model).and_then(|m| prices.get(m));
+    priced(usage, price)
 }
 
 /// Fills in the cost from `price` when the CLI gave none.

@@ -264,7 +264,10 @@ async fn spending_past_a_daily_budget_skips_matches() {
     let second = store.accept(delivery("b2", Duration::zero()), vec![capped("a/b")]).await.unwrap();
     let Accepted::New(Admitted { jobs, skipped }) = second else { panic!("stored: {second:?}") };
     assert!(jobs.is_empty());
-    assert_eq!(skipped[0].reason, "daily budget: a/b's (limits.daily_budget_per_repo_usd) $1.00 is spent ($1.10 in the last 24 h)");
+    assert_eq!(
+        skipped[0].reason,
+        "daily budget: a/b's (limits.daily_budget_per_repo_usd) $1.00 is spent ($1.10 in the last 24 h)"
+    );
     let other = store.accept(delivery("b3", Duration::zero()), vec![capped("c/d")]).await.unwrap();
     assert!(matches!(other, Accepted::New(ref a) if a.jobs.len() == 1), "{other:?}");
     assert_eq!(store.delivery("b2").await.unwrap().map(|d| d.skipped.len()), Some(1), "kept on the delivery");
