@@ -200,22 +200,7 @@ impl PgStore {
         let groups: Vec<String> = wanted.groups.iter().cloned().collect();
         view.groups = lock_groups(&mut tx, &groups).await?;
         let keys: Vec<String> = wanted.throttles.iter().cloned().collect();
-        if !keys.is_empty() {
-            sqlx::query("INSERT INTO throttles (key, runs) SELECT unnest($1::text[]), '[]' ON CONFLICT DO NOTHING")
-                .bind(&keys)
-                .execute(&mut *tx)
-                .await
-                .map_err(pg)?;
-            let rows = sqlx::query("SELECT key, runs FROM throttles WHERE key = ANY($1) ORDER BY key FOR UPDATE")
-                .bind(&keys)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(pg)?;
-            for row in rows {
-                let Json(runs): Json<Vec<i64>> = row.try_get(1).map_err(pg)?;
-                view.throttles.insert(row.try_get(0).map_err(pg)?, runs);
-            }
-        }
+        view.throttles = lock_throttles(&mut tx, &keys).await?;
         let subjects: Vec<String> = wanted.subjects.iter().cloned().collect();
         if !subjects.is_empty() {
             let rows =
@@ -818,21 +803,7 @@ impl PgStore {
         retrying!(
             async {
                 let mut tx = self.pool.begin().await.map_err(pg)?;
-                sqlx::query("INSERT INTO throttles (key, runs) SELECT unnest($1::text[]), '[]' ON CONFLICT DO NOTHING")
-                    .bind(&keys)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(pg)?;
-                let rows = sqlx::query("SELECT key, runs FROM throttles WHERE key = ANY($1) ORDER BY key FOR UPDATE")
-                    .bind(&keys)
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(pg)?;
-                let mut stored = HashMap::new();
-                for row in rows {
-                    let Json(runs): Json<Vec<i64>> = row.try_get(1).map_err(pg)?;
-                    stored.insert(row.try_get::<String, _>(0).map_err(pg)?, runs);
-                }
+                let stored = lock_throttles(&mut tx, &keys).await?;
                 self.apply(&mut tx, &admission::spend(&stored, spec, usd, now), Duration::ZERO).await?;
                 tx.commit().await.map_err(pg)
             }
@@ -1268,6 +1239,33 @@ async fn migrate(pool: &PgPool, schema: Option<&str>) -> Result<(), StoreError> 
     .await;
     let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(MIGRATE_LOCK).execute(&mut *conn).await;
     result
+}
+
+/// The throttle records named (runs, cooldowns, spending), created if
+/// missing and locked (in key order).
+async fn lock_throttles(
+    tx: &mut Transaction<'_, Postgres>,
+    keys: &[String],
+) -> Result<HashMap<String, Vec<i64>>, StoreError> {
+    let mut out = HashMap::new();
+    if keys.is_empty() {
+        return Ok(out);
+    }
+    sqlx::query("INSERT INTO throttles (key, runs) SELECT unnest($1::text[]), '[]' ON CONFLICT DO NOTHING")
+        .bind(keys)
+        .execute(&mut **tx)
+        .await
+        .map_err(pg)?;
+    let rows = sqlx::query("SELECT key, runs FROM throttles WHERE key = ANY($1) ORDER BY key FOR UPDATE")
+        .bind(keys)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(pg)?;
+    for row in rows {
+        let Json(runs): Json<Vec<i64>> = row.try_get(1).map_err(pg)?;
+        out.insert(row.try_get(0).map_err(pg)?, runs);
+    }
+    Ok(out)
 }
 
 /// The groups named, created if missing and locked (in name order).

@@ -365,19 +365,28 @@ async fn claude_reviews_a_pull_request_line_by_line() {
     assert_eq!(comments[0]["body"], "Called twice.\n\n```suggestion\n    new();\n```");
 }
 
-/// `[job] budget_usd` with the real Claude Code: baton passes it as the
-/// CLI's own `--max-budget-usd`, the CLI stops past it (the scripted model's
-/// first answer costs more), and the job fails saying so.
-#[tokio::test]
-async fn claude_stops_at_the_jobs_budget() {
+/// The real Claude Code against the scripted model, on a trigger whose
+/// `[job]` has `job_keys` and whose result is a comment.
+async fn claude_with_job_keys(job_keys: &str) -> (FakeModel, Workdir, Baton) {
     let cli = cli_dir("claude", "@anthropic-ai/claude-code@2.1.197");
     let model = FakeModel::start(Api::Messages, "Claude wrote the proof file.", "edited by claude").await;
     let keys = format!("model = \"claude-fake\"\nmax_turns = 5\nbase_url = \"{}\"", model.url);
     let env = [("ANTHROPIC_API_KEY", "sk-ant-fake-key"), ("CLAUDE_CODE_MAX_RETRIES", "0")];
     let fake = FakeGitHub::start().await;
-    let trigger = "on = [\"issues.opened\"]\n[job]\nagent = \"claude\"\nworkspace = \"default-branch\"\n\
-                   prompt = \"Fix it.\"\nbudget_usd = 0.0001\n[output]\nkind = \"comment\"\n";
-    let (_w, baton) = daemon(&fake, "claude", &keys, &env, &cli, trigger);
+    let trigger = format!(
+        "on = [\"issues.opened\"]\n[job]\nagent = \"claude\"\nworkspace = \"default-branch\"\n\
+         prompt = \"Fix it.\"\n{job_keys}\n[output]\nkind = \"comment\"\n"
+    );
+    let (w, baton) = daemon(&fake, "claude", &keys, &env, &cli, &trigger);
+    (model, w, baton)
+}
+
+/// `[job] budget_usd` with the real Claude Code: baton passes it as the
+/// CLI's own `--max-budget-usd`, the CLI stops past it (the scripted model's
+/// first answer costs more), and the job fails saying so.
+#[tokio::test]
+async fn claude_stops_at_the_jobs_budget() {
+    let (model, _w, baton) = claude_with_job_keys("budget_usd = 0.0001").await;
     let (status, answer) = baton.deliver(SECRET, "issues", "budget-1", &fixture("issues/opened.payload.json")).await;
     assert_eq!(status, 202, "{answer}");
     let job = baton.finished(answer["jobs"][0].as_str().unwrap()).await;
@@ -396,14 +405,7 @@ async fn claude_stops_at_the_jobs_budget() {
 /// on its delivery.
 #[tokio::test]
 async fn a_spent_daily_budget_skips_the_next_job() {
-    let cli = cli_dir("claude", "@anthropic-ai/claude-code@2.1.197");
-    let model = FakeModel::start(Api::Messages, "Claude wrote the proof file.", "edited by claude").await;
-    let keys = format!("model = \"claude-fake\"\nmax_turns = 5\nbase_url = \"{}\"", model.url);
-    let env = [("ANTHROPIC_API_KEY", "sk-ant-fake-key"), ("CLAUDE_CODE_MAX_RETRIES", "0")];
-    let fake = FakeGitHub::start().await;
-    let trigger = "on = [\"issues.opened\"]\n[job]\nagent = \"claude\"\nworkspace = \"default-branch\"\n\
-                   prompt = \"Fix it.\"\ndaily_budget_usd = 0.0003\n[output]\nkind = \"comment\"\n";
-    let (_w, baton) = daemon(&fake, "claude", &keys, &env, &cli, trigger);
+    let (_model, _w, baton) = claude_with_job_keys("daily_budget_usd = 0.0003").await;
     let first = job_of(&baton, "issues", &fixture("issues/opened.payload.json")).await;
     let cost = first["usage"]["cost_usd"].as_f64().expect("the CLI's cost");
     assert!(cost > 0.0003, "the first job spends past the budget: {cost}");
