@@ -543,7 +543,11 @@ impl Workspaces {
         };
         let pushed =
             git(git_dir, None, &["push", "--quiet", &how, &url, &format!("{commit}:{remote}")], token.as_ref()).await;
-        let (Err(e), Over::Only(from)) = (pushed, over) else { return Ok(()) };
+        let (e, from) = match (pushed, over) {
+            (Ok(_), _) => return Ok(()),
+            (Err(e), Over::Anything) => return Err(e),
+            (Err(e), Over::Only(from)) => (e, from),
+        };
         let listed = git(git_dir, None, &["ls-remote", &url, &remote], token.as_ref()).await?;
         let now = listed.split_whitespace().next().unwrap_or("").to_string();
         if now == from {

@@ -604,3 +604,20 @@ async fn a_workflow_folder_replaced_by_a_link_needs_consent_too() {
     let origin = w.path().join("remote/Codertocat/Hello-World.git");
     assert_eq!(crate::harness::git(&origin, &["branch", "--list", "baton/*"]), "");
 }
+
+/// A push the remote refuses fails the job, visibly, and opens no pull
+/// request (here a branch `baton` in the origin leaves no room for
+/// `baton/…` branches).
+#[tokio::test]
+async fn a_refused_push_fails_the_job_and_opens_nothing() {
+    let fake = FakeGitHub::start().await;
+    let w = pr_setup(&fake, "#!/bin/sh\nmkdir -p src && echo fixed > src/lib.txt\necho done\n", "");
+    let bare = w.path().join("remote/Codertocat/Hello-World.git");
+    crate::harness::git(&bare, &["branch", "baton", "master"]);
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let id = deliver(&baton, "issues", "issues/opened.payload.json", "refused-1").await;
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(job["error"].as_str().unwrap().starts_with("pushing the branch failed: git push failed"), "{job}");
+    assert!(fake.posts("/repos/Codertocat/Hello-World/pulls").is_empty());
+}
