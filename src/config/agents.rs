@@ -43,6 +43,8 @@ pub struct AgentDef {
     pub usage: UsageFormat,
     /// The model it was told to use (`model`), for the price table.
     pub model: Option<String>,
+    /// The preset CLI it drives, whose own format MCP servers are given in.
+    pub cli: Option<Preset>,
 }
 
 /// Where an agent's model use is read from.
@@ -153,6 +155,7 @@ impl Preset {
                 Preset::Aider => UsageFormat::None,
             },
             model: None,
+            cli: Some(self),
         };
         match self {
             // Without `--disable plugins` and analytics off, Codex clones a
@@ -291,6 +294,7 @@ pub(super) fn merge_agent(name: &str, raw: &RawAgent, sandboxed: bool, base_dir:
             _ => UsageFormat::None,
         },
         model: raw.model.clone(),
+        cli: preset,
     };
     apply_tuning(&mut def, preset, raw)?;
     Ok(def)

@@ -17,10 +17,12 @@ use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 mod agents;
+mod mcp;
 
 use crate::diag::Diagnostic;
 use agents::{merge_agent, RawAgent};
 pub use agents::{presets, AgentDef, Preset, PromptMode, ResultMode, UsageFormat};
+pub use mcp::{McpServer, McpTransport, McpValue};
 
 /// Webhook secrets shorter than this get a warning.
 const MIN_SECRET_LEN: usize = 16;
@@ -42,6 +44,8 @@ pub struct Config {
     pub sources: BTreeMap<String, Source>,
     /// `[notify.NAME]`: where job ends are announced.
     pub notify: BTreeMap<String, NotifyTarget>,
+    /// `[mcp.NAME]`: tool servers a trigger may give its agent.
+    pub mcp: BTreeMap<String, McpServer>,
     /// `[prices."MODEL"]`: what a model costs, for CLIs that report tokens
     /// but no cost.
     pub prices: BTreeMap<String, Price>,
@@ -322,6 +326,8 @@ struct RawConfig {
     sources: BTreeMap<String, Spanned<RawSource>>,
     #[serde(default)]
     notify: BTreeMap<String, Spanned<RawNotify>>,
+    #[serde(default)]
+    mcp: BTreeMap<String, Spanned<mcp::RawMcp>>,
     #[serde(default)]
     prices: BTreeMap<String, Spanned<Price>>,
     #[serde(default)]
@@ -656,6 +662,19 @@ impl Config {
             notify.insert(name.clone(), NotifyTarget { name: name.clone(), kind: target.kind, url, secret });
         }
 
+        let mut mcp = BTreeMap::new();
+        for (name, spanned) in &raw.mcp {
+            let mut sources = mcp::SecretSources::default();
+            match mcp::load(name, spanned, base, &mut sources) {
+                Ok(server) => {
+                    mcp.insert(name.clone(), server);
+                }
+                Err(errs) => errors.extend(errs.into_iter().map(|e| at(e.span, e.message))),
+            }
+            secret_files.extend(sources.files);
+            secret_vars.extend(sources.vars);
+        }
+
         let mut prices = BTreeMap::new();
         for (model, spanned) in &raw.prices {
             let p = spanned.get_ref();
@@ -738,6 +757,7 @@ impl Config {
             agents,
             sources,
             notify,
+            mcp,
             prices,
             sandbox: SandboxSettings { enabled: sandboxed, caps: raw.sandbox.caps },
             secret_files,
@@ -770,6 +790,7 @@ impl Config {
             .cloned()
             .chain(self.sources.values().map(|s| s.secret.clone()))
             .chain(self.notify.values().flat_map(|n| [Some(n.url.clone()), n.secret.clone()]).flatten())
+            .chain(self.mcp.values().flat_map(|m| m.secrets().cloned()))
             .chain(self.storage.url.clone())
             .chain(self.storage.url.as_ref().and_then(|u| database_password(u.expose())).map(Secret::new))
             .collect()

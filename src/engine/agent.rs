@@ -108,6 +108,8 @@ pub struct Invocation<'a> {
     pub confine: Option<Confinement<'a>>,
     /// What the run may spend.
     pub budget: Option<&'a Budget>,
+    /// The MCP servers its CLI is given (`[job] mcp`).
+    pub mcp: Option<&'a super::mcp::Setup>,
 }
 
 impl Invocation<'_> {
@@ -147,6 +149,12 @@ impl Invocation<'_> {
             .collect::<Result<_, _>>()?;
         if let (Some(b), UsageFormat::Claude) = (self.budget, self.agent.usage) {
             argv.splice(1..1, ["--max-budget-usd".to_string(), b.usd.to_string()]);
+        }
+        // After rendering: none of it is a template. Options go before any
+        // positional argument, after Codex's `exec` subcommand.
+        if let Some(mcp) = self.mcp {
+            let at = if argv.get(1).map(String::as_str) == Some("exec") { 2 } else { 1 };
+            argv.splice(at..at, mcp.args.iter().cloned());
         }
         Ok(argv)
     }
@@ -193,6 +201,7 @@ impl Invocation<'_> {
             self.job_dir.to_path_buf(),
             (self.agent.prompt == PromptMode::File).then(|| (self.prompt_file(), self.prompt.to_string())),
         );
+        let files = self.mcp.map(|m| m.files.clone()).unwrap_or_default();
         tokio::task::spawn_blocking(move || {
             match std::fs::remove_dir_all(&dir) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -201,6 +210,13 @@ impl Invocation<'_> {
             std::fs::create_dir_all(&dir)?;
             if let Some((path, text)) = prompt_file {
                 std::fs::write(path, text)?;
+            }
+            for (name, text) in files {
+                use std::io::Write as _;
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let mut f =
+                    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dir.join(name))?;
+                f.write_all(text.as_bytes())?;
             }
             Ok(())
         })
@@ -227,9 +243,14 @@ impl Invocation<'_> {
                 if !crate::sandbox::is_system_path(&resolved) {
                     expose.push(resolved.clone());
                 }
+                let mut profile = std::borrow::Cow::Borrowed(&self.agent.sandbox);
+                if let Some(mcp) = self.mcp {
+                    expose.extend(mcp.expose.iter().cloned());
+                    profile.to_mut().network.extend(mcp.network.iter().cloned());
+                }
                 let run = crate::sandbox::Run {
                     name: &c.name,
-                    profile: &self.agent.sandbox,
+                    profile: &profile,
                     workdir: self.workdir,
                     io_dir: self.job_dir,
                     run_dir: &c.run_dir,
@@ -260,6 +281,9 @@ impl Invocation<'_> {
             }
         }
         cmd.envs(&self.agent.vars);
+        if let Some(mcp) = self.mcp {
+            cmd.envs(mcp.env.iter().map(|(k, v)| (k, v)));
+        }
         cmd.env("BATON_USAGE_FILE", self.usage_file());
         if let Some(j) = &jail {
             cmd.envs(j.env.iter().map(|(k, v)| (k, v)));

@@ -8,6 +8,7 @@
 //! The engine never talks to GitHub: publishing is the outbox's job.
 
 pub mod agent;
+pub mod mcp;
 mod push;
 pub mod usage;
 pub mod workspace;
@@ -724,6 +725,17 @@ impl Engine {
         let io = dir.join("io");
         let budget =
             spec.budget_usd.map(|usd| agent::Budget { usd, prices: std::sync::Arc::new(self.config.prices.clone()) });
+        let mcp = match mcp::setup(agent, &spec.mcp, &self.config.mcp, &io) {
+            Ok(mut setup) => {
+                // A server's arguments never show the agent baton's own files.
+                let hidden = self.config.hidden_paths();
+                for s in setup.iter_mut() {
+                    s.expose.retain(|p| !hidden.iter().any(|h| p.starts_with(h)));
+                }
+                setup
+            }
+            Err(e) => return failed(Outcome::SpawnFailed, None, e.to_string(), false),
+        };
         let inv = Invocation {
             agent,
             prompt,
@@ -736,6 +748,7 @@ impl Engine {
             on_spawn: Some(&note),
             confine: self.confinement(job, "agent", expose),
             budget: budget.as_ref(),
+            mcp: mcp.as_ref(),
         };
         self.log_line(&job.id, &format!("running agent `{}`", agent.name)).await;
         let started = std::time::Instant::now();
@@ -833,6 +846,7 @@ impl Engine {
             sandbox: agent.sandbox.clone(),
             usage: crate::config::UsageFormat::None,
             model: None,
+            cli: None,
         };
         let v = Invocation {
             agent: &check,
@@ -846,6 +860,7 @@ impl Engine {
             on_spawn: None,
             confine: self.confinement(job, "verify", expose),
             budget: None,
+            mcp: None,
         };
         let started = std::time::Instant::now();
         let outcome = v.run().await;

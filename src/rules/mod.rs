@@ -107,6 +107,9 @@ pub struct JobSpec {
     /// What may be spent in a rolling day, past which a match is skipped.
     #[serde(default)]
     pub daily_budgets: DailyBudgets,
+    /// `[mcp.NAME]` servers the agent is given (`[job] mcp`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mcp: Vec<String>,
 }
 
 /// Caps on spending over a rolling day (US dollars), fixed at match time:
@@ -535,6 +538,7 @@ impl RuleSet {
             review_full,
             budget_usd: t.job.budget_usd,
             daily_budgets: DailyBudgets { trigger: t.job.daily_budget_usd, ..self.daily_budgets },
+            mcp: t.job.mcp.clone(),
         });
         match approval {
             Some(reason) => Verdict::NeedsApproval { spec, reason },

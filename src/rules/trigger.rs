@@ -202,6 +202,7 @@ struct JobFile {
     max_repairs_per_pr: Option<Spanned<u32>>,
     budget_usd: Option<Spanned<f64>>,
     daily_budget_usd: Option<Spanned<f64>>,
+    mcp: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -291,6 +292,8 @@ pub struct JobTemplate {
     pub budget_usd: Option<f64>,
     /// What this trigger's jobs may spend in a rolling day.
     pub daily_budget_usd: Option<f64>,
+    /// `[mcp.NAME]` servers its agent is given.
+    pub mcp: Vec<String>,
 }
 
 impl Trigger {
@@ -465,6 +468,25 @@ pub fn compile(
             job.agent.span(),
             format!("unknown agent `{}`; defined agents: {}", job.agent.get_ref(), names.join(", ")),
         ));
+    }
+    for name in job.mcp.iter().flatten() {
+        if !config.mcp.contains_key(name.get_ref()) {
+            let names: Vec<&str> = config.mcp.keys().map(String::as_str).collect();
+            let known = if names.is_empty() { "none is defined".to_string() } else { names.join(", ") };
+            errors.push(at(name.span(), format!("unknown MCP server `{}`; [mcp] servers: {known}", name.get_ref())));
+        }
+    }
+    if let (Some(first), Some(agent)) = (job.mcp.iter().flatten().next(), config.agents.get(job.agent.get_ref())) {
+        use crate::config::Preset;
+        if !matches!(agent.cli, Some(Preset::Claude | Preset::Codex | Preset::Gemini)) {
+            errors.push(at(
+                first.span(),
+                format!(
+                    "agent `{}` is not one of the codex, claude and gemini CLIs, so baton cannot give it MCP servers",
+                    agent.name
+                ),
+            ));
+        }
     }
     let prompt = match (&job.prompt, &job.prompt_file) {
         (Some(_), Some(pf)) => {
@@ -673,6 +695,7 @@ pub fn compile(
             max_repairs_per_pr: repairs.map(|r| *r.get_ref()).unwrap_or(DEFAULT_MAX_REPAIRS),
             budget_usd: budget.map(|b| *b.get_ref()),
             daily_budget_usd: daily.map(|b| *b.get_ref()),
+            mcp: job.mcp.iter().flatten().map(|n| n.get_ref().clone()).collect(),
         },
         output,
         output_options,

@@ -21,6 +21,7 @@ fn agent(command: &[&str], prompt: PromptMode, result: ResultMode) -> AgentDef {
         sandbox: Default::default(),
         usage: Default::default(),
         model: None,
+        cli: None,
     }
 }
 
@@ -43,6 +44,7 @@ async fn run(def: &AgentDef, prompt: &str, cap: u64) -> (Ending, Result<String, 
         on_spawn: None,
         confine: None,
         budget: None,
+        mcp: None,
     };
     let r = inv.run().await.expect("agent runs");
     let result = inv.result(&r).await;

@@ -32,8 +32,18 @@ enum Api {
     Messages,
 }
 
-/// A scripted model: first a tool call writing `PROOF_FILE`, then, once the
-/// tool's result comes back, a final message.
+/// What the scripted model asks for before it answers.
+#[derive(Clone, Copy)]
+enum Script {
+    /// A tool call writing `PROOF_FILE` with this text.
+    WriteProof(&'static str),
+    /// A call of the tool whose name ends with this (an MCP server's tool);
+    /// the answer then quotes what the tool returned.
+    CallTool(&'static str),
+}
+
+/// A scripted model: first a tool call, then, once the tool's result comes
+/// back, a final message.
 struct FakeModel {
     url: String,
     /// Every request body, in order.
@@ -42,6 +52,10 @@ struct FakeModel {
 
 impl FakeModel {
     async fn start(api: Api, final_text: &'static str, proof: &'static str) -> FakeModel {
+        FakeModel::scripted(api, final_text, Script::WriteProof(proof)).await
+    }
+
+    async fn scripted(api: Api, final_text: &'static str, script: Script) -> FakeModel {
         let requests: Arc<Mutex<Vec<Value>>> = Arc::default();
         let sink = requests.clone();
         let app = Router::new().fallback(move |uri: Uri, body: Bytes| {
@@ -52,8 +66,8 @@ impl FakeModel {
                 };
                 sink.lock().unwrap().push(body.clone());
                 match api {
-                    Api::Responses if uri.path().ends_with("/responses") => responses(&body, final_text, proof),
-                    Api::Messages if uri.path().ends_with("/messages") => messages(&body, final_text, proof),
+                    Api::Responses if uri.path().ends_with("/responses") => responses(&body, final_text, script),
+                    Api::Messages if uri.path().ends_with("/messages") => messages(&body, final_text, script),
                     _ => (axum::http::StatusCode::NOT_FOUND, "").into_response(),
                 }
             }
@@ -79,17 +93,47 @@ fn sse(events: &[Value]) -> Response {
     ([("content-type", "text/event-stream")], out).into_response()
 }
 
-/// Codex: `exec_command` writes the file; the next turn answers.
-fn responses(body: &Value, final_text: &str, proof: &str) -> Response {
-    let answered =
-        body["input"].as_array().is_some_and(|items| items.iter().any(|i| i["type"] == "function_call_output"));
-    let item = if answered {
-        json!({"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
-               "content": [{"type": "output_text", "text": final_text, "annotations": []}]})
-    } else {
-        let cmd = format!("printf '%s\\n' '{proof}' > {PROOF_FILE}");
-        json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "exec_command",
-               "arguments": json!({"cmd": cmd}).to_string(), "status": "completed"})
+/// The name of the tool in a request's `tools` whose name ends with `suffix`.
+fn tool_named(body: &Value, suffix: &str) -> Option<String> {
+    let tools = body["tools"].as_array()?;
+    tools.iter().filter_map(|t| t["name"].as_str()).find(|n| n.ends_with(suffix)).map(str::to_string)
+}
+
+/// Codex lists an MCP server's tools in a namespace (`mcp__SERVER`): the
+/// namespace and the name of its tool ending with `suffix`.
+fn namespaced_tool(body: &Value, suffix: &str) -> Option<(String, String)> {
+    body["tools"].as_array()?.iter().filter(|t| t["type"] == "namespace").find_map(|ns| {
+        let name = ns["tools"].as_array()?.iter().filter_map(|t| t["name"].as_str()).find(|n| n.ends_with(suffix))?;
+        Some((ns["name"].as_str()?.to_string(), name.to_string()))
+    })
+}
+
+/// Codex: `exec_command` writes the file (or the MCP tool is called); the
+/// next turn answers.
+fn responses(body: &Value, final_text: &str, script: Script) -> Response {
+    let output = body["input"].as_array().and_then(|items| {
+        items.iter().rev().find(|i| i["type"] == "function_call_output").map(|i| i["output"].to_string())
+    });
+    let item = match (output, script) {
+        (Some(output), _) => {
+            let text = match script {
+                Script::CallTool(_) => format!("{final_text} {output}"),
+                Script::WriteProof(_) => final_text.to_string(),
+            };
+            json!({"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                   "content": [{"type": "output_text", "text": text, "annotations": []}]})
+        }
+        (None, Script::WriteProof(proof)) => {
+            let cmd = format!("printf '%s\\n' '{proof}' > {PROOF_FILE}");
+            json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "exec_command",
+                   "arguments": json!({"cmd": cmd}).to_string(), "status": "completed"})
+        }
+        (None, Script::CallTool(suffix)) => {
+            let (namespace, name) =
+                namespaced_tool(body, suffix).unwrap_or_else(|| (String::new(), format!("no tool ending in {suffix}")));
+            json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "namespace": namespace,
+                   "name": name, "arguments": "{}", "status": "completed"})
+        }
     };
     sse(&[
         json!({"type": "response.created", "response": {"id": "resp_1"}}),
@@ -102,26 +146,38 @@ fn responses(body: &Value, final_text: &str, proof: &str) -> Response {
 }
 
 /// Claude Code: the `Write` tool writes the file at an absolute path, read
-/// from the system prompt's "Primary working directory"; side requests
-/// without tools (the session title) get plain text.
-fn messages(body: &Value, final_text: &str, proof: &str) -> Response {
-    let has_write = body["tools"].as_array().is_some_and(|t| t.iter().any(|t| t["name"] == "Write"));
-    let answered = body["messages"]
-        .as_array()
-        .and_then(|m| m.last())
-        .is_some_and(|last| last["content"].as_array().is_some_and(|c| c.iter().any(|b| b["type"] == "tool_result")));
+/// from the system prompt's "Primary working directory" (or the MCP tool is
+/// called); side requests without tools (the session title) get plain text.
+fn messages(body: &Value, final_text: &str, script: Script) -> Response {
+    let result = body["messages"].as_array().and_then(|m| m.last()).and_then(|last| {
+        last["content"].as_array()?.iter().find(|b| b["type"] == "tool_result").map(|b| b["content"].to_string())
+    });
     let cwd = body.to_string().split("Primary working directory: ").nth(1).and_then(|rest| {
         // The system prompt is JSON-escaped here: the line ends at `\n`.
         rest.split("\\n").next().map(str::to_string)
     });
-    let (block, delta, stop) = match cwd {
-        Some(cwd) if has_write && !answered => (
-            json!({"type": "tool_use", "id": "toolu_1", "name": "Write", "input": {}}),
-            json!({"type": "input_json_delta", "partial_json":
-                json!({"file_path": format!("{cwd}/{PROOF_FILE}"), "content": format!("{proof}\n")}).to_string()}),
-            "tool_use",
-        ),
-        _ => (json!({"type": "text", "text": ""}), json!({"type": "text_delta", "text": final_text}), "end_turn"),
+    let text =
+        |text: String| (json!({"type": "text", "text": ""}), json!({"type": "text_delta", "text": text}), "end_turn");
+    let (block, delta, stop) = match (script, result) {
+        (Script::CallTool(_), Some(output)) => text(format!("{final_text} {output}")),
+        (_, Some(_)) => text(final_text.to_string()),
+        (Script::WriteProof(proof), None) => match cwd {
+            Some(cwd) if tool_named(body, "Write").is_some() => (
+                json!({"type": "tool_use", "id": "toolu_1", "name": "Write", "input": {}}),
+                json!({"type": "input_json_delta", "partial_json":
+                    json!({"file_path": format!("{cwd}/{PROOF_FILE}"), "content": format!("{proof}\n")}).to_string()}),
+                "tool_use",
+            ),
+            _ => text(final_text.to_string()),
+        },
+        (Script::CallTool(suffix), None) => match tool_named(body, suffix) {
+            Some(name) => (
+                json!({"type": "tool_use", "id": "toolu_1", "name": name, "input": {}}),
+                json!({"type": "input_json_delta", "partial_json": "{}"}),
+                "tool_use",
+            ),
+            None => text(final_text.to_string()),
+        },
     };
     sse(&[
         json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
@@ -195,8 +251,8 @@ output_per_mtok = 10.0
 
 [agents.{preset}]
 timeout = "2m"
-{agent_keys}
 {cli_keys}
+{agent_keys}
 "#,
         api = fake.url,
         repos = repos.display(),
@@ -421,4 +477,116 @@ async fn a_spent_daily_budget_skips_the_next_job() {
     );
     let (_, listed) = baton.get("/api/jobs?delivery=real-agent-2").await;
     assert_eq!(listed["skipped"][0]["reason"], reason, "{listed}");
+}
+
+/// A stdio MCP server written for the test (newline-delimited JSON-RPC):
+/// one tool, `get_token`, whose answer proves the server was given its
+/// secret, as a digest, never the secret itself.
+const MCP_PROBE: &str = r#"
+import hashlib, json, os, sys
+token = "mcp-proof-" + hashlib.sha256(os.environ.get("PROBE_TOKEN", "").encode()).hexdigest()[:16]
+for line in sys.stdin:
+    msg = json.loads(line)
+    if "id" not in msg:
+        continue
+    method, result = msg.get("method"), None
+    if method == "initialize":
+        result = {"protocolVersion": msg["params"].get("protocolVersion", "2025-06-18"),
+                  "capabilities": {"tools": {}}, "serverInfo": {"name": "probe", "version": "1.0.0"}}
+    elif method == "tools/list":
+        result = {"tools": [{"name": "get_token", "description": "Returns the probe's token.",
+                             "inputSchema": {"type": "object", "properties": {}}}]}
+    elif method == "tools/call":
+        result = {"content": [{"type": "text", "text": token}], "isError": False}
+    elif method == "ping":
+        result = {}
+    if result is None:
+        reply = {"jsonrpc": "2.0", "id": msg["id"], "error": {"code": -32601, "message": "no such method"}}
+    else:
+        reply = {"jsonrpc": "2.0", "id": msg["id"], "result": result}
+    sys.stdout.write(json.dumps(reply) + "\n")
+    sys.stdout.flush()
+"#;
+
+const MCP_SECRET: &str = "mcp-probe-secret-5f1e9a";
+
+/// What the probe answers when it was given `MCP_SECRET`.
+fn mcp_proof() -> String {
+    use sha2::Digest as _;
+    format!("mcp-proof-{}", &hex::encode(sha2::Sha256::digest(MCP_SECRET.as_bytes()))[..16])
+}
+
+/// Every file under `dir` (the daemon's storage, config and worktrees)
+/// that holds `needle`.
+fn files_holding(dir: &Path, needle: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(path),
+                Ok(t)
+                    if t.is_file()
+                        && std::fs::read(&path)
+                            .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes())) =>
+                {
+                    out.push(path)
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// `[job] mcp = ["probe"]` through a real CLI: the scripted model calls the
+/// probe's tool, the probe (started by the CLI in the sandbox, with its
+/// secret from baton's `env:`) answers, and the answer reaches the job's
+/// result. The secret is in no file baton or the agent wrote, and not in
+/// the job's log or result.
+async fn mcp_tool_reaches_the_result(preset: &str, api: Api, cli: &Path, agent_keys: &str, env: &[(&str, &str)]) {
+    let probe_dir = tempfile::tempdir().unwrap();
+    let script = probe_dir.path().join("probe.py");
+    std::fs::write(&script, MCP_PROBE).unwrap();
+    let model = FakeModel::scripted(api, "The tool said:", Script::CallTool("get_token")).await;
+    let keys = format!(
+        "{agent_keys}\nbase_url = \"{url}{path}\"\n\n[mcp.probe]\ncommand = [\"/usr/bin/python3\", \"{script}\"]\n\
+         env = {{ PROBE_TOKEN = \"env:MCP_PROBE_SECRET\" }}\n",
+        url = model.url,
+        path = if matches!(api, Api::Responses) { "/v1" } else { "" },
+        script = script.display(),
+    );
+    let mut env = env.to_vec();
+    env.push(("MCP_PROBE_SECRET", MCP_SECRET));
+    let fake = FakeGitHub::start().await;
+    let trigger = format!(
+        "on = [\"issues.opened\"]\n[job]\nagent = \"{preset}\"\nworkspace = \"default-branch\"\nmcp = [\"probe\"]\n\
+         prompt = \"Ask the probe for its token.\"\n[output]\nkind = \"comment\"\n"
+    );
+    let (w, baton) = daemon(&fake, preset, &keys, &env, cli, &trigger);
+    let job = job_of(&baton, "issues", &fixture("issues/opened.payload.json")).await;
+    let result = job["result"].as_str().unwrap_or_default();
+    let requests = model.requests();
+    assert!(
+        result.starts_with("The tool said:") && result.contains(&mcp_proof()),
+        "the probe's answer is the result: {result}\nrequests: {requests:?}"
+    );
+    let (_, log) = baton.get(&format!("/api/jobs/{}/log", job["id"].as_str().unwrap())).await;
+    assert!(!log.to_string().contains(MCP_SECRET) && !result.contains(MCP_SECRET));
+    assert_eq!(files_holding(w.path(), MCP_SECRET), Vec::<PathBuf>::new(), "the secret is in no file");
+}
+
+#[tokio::test]
+async fn claude_calls_a_jobs_mcp_server() {
+    let cli = cli_dir("claude", "@anthropic-ai/claude-code@2.1.197");
+    let env = [("ANTHROPIC_API_KEY", "sk-ant-fake-key"), ("CLAUDE_CODE_MAX_RETRIES", "0")];
+    mcp_tool_reaches_the_result("claude", Api::Messages, &cli, "model = \"claude-fake\"\nmax_turns = 5", &env).await;
+}
+
+#[tokio::test]
+async fn codex_calls_a_jobs_mcp_server() {
+    let cli = cli_dir("codex", "@openai/codex@0.169.0");
+    let env = [("OPENAI_API_KEY", "sk-fake-codex-key")];
+    mcp_tool_reaches_the_result("codex", Api::Responses, &cli, "model = \"baton-fake\"", &env).await;
 }

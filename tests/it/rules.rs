@@ -373,3 +373,37 @@ fn a_review_is_incremental_unless_asked_for_in_full() {
     let spec = spec_for(&on_command, "issue_comment", &with_command("/review")).expect("a review");
     assert!(!spec.review_full, "{spec:?}");
 }
+
+/// `[job] mcp` names servers of `[mcp]`, for an agent whose CLI baton can
+/// configure; a mistake is an error where it is written.
+#[test]
+fn mcp_servers_are_checked_where_they_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::from_source(
+        None,
+        "[mcp.probe]\ncommand = [\"probe\"]\n[agents.mine]\ncommand = [\"my-agent\"]\n",
+        Path::new("/"),
+    )
+    .unwrap();
+    for (body, expect) in [
+        ("agent = \"codex\"\nmcp = [\"sentry\"]", "t.toml:5:8: unknown MCP server `sentry`; [mcp] servers: probe"),
+        (
+            "agent = \"mine\"\nmcp = [\"probe\"]",
+            "t.toml:5:8: agent `mine` is not one of the codex, claude and gemini CLIs",
+        ),
+        ("agent = \"claude\"\nmcp = [\"probe\"]", ""),
+    ] {
+        std::fs::write(dir.path().join("t.toml"), format!("on = [\"issues.opened\"]\n[job]\nprompt = \"x\"\n{body}\n"))
+            .unwrap();
+        let (rules, errors) = RuleSet::load(dir.path(), &config);
+        let text = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+        if expect.is_empty() {
+            assert!(errors.is_empty(), "{text}");
+            let event = normalize("issues", "d", &fixture("issues/opened.payload.json")).unwrap();
+            let spec = rules.match_event(&event).pop().expect("a match");
+            assert_eq!(spec.mcp, ["probe"]);
+        } else {
+            assert!(text.contains(expect), "{expect}: {text}");
+        }
+    }
+}
