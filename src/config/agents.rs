@@ -199,7 +199,10 @@ impl Preset {
                 PromptMode::Stdin,
                 ResultMode::Json("response".into()),
                 &["GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL"],
-                &[],
+                // An untrusted folder drops the approval mode to `default`,
+                // which refuses every edit in a headless run. The worktree
+                // is the job's own; the sandbox is the boundary.
+                &[("GEMINI_CLI_TRUST_WORKSPACE", "true")],
                 "npm install -g @google/gemini-cli",
             ),
             Preset::Aider => def(

@@ -108,8 +108,8 @@ pub struct Invocation<'a> {
     pub confine: Option<Confinement<'a>>,
     /// What the run may spend.
     pub budget: Option<&'a Budget>,
-    /// The MCP servers its CLI is given (`[job] mcp`).
-    pub mcp: Option<&'a super::mcp::Setup>,
+    /// What its CLI is given besides its command: MCP servers, settings.
+    pub setup: Option<&'a super::cli_setup::Setup>,
 }
 
 impl Invocation<'_> {
@@ -152,9 +152,9 @@ impl Invocation<'_> {
         }
         // After rendering: none of it is a template. Options go before any
         // positional argument, after Codex's `exec` subcommand.
-        if let Some(mcp) = self.mcp {
+        if let Some(setup) = self.setup {
             let at = if argv.get(1).map(String::as_str) == Some("exec") { 2 } else { 1 };
-            argv.splice(at..at, mcp.args.iter().cloned());
+            argv.splice(at..at, setup.args.iter().cloned());
         }
         Ok(argv)
     }
@@ -201,7 +201,7 @@ impl Invocation<'_> {
             self.job_dir.to_path_buf(),
             (self.agent.prompt == PromptMode::File).then(|| (self.prompt_file(), self.prompt.to_string())),
         );
-        let files = self.mcp.map(|m| m.files.clone()).unwrap_or_default();
+        let files = self.setup.map(|m| m.files.clone()).unwrap_or_default();
         tokio::task::spawn_blocking(move || {
             match std::fs::remove_dir_all(&dir) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -244,9 +244,9 @@ impl Invocation<'_> {
                     expose.push(resolved.clone());
                 }
                 let mut profile = std::borrow::Cow::Borrowed(&self.agent.sandbox);
-                if let Some(mcp) = self.mcp {
-                    expose.extend(mcp.expose.iter().cloned());
-                    profile.to_mut().network.extend(mcp.network.iter().cloned());
+                if let Some(setup) = self.setup {
+                    expose.extend(setup.expose.iter().cloned());
+                    profile.to_mut().network.extend(setup.network.iter().cloned());
                 }
                 let run = crate::sandbox::Run {
                     name: &c.name,
@@ -257,6 +257,12 @@ impl Invocation<'_> {
                     expose,
                 };
                 let j = c.sandbox.jail(&run, &argv)?;
+                if let Some(setup) = self.setup {
+                    if let Err(source) = write_private(&j.home(), &setup.home_files) {
+                        let _ = tokio::task::spawn_blocking(move || j.close()).await;
+                        return Err(files_err(source));
+                    }
+                }
                 let mut cmd = Command::new(&j.program);
                 cmd.args(&j.args);
                 jail = Some(j);
@@ -281,8 +287,8 @@ impl Invocation<'_> {
             }
         }
         cmd.envs(&self.agent.vars);
-        if let Some(mcp) = self.mcp {
-            cmd.envs(mcp.env.iter().map(|(k, v)| (k, v)));
+        if let Some(setup) = self.setup {
+            cmd.envs(setup.env.iter().map(|(k, v)| (k, v)));
         }
         cmd.env("BATON_USAGE_FILE", self.usage_file());
         if let Some(j) = &jail {
@@ -446,6 +452,21 @@ fn read_result_file(path: &Path) -> Result<String, String> {
         .read_to_string(&mut text)
         .map_err(|_| "the agent's result file is not UTF-8 text".to_string())?;
     Ok(text.trim().to_string())
+}
+
+/// Writes each (path under `dir`, text) as a new file only its owner reads.
+fn write_private(dir: &Path, files: &[(String, String)]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    for (name, text) in files {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+        f.write_all(text.as_bytes())?;
+    }
+    Ok(())
 }
 
 /// Where `program` is: a path (relative to `workdir`), or found on `path`.

@@ -8,7 +8,7 @@
 //! The engine never talks to GitHub: publishing is the outbox's job.
 
 pub mod agent;
-pub mod mcp;
+pub mod cli_setup;
 mod push;
 pub mod usage;
 pub mod workspace;
@@ -725,7 +725,8 @@ impl Engine {
         let io = dir.join("io");
         let budget =
             spec.budget_usd.map(|usd| agent::Budget { usd, prices: std::sync::Arc::new(self.config.prices.clone()) });
-        let mcp = match mcp::setup(agent, &spec.mcp, &self.config.mcp, &io) {
+        let setup = cli_setup::setup(agent, &spec.mcp, &self.config.mcp, &io, self.sandbox.is_some());
+        let setup = match setup {
             Ok(mut setup) => {
                 // A server's arguments never show the agent baton's own files.
                 let hidden = self.config.hidden_paths();
@@ -748,7 +749,7 @@ impl Engine {
             on_spawn: Some(&note),
             confine: self.confinement(job, "agent", expose),
             budget: budget.as_ref(),
-            mcp: mcp.as_ref(),
+            setup: setup.as_ref(),
         };
         self.log_line(&job.id, &format!("running agent `{}`", agent.name)).await;
         let started = std::time::Instant::now();
@@ -860,7 +861,7 @@ impl Engine {
             on_spawn: None,
             confine: self.confinement(job, "verify", expose),
             budget: None,
-            mcp: None,
+            setup: None,
         };
         let started = std::time::Instant::now();
         let outcome = v.run().await;

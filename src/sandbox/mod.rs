@@ -185,7 +185,7 @@ impl Sandbox {
     /// Sets up one run: its cgroup, its egress proxy, its `HOME`, and the
     /// bubblewrap command line that runs `argv` inside.
     pub fn jail(&self, run: &Run<'_>, argv: &[String]) -> Result<Jail, SandboxError> {
-        let home = run.run_dir.join("home");
+        let home = home_dir(run.run_dir);
         remove_tree(run.run_dir)?;
         std::fs::create_dir_all(&home)?;
         let stop = CancellationToken::new();
@@ -300,6 +300,10 @@ impl Sandbox {
 
 /// The proxy socket: in the run's folder, or (Unix socket paths are short)
 /// under the system's temporary folder when that path would be too long.
+fn home_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("home")
+}
+
 fn socket_path(run_dir: &Path) -> PathBuf {
     let path = run_dir.join("proxy.sock");
     if path.as_os_str().len() < 100 {
@@ -365,6 +369,11 @@ pub struct Jail {
 }
 
 impl Jail {
+    /// baton's side of the agent's `HOME`.
+    pub fn home(&self) -> PathBuf {
+        home_dir(&self.run_dir)
+    }
+
     /// The cap a run in rlimit mode hit, from its exit code.
     pub fn limit_from_exit(&self, code: Option<i32>) -> Option<LimitHit> {
         match code {

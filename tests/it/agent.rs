@@ -44,7 +44,7 @@ async fn run(def: &AgentDef, prompt: &str, cap: u64) -> (Ending, Result<String, 
         on_spawn: None,
         confine: None,
         budget: None,
-        mcp: None,
+        setup: None,
     };
     let r = inv.run().await.expect("agent runs");
     let result = inv.result(&r).await;

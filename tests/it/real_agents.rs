@@ -1,8 +1,9 @@
-//! The real Codex and Claude Code CLIs, run through baton's presets against a
-//! scripted fake of their model APIs on loopback. The fake asks for one tool
-//! call that writes a file, then answers; the test checks the file landed in
-//! the job's worktree (it is in the pushed branch) and the answer became the
-//! job's result.
+//! The real Codex, Claude Code and Gemini CLIs, run through baton's presets
+//! against a scripted fake of their model APIs on loopback. The fake asks for
+//! one tool call (writing a file, or an MCP server's tool), then answers; the
+//! tests check the file landed in the job's worktree (it is in the pushed
+//! branch), or the tool's answer reached the model, and that the answer
+//! became the job's result.
 //!
 //! `.ci/run` installs the CLIs from npm; where they are missing the test
 //! installs them under `target/real-agents` itself.
@@ -30,6 +31,9 @@ enum Api {
     Responses,
     /// Anthropic Messages, as Claude Code calls it: `POST /v1/messages`, SSE.
     Messages,
+    /// Gemini, as Gemini CLI calls it:
+    /// `POST /v1beta/models/M:streamGenerateContent?alt=sse`.
+    Gemini,
 }
 
 /// What the scripted model asks for before it answers.
@@ -68,6 +72,7 @@ impl FakeModel {
                 match api {
                     Api::Responses if uri.path().ends_with("/responses") => responses(&body, final_text, script),
                     Api::Messages if uri.path().ends_with("/messages") => messages(&body, final_text, script),
+                    Api::Gemini if uri.path().contains(":streamGenerateContent") => gemini(&body, final_text, script),
                     _ => (axum::http::StatusCode::NOT_FOUND, "").into_response(),
                 }
             }
@@ -190,6 +195,40 @@ fn messages(body: &Value, final_text: &str, script: Script) -> Response {
             "usage": {"output_tokens": 5}}),
         json!({"type": "message_stop"}),
     ])
+}
+
+/// Gemini CLI: `write_file` writes the file (relative to the worktree), or
+/// the MCP tool is called; once a `functionResponse` comes back, it answers.
+fn gemini(body: &Value, final_text: &str, script: Script) -> Response {
+    let parts = |c: &Value| c["parts"].as_array().cloned().unwrap_or_default();
+    let contents = body["contents"].as_array().cloned().unwrap_or_default();
+    let response = contents.iter().flat_map(parts).find_map(|p| p.get("functionResponse").map(|r| r.to_string()));
+    let tools: Vec<String> = body["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|t| t["functionDeclarations"].as_array().cloned().unwrap_or_default())
+        .filter_map(|f| f["name"].as_str().map(str::to_string))
+        .collect();
+    let part = match (response, script) {
+        (Some(r), Script::CallTool(_)) => json!({"text": format!("{final_text} {r}")}),
+        (Some(_), Script::WriteProof(_)) => json!({"text": final_text}),
+        (None, Script::WriteProof(proof)) if tools.iter().any(|t| t == "write_file") => {
+            json!({"functionCall": {"name": "write_file",
+                "args": {"file_path": PROOF_FILE, "content": format!("{proof}\n")}}})
+        }
+        (None, Script::CallTool(suffix)) => match tools.iter().find(|t| t.ends_with(suffix)) {
+            Some(name) => json!({"functionCall": {"name": name, "args": {}}}),
+            None => json!({"text": format!("no tool ending in {suffix}")}),
+        },
+        (None, _) => json!({"text": final_text}),
+    };
+    let chunk = json!({
+        "candidates": [{"content": {"role": "model", "parts": [part]}, "finishReason": "STOP", "index": 0}],
+        "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 5, "totalTokenCount": 15},
+        "modelVersion": "baton-fake",
+    });
+    ([("content-type", "text/event-stream")], format!("data: {chunk}\r\n\r\n")).into_response()
 }
 
 /// The folder holding `program`: on PATH, or installed from npm into
@@ -357,6 +396,29 @@ async fn codex_preset_edits_the_worktree_and_its_last_message_is_the_result() {
         requests.iter().any(|r| r["input"].to_string().contains("function_call_output")),
         "the tool's output came back to the model"
     );
+}
+
+/// Gemini CLI 0.61 for real: `write_file` lands in the worktree, the JSON
+/// answer's `response` is the result, and its `stats` are the ledger. The
+/// preset trusts the worktree (else a headless run refuses edits) and, with
+/// `base_url`, names the API key's auth type in the sandbox's settings
+/// (else 0.61 refuses the `gateway` type it picks itself).
+#[tokio::test]
+async fn gemini_preset_edits_the_worktree_and_its_answer_is_the_result() {
+    let cli = cli_dir("gemini", "@google/gemini-cli@0.61.0");
+    let model =
+        FakeModel::scripted(Api::Gemini, "Gemini wrote the proof file.", Script::WriteProof("edited by gemini")).await;
+    // An explicit model: `auto` would first ask a router model to classify
+    // the prompt.
+    let keys = format!("model = \"baton-fake\"\nbase_url = \"{}\"", model.url);
+    let (w, job, baton, fake) = run_job("gemini", &keys, &[("GEMINI_API_KEY", "fake-gemini-key")], &cli).await;
+    assert_eq!(job["result"], "Gemini wrote the proof file.");
+    let answers = model.requests().len();
+    assert!(answers >= 2, "a tool call and an answer: {answers}");
+    check_usage(&job, answers, &baton, &fake, "gemini").await;
+    assert_eq!(job["usage"]["model"], "baton-fake");
+    assert_eq!(proof_on_branch(&w, &job), "edited by gemini");
+    assert!(prompt_reached(&model.requests()), "baton's prompt reached the model");
 }
 
 #[tokio::test]
@@ -589,4 +651,11 @@ async fn codex_calls_a_jobs_mcp_server() {
     let cli = cli_dir("codex", "@openai/codex@0.169.0");
     let env = [("OPENAI_API_KEY", "sk-fake-codex-key")];
     mcp_tool_reaches_the_result("codex", Api::Responses, &cli, "model = \"baton-fake\"", &env).await;
+}
+
+#[tokio::test]
+async fn gemini_calls_a_jobs_mcp_server() {
+    let cli = cli_dir("gemini", "@google/gemini-cli@0.61.0");
+    let env = [("GEMINI_API_KEY", "fake-gemini-key")];
+    mcp_tool_reaches_the_result("gemini", Api::Gemini, &cli, "model = \"baton-fake\"", &env).await;
 }

@@ -1,5 +1,6 @@
-//! The job's MCP servers (`[job] mcp`), rendered into each agent CLI's own
-//! configuration at the start of a run.
+//! What a preset CLI is given at the start of a run besides its command:
+//! the job's MCP servers (`[job] mcp`) in the CLI's own configuration, and
+//! the settings Gemini CLI reads from its `HOME`.
 //!
 //! Secret values never reach a file or a command line: each becomes a
 //! variable of the CLI's environment, and the configuration names the
@@ -28,6 +29,8 @@ pub struct Setup {
     pub env: Vec<(String, String)>,
     /// Files written into the run's io folder before it starts: name and text.
     pub files: Vec<(String, String)>,
+    /// Files written into the sandbox's `HOME` (a path under it, and text).
+    pub home_files: Vec<(String, String)>,
     /// Hosts the sandbox may reach besides the agent's own (HTTP servers).
     pub network: Vec<HostRule>,
     /// Shown read-only in the sandbox: each stdio server's program, and the
@@ -37,7 +40,7 @@ pub struct Setup {
 
 /// Why a job's servers cannot be given to its agent.
 #[derive(Debug, thiserror::Error)]
-pub enum McpError {
+pub enum SetupError {
     #[error(
         "agent `{0}` is not one of the codex, claude and gemini CLIs, so baton cannot give it MCP servers \
          (set `preset` on the agent, or drop `mcp` from the trigger)"
@@ -45,12 +48,17 @@ pub enum McpError {
     Unsupported(String),
     #[error("MCP server `{0}` is no longer configured (was baton.toml reloaded?)")]
     Missing(String),
+    #[error(
+        "Gemini CLI reads MCP servers only from its HOME's settings, which baton writes only in its sandbox          ([sandbox] enabled = false here)"
+    )]
+    GeminiUnsandboxed,
 }
 
 /// The Claude Code file of `--mcp-config`.
 pub const CLAUDE_FILE: &str = "mcp.json";
-/// Gemini CLI's system settings (`GEMINI_CLI_SYSTEM_SETTINGS_PATH`).
-pub const GEMINI_FILE: &str = "gemini-settings.json";
+/// Gemini CLI's user settings, under its `HOME`. (0.61 ignores a file named
+/// by `GEMINI_CLI_SYSTEM_SETTINGS_PATH` for both of the keys used here.)
+pub const GEMINI_FILE: &str = ".gemini/settings.json";
 
 /// The name of the variable that carries value `key` of server `server`.
 /// A stdio server's variables keep their own names (the CLI passes them on
@@ -67,22 +75,25 @@ fn toml_str(s: &str) -> String {
 }
 
 /// Renders `names` (checked against `servers`) for `agent`'s CLI; `io_dir`
-/// is where the run's files go.
+/// is where the run's files go, `sandboxed` whether it has a `HOME` of its
+/// own.
 pub fn setup(
     agent: &crate::config::AgentDef,
     names: &[String],
     servers: &std::collections::BTreeMap<String, McpServer>,
     io_dir: &Path,
-) -> Result<Option<Setup>, McpError> {
-    if names.is_empty() {
+    sandboxed: bool,
+) -> Result<Option<Setup>, SetupError> {
+    let gateway = agent.cli == Some(Preset::Gemini) && gemini_base_url(agent);
+    if names.is_empty() && !(gateway && sandboxed) {
         return Ok(None);
     }
     let cli = match agent.cli {
         Some(cli @ (Preset::Claude | Preset::Codex | Preset::Gemini)) => cli,
-        _ => return Err(McpError::Unsupported(agent.name.clone())),
+        _ => return Err(SetupError::Unsupported(agent.name.clone())),
     };
     let chosen: Vec<&McpServer> =
-        names.iter().map(|n| servers.get(n).ok_or_else(|| McpError::Missing(n.clone()))).collect::<Result<_, _>>()?;
+        names.iter().map(|n| servers.get(n).ok_or_else(|| SetupError::Missing(n.clone()))).collect::<Result<_, _>>()?;
     let mut out = Setup::default();
     let mut claude = Map::new();
     for server in &chosen {
@@ -168,12 +179,28 @@ pub fn setup(
             out.files.push((CLAUDE_FILE.to_string(), config));
         }
         Preset::Gemini => {
-            out.env.push(("GEMINI_CLI_SYSTEM_SETTINGS_PATH".into(), io_dir.join(GEMINI_FILE).display().to_string()));
-            out.files.push((GEMINI_FILE.to_string(), config));
+            if !sandboxed && !chosen.is_empty() {
+                return Err(SetupError::GeminiUnsandboxed);
+            }
+            let mut settings = json!({ "mcpServers": claude });
+            // With GOOGLE_GEMINI_BASE_URL alone, Gemini CLI 0.61 takes the
+            // auth type `gateway` and then refuses it in a headless run
+            // ("Invalid auth method selected."): name the API key's.
+            if gateway {
+                settings["security"] = json!({"auth": {"selectedType": "gemini-api-key"}});
+            }
+            out.home_files.push((GEMINI_FILE.to_string(), settings.to_string()));
         }
         _ => {}
     }
     Ok(Some(out))
+}
+
+/// Whether Gemini CLI will run with `GOOGLE_GEMINI_BASE_URL` (the agent's
+/// `base_url`, or passed through from baton's environment).
+fn gemini_base_url(agent: &crate::config::AgentDef) -> bool {
+    const VAR: &str = "GOOGLE_GEMINI_BASE_URL";
+    agent.vars.contains_key(VAR) || (agent.env.iter().any(|e| e == VAR) && std::env::var_os(VAR).is_some())
 }
 
 /// The program (found on PATH) and absolute paths among the arguments,
@@ -218,7 +245,7 @@ headers = { Authorization = "Bearer s3cr3t-header-value" }
     fn render(preset: Preset) -> Setup {
         let agent = preset.def(true);
         let names = vec!["probe".to_string(), "tracker".to_string()];
-        setup(&agent, &names, &servers(), Path::new("/data/jobs/j1/io")).unwrap().unwrap()
+        setup(&agent, &names, &servers(), Path::new("/data/jobs/j1/io"), true).unwrap().unwrap()
     }
 
     /// No value, secret or not, is on the command line or in a file: only
@@ -226,7 +253,8 @@ headers = { Authorization = "Bearer s3cr3t-header-value" }
     fn no_value_in_args_or_files(s: &Setup) {
         for secret in ["s3cr3t-probe-value", "s3cr3t-header-value", "debug"] {
             assert!(!s.args.iter().any(|a| a.contains(secret)), "{secret} on the command line: {:?}", s.args);
-            assert!(!s.files.iter().any(|(_, f)| f.contains(secret)), "{secret} in a file");
+            let files = s.files.iter().chain(&s.home_files);
+            assert!(!files.into_iter().any(|(_, f)| f.contains(secret)), "{secret} in a file");
             assert!(s.env.iter().any(|(_, v)| v.contains(secret)), "{secret} is given through the environment");
         }
         assert_eq!(s.network.len(), 1);
@@ -276,14 +304,32 @@ headers = { Authorization = "Bearer s3cr3t-header-value" }
     }
 
     #[test]
-    fn gemini_gets_system_settings_trusting_the_servers() {
+    fn gemini_gets_settings_in_its_home_trusting_the_servers() {
         let s = render(Preset::Gemini);
         no_value_in_args_or_files(&s);
-        assert!(s.args.is_empty());
-        let v: Value = serde_json::from_str(&s.files[0].1).unwrap();
+        assert!(s.args.is_empty() && s.files.is_empty());
+        let (path, text) = &s.home_files[0];
+        assert_eq!(path, ".gemini/settings.json");
+        let v: Value = serde_json::from_str(text).unwrap();
         assert_eq!(v["mcpServers"]["probe"]["trust"], true);
+        assert_eq!(v["mcpServers"]["probe"]["env"]["PROBE_TOKEN"], "${PROBE_TOKEN}");
         assert_eq!(v["mcpServers"]["tracker"]["httpUrl"], "https://mcp.tracker.example/mcp");
-        assert!(s.env.iter().any(|(k, v)| k == "GEMINI_CLI_SYSTEM_SETTINGS_PATH" && v.ends_with(GEMINI_FILE)));
+        assert!(v.get("security").is_none(), "no base_url: the auth type is the CLI's to choose");
+        let names = ["probe".to_string()];
+        let err = setup(&Preset::Gemini.def(false), &names, &servers(), Path::new("/io"), false).unwrap_err();
+        assert!(err.to_string().contains("only in its sandbox"), "{err}");
+    }
+
+    #[test]
+    fn gemini_behind_a_base_url_is_told_to_use_its_api_key() {
+        let mut agent = Preset::Gemini.def(true);
+        agent.vars.insert("GOOGLE_GEMINI_BASE_URL".into(), "http://127.0.0.1:9".into());
+        let s = setup(&agent, &[], &servers(), Path::new("/io"), true).unwrap().expect("settings");
+        let v: Value = serde_json::from_str(&s.home_files[0].1).unwrap();
+        assert_eq!(v["security"]["auth"]["selectedType"], "gemini-api-key");
+        // Unsandboxed, its HOME is the user's own: baton writes nothing there.
+        assert!(setup(&agent, &[], &servers(), Path::new("/io"), false).unwrap().is_none());
+        assert!(setup(&Preset::Claude.def(true), &[], &servers(), Path::new("/io"), true).unwrap().is_none());
     }
 
     #[test]
@@ -291,9 +337,10 @@ headers = { Authorization = "Bearer s3cr3t-header-value" }
         let mut agent = Preset::Claude.def(true);
         agent.cli = None;
         agent.name = "mine".into();
-        let err = setup(&agent, &["probe".to_string()], &servers(), Path::new("/io")).unwrap_err();
+        let err = setup(&agent, &["probe".to_string()], &servers(), Path::new("/io"), true).unwrap_err();
         assert!(err.to_string().contains("agent `mine`"), "{err}");
-        let err = setup(&Preset::Claude.def(true), &["gone".to_string()], &servers(), Path::new("/io")).unwrap_err();
+        let err =
+            setup(&Preset::Claude.def(true), &["gone".to_string()], &servers(), Path::new("/io"), true).unwrap_err();
         assert!(err.to_string().contains("`gone` is no longer configured"), "{err}");
     }
 }
