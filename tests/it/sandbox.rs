@@ -99,7 +99,8 @@ echo "== find"; find / -xdev \( -name webhook-secret -o -name hook.secret -o -na
 echo "== by path"
 for f in @DIR@/hook.secret @DIR@/app.key @DIR@/baton.toml @DIR@/.baton/webhook-secret /etc/shadow; do cat "$f" 2>&1; done
 ls @DIR@/.baton 2>&1
-echo "== grep"; grep -rsl -e ghp_ -e KEYFILE / --exclude-dir=proc --exclude-dir=sys 2>/dev/null | head
+# /usr holds packages only (baton writes nothing there); grepping it took 20 s.
+echo "== grep"; grep -rsl -e ghp_ -e KEYFILE / --exclude-dir=proc --exclude-dir=sys --exclude-dir=usr 2>/dev/null | head
 echo "== fds"; ls /proc/self/fd | tr '\n' ' '; echo
 echo "the job ran"
 "#,
