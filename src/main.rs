@@ -129,6 +129,43 @@ enum JobsCommand {
     Cancel { id: String },
     /// Run a finished job again.
     Retry { id: String },
+    /// Create a job (`POST /api/jobs`): a trigger with `on = ["api"]`, or a
+    /// free-form job (`[api] allow_adhoc`).
+    Run {
+        /// A trigger with `on = ["api"]`.
+        #[arg(long, conflicts_with_all = ["agent", "prompt", "workspace", "git_ref", "output"])]
+        trigger: Option<String>,
+        /// The trigger's inputs, `KEY=VALUE` (`{{ inputs.KEY }}` in its templates).
+        #[arg(long = "input", value_name = "KEY=VALUE")]
+        inputs: Vec<String>,
+        /// `owner/name`.
+        #[arg(long)]
+        repo: Option<String>,
+        /// A free-form job's agent (one of `[api] agents`).
+        #[arg(long)]
+        agent: Option<String>,
+        /// A free-form job's prompt.
+        #[arg(long)]
+        prompt: Option<String>,
+        /// none | default-branch | head-sha | pr-head.
+        #[arg(long)]
+        workspace: Option<String>,
+        /// The branch (default-branch) or commit (head-sha) to work on.
+        #[arg(long = "ref")]
+        git_ref: Option<String>,
+        /// The issue or pull request the job is about.
+        #[arg(long)]
+        subject: Option<u64>,
+        /// Where the result goes: comment | review | pull_request | push | none.
+        #[arg(long)]
+        output: Option<String>,
+        /// Sent as `Idempotency-Key`: the same key again returns the same job.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Print the job's log until it ends, then its result; exit 1 unless it succeeded.
+        #[arg(long)]
+        follow: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -152,7 +189,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        other => Prepared::Other(other),
+        other => Prepared::Other(Box::new(other)),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -163,7 +200,7 @@ fn main() -> ExitCode {
     };
     let outcome = match command {
         Prepared::Serve(config) => runtime.block_on(serve(*config)),
-        Prepared::Other(command) => runtime.block_on(run(command)),
+        Prepared::Other(command) => runtime.block_on(run(*command)),
     };
     match outcome {
         Ok(code) => code,
@@ -187,7 +224,7 @@ fn init_logging(format: LogFormat) {
 /// A command ready to run.
 enum Prepared {
     Serve(Box<Config>),
-    Other(Command),
+    Other(Box<Command>),
 }
 
 async fn run(command: Command) -> Result<ExitCode> {
@@ -420,35 +457,97 @@ async fn jobs(url: &str, command: JobsCommand) -> Result<ExitCode> {
             let v = json(call(reqwest::Method::POST, format!("/api/jobs/{id}/retry")).send().await?).await?;
             println!("{} {}", v["id"].as_str().unwrap_or(&id), v["state"].as_str().unwrap_or(""));
         }
-        JobsCommand::Logs { id, follow } => {
-            let mut printed = 0usize;
-            loop {
-                let resp = call(reqwest::Method::GET, format!("/api/jobs/{id}/log")).send().await?;
-                if !resp.status().is_success() {
-                    bail!("{}: job {id} not found", resp.status().as_u16());
+        JobsCommand::Run {
+            trigger,
+            inputs,
+            repo,
+            agent,
+            prompt,
+            workspace,
+            git_ref,
+            subject,
+            output,
+            idempotency_key,
+            follow,
+        } => {
+            let mut body = serde_json::Map::new();
+            let mut put = |k: &str, v: Option<serde_json::Value>| {
+                if let Some(v) = v {
+                    body.insert(k.to_string(), v);
                 }
-                let text = resp.bytes().await?;
-                if text.len() > printed {
-                    use std::io::Write;
-                    let mut out = std::io::stdout();
-                    out.write_all(&text[printed..])?;
-                    out.flush()?;
-                    printed = text.len();
+            };
+            put("trigger", trigger.map(Into::into));
+            put("repo", repo.map(Into::into));
+            put("agent", agent.map(Into::into));
+            put("prompt", prompt.map(Into::into));
+            put("workspace", workspace.map(Into::into));
+            put("ref", git_ref.map(Into::into));
+            put("subject", subject.map(Into::into));
+            put("output", output.map(|kind| serde_json::json!({ "kind": kind })));
+            if !inputs.is_empty() {
+                let mut map = serde_json::Map::new();
+                for pair in inputs {
+                    let Some((k, v)) = pair.split_once('=') else { bail!("--input {pair}: expected KEY=VALUE") };
+                    map.insert(k.to_string(), v.into());
                 }
-                if !follow {
-                    break;
-                }
-                let job = json(call(reqwest::Method::GET, format!("/api/jobs/{id}")).send().await?).await?;
-                let state = job["state"].as_str().unwrap_or("");
-                if matches!(state, "succeeded" | "failed" | "cancelled") {
-                    follow_last(&call, &id, printed).await?;
-                    break;
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                body.insert("inputs".into(), map.into());
             }
+            let mut req = call(reqwest::Method::POST, "/api/jobs".into()).json(&body);
+            if let Some(key) = idempotency_key {
+                req = req.header("Idempotency-Key", key);
+            }
+            let job = json(req.send().await.context("cannot reach the daemon")?).await?;
+            let id = job["id"].as_str().context("the daemon's answer names no job")?.to_string();
+            if !follow {
+                println!("{id}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!("job {id}");
+            print_log(&call, &id, true).await?;
+            let resp = call(reqwest::Method::GET, format!("/api/jobs/{id}")).send().await?;
+            let job = json(resp).await?;
+            let state = job["state"].as_str().unwrap_or("");
+            eprintln!("job {id} {state}{}", job["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default());
+            if let Some(result) = job["result"].as_str() {
+                println!("{result}");
+            }
+            return Ok(if state == "succeeded" { ExitCode::SUCCESS } else { ExitCode::FAILURE });
         }
+        JobsCommand::Logs { id, follow } => print_log(&call, &id, follow).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints job `id`'s log; with `follow`, as it grows until the job ends.
+async fn print_log(
+    call: &impl Fn(reqwest::Method, String) -> reqwest::RequestBuilder,
+    id: &str,
+    follow: bool,
+) -> Result<()> {
+    let mut printed = 0usize;
+    loop {
+        let resp = call(reqwest::Method::GET, format!("/api/jobs/{id}/log")).send().await?;
+        if !resp.status().is_success() {
+            bail!("{}: job {id} not found", resp.status().as_u16());
+        }
+        let text = resp.bytes().await?;
+        if text.len() > printed {
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            out.write_all(&text[printed..])?;
+            out.flush()?;
+            printed = text.len();
+        }
+        if !follow {
+            return Ok(());
+        }
+        let job: serde_json::Value = call(reqwest::Method::GET, format!("/api/jobs/{id}")).send().await?.json().await?;
+        let state = job["state"].as_str().unwrap_or("");
+        if matches!(state, "succeeded" | "failed" | "cancelled") {
+            return follow_last(call, id, printed).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// After the job ended, prints what the log gained since the last read.

@@ -21,8 +21,11 @@ use crate::config::Secret;
 use crate::engine::Engine;
 use crate::store::{JobQuery, JobState, Store, StoreError};
 
+mod create;
 mod dashboard;
 mod origin;
+
+pub use create::API_EVENT;
 
 pub use origin::Hosts;
 
@@ -47,7 +50,7 @@ pub struct Api {
 
 pub fn router(state: Api) -> Router {
     let api = Router::new()
-        .route("/api/jobs", get(list_jobs))
+        .route("/api/jobs", get(list_jobs).post(create::create_job))
         .route("/api/jobs/{id}", get(show_job))
         .route("/api/jobs/{id}/log", get(job_log))
         .route("/api/jobs/{id}/cancel", post(cancel_job))

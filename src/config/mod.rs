@@ -50,10 +50,26 @@ pub struct Config {
     /// but no cost.
     pub prices: BTreeMap<String, Price>,
     pub sandbox: SandboxSettings,
+    /// `[api]`: jobs created through `POST /api/jobs`.
+    pub api: ApiSettings,
     /// Files secrets were read from (`file:`): hidden from agents.
     pub secret_files: Vec<PathBuf>,
     /// Variables secrets were read from (`env:`): erased once loaded.
     pub secret_vars: Vec<String>,
+}
+
+/// `[api]`: what `POST /api/jobs` may create besides `on = ["api"]`
+/// triggers.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    /// A job with no trigger: agent, repository, prompt and output given in
+    /// the request.
+    #[serde(default)]
+    pub allow_adhoc: bool,
+    /// The agents such a job may run.
+    #[serde(default)]
+    pub agents: Vec<String>,
 }
 
 /// `[sandbox]`.
@@ -332,6 +348,7 @@ struct RawConfig {
     prices: BTreeMap<String, Spanned<Price>>,
     #[serde(default)]
     sandbox: RawSandbox,
+    api: Option<Spanned<ApiSettings>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -590,10 +607,13 @@ impl Config {
         let mut sources = BTreeMap::new();
         for (name, spanned) in &raw.sources {
             let raw_source = spanned.get_ref();
-            if name == "github" || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            if name == "github"
+                || name == "api"
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
                 errors.push(at(
                     spanned.span(),
-                    format!("sources.{name}: a source name is letters, digits, `-` and `_`, and not `github`"),
+                    format!("sources.{name}: a source name is letters, digits, `-` and `_`, and not `github` or `api`"),
                 ));
                 continue;
             }
@@ -686,6 +706,16 @@ impl Config {
             prices.insert(model.clone(), p.clone());
         }
 
+        for (api, name) in raw.api.iter().flat_map(|a| a.get_ref().agents.iter().map(move |n| (a, n))) {
+            if !agents.contains_key(name) {
+                let known: Vec<&str> = agents.keys().map(String::as_str).collect();
+                errors.push(at(
+                    api.span(),
+                    format!("api.agents: unknown agent `{name}`; defined agents: {}", known.join(", ")),
+                ));
+            }
+        }
+
         let triggers_dir = base.join(raw.triggers.as_ref().map(|t| t.get_ref().as_str()).unwrap_or("triggers"));
         let storage = base.join(raw.storage.path.as_deref().unwrap_or(".baton"));
 
@@ -760,6 +790,7 @@ impl Config {
             mcp,
             prices,
             sandbox: SandboxSettings { enabled: sandboxed, caps: raw.sandbox.caps },
+            api: raw.api.as_ref().map(|a| a.get_ref().clone()).unwrap_or_default(),
             secret_files,
             secret_vars,
         })

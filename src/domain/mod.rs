@@ -96,6 +96,8 @@ pub enum Source {
     Schedule,
     /// A job's end, sent back through the rules.
     Baton,
+    /// `POST /api/jobs`.
+    Api,
     /// A generic webhook source, by its configured name.
     Generic(String),
 }
@@ -106,6 +108,7 @@ impl Source {
             "github" => Source::GitHub,
             "schedule" => Source::Schedule,
             "baton" => Source::Baton,
+            "api" => Source::Api,
             other => Source::Generic(other.to_string()),
         }
     }
@@ -115,6 +118,7 @@ impl Source {
             Source::GitHub => "github",
             Source::Schedule => "schedule",
             Source::Baton => "baton",
+            Source::Api => "api",
             Source::Generic(name) => name,
         }
     }

@@ -105,6 +105,11 @@ enum AttemptEnd {
 const REVIEW_DIFF_CAP: usize = 200 * 1024;
 
 impl Engine {
+    /// The configuration it runs jobs by.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     pub fn new(
         store: Store,
         rules: SharedRules,

@@ -254,6 +254,21 @@ impl RuleSet {
         (RuleSet::from_triggers(triggers, env, config), errors)
     }
 
+    /// A set of the one trigger in `source`, read as if from file `name`
+    /// (an ad-hoc job's, made up from an API request).
+    pub fn one(name: &Path, source: &str, config: &Config) -> Result<RuleSet, Vec<Diagnostic>> {
+        let mut env = template::environment();
+        let t = trigger::compile(name, source, config, &mut env)?;
+        Ok(RuleSet::from_triggers(vec![t], env, config))
+    }
+
+    /// Trigger `name`'s verdict alone on `event`; `None` if there is no
+    /// such trigger.
+    pub fn judge_one(&self, name: &str, event: &Event) -> Option<Verdict> {
+        let t = self.get(name)?;
+        Some(self.judge(t, event, &base_context(event)))
+    }
+
     fn from_triggers(triggers: Vec<Trigger>, env: Environment<'static>, config: &Config) -> RuleSet {
         let mut by_kind: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, t) in triggers.iter().enumerate() {

@@ -325,6 +325,7 @@ fn known_event(entry: &str, config: &Config) -> bool {
     KNOWN_EVENTS.contains(&name)
         || entry == "job.succeeded"
         || entry == "job.failed"
+        || entry == "api"
         || config.sources.contains_key(name)
 }
 
@@ -353,7 +354,7 @@ pub fn compile(
                 ));
             }
         } else if !known_event(e, config) {
-            let names: Vec<&str> = KNOWN_EVENTS.iter().copied().chain(["job.succeeded", "job.failed"]).collect();
+            let names: Vec<&str> = KNOWN_EVENTS.iter().copied().chain(["job.succeeded", "job.failed", "api"]).collect();
             let hint = crate::diag::suggest(e.split('.').next().unwrap_or(e), &names)
                 .map(|s| format!(" (did you mean `{s}`?)"))
                 .unwrap_or_default();

@@ -147,6 +147,8 @@ pub struct Baton {
     pub url: String,
     pub logs: Arc<Mutex<Vec<String>>>,
     http: reqwest::Client,
+    /// Sent as a bearer token with every API call (`server.api_token`).
+    token: Option<String>,
 }
 
 impl Baton {
@@ -205,7 +207,34 @@ impl Baton {
             url: format!("http://{addr}"),
             logs,
             http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+            token: None,
         }
+    }
+
+    /// This daemon's API calls carry `token` from now on.
+    pub fn with_token(mut self, token: &str) -> Baton {
+        self.token = Some(token.to_string());
+        self
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, format!("{}{path}", self.url));
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    /// POSTs `body` as JSON with `headers`.
+    pub async fn post_json(&self, path: &str, headers: &[(&str, &str)], body: &Value) -> (u16, Value) {
+        let mut req = self.request(reqwest::Method::POST, path).json(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("POST");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     pub fn log_text(&self) -> String {
@@ -263,14 +292,14 @@ impl Baton {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let resp = self.http.get(format!("{}{path}", self.url)).send().await.expect("GET");
+        let resp = self.request(reqwest::Method::GET, path).send().await.expect("GET");
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     pub async fn post(&self, path: &str) -> (u16, Value) {
-        let resp = self.http.post(format!("{}{path}", self.url)).send().await.expect("POST");
+        let resp = self.request(reqwest::Method::POST, path).send().await.expect("POST");
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))

@@ -8,6 +8,7 @@ pub const DEFAULT_BACKEND: &str = "sled";
 
 mod agent;
 mod api;
+mod api_jobs;
 mod approve;
 mod browser;
 mod chain;

@@ -11,6 +11,8 @@ pub const DEFAULT_BACKEND: &str = "postgres";
 
 #[path = "../it/api.rs"]
 mod api;
+#[path = "../it/api_jobs.rs"]
+mod api_jobs;
 #[path = "../it/approve.rs"]
 mod approve;
 #[path = "../it/chain.rs"]

@@ -1,0 +1,263 @@
+//! `POST /api/jobs`: a job asked for directly — by a person, a script or an
+//! agent session — rather than by a webhook.
+//!
+//! The request becomes an `api` event judged by the rules like any other:
+//! either a trigger with `on = ["api"]`, or a trigger made up from the
+//! request's own fields (`[api] allow_adhoc`). From there it is stored,
+//! queued, limited, sandboxed and published as every job is. The
+//! `Idempotency-Key` header names the event, so the store's dedupe of
+//! deliveries makes a retried request find the job the first one made.
+
+use std::path::Path;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Map, Value};
+
+use super::{error, store_error, Api};
+use crate::event::{Event, Repository};
+use crate::rules::{RuleSet, Verdict};
+use crate::store::{Accepted, Delivery};
+
+/// The event kind and source of a job asked for through the API.
+pub const API_EVENT: &str = "api";
+
+/// The name of a job made up from a request's own fields.
+pub const ADHOC_TRIGGER: &str = "api";
+
+const FIELDS: [&str; 9] = ["trigger", "inputs", "agent", "repo", "workspace", "ref", "prompt", "output", "subject"];
+
+/// Why a request made no job.
+#[derive(Debug)]
+enum Refusal {
+    /// 400, naming the field at fault.
+    Bad { field: String, message: String },
+    /// 403: this daemon creates no such job.
+    Forbidden(&'static str),
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::Bad { field, message } => {
+                let body = json!({ "error": format!("{field}: {message}"), "field": field });
+                (StatusCode::BAD_REQUEST, Json(body)).into_response()
+            }
+            Refusal::Forbidden(why) => error(StatusCode::FORBIDDEN, why),
+        }
+    }
+}
+
+fn bad(field: &str, message: impl std::fmt::Display) -> Refusal {
+    Refusal::Bad { field: field.to_string(), message: message.to_string() }
+}
+
+/// A string field, if given.
+fn text<'a>(body: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, Refusal> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s)),
+        Some(Value::String(_)) => Err(bad(field, "must not be empty")),
+        Some(_) => Err(bad(field, "must be a string")),
+    }
+}
+
+pub(super) async fn create_job(State(s): State<Api>, headers: HeaderMap, body: Bytes) -> Response {
+    match create(&s, &headers, &body).await {
+        Ok(r) => r,
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+async fn create(s: &Api, headers: &HeaderMap, body: &[u8]) -> Result<Response, Refusal> {
+    // Without a token, anyone who can reach the port could start agents.
+    if s.token.is_none() {
+        return Err(Refusal::Forbidden("creating jobs through the API needs server.api_token"));
+    }
+    let body: Map<String, Value> = match serde_json::from_slice(body) {
+        Ok(Value::Object(map)) => map,
+        Ok(_) => return Err(bad("body", "must be a JSON object")),
+        Err(e) => return Err(bad("body", format!("not JSON: {e}"))),
+    };
+    if let Some(unknown) = body.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(bad(unknown, format!("unknown field; expected one of {}", FIELDS.join(", "))));
+    }
+    let delivery = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => format!("{API_EVENT}:{}", random_id()),
+        Some(Ok(key)) if !key.is_empty() && key.len() <= 200 => format!("{API_EVENT}:key:{key}"),
+        Some(_) => return Err(bad("Idempotency-Key", "must be 1 to 200 visible ASCII characters")),
+    };
+    let event = event_of(&body, &delivery)?;
+    let trigger = text(&body, "trigger")?.map(str::to_string);
+    let (rules, name) = match trigger {
+        Some(name) => {
+            if let Some(field) =
+                ["agent", "workspace", "ref", "prompt", "output"].iter().find(|f| body.contains_key(**f))
+            {
+                return Err(bad(field, "comes from the trigger; give either `trigger` or the job's own fields"));
+            }
+            let rules = s.rules.current();
+            match rules.get(&name) {
+                None => return Err(bad("trigger", format!("no trigger `{name}`"))),
+                Some(t) if !t.on.iter().any(|k| k == API_EVENT) => {
+                    return Err(bad(
+                        "trigger",
+                        format!("`{name}` is not started through the API (it needs on = [\"api\"])"),
+                    ));
+                }
+                Some(_) => {}
+            }
+            (rules, name)
+        }
+        None => (std::sync::Arc::new(adhoc(s, &body)?), ADHOC_TRIGGER.to_string()),
+    };
+    let spec = match rules.judge_one(&name, &event) {
+        Some(Verdict::Matched(spec)) => *spec,
+        Some(Verdict::Rejected { filter, reason }) => {
+            return Err(bad("trigger", format!("`{name}` does not take this request ({filter}: {reason})")));
+        }
+        Some(Verdict::NeedsApproval { reason, .. }) => return Err(bad("trigger", reason)),
+        None => return Err(bad("trigger", format!("no trigger `{name}`"))),
+    };
+    let id = crate::domain::job_id(&delivery, &name);
+    match s.store.accept(Delivery::new(&delivery, API_EVENT, API_EVENT), vec![spec]).await {
+        Ok(Accepted::New(admitted)) => {
+            if let Some(skip) = admitted.skipped.first() {
+                let answer = json!({ "error": format!("not started: {}", skip.reason), "skipped": skip.reason });
+                return Ok((StatusCode::TOO_MANY_REQUESTS, Json(answer)).into_response());
+            }
+            s.wake.notify_one();
+            tracing::info!(job = %id, trigger = %name, "Job created through the API.");
+            Ok(found(s, &id, StatusCode::CREATED).await)
+        }
+        // The same Idempotency-Key again: the job the first request made.
+        Ok(Accepted::Duplicate | Accepted::Replay { .. }) => Ok(found(s, &id, StatusCode::OK).await),
+        Err(e) => Ok(store_error(e)),
+    }
+}
+
+async fn found(s: &Api, id: &str, status: StatusCode) -> Response {
+    match s.store.job(id).await {
+        Ok(Some(job)) => (status, Json(job)).into_response(),
+        Ok(None) => error(StatusCode::CONFLICT, "this Idempotency-Key was used by a request that made no job"),
+        Err(e) => store_error(e),
+    }
+}
+
+fn random_id() -> String {
+    let mut bytes = [0u8; 12];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No entropy: the clock still tells requests apart.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        return format!("t{}", nanos.as_nanos());
+    }
+    hex::encode(bytes)
+}
+
+/// The `api` event of a request: its repository, subject and inputs.
+fn event_of(body: &Map<String, Value>, delivery: &str) -> Result<Event, Refusal> {
+    let repo = text(body, "repo")?;
+    if let Some(r) = repo {
+        let valid = r.split_once('/').is_some_and(|(o, n)| {
+            let ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            ok(o) && ok(n) && n != "." && n != ".."
+        });
+        if !valid {
+            return Err(bad("repo", "must be owner/name"));
+        }
+    }
+    let git_ref = text(body, "ref")?;
+    let subject = match body.get("subject") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_u64().filter(|n| *n > 0).ok_or_else(|| bad("subject", "must be an issue or PR number"))?),
+    };
+    let inputs = match body.get("inputs") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(_) => return Err(bad("inputs", "must be an object")),
+    };
+    let prompt = text(body, "prompt")?.unwrap_or_default();
+    let payload = json!({
+        "inputs": inputs,
+        "api": { "prompt": prompt },
+        "repository": repo.map(|r| json!({ "full_name": r })),
+    });
+    let mut event = Event::new(API_EVENT, API_EVENT, None, delivery, payload);
+    // No request names the default branch: `HEAD` is the remote's own.
+    event.repository = repo.map(|r| Repository {
+        full_name: r.to_string(),
+        default_branch: Some(git_ref.unwrap_or("HEAD").to_string()),
+        id: None,
+    });
+    event.head_sha = git_ref.map(str::to_string);
+    event.subject = subject;
+    Ok(event)
+}
+
+/// The trigger a free-form request describes, compiled like a file: a
+/// mistake is reported under the request field it came from.
+fn adhoc(s: &Api, body: &Map<String, Value>) -> Result<RuleSet, Refusal> {
+    let config = s.engine.config();
+    if !config.api.allow_adhoc {
+        return Err(Refusal::Forbidden(
+            "a job without `trigger` needs [api] allow_adhoc = true (and the agent in [api] agents)",
+        ));
+    }
+    let agent = text(body, "agent")?.ok_or_else(|| bad("agent", "is required without `trigger`"))?;
+    if !config.api.agents.iter().any(|a| a == agent) {
+        return Err(bad("agent", format!("`{agent}` is not one of [api] agents: [{}]", config.api.agents.join(", "))));
+    }
+    text(body, "prompt")?.ok_or_else(|| bad("prompt", "is required without `trigger`"))?;
+    let repo = text(body, "repo")?;
+    let workspace = text(body, "workspace")?.unwrap_or(if repo.is_some() { "default-branch" } else { "none" });
+    let quote = |s: &str| Value::String(s.to_string()).to_string();
+    // (line of the source, the request field it holds)
+    let mut fields: Vec<&str> = vec!["on", "[job]", "agent", "workspace", "prompt"];
+    let mut source = format!(
+        "on = [\"{API_EVENT}\"]\n[job]\nagent = {}\nworkspace = {}\nprompt = \"{{{{ api.prompt }}}}\"\n",
+        quote(agent),
+        quote(workspace)
+    );
+    let output = match body.get("output") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(_) => return Err(bad("output", "must be an object, e.g. {\"kind\": \"comment\"}")),
+    };
+    source.push_str("[output]\n");
+    fields.push("output");
+    if !output.contains_key("kind") {
+        source.push_str("kind = \"none\"\n");
+        fields.push("output.kind");
+    }
+    let keys: Vec<String> = output.keys().map(|k| format!("output.{k}")).collect();
+    for ((key, value), field) in output.iter().zip(&keys) {
+        let value = toml_inline(value).ok_or_else(|| bad(field, "must not be null"))?;
+        source.push_str(&format!("{} = {value}\n", quote(key)));
+        fields.push(field);
+    }
+    RuleSet::one(Path::new(ADHOC_TRIGGER), &source, config).map_err(|errors| {
+        let e = &errors[0];
+        let field = e.line.checked_sub(1).and_then(|i| fields.get(i)).copied().unwrap_or("body");
+        bad(field, &e.message)
+    })
+}
+
+/// A JSON value written as TOML (JSON's strings, numbers, booleans and
+/// arrays are TOML already); `None` for a null, which TOML lacks.
+fn toml_inline(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::Array(items) => {
+            Some(format!("[{}]", items.iter().map(toml_inline).collect::<Option<Vec<_>>>()?.join(", ")))
+        }
+        Value::Object(map) => {
+            let pairs: Option<Vec<String>> =
+                map.iter().map(|(k, v)| Some(format!("{} = {}", Value::String(k.clone()), toml_inline(v)?))).collect();
+            Some(format!("{{ {} }}", pairs?.join(", ")))
+        }
+        scalar => Some(scalar.to_string()),
+    }
+}

@@ -1,0 +1,190 @@
+//! `POST /api/jobs` and `baton jobs run`: jobs asked for directly, through
+//! an `on = ["api"]` trigger or free-form, with the same queue, workspace,
+//! sandbox and outbox as a webhook's.
+
+use serde_json::{json, Value};
+
+use crate::fake_github::FakeGitHub;
+use crate::harness::{bare_repo, eventually, Baton, Workdir};
+
+const TOKEN: &str = "api-jobs-token-0123456789";
+
+/// A daemon with an API token, a script agent that prints its prompt and
+/// the worktree's README, a repository `o/r` to work on, and an `on =
+/// ["api"]` trigger; `extra` is added to `baton.toml`.
+fn daemon(fake: &FakeGitHub, extra: &str) -> (Workdir, Baton) {
+    let w = Workdir::new();
+    let repos = w.path().join("remote");
+    // `master`: the bare repository's HEAD, which a job with no `ref` works on.
+    bare_repo(&repos, "o/r", "master", &[("README.md", "the readme of o/r")]);
+    let script =
+        w.script("agent.sh", "#!/bin/sh\necho \"prompt: $(cat)\"\ncat README.md 2>/dev/null || echo \"no worktree\"\n");
+    w.config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\napi_token = \"{TOKEN}\"\n\
+         [github]\napi_url = \"{api}\"\ngit_url = \"file://{repos}\"\ntoken = \"ghs_apijobs\"\nwebhook_secret = \"api-jobs-webhook-secret\"\n\
+         [agents.script]\ncommand = [\"{script}\"]\n[agents.other]\ncommand = [\"{script}\"]\n{extra}\n",
+        api = fake.url,
+        repos = repos.display(),
+        script = script.display(),
+    ));
+    w.trigger(
+        "summarize",
+        "on = [\"api\"]\n[job]\nagent = \"script\"\nworkspace = \"default-branch\"\n\
+         prompt = \"Summarize {{ inputs.what }} in {{ repository.full_name }}\"\n[output]\nkind = \"none\"\n",
+    );
+    w.trigger(
+        "on-issues",
+        "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n",
+    );
+    let baton = Baton::start(w.path(), &[]).with_token(TOKEN);
+    (w, baton)
+}
+
+/// An `on = ["api"]` trigger with inputs: 201 with the job, which runs in a
+/// worktree of the repository and renders the inputs into its prompt.
+#[tokio::test]
+async fn a_trigger_with_on_api_runs_with_its_inputs() {
+    let fake = FakeGitHub::start().await;
+    let (_w, baton) = daemon(&fake, "");
+    let (status, job) = baton
+        .post_json("/api/jobs", &[], &json!({"trigger": "summarize", "repo": "o/r", "inputs": {"what": "the docs"}}))
+        .await;
+    assert_eq!(status, 201, "{job}");
+    assert_eq!((job["trigger"].as_str(), job["repo"].as_str()), (Some("summarize"), Some("o/r")), "{job}");
+    let done = baton.finished(job["id"].as_str().unwrap()).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let result = done["result"].as_str().unwrap_or_default();
+    assert!(result.contains("prompt: Summarize the docs in o/r"), "{result}");
+    assert!(result.contains("the readme of o/r"), "ran in a worktree of the repository: {result}");
+}
+
+/// The same `Idempotency-Key` twice: one job, and the second answer is it.
+#[tokio::test]
+async fn an_idempotency_key_gives_one_job_for_two_requests() {
+    let fake = FakeGitHub::start().await;
+    let (_w, baton) = daemon(&fake, "");
+    let body = json!({"trigger": "summarize", "repo": "o/r", "inputs": {"what": "x"}});
+    let key = [("Idempotency-Key", "retry-me-1")];
+    let (first, a) = baton.post_json("/api/jobs", &key, &body).await;
+    let (second, b) = baton.post_json("/api/jobs", &key, &body).await;
+    assert_eq!((first, second), (201, 200), "{a}\n{b}");
+    assert_eq!(a["id"], b["id"]);
+    let (third, c) = baton.post_json("/api/jobs", &[("Idempotency-Key", "retry-me-2")], &body).await;
+    assert_eq!(third, 201, "{c}");
+    assert_ne!(a["id"], c["id"], "another key is another job");
+    let (_, listed) = baton.get("/api/jobs?trigger=summarize").await;
+    assert_eq!(listed["jobs"].as_array().map(Vec::len), Some(2), "{listed}");
+}
+
+/// A free-form job needs `[api] allow_adhoc` and an agent of `[api]
+/// agents`; its output goes through the outbox like a trigger's.
+#[tokio::test]
+async fn a_free_form_job_runs_its_prompt_and_comments_its_result() {
+    let fake = FakeGitHub::start().await;
+    let (_w, off) = daemon(&fake, "");
+    let body = json!({"agent": "script", "repo": "o/r", "prompt": "Look at {{ this }}", "subject": 7,
+                      "output": {"kind": "comment", "progress": false}});
+    let (status, answer) = off.post_json("/api/jobs", &[], &body).await;
+    assert_eq!(status, 403, "free-form jobs are off by default: {answer}");
+    assert!(answer["error"].as_str().unwrap_or_default().contains("[api] allow_adhoc = true"), "{answer}");
+
+    let (_w, baton) = daemon(&fake, "[api]\nallow_adhoc = true\nagents = [\"script\"]\n");
+    let (status, job) = baton.post_json("/api/jobs", &[], &body).await;
+    assert_eq!(status, 201, "{job}");
+    let done = baton.finished(job["id"].as_str().unwrap()).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    // The prompt is the request's text, never a template.
+    assert!(done["result"].as_str().unwrap_or_default().contains("prompt: Look at {{ this }}"), "{done}");
+    eventually("the comment", || fake.comments("o/r#7").iter().any(|c| c.body.contains("the readme of o/r"))).await;
+}
+
+/// Every bad field is a 400 naming it; nothing is created.
+#[tokio::test]
+async fn bad_fields_answer_400_naming_the_field() {
+    let fake = FakeGitHub::start().await;
+    let (_w, baton) = daemon(&fake, "[api]\nallow_adhoc = true\nagents = [\"script\"]\n");
+    for (body, field, says) in [
+        (json!({"trigger": "summarize", "colour": "red"}), "colour", "unknown field"),
+        (json!({"trigger": "nope"}), "trigger", "no trigger `nope`"),
+        (json!({"trigger": "on-issues"}), "trigger", "needs on = [\"api\"]"),
+        (json!({"trigger": "summarize", "prompt": "x"}), "prompt", "comes from the trigger"),
+        (json!({"trigger": "summarize", "repo": "not a repo"}), "repo", "owner/name"),
+        (json!({"trigger": "summarize", "inputs": [1]}), "inputs", "must be an object"),
+        (json!({"trigger": "summarize", "subject": "seven"}), "subject", "issue or PR number"),
+        (json!({"agent": "other", "prompt": "x"}), "agent", "not one of [api] agents"),
+        (json!({"agent": "script"}), "prompt", "is required"),
+        (json!({"agent": "script", "prompt": "x", "workspace": "everywhere"}), "workspace", "unknown variant"),
+        (json!({"agent": "script", "prompt": "x", "output": {"kind": "fax"}}), "output.kind", "unknown variant"),
+        (
+            json!({"agent": "script", "prompt": "x", "output": {"kind": "none", "colour": 1}}),
+            "output.colour",
+            "unknown key `colour`",
+        ),
+        (
+            json!({"agent": "script", "prompt": "x", "output": {"kind": "comment", "title": null}}),
+            "output.title",
+            "null",
+        ),
+        (json!(["not", "an", "object"]), "body", "JSON object"),
+    ] {
+        let (status, answer) = baton.post_json("/api/jobs", &[], &body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(answer["field"], field, "{body}: {answer}");
+        assert!(answer["error"].as_str().unwrap_or_default().contains(says), "{body}: {answer}");
+    }
+    let (_, listed) = baton.get("/api/jobs").await;
+    assert_eq!(listed["jobs"], json!([]), "nothing was created");
+}
+
+/// Creating jobs wants the API token, and a daemon with no token creates
+/// none: anyone who reached its port could start agents.
+#[tokio::test]
+async fn creating_a_job_needs_the_api_token() {
+    let fake = FakeGitHub::start().await;
+    let (_w, baton) = daemon(&fake, "");
+    let body = json!({"trigger": "summarize", "repo": "o/r"});
+    let http = reqwest::Client::new();
+    for auth in [None, Some("Bearer wrong")] {
+        let mut req = http.post(format!("{}/api/jobs", baton.url)).json(&body);
+        if let Some(a) = auth {
+            req = req.header("Authorization", a);
+        }
+        assert_eq!(req.send().await.unwrap().status().as_u16(), 401, "{auth:?}");
+    }
+    let (_, listed) = baton.get("/api/jobs").await;
+    assert_eq!(listed["jobs"], json!([]), "nothing was created");
+
+    let open = Workdir::new();
+    open.config("[server]\nlisten = \"127.0.0.1:0\"\n");
+    open.trigger("t", "on = [\"api\"]\n[job]\nagent = \"codex\"\nworkspace = \"none\"\nprompt = \"x\"\n");
+    let open = Baton::start(open.path(), &[]);
+    let (status, answer) = open.post_json("/api/jobs", &[], &json!({"trigger": "t"})).await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer["error"].as_str().unwrap_or_default().contains("server.api_token"), "{answer}");
+}
+
+/// `baton jobs run --follow`: the job's log, then its result; the exit code
+/// says whether it succeeded.
+#[tokio::test]
+async fn baton_jobs_run_follows_a_job_to_its_result() {
+    let fake = FakeGitHub::start().await;
+    let (_w, baton) = daemon(&fake, "[api]\nallow_adhoc = true\nagents = [\"script\"]\n");
+    let url = baton.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args(["jobs", "run", "--repo", "o/r", "--agent", "script", "--prompt", "from the shell", "--follow"])
+            .env("BATON_URL", &url)
+            .env("BATON_API_TOKEN", TOKEN)
+            .output()
+            .expect("run baton")
+    })
+    .await
+    .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("prompt: from the shell") && stdout.contains("the readme of o/r"), "{stdout}");
+    assert!(stderr.contains(" succeeded"), "{stderr}");
+    let id = stderr.lines().next().and_then(|l| l.strip_prefix("job ")).unwrap_or_default().to_string();
+    let (_, job): (u16, Value) = baton.get(&format!("/api/jobs/{id}")).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+}
