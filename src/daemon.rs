@@ -100,6 +100,7 @@ pub async fn serve(
     }
 
     let ready = Arc::new(AtomicBool::new(false));
+    let addr = listener.local_addr().map_err(ServeError::Server)?;
     let app = ingress::router(ingress::Ingress {
         store: store.clone(),
         rules: rules.clone(),
@@ -123,6 +124,8 @@ pub async fn serve(
         metrics: metrics.clone(),
         hosts: Arc::new(api::Hosts::new(config.server.listen, config.server.public_url.as_deref())),
         streams: Arc::new(tokio::sync::Semaphore::new(config.server.max_streams)),
+        web_url: config.server.public_url.clone().unwrap_or_else(|| format!("http://{addr}")),
+        stop: shutdown.clone(),
     }));
 
     let workers = CancellationToken::new();
@@ -152,7 +155,6 @@ pub async fn serve(
     }
 
     ready.store(true, Ordering::Release);
-    let addr = listener.local_addr().map_err(ServeError::Server)?;
     tracing::info!(listen = %addr, storage = %config.storage.path.display(), "baton is serving.");
     let result = serve_http(listener, app, config.server.read_timeout, shutdown.clone()).await;
 

@@ -3,7 +3,8 @@
 //! Data flows one way: `ingress` (webhooks) → `rules` (match, render) →
 //! `store` (durable) → `engine` (run agents) → `publish` (GitHub). `domain`
 //! holds the records and the policies the store applies; `api` reads the
-//! store and asks the engine to cancel; `daemon` wires it all.
+//! store and asks the engine to cancel; `mcp` serves the API's job tools
+//! over MCP; `daemon` wires it all.
 
 pub mod api;
 pub mod auth;
@@ -16,6 +17,7 @@ pub mod engine;
 pub mod event;
 pub mod harden;
 pub mod ingress;
+pub mod mcp;
 pub mod metrics;
 pub mod publish;
 pub mod rules;

@@ -95,6 +95,13 @@ enum Command {
         #[arg(last = true, required = true)]
         argv: Vec<std::ffi::OsString>,
     },
+    /// Serve baton's job tools (delegate, wait_job, …) over MCP on stdio, for
+    /// an agent session such as `claude mcp add baton -- baton mcp`.
+    Mcp {
+        /// The daemon's address.
+        #[arg(long, env = "BATON_URL", default_value = "http://127.0.0.1:8787")]
+        url: String,
+    },
     /// Inspect and control jobs of a running daemon.
     Jobs {
         /// The daemon's address.
@@ -238,6 +245,10 @@ async fn run(command: Command) -> Result<ExitCode> {
             deliver(&url, &secret, &event, delivery, &file).await
         }
         Command::Jobs { url, command } => jobs(&url, command).await,
+        Command::Mcp { url } => {
+            let token = std::env::var("BATON_API_TOKEN").ok().filter(|t| !t.is_empty());
+            baton::mcp::serve_stdio(&url, token).await.map(|()| ExitCode::SUCCESS)
+        }
     }
 }
 

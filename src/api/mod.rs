@@ -46,18 +46,21 @@ pub struct Api {
     pub hosts: Arc<Hosts>,
     /// Live log streams at once (`server.max_streams`); none left: 503.
     pub streams: Arc<tokio::sync::Semaphore>,
+    /// Where the dashboard is reached (`server.public_url`, else the listen
+    /// address), for the links `/mcp` answers with.
+    pub web_url: String,
+    /// Cancelled at shutdown: ends `/mcp`'s open sessions.
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 pub fn router(state: Api) -> Router {
-    let api = Router::new()
-        .route("/api/jobs", get(list_jobs).post(create::create_job))
-        .route("/api/jobs/{id}", get(show_job))
-        .route("/api/jobs/{id}/log", get(job_log))
-        .route("/api/jobs/{id}/cancel", post(cancel_job))
-        .route("/api/jobs/{id}/retry", post(retry_job))
-        .route("/api/triggers", get(list_triggers))
-        .route("/", get(dashboard::jobs_page))
-        .route("/jobs/{id}", get(dashboard::job_page))
+    // `/mcp`'s tools call these routes in-process: the caller's token was
+    // checked at `/mcp` already.
+    let inner = routes().with_state(state.clone());
+    let mcp = crate::mcp::http_service(inner, state.web_url.clone(), state.stop.clone());
+    let api = routes()
+        .route_service("/mcp", mcp)
+        .route_layer(middleware::from_fn_with_state(state.clone(), mcp_needs_token))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route_layer(middleware::from_fn_with_state(state.hosts.clone(), origin::same_site));
     Router::new()
@@ -66,6 +69,28 @@ pub fn router(state: Api) -> Router {
         .route("/metrics", get(metrics))
         .merge(api)
         .with_state(state)
+}
+
+/// The API's own routes, without their guards.
+fn routes() -> Router<Api> {
+    Router::new()
+        .route("/api/jobs", get(list_jobs).post(create::create_job))
+        .route("/api/jobs/{id}", get(show_job))
+        .route("/api/jobs/{id}/log", get(job_log))
+        .route("/api/jobs/{id}/cancel", post(cancel_job))
+        .route("/api/jobs/{id}/retry", post(retry_job))
+        .route("/api/triggers", get(list_triggers))
+        .route("/", get(dashboard::jobs_page))
+        .route("/jobs/{id}", get(dashboard::job_page))
+}
+
+/// `/mcp` hands out agents' work: like `POST /api/jobs`, it is served only
+/// behind an API token.
+async fn mcp_needs_token(State(s): State<Api>, req: Request, next: Next) -> Response {
+    if s.token.is_none() && req.uri().path() == "/mcp" {
+        return error(StatusCode::FORBIDDEN, "/mcp needs server.api_token");
+    }
+    next.run(req).await
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {

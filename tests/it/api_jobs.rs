@@ -7,12 +7,12 @@ use serde_json::{json, Value};
 use crate::fake_github::FakeGitHub;
 use crate::harness::{bare_repo, eventually, Baton, Workdir};
 
-const TOKEN: &str = "api-jobs-token-0123456789";
+pub(crate) const TOKEN: &str = "api-jobs-token-0123456789";
 
 /// A daemon with an API token, a script agent that prints its prompt and
 /// the worktree's README, a repository `o/r` to work on, and an `on =
 /// ["api"]` trigger; `extra` is added to `baton.toml`.
-fn daemon(fake: &FakeGitHub, extra: &str) -> (Workdir, Baton) {
+pub(crate) fn daemon(fake: &FakeGitHub, extra: &str) -> (Workdir, Baton) {
     let w = Workdir::new();
     let repos = w.path().join("remote");
     // `master`: the bare repository's HEAD, which a job with no `ref` works on.

@@ -23,6 +23,7 @@ mod hostile;
 mod ingress;
 mod layout;
 mod lease;
+mod mcp_server;
 mod normalize;
 mod notify;
 mod publish;

@@ -44,6 +44,9 @@ enum Script {
     /// A call of the tool whose name ends with this (an MCP server's tool);
     /// the answer then quotes what the tool returned.
     CallTool(&'static str),
+    /// baton's own MCP tools: `delegate` a task, `wait_job` on the job it
+    /// started, then answer quoting what `wait_job` returned.
+    Delegate,
 }
 
 /// A scripted model: first a tool call, then, once the tool's result comes
@@ -123,7 +126,7 @@ fn responses(body: &Value, final_text: &str, script: Script) -> Response {
         (Some(output), _) => {
             let text = match script {
                 Script::CallTool(_) => format!("{final_text} {output}"),
-                Script::WriteProof(_) => final_text.to_string(),
+                Script::WriteProof(_) | Script::Delegate => final_text.to_string(),
             };
             json!({"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
                    "content": [{"type": "output_text", "text": text, "annotations": []}]})
@@ -133,6 +136,8 @@ fn responses(body: &Value, final_text: &str, script: Script) -> Response {
             json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "exec_command",
                    "arguments": json!({"cmd": cmd}).to_string(), "status": "completed"})
         }
+        (None, Script::Delegate) => json!({"type": "message", "id": "msg_1", "role": "assistant",
+            "status": "completed", "content": [{"type": "output_text", "text": final_text, "annotations": []}]}),
         (None, Script::CallTool(suffix)) => {
             let (namespace, name) =
                 namespaced_tool(body, suffix).unwrap_or_else(|| (String::new(), format!("no tool ending in {suffix}")));
@@ -163,6 +168,28 @@ fn messages(body: &Value, final_text: &str, script: Script) -> Response {
     });
     let text =
         |text: String| (json!({"type": "text", "text": ""}), json!({"type": "text_delta", "text": text}), "end_turn");
+    // Each call its own id: the CLI pairs results with calls by it.
+    let call_id = format!("toolu_{}", tool_results(body).len() + 1);
+    let call = |name: String, input: Value| {
+        let partial = json!({"type": "input_json_delta", "partial_json": input.to_string()});
+        (json!({"type": "tool_use", "id": call_id, "name": name, "input": {}}), partial, "tool_use")
+    };
+    if let (Script::Delegate, Some(delegate), Some(wait)) =
+        (script, tool_named(body, "__delegate"), tool_named(body, "__wait_job"))
+    {
+        let results = tool_results(body);
+        let (block, delta, stop) = match results.as_slice() {
+            [] => call(delegate, json!({"agent": "script", "repo": "o/r", "prompt": "Count the files."})),
+            [started] => {
+                let id = serde_json::from_str::<Value>(started)
+                    .ok()
+                    .and_then(|v| v["jobs"][0]["id"].as_str().map(str::to_string));
+                call(wait, json!({"id": id.unwrap_or_default(), "timeout": 60}))
+            }
+            [.., waited] => text(format!("{final_text} {waited}")),
+        };
+        return message_sse(body, block, delta, stop);
+    }
     let (block, delta, stop) = match (script, result) {
         (Script::CallTool(_), Some(output)) => text(format!("{final_text} {output}")),
         (_, Some(_)) => text(final_text.to_string()),
@@ -176,14 +203,30 @@ fn messages(body: &Value, final_text: &str, script: Script) -> Response {
             _ => text(final_text.to_string()),
         },
         (Script::CallTool(suffix), None) => match tool_named(body, suffix) {
-            Some(name) => (
-                json!({"type": "tool_use", "id": "toolu_1", "name": name, "input": {}}),
-                json!({"type": "input_json_delta", "partial_json": "{}"}),
-                "tool_use",
-            ),
+            Some(name) => call(name, json!({})),
             None => text(final_text.to_string()),
         },
+        (Script::Delegate, None) => text(final_text.to_string()),
     };
+    message_sse(body, block, delta, stop)
+}
+
+/// The text of every tool result in a Messages request, in order.
+fn tool_results(body: &Value) -> Vec<String> {
+    let messages = body["messages"].as_array().into_iter().flatten();
+    let blocks = messages.flat_map(|m| m["content"].as_array().cloned().unwrap_or_default());
+    blocks
+        .filter(|b| b["type"] == "tool_result")
+        .map(|b| match &b["content"] {
+            Value::String(s) => s.clone(),
+            Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join(""),
+            other => other.to_string(),
+        })
+        .collect()
+}
+
+/// One streamed Messages answer of one content block.
+fn message_sse(body: &Value, block: Value, delta: Value, stop: &str) -> Response {
     sse(&[
         json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
             "model": body["model"], "content": [], "stop_reason": null, "stop_sequence": null,
@@ -212,7 +255,7 @@ fn gemini(body: &Value, final_text: &str, script: Script) -> Response {
         .collect();
     let part = match (response, script) {
         (Some(r), Script::CallTool(_)) => json!({"text": format!("{final_text} {r}")}),
-        (Some(_), Script::WriteProof(_)) => json!({"text": final_text}),
+        (Some(_), Script::WriteProof(_) | Script::Delegate) => json!({"text": final_text}),
         (None, Script::WriteProof(proof)) if tools.iter().any(|t| t == "write_file") => {
             json!({"functionCall": {"name": "write_file",
                 "args": {"file_path": PROOF_FILE, "content": format!("{proof}\n")}}})
@@ -658,4 +701,66 @@ async fn gemini_calls_a_jobs_mcp_server() {
     let cli = cli_dir("gemini", "@google/gemini-cli@0.61.0");
     let env = [("GEMINI_API_KEY", "fake-gemini-key")];
     mcp_tool_reaches_the_result("gemini", Api::Gemini, &cli, "model = \"baton-fake\"", &env).await;
+}
+
+/// The real Claude Code CLI as an interactive session's stand-in, with
+/// `baton mcp` as its MCP server (`--mcp-config`): driven by the scripted
+/// model it calls `delegate`, then `wait_job`, and answers. The delegated
+/// job really runs, in a worktree of the repository through a second agent
+/// (a script that prints the README), and its result is in the session's
+/// final answer.
+#[tokio::test]
+async fn claude_delegates_to_baton_through_baton_mcp() {
+    let cli = cli_dir("claude", "@anthropic-ai/claude-code@2.1.197");
+    let model = FakeModel::scripted(Api::Messages, "baton says:", Script::Delegate).await;
+    let fake = FakeGitHub::start().await;
+    let (_w, baton) = crate::api_jobs::daemon(&fake, "[api]\nallow_adhoc = true\nagents = [\"script\"]\n");
+    let dir = tempfile::tempdir().unwrap();
+    let config = json!({"mcpServers": {"baton": {"type": "stdio", "command": env!("CARGO_BIN_EXE_baton"),
+        "args": ["mcp", "--url", baton.url], "env": {"BATON_API_TOKEN": crate::api_jobs::TOKEN}}}});
+    let config_file = dir.path().join("mcp.json");
+    std::fs::write(&config_file, config.to_string()).unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let path = format!("{}:{}", cli.display(), std::env::var("PATH").unwrap_or_default());
+    let (url, cwd) = (model.url.clone(), dir.path().to_path_buf());
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let mut child = Command::new(cli.join("claude"))
+            .args(["-p", "--output-format", "json", "--model", "claude-fake", "--max-turns", "6"])
+            .arg("--mcp-config")
+            .arg(&config_file)
+            .args(["--strict-mcp-config", "--allowedTools", "mcp__baton"])
+            .env_clear()
+            .env("PATH", path)
+            .env("HOME", &home)
+            .env("ANTHROPIC_BASE_URL", url)
+            .env("ANTHROPIC_API_KEY", "sk-ant-fake-key")
+            .env("CLAUDE_CODE_MAX_RETRIES", "0")
+            .env("DISABLE_AUTOUPDATER", "1")
+            .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+            .current_dir(cwd)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("claude");
+        child.stdin.take().unwrap().write_all(b"Have baton count the files of o/r.").unwrap();
+        child.wait_with_output().expect("claude ran")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let answer: Value = serde_json::from_str(&stdout).unwrap_or_else(|_| json!({}));
+    let result = answer["result"].as_str().unwrap_or_default();
+    assert!(
+        result.starts_with("baton says:") && result.contains("the readme of o/r") && result.contains("succeeded"),
+        "the delegated job's result is in the answer: {stdout}\n{}\nrequests: {:?}",
+        String::from_utf8_lossy(&out.stderr),
+        model.requests()
+    );
+    let (_, jobs) = baton.get("/api/jobs").await;
+    let jobs = jobs["jobs"].as_array().cloned().unwrap_or_default();
+    assert_eq!(jobs.len(), 1, "one delegated job: {jobs:?}");
+    assert_eq!((jobs[0]["trigger"].as_str(), jobs[0]["state"].as_str()), (Some("api"), Some("succeeded")));
 }
