@@ -160,14 +160,8 @@ fn random_id() -> String {
 /// The `api` event of a request: its repository, subject and inputs.
 fn event_of(body: &Map<String, Value>, delivery: &str) -> Result<Event, Refusal> {
     let repo = text(body, "repo")?;
-    if let Some(r) = repo {
-        let valid = r.split_once('/').is_some_and(|(o, n)| {
-            let ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-            ok(o) && ok(n) && n != "." && n != ".."
-        });
-        if !valid {
-            return Err(bad("repo", "must be owner/name"));
-        }
+    if repo.is_some_and(|r| crate::event::split_repo_name(r).is_none()) {
+        return Err(bad("repo", "must be owner/name"));
     }
     let git_ref = text(body, "ref")?;
     let subject = match body.get("subject") {

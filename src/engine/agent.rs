@@ -470,7 +470,7 @@ fn write_private(dir: &Path, files: &[(String, String)]) -> std::io::Result<()> 
 }
 
 /// Where `program` is: a path (relative to `workdir`), or found on `path`.
-fn resolve_program(program: &str, path: &std::ffi::OsStr, workdir: &Path) -> Option<PathBuf> {
+pub(super) fn resolve_program(program: &str, path: &std::ffi::OsStr, workdir: &Path) -> Option<PathBuf> {
     use crate::sandbox::is_executable;
     if program.contains('/') {
         let p = workdir.join(program);

@@ -60,9 +60,9 @@ pub const CLAUDE_FILE: &str = "mcp.json";
 /// by `GEMINI_CLI_SYSTEM_SETTINGS_PATH` for both of the keys used here.)
 pub const GEMINI_FILE: &str = ".gemini/settings.json";
 
-/// The name of the variable that carries value `key` of server `server`.
-/// A stdio server's variables keep their own names (the CLI passes them on
-/// under that name); header values get a name of baton's.
+/// The variable that carries header number `index` of HTTP server `server`.
+/// (A stdio server's variables keep their own names: the CLI passes them on
+/// under those.)
 fn header_var(server: &str, index: usize) -> String {
     let server: String =
         server.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
@@ -207,12 +207,7 @@ fn gemini_base_url(agent: &crate::config::AgentDef) -> bool {
 /// outside the system folders the sandbox shows anyway.
 fn visible_paths(command: &[String]) -> Vec<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let program = if command[0].contains('/') {
-        Some(PathBuf::from(&command[0]))
-    } else {
-        std::env::split_paths(&path).map(|d| d.join(&command[0])).find(|p| crate::sandbox::is_executable(p))
-    };
-    program
+    super::agent::resolve_program(&command[0], &path, Path::new("/"))
         .into_iter()
         .chain(command[1..].iter().map(PathBuf::from).filter(|p| p.is_absolute()))
         .filter(|p| p.is_absolute() && p.exists() && !crate::sandbox::is_system_path(p))

@@ -752,13 +752,7 @@ async fn list_dirs(dir: &Path) -> Vec<(String, PathBuf)> {
 }
 
 fn split_repo(repo: &str) -> Result<(&str, &str), WorkspaceError> {
-    let ok = |s: &str| {
-        !s.is_empty() && s != "." && s != ".." && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    };
-    match repo.split_once('/') {
-        Some((o, n)) if ok(o) && ok(n) => Ok((o, n)),
-        _ => Err(WorkspaceError::BadRepository(repo.to_string())),
-    }
+    crate::event::split_repo_name(repo).ok_or_else(|| WorkspaceError::BadRepository(repo.to_string()))
 }
 
 /// Runs git on the repository `git_dir` (with `work_tree`, if any); with a

@@ -25,6 +25,15 @@ pub struct Repository {
     pub id: Option<u64>,
 }
 
+/// `owner/name` split in two, when both are names GitHub allows (letters,
+/// digits, `-`, `_`, `.`; never `.` or `..`): what may become a path or URL.
+pub fn split_repo_name(repo: &str) -> Option<(&str, &str)> {
+    let ok = |s: &str| {
+        !s.is_empty() && s != "." && s != ".." && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    repo.split_once('/').filter(|(o, n)| ok(o) && ok(n))
+}
+
 impl Repository {
     pub fn owner(&self) -> &str {
         self.full_name.split_once('/').map(|(o, _)| o).unwrap_or(&self.full_name)

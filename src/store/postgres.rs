@@ -1247,25 +1247,7 @@ async fn lock_throttles(
     tx: &mut Transaction<'_, Postgres>,
     keys: &[String],
 ) -> Result<HashMap<String, Vec<i64>>, StoreError> {
-    let mut out = HashMap::new();
-    if keys.is_empty() {
-        return Ok(out);
-    }
-    sqlx::query("INSERT INTO throttles (key, runs) SELECT unnest($1::text[]), '[]' ON CONFLICT DO NOTHING")
-        .bind(keys)
-        .execute(&mut **tx)
-        .await
-        .map_err(pg)?;
-    let rows = sqlx::query("SELECT key, runs FROM throttles WHERE key = ANY($1) ORDER BY key FOR UPDATE")
-        .bind(keys)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(pg)?;
-    for row in rows {
-        let Json(runs): Json<Vec<i64>> = row.try_get(1).map_err(pg)?;
-        out.insert(row.try_get(0).map_err(pg)?, runs);
-    }
-    Ok(out)
+    lock_rows(tx, "throttles", "key", "runs", "[]", keys).await
 }
 
 /// The groups named, created if missing and locked (in name order).
@@ -1273,23 +1255,32 @@ async fn lock_groups(
     tx: &mut Transaction<'_, Postgres>,
     names: &[String],
 ) -> Result<HashMap<String, GroupState>, StoreError> {
+    lock_rows(tx, "groups", "name", "state", "{}", names).await
+}
+
+/// Rows of `table` by `key` (its JSON column `value`), each created as
+/// `empty` if missing, locked in key order so two transactions never wait
+/// on each other in a circle. Names are baton's own constants, never input.
+async fn lock_rows<T: serde::de::DeserializeOwned>(
+    tx: &mut Transaction<'_, Postgres>,
+    table: &str,
+    key: &str,
+    value: &str,
+    empty: &str,
+    keys: &[String],
+) -> Result<HashMap<String, T>, StoreError> {
     let mut out = HashMap::new();
-    if names.is_empty() {
+    if keys.is_empty() {
         return Ok(out);
     }
-    sqlx::query("INSERT INTO groups (name, state) SELECT unnest($1::text[]), '{}' ON CONFLICT DO NOTHING")
-        .bind(names)
-        .execute(&mut **tx)
-        .await
-        .map_err(pg)?;
-    let rows = sqlx::query("SELECT name, state FROM groups WHERE name = ANY($1) ORDER BY name FOR UPDATE")
-        .bind(names)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(pg)?;
+    let insert =
+        format!("INSERT INTO {table} ({key}, {value}) SELECT unnest($1::text[]), '{empty}' ON CONFLICT DO NOTHING");
+    sqlx::query(&insert).bind(keys).execute(&mut **tx).await.map_err(pg)?;
+    let select = format!("SELECT {key}, {value} FROM {table} WHERE {key} = ANY($1) ORDER BY {key} FOR UPDATE");
+    let rows = sqlx::query(&select).bind(keys).fetch_all(&mut **tx).await.map_err(pg)?;
     for row in rows {
-        let Json(state): Json<GroupState> = row.try_get(1).map_err(pg)?;
-        out.insert(row.try_get(0).map_err(pg)?, state);
+        let Json(v): Json<T> = row.try_get(1).map_err(pg)?;
+        out.insert(row.try_get(0).map_err(pg)?, v);
     }
     Ok(out)
 }
