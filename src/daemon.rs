@@ -82,6 +82,7 @@ pub async fn serve(
     let config = Arc::new(config);
     let wake = Arc::new(Notify::new());
     let publish_wake = Arc::new(Notify::new());
+    let addr = listener.local_addr().map_err(ServeError::Server)?;
     let engine = Arc::new(
         Engine::new(
             store.clone(),
@@ -92,7 +93,8 @@ pub async fn serve(
             credentials.clone(),
             metrics.clone(),
         )
-        .with_sandbox(sandbox),
+        .with_sandbox(sandbox)
+        .with_api_addr(addr),
     );
     let recovered = engine.recover().await?;
     if recovered > 0 {
@@ -100,7 +102,6 @@ pub async fn serve(
     }
 
     let ready = Arc::new(AtomicBool::new(false));
-    let addr = listener.local_addr().map_err(ServeError::Server)?;
     let app = ingress::router(ingress::Ingress {
         store: store.clone(),
         rules: rules.clone(),

@@ -20,6 +20,8 @@ use rmcp::{schemars, tool, tool_handler, tool_router, ErrorData, RoleServer, Ser
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::api::Caller;
+
 /// The longest `wait_job` blocks, whatever it is asked.
 const MAX_WAIT: Duration = Duration::from_secs(600);
 /// Jobs one `delegate` call may start.
@@ -51,7 +53,13 @@ impl Daemon {
     }
 
     /// One API call: its status and its body (JSON, or the text as a string).
-    async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value), String> {
+    async fn call(
+        &self,
+        caller: Option<&Caller>,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), String> {
         let (status, bytes) = match self {
             Daemon::Http { url, token, http } => {
                 let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
@@ -68,7 +76,11 @@ impl Daemon {
             }
             Daemon::Local { routes, .. } => {
                 use tower::ServiceExt as _;
+                // `/mcp` let the request in with the caller it found; the
+                // routes answer as that caller.
+                let caller = caller.ok_or("the request reached /mcp without a caller")?;
                 let req = axum::http::Request::builder()
+                    .extension(caller.clone())
                     .method(method)
                     .uri(path)
                     .header("content-type", "application/json")
@@ -87,8 +99,14 @@ impl Daemon {
     }
 
     /// A call whose non-2xx answer is an error naming the API's reason.
-    async fn ok(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, String> {
-        let (status, v) = self.call(method, path, body).await?;
+    async fn ok(
+        &self,
+        caller: Option<&Caller>,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, String> {
+        let (status, v) = self.call(caller, method, path, body).await?;
         if (200..300).contains(&status) {
             return Ok(v);
         }
@@ -136,6 +154,8 @@ pub struct ListJobs {
     /// queued | running | succeeded | failed | cancelled | skipped.
     pub state: Option<String>,
     pub trigger: Option<String>,
+    /// Only the children of this job (those it delegated).
+    pub parent: Option<String>,
     /// At most this many, newest first (default 20).
     pub limit: Option<u32>,
 }
@@ -192,7 +212,7 @@ fn refuse(reason: impl Into<String>) -> Result<CallToolResult, ErrorData> {
 /// What a caller needs of a job: no spec, no internals.
 fn summary(job: &Value) -> Value {
     json!({
-        "id": job["id"], "state": job["state"], "trigger": job["trigger"], "repo": job["repo"],
+        "id": job["id"], "state": job["state"], "trigger": job["trigger"], "repo": job["repo"], "parent": job["parent"],
         "subject": job["subject"], "attempts": job["attempts"], "error": job["error"],
         "result": job["result"], "usage": job["usage"], "branch": job["branch"],
         "created_at": job["created_at"], "finished_at": job["finished_at"],
@@ -213,7 +233,12 @@ impl BatonMcp {
         for the API, or the free-form fields (`agent`, `repo`, `prompt`, optional `workspace`, `ref`, `output`, \
         `subject`). `count` starts that many identical jobs; `prompts` one job per prompt. Returns each job's id \
         and dashboard URL at once; follow them with `wait_job`.")]
-    async fn delegate(&self, Parameters(d): Parameters<Delegate>) -> Result<CallToolResult, ErrorData> {
+    async fn delegate(
+        &self,
+        Parameters(d): Parameters<Delegate>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let caller = caller(&ctx);
         let mut base = Map::new();
         let mut put = |k: &str, v: Option<Value>| {
             if let Some(v) = v {
@@ -242,7 +267,7 @@ impl BatonMcp {
             if let Some(p) = prompt {
                 body.insert("prompt".into(), p.into());
             }
-            match self.daemon.ok("POST", "/api/jobs", Some(&Value::Object(body))).await {
+            match self.daemon.ok(caller, "POST", "/api/jobs", Some(&Value::Object(body))).await {
                 Ok(job) => {
                     let id = job["id"].as_str().unwrap_or_default().to_string();
                     jobs.push(json!({ "id": id, "state": job["state"], "url": self.daemon.job_url(&id) }));
@@ -256,9 +281,13 @@ impl BatonMcp {
     }
 
     #[tool(description = "List baton's jobs, newest first: id, state, trigger, repository, subject.")]
-    async fn list_jobs(&self, Parameters(q): Parameters<ListJobs>) -> Result<CallToolResult, ErrorData> {
+    async fn list_jobs(
+        &self,
+        Parameters(q): Parameters<ListJobs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
         let mut path = format!("/api/jobs?limit={}", q.limit.unwrap_or(20).clamp(1, 500));
-        for (k, v) in [("state", q.state), ("trigger", q.trigger)] {
+        for (k, v) in [("state", q.state), ("trigger", q.trigger), ("parent", q.parent)] {
             if let Some(v) = v {
                 path.push_str(&format!(
                     "&{k}={}",
@@ -266,15 +295,19 @@ impl BatonMcp {
                 ));
             }
         }
-        match self.daemon.ok("GET", &path, None).await {
+        match self.daemon.ok(caller(&ctx), "GET", &path, None).await {
             Ok(v) => answer(json!({ "jobs": v["jobs"].as_array().map(|j| j.iter().map(summary).collect::<Vec<_>>()) })),
             Err(e) => refuse(e),
         }
     }
 
     #[tool(description = "One job: its state, result (when it ended), error, model usage and attempts.")]
-    async fn get_job(&self, Parameters(j): Parameters<JobId>) -> Result<CallToolResult, ErrorData> {
-        match self.job(&j.id).await {
+    async fn get_job(
+        &self,
+        Parameters(j): Parameters<JobId>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        match self.job(caller(&ctx), &j.id).await {
             Ok(job) => answer(summary(&job)),
             Err(e) => refuse(e),
         }
@@ -282,8 +315,12 @@ impl BatonMcp {
 
     #[tool(description = "A job's log (the agent's output): its tail, or everything from `offset` on; \
         `next_offset` continues it.")]
-    async fn job_log(&self, Parameters(l): Parameters<JobLog>) -> Result<CallToolResult, ErrorData> {
-        let text = match self.daemon.ok("GET", &format!("/api/jobs/{}/log", encode(&l.id)), None).await {
+    async fn job_log(
+        &self,
+        Parameters(l): Parameters<JobLog>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let text = match self.daemon.ok(caller(&ctx), "GET", &format!("/api/jobs/{}/log", encode(&l.id)), None).await {
             Ok(Value::String(t)) => t,
             Ok(other) => other.to_string(),
             Err(e) => return refuse(e),
@@ -320,7 +357,7 @@ impl BatonMcp {
         loop {
             let mut still = Vec::new();
             for id in pending {
-                match self.job(&id).await {
+                match self.job(caller(&ctx), &id).await {
                     Ok(job) if ended(&job) => {
                         if let Some(token) = &progress {
                             let mut p = ProgressNotificationParam::new(token.clone(), (done.len() + 1) as f64);
@@ -347,8 +384,12 @@ impl BatonMcp {
     }
 
     #[tool(description = "Cancel a queued or running job (its agent is stopped).")]
-    async fn cancel_job(&self, Parameters(j): Parameters<JobId>) -> Result<CallToolResult, ErrorData> {
-        match self.daemon.ok("POST", &format!("/api/jobs/{}/cancel", encode(&j.id)), None).await {
+    async fn cancel_job(
+        &self,
+        Parameters(j): Parameters<JobId>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        match self.daemon.ok(caller(&ctx), "POST", &format!("/api/jobs/{}/cancel", encode(&j.id)), None).await {
             Ok(job) => answer(summary(&job)),
             Err(e) => refuse(e),
         }
@@ -356,8 +397,8 @@ impl BatonMcp {
 
     #[tool(description = "The daemon's triggers: name, description, the events they start on and the agent; \
         those with `api` in `on` can be run with `run_trigger`.")]
-    async fn list_triggers(&self) -> Result<CallToolResult, ErrorData> {
-        match self.daemon.ok("GET", "/api/triggers", None).await {
+    async fn list_triggers(&self, ctx: RequestContext<RoleServer>) -> Result<CallToolResult, ErrorData> {
+        match self.daemon.ok(caller(&ctx), "GET", "/api/triggers", None).await {
             Ok(v) => answer(json!({ "triggers": v["triggers"] })),
             Err(e) => refuse(e),
         }
@@ -365,7 +406,11 @@ impl BatonMcp {
 
     #[tool(description = "Run a trigger made for the API (`on = [\"api\"]`) with its inputs; returns the job's \
         id and dashboard URL.")]
-    async fn run_trigger(&self, Parameters(r): Parameters<RunTrigger>) -> Result<CallToolResult, ErrorData> {
+    async fn run_trigger(
+        &self,
+        Parameters(r): Parameters<RunTrigger>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
         let mut body = json!({ "trigger": r.trigger, "inputs": r.inputs.unwrap_or_default() });
         if let Some(repo) = r.repo {
             body["repo"] = repo.into();
@@ -373,7 +418,7 @@ impl BatonMcp {
         if let Some(s) = r.subject {
             body["subject"] = s.into();
         }
-        match self.daemon.ok("POST", "/api/jobs", Some(&body)).await {
+        match self.daemon.ok(caller(&ctx), "POST", "/api/jobs", Some(&body)).await {
             Ok(job) => {
                 let id = job["id"].as_str().unwrap_or_default().to_string();
                 answer(json!({ "id": id, "state": job["state"], "url": self.daemon.job_url(&id) }))
@@ -384,9 +429,15 @@ impl BatonMcp {
 }
 
 impl BatonMcp {
-    async fn job(&self, id: &str) -> Result<Value, String> {
-        self.daemon.ok("GET", &format!("/api/jobs/{}", encode(id)), None).await
+    async fn job(&self, caller: Option<&Caller>, id: &str) -> Result<Value, String> {
+        self.daemon.ok(caller, "GET", &format!("/api/jobs/{}", encode(id)), None).await
     }
+}
+
+/// Who called `/mcp`, as its guard found (none over stdio: there the
+/// daemon's HTTP API checks the token itself).
+fn caller(ctx: &RequestContext<RoleServer>) -> Option<&Caller> {
+    ctx.extensions.get::<axum::http::request::Parts>().and_then(|p| p.extensions.get::<Caller>())
 }
 
 /// A job id as a path segment (ids are hex; anything else cannot match).

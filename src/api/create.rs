@@ -17,8 +17,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
-use super::{error, store_error, Api};
-use crate::event::{Event, Repository};
+use super::{error, store_error, Api, Caller};
+use crate::engine::team::{self, Grant};
+use crate::event::{Event, ParentJob, Repository};
 use crate::rules::{RuleSet, Verdict};
 use crate::store::{Accepted, Delivery};
 
@@ -35,8 +36,10 @@ const FIELDS: [&str; 9] = ["trigger", "inputs", "agent", "repo", "workspace", "r
 enum Refusal {
     /// 400, naming the field at fault.
     Bad { field: String, message: String },
-    /// 403: this daemon creates no such job.
-    Forbidden(&'static str),
+    /// 403: this daemon, or this caller, creates no such job.
+    Forbidden(String),
+    /// The store could not answer.
+    Store(crate::store::StoreError),
 }
 
 impl IntoResponse for Refusal {
@@ -47,6 +50,7 @@ impl IntoResponse for Refusal {
                 (StatusCode::BAD_REQUEST, Json(body)).into_response()
             }
             Refusal::Forbidden(why) => error(StatusCode::FORBIDDEN, why),
+            Refusal::Store(e) => store_error(e),
         }
     }
 }
@@ -65,17 +69,22 @@ fn text<'a>(body: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>
     }
 }
 
-pub(super) async fn create_job(State(s): State<Api>, headers: HeaderMap, body: Bytes) -> Response {
-    match create(&s, &headers, &body).await {
+pub(super) async fn create_job(
+    State(s): State<Api>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match create(&s, &caller, &headers, &body).await {
         Ok(r) => r,
         Err(refusal) => refusal.into_response(),
     }
 }
 
-async fn create(s: &Api, headers: &HeaderMap, body: &[u8]) -> Result<Response, Refusal> {
+async fn create(s: &Api, caller: &Caller, headers: &HeaderMap, body: &[u8]) -> Result<Response, Refusal> {
     // Without a token, anyone who can reach the port could start agents.
-    if s.token.is_none() {
-        return Err(Refusal::Forbidden("creating jobs through the API needs server.api_token"));
+    if s.token.is_none() && matches!(caller, Caller::Operator) {
+        return Err(Refusal::Forbidden("creating jobs through the API needs server.api_token".into()));
     }
     let body: Map<String, Value> = match serde_json::from_slice(body) {
         Ok(Value::Object(map)) => map,
@@ -85,11 +94,19 @@ async fn create(s: &Api, headers: &HeaderMap, body: &[u8]) -> Result<Response, R
     if let Some(unknown) = body.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(bad(unknown, format!("unknown field; expected one of {}", FIELDS.join(", "))));
     }
+    // A team's keys are its own: another job's key never finds this one's.
+    let scope = match caller {
+        Caller::Operator => API_EVENT.to_string(),
+        Caller::Team(grant) => format!("{API_EVENT}:{}", grant.job),
+    };
     let delivery = match headers.get("idempotency-key").map(|v| v.to_str()) {
-        None => format!("{API_EVENT}:{}", random_id()),
-        Some(Ok(key)) if !key.is_empty() && key.len() <= 200 => format!("{API_EVENT}:key:{key}"),
+        None => format!("{scope}:{}", random_id()),
+        Some(Ok(key)) if !key.is_empty() && key.len() <= 200 => format!("{scope}:key:{key}"),
         Some(_) => return Err(bad("Idempotency-Key", "must be 1 to 200 visible ASCII characters")),
     };
+    if let Caller::Team(grant) = caller {
+        return child(s, grant, &body, &delivery).await;
+    }
     let event = event_of(&body, &delivery)?;
     let trigger = text(&body, "trigger")?.map(str::to_string);
     let (rules, name) = match trigger {
@@ -114,16 +131,27 @@ async fn create(s: &Api, headers: &HeaderMap, body: &[u8]) -> Result<Response, R
         }
         None => (std::sync::Arc::new(adhoc(s, &body)?), ADHOC_TRIGGER.to_string()),
     };
-    let spec = match rules.judge_one(&name, &event) {
-        Some(Verdict::Matched(spec)) => *spec,
+    let spec = judge(&rules, &name, &event)?;
+    admit(s, &delivery, &name, spec).await
+}
+
+/// The job `rules`' trigger `name` makes of `event`, or why it makes none.
+fn judge(rules: &RuleSet, name: &str, event: &Event) -> Result<crate::rules::JobSpec, Refusal> {
+    match rules.judge_one(name, event) {
+        Some(Verdict::Matched(spec)) => Ok(*spec),
         Some(Verdict::Rejected { filter, reason }) => {
-            return Err(bad("trigger", format!("`{name}` does not take this request ({filter}: {reason})")));
+            Err(bad("trigger", format!("`{name}` does not take this request ({filter}: {reason})")))
         }
-        Some(Verdict::NeedsApproval { reason, .. }) => return Err(bad("trigger", reason)),
-        None => return Err(bad("trigger", format!("no trigger `{name}`"))),
-    };
-    let id = crate::domain::job_id(&delivery, &name);
-    match s.store.accept(Delivery::new(&delivery, API_EVENT, API_EVENT), vec![spec]).await {
+        Some(Verdict::NeedsApproval { reason, .. }) => Err(bad("trigger", reason)),
+        None => Err(bad("trigger", format!("no trigger `{name}`"))),
+    }
+}
+
+/// Stores the job as a delivery of its own, or finds the one an earlier
+/// request with the same key made.
+async fn admit(s: &Api, delivery: &str, name: &str, spec: crate::rules::JobSpec) -> Result<Response, Refusal> {
+    let id = crate::domain::job_id(delivery, name);
+    match s.store.accept(Delivery::new(delivery, API_EVENT, API_EVENT), vec![spec]).await {
         Ok(Accepted::New(admitted)) => {
             if let Some(skip) = admitted.skipped.first() {
                 let answer = json!({ "error": format!("not started: {}", skip.reason), "skipped": skip.reason });
@@ -137,6 +165,77 @@ async fn create(s: &Api, headers: &HeaderMap, body: &[u8]) -> Result<Response, R
         Ok(Accepted::Duplicate | Accepted::Replay { .. }) => Ok(found(s, &id, StatusCode::OK).await),
         Err(e) => Ok(store_error(e)),
     }
+}
+
+/// Fields a team job's agent may give for a child.
+const CHILD_FIELDS: [&str; 5] = ["agent", "prompt", "workspace", "ref", "repo"];
+
+/// A child of the job `grant` belongs to: one of its agents, on its
+/// repository (at its commit unless told otherwise), one level deeper, with
+/// what is left of its budget, and its result kept on the job for the
+/// parent to read.
+async fn child(s: &Api, grant: &Grant, body: &Map<String, Value>, delivery: &str) -> Result<Response, Refusal> {
+    if body.contains_key("trigger") {
+        return Err(Refusal::Forbidden("a job's agent starts children of its own job, never a trigger".into()));
+    }
+    if let Some(field) = body.keys().find(|k| !CHILD_FIELDS.contains(&k.as_str())) {
+        return Err(bad(field, format!("a child job takes only {}", CHILD_FIELDS.join(", "))));
+    }
+    let config = s.engine.config();
+    let agent = text(body, "agent")?.ok_or_else(|| bad("agent", "is required"))?;
+    if !grant.agents.iter().any(|a| a == agent) {
+        return Err(bad(
+            "agent",
+            format!("`{agent}` is not one this job may delegate to: [{}]", grant.agents.join(", ")),
+        ));
+    }
+    text(body, "prompt")?.ok_or_else(|| bad("prompt", "is required"))?;
+    if text(body, "repo")?.is_some_and(|r| Some(r) != grant.repo.as_deref()) {
+        return Err(bad("repo", "a child works on its parent's repository"));
+    }
+    team::child_depth(grant, config.limits.max_chain_depth).map_err(|e| Refusal::Forbidden(e.to_string()))?;
+    let spent = family_spend(s, &grant.job).await?;
+    let budget = team::child_budget(grant, spent).map_err(|e| Refusal::Forbidden(e.to_string()))?;
+
+    let git_ref = text(body, "ref")?.map(str::to_string).or_else(|| grant.head_sha.clone());
+    let default = match (&grant.repo, &git_ref) {
+        (None, _) => "none",
+        (Some(_), Some(_)) => "head-sha",
+        (Some(_), None) => "default-branch",
+    };
+    let workspace = text(body, "workspace")?.unwrap_or(default);
+    // Children may hand work on, with the same agents, until the depth limit.
+    let mut extra = vec![("delegate", toml_inline(&json!(grant.agents)).unwrap_or_default())];
+    if let Some(usd) = budget {
+        extra.push(("budget_usd", format!("{usd}")));
+    }
+    let rules = compile(config, agent, workspace, &Map::new(), &extra)?;
+
+    let mut fields = Map::new();
+    fields.insert("prompt".into(), body.get("prompt").cloned().unwrap_or_default());
+    if let Some(repo) = &grant.repo {
+        fields.insert("repo".into(), repo.clone().into());
+    }
+    let mut event = event_of(&fields, delivery)?;
+    if let Some(repo) = event.repository.as_mut() {
+        repo.default_branch = grant.default_branch.clone().or(Some("HEAD".into()));
+    }
+    event.installation = grant.installation;
+    event.head_sha = git_ref;
+    event.parent = Some(ParentJob { id: grant.job.clone(), trigger: grant.trigger.clone(), depth: grant.depth });
+    let mut spec = judge(&rules, ADHOC_TRIGGER, &event)?;
+    spec.parent = Some(grant.job.clone());
+    admit(s, delivery, ADHOC_TRIGGER, spec).await
+}
+
+/// What the job `parent`'s finished attempts and all its children have spent.
+async fn family_spend(s: &Api, parent: &str) -> Result<f64, Refusal> {
+    let cost = |j: &crate::store::Job| j.usage.as_ref().and_then(|u| u.cost_usd).unwrap_or(0.0);
+    let own = s.store.job(parent).await.map_err(Refusal::Store)?.as_ref().map_or(0.0, cost);
+    let query =
+        crate::store::JobQuery { parent: Some(parent.to_string()), limit: crate::api::MAX_LIMIT, ..Default::default() };
+    let children = s.store.list_jobs(&query).await.map_err(Refusal::Store)?;
+    Ok(own + children.iter().map(cost).sum::<f64>())
 }
 
 async fn found(s: &Api, id: &str, status: StatusCode) -> Response {
@@ -197,7 +296,7 @@ fn adhoc(s: &Api, body: &Map<String, Value>) -> Result<RuleSet, Refusal> {
     let config = s.engine.config();
     if !config.api.allow_adhoc {
         return Err(Refusal::Forbidden(
-            "a job without `trigger` needs [api] allow_adhoc = true (and the agent in [api] agents)",
+            "a job without `trigger` needs [api] allow_adhoc = true (and the agent in [api] agents)".into(),
         ));
     }
     let agent = text(body, "agent")?.ok_or_else(|| bad("agent", "is required without `trigger`"))?;
@@ -207,6 +306,25 @@ fn adhoc(s: &Api, body: &Map<String, Value>) -> Result<RuleSet, Refusal> {
     text(body, "prompt")?.ok_or_else(|| bad("prompt", "is required without `trigger`"))?;
     let repo = text(body, "repo")?;
     let workspace = text(body, "workspace")?.unwrap_or(if repo.is_some() { "default-branch" } else { "none" });
+    let output = match body.get("output") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(_) => return Err(bad("output", "must be an object, e.g. {\"kind\": \"comment\"}")),
+    };
+    compile(config, agent, workspace, &output, &[])
+}
+
+/// A trigger on `api` events running `agent` in `workspace` on the event's
+/// prompt, with `output` and further `[job]` lines (`extra`, written as
+/// TOML already): compiled like a file, each error mapped to the request
+/// field on its line.
+fn compile(
+    config: &crate::config::Config,
+    agent: &str,
+    workspace: &str,
+    output: &Map<String, Value>,
+    extra: &[(&str, String)],
+) -> Result<RuleSet, Refusal> {
     let quote = |s: &str| Value::String(s.to_string()).to_string();
     // (line of the source, the request field it holds)
     let mut fields: Vec<&str> = vec!["on", "[job]", "agent", "workspace", "prompt"];
@@ -215,11 +333,10 @@ fn adhoc(s: &Api, body: &Map<String, Value>) -> Result<RuleSet, Refusal> {
         quote(agent),
         quote(workspace)
     );
-    let output = match body.get("output") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => m.clone(),
-        Some(_) => return Err(bad("output", "must be an object, e.g. {\"kind\": \"comment\"}")),
-    };
+    for (key, value) in extra {
+        source.push_str(&format!("{key} = {value}\n"));
+        fields.push("body");
+    }
     source.push_str("[output]\n");
     fields.push("output");
     if !output.contains_key("kind") {

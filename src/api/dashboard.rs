@@ -66,7 +66,7 @@ pub async fn jobs_page(State(s): State<Api>, Query(q): Query<HashMap<String, Str
         Ok(jobs) => jobs,
         _ => return (StatusCode::INTERNAL_SERVER_ERROR, "the jobs could not be read").into_response(),
     };
-    let jobs: Vec<Value> = jobs.iter().map(view).collect();
+    let jobs = as_tree(jobs.iter().map(view).collect());
     render("jobs.html", context! { jobs, state => state.map(|s| s.as_str()) })
 }
 
@@ -74,11 +74,43 @@ pub async fn job_page(State(s): State<Api>, Path(id): Path<String>) -> Response 
     match s.store.job(&id).await {
         Ok(Some(job)) => {
             let usage = job.usage.as_ref().map(crate::publish::body::usage_line);
-            render("job.html", context! { job => view(&job), usage })
+            let query = JobQuery { parent: Some(job.id.clone()), limit: 200, ..Default::default() };
+            let mut children = s.store.list_jobs(&query).await.unwrap_or_default();
+            children.reverse();
+            let children: Vec<Value> = children.iter().map(view).collect();
+            render("job.html", context! { job => view(&job), usage, children })
         }
         Ok(None) => (StatusCode::NOT_FOUND, Html(format!("<p>No job {}.</p>", html_escape(&id)))).into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "the job could not be read").into_response(),
     }
+}
+
+/// The page's jobs with each child right under its parent (newest first
+/// among siblings), and its `depth` below the nearest parent on the page.
+fn as_tree(jobs: Vec<Value>) -> Vec<Value> {
+    let ids: std::collections::HashSet<String> =
+        jobs.iter().filter_map(|j| j["id"].as_str().map(str::to_string)).collect();
+    let mut children: HashMap<String, Vec<Value>> = HashMap::new();
+    let mut roots = Vec::new();
+    for j in jobs {
+        match j["parent"].as_str().filter(|p| ids.contains(*p)) {
+            Some(p) => children.entry(p.to_string()).or_default().push(j),
+            None => roots.push(j),
+        }
+    }
+    fn place(mut j: Value, depth: u64, children: &mut HashMap<String, Vec<Value>>, out: &mut Vec<Value>) {
+        let id = j["id"].as_str().unwrap_or_default().to_string();
+        j["depth"] = json!(depth);
+        out.push(j);
+        for c in children.remove(&id).unwrap_or_default() {
+            place(c, depth + 1, children, out);
+        }
+    }
+    let mut out = Vec::new();
+    for j in roots {
+        place(j, 0, &mut children, &mut out);
+    }
+    out
 }
 
 fn html_escape(s: &str) -> String {
@@ -100,6 +132,24 @@ mod tests {
                 panic!("{name}: {e:#}");
             }
         }
+    }
+
+    #[test]
+    fn children_are_listed_under_their_parent() {
+        let jobs = vec![
+            json!({"id": "c2", "parent": "p"}),
+            json!({"id": "g", "parent": "c1"}),
+            json!({"id": "c1", "parent": "p"}),
+            json!({"id": "other"}),
+            json!({"id": "p"}),
+            json!({"id": "orphan", "parent": "gone"}),
+        ];
+        let tree: Vec<(String, u64)> = as_tree(jobs)
+            .iter()
+            .map(|j| (j["id"].as_str().unwrap().to_string(), j["depth"].as_u64().unwrap()))
+            .collect();
+        let want = [("other", 0), ("p", 0), ("c2", 1), ("c1", 1), ("g", 2), ("orphan", 0)];
+        assert_eq!(tree, want.map(|(i, d)| (i.to_string(), d)).to_vec());
     }
 
     #[test]

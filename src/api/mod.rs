@@ -13,11 +13,12 @@ use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::json;
 use tokio::sync::Notify;
 
 use crate::config::Secret;
+use crate::engine::team::Grant;
 use crate::engine::Engine;
 use crate::store::{JobQuery, JobState, Store, StoreError};
 
@@ -84,10 +85,35 @@ fn routes() -> Router<Api> {
         .route("/jobs/{id}", get(dashboard::job_page))
 }
 
+/// Who a request comes from, as its bearer token says.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// The API token's holder (anyone, on a daemon without one).
+    Operator,
+    /// A team job's agent: it reaches only `/mcp`, and there only the job's
+    /// own children (`engine::team`).
+    Team(Arc<Grant>),
+}
+
+impl Caller {
+    /// Whether the caller may see or act on `job`.
+    fn reaches(&self, job: &crate::store::Job) -> bool {
+        match self {
+            Caller::Operator => true,
+            Caller::Team(grant) => job.parent.as_deref() == Some(grant.job.as_str()),
+        }
+    }
+
+    fn is_team(&self) -> bool {
+        matches!(self, Caller::Team(_))
+    }
+}
+
 /// `/mcp` hands out agents' work: like `POST /api/jobs`, it is served only
-/// behind an API token.
+/// behind an API token (or a team job's).
 async fn mcp_needs_token(State(s): State<Api>, req: Request, next: Next) -> Response {
-    if s.token.is_none() && req.uri().path() == "/mcp" {
+    let team = req.extensions().get::<Caller>().is_some_and(Caller::is_team);
+    if s.token.is_none() && !team && req.uri().path() == "/mcp" {
         return error(StatusCode::FORBIDDEN, "/mcp needs server.api_token");
     }
     next.run(req).await
@@ -112,16 +138,20 @@ fn store_error(e: StoreError) -> Response {
     }
 }
 
-async fn require_token(State(s): State<Api>, req: Request, next: Next) -> Response {
-    if let Some(token) = &s.token {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes()));
-        if !ok {
+async fn require_token(State(s): State<Api>, mut req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let team = given.and_then(|g| s.engine.grants().find(g));
+    let caller = match (&s.token, team) {
+        (_, Some(grant)) => Caller::Team(grant),
+        (Some(token), None) if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes())) => {
+            Caller::Operator
+        }
+        (Some(_), None) => {
             return (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -129,7 +159,12 @@ async fn require_token(State(s): State<Api>, req: Request, next: Next) -> Respon
             )
                 .into_response();
         }
+        (None, None) => Caller::Operator,
+    };
+    if caller.is_team() && req.uri().path() != "/mcp" {
+        return error(StatusCode::FORBIDDEN, "a job's token reaches only /mcp");
     }
+    req.extensions_mut().insert(caller);
     next.run(req).await
 }
 
@@ -152,7 +187,11 @@ async fn metrics(State(s): State<Api>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
-async fn list_jobs(State(s): State<Api>, Query(q): Query<HashMap<String, String>>) -> Response {
+async fn list_jobs(
+    State(s): State<Api>,
+    Extension(caller): Extension<Caller>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
     let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
         None => 100,
         Some(Ok(n)) if n >= 1 => n.min(MAX_LIMIT),
@@ -175,6 +214,11 @@ async fn list_jobs(State(s): State<Api>, Query(q): Query<HashMap<String, String>
         state,
         trigger: q.get("trigger").cloned(),
         repo: q.get("repo").cloned(),
+        // A team's agent sees its own job's children, and nothing else.
+        parent: match &caller {
+            Caller::Team(grant) => Some(grant.job.clone()),
+            Caller::Operator => q.get("parent").cloned(),
+        },
         limit,
         before,
     };
@@ -197,18 +241,23 @@ async fn list_jobs(State(s): State<Api>, Query(q): Query<HashMap<String, String>
     }
 }
 
-async fn show_job(State(s): State<Api>, Path(id): Path<String>) -> Response {
+async fn show_job(State(s): State<Api>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Response {
     match s.store.job(&id).await {
-        Ok(Some(job)) => Json(job).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("job {id} not found")),
+        Ok(Some(job)) if caller.reaches(&job) => Json(job).into_response(),
+        Ok(_) => error(StatusCode::NOT_FOUND, format!("job {id} not found")),
         Err(e) => store_error(e),
     }
 }
 
-async fn job_log(State(s): State<Api>, Path(id): Path<String>, headers: axum::http::HeaderMap) -> Response {
+async fn job_log(
+    State(s): State<Api>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
     match s.store.job(&id).await {
-        Ok(Some(_)) => {}
-        Ok(None) => return error(StatusCode::NOT_FOUND, format!("job {id} not found")),
+        Ok(Some(job)) if caller.reaches(&job) => {}
+        Ok(_) => return error(StatusCode::NOT_FOUND, format!("job {id} not found")),
         Err(e) => return store_error(e),
     }
     let wants_events =
@@ -318,7 +367,12 @@ async fn read_from(path: &std::path::Path, offset: u64, whole_lines: bool) -> Ve
     buf
 }
 
-async fn cancel_job(State(s): State<Api>, Path(id): Path<String>) -> Response {
+async fn cancel_job(State(s): State<Api>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Response {
+    match s.store.job(&id).await {
+        Ok(Some(job)) if caller.reaches(&job) => {}
+        Ok(_) => return error(StatusCode::NOT_FOUND, format!("job {id} not found")),
+        Err(e) => return store_error(e),
+    }
     match s.engine.cancel(&id).await {
         Ok(Some(job)) => Json(job).into_response(),
         Ok(None) => match s.store.job(&id).await {
@@ -330,7 +384,10 @@ async fn cancel_job(State(s): State<Api>, Path(id): Path<String>) -> Response {
     }
 }
 
-async fn retry_job(State(s): State<Api>, Path(id): Path<String>) -> Response {
+async fn retry_job(State(s): State<Api>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Response {
+    if caller.is_team() {
+        return error(StatusCode::FORBIDDEN, "a job's agent delegates anew rather than retrying");
+    }
     match s.store.retry(&id).await {
         Ok(job) => {
             s.wake.notify_one();
@@ -341,7 +398,10 @@ async fn retry_job(State(s): State<Api>, Path(id): Path<String>) -> Response {
 }
 
 /// Every trigger in force with its file, and every file that failed to load.
-async fn list_triggers(State(s): State<Api>) -> Response {
+async fn list_triggers(State(s): State<Api>, Extension(caller): Extension<Caller>) -> Response {
+    if caller.is_team() {
+        return error(StatusCode::FORBIDDEN, "a job's agent starts only children of its own job");
+    }
     let rules = s.rules.current();
     let triggers: Vec<_> = rules
         .triggers()

@@ -63,6 +63,9 @@ pub(super) struct RawMcp {
 const RESERVED_VARS: [&str; 8] =
     ["PATH", "HOME", "TMPDIR", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "SSL_CERT_FILE"];
 
+/// The name under which a team's agent finds baton's own `/mcp`.
+pub const TEAM_SERVER: &str = "baton";
+
 /// A problem in one server's table, at a span of the file.
 pub(super) struct McpError {
     pub span: std::ops::Range<usize>,
@@ -86,6 +89,12 @@ pub(super) fn load(
         |span: std::ops::Range<usize>, message: String| McpError { span, message: format!("mcp.{name}: {message}") };
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(vec![err(raw.span(), "a server name is letters, digits, `-` and `_`".into())]);
+    }
+    if name == TEAM_SERVER {
+        return Err(vec![err(
+            raw.span(),
+            "`baton` is baton's own server, given to agents with `[job] delegate`".into(),
+        )]);
     }
     let r = raw.get_ref();
     let mut errors = Vec::new();

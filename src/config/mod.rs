@@ -22,7 +22,7 @@ mod mcp;
 use crate::diag::Diagnostic;
 use agents::{merge_agent, RawAgent};
 pub use agents::{presets, AgentDef, Preset, PromptMode, ResultMode, UsageFormat};
-pub use mcp::{McpServer, McpTransport, McpValue};
+pub use mcp::{McpServer, McpTransport, McpValue, TEAM_SERVER};
 
 /// Webhook secrets shorter than this get a warning.
 const MIN_SECRET_LEN: usize = 16;

@@ -248,6 +248,9 @@ pub struct Job {
     /// The approval that released it, when it was held.
     #[serde(default)]
     pub approved: Option<Approval>,
+    /// The job that handed this one its task (`[job] delegate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
     pub spec: JobSpec,
 }
 
@@ -291,6 +294,7 @@ impl Job {
             displaced_by: None,
             progress: Progress::default(),
             approved: None,
+            parent: spec.parent.clone(),
             spec,
         }
     }

@@ -255,6 +255,7 @@ impl Invocation<'_> {
                     io_dir: self.job_dir,
                     run_dir: &c.run_dir,
                     expose,
+                    baton: self.setup.and_then(|s| s.baton),
                 };
                 let j = c.sandbox.jail(&run, &argv)?;
                 if let Some(setup) = self.setup {

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use crate::config::{McpServer, McpTransport, Preset};
+use crate::config::{McpServer, McpTransport, McpValue, Preset, TEAM_SERVER};
 use crate::sandbox::egress::HostRule;
 
 /// What the agent's CLI is given so it can reach the job's servers.
@@ -36,6 +36,19 @@ pub struct Setup {
     /// Shown read-only in the sandbox: each stdio server's program, and the
     /// absolute paths among its arguments that exist (its script, say).
     pub expose: Vec<PathBuf>,
+    /// A team run: the API address the sandbox's proxy forwards `/mcp` to.
+    pub baton: Option<std::net::SocketAddr>,
+}
+
+/// A team run's way to baton's own `/mcp` (`[job] delegate`).
+#[derive(Debug, Clone)]
+pub struct TeamAccess {
+    /// As the agent reaches it: through its sandbox's proxy, or directly.
+    pub url: String,
+    /// The run's token (engine::team).
+    pub token: String,
+    /// Where the sandbox's proxy forwards `/mcp` (none unsandboxed).
+    pub upstream: Option<std::net::SocketAddr>,
 }
 
 /// Why a job's servers cannot be given to its agent.
@@ -74,27 +87,50 @@ fn toml_str(s: &str) -> String {
     Value::String(s.to_string()).to_string()
 }
 
-/// Renders `names` (checked against `servers`) for `agent`'s CLI; `io_dir`
-/// is where the run's files go, `sandboxed` whether it has a `HOME` of its
-/// own.
+/// Renders `names` (checked against `servers`) for `agent`'s CLI, with
+/// baton's own server for a team run; `io_dir` is where the run's files go,
+/// `sandboxed` whether it has a `HOME` of its own.
+///
+/// A team run's agent also finds `BATON_MCP_URL` and `BATON_MCP_TOKEN` in
+/// its environment, so a program that is none of the preset CLIs can call
+/// baton too.
 pub fn setup(
     agent: &crate::config::AgentDef,
     names: &[String],
     servers: &std::collections::BTreeMap<String, McpServer>,
     io_dir: &Path,
     sandboxed: bool,
+    team: Option<&TeamAccess>,
 ) -> Result<Option<Setup>, SetupError> {
     let gateway = agent.cli == Some(Preset::Gemini) && gemini_base_url(agent);
-    if names.is_empty() && !(gateway && sandboxed) {
+    if names.is_empty() && team.is_none() && !(gateway && sandboxed) {
         return Ok(None);
     }
+    let mut out = Setup::default();
+    let team_server = team.map(|t| {
+        out.env.push(("BATON_MCP_URL".into(), t.url.clone()));
+        out.env.push(("BATON_MCP_TOKEN".into(), t.token.clone()));
+        out.baton = t.upstream;
+        let auth = McpValue::Plain(format!("Bearer {}", t.token));
+        McpServer {
+            name: TEAM_SERVER.to_string(),
+            transport: McpTransport::Http {
+                url: t.url.clone(),
+                // Never allowed as a destination: the proxy itself answers it.
+                host: HostRule::exact("127.0.0.1", Some(crate::sandbox::PROXY_PORT)),
+                headers: [("Authorization".to_string(), auth)].into(),
+            },
+        }
+    });
     let cli = match agent.cli {
         Some(cli @ (Preset::Claude | Preset::Codex | Preset::Gemini)) => cli,
+        // Any other program reads the variables.
+        _ if names.is_empty() => return Ok(Some(out)),
         _ => return Err(SetupError::Unsupported(agent.name.clone())),
     };
-    let chosen: Vec<&McpServer> =
+    let mut chosen: Vec<&McpServer> =
         names.iter().map(|n| servers.get(n).ok_or_else(|| SetupError::Missing(n.clone()))).collect::<Result<_, _>>()?;
-    let mut out = Setup::default();
+    chosen.extend(team_server.as_ref());
     let mut claude = Map::new();
     for server in &chosen {
         let name = &server.name;
@@ -133,7 +169,9 @@ pub fn setup(
                 }
             }
             McpTransport::Http { url, host, headers } => {
-                out.network.push(host.clone());
+                if server.name != TEAM_SERVER {
+                    out.network.push(host.clone());
+                }
                 let vars: Vec<(String, String)> =
                     headers.keys().enumerate().map(|(i, h)| (h.clone(), header_var(name, i))).collect();
                 out.env.extend(headers.values().zip(&vars).map(|(v, (_, var))| (var.clone(), v.expose().to_string())));
@@ -240,7 +278,7 @@ headers = { Authorization = "Bearer s3cr3t-header-value" }
     fn render(preset: Preset) -> Setup {
         let agent = preset.def(true);
         let names = vec!["probe".to_string(), "tracker".to_string()];
-        setup(&agent, &names, &servers(), Path::new("/data/jobs/j1/io"), true).unwrap().unwrap()
+        setup(&agent, &names, &servers(), Path::new("/data/jobs/j1/io"), true, None).unwrap().unwrap()
     }
 
     /// No value, secret or not, is on the command line or in a file: only
@@ -311,7 +349,7 @@ headers = { Authorization = "Bearer s3cr3t-header-value" }
         assert_eq!(v["mcpServers"]["tracker"]["httpUrl"], "https://mcp.tracker.example/mcp");
         assert!(v.get("security").is_none(), "no base_url: the auth type is the CLI's to choose");
         let names = ["probe".to_string()];
-        let err = setup(&Preset::Gemini.def(false), &names, &servers(), Path::new("/io"), false).unwrap_err();
+        let err = setup(&Preset::Gemini.def(false), &names, &servers(), Path::new("/io"), false, None).unwrap_err();
         assert!(err.to_string().contains("only in its sandbox"), "{err}");
     }
 
@@ -319,12 +357,12 @@ headers = { Authorization = "Bearer s3cr3t-header-value" }
     fn gemini_behind_a_base_url_is_told_to_use_its_api_key() {
         let mut agent = Preset::Gemini.def(true);
         agent.vars.insert("GOOGLE_GEMINI_BASE_URL".into(), "http://127.0.0.1:9".into());
-        let s = setup(&agent, &[], &servers(), Path::new("/io"), true).unwrap().expect("settings");
+        let s = setup(&agent, &[], &servers(), Path::new("/io"), true, None).unwrap().expect("settings");
         let v: Value = serde_json::from_str(&s.home_files[0].1).unwrap();
         assert_eq!(v["security"]["auth"]["selectedType"], "gemini-api-key");
         // Unsandboxed, its HOME is the user's own: baton writes nothing there.
-        assert!(setup(&agent, &[], &servers(), Path::new("/io"), false).unwrap().is_none());
-        assert!(setup(&Preset::Claude.def(true), &[], &servers(), Path::new("/io"), true).unwrap().is_none());
+        assert!(setup(&agent, &[], &servers(), Path::new("/io"), false, None).unwrap().is_none());
+        assert!(setup(&Preset::Claude.def(true), &[], &servers(), Path::new("/io"), true, None).unwrap().is_none());
     }
 
     #[test]
@@ -332,10 +370,10 @@ headers = { Authorization = "Bearer s3cr3t-header-value" }
         let mut agent = Preset::Claude.def(true);
         agent.cli = None;
         agent.name = "mine".into();
-        let err = setup(&agent, &["probe".to_string()], &servers(), Path::new("/io"), true).unwrap_err();
+        let err = setup(&agent, &["probe".to_string()], &servers(), Path::new("/io"), true, None).unwrap_err();
         assert!(err.to_string().contains("agent `mine`"), "{err}");
-        let err =
-            setup(&Preset::Claude.def(true), &["gone".to_string()], &servers(), Path::new("/io"), true).unwrap_err();
+        let err = setup(&Preset::Claude.def(true), &["gone".to_string()], &servers(), Path::new("/io"), true, None)
+            .unwrap_err();
         assert!(err.to_string().contains("`gone` is no longer configured"), "{err}");
     }
 }

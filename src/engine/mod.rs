@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod cli_setup;
 mod push;
+pub mod team;
 pub mod usage;
 pub mod workspace;
 
@@ -68,6 +69,10 @@ pub struct Engine {
     /// Confines every agent and verify run; `None` only when the config
     /// turned it off.
     sandbox: Option<Arc<crate::sandbox::Sandbox>>,
+    /// The tokens of runs that may hand subtasks to baton (`[job] delegate`).
+    grants: team::Grants,
+    /// Where baton's API listens: what a team's `/mcp` is forwarded to.
+    api_addr: Option<std::net::SocketAddr>,
 }
 
 /// What an attempt reports besides how it ended.
@@ -148,7 +153,21 @@ impl Engine {
             superseded: Mutex::new(HashMap::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
             sandbox: None,
+            grants: team::Grants::default(),
+            api_addr: None,
         }
+    }
+
+    /// The address baton's API listens on, which the agents of a team reach
+    /// its `/mcp` through.
+    pub fn with_api_addr(mut self, addr: std::net::SocketAddr) -> Engine {
+        self.api_addr = Some(addr);
+        self
+    }
+
+    /// The live tokens of team runs, which the API checks callers against.
+    pub fn grants(&self) -> &team::Grants {
+        &self.grants
     }
 
     /// Runs every agent and verify command in `sandbox`; without it (the
@@ -579,9 +598,32 @@ impl Engine {
                     self.publish_wake.notify_one();
                 }
                 self.emit_end(&job).await;
+                if !job.spec.delegate.is_empty() {
+                    self.cancel_children(&job).await;
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "Could not store the job's end; it will rerun after a restart.")
+            }
+        }
+    }
+
+    /// Cancels what is left of a team job's children once it has ended:
+    /// nobody is there to read their results.
+    async fn cancel_children(&self, job: &Job) {
+        let query = crate::store::JobQuery { parent: Some(job.id.clone()), limit: 10_000, ..Default::default() };
+        let children = match self.store.list_jobs(&query).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "Could not list the job's children to cancel them.");
+                return;
+            }
+        };
+        for child in children.iter().filter(|c| !c.state.is_final()) {
+            tracing::info!(child = %child.id, "Cancelling a child of a job that ended.");
+            self.log_line(&child.id, &format!("cancelled: its parent job {} ended ({})", job.id, job.state)).await;
+            if let Err(e) = self.cancel(&child.id).await {
+                tracing::error!(child = %child.id, error = %e, "Could not cancel a child of a job that ended.");
             }
         }
     }
@@ -687,6 +729,24 @@ impl Engine {
         end
     }
 
+    /// How a team run's agent reaches baton's `/mcp`: through its sandbox's
+    /// proxy, which forwards to the API, or straight to the API unconfined.
+    fn team_access(&self, token: &str, api: std::net::SocketAddr) -> cli_setup::TeamAccess {
+        let mut api = api;
+        if api.ip().is_unspecified() {
+            let loopback: std::net::IpAddr = match api {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            };
+            api.set_ip(loopback);
+        }
+        let (url, upstream) = match self.sandbox {
+            Some(_) => (format!("http://127.0.0.1:{}/mcp", crate::sandbox::PROXY_PORT), Some(api)),
+            None => (format!("http://{api}/mcp"), None),
+        };
+        cli_setup::TeamAccess { url, token: token.to_string(), upstream }
+    }
+
     /// The sandbox for one run of `job` (`kind`: agent or verify), showing
     /// `expose` read-only; `None` when the sandbox is off.
     fn confinement(&self, job: &Job, kind: &str, expose: &[PathBuf]) -> Option<agent::Confinement<'_>> {
@@ -730,7 +790,19 @@ impl Engine {
         let io = dir.join("io");
         let budget =
             spec.budget_usd.map(|usd| agent::Budget { usd, prices: std::sync::Arc::new(self.config.prices.clone()) });
-        let setup = cli_setup::setup(agent, &spec.mcp, &self.config.mcp, &io, self.sandbox.is_some());
+        // A team run's token lives as long as this run.
+        let pass = (!spec.delegate.is_empty()).then(|| self.grants.mint(team::Grant::of(job)));
+        let access = match (&pass, self.api_addr) {
+            (None, _) => None,
+            (Some(pass), Some(addr)) => pass.token().map(|token| self.team_access(token, addr)),
+            (Some(_), None) => None,
+        };
+        if pass.is_some() && access.is_none() {
+            let why = "this job may delegate, but baton has no token or API address to give its agent";
+            return failed(Outcome::SpawnFailed, None, why.into(), false);
+        }
+        let sandboxed = self.sandbox.is_some();
+        let setup = cli_setup::setup(agent, &spec.mcp, &self.config.mcp, &io, sandboxed, access.as_ref());
         let setup = match setup {
             Ok(mut setup) => {
                 // A server's arguments never show the agent baton's own files.

@@ -19,6 +19,8 @@ const SHAPES: &[Shape] = &[
     ("ghs_", char::is_alphanumeric, 30),
     ("ghr_", char::is_alphanumeric, 30),
     ("sk-", is_key, 20),
+    // A job's token for baton's own `/mcp` (engine::team).
+    ("batonjob_", is_hex, 64),
     ("AKIA", is_upper_alnum, 16),
     ("ASIA", is_upper_alnum, 16),
 ];
@@ -29,6 +31,10 @@ fn is_word(c: char) -> bool {
 
 fn is_key(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_' || c == '-'
+}
+
+fn is_hex(c: char) -> bool {
+    c.is_ascii_hexdigit()
 }
 
 fn is_upper_alnum(c: char) -> bool {

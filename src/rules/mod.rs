@@ -110,6 +110,13 @@ pub struct JobSpec {
     /// `[mcp.NAME]` servers the agent is given (`[job] mcp`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mcp: Vec<String>,
+    /// Agents the job may hand subtasks to (`[job] delegate`): its children,
+    /// started through baton's `/mcp` with a token scoped to this job.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delegate: Vec<String>,
+    /// The job that started this one through `delegate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// Caps on spending over a rolling day (US dollars), fixed at match time:
@@ -554,6 +561,8 @@ impl RuleSet {
             budget_usd: t.job.budget_usd,
             daily_budgets: DailyBudgets { trigger: t.job.daily_budget_usd, ..self.daily_budgets },
             mcp: t.job.mcp.clone(),
+            delegate: t.job.delegate.clone(),
+            parent: None,
         });
         match approval {
             Some(reason) => Verdict::NeedsApproval { spec, reason },

@@ -203,6 +203,7 @@ struct JobFile {
     budget_usd: Option<Spanned<f64>>,
     daily_budget_usd: Option<Spanned<f64>>,
     mcp: Option<Vec<Spanned<String>>>,
+    delegate: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -294,6 +295,8 @@ pub struct JobTemplate {
     pub daily_budget_usd: Option<f64>,
     /// `[mcp.NAME]` servers its agent is given.
     pub mcp: Vec<String>,
+    /// Agents its job may hand subtasks to through baton's `/mcp`.
+    pub delegate: Vec<String>,
 }
 
 impl Trigger {
@@ -485,6 +488,37 @@ pub fn compile(
                 format!(
                     "agent `{}` is not one of the codex, claude and gemini CLIs, so baton cannot give it MCP servers",
                     agent.name
+                ),
+            ));
+        }
+    }
+    for name in job.delegate.iter().flatten() {
+        if !config.agents.contains_key(name.get_ref()) {
+            let names: Vec<&str> = config.agents.keys().map(String::as_str).collect();
+            errors.push(at(
+                name.span(),
+                format!("`delegate` names unknown agent `{}`; defined agents: {}", name.get_ref(), names.join(", ")),
+            ));
+        }
+    }
+    // The parent holds its slot while its children run: with no room for
+    // one more beside it, a child would wait for the parent, and it for them.
+    if let Some(first) = job.delegate.iter().flatten().next() {
+        let limits = &config.limits;
+        let own = config.agents.get(job.agent.get_ref()).and_then(|a| a.max_parallel);
+        let same_agent = job.delegate.iter().flatten().any(|d| d.get_ref() == job.agent.get_ref());
+        if limits.max_parallel_jobs < 2
+            || limits.max_parallel_per_repo < 2
+            || (same_agent && own.is_some_and(|n| n < 2))
+        {
+            errors.push(at(
+                first.span(),
+                format!(
+                    "a job that delegates runs beside its children, but limits allow one job at a time \
+                     (max_parallel_jobs = {}, max_parallel_per_repo = {}{}): raise them to 2 or more",
+                    limits.max_parallel_jobs,
+                    limits.max_parallel_per_repo,
+                    own.filter(|_| same_agent).map(|n| format!(", agent max_parallel = {n}")).unwrap_or_default()
                 ),
             ));
         }
@@ -697,6 +731,7 @@ pub fn compile(
             budget_usd: budget.map(|b| *b.get_ref()),
             daily_budget_usd: daily.map(|b| *b.get_ref()),
             mcp: job.mcp.iter().flatten().map(|n| n.get_ref().clone()).collect(),
+            delegate: job.delegate.iter().flatten().map(|n| n.get_ref().clone()).collect(),
         },
         output,
         output_options,

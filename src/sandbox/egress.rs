@@ -10,7 +10,7 @@
 //! through a tunnel.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -63,6 +63,11 @@ impl HostRule {
             return Err(bad("expected a host name, an IP address, `*.domain` or `*`, with an optional `:port`"));
         }
         Ok(HostRule { host: pattern, port })
+    }
+
+    /// Exactly `host` (an IP address or a lowercase name), at `port` or any.
+    pub fn exact(host: &str, port: Option<u16>) -> HostRule {
+        HostRule { host: HostPattern::Exact(host.to_ascii_lowercase()), port }
     }
 
     pub fn allows(&self, host: &str, port: u16) -> bool {
@@ -169,9 +174,13 @@ const MAX_HEAD: usize = 64 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves the proxy on `socket` until `stop` fires.
+///
+/// With `baton` (a team run), a request for `/mcp` — made to the proxy's own
+/// address, directly or as a proxied request — goes to baton's API there.
 pub fn serve(
     socket: &Path,
     rules: Arc<Vec<HostRule>>,
+    baton: Option<SocketAddr>,
     refusals: Refusals,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
@@ -188,7 +197,7 @@ pub fn serve(
             let (rules, refusals, stop) = (rules.clone(), refusals.clone(), stop.clone());
             tokio::spawn(async move {
                 tokio::select! {
-                    _ = handle(stream, &rules, &refusals) => {}
+                    _ = handle(stream, &rules, baton, &refusals) => {}
                     _ = stop.cancelled() => {}
                 }
             });
@@ -205,7 +214,7 @@ struct Target {
     forward: Option<Vec<u8>>,
 }
 
-async fn handle(stream: UnixStream, rules: &[HostRule], refusals: &Refusals) {
+async fn handle(stream: UnixStream, rules: &[HostRule], baton: Option<SocketAddr>, refusals: &Refusals) {
     let mut client = BufReader::new(stream);
     let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut client)).await {
         Ok(Ok(head)) => head,
@@ -220,14 +229,21 @@ async fn handle(stream: UnixStream, rules: &[HostRule], refusals: &Refusals) {
         let _ = client.get_mut().write_all(b"k").await;
         return;
     }
-    let target = match parse_head(&head) {
+    let to_baton = baton.and_then(|addr| to_baton(&head, addr).map(|h| (addr, h)));
+    let for_baton = to_baton.is_some();
+    let target = match to_baton {
+        Some((addr, forward)) => Ok(Target { host: addr.ip().to_string(), port: addr.port(), forward: Some(forward) }),
+        None => parse_head(&head),
+    };
+    let allowed = |t: &Target| for_baton || rules.iter().any(|r| r.allows(&t.host, t.port));
+    let target = match target {
         Ok(t) => t,
         Err(why) => {
             let _ = respond(client.get_mut(), "400 Bad Request", &format!("baton proxy: {why}\n")).await;
             return;
         }
     };
-    if !rules.iter().any(|r| r.allows(&target.host, target.port)) {
+    if !allowed(&target) {
         refusals.record(&target.host, target.port);
         let why = format!(
             "baton: egress to {}:{} is not allowed for this agent (add it to the agent's `network` in baton.toml)\n",
@@ -270,6 +286,40 @@ async fn handle(stream: UnixStream, rules: &[HostRule], refusals: &Refusals) {
     }
     let mut client = client.into_inner();
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+}
+
+/// A request for baton's `/mcp`, rewritten for its API at `addr`: the path
+/// `/mcp` asked of the proxy itself (`POST /mcp`, or `POST
+/// http://127.0.0.1:3128/mcp` from a client that proxies everything). Its
+/// `Host` becomes one the API answers to; nothing else reaches the API.
+fn to_baton(head: &[u8], addr: SocketAddr) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(head).ok()?;
+    let mut lines = text.split("\r\n").flat_map(|l| l.split('\n'));
+    let mut parts = lines.next()?.split_whitespace();
+    let (method, uri, version) = (parts.next()?, parts.next()?, parts.next()?);
+    let path = match uri.strip_prefix("http://") {
+        Some(rest) => {
+            let (authority, path) = rest.find('/').map(|i| rest.split_at(i))?;
+            let (host, port) = split_host_port(authority).ok()?;
+            let ours = matches!(host, "127.0.0.1" | "localhost") && port == Some(super::PROXY_PORT);
+            ours.then_some(path)?
+        }
+        None => uri,
+    };
+    let bare = path.split(['?', '#']).next()?;
+    if bare != "/mcp" || method.eq_ignore_ascii_case("CONNECT") {
+        return None;
+    }
+    let mut out = format!("{method} {path} {version}\r\n");
+    for line in lines.filter(|l| !l.is_empty()) {
+        let name = line.split(':').next().unwrap_or_default().trim().to_ascii_lowercase();
+        if !matches!(name.as_str(), "host" | "connection" | "proxy-connection" | "proxy-authorization" | "keep-alive") {
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+    }
+    out.push_str(&format!("Host: localhost:{}\r\nConnection: close\r\n\r\n", addr.port()));
+    Some(out.into_bytes())
 }
 
 async fn read_head(r: &mut BufReader<UnixStream>) -> std::io::Result<Vec<u8>> {
@@ -382,5 +432,28 @@ mod tests {
         let t = parse_head(b"CONNECT api.x.com:443 HTTP/1.1\r\n\r\n").unwrap();
         assert_eq!((t.host.as_str(), t.port, t.forward.is_none()), ("api.x.com", 443, true));
         assert!(parse_head(b"GET /relative HTTP/1.1\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn mcp_asked_of_the_proxy_goes_to_baton_and_nothing_else_does() {
+        let addr: SocketAddr = "127.0.0.1:8787".parse().unwrap();
+        let head = b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:3128\r\nAuthorization: Bearer x\r\n\r\n";
+        let fwd = String::from_utf8(to_baton(head, addr).unwrap()).unwrap();
+        assert_eq!(
+            fwd,
+            "POST /mcp HTTP/1.1\r\nAuthorization: Bearer x\r\nHost: localhost:8787\r\nConnection: close\r\n\r\n"
+        );
+        let proxied = to_baton(b"POST http://127.0.0.1:3128/mcp?x HTTP/1.1\r\nHost: 127.0.0.1:3128\r\n\r\n", addr);
+        assert!(String::from_utf8(proxied.unwrap()).unwrap().starts_with("POST /mcp?x HTTP/1.1\r\n"));
+        for other in [
+            b"GET /api/jobs HTTP/1.1\r\n\r\n".as_slice(),
+            b"POST http://example.com/mcp HTTP/1.1\r\n\r\n",
+            b"POST http://127.0.0.1:8787/mcp HTTP/1.1\r\n\r\n",
+            b"POST /mcpx HTTP/1.1\r\n\r\n",
+            b"POST /mcp/../api/jobs HTTP/1.1\r\n\r\n",
+            b"CONNECT 127.0.0.1:3128 HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(to_baton(other, addr).is_none(), "{}", String::from_utf8_lossy(other));
+        }
     }
 }

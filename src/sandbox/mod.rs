@@ -191,7 +191,8 @@ impl Sandbox {
         let stop = CancellationToken::new();
         let refusals = Refusals::default();
         let socket = socket_path(run.run_dir);
-        let networked = !run.profile.network.is_empty();
+        // A team run reaches baton's `/mcp` through the proxy too.
+        let networked = !run.profile.network.is_empty() || run.baton.is_some();
         if networked {
             if let Some(dir) = socket.parent() {
                 use std::os::unix::fs::PermissionsExt as _;
@@ -199,7 +200,8 @@ impl Sandbox {
                 std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
             }
             let _ = std::fs::remove_file(&socket);
-            egress::serve(&socket, Arc::new(run.profile.network.clone()), refusals.clone(), stop.clone())?;
+            let rules = Arc::new(run.profile.network.clone());
+            egress::serve(&socket, rules, run.baton, refusals.clone(), stop.clone())?;
         }
         let cgroup = match self.cgroups.create(run.name, run.profile.max_memory, run.profile.max_processes) {
             Ok(c) => c,
@@ -352,6 +354,8 @@ pub struct Run<'a> {
     pub run_dir: &'a Path,
     /// Shown read-only at the same path: the program, the mirror's objects.
     pub expose: Vec<PathBuf>,
+    /// A team run: baton's API, which the proxy forwards `/mcp` to.
+    pub baton: Option<std::net::SocketAddr>,
 }
 
 /// One run's sandbox; `close` it when the run has ended.

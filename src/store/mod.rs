@@ -582,6 +582,8 @@ pub struct JobQuery {
     pub state: Option<JobState>,
     pub trigger: Option<String>,
     pub repo: Option<String>,
+    /// Only the children of this job (`[job] delegate`).
+    pub parent: Option<String>,
     pub limit: usize,
     /// Only jobs created before this one (its `seq`): the page after it.
     pub before: Option<u64>,
@@ -592,6 +594,7 @@ impl JobQuery {
         self.state.is_none_or(|s| j.state == s)
             && self.trigger.as_ref().is_none_or(|t| &j.trigger == t)
             && self.repo.as_ref().is_none_or(|r| j.repo.as_ref() == Some(r))
+            && self.parent.as_ref().is_none_or(|p| j.parent.as_ref() == Some(p))
     }
 
     /// A delivery's jobs as a page: newest first, filtered, cut.

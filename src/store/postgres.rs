@@ -32,8 +32,11 @@ use crate::domain::dispatch::{self, Claim, Limits, Load, QueueEntry};
 use crate::domain::{subject_key, Accepted, Approval, Delivery, GroupState, Job, Plan, Publication, Purpose, Write};
 
 /// The migrations, in order; each runs once, in its own transaction.
-const MIGRATIONS: &[(i32, &str)] =
-    &[(1, include_str!("migrations/0001_tables.sql")), (2, include_str!("migrations/0002_notes.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("migrations/0001_tables.sql")),
+    (2, include_str!("migrations/0002_notes.sql")),
+    (3, include_str!("migrations/0003_children.sql")),
+];
 
 /// The whole schema, as `baton migrate --print` shows it.
 pub fn schema() -> String {
@@ -628,6 +631,7 @@ impl PgStore {
             "SELECT record FROM jobs
              WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR trigger = $2)
                AND ($3::text IS NULL OR repo = $3) AND ($4::bigint IS NULL OR seq < $4)
+               AND ($6::text IS NULL OR record->>'parent' = $6)
              ORDER BY seq DESC LIMIT $5",
         )
         .bind(q.state.map(|s| s.as_str()))
@@ -635,6 +639,7 @@ impl PgStore {
         .bind(q.repo.as_deref())
         .bind(q.before.map(|b| b as i64))
         .bind(q.limit as i64)
+        .bind(q.parent.as_deref())
         .fetch_all(&self.pool)
         .await
         .map_err(pg)?;

@@ -34,4 +34,5 @@ mod rules;
 mod sandbox;
 mod schedule;
 mod store;
+mod teams;
 mod workspaces;

@@ -407,3 +407,44 @@ fn mcp_servers_are_checked_where_they_are_named() {
         }
     }
 }
+
+/// `[job] delegate` names agents that exist; `[mcp.baton]` is baton's own.
+#[test]
+fn delegate_names_defined_agents() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::from_source(None, "[agents.probe]\ncommand = [\"probe\"]\n", Path::new("/")).unwrap();
+    for (body, expect) in [
+        ("delegate = [\"probe\", \"ghost\"]", "t.toml:5:22: `delegate` names unknown agent `ghost`"),
+        ("delegate = [\"probe\", \"codex\"]", ""),
+    ] {
+        std::fs::write(
+            dir.path().join("t.toml"),
+            format!("on = [\"issues.opened\"]\n[job]\nprompt = \"x\"\nagent = \"claude\"\n{body}\n"),
+        )
+        .unwrap();
+        let (rules, errors) = RuleSet::load(dir.path(), &config);
+        let text = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+        if expect.is_empty() {
+            assert!(errors.is_empty(), "{text}");
+            let event = normalize("issues", "d", &fixture("issues/opened.payload.json")).unwrap();
+            let spec = rules.match_event(&event).pop().expect("a match");
+            assert_eq!(spec.delegate, ["probe", "codex"]);
+            assert_eq!(spec.parent, None);
+        } else {
+            assert!(text.contains(expect), "{expect}: {text}");
+        }
+    }
+    // One job at a time: a parent would wait for children that wait for it.
+    let one = Config::from_source(None, "[limits]\nmax_parallel_per_repo = 1\n", Path::new("/")).unwrap();
+    std::fs::write(
+        dir.path().join("t.toml"),
+        "on = [\"api\"]\n[job]\nprompt = \"x\"\nagent = \"claude\"\ndelegate = [\"codex\"]\n",
+    )
+    .unwrap();
+    let (_, errors) = RuleSet::load(dir.path(), &one);
+    let text = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+    assert!(text.contains("t.toml:5:13: a job that delegates runs beside its children"), "{text}");
+    let errors = Config::from_source(None, "[mcp.baton]\ncommand = [\"x\"]\n", Path::new("/")).unwrap_err();
+    let err = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+    assert!(err.contains("`baton` is baton's own server"), "{err}");
+}

@@ -38,3 +38,5 @@ mod replicas;
 mod schedule;
 #[path = "../it/store.rs"]
 mod store;
+#[path = "../it/teams.rs"]
+mod teams;

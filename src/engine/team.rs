@@ -1,0 +1,203 @@
+//! Agent teams: a job whose trigger says `[job] delegate = [...]` hands
+//! subtasks to child jobs through baton's own `/mcp`, with a token that is
+//! good only while its run lasts and only for that job's children.
+//!
+//! The engine mints a [`Pass`] when such a run starts and drops it when the
+//! run ends; the API looks a bearer token up in [`Grants`] and lets the
+//! [`Grant`] it finds decide what the caller may do. The token is never
+//! stored: a daemon that restarts reruns the job with a new one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+
+use crate::store::Job;
+
+/// What every job token starts with (the redactor knows the shape).
+pub const TOKEN_PREFIX: &str = "batonjob_";
+
+/// What a job's token allows: children of `job`, on its repository, run by
+/// one of `agents`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    /// The parent.
+    pub job: String,
+    pub trigger: String,
+    pub repo: Option<String>,
+    pub installation: Option<u64>,
+    /// The commit the parent works on, and its branch: a child's default.
+    pub head_sha: Option<String>,
+    pub default_branch: Option<String>,
+    /// The agents children may be run by (the parent's `delegate`).
+    pub agents: Vec<String>,
+    /// The parent's depth: its children are one deeper.
+    pub depth: u32,
+    /// The parent's budget, which its children share.
+    pub budget_usd: Option<f64>,
+}
+
+impl Grant {
+    pub fn of(job: &Job) -> Grant {
+        let spec = &job.spec;
+        Grant {
+            job: job.id.clone(),
+            trigger: job.trigger.clone(),
+            repo: job.repo.clone(),
+            installation: spec.installation,
+            head_sha: spec.head_sha.clone(),
+            default_branch: spec.default_branch.clone(),
+            agents: spec.delegate.clone(),
+            depth: spec.chain_depth,
+            budget_usd: spec.budget_usd,
+        }
+    }
+}
+
+/// Why a grant refuses a child.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Refused {
+    #[error("a child of job {job} would be {depth} jobs deep, past limits.max_chain_depth = {limit}")]
+    TooDeep { job: String, depth: u32, limit: u32 },
+    #[error("the team's budget of {budget} is spent ({spent} so far by job {job} and its children)")]
+    Spent { job: String, budget: String, spent: String },
+}
+
+/// The depth a child would have, if the limit allows it.
+pub fn child_depth(grant: &Grant, max_chain_depth: u32) -> Result<u32, Refused> {
+    let depth = grant.depth + 1;
+    if depth > max_chain_depth {
+        return Err(Refused::TooDeep { job: grant.job.clone(), depth, limit: max_chain_depth });
+    }
+    Ok(depth)
+}
+
+/// A new child's budget: what the parent's budget leaves after what the
+/// parent's finished attempts and its children have spent (`spent`). No
+/// budget, no cap.
+pub fn child_budget(grant: &Grant, spent: f64) -> Result<Option<f64>, Refused> {
+    let Some(budget) = grant.budget_usd else { return Ok(None) };
+    let left = budget - spent;
+    // Below a hundredth of a cent nothing useful runs.
+    if left < 0.0001 {
+        return Err(Refused::Spent {
+            job: grant.job.clone(),
+            budget: crate::domain::dollars(budget),
+            spent: crate::domain::dollars(spent),
+        });
+    }
+    Ok(Some(left))
+}
+
+/// The tokens of the runs under way, by their digest (a lookup does not
+/// compare the token itself byte by byte).
+#[derive(Debug, Default, Clone)]
+pub struct Grants(Arc<Mutex<HashMap<[u8; 32], Arc<Grant>>>>);
+
+impl Grants {
+    /// A new token for `grant`, good until the pass is dropped.
+    pub fn mint(&self, grant: Grant) -> Pass {
+        let mut bytes = [0u8; 32];
+        // No entropy is a broken machine: refuse to make a guessable token.
+        let token = match getrandom::fill(&mut bytes) {
+            Ok(()) => Some(format!("{TOKEN_PREFIX}{}", hex::encode(bytes))),
+            Err(e) => {
+                tracing::error!(error = %e, "No randomness for a job token; the job runs without its team.");
+                None
+            }
+        };
+        let key = token.as_deref().map(digest);
+        if let Some(key) = key {
+            self.lock().insert(key, Arc::new(grant));
+        }
+        Pass { token, key, grants: self.clone() }
+    }
+
+    /// The grant of a live token.
+    pub fn find(&self, token: &str) -> Option<Arc<Grant>> {
+        if !token.starts_with(TOKEN_PREFIX) {
+            return None;
+        }
+        self.lock().get(&digest(token)).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<Grant>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// A run's token; dropping it revokes the token.
+pub struct Pass {
+    token: Option<String>,
+    key: Option<[u8; 32]>,
+    grants: Grants,
+}
+
+impl Pass {
+    /// The bearer token (none when the machine had no randomness).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            self.grants.lock().remove(&key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(depth: u32, budget: Option<f64>) -> Grant {
+        Grant {
+            job: "p".into(),
+            trigger: "t".into(),
+            repo: Some("o/r".into()),
+            installation: None,
+            head_sha: None,
+            default_branch: None,
+            agents: vec!["probe".into()],
+            depth,
+            budget_usd: budget,
+        }
+    }
+
+    #[test]
+    fn a_token_lives_as_long_as_its_pass() {
+        let grants = Grants::default();
+        let pass = grants.mint(grant(0, None));
+        let token = pass.token().unwrap().to_string();
+        assert!(token.starts_with(TOKEN_PREFIX) && token.len() == TOKEN_PREFIX.len() + 64);
+        assert_eq!(grants.find(&token).unwrap().job, "p");
+        assert!(grants.find(&token[..token.len() - 1]).is_none());
+        assert!(grants.find("anything").is_none());
+        let other = grants.mint(grant(0, None));
+        assert_ne!(other.token(), pass.token());
+        drop(pass);
+        assert!(grants.find(&token).is_none(), "revoked with its pass");
+        assert!(grants.find(other.token().unwrap()).is_some());
+    }
+
+    #[test]
+    fn children_are_one_deeper_up_to_the_limit() {
+        assert_eq!(child_depth(&grant(0, None), 1), Ok(1));
+        assert_eq!(child_depth(&grant(1, None), 1), Err(Refused::TooDeep { job: "p".into(), depth: 2, limit: 1 }));
+        assert!(child_depth(&grant(0, None), 0).is_err());
+    }
+
+    #[test]
+    fn children_share_what_the_budget_leaves() {
+        assert_eq!(child_budget(&grant(0, None), 99.0), Ok(None));
+        assert_eq!(child_budget(&grant(0, Some(1.0)), 0.25), Ok(Some(0.75)));
+        let e = child_budget(&grant(0, Some(1.0)), 1.0).unwrap_err();
+        assert!(e.to_string().contains("budget of $1.00 is spent"), "{e}");
+    }
+}
