@@ -20,7 +20,7 @@ use rmcp::{schemars, tool, tool_handler, tool_router, ErrorData, RoleServer, Ser
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::api::Caller;
+use crate::engine::team::Caller;
 
 /// The longest `wait_job` blocks, whatever it is asked.
 const MAX_WAIT: Duration = Duration::from_secs(600);

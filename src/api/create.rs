@@ -17,8 +17,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
-use super::{error, store_error, Api, Caller};
-use crate::engine::team::{self, Grant};
+use super::{error, store_error, Api};
+use crate::engine::team::{self, Caller, Grant};
 use crate::event::{Event, ParentJob, Repository};
 use crate::rules::{RuleSet, Verdict};
 use crate::store::{Accepted, Delivery};

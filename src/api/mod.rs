@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 
 use crate::config::Secret;
-use crate::engine::team::Grant;
+pub use crate::engine::team::Caller;
 use crate::engine::Engine;
 use crate::store::{JobQuery, JobState, Store, StoreError};
 
@@ -83,30 +83,6 @@ fn routes() -> Router<Api> {
         .route("/api/triggers", get(list_triggers))
         .route("/", get(dashboard::jobs_page))
         .route("/jobs/{id}", get(dashboard::job_page))
-}
-
-/// Who a request comes from, as its bearer token says.
-#[derive(Debug, Clone)]
-pub enum Caller {
-    /// The API token's holder (anyone, on a daemon without one).
-    Operator,
-    /// A team job's agent: it reaches only `/mcp`, and there only the job's
-    /// own children (`engine::team`).
-    Team(Arc<Grant>),
-}
-
-impl Caller {
-    /// Whether the caller may see or act on `job`.
-    fn reaches(&self, job: &crate::store::Job) -> bool {
-        match self {
-            Caller::Operator => true,
-            Caller::Team(grant) => job.parent.as_deref() == Some(grant.job.as_str()),
-        }
-    }
-
-    fn is_team(&self) -> bool {
-        matches!(self, Caller::Team(_))
-    }
 }
 
 /// `/mcp` hands out agents' work: like `POST /api/jobs`, it is served only

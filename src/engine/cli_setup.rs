@@ -376,4 +376,40 @@ headers = { Authorization = "Bearer s3cr3t-header-value" }
             .unwrap_err();
         assert!(err.to_string().contains("`gone` is no longer configured"), "{err}");
     }
+
+    /// A team run: every CLI gets baton's own server beside the job's, its
+    /// token only in the environment, and no egress rule for it (the proxy
+    /// answers it); a program that is no preset gets the variables alone.
+    #[test]
+    fn a_team_run_is_given_batons_own_server() {
+        let token = "batonjob_0123456789abcdef0123456789abcdef0123456789abcdef0123456789ab";
+        let team = TeamAccess {
+            url: "http://127.0.0.1:3128/mcp".into(),
+            token: token.into(),
+            upstream: Some("127.0.0.1:8787".parse().unwrap()),
+        };
+        for preset in [Preset::Claude, Preset::Codex, Preset::Gemini] {
+            let s = setup(&preset.def(true), &["probe".into()], &servers(), Path::new("/io"), true, Some(&team))
+                .unwrap()
+                .unwrap();
+            let files: Vec<&String> = s.files.iter().chain(&s.home_files).map(|(_, f)| f).collect();
+            assert!(!s.args.iter().chain(files.iter().copied()).any(|a| a.contains(token)), "{preset:?}: {s:?}");
+            let config = s.args.iter().chain(files).cloned().collect::<Vec<_>>().join(" ");
+            assert!(config.contains("http://127.0.0.1:3128/mcp"), "{preset:?}: {config}");
+            assert!(s.env.contains(&("BATON_MCP_TOKEN".into(), token.into())));
+            assert!(s.env.contains(&("BATON_MCP_BATON_HEADER_0".into(), format!("Bearer {token}"))));
+            assert_eq!(s.baton, team.upstream);
+            assert!(s.network.iter().all(|r| r.to_string() != "127.0.0.1:3128"), "{:?}", s.network);
+            if preset == Preset::Claude {
+                let allowed = s.args.iter().skip_while(|a| *a != "--allowedTools").nth(1).unwrap();
+                assert_eq!(allowed, "mcp__probe,mcp__baton");
+            }
+        }
+        let mut script = Preset::Claude.def(true);
+        script.cli = None;
+        let s = setup(&script, &[], &servers(), Path::new("/io"), true, Some(&team)).unwrap().unwrap();
+        assert!(s.args.is_empty() && s.files.is_empty());
+        let names: Vec<&str> = s.env.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["BATON_MCP_URL", "BATON_MCP_TOKEN"]);
+    }
 }

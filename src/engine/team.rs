@@ -54,6 +54,30 @@ impl Grant {
     }
 }
 
+/// Who a request comes from, as its bearer token says.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// The API token's holder (anyone, on a daemon without one).
+    Operator,
+    /// A team job's agent: it reaches only `/mcp`, and there only the job's
+    /// own children.
+    Team(Arc<Grant>),
+}
+
+impl Caller {
+    /// Whether the caller may see or act on `job`.
+    pub fn reaches(&self, job: &Job) -> bool {
+        match self {
+            Caller::Operator => true,
+            Caller::Team(grant) => job.parent.as_deref() == Some(grant.job.as_str()),
+        }
+    }
+
+    pub fn is_team(&self) -> bool {
+        matches!(self, Caller::Team(_))
+    }
+}
+
 /// Why a grant refuses a child.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Refused {

@@ -132,6 +132,8 @@ mod tests {
         check("OPENAI_API_KEY=sk-proj-abcdefghijklmnopqrstuvwxyz", "OPENAI_API_KEY=[redacted]");
         check("sk-ant-api03-abcdefghijklmnopqrstuvwxyz-0123", "[redacted]");
         check("aws AKIAIOSFODNN7EXAMPLE.", "aws [redacted].");
+        let job_token = format!("batonjob_{}", "0a".repeat(32));
+        check(&format!("my token is {job_token}."), "my token is [redacted].");
         check("the daemon's hunter2-daemon-secret leaked", "the daemon's [redacted] leaked");
     }
 

@@ -47,6 +47,9 @@ enum Script {
     /// baton's own MCP tools: `delegate` a task, `wait_job` on the job it
     /// started, then answer quoting what `wait_job` returned.
     Delegate,
+    /// An orchestrator: two `delegate` calls to the `probe` agent in one
+    /// turn, then `wait_job` on both, then answer quoting what it returned.
+    Team,
 }
 
 /// A scripted model: first a tool call, then, once the tool's result comes
@@ -126,7 +129,7 @@ fn responses(body: &Value, final_text: &str, script: Script) -> Response {
         (Some(output), _) => {
             let text = match script {
                 Script::CallTool(_) => format!("{final_text} {output}"),
-                Script::WriteProof(_) | Script::Delegate => final_text.to_string(),
+                Script::WriteProof(_) | Script::Delegate | Script::Team => final_text.to_string(),
             };
             json!({"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
                    "content": [{"type": "output_text", "text": text, "annotations": []}]})
@@ -136,7 +139,7 @@ fn responses(body: &Value, final_text: &str, script: Script) -> Response {
             json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "exec_command",
                    "arguments": json!({"cmd": cmd}).to_string(), "status": "completed"})
         }
-        (None, Script::Delegate) => json!({"type": "message", "id": "msg_1", "role": "assistant",
+        (None, Script::Delegate | Script::Team) => json!({"type": "message", "id": "msg_1", "role": "assistant",
             "status": "completed", "content": [{"type": "output_text", "text": final_text, "annotations": []}]}),
         (None, Script::CallTool(suffix)) => {
             let (namespace, name) =
@@ -174,6 +177,37 @@ fn messages(body: &Value, final_text: &str, script: Script) -> Response {
         let partial = json!({"type": "input_json_delta", "partial_json": input.to_string()});
         (json!({"type": "tool_use", "id": call_id, "name": name, "input": {}}), partial, "tool_use")
     };
+    if let (Script::Team, Some(delegate), Some(wait)) =
+        (script, tool_named(body, "__delegate"), tool_named(body, "__wait_job"))
+    {
+        let results = tool_results(body);
+        let call = |id: usize, name: &str, input: Value| {
+            let partial = json!({"type": "input_json_delta", "partial_json": input.to_string()});
+            (json!({"type": "tool_use", "id": format!("toolu_{id}"), "name": name, "input": {}}), partial)
+        };
+        return match results.as_slice() {
+            // Two calls in one turn, which the CLI makes side by side.
+            [] => blocks_sse(
+                body,
+                vec![
+                    call(1, &delegate, json!({"agent": "probe", "prompt": "subtask one"})),
+                    call(2, &delegate, json!({"agent": "probe", "prompt": "subtask two: hand on"})),
+                ],
+                "tool_use",
+            ),
+            [a, b] => {
+                let id = |r: &String| {
+                    serde_json::from_str::<Value>(r).ok().and_then(|v| v["jobs"][0]["id"].as_str().map(str::to_string))
+                };
+                let ids: Vec<String> = [a, b].into_iter().filter_map(id).collect();
+                blocks_sse(body, vec![call(3, &wait, json!({"ids": ids, "timeout": 120}))], "tool_use")
+            }
+            [.., waited] => {
+                let text = json!({"type": "text_delta", "text": format!("{final_text} {waited}")});
+                blocks_sse(body, vec![(json!({"type": "text", "text": ""}), text)], "end_turn")
+            }
+        };
+    }
     if let (Script::Delegate, Some(delegate), Some(wait)) =
         (script, tool_named(body, "__delegate"), tool_named(body, "__wait_job"))
     {
@@ -206,7 +240,7 @@ fn messages(body: &Value, final_text: &str, script: Script) -> Response {
             Some(name) => call(name, json!({})),
             None => text(final_text.to_string()),
         },
-        (Script::Delegate, None) => text(final_text.to_string()),
+        (Script::Delegate | Script::Team, None) => text(final_text.to_string()),
     };
     message_sse(body, block, delta, stop)
 }
@@ -227,17 +261,23 @@ fn tool_results(body: &Value) -> Vec<String> {
 
 /// One streamed Messages answer of one content block.
 fn message_sse(body: &Value, block: Value, delta: Value, stop: &str) -> Response {
-    sse(&[
-        json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
-            "model": body["model"], "content": [], "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": 10, "output_tokens": 1}}}),
-        json!({"type": "content_block_start", "index": 0, "content_block": block}),
-        json!({"type": "content_block_delta", "index": 0, "delta": delta}),
-        json!({"type": "content_block_stop", "index": 0}),
-        json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null},
-            "usage": {"output_tokens": 5}}),
-        json!({"type": "message_stop"}),
-    ])
+    blocks_sse(body, vec![(block, delta)], stop)
+}
+
+/// A Messages answer of several content blocks (each a start and one delta).
+fn blocks_sse(body: &Value, blocks: Vec<(Value, Value)>, stop: &str) -> Response {
+    let mut events = vec![json!({"type": "message_start", "message": {"id": "msg_1", "type": "message",
+        "role": "assistant", "model": body["model"], "content": [], "stop_reason": null, "stop_sequence": null,
+        "usage": {"input_tokens": 10, "output_tokens": 1}}})];
+    for (index, (block, delta)) in blocks.into_iter().enumerate() {
+        events.push(json!({"type": "content_block_start", "index": index, "content_block": block}));
+        events.push(json!({"type": "content_block_delta", "index": index, "delta": delta}));
+        events.push(json!({"type": "content_block_stop", "index": index}));
+    }
+    events.push(json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null},
+        "usage": {"output_tokens": 5}}));
+    events.push(json!({"type": "message_stop"}));
+    sse(&events)
 }
 
 /// Gemini CLI: `write_file` writes the file (relative to the worktree), or
@@ -255,7 +295,7 @@ fn gemini(body: &Value, final_text: &str, script: Script) -> Response {
         .collect();
     let part = match (response, script) {
         (Some(r), Script::CallTool(_)) => json!({"text": format!("{final_text} {r}")}),
-        (Some(_), Script::WriteProof(_) | Script::Delegate) => json!({"text": final_text}),
+        (Some(_), Script::WriteProof(_) | Script::Delegate | Script::Team) => json!({"text": final_text}),
         (None, Script::WriteProof(proof)) if tools.iter().any(|t| t == "write_file") => {
             json!({"functionCall": {"name": "write_file",
                 "args": {"file_path": PROOF_FILE, "content": format!("{proof}\n")}}})
@@ -763,4 +803,60 @@ async fn claude_delegates_to_baton_through_baton_mcp() {
     let jobs = jobs["jobs"].as_array().cloned().unwrap_or_default();
     assert_eq!(jobs.len(), 1, "one delegated job: {jobs:?}");
     assert_eq!((jobs[0]["trigger"].as_str(), jobs[0]["state"].as_str()), (Some("api"), Some("succeeded")));
+}
+
+/// Agent teams with the real Claude Code CLI as the orchestrator: baton
+/// gives it its own `/mcp` (reached through the sandbox's proxy, with the
+/// job's token, `mcp__baton` allowed). Driven by the scripted model, it
+/// delegates two subtasks to the `probe` agent in one turn (two parallel
+/// tool calls), waits for both, and its final answer, posted as the job's
+/// result, holds both children's results. The child told to hand its work
+/// on is refused at `limits.max_chain_depth`.
+#[tokio::test]
+async fn claude_orchestrates_a_team_of_probe_agents() {
+    let cli = cli_dir("claude", "@anthropic-ai/claude-code@2.1.197");
+    let model = FakeModel::scripted(Api::Messages, "The team reports:", Script::Team).await;
+    let team = tempfile::tempdir().unwrap();
+    let py = team.path().join("team.py");
+    std::fs::write(&py, include_str!("teams/team.py")).unwrap();
+    std::fs::set_permissions(&py, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let keys = format!(
+        "model = \"claude-fake\"\nmax_turns = 6\nbase_url = \"{url}\"\n\n\
+         [agents.probe]\ncommand = [\"{py}\", \"probe\"]\n\n[limits]\nmax_chain_depth = 1\nmax_parallel_per_repo = 3\n",
+        url = model.url,
+        py = py.display(),
+    );
+    let env = [("ANTHROPIC_API_KEY", "sk-ant-fake-key"), ("CLAUDE_CODE_MAX_RETRIES", "0")];
+    let fake = FakeGitHub::start().await;
+    let trigger = "on = [\"issues.opened\"]\n[job]\nagent = \"claude\"\nworkspace = \"default-branch\"\n\
+                   delegate = [\"probe\"]\nprompt = \"Split the work between two probes.\"\n[output]\nkind = \"comment\"\n";
+    let (_w, baton) = daemon(&fake, "claude", &keys, &env, &cli, trigger);
+    let job = job_of(&baton, "issues", &fixture("issues/opened.payload.json")).await;
+    let id = job["id"].as_str().unwrap();
+    let result = job["result"].as_str().unwrap_or_default();
+    let requests = model.requests();
+
+    // Both calls were in one turn: the next request answers both at once.
+    let answered_together = requests.iter().any(|r| {
+        let last = r["messages"].as_array().and_then(|m| m.last()).cloned().unwrap_or_default();
+        let blocks = last["content"].as_array().cloned().unwrap_or_default();
+        blocks.iter().filter(|b| b["type"] == "tool_result").count() == 2
+    });
+    assert!(answered_together, "two delegate calls in one turn: {requests:?}");
+    let (_, page) = baton.get(&format!("/api/jobs?parent={id}")).await;
+    let kids = page["jobs"].as_array().cloned().unwrap_or_default();
+    assert_eq!(kids.len(), 2, "{page}");
+    assert!(result.starts_with("The team reports:"), "{result}\nrequests: {requests:?}");
+    for kid in &kids {
+        assert_eq!((kid["state"].as_str(), kid["parent"].as_str()), (Some("succeeded"), Some(id)), "{kid}");
+        let said = kid["result"].as_str().unwrap_or_default();
+        let line = said.lines().next().unwrap_or("?");
+        assert!(result.contains(line), "the answer holds the child's result `{line}`: {result}");
+    }
+    assert!(result.contains("probe did <subtask one>") && result.contains("probe did <subtask two: hand on>"));
+    assert!(result.contains("deeper: refused") && result.contains("max_chain_depth = 1"), "{result}");
+    eventually("the result on the issue", || {
+        fake.comments("Codertocat/Hello-World#1").iter().any(|c| c.body.contains("probe did <subtask one>"))
+    })
+    .await;
 }

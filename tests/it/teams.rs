@@ -16,7 +16,7 @@ const TEAM_PY: &str = include_str!("teams/team.py");
 /// A daemon whose agents are members of a team (`boss`, `sleeper`,
 /// `spender` hand work to `probe`), with children one level deep at most,
 /// and room in the repository for a parent and two children at once.
-fn team(fake: &FakeGitHub) -> (Workdir, Baton, PathBuf) {
+fn team(fake: &FakeGitHub, extra: &str) -> (Workdir, Baton, PathBuf) {
     let w = Workdir::new();
     let repos = w.path().join("remote");
     bare_repo(&repos, "o/r", "master", &[("README.md", "the readme of o/r")]);
@@ -34,7 +34,7 @@ fn team(fake: &FakeGitHub) -> (Workdir, Baton, PathBuf) {
     w.config(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\napi_token = \"{TOKEN}\"\n\
          [github]\napi_url = \"{api}\"\ngit_url = \"file://{repos}\"\ntoken = \"ghs_teams\"\nwebhook_secret = \"teams-webhook-secret\"\n\
-         [limits]\nmax_chain_depth = 1\nmax_parallel_per_repo = 3\n{boss}{sleeper}{spender}{probe}{other}",
+         [limits]\nmax_chain_depth = 1\nmax_parallel_per_repo = 3\n{extra}\n{boss}{sleeper}{spender}{probe}{other}",
         api = fake.url,
         repos = repos.display(),
         boss = agent("boss"),
@@ -101,19 +101,12 @@ fn read(path: &Path) -> String {
 #[tokio::test]
 async fn a_job_delegates_to_children_and_its_token_reaches_nothing_else() {
     let fake = FakeGitHub::start().await;
-    let (_w, baton, loot) = team(&fake);
+    let (_w, baton, loot) = team(&fake, "");
     let outsider = start(&baton, "plain", "mind my own business").await;
     assert_eq!(baton.finished(&outsider).await["state"], "succeeded");
 
-    let boss = start(&baton, "boss", &outsider).await;
-    let done = baton.finished(&boss).await;
-    let (_, log) = baton.get(&format!("/api/jobs/{boss}/log")).await;
-    assert_eq!(done["state"], "succeeded", "{done}\n{log}");
-    let result = done["result"].as_str().unwrap_or_default();
-    assert!(!result.contains("ALLOWED"), "the token did something it may not: {result}");
-    assert_eq!(result.matches("REFUSED").count(), 7, "{result}");
+    let (boss, result, log) = run_boss(&baton, &outsider).await;
     assert!(result.contains("REFUSED the API past /mcp: 403 baton: egress to 127.0.0.1:3128"), "{result}");
-    assert!(result.contains("lists only its children: True"), "{result}");
 
     let kids = children(&baton, &boss).await;
     assert_eq!(kids.len(), 2, "{kids:?}");
@@ -154,12 +147,42 @@ async fn a_job_delegates_to_children_and_its_token_reaches_nothing_else() {
     assert!(page.as_str().unwrap_or_default().contains(&format!("id=\"parent\" href=\"/jobs/{boss}\"")));
 }
 
+/// Runs the boss: it succeeds, and its token did nothing it may not.
+async fn run_boss(baton: &Baton, outsider: &str) -> (String, String, Value) {
+    let boss = start(baton, "boss", outsider).await;
+    let done = baton.finished(&boss).await;
+    let (_, log) = baton.get(&format!("/api/jobs/{boss}/log")).await;
+    assert_eq!(done["state"], "succeeded", "{done}\n{log}");
+    let result = done["result"].as_str().unwrap_or_default().to_string();
+    assert!(!result.contains("ALLOWED"), "the token did something it may not: {result}");
+    assert_eq!(result.matches("REFUSED").count(), 7, "{result}");
+    assert!(result.contains("lists only its children: True"), "{result}");
+    assert!(result.matches(" succeeded: probe did <subtask").count() == 2, "{result}");
+    (boss, result, log)
+}
+
+/// With the sandbox off, the agent reaches `/mcp` on baton's own address,
+/// and its token is scoped just the same.
+#[tokio::test]
+async fn a_team_runs_unconfined_with_the_same_scope() {
+    let fake = FakeGitHub::start().await;
+    let (_w, baton, _loot) = team(&fake, "[sandbox]\nenabled = false\n");
+    let outsider = start(&baton, "plain", "mind my own business").await;
+    baton.finished(&outsider).await;
+    let (boss, result, _) = run_boss(&baton, &outsider).await;
+    assert!(
+        result.contains("REFUSED the API past /mcp: 403 {\"error\":\"a job's token reaches only /mcp\"}"),
+        "{result}"
+    );
+    assert_eq!(children(&baton, &boss).await.len(), 2);
+}
+
 /// Cancelling a parent cancels its running child; while it ran, its token
 /// reached `/mcp` and nothing else, and after, not even that.
 #[tokio::test]
 async fn children_are_cancelled_with_their_parent_and_its_token_dies() {
     let fake = FakeGitHub::start().await;
-    let (_w, baton, loot) = team(&fake);
+    let (_w, baton, loot) = team(&fake, "");
     let parent = start(&baton, "sleeper", "").await;
     eventually("the sleeper's child and token", || loot.join("token").exists()).await;
     let token = read(&loot.join("token"));
@@ -194,7 +217,7 @@ async fn eventually_running(baton: &Baton, id: &str) {
 #[tokio::test]
 async fn children_spend_from_their_parents_budget() {
     let fake = FakeGitHub::start().await;
-    let (_w, baton, _loot) = team(&fake);
+    let (_w, baton, _loot) = team(&fake, "");
     let parent = start(&baton, "spender", "").await;
     let done = baton.finished(&parent).await;
     assert_eq!(done["state"], "succeeded", "{done}");
