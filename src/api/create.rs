@@ -225,7 +225,12 @@ async fn child(s: &Api, grant: &Grant, body: &Map<String, Value>, delivery: &str
     event.parent = Some(ParentJob { id: grant.job.clone(), trigger: grant.trigger.clone(), depth: grant.depth });
     let mut spec = judge(&rules, ADHOC_TRIGGER, &event)?;
     spec.parent = Some(grant.job.clone());
-    admit(s, delivery, ADHOC_TRIGGER, spec).await
+    let answer = admit(s, delivery, ADHOC_TRIGGER, spec).await?;
+    if answer.status() == StatusCode::CREATED {
+        let id = crate::domain::job_id(delivery, ADHOC_TRIGGER);
+        s.engine.note(&grant.job, &format!("delegated job {id} to agent `{agent}`")).await;
+    }
+    Ok(answer)
 }
 
 /// What the job `parent`'s finished attempts and all its children have spent.

@@ -973,6 +973,11 @@ impl Engine {
         }
     }
 
+    /// Adds a line of baton's own to a job's log.
+    pub async fn note(&self, id: &str, line: &str) {
+        self.log_line(id, line).await
+    }
+
     async fn log_line(&self, id: &str, line: &str) {
         let path = self.job_dir(id).join("log");
         let text = format!("[baton] {line}\n");

@@ -132,6 +132,10 @@ async fn a_job_delegates_to_children_and_its_token_reaches_nothing_else() {
     assert!(token.starts_with("batonjob_"), "{token}");
     assert_eq!(mcp_status(&baton, &token).await, 401);
     assert!(!log.to_string().contains(&token) && !result.contains(&token));
+    for kid in &kids {
+        let line = format!("delegated job {} to agent `probe`", kid["id"].as_str().unwrap());
+        assert!(log.to_string().contains(&line), "{log}");
+    }
 
     // The dashboard: children right under their parent, and on its page.
     let (_, page) = baton.get("/").await;
