@@ -319,9 +319,7 @@ fn push_options_are_checked_where_they_are_written() {
         ("[job]\nagent = \"codex\"\nprompt = \"x\"\nmax_repairs_per_pr = 2\n", "`max_repairs_per_pr` counts pushes"),
         ("[job]\nagent = \"codex\"\nworkspace = \"pr-head\"\nprompt = \"x\"\n[output]\nkind = \"push\"\non_moved = \"merge\"\n", "unknown variant `merge`"),
     ] {
-        std::fs::write(dir.path().join("t.toml"), format!("on = [\"pull_request.opened\"]\n{body}")).unwrap();
-        let (_, errors) = RuleSet::load(dir.path(), &config);
-        let text = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+        let (_, text) = load_one(dir.path(), &config, &format!("on = [\"pull_request.opened\"]\n{body}"));
         assert!(text.contains("t.toml:") && text.contains(expect), "{expect}: {text}");
     }
 }
@@ -393,12 +391,10 @@ fn mcp_servers_are_checked_where_they_are_named() {
         ),
         ("agent = \"claude\"\nmcp = [\"probe\"]", ""),
     ] {
-        std::fs::write(dir.path().join("t.toml"), format!("on = [\"issues.opened\"]\n[job]\nprompt = \"x\"\n{body}\n"))
-            .unwrap();
-        let (rules, errors) = RuleSet::load(dir.path(), &config);
-        let text = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+        let source = format!("on = [\"issues.opened\"]\n[job]\nprompt = \"x\"\n{body}\n");
+        let (rules, text) = load_one(dir.path(), &config, &source);
         if expect.is_empty() {
-            assert!(errors.is_empty(), "{text}");
+            assert!(text.is_empty(), "{text}");
             let event = normalize("issues", "d", &fixture("issues/opened.payload.json")).unwrap();
             let spec = rules.match_event(&event).pop().expect("a match");
             assert_eq!(spec.mcp, ["probe"]);
@@ -417,15 +413,10 @@ fn delegate_names_defined_agents() {
         ("delegate = [\"probe\", \"ghost\"]", "t.toml:5:22: `delegate` names unknown agent `ghost`"),
         ("delegate = [\"probe\", \"codex\"]", ""),
     ] {
-        std::fs::write(
-            dir.path().join("t.toml"),
-            format!("on = [\"issues.opened\"]\n[job]\nprompt = \"x\"\nagent = \"claude\"\n{body}\n"),
-        )
-        .unwrap();
-        let (rules, errors) = RuleSet::load(dir.path(), &config);
-        let text = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+        let source = format!("on = [\"issues.opened\"]\n[job]\nprompt = \"x\"\nagent = \"claude\"\n{body}\n");
+        let (rules, text) = load_one(dir.path(), &config, &source);
         if expect.is_empty() {
-            assert!(errors.is_empty(), "{text}");
+            assert!(text.is_empty(), "{text}");
             let event = normalize("issues", "d", &fixture("issues/opened.payload.json")).unwrap();
             let spec = rules.match_event(&event).pop().expect("a match");
             assert_eq!(spec.delegate, ["probe", "codex"]);
@@ -436,15 +427,23 @@ fn delegate_names_defined_agents() {
     }
     // One job at a time: a parent would wait for children that wait for it.
     let one = Config::from_source(None, "[limits]\nmax_parallel_per_repo = 1\n", Path::new("/")).unwrap();
-    std::fs::write(
-        dir.path().join("t.toml"),
-        "on = [\"api\"]\n[job]\nprompt = \"x\"\nagent = \"claude\"\ndelegate = [\"codex\"]\n",
-    )
-    .unwrap();
-    let (_, errors) = RuleSet::load(dir.path(), &one);
-    let text = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+    let source = "on = [\"api\"]
+[job]
+prompt = \"x\"
+agent = \"claude\"
+delegate = [\"codex\"]
+";
+    let (_, text) = load_one(dir.path(), &one, source);
     assert!(text.contains("t.toml:5:13: a job that delegates runs beside its children"), "{text}");
     let errors = Config::from_source(None, "[mcp.baton]\ncommand = [\"x\"]\n", Path::new("/")).unwrap_err();
     let err = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
     assert!(err.contains("`baton` is baton's own server"), "{err}");
+}
+
+/// Loads `source` as the one trigger `t.toml` in `dir`: the rules, and the
+/// errors as their text, one per line.
+fn load_one(dir: &Path, config: &Config, source: &str) -> (RuleSet, String) {
+    std::fs::write(dir.join("t.toml"), source).unwrap();
+    let (rules, errors) = RuleSet::load(dir, config);
+    (rules, errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))
 }
