@@ -108,8 +108,9 @@ async fn a_job_delegates_to_children_and_its_token_reaches_nothing_else() {
     let (boss, result, log) = run_boss(&baton, &outsider).await;
     assert!(result.contains("REFUSED the API past /mcp: 403 baton: egress to 127.0.0.1:3128"), "{result}");
 
-    let kids = children(&baton, &boss).await;
-    assert_eq!(kids.len(), 2, "{kids:?}");
+    let all = children(&baton, &boss).await;
+    assert_eq!(all.len(), 3, "{all:?}");
+    let kids: Vec<Value> = all.into_iter().filter(|k| k["spec"]["prompt"] != "fail").collect();
     let mut dirs = Vec::new();
     for kid in &kids {
         let id = kid["id"].as_str().unwrap();
@@ -143,7 +144,7 @@ async fn a_job_delegates_to_children_and_its_token_reaches_nothing_else() {
     let at = |id: &str| page.find(&format!("/jobs/{id}\"")).unwrap_or(usize::MAX);
     let kid_ids: Vec<&str> = kids.iter().map(|k| k["id"].as_str().unwrap()).collect();
     assert!(kid_ids.iter().all(|k| at(&boss) < at(k) && at(k) < at(&outsider)), "{page}");
-    assert_eq!(page.matches("└").count(), 2, "{page}");
+    assert_eq!(page.matches("└").count(), 3, "{page}");
     let (_, page) = baton.get(&format!("/jobs/{boss}")).await;
     let page = page.as_str().unwrap_or_default();
     assert!(page.contains("id=\"children\"") && kid_ids.iter().all(|k| page.contains(k)), "{page}");
@@ -162,6 +163,7 @@ async fn run_boss(baton: &Baton, outsider: &str) -> (String, String, Value) {
     assert_eq!(result.matches("REFUSED").count(), 7, "{result}");
     assert!(result.contains("lists only its children: True"), "{result}");
     assert!(result.matches(" succeeded: probe did <subtask").count() == 2, "{result}");
+    assert!(result.contains("failed: agent `probe` exited with status 3"), "a failed child is visible: {result}");
     (boss, result, log)
 }
 
@@ -178,7 +180,7 @@ async fn a_team_runs_unconfined_with_the_same_scope() {
         result.contains("REFUSED the API past /mcp: 403 {\"error\":\"a job's token reaches only /mcp\"}"),
         "{result}"
     );
-    assert_eq!(children(&baton, &boss).await.len(), 2);
+    assert_eq!(children(&baton, &boss).await.len(), 3);
 }
 
 /// Cancelling a parent cancels its running child; while it ran, its token

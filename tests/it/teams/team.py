@@ -112,6 +112,11 @@ def boss(loot):
     refused, text = mcp.call("wait_job", {"ids": ids, "timeout": 120})
     for job in json.loads(text)["ended"]:
         print(f"child {job['id']} {job['state']}: {job['result']}", flush=True)
+    # A child that fails is the parent's to see (and to retry or give up on).
+    refused, text = mcp.call("delegate", {"agent": "probe", "prompt": "fail"})
+    refused, text = mcp.call("wait_job", {"ids": ids_of(text), "timeout": 120})
+    for job in json.loads(text)["ended"]:
+        print(f"failed child {job['id']} {job['state']}: {job['error']}", flush=True)
 
 
 def sleeper(loot):
@@ -142,6 +147,9 @@ def probe():
     task = sys.stdin.read().strip()
     if task == "sleep":
         time.sleep(120)
+    if task == "fail":
+        print("giving up", flush=True)
+        sys.exit(3)
     if task.startswith("spend "):
         with open(os.environ["BATON_USAGE_FILE"], "w") as f:
             json.dump({"usage": {"input_tokens": 1, "output_tokens": 1, "cost_usd": float(task.split()[1])}}, f)
