@@ -478,5 +478,11 @@ pub fn http_service(
     let mut config = rmcp::transport::StreamableHttpServerConfig::default().disable_allowed_hosts();
     // The API's own guard checks the Host and the origin first.
     config.cancellation_token = stop;
-    rmcp::transport::StreamableHttpService::new(move || Ok(BatonMcp::new(daemon.clone())), Default::default(), config)
+    // No SSE priming events (here and in the sessions, below): their empty
+    // `data:` breaks Gemini CLI 0.61's MCP client (a `JSON.parse` of
+    // nothing), and with no event store nothing could be resumed from them.
+    config.sse_retry = None;
+    let mut sessions = rmcp::transport::streamable_http_server::session::local::LocalSessionManager::default();
+    sessions.session_config.sse_retry = None;
+    rmcp::transport::StreamableHttpService::new(move || Ok(BatonMcp::new(daemon.clone())), sessions.into(), config)
 }

@@ -229,6 +229,19 @@ async fn handle(stream: UnixStream, rules: &[HostRule], baton: Option<SocketAddr
         let _ = client.get_mut().write_all(b"k").await;
         return;
     }
+    // A client that tunnels everything (undici's ProxyAgent, in Gemini CLI)
+    // asks to CONNECT to the proxy's own address: the tunnel's first request
+    // is then the one that may go to baton.
+    let mut head = head;
+    if baton.is_some() && connects_to_proxy(&head) {
+        if client.get_mut().write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await.is_err() {
+            return;
+        }
+        head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut client)).await {
+            Ok(Ok(head)) => head,
+            _ => return,
+        };
+    }
     let to_baton = baton.and_then(|addr| to_baton(&head, addr).map(|h| (addr, h)));
     let for_baton = to_baton.is_some();
     let target = match to_baton {
@@ -286,6 +299,15 @@ async fn handle(stream: UnixStream, rules: &[HostRule], baton: Option<SocketAddr
     }
     let mut client = client.into_inner();
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+}
+
+/// Whether `head` is a CONNECT to the proxy's own address.
+fn connects_to_proxy(head: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(head) else { return false };
+    let mut parts = text.split_whitespace();
+    let (Some(method), Some(target)) = (parts.next(), parts.next()) else { return false };
+    method.eq_ignore_ascii_case("CONNECT")
+        && matches!(split_host_port(target), Ok(("127.0.0.1" | "localhost", Some(super::PROXY_PORT))))
 }
 
 /// A request for baton's `/mcp`, rewritten for its API at `addr`: the path
@@ -455,5 +477,9 @@ mod tests {
         ] {
             assert!(to_baton(other, addr).is_none(), "{}", String::from_utf8_lossy(other));
         }
+        assert!(connects_to_proxy(b"CONNECT 127.0.0.1:3128 HTTP/1.1\r\nHost: 127.0.0.1:3128\r\n\r\n"));
+        assert!(connects_to_proxy(b"CONNECT localhost:3128 HTTP/1.1\r\n\r\n"));
+        assert!(!connects_to_proxy(b"CONNECT 127.0.0.1:8787 HTTP/1.1\r\n\r\n"));
+        assert!(!connects_to_proxy(b"CONNECT example.com:3128 HTTP/1.1\r\n\r\n"));
     }
 }

@@ -122,6 +122,29 @@ fn namespaced_tool(body: &Value, suffix: &str) -> Option<(String, String)> {
 /// Codex: `exec_command` writes the file (or the MCP tool is called); the
 /// next turn answers.
 fn responses(body: &Value, final_text: &str, script: Script) -> Response {
+    if let (Script::Team, Some((namespace, delegate)), Some((_, wait))) =
+        (script, namespaced_tool(body, "delegate"), namespaced_tool(body, "wait_job"))
+    {
+        let call = |n: usize, name: &str, args: Value| {
+            json!({"type": "function_call", "id": format!("fc_{n}"), "call_id": format!("call_{n}"),
+                   "namespace": namespace, "name": name, "arguments": args.to_string(), "status": "completed"})
+        };
+        let outputs = tool_outputs(Api::Responses, body);
+        let items = match outputs.as_slice() {
+            // Two calls in one turn, which the CLI makes side by side.
+            [] => vec![
+                call(1, &delegate, json!({"agent": "probe", "prompt": "subtask one"})),
+                call(2, &delegate, json!({"agent": "probe", "prompt": "subtask two: hand on"})),
+            ],
+            [a, b] => {
+                let ids: Vec<String> = job_ids(a).into_iter().chain(job_ids(b)).collect();
+                vec![call(3, &wait, json!({"ids": ids, "timeout": 120}))]
+            }
+            [.., waited] => vec![json!({"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": format!("{final_text} {waited}"), "annotations": []}]})],
+        };
+        return response_sse(&items);
+    }
     let output = body["input"].as_array().and_then(|items| {
         items.iter().rev().find(|i| i["type"] == "function_call_output").map(|i| i["output"].to_string())
     });
@@ -148,14 +171,20 @@ fn responses(body: &Value, final_text: &str, script: Script) -> Response {
                    "name": name, "arguments": "{}", "status": "completed"})
         }
     };
-    sse(&[
-        json!({"type": "response.created", "response": {"id": "resp_1"}}),
-        json!({"type": "response.output_item.added", "output_index": 0, "item": item}),
-        json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
-        json!({"type": "response.completed", "response": {"id": "resp_1", "usage": {
-            "input_tokens": 10, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 15}}}),
-    ])
+    response_sse(&[item])
+}
+
+/// A Responses answer of `items`.
+fn response_sse(items: &[Value]) -> Response {
+    let mut events = vec![json!({"type": "response.created", "response": {"id": "resp_1"}})];
+    for (index, item) in items.iter().enumerate() {
+        events.push(json!({"type": "response.output_item.added", "output_index": index, "item": item}));
+        events.push(json!({"type": "response.output_item.done", "output_index": index, "item": item}));
+    }
+    events.push(json!({"type": "response.completed", "response": {"id": "resp_1", "usage": {
+        "input_tokens": 10, "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 15}}}));
+    sse(&events)
 }
 
 /// Claude Code: the `Write` tool writes the file at an absolute path, read
@@ -293,6 +322,24 @@ fn gemini(body: &Value, final_text: &str, script: Script) -> Response {
         .flat_map(|t| t["functionDeclarations"].as_array().cloned().unwrap_or_default())
         .filter_map(|f| f["name"].as_str().map(str::to_string))
         .collect();
+    let responses: Vec<String> = tool_outputs(Api::Gemini, body);
+    let named = |suffix: &str| tools.iter().find(|t| t.ends_with(suffix)).cloned();
+    if let (Script::Team, Some(delegate), Some(wait)) = (script, named("delegate"), named("wait_job")) {
+        let parts = match responses.as_slice() {
+            // Two calls in one turn, which the CLI makes side by side.
+            [] => vec![
+                json!({"functionCall": {"name": delegate, "args": {"agent": "probe", "prompt": "subtask one"}}}),
+                json!({"functionCall": {"name": delegate,
+                    "args": {"agent": "probe", "prompt": "subtask two: hand on"}}}),
+            ],
+            [a, b] => {
+                let ids: Vec<String> = job_ids(a).into_iter().chain(job_ids(b)).collect();
+                vec![json!({"functionCall": {"name": wait, "args": {"ids": ids, "timeout": 120}}})]
+            }
+            [.., waited] => vec![json!({"text": format!("{final_text} {waited}")})],
+        };
+        return gemini_sse(parts);
+    }
     let part = match (response, script) {
         (Some(r), Script::CallTool(_)) => json!({"text": format!("{final_text} {r}")}),
         (Some(_), Script::WriteProof(_) | Script::Delegate | Script::Team) => json!({"text": final_text}),
@@ -306,8 +353,13 @@ fn gemini(body: &Value, final_text: &str, script: Script) -> Response {
         },
         (None, _) => json!({"text": final_text}),
     };
+    gemini_sse(vec![part])
+}
+
+/// A `streamGenerateContent` answer of `parts`, in one chunk.
+fn gemini_sse(parts: Vec<Value>) -> Response {
     let chunk = json!({
-        "candidates": [{"content": {"role": "model", "parts": [part]}, "finishReason": "STOP", "index": 0}],
+        "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
         "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 5, "totalTokenCount": 15},
         "modelVersion": "baton-fake",
     });
@@ -805,44 +857,44 @@ async fn claude_delegates_to_baton_through_baton_mcp() {
     assert_eq!((jobs[0]["trigger"].as_str(), jobs[0]["state"].as_str()), (Some("api"), Some("succeeded")));
 }
 
-/// Agent teams with the real Claude Code CLI as the orchestrator: baton
-/// gives it its own `/mcp` (reached through the sandbox's proxy, with the
-/// job's token, `mcp__baton` allowed). Driven by the scripted model, it
+/// Agent teams with a real CLI as the orchestrator: baton gives it its own
+/// `/mcp` (reached through the sandbox's proxy, with the job's token, and
+/// for Claude Code `mcp__baton` allowed). Driven by the scripted model, it
 /// delegates two subtasks to the `probe` agent in one turn (two parallel
 /// tool calls), waits for both, and its final answer, posted as the job's
 /// result, holds both children's results. The child told to hand its work
 /// on is refused at `limits.max_chain_depth`.
-#[tokio::test]
-async fn claude_orchestrates_a_team_of_probe_agents() {
-    let cli = cli_dir("claude", "@anthropic-ai/claude-code@2.1.197");
-    let model = FakeModel::scripted(Api::Messages, "The team reports:", Script::Team).await;
+async fn a_team_orchestrated_by(preset: &str, api: Api, cli: &Path, agent_keys: &str, env: &[(&str, &str)]) {
+    let model = FakeModel::scripted(api, "The team reports:", Script::Team).await;
     let team = tempfile::tempdir().unwrap();
     let py = team.path().join("team.py");
     std::fs::write(&py, include_str!("teams/team.py")).unwrap();
     std::fs::set_permissions(&py, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let keys = format!(
-        "model = \"claude-fake\"\nmax_turns = 6\nbase_url = \"{url}\"\n\n\
+        "{agent_keys}\nbase_url = \"{url}{path}\"\n\n\
          [agents.probe]\ncommand = [\"{py}\", \"probe\"]\n\n[limits]\nmax_chain_depth = 1\nmax_parallel_per_repo = 3\n",
         url = model.url,
+        path = if matches!(api, Api::Responses) { "/v1" } else { "" },
         py = py.display(),
     );
-    let env = [("ANTHROPIC_API_KEY", "sk-ant-fake-key"), ("CLAUDE_CODE_MAX_RETRIES", "0")];
     let fake = FakeGitHub::start().await;
-    let trigger = "on = [\"issues.opened\"]\n[job]\nagent = \"claude\"\nworkspace = \"default-branch\"\n\
-                   delegate = [\"probe\"]\nprompt = \"Split the work between two probes.\"\n[output]\nkind = \"comment\"\n";
-    let (_w, baton) = daemon(&fake, "claude", &keys, &env, &cli, trigger);
+    let trigger = format!(
+        "on = [\"issues.opened\"]\n[job]\nagent = \"{preset}\"\nworkspace = \"default-branch\"\n\
+         delegate = [\"probe\"]\nprompt = \"Split the work between two probes.\"\n[output]\nkind = \"comment\"\n"
+    );
+    let (_w, baton) = daemon(&fake, preset, &keys, env, cli, &trigger);
     let job = job_of(&baton, "issues", &fixture("issues/opened.payload.json")).await;
     let id = job["id"].as_str().unwrap();
     let result = job["result"].as_str().unwrap_or_default();
     let requests = model.requests();
 
     // Both calls were in one turn: the next request answers both at once.
-    let answered_together = requests.iter().any(|r| {
-        let last = r["messages"].as_array().and_then(|m| m.last()).cloned().unwrap_or_default();
-        let blocks = last["content"].as_array().cloned().unwrap_or_default();
-        blocks.iter().filter(|b| b["type"] == "tool_result").count() == 2
-    });
-    assert!(answered_together, "two delegate calls in one turn: {requests:?}");
+    let (_, log) = baton.get(&format!("/api/jobs/{id}/log")).await;
+    assert!(
+        requests.iter().any(|r| tool_outputs(api, r).len() == 2),
+        "two delegate calls in one turn: {log}\n{}",
+        baton.log_text()
+    );
     let (_, page) = baton.get(&format!("/api/jobs?parent={id}")).await;
     let kids = page["jobs"].as_array().cloned().unwrap_or_default();
     assert_eq!(kids.len(), 2, "{page}");
@@ -859,4 +911,65 @@ async fn claude_orchestrates_a_team_of_probe_agents() {
         fake.comments("Codertocat/Hello-World#1").iter().any(|c| c.body.contains("probe did <subtask one>"))
     })
     .await;
+}
+
+/// The tool results a request carries, in order: Claude Code's
+/// `tool_result` blocks, Codex's `function_call_output` items, Gemini CLI's
+/// `functionResponse` parts.
+fn tool_outputs(api: Api, body: &Value) -> Vec<String> {
+    match api {
+        Api::Messages => tool_results(body),
+        Api::Gemini => body["contents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|c| c["parts"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p.get("functionResponse").map(|r| r.to_string()))
+            .collect(),
+        _ => body["input"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["type"] == "function_call_output")
+            .map(|i| match &i["output"] {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .collect(),
+    }
+}
+
+/// The job ids a tool's answer names (`"id": "…"`), however it was quoted.
+fn job_ids(text: &str) -> Vec<String> {
+    let plain = text.replace('\\', "");
+    plain
+        .split("\"id\":")
+        .skip(1)
+        .filter_map(|rest| {
+            let id: String =
+                rest.trim_start().trim_start_matches('"').chars().take_while(char::is_ascii_hexdigit).collect();
+            (id.len() == 16).then_some(id)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn claude_orchestrates_a_team_of_probe_agents() {
+    let cli = cli_dir("claude", "@anthropic-ai/claude-code@2.1.197");
+    let env = [("ANTHROPIC_API_KEY", "sk-ant-fake-key"), ("CLAUDE_CODE_MAX_RETRIES", "0")];
+    a_team_orchestrated_by("claude", Api::Messages, &cli, "model = \"claude-fake\"\nmax_turns = 6", &env).await;
+}
+
+#[tokio::test]
+async fn gemini_orchestrates_a_team_of_probe_agents() {
+    let cli = cli_dir("gemini", "@google/gemini-cli@0.61.0");
+    let env = [("GEMINI_API_KEY", "fake-gemini-key")];
+    a_team_orchestrated_by("gemini", Api::Gemini, &cli, "model = \"baton-fake\"", &env).await;
+}
+
+#[tokio::test]
+async fn codex_orchestrates_a_team_of_probe_agents() {
+    let cli = cli_dir("codex", "@openai/codex@0.169.0");
+    let env = [("OPENAI_API_KEY", "sk-fake-codex-key")];
+    a_team_orchestrated_by("codex", Api::Responses, &cli, "model = \"baton-fake\"", &env).await;
 }
