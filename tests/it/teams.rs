@@ -107,6 +107,8 @@ async fn a_job_delegates_to_children_and_its_token_reaches_nothing_else() {
 
     let (boss, result, log) = run_boss(&baton, &outsider).await;
     assert!(result.contains("REFUSED the API past /mcp: 403 baton: egress to 127.0.0.1:3128"), "{result}");
+    // A client that tunnels everything reaches `/mcp` through the proxy too.
+    assert!(result.contains("tunnel: HTTP/1.1 200 Connection Established / HTTP/1.1 200 OK"), "{result}");
 
     let all = children(&baton, &boss).await;
     assert_eq!(all.len(), 3, "{all:?}");

@@ -14,6 +14,7 @@ would, and tries what an agent should not be able to do.
 """
 import json
 import os
+import socket
 import sys
 import time
 import urllib.error
@@ -77,6 +78,24 @@ class Mcp:
         return bool(r.get("isError")), "".join(c.get("text", "") for c in r.get("content", []))
 
 
+def via_tunnel():
+    """`initialize` through a CONNECT tunnel to the proxy itself, as a client
+    that tunnels everything does: the status line of the answer."""
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=30)
+    s.sendall(b"CONNECT 127.0.0.1:3128 HTTP/1.1\r\nHost: 127.0.0.1:3128\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    body = json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}).encode()
+    s.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:3128\r\nContent-Type: application/json\r\n"
+              b"Accept: application/json, text/event-stream\r\nAuthorization: Bearer " + TOKEN.encode() +
+              b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    answer = s.recv(200).decode(errors="replace")
+    s.close()
+    return head.split(b"\r\n")[0].decode() + " / " + answer.split("\r\n")[0]
+
+
 def expect_refused(mcp, what, tool, args):
     refused, text = mcp.call(tool, args)
     print(("REFUSED" if refused else "ALLOWED") + f" {what}: {text}", flush=True)
@@ -109,6 +128,8 @@ def boss(loot):
     status, text = mcp.post({}, url=URL.replace("/mcp", "/api/jobs"))
     print(f"REFUSED the API past /mcp: {status} {text.strip()}" if status >= 400 else "ALLOWED the API past /mcp",
           flush=True)
+    if ":3128/" in URL:
+        print("tunnel:", via_tunnel(), flush=True)
     refused, text = mcp.call("wait_job", {"ids": ids, "timeout": 120})
     for job in json.loads(text)["ended"]:
         print(f"child {job['id']} {job['state']}: {job['result']}", flush=True)
