@@ -262,10 +262,15 @@ impl BatonMcp {
             return refuse(format!("start 1 to {MAX_FAN_OUT} jobs at once"));
         }
         let mut jobs = Vec::new();
-        for prompt in prompts {
+        let count = prompts.len();
+        for (i, prompt) in prompts.into_iter().enumerate() {
             let mut body = base.clone();
             if let Some(p) = prompt {
                 body.insert("prompt".into(), p.into());
+            }
+            // A team's fan-out shares what its budget leaves equally.
+            if caller.is_some_and(Caller::is_team) && count > 1 {
+                body.insert("share".into(), (count - i).into());
             }
             match self.daemon.ok(caller, "POST", "/api/jobs", Some(&Value::Object(body))).await {
                 Ok(job) => {

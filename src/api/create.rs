@@ -91,9 +91,6 @@ async fn create(s: &Api, caller: &Caller, headers: &HeaderMap, body: &[u8]) -> R
         Ok(_) => return Err(bad("body", "must be a JSON object")),
         Err(e) => return Err(bad("body", format!("not JSON: {e}"))),
     };
-    if let Some(unknown) = body.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        return Err(bad(unknown, format!("unknown field; expected one of {}", FIELDS.join(", "))));
-    }
     // A team's keys are its own: another job's key never finds this one's.
     let scope = match caller {
         Caller::Operator => API_EVENT.to_string(),
@@ -106,6 +103,9 @@ async fn create(s: &Api, caller: &Caller, headers: &HeaderMap, body: &[u8]) -> R
     };
     if let Caller::Team(grant) = caller {
         return child(s, grant, &body, &delivery).await;
+    }
+    if let Some(unknown) = body.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(bad(unknown, format!("unknown field; expected one of {}", FIELDS.join(", "))));
     }
     let event = event_of(&body, &delivery)?;
     let trigger = text(&body, "trigger")?.map(str::to_string);
@@ -167,8 +167,9 @@ async fn admit(s: &Api, delivery: &str, name: &str, spec: crate::rules::JobSpec)
     }
 }
 
-/// Fields a team job's agent may give for a child.
-const CHILD_FIELDS: [&str; 5] = ["agent", "prompt", "workspace", "ref", "repo"];
+/// Fields a team job's agent may give for a child (`share`: take this
+/// part of what the budget leaves, for a fan-out; `delegate` sets it).
+const CHILD_FIELDS: [&str; 6] = ["agent", "prompt", "workspace", "ref", "repo", "share"];
 
 /// A child of the job `grant` belongs to: one of its agents, on its
 /// repository (at its commit unless told otherwise), one level deeper, with
@@ -194,8 +195,16 @@ async fn child(s: &Api, grant: &Grant, body: &Map<String, Value>, delivery: &str
         return Err(bad("repo", "a child works on its parent's repository"));
     }
     team::child_depth(grant, config.limits.max_chain_depth).map_err(|e| Refusal::Forbidden(e.to_string()))?;
-    let spent = family_spend(s, &grant.job).await?;
-    let budget = team::child_budget(grant, spent).map_err(|e| Refusal::Forbidden(e.to_string()))?;
+    let share = match body.get("share") {
+        None | Some(Value::Null) => 1,
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| bad("share", "must be a positive whole number"))?,
+    };
+    let committed = committed(s, &grant.job).await?;
+    let budget = team::child_budget(grant, committed, share).map_err(|e| Refusal::Forbidden(e.to_string()))?;
 
     let git_ref = text(body, "ref")?.map(str::to_string).or_else(|| grant.head_sha.clone());
     let default = match (&grant.repo, &git_ref) {
@@ -233,14 +242,22 @@ async fn child(s: &Api, grant: &Grant, body: &Map<String, Value>, delivery: &str
     Ok(answer)
 }
 
-/// What the job `parent`'s finished attempts and all its children have spent.
-async fn family_spend(s: &Api, parent: &str) -> Result<f64, Refusal> {
+/// What the job `parent`'s finished attempts and its ended children spent,
+/// and what its unfinished children were given to spend.
+async fn committed(s: &Api, parent: &str) -> Result<f64, Refusal> {
     let cost = |j: &crate::store::Job| j.usage.as_ref().and_then(|u| u.cost_usd).unwrap_or(0.0);
     let own = s.store.job(parent).await.map_err(Refusal::Store)?.as_ref().map_or(0.0, cost);
     let query =
         crate::store::JobQuery { parent: Some(parent.to_string()), limit: crate::api::MAX_LIMIT, ..Default::default() };
     let children = s.store.list_jobs(&query).await.map_err(Refusal::Store)?;
-    Ok(own + children.iter().map(cost).sum::<f64>())
+    let given = |j: &crate::store::Job| {
+        if j.state.is_final() {
+            cost(j)
+        } else {
+            j.spec.budget_usd.unwrap_or(0.0).max(cost(j))
+        }
+    };
+    Ok(own + children.iter().map(given).sum::<f64>())
 }
 
 async fn found(s: &Api, id: &str, status: StatusCode) -> Response {

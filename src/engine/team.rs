@@ -83,7 +83,7 @@ impl Caller {
 pub enum Refused {
     #[error("a child of job {job} would be {depth} jobs deep, past limits.max_chain_depth = {limit}")]
     TooDeep { job: String, depth: u32, limit: u32 },
-    #[error("the team's budget of {budget} is spent ({spent} so far by job {job} and its children)")]
+    #[error("the team's budget of {budget} is spent or promised ({spent} so far, by job {job} and to its children)")]
     Spent { job: String, budget: String, spent: String },
 }
 
@@ -96,21 +96,23 @@ pub fn child_depth(grant: &Grant, max_chain_depth: u32) -> Result<u32, Refused> 
     Ok(depth)
 }
 
-/// A new child's budget: what the parent's budget leaves after what the
-/// parent's finished attempts and its children have spent (`spent`). No
-/// budget, no cap.
-pub fn child_budget(grant: &Grant, spent: f64) -> Result<Option<f64>, Refused> {
+/// A new child's budget: its `share`-th part of what the parent's budget
+/// leaves after `committed` (what the parent's finished attempts and its
+/// ended children spent, and what its unfinished children were given). So
+/// the children together never get more than the budget; a fan-out of n
+/// asks for shares n, n-1, …, 1, which come out equal. No budget, no cap.
+pub fn child_budget(grant: &Grant, committed: f64, share: u32) -> Result<Option<f64>, Refused> {
     let Some(budget) = grant.budget_usd else { return Ok(None) };
-    let left = budget - spent;
+    let portion = (budget - committed) / f64::from(share.max(1));
     // Below a hundredth of a cent nothing useful runs.
-    if left < 0.0001 {
+    if portion < 0.0001 {
         return Err(Refused::Spent {
             job: grant.job.clone(),
             budget: crate::domain::dollars(budget),
-            spent: crate::domain::dollars(spent),
+            spent: crate::domain::dollars(committed),
         });
     }
-    Ok(Some(left))
+    Ok(Some(portion))
 }
 
 /// The tokens of the runs under way, by their digest (a lookup does not
@@ -219,9 +221,17 @@ mod tests {
 
     #[test]
     fn children_share_what_the_budget_leaves() {
-        assert_eq!(child_budget(&grant(0, None), 99.0), Ok(None));
-        assert_eq!(child_budget(&grant(0, Some(1.0)), 0.25), Ok(Some(0.75)));
-        let e = child_budget(&grant(0, Some(1.0)), 1.0).unwrap_err();
-        assert!(e.to_string().contains("budget of $1.00 is spent"), "{e}");
+        assert_eq!(child_budget(&grant(0, None), 99.0, 1), Ok(None));
+        assert_eq!(child_budget(&grant(0, Some(1.0)), 0.25, 1), Ok(Some(0.75)));
+        // A fan-out of three: shares 3, 2, 1 of what is left come out equal.
+        let g = grant(0, Some(0.9));
+        let first = child_budget(&g, 0.0, 3).unwrap().unwrap();
+        let second = child_budget(&g, first, 2).unwrap().unwrap();
+        let third = child_budget(&g, first + second, 1).unwrap().unwrap();
+        for part in [first, second, third] {
+            assert!((part - 0.3).abs() < 1e-9, "{first} {second} {third}");
+        }
+        let e = child_budget(&grant(0, Some(1.0)), 1.0, 1).unwrap_err();
+        assert!(e.to_string().contains("budget of $1.00 is spent or promised"), "{e}");
     }
 }

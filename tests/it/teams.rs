@@ -220,8 +220,9 @@ async fn eventually_running(baton: &Baton, id: &str) {
     panic!("job {id} never ran");
 }
 
-/// Children spend from their parent's budget: each may spend what is left
-/// of it, and once it is spent, `delegate` is refused.
+/// Children spend from their parent's budget: a fan-out shares what it
+/// leaves equally (what a running child was given counts as spent), a later
+/// child gets what is left, and once nothing is, `delegate` is refused.
 #[tokio::test]
 async fn children_spend_from_their_parents_budget() {
     let fake = FakeGitHub::start().await;
@@ -231,14 +232,21 @@ async fn children_spend_from_their_parents_budget() {
     assert_eq!(done["state"], "succeeded", "{done}");
     let result = done["result"].as_str().unwrap_or_default();
     assert!(
-        result.contains("delegate 3 refused") && result.contains("the team's budget of $1.00 is spent ($1.00 so far"),
+        result.contains("delegate 2: ")
+            && result.contains("delegate 3 refused")
+            && result.contains("the team's budget of $1.00 is spent or promised ($1.00 so far"),
         "{result}\n{:?}",
         children(&baton, &parent).await
     );
     let mut kids = children(&baton, &parent).await;
     kids.reverse();
-    let budgets: Vec<Option<f64>> = kids.iter().map(|k| k["spec"]["budget_usd"].as_f64()).collect();
-    assert_eq!(budgets, [Some(1.0), Some(0.5)], "what was left for each");
+    let budgets: Vec<f64> = kids.iter().map(|k| k["spec"]["budget_usd"].as_f64().unwrap_or(-1.0)).collect();
+    assert_eq!(budgets.len(), 3, "{kids:?}");
+    // The fan-out's first child gets half; its sibling, created while it
+    // runs (it sleeps 2 s), the other half (all that is left, had it ended).
+    assert_eq!(budgets[0], 0.5, "{budgets:?}");
+    assert!(budgets[1] == 0.5 || budgets[1] == 0.75, "{budgets:?}");
+    assert_eq!(budgets[2], 0.5, "what the fan-out left: {budgets:?}");
     let spent: Vec<Option<f64>> = kids.iter().map(|k| k["usage"]["cost_usd"].as_f64()).collect();
-    assert_eq!(spent, [Some(0.5), Some(0.5)]);
+    assert_eq!(spent, [Some(0.25), Some(0.25), Some(0.5)]);
 }

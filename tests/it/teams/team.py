@@ -8,8 +8,8 @@ would, and tries what an agent should not be able to do.
                                  that is not its child); leave the token in LOOT
     team.py sleeper LOOT         delegate a sleeping child, leave the token in
                                  LOOT, and wait to be cancelled
-    team.py spender              delegate one child after another, until the
-                                 team's budget refuses
+    team.py spender              fan out two children, then delegate one
+                                 after another until the team's budget refuses
     team.py probe                do the task in the prompt (stdin)
 """
 import json
@@ -154,7 +154,13 @@ def sleeper(loot):
 
 def spender():
     mcp = Mcp(DIRECT)
-    for n in range(1, 4):
+    refused, text = mcp.call("delegate", {"agent": "probe", "prompts": ["spend 0.25 slowly"] * 2})
+    if refused:
+        raise SystemExit(f"fan-out: {text}")
+    ids = ids_of(text)
+    mcp.call("wait_job", {"ids": ids, "timeout": 120})
+    print("fan-out:", " ".join(ids), flush=True)
+    for n in range(2, 4):
         refused, text = mcp.call("delegate", {"agent": "probe", "prompt": "spend 0.5"})
         if refused:
             print(f"delegate {n} refused: {text}", flush=True)
@@ -172,6 +178,8 @@ def probe():
         print("giving up", flush=True)
         sys.exit(3)
     if task.startswith("spend "):
+        if task.endswith("slowly"):
+            time.sleep(2)
         with open(os.environ["BATON_USAGE_FILE"], "w") as f:
             json.dump({"usage": {"input_tokens": 1, "output_tokens": 1, "cost_usd": float(task.split()[1])}}, f)
     print(f"probe did <{task}> in {os.getcwd()}", flush=True)
