@@ -74,8 +74,13 @@ pub async fn job_page(State(s): State<Api>, Path(id): Path<String>) -> Response 
     match s.store.job(&id).await {
         Ok(Some(job)) => {
             let usage = job.usage.as_ref().map(crate::publish::body::usage_line);
-            let query = JobQuery { parent: Some(job.id.clone()), limit: 200, ..Default::default() };
-            let mut children = s.store.list_jobs(&query).await.unwrap_or_default();
+            // Only a job that may delegate has children: no other page pays
+            // for the search.
+            let mut children = Vec::new();
+            if !job.spec.delegate.is_empty() {
+                let query = JobQuery { parent: Some(job.id.clone()), limit: 200, ..Default::default() };
+                children = s.store.list_jobs(&query).await.unwrap_or_default();
+            }
             children.reverse();
             let children: Vec<Value> = children.iter().map(view).collect();
             render("job.html", context! { job => view(&job), usage, children })

@@ -332,16 +332,8 @@ fn to_baton(head: &[u8], addr: SocketAddr) -> Option<Vec<u8>> {
     if bare != "/mcp" || method.eq_ignore_ascii_case("CONNECT") {
         return None;
     }
-    let mut out = format!("{method} {path} {version}\r\n");
-    for line in lines.filter(|l| !l.is_empty()) {
-        let name = line.split(':').next().unwrap_or_default().trim().to_ascii_lowercase();
-        if !matches!(name.as_str(), "host" | "connection" | "proxy-connection" | "proxy-authorization" | "keep-alive") {
-            out.push_str(line);
-            out.push_str("\r\n");
-        }
-    }
-    out.push_str(&format!("Host: localhost:{}\r\nConnection: close\r\n\r\n", addr.port()));
-    Some(out.into_bytes())
+    let host = format!("localhost:{}", addr.port());
+    Some(origin_form(method, path, version, lines, Some(&host)))
 }
 
 async fn read_head(r: &mut BufReader<UnixStream>) -> std::io::Result<Vec<u8>> {
@@ -379,16 +371,35 @@ fn parse_head(head: &[u8]) -> Result<Target, String> {
         None => (rest, "/"),
     };
     let (host, port) = split_host_port(authority).map_err(|e| format!("bad URL host: {e}"))?;
+    let forward = origin_form(method, path, version, lines, None);
+    Ok(Target { host: host.to_string(), port: port.unwrap_or(80), forward: Some(forward) })
+}
+
+/// A request head in origin form, as the proxy sends it on: its headers
+/// without the proxy's and connection ones (and `Host`, when `host` replaces
+/// it), closed after one answer so the connection cannot be reused.
+fn origin_form<'a>(
+    method: &str,
+    path: &str,
+    version: &str,
+    headers: impl Iterator<Item = &'a str>,
+    host: Option<&str>,
+) -> Vec<u8> {
     let mut out = format!("{method} {path} {version}\r\n");
-    for line in lines.filter(|l| !l.is_empty()) {
+    for line in headers.filter(|l| !l.is_empty()) {
         let name = line.split(':').next().unwrap_or_default().trim().to_ascii_lowercase();
-        if !matches!(name.as_str(), "connection" | "proxy-connection" | "proxy-authorization" | "keep-alive") {
+        let dropped = matches!(name.as_str(), "connection" | "proxy-connection" | "proxy-authorization" | "keep-alive")
+            || (host.is_some() && name == "host");
+        if !dropped {
             out.push_str(line);
             out.push_str("\r\n");
         }
     }
+    if let Some(host) = host {
+        out.push_str(&format!("Host: {host}\r\n"));
+    }
     out.push_str("Connection: close\r\n\r\n");
-    Ok(Target { host: host.to_string(), port: port.unwrap_or(80), forward: Some(out.into_bytes()) })
+    out.into_bytes()
 }
 
 async fn respond(w: &mut UnixStream, status: &str, body: &str) -> std::io::Result<()> {
