@@ -41,6 +41,16 @@ impl Client {
     /// POSTs one message; returns the status, the answer to it (the last
     /// JSON-RPC message with an `id`, from JSON or SSE), and the session id.
     async fn send(&self, msg: Value) -> (u16, Value, Option<String>) {
+        let (status, text, session) = self.post(msg).await;
+        let answer = serde_json::from_str::<Value>(&text).ok().unwrap_or_else(|| {
+            messages(&text).into_iter().rev().find(|m| m.get("id").is_some()).unwrap_or(Value::String(text.clone()))
+        });
+        (status, answer, session)
+    }
+
+    /// POSTs one message; returns the status, the body as sent, and the
+    /// session id.
+    async fn post(&self, msg: Value) -> (u16, String, Option<String>) {
         let mut req = self
             .http
             .post(&self.url)
@@ -56,16 +66,7 @@ impl Client {
         let resp = req.send().await.expect("POST /mcp");
         let status = resp.status().as_u16();
         let session = resp.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_string);
-        let text = resp.text().await.unwrap_or_default();
-        let answer = serde_json::from_str::<Value>(&text).ok().unwrap_or_else(|| {
-            text.lines()
-                .rev()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
-                .find(|m| m.get("id").is_some())
-                .unwrap_or(Value::String(text.clone()))
-        });
-        (status, answer, session)
+        (status, resp.text().await.unwrap_or_default(), session)
     }
 
     /// Calls `tool`; returns whether it was an error and its text.
@@ -80,6 +81,44 @@ impl Client {
         let text = result["content"][0]["text"].as_str().unwrap_or_default().to_string();
         (result["isError"] == true, text)
     }
+}
+
+/// The JSON-RPC messages of an SSE body, in order.
+fn messages(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+        .collect()
+}
+
+/// `wait_job` with a progress token: a progress notification as each job
+/// ends (1 of 2, 2 of 2), on the call's own stream, before its answer.
+#[tokio::test]
+async fn wait_job_reports_progress_as_each_job_ends() {
+    let fake = FakeGitHub::start().await;
+    let (_w, baton) = daemon(&fake, "[api]\nallow_adhoc = true\nagents = [\"script\"]\n");
+    let mut c = Client::connect(&baton, Some(TOKEN)).await;
+    let (error, text) = c.call("delegate", json!({"agent": "script", "repo": "o/r", "prompts": ["a", "b"]})).await;
+    assert!(!error, "{text}");
+    let ids: Vec<Value> = serde_json::from_str::<Value>(&text).unwrap()["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].clone())
+        .collect();
+    let (status, body, _) = c
+        .post(json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {
+            "name": "wait_job", "arguments": {"ids": ids, "timeout": 60}, "_meta": {"progressToken": "waiting"}}}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let all = messages(&body);
+    let progress: Vec<(f64, f64)> = all
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress" && m["params"]["progressToken"] == "waiting")
+        .map(|m| (m["params"]["progress"].as_f64().unwrap(), m["params"]["total"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(progress, [(1.0, 2.0), (2.0, 2.0)], "{body}");
+    assert_eq!(all.last().map(|m| m["id"].clone()), Some(json!(9)), "the answer comes last: {body}");
 }
 
 /// The whole cycle over `/mcp`: the tools are listed with schemas, `delegate`
