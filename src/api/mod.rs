@@ -217,11 +217,20 @@ async fn list_jobs(
     }
 }
 
+/// Job `id`, if it exists and `caller` may see it; else the answer to give
+/// (a job the caller may not see is not found, as one that does not exist).
+async fn visible_job(s: &Api, caller: &Caller, id: &str) -> Result<crate::store::Job, Response> {
+    match s.store.job(id).await {
+        Ok(Some(job)) if caller.reaches(&job) => Ok(job),
+        Ok(_) => Err(error(StatusCode::NOT_FOUND, format!("job {id} not found"))),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
 async fn show_job(State(s): State<Api>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Response {
-    match s.store.job(&id).await {
-        Ok(Some(job)) if caller.reaches(&job) => Json(job).into_response(),
-        Ok(_) => error(StatusCode::NOT_FOUND, format!("job {id} not found")),
-        Err(e) => store_error(e),
+    match visible_job(&s, &caller, &id).await {
+        Ok(job) => Json(job).into_response(),
+        Err(answer) => answer,
     }
 }
 
@@ -231,10 +240,8 @@ async fn job_log(
     Path(id): Path<String>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    match s.store.job(&id).await {
-        Ok(Some(job)) if caller.reaches(&job) => {}
-        Ok(_) => return error(StatusCode::NOT_FOUND, format!("job {id} not found")),
-        Err(e) => return store_error(e),
+    if let Err(answer) = visible_job(&s, &caller, &id).await {
+        return answer;
     }
     let wants_events =
         headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
@@ -347,10 +354,8 @@ async fn cancel_job(State(s): State<Api>, Extension(caller): Extension<Caller>, 
     // A team's agent may cancel only its own children; the operator's
     // cancel reads nothing more than it did.
     if caller.is_team() {
-        match s.store.job(&id).await {
-            Ok(Some(job)) if caller.reaches(&job) => {}
-            Ok(_) => return error(StatusCode::NOT_FOUND, format!("job {id} not found")),
-            Err(e) => return store_error(e),
+        if let Err(answer) = visible_job(&s, &caller, &id).await {
+            return answer;
         }
     }
     match s.engine.cancel(&id).await {
