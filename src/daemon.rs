@@ -45,7 +45,13 @@ pub fn sandbox(config: &Config) -> Result<Option<Arc<crate::sandbox::Sandbox>>, 
         );
         return Ok(None);
     }
-    crate::sandbox::Sandbox::new(config.hidden_paths(), config.sandbox.caps).map(|s| Some(Arc::new(s)))
+    crate::sandbox::Sandbox::new(crate::sandbox::Settings {
+        hidden: config.hidden_paths(),
+        caps: config.sandbox.caps,
+        run_as: config.sandbox.run_as.clone(),
+        records: config.storage.path.join("sandboxes"),
+    })
+    .map(|s| Some(Arc::new(s)))
 }
 
 /// Runs the daemon on an already bound listener (tests bind port 0).
@@ -145,6 +151,7 @@ pub async fn serve(
     background.spawn(reload_triggers(config.clone(), rules.clone(), workers.clone()));
     background.spawn(run_schedules(store.clone(), rules.clone(), wake.clone(), workers.clone()));
     background.spawn(gc_mirrors(engine.clone(), config.storage.gc_interval, workers.clone()));
+    background.spawn(engine.space().clone().run(workers.clone()));
     background.spawn(prune_jobs(
         store.clone(),
         config.storage.path.clone(),

@@ -92,6 +92,9 @@ enum Command {
         max_processes: Option<u64>,
         #[arg(long)]
         max_data: Option<u64>,
+        /// A tmpfs whose pages count against `--max-data`.
+        #[arg(long)]
+        tmpfs: Vec<PathBuf>,
         #[arg(last = true, required = true)]
         argv: Vec<std::ffi::OsString>,
     },
@@ -177,9 +180,9 @@ enum JobsCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::SandboxInit { proxy, port, max_processes, max_data, argv } = cli.command {
-        let code =
-            baton::sandbox::init::run(baton::sandbox::init::InitArgs { proxy, port, max_processes, max_data, argv });
+    if let Command::SandboxInit { proxy, port, max_processes, max_data, tmpfs, argv } = cli.command {
+        let args = baton::sandbox::init::InitArgs { proxy, port, max_processes, max_data, tmpfs, argv };
+        let code = baton::sandbox::init::run(args);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
     init_logging(cli.log_format);
@@ -326,6 +329,9 @@ async fn check(path: Option<&Path>) -> ExitCode {
     }
     if errors.is_empty() && sandbox.is_ok() && database.is_ok() {
         println!("ok: {} trigger(s) in {}", rules.triggers().len(), config.triggers_dir.display());
+        if config.sandbox.enabled {
+            println!("ok: agents run sandboxed as {}", config.sandbox.run_as.describe());
+        }
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -335,7 +341,7 @@ async fn check(path: Option<&Path>) -> ExitCode {
 /// `[sandbox] enabled` needs a working bubblewrap.
 fn sandbox_check(config: &Config) -> Result<(), baton::sandbox::SandboxError> {
     if config.sandbox.enabled {
-        baton::sandbox::preflight()?;
+        baton::sandbox::preflight(&config.sandbox.run_as)?;
     }
     Ok(())
 }

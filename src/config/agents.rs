@@ -251,6 +251,8 @@ pub(super) struct RawAgent {
     pub(super) read_write: Option<Vec<PathBuf>>,
     max_memory: Option<String>,
     max_processes: Option<u64>,
+    max_disk: Option<String>,
+    max_files: Option<u64>,
 }
 
 /// Keys given in the file replace the preset's; the others keep the preset's.
@@ -333,6 +335,15 @@ fn sandbox_profile(raw: &RawAgent, base: Option<&AgentDef>, base_dir: &Path) -> 
             return Err("max_processes must be at least 8 (the sandbox itself takes a few)".into());
         }
         profile.max_processes = n;
+    }
+    if let Some(d) = &raw.max_disk {
+        profile.max_disk = parse_size(d).map_err(|e| format!("max_disk: {e}"))?;
+    }
+    if let Some(n) = raw.max_files {
+        if n < 1000 {
+            return Err("max_files must be at least 1000 (a checkout and a CLI's caches take some)".into());
+        }
+        profile.max_files = n;
     }
     Ok(profile)
 }

@@ -79,6 +79,8 @@ pub struct SandboxSettings {
     pub enabled: bool,
     /// How memory and process caps are enforced.
     pub caps: crate::sandbox::CapsBy,
+    /// Who agents run as (`[sandbox] user` when the daemon is root).
+    pub run_as: crate::sandbox::RunAs,
 }
 
 #[derive(Debug, Clone)]
@@ -125,6 +127,11 @@ pub struct Storage {
     /// This replica's name in the database: what it runs and sends is
     /// marked with it. Default: the host name and the storage folder.
     pub replica: String,
+    /// Below this much free space in the storage folder no agent starts.
+    pub min_free: u64,
+    /// The longest a daemon-side git command on a work tree or baton's own
+    /// repository may take (network commands get at least 15 minutes).
+    pub git_timeout: Duration,
 }
 
 /// What "durable" means for an acknowledgement.
@@ -365,6 +372,7 @@ struct RawSandbox {
     enabled: Option<bool>,
     #[serde(default)]
     caps: crate::sandbox::CapsBy,
+    user: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -406,6 +414,8 @@ struct RawStorage {
     url: Option<Spanned<String>>,
     schema: Option<String>,
     replica: Option<String>,
+    min_free: Option<Spanned<String>>,
+    git_timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -719,6 +729,22 @@ impl Config {
         let triggers_dir = base.join(raw.triggers.as_ref().map(|t| t.get_ref().as_str()).unwrap_or("triggers"));
         let storage = base.join(raw.storage.path.as_deref().unwrap_or(".baton"));
 
+        let run_as = crate::sandbox::RunAs::resolve(
+            raw.sandbox.user.as_ref().map(|u| u.get_ref().as_str()),
+            crate::sandbox::RunAs::daemon_euid(),
+        )
+        .unwrap_or_else(|e| {
+            errors.push(at(raw.sandbox.user.as_ref().map(|u| u.span()).unwrap_or(0..0), e));
+            crate::sandbox::RunAs { uid: 65534, gid: 65534, name: None, switched: true }
+        });
+        let min_free = match &raw.storage.min_free {
+            None => 2 << 30,
+            Some(v) => crate::sandbox::parse_bytes(v.get_ref()).unwrap_or_else(|e| {
+                errors.push(at(v.span(), format!("storage.min_free: {e}")));
+                0
+            }),
+        };
+
         if !listen.ip().is_loopback() && api_token.is_none() && raw.server.api_token.is_none() {
             let span = raw.server.listen.as_ref().map(|s| s.span()).unwrap_or(0..0);
             errors.push(at(
@@ -773,6 +799,8 @@ impl Config {
                 backend,
                 url: database_url,
                 schema: raw.storage.schema.clone(),
+                min_free,
+                git_timeout: raw.storage.git_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60)),
             },
             github: Github {
                 api_url,
@@ -789,7 +817,7 @@ impl Config {
             notify,
             mcp,
             prices,
-            sandbox: SandboxSettings { enabled: sandboxed, caps: raw.sandbox.caps },
+            sandbox: SandboxSettings { enabled: sandboxed, caps: raw.sandbox.caps, run_as },
             api: raw.api.as_ref().map(|a| a.get_ref().clone()).unwrap_or_default(),
             secret_files,
             secret_vars,

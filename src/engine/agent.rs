@@ -15,9 +15,9 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{format_duration, AgentDef, PromptMode, ResultMode, UsageFormat};
-use crate::sandbox::cgroup::LimitHit;
 use crate::sandbox::egress::Blocked;
-use crate::sandbox::Sandbox;
+use crate::sandbox::usage::{Meter, Over};
+use crate::sandbox::{LimitHit, Sandbox};
 
 /// How long a process group has between SIGTERM and SIGKILL.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -47,6 +47,9 @@ pub enum Ending {
     Cancelled,
     /// baton stopped it: its model use passed the run's budget.
     OverBudget,
+    /// baton stopped it: it passed a cap baton meters itself (disk, files),
+    /// or it grew fastest while the storage folder ran short of space.
+    Limit(LimitHit),
 }
 
 /// What one run may spend: the CLI's own cap where it has one (Claude
@@ -61,6 +64,14 @@ pub struct Budget {
 
 /// How often baton reads a running agent's reported use.
 const BUDGET_POLL: Duration = Duration::from_millis(200);
+
+/// The shortest time between two samples of a run's disk use; a tree that
+/// takes long to walk is walked less often (at most a tenth of the time).
+const DISK_POLL: Duration = Duration::from_secs(1);
+
+const PROMPT_FILE: &str = "prompt.md";
+const RESULT_FILE: &str = "result.md";
+const USAGE_FILE: &str = "usage.json";
 
 /// What one run produced.
 #[derive(Debug)]
@@ -85,8 +96,11 @@ pub struct Confinement<'a> {
     /// baton's folder for the run (the agent's `HOME`, the proxy socket);
     /// made anew and removed afterwards.
     pub run_dir: PathBuf,
-    /// Shown read-only at the same path (the mirror's objects).
-    pub expose: Vec<PathBuf>,
+    /// The mirror's objects the workspace's repository borrows (shown
+    /// read-only at `sandbox::OBJECTS_PATH`).
+    pub objects: Option<PathBuf>,
+    /// Told of the run's disk use; may stop it when the disk runs short.
+    pub space: Option<std::sync::Arc<super::space::Space>>,
 }
 
 /// One invocation of an agent.
@@ -114,16 +128,24 @@ pub struct Invocation<'a> {
 
 impl Invocation<'_> {
     pub fn prompt_file(&self) -> PathBuf {
-        self.job_dir.join("prompt.md")
+        self.job_dir.join(PROMPT_FILE)
     }
 
     pub fn result_file(&self) -> PathBuf {
-        self.job_dir.join("result.md")
+        self.job_dir.join(RESULT_FILE)
     }
 
     /// Where any agent may report its model use (`$BATON_USAGE_FILE`).
     pub fn usage_file(&self) -> PathBuf {
-        self.job_dir.join("usage.json")
+        self.job_dir.join(USAGE_FILE)
+    }
+
+    /// The io folder as the agent sees it: at a fixed path in the sandbox.
+    fn visible_io(&self) -> PathBuf {
+        match self.confine {
+            Some(_) => PathBuf::from(crate::sandbox::IO_PATH),
+            None => self.job_dir.to_path_buf(),
+        }
     }
 
     /// The model use the run reported: on the CLI's own output, or in the
@@ -136,10 +158,11 @@ impl Invocation<'_> {
 
     fn argv(&self) -> Result<Vec<String>, AgentError> {
         let env = minijinja::Environment::new();
+        let io = self.visible_io();
         let ctx = minijinja::context! {
             prompt => self.prompt,
-            prompt_file => self.prompt_file().display().to_string(),
-            result_file => self.result_file().display().to_string(),
+            prompt_file => io.join(PROMPT_FILE).display().to_string(),
+            result_file => io.join(RESULT_FILE).display().to_string(),
         };
         let mut argv: Vec<String> = self
             .agent
@@ -239,8 +262,8 @@ impl Invocation<'_> {
         let mut jail = None;
         let mut cmd = match &self.confine {
             Some(c) => {
-                let mut expose = c.expose.clone();
-                if !crate::sandbox::is_system_path(&resolved) {
+                let mut expose = Vec::new();
+                if !crate::sandbox::is_system_path(&resolved) && resolved.is_absolute() {
                     expose.push(resolved.clone());
                 }
                 let mut profile = std::borrow::Cow::Borrowed(&self.agent.sandbox);
@@ -254,18 +277,21 @@ impl Invocation<'_> {
                     workdir: self.workdir,
                     io_dir: self.job_dir,
                     run_dir: &c.run_dir,
+                    objects: c.objects.as_deref(),
                     expose,
                     baton: self.setup.and_then(|s| s.baton),
                 };
                 let j = c.sandbox.jail(&run, &argv)?;
                 if let Some(setup) = self.setup {
-                    if let Err(source) = write_private(&j.home(), &setup.home_files) {
+                    let (home, owner) = (j.home(), j.owner());
+                    let written =
+                        write_private(&home, &setup.home_files).and_then(|()| crate::sandbox::hand_over(&home, owner));
+                    if let Err(source) = written {
                         let _ = tokio::task::spawn_blocking(move || j.close()).await;
                         return Err(files_err(source));
                     }
                 }
-                let mut cmd = Command::new(&j.program);
-                cmd.args(&j.args);
+                let cmd = j.command();
                 jail = Some(j);
                 cmd
             }
@@ -275,7 +301,7 @@ impl Invocation<'_> {
                 cmd
             }
         };
-        cmd.current_dir(self.workdir)
+        cmd.current_dir(if jail.is_some() { Path::new("/") } else { self.workdir })
             .env_clear()
             .stdin(if self.agent.prompt == PromptMode::Stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
@@ -291,23 +317,16 @@ impl Invocation<'_> {
         if let Some(setup) = self.setup {
             cmd.envs(setup.env.iter().map(|(k, v)| (k, v)));
         }
-        cmd.env("BATON_USAGE_FILE", self.usage_file());
+        cmd.env("BATON_USAGE_FILE", self.visible_io().join(USAGE_FILE));
         if let Some(j) = &jail {
             cmd.envs(j.env.iter().map(|(k, v)| (k, v)));
-            let cgroup_files = j.cgroup_files();
-            // SAFETY: the closure only makes async-signal-safe calls
-            // (close_range, open, write, close) on memory prepared before
-            // the fork. Only here: a pre_exec makes std fork rather than
-            // posix_spawn, which costs a busy daemon dearly per job. (The
-            // daemon marked what it inherited close-on-exec at start, and
-            // opens everything else so.)
-            unsafe {
-                cmd.pre_exec(move || {
-                    let _ = crate::harden::cloexec_from_3();
-                    crate::sandbox::join_cgroups(&cgroup_files)
-                });
-            }
         }
+        // What the folders held before the agent ran, walked while
+        // bubblewrap sets up.
+        let base = jail.as_ref().map(|j| {
+            let meter = j.meter().clone();
+            tokio::task::spawn_blocking(move || meter.sample())
+        });
         let spawned = cmd.spawn();
         let mut child = match spawned {
             Ok(c) => c,
@@ -324,6 +343,15 @@ impl Invocation<'_> {
         if let (Some(pgid), Some(on_spawn)) = (pgid, self.on_spawn) {
             on_spawn(pgid);
         }
+        let mut meter = None;
+        if let (Some(j), Some(base)) = (jail.as_mut(), base) {
+            let base = base.await.unwrap_or_default();
+            meter = Some(j.started(base).await);
+        }
+        let tracker = match (&self.confine, &meter) {
+            (Some(Confinement { space: Some(space), name, .. }), Some(_)) => Some(space.track(name)),
+            _ => None,
+        };
 
         if let Some(mut stdin) = child.stdin.take() {
             let prompt = self.prompt.as_bytes().to_vec();
@@ -353,12 +381,23 @@ impl Invocation<'_> {
         let stderr = child.stderr.take().map(|s| tokio::spawn(pump(s, log.clone(), false)));
 
         let watching = self.watches_budget();
-        let ending = tokio::select! {
+        let mut ending = tokio::select! {
             status = child.wait() => Ending::Exited(status.ok().and_then(|s| s.code())),
             _ = tokio::time::sleep(self.timeout) => Ending::TimedOut(self.timeout),
             _ = self.cancel.cancelled() => Ending::Cancelled,
             _ = self.over_budget(log_start), if watching => Ending::OverBudget,
+            hit = watch_disk(meter.as_ref(), tracker.as_ref()) => Ending::Limit(hit),
+            _ = async { match &tracker { Some(t) => t.stopped().await, None => std::future::pending().await } } => {
+                Ending::Limit(LimitHit::MinFree)
+            }
         };
+        // What the run left counts as much as what it wrote while watched.
+        if let (Ending::Exited(_), Some(m)) = (&ending, meter.clone()) {
+            let now = tokio::task::spawn_blocking(move || m.over(m.sample())).await.ok().flatten();
+            if let Some(over) = now {
+                ending = Ending::Limit(limit_of(over));
+            }
+        }
         if let Some(pgid) = pgid {
             if matches!(ending, Ending::Exited(_)) {
                 // The agent is gone; whatever it left running goes with it.
@@ -386,6 +425,7 @@ impl Invocation<'_> {
             Ending::TimedOut(d) => format!("\n[baton] agent stopped: timeout after {}\n", format_duration(*d)),
             Ending::Cancelled => "\n[baton] agent stopped: job cancelled\n".to_string(),
             Ending::OverBudget => "\n[baton] agent stopped: its budget is spent\n".to_string(),
+            Ending::Limit(hit) => format!("\n[baton] agent stopped: {}\n", hit.key()),
         };
         let (limit, egress_blocked) = match jail {
             Some(j) => {
@@ -393,8 +433,12 @@ impl Invocation<'_> {
                     Ending::Exited(code) => j.limit_from_exit(*code),
                     _ => None,
                 };
+                let ours = match &ending {
+                    Ending::Limit(hit) => Some(*hit),
+                    _ => None,
+                };
                 let (hit, blocked) = tokio::task::spawn_blocking(move || j.close()).await.unwrap_or_default();
-                (hit.or(by_init), blocked)
+                (ours.or(hit).or(by_init), blocked)
             }
             None => (None, Vec::new()),
         };
@@ -426,6 +470,40 @@ impl Invocation<'_> {
             }
             ResultMode::Json(field) => json_field(&run.stdout, field),
         }
+    }
+}
+
+/// Samples a run's disk use until it passes a cap, telling `tracker` how
+/// it grows; never returns for a run that is not metered.
+async fn watch_disk(meter: Option<&Meter>, tracker: Option<&super::space::Tracker>) -> LimitHit {
+    let Some(meter) = meter else { return std::future::pending().await };
+    let mut pause = DISK_POLL;
+    loop {
+        tokio::time::sleep(pause).await;
+        let m = meter.clone();
+        let started = std::time::Instant::now();
+        let Ok((now, over)) = tokio::task::spawn_blocking(move || {
+            let now = m.sample();
+            (now, m.over(now))
+        })
+        .await
+        else {
+            continue;
+        };
+        if let Some(t) = tracker {
+            t.update(now.beyond(meter.base).bytes);
+        }
+        if let Some(over) = over {
+            return limit_of(over);
+        }
+        pause = DISK_POLL.max(started.elapsed() * 10);
+    }
+}
+
+fn limit_of(over: Over) -> LimitHit {
+    match over {
+        Over::Disk => LimitHit::Disk,
+        Over::Files => LimitHit::Files,
     }
 }
 
@@ -571,15 +649,7 @@ pub struct ProcessIdentity {
     pub boot_id: Option<String>,
 }
 
-fn start_ticks(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesized name; starttime is field 22 (index 19 here).
-    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
-}
-
-fn boot_id() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string())
-}
+use crate::sandbox::leftovers::{boot_id, start_ticks};
 
 impl ProcessIdentity {
     pub fn of(pgid: i32) -> ProcessIdentity {

@@ -10,6 +10,8 @@
 pub mod agent;
 pub mod cli_setup;
 mod push;
+pub mod space;
+pub mod sweep;
 pub mod team;
 pub mod usage;
 pub mod workspace;
@@ -69,6 +71,8 @@ pub struct Engine {
     /// Confines every agent and verify run; `None` only when the config
     /// turned it off.
     sandbox: Option<Arc<crate::sandbox::Sandbox>>,
+    /// The storage folder's free-space floor.
+    space: Arc<space::Space>,
     /// The tokens of runs that may hand subtasks to baton (`[job] delegate`).
     grants: team::Grants,
     /// Where baton's API listens: what a team's `/mcp` is forwarded to.
@@ -144,8 +148,10 @@ impl Engine {
                 &config.github.git_url,
                 credentials,
                 config.storage.worktree_pool,
+                config.storage.git_timeout,
             ),
             store,
+            space: space::Space::new(config.storage.path.clone(), config.storage.min_free, wake.clone()),
             config,
             wake,
             publish_wake,
@@ -165,6 +171,11 @@ impl Engine {
         self
     }
 
+    /// The storage folder's free-space floor (its loop is the daemon's to run).
+    pub fn space(&self) -> &Arc<space::Space> {
+        &self.space
+    }
+
     /// The live tokens of team runs, which the API checks callers against.
     pub fn grants(&self) -> &team::Grants {
         &self.grants
@@ -174,6 +185,9 @@ impl Engine {
     /// config turned it off, or a test of something else) they run
     /// unconfined, with a warning in every job's log.
     pub fn with_sandbox(mut self, sandbox: Option<Arc<crate::sandbox::Sandbox>>) -> Engine {
+        if let Some(s) = &sandbox {
+            self.workspaces.confine(s.owner());
+        }
         self.sandbox = sandbox;
         self
     }
@@ -394,6 +408,10 @@ impl Engine {
             }
         }
         let limits = self.limits();
+        // A disk short of space takes no new agent; the jobs wait queued.
+        if self.space.check() {
+            return Ok(());
+        }
         // Only while a slot is free: a long queue costs nothing when every
         // worker is busy.
         while self.running_count() < limits.per_replica {
@@ -748,14 +766,15 @@ impl Engine {
     }
 
     /// The sandbox for one run of `job` (`kind`: agent or verify), showing
-    /// `expose` read-only; `None` when the sandbox is off.
-    fn confinement(&self, job: &Job, kind: &str, expose: &[PathBuf]) -> Option<agent::Confinement<'_>> {
+    /// the mirror's `objects` read-only; `None` when the sandbox is off.
+    fn confinement(&self, job: &Job, kind: &str, objects: Option<&PathBuf>) -> Option<agent::Confinement<'_>> {
         let sandbox = self.sandbox.as_deref()?;
         Some(agent::Confinement {
             sandbox,
             name: format!("{}-{}-{kind}", job.id, job.attempts),
             run_dir: self.job_dir(&job.id).join(format!("{kind}-run")),
-            expose: expose.to_vec(),
+            objects: objects.cloned(),
+            space: Some(self.space.clone()),
         })
     }
 
@@ -771,8 +790,7 @@ impl Engine {
         let phases = &mut report.phases;
         let spec = &job.spec;
         let workdir = prepared.path.as_path();
-        let expose: Vec<PathBuf> = prepared.objects.iter().cloned().collect();
-        let expose = expose.as_slice();
+        let objects = prepared.objects.as_ref();
         let dir = self.job_dir(&job.id);
         let log = dir.join("log");
         let timeout = spec.timeout_secs.map(Duration::from_secs).unwrap_or(agent.timeout);
@@ -802,7 +820,9 @@ impl Engine {
             return failed(Outcome::SpawnFailed, None, why.into(), false);
         }
         let sandboxed = self.sandbox.is_some();
-        let setup = cli_setup::setup(agent, &spec.mcp, &self.config.mcp, &io, sandboxed, access.as_ref());
+        // The CLI is told where its files are as it sees them.
+        let visible_io = if sandboxed { PathBuf::from(crate::sandbox::IO_PATH) } else { io.clone() };
+        let setup = cli_setup::setup(agent, &spec.mcp, &self.config.mcp, &visible_io, sandboxed, access.as_ref());
         let setup = match setup {
             Ok(mut setup) => {
                 // A server's arguments never show the agent baton's own files.
@@ -824,7 +844,7 @@ impl Engine {
             output_cap: agent::DEFAULT_OUTPUT_CAP,
             cancel,
             on_spawn: Some(&note),
-            confine: self.confinement(job, "agent", expose),
+            confine: self.confinement(job, "agent", objects),
             budget: budget.as_ref(),
             setup: setup.as_ref(),
         };
@@ -849,7 +869,12 @@ impl Engine {
             report.usage = Some(used);
         }
         if let Some(hit) = run.limit {
-            return failed(Outcome::Limit, run_code(&run), limit_message(&agent.name, hit, &agent.sandbox), false);
+            return failed(
+                Outcome::Limit,
+                run_code(&run),
+                limit_message(&agent.name, hit, &agent.sandbox, self.config.storage.min_free),
+                false,
+            );
         }
         // Stopped by baton past its budget, or by the CLI's own cap.
         let spent = report.usage.as_ref().and_then(|u| u.cost_usd);
@@ -866,6 +891,11 @@ impl Engine {
             Ending::Cancelled => return AttemptEnd::Cancelled,
             // Only a run with a budget is watched (handled above).
             Ending::OverBudget => return failed(Outcome::Budget, None, "the run's budget is spent".into(), false),
+            // Recorded as the run's limit (handled above).
+            Ending::Limit(hit) => {
+                let why = limit_message(&agent.name, hit, &agent.sandbox, self.config.storage.min_free);
+                return failed(Outcome::Limit, None, why, false);
+            }
             Ending::TimedOut(d) => {
                 return failed(Outcome::Timeout, None, format!("timeout after {}", format_duration(d)), true)
             }
@@ -883,11 +913,13 @@ impl Engine {
             Ok(r) => r,
             Err(e) => return failed(Outcome::Exit, Some(0), format!("agent `{}` succeeded but {e}", agent.name), true),
         };
-        if let Err(end) = self.verify(job, agent, workdir, expose, cancel, report).await {
+        if let Err(end) = self.verify(job, agent, workdir, objects, cancel, report).await {
             return end;
         }
         match spec.output {
-            OutputKind::PullRequest if self.planner.publishing => self.push_changes(job, prepared, result).await,
+            OutputKind::PullRequest if self.planner.publishing => {
+                self.push_changes(job, prepared, result, cancel).await
+            }
             OutputKind::Push if self.planner.publishing => {
                 self.push_to_pull_request(job, agent, prepared, result, cancel, report).await
             }
@@ -902,7 +934,7 @@ impl Engine {
         job: &Job,
         agent: &AgentDef,
         workdir: &std::path::Path,
-        expose: &[PathBuf],
+        objects: Option<&PathBuf>,
         cancel: &CancellationToken,
         report: &mut Report,
     ) -> Result<(), AttemptEnd> {
@@ -936,7 +968,7 @@ impl Engine {
             output_cap: agent::DEFAULT_OUTPUT_CAP,
             cancel,
             on_spawn: None,
-            confine: self.confinement(job, "verify", expose),
+            confine: self.confinement(job, "verify", objects),
             budget: None,
             setup: None,
         };
@@ -946,7 +978,12 @@ impl Engine {
         if let Ok(r) = &outcome {
             report.egress_blocked.extend(r.egress_blocked.iter().cloned());
             if let Some(hit) = r.limit {
-                return Err(failed(Outcome::Limit, run_code(r), limit_message("verify", hit, &agent.sandbox), false));
+                return Err(failed(
+                    Outcome::Limit,
+                    run_code(r),
+                    limit_message("verify", hit, &agent.sandbox, self.config.storage.min_free),
+                    false,
+                ));
             }
         }
         match outcome {
@@ -960,6 +997,7 @@ impl Engine {
                         Ending::Exited(code) => format!("exit {}", agent::describe_exit(code)),
                         Ending::Cancelled => "cancelled".into(),
                         Ending::OverBudget => "over budget".into(),
+                        Ending::Limit(hit) => format!("stopped at {}", hit.key()),
                     };
                     Err(AttemptEnd::Failed {
                         outcome: Outcome::VerifyFailed,
@@ -1089,15 +1127,38 @@ fn run_code(run: &agent::Run) -> Option<i32> {
 }
 
 /// Why a run that hit a sandbox cap failed.
-fn limit_message(who: &str, hit: crate::sandbox::cgroup::LimitHit, profile: &crate::sandbox::Profile) -> String {
+fn limit_message(who: &str, hit: crate::sandbox::LimitHit, profile: &crate::sandbox::Profile, min_free: u64) -> String {
+    use crate::sandbox::LimitHit;
     match hit {
-        crate::sandbox::cgroup::LimitHit::Memory => {
+        LimitHit::Memory => {
             format!("`{who}` reached its memory limit (max_memory = {} MiB) and was stopped", profile.max_memory >> 20)
         }
-        crate::sandbox::cgroup::LimitHit::Processes => format!(
+        LimitHit::Processes => format!(
             "`{who}` reached its process limit (max_processes = {}): it could not start more processes",
             profile.max_processes
         ),
+        LimitHit::Disk => format!(
+            "`{who}` wrote more than its disk limit (max_disk = {}) to its workspace, HOME and /tmp, and was stopped",
+            human_size(profile.max_disk)
+        ),
+        LimitHit::Files => format!(
+            "`{who}` made more files than its limit (max_files = {}) in its workspace, HOME and /tmp, and was stopped",
+            profile.max_files
+        ),
+        LimitHit::MinFree => format!(
+            "`{who}` was stopped: the storage folder's disk fell below storage.min_free ({}) and this run was \
+             growing fastest",
+            human_size(min_free)
+        ),
+    }
+}
+
+/// `20 GiB`, `512 MiB`, `1000 bytes`.
+fn human_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
+        b if b >= 1 << 20 => format!("{} MiB", b >> 20),
+        b => format!("{b} bytes"),
     }
 }
 

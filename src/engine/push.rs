@@ -5,8 +5,6 @@
 //! job ran at, replayed onto a moved branch only when the trigger asks. And
 //! the bound on repairs (a `push` answering a failed check).
 
-use std::path::PathBuf;
-
 use tokio_util::sync::CancellationToken;
 
 use super::{failed, is_workflow_path, workspace, AttemptEnd, Engine, Report};
@@ -74,16 +72,27 @@ impl Engine {
         prepared: &workspace::Prepared,
         result: &str,
         unchanged: &str,
+        cancel: &CancellationToken,
     ) -> Option<AttemptEnd> {
-        match self.workspaces.stage(prepared).await {
-            Ok(None) => {
+        let staging = match self.workspaces.stage(prepared, cancel).await {
+            Ok(s) => s,
+            Err(workspace::WorkspaceError::Cancelled(_)) => return Some(AttemptEnd::Cancelled),
+            Err(e) => {
+                return Some(failed(Outcome::PublishFailed, Some(0), format!("staging the changes failed: {e}"), false))
+            }
+        };
+        if !staging.removed.is_empty() {
+            let list = super::sweep::describe(&staging.removed);
+            self.log_line(&job.id, &format!("removed from the workspace before staging: {list}")).await;
+        }
+        match staging.changes {
+            None => {
                 self.log_line(&job.id, &format!("the agent changed nothing; {unchanged}")).await;
                 Some(AttemptEnd::Succeeded(result.to_string(), None))
             }
-            Ok(Some(staged)) => {
+            Some(staged) => {
                 self.refuse_change(&job.spec, &staged).map(|why| failed(Outcome::PublishFailed, Some(0), why, false))
             }
-            Err(e) => Some(failed(Outcome::PublishFailed, Some(0), format!("staging the changes failed: {e}"), false)),
         }
     }
 
@@ -101,12 +110,18 @@ impl Engine {
     /// bot and pushed to `baton/<trigger>/<subject>-<job>`. Failures here
     /// are not retried: another attempt would run the agent again for a
     /// failure that is not its own.
-    pub(super) async fn push_changes(&self, job: &Job, prepared: &workspace::Prepared, result: String) -> AttemptEnd {
+    pub(super) async fn push_changes(
+        &self,
+        job: &Job,
+        prepared: &workspace::Prepared,
+        result: String,
+        cancel: &CancellationToken,
+    ) -> AttemptEnd {
         let spec = &job.spec;
         let Some(repo) = spec.repo.as_deref() else {
             return failed(Outcome::PublishFailed, Some(0), "a pull_request output needs a repository".into(), false);
         };
-        if let Some(end) = self.stage_or_end(job, prepared, &result, "no pull request").await {
+        if let Some(end) = self.stage_or_end(job, prepared, &result, "no pull request", cancel).await {
             return end;
         }
         let short = job.id.get(..8).unwrap_or(&job.id);
@@ -115,9 +130,9 @@ impl Engine {
         let message = self.commit_message(job, &result);
         self.log_line(&job.id, &format!("committing the changes and pushing {branch}")).await;
         let pushed = async {
-            let commit = self.workspaces.commit(prepared, &message, &self.config.github.bot_login).await?;
+            let commit = self.workspaces.commit(prepared, &message, &self.config.github.bot_login, cancel).await?;
             let over = workspace::Over::Anything;
-            self.workspaces.push(prepared, repo, spec.installation, repo, &branch, &commit, over).await?;
+            self.workspaces.push(prepared, repo, spec.installation, repo, &branch, &commit, over, cancel).await?;
             Ok::<_, workspace::WorkspaceError>(commit)
         };
         match pushed.await {
@@ -125,6 +140,7 @@ impl Engine {
                 self.log_line(&job.id, &format!("pushed {commit} to {branch}")).await;
                 AttemptEnd::Succeeded(result, Some(Pushed { branch, commit }))
             }
+            Err(workspace::WorkspaceError::Cancelled(_)) => AttemptEnd::Cancelled,
             Err(e) => failed(Outcome::PublishFailed, Some(0), format!("pushing the branch failed: {e}"), false),
         }
     }
@@ -153,24 +169,26 @@ impl Engine {
                 false,
             );
         };
-        if let Some(end) = self.stage_or_end(job, prepared, &result, "nothing to push").await {
+        if let Some(end) = self.stage_or_end(job, prepared, &result, "nothing to push", cancel).await {
             return end;
         }
         let publish_failed = |why: String| failed(Outcome::PublishFailed, Some(0), why, false);
         let message = self.commit_message(job, &result);
-        let commit = match self.workspaces.commit(prepared, &message, &self.config.github.bot_login).await {
+        let commit = match self.workspaces.commit(prepared, &message, &self.config.github.bot_login, cancel).await {
             Ok(c) => c,
+            Err(workspace::WorkspaceError::Cancelled(_)) => return AttemptEnd::Cancelled,
             Err(e) => return publish_failed(format!("committing the change failed: {e}")),
         };
         let branch = &target.branch;
         let push = |from: String, commit: String| async move {
             self.log_line(&job.id, &format!("pushing {commit} onto {branch} of {} (from {from})", target.repo)).await;
             let over = workspace::Over::Only(&from);
-            self.workspaces.push(prepared, &target.repo, spec.installation, repo, branch, &commit, over).await
+            self.workspaces.push(prepared, &target.repo, spec.installation, repo, branch, &commit, over, cancel).await
         };
         let moved_to = match push(base.clone(), commit.clone()).await {
             Ok(()) => return self.pushed(job, result, branch, commit).await,
             Err(workspace::WorkspaceError::BranchMoved { to, .. }) => to,
+            Err(workspace::WorkspaceError::Cancelled(_)) => return AttemptEnd::Cancelled,
             Err(e) => return publish_failed(format!("pushing to {branch} failed: {e}")),
         };
         let moved = format!("the branch moved from {base} to {moved_to}");
@@ -185,13 +203,14 @@ impl Engine {
         self.log_line(&job.id, &format!("{moved}; replaying the change onto it")).await;
         let replayed = self
             .workspaces
-            .replay(prepared, &target.repo, spec.installation, repo, branch, &base, &commit, &moved_to)
+            .replay(prepared, &target.repo, spec.installation, repo, branch, &base, &commit, &moved_to, cancel)
             .await;
         let (commit, changes) = match replayed {
             Ok(Some(r)) => r,
             Ok(None) => {
                 return publish_failed(format!("{moved}, and the change does not apply onto it; nothing was pushed"))
             }
+            Err(workspace::WorkspaceError::Cancelled(_)) => return AttemptEnd::Cancelled,
             Err(e) => return publish_failed(format!("{moved}, and replaying the change failed: {e}")),
         };
         let Some(changes) = changes else {
@@ -201,8 +220,13 @@ impl Engine {
         if let Some(why) = self.refuse_change(spec, &changes) {
             return publish_failed(format!("{moved}; replayed onto it, {why}"));
         }
-        let expose: Vec<PathBuf> = prepared.objects.iter().cloned().collect();
-        if let Err(end) = self.verify(job, agent, &prepared.path, &expose, cancel, report).await {
+        // baton's git rewrote files; the verify runs as the agent's uid.
+        if let Err(e) = self.workspaces.hand_back(prepared).await {
+            return publish_failed(format!(
+                "{moved}; replayed onto it, but the workspace could not be handed over: {e}"
+            ));
+        }
+        if let Err(end) = self.verify(job, agent, &prepared.path, prepared.objects.as_ref(), cancel, report).await {
             return match end {
                 AttemptEnd::Failed { error, .. } => publish_failed(format!("{moved}; replayed onto it, {error}")),
                 other => other,

@@ -33,13 +33,14 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::Credentials;
 use crate::config::Secret;
 use crate::rules::Workspace;
 
-/// A git operation may not take longer than this.
-const GIT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// The least a git command that talks to a remote may take.
+const NETWORK_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkspaceError {
@@ -62,6 +63,8 @@ pub enum WorkspaceError {
     BranchMoved { from: String, to: String },
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
+    #[error("cancelled while git {0} ran")]
+    Cancelled(String),
 }
 
 /// What a push may replace on the remote branch.
@@ -80,6 +83,14 @@ pub struct Staged {
     pub added: String,
     /// The size of the changed files as they are now (deleted ones: 0).
     pub bytes: u64,
+}
+
+/// What staging found: the change (`None` when nothing differs), and what
+/// baton removed from the work tree or the index before it could be staged.
+#[derive(Debug)]
+pub struct Staging {
+    pub changes: Option<Staged>,
+    pub removed: super::sweep::Removed,
 }
 
 /// A prepared workspace; hand it back to `release`.
@@ -133,10 +144,23 @@ pub struct Workspaces {
     pool_cap: usize,
     /// Repositories fetched into since their mirror's last gc.
     fetched: Mutex<BTreeSet<String>>,
+    git: Git,
+    /// Who the work tree belongs to while an agent runs (a root daemon's
+    /// agents run as another uid).
+    owner: Option<(u32, u32)>,
+    /// Where the agent's repository finds the mirror's objects: the path
+    /// the sandbox shows them at, or (unconfined) their own.
+    agent_objects: Option<PathBuf>,
 }
 
 impl Workspaces {
-    pub fn new(storage: &Path, git_url: &str, credentials: Option<Arc<Credentials>>, pool_cap: usize) -> Workspaces {
+    pub fn new(
+        storage: &Path,
+        git_url: &str,
+        credentials: Option<Arc<Credentials>>,
+        pool_cap: usize,
+        git_timeout: Duration,
+    ) -> Workspaces {
         Workspaces {
             mirrors: storage.join("mirrors"),
             worktrees: storage.join("worktrees"),
@@ -148,7 +172,18 @@ impl Workspaces {
             idle: Mutex::new(VecDeque::new()),
             pool_cap,
             fetched: Mutex::new(BTreeSet::new()),
+            git: Git { timeout: git_timeout, cancel: None },
+            owner: None,
+            agent_objects: None,
         }
+    }
+
+    /// Workspaces for sandboxed agents: handed to `owner` (when the agent's
+    /// uid is not the daemon's) and borrowing objects where the sandbox
+    /// shows them.
+    pub fn confine(&mut self, owner: Option<(u32, u32)>) {
+        self.owner = owner;
+        self.agent_objects = Some(PathBuf::from(crate::sandbox::OBJECTS_PATH));
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
@@ -167,7 +202,7 @@ impl Workspaces {
                     found.push((modified, Idle { repo: format!("{owner}/{name}"), path, mirror: mirror.clone() }));
                 }
                 // Worktrees of a version before slots were self-contained.
-                let _ = git(&mirror, None, &["worktree", "prune"], None).await;
+                let _ = self.git.run(&mirror, None, &["worktree", "prune"], None).await;
             }
         }
         found.sort_by_key(|(modified, _)| *modified);
@@ -205,20 +240,29 @@ impl Workspaces {
         ws: &Workspace,
     ) -> Result<Prepared, WorkspaceError> {
         if let Workspace::None = ws {
-            let path = self.worktrees.join(job_id);
-            let (dir, reused) = (path.clone(), locked(&self.empty).pop());
+            // `<job>/work`: the job's folder holds the overlay's work folder
+            // beside it (see `sandbox::stage`), and names nothing inside.
+            let folder = self.worktrees.join(job_id);
+            let path = folder.join("work");
+            let (dir, reused, owner) = (folder.clone(), locked(&self.empty).pop(), self.owner);
             let recycled = blocking(move || {
                 // A leftover from an interrupted run of this same job.
                 remove_tree(&dir)?;
                 // An emptied folder takes the job's name: a rename, not a
                 // new inode.
-                if let Some(old) = reused {
-                    if std::fs::rename(&old, &dir).is_ok() {
-                        return Ok(true);
+                let reused = reused.is_some_and(|old| {
+                    let ok = std::fs::rename(&old, &dir).is_ok() && is_real_dir(&dir.join("work"));
+                    if !ok {
+                        let _ = remove_tree(&old);
+                        let _ = remove_tree(&dir);
                     }
-                    let _ = remove_tree(&old);
+                    ok
+                });
+                if !reused {
+                    std::fs::create_dir_all(dir.join("work"))?;
                 }
-                std::fs::create_dir_all(&dir).map(|_| false)
+                crate::sandbox::hand_over(&dir.join("work"), owner)?;
+                Ok(reused)
             })
             .await?;
             return Ok(Prepared {
@@ -299,7 +343,7 @@ impl Workspaces {
         tokio::fs::create_dir_all(slot.join("work")).await?;
         let git_dir = slot.join("git");
         let made = async {
-            init_bare(&git_dir).await?;
+            init_bare(&self.git, &git_dir).await?;
             borrow_objects(&git_dir, &mirror).await?;
             self.reset(&slot, &mirror, &commit).await
         };
@@ -334,7 +378,7 @@ impl Workspaces {
             let lock = self.lock_for(&repo);
             let _guard = lock.lock().await;
             let started = std::time::Instant::now();
-            match git(&mirror, None, &["gc", "--quiet"], None).await {
+            match self.git.run(&mirror, None, &["gc", "--quiet"], None).await {
                 Ok(_) => {
                     tracing::info!(repo = %repo, ms = started.elapsed().as_millis() as u64, "Mirror garbage-collected.")
                 }
@@ -347,7 +391,8 @@ impl Workspaces {
 
     /// Puts a slot at `commit` with nothing of its last job left: tracked
     /// files as committed, no untracked or ignored file, and a fresh
-    /// `work/.git` for the agent. The agent's old `.git` goes first, unread.
+    /// `work/.git` for the agent; then hands the tree to the agent's uid.
+    /// The agent's old `.git` goes first, unread.
     async fn reset(&self, slot: &Path, mirror: &Path, commit: &str) -> Result<(), WorkspaceError> {
         let work = slot.join("work");
         let git_dir = slot.join("git");
@@ -357,11 +402,28 @@ impl Workspaces {
         let agent_git = work.join(".git");
         self.remove_dir(&agent_git).await;
         let tree = Some(work.as_path());
-        git(&git_dir, tree, &["checkout", "--quiet", "--detach", "--force", commit], None).await?;
-        git(&git_dir, tree, &["clean", "-ffdxq"], None).await?;
+        self.git.run(&git_dir, tree, &["checkout", "--quiet", "--detach", "--force", commit], None).await?;
+        self.git.run(&git_dir, tree, &["clean", "-ffdxq"], None).await?;
         keep(mirror, slot, commit).await?;
-        agent_repository(&git_dir, &agent_git, mirror, commit).await?;
+        let objects = self.agent_objects.clone().unwrap_or_else(|| mirror.join("objects"));
+        agent_repository(&git_dir, &agent_git, &objects, commit).await?;
+        self.hand_over(&work).await?;
         Ok(())
+    }
+
+    /// Gives the work tree to the agent's uid, when that is not baton's.
+    async fn hand_over(&self, work: &Path) -> std::io::Result<()> {
+        let (work, owner) = (work.to_path_buf(), self.owner);
+        if owner.is_none() {
+            return Ok(());
+        }
+        blocking(move || crate::sandbox::hand_over(&work, owner)).await
+    }
+
+    /// Gives the work tree to the agent's uid again, after baton's own git
+    /// rewrote files in it (a replay onto a moved branch).
+    pub async fn hand_back(&self, prepared: &Prepared) -> std::io::Result<()> {
+        self.hand_over(&prepared.path).await
     }
 
     /// Removes a slot and its keep-ref in the mirror.
@@ -397,7 +459,8 @@ impl Workspaces {
             }
         }
         let mut paths = vec!["AGENTS.md".to_string(), "CLAUDE.md".to_string()];
-        if let Ok(listing) = git(mirror, None, &["ls-tree", "--name-only", &format!("{rev}:.baton/skills")], None).await
+        if let Ok(listing) =
+            self.git.run(mirror, None, &["ls-tree", "--name-only", &format!("{rev}:.baton/skills")], None).await
         {
             let mut skills: Vec<String> =
                 listing.lines().filter(|l| l.ends_with(".md")).map(|l| format!(".baton/skills/{l}")).collect();
@@ -406,7 +469,7 @@ impl Workspaces {
         }
         let mut out = Vec::new();
         for path in paths {
-            if let Ok(text) = git(mirror, None, &["show", &format!("{rev}:{path}")], None).await {
+            if let Ok(text) = self.git.run(mirror, None, &["show", &format!("{rev}:{path}")], None).await {
                 out.push((path, text));
             }
         }
@@ -418,24 +481,34 @@ impl Workspaces {
     /// or one that does not clean, is removed.
     pub async fn release(&self, prepared: Prepared) {
         let (Some(mirror), Some(repo), Some(git_dir)) = (prepared.mirror, prepared.repo, prepared.git_dir) else {
-            let path = prepared.path;
-            if path.parent() == Some(self.worktrees.as_path()) && locked(&self.empty).len() < MAX_EMPTY {
-                let dir = path.clone();
-                if blocking(move || empty_out(&dir)).await.is_ok() {
+            let folder = prepared.path.parent().map(Path::to_path_buf).unwrap_or_else(|| prepared.path.clone());
+            if folder.parent() == Some(self.worktrees.as_path()) && locked(&self.empty).len() < MAX_EMPTY {
+                let work = prepared.path.clone();
+                if blocking(move || empty_out(&work)).await.is_ok() {
                     let mut empty = locked(&self.empty);
                     if empty.len() < MAX_EMPTY {
-                        empty.push(path);
+                        empty.push(folder);
                         return;
                     }
                 }
             }
-            self.remove_dir(&path).await;
+            self.remove_dir(&folder).await;
             return;
         };
         let slot = prepared.path.parent().map(Path::to_path_buf).unwrap_or_else(|| prepared.path.clone());
+        let work = prepared.path.clone();
+        // What git would keep or trip over goes first (no link followed),
+        // then what git lists; what stays gets the modes a checkout gives.
+        let swept = is_real_dir(&work) && blocking(move || super::sweep::sweep(&work).map(|_| ())).await.is_ok();
         self.remove_dir(&prepared.path.join(".git")).await;
         let tree = Some(prepared.path.as_path());
-        let clean = is_real_dir(&prepared.path) && git(&git_dir, tree, &["clean", "-ffdxq"], None).await.is_ok();
+        let clean = swept
+            && is_real_dir(&prepared.path)
+            && self.git.run(&git_dir, tree, &["clean", "-ffdxq"], None).await.is_ok()
+            && {
+                let work = prepared.path.clone();
+                blocking(move || super::sweep::normalize(&work)).await.is_ok()
+            };
         if self.pool_cap == 0 || !clean {
             self.discard(&slot, Some(&mirror)).await;
             return;
@@ -444,7 +517,7 @@ impl Workspaces {
         // ("racily clean"), so the next checkout would re-hash every file:
         // refreshing it now, off the next job's clock, saves that (0.5 s for
         // 80 MB). It exits 1 when files changed; the reset takes care of them.
-        let _ = git(&git_dir, tree, &["update-index", "-q", "--refresh"], None).await;
+        let _ = self.git.run(&git_dir, tree, &["update-index", "-q", "--refresh"], None).await;
         let evicted = {
             let mut idle = self.idle();
             idle.push_back(Idle { repo, path: slot, mirror });
@@ -463,29 +536,44 @@ impl Workspaces {
     /// repository (never the agent's `.git`): the paths that differ from
     /// the prepared commit, and the lines added, for checks before anything
     /// leaves the machine. `None` when nothing differs.
-    pub async fn stage(&self, prepared: &Prepared) -> Result<Option<Staged>, WorkspaceError> {
+    ///
+    /// Before anything is staged, every nested `.git` and every FIFO,
+    /// socket and device is removed from the work tree (see `sweep`), and a
+    /// gitlink the base commit did not have is never staged: baton's git
+    /// reads only the tree it prepared.
+    pub async fn stage(&self, prepared: &Prepared, cancel: &CancellationToken) -> Result<Staging, WorkspaceError> {
         let (Some(git_dir), Some(base)) = (&prepared.git_dir, &prepared.commit) else {
-            return Ok(None);
+            return Ok(Staging { changes: None, removed: Vec::new() });
         };
+        let work = prepared.path.clone();
+        let mut removed = blocking(move || super::sweep::sweep(&work)).await?;
+        let git = self.git.until(cancel);
         let tree = Some(prepared.path.as_path());
-        git(git_dir, tree, &["add", "--all"], None).await?;
-        self.changes(git_dir, tree, &[base, "--cached"]).await
+        git.run(git_dir, tree, &["add", "--all"], None).await?;
+        let raw = git.run(git_dir, tree, &["diff", "--cached", "--raw", "-z", "--no-renames", base], None).await?;
+        for path in new_gitlinks(&raw) {
+            git.run(git_dir, tree, &["rm", "--cached", "--quiet", "-r", "--", &path], None).await?;
+            removed.push((path, "a gitlink the base commit did not have (not staged)"));
+        }
+        let changes = self.changes(&git, git_dir, tree, &[base, "--cached"]).await?;
+        Ok(Staging { changes, removed })
     }
 
     /// What `git diff ARGS` shows, as paths, added lines and sizes.
     async fn changes(
         &self,
+        git: &Git,
         git_dir: &Path,
         tree: Option<&Path>,
         args: &[&str],
     ) -> Result<Option<Staged>, WorkspaceError> {
         let with = |flags: &[&'static str]| [flags, args].concat();
-        let names = git(git_dir, tree, &with(&["diff", "--no-renames", "--name-only", "-z"]), None).await?;
+        let names = git.run(git_dir, tree, &with(&["diff", "--no-renames", "--name-only", "-z"]), None).await?;
         let paths: Vec<String> = names.split('\0').filter(|p| !p.is_empty()).map(str::to_string).collect();
         if paths.is_empty() {
             return Ok(None);
         }
-        let diff = git(git_dir, tree, &with(&["diff", "--no-color", "--no-ext-diff", "--unified=0"]), None).await?;
+        let diff = git.run(git_dir, tree, &with(&["diff", "--no-color", "--no-ext-diff", "--unified=0"]), None).await?;
         let added = diff
             .lines()
             .filter(|l| l.starts_with('+') && !l.starts_with("+++"))
@@ -504,14 +592,21 @@ impl Workspaces {
 
     /// Commits what `stage` staged as `author`, on top of the prepared
     /// commit; returns the commit.
-    pub async fn commit(&self, prepared: &Prepared, message: &str, author: &str) -> Result<String, WorkspaceError> {
+    pub async fn commit(
+        &self,
+        prepared: &Prepared,
+        message: &str,
+        author: &str,
+        cancel: &CancellationToken,
+    ) -> Result<String, WorkspaceError> {
         let git_dir = prepared.git_dir.as_deref().ok_or(WorkspaceError::NoRepository)?;
+        let git = self.git.until(cancel);
         let tree = Some(prepared.path.as_path());
         let id = identity(author);
         let mut args: Vec<&str> = id.iter().map(String::as_str).collect();
         args.extend(["commit", "--quiet", "--no-verify", "-m", message]);
-        git(git_dir, tree, &args, None).await?;
-        Ok(git(git_dir, None, &["rev-parse", "HEAD"], None).await?.trim().to_string())
+        git.run(git_dir, tree, &args, None).await?;
+        Ok(git.run(git_dir, None, &["rev-parse", "HEAD"], None).await?.trim().to_string())
     }
 
     /// Pushes `commit` to `branch` of `repo` (with the token for
@@ -532,8 +627,10 @@ impl Workspaces {
         branch: &str,
         commit: &str,
         over: Over<'_>,
+        cancel: &CancellationToken,
     ) -> Result<(), WorkspaceError> {
         let git_dir = prepared.git_dir.as_deref().ok_or(WorkspaceError::NoRepository)?;
+        let git = self.git.until(cancel);
         let token = self.token(installation, token_repo).await?;
         let url = self.url(repo)?;
         let remote = format!("refs/heads/{branch}");
@@ -541,14 +638,15 @@ impl Workspaces {
             Over::Anything => "--force".to_string(),
             Over::Only(from) => format!("--force-with-lease={remote}:{from}"),
         };
-        let pushed =
-            git(git_dir, None, &["push", "--quiet", &how, &url, &format!("{commit}:{remote}")], token.as_ref()).await;
+        let pushed = git
+            .run(git_dir, None, &["push", "--quiet", &how, &url, &format!("{commit}:{remote}")], token.as_ref())
+            .await;
         let (e, from) = match (pushed, over) {
             (Ok(_), _) => return Ok(()),
             (Err(e), Over::Anything) => return Err(e),
             (Err(e), Over::Only(from)) => (e, from),
         };
-        let listed = git(git_dir, None, &["ls-remote", &url, &remote], token.as_ref()).await?;
+        let listed = git.run(git_dir, None, &["ls-remote", &url, &remote], token.as_ref()).await?;
         let now = listed.split_whitespace().next().unwrap_or("").to_string();
         if now == from {
             return Err(e);
@@ -575,42 +673,45 @@ impl Workspaces {
         base: &str,
         commit: &str,
         onto: &str,
+        cancel: &CancellationToken,
     ) -> Result<Option<(String, Option<Staged>)>, WorkspaceError> {
         let git_dir = prepared.git_dir.as_deref().ok_or(WorkspaceError::NoRepository)?;
+        let git = self.git.until(cancel);
         let token = self.token(installation, token_repo).await?;
         let url = self.url(repo)?;
         let moved = "refs/baton/moved";
-        git(
+        git.run(
             git_dir,
             None,
             &["fetch", "--no-tags", "--quiet", &url, &format!("+refs/heads/{branch}:{moved}")],
             token.as_ref(),
         )
         .await?;
-        let fetched = git(git_dir, None, &["rev-parse", "--verify", &format!("{moved}^{{commit}}")], None).await?;
+        let fetched = git.run(git_dir, None, &["rev-parse", "--verify", &format!("{moved}^{{commit}}")], None).await?;
         if fetched.trim() != onto {
             return Err(WorkspaceError::BranchMoved { from: onto.to_string(), to: fetched.trim().to_string() });
         }
-        let merged = git(
-            git_dir,
-            None,
-            &["merge-tree", "--write-tree", "--no-messages", &format!("--merge-base={base}"), onto, commit],
-            None,
-        )
-        .await;
+        let merged = git
+            .run(
+                git_dir,
+                None,
+                &["merge-tree", "--write-tree", "--no-messages", &format!("--merge-base={base}"), onto, commit],
+                None,
+            )
+            .await;
         // merge-tree exits 1 on a conflict: the change does not apply.
         let Ok(merged) = merged else { return Ok(None) };
         let tree = merged.lines().next().unwrap_or_default().trim().to_string();
-        let message = git(git_dir, None, &["log", "-1", "--format=%B", commit], None).await?;
-        let author = git(git_dir, None, &["log", "-1", "--format=%an", commit], None).await?;
+        let message = git.run(git_dir, None, &["log", "-1", "--format=%B", commit], None).await?;
+        let author = git.run(git_dir, None, &["log", "-1", "--format=%an", commit], None).await?;
         let id = identity(author.trim());
         let mut args: Vec<&str> = id.iter().map(String::as_str).collect();
         args.extend(["commit-tree", &tree, "-p", onto, "-m", message.trim_end()]);
-        let new = git(git_dir, None, &args, None).await?.trim().to_string();
+        let new = git.run(git_dir, None, &args, None).await?.trim().to_string();
         let work = Some(prepared.path.as_path());
-        git(git_dir, work, &["reset", "--quiet", "--hard", &new], None).await?;
-        git(git_dir, work, &["clean", "--quiet", "-ffdx"], None).await?;
-        let changes = self.changes(git_dir, work, &[onto, &new]).await?;
+        git.run(git_dir, work, &["reset", "--quiet", "--hard", &new], None).await?;
+        git.run(git_dir, work, &["clean", "--quiet", "-ffdx"], None).await?;
+        let changes = self.changes(&git, git_dir, work, &[onto, &new]).await?;
         Ok(Some((new, changes)))
     }
 
@@ -633,7 +734,8 @@ impl Workspaces {
             let _guard = lock.lock().await;
             self.ensure_commit(mirror, &url, since, None, token.as_ref()).await?;
         }
-        let mut diff = git(mirror, None, &["diff", "--no-color", "--no-ext-diff", since, commit], None).await?;
+        let mut diff =
+            self.git.run(mirror, None, &["diff", "--no-color", "--no-ext-diff", since, commit], None).await?;
         if diff.len() > cap {
             let mut cut = cap;
             while !diff.is_char_boundary(cut) {
@@ -676,7 +778,7 @@ impl Workspaces {
         // leaves a half-made mirror that looks whole.
         let tmp = parent.join(format!(".init-{}", std::process::id()));
         self.remove_dir(&tmp).await;
-        init_bare(&tmp).await?;
+        init_bare(&self.git, &tmp).await?;
         tokio::fs::rename(&tmp, mirror).await?;
         Ok(())
     }
@@ -688,17 +790,17 @@ impl Workspaces {
         refspec: &str,
         token: Option<&Secret>,
     ) -> Result<(), WorkspaceError> {
-        git(mirror, None, &["fetch", "--no-tags", "--quiet", url, refspec], token).await?;
+        self.git.run(mirror, None, &["fetch", "--no-tags", "--quiet", url, refspec], token).await?;
         Ok(())
     }
 
     async fn resolve(&self, mirror: &Path, rev: &str) -> Result<String, WorkspaceError> {
-        let out = git(mirror, None, &["rev-parse", "--verify", &format!("{rev}^{{commit}}")], None).await?;
+        let out = self.git.run(mirror, None, &["rev-parse", "--verify", &format!("{rev}^{{commit}}")], None).await?;
         Ok(out.trim().to_string())
     }
 
     async fn has_commit(&self, mirror: &Path, sha: &str) -> bool {
-        git(mirror, None, &["cat-file", "-e", &format!("{sha}^{{commit}}")], None).await.is_ok()
+        self.git.run(mirror, None, &["cat-file", "-e", &format!("{sha}^{{commit}}")], None).await.is_ok()
     }
 
     /// Makes sure `sha` is in the mirror: already there, fetched by id
@@ -755,38 +857,102 @@ fn split_repo(repo: &str) -> Result<(&str, &str), WorkspaceError> {
     crate::event::split_repo_name(repo).ok_or_else(|| WorkspaceError::BadRepository(repo.to_string()))
 }
 
-/// Runs git on the repository `git_dir` (with `work_tree`, if any); with a
-/// token, authenticates HTTP(S) through an environment-provided header so
-/// the token appears in no argv or file.
-///
-/// Nothing but baton's own files configures it: the environment is cleared
-/// (PATH and git's trace variables pass), system and global config are off,
-/// and hooks and fsmonitor are disabled, so nothing an agent wrote can make
-/// git run a program.
-async fn git(
-    git_dir: &Path,
-    work_tree: Option<&Path>,
-    args: &[&str],
-    token: Option<&Secret>,
-) -> Result<String, WorkspaceError> {
-    let mut cmd = hardened_git();
-    cmd.env("GIT_DIR", git_dir);
-    match work_tree {
-        Some(tree) => {
-            cmd.env("GIT_WORK_TREE", tree).current_dir(tree);
+/// How baton runs git: bounded in time, and stopped when the job it
+/// works for is cancelled.
+#[derive(Debug, Clone)]
+struct Git {
+    /// The longest a command on a work tree or repository may take; one
+    /// that talks to a remote gets at least `NETWORK_TIMEOUT`.
+    timeout: Duration,
+    cancel: Option<CancellationToken>,
+}
+
+impl Git {
+    /// The same, stopped when `cancel` fires.
+    fn until(&self, cancel: &CancellationToken) -> Git {
+        Git { timeout: self.timeout, cancel: Some(cancel.clone()) }
+    }
+
+    /// Runs git on the repository `git_dir` (with `work_tree`, if any); with
+    /// a token, authenticates HTTP(S) through an environment-provided header
+    /// so the token appears in no argv or file.
+    ///
+    /// Nothing but baton's own files configures it: the environment is
+    /// cleared (PATH and git's trace variables pass), system and global
+    /// config are off, and hooks and fsmonitor are disabled, so nothing an
+    /// agent wrote can make git run a program. Its stdin is closed.
+    async fn run(
+        &self,
+        git_dir: &Path,
+        work_tree: Option<&Path>,
+        args: &[&str],
+        token: Option<&Secret>,
+    ) -> Result<String, WorkspaceError> {
+        let mut cmd = hardened_git();
+        cmd.env("GIT_DIR", git_dir);
+        match work_tree {
+            Some(tree) => {
+                cmd.env("GIT_WORK_TREE", tree).current_dir(tree);
+            }
+            None => {
+                cmd.current_dir(git_dir);
+            }
         }
-        None => {
-            cmd.current_dir(git_dir);
+        cmd.args(args);
+        if let Some(token) = token {
+            let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{}", token.expose()));
+            cmd.env("GIT_CONFIG_COUNT", "1")
+                .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+                .env("GIT_CONFIG_VALUE_0", format!("Authorization: Basic {basic}"));
+        }
+        self.output(cmd, args).await
+    }
+
+    async fn output(&self, mut cmd: Command, args: &[&str]) -> Result<String, WorkspaceError> {
+        let command = args.iter().find(|a| !a.starts_with('-') && !a.contains('=')).copied().unwrap_or("").to_string();
+        let limit = match command.as_str() {
+            "fetch" | "push" | "ls-remote" | "clone" => self.timeout.max(NETWORK_TIMEOUT),
+            _ => self.timeout,
+        };
+        let cancelled = async {
+            match &self.cancel {
+                Some(c) => c.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        // `kill_on_drop`: a command given up on here is killed, not left.
+        let out = tokio::select! {
+            out = tokio::time::timeout(limit, cmd.output()) => match out {
+                Ok(out) => out?,
+                Err(_) => {
+                    let message = format!("timed out after {}", crate::config::format_duration(limit));
+                    return Err(WorkspaceError::Git { command, message });
+                }
+            },
+            _ = cancelled => return Err(WorkspaceError::Cancelled(command)),
+        };
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let message = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output").trim().to_string();
+            return Err(WorkspaceError::Git { command, message });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// Paths whose staged entry is a gitlink (mode 160000) where the base had
+/// none, from `git diff --cached --raw -z`.
+fn new_gitlinks(raw: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut fields = raw.split('\0');
+    while let (Some(meta), Some(path)) = (fields.next(), fields.next()) {
+        let mut modes = meta.trim_start_matches(':').split(' ');
+        let (old, new) = (modes.next().unwrap_or(""), modes.next().unwrap_or(""));
+        if new == "160000" && old != "160000" {
+            out.push(path.to_string());
         }
     }
-    cmd.args(args);
-    if let Some(token) = token {
-        let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{}", token.expose()));
-        cmd.env("GIT_CONFIG_COUNT", "1")
-            .env("GIT_CONFIG_KEY_0", "http.extraHeader")
-            .env("GIT_CONFIG_VALUE_0", format!("Authorization: Basic {basic}"));
-    }
-    output(cmd, args).await
+    out
 }
 
 /// `-c user.name=… -c user.email=…` for commits made as `author`.
@@ -795,11 +961,11 @@ fn identity(author: &str) -> [String; 4] {
 }
 
 /// `git init --bare` of a new repository at `path`.
-async fn init_bare(path: &Path) -> Result<(), WorkspaceError> {
+async fn init_bare(git: &Git, path: &Path) -> Result<(), WorkspaceError> {
     let mut cmd = hardened_git();
     let args = ["init", "--bare", "--quiet"];
     cmd.args(args).arg(path);
-    output(cmd, &args).await.map(|_| ())
+    git.output(cmd, &args).await.map(|_| ())
 }
 
 /// git with nothing but what baton gives it (see `git`).
@@ -821,20 +987,6 @@ fn hardened_git() -> Command {
     cmd
 }
 
-async fn output(mut cmd: Command, args: &[&str]) -> Result<String, WorkspaceError> {
-    let command = args.iter().find(|a| !a.starts_with('-') && !a.contains('=')).copied().unwrap_or("").to_string();
-    let out = match tokio::time::timeout(GIT_TIMEOUT, cmd.output()).await {
-        Ok(out) => out?,
-        Err(_) => return Err(WorkspaceError::Git { command, message: "timed out".into() }),
-    };
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let message = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output").trim().to_string();
-        return Err(WorkspaceError::Git { command, message });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Makes `git_dir` read its objects from the mirror's as well.
 async fn borrow_objects(git_dir: &Path, mirror: &Path) -> std::io::Result<()> {
     let info = git_dir.join("objects/info");
@@ -853,12 +1005,12 @@ async fn keep(mirror: &Path, slot: &Path, commit: &str) -> Result<(), WorkspaceE
 }
 
 /// The agent's own repository in its workspace: HEAD at `commit`, objects
-/// borrowed from the mirror, and a copy of baton's index (so `git status`
-/// starts clean without re-hashing the tree). Written as plain files: no
-/// process, a few milliseconds.
-async fn agent_repository(git_dir: &Path, agent_git: &Path, mirror: &Path, commit: &str) -> std::io::Result<()> {
+/// borrowed from the mirror's (`objects`, as the agent sees them), and a
+/// copy of baton's index (so `git status` starts clean without re-hashing
+/// the tree). Written as plain files: no process, a few milliseconds.
+async fn agent_repository(git_dir: &Path, agent_git: &Path, objects: &Path, commit: &str) -> std::io::Result<()> {
     let (git_dir, agent_git, objects, commit) =
-        (git_dir.to_path_buf(), agent_git.to_path_buf(), mirror.join("objects"), commit.to_string());
+        (git_dir.to_path_buf(), agent_git.to_path_buf(), objects.to_path_buf(), commit.to_string());
     blocking(move || {
         for dir in ["objects/info", "objects/pack", "refs/heads", "refs/tags"] {
             std::fs::create_dir_all(agent_git.join(dir))?;
@@ -922,6 +1074,17 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> std::io::Result<T> + Se
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_gitlinks_the_base_lacked_are_new() {
+        let z = "\0";
+        let raw = format!(
+            ":000000 160000 0000 abcd A{z}vendor/lib{z}:100644 100644 aaaa bbbb M{z}README.md{z}\
+             :160000 160000 1111 2222 M{z}kept{z}:100644 160000 3333 4444 T{z}was-a-file{z}"
+        );
+        assert_eq!(new_gitlinks(&raw), ["vendor/lib", "was-a-file"]);
+        assert!(new_gitlinks("").is_empty());
+    }
 
     #[test]
     fn repository_names_cannot_escape_the_mirror_folder() {

@@ -7,25 +7,26 @@
 //! delegated subtree, e.g. systemd's `Delegate=yes`): baton moves itself into
 //! a `daemon` leaf so its group can hand the memory and pids controllers to
 //! per-run children. cgroup v1 is used when its memory and pids hierarchies
-//! are writable. Otherwise there is no group, and the sandbox's init falls
-//! back to rlimits (see `init`).
+//! are writable (and its freezer, to stop a tree before killing it).
+//! Otherwise there is no group, and the sandbox's init falls back to rlimits
+//! (see `init`).
+//!
+//! Ending a run kills its whole group: `cgroup.kill` on v2; on v1 the group
+//! is frozen, every pid in it killed, and thawed, so nothing forks away
+//! between the reading of the list and the kill. A starting daemon does the
+//! same to the groups of dead daemons before it removes them.
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
+
+use super::LimitHit;
 
 /// Which hierarchy runs get their groups in.
 #[derive(Debug, Clone)]
 pub enum Cgroups {
     V2 { parent: PathBuf },
-    V1 { memory: Option<PathBuf>, pids: Option<PathBuf> },
+    V1 { memory: Option<PathBuf>, pids: Option<PathBuf>, freezer: Option<PathBuf> },
     Unavailable,
-}
-
-/// The limit a run hit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitHit {
-    Memory,
-    Processes,
 }
 
 impl Cgroups {
@@ -59,18 +60,19 @@ impl Cgroups {
         };
         match (v1("memory"), v1("pids")) {
             (None, None) => Cgroups::Unavailable,
-            (memory, pids) => Cgroups::V1 { memory, pids },
+            (memory, pids) => Cgroups::V1 { memory, pids, freezer: v1("freezer") },
         }
     }
 
-    /// Removes run groups a previous daemon left (a group still in use is
-    /// not empty, and rmdir refuses it).
+    /// Kills what is left in the run groups of daemons no longer running,
+    /// then removes the groups.
     pub fn remove_leftovers(&self) {
         let parents: Vec<&PathBuf> = match self {
             Cgroups::V2 { parent } => vec![parent],
-            Cgroups::V1 { memory, pids } => memory.iter().chain(pids.iter()).collect(),
+            Cgroups::V1 { memory, pids, freezer } => memory.iter().chain(pids.iter()).chain(freezer.iter()).collect(),
             Cgroups::Unavailable => Vec::new(),
         };
+        let mut groups: std::collections::BTreeMap<String, Vec<PathBuf>> = Default::default();
         for parent in parents {
             for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
@@ -81,8 +83,15 @@ impl Cgroups {
                 if owner.parse::<u32>().is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists()) {
                     continue;
                 }
-                let _ = std::fs::remove_dir(entry.path());
+                groups.entry(name).or_default().push(entry.path());
             }
+        }
+        for (name, dirs) in groups {
+            let group = Cgroup { dirs, v2: matches!(self, Cgroups::V2 { .. }) };
+            if group.pids().next().is_some() {
+                tracing::warn!(group = %name, "Killing what a previous daemon's run left in its cgroup.");
+            }
+            group.remove();
         }
     }
 
@@ -117,7 +126,7 @@ impl Cgroups {
                 write(&dir.join("pids.max"), &max_processes.to_string())?;
                 group
             }
-            Cgroups::V1 { memory, pids } => {
+            Cgroups::V1 { memory, pids, freezer } => {
                 let mut dirs = Vec::new();
                 if let Some(m) = memory {
                     let dir = m.join(&name);
@@ -130,6 +139,11 @@ impl Cgroups {
                     let dir = p.join(&name);
                     make_dir(&dir)?;
                     write(&dir.join("pids.max"), &max_processes.to_string())?;
+                    dirs.push(dir);
+                }
+                if let Some(f) = freezer {
+                    let dir = f.join(&name);
+                    make_dir(&dir)?;
                     dirs.push(dir);
                 }
                 Cgroup { dirs, v2: false }
@@ -200,21 +214,49 @@ impl Cgroup {
         None
     }
 
-    /// Kills every process still in the group.
+    /// The pids in the group (any of its hierarchies).
+    fn pids(&self) -> impl Iterator<Item = i32> + '_ {
+        self.dirs.iter().flat_map(|dir| {
+            std::fs::read_to_string(dir.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|p| p.trim().parse::<i32>().ok())
+                .collect::<Vec<_>>()
+        })
+    }
+
+    /// The v1 freezer folder of the group, if it has one.
+    fn freezer(&self) -> Option<&PathBuf> {
+        self.dirs.iter().find(|d| d.join("freezer.state").exists())
+    }
+
+    /// Kills every process still in the group: `cgroup.kill` on v2; on v1
+    /// frozen first, so no process forks a child the kill would miss.
     pub fn kill_all(&self) {
         if self.v2 && write(&self.dirs[0].join("cgroup.kill"), "1").is_ok() {
             return;
         }
-        for _ in 0..20 {
-            let mut any = false;
-            for dir in &self.dirs {
-                for pid in std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines() {
-                    if let Ok(pid) = pid.trim().parse::<i32>() {
-                        any = true;
-                        // SAFETY: kill(2) on a pid read from the group; no memory involved.
-                        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let freezer = self.freezer();
+        if let Some(f) = freezer {
+            if write(&f.join("freezer.state"), "FROZEN").is_ok() {
+                for _ in 0..100 {
+                    if std::fs::read_to_string(f.join("freezer.state")).is_ok_and(|s| s.trim() == "FROZEN") {
+                        break;
                     }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
                 }
+            }
+        }
+        for _ in 0..50 {
+            let mut any = false;
+            for pid in self.pids() {
+                any = true;
+                // SAFETY: kill(2) on a pid read from the group; no memory involved.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            if let Some(f) = freezer {
+                // A frozen process dies of SIGKILL only once thawed.
+                let _ = write(&f.join("freezer.state"), "THAWED");
             }
             if !any {
                 return;

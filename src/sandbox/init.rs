@@ -1,13 +1,34 @@
-//! The first process inside a sandbox (`baton sandbox-init`, hidden): it
-//! sets the rlimits that stand in for cgroups where baton has none, bridges
-//! `127.0.0.1:PORT` in the sandbox's empty network namespace to the run's
-//! egress proxy socket, then runs the agent and exits as it did.
+//! The sandbox's init (`baton sandbox-init`, hidden): pid 1 of the run's pid
+//! namespace. It prepares the agent's process, runs it, supervises it, and
+//! exits as it did; when it exits the kernel kills everything left in the
+//! namespace, so nothing the agent started outlives its run.
 //!
-//! It stays small on purpose: one thread (its threads count against the
-//! run's process cap), no logging (its stderr is the agent's).
+//! Being pid 1 puts it out of the agent's reach: the kernel delivers no
+//! signal from inside a pid namespace to its init unless the init handles
+//! it (this one handles none, so `kill -STOP 1` does nothing), it is not
+//! dumpable, and the agent's seccomp filter refuses `ptrace`.
+//!
+//! What it does, in order:
+//! - joins a fresh anonymous session keyring, so the daemon's keys are out
+//!   of view and whatever a job might add dies with it;
+//! - in rlimit mode (no cgroup), sets the rlimits and counts the tree's
+//!   threads and memory, tmpfs pages included, killing it past a cap;
+//! - bridges `127.0.0.1:PORT` in the empty network namespace to the run's
+//!   egress proxy socket;
+//! - starts the agent with the seccomp filter (`seccomp`) installed between
+//!   fork and exec, takes the filter's listener, and answers it (`watch`);
+//! - reaps every process that ends (orphans are reparented to it) until the
+//!   agent itself has.
+//!
+//! It stays small: a handful of threads (they count against the process
+//! cap), and no logging but one line per refused kind of call on stderr,
+//! which is the agent's (the job's log).
 
 use std::ffi::OsString;
+use std::os::fd::AsRawFd as _;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
 
 /// What the daemon tells the init.
 #[derive(Debug, Clone)]
@@ -16,125 +37,183 @@ pub struct InitArgs {
     pub proxy: Option<PathBuf>,
     /// Where the bridge listens on the sandbox's loopback.
     pub port: u16,
-    /// The process cap, when no cgroup enforces it: RLIMIT_NPROC (which
-    /// Linux does not apply to root), and the init's own count.
+    /// The process cap, when no cgroup enforces it: RLIMIT_NPROC, and the
+    /// init's own count.
     pub max_processes: Option<u64>,
     /// The memory cap, when no cgroup enforces it: the init's own sum of the
-    /// sandbox's resident memory, with RLIMIT_DATA as a looser backstop.
+    /// sandbox's resident memory and its tmpfs pages, with RLIMIT_DATA as a
+    /// looser backstop.
     pub max_data: Option<u64>,
+    /// The sandbox's tmpfs mounts, counted against `max_data`.
+    pub tmpfs: Vec<PathBuf>,
     pub argv: Vec<OsString>,
-}
-
-/// Runs the agent; returns the exit code for the init to exit with.
-pub fn run(args: InitArgs) -> i32 {
-    let limit = |resource, value: u64| {
-        let lim = libc::rlimit { rlim_cur: value, rlim_max: value };
-        // SAFETY: setrlimit with a valid struct; no memory is shared.
-        unsafe { libc::setrlimit(resource, &lim) };
-    };
-    if let Some(n) = args.max_processes {
-        limit(libc::RLIMIT_NPROC, n);
-    }
-    if let Some(n) = args.max_data {
-        // The backstop a single process cannot pass; the exact cap is the
-        // init's count across the tree (`caps`).
-        limit(libc::RLIMIT_DATA, n.saturating_mul(2).max(n.saturating_add(1 << 30)));
-    }
-    let hit = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
-    if args.max_processes.is_some() || args.max_data.is_some() {
-        let (hit, procs, mem) = (hit.clone(), args.max_processes, args.max_data);
-        let _ = std::thread::Builder::new().name("caps".into()).spawn(move || caps(procs, mem, &hit));
-    }
-    let Some((program, rest)) = args.argv.split_first() else {
-        eprintln!("baton sandbox-init: no command");
-        return 127;
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_io().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("baton sandbox-init: {e}");
-            return 127;
-        }
-    };
-    runtime.block_on(async move {
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.args(rest);
-        let mut watch = None;
-        if let Some(socket) = &args.proxy {
-            match tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await {
-                Ok(listener) => {
-                    tokio::spawn(bridge(listener, socket.clone()));
-                }
-                Err(e) => eprintln!("baton sandbox-init: cannot listen for the egress proxy: {e}"),
-            }
-            // Direct connections are watched (and reported to the proxy)
-            // where seccomp allows; without it they still fail, uncounted.
-            if super::watch::supported() {
-                if let Ok((ours, theirs)) = std::os::unix::net::UnixStream::pair() {
-                    let filter = super::watch::filter();
-                    let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
-                    // SAFETY: `install` makes only async-signal-safe calls on
-                    // memory prepared before the fork. A failure is ignored:
-                    // the agent runs, unwatched.
-                    unsafe {
-                        cmd.pre_exec(move || {
-                            let _ = super::watch::install(&filter, fd);
-                            Ok(())
-                        });
-                    }
-                    watch = Some((ours, theirs, socket.clone()));
-                }
-            }
-        }
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
-                eprintln!("baton sandbox-init: cannot run {}: {e}", program.to_string_lossy());
-                return code;
-            }
-        };
-        if let Some((ours, theirs, socket)) = watch {
-            // Ours is the only end left once the child has exec'd: the
-            // listener arrives, or end of file when the filter was refused.
-            drop(theirs);
-            if let Ok(listener) = super::watch::receive_fd(&std::os::fd::OwnedFd::from(ours)) {
-                let bridge = std::net::SocketAddr::from(([127, 0, 0, 1], args.port));
-                let _ = std::thread::Builder::new()
-                    .name("watch".into())
-                    .spawn(move || super::watch::serve(listener, bridge, |dest| report_direct(&socket, dest)));
-            }
-        }
-        let code = match child.wait().await {
-            Ok(status) => {
-                use std::os::unix::process::ExitStatusExt as _;
-                status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
-            }
-            Err(_) => 1,
-        };
-        match hit.load(std::sync::atomic::Ordering::SeqCst) {
-            0 => code,
-            why => why,
-        }
-    })
 }
 
 /// The init's exit code when the run hit its memory cap (rlimit mode).
 pub const EXIT_MEMORY: i32 = 240;
 /// The init's exit code when the run hit its process cap (rlimit mode).
 pub const EXIT_PROCESSES: i32 = 241;
+/// The init's exit code when the agent could not be started confined.
+pub const EXIT_SETUP: i32 = 125;
 
-/// Where no cgroup caps the run: counts its threads and resident memory
-/// every few milliseconds (this /proc is the sandbox's own: every process
-/// in it is the run's). At the process cap the run is marked (the kernel
-/// refuses the fork, except for root); past it, and past the memory cap,
-/// everything but the init is killed, as a cgroup's OOM killer would.
-fn caps(max_processes: Option<u64>, max_memory: Option<u64>, hit: &std::sync::atomic::AtomicI32) {
-    // SAFETY: sysconf with a constant.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    let me = std::process::id().to_string();
+/// Runs the agent; returns the exit code for the init to exit with.
+pub fn run(args: InitArgs) -> i32 {
+    // SAFETY: prctl and keyctl with integer arguments only.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        // KEYCTL_JOIN_SESSION_KEYRING with no name: a new anonymous keyring.
+        libc::syscall(libc::SYS_keyctl, 1, std::ptr::null::<libc::c_char>());
+    }
+    let limit = |resource, value: u64| {
+        let lim = libc::rlimit { rlim_cur: value, rlim_max: value };
+        // SAFETY: setrlimit with a valid struct; no memory is shared.
+        unsafe { libc::setrlimit(resource, &lim) };
+    };
+    if let Some(n) = args.max_processes {
+        // One above the cap: the kernel stops the tree one past it, where
+        // the count below sees it past the cap, kills it and says why.
+        limit(libc::RLIMIT_NPROC, n.saturating_add(1));
+    }
+    if let Some(n) = args.max_data {
+        // The backstop a single process cannot pass; the exact cap is the
+        // init's count across the tree (`caps`).
+        limit(libc::RLIMIT_DATA, n.saturating_mul(2).max(n.saturating_add(1 << 30)));
+    }
+    let hit = Arc::new(AtomicI32::new(0));
+    let caps = (args.max_processes.is_some() || args.max_data.is_some()).then(|| Caps {
+        max_processes: args.max_processes,
+        max_memory: args.max_data,
+        tmpfs: args.tmpfs.clone(),
+        hit: hit.clone(),
+    });
+    if let Some(caps) = caps.clone() {
+        let _ = std::thread::Builder::new().name("caps".into()).spawn(move || caps.watch());
+    }
+    let Some((program, rest)) = args.argv.split_first() else {
+        eprintln!("baton sandbox-init: no command");
+        return 127;
+    };
+    let bridge_at = std::net::SocketAddr::from(([127, 0, 0, 1], args.port));
+    if let Some(socket) = &args.proxy {
+        // Bound before the agent starts, so its first request finds it.
+        match std::net::TcpListener::bind(bridge_at) {
+            Ok(listener) => {
+                let socket = socket.clone();
+                let _ = std::thread::Builder::new().name("bridge".into()).spawn(move || bridge(listener, socket));
+            }
+            Err(e) => eprintln!("baton sandbox-init: cannot listen for the egress proxy: {e}"),
+        }
+    }
+    let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
+        Ok(pair) => pair,
+        Err(e) => {
+            eprintln!("baton sandbox-init: {e}");
+            return EXIT_SETUP;
+        }
+    };
+    let filter = super::seccomp::filter(args.proxy.is_some());
+    let fd = theirs.as_raw_fd();
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(rest);
+    // SAFETY: `install` makes only async-signal-safe calls on memory
+    // prepared before the fork. A filter that cannot be installed fails the
+    // spawn: the agent never runs unfiltered.
+    unsafe {
+        use std::os::unix::process::CommandExt as _;
+        cmd.pre_exec(move || super::seccomp::install(&filter, fd));
+    }
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+            eprintln!("baton sandbox-init: cannot run {}: {e}", program.to_string_lossy());
+            return code;
+        }
+    };
+    // Ours is the only end left once the child has exec'd.
+    drop(theirs);
+    if let Ok(listener) = super::watch::receive_fd(&std::os::fd::OwnedFd::from(ours)) {
+        let (socket, bridge) = (args.proxy.clone(), args.proxy.as_ref().map(|_| bridge_at));
+        let _ = std::thread::Builder::new().name("watch".into()).spawn(move || {
+            super::watch::serve(
+                listener,
+                bridge,
+                |dest| {
+                    if let Some(socket) = &socket {
+                        report_direct(socket, dest)
+                    }
+                },
+                |what| eprintln!("[baton] the sandbox refused {what}"),
+            )
+        });
+    }
+    let code = reap_until(child.id() as libc::pid_t);
+    // A run that hit a cap and ended before the watch looked (a fork
+    // refused at once, say) is still caught: what it left is still here.
+    if let Some(caps) = &caps {
+        caps.measure();
+    }
+    match hit.load(Ordering::SeqCst) {
+        0 => code,
+        why => why,
+    }
+}
+
+/// Reaps every child (orphans come to pid 1) until `agent` has ended;
+/// returns its exit code, or 128 + the signal that ended it.
+fn reap_until(agent: libc::pid_t) -> i32 {
     loop {
-        let (mut threads, mut resident) = (0u64, 0u64);
+        let mut status = 0;
+        // SAFETY: waitpid into a local.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid < 0 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                _ => return 1,
+            }
+        }
+        if pid == agent {
+            if libc::WIFEXITED(status) {
+                return libc::WEXITSTATUS(status);
+            }
+            return 128 + libc::WTERMSIG(status);
+        }
+    }
+}
+
+/// Where no cgroup caps the run: counts its threads and its memory (the
+/// resident pages of every process, and the pages its tmpfs mounts hold)
+/// every few milliseconds. This /proc is the sandbox's own: every process
+/// in it is the run's. At the process cap the run is marked (the kernel
+/// refuses the fork); past it, and past the memory cap, everything but the
+/// init is killed, as a cgroup's OOM killer would.
+#[derive(Clone)]
+struct Caps {
+    max_processes: Option<u64>,
+    max_memory: Option<u64>,
+    tmpfs: Vec<PathBuf>,
+    /// The exit code of the cap hit, once one is.
+    hit: Arc<AtomicI32>,
+}
+
+impl Caps {
+    fn watch(&self) {
+        loop {
+            if self.measure() {
+                // SAFETY: kill(2) of every process this one may signal: in
+                // this PID namespace, all but itself (pid 1).
+                unsafe { libc::kill(-1, libc::SIGKILL) };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Counts once, marking a cap hit; whether the run is past a cap.
+    fn measure(&self) -> bool {
+        // SAFETY: sysconf with a constant.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+        let me = std::process::id().to_string();
+        let (mut threads, mut memory) = (0u64, 0u64);
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let name = entry.file_name();
             let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
@@ -142,24 +221,20 @@ fn caps(max_processes: Option<u64>, max_memory: Option<u64>, hit: &std::sync::at
             threads += status.lines().find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok()).unwrap_or(1);
             if pid != me {
                 let statm = std::fs::read_to_string(entry.path().join("statm")).unwrap_or_default();
-                resident += statm.split_whitespace().nth(1).and_then(|r| r.parse::<u64>().ok()).unwrap_or(0) * page;
+                memory += statm.split_whitespace().nth(1).and_then(|r| r.parse::<u64>().ok()).unwrap_or(0) * page;
             }
         }
+        memory += self.tmpfs.iter().map(|p| super::usage::fs_used(p).map(|u| u.bytes).unwrap_or(0)).sum::<u64>();
         let over = |cap: Option<u64>, n: u64| cap.is_some_and(|c| n > c);
-        if max_processes.is_some_and(|c| threads >= c) {
-            hit.store(EXIT_PROCESSES, std::sync::atomic::Ordering::SeqCst);
+        if self.max_processes.is_some_and(|c| threads >= c) {
+            self.hit.store(EXIT_PROCESSES, Ordering::SeqCst);
         }
-        let mut kill = over(max_processes, threads);
-        if over(max_memory, resident) {
-            hit.store(EXIT_MEMORY, std::sync::atomic::Ordering::SeqCst);
-            kill = true;
+        let mut past = over(self.max_processes, threads);
+        if over(self.max_memory, memory) {
+            self.hit.store(EXIT_MEMORY, Ordering::SeqCst);
+            past = true;
         }
-        if kill {
-            // SAFETY: kill(2) of every process this one may signal: in this
-            // PID namespace, all but itself and its pid 1.
-            unsafe { libc::kill(-1, libc::SIGKILL) };
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        past
     }
 }
 
@@ -176,14 +251,19 @@ fn report_direct(socket: &std::path::Path, dest: std::net::SocketAddr) {
 }
 
 /// Every connection to the loopback port becomes one to the proxy socket.
-async fn bridge(listener: tokio::net::TcpListener, socket: PathBuf) {
-    loop {
-        let Ok((mut tcp, _)) = listener.accept().await else { continue };
-        let socket = socket.clone();
-        tokio::spawn(async move {
-            if let Ok(mut unix) = tokio::net::UnixStream::connect(&socket).await {
-                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
-            }
-        });
-    }
+fn bridge(listener: std::net::TcpListener, socket: PathBuf) {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_io().build() else { return };
+    runtime.block_on(async move {
+        let _ = listener.set_nonblocking(true);
+        let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else { continue };
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                if let Ok(mut unix) = tokio::net::UnixStream::connect(&socket).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
+                }
+            });
+        }
+    });
 }

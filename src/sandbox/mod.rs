@@ -1,18 +1,27 @@
 //! The agent sandbox: every agent and `verify` command runs under
-//! bubblewrap, seeing only its workspace (read-write), the system folders
-//! (read-only, secrets masked), its own `HOME` and `/tmp`, and the paths its
-//! agent definition adds. Nothing of baton is visible: not the storage
-//! folder, the config, the trigger folder or key files.
+//! bubblewrap, seeing only its workspace (read-write, at `/workspace`), the
+//! system folders (read-only), an allowlist of `/etc` (`etc`), its own
+//! `HOME` and `/tmp`, and the paths its agent definition adds. Nothing of
+//! baton is visible: not the storage folder, the config, the trigger folder
+//! or key files, and not their paths either (`stage`).
 //!
-//! - **Processes**: new PID, IPC, UTS, user and cgroup namespaces; no
-//!   capabilities; it dies with its parent, so ending the run's process
-//!   group (timeout, cancel) ends everything in it.
+//! - **Who**: never host root. A root daemon runs agents as `[sandbox]
+//!   user` (`user`), in a user namespace that uid owns.
+//! - **Processes**: new PID, IPC, UTS, user, cgroup and network namespaces;
+//!   no capabilities; baton's own init as pid 1 (`init`), out of the
+//!   agent's reach; one seccomp filter (`seccomp`) on everything the agent
+//!   runs. The init dies with the daemon, and the whole namespace with it;
+//!   ending a run kills the init from outside, and the cgroup besides.
+//! - **Kernel settings**: `/proc/sys` is read-only and the host-wide files
+//!   of `/proc` that matter are masked, whoever the agent is.
 //! - **Network**: an empty network namespace. Its only way out is the
 //!   run's egress proxy (`egress`), reached through a Unix socket that the
-//!   sandbox's init (`init`) bridges to `127.0.0.1:3128`, which
-//!   `HTTP_PROXY`/`HTTPS_PROXY` point at.
+//!   init bridges to `127.0.0.1:3128`, which `HTTP_PROXY`/`HTTPS_PROXY`
+//!   point at.
 //! - **Resources**: a cgroup per run caps memory and processes where baton
-//!   may create one (`cgroup`); else the init sets rlimits.
+//!   may create one (`cgroup`); else the init counts and sets rlimits. Every
+//!   tmpfs has a size (and, for a root daemon, an inode cap); the daemon
+//!   meters what a run adds to disk (`usage`).
 //!
 //! bubblewrap rather than Landlock: Landlock cannot hide paths (only deny
 //! access), has no PID isolation before ABI 6 and no network namespace, and
@@ -21,45 +30,94 @@
 
 pub mod cgroup;
 pub mod egress;
+pub mod etc;
 pub mod init;
+pub mod leftovers;
+pub mod seccomp;
+pub mod stage;
+pub mod usage;
+pub mod user;
 pub mod watch;
 
 use std::ffi::{CString, OsString};
+use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use cgroup::{Cgroup, Cgroups, LimitHit};
+use cgroup::{Cgroup, Cgroups};
 use egress::{Blocked, HostRule, Refusals};
+pub use user::RunAs;
 
 /// The port the egress proxy appears on inside every sandbox.
 pub const PROXY_PORT: u16 = 3128;
 
-/// Where things baton puts into a sandbox appear inside it.
+/// Where things appear inside every sandbox: fixed, so nothing the agent
+/// sees names a path of the host.
+pub const WORKSPACE_PATH: &str = "/workspace";
+pub const HOME_PATH: &str = "/home/agent";
+pub const IO_PATH: &str = "/run/baton/io";
+pub const OBJECTS_PATH: &str = "/run/baton/objects";
 const INIT_PATH: &str = "/run/baton/init";
 const SOCKET_PATH: &str = "/run/baton/proxy.sock";
-pub const HOME_PATH: &str = "/home/agent";
 
 /// Default caps of a run, when the agent definition gives none.
 pub const DEFAULT_MAX_MEMORY: u64 = 4 << 30;
 pub const DEFAULT_MAX_PROCESSES: u64 = 1024;
+pub const DEFAULT_MAX_DISK: u64 = 20 << 30;
+pub const DEFAULT_MAX_FILES: u64 = 1_000_000;
+
+/// `/dev/shm`: shared memory segments, counted as memory; rarely large.
+const SHM_INODES: u64 = 16_384;
 
 /// System folders shown read-only (a link, as with merged `/usr`, is
-/// recreated as the same link).
-const SYSTEM: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc"];
+/// recreated as the same link). `/etc` is an allowlist (`etc`).
+const SYSTEM: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
 
-/// Secrets of the system itself, masked inside `/etc`.
-const SYSTEM_SECRETS: &[&str] = &[
-    "/etc/shadow",
-    "/etc/shadow-",
-    "/etc/gshadow",
-    "/etc/gshadow-",
-    "/etc/ssh",
-    "/etc/ssl/private",
-    "/etc/sudoers",
-    "/etc/sudoers.d",
+/// Files of `/proc` that reach the whole host, masked with an empty file:
+/// the kernel's trigger for SysRq, its memory and symbols, timers and
+/// scheduler state (host-wide side channels), and the keys list.
+const PROC_MASKED: &[&str] = &[
+    "/proc/sysrq-trigger",
+    "/proc/kcore",
+    "/proc/kallsyms",
+    "/proc/keys",
+    "/proc/key-users",
+    "/proc/timer_list",
+    "/proc/sched_debug",
+    "/proc/latency_stats",
 ];
+
+/// Secrets of the system itself, masked wherever a shown folder holds them.
+const SYSTEM_SECRETS: &[&str] = &["/etc/ssl/private"];
+
+/// The cap a run ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitHit {
+    Memory,
+    Processes,
+    /// What it added to its workspace, `HOME` and `/tmp` passed `max_disk`.
+    Disk,
+    /// The entries it added there passed `max_files`.
+    Files,
+    /// The storage folder's free space fell below `storage.min_free`, and
+    /// this run grew fastest.
+    MinFree,
+}
+
+impl LimitHit {
+    /// The setting that sets the cap.
+    pub fn key(self) -> &'static str {
+        match self {
+            LimitHit::Memory => "max_memory",
+            LimitHit::Processes => "max_processes",
+            LimitHit::Disk => "max_disk",
+            LimitHit::Files => "max_files",
+            LimitHit::MinFree => "storage.min_free",
+        }
+    }
+}
 
 /// What one agent definition's sandbox allows.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +128,10 @@ pub struct Profile {
     pub read_write: Vec<PathBuf>,
     pub max_memory: u64,
     pub max_processes: u64,
+    /// What a run may add to its workspace, `HOME` and `/tmp`.
+    pub max_disk: u64,
+    /// Entries a run may add there.
+    pub max_files: u64,
 }
 
 impl Default for Profile {
@@ -80,6 +142,8 @@ impl Default for Profile {
             read_write: Vec::new(),
             max_memory: DEFAULT_MAX_MEMORY,
             max_processes: DEFAULT_MAX_PROCESSES,
+            max_disk: DEFAULT_MAX_DISK,
+            max_files: DEFAULT_MAX_FILES,
         }
     }
 }
@@ -93,11 +157,13 @@ pub enum SandboxError {
     )]
     Missing,
     #[error(
-        "bubblewrap cannot create a sandbox on this machine: {0}. It needs unprivileged user namespaces \
+        "bubblewrap cannot create a sandbox on this machine as {who}: {why}. It needs unprivileged user namespaces \
          (sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04+ an AppArmor profile for bwrap), \
          or a container that allows them"
     )]
-    Broken(String),
+    Broken { who: String, why: String },
+    #[error("the agent sandbox needs an x86_64 or aarch64 machine (its seccomp filter is written for those)")]
+    Architecture,
     #[error("cannot set up the sandbox: {0}")]
     Setup(#[from] std::io::Error),
 }
@@ -119,32 +185,42 @@ pub fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Makes sure bubblewrap is there and can build a sandbox here.
-pub fn preflight() -> Result<PathBuf, SandboxError> {
+/// Makes sure bubblewrap is there and can build a sandbox here, as the uid
+/// agents run as.
+pub fn preflight(run_as: &RunAs) -> Result<PathBuf, SandboxError> {
+    if !seccomp::supported() {
+        return Err(SandboxError::Architecture);
+    }
     let bwrap = find_bwrap().ok_or(SandboxError::Missing)?;
-    let out = std::process::Command::new(&bwrap)
-        .args(["--unshare-all", "--die-with-parent", "--cap-drop", "ALL", "--ro-bind", "/", "/", "--proc", "/proc"])
+    let mut cmd = std::process::Command::new(&bwrap);
+    cmd.args(["--unshare-all", "--die-with-parent", "--as-pid-1", "--ro-bind", "/", "/", "--proc", "/proc"])
         .args(["--", "/bin/sh", "-c", "exit 0"])
         .env_clear()
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| SandboxError::Broken(e.to_string()))?;
+        .stdin(std::process::Stdio::null());
+    if run_as.switched {
+        let (uid, gid) = (run_as.uid, run_as.gid);
+        // SAFETY: setgroups/setresgid/setresuid between fork and exec:
+        // async-signal-safe, on integers.
+        unsafe {
+            use std::os::unix::process::CommandExt as _;
+            cmd.pre_exec(move || {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setresgid(gid, gid, gid) != 0
+                    || libc::setresuid(uid, uid, uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let broken = |why: String| SandboxError::Broken { who: run_as.describe(), why };
+    let out = cmd.output().map_err(|e| broken(e.to_string()))?;
     if !out.status.success() {
         let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        return Err(SandboxError::Broken(if why.is_empty() { format!("exit {}", out.status) } else { why }));
+        return Err(broken(if why.is_empty() { format!("exit {}", out.status) } else { why }));
     }
     Ok(bwrap)
-}
-
-/// Builds sandboxes for runs.
-#[derive(Debug)]
-pub struct Sandbox {
-    bwrap: PathBuf,
-    /// The baton binary, mounted as each sandbox's init.
-    init: PathBuf,
-    cgroups: Cgroups,
-    /// baton's own paths, masked wherever a bind would show them.
-    hidden: Vec<PathBuf>,
 }
 
 /// How a run's memory and process caps are enforced.
@@ -158,28 +234,107 @@ pub enum CapsBy {
     Rlimits,
 }
 
+/// What a `Sandbox` is made with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// baton's paths (storage, config, triggers, key files), masked
+    /// wherever a shown folder holds them.
+    pub hidden: Vec<PathBuf>,
+    pub caps: CapsBy,
+    pub run_as: RunAs,
+    /// Where running sandboxes are recorded (in the storage folder).
+    pub records: PathBuf,
+}
+
+/// Builds sandboxes for runs.
+#[derive(Debug)]
+pub struct Sandbox {
+    bwrap: PathBuf,
+    /// The baton binary, shown as each sandbox's init.
+    init: PathBuf,
+    cgroups: Cgroups,
+    hidden: Vec<PathBuf>,
+    run_as: RunAs,
+    records: leftovers::Records,
+    /// A root daemon's stage and socket folders.
+    runtime: Option<Runtime>,
+}
+
+#[derive(Debug)]
+struct Runtime {
+    stage: PathBuf,
+    sockets: PathBuf,
+}
+
+/// `/run`, where it can be written, else the temporary folder.
+fn runtime_base() -> PathBuf {
+    let run = Path::new("/run");
+    match std::fs::metadata(run) {
+        Ok(m) if m.is_dir() && !m.permissions().readonly() => run.to_path_buf(),
+        _ => std::env::temp_dir(),
+    }
+}
+
+/// `dir`, made if missing, owned by baton and with `mode`.
+fn made_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+}
+
 impl Sandbox {
-    /// Checks bubblewrap and finds where runs' cgroups go. `hidden` are
-    /// baton's paths (storage, config, triggers, key files).
-    pub fn new(hidden: Vec<PathBuf>, caps: CapsBy) -> Result<Sandbox, SandboxError> {
-        let bwrap = preflight()?;
+    /// Checks bubblewrap, kills what dead daemons left running, and finds
+    /// where runs' cgroups go.
+    pub fn new(settings: Settings) -> Result<Sandbox, SandboxError> {
+        let bwrap = preflight(&settings.run_as)?;
         let init = std::env::current_exe()?;
-        let cgroups = match caps {
+        // A root daemon stages each run on an empty host folder, and keeps
+        // the proxies' sockets where their paths name nothing of baton's.
+        let runtime = match settings.run_as.switched {
+            true => {
+                let base = runtime_base();
+                let stage = base.join(stage::STAGE_NAME);
+                let sockets = base.join("baton-proxy");
+                made_dir(&stage, 0o755)?;
+                made_dir(&sockets, 0o700)?;
+                Some(Runtime { stage, sockets })
+            }
+            false => None,
+        };
+        let records = leftovers::Records::new(settings.records);
+        records.kill_leftovers();
+        let cgroups = match settings.caps {
             CapsBy::Auto => Cgroups::detect(),
             CapsBy::Rlimits => Cgroups::Unavailable,
         };
         cgroups.remove_leftovers();
-        tracing::info!(bwrap = %bwrap.display(), limits = cgroups.describe(), "Agents run sandboxed.");
-        let mut hidden: Vec<PathBuf> = hidden.into_iter().filter(|p| p.exists()).collect();
+        tracing::info!(
+            bwrap = %bwrap.display(),
+            limits = cgroups.describe(),
+            user = %settings.run_as.describe(),
+            "Agents run sandboxed."
+        );
+        let mut hidden: Vec<PathBuf> = settings.hidden.into_iter().filter(|p| p.exists()).collect();
         hidden.extend(SYSTEM_SECRETS.iter().map(PathBuf::from).filter(|p| p.exists()));
         hidden.sort();
         hidden.dedup();
-        Ok(Sandbox { bwrap, init, cgroups, hidden })
+        Ok(Sandbox { bwrap, init, cgroups, hidden, run_as: settings.run_as, records, runtime })
     }
 
     /// Whether runs get a cgroup (else the init's rlimits).
     pub fn limits(&self) -> &'static str {
         self.cgroups.describe()
+    }
+
+    /// Who agents run as.
+    pub fn run_as(&self) -> &RunAs {
+        &self.run_as
+    }
+
+    /// The uid and gid files handed to agents must belong to, when that is
+    /// not the daemon's own.
+    pub fn owner(&self) -> Option<(u32, u32)> {
+        self.run_as.switched.then_some((self.run_as.uid, self.run_as.gid))
     }
 
     /// Sets up one run: its cgroup, its egress proxy, its `HOME`, and the
@@ -188,9 +343,17 @@ impl Sandbox {
         let home = home_dir(run.run_dir);
         remove_tree(run.run_dir)?;
         std::fs::create_dir_all(&home)?;
+        let owner = self.owner();
+        // The folders the agent writes are its own for the run.
+        for dir in [&home, &run.io_dir.to_path_buf()] {
+            hand_over(dir, owner)?;
+        }
         let stop = CancellationToken::new();
         let refusals = Refusals::default();
-        let socket = socket_path(run.run_dir);
+        let socket = match &self.runtime {
+            Some(r) => r.sockets.join(format!("{:016x}.sock", random_u64())),
+            None => socket_path(run.run_dir),
+        };
         // A team run reaches baton's `/mcp` through the proxy too.
         let networked = !run.profile.network.is_empty() || run.baton.is_some();
         if networked {
@@ -202,6 +365,7 @@ impl Sandbox {
             let _ = std::fs::remove_file(&socket);
             let rules = Arc::new(run.profile.network.clone());
             egress::serve(&socket, rules, run.baton, refusals.clone(), stop.clone())?;
+            hand_over(&socket, owner)?;
         }
         let cgroup = match self.cgroups.create(run.name, run.profile.max_memory, run.profile.max_processes) {
             Ok(c) => c,
@@ -210,102 +374,146 @@ impl Sandbox {
                 None
             }
         };
+        let rlimits = cgroup.is_none();
 
-        let mut a = Args::default();
-        a.push(["--die-with-parent", "--new-session", "--unshare-all", "--cap-drop", "ALL"]);
-        a.push(["--hostname", "baton-sandbox"]);
+        let mut v =
+            View::new(self.runtime.as_ref().zip(owner).map(|(r, (uid, gid))| stage::Plan::new(&r.stage, uid, gid)));
+        v.push(["--unshare-all", "--die-with-parent", "--new-session", "--as-pid-1", "--cap-drop", "ALL"]);
+        v.push(["--hostname", "baton-sandbox"]);
         let mut roots: Vec<PathBuf> = Vec::new();
         for dir in SYSTEM {
             let path = Path::new(dir);
             match std::fs::symlink_metadata(path) {
                 Ok(m) if m.file_type().is_symlink() => {
                     if let Ok(target) = std::fs::read_link(path) {
-                        a.push([OsString::from("--symlink"), target.into_os_string(), path.into()]);
+                        v.push([OsString::from("--symlink"), target.into_os_string(), path.into()]);
                     }
                 }
                 Ok(m) if m.is_dir() => {
-                    a.bind("--ro-bind", path, path);
+                    v.system("--ro-bind", path);
                     roots.push(path.to_path_buf());
                 }
                 _ => {}
             }
         }
-        a.push(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run", "--tmpfs", "/home"]);
+        for (entry, _) in etc::ALLOWED {
+            let path = Path::new(entry);
+            if path.exists() {
+                v.system("--ro-bind", path);
+                roots.push(path.to_path_buf());
+            }
+        }
+        // Copied in by bubblewrap from a pipe: a bind would name a folder of baton's.
+        v.data(&etc::passwd(self.run_as.uid, self.run_as.gid, HOME_PATH), Path::new("/etc/passwd"))?;
+        v.data(&etc::group(self.run_as.gid), Path::new("/etc/group"))?;
+        v.push(["--proc", "/proc", "--ro-bind", "/proc/sys", "/proc/sys"]);
+        for masked in PROC_MASKED {
+            if Path::new(masked).exists() {
+                v.push(["--ro-bind", "/dev/null", masked]);
+            }
+        }
+        v.push(["--dev", "/dev"]);
+        let tmp_size = run.profile.max_memory.min(run.profile.max_disk);
+        v.tmpfs(Path::new("/dev/shm"), run.profile.max_memory / 2, SHM_INODES);
+        v.push(["--remount-ro", "/dev"]);
+        v.tmpfs(Path::new("/tmp"), tmp_size, run.profile.max_files);
         for p in &run.profile.read_only {
-            a.bind("--ro-bind-try", p, p);
+            v.path(p, false);
             roots.push(p.clone());
         }
         for p in &run.profile.read_write {
-            a.bind("--bind-try", p, p);
+            v.path(p, true);
             roots.push(p.clone());
         }
         // baton's own files and the system's secrets, wherever a bind above
-        // would show them; what the run needs of the storage folder is bound
-        // again on top, below.
+        // would show them.
         for hidden in &self.hidden {
             if !roots.iter().any(|r| hidden.starts_with(r)) {
                 continue;
             }
             if hidden.is_dir() {
-                a.bind("--tmpfs", hidden, Path::new(""));
+                v.push([OsString::from("--size"), "4096".into(), "--tmpfs".into(), hidden.into()]);
             } else {
-                a.bind("--ro-bind", Path::new("/dev/null"), hidden);
+                v.push([OsString::from("--ro-bind"), "/dev/null".into(), hidden.into()]);
             }
         }
         for p in &run.expose {
-            a.bind("--ro-bind", p, p);
+            v.path(p, false);
         }
-        a.bind("--bind", &home, Path::new(HOME_PATH));
-        a.bind("--bind", run.io_dir, run.io_dir);
-        a.bind("--bind", run.workdir, run.workdir);
-        a.bind("--chdir", run.workdir, Path::new(""));
-        // The init is there for the proxy bridge and the rlimits; a run
-        // that needs neither starts its agent directly (a few ms less).
-        if networked || cgroup.is_none() {
-            a.bind("--ro-bind", &self.init, Path::new(INIT_PATH));
-            if networked {
-                a.bind("--ro-bind", &socket, Path::new(SOCKET_PATH));
-            }
-            a.push(["--", INIT_PATH, "sandbox-init", "--port"]);
-            a.push([PROXY_PORT.to_string()]);
-            if networked {
-                a.push(["--proxy", SOCKET_PATH]);
-            }
-            if cgroup.is_none() {
-                a.push([OsString::from("--max-processes"), run.profile.max_processes.to_string().into()]);
-                a.push([OsString::from("--max-data"), run.profile.max_memory.to_string().into()]);
-            }
+        v.upper(&home, Path::new(HOME_PATH))?;
+        v.upper(run.io_dir, Path::new(IO_PATH))?;
+        v.upper(run.workdir, Path::new(WORKSPACE_PATH))?;
+        if let Some(objects) = run.objects {
+            v.read_only_dir(objects, Path::new(OBJECTS_PATH));
         }
-        a.push(["--"]);
-        a.push(argv.iter().map(OsString::from));
+        v.file(&self.init, Path::new(INIT_PATH), true);
+        if networked {
+            v.file(&socket, Path::new(SOCKET_PATH), false);
+        }
+        v.push(["--chdir", WORKSPACE_PATH, "--remount-ro", "/"]);
+        let (info_read, info_write) = pipe()?;
+        v.push([OsString::from("--info-fd"), info_write.as_raw_fd().to_string().into()]);
+        v.keep.push(info_write);
+        v.push(["--", INIT_PATH, "sandbox-init", "--port"]);
+        v.push([PROXY_PORT.to_string()]);
+        if networked {
+            v.push(["--proxy", SOCKET_PATH]);
+        }
+        if rlimits {
+            v.push([OsString::from("--max-processes"), run.profile.max_processes.to_string().into()]);
+            v.push([OsString::from("--max-data"), run.profile.max_memory.to_string().into()]);
+            v.push(["--tmpfs", "/tmp", "--tmpfs", "/dev/shm"]);
+        }
+        v.push(["--"]);
+        v.push(argv.iter().map(OsString::from));
 
-        let mut env = vec![("HOME".to_string(), HOME_PATH.to_string()), ("TMPDIR".to_string(), "/tmp".to_string())];
+        let mut env = vec![
+            ("HOME".to_string(), HOME_PATH.to_string()),
+            ("TMPDIR".to_string(), "/tmp".to_string()),
+            ("USER".to_string(), "agent".to_string()),
+            ("LOGNAME".to_string(), "agent".to_string()),
+        ];
         if networked {
             let proxy = format!("http://127.0.0.1:{PROXY_PORT}");
             for name in ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"] {
                 env.push((name.to_string(), proxy.clone()));
             }
         }
-        let rlimits = cgroup.is_none();
+        let meter = usage::Meter {
+            trees: vec![run.workdir.to_path_buf(), home.clone()],
+            tmp: None,
+            base: usage::Usage::default(),
+            max_bytes: run.profile.max_disk,
+            max_files: run.profile.max_files,
+        };
         Ok(Jail {
             program: self.bwrap.clone(),
-            args: a.0,
+            args: v.args,
+            stage: v.stage.map(Arc::new),
             env,
             cgroup,
             rlimits,
             refusals,
             stop,
             run_dir: run.run_dir.into(),
+            socket: networked.then_some(socket),
+            name: run.name.to_string(),
+            records: self.records.clone(),
+            info: Some(info_read),
+            keep: v.keep,
+            init: None,
+            meter,
         })
     }
 }
 
-/// The proxy socket: in the run's folder, or (Unix socket paths are short)
-/// under the system's temporary folder when that path would be too long.
+/// The agent's `HOME`, on baton's side.
 fn home_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("home")
 }
 
+/// The proxy socket: in the run's folder, or (Unix socket paths are short)
+/// under the system's temporary folder when that path would be too long.
 fn socket_path(run_dir: &Path) -> PathBuf {
     let path = run_dir.join("proxy.sock");
     if path.as_os_str().len() < 100 {
@@ -324,20 +532,137 @@ fn remove_tree(p: &Path) -> std::io::Result<()> {
     }
 }
 
-#[derive(Default)]
-struct Args(Vec<OsString>);
+/// Gives `path` and everything under it to `owner` (links themselves,
+/// never their targets); nothing when `owner` is `None`.
+pub fn hand_over(path: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    let Some((uid, gid)) = owner else { return Ok(()) };
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.uid() != uid || meta.gid() != gid {
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    }
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            hand_over(&entry?.path(), owner)?;
+        }
+    }
+    Ok(())
+}
 
-impl Args {
-    fn push<I: IntoIterator<Item = S>, S: Into<OsString>>(&mut self, items: I) {
-        self.0.extend(items.into_iter().map(Into::into));
+/// A random number, for names no one can guess ahead.
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    u64::from_ne_bytes(b)
+}
+
+/// A pipe whose ends close on exec (the child clears its end's flag).
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two ints; each is then owned exactly once.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        use std::os::fd::FromRawFd as _;
+        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
+    }
+}
+
+/// The bubblewrap command line being built, and (for a root daemon) the
+/// staging that makes baton's folders reachable to it.
+struct View {
+    args: Vec<OsString>,
+    stage: Option<stage::Plan>,
+    /// Descriptors bubblewrap is to inherit.
+    keep: Vec<OwnedFd>,
+}
+
+impl View {
+    fn new(stage: Option<stage::Plan>) -> View {
+        View { args: Vec::new(), stage, keep: Vec::new() }
     }
 
-    /// `flag src [dest]` (no dest when it is empty).
-    fn bind(&mut self, flag: &str, src: &Path, dest: &Path) {
-        self.0.push(flag.into());
-        self.0.push(src.into());
-        if !dest.as_os_str().is_empty() {
-            self.0.push(dest.into());
+    /// A read-only file at `inside` holding `text`, which bubblewrap reads
+    /// from a pipe (a small text: it fits the pipe's buffer).
+    fn data(&mut self, text: &str, inside: &Path) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let (read, write) = pipe()?;
+        std::fs::File::from(write).write_all(text.as_bytes())?;
+        self.push([OsString::from("--ro-bind-data"), read.as_raw_fd().to_string().into(), inside.into()]);
+        self.keep.push(read);
+        Ok(())
+    }
+
+    fn push<I: IntoIterator<Item = S>, S: Into<OsString>>(&mut self, items: I) {
+        self.args.extend(items.into_iter().map(Into::into));
+    }
+
+    /// A system path, readable by anyone: shown as it is.
+    fn system(&mut self, flag: &str, path: &Path) {
+        self.push([OsString::from(flag), path.into(), path.into()]);
+    }
+
+    /// `host` shown at the same path (the agent's program, a definition's
+    /// `read_only`/`read_write`); skipped when it does not exist.
+    fn path(&mut self, host: &Path, writable: bool) {
+        let Ok(meta) = std::fs::metadata(host) else { return };
+        let source = match &mut self.stage {
+            Some(s) => s.add(stage::Item::Bind { src: host.to_path_buf(), dir: meta.is_dir() }),
+            None => host.to_path_buf(),
+        };
+        let flag = if writable { "--bind" } else { "--ro-bind" };
+        self.push([OsString::from(flag), source.into(), host.into()]);
+    }
+
+    /// A single file of baton's shown at `inside`; `whole_dir`: shown
+    /// through a read-only overlay of its folder (the baton binary: a
+    /// bind would name its path).
+    fn file(&mut self, host: &Path, inside: &Path, whole_dir: bool) {
+        let source = match (&mut self.stage, host.parent(), host.file_name()) {
+            (Some(s), Some(dir), Some(name)) if whole_dir => {
+                s.add(stage::Item::ReadOnly { dir: dir.to_path_buf() }).join(name)
+            }
+            (Some(s), _, _) => s.add(stage::Item::Bind { src: host.to_path_buf(), dir: false }),
+            (None, _, _) => host.to_path_buf(),
+        };
+        self.push([OsString::from("--ro-bind"), source.into(), inside.into()]);
+    }
+
+    /// A folder of baton's the agent writes, shown at `inside`.
+    fn upper(&mut self, host: &Path, inside: &Path) -> std::io::Result<()> {
+        let source = match &mut self.stage {
+            Some(s) => {
+                std::fs::create_dir_all(stage::work_dir_for(host))?;
+                s.add(stage::Item::Upper { upper: host.to_path_buf() })
+            }
+            None => host.to_path_buf(),
+        };
+        self.push([OsString::from("--bind"), source.into(), inside.into()]);
+        Ok(())
+    }
+
+    /// A folder of baton's shown read-only at `inside`.
+    fn read_only_dir(&mut self, host: &Path, inside: &Path) {
+        let source = match &mut self.stage {
+            Some(s) => s.add(stage::Item::ReadOnly { dir: host.to_path_buf() }),
+            None => host.to_path_buf(),
+        };
+        self.push([OsString::from("--ro-bind"), source.into(), inside.into()]);
+    }
+
+    /// A tmpfs at `inside` of at most `size` bytes (and, staged, `inodes`
+    /// entries: bubblewrap cannot set that).
+    fn tmpfs(&mut self, inside: &Path, size: u64, inodes: u64) {
+        match &mut self.stage {
+            Some(s) => {
+                let source = s.add(stage::Item::Tmpfs { size, inodes });
+                self.push([OsString::from("--bind"), source.into(), inside.into()]);
+            }
+            None => {
+                self.push([OsString::from("--size"), size.to_string().into()]);
+                self.push([OsString::from("--tmpfs"), inside.into()]);
+            }
         }
     }
 }
@@ -352,7 +677,10 @@ pub struct Run<'a> {
     pub io_dir: &'a Path,
     /// baton's folder for this run: the agent's `HOME`, the proxy socket.
     pub run_dir: &'a Path,
-    /// Shown read-only at the same path: the program, the mirror's objects.
+    /// The object store the workspace's repository borrows from, shown
+    /// read-only at `OBJECTS_PATH`.
+    pub objects: Option<&'a Path>,
+    /// Shown read-only at the same path: the program, MCP servers.
     pub expose: Vec<PathBuf>,
     /// A team run: baton's API, which the proxy forwards `/mcp` to.
     pub baton: Option<std::net::SocketAddr>,
@@ -362,6 +690,7 @@ pub struct Run<'a> {
 pub struct Jail {
     pub program: PathBuf,
     pub args: Vec<OsString>,
+    stage: Option<Arc<stage::Plan>>,
     /// Variables set for the agent on top of its own.
     pub env: Vec<(String, String)>,
     cgroup: Option<Cgroup>,
@@ -370,12 +699,34 @@ pub struct Jail {
     refusals: Refusals,
     stop: CancellationToken,
     run_dir: PathBuf,
+    /// The proxy's socket, when the run has one.
+    socket: Option<PathBuf>,
+    name: String,
+    records: leftovers::Records,
+    /// bubblewrap's `--info-fd` pipe, until the sandbox has started.
+    info: Option<OwnedFd>,
+    /// Descriptors bubblewrap inherits (the other end of `info`, the data
+    /// it copies in); closed here once it has started.
+    keep: Vec<OwnedFd>,
+    /// pid 1 of the sandbox, as the host sees it.
+    init: Option<leftovers::Identity>,
+    meter: usage::Meter,
 }
 
 impl Jail {
     /// baton's side of the agent's `HOME`.
     pub fn home(&self) -> PathBuf {
         home_dir(&self.run_dir)
+    }
+
+    /// How the run's disk use is metered (its base not yet known).
+    pub fn meter(&self) -> &usage::Meter {
+        &self.meter
+    }
+
+    /// Who files handed to the agent must belong to.
+    pub fn owner(&self) -> Option<(u32, u32)> {
+        self.stage.as_ref().map(|s| s.owner())
     }
 
     /// The cap a run in rlimit mode hit, from its exit code.
@@ -387,18 +738,70 @@ impl Jail {
         }
     }
 
-    /// The `cgroup.procs` files the child writes itself into before exec.
-    pub fn cgroup_files(&self) -> Vec<CString> {
-        self.cgroup.as_ref().map(Cgroup::procs_files).unwrap_or_default()
+    /// The command that starts the sandbox. Between fork and exec the
+    /// child marks every inherited descriptor close-on-exec but those
+    /// bubblewrap is given, joins the run's cgroup, and (root daemon)
+    /// stages the run's folders and becomes the agent's uid.
+    pub fn command(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.program);
+        cmd.args(&self.args);
+        let cgroup_files = self.cgroup.as_ref().map(Cgroup::procs_files).unwrap_or_default();
+        let keep: Vec<i32> = self.keep.iter().map(|fd| fd.as_raw_fd()).collect();
+        let stage = self.stage.clone();
+        // SAFETY: the closure only makes async-signal-safe calls (close_range,
+        // fcntl, open, write, close, unshare, mount, mkdir, chdir, set*id) on
+        // memory prepared before the fork. Only here: a pre_exec makes std
+        // fork rather than posix_spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                let _ = crate::harden::cloexec_from_3();
+                for fd in &keep {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                join_cgroups(&cgroup_files)?;
+                match &stage {
+                    Some(s) => s.run(),
+                    None => Ok(()),
+                }
+            });
+        }
+        cmd
+    }
+
+    /// Once the command is spawned: learns the sandbox's pid 1 from
+    /// bubblewrap, and records it so that a daemon that dies now can have it
+    /// killed by the next. Returns how the run's disk use is metered.
+    pub async fn started(&mut self, base: usage::Usage) -> usage::Meter {
+        self.keep.clear();
+        if let Some(read) = self.info.take() {
+            let pid = tokio::task::spawn_blocking(move || child_pid(read)).await.ok().flatten();
+            if let Some(pid) = pid {
+                let init = leftovers::Identity::of(pid);
+                self.records.note(&self.name, &init);
+                self.meter.tmp = Some(PathBuf::from(format!("/proc/{pid}/root/tmp")));
+                self.init = Some(init);
+            }
+        }
+        self.meter.base = base;
+        self.meter.clone()
     }
 
     /// Ends everything left in the run, stops its proxy and removes its
     /// folder; what it ran into and the destinations refused.
     pub fn close(self) -> (Option<LimitHit>, Vec<Blocked>) {
         self.stop.cancel();
+        if let Some(init) = self.init.as_ref().filter(|i| i.is_alive()) {
+            // pid 1 of the namespace: the kernel takes everything in it along.
+            // SAFETY: kill(2) of a pid whose start time was just checked.
+            unsafe { libc::kill(init.pid, libc::SIGKILL) };
+        }
+        self.records.forget(&self.name);
         let hit = self.cgroup.as_ref().and_then(Cgroup::limit_hit);
-        let socket = socket_path(&self.run_dir);
-        let _ = std::fs::remove_file(&socket);
+        if let Some(socket) = &self.socket {
+            let _ = std::fs::remove_file(socket);
+        }
         let _ = remove_tree(&self.run_dir);
         if let Some(c) = self.cgroup {
             // The kernel may hold an emptied group busy for a moment after
@@ -407,6 +810,15 @@ impl Jail {
         }
         (hit, self.refusals.list())
     }
+}
+
+/// The `child-pid` bubblewrap writes to its info pipe (read to its end).
+fn child_pid(read: OwnedFd) -> Option<i32> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::fs::File::from(read).take(64 * 1024).read_to_string(&mut text).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    value.get("child-pid")?.as_i64().and_then(|p| i32::try_from(p).ok())
 }
 
 /// Joins the cgroups named by `files`; runs in the child between fork and
@@ -430,8 +842,18 @@ pub fn join_cgroups(files: &[CString]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Parses `max_memory`: bytes, or a number with K, M, G or T (powers of 1024).
+/// Parses a cap for an agent (`max_memory`, `max_disk`): as `parse_bytes`,
+/// at least 16M.
 pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bytes = parse_bytes(s)?;
+    if bytes < 16 << 20 {
+        return Err(format!("size `{s}` is too small: an agent needs at least 16M"));
+    }
+    Ok(bytes)
+}
+
+/// Parses a size: bytes, or a number with K, M, G or T (powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => (&t[..i], t[i..].trim()),
@@ -446,11 +868,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "T" => 40,
         _ => return Err(format!("invalid size `{s}`: unknown unit `{unit}` (use K, M, G or T)")),
     };
-    let bytes = n.checked_shl(shift).filter(|b| b >> shift == n).ok_or(format!("size `{s}` is too large"))?;
-    if bytes < 16 << 20 {
-        return Err(format!("size `{s}` is too small: an agent needs at least 16M"));
-    }
-    Ok(bytes)
+    n.checked_shl(shift).filter(|b| b >> shift == n).ok_or(format!("size `{s}` is too large"))
 }
 
 #[cfg(test)]

@@ -1,72 +1,20 @@
-//! Seeing the connections an agent tries to make around the proxy.
+//! The sandbox's supervisor, run by its init: it answers every call the
+//! seccomp filter (`seccomp`) hands over.
 //!
-//! The sandbox's empty network namespace already stops them: this only
-//! records them. The init installs, in the agent's process between fork and
-//! exec, a seccomp filter that hands every `connect(2)` to a listener the
-//! init holds; the init reads the destination from the agent's memory, lets
-//! the call go on (`SECCOMP_USER_NOTIF_FLAG_CONTINUE`, so the kernel refuses
-//! it as it would have), and reports an IP destination other than the proxy
-//! bridge to the run's proxy, which counts it with the refused ones.
+//! - A refused call gets its errno back, and is named once in the job's log
+//!   (the init's stderr), so an operator sees what an agent tried.
+//! - A `connect(2)` in a networked run is only looked at: the init reads the
+//!   destination from the agent's memory, reports an IP destination other
+//!   than the proxy bridge to the run's proxy (which counts it with the
+//!   refused ones), and lets the call go on
+//!   (`SECCOMP_USER_NOTIF_FLAG_CONTINUE`), so the kernel refuses it as it
+//!   would have: the empty network namespace has no route.
 //!
 //! Nothing depends on the watch for safety: a destination it misreads is a
 //! miscount, never a connection.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-
-const AUDIT_ARCH: u32 = if cfg!(target_arch = "x86_64") {
-    0xc000_003e
-} else if cfg!(target_arch = "aarch64") {
-    0xc000_00b7
-} else {
-    0
-};
-
-/// The filter: `connect` goes to the listener, everything else is allowed.
-pub fn filter() -> Vec<libc::sock_filter> {
-    const LD_W_ABS: u16 = 0x20;
-    const JEQ_K: u16 = 0x15;
-    const RET_K: u16 = 0x06;
-    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
-    vec![
-        op(LD_W_ABS, 0, 0, 4), // seccomp_data.arch
-        op(JEQ_K, 0, 3, AUDIT_ARCH),
-        op(LD_W_ABS, 0, 0, 0), // seccomp_data.nr
-        op(JEQ_K, 0, 1, libc::SYS_connect as u32),
-        op(RET_K, 0, 0, libc::SECCOMP_RET_USER_NOTIF),
-        op(RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
-    ]
-}
-
-/// Whether this machine can watch (seccomp user notification, Linux 5.0+;
-/// a known architecture).
-pub fn supported() -> bool {
-    AUDIT_ARCH != 0
-}
-
-/// In the child, between fork and exec: installs `filter` and sends the
-/// listener to the init over `to_init`. Only async-signal-safe calls.
-///
-/// # Safety
-/// To be called only in a freshly forked child, before exec.
-pub unsafe fn install(filter: &[libc::sock_filter], to_init: i32) -> std::io::Result<()> {
-    let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut libc::sock_filter };
-    if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let listener = libc::syscall(
-        libc::SYS_seccomp,
-        libc::SECCOMP_SET_MODE_FILTER,
-        libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
-        &prog as *const libc::sock_fprog,
-    ) as i32;
-    if listener < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let sent = send_fd(to_init, listener);
-    libc::close(listener);
-    sent
-}
 
 /// A message of the one byte in `iov`, with `control` (its first
 /// `control_len` bytes) for the descriptor. Async-signal-safe.
@@ -81,7 +29,7 @@ fn one_byte_message(iov: &mut libc::iovec, control: &mut [u8], control_len: usiz
 }
 
 /// Sends `fd` over the Unix socket `sock` (SCM_RIGHTS).
-unsafe fn send_fd(sock: i32, fd: i32) -> std::io::Result<()> {
+pub(super) unsafe fn send_fd(sock: i32, fd: i32) -> std::io::Result<()> {
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
     let mut space = [0u8; 64];
@@ -118,10 +66,12 @@ pub fn receive_fd(sock: &OwnedFd) -> std::io::Result<OwnedFd> {
     }
 }
 
-/// Serves the listener until the agent's processes are gone: each `connect`
-/// goes on as the kernel would have it, and an IP destination other than
-/// `bridge` is told to `report`.
-pub fn serve(listener: OwnedFd, bridge: SocketAddr, report: impl Fn(SocketAddr)) {
+/// Serves the listener until the agent's processes are gone: a watched
+/// `connect` goes on as the kernel would have it (an IP destination other
+/// than `bridge` told to `report` first); a refused call gets its errno, and
+/// `refused` hears of each kind of call once.
+pub fn serve(listener: OwnedFd, bridge: Option<SocketAddr>, report: impl Fn(SocketAddr), refused: impl Fn(&str)) {
+    let mut named: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     loop {
         // SAFETY: zeroed plain-data structs the kernel fills in / reads.
         let mut req: libc::seccomp_notif = unsafe { std::mem::zeroed() };
@@ -132,15 +82,25 @@ pub fn serve(listener: OwnedFd, bridge: SocketAddr, report: impl Fn(SocketAddr))
                 _ => return, // no process left to notify about
             }
         }
-        let dest = destination(req.pid, req.data.args[1], req.data.args[2]);
-        // Reported (and acknowledged) before the call goes on: an agent
-        // that exits right after its connect is still counted.
-        if let Some(dest) = dest.filter(|d| *d != bridge) {
-            report(dest);
-        }
         let mut resp: libc::seccomp_notif_resp = unsafe { std::mem::zeroed() };
         resp.id = req.id;
-        resp.flags = libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32;
+        match super::seccomp::answer(i64::from(req.data.nr), req.data.args[0]) {
+            super::seccomp::Answer::Watch => {
+                let dest = destination(req.pid, req.data.args[1], req.data.args[2]);
+                // Reported (and acknowledged) before the call goes on: an
+                // agent that exits right after its connect is still counted.
+                if let Some(dest) = dest.filter(|d| Some(*d) != bridge) {
+                    report(dest);
+                }
+                resp.flags = libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32;
+            }
+            super::seccomp::Answer::Refuse { errno, what } => {
+                resp.error = -errno;
+                if named.insert(what.clone()) {
+                    refused(&what);
+                }
+            }
+        }
         // SAFETY: as above.
         unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &mut resp) };
     }

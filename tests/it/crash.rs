@@ -95,14 +95,14 @@ async fn kill_9_mid_flood_loses_nothing_acknowledged() {
 #[tokio::test]
 async fn kill_9_while_two_jobs_run_then_both_complete_exactly_once() {
     let w = Workdir::new();
-    let state = tempfile::tempdir().unwrap();
+    let state = crate::harness::open_dir();
     let s = state.path().display();
-    // Each run records its job (the workspace folder is named after it);
+    // Each run records its job (its prompt is the job's delivery id);
     // before the restart, runs hang as a long job would.
     let agent = w.script(
         "agent.sh",
         &format!(
-            "#!/bin/sh\nid=$(basename \"$PWD\")\necho \"$id\" >> {s}/started\n\
+            "#!/bin/sh\nid=$(cat)\necho \"$id\" >> {s}/started\n\
              while [ ! -f {s}/restarted ]; do sleep 0.1; done\necho \"$id\" >> {s}/completed\necho \"done $id\"\n"
         ),
     );
@@ -112,7 +112,8 @@ async fn kill_9_while_two_jobs_run_then_both_complete_exactly_once() {
     ));
     w.trigger(
         "work",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"slow\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
+        "on = [\"issues.opened\"]\n[job]\nagent = \"slow\"\nworkspace = \"none\"\nprompt = \"{{ event.delivery }}\"\n\
+         [output]\nkind = \"none\"\n",
     );
     let body = fixture("issues/opened.payload.json");
     let mut baton = Baton::start(w.path(), &[]);
@@ -135,15 +136,14 @@ async fn kill_9_while_two_jobs_run_then_both_complete_exactly_once() {
     for id in &ids {
         let job = baton.finished(id).await;
         assert_eq!(job["state"], "succeeded", "{job}");
-        assert_eq!(job["result"], format!("done {id}"));
+        assert_eq!(job["result"], format!("done {}", job["delivery"].as_str().unwrap_or_default()));
         let outcomes: Vec<&str> =
             job["history"].as_array().unwrap().iter().filter_map(|a| a["outcome"].as_str()).collect();
         assert_eq!(outcomes, ["interrupted", "exit"], "{job}");
     }
     let mut completed = lines("completed");
     completed.sort();
-    let mut expected = ids.clone();
-    expected.sort();
+    let expected = ["two-1", "two-2"];
     assert_eq!(completed, expected, "each job completed exactly once");
     let mut started = lines("started");
     started.sort();

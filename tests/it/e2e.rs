@@ -158,7 +158,7 @@ async fn missing_agent_command_fails_with_install_hint() {
 #[tokio::test]
 async fn timeout_fails_the_job_and_kills_the_agent() {
     let fake = FakeGitHub::start().await;
-    let pids = tempfile::tempdir().unwrap();
+    let pids = crate::harness::open_dir();
     let pid_file = pids.path().join("sleep.pid");
     // The agent starts a child of its own and waits on it: the timeout must
     // take the whole process group, not just the agent.
@@ -188,7 +188,7 @@ async fn acknowledged_delivery_survives_kill_9() {
     let fake = FakeGitHub::start().await;
     // The agent blocks until a file exists, so the job is still queued or
     // running when the daemon dies.
-    let gate = tempfile::tempdir().unwrap();
+    let gate = crate::harness::open_dir();
     let flag = gate.path().join("go");
     let (w, _) = setup(
         &fake,
@@ -216,7 +216,7 @@ async fn acknowledged_delivery_survives_kill_9() {
 #[tokio::test]
 async fn cancel_stops_a_running_job_and_retry_runs_it_again() {
     let fake = FakeGitHub::start().await;
-    let gate = tempfile::tempdir().unwrap();
+    let gate = crate::harness::open_dir();
     let started = gate.path().join("started");
     let flag = gate.path().join("go");
     let agent = format!(
@@ -306,7 +306,7 @@ async fn pull_request_output_without_changes_says_so_in_a_comment() {
 async fn agents_left_by_a_killed_daemon_are_killed_before_their_job_reruns() {
     for sandboxed in [true, false] {
         let fake = FakeGitHub::start().await;
-        let scratch = tempfile::tempdir().unwrap();
+        let scratch = crate::harness::open_dir();
         let runs = scratch.path().join("runs");
         let pids = scratch.path().join("pids");
         // Each run records itself and leaves a long sleep in its process group;
@@ -359,7 +359,7 @@ async fn agents_left_by_a_killed_daemon_are_killed_before_their_job_reruns() {
 #[tokio::test]
 async fn a_failed_verification_is_fed_into_the_next_attempt() {
     let fake = FakeGitHub::start().await;
-    let scratch = tempfile::tempdir().unwrap();
+    let scratch = crate::harness::open_dir();
     let prompts = scratch.path().join("prompts");
     let attempts = scratch.path().join("attempts");
     // The agent writes what it was asked; the check passes only on the
@@ -459,7 +459,7 @@ async fn secrets_in_a_result_are_redacted_before_anyone_sees_them() {
 #[tokio::test]
 async fn sigterm_lets_running_jobs_finish_within_the_grace_then_leaves_the_rest_to_resume() {
     let fake = FakeGitHub::start().await;
-    let scratch = tempfile::tempdir().unwrap();
+    let scratch = crate::harness::open_dir();
     let flag = scratch.path().join("go");
     let started = scratch.path().join("started");
     // Issue 1's job finishes in a moment; issue 2's waits for the flag.
@@ -598,7 +598,7 @@ async fn comments_on_fork_prs_need_allow_forks_and_run_only_the_head_they_saw() 
 async fn an_agent_reports_its_usage_in_the_usage_file_and_attempts_add_up() {
     let fake = FakeGitHub::start().await;
     // The first attempt reports and fails; the second reports and succeeds.
-    let scratch = tempfile::tempdir().unwrap();
+    let scratch = crate::harness::open_dir();
     let tries = scratch.path().join("tries");
     let agent = format!(
         "#!/bin/sh\ncat > /dev/null\necho x >> {tries}\n\

@@ -86,6 +86,15 @@ pub fn fixture_json(rel: &str) -> Value {
     serde_json::from_slice(&fixture(rel)).expect("fixture is JSON")
 }
 
+/// A folder a test shares with its agents through `read_write`: open to
+/// everyone, since agents run as another uid (`nobody` under a root daemon).
+pub fn open_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    dir
+}
+
 /// A scratch folder holding `baton.toml` and `triggers/`.
 pub struct Workdir {
     pub dir: tempfile::TempDir,
@@ -98,7 +107,9 @@ impl Workdir {
     pub fn new() -> Workdir {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("triggers")).expect("triggers dir");
-        Workdir { dir, shared: tempfile::tempdir().expect("tempdir") }
+        // Agents run as another uid (`nobody` under a root daemon): the
+        // folder a test shares with them is open to everyone.
+        Workdir { dir, shared: open_dir() }
     }
 
     pub fn path(&self) -> &Path {

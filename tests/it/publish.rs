@@ -59,9 +59,9 @@ async fn with_lost_answers_and_rate_limits_each_job_lands_exactly_one_comment_ed
     let fake = FakeGitHub::start_with(faults, None).await;
     let w = setup(
         &fake,
-        "#!/bin/sh\ncat > /dev/null\necho \"result of $(basename $PWD)\"\n",
+        "#!/bin/sh\necho \"result of $(cat)\"\n",
         "issues.opened",
-        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"comment\"\n",
+        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"{{ event.delivery }}\"\n[output]\nkind = \"comment\"\n",
         "token = \"env:GITHUB_TOKEN\"",
     );
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
@@ -79,10 +79,10 @@ async fn with_lost_answers_and_rate_limits_each_job_lands_exactly_one_comment_ed
     eventually("every status comment to end edited with its result", all_final).await;
     let comments = fake.comments("Codertocat/Hello-World#1");
     assert_eq!(comments.len(), ids.len(), "exactly one comment per job: {comments:#?}");
-    for id in &ids {
+    for (n, id) in ids.iter().enumerate() {
         let mine: Vec<_> = comments.iter().filter(|c| c.body.contains(&format!("job={id}"))).collect();
         assert_eq!(mine.len(), 1, "{id}: {comments:#?}");
-        assert!(mine[0].body.starts_with(&format!("result of {id}")), "{}", mine[0].body);
+        assert!(mine[0].body.starts_with(&format!("result of faulty-{n}")), "{}", mine[0].body);
     }
     // The rate limit GitHub reports is a gauge.
     let metrics = reqwest::get(format!("{}/metrics", baton.url)).await.unwrap().text().await.unwrap();
@@ -104,16 +104,15 @@ async fn a_lost_answer_on_a_busy_issue_is_found_on_a_later_page() {
     fake.add_comments("Codertocat/Hello-World#1", 250);
     let w = setup(
         &fake,
-        "#!/bin/sh\ncat > /dev/null\necho \"result of $(basename $PWD)\"\n",
+        "#!/bin/sh\necho \"result of $(cat)\"\n",
         "issues.opened",
-        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"comment\"\n",
+        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"{{ event.delivery }}\"\n[output]\nkind = \"comment\"\n",
         "token = \"env:GITHUB_TOKEN\"",
     );
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver(&baton, "issues", "issues/opened.payload.json", "busy-1").await;
     assert_eq!(baton.finished(&id).await["state"], "succeeded");
-    let done =
-        || fake.comments("Codertocat/Hello-World#1").iter().any(|c| c.body.starts_with(&format!("result of {id}")));
+    let done = || fake.comments("Codertocat/Hello-World#1").iter().any(|c| c.body.starts_with("result of busy-1"));
     eventually("the status comment edited to the result", done).await;
     let mine: Vec<_> = fake
         .comments("Codertocat/Hello-World#1")
@@ -466,7 +465,7 @@ async fn catch_up_asks_github_to_redeliver_failed_deliveries_it_never_stored_onc
 #[tokio::test]
 async fn a_job_interrupted_by_a_daemon_crash_still_ends_its_one_status_comment() {
     let fake = FakeGitHub::start().await;
-    let state = tempfile::tempdir().unwrap();
+    let state = crate::harness::open_dir();
     let go = state.path().join("go");
     let w = setup(
         &fake,

@@ -24,6 +24,9 @@ fn team(fake: &FakeGitHub, extra: &str) -> (Workdir, Baton, PathBuf) {
     // Where an agent leaves what it took (its token), for the test to try.
     let loot = w.path().join("loot");
     std::fs::create_dir_all(&loot).unwrap();
+    // Agents run as another uid than the test's.
+    std::fs::set_permissions(&loot, <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o777))
+        .unwrap();
     let agent = |role: &str| {
         format!(
             "[agents.{role}]\ncommand = [\"{py}\", \"{role}\", \"{loot}\"]\nread_write = [\"{loot}\"]\n",
@@ -125,7 +128,7 @@ async fn a_job_delegates_to_children_and_its_token_reaches_nothing_else() {
         dirs.push(said.split(" in ").nth(1).and_then(|r| r.lines().next()).unwrap_or_default().to_string());
         assert!(children(&baton, id).await.is_empty(), "no grandchild");
     }
-    assert!(dirs[0] != dirs[1] && dirs.iter().all(|d| d.ends_with("/work")), "own worktrees: {dirs:?}");
+    assert!(dirs[0] != dirs[1] && dirs.iter().all(|d| d.starts_with("/workspace#")), "own worktrees: {dirs:?}");
     let deeper = kids.iter().find(|k| k["result"].as_str().unwrap_or_default().contains("hand on")).expect("the child");
     let said = deeper["result"].as_str().unwrap_or_default();
     assert!(said.contains("deeper: refused") && said.contains("max_chain_depth = 1"), "{said}");

@@ -182,7 +182,10 @@ def probe():
             time.sleep(2)
         with open(os.environ["BATON_USAGE_FILE"], "w") as f:
             json.dump({"usage": {"input_tokens": 1, "output_tokens": 1, "cost_usd": float(task.split()[1])}}, f)
-    print(f"probe did <{task}> in {os.getcwd()}", flush=True)
+    # The workspace is at the same path in every sandbox; its device and
+    # inode tell one job's from another's.
+    here = os.stat(".")
+    print(f"probe did <{task}> in {os.getcwd()}#{here.st_dev}:{here.st_ino}", flush=True)
     if "hand on" in task:
         refused, text = Mcp(DIRECT).call("delegate", {"agent": "probe", "prompt": "deeper still"})
         print(("deeper: refused " if refused else "deeper: allowed ") + text, flush=True)
