@@ -17,6 +17,14 @@ struct Histogram {
     count: u64,
 }
 
+/// The storage folder's disk, as last read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Space {
+    pub free: u64,
+    /// Below `storage.min_free`: no new agent starts.
+    pub low: bool,
+}
+
 /// The daemon's metrics; shared by ingress, engine and publisher.
 pub struct Metrics {
     deliveries: Mutex<BTreeMap<(String, &'static str), u64>>,
@@ -114,7 +122,7 @@ impl Metrics {
     }
 
     /// The text exposition, with the gauges read at scrape time.
-    pub fn render(&self, queued: usize, running: usize, store_bytes: u64) -> String {
+    pub fn render(&self, queued: usize, running: usize, store_bytes: u64, space: Space) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# HELP baton_deliveries_total Webhook deliveries by event and outcome.");
         let _ = writeln!(out, "# TYPE baton_deliveries_total counter");
@@ -169,6 +177,12 @@ impl Metrics {
             ("baton_queue_depth", "Jobs waiting to run.", queued as i64),
             ("baton_jobs_running", "Jobs running now.", running as i64),
             ("baton_store_size_bytes", "Size of the store on disk.", store_bytes as i64),
+            ("baton_storage_free_bytes", "Free space of the storage folder's disk.", space.free as i64),
+            (
+                "baton_agents_paused",
+                "1 while no new agent starts because the storage folder's disk is below storage.min_free.",
+                i64::from(space.low),
+            ),
             (
                 "baton_github_rate_limit_remaining",
                 "Requests GitHub's rate limit still allows (its latest X-RateLimit-Remaining; -1 before any call).",
@@ -192,7 +206,8 @@ mod tests {
         m.delivery("issues.opened", "accepted");
         m.job_finished("investigate", "succeeded", 3.0);
         m.publish("published");
-        let text = m.render(2, 1, 4096);
+        let text = m.render(2, 1, 4096, Space { free: 1 << 30, low: true });
+        assert!(text.contains("baton_agents_paused 1\n") && text.contains("baton_storage_free_bytes 1073741824\n"));
         assert!(text.contains("baton_deliveries_total{event=\"issues.opened\",outcome=\"accepted\"} 2"), "{text}");
         assert!(text.contains("baton_jobs_finished_total{trigger=\"investigate\",state=\"succeeded\"} 1"));
         assert!(text.contains("baton_job_duration_seconds_bucket{trigger=\"investigate\",le=\"1\"} 0"));
@@ -200,6 +215,6 @@ mod tests {
         assert!(text.contains("baton_queue_depth 2\n") && text.contains("baton_store_size_bytes 4096"));
         assert!(text.contains("baton_github_rate_limit_remaining -1\n"));
         m.rate_limit_remaining(4999);
-        assert!(m.render(0, 0, 0).contains("baton_github_rate_limit_remaining 4999\n"));
+        assert!(m.render(0, 0, 0, Space::default()).contains("baton_github_rate_limit_remaining 4999\n"));
     }
 }

@@ -67,7 +67,8 @@ pub async fn jobs_page(State(s): State<Api>, Query(q): Query<HashMap<String, Str
         _ => return (StatusCode::INTERNAL_SERVER_ERROR, "the jobs could not be read").into_response(),
     };
     let jobs = as_tree(jobs.iter().map(view).collect());
-    render("jobs.html", context! { jobs, state => state.map(|s| s.as_str()) })
+    let paused = s.engine.space().why_paused();
+    render("jobs.html", context! { jobs, state => state.map(|s| s.as_str()), paused })
 }
 
 pub async fn job_page(State(s): State<Api>, Path(id): Path<String>) -> Response {

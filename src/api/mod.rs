@@ -159,7 +159,7 @@ async fn readyz(State(s): State<Api>) -> Response {
 async fn metrics(State(s): State<Api>) -> Response {
     let queued = s.store.queue_len().await.unwrap_or(0);
     let bytes = s.store.size_on_disk();
-    let text = s.metrics.render(queued, s.engine.running_count(), bytes);
+    let text = s.metrics.render(queued, s.engine.running_count(), bytes, s.engine.space().gauge());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 

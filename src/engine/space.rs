@@ -123,6 +123,23 @@ impl Space {
         low
     }
 
+    /// The disk as last read, for `/metrics`.
+    pub fn gauge(&self) -> crate::metrics::Space {
+        let free = self.free.load(Ordering::Relaxed);
+        crate::metrics::Space { free: if free == u64::MAX { 0 } else { free }, low: self.low.load(Ordering::Relaxed) }
+    }
+
+    /// Why no agent starts, while the disk is below its floor.
+    pub fn why_paused(&self) -> Option<String> {
+        let (free, min) = self.shortage()?;
+        Some(format!(
+            "No new agent starts: the storage folder's disk has {} free, below storage.min_free ({}). Queued jobs \
+             wait until there is room.",
+            mib(free),
+            mib(min)
+        ))
+    }
+
     /// `(free, min_free)` while the disk is below its floor.
     pub fn shortage(&self) -> Option<(u64, u64)> {
         self.low.load(Ordering::Relaxed).then(|| (self.free.load(Ordering::Relaxed), self.min_free))
@@ -153,6 +170,11 @@ impl Space {
             }
         }
     }
+}
+
+/// `1234 MiB`.
+fn mib(bytes: u64) -> String {
+    format!("{} MiB", bytes >> 20)
 }
 
 #[cfg(test)]

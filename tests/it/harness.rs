@@ -387,7 +387,9 @@ pub fn bare_repo(root: &Path, full_name: &str, branch: &str, files: &[(&str, &st
     let work = tempfile::tempdir().unwrap();
     git(work.path(), &["init", "--quiet", "-b", branch]);
     for (name, content) in files {
-        std::fs::write(work.path().join(name), content).unwrap();
+        let path = work.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
     }
     git(work.path(), &["add", "."]);
     git(work.path(), &["commit", "--quiet", "-m", "initial"]);

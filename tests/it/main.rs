@@ -16,6 +16,7 @@ mod config_cli;
 mod crash;
 mod deploy;
 mod e2e;
+mod escape;
 mod fake_github;
 mod groups;
 mod harness;

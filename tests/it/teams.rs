@@ -128,7 +128,9 @@ async fn a_job_delegates_to_children_and_its_token_reaches_nothing_else() {
         dirs.push(said.split(" in ").nth(1).and_then(|r| r.lines().next()).unwrap_or_default().to_string());
         assert!(children(&baton, id).await.is_empty(), "no grandchild");
     }
-    assert!(dirs[0] != dirs[1] && dirs.iter().all(|d| d.starts_with("/workspace#")), "own worktrees: {dirs:?}");
+    // Each holds its own mark and no other child's.
+    let own = |d: &String| d.starts_with("/workspace holding mark-") && !d.contains(',');
+    assert!(dirs[0] != dirs[1] && dirs.iter().all(own), "own worktrees: {dirs:?}");
     let deeper = kids.iter().find(|k| k["result"].as_str().unwrap_or_default().contains("hand on")).expect("the child");
     let said = deeper["result"].as_str().unwrap_or_default();
     assert!(said.contains("deeper: refused") && said.contains("max_chain_depth = 1"), "{said}");

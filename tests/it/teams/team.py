@@ -182,10 +182,13 @@ def probe():
             time.sleep(2)
         with open(os.environ["BATON_USAGE_FILE"], "w") as f:
             json.dump({"usage": {"input_tokens": 1, "output_tokens": 1, "cost_usd": float(task.split()[1])}}, f)
-    # The workspace is at the same path in every sandbox; its device and
-    # inode tell one job's from another's.
-    here = os.stat(".")
-    print(f"probe did <{task}> in {os.getcwd()}#{here.st_dev}:{here.st_ino}", flush=True)
+    # The workspace is at the same path in every sandbox: a worktree of
+    # its own holds this child's mark and no other's.
+    mark = "mark-" + "".join(c for c in task if c.isalnum())
+    open(mark, "w").close()
+    time.sleep(0.5)
+    marks = ",".join(sorted(f for f in os.listdir(".") if f.startswith("mark-")))
+    print(f"probe did <{task}> in {os.getcwd()} holding {marks}", flush=True)
     if "hand on" in task:
         refused, text = Mcp(DIRECT).call("delegate", {"agent": "probe", "prompt": "deeper still"})
         print(("deeper: refused " if refused else "deeper: allowed ") + text, flush=True)
