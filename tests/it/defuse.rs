@@ -158,6 +158,43 @@ async fn eventually_url(baton: &Baton, id: &str, url_part: &str) {
     panic!("job {id} never named {url_part}: {}", baton.job(id).await);
 }
 
+/// `baton jobs logs ID` shows an agent's control characters escaped (`\x1b`,
+/// as journalctl does), so a log cannot write the operator's clipboard or
+/// retitle their terminal; `--raw` prints them as they are.
+#[tokio::test]
+async fn job_logs_show_control_characters_escaped_unless_raw() {
+    let fake = FakeGitHub::start().await;
+    let agent = "#!/bin/sh\ncat > /dev/null\nprintf 'clip \\033]52;c;ZWNobyBwd25lZA==\\007 title \\033]0;owned\\007\\tdone\\n' >&2\n\
+                 echo 'result'\n";
+    let (_w, baton) = daemon(&fake, agent, &[("work", &comment_trigger(""))]);
+    let (status, answer) = baton.deliver(SECRET, "issues", "defuse-3", &fixture("issues/opened.payload.json")).await;
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["jobs"][0].as_str().unwrap().to_string();
+    assert_eq!(baton.finished(&id).await["state"], "succeeded");
+    let logs = |extra: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(["jobs", "--url", &baton.url, "logs", &id])
+            .args(extra)
+            .output()
+            .expect("baton jobs logs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("UTF-8")
+    };
+    for args in [&[][..], &["--follow"][..]] {
+        let shown = logs(args);
+        assert!(
+            shown.contains("clip \\x1b]52;c;ZWNobyBwd25lZA==\\x07 title \\x1b]0;owned\\x07\tdone\n"),
+            "{args:?}: {shown:?}"
+        );
+        assert!(!shown.contains(['\u{1b}', '\u{7}']), "{args:?}: {shown:?}");
+    }
+    let raw = logs(&["--raw"]);
+    assert!(raw.contains("clip \u{1b}]52;c;ZWNobyBwd25lZA==\u{7} title \u{1b}]0;owned\u{7}\tdone\n"), "{raw:?}");
+    // The API itself stays raw: it is the record.
+    let text = reqwest::get(format!("{}/api/jobs/{id}/log", baton.url)).await.unwrap().text().await.unwrap();
+    assert!(text.contains("\u{1b}]52;c;"), "{text:?}");
+}
+
 /// `[output] mentions` takes `defuse` or `keep`, and `baton check` says
 /// where a wrong value is.
 #[test]
