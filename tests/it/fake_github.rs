@@ -153,6 +153,8 @@ impl FakeGitHub {
 
     /// The next `n` writes are answered 502 and not applied: a gateway
     /// failed before GitHub did anything, and baton cannot tell.
+    // tests/pg shares this fake but not the tests that drop writes.
+    #[allow(dead_code)]
     pub fn drop_writes(&self, n: usize) {
         self.state.lock().unwrap().dropped_writes = n;
     }
