@@ -4,7 +4,7 @@
 //! baton's own post; and an operator's terminal sees control characters
 //! escaped.
 
-use crate::fake_github::{FakeGitHub, TOKEN_LOGIN};
+use crate::fake_github::{App, FakeGitHub, Faults, TOKEN_LOGIN};
 use crate::harness::{bare_repo, eventually, fixture, Baton, Workdir, BIN};
 
 const SECRET: &str = "defuse-secret";
@@ -144,6 +144,53 @@ async fn a_strangers_comment_with_the_jobs_marker_is_not_taken_for_batons_post()
     // The job points at baton's comment, not the stranger's.
     let ours = ours().map(|c| c.id).unwrap_or_default();
     eventually_url(&baton, &id, &format!("issuecomment-{ours}")).await;
+}
+
+/// The same for a check run: another App's run with the job's name and
+/// external id is not taken for the one baton's create made, nor completed.
+#[tokio::test]
+async fn another_apps_check_run_is_not_taken_for_batons() {
+    let (private_pem, public_pem) = crate::publish::app_keys();
+    let app = App { app_id: 4343, public_pem, installation: 1, token: "ghs_defuseInstallationToken0000001".into() };
+    let fake = FakeGitHub::start_with(Faults::default(), Some(app)).await;
+    let id = baton::domain::job_id("defuse-4", "work");
+    let sha = "ec26c3e57ca3a959ca5aad62de7213c562f8c821";
+    let planted = fake.add_check_run(serde_json::json!({
+        "repo": "Codertocat/Hello-World", "head_sha": sha, "name": "baton/work", "external_id": id,
+        "status": "in_progress", "app": { "id": 999, "slug": "mallory-app" },
+    }));
+    fake.drop_writes(1);
+    let w = Workdir::new();
+    let key_file = w.shared().join("app.pem");
+    std::fs::write(&key_file, &private_pem).unwrap();
+    let agent = w.script("agent.sh", "#!/bin/sh\ncat > /dev/null\necho 'All good.'\n");
+    w.config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\napi_url = \"{}\"\nwebhook_secret = \"{SECRET}\"\n\
+         app_id = 4343\nprivate_key = \"file:{}\"\n[agents.script]\ncommand = [\"{}\"]\n",
+        fake.url,
+        key_file.display(),
+        agent.display()
+    ));
+    w.trigger(
+        "work",
+        "on = [\"pull_request.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"check_run\"\n",
+    );
+    let baton = Baton::start(w.path(), &[]);
+    let (status, answer) =
+        baton.deliver(SECRET, "pull_request", "defuse-4", &fixture("pull_request/opened.payload.json")).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(baton.finished(&id).await["state"], "succeeded");
+    let ours = || fake.check_runs().into_iter().find(|r| r["app"]["id"] == 4343 && r["conclusion"] == "success");
+    eventually("baton's own check run completed", || ours().is_some()).await;
+    let runs = fake.check_runs();
+    let theirs = runs.iter().find(|r| r["id"] == planted).cloned().unwrap_or_default();
+    assert_eq!(theirs["status"], "in_progress", "the other App's run is untouched: {runs:#?}");
+    assert!(theirs["conclusion"].is_null(), "{runs:#?}");
+    let statuses: Vec<u16> =
+        fake.requests_to("POST", "/repos/Codertocat/Hello-World/check-runs").iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [502, 201], "the first create was lost, the second made baton's own run");
+    let asked = fake.requests_to("GET", "/app").iter().any(|r| r.path == "/app");
+    assert!(asked, "baton asked which App it is");
 }
 
 /// The job's publication names `url_part` once it is published.

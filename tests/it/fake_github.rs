@@ -179,6 +179,17 @@ impl FakeGitHub {
         self.state.lock().unwrap().reviews.iter().filter(|c| c.on == on).cloned().collect()
     }
 
+    /// Adds a check run as another App might make it (`id` is set here).
+    // tests/pg shares this fake but not the tests that plant runs.
+    #[allow(dead_code)]
+    pub fn add_check_run(&self, mut run: Value) -> u64 {
+        let mut st = self.state.lock().unwrap();
+        st.next_id += 1;
+        run["id"] = json!(st.next_id);
+        st.check_runs.push(run);
+        st.next_id
+    }
+
     pub fn check_runs(&self) -> Vec<Value> {
         self.state.lock().unwrap().check_runs.clone()
     }
