@@ -128,12 +128,15 @@ enum JobsCommand {
     },
     /// Show one job.
     Show { id: String },
-    /// Print a job's log.
+    /// Print a job's log (control characters shown escaped, as `\x1b`).
     Logs {
         id: String,
         /// Keep printing as the log grows, until the job ends.
         #[arg(long)]
         follow: bool,
+        /// Print control characters as they are, for a terminal to obey.
+        #[arg(long)]
+        raw: bool,
     },
     /// Cancel a queued or running job.
     Cancel { id: String },
@@ -175,6 +178,9 @@ enum JobsCommand {
         /// Print the job's log until it ends, then its result; exit 1 unless it succeeded.
         #[arg(long)]
         follow: bool,
+        /// With --follow: print control characters as they are (escaped, as `\x1b`, by default).
+        #[arg(long, requires = "follow")]
+        raw: bool,
     },
 }
 
@@ -381,10 +387,10 @@ async fn simulate(event: &str, payload: &Path, path: Option<&Path>, run: bool) -
         for job in results? {
             println!("\n== {} ({}) ==", job.trigger, job.state);
             if let Some(r) = &job.result {
-                println!("{r}");
+                println!("{}", shown(r, false));
             }
             if let Some(e) = &job.error {
-                println!("error: {e}");
+                println!("error: {}", shown(e, false));
             }
         }
     }
@@ -486,6 +492,7 @@ async fn jobs(url: &str, command: JobsCommand) -> Result<ExitCode> {
             output,
             idempotency_key,
             follow,
+            raw,
         } => {
             let mut body = serde_json::Map::new();
             let mut put = |k: &str, v: Option<serde_json::Value>| {
@@ -520,19 +527,42 @@ async fn jobs(url: &str, command: JobsCommand) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             eprintln!("job {id}");
-            print_log(&call, &id, true).await?;
+            print_log(&call, &id, true, raw).await?;
             let resp = call(reqwest::Method::GET, format!("/api/jobs/{id}")).send().await?;
             let job = json(resp).await?;
             let state = job["state"].as_str().unwrap_or("");
-            eprintln!("job {id} {state}{}", job["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default());
+            let error = job["error"].as_str().map(|e| format!(": {}", shown(e, raw))).unwrap_or_default();
+            eprintln!("job {id} {state}{error}");
             if let Some(result) = job["result"].as_str() {
-                println!("{result}");
+                println!("{}", shown(result, raw));
             }
             return Ok(if state == "succeeded" { ExitCode::SUCCESS } else { ExitCode::FAILURE });
         }
-        JobsCommand::Logs { id, follow } => print_log(&call, &id, follow).await?,
+        JobsCommand::Logs { id, follow, raw } => print_log(&call, &id, follow, raw).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// An agent's text for the terminal: its control characters escaped
+/// (`\x1b`), so that it cannot drive the terminal (OSC 52 writes the
+/// clipboard, OSC 0 the title); `raw` leaves them.
+fn shown(text: &str, raw: bool) -> std::borrow::Cow<'_, str> {
+    match raw {
+        true => text.into(),
+        false => baton::publish::defuse::escape_controls(text).into(),
+    }
+}
+
+/// Writes a piece of a job's log to stdout (see `shown`).
+fn print_chunk(bytes: &[u8], raw: bool) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    match raw {
+        true => out.write_all(bytes)?,
+        false => out.write_all(shown(&String::from_utf8_lossy(bytes), false).as_bytes())?,
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// Prints job `id`'s log; with `follow`, as it grows until the job ends.
@@ -540,6 +570,7 @@ async fn print_log(
     call: &impl Fn(reqwest::Method, String) -> reqwest::RequestBuilder,
     id: &str,
     follow: bool,
+    raw: bool,
 ) -> Result<()> {
     let mut printed = 0usize;
     loop {
@@ -549,10 +580,7 @@ async fn print_log(
         }
         let text = resp.bytes().await?;
         if text.len() > printed {
-            use std::io::Write;
-            let mut out = std::io::stdout();
-            out.write_all(&text[printed..])?;
-            out.flush()?;
+            print_chunk(&text[printed..], raw)?;
             printed = text.len();
         }
         if !follow {
@@ -561,7 +589,7 @@ async fn print_log(
         let job: serde_json::Value = call(reqwest::Method::GET, format!("/api/jobs/{id}")).send().await?.json().await?;
         let state = job["state"].as_str().unwrap_or("");
         if matches!(state, "succeeded" | "failed" | "cancelled") {
-            return follow_last(call, id, printed).await;
+            return follow_last(call, id, printed, raw).await;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -572,11 +600,11 @@ async fn follow_last(
     call: &impl Fn(reqwest::Method, String) -> reqwest::RequestBuilder,
     id: &str,
     printed: usize,
+    raw: bool,
 ) -> Result<()> {
     let text = call(reqwest::Method::GET, format!("/api/jobs/{id}/log")).send().await?.bytes().await?;
     if text.len() > printed {
-        use std::io::Write;
-        std::io::stdout().write_all(&text[printed..])?;
+        print_chunk(&text[printed..], raw)?;
     }
     Ok(())
 }

@@ -54,6 +54,9 @@ pub fn job_event(job: &Job) -> Option<Event> {
         subject_is_pull_request: spec.subject_is_pull_request,
         head_sha: spec.head_sha.clone(),
         conclusion: Some(action.into()),
+        // The person who started the chain may still be mentioned by its
+        // next job.
+        author: spec.author.clone(),
         parent: Some(ParentJob { id: job.id.clone(), trigger: job.trigger.clone(), depth: spec.chain_depth }),
         ..Event::new("baton", "job", Some(action.into()), &delivery, payload)
     })

@@ -101,6 +101,8 @@ struct RawUser {
 struct RawIssue {
     number: Option<u64>,
     author_association: Option<String>,
+    /// Read leniently (`login_of`): only its `login` is needed.
+    user: Option<Value>,
     labels: Vec<Named>,
     /// Present when the "issue" is a pull request (comments on PRs).
     pull_request: Option<Value>,
@@ -111,6 +113,7 @@ struct RawIssue {
 struct RawPull {
     number: Option<u64>,
     author_association: Option<String>,
+    user: Option<Value>,
     labels: Vec<Named>,
     draft: Option<bool>,
     maintainer_can_modify: Option<bool>,
@@ -199,12 +202,14 @@ pub fn normalize_value(name: &str, delivery: &str, value: Value) -> Result<Event
         e.subject = issue.number;
         e.subject_is_pull_request = issue.pull_request.is_some();
         e.association = issue.author_association.clone();
+        e.author = login_of(&issue.user);
         e.labels = names(&issue.labels);
     }
     if let Some(pr) = &p.pull_request {
         e.subject = pr.number.or(e.subject);
         e.subject_is_pull_request = true;
         e.association = pr.author_association.clone();
+        e.author = login_of(&pr.user);
         e.labels = names(&pr.labels);
         e.draft = pr.draft;
         apply_pull_refs(&mut e, pr, repo_id, repo_full);
@@ -212,6 +217,7 @@ pub fn normalize_value(name: &str, delivery: &str, value: Value) -> Result<Event
     // A comment or review is about its author, not the issue's.
     if let Some(c) = p.comment.as_ref().or(p.review.as_ref()) {
         e.association = c.author_association.clone();
+        e.author = c.user.as_ref().and_then(|u| u.login.clone());
         e.comment = Some(Comment {
             id: c.id,
             body: c.body.clone().unwrap_or_default(),
@@ -299,6 +305,11 @@ pub fn normalize_value(name: &str, delivery: &str, value: Value) -> Result<Event
     e.repository = repository;
     e.payload = Arc::new(value);
     Ok(e)
+}
+
+/// A user object's `login`, whatever else it holds.
+fn login_of(user: &Option<Value>) -> Option<String> {
+    user.as_ref().and_then(|u| u["login"].as_str()).map(str::to_string)
 }
 
 fn names(labels: &[Named]) -> Vec<String> {

@@ -121,6 +121,10 @@ pub struct Event {
     pub subject_is_pull_request: bool,
     /// `author_association` of the person the event is about.
     pub association: Option<String>,
+    /// The login of that person: who opened the issue or pull request, or
+    /// wrote the comment or review. What baton posts may still mention
+    /// them (`publish::defuse`).
+    pub author: Option<String>,
     pub labels: Vec<String>,
     /// Head branch of a PR, or the branch of a check, workflow or push.
     pub branch: Option<String>,
@@ -182,6 +186,7 @@ impl Event {
             subject: None,
             subject_is_pull_request: false,
             association: None,
+            author: None,
             labels: Vec::new(),
             branch: None,
             base_branch: None,

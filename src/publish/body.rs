@@ -1,7 +1,14 @@
 //! What baton says on GitHub: the bodies of comments, reviews, pull
 //! requests and check runs. Every body carries a hidden marker naming the
 //! job, so baton can find its own posts and never triggers on them.
+//!
+//! The agent's text enters a body only here, and only defused
+//! (`super::defuse`): through `fit` for what stands as markdown of its own,
+//! through `template_context` for what a trigger's template places, through
+//! `review_comments` for a review's inline comments. Baton's footer and
+//! marker are added after, untouched.
 
+use super::defuse;
 use crate::rules::OutputKind;
 use crate::store::{Job, JobState};
 
@@ -35,16 +42,56 @@ pub fn usage_line(u: &crate::store::Usage) -> String {
     format!("{} tokens in, {} out{cost}", count(u.input_tokens), count(u.output_tokens))
 }
 
-/// `main` cut to fit GitHub's limit beside `footer`, with a note.
+/// How `job`'s agent text is defused: its trigger's `mentions`, and the
+/// event's author, who may still be mentioned.
+fn policy(job: &Job) -> defuse::Policy<'_> {
+    defuse::Policy { mentions: job.spec.output_options.mentions, author: job.spec.author.as_deref() }
+}
+
+/// How many characters of the body `footer` leaves for the text before it.
+fn room(footer: &str) -> usize {
+    MAX_BODY_CHARS.saturating_sub(footer.chars().count() + 200)
+}
+
+fn cut_note(job: &Job) -> String {
+    format!("\n\n… (cut: the result is longer than GitHub allows; the full text is on the job `{}`)", job.id)
+}
+
+/// `main`, which holds the agent's text, defused and cut to fit GitHub's
+/// limit beside `footer` (with a note), then the footer.
 fn fit(main: String, footer: &str, job: &Job) -> String {
-    let room = MAX_BODY_CHARS.saturating_sub(footer.chars().count() + 200);
-    let main = if main.chars().count() > room {
-        let cut: String = main.chars().take(room).collect();
-        format!("{cut}\n\n… (cut: the result is longer than GitHub allows; the full text is on the job `{}`)", job.id)
-    } else {
-        main
-    };
-    format!("{main}{footer}")
+    let (room, policy) = (room(footer), policy(job));
+    let mut said = defuse::markdown(&main, &policy);
+    if said.chars().count() <= room {
+        return format!("{said}{footer}");
+    }
+    // Cut first, then defuse what is left: a cut through a code span
+    // would turn what was read as code into text, and a mention in it
+    // would be live. Defusing adds a character per mention, so the cut
+    // may need to go a little deeper.
+    let mut take = main.chars().count();
+    for _ in 0..8 {
+        let over = said.chars().count().saturating_sub(room);
+        if over == 0 {
+            return format!("{said}{}{footer}", cut_note(job));
+        }
+        take = take.saturating_sub(over).min(room);
+        said = defuse::markdown(&main.chars().take(take).collect::<String>(), &policy);
+    }
+    // Still over (hardly possible): defused with code and all, a cut
+    // anywhere leaves no mention live.
+    let all: String = defuse::anywhere(&main.chars().take(take).collect::<String>(), &policy);
+    format!("{}{}{footer}", all.chars().take(room).collect::<String>(), cut_note(job))
+}
+
+/// A template's output (the trigger's own text, with the agent's already
+/// defused in it) cut to fit beside `footer`, then the footer.
+fn fit_template(main: String, footer: &str, job: &Job) -> String {
+    let room = room(footer);
+    if main.chars().count() <= room {
+        return format!("{main}{footer}");
+    }
+    format!("{}{}{footer}", main.chars().take(room).collect::<String>(), cut_note(job))
 }
 
 /// Whether the job's last attempt ran out of time.
@@ -95,6 +142,23 @@ pub fn review_body(job: &Job, summary: &str) -> String {
     fit(summary.to_string(), &footer(job, &marker(&job.id)), job)
 }
 
+/// A line-by-line review's inline comments (as `review::plan` made them)
+/// with the agent's text in their `body` defused; a suggestion block in
+/// it is code, and stays as it is.
+pub fn review_comments(job: &Job, comments: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    let policy = policy(job);
+    comments
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            if let Some(body) = c["body"].as_str() {
+                c["body"] = defuse::markdown(body, &policy).into();
+            }
+            c
+        })
+        .collect()
+}
+
 /// The status comment when a job starts.
 pub fn status_start_body(job: &Job, public_url: Option<&str>) -> String {
     let link = match public_url {
@@ -133,10 +197,13 @@ pub fn status_end_body(job: &Job) -> String {
 }
 
 /// The context of a trigger's `output.title` and `output.body` templates.
+/// The result is defused code and all: where the template puts it, what
+/// was a code span may no longer be one.
 fn template_context(job: &Job) -> minijinja::Value {
+    let result = defuse::anywhere(job.result.as_deref().unwrap_or_default(), &policy(job));
     minijinja::context! {
         job => minijinja::context! { id => job.id, trigger => job.trigger, branch => job.branch },
-        result => job.result.clone().unwrap_or_default(),
+        result => result,
         trigger => job.trigger,
         repo => job.repo,
         subject => job.subject,
@@ -169,7 +236,7 @@ pub fn pull_request_title(job: &Job) -> String {
 /// with `Fixes #N` when the job came from an issue.
 pub fn pull_request_body(job: &Job) -> String {
     if let Some(body) = render(job.spec.output_options.body.as_deref(), job) {
-        return fit(body, &footer(job, &marker(&job.id)), job);
+        return fit_template(body, &footer(job, &marker(&job.id)), job);
     }
     let mut body = comment_body(job);
     if let (Some(n), false) = (job.spec.subject, job.spec.subject_is_pull_request) {
@@ -212,6 +279,55 @@ mod tests {
         assert!(body.ends_with(&marker("abc123")));
         let short = comment_body(&job("short"));
         assert!(short.starts_with("short") && !short.contains("cut:"));
+    }
+
+    /// The agent's text, as a comment's body, the template's `{{ result }}`
+    /// and a review's inline comments: no control character, no marker
+    /// but baton's own, no mention but the author's; the footer untouched.
+    #[test]
+    fn the_agents_text_is_defused_wherever_it_goes() {
+        let mut j = job("@x, @Codertocat: \x1b]52;c;aGk=\x07 <!-- baton:job=other --> `@code`");
+        j.spec.author = Some("Codertocat".into());
+        let body = comment_body(&j);
+        assert!(
+            body.starts_with("@\u{200B}x, @Codertocat: ]52;c;aGk= <\u{200B}!-- baton:job=other --> `@code`"),
+            "{body}"
+        );
+        assert_eq!(body.matches(crate::event::MARKER_PREFIX).count(), 1, "{body}");
+        assert!(body.ends_with(&marker("abc123")) && body.contains("trigger `t` · job `abc123`"), "{body}");
+
+        j.spec.output_options.body = Some("cc @acme/reviewers\n\n{{ result }}".into());
+        j.spec.output_options.title = Some("Fix {{ result }}".into());
+        let body = pull_request_body(&j);
+        assert!(
+            body.starts_with("cc @acme/reviewers\n\n@\u{200B}x, @Codertocat"),
+            "the trigger's own mention stays: {body}"
+        );
+        assert!(body.contains("`@\u{200B}code`"), "in a template, code may not stay code: {body}");
+        assert!(pull_request_title(&j).starts_with("Fix @\u{200B}x, @Codertocat: ]52;c;aGk= <\u{200B}!--"));
+
+        let comments =
+            [serde_json::json!({ "path": "a", "line": 1, "body": "@y\n\n```suggestion\n@Inject \x1b\n```" })];
+        let comments = review_comments(&j, &comments);
+        assert_eq!(comments[0]["body"], "@\u{200B}y\n\n```suggestion\n@Inject \n```");
+        assert_eq!(comments[0]["path"], "a");
+
+        j.spec.output_options.mentions = crate::rules::Mentions::Keep;
+        assert!(comment_body(&j).starts_with("@x, @Codertocat: ]52;c;aGk= <\u{200B}!--"));
+    }
+
+    /// A result cut to fit is defused after the cut: a code span the cut
+    /// leaves open is text, and its mention is defused.
+    #[test]
+    fn a_cut_never_leaves_a_mention_live() {
+        let probe = job("x");
+        let room = room(&footer(&probe, &marker("abc123")));
+        let body = comment_body(&job(&format!("{}`@live and more code`", "y".repeat(room - 8))));
+        assert!(body.chars().count() <= MAX_BODY_CHARS && body.contains("cut:"), "{}", body.len());
+        assert!(body.contains("`@\u{200B}live") && !body.contains("`@live"), "{}", &body[room - 20..room + 20]);
+        // Many mentions near the end: the cut goes deeper until it fits.
+        let body = comment_body(&job(&format!("{}{}", "y".repeat(room - 400), " @a".repeat(400))));
+        assert!(body.chars().count() <= MAX_BODY_CHARS && body.ends_with(&marker("abc123")));
     }
 
     #[test]

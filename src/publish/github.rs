@@ -77,6 +77,16 @@ fn created(v: &Value) -> Created {
     Created { id: v["id"].as_u64(), url: v["html_url"].as_str().map(str::to_string) }
 }
 
+/// Who baton is on GitHub: the author of everything it posts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Identity {
+    /// The token's user, or the App's bot (`{slug}[bot]`).
+    login: String,
+    /// The App's id, which its check runs carry; `None` for a token, which
+    /// cannot make check runs.
+    app_id: Option<u64>,
+}
+
 /// An authenticated client for one GitHub (or GitHub Enterprise, or a fake).
 pub struct GitHub {
     api_url: String,
@@ -84,11 +94,50 @@ pub struct GitHub {
     /// One client per token: installation tokens rotate.
     clients: Mutex<HashMap<String, Octocrab>>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Asked of GitHub the first time a lost answer is looked for, then
+    /// kept: it does not change while the credentials do not.
+    identity: tokio::sync::OnceCell<Identity>,
 }
 
 impl GitHub {
     pub fn new(api_url: &str, credentials: Arc<Credentials>, metrics: Option<Arc<crate::metrics::Metrics>>) -> GitHub {
-        GitHub { api_url: api_url.to_string(), credentials, clients: Mutex::new(HashMap::new()), metrics }
+        GitHub {
+            api_url: api_url.to_string(),
+            credentials,
+            clients: Mutex::new(HashMap::new()),
+            metrics,
+            identity: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// Who baton posts as: the token's login (`GET /user`), or in App mode
+    /// the App's bot (`GET /app` with the App's JWT: `{slug}[bot]`).
+    async fn identity(&self, inst: Option<u64>, repo: &str) -> Result<&Identity, GitHubError> {
+        self.identity
+            .get_or_try_init(|| async {
+                let found = match self.credentials.app_client() {
+                    Some(app) => {
+                        let v: Value = app.get("/app", None::<&()>).await.map_err(classify)?;
+                        let slug = v["slug"].as_str().filter(|s| !s.is_empty());
+                        slug.map(|slug| Identity { login: format!("{slug}[bot]"), app_id: v["id"].as_u64() })
+                    }
+                    None => {
+                        let v = self.get((inst, repo), "/user").await?;
+                        let login = v["login"].as_str().filter(|l| !l.is_empty());
+                        login.map(|login| Identity { login: login.to_string(), app_id: None })
+                    }
+                };
+                let found = found.ok_or_else(|| {
+                    GitHubError::before_sending("GitHub did not say which login baton posts as".into())
+                })?;
+                tracing::info!(login = %found.login, "Publishing as this GitHub login.");
+                Ok(found)
+            })
+            .await
+            .map_err(|e: GitHubError| GitHubError {
+                message: format!("cannot tell which login baton posts as: {}", e.message),
+                ..e
+            })
     }
 
     async fn client(&self, installation: Option<u64>, repo: &str) -> Result<Octocrab, GitHubError> {
@@ -150,7 +199,9 @@ impl GitHub {
         serde_json::from_str(&text).map_err(|_| GitHubError::answer_lost("GitHub's answer was not JSON".into()))
     }
 
-    /// The newest item of `listing` whose body carries `marker`.
+    /// The newest item of `listing` that baton's own login wrote and whose
+    /// body carries `marker`. Anyone can write a marker (job ids can be
+    /// guessed), so an item by another login is never taken for baton's.
     pub async fn find(
         &self,
         inst: Option<u64>,
@@ -164,11 +215,12 @@ impl GitHub {
             Listing::Reviews(n) => format!("/repos/{repo}/pulls/{n}/reviews?per_page=100"),
             Listing::ReviewComments(n) => format!("/repos/{repo}/pulls/{n}/comments?per_page=100"),
         };
+        let me = self.identity(inst, repo).await?.login.clone();
         // GitHub lists oldest first: on a busy issue what baton just made is
         // on a later page, so every page is read (up to a bound).
         for page in 1..=MAX_FIND_PAGES {
             let list = self.get((inst, repo), &format!("{route}&page={page}")).await?;
-            if let Some(found) = find_marked(&list, marker) {
+            if let Some(found) = find_marked(&list, marker, &me) {
                 return Ok(Some(found));
             }
             if list.as_array().is_none_or(|items| items.len() < 100) {
@@ -359,7 +411,8 @@ impl GitHub {
         Ok(created(&v))
     }
 
-    /// The check run this job made on `sha`, found by its external id.
+    /// The check run this job made on `sha`, found by its external id
+    /// among the runs of baton's own App (another App can name a run alike).
     pub async fn find_check_run(
         &self,
         inst: Option<u64>,
@@ -375,17 +428,22 @@ impl GitHub {
                 _ => format!("%{b:02X}"),
             })
             .collect();
+        // Only an App makes check runs: with a token, none found is baton's.
+        let Some(app_id) = self.identity(inst, repo).await?.app_id else { return Ok(None) };
         let list = self.get((inst, repo), &format!("/repos/{repo}/commits/{sha}/check-runs?check_name={name}")).await?;
         Ok(list["check_runs"]
             .as_array()
-            .and_then(|runs| runs.iter().find(|r| r["external_id"] == external_id))
+            .and_then(|runs| runs.iter().find(|r| r["external_id"] == external_id && r["app"]["id"] == app_id))
             .map(created))
     }
 }
 
-/// The newest item of a listing whose body carries `marker`.
-fn find_marked(list: &Value, marker: &str) -> Option<Created> {
-    list.as_array()?.iter().rev().find(|c| c["body"].as_str().is_some_and(|b| b.contains(marker))).map(created)
+/// The newest item of a listing that `login` wrote and whose body carries
+/// `marker`.
+fn find_marked(list: &Value, marker: &str, login: &str) -> Option<Created> {
+    let mine = |c: &&Value| c["user"]["login"].as_str().is_some_and(|l| l.eq_ignore_ascii_case(login));
+    let marked = |c: &&Value| c["body"].as_str().is_some_and(|b| b.contains(marker));
+    list.as_array()?.iter().rev().filter(mine).find(marked).map(created)
 }
 
 fn classify(e: octocrab::Error) -> GitHubError {
@@ -420,5 +478,34 @@ fn classify(e: octocrab::Error) -> GitHubError {
             GitHubError::answer_lost("GitHub's answer could not be read".into())
         }
         other => GitHubError::answer_lost(format!("GitHub request failed: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (items as `login:body`, marker) → the id of the item found.
+    fn check(items: &[&str], marker: &str, expect: Option<u64>) {
+        let list: Vec<Value> = items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let (login, body) = item.split_once(':').unwrap_or(("", item));
+                json!({ "id": i, "user": { "login": login }, "body": body })
+            })
+            .collect();
+        let found = find_marked(&Value::Array(list), marker, "baton[bot]").and_then(|c| c.id);
+        assert_eq!(found, expect, "{items:?}");
+    }
+
+    #[test]
+    fn only_batons_own_items_are_found_by_their_marker() {
+        let m = "<!-- baton:job=j1 -->";
+        check(&["baton[bot]:a <!-- baton:job=j1 -->"], m, Some(0));
+        check(&["mallory:a <!-- baton:job=j1 -->"], m, None);
+        check(&["baton[bot]:<!-- baton:job=j1 -->", "mallory:<!-- baton:job=j1 -->"], m, Some(0));
+        check(&["BATON[bot]:<!-- baton:job=j1 -->", "baton[bot]:<!-- baton:job=j2 -->"], m, Some(0));
+        check(&[":<!-- baton:job=j1 -->"], m, None);
     }
 }

@@ -6,6 +6,7 @@
 //! and a 4xx that cannot succeed is recorded on the job, visibly.
 
 pub mod body;
+pub mod defuse;
 pub mod github;
 pub mod notify;
 pub mod plan;
@@ -274,7 +275,8 @@ impl Publisher {
                 let posted = if job.spec.review_full { Default::default() } else { earlier.findings };
                 let planned = review::plan(&answer, &diff, job.spec.output_options.allow_approve, &posted);
                 let body = body::review_body(job, &planned.body);
-                let send = gh.review_with(inst, repo, number, &body, planned.event, &planned.comments);
+                let comments = body::review_comments(job, &planned.comments);
+                let send = gh.review_with(inst, repo, number, &body, planned.event, &comments);
                 let sent = self.create(p, job, CapKind::Comment, look, send).await;
                 self.note_reviewed(sent, &note, job, planned.findings.into_iter().collect()).await
             }

@@ -27,8 +27,11 @@ pub fn payload(job: &Job, web_url: &str, public_url: Option<&str>) -> Value {
         (Some(repo), Some(n)) => Some(format!("{}/{repo}/issues/{n}", web_url.trim_end_matches('/'))),
         _ => None,
     };
-    let mut head: String =
-        job.result.as_deref().unwrap_or_default().lines().take(RESULT_LINES).collect::<Vec<_>>().join("\n");
+    // The agent's text goes out without control characters (a receiver
+    // may print it on a terminal); Slack's own markup is escaped where the
+    // message is made (`slack_message`).
+    let result = super::defuse::plain(job.result.as_deref().unwrap_or_default());
+    let mut head: String = result.lines().take(RESULT_LINES).collect::<Vec<_>>().join("\n");
     if head.chars().count() > RESULT_CHARS {
         head = head.chars().take(RESULT_CHARS).collect::<String>() + "…";
     }
@@ -41,7 +44,7 @@ pub fn payload(job: &Job, web_url: &str, public_url: Option<&str>) -> Value {
             "repo": job.repo,
             "subject": job.subject,
             "attempts": job.attempts,
-            "error": job.error,
+            "error": job.error.as_deref().map(super::defuse::plain),
             "created_at": job.created_at,
             "finished_at": job.finished_at,
         },
@@ -178,6 +181,22 @@ mod tests {
         assert_eq!(m["blocks"][0]["text"]["text"], "❌ *fix* failed on <https://github.com/o/r/issues/7|o/r#7>");
         assert_eq!(m["blocks"][1]["text"]["text"], "```x &lt; y &amp; z```");
         assert_eq!(m["blocks"][2]["elements"][0]["text"], "cost $0.08 · <https://baton.example/jobs/j1|job j1>");
+    }
+
+    /// The agent's text reaches no receiver with control characters, nor
+    /// Slack with live `<!channel>` or `<@U…>` mentions.
+    #[test]
+    fn the_agents_text_is_defused_for_receivers() {
+        let spec = crate::rules::JobSpec { trigger: "t".into(), ..Default::default() };
+        let mut job = Job::new("j1".into(), 1, "d".into(), spec, chrono::Utc::now());
+        let text = "<!channel> <@U024BE7LH> <!here|here> \x1b]52;c;aGk=\x07 <!-- baton:job=x -->";
+        job.end(crate::store::JobState::Failed, Some(text.into()), Some(format!("why: {text}")), chrono::Utc::now());
+        let payload = payload(&job, "https://github.com", None);
+        for got in [payload["result"].as_str().unwrap_or(""), payload["job"]["error"].as_str().unwrap_or("")] {
+            assert!(!got.contains(['\x1b', '\x07']) && got.contains("<\u{200B}!-- baton:"), "{got:?}");
+        }
+        let slack = slack_message(&payload).to_string();
+        assert!(!slack.contains("<!") && !slack.contains("<@") && slack.contains("&lt;!channel&gt;"), "{slack}");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::diag::Diagnostic;
 use crate::event::Event;
-pub use trigger::{OnConflict, OutputKind, OutputOptions, Trigger, WorkspaceKind};
+pub use trigger::{Mentions, OnConflict, OutputKind, OutputOptions, Trigger, WorkspaceKind};
 
 /// What the prompt of a `review` trigger asks for: the JSON baton turns into
 /// one review with inline comments (see `publish::review`).
@@ -117,6 +117,10 @@ pub struct JobSpec {
     /// The job that started this one through `delegate`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// The login of the event's author (`Event::author`): the one person
+    /// the agent's text may still mention (`[output] mentions`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
 }
 
 /// Caps on spending over a rolling day (US dollars), fixed at match time:
@@ -563,6 +567,7 @@ impl RuleSet {
             mcp: t.job.mcp.clone(),
             delegate: t.job.delegate.clone(),
             parent: None,
+            author: event.author.clone(),
         });
         match approval {
             Some(reason) => Verdict::NeedsApproval { spec, reason },

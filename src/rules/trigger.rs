@@ -77,6 +77,20 @@ pub enum OnMoved {
     Rebase,
 }
 
+/// What becomes of `@name` and `@org/team` in the agent's text
+/// (`[output] mentions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mentions {
+    /// They notify no one: `@` is followed by a zero-width space (the
+    /// event's author still is mentioned). An agent that read a stranger's
+    /// issue must not page a whole organization in baton's name.
+    #[default]
+    Defuse,
+    /// Posted as the agent wrote them.
+    Keep,
+}
+
 /// Pushes of a `push` output answering a failed check, per pull request,
 /// at most (`job.max_repairs_per_pr`).
 pub const DEFAULT_MAX_REPAIRS: u32 = 3;
@@ -120,6 +134,9 @@ pub struct OutputOptions {
     /// The ends they are told of (`succeeded`, `failed`, `cancelled`).
     #[serde(default)]
     pub notify_on: Vec<String>,
+    /// `@` mentions in the agent's text: defused unless `keep`.
+    #[serde(default)]
+    pub mentions: Mentions,
 }
 
 /// The ends a notification can be about; `notify_on` defaults to all.
@@ -142,6 +159,7 @@ impl Default for OutputOptions {
             incremental: true,
             notify: Vec::new(),
             notify_on: Vec::new(),
+            mentions: Mentions::Defuse,
         }
     }
 }
@@ -223,6 +241,7 @@ struct OutputFile {
     incremental: Option<Spanned<bool>>,
     notify: Option<Vec<Spanned<String>>>,
     notify_on: Option<Vec<Spanned<String>>>,
+    mentions: Option<Mentions>,
 }
 
 /// The `author_association` values trusted by default.
@@ -653,6 +672,7 @@ pub fn compile(
             Some(list) => list.iter().map(|e| e.get_ref().clone()).collect(),
             None => NOTIFY_ON.iter().map(|e| e.to_string()).collect(),
         },
+        mentions: out.mentions.unwrap_or_default(),
     };
     let priority = match &job.priority {
         Some(p) if !(-100..=100).contains(p.get_ref()) => {

@@ -4,6 +4,8 @@
 //! GitHub whose answer is lost), and rate-limit 403s on the first writes.
 //! As a GitHub App host it checks RS256 JWTs against a public key from the
 //! test and hands out an installation token that writes must then carry.
+//! Everything baton posts is written by one login (`GET /user`, or the
+//! App's bot `GET /app` names), and a test can plant comments by others.
 
 use std::sync::{Arc, Mutex};
 
@@ -48,12 +50,21 @@ pub struct Comment {
     /// `owner/name#number`, or `owner/name@sha` for commit comments.
     pub on: String,
     pub body: String,
+    /// Who wrote it (`user.login` in listings).
+    pub user: String,
 }
+
+/// The login a token writes as (`GET /user`).
+pub const TOKEN_LOGIN: &str = "baton-test";
+/// The App's slug (`GET /app`); its writes are by `baton-test-app[bot]`.
+pub const APP_SLUG: &str = "baton-test-app";
 
 #[derive(Default)]
 struct State {
     next_id: u64,
     writes: usize,
+    /// The next writes answered 502 without being applied.
+    dropped_writes: usize,
     faults: Faults,
     app: Option<App>,
     comments: Vec<Comment>,
@@ -125,12 +136,27 @@ impl FakeGitHub {
 
     /// Adds `n` comments by others on `owner/name#number` (a busy issue).
     pub fn add_comments(&self, on: &str, n: usize) {
-        let mut st = self.state.lock().unwrap();
         for _ in 0..n {
-            st.next_id += 1;
-            let id = st.next_id;
-            st.comments.push(Comment { id, on: on.to_string(), body: format!("a comment by someone else ({id})") });
+            let id = self.state.lock().unwrap().next_id + 1;
+            self.add_comment_by(on, "someone-else", &format!("a comment by someone else ({id})"));
         }
+    }
+
+    /// Adds a comment by `login` on `owner/name#number`; returns its id.
+    pub fn add_comment_by(&self, on: &str, login: &str, body: &str) -> u64 {
+        let mut st = self.state.lock().unwrap();
+        st.next_id += 1;
+        let id = st.next_id;
+        st.comments.push(Comment { id, on: on.to_string(), body: body.to_string(), user: login.to_string() });
+        id
+    }
+
+    /// The next `n` writes are answered 502 and not applied: a gateway
+    /// failed before GitHub did anything, and baton cannot tell.
+    // tests/pg shares this fake but not the tests that drop writes.
+    #[allow(dead_code)]
+    pub fn drop_writes(&self, n: usize) {
+        self.state.lock().unwrap().dropped_writes = n;
     }
 
     /// Sets a pull request's changed files, as `GET …/pulls/N/files` lists them.
@@ -151,6 +177,17 @@ impl FakeGitHub {
 
     pub fn reviews(&self, on: &str) -> Vec<Comment> {
         self.state.lock().unwrap().reviews.iter().filter(|c| c.on == on).cloned().collect()
+    }
+
+    /// Adds a check run as another App might make it (`id` is set here).
+    // tests/pg shares this fake but not the tests that plant runs.
+    #[allow(dead_code)]
+    pub fn add_check_run(&self, mut run: Value) -> u64 {
+        let mut st = self.state.lock().unwrap();
+        st.next_id += 1;
+        run["id"] = json!(st.next_id);
+        st.check_runs.push(run);
+        st.next_id
     }
 
     pub fn check_runs(&self) -> Vec<Value> {
@@ -220,6 +257,10 @@ fn handle(st: &mut State, method: &Method, path: &str, query: &str, headers: &He
                 .into_response();
         }
         lost_answer = st.faults.fail_every_nth_write.is_some_and(|n| st.writes % n == 0);
+        if st.dropped_writes > 0 {
+            st.dropped_writes -= 1;
+            return answer(StatusCode::BAD_GATEWAY, json!({ "message": "Server Error" }));
+        }
     }
     let mut response = route(st, method, &parts, query, body);
     if lost_answer {
@@ -233,11 +274,30 @@ fn handle(st: &mut State, method: &Method, path: &str, query: &str, headers: &He
     response
 }
 
+/// A listed comment, as GitHub lists it.
+fn listed(c: &Comment) -> Value {
+    json!({ "id": c.id, "body": c.body, "user": { "login": c.user }, "html_url": format!("https://github.example/c/{}", c.id) })
+}
+
 fn route(st: &mut State, method: &Method, parts: &[&str], query: &str, body: &Value) -> Response {
     st.next_id += 1;
     let id = st.next_id;
     let text = body["body"].as_str().unwrap_or_default().to_string();
+    // Whoever holds the token or the App's installation token writes as baton.
+    let user = match &st.app {
+        Some(_) => format!("{APP_SLUG}[bot]"),
+        None => TOKEN_LOGIN.to_string(),
+    };
     match (method.as_str(), parts) {
+        ("GET", ["user"]) => match &st.app {
+            // As GitHub: an installation token is no user.
+            Some(_) => answer(StatusCode::FORBIDDEN, json!({ "message": "Resource not accessible by integration" })),
+            None => answer(StatusCode::OK, json!({ "login": TOKEN_LOGIN, "type": "User" })),
+        },
+        ("GET", ["app"]) => match &st.app {
+            Some(app) => answer(StatusCode::OK, json!({ "id": app.app_id, "slug": APP_SLUG })),
+            None => not_found(),
+        },
         ("POST", ["app", "installations", inst, "access_tokens"]) => match &st.app {
             Some(app) if inst.parse::<u64>().ok() == Some(app.installation) => answer(
                 StatusCode::CREATED,
@@ -252,7 +312,7 @@ fn route(st: &mut State, method: &Method, parts: &[&str], query: &str, body: &Va
         ("GET", ["app", "hook", "deliveries"]) => answer(StatusCode::OK, Value::Array(st.hook_deliveries.clone())),
         ("POST", ["app", "hook", "deliveries", _, "attempts"]) => answer(StatusCode::ACCEPTED, json!({})),
         ("POST", ["repos", o, r, "issues", n, "comments"]) => {
-            let c = Comment { id, on: format!("{o}/{r}#{n}"), body: text };
+            let c = Comment { id, on: format!("{o}/{r}#{n}"), body: text, user };
             st.comments.push(c);
             answer(
                 StatusCode::CREATED,
@@ -275,9 +335,7 @@ fn route(st: &mut State, method: &Method, parts: &[&str], query: &str, body: &Va
                 .filter(|c| c.on == on)
                 .skip((page - 1) * per_page)
                 .take(per_page)
-                .map(
-                    |c| json!({ "id": c.id, "body": c.body, "html_url": format!("https://github.example/c/{}", c.id) }),
-                )
+                .map(listed)
                 .collect();
             answer(StatusCode::OK, Value::Array(list))
         }
@@ -316,21 +374,16 @@ fn route(st: &mut State, method: &Method, parts: &[&str], query: &str, body: &Va
                 }
             }
             st.review_posts.push(body.clone());
-            st.reviews.push(Comment { id, on, body: text });
+            st.reviews.push(Comment { id, on, body: text, user });
             answer(StatusCode::OK, json!({ "id": id, "html_url": format!("https://github.example/review/{id}") }))
         }
         ("POST", ["repos", o, r, "pulls", n, "comments", root, "replies"]) => {
-            st.replies.push(Comment { id, on: format!("{o}/{r}#{n}/{root}"), body: text });
+            st.replies.push(Comment { id, on: format!("{o}/{r}#{n}/{root}"), body: text, user });
             answer(StatusCode::CREATED, json!({ "id": id, "html_url": format!("https://github.example/reply/{id}") }))
         }
         ("GET", ["repos", o, r, "pulls", n, "comments"]) => {
             let on = format!("{o}/{r}#{n}/");
-            let list: Vec<Value> = st
-                .replies
-                .iter()
-                .filter(|c| c.on.starts_with(&on))
-                .map(|c| json!({ "id": c.id, "body": c.body }))
-                .collect();
+            let list: Vec<Value> = st.replies.iter().filter(|c| c.on.starts_with(&on)).map(listed).collect();
             answer(StatusCode::OK, Value::Array(list))
         }
         ("GET", ["repos", o, r, "pulls", n, "files"]) => {
@@ -339,12 +392,11 @@ fn route(st: &mut State, method: &Method, parts: &[&str], query: &str, body: &Va
         }
         ("GET", ["repos", o, r, "pulls", n, "reviews"]) => {
             let on = format!("{o}/{r}#{n}");
-            let list: Vec<Value> =
-                st.reviews.iter().filter(|c| c.on == on).map(|c| json!({ "id": c.id, "body": c.body })).collect();
+            let list: Vec<Value> = st.reviews.iter().filter(|c| c.on == on).map(listed).collect();
             answer(StatusCode::OK, Value::Array(list))
         }
         ("POST", ["repos", o, r, "commits", sha, "comments"]) => {
-            st.comments.push(Comment { id, on: format!("{o}/{r}@{sha}"), body: text });
+            st.comments.push(Comment { id, on: format!("{o}/{r}@{sha}"), body: text, user });
             answer(
                 StatusCode::CREATED,
                 json!({ "id": id, "html_url": format!("https://github.example/commit-comment/{id}") }),
@@ -352,14 +404,16 @@ fn route(st: &mut State, method: &Method, parts: &[&str], query: &str, body: &Va
         }
         ("GET", ["repos", o, r, "commits", sha, "comments"]) => {
             let on = format!("{o}/{r}@{sha}");
-            let list: Vec<Value> =
-                st.comments.iter().filter(|c| c.on == on).map(|c| json!({ "id": c.id, "body": c.body })).collect();
+            let list: Vec<Value> = st.comments.iter().filter(|c| c.on == on).map(listed).collect();
             answer(StatusCode::OK, Value::Array(list))
         }
         ("POST", ["repos", o, r, "check-runs"]) => {
             let mut run = body.clone();
             run["id"] = json!(id);
             run["repo"] = json!(format!("{o}/{r}"));
+            if let Some(app) = &st.app {
+                run["app"] = json!({ "id": app.app_id, "slug": APP_SLUG });
+            }
             st.check_runs.push(run);
             answer(StatusCode::CREATED, json!({ "id": id, "html_url": format!("https://github.example/runs/{id}") }))
         }

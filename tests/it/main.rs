@@ -14,6 +14,7 @@ mod browser;
 mod chain;
 mod config_cli;
 mod crash;
+mod defuse;
 mod deploy;
 mod e2e;
 mod escape;

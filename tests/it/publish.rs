@@ -253,7 +253,7 @@ async fn a_review_that_is_not_valid_json_is_posted_as_it_is() {
 }
 
 /// An RSA key pair for the App: (private PEM, public PEM).
-fn app_keys() -> (String, String) {
+pub fn app_keys() -> (String, String) {
     use rsa::pkcs1::{EncodeRsaPrivateKey, EncodeRsaPublicKey, LineEnding};
     let mut rng = rsa::rand_core::OsRng;
     let private = rsa::RsaPrivateKey::new(&mut rng, 2048).expect("RSA key");
