@@ -316,7 +316,7 @@ async fn prune_jobs(store: Store, storage: std::path::PathBuf, retention: Durati
                     let storage = storage.clone();
                     let _ = tokio::task::spawn_blocking(move || {
                         for id in ids {
-                            let _ = std::fs::remove_dir_all(crate::engine::job_dir(&storage, &id));
+                            let _ = crate::tree::remove(&crate::engine::job_dir(&storage, &id));
                         }
                     })
                     .await;
@@ -339,7 +339,7 @@ async fn prune_jobs(store: Store, storage: std::path::PathBuf, retention: Durati
         for id in old {
             if let Ok(None) = store.job(&id).await {
                 let path = jobs.join(&id);
-                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(path)).await;
+                let _ = tokio::task::spawn_blocking(move || crate::tree::remove(&path)).await;
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The daemon's own protection of the secrets it holds, applied once at
 //! start, after the config is loaded and before any thread exists:
 //!
+//! - its soft limit on open descriptors is raised to the hard one;
 //! - it becomes non-dumpable, so no process of the same user can read its
 //!   `/proc/PID/environ`, `mem` or `fd`, or attach to it;
 //! - descriptors it inherited are marked close-on-exec, so no agent gets one;
@@ -75,9 +76,25 @@ pub fn cloexec_from_3() -> std::io::Result<()> {
     }
 }
 
-/// Both, for `baton serve`: `secret_vars` are the variables the config's
+/// Raises the soft limit on open descriptors to the hard one: every
+/// connection, sandbox and git child takes some, and the default soft limit
+/// (often 1024) is a quota a busy daemon (or a hostile agent's proxy
+/// connections) reaches first.
+pub fn raise_open_files() {
+    // SAFETY: getrlimit/setrlimit with a struct we own.
+    unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// All of it, for `baton serve`: `secret_vars` are the variables the config's
 /// `env:` references named.
 pub fn protect(secret_vars: &[String]) {
+    raise_open_files();
     if let Err(e) = cloexec_from_3() {
         tracing::warn!(error = %e, "Could not mark inherited descriptors close-on-exec (Linux 5.11+ has close_range).");
     }

@@ -24,3 +24,4 @@ pub mod rules;
 pub mod sandbox;
 pub mod schedule;
 pub mod store;
+pub mod tree;

@@ -95,6 +95,9 @@ enum Command {
         /// A tmpfs whose pages count against `--max-data`.
         #[arg(long)]
         tmpfs: Vec<PathBuf>,
+        /// Where to report a cap hit.
+        #[arg(long)]
+        report_fd: Option<i32>,
         #[arg(last = true, required = true)]
         argv: Vec<std::ffi::OsString>,
     },
@@ -186,8 +189,9 @@ enum JobsCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::SandboxInit { proxy, port, max_processes, max_data, tmpfs, argv } = cli.command {
-        let args = baton::sandbox::init::InitArgs { proxy, port, max_processes, max_data, tmpfs, argv };
+    if let Command::SandboxInit { proxy, port, max_processes, max_data, tmpfs, report_fd, argv } = cli.command {
+        let args =
+            baton::sandbox::init::InitArgs { proxy, port, max_processes, max_data, tmpfs, report: report_fd, argv };
         let code = baton::sandbox::init::run(args);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }

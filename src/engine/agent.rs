@@ -226,10 +226,7 @@ impl Invocation<'_> {
         );
         let files = self.setup.map(|m| m.files.clone()).unwrap_or_default();
         tokio::task::spawn_blocking(move || {
-            match std::fs::remove_dir_all(&dir) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
+            crate::tree::remove(&dir)?;
             std::fs::create_dir_all(&dir)?;
             if let Some((path, text)) = prompt_file {
                 std::fs::write(path, text)?;
@@ -325,7 +322,7 @@ impl Invocation<'_> {
         // bubblewrap sets up.
         let base = jail.as_ref().map(|j| {
             let meter = j.meter().clone();
-            tokio::task::spawn_blocking(move || meter.sample())
+            tokio::task::spawn_blocking(move || meter.sample().disk)
         });
         let spawned = cmd.spawn();
         let mut child = match spawned {
@@ -429,10 +426,7 @@ impl Invocation<'_> {
         };
         let (limit, egress_blocked) = match jail {
             Some(j) => {
-                let by_init = match &ending {
-                    Ending::Exited(code) => j.limit_from_exit(*code),
-                    _ => None,
-                };
+                let by_init = j.limit_reported();
                 let ours = match &ending {
                     Ending::Limit(hit) => Some(*hit),
                     _ => None,
@@ -491,7 +485,7 @@ async fn watch_disk(meter: Option<&Meter>, tracker: Option<&super::space::Tracke
             continue;
         };
         if let Some(t) = tracker {
-            t.update(now.beyond(meter.base).bytes);
+            t.update(now.disk.beyond(meter.base).bytes);
         }
         if let Some(over) = over {
             return limit_of(over);
@@ -504,6 +498,7 @@ fn limit_of(over: Over) -> LimitHit {
     match over {
         Over::Disk => LimitHit::Disk,
         Over::Files => LimitHit::Files,
+        Over::Memory => LimitHit::Memory,
     }
 }
 

@@ -244,7 +244,7 @@ impl Engine {
         }
         let worktrees = self.config.storage.path.join("worktrees");
         if worktrees.exists() {
-            let _ = tokio::fs::remove_dir_all(&worktrees).await;
+            let _ = tokio::task::spawn_blocking(move || crate::tree::remove(&worktrees)).await;
         }
         self.workspaces.load_pool().await;
         Ok(stale.len())
@@ -744,6 +744,10 @@ impl Engine {
         }
         let end = self.run_in(job, agent, &prepared, &prompt, cancel, report).await;
         self.workspaces.release(prepared).await;
+        // The runs' io folders were the agents' to write: what they hold is
+        // read by now, and a job's folder keeps only baton's own files.
+        let io = [dir.join("io"), dir.join("verify-io")];
+        let _ = tokio::task::spawn_blocking(move || io.iter().try_for_each(|d| crate::tree::remove(d))).await;
         end
     }
 

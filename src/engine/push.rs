@@ -74,7 +74,8 @@ impl Engine {
         unchanged: &str,
         cancel: &CancellationToken,
     ) -> Option<AttemptEnd> {
-        let staging = match self.workspaces.stage(prepared, cancel).await {
+        let max = job.spec.output_options.max_push_bytes;
+        let staging = match self.workspaces.stage(prepared, max, cancel).await {
             Ok(s) => s,
             Err(workspace::WorkspaceError::Cancelled(_)) => return Some(AttemptEnd::Cancelled),
             Err(e) => {
@@ -203,7 +204,18 @@ impl Engine {
         self.log_line(&job.id, &format!("{moved}; replaying the change onto it")).await;
         let replayed = self
             .workspaces
-            .replay(prepared, &target.repo, spec.installation, repo, branch, &base, &commit, &moved_to, cancel)
+            .replay(
+                prepared,
+                &target.repo,
+                spec.installation,
+                repo,
+                branch,
+                &base,
+                &commit,
+                &moved_to,
+                spec.output_options.max_push_bytes,
+                cancel,
+            )
             .await;
         let (commit, changes) = match replayed {
             Ok(Some(r)) => r,

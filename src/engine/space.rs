@@ -145,13 +145,15 @@ impl Space {
         self.low.load(Ordering::Relaxed).then(|| (self.free.load(Ordering::Relaxed), self.min_free))
     }
 
-    /// Stops the run growing fastest, if any grows at all.
+    /// Stops the run growing fastest (of those that hold what they added,
+    /// the largest when none grows now), if any run added anything at all:
+    /// a disk filled by something else is no run's to pay for.
     fn stop_fastest(&self) {
         let runs = self.runs();
-        let fastest = runs
-            .iter()
-            .filter(|(_, g)| g.rate > 0.0 && !g.stop.is_cancelled())
-            .max_by(|a, b| a.1.rate.partial_cmp(&b.1.rate).unwrap_or(std::cmp::Ordering::Equal));
+        let fastest = runs.iter().filter(|(_, g)| g.bytes > 0 && !g.stop.is_cancelled()).max_by(|a, b| {
+            let key = |g: &Growth| (g.rate, g.bytes);
+            key(a.1).partial_cmp(&key(b.1)).unwrap_or(std::cmp::Ordering::Equal)
+        });
         if let Some((name, g)) = fastest {
             tracing::warn!(run = %name, bytes_per_second = g.rate as u64, "Stopping the run that fills the disk.");
             g.stop.cancel();
@@ -193,9 +195,17 @@ mod tests {
         space.stop_fastest();
         assert!(fast.stop.is_cancelled() && !slow.stop.is_cancelled() && !idle.stop.is_cancelled());
         space.stop_fastest();
-        assert!(slow.stop.is_cancelled() && !idle.stop.is_cancelled(), "a run that does not grow stays");
+        assert!(slow.stop.is_cancelled() && !idle.stop.is_cancelled(), "a run that added nothing stays");
+        // One that holds what it added, growing no more, is next.
+        let (held, other) = (space.track("held"), space.track("other"));
+        held.update(5 << 20);
+        held.update(5 << 20);
+        other.update(1 << 20);
+        other.update(1 << 20);
+        space.stop_fastest();
+        assert!(held.stop.is_cancelled() && !other.stop.is_cancelled());
         drop(fast);
-        assert_eq!(space.runs().len(), 2);
+        assert_eq!(space.runs().len(), 4);
     }
 
     #[test]

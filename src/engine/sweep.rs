@@ -11,7 +11,10 @@
 //! released; `normalize` then resets what is kept: modes as git writes
 //! them, no extended attributes (ACLs are stored as attributes too).
 
-use std::path::{Path, PathBuf};
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::Path;
+
+use crate::tree::{self, Next};
 
 /// What `sweep` removed, relative to the root: `(path, what it was)`.
 pub type Removed = Vec<(String, &'static str)>;
@@ -23,40 +26,23 @@ fn is_git_dir_name(name: &std::ffi::OsStr) -> bool {
 
 /// Removes every nested `.git` and every FIFO, socket and device under
 /// `root` (its own `.git` stays: that is the agent's repository, which the
-/// daemon never reads).
+/// daemon never reads). Any depth, no link followed (`tree`).
 pub fn sweep(root: &Path) -> std::io::Result<Removed> {
-    use std::os::unix::fs::FileTypeExt as _;
     let mut removed = Removed::new();
-    let mut stack: Vec<PathBuf> = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            let path = entry.path();
-            // `file_type` comes from the folder listing: links are not followed.
-            let kind = entry.file_type()?;
-            let rel = || path.strip_prefix(root).unwrap_or(&path).to_string_lossy().into_owned();
-            if dir != root && is_git_dir_name(&entry.file_name()) {
-                if kind.is_dir() {
-                    std::fs::remove_dir_all(&path)?;
-                } else {
-                    std::fs::remove_file(&path)?;
-                }
-                removed.push((rel(), "a nested repository's .git"));
-            } else if kind.is_fifo() || kind.is_socket() || kind.is_block_device() || kind.is_char_device() {
-                std::fs::remove_file(&path)?;
-                let what = if kind.is_fifo() {
-                    "a FIFO"
-                } else if kind.is_socket() {
-                    "a socket"
-                } else {
-                    "a device"
-                };
-                removed.push((rel(), what));
-            } else if kind.is_dir() {
-                stack.push(path);
-            }
-        }
-    }
+    tree::walk(root, |e| {
+        let rel = || e.path().to_string_lossy().into_owned();
+        let nested = !e.parents_empty() && is_git_dir_name(std::ffi::OsStr::from_bytes(e.name.to_bytes()));
+        let what = match e.kind() {
+            _ if nested => "a nested repository's .git",
+            libc::S_IFIFO => "a FIFO",
+            libc::S_IFSOCK => "a socket",
+            libc::S_IFBLK | libc::S_IFCHR => "a device",
+            _ => return Ok(Next::Enter),
+        };
+        tree::remove_entry(e)?;
+        removed.push((rel(), what));
+        Ok(Next::Skip)
+    })?;
     removed.sort();
     Ok(removed)
 }
@@ -66,39 +52,33 @@ pub fn sweep(root: &Path) -> std::io::Result<Removed> {
 /// executable bit), no setuid, setgid or sticky bits, and no extended
 /// attributes. Links are left as they are.
 pub fn normalize(root: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let mut stack: Vec<PathBuf> = vec![root.to_path_buf()];
-    reset(root, &std::fs::symlink_metadata(root)?)?;
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            let meta = entry.metadata()?;
-            if meta.file_type().is_symlink() {
-                continue;
-            }
-            reset(&entry.path(), &meta)?;
-            if meta.is_dir() {
-                stack.push(entry.path());
-            }
+    let c = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    let meta = std::fs::symlink_metadata(root)?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        if meta.permissions().mode() & 0o7777 != 0o755 {
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755))?;
         }
     }
-    fn reset(path: &Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
-        let mode = meta.permissions().mode() & 0o7777;
-        let wanted = match (meta.is_dir(), mode & 0o111 != 0) {
-            (true, _) | (false, true) => 0o755,
-            (false, false) => 0o644,
-        };
-        if mode != wanted {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(wanted))?;
+    strip_xattrs(&c)?;
+    tree::walk(root, |e| {
+        if e.kind() == libc::S_IFLNK {
+            return Ok(Next::Skip);
         }
-        strip_xattrs(path)
-    }
-    Ok(())
+        let mode = e.stat.st_mode & 0o7777;
+        let wanted = if e.is_dir() || mode & 0o111 != 0 { 0o755 } else { 0o644 };
+        // SAFETY: fchmodat of a name in a folder the walk holds open (it
+        // is no link: those were skipped above).
+        if mode != wanted && unsafe { libc::fchmodat(e.dir, e.name.as_ptr(), wanted, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        strip_xattrs(&e.proc_path())?;
+        Ok(Next::Enter)
+    })
 }
 
 /// Removes every extended attribute of `path` (not following a link).
-fn strip_xattrs(path: &Path) -> std::io::Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+fn strip_xattrs(c: &std::ffi::CStr) -> std::io::Result<()> {
     let mut names = vec![0u8; 4096];
     // SAFETY: llistxattr writes at most `names.len()` bytes into `names`.
     let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };

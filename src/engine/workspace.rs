@@ -502,12 +502,26 @@ impl Workspaces {
         let swept = is_real_dir(&work) && blocking(move || super::sweep::sweep(&work).map(|_| ())).await.is_ok();
         self.remove_dir(&prepared.path.join(".git")).await;
         let tree = Some(prepared.path.as_path());
+        // What was staged for publishing goes back to untracked (and then
+        // out with `clean`), and the objects staging wrote go: the slot's
+        // repository holds nothing of its own between jobs (the commit it
+        // is at lives in the mirror).
+        let unstaged = match &prepared.commit {
+            Some(base) => self.git.run(&git_dir, tree, &["reset", "--quiet", base], None).await.is_ok(),
+            None => true,
+        };
         let clean = swept
+            && unstaged
             && is_real_dir(&prepared.path)
             && self.git.run(&git_dir, tree, &["clean", "-ffdxq"], None).await.is_ok()
             && {
-                let work = prepared.path.clone();
-                blocking(move || super::sweep::normalize(&work)).await.is_ok()
+                let (work, repo) = (prepared.path.clone(), git_dir.clone());
+                blocking(move || {
+                    super::sweep::normalize(&work)?;
+                    drop_own_objects(&repo)
+                })
+                .await
+                .is_ok()
             };
         if self.pool_cap == 0 || !clean {
             self.discard(&slot, Some(&mirror)).await;
@@ -541,7 +555,15 @@ impl Workspaces {
     /// socket and device is removed from the work tree (see `sweep`), and a
     /// gitlink the base commit did not have is never staged: baton's git
     /// reads only the tree it prepared.
-    pub async fn stage(&self, prepared: &Prepared, cancel: &CancellationToken) -> Result<Staging, WorkspaceError> {
+    ///
+    /// A change larger than `max_bytes` is not staged at all (nor diffed):
+    /// it is reported with its paths and size, for the caller to refuse.
+    pub async fn stage(
+        &self,
+        prepared: &Prepared,
+        max_bytes: u64,
+        cancel: &CancellationToken,
+    ) -> Result<Staging, WorkspaceError> {
         let (Some(git_dir), Some(base)) = (&prepared.git_dir, &prepared.commit) else {
             return Ok(Staging { changes: None, removed: Vec::new() });
         };
@@ -549,29 +571,45 @@ impl Workspaces {
         let mut removed = blocking(move || super::sweep::sweep(&work)).await?;
         let git = self.git.until(cancel);
         let tree = Some(prepared.path.as_path());
+        // Sized before anything is read into baton's repository (or its
+        // memory): what an agent writes can be as large as its disk cap.
+        let status = git
+            .run(git_dir, tree, &["status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames"], None)
+            .await?;
+        let paths: Vec<String> = status.split('\0').filter(|e| e.len() > 3).map(|e| e[3..].to_string()).collect();
+        let bytes = sizes(&prepared.path, &paths);
+        if bytes > max_bytes {
+            return Ok(Staging { changes: Some(Staged { paths, added: String::new(), bytes }), removed });
+        }
         git.run(git_dir, tree, &["add", "--all"], None).await?;
         let raw = git.run(git_dir, tree, &["diff", "--cached", "--raw", "-z", "--no-renames", base], None).await?;
         for path in new_gitlinks(&raw) {
             git.run(git_dir, tree, &["rm", "--cached", "--quiet", "-r", "--", &path], None).await?;
             removed.push((path, "a gitlink the base commit did not have (not staged)"));
         }
-        let changes = self.changes(&git, git_dir, tree, &[base, "--cached"]).await?;
+        let changes = self.changes(&git, git_dir, tree, &[base, "--cached"], max_bytes).await?;
         Ok(Staging { changes, removed })
     }
 
-    /// What `git diff ARGS` shows, as paths, added lines and sizes.
+    /// What `git diff ARGS` shows, as paths, added lines and sizes; the
+    /// added lines only when the files add up to at most `max_bytes`.
     async fn changes(
         &self,
         git: &Git,
         git_dir: &Path,
         tree: Option<&Path>,
         args: &[&str],
+        max_bytes: u64,
     ) -> Result<Option<Staged>, WorkspaceError> {
         let with = |flags: &[&'static str]| [flags, args].concat();
         let names = git.run(git_dir, tree, &with(&["diff", "--no-renames", "--name-only", "-z"]), None).await?;
         let paths: Vec<String> = names.split('\0').filter(|p| !p.is_empty()).map(str::to_string).collect();
         if paths.is_empty() {
             return Ok(None);
+        }
+        let bytes = tree.map(|t| sizes(t, &paths)).unwrap_or(0);
+        if bytes > max_bytes {
+            return Ok(Some(Staged { paths, added: String::new(), bytes }));
         }
         let diff = git.run(git_dir, tree, &with(&["diff", "--no-color", "--no-ext-diff", "--unified=0"]), None).await?;
         let added = diff
@@ -580,13 +618,6 @@ impl Workspaces {
             .map(|l| &l[1..])
             .collect::<Vec<_>>()
             .join("\n");
-        // Links count as themselves, never as what they point at.
-        let bytes = match tree {
-            Some(tree) => {
-                paths.iter().filter_map(|p| std::fs::symlink_metadata(tree.join(p)).ok()).map(|m| m.len()).sum()
-            }
-            None => 0,
-        };
         Ok(Some(Staged { paths, added, bytes }))
     }
 
@@ -673,6 +704,7 @@ impl Workspaces {
         base: &str,
         commit: &str,
         onto: &str,
+        max_bytes: u64,
         cancel: &CancellationToken,
     ) -> Result<Option<(String, Option<Staged>)>, WorkspaceError> {
         let git_dir = prepared.git_dir.as_deref().ok_or(WorkspaceError::NoRepository)?;
@@ -711,7 +743,7 @@ impl Workspaces {
         let work = Some(prepared.path.as_path());
         git.run(git_dir, work, &["reset", "--quiet", "--hard", &new], None).await?;
         git.run(git_dir, work, &["clean", "--quiet", "-ffdx"], None).await?;
-        let changes = self.changes(&git, git_dir, work, &[onto, &new]).await?;
+        let changes = self.changes(&git, git_dir, work, &[onto, &new], max_bytes).await?;
         Ok(Some((new, changes)))
     }
 
@@ -940,6 +972,12 @@ impl Git {
     }
 }
 
+/// The size of `paths` in `tree` as they are now (deleted ones: 0). Links
+/// count as themselves, never as what they point at.
+fn sizes(tree: &Path, paths: &[String]) -> u64 {
+    paths.iter().filter_map(|p| std::fs::symlink_metadata(tree.join(p)).ok()).map(|m| m.len()).sum()
+}
+
 /// Paths whose staged entry is a gitlink (mode 160000) where the base had
 /// none, from `git diff --cached --raw -z`.
 fn new_gitlinks(raw: &str) -> Vec<String> {
@@ -1032,12 +1070,32 @@ fn is_real_dir(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_dir())
 }
 
-/// Removes a folder and everything in it; one already gone is fine.
+/// Removes a folder and everything in it, however deep (an agent made
+/// it); one already gone is fine.
 fn remove_tree(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
+    crate::tree::remove(path)
+}
+
+/// Removes the objects a slot's repository holds itself (loose and
+/// packed), keeping `objects/info` (its alternates: the mirror's objects),
+/// and the references that named them (a replay's fetched head, the head
+/// before the reset).
+fn drop_own_objects(repo: &Path) -> std::io::Result<()> {
+    crate::tree::remove(&repo.join("refs/baton"))?;
+    crate::tree::remove(&repo.join("ORIG_HEAD"))?;
+    for entry in std::fs::read_dir(repo.join("objects"))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == "info" {
+            continue;
+        }
+        if name == "pack" {
+            crate::tree::remove_contents(&entry.path())?;
+        } else {
+            crate::tree::remove(&entry.path())?;
+        }
     }
+    Ok(())
 }
 
 /// Empties a job's folder for the next job, or fails if it cannot be
@@ -1050,15 +1108,8 @@ fn empty_out(dir: &Path) -> std::io::Result<()> {
         return Err(std::io::Error::other("not a folder any more"));
     }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        // `file_type` does not follow links: a link is removed, never its target.
-        if entry.file_type()?.is_dir() {
-            std::fs::remove_dir_all(entry.path())?;
-        } else {
-            std::fs::remove_file(entry.path())?;
-        }
-    }
+    // A link is removed, never its target.
+    crate::tree::remove_contents(dir)?;
     match std::fs::read_dir(dir)?.next() {
         None => Ok(()),
         Some(_) => Err(std::io::Error::other("not empty after cleaning")),

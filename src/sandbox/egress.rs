@@ -88,6 +88,43 @@ impl HostRule {
     }
 }
 
+impl HostRule {
+    /// Whether this entry names `host` itself (no wildcard) and allows `port`.
+    pub fn names_exactly(&self, host: &str, port: u16) -> bool {
+        matches!(self.host, HostPattern::Exact(_)) && self.allows(host, port)
+    }
+}
+
+/// Addresses of the host itself, its networks, or nothing routable:
+/// loopback, private (RFC 1918, unique local), link-local (cloud metadata
+/// lives there), shared (CGNAT), unspecified, multicast and broadcast.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_internal(IpAddr::V4(v4)),
+            None => {
+                let s = v6.segments();
+                v6.is_loopback()
+                    || v6.is_unspecified()
+                    || v6.is_multicast()
+                    || (s[0] & 0xfe00) == 0xfc00
+                    || (s[0] & 0xffc0) == 0xfe80
+            }
+        },
+    }
+}
+
 impl std::fmt::Display for HostRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.host {
@@ -173,6 +210,9 @@ const MAX_HEAD: usize = 64 * 1024;
 /// How long a client has to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Connections one run's proxy serves at once.
+pub const MAX_CONNECTIONS: usize = 256;
+
 /// Serves the proxy on `socket` until `stop` fires.
 ///
 /// With `baton` (a team run), a request for `/mcp` — made to the proxy's own
@@ -185,6 +225,7 @@ pub fn serve(
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let listener = UnixListener::bind(socket)?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
             let stream = tokio::select! {
@@ -194,8 +235,12 @@ pub fn serve(
                 },
                 _ = stop.cancelled() => return,
             };
+            // Past its share, a run's connection is closed at once: an agent
+            // holding thousands open would take the daemon's descriptors.
+            let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
             let (rules, refusals, stop) = (rules.clone(), refusals.clone(), stop.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 tokio::select! {
                     _ = handle(stream, &rules, baton, &refusals) => {}
                     _ = stop.cancelled() => {}
@@ -266,18 +311,39 @@ async fn handle(stream: UnixStream, rules: &[HostRule], baton: Option<SocketAddr
         return;
     }
     let host = target.host.trim_start_matches('[').trim_end_matches(']').to_string();
-    let upstream =
-        match tokio::time::timeout(Duration::from_secs(30), TcpStream::connect((host.as_str(), target.port))).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let _ = respond(client.get_mut(), "502 Bad Gateway", &format!("baton proxy: {e}\n")).await;
-                return;
-            }
-            Err(_) => {
-                let _ = respond(client.get_mut(), "504 Gateway Timeout", "baton proxy: connect timed out\n").await;
-                return;
-            }
-        };
+    // Resolved here, once: the addresses checked are the ones connected to.
+    let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), target.port)).await {
+        Ok(a) => a.collect(),
+        Err(e) => {
+            let _ = respond(client.get_mut(), "502 Bad Gateway", &format!("baton proxy: {e}\n")).await;
+            return;
+        }
+    };
+    // The host's own services (baton's API among them), its network and its
+    // cloud's metadata answer only to a rule that names them exactly.
+    let named = for_baton || rules.iter().any(|r| r.names_exactly(&target.host, target.port));
+    let addrs: Vec<SocketAddr> = addrs.into_iter().filter(|a| named || !is_internal(a.ip())).collect();
+    if addrs.is_empty() {
+        refusals.record(&target.host, target.port);
+        let why = format!(
+            "baton: {}:{} is an address of this host or its network, which only an exact entry in the agent's \
+             `network` reaches (not `*` or `*.domain`)\n",
+            target.host, target.port
+        );
+        let _ = respond(client.get_mut(), "403 Forbidden", &why).await;
+        return;
+    }
+    let upstream = match tokio::time::timeout(Duration::from_secs(30), TcpStream::connect(&addrs[..])).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let _ = respond(client.get_mut(), "502 Bad Gateway", &format!("baton proxy: {e}\n")).await;
+            return;
+        }
+        Err(_) => {
+            let _ = respond(client.get_mut(), "504 Gateway Timeout", "baton proxy: connect timed out\n").await;
+            return;
+        }
+    };
     let _ = upstream.set_nodelay(true);
     let mut upstream = upstream;
     match &target.forward {
@@ -418,6 +484,23 @@ mod tests {
     fn check(rule: &str, host: &str, port: u16, expect: bool) {
         let r = HostRule::parse(rule).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(r.allows(host, port), expect, "{rule} vs {host}:{port}");
+    }
+
+    #[test]
+    fn internal_addresses_need_an_exact_rule() {
+        for ip in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0"] {
+            assert!(is_internal(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["::1", "fd00::1", "fe80::1", "::ffff:127.0.0.1", "::"] {
+            assert!(is_internal(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["93.184.216.34", "2606:2800:220:1::1", "100.128.0.1"] {
+            assert!(!is_internal(ip.parse().unwrap()), "{ip}");
+        }
+        assert!(HostRule::parse("127.0.0.1:8080").unwrap().names_exactly("127.0.0.1", 8080));
+        assert!(!HostRule::parse("*").unwrap().names_exactly("127.0.0.1", 8080));
+        assert!(!HostRule::parse("*.example.com").unwrap().names_exactly("a.example.com", 443));
+        assert!(HostRule::parse("svc.internal").unwrap().names_exactly("svc.internal", 443));
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct InitArgs {
     pub max_data: Option<u64>,
     /// The sandbox's tmpfs mounts, counted against `max_data`.
     pub tmpfs: Vec<PathBuf>,
+    /// Where a cap hit is reported to the daemon (rlimit mode).
+    pub report: Option<i32>,
     pub argv: Vec<OsString>,
 }
 
@@ -53,6 +55,10 @@ pub struct InitArgs {
 pub const EXIT_MEMORY: i32 = 240;
 /// The init's exit code when the run hit its process cap (rlimit mode).
 pub const EXIT_PROCESSES: i32 = 241;
+/// What the init writes to its report pipe when the run hit a cap.
+pub const REPORT_MEMORY: u8 = b'm';
+pub const REPORT_PROCESSES: u8 = b'p';
+
 /// The init's exit code when the agent could not be started confined.
 pub const EXIT_SETUP: i32 = 125;
 
@@ -79,12 +85,18 @@ pub fn run(args: InitArgs) -> i32 {
         // init's count across the tree (`caps`).
         limit(libc::RLIMIT_DATA, n.saturating_mul(2).max(n.saturating_add(1 << 30)));
     }
+    if let Some(fd) = args.report {
+        // The agent never inherits it.
+        // SAFETY: fcntl on a descriptor the daemon passed us.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     let hit = Arc::new(AtomicI32::new(0));
     let caps = (args.max_processes.is_some() || args.max_data.is_some()).then(|| Caps {
         max_processes: args.max_processes,
         max_memory: args.max_data,
         tmpfs: args.tmpfs.clone(),
         hit: hit.clone(),
+        report: args.report,
     });
     if let Some(caps) = caps.clone() {
         let _ = std::thread::Builder::new().name("caps".into()).spawn(move || caps.watch());
@@ -194,6 +206,7 @@ struct Caps {
     tmpfs: Vec<PathBuf>,
     /// The exit code of the cap hit, once one is.
     hit: Arc<AtomicI32>,
+    report: Option<i32>,
 }
 
 impl Caps {
@@ -227,14 +240,24 @@ impl Caps {
         memory += self.tmpfs.iter().map(|p| super::usage::fs_used(p).map(|u| u.bytes).unwrap_or(0)).sum::<u64>();
         let over = |cap: Option<u64>, n: u64| cap.is_some_and(|c| n > c);
         if self.max_processes.is_some_and(|c| threads >= c) {
-            self.hit.store(EXIT_PROCESSES, Ordering::SeqCst);
+            self.mark(EXIT_PROCESSES, REPORT_PROCESSES);
         }
         let mut past = over(self.max_processes, threads);
         if over(self.max_memory, memory) {
-            self.hit.store(EXIT_MEMORY, Ordering::SeqCst);
+            self.mark(EXIT_MEMORY, REPORT_MEMORY);
             past = true;
         }
         past
+    }
+
+    /// Records a cap hit, telling the daemon the first time.
+    fn mark(&self, code: i32, report: u8) {
+        if self.hit.swap(code, Ordering::SeqCst) != code {
+            if let Some(fd) = self.report {
+                // SAFETY: write of one byte from a local to the report pipe.
+                unsafe { libc::write(fd, [report].as_ptr().cast(), 1) };
+            }
+        }
     }
 }
 

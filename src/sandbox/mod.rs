@@ -387,6 +387,7 @@ impl Sandbox {
                 Ok(m) if m.file_type().is_symlink() => {
                     if let Ok(target) = std::fs::read_link(path) {
                         v.push([OsString::from("--symlink"), target.into_os_string(), path.into()]);
+                        roots.push(path.to_path_buf());
                     }
                 }
                 Ok(m) if m.is_dir() => {
@@ -425,6 +426,12 @@ impl Sandbox {
             v.path(p, true);
             roots.push(p.clone());
         }
+        // The program and what its CLI is given (an MCP server's folder):
+        // masked below like the definition's paths.
+        for p in &run.expose {
+            v.path(p, false);
+            roots.push(p.clone());
+        }
         // baton's own files and the system's secrets, wherever a bind above
         // would show them.
         for hidden in &self.hidden {
@@ -436,9 +443,6 @@ impl Sandbox {
             } else {
                 v.push([OsString::from("--ro-bind"), "/dev/null".into(), hidden.into()]);
             }
-        }
-        for p in &run.expose {
-            v.path(p, false);
         }
         v.upper(&home, Path::new(HOME_PATH))?;
         v.upper(run.io_dir, Path::new(IO_PATH))?;
@@ -459,15 +463,34 @@ impl Sandbox {
         if networked {
             v.push(["--proxy", SOCKET_PATH]);
         }
+        // In rlimit mode the init tells which cap a run hit through a pipe of
+        // its own (an exit code is the agent's to fake).
+        let mut report = None;
         if rlimits {
             v.push([OsString::from("--max-processes"), run.profile.max_processes.to_string().into()]);
             v.push([OsString::from("--max-data"), run.profile.max_memory.to_string().into()]);
             v.push(["--tmpfs", "/tmp", "--tmpfs", "/dev/shm"]);
+            let (read, write) = pipe()?;
+            // SAFETY: fcntl on a descriptor we own.
+            unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+            v.push([OsString::from("--report-fd"), write.as_raw_fd().to_string().into()]);
+            v.keep.push(write);
+            report = Some(read);
         }
         v.push(["--"]);
         v.push(argv.iter().map(OsString::from));
 
+        // The daemon's PATH, less the folders the sandbox does not show
+        // (they would only tell the agent where things are on the host).
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let visible: Vec<PathBuf> =
+            std::env::split_paths(&path).filter(|d| roots.iter().any(|r| d.starts_with(r))).collect();
+        let path = match std::env::join_paths(&visible) {
+            Ok(p) if !visible.is_empty() => p.to_string_lossy().into_owned(),
+            _ => "/usr/local/bin:/usr/bin:/bin".to_string(),
+        };
         let mut env = vec![
+            ("PATH".to_string(), path),
             ("HOME".to_string(), HOME_PATH.to_string()),
             ("TMPDIR".to_string(), "/tmp".to_string()),
             ("USER".to_string(), "agent".to_string()),
@@ -480,11 +503,12 @@ impl Sandbox {
             }
         }
         let meter = usage::Meter {
-            trees: vec![run.workdir.to_path_buf(), home.clone()],
-            tmp: None,
+            trees: vec![run.workdir.to_path_buf(), home.clone(), run.io_dir.to_path_buf()],
+            init: None,
             base: usage::Usage::default(),
             max_bytes: run.profile.max_disk,
             max_files: run.profile.max_files,
+            max_memory: rlimits.then_some(run.profile.max_memory),
         };
         Ok(Jail {
             program: self.bwrap.clone(),
@@ -492,7 +516,6 @@ impl Sandbox {
             stage: v.stage.map(Arc::new),
             env,
             cgroup,
-            rlimits,
             refusals,
             stop,
             run_dir: run.run_dir.into(),
@@ -501,6 +524,7 @@ impl Sandbox {
             records: self.records.clone(),
             info: Some(info_read),
             keep: v.keep,
+            report,
             init: None,
             meter,
         })
@@ -526,10 +550,7 @@ fn socket_path(run_dir: &Path) -> PathBuf {
 }
 
 fn remove_tree(p: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(p) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
+    crate::tree::remove(p)
 }
 
 /// Gives `path` and everything under it to `owner` (links themselves,
@@ -541,12 +562,20 @@ pub fn hand_over(path: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> 
     if meta.uid() != uid || meta.gid() != gid {
         std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
     }
-    if meta.is_dir() {
-        for entry in std::fs::read_dir(path)? {
-            hand_over(&entry?.path(), owner)?;
-        }
+    if !meta.is_dir() {
+        return Ok(());
     }
-    Ok(())
+    crate::tree::walk(path, |e| {
+        if e.stat.st_uid != uid || e.stat.st_gid != gid {
+            // SAFETY: fchownat of a name in a folder the walk holds open,
+            // not following a link.
+            let r = unsafe { libc::fchownat(e.dir, e.name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(crate::tree::Next::Enter)
+    })
 }
 
 /// A random number, for names no one can guess ahead.
@@ -694,8 +723,8 @@ pub struct Jail {
     /// Variables set for the agent on top of its own.
     pub env: Vec<(String, String)>,
     cgroup: Option<Cgroup>,
-    /// Caps enforced by the init (its exit code says which was hit).
-    rlimits: bool,
+    /// Caps enforced by the init, which reports a hit on this pipe.
+    report: Option<OwnedFd>,
     refusals: Refusals,
     stop: CancellationToken,
     run_dir: PathBuf,
@@ -729,12 +758,19 @@ impl Jail {
         self.stage.as_ref().map(|s| s.owner())
     }
 
-    /// The cap a run in rlimit mode hit, from its exit code.
-    pub fn limit_from_exit(&self, code: Option<i32>) -> Option<LimitHit> {
-        match code {
-            Some(init::EXIT_MEMORY) if self.rlimits => Some(LimitHit::Memory),
-            Some(init::EXIT_PROCESSES) if self.rlimits => Some(LimitHit::Processes),
-            _ => None,
+    /// The cap a run in rlimit mode hit, as its init reported it.
+    pub fn limit_reported(&self) -> Option<LimitHit> {
+        let fd = self.report.as_ref()?.as_raw_fd();
+        let mut buf = [0u8; 16];
+        // SAFETY: a non-blocking read into a buffer we own.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        let got = &buf[..n.max(0) as usize];
+        if got.contains(&init::REPORT_MEMORY) {
+            Some(LimitHit::Memory)
+        } else if got.contains(&init::REPORT_PROCESSES) {
+            Some(LimitHit::Processes)
+        } else {
+            None
         }
     }
 
@@ -780,7 +816,7 @@ impl Jail {
             if let Some(pid) = pid {
                 let init = leftovers::Identity::of(pid);
                 self.records.note(&self.name, &init);
-                self.meter.tmp = Some(PathBuf::from(format!("/proc/{pid}/root/tmp")));
+                self.meter.init = Some(pid);
                 self.init = Some(init);
             }
         }
@@ -884,6 +920,44 @@ mod tests {
         assert!(parse_size("4X").unwrap_err().contains("unknown unit"));
         assert!(parse_size("1K").unwrap_err().contains("too small"));
         assert!(parse_size("lots").is_err());
+    }
+
+    /// A folder an MCP server is given (or the program's) that holds
+    /// baton's own files shows them masked, as a definition's paths do.
+    #[test]
+    fn what_an_exposed_folder_holds_of_batons_is_masked() {
+        let outer = tempfile::tempdir().unwrap();
+        let conf = outer.path().join("conf");
+        std::fs::create_dir_all(conf.join("triggers")).unwrap();
+        std::fs::write(conf.join("baton.toml"), "webhook_secret = \"x\"").unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let sandbox = Sandbox::new(Settings {
+            hidden: vec![conf.clone()],
+            caps: CapsBy::Rlimits,
+            run_as: RunAs::resolve(None, RunAs::daemon_euid()).unwrap(),
+            records: state.path().join("records"),
+        })
+        .unwrap();
+        let (work, io) = (state.path().join("work"), state.path().join("io"));
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::create_dir_all(&io).unwrap();
+        let run = Run {
+            name: "t",
+            profile: &Profile::default(),
+            workdir: &work,
+            io_dir: &io,
+            run_dir: &state.path().join("run"),
+            objects: None,
+            expose: vec![outer.path().to_path_buf()],
+            baton: None,
+        };
+        let jail = sandbox.jail(&run, &["true".to_string()]).unwrap();
+        let args: Vec<String> = jail.args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        let at = |what: &[&str]| args.windows(what.len()).position(|w| w == what);
+        let shown = args.iter().position(|a| *a == outer.path().display().to_string()).expect("the folder is shown");
+        let masked = at(&["--tmpfs", &conf.display().to_string()]).expect("baton's folder in it is masked");
+        assert!(masked > shown, "the mask comes after the folder's bind: {args:?}");
+        jail.close();
     }
 
     #[test]

@@ -1,8 +1,11 @@
-//! How much disk a run takes: the bytes and entries under its workspace and
-//! `HOME` (a walk that never follows a link or leaves the file system), and
-//! what its `/tmp` tmpfs holds (one `statvfs`, read through the sandbox
-//! init's root). A run's `max_disk` and `max_files` bound what it adds to
-//! the three; the daemon samples while it runs, and once more at its end.
+//! How much disk a run takes: the bytes and entries under its workspace,
+//! `HOME` and io folder (a walk that never follows a link or leaves the
+//! file system), what its `/tmp` tmpfs holds (one `statvfs`, read through
+//! the sandbox init's root), and the files its processes hold open that no
+//! folder lists any more (unlinked, `O_TMPFILE`). A run's `max_disk` and
+//! `max_files` bound what it adds; the daemon samples while it runs, and
+//! once more at its end. In rlimit mode it also adds the memfds no count of
+//! resident pages sees.
 
 use std::path::{Path, PathBuf};
 
@@ -54,75 +57,145 @@ fn statvfs(path: &Path) -> std::io::Result<libc::statvfs> {
 /// The space (allocated blocks) and entries under `root`, `root` excluded;
 /// stops counting once `stop_at` entries are seen (the caller only needs to
 /// know a cap was passed). Links are counted as themselves; other file
-/// systems mounted inside are not entered.
+/// systems mounted inside are not entered; a tree of any depth is walked
+/// (`tree`).
 pub fn tree(root: &Path, stop_at: u64) -> Usage {
     use std::os::unix::fs::MetadataExt as _;
     let mut usage = Usage::default();
     let Ok(dev) = std::fs::symlink_metadata(root).map(|m| m.dev()) else { return usage };
-    let mut stack: Vec<PathBuf> = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        for entry in entries.flatten() {
-            // `DirEntry::metadata` is an lstat: a link is never followed.
-            let Ok(meta) = entry.metadata() else { continue };
-            usage.files += 1;
-            usage.bytes += meta.blocks() * 512;
-            if meta.is_dir() && meta.dev() == dev {
-                stack.push(entry.path());
-            }
-            if usage.files >= stop_at {
-                return usage;
-            }
+    let _ = crate::tree::walk(root, |e| {
+        usage.files += 1;
+        usage.bytes += e.stat.st_blocks as u64 * 512;
+        if usage.files >= stop_at {
+            return Ok(crate::tree::Next::Stop);
         }
-    }
+        Ok(if e.stat.st_dev == dev { crate::tree::Next::Enter } else { crate::tree::Next::Skip })
+    });
     usage
 }
 
 /// What one run may add, and where it writes.
 #[derive(Debug, Clone)]
 pub struct Meter {
-    /// Folders on disk: the workspace and `HOME`.
+    /// Folders on disk: the workspace, `HOME` and the io folder.
     pub trees: Vec<PathBuf>,
-    /// The sandbox's `/tmp`, seen from outside (through its init's root).
-    pub tmp: Option<PathBuf>,
-    /// What they held when the run started.
+    /// pid 1 of the run's sandbox, as the host sees it: its namespace's
+    /// processes hold files no walk finds (unlinked, `O_TMPFILE`, memfds),
+    /// and its root shows the sandbox's `/tmp`.
+    pub init: Option<i32>,
+    /// What the folders held when the run started.
     pub base: Usage,
     pub max_bytes: u64,
     pub max_files: u64,
+    /// The memory cap, where no cgroup keeps it (rlimit mode): the init
+    /// counts resident pages and tmpfs, this adds what it cannot see.
+    pub max_memory: Option<u64>,
 }
 
-/// The cap a run passed.
+/// A cap a run passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Over {
     Disk,
     Files,
+    Memory,
+}
+
+/// One reading of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sample {
+    /// Its folders, its `/tmp`, and files its processes hold but no folder
+    /// lists.
+    pub disk: Usage,
+    /// Resident pages, tmpfs, and memfds (rlimit mode only; else 0).
+    pub memory: u64,
 }
 
 impl Meter {
-    /// What the run's folders hold now.
-    pub fn sample(&self) -> Usage {
+    /// What the run's folders and processes hold now.
+    pub fn sample(&self) -> Sample {
         let stop = self.base.files.saturating_add(self.max_files).saturating_add(1);
-        let mut now = Usage::default();
+        let mut disk = Usage::default();
         for t in &self.trees {
-            now = now + tree(t, stop.saturating_sub(now.files));
+            disk = disk + tree(t, stop.saturating_sub(disk.files));
         }
-        if let Some(tmp) = &self.tmp {
-            now = now + fs_used(tmp).unwrap_or_default();
+        let mut memory = 0;
+        if let Some(init) = self.init {
+            let root = PathBuf::from(format!("/proc/{init}/root"));
+            let tmp = fs_used(&root.join("tmp")).unwrap_or_default();
+            disk = disk + tmp;
+            let held = held(init, &[root.join("tmp"), root.join("dev/shm")]);
+            disk.bytes += held.unlinked;
+            if self.max_memory.is_some() {
+                let shm = fs_used(&root.join("dev/shm")).unwrap_or_default();
+                memory = held.resident + held.memfd + tmp.bytes + shm.bytes;
+            }
         }
-        now
+        Sample { disk, memory }
     }
 
     /// Which cap `now` passes, if any.
-    pub fn over(&self, now: Usage) -> Option<Over> {
-        let added = now.beyond(self.base);
+    pub fn over(&self, now: Sample) -> Option<Over> {
+        let added = now.disk.beyond(self.base);
         if added.bytes > self.max_bytes {
             Some(Over::Disk)
         } else if added.files > self.max_files {
             Some(Over::Files)
+        } else if self.max_memory.is_some_and(|m| now.memory > m) {
+            Some(Over::Memory)
         } else {
             None
         }
     }
+}
+
+/// What a sandbox's processes hold beyond their folders.
+#[derive(Debug, Default)]
+struct Held {
+    /// Files with no name left (unlinked, `O_TMPFILE`) off the tmpfs mounts.
+    unlinked: u64,
+    memfd: u64,
+    resident: u64,
+}
+
+/// Reads every process in the pid namespace of `init`: the files its
+/// descriptors and mappings hold that no folder lists (each counted once),
+/// and its resident memory. `counted`: file systems already measured whole.
+fn held(init: i32, counted: &[PathBuf]) -> Held {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut out = Held::default();
+    let Ok(ns) = std::fs::read_link(format!("/proc/{init}/ns/pid")) else { return out };
+    let skip: Vec<u64> = counted.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.dev()).collect();
+    // SAFETY: sysconf with a constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    let mut seen = std::collections::HashSet::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok().as_ref() != Some(&ns) {
+            continue;
+        }
+        let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
+        out.resident += statm.split_whitespace().nth(1).and_then(|r| r.parse::<u64>().ok()).unwrap_or(0) * page;
+        for kind in ["fd", "map_files"] {
+            for held in std::fs::read_dir(format!("/proc/{pid}/{kind}")).into_iter().flatten().flatten() {
+                // The magic link leads to the file itself, wherever it is.
+                let Ok(meta) = std::fs::metadata(held.path()) else { continue };
+                if !meta.is_file() || meta.nlink() != 0 || skip.contains(&meta.dev()) {
+                    continue;
+                }
+                if !seen.insert((meta.dev(), meta.ino())) {
+                    continue;
+                }
+                let bytes = meta.blocks() * 512;
+                let memfd = std::fs::read_link(held.path()).is_ok_and(|t| t.starts_with("/memfd:"));
+                if memfd {
+                    out.memfd += bytes;
+                } else {
+                    out.unlinked += bytes;
+                }
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -144,11 +217,31 @@ mod tests {
     }
 
     #[test]
+    fn files_a_process_holds_without_a_name_are_counted() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = std::fs::File::create(dir.path().join("gone")).unwrap();
+        f.write_all(&vec![1u8; 1 << 20]).unwrap();
+        f.sync_all().unwrap();
+        std::fs::remove_file(dir.path().join("gone")).unwrap();
+        let held = held(std::process::id() as i32, &[]);
+        assert!(held.unlinked >= 1 << 20, "{held:?}");
+        drop(f);
+    }
+
+    #[test]
     fn a_meter_counts_only_what_the_run_added() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("checkout"), vec![1u8; 8192]).unwrap();
         let base = tree(dir.path(), u64::MAX);
-        let meter = Meter { trees: vec![dir.path().into()], tmp: None, base, max_bytes: 1 << 20, max_files: 3 };
+        let meter = Meter {
+            trees: vec![dir.path().into()],
+            init: None,
+            base,
+            max_bytes: 1 << 20,
+            max_files: 3,
+            max_memory: None,
+        };
         assert_eq!(meter.over(meter.sample()), None);
         for i in 0..4 {
             std::fs::write(dir.path().join(format!("n{i}")), "").unwrap();

@@ -440,16 +440,20 @@ async fn a_fifo_behind_a_gitdir_file_never_hangs_publishing_and_the_slot_is_reus
     eventually("two pull requests", || fake.posts("/repos/Codertocat/Hello-World/pulls").len() == 2).await;
 }
 
-/// Staging a 200 GB sparse file takes git minutes: a cancel while it runs
-/// ends the job at once, and so does `storage.git_timeout`.
+/// Staging 800 MB of random bytes (under the trigger's `max_push_bytes`)
+/// keeps git compressing for many seconds: a cancel while it runs ends the
+/// job at once, and so does `storage.git_timeout`.
 #[tokio::test]
 async fn a_cancel_reaches_publishing_and_git_has_a_bounded_time() {
-    let body = "#!/bin/sh\ntruncate -s 200G slow.bin\necho change > CHANGED.md\necho done\n";
+    let body = "#!/bin/sh\nhead -c 800000000 /dev/urandom > slow.bin\necho done\n";
+    let trigger = "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"default-branch\"\n\
+                   prompt = \"work\"\nattempts = 1\n[output]\nkind = \"pull_request\"\nmax_push_bytes = 2000000000\n";
     let (_fake, a) = publishing(body, "").await;
+    a.w.trigger("work", trigger);
     let baton = a.start();
     let id = open_issue(&baton, "slow-1").await;
     eventually("the agent to end and staging to start", || a.log(&id).contains("agent exited with status 0")).await;
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let started = std::time::Instant::now();
     let (status, _) = baton.post(&format!("/api/jobs/{id}/cancel")).await;
     assert!(status < 300, "{status}");
@@ -458,6 +462,7 @@ async fn a_cancel_reaches_publishing_and_git_has_a_bounded_time() {
     assert!(started.elapsed() < std::time::Duration::from_secs(20), "the cancel took {:?}", started.elapsed());
 
     let (_fake, a) = publishing(body, "git_timeout = \"3s\"").await;
+    a.w.trigger("work", trigger);
     let baton = a.start();
     let id = open_issue(&baton, "slow-2").await;
     let job = baton.finished(&id).await;
@@ -655,4 +660,169 @@ async fn a_disk_running_short_stops_the_run_filling_it_and_never_acknowledges_wh
         let (_, jobs) = baton.get(&format!("/api/jobs?delivery={delivery}")).await;
         assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(1), "{delivery} was acknowledged and lost");
     }
+}
+
+/// Folders 22,000 deep in the workspace, `HOME` and the io folder: a
+/// recursive walk would overflow the daemon's stack. The job ends, the
+/// daemon lives, and nothing of the tree is left.
+#[tokio::test]
+async fn a_tree_deeper_than_any_stack_neither_kills_the_daemon_nor_survives_the_job() {
+    let body = "#!/bin/sh\n\
+                for d in /workspace/deep $HOME/deep /run/baton/io/deep; do\n\
+                  perl -e 'mkdir $ARGV[0] or die; chdir $ARGV[0]; for (1..22000) { mkdir \"a\" or die \"$!\"; chdir \"a\" or die }' $d\n\
+                done\necho deep\n";
+    let a = Attack::new()
+        .agent("script", body, "")
+        .trigger("work", "issues.opened", "script", "none")
+        .storage("worktree_pool = 1");
+    let baton = a.start();
+    let first = open_issue(&baton, "deep-1").await;
+    let job = baton.finished(&first).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", a.log(&first));
+    let second = open_issue(&baton, "deep-2").await;
+    let job = baton.finished(&second).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", a.log(&second));
+    let (status, _) = baton.get("/healthz").await;
+    assert_eq!(status, 200, "the daemon lives");
+    // The slot was reset, or (git cannot clean that deep) made anew.
+    let pool = a.storage_dir().join("pool/Codertocat/Hello-World");
+    for slot in std::fs::read_dir(&pool).unwrap().flatten() {
+        assert!(!slot.path().join("work/deep").exists(), "the tree outlived its job");
+    }
+    assert!(!a.storage_dir().join("jobs").join(&first).join("io").exists(), "the io folder went with its attempt");
+}
+
+/// Space no walk of the folders finds: a file behind 18 names of 250
+/// characters (longer than any path a system call takes), one held open
+/// after it was unlinked, and one in the io folder.
+#[tokio::test]
+async fn disk_the_agent_hides_from_a_walk_still_counts_against_max_disk() {
+    for (what, body) in [
+        (
+            "deep",
+            "#!/bin/sh\nperl -e 'my $n = \"d\" x 250; for (1..18) { mkdir $n or die; chdir $n or die } \
+             open my $f, \">\", \"big\" or die; print $f \"x\" x (1 << 20) for 1..100; close $f'\necho wrote\n",
+        ),
+        (
+            "unlinked",
+            "#!/bin/sh\nperl -e 'open my $f, \">\", \"big\" or die; print $f \"x\" x (1 << 20) for 1..100; \
+             unlink \"big\"; sleep 4'\necho wrote\n",
+        ),
+        ("io", "#!/bin/sh\ndd if=/dev/zero of=/run/baton/io/big bs=1M count=100 2>/dev/null\necho wrote\n"),
+    ] {
+        let a = Attack::new().agent("script", body, "max_disk = \"64M\"").trigger(
+            "work",
+            "issues.opened",
+            "script",
+            "none",
+        );
+        let baton = a.start();
+        let id = open_issue(&baton, what).await;
+        let job = baton.finished(&id).await;
+        assert_eq!(job["state"], "failed", "{what}: {job}\n{}", a.log(&id));
+        assert_eq!(job["history"][0]["outcome"], "limit", "{what}: {job}");
+        assert!(job["error"].as_str().unwrap_or_default().contains("max_disk = 64 MiB"), "{what}: {job}");
+    }
+}
+
+/// A change over `max_push_bytes` is refused before baton's git reads it:
+/// nothing of it lands in the slot's repository, which keeps nothing of
+/// its own between jobs.
+#[tokio::test]
+async fn a_change_too_large_to_push_is_never_read_into_batons_repository() {
+    let body = "#!/bin/sh\nhead -c 40000000 /dev/urandom > big.bin\necho wrote\n";
+    let (_fake, a) = publishing(body, "").await;
+    a.w.trigger(
+        "work",
+        "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"default-branch\"\nprompt = \"work\"\n\
+         attempts = 1\n[output]\nkind = \"pull_request\"\nmax_push_bytes = 1000000\n",
+    );
+    let baton = a.start();
+    for delivery in ["big-1", "big-2"] {
+        let id = open_issue(&baton, delivery).await;
+        let job = baton.finished(&id).await;
+        assert_eq!(job["state"], "failed", "{job}\n{}", a.log(&id));
+        assert!(job["error"].as_str().unwrap_or_default().contains("max_push_bytes"), "{job}");
+    }
+    let pool = a.storage_dir().join("pool/Codertocat/Hello-World");
+    for slot in std::fs::read_dir(&pool).unwrap().flatten() {
+        let held = dir_size(&slot.path().join("git/objects"));
+        assert!(held < 1_000_000, "the slot's repository holds {held} bytes");
+    }
+}
+
+/// An agent allowed everywhere (`network = ["*"]`) still reaches neither
+/// baton's own API on loopback nor the host's other addresses.
+#[tokio::test]
+async fn a_wildcard_allowlist_does_not_reach_the_host_or_batons_api() {
+    let a = Attack::new()
+        .agent(
+            "script",
+            "#!/bin/sh\necho \"api: $(curl -sS -m 10 http://127.0.0.1:@PORT@/api/jobs 2>&1 | head -c 300)\"\n\
+             echo \"tunnel: $(curl -sS -m 10 --proxytunnel http://127.0.0.1:@PORT@/healthz 2>&1 | head -c 300)\"\n\
+             echo \"localhost: $(curl -sS -m 10 http://localhost:@PORT@/healthz 2>&1 | head -c 300)\"\n",
+            "network = [\"*\"]",
+        )
+        .trigger("work", "issues.opened", "script", "none");
+    // The port is known once the daemon listens: the script reads it from
+    // the shared folder.
+    let script = a.w.path().join("script.sh");
+    let body = std::fs::read_to_string(&script).unwrap().replace("@PORT@", "$(cat @SHARED@/port)");
+    let body = body.replace("@SHARED@", &a.shared().display().to_string());
+    a.w.script("script.sh", &body);
+    let baton = a.start();
+    let port = baton.url.rsplit(':').next().unwrap().to_string();
+    std::fs::write(a.shared().join("port"), &port).unwrap();
+    let id = open_issue(&baton, "wildcard").await;
+    let job = baton.finished(&id).await;
+    let log = a.log(&id);
+    assert_eq!(job["state"], "succeeded", "{job}\n{log}");
+    assert!(!log.contains("\"jobs\"") && !log.contains("\"ok\""), "baton's API answered: {log}");
+    assert_eq!(log.matches("an address of this host or its network").count(), 2, "{log}");
+    assert!(log.contains("tunnel: curl: (56) CONNECT tunnel failed, response 403"), "{log}");
+}
+
+/// Thousands of connections held open to the run's proxy take no more
+/// than the run's share of the daemon's descriptors, and the daemon keeps
+/// answering.
+#[tokio::test]
+async fn holding_the_proxy_open_does_not_starve_the_daemon() {
+    // Non-blocking: a full accept queue fails a connect instead of holding it.
+    let body = "#!/bin/sh\nperl -e 'use Socket; use Fcntl; my @s; for (1..2000) { socket(my $s, PF_UNIX, SOCK_STREAM, 0) or die; \
+                fcntl($s, F_SETFL, O_NONBLOCK); \
+                connect($s, pack_sockaddr_un(\"/run/baton/proxy.sock\")) or next; send($s, \"x\", 0); push @s, $s } \
+                open my $f, \">\", \"@SHARED@/held\"; print $f scalar(@s); close $f; sleep 30'\n";
+    let a = Attack::new().agent("script", body, "network = [\"127.0.0.1:9\"]").trigger(
+        "work",
+        "issues.opened",
+        "script",
+        "none",
+    );
+    let baton = a.start();
+    let id = open_issue(&baton, "fds").await;
+    eventually("the agent to hold its connections", || a.shared().join("held").exists()).await;
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", baton.pid())).unwrap().count();
+    assert!(fds < 1000, "the daemon holds {fds} descriptors");
+    let (status, _) = baton.get("/healthz").await;
+    assert_eq!(status, 200);
+    let (status, _) = baton.post(&format!("/api/jobs/{id}/cancel")).await;
+    assert!(status < 300);
+    assert_eq!(baton.finished(&id).await["state"], "cancelled");
+}
+
+/// The bytes the files under `dir` take (links not followed).
+fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
 }
