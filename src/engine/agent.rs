@@ -343,7 +343,17 @@ impl Invocation<'_> {
         let mut meter = None;
         if let (Some(j), Some(base)) = (jail.as_mut(), base) {
             let base = base.await.unwrap_or_default();
-            meter = Some(j.started(base).await);
+            match j.started(base).await {
+                Ok(m) => meter = Some(m),
+                Err(e) => {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    if let Some(j) = jail {
+                        let _ = tokio::task::spawn_blocking(move || j.close()).await;
+                    }
+                    return Err(AgentError::Sandbox(e));
+                }
+            }
         }
         let tracker = match (&self.confine, &meter) {
             (Some(Confinement { space: Some(space), name, .. }), Some(_)) => Some(space.track(name)),

@@ -1,4 +1,5 @@
-//! The sandbox's init (`baton sandbox-init`, hidden): pid 1 of the run's pid
+//! The sandbox's init (`baton-sandbox-init`, a small binary of its own so it
+//! starts in a millisecond, or `baton sandbox-init`): pid 1 of the run's pid
 //! namespace. It prepares the agent's process, runs it, supervises it, and
 //! exits as it did; when it exits the kernel kills everything left in the
 //! namespace, so nothing the agent started outlives its run.
@@ -61,6 +62,50 @@ pub const REPORT_PROCESSES: u8 = b'p';
 
 /// The init's exit code when the agent could not be started confined.
 pub const EXIT_SETUP: i32 = 125;
+
+impl InitArgs {
+    /// The init's own command line (`baton-sandbox-init`, whose only
+    /// caller is baton): `[sandbox-init] [--proxy P] [--port N]
+    /// [--max-processes N] [--max-data N] [--tmpfs P]... [--report-fd N]
+    /// -- ARGV...`.
+    pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<InitArgs, String> {
+        let mut out = InitArgs {
+            proxy: None,
+            port: super::PROXY_PORT,
+            max_processes: None,
+            max_data: None,
+            tmpfs: Vec::new(),
+            report: None,
+            argv: Vec::new(),
+        };
+        let mut args = args.into_iter();
+        let number = |v: Option<OsString>, flag: &str| -> Result<u64, String> {
+            v.and_then(|v| v.into_string().ok())
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("{flag} needs a number"))
+        };
+        while let Some(arg) = args.next() {
+            match arg.to_str() {
+                Some("sandbox-init") => {}
+                Some("--proxy") => out.proxy = args.next().map(PathBuf::from),
+                Some("--port") => out.port = number(args.next(), "--port")? as u16,
+                Some("--max-processes") => out.max_processes = Some(number(args.next(), "--max-processes")?),
+                Some("--max-data") => out.max_data = Some(number(args.next(), "--max-data")?),
+                Some("--tmpfs") => out.tmpfs.extend(args.next().map(PathBuf::from)),
+                Some("--report-fd") => out.report = Some(number(args.next(), "--report-fd")? as i32),
+                Some("--") => {
+                    out.argv = args.collect();
+                    break;
+                }
+                _ => return Err(format!("unexpected argument {}", arg.to_string_lossy())),
+            }
+        }
+        if out.argv.is_empty() {
+            return Err("no command after --".into());
+        }
+        Ok(out)
+    }
+}
 
 /// Runs the agent; returns the exit code for the init to exit with.
 pub fn run(args: InitArgs) -> i32 {
@@ -289,4 +334,24 @@ fn bridge(listener: std::net::TcpListener, socket: PathBuf) {
             });
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_init_reads_what_the_daemon_passes() {
+        let args = |s: &str| s.split(' ').map(OsString::from).collect::<Vec<_>>();
+        let a = InitArgs::parse(args(
+            "sandbox-init --port 3128 --proxy /run/baton/proxy.sock --max-processes 32 \
+             --max-data 1024 --tmpfs /tmp --tmpfs /dev/shm --report-fd 9 -- /bin/echo hi --port",
+        ))
+        .unwrap();
+        assert_eq!((a.port, a.max_processes, a.max_data, a.report), (3128, Some(32), Some(1024), Some(9)));
+        assert_eq!(a.tmpfs.len(), 2);
+        assert_eq!(a.argv, args("/bin/echo hi --port"));
+        assert!(InitArgs::parse(args("--port x -- a")).is_err());
+        assert!(InitArgs::parse(args("--port 1")).is_err());
+    }
 }

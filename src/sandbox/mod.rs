@@ -39,8 +39,10 @@ pub mod usage;
 pub mod user;
 pub mod watch;
 
-use std::ffi::{CString, OsString};
+use std::ffi::OsString;
+use std::io::Write as _;
 use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -287,7 +289,9 @@ impl Sandbox {
     /// where runs' cgroups go.
     pub fn new(settings: Settings) -> Result<Sandbox, SandboxError> {
         let bwrap = preflight(&settings.run_as)?;
-        let init = std::env::current_exe()?;
+        // The small init beside baton's binary, else baton itself.
+        let exe = std::env::current_exe()?;
+        let init = Some(exe.with_file_name("baton-sandbox-init")).filter(|p| is_executable(p)).unwrap_or(exe);
         // A root daemon stages each run on an empty host folder, and keeps
         // the proxies' sockets where their paths name nothing of baton's.
         let runtime = match settings.run_as.switched {
@@ -397,16 +401,13 @@ impl Sandbox {
                 _ => {}
             }
         }
-        for (entry, _) in etc::ALLOWED {
-            let path = Path::new(entry);
-            if path.exists() {
-                v.system("--ro-bind", path);
-                roots.push(path.to_path_buf());
-            }
-        }
-        // Copied in by bubblewrap from a pipe: a bind would name a folder of baton's.
-        v.data(&etc::passwd(self.run_as.uid, self.run_as.gid, HOME_PATH), Path::new("/etc/passwd"))?;
-        v.data(&etc::group(self.run_as.gid), Path::new("/etc/group"))?;
+        let shown: Vec<PathBuf> = etc::ALLOWED.iter().map(|(e, _)| PathBuf::from(e)).filter(|p| p.exists()).collect();
+        roots.extend(shown.iter().cloned());
+        let texts = vec![
+            ("passwd".to_string(), etc::passwd(self.run_as.uid, self.run_as.gid, HOME_PATH)),
+            ("group".to_string(), etc::group(self.run_as.gid)),
+        ];
+        v.etc(shown, texts)?;
         v.push(["--proc", "/proc", "--ro-bind", "/proc/sys", "/proc/sys"]);
         for masked in PROC_MASKED {
             if Path::new(masked).exists() {
@@ -458,6 +459,12 @@ impl Sandbox {
         let (info_read, info_write) = pipe()?;
         v.push([OsString::from("--info-fd"), info_write.as_raw_fd().to_string().into()]);
         v.keep.push(info_write);
+        // The sandbox waits, set up but before its init runs, until baton
+        // has recorded its pid and put it in its cgroup (so nothing it
+        // starts is ever outside); the move overlaps bubblewrap's setup.
+        let (block_read, block_write) = pipe()?;
+        v.push([OsString::from("--block-fd"), block_read.as_raw_fd().to_string().into()]);
+        v.keep.push(block_read);
         v.push(["--", INIT_PATH, "sandbox-init", "--port"]);
         v.push([PROXY_PORT.to_string()]);
         if networked {
@@ -523,6 +530,7 @@ impl Sandbox {
             name: run.name.to_string(),
             records: self.records.clone(),
             info: Some(info_read),
+            block: Some(block_write),
             keep: v.keep,
             report,
             init: None,
@@ -610,6 +618,28 @@ struct View {
 impl View {
     fn new(stage: Option<stage::Plan>) -> View {
         View { args: Vec::new(), stage, keep: Vec::new() }
+    }
+
+    /// `/etc`: the allowlisted `files` and the generated `texts`. Staged, it
+    /// is one folder of read-only binds made by the root child (bubblewrap
+    /// binds it once); else bubblewrap binds each file and copies each text
+    /// in from a pipe (a bind would name a folder of baton's).
+    fn etc(&mut self, files: Vec<PathBuf>, texts: Vec<(String, String)>) -> std::io::Result<()> {
+        match &mut self.stage {
+            Some(s) => {
+                let source = s.add(stage::Item::Folder { files, texts });
+                self.push([OsString::from("--bind"), source.into(), "/etc".into()]);
+            }
+            None => {
+                for path in &files {
+                    self.system("--ro-bind", path);
+                }
+                for (name, text) in &texts {
+                    self.data(text, &Path::new("/etc").join(name))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A read-only file at `inside` holding `text`, which bubblewrap reads
@@ -734,6 +764,8 @@ pub struct Jail {
     records: leftovers::Records,
     /// bubblewrap's `--info-fd` pipe, until the sandbox has started.
     info: Option<OwnedFd>,
+    /// bubblewrap's `--block-fd` pipe: written once the sandbox may run.
+    block: Option<OwnedFd>,
     /// Descriptors bubblewrap inherits (the other end of `info`, the data
     /// it copies in); closed here once it has started.
     keep: Vec<OwnedFd>,
@@ -776,12 +808,11 @@ impl Jail {
 
     /// The command that starts the sandbox. Between fork and exec the
     /// child marks every inherited descriptor close-on-exec but those
-    /// bubblewrap is given, joins the run's cgroup, and (root daemon)
-    /// stages the run's folders and becomes the agent's uid.
+    /// bubblewrap is given, and (root daemon) stages the run's folders and
+    /// becomes the agent's uid. The run waits for `started`.
     pub fn command(&self) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(&self.program);
         cmd.args(&self.args);
-        let cgroup_files = self.cgroup.as_ref().map(Cgroup::procs_files).unwrap_or_default();
         let keep: Vec<i32> = self.keep.iter().map(|fd| fd.as_raw_fd()).collect();
         let stage = self.stage.clone();
         // SAFETY: the closure only makes async-signal-safe calls (close_range,
@@ -796,7 +827,6 @@ impl Jail {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                join_cgroups(&cgroup_files)?;
                 match &stage {
                     Some(s) => s.run(),
                     None => Ok(()),
@@ -807,21 +837,37 @@ impl Jail {
     }
 
     /// Once the command is spawned: learns the sandbox's pid 1 from
-    /// bubblewrap, and records it so that a daemon that dies now can have it
-    /// killed by the next. Returns how the run's disk use is metered.
-    pub async fn started(&mut self, base: usage::Usage) -> usage::Meter {
+    /// bubblewrap, records it (so that a daemon that dies now can have it
+    /// killed by the next), puts it in the run's cgroup, and lets it run.
+    /// Returns how the run's disk use is metered.
+    pub async fn started(&mut self, base: usage::Usage) -> Result<usage::Meter, SandboxError> {
         self.keep.clear();
-        if let Some(read) = self.info.take() {
-            let pid = tokio::task::spawn_blocking(move || child_pid(read)).await.ok().flatten();
-            if let Some(pid) = pid {
-                let init = leftovers::Identity::of(pid);
-                self.records.note(&self.name, &init);
-                self.meter.init = Some(pid);
-                self.init = Some(init);
+        let (Some(read), Some(block)) = (self.info.take(), self.block.take()) else {
+            return Ok(self.meter.clone());
+        };
+        let files = self.cgroup.as_ref().map(Cgroup::procs_files).unwrap_or_default();
+        let (records, name) = (self.records.clone(), self.name.clone());
+        let started = tokio::task::spawn_blocking(move || {
+            let pid = child_pid(read).ok_or_else(|| std::io::Error::other("bubblewrap named no sandbox"))?;
+            let init = leftovers::Identity::of(pid);
+            records.note(&name, &init);
+            let joined = files
+                .iter()
+                .try_for_each(|f| std::fs::write(std::ffi::OsStr::from_bytes(f.as_bytes()), pid.to_string()));
+            if let Err(e) = joined {
+                // SAFETY: kill(2) of the sandbox just started, not yet running.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                return Err(e);
             }
-        }
+            std::fs::File::from(block).write_all(b"1")?;
+            Ok::<_, std::io::Error>(init)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))?;
+        self.meter.init = Some(started.pid);
+        self.init = Some(started);
         self.meter.base = base;
-        self.meter.clone()
+        Ok(self.meter.clone())
     }
 
     /// Ends everything left in the run, stops its proxy and removes its
@@ -848,34 +894,22 @@ impl Jail {
     }
 }
 
-/// The `child-pid` bubblewrap writes to its info pipe (read to its end).
+/// The `child-pid` bubblewrap writes to its info pipe: read until the
+/// object is whole (not to the pipe's end: the sandbox holds a copy of the
+/// pipe until its setup is done, and the sandbox waits for us).
 fn child_pid(read: OwnedFd) -> Option<i32> {
     use std::io::Read as _;
-    let mut text = String::new();
-    std::fs::File::from(read).take(64 * 1024).read_to_string(&mut text).ok()?;
-    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
-    value.get("child-pid")?.as_i64().and_then(|p| i32::try_from(p).ok())
-}
-
-/// Joins the cgroups named by `files`; runs in the child between fork and
-/// exec, so only async-signal-safe calls.
-pub fn join_cgroups(files: &[CString]) -> std::io::Result<()> {
-    for f in files {
-        // SAFETY: open/write/close on a NUL-terminated path we own; all
-        // async-signal-safe.
-        unsafe {
-            let fd = libc::open(f.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-            libc::close(fd);
-            if !ok {
-                return Err(std::io::Error::last_os_error());
-            }
+    let mut file = std::fs::File::from(read);
+    let mut text = Vec::new();
+    let mut buf = [0u8; 512];
+    while text.len() < 64 * 1024 {
+        let n = file.read(&mut buf).ok().filter(|n| *n > 0)?;
+        text.extend_from_slice(&buf[..n]);
+        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&text) {
+            return value.get("child-pid")?.as_i64().and_then(|p| i32::try_from(p).ok());
         }
     }
-    Ok(())
+    None
 }
 
 /// Parses a cap for an agent (`max_memory`, `max_disk`): as `parse_bytes`,

@@ -45,6 +45,9 @@ pub enum Item {
     ReadOnly { dir: PathBuf },
     /// A fresh tmpfs.
     Tmpfs { size: u64, inodes: u64 },
+    /// A folder (`/etc`) of `files` shown read-only, and `texts` written
+    /// (name, text): one mount for bubblewrap instead of one per entry.
+    Folder { files: Vec<PathBuf>, texts: Vec<(String, String)> },
 }
 
 /// The work folder an overlay over `upper` needs beside it.
@@ -58,6 +61,8 @@ pub fn work_dir_for(upper: &Path) -> PathBuf {
 enum Step {
     MkDir(CString),
     MkFile(CString),
+    /// A file with this text.
+    Write(CString, Vec<u8>),
     Chdir(CString),
     Mount {
         src: CString,
@@ -158,6 +163,26 @@ impl Plan {
                     bind: Box::new(bind(&dir, &target)),
                 });
             }
+            Item::Folder { files, texts } => {
+                self.steps.push(Step::MkDir(target.clone()));
+                for src in files {
+                    let Some(name) = src.file_name() else { continue };
+                    let dst = c(at.join(name));
+                    // A link shows what it leads to, as bubblewrap's binds do.
+                    self.steps.push(if src.is_dir() { Step::MkDir(dst.clone()) } else { Step::MkFile(dst.clone()) });
+                    self.steps.push(bind(&src, &dst));
+                    self.steps.push(Step::Mount {
+                        src: c("none"),
+                        target: dst,
+                        fstype: None,
+                        flags: libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+                        data: None,
+                    });
+                }
+                for (name, text) in texts {
+                    self.steps.push(Step::Write(c(at.join(name)), text.into_bytes()));
+                }
+            }
             Item::Tmpfs { size, inodes } => {
                 self.steps.push(Step::MkDir(target.clone()));
                 self.steps.push(Step::Mount {
@@ -205,6 +230,11 @@ impl Plan {
                 _ => return fail(),
             }
         }
+        // The stage itself is baton's: nothing of the agent's is written to it.
+        let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+        if libc::mount(c"none".as_ptr(), self.stage.as_ptr(), std::ptr::null(), ro, std::ptr::null()) != 0 {
+            return fail();
+        }
         if libc::chdir(root) != 0 {
             return fail();
         }
@@ -226,6 +256,10 @@ unsafe fn step_ok(step: &Step) -> bool {
         Step::MkFile(p) => {
             let fd = libc::open(p.as_ptr(), libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
             fd >= 0 && libc::close(fd) == 0
+        }
+        Step::Write(p, text) => {
+            let fd = libc::open(p.as_ptr(), libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
+            fd >= 0 && libc::write(fd, text.as_ptr().cast(), text.len()) == text.len() as isize && libc::close(fd) == 0
         }
         Step::Chdir(p) => libc::chdir(p.as_ptr()) == 0,
         Step::Mount { src, target, fstype, flags, data } => {

@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::fake_github::FakeGitHub;
-use crate::harness::{bare_repo, eventually, fixture_json, git, processes_with_arg, unique_sleep, Baton, Workdir, BIN};
+use crate::harness::{
+    bare_repo, eventually, eventually_or, fixture_json, git, processes_with_arg, unique_sleep, Baton, Workdir, BIN,
+};
 
 const SECRET: &str = "escape-webhook-secret-0123456789";
 const REPO: &str = "Codertocat/Hello-World";
@@ -788,7 +790,7 @@ async fn a_wildcard_allowlist_does_not_reach_the_host_or_batons_api() {
 #[tokio::test]
 async fn holding_the_proxy_open_does_not_starve_the_daemon() {
     // Non-blocking: a full accept queue fails a connect instead of holding it.
-    let body = "#!/bin/sh\nperl -e 'use Socket; use Fcntl; my @s; for (1..2000) { socket(my $s, PF_UNIX, SOCK_STREAM, 0) or die; \
+    let body = "#!/bin/sh\nperl -e 'use Socket; use Fcntl; $SIG{PIPE} = \"IGNORE\"; my @s; for (1..2000) { socket(my $s, PF_UNIX, SOCK_STREAM, 0) or last; \
                 fcntl($s, F_SETFL, O_NONBLOCK); \
                 connect($s, pack_sockaddr_un(\"/run/baton/proxy.sock\")) or next; send($s, \"x\", 0); push @s, $s } \
                 open my $f, \">\", \"@SHARED@/held\"; print $f scalar(@s); close $f; sleep 30'\n";
@@ -800,7 +802,7 @@ async fn holding_the_proxy_open_does_not_starve_the_daemon() {
     );
     let baton = a.start();
     let id = open_issue(&baton, "fds").await;
-    eventually("the agent to hold its connections", || a.shared().join("held").exists()).await;
+    eventually_or("the agent to hold its connections", || a.shared().join("held").exists(), || a.log(&id)).await;
     let fds = std::fs::read_dir(format!("/proc/{}/fd", baton.pid())).unwrap().count();
     assert!(fds < 1000, "the daemon holds {fds} descriptors");
     let (status, _) = baton.get("/healthz").await;

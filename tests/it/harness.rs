@@ -365,6 +365,15 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, mut cond: F) {
     }
 }
 
+/// Like [`eventually`], saying what `context` shows when time runs out.
+pub async fn eventually_or<F: FnMut() -> bool, C: Fn() -> String>(what: &str, mut cond: F, context: C) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}:\n{}", context());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Runs git, panicking with its output on failure.
 pub fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
