@@ -231,9 +231,10 @@ async fn a_lease_lapses_unless_renewed() {
     let dir = tempfile::tempdir().unwrap();
     let store = crate::harness::open_store(dir.path()).await;
     store.accept(delivery("l", Duration::zero()), vec![spec("t")]).await.unwrap();
-    let job = store.claim_next(&limits(), std::time::Duration::from_millis(500)).await.unwrap().unwrap();
+    // Long enough that a loaded machine still sees it fresh.
+    let job = store.claim_next(&limits(), std::time::Duration::from_secs(3)).await.unwrap().unwrap();
     assert!(store.expired_leases(LEASE).await.unwrap().is_empty(), "fresh lease");
-    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(3200)).await;
     assert_eq!(store.expired_leases(LEASE).await.unwrap(), vec![job.id.clone()]);
     store.renew_lease(&job.id, LEASE).await.unwrap();
     assert!(store.expired_leases(LEASE).await.unwrap().is_empty(), "renewed");

@@ -173,8 +173,20 @@ async fn three_replicas_survive_a_kill_under_a_flood() {
     let killed_at = chrono::Utc::now();
     drop(dead);
 
-    // It stays down past its lease, so the others must take its jobs back.
+    // It stays down past its lease, so the others must take its jobs back:
+    // at least twice the lease, and on a slow machine until they have.
     tokio::time::sleep(Duration::from_secs(6)).await;
+    let taken_back = async || {
+        let rows = watcher.list_jobs(&JobQuery { limit: 10_000, ..JobQuery::default() }).await.unwrap_or_default();
+        rows.iter().any(|j| {
+            j.finished_at.is_some()
+                && j.history.iter().any(|a| a.error.as_deref().is_some_and(|e| e.contains("lease expired")))
+        })
+    };
+    let deadline = Instant::now() + LONG_WAIT;
+    while !taken_back().await && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let restarted_at = chrono::Utc::now();
     let back = replicas[1].start();
     urls.lock().unwrap()[1] = Some(back.url.clone());
