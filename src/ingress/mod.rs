@@ -23,6 +23,7 @@ use serde_json::json;
 use tokio::sync::{Notify, Semaphore};
 
 use crate::config::{Secret, Source};
+use crate::domain::approval;
 use crate::event::{generic, github, Event};
 use crate::rules::SharedRules;
 use crate::store::{Accepted, Delivery, Store};
@@ -418,16 +419,21 @@ async fn approve(
     let Some(command) = crate::rules::command::parse(APPROVE, &comment.body) else { return Ok(Vec::new()) };
     let edited_ok = command.argv.iter().any(|a| a == "--edited");
     let current_text = event.subject_text();
-    // Never baton's own words (an injected agent's result could start with
-    // the command), never a bot's.
-    let bot_login = rules.bot_login();
-    let by_bot = event.sender.as_ref().is_some_and(|a| a.is_bot() || a.login == bot_login)
-        || comment.author.as_deref().is_some_and(|a| a == bot_login || a.ends_with("[bot]"));
-    if by_bot || comment.body.contains(crate::event::MARKER_PREFIX) {
-        tracing::info!(delivery = %event.delivery, "An approval by a bot or carrying baton's marker was ignored.");
-        return Ok(Vec::new());
-    }
-    let Some(assoc) = event.association.as_deref() else { return Ok(Vec::new()) };
+    let request = approval::Request {
+        sender: event.sender.as_ref().map(|a| a.login.as_str()),
+        sender_is_bot: event.sender.as_ref().is_some_and(|a| a.is_bot()),
+        author: comment.author.as_deref(),
+        body: &comment.body,
+        association: event.association.as_deref(),
+    };
+    let assoc = match approval::requester(&request, rules.bot_login(), crate::event::MARKER_PREFIX) {
+        Ok(assoc) => assoc,
+        Err(approval::Ignored::NoAssociation) => return Ok(Vec::new()),
+        Err(_) => {
+            tracing::info!(delivery = %event.delivery, "An approval by a bot or carrying baton's marker was ignored.");
+            return Ok(Vec::new());
+        }
+    };
     let approver = crate::store::Approval {
         by: comment.author.clone().or_else(|| event.sender.as_ref().map(|s| s.login.clone())).unwrap_or_default(),
         at: chrono::Utc::now(),
@@ -435,15 +441,18 @@ async fn approve(
     let approved = s
         .store
         .approve(repo, n, &approver, |p| {
-            let trusted = rules.get(&p.spec.trigger).is_some_and(|t| t.filter.authors.iter().any(|a| a == assoc));
-            let unchanged = p.approvable(current_text.as_deref(), edited_ok);
-            if trusted && !unchanged {
-                tracing::warn!(
-                    delivery = %event.delivery, trigger = %p.spec.trigger,
-                    "A held job stays held: its issue or pull request was edited since; `/baton approve --edited` releases it."
-                );
+            let trusted = rules.get(&p.spec.trigger).map(|t| t.filter.authors.as_slice()).unwrap_or_default();
+            match approval::release(p, trusted, assoc, current_text.as_deref(), edited_ok) {
+                approval::Release::Released => true,
+                approval::Release::Untrusted => false,
+                approval::Release::Edited => {
+                    tracing::warn!(
+                        delivery = %event.delivery, trigger = %p.spec.trigger,
+                        "A held job stays held: its issue or pull request was edited since; `/baton approve --edited` releases it."
+                    );
+                    false
+                }
             }
-            trusted && unchanged
         })
         .await?;
     if !approved.is_empty() {
