@@ -366,6 +366,7 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, mut cond: F) {
 }
 
 /// Like [`eventually`], saying what `context` shows when time runs out.
+#[allow(dead_code)] // tests/pg shares this file and does not use it
 pub async fn eventually_or<F: FnMut() -> bool, C: Fn() -> String>(what: &str, mut cond: F, context: C) {
     let start = Instant::now();
     while !cond() {
