@@ -6,6 +6,7 @@
 //! store and asks the engine to cancel; `mcp` serves the API's job tools
 //! over MCP; `daemon` wires it all.
 
+pub mod admit;
 pub mod api;
 pub mod auth;
 pub mod catchup;

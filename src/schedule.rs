@@ -7,9 +7,10 @@
 
 use chrono::{DateTime, Utc};
 
+use crate::admit::{Admission, Door, Origin};
 use crate::event::{Event, Repository};
 use crate::rules::SharedRules;
-use crate::store::{Accepted, Delivery, Store, StoreError};
+use crate::store::{Accepted, Store, StoreError};
 
 /// The event a schedule fires for one repository.
 pub fn event(trigger: &str, repo: &str, slot: DateTime<Utc>) -> Event {
@@ -28,6 +29,8 @@ pub fn event(trigger: &str, repo: &str, slot: DateTime<Utc>) -> Event {
 /// due, for each of its repositories. Returns the deliveries it stored.
 pub async fn tick(store: &Store, rules: &SharedRules, now: DateTime<Utc>) -> Result<Vec<String>, StoreError> {
     let set = rules.current();
+    // The daemon wakes the workers once for everything a tick fired.
+    let door = Door { store, rules, wake: None, reject_replays: false };
     let mut fired = Vec::new();
     for t in set.triggers() {
         let Some(schedule) = &t.schedule else { continue };
@@ -39,10 +42,11 @@ pub async fn tick(store: &Store, rules: &SharedRules, now: DateTime<Utc>) -> Res
         let Some(slot) = schedule.due(last, now) else { continue };
         for repo in &t.schedule_repos {
             let event = event(&t.name, repo, slot);
-            let specs: Vec<_> = set.match_event(&event).into_iter().filter(|s| s.trigger == t.name).collect();
-            let delivery = Delivery::new(&event.delivery, "schedule", "schedule");
-            if let Accepted::New(_) = store.accept(delivery, specs).await? {
-                fired.push(event.delivery.clone());
+            let id = event.delivery.clone();
+            if let Some(Admission { accepted: Accepted::New(_), .. }) =
+                door.admit(event, Origin::Schedule { trigger: &t.name }).await?
+            {
+                fired.push(id);
             }
         }
         store.set_schedule_last(&t.name, now).await?;

@@ -18,10 +18,11 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 
 use super::{error, store_error, Api};
+use crate::admit::{Admission, Door, Origin};
 use crate::engine::team::{self, Caller, Grant};
 use crate::event::{Event, ParentJob, Repository};
 use crate::rules::{RuleSet, Verdict};
-use crate::store::{Accepted, Delivery};
+use crate::store::Accepted;
 
 /// The event kind and source of a job asked for through the API.
 pub const API_EVENT: &str = "api";
@@ -132,7 +133,7 @@ async fn create(s: &Api, caller: &Caller, headers: &HeaderMap, body: &[u8]) -> R
         None => (std::sync::Arc::new(adhoc(s, &body)?), ADHOC_TRIGGER.to_string()),
     };
     let spec = judge(&rules, &name, &event)?;
-    admit(s, &delivery, &name, spec).await
+    admit(s, event, &name, spec).await
 }
 
 /// The job `rules`' trigger `name` makes of `event`, or why it makes none.
@@ -147,22 +148,22 @@ fn judge(rules: &RuleSet, name: &str, event: &Event) -> Result<crate::rules::Job
     }
 }
 
-/// Stores the job as a delivery of its own, or finds the one an earlier
+/// Admits the job as a delivery of its own, or finds the one an earlier
 /// request with the same key made.
-async fn admit(s: &Api, delivery: &str, name: &str, spec: crate::rules::JobSpec) -> Result<Response, Refusal> {
-    let id = crate::domain::job_id(delivery, name);
-    match s.store.accept(Delivery::new(delivery, API_EVENT, API_EVENT), vec![spec]).await {
-        Ok(Accepted::New(admitted)) => {
+async fn admit(s: &Api, event: Event, name: &str, spec: crate::rules::JobSpec) -> Result<Response, Refusal> {
+    let id = crate::domain::job_id(&event.delivery, name);
+    let door = Door { store: &s.store, rules: &s.rules, wake: Some(&s.wake), reject_replays: false };
+    match door.admit(event, Origin::Api { spec: Box::new(spec) }).await {
+        Ok(Some(Admission { accepted: Accepted::New(admitted), .. })) => {
             if let Some(skip) = admitted.skipped.first() {
                 let answer = json!({ "error": format!("not started: {}", skip.reason), "skipped": skip.reason });
                 return Ok((StatusCode::TOO_MANY_REQUESTS, Json(answer)).into_response());
             }
-            s.wake.notify_one();
             tracing::info!(job = %id, trigger = %name, "Job created through the API.");
             Ok(found(s, &id, StatusCode::CREATED).await)
         }
         // The same Idempotency-Key again: the job the first request made.
-        Ok(Accepted::Duplicate | Accepted::Replay { .. }) => Ok(found(s, &id, StatusCode::OK).await),
+        Ok(_) => Ok(found(s, &id, StatusCode::OK).await),
         Err(e) => Ok(store_error(e)),
     }
 }
@@ -234,7 +235,7 @@ async fn child(s: &Api, grant: &Grant, body: &Map<String, Value>, delivery: &str
     event.parent = Some(ParentJob { id: grant.job.clone(), trigger: grant.trigger.clone(), depth: grant.depth });
     let mut spec = judge(&rules, ADHOC_TRIGGER, &event)?;
     spec.parent = Some(grant.job.clone());
-    let answer = admit(s, delivery, ADHOC_TRIGGER, spec).await?;
+    let answer = admit(s, event, ADHOC_TRIGGER, spec).await?;
     if answer.status() == StatusCode::CREATED {
         let id = crate::domain::job_id(delivery, ADHOC_TRIGGER);
         s.engine.note(&grant.job, &format!("delegated job {id} to agent `{agent}`")).await;

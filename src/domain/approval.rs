@@ -40,6 +40,77 @@ impl Pending {
     }
 }
 
+/// A `/baton approve` comment, as the forge reported it: the facts the
+/// trust rule reads, and nothing else.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Request<'a> {
+    /// Who sent the event, and whether the forge calls them a bot.
+    pub sender: Option<&'a str>,
+    pub sender_is_bot: bool,
+    /// The comment's author, as the comment names them.
+    pub author: Option<&'a str>,
+    pub body: &'a str,
+    /// The author's standing in the repository (`OWNER`, `MEMBER`, …).
+    pub association: Option<&'a str>,
+}
+
+/// Why a request approves nothing at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ignored {
+    /// baton itself or a bot: an injected agent's result could start with
+    /// the command, so neither ever approves.
+    Bot,
+    /// The comment carries baton's marker: it is (or copies) baton's post.
+    Marker,
+    /// The forge said nothing about the author's standing.
+    NoAssociation,
+}
+
+/// Whether `req` may approve anything, and with which standing: never
+/// baton's own words (`bot_login`) nor a bot's, never a comment carrying
+/// baton's `marker`, never an author of unknown standing.
+pub fn requester<'a>(req: &Request<'a>, bot_login: &str, marker: &str) -> Result<&'a str, Ignored> {
+    let bot = |login: &str| login == bot_login || login.ends_with("[bot]");
+    if req.sender_is_bot || req.sender.is_some_and(bot) || req.author.is_some_and(bot) {
+        return Err(Ignored::Bot);
+    }
+    if req.body.contains(marker) {
+        return Err(Ignored::Marker);
+    }
+    req.association.ok_or(Ignored::NoAssociation)
+}
+
+/// What an approval by someone of standing `association` does to one held
+/// job, given the authors its trigger trusts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    Released,
+    /// The approver is not someone the held job's trigger trusts.
+    Untrusted,
+    /// The or PR's text changed since the hold, and the approver
+    /// did not say `--edited`.
+    Edited,
+}
+
+/// The trust rule for one held job: the approver's standing is among the
+/// trigger's `trusted` authors, and the text is what was held (or the
+/// approver said `--edited`).
+pub fn release(
+    held: &Pending,
+    trusted: &[String],
+    association: &str,
+    current: Option<&str>,
+    edited_ok: bool,
+) -> Release {
+    if !trusted.iter().any(|a| a == association) {
+        Release::Untrusted
+    } else if !held.approvable(current, edited_ok) {
+        Release::Edited
+    } else {
+        Release::Released
+    }
+}
+
 /// What an approval on `subject` does to the jobs `held` there: each one
 /// `may_approve` accepts, held at `head`, becomes a queued job (unless its
 /// id exists, per `exists`), one sequence number from `seqs` each; holds
@@ -147,5 +218,51 @@ mod tests {
         let _ = b;
         // A job that already exists is not made twice.
         check(vec![held("old", None, None)], None, "held o/r#1 n=0");
+    }
+    #[test]
+    fn bots_baton_and_its_marker_never_approve() {
+        // (sender, sender is a bot, author, body, association) → requester
+        let check = |sender: Option<&str>,
+                     is_bot: bool,
+                     author: Option<&str>,
+                     body: &str,
+                     assoc: Option<&str>,
+                     expect: Result<&str, Ignored>| {
+            let req = Request { sender, sender_is_bot: is_bot, author, body, association: assoc };
+            assert_eq!(requester(&req, "baton-app[bot]", "<!-- baton:"), expect, "{req:?}");
+        };
+        check(Some("alice"), false, Some("alice"), "/baton approve", Some("OWNER"), Ok("OWNER"));
+        check(Some("ci"), true, Some("ci"), "/baton approve", Some("OWNER"), Err(Ignored::Bot));
+        check(Some("alice"), false, Some("renovate[bot]"), "/baton approve", Some("MEMBER"), Err(Ignored::Bot));
+        check(Some("baton-app[bot]"), false, None, "/baton approve", Some("OWNER"), Err(Ignored::Bot));
+        check(Some("alice"), false, Some("baton-app[bot]"), "/baton approve", Some("OWNER"), Err(Ignored::Bot));
+        check(
+            Some("alice"),
+            false,
+            Some("alice"),
+            "/baton approve\n<!-- baton:job -->",
+            Some("OWNER"),
+            Err(Ignored::Marker),
+        );
+        check(Some("alice"), false, Some("alice"), "/baton approve", None, Err(Ignored::NoAssociation));
+    }
+
+    #[test]
+    fn a_held_job_is_released_by_whom_its_trigger_trusts_at_the_text_it_was_held_with() {
+        let trusted = ["OWNER".to_string(), "MEMBER".to_string()];
+        // (standing, text held, text now, --edited) → release
+        let check = |assoc: &str, then: Option<&str>, now: Option<&str>, edited: bool, expect: Release| {
+            assert_eq!(
+                release(&held("d", None, then), &trusted, assoc, now, edited),
+                expect,
+                "{assoc} {then:?}→{now:?} {edited}"
+            );
+        };
+        check("OWNER", Some("a"), Some("a"), false, Release::Released);
+        check("MEMBER", Some("a"), Some("a"), false, Release::Released);
+        check("CONTRIBUTOR", Some("a"), Some("a"), false, Release::Untrusted);
+        check("NONE", Some("a"), Some("b"), true, Release::Untrusted);
+        check("OWNER", Some("a"), Some("b"), false, Release::Edited);
+        check("OWNER", Some("a"), Some("b"), true, Release::Released);
     }
 }

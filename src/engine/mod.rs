@@ -25,10 +25,11 @@ use chrono::Utc;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::admit::{Admission, Door, Origin};
 use crate::config::{format_duration, AgentDef, Config, PromptMode, ResultMode};
 use crate::domain::Limits;
 use crate::rules::{JobSpec, OutputKind, RuleSet, SharedRules};
-use crate::store::{Accepted, Delivery, Job, JobState, Outcome, Phases, Store, StoreError};
+use crate::store::{Accepted, Job, JobState, Outcome, Phases, Store, StoreError};
 use agent::{Ending, Invocation};
 use push::Pushed;
 use workspace::Workspaces;
@@ -650,20 +651,17 @@ impl Engine {
     /// `job.failed`; the jobs it starts are stored like any delivery's.
     async fn emit_end(&self, job: &Job) {
         let Some(event) = crate::domain::chain::job_event(job) else { return };
-        let specs = self.rules.current().match_event(&event);
-        if !specs.is_empty() {
-            let delivery = Delivery::new(&event.delivery, &event.source, &event.kind);
-            match self.store.accept(delivery, specs).await {
-                Ok(Accepted::New(admitted)) => {
-                    tracing::info!(delivery = %event.delivery, event = %event.kind, jobs = admitted.jobs.len(), "Job end started jobs.");
-                    self.wake.notify_one();
-                }
-                Ok(Accepted::Duplicate | Accepted::Replay { .. }) => {}
-                Err(e) => {
-                    // Left pending: the next start sends it through again.
-                    tracing::error!(delivery = %event.delivery, error = %e, "Could not store the jobs a job end started.");
-                    return;
-                }
+        let door = Door { store: &self.store, rules: &self.rules, wake: Some(&self.wake), reject_replays: false };
+        let (id, kind) = (event.delivery.clone(), event.kind.clone());
+        match door.admit(event, Origin::Chain).await {
+            Ok(Some(Admission { accepted: Accepted::New(admitted), .. })) => {
+                tracing::info!(delivery = %id, event = %kind, jobs = admitted.jobs.len(), "Job end started jobs.");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // Left pending: the next start sends it through again.
+                tracing::error!(delivery = %id, error = %e, "Could not store the jobs a job end started.");
+                return;
             }
         }
         if let Err(e) = self.store.end_handled(&job.id).await {

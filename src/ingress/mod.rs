@@ -22,10 +22,11 @@ use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::sync::{Notify, Semaphore};
 
+use crate::admit::{Admission, Door, Origin};
 use crate::config::{Secret, Source};
 use crate::event::{generic, github, Event};
 use crate::rules::SharedRules;
-use crate::store::{Accepted, Delivery, Store};
+use crate::store::{Accepted, Store};
 
 /// What the webhook routes need.
 #[derive(Clone)]
@@ -244,213 +245,43 @@ async fn generic_webhook(
     }
 }
 
-/// Matches a verified event, stores it with its jobs, and answers.
+/// Admits a verified event through the front door and answers.
 /// `signed`, the event name and body as received, fingerprints a GitHub
 /// delivery, so the same body under a new delivery id is a replay. Generic
 /// sources' bodies may legitimately repeat (`{"env": "prod"}`): a source
 /// without a delivery header is deduplicated by its body already.
-async fn admit(s: &Ingress, mut event: Event, signed: Option<(&str, &[u8])>) -> Response {
-    pin_comment_to_head(s, &mut event).await;
-    note_thread(s, &mut event).await;
-    let rules = s.rules.current();
-    recall_reviews(s, &rules, &mut event).await;
-    let matches = rules.evaluate(&event);
-    let mut delivery = Delivery::new(&event.delivery, &event.source, &event.kind);
-    if let (true, Some((name, body))) = (s.reject_replays, signed) {
-        delivery = delivery.with_body(name, body);
-    }
-    let id = event.delivery.as_str();
-    let held = matches.pending.len();
-    let subject_text = if matches.pending.is_empty() { None } else { event.subject_text() };
-    match s.store.accept_with(delivery, matches.jobs, matches.pending, subject_text).await {
-        Ok(Accepted::Duplicate) => {
-            s.metrics.delivery(&event.kind, "duplicate");
+async fn admit(s: &Ingress, event: Event, signed: Option<(&str, &[u8])>) -> Response {
+    let door = Door { store: &s.store, rules: &s.rules, wake: Some(&s.wake), reject_replays: s.reject_replays };
+    let (id, kind) = (event.delivery.clone(), event.kind.clone());
+    match door.admit(event, Origin::Webhook { signed }).await {
+        Ok(Some(Admission { accepted: Accepted::Duplicate, .. })) => {
+            s.metrics.delivery(&kind, "duplicate");
             tracing::info!(delivery = %id, "Duplicate delivery ignored.");
             answer(StatusCode::OK, json!({ "duplicate": true, "delivery": id }))
         }
-        Ok(Accepted::Replay { of }) => {
-            s.metrics.delivery(&event.kind, "replay");
+        Ok(Some(Admission { accepted: Accepted::Replay { of }, .. })) => {
+            s.metrics.delivery(&kind, "replay");
             tracing::warn!(delivery = %id, first = %of, "A body already delivered came again under a new delivery id; ignored as a replay.");
             answer(StatusCode::OK, json!({ "duplicate": true, "replay": true, "replay_of": of, "delivery": id }))
         }
-        Ok(Accepted::New(admitted)) => {
-            s.metrics.delivery(&event.kind, "accepted");
-            // Only a new delivery moves a pull request's head (a redelivery
-            // of an old event must not), and only forward.
-            if let (Some(repo), Some(n), Some(sha), "pull_request") =
-                (event.repo_name(), event.subject, event.head_sha.as_deref(), event.name.as_str())
-            {
-                let updated_at = event.payload["pull_request"]["updated_at"].as_str().unwrap_or_default();
-                let head = crate::store::PrHead {
-                    sha: sha.to_string(),
-                    in_repo: event.head_in_repo,
-                    branch: event.branch.clone(),
-                    repo: event.head_repo.clone(),
-                    maintainer_can_modify: event.maintainer_can_modify,
-                };
-                if let Err(e) = s.store.set_head(repo, n, &head, updated_at).await {
-                    tracing::warn!(delivery = %id, error = %e, "Could not note the pull request's head.");
-                }
-            }
-            let mut jobs = admitted.jobs;
-            match approve(s, &rules, &event).await {
-                Ok(approved) => jobs.extend(approved),
-                Err(e) => tracing::error!(delivery = %id, error = %e, "Approving held jobs failed."),
-            }
-            tracing::info!(delivery = %id, event = %event.kind, jobs = jobs.len(), held, skipped = admitted.skipped.len(), "Delivery accepted.");
-            if !jobs.is_empty() {
-                s.wake.notify_one();
-            }
+        Ok(Some(Admission { accepted: Accepted::New(admitted), held })) => {
+            s.metrics.delivery(&kind, "accepted");
+            tracing::info!(delivery = %id, event = %kind, jobs = admitted.jobs.len(), held, skipped = admitted.skipped.len(), "Delivery accepted.");
             let skipped: Vec<_> =
                 admitted.skipped.iter().map(|k| json!({ "trigger": k.trigger, "reason": k.reason })).collect();
-            answer(StatusCode::ACCEPTED, json!({ "delivery": id, "jobs": jobs, "skipped": skipped, "held": held }))
+            answer(
+                StatusCode::ACCEPTED,
+                json!({ "delivery": id, "jobs": admitted.jobs, "skipped": skipped, "held": held }),
+            )
         }
+        // A webhook is always stored, matched or not.
+        Ok(None) => answer(StatusCode::ACCEPTED, json!({ "delivery": id, "jobs": [], "skipped": [], "held": 0 })),
         Err(e) => {
             // Not stored, so not acknowledged: the sender sees the failure
             // and the delivery can be sent again.
-            s.metrics.delivery(&event.kind, "failed");
+            s.metrics.delivery(&kind, "failed");
             tracing::error!(delivery = %id, error = %e, "Delivery could not be stored.");
             error(StatusCode::SERVICE_UNAVAILABLE, "delivery could not be stored; retry later")
         }
     }
 }
-
-/// A comment on a pull request says nothing of the PR's head: what baton
-/// noted from the PR's own events fills it in before the rules look, so
-/// `allow_forks` applies to comments too and a `pr-head` job is pinned to
-/// the commit the commenter saw (not whatever the branch holds when the job
-/// runs). Nothing noted: the event stays as it came.
-async fn pin_comment_to_head(s: &Ingress, event: &mut Event) {
-    if event.comment.is_none() || !event.subject_is_pull_request || event.head_sha.is_some() {
-        return;
-    }
-    let (Some(repo), Some(n)) = (event.repo_name(), event.subject) else { return };
-    match s.store.pr_head(repo, n).await {
-        Ok(Some(head)) => {
-            event.head_sha = Some(head.sha);
-            event.head_in_repo = head.in_repo;
-            event.branch = head.branch;
-            event.head_repo = head.repo;
-            event.maintainer_can_modify = head.maintainer_can_modify;
-            event.head_pinned = true;
-        }
-        Ok(None) => {}
-        Err(e) => tracing::warn!(delivery = %event.delivery, error = %e, "Could not read the pull request's head."),
-    }
-}
-
-/// For an event on a pull request: the head each review trigger listening
-/// for it reviewed last, so an incremental review covers what changed since.
-async fn recall_reviews(s: &Ingress, rules: &crate::rules::RuleSet, event: &mut Event) {
-    let (Some(repo), Some(number), true) = (event.repo_name(), event.subject, event.subject_is_pull_request) else {
-        return;
-    };
-    let repo = repo.to_string();
-    let listening = rules.triggers().iter().filter(|t| {
-        t.output == crate::rules::OutputKind::Review && t.on.iter().any(|k| k == &event.kind || k == &event.name)
-    });
-    for t in listening {
-        let note = crate::store::Note::Reviewed { repo: repo.clone(), number, trigger: t.name.clone() };
-        match s.store.note(&note).await {
-            Ok(Some(v)) => {
-                if let Some(head) = v["head"].as_str() {
-                    event.reviewed.insert(t.name.clone(), head.to_string());
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(delivery = %event.delivery, error = %e, "Could not read what was reviewed before.")
-            }
-        }
-    }
-}
-
-/// Comments a review thread keeps, at most (the newest), and the
-/// characters kept of each.
-const THREAD_COMMENTS: usize = 50;
-const THREAD_COMMENT_CHARS: usize = 4000;
-
-/// A review comment's payload names its place in the diff but not the
-/// conversation it answers: baton notes every review comment it is sent
-/// (its own included, before the rules drop those) by thread, and a new one
-/// carries what came before it. Noted before it is stored, by comment id, so
-/// a delivery sent again adds nothing twice.
-async fn note_thread(s: &Ingress, event: &mut Event) {
-    let (Some(thread), Some(repo)) = (event.thread.as_mut(), event.repository.as_ref()) else { return };
-    if event.action.as_deref() != Some("created") {
-        return;
-    }
-    let key = crate::store::Note::Thread { repo: repo.full_name.clone(), root: thread.root };
-    let mut seen: Vec<crate::event::ThreadComment> = match s.store.note(&key).await {
-        Ok(v) => v.and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default(),
-        Err(e) => {
-            tracing::warn!(delivery = %event.delivery, error = %e, "Could not read the review thread.");
-            return;
-        }
-    };
-    for c in std::mem::take(&mut thread.comments) {
-        if !seen.iter().any(|s| s.id == c.id) {
-            let body = c.body.chars().take(THREAD_COMMENT_CHARS).collect();
-            seen.push(crate::event::ThreadComment { body, ..c });
-        }
-    }
-    let skip = seen.len().saturating_sub(THREAD_COMMENTS);
-    seen.drain(..skip);
-    if let Err(e) = s.store.set_note(&key, &serde_json::to_value(&seen).unwrap_or_default()).await {
-        tracing::warn!(delivery = %event.delivery, error = %e, "Could not note the review comment.");
-    }
-    thread.comments = seen;
-}
-
-/// `/baton approve` on an issue or PR, by someone a held job's trigger
-/// trusts, releases the jobs held there (for a PR: at its current head).
-async fn approve(
-    s: &Ingress,
-    rules: &crate::rules::RuleSet,
-    event: &Event,
-) -> Result<Vec<String>, crate::store::StoreError> {
-    let (Some(comment), Some(repo), Some(n)) = (&event.comment, event.repo_name(), event.subject) else {
-        return Ok(Vec::new());
-    };
-    if event.kind != "issue_comment.created" {
-        return Ok(Vec::new());
-    }
-    let Some(command) = crate::rules::command::parse(APPROVE, &comment.body) else { return Ok(Vec::new()) };
-    let edited_ok = command.argv.iter().any(|a| a == "--edited");
-    let current_text = event.subject_text();
-    // Never baton's own words (an injected agent's result could start with
-    // the command), never a bot's.
-    let bot_login = rules.bot_login();
-    let by_bot = event.sender.as_ref().is_some_and(|a| a.is_bot() || a.login == bot_login)
-        || comment.author.as_deref().is_some_and(|a| a == bot_login || a.ends_with("[bot]"));
-    if by_bot || comment.body.contains(crate::event::MARKER_PREFIX) {
-        tracing::info!(delivery = %event.delivery, "An approval by a bot or carrying baton's marker was ignored.");
-        return Ok(Vec::new());
-    }
-    let Some(assoc) = event.association.as_deref() else { return Ok(Vec::new()) };
-    let approver = crate::store::Approval {
-        by: comment.author.clone().or_else(|| event.sender.as_ref().map(|s| s.login.clone())).unwrap_or_default(),
-        at: chrono::Utc::now(),
-    };
-    let approved = s
-        .store
-        .approve(repo, n, &approver, |p| {
-            let trusted = rules.get(&p.spec.trigger).is_some_and(|t| t.filter.authors.iter().any(|a| a == assoc));
-            let unchanged = p.approvable(current_text.as_deref(), edited_ok);
-            if trusted && !unchanged {
-                tracing::warn!(
-                    delivery = %event.delivery, trigger = %p.spec.trigger,
-                    "A held job stays held: its issue or pull request was edited since; `/baton approve --edited` releases it."
-                );
-            }
-            trusted && unchanged
-        })
-        .await?;
-    if !approved.is_empty() {
-        tracing::info!(delivery = %event.delivery, jobs = approved.len(), approver = comment.author.as_deref().unwrap_or(""), "Held jobs approved.");
-    }
-    Ok(approved)
-}
-
-/// The comment that releases held jobs.
-const APPROVE: &str = "/baton approve";

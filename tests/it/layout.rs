@@ -104,3 +104,19 @@ fn the_domain_does_no_io_and_knows_no_store() {
         }
     }
 }
+
+/// Every event enters through one front door: nothing but `src/admit.rs`
+/// stores a delivery, so pinning, thread notes, review recall and approvals
+/// apply to webhooks, schedules, job ends and the API alike.
+#[test]
+fn every_event_enters_through_the_front_door() {
+    for (top, rel, text) in sources() {
+        if top == "admit" || top == "store" {
+            continue;
+        }
+        for call in [".accept(", ".accept_with("] {
+            let stores = text.match_indices(call).any(|(i, _)| text[..i].ends_with("store"));
+            assert!(!stores, "{rel} calls store{call}…): events go through admit::Door");
+        }
+    }
+}
