@@ -366,6 +366,8 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, mut cond: F) {
 }
 
 /// Like [`eventually`], saying what `context` shows when time runs out.
+// Only `tests/it`'s escape tests use it; `tests/pg` shares this file.
+#[allow(dead_code)]
 pub async fn eventually_or<F: FnMut() -> bool, C: Fn() -> String>(what: &str, mut cond: F, context: C) {
     let start = Instant::now();
     while !cond() {
