@@ -2,9 +2,10 @@
 //! session (Claude Code, Codex, any MCP client) hands work to baton and
 //! follows it.
 //!
-//! The tools speak only baton's HTTP API, through a [`Daemon`]: over HTTP
-//! for `baton mcp` (stdio, beside a running daemon), or in-process for the
-//! daemon's own `/mcp` (streamable HTTP). So both are one server, and
+//! The tools speak only baton's HTTP API, through its typed client
+//! ([`Client`], chosen per call by a [`Daemon`]): over HTTP for `baton mcp`
+//! (stdio, beside a running daemon), or in-process for the daemon's own
+//! `/mcp` (streamable HTTP). So both are one server, and
 //! whatever the API checks (token, fields, limits) holds for both. A failed
 //! call comes back as a tool error with the API's reason, never as a crash
 //! of the server.
