@@ -108,6 +108,21 @@ pub async fn serve(
     }
 
     let ready = Arc::new(AtomicBool::new(false));
+    let api = api::Api {
+        store: store.clone(),
+        engine: engine.clone(),
+        token: config.server.api_token.clone(),
+        wake: wake.clone(),
+        ready: ready.clone(),
+        rules: rules.clone(),
+        metrics: metrics.clone(),
+        hosts: Arc::new(api::Hosts::new(config.server.listen, config.server.public_url.as_deref())),
+        streams: Arc::new(tokio::sync::Semaphore::new(config.server.max_streams)),
+        web_url: config.server.public_url.clone().unwrap_or_else(|| format!("http://{addr}")),
+        stop: shutdown.clone(),
+    };
+    // `/mcp`'s tools are a client of the API, calling its routes in-process.
+    let mcp = crate::mcp::http_service(api::inner_routes(api.clone()), api.web_url.clone(), api.stop.clone());
     let app = ingress::router(ingress::Ingress {
         store: store.clone(),
         rules: rules.clone(),
@@ -121,19 +136,7 @@ pub async fn serve(
         reject_replays: config.server.reject_replays,
         metrics: metrics.clone(),
     })
-    .merge(api::router(api::Api {
-        store: store.clone(),
-        engine: engine.clone(),
-        token: config.server.api_token.clone(),
-        wake: wake.clone(),
-        ready: ready.clone(),
-        rules: rules.clone(),
-        metrics: metrics.clone(),
-        hosts: Arc::new(api::Hosts::new(config.server.listen, config.server.public_url.as_deref())),
-        streams: Arc::new(tokio::sync::Semaphore::new(config.server.max_streams)),
-        web_url: config.server.public_url.clone().unwrap_or_else(|| format!("http://{addr}")),
-        stop: shutdown.clone(),
-    }));
+    .merge(api::router(api.clone(), mcp));
 
     let workers = CancellationToken::new();
     // Another replica's new jobs and publications wake this one's workers.

@@ -8,6 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+use baton::api::client::Client;
+use baton::api::wire::{CreateJob, JobState, JobsQuery};
 use baton::config::Config;
 use baton::diag::Diagnostic;
 use baton::rules::{RuleSet, Verdict};
@@ -429,60 +431,42 @@ fn random_id() -> String {
 }
 
 async fn jobs(url: &str, command: JobsCommand) -> Result<ExitCode> {
-    let base = url.trim_end_matches('/');
-    let client = reqwest::Client::new();
     let token = std::env::var("BATON_API_TOKEN").ok().filter(|t| !t.is_empty());
-    let call = |method: reqwest::Method, path: String| {
-        let mut req = client.request(method, format!("{base}{path}"));
-        if let Some(t) = &token {
-            req = req.bearer_auth(t);
-        }
-        req
-    };
-    let json = |resp: reqwest::Response| async move {
-        let status = resp.status();
-        let v: serde_json::Value = resp.json().await.context("the daemon's answer is not JSON")?;
-        if !status.is_success() {
-            bail!("{}: {}", status.as_u16(), v.get("error").and_then(|e| e.as_str()).unwrap_or("request failed"));
-        }
-        Ok(v)
-    };
+    let client = Client::new(url, token.map(baton::config::Secret::new));
     match command {
         JobsCommand::List { state, trigger, limit } => {
-            let mut path = format!("/api/jobs?limit={limit}");
-            if let Some(s) = state {
-                path.push_str(&format!("&state={s}"));
-            }
-            if let Some(t) = trigger {
-                path.push_str(&format!("&trigger={t}"));
-            }
-            let v = json(call(reqwest::Method::GET, path).send().await.context("cannot reach the daemon")?).await?;
+            let query = JobsQuery { state, trigger, limit: Some(limit), ..JobsQuery::default() };
+            let list = client.jobs(&query).await?;
             println!("{:<16}  {:<10}  {:<20}  {:<28}  {:>7}  CREATED", "ID", "STATE", "TRIGGER", "REPO", "SUBJECT");
-            for j in v["jobs"].as_array().into_iter().flatten() {
-                let s = |k: &str| j[k].as_str().unwrap_or("-").to_string();
-                let subject = j["subject"].as_u64().map(|n| format!("#{n}")).unwrap_or_else(|| "-".into());
+            for j in list.jobs {
+                let subject = j.subject.map(|n| format!("#{n}")).unwrap_or_else(|| "-".into());
                 println!(
                     "{:<16}  {:<10}  {:<20}  {:<28}  {:>7}  {}",
-                    s("id"),
-                    s("state"),
-                    s("trigger"),
-                    s("repo"),
+                    j.id,
+                    j.state,
+                    j.trigger,
+                    j.repo.as_deref().unwrap_or("-"),
                     subject,
-                    s("created_at")
+                    // As the API writes it.
+                    serde_json::to_value(j.created_at)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
                 );
             }
         }
         JobsCommand::Show { id } => {
-            let v = json(call(reqwest::Method::GET, format!("/api/jobs/{id}")).send().await?).await?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            // Through a `Value`: its keys sorted, as this command always showed them.
+            let job = serde_json::to_value(client.job(&id).await?)?;
+            println!("{}", serde_json::to_string_pretty(&job)?);
         }
         JobsCommand::Cancel { id } => {
-            let v = json(call(reqwest::Method::POST, format!("/api/jobs/{id}/cancel")).send().await?).await?;
-            println!("{} {}", v["id"].as_str().unwrap_or(&id), v["state"].as_str().unwrap_or(""));
+            let job = client.cancel(&id).await?;
+            println!("{} {}", job.id, job.state);
         }
         JobsCommand::Retry { id } => {
-            let v = json(call(reqwest::Method::POST, format!("/api/jobs/{id}/retry")).send().await?).await?;
-            println!("{} {}", v["id"].as_str().unwrap_or(&id), v["state"].as_str().unwrap_or(""));
+            let job = client.retry(&id).await?;
+            println!("{} {}", job.id, job.state);
         }
         JobsCommand::Run {
             trigger,
@@ -498,54 +482,52 @@ async fn jobs(url: &str, command: JobsCommand) -> Result<ExitCode> {
             follow,
             raw,
         } => {
-            let mut body = serde_json::Map::new();
-            let mut put = |k: &str, v: Option<serde_json::Value>| {
-                if let Some(v) = v {
-                    body.insert(k.to_string(), v);
+            let inputs = match inputs.is_empty() {
+                true => None,
+                false => {
+                    let mut map = serde_json::Map::new();
+                    for pair in inputs {
+                        let Some((k, v)) = pair.split_once('=') else { bail!("--input {pair}: expected KEY=VALUE") };
+                        map.insert(k.to_string(), v.into());
+                    }
+                    Some(map)
                 }
             };
-            put("trigger", trigger.map(Into::into));
-            put("repo", repo.map(Into::into));
-            put("agent", agent.map(Into::into));
-            put("prompt", prompt.map(Into::into));
-            put("workspace", workspace.map(Into::into));
-            put("ref", git_ref.map(Into::into));
-            put("subject", subject.map(Into::into));
-            put("output", output.map(|kind| serde_json::json!({ "kind": kind })));
-            if !inputs.is_empty() {
-                let mut map = serde_json::Map::new();
-                for pair in inputs {
-                    let Some((k, v)) = pair.split_once('=') else { bail!("--input {pair}: expected KEY=VALUE") };
-                    map.insert(k.to_string(), v.into());
-                }
-                body.insert("inputs".into(), map.into());
-            }
-            let mut req = call(reqwest::Method::POST, "/api/jobs".into()).json(&body);
-            if let Some(key) = idempotency_key {
-                req = req.header("Idempotency-Key", key);
-            }
-            let job = json(req.send().await.context("cannot reach the daemon")?).await?;
-            let id = job["id"].as_str().context("the daemon's answer names no job")?.to_string();
+            let req = CreateJob {
+                trigger,
+                inputs,
+                agent,
+                repo,
+                workspace,
+                git_ref,
+                prompt,
+                output: output.map(|kind| serde_json::Map::from_iter([("kind".to_string(), kind.into())])),
+                subject,
+            };
+            let id = client.create(&req, idempotency_key.as_deref()).await?.job.id;
             if !follow {
                 println!("{id}");
                 return Ok(ExitCode::SUCCESS);
             }
             eprintln!("job {id}");
-            print_log(&call, &id, true, raw).await?;
-            let resp = call(reqwest::Method::GET, format!("/api/jobs/{id}")).send().await?;
-            let job = json(resp).await?;
-            let state = job["state"].as_str().unwrap_or("");
-            let error = job["error"].as_str().map(|e| format!(": {}", shown(e, raw))).unwrap_or_default();
-            eprintln!("job {id} {state}{error}");
-            if let Some(result) = job["result"].as_str() {
+            let job = client.follow_log(&id, FOLLOW_EVERY, |chunk| print_chunk(chunk, raw)).await?;
+            let error = job.error.as_deref().map(|e| format!(": {}", shown(e, raw))).unwrap_or_default();
+            eprintln!("job {id} {}{error}", job.state);
+            if let Some(result) = &job.result {
                 println!("{}", shown(result, raw));
             }
-            return Ok(if state == "succeeded" { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+            return Ok(if job.state == JobState::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE });
         }
-        JobsCommand::Logs { id, follow, raw } => print_log(&call, &id, follow, raw).await?,
+        JobsCommand::Logs { id, follow, raw } => match follow {
+            true => drop(client.follow_log(&id, FOLLOW_EVERY, |chunk| print_chunk(chunk, raw)).await?),
+            false => print_chunk(&client.log(&id).await?, raw)?,
+        },
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// How often `--follow` asks for more of a job's log.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 
 /// An agent's text for the terminal: its control characters escaped
 /// (`\x1b`), so that it cannot drive the terminal (OSC 52 writes the
@@ -558,59 +540,14 @@ fn shown(text: &str, raw: bool) -> std::borrow::Cow<'_, str> {
 }
 
 /// Writes a piece of a job's log to stdout (see `shown`).
-fn print_chunk(bytes: &[u8], raw: bool) -> Result<()> {
+fn print_chunk(bytes: &[u8], raw: bool) -> std::io::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout();
     match raw {
         true => out.write_all(bytes)?,
         false => out.write_all(shown(&String::from_utf8_lossy(bytes), false).as_bytes())?,
     }
-    out.flush()?;
-    Ok(())
-}
-
-/// Prints job `id`'s log; with `follow`, as it grows until the job ends.
-async fn print_log(
-    call: &impl Fn(reqwest::Method, String) -> reqwest::RequestBuilder,
-    id: &str,
-    follow: bool,
-    raw: bool,
-) -> Result<()> {
-    let mut printed = 0usize;
-    loop {
-        let resp = call(reqwest::Method::GET, format!("/api/jobs/{id}/log")).send().await?;
-        if !resp.status().is_success() {
-            bail!("{}: job {id} not found", resp.status().as_u16());
-        }
-        let text = resp.bytes().await?;
-        if text.len() > printed {
-            print_chunk(&text[printed..], raw)?;
-            printed = text.len();
-        }
-        if !follow {
-            return Ok(());
-        }
-        let job: serde_json::Value = call(reqwest::Method::GET, format!("/api/jobs/{id}")).send().await?.json().await?;
-        let state = job["state"].as_str().unwrap_or("");
-        if matches!(state, "succeeded" | "failed" | "cancelled") {
-            return follow_last(call, id, printed, raw).await;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
-/// After the job ended, prints what the log gained since the last read.
-async fn follow_last(
-    call: &impl Fn(reqwest::Method, String) -> reqwest::RequestBuilder,
-    id: &str,
-    printed: usize,
-    raw: bool,
-) -> Result<()> {
-    let text = call(reqwest::Method::GET, format!("/api/jobs/{id}/log")).send().await?.bytes().await?;
-    if text.len() > printed {
-        print_chunk(&text[printed..], raw)?;
-    }
-    Ok(())
+    out.flush()
 }
 
 // glibc's malloc was a sixth of ingest's CPU (webhook bodies parsed into

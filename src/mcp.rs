@@ -2,9 +2,10 @@
 //! session (Claude Code, Codex, any MCP client) hands work to baton and
 //! follows it.
 //!
-//! The tools speak only baton's HTTP API, through a [`Daemon`]: over HTTP
-//! for `baton mcp` (stdio, beside a running daemon), or in-process for the
-//! daemon's own `/mcp` (streamable HTTP). So both are one server, and
+//! The tools speak only baton's HTTP API, through its typed client
+//! ([`Client`], chosen per call by a [`Daemon`]): over HTTP for `baton mcp`
+//! (stdio, beside a running daemon), or in-process for the daemon's own
+//! `/mcp` (streamable HTTP). So both are one server, and
 //! whatever the API checks (token, fields, limits) holds for both. A failed
 //! call comes back as a tool error with the API's reason, never as a crash
 //! of the server.
@@ -20,6 +21,9 @@ use rmcp::{schemars, tool, tool_handler, tool_router, ErrorData, RoleServer, Ser
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::api::client::{Client, ClientError};
+use crate::api::wire::{self, CreateChild, CreateJob, Job, JobsQuery};
+use crate::config::Secret;
 use crate::engine::team::Caller;
 
 /// The longest `wait_job` blocks, whatever it is asked.
@@ -28,90 +32,32 @@ const MAX_WAIT: Duration = Duration::from_secs(600);
 const MAX_FAN_OUT: usize = 16;
 const POLL: Duration = Duration::from_millis(500);
 
-/// How the tools reach the API.
+/// How the tools reach the API: one [`Client`], over HTTP or in-process.
 #[derive(Clone)]
 pub enum Daemon {
-    /// A daemon at `url`, with the API token if one is set.
-    Http { url: String, token: Option<String>, http: reqwest::Client },
+    /// A daemon reached over HTTP (`baton mcp`).
+    Http(Client),
     /// The daemon's own routes, called in-process (its `/mcp`, which already
-    /// checked the caller's token).
+    /// checked the caller's token): each request answers as its caller.
     Local { routes: axum::Router, web_url: String },
 }
 
 impl Daemon {
     pub fn http(url: &str, token: Option<String>) -> Daemon {
-        Daemon::Http { url: url.trim_end_matches('/').to_string(), token, http: reqwest::Client::new() }
+        Daemon::Http(Client::new(url, token.map(Secret::new)))
     }
 
-    /// The dashboard's address for job `id`.
-    fn job_url(&self, id: &str) -> String {
-        let base = match self {
-            Daemon::Http { url, .. } => url,
-            Daemon::Local { web_url, .. } => web_url,
-        };
-        format!("{}/jobs/{id}", base.trim_end_matches('/'))
-    }
-
-    /// One API call: its status and its body (JSON, or the text as a string).
-    async fn call(
-        &self,
-        caller: Option<&Caller>,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<(u16, Value), String> {
-        let (status, bytes) = match self {
-            Daemon::Http { url, token, http } => {
-                let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
-                let mut req = http.request(method, format!("{url}{path}"));
-                if let Some(t) = token {
-                    req = req.bearer_auth(t);
-                }
-                if let Some(b) = body {
-                    req = req.json(b);
-                }
-                let resp = req.send().await.map_err(|e| format!("cannot reach baton at {url}: {e}"))?;
-                let status = resp.status().as_u16();
-                (status, resp.bytes().await.map_err(|e| e.to_string())?.to_vec())
-            }
-            Daemon::Local { routes, .. } => {
-                use tower::ServiceExt as _;
-                // `/mcp` let the request in with the caller it found; the
-                // routes answer as that caller.
-                let caller = caller.ok_or("the request reached /mcp without a caller")?;
-                let req = axum::http::Request::builder()
-                    .extension(caller.clone())
-                    .method(method)
-                    .uri(path)
-                    .header("content-type", "application/json")
-                    .body(axum::body::Body::from(body.map(|b| b.to_string()).unwrap_or_default()))
-                    .map_err(|e| e.to_string())?;
-                let resp = routes.clone().oneshot(req).await.map_err(|e| e.to_string())?;
-                let status = resp.status().as_u16();
-                let bytes =
-                    axum::body::to_bytes(resp.into_body(), 64 * 1024 * 1024).await.map_err(|e| e.to_string())?;
-                (status, bytes.to_vec())
-            }
-        };
-        let value =
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
-        Ok((status, value))
-    }
-
-    /// A call whose non-2xx answer is an error naming the API's reason.
-    async fn ok(
-        &self,
-        caller: Option<&Caller>,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<Value, String> {
-        let (status, v) = self.call(caller, method, path, body).await?;
-        if (200..300).contains(&status) {
-            return Ok(v);
+    /// The client for one tool call by `caller` (none over stdio: there the
+    /// daemon's HTTP API checks the token itself).
+    fn client(&self, caller: Option<&Caller>) -> Result<Client, String> {
+        match self {
+            Daemon::Http(client) => Ok(client.clone()),
+            // `/mcp` let the request in with the caller it found; the
+            // routes answer as that caller.
+            Daemon::Local { routes, web_url } => caller
+                .map(|c| Client::local(routes.clone(), c.clone(), web_url))
+                .ok_or_else(|| "the request reached /mcp without a caller".to_string()),
         }
-        let reason = v.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| v.to_string());
-        Err(format!("{status}: {reason}"))
     }
 }
 
@@ -196,10 +142,6 @@ pub struct RunTrigger {
     pub subject: Option<u64>,
 }
 
-fn ended(job: &Value) -> bool {
-    matches!(job["state"].as_str(), Some("succeeded" | "failed" | "cancelled"))
-}
-
 fn answer(v: Value) -> Result<CallToolResult, ErrorData> {
     let text = serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string());
     Ok(CallToolResult::success(vec![ContentBlock::text(text)]))
@@ -210,7 +152,8 @@ fn refuse(reason: impl Into<String>) -> Result<CallToolResult, ErrorData> {
 }
 
 /// What a caller needs of a job: no spec, no internals.
-fn summary(job: &Value) -> Value {
+fn summary(job: &Job) -> Value {
+    let job = serde_json::to_value(job).unwrap_or_default();
     json!({
         "id": job["id"], "state": job["state"], "trigger": job["trigger"], "repo": job["repo"], "parent": job["parent"],
         "subject": job["subject"], "attempts": job["attempts"], "error": job["error"],
@@ -238,21 +181,35 @@ impl BatonMcp {
         Parameters(d): Parameters<Delegate>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let caller = caller(&ctx);
-        let mut base = Map::new();
-        let mut put = |k: &str, v: Option<Value>| {
-            if let Some(v) = v {
-                base.insert(k.into(), v);
-            }
+        let client = match self.daemon.client(caller(&ctx)) {
+            Ok(c) => c,
+            Err(e) => return refuse(e),
         };
-        put("trigger", d.trigger.map(Value::from));
-        put("inputs", d.inputs.map(Value::from));
-        put("agent", d.agent.map(Value::from));
-        put("repo", d.repo.map(Value::from));
-        put("workspace", d.workspace.map(Value::from));
-        put("ref", d.git_ref.map(Value::from));
-        put("output", d.output.map(Value::from));
-        put("subject", d.subject.map(Value::from));
+        // A team's agent asks for children of its own job, which take fewer
+        // fields: the rest are refused here in the words the API used.
+        if client.is_team() {
+            if d.trigger.is_some() {
+                return refuse(format!("403: {}", wire::CHILD_NO_TRIGGER));
+            }
+            let given =
+                [("inputs", d.inputs.is_some()), ("output", d.output.is_some()), ("subject", d.subject.is_some())];
+            if let Some((field, _)) = given.iter().find(|(_, given)| *given) {
+                return refuse(format!(
+                    "400: {field}: a child job takes only agent, prompt, workspace, ref, repo and share"
+                ));
+            }
+        }
+        let base = CreateJob {
+            trigger: d.trigger,
+            inputs: d.inputs,
+            agent: d.agent,
+            repo: d.repo,
+            workspace: d.workspace,
+            git_ref: d.git_ref,
+            prompt: None,
+            output: d.output,
+            subject: d.subject,
+        };
         let prompts: Vec<Option<String>> = match (d.prompts, d.count) {
             (Some(_), Some(_)) => return refuse("give `count` or `prompts`, not both"),
             (Some(list), None) => list.into_iter().map(Some).collect(),
@@ -264,18 +221,25 @@ impl BatonMcp {
         let mut jobs = Vec::new();
         let count = prompts.len();
         for (i, prompt) in prompts.into_iter().enumerate() {
-            let mut body = base.clone();
-            if let Some(p) = prompt {
-                body.insert("prompt".into(), p.into());
-            }
-            // A team's fan-out shares what its budget leaves equally.
-            if caller.is_some_and(Caller::is_team) && count > 1 {
-                body.insert("share".into(), (count - i).into());
-            }
-            match self.daemon.ok(caller, "POST", "/api/jobs", Some(&Value::Object(body))).await {
-                Ok(job) => {
-                    let id = job["id"].as_str().unwrap_or_default().to_string();
-                    jobs.push(json!({ "id": id, "state": job["state"], "url": self.daemon.job_url(&id) }));
+            let req = CreateJob { prompt, ..base.clone() };
+            let created = if client.is_team() {
+                let child = CreateChild {
+                    agent: req.agent,
+                    prompt: req.prompt,
+                    workspace: req.workspace,
+                    git_ref: req.git_ref,
+                    repo: req.repo,
+                    // A team's fan-out shares what its budget leaves equally.
+                    share: (count > 1).then(|| u32::try_from(count - i).unwrap_or(1)),
+                };
+                client.create_child(&child, None).await
+            } else {
+                client.create(&req, None).await
+            };
+            match created.map_err(|e| e.to_string()) {
+                Ok(c) => {
+                    let id = c.job.id;
+                    jobs.push(json!({ "id": id, "state": c.job.state, "url": client.job_url(&id) }));
                 }
                 // Those already started keep running; the caller learns which.
                 Err(e) if jobs.is_empty() => return refuse(e),
@@ -291,17 +255,18 @@ impl BatonMcp {
         Parameters(q): Parameters<ListJobs>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let mut path = format!("/api/jobs?limit={}", q.limit.unwrap_or(20).clamp(1, 500));
-        for (k, v) in [("state", q.state), ("trigger", q.trigger), ("parent", q.parent)] {
-            if let Some(v) = v {
-                path.push_str(&format!(
-                    "&{k}={}",
-                    v.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_', "")
-                ));
-            }
-        }
-        match self.daemon.ok(caller(&ctx), "GET", &path, None).await {
-            Ok(v) => answer(json!({ "jobs": v["jobs"].as_array().map(|j| j.iter().map(summary).collect::<Vec<_>>()) })),
+        let query = JobsQuery {
+            state: q.state,
+            trigger: q.trigger,
+            parent: q.parent,
+            limit: Some(q.limit.unwrap_or(20).clamp(1, 500) as usize),
+            ..JobsQuery::default()
+        };
+        match self.client(&ctx).map(|c| async move { c.jobs(&query).await }) {
+            Ok(call) => match call.await {
+                Ok(list) => answer(json!({ "jobs": list.jobs.iter().map(summary).collect::<Vec<_>>() })),
+                Err(e) => refuse(e.to_string()),
+            },
             Err(e) => refuse(e),
         }
     }
@@ -325,9 +290,12 @@ impl BatonMcp {
         Parameters(l): Parameters<JobLog>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let text = match self.daemon.ok(caller(&ctx), "GET", &format!("/api/jobs/{}/log", encode(&l.id)), None).await {
-            Ok(Value::String(t)) => t,
-            Ok(other) => other.to_string(),
+        let log = match self.client(&ctx) {
+            Ok(c) => c.log(&l.id).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        let text = match log {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
             Err(e) => return refuse(e),
         };
         let len = text.len() as u64;
@@ -363,11 +331,11 @@ impl BatonMcp {
             let mut still = Vec::new();
             for id in pending {
                 match self.job(caller(&ctx), &id).await {
-                    Ok(job) if ended(&job) => {
+                    Ok(job) if job.state.is_final() => {
                         if let Some(token) = &progress {
                             let mut p = ProgressNotificationParam::new(token.clone(), (done.len() + 1) as f64);
                             p.total = Some(total as f64);
-                            p.message = Some(format!("job {id} {}", job["state"].as_str().unwrap_or("")));
+                            p.message = Some(format!("job {id} {}", job.state));
                             let _ = ctx.peer.notify_progress(p).await;
                         }
                         done.push(summary(&job));
@@ -394,7 +362,11 @@ impl BatonMcp {
         Parameters(j): Parameters<JobId>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        match self.daemon.ok(caller(&ctx), "POST", &format!("/api/jobs/{}/cancel", encode(&j.id)), None).await {
+        let cancelled = match self.client(&ctx) {
+            Ok(c) => c.cancel(&j.id).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match cancelled {
             Ok(job) => answer(summary(&job)),
             Err(e) => refuse(e),
         }
@@ -403,8 +375,12 @@ impl BatonMcp {
     #[tool(description = "The daemon's triggers: name, description, the events they start on and the agent; \
         those with `api` in `on` can be run with `run_trigger`.")]
     async fn list_triggers(&self, ctx: RequestContext<RoleServer>) -> Result<CallToolResult, ErrorData> {
-        match self.daemon.ok(caller(&ctx), "GET", "/api/triggers", None).await {
-            Ok(v) => answer(json!({ "triggers": v["triggers"] })),
+        let listed = match self.client(&ctx) {
+            Ok(c) => c.triggers().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match listed {
+            Ok(list) => answer(json!({ "triggers": list.triggers })),
             Err(e) => refuse(e),
         }
     }
@@ -416,26 +392,36 @@ impl BatonMcp {
         Parameters(r): Parameters<RunTrigger>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let mut body = json!({ "trigger": r.trigger, "inputs": r.inputs.unwrap_or_default() });
-        if let Some(repo) = r.repo {
-            body["repo"] = repo.into();
-        }
-        if let Some(s) = r.subject {
-            body["subject"] = s.into();
-        }
-        match self.daemon.ok(caller(&ctx), "POST", "/api/jobs", Some(&body)).await {
-            Ok(job) => {
-                let id = job["id"].as_str().unwrap_or_default().to_string();
-                answer(json!({ "id": id, "state": job["state"], "url": self.daemon.job_url(&id) }))
+        let req = CreateJob {
+            trigger: Some(r.trigger),
+            inputs: Some(r.inputs.unwrap_or_default()),
+            repo: r.repo,
+            subject: r.subject,
+            ..CreateJob::default()
+        };
+        let client = match self.client(&ctx) {
+            Ok(c) => c,
+            Err(e) => return refuse(e),
+        };
+        match client.create(&req, None).await {
+            Ok(c) => {
+                let id = c.job.id;
+                answer(json!({ "id": id, "state": c.job.state, "url": client.job_url(&id) }))
             }
-            Err(e) => refuse(e),
+            Err(e) => refuse(e.to_string()),
         }
     }
 }
 
 impl BatonMcp {
-    async fn job(&self, caller: Option<&Caller>, id: &str) -> Result<Value, String> {
-        self.daemon.ok(caller, "GET", &format!("/api/jobs/{}", encode(id)), None).await
+    /// The API client for the caller of this tool call.
+    fn client(&self, ctx: &RequestContext<RoleServer>) -> Result<Client, String> {
+        self.daemon.client(caller(ctx))
+    }
+
+    async fn job(&self, caller: Option<&Caller>, id: &str) -> Result<Job, String> {
+        let client = self.daemon.client(caller)?;
+        client.job(id).await.map_err(|e: ClientError| e.to_string())
     }
 }
 
@@ -443,11 +429,6 @@ impl BatonMcp {
 /// daemon's HTTP API checks the token itself).
 fn caller(ctx: &RequestContext<RoleServer>) -> Option<&Caller> {
     ctx.extensions.get::<axum::http::request::Parts>().and_then(|p| p.extensions.get::<Caller>())
-}
-
-/// A job id as a path segment (ids are hex; anything else cannot match).
-fn encode(id: &str) -> String {
-    id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect()
 }
 
 #[tool_handler]

@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
+use super::wire::{self, BadField, CreateChild, CreateJob, ErrorBody};
 use super::{error, store_error, Api};
 use crate::admit::{Admission, Door, Origin};
 use crate::engine::team::{self, Caller, Grant};
@@ -30,13 +31,11 @@ pub const API_EVENT: &str = "api";
 /// The name of a job made up from a request's own fields.
 pub const ADHOC_TRIGGER: &str = "api";
 
-const FIELDS: [&str; 9] = ["trigger", "inputs", "agent", "repo", "workspace", "ref", "prompt", "output", "subject"];
-
 /// Why a request made no job.
 #[derive(Debug)]
 enum Refusal {
     /// 400, naming the field at fault.
-    Bad { field: String, message: String },
+    Bad(BadField),
     /// 403: this daemon, or this caller, creates no such job.
     Forbidden(String),
     /// The store could not answer.
@@ -46,10 +45,7 @@ enum Refusal {
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         match self {
-            Refusal::Bad { field, message } => {
-                let body = json!({ "error": format!("{field}: {message}"), "field": field });
-                (StatusCode::BAD_REQUEST, Json(body)).into_response()
-            }
+            Refusal::Bad(bad) => (StatusCode::BAD_REQUEST, Json(ErrorBody::from(bad))).into_response(),
             Refusal::Forbidden(why) => error(StatusCode::FORBIDDEN, why),
             Refusal::Store(e) => store_error(e),
         }
@@ -57,16 +53,12 @@ impl IntoResponse for Refusal {
 }
 
 fn bad(field: &str, message: impl std::fmt::Display) -> Refusal {
-    Refusal::Bad { field: field.to_string(), message: message.to_string() }
+    Refusal::Bad(BadField::new(field, message))
 }
 
-/// A string field, if given.
-fn text<'a>(body: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, Refusal> {
-    match body.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s)),
-        Some(Value::String(_)) => Err(bad(field, "must not be empty")),
-        Some(_) => Err(bad(field, "must be a string")),
+impl From<BadField> for Refusal {
+    fn from(bad: BadField) -> Refusal {
+        Refusal::Bad(bad)
     }
 }
 
@@ -87,11 +79,9 @@ async fn create(s: &Api, caller: &Caller, headers: &HeaderMap, body: &[u8]) -> R
     if s.token.is_none() && matches!(caller, Caller::Operator) {
         return Err(Refusal::Forbidden("creating jobs through the API needs server.api_token".into()));
     }
-    let body: Map<String, Value> = match serde_json::from_slice(body) {
-        Ok(Value::Object(map)) => map,
-        Ok(_) => return Err(bad("body", "must be a JSON object")),
-        Err(e) => return Err(bad("body", format!("not JSON: {e}"))),
-    };
+    // Kept as an object until the caller is known: which type it must be
+    // depends on who asks.
+    let body = wire::object(body)?;
     // A team's keys are its own: another job's key never finds this one's.
     let scope = match caller {
         Caller::Operator => API_EVENT.to_string(),
@@ -103,18 +93,20 @@ async fn create(s: &Api, caller: &Caller, headers: &HeaderMap, body: &[u8]) -> R
         Some(_) => return Err(bad("Idempotency-Key", "must be 1 to 200 visible ASCII characters")),
     };
     if let Caller::Team(grant) = caller {
-        return child(s, grant, &body, &delivery).await;
+        if body.contains_key("trigger") {
+            return Err(Refusal::Forbidden(wire::CHILD_NO_TRIGGER.into()));
+        }
+        return child(s, grant, wire::from_object(body)?, &delivery).await;
     }
-    if let Some(unknown) = body.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        return Err(bad(unknown, format!("unknown field; expected one of {}", FIELDS.join(", "))));
-    }
-    let event = event_of(&body, &delivery)?;
-    let trigger = text(&body, "trigger")?.map(str::to_string);
-    let (rules, name) = match trigger {
+    // A job's own field given (even as `null`) beside a trigger is refused:
+    // the trigger decides it, and silence would hide the mistake.
+    let given: Vec<&'static str> =
+        ["agent", "workspace", "ref", "prompt", "output"].into_iter().filter(|f| body.contains_key(*f)).collect();
+    let req: CreateJob = wire::from_object(body)?;
+    let event = event_of(&req, &delivery)?;
+    let (rules, name): (std::sync::Arc<RuleSet>, String) = match req.trigger.clone() {
         Some(name) => {
-            if let Some(field) =
-                ["agent", "workspace", "ref", "prompt", "output"].iter().find(|f| body.contains_key(**f))
-            {
+            if let Some(field) = given.first() {
                 return Err(bad(field, "comes from the trigger; give either `trigger` or the job's own fields"));
             }
             let rules = s.rules.current();
@@ -130,7 +122,7 @@ async fn create(s: &Api, caller: &Caller, headers: &HeaderMap, body: &[u8]) -> R
             }
             (rules, name)
         }
-        None => (std::sync::Arc::new(adhoc(s, &body)?), ADHOC_TRIGGER.to_string()),
+        None => (std::sync::Arc::new(adhoc(s, &req)?), ADHOC_TRIGGER.to_string()),
     };
     let spec = judge(&rules, &name, &event)?;
     admit(s, event, &name, spec).await
@@ -156,7 +148,10 @@ async fn admit(s: &Api, event: Event, name: &str, spec: crate::rules::JobSpec) -
     match door.admit(event, Origin::Api { spec: Box::new(spec) }).await {
         Ok(Some(Admission { accepted: Accepted::New(admitted), .. })) => {
             if let Some(skip) = admitted.skipped.first() {
-                let answer = json!({ "error": format!("not started: {}", skip.reason), "skipped": skip.reason });
+                let answer = ErrorBody {
+                    skipped: Some(skip.reason.clone()),
+                    ..ErrorBody::new(format!("not started: {}", skip.reason))
+                };
                 return Ok((StatusCode::TOO_MANY_REQUESTS, Json(answer)).into_response());
             }
             tracing::info!(job = %id, trigger = %name, "Job created through the API.");
@@ -168,52 +163,35 @@ async fn admit(s: &Api, event: Event, name: &str, spec: crate::rules::JobSpec) -
     }
 }
 
-/// Fields a team job's agent may give for a child (`share`: take this
-/// part of what the budget leaves, for a fan-out; `delegate` sets it).
-const CHILD_FIELDS: [&str; 6] = ["agent", "prompt", "workspace", "ref", "repo", "share"];
-
 /// A child of the job `grant` belongs to: one of its agents, on its
 /// repository (at its commit unless told otherwise), one level deeper, with
 /// what is left of its budget, and its result kept on the job for the
 /// parent to read.
-async fn child(s: &Api, grant: &Grant, body: &Map<String, Value>, delivery: &str) -> Result<Response, Refusal> {
-    if body.contains_key("trigger") {
-        return Err(Refusal::Forbidden("a job's agent starts children of its own job, never a trigger".into()));
-    }
-    if let Some(field) = body.keys().find(|k| !CHILD_FIELDS.contains(&k.as_str())) {
-        return Err(bad(field, format!("a child job takes only {}", CHILD_FIELDS.join(", "))));
-    }
+async fn child(s: &Api, grant: &Grant, req: CreateChild, delivery: &str) -> Result<Response, Refusal> {
     let config = s.engine.config();
-    let agent = text(body, "agent")?.ok_or_else(|| bad("agent", "is required"))?;
+    let agent = req.agent.as_deref().ok_or_else(|| bad("agent", "is required"))?;
     if !grant.agents.iter().any(|a| a == agent) {
         return Err(bad(
             "agent",
             format!("`{agent}` is not one this job may delegate to: [{}]", grant.agents.join(", ")),
         ));
     }
-    text(body, "prompt")?.ok_or_else(|| bad("prompt", "is required"))?;
-    if text(body, "repo")?.is_some_and(|r| Some(r) != grant.repo.as_deref()) {
+    let prompt = req.prompt.clone().ok_or_else(|| bad("prompt", "is required"))?;
+    if req.repo.as_deref().is_some_and(|r| Some(r) != grant.repo.as_deref()) {
         return Err(bad("repo", "a child works on its parent's repository"));
     }
     team::child_depth(grant, config.limits.max_chain_depth).map_err(|e| Refusal::Forbidden(e.to_string()))?;
-    let share = match body.get("share") {
-        None | Some(Value::Null) => 1,
-        Some(v) => v
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .filter(|n| *n >= 1)
-            .ok_or_else(|| bad("share", "must be a positive whole number"))?,
-    };
+    let share = req.share.unwrap_or(1);
     let committed = committed(s, &grant.job).await?;
     let budget = team::child_budget(grant, committed, share).map_err(|e| Refusal::Forbidden(e.to_string()))?;
 
-    let git_ref = text(body, "ref")?.map(str::to_string).or_else(|| grant.head_sha.clone());
+    let git_ref = req.git_ref.clone().or_else(|| grant.head_sha.clone());
     let default = match (&grant.repo, &git_ref) {
         (None, _) => "none",
         (Some(_), Some(_)) => "head-sha",
         (Some(_), None) => "default-branch",
     };
-    let workspace = text(body, "workspace")?.unwrap_or(default);
+    let workspace = req.workspace.as_deref().unwrap_or(default);
     // Children may hand work on, with the same agents, until the depth limit.
     let mut extra = vec![("delegate", toml_inline(&json!(grant.agents)).unwrap_or_default())];
     if let Some(usd) = budget {
@@ -221,12 +199,8 @@ async fn child(s: &Api, grant: &Grant, body: &Map<String, Value>, delivery: &str
     }
     let rules = compile(config, agent, workspace, &Map::new(), &extra)?;
 
-    let mut fields = Map::new();
-    fields.insert("prompt".into(), body.get("prompt").cloned().unwrap_or_default());
-    if let Some(repo) = &grant.repo {
-        fields.insert("repo".into(), repo.clone().into());
-    }
-    let mut event = event_of(&fields, delivery)?;
+    let own = CreateJob { prompt: Some(prompt), repo: grant.repo.clone(), ..CreateJob::default() };
+    let mut event = event_of(&own, delivery)?;
     if let Some(repo) = event.repository.as_mut() {
         repo.default_branch = grant.default_branch.clone().or(Some("HEAD".into()));
     }
@@ -280,22 +254,14 @@ fn random_id() -> String {
 }
 
 /// The `api` event of a request: its repository, subject and inputs.
-fn event_of(body: &Map<String, Value>, delivery: &str) -> Result<Event, Refusal> {
-    let repo = text(body, "repo")?;
+fn event_of(req: &CreateJob, delivery: &str) -> Result<Event, Refusal> {
+    let repo = req.repo.as_deref();
     if repo.is_some_and(|r| crate::event::split_repo_name(r).is_none()) {
         return Err(bad("repo", "must be owner/name"));
     }
-    let git_ref = text(body, "ref")?;
-    let subject = match body.get("subject") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(v.as_u64().filter(|n| *n > 0).ok_or_else(|| bad("subject", "must be an issue or PR number"))?),
-    };
-    let inputs = match body.get("inputs") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => m.clone(),
-        Some(_) => return Err(bad("inputs", "must be an object")),
-    };
-    let prompt = text(body, "prompt")?.unwrap_or_default();
+    let git_ref = req.git_ref.as_deref();
+    let inputs = req.inputs.clone().unwrap_or_default();
+    let prompt = req.prompt.as_deref().unwrap_or_default();
     let payload = json!({
         "inputs": inputs,
         "api": { "prompt": prompt },
@@ -309,32 +275,27 @@ fn event_of(body: &Map<String, Value>, delivery: &str) -> Result<Event, Refusal>
         id: None,
     });
     event.head_sha = git_ref.map(str::to_string);
-    event.subject = subject;
+    event.subject = req.subject;
     Ok(event)
 }
 
 /// The trigger a free-form request describes, compiled like a file: a
 /// mistake is reported under the request field it came from.
-fn adhoc(s: &Api, body: &Map<String, Value>) -> Result<RuleSet, Refusal> {
+fn adhoc(s: &Api, req: &CreateJob) -> Result<RuleSet, Refusal> {
     let config = s.engine.config();
     if !config.api.allow_adhoc {
         return Err(Refusal::Forbidden(
             "a job without `trigger` needs [api] allow_adhoc = true (and the agent in [api] agents)".into(),
         ));
     }
-    let agent = text(body, "agent")?.ok_or_else(|| bad("agent", "is required without `trigger`"))?;
+    let agent = req.agent.as_deref().ok_or_else(|| bad("agent", "is required without `trigger`"))?;
     if !config.api.agents.iter().any(|a| a == agent) {
         return Err(bad("agent", format!("`{agent}` is not one of [api] agents: [{}]", config.api.agents.join(", "))));
     }
-    text(body, "prompt")?.ok_or_else(|| bad("prompt", "is required without `trigger`"))?;
-    let repo = text(body, "repo")?;
-    let workspace = text(body, "workspace")?.unwrap_or(if repo.is_some() { "default-branch" } else { "none" });
-    let output = match body.get("output") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => m.clone(),
-        Some(_) => return Err(bad("output", "must be an object, e.g. {\"kind\": \"comment\"}")),
-    };
-    compile(config, agent, workspace, &output, &[])
+    req.prompt.as_deref().ok_or_else(|| bad("prompt", "is required without `trigger`"))?;
+    let default = if req.repo.is_some() { "default-branch" } else { "none" };
+    let workspace = req.workspace.as_deref().unwrap_or(default);
+    compile(config, agent, workspace, &req.output.clone().unwrap_or_default(), &[])
 }
 
 /// A trigger on `api` events running `agent` in `workspace` on the event's

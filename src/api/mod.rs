@@ -14,7 +14,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use serde_json::json;
 use tokio::sync::Notify;
 
 use crate::config::Secret;
@@ -22,9 +21,11 @@ pub use crate::engine::team::Caller;
 use crate::engine::Engine;
 use crate::store::{JobQuery, JobState, Store, StoreError};
 
+pub mod client;
 mod create;
 mod dashboard;
 mod origin;
+pub mod wire;
 
 pub use create::API_EVENT;
 
@@ -54,18 +55,28 @@ pub struct Api {
     pub stop: tokio_util::sync::CancellationToken,
 }
 
-pub fn router(state: Api) -> Router {
-    // `/mcp`'s tools call these routes in-process: the caller's token was
-    // checked at `/mcp` already.
-    let inner = routes().with_state(state.clone());
-    let mcp = crate::mcp::http_service(inner, state.web_url.clone(), state.stop.clone());
+/// The API's routes without their guards, for `/mcp`'s tools to call
+/// in-process: the caller's token was checked at `/mcp` already.
+pub fn inner_routes(state: Api) -> Router {
+    routes().with_state(state)
+}
+
+/// Every route, guarded, with `mcp` served at `/mcp` behind the same
+/// guards. The daemon builds `mcp` (over [`inner_routes`]): the MCP server
+/// is a client of this API, so the API does not know it.
+pub fn router<M>(state: Api, mcp: M) -> Router
+where
+    M: tower::Service<Request, Error = std::convert::Infallible> + Clone + Send + Sync + 'static,
+    M::Response: IntoResponse + 'static,
+    M::Future: Send + 'static,
+{
     let api = routes()
         .route_service("/mcp", mcp)
         .route_layer(middleware::from_fn_with_state(state.clone(), mcp_needs_token))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route_layer(middleware::from_fn_with_state(state.hosts.clone(), origin::same_site));
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({ "ok": true })) }))
+        .route("/healthz", get(|| async { Json(wire::Health { ok: true }) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(api)
@@ -96,7 +107,7 @@ async fn mcp_needs_token(State(s): State<Api>, req: Request, next: Next) -> Resp
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
+    (status, Json(wire::ErrorBody::new(message))).into_response()
 }
 
 fn store_error(e: StoreError) -> Response {
@@ -131,7 +142,7 @@ async fn require_token(State(s): State<Api>, mut req: Request, next: Next) -> Re
             return (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],
-                Json(json!({ "error": "missing or wrong bearer token" })),
+                Json(wire::ErrorBody::new("missing or wrong bearer token")),
             )
                 .into_response();
         }
@@ -150,7 +161,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn readyz(State(s): State<Api>) -> Response {
     if s.ready.load(Ordering::Acquire) {
-        Json(json!({ "ready": true })).into_response()
+        Json(wire::Ready { ready: true }).into_response()
     } else {
         error(StatusCode::SERVICE_UNAVAILABLE, "starting")
     }
@@ -202,12 +213,12 @@ async fn list_jobs(
         Ok(jobs) => {
             // A full page may have more behind it: `next` resumes after its last job.
             let next = (jobs.len() == limit).then(|| jobs.last().map(|j| j.seq.to_string())).flatten();
-            let mut answer = json!({ "jobs": jobs, "next": next });
+            let mut answer = wire::JobList { jobs, next, skipped: None };
             // One delivery's page also says what it matched but skipped
             // (rate limits, cooldowns, budgets), and why.
             if let Some(id) = &query.delivery {
                 match s.store.delivery(id).await {
-                    Ok(d) => answer["skipped"] = json!(d.map(|d| d.skipped).unwrap_or_default()),
+                    Ok(d) => answer.skipped = Some(d.map(|d| d.skipped).unwrap_or_default()),
                     Err(e) => return store_error(e),
                 }
             }
@@ -275,7 +286,7 @@ fn log_events(s: Api, id: String) -> Response {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "5")],
-            Json(json!({ "error": "too many live log streams; retry shortly or read the log without following" })),
+            Json(wire::ErrorBody::new("too many live log streams; retry shortly or read the log without following")),
         )
             .into_response();
     };
@@ -388,32 +399,28 @@ async fn list_triggers(State(s): State<Api>, Extension(caller): Extension<Caller
         return error(StatusCode::FORBIDDEN, "a job's agent starts only children of its own job");
     }
     let rules = s.rules.current();
-    let triggers: Vec<_> = rules
+    let triggers = rules
         .triggers()
         .iter()
-        .map(|t| {
-            json!({
-                "name": t.name,
-                "file": t.file.display().to_string(),
-                "description": t.description,
-                "on": t.on,
-                "agent": t.job.agent,
-            })
+        .map(|t| wire::TriggerInfo {
+            name: t.name.clone(),
+            file: t.file.display().to_string(),
+            description: t.description.clone(),
+            on: t.on.clone(),
+            agent: t.job.agent.clone(),
         })
         .collect();
-    let errors: Vec<_> = s
+    let errors = s
         .rules
         .errors()
         .iter()
-        .map(|d| {
-            json!({
-                "file": d.path.display().to_string(),
-                "line": d.line,
-                "col": d.col,
-                "message": d.message,
-                "error": d.to_string(),
-            })
+        .map(|d| wire::TriggerError {
+            file: d.path.display().to_string(),
+            line: d.line,
+            col: d.col,
+            message: d.message.clone(),
+            error: d.to_string(),
         })
         .collect();
-    Json(json!({ "triggers": triggers, "errors": errors })).into_response()
+    Json(wire::TriggerList { triggers, errors }).into_response()
 }

@@ -40,24 +40,24 @@ async fn job_listings_page_with_a_cursor() {
     }
     ids.reverse(); // the listing is newest first
     let mut seen = Vec::new();
-    let mut path = "/api/jobs?limit=2".to_string();
+    let client = baton.client();
+    let mut query = baton::api::wire::JobsQuery { limit: Some(2), ..Default::default() };
     let mut pages = 0;
     loop {
-        let (status, page) = baton.get(&path).await;
-        assert_eq!(status, 200, "{page}");
+        let page = client.jobs(&query).await.expect("a page");
         pages += 1;
-        seen.extend(page["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()));
-        match &page["next"] {
-            Value::String(next) => path = format!("/api/jobs?limit=2&cursor={next}"),
-            Value::Null => break,
-            other => panic!("next: {other}"),
+        seen.extend(page.jobs.into_iter().map(|j| j.id));
+        match page.next {
+            Some(next) => query.cursor = Some(next),
+            None => break,
         }
         assert!(pages < 10);
     }
     assert_eq!(seen, ids);
     assert_eq!(pages, 3);
-    let (status, answer) = baton.get("/api/jobs?cursor=nope").await;
-    assert_eq!(status, 400, "{answer}");
+    query.cursor = Some("nope".into());
+    let refused = client.jobs(&query).await.expect_err("a cursor no page gave");
+    assert_eq!(refused.status(), Some(400), "{refused}");
 }
 
 #[tokio::test]

@@ -2,7 +2,10 @@
 //! an `on = ["api"]` trigger or free-form, with the same queue, workspace,
 //! sandbox and outbox as a webhook's.
 
-use serde_json::{json, Value};
+use baton::api::client::{Client, ClientError};
+use baton::api::wire::{CreateJob, JobState};
+use baton::config::Secret;
+use serde_json::json;
 
 use crate::fake_github::FakeGitHub;
 use crate::harness::{bare_repo, eventually, Baton, Workdir};
@@ -46,12 +49,17 @@ pub(crate) fn daemon(fake: &FakeGitHub, extra: &str) -> (Workdir, Baton) {
 async fn a_trigger_with_on_api_runs_with_its_inputs() {
     let fake = FakeGitHub::start().await;
     let (_w, baton) = daemon(&fake, "");
-    let (status, job) = baton
-        .post_json("/api/jobs", &[], &json!({"trigger": "summarize", "repo": "o/r", "inputs": {"what": "the docs"}}))
-        .await;
-    assert_eq!(status, 201, "{job}");
-    assert_eq!((job["trigger"].as_str(), job["repo"].as_str()), (Some("summarize"), Some("o/r")), "{job}");
-    let done = baton.finished(job["id"].as_str().unwrap()).await;
+    let req = CreateJob {
+        trigger: Some("summarize".into()),
+        repo: Some("o/r".into()),
+        inputs: json!({"what": "the docs"}).as_object().cloned(),
+        ..CreateJob::default()
+    };
+    let created = baton.client().create(&req, None).await.expect("created");
+    let job = created.job;
+    assert!(created.new, "201: {job:?}");
+    assert_eq!((job.trigger.as_str(), job.repo.as_deref()), ("summarize", Some("o/r")), "{job:?}");
+    let done = baton.finished(&job.id).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     let result = done["result"].as_str().unwrap_or_default();
     assert!(result.contains("prompt: Summarize the docs in o/r"), "{result}");
@@ -63,17 +71,23 @@ async fn a_trigger_with_on_api_runs_with_its_inputs() {
 async fn an_idempotency_key_gives_one_job_for_two_requests() {
     let fake = FakeGitHub::start().await;
     let (_w, baton) = daemon(&fake, "");
-    let body = json!({"trigger": "summarize", "repo": "o/r", "inputs": {"what": "x"}});
-    let key = [("Idempotency-Key", "retry-me-1")];
-    let (first, a) = baton.post_json("/api/jobs", &key, &body).await;
-    let (second, b) = baton.post_json("/api/jobs", &key, &body).await;
-    assert_eq!((first, second), (201, 200), "{a}\n{b}");
-    assert_eq!(a["id"], b["id"]);
-    let (third, c) = baton.post_json("/api/jobs", &[("Idempotency-Key", "retry-me-2")], &body).await;
-    assert_eq!(third, 201, "{c}");
-    assert_ne!(a["id"], c["id"], "another key is another job");
-    let (_, listed) = baton.get("/api/jobs?trigger=summarize").await;
-    assert_eq!(listed["jobs"].as_array().map(Vec::len), Some(2), "{listed}");
+    let client = baton.client();
+    let req = CreateJob {
+        trigger: Some("summarize".into()),
+        repo: Some("o/r".into()),
+        inputs: json!({"what": "x"}).as_object().cloned(),
+        ..CreateJob::default()
+    };
+    let a = client.create(&req, Some("retry-me-1")).await.expect("first");
+    let b = client.create(&req, Some("retry-me-1")).await.expect("second");
+    assert_eq!((a.new, b.new), (true, false), "201 then 200: {a:?}\n{b:?}");
+    assert_eq!(a.job.id, b.job.id);
+    let c = client.create(&req, Some("retry-me-2")).await.expect("third");
+    assert!(c.new, "{c:?}");
+    assert_ne!(a.job.id, c.job.id, "another key is another job");
+    let query = baton::api::wire::JobsQuery { trigger: Some("summarize".into()), ..Default::default() };
+    let listed = client.jobs(&query).await.expect("listed");
+    assert_eq!(listed.jobs.len(), 2, "{listed:?}");
 }
 
 /// A free-form job needs `[api] allow_adhoc` and an agent of `[api]
@@ -82,16 +96,22 @@ async fn an_idempotency_key_gives_one_job_for_two_requests() {
 async fn a_free_form_job_runs_its_prompt_and_comments_its_result() {
     let fake = FakeGitHub::start().await;
     let (_w, off) = daemon(&fake, "");
-    let body = json!({"agent": "script", "repo": "o/r", "prompt": "Look at {{ this }}", "subject": 7,
-                      "output": {"kind": "comment", "progress": false}});
-    let (status, answer) = off.post_json("/api/jobs", &[], &body).await;
-    assert_eq!(status, 403, "free-form jobs are off by default: {answer}");
-    assert!(answer["error"].as_str().unwrap_or_default().contains("[api] allow_adhoc = true"), "{answer}");
+    let req = CreateJob {
+        agent: Some("script".into()),
+        repo: Some("o/r".into()),
+        prompt: Some("Look at {{ this }}".into()),
+        subject: Some(7),
+        output: json!({"kind": "comment", "progress": false}).as_object().cloned(),
+        ..CreateJob::default()
+    };
+    let refused = off.client().create(&req, None).await.expect_err("free-form jobs are off by default");
+    assert_eq!(refused.status(), Some(403), "{refused}");
+    assert!(refused.to_string().contains("[api] allow_adhoc = true"), "{refused}");
 
     let (_w, baton) = daemon(&fake, "[api]\nallow_adhoc = true\nagents = [\"script\"]\n");
-    let (status, job) = baton.post_json("/api/jobs", &[], &body).await;
-    assert_eq!(status, 201, "{job}");
-    let done = baton.finished(job["id"].as_str().unwrap()).await;
+    let created = baton.client().create(&req, None).await.expect("created");
+    assert!(created.new, "{created:?}");
+    let done = baton.finished(&created.job.id).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     // The prompt is the request's text, never a template.
     assert!(done["result"].as_str().unwrap_or_default().contains("prompt: Look at {{ this }}"), "{done}");
@@ -142,25 +162,24 @@ async fn bad_fields_answer_400_naming_the_field() {
 async fn creating_a_job_needs_the_api_token() {
     let fake = FakeGitHub::start().await;
     let (_w, baton) = daemon(&fake, "");
-    let body = json!({"trigger": "summarize", "repo": "o/r"});
-    let http = reqwest::Client::new();
-    for auth in [None, Some("Bearer wrong")] {
-        let mut req = http.post(format!("{}/api/jobs", baton.url)).json(&body);
-        if let Some(a) = auth {
-            req = req.header("Authorization", a);
-        }
-        assert_eq!(req.send().await.unwrap().status().as_u16(), 401, "{auth:?}");
+    let req = CreateJob { trigger: Some("summarize".into()), repo: Some("o/r".into()), ..CreateJob::default() };
+    for token in [None, Some(Secret::new("not-the-token-7f3a"))] {
+        let shown = format!("{token:?}");
+        let refused = Client::new(&baton.url, token).create(&req, None).await.expect_err("refused");
+        assert!(matches!(refused, ClientError::Api { status: 401, .. }), "{shown}: {refused}");
+        assert!(!format!("{refused} {refused:?}").contains("7f3a"), "the token never shows: {refused}");
     }
-    let (_, listed) = baton.get("/api/jobs").await;
-    assert_eq!(listed["jobs"], json!([]), "nothing was created");
+    let listed = baton.client().jobs(&Default::default()).await.expect("listed");
+    assert!(listed.jobs.is_empty(), "nothing was created: {listed:?}");
 
     let open = Workdir::new();
     open.config("[server]\nlisten = \"127.0.0.1:0\"\n");
     open.trigger("t", "on = [\"api\"]\n[job]\nagent = \"codex\"\nworkspace = \"none\"\nprompt = \"x\"\n");
     let open = Baton::start(open.path(), &[]);
-    let (status, answer) = open.post_json("/api/jobs", &[], &json!({"trigger": "t"})).await;
-    assert_eq!(status, 403, "{answer}");
-    assert!(answer["error"].as_str().unwrap_or_default().contains("server.api_token"), "{answer}");
+    let req = CreateJob { trigger: Some("t".into()), ..CreateJob::default() };
+    let refused = open.client().create(&req, None).await.expect_err("no token, no jobs");
+    assert_eq!(refused.status(), Some(403), "{refused}");
+    assert!(refused.to_string().contains("server.api_token"), "{refused}");
 }
 
 /// `baton jobs run --follow`: the job's log, then its result; the exit code
@@ -185,6 +204,6 @@ async fn baton_jobs_run_follows_a_job_to_its_result() {
     assert!(stdout.contains("prompt: from the shell") && stdout.contains("the readme of o/r"), "{stdout}");
     assert!(stderr.contains(" succeeded"), "{stderr}");
     let id = stderr.lines().next().and_then(|l| l.strip_prefix("job ")).unwrap_or_default().to_string();
-    let (_, job): (u16, Value) = baton.get(&format!("/api/jobs/{id}")).await;
-    assert_eq!(job["state"], "succeeded", "{job}");
+    let job = baton.client().job(&id).await.expect("the job");
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
 }

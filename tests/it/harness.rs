@@ -236,6 +236,13 @@ impl Baton {
         }
     }
 
+    /// The typed API client, with this daemon's token (if any).
+    pub fn client(&self) -> baton::api::client::Client {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        let token = self.token.as_deref().map(baton::config::Secret::new);
+        baton::api::client::Client::with_http(&self.url, token, http)
+    }
+
     /// POSTs `body` as JSON with `headers`.
     pub async fn post_json(&self, path: &str, headers: &[(&str, &str)], body: &Value) -> (u16, Value) {
         let mut req = self.request(reqwest::Method::POST, path).json(body);

@@ -65,10 +65,15 @@ fn team(fake: &FakeGitHub, extra: &str) -> (Workdir, Baton, PathBuf) {
 }
 
 async fn start(baton: &Baton, trigger: &str, task: &str) -> String {
-    let (status, job) =
-        baton.post_json("/api/jobs", &[], &json!({"trigger": trigger, "repo": "o/r", "inputs": {"task": task}})).await;
-    assert_eq!(status, 201, "{job}");
-    job["id"].as_str().unwrap().to_string()
+    let req = baton::api::wire::CreateJob {
+        trigger: Some(trigger.into()),
+        repo: Some("o/r".into()),
+        inputs: json!({ "task": task }).as_object().cloned(),
+        ..Default::default()
+    };
+    let created = baton.client().create(&req, None).await.expect("created");
+    assert!(created.new, "201: {created:?}");
+    created.job.id
 }
 
 async fn children(baton: &Baton, parent: &str) -> Vec<Value> {
