@@ -60,7 +60,7 @@ pub struct Engine {
     running: Mutex<HashMap<String, RunningJob>>,
     metrics: Arc<crate::metrics::Metrics>,
     /// Scrubs secrets from results and errors before anyone sees them.
-    redactor: crate::publish::redact::Redactor,
+    redactor: crate::redact::Redactor,
     /// Set when the daemon stops: a job stopped now is left `running`, to be
     /// resumed at the next start, rather than recorded as cancelled.
     stopping: std::sync::atomic::AtomicBool,
@@ -131,7 +131,7 @@ impl Engine {
         let publishing = credentials.is_some();
         // One redactor, built once: the engine scrubs results with it, the
         // planner everything it puts in the outbox.
-        let redactor = crate::publish::redact::Redactor::new(config.secrets());
+        let redactor = crate::redact::Redactor::new(config.secrets());
         Engine {
             planner: crate::publish::plan::Planner {
                 publishing,

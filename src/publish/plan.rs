@@ -5,8 +5,8 @@
 
 use chrono::Utc;
 
-use super::redact::Redactor;
 use crate::domain::{Job, JobState, Publication, PublicationState, Purpose, Subject, Target};
+use crate::redact::Redactor;
 use crate::rules::{JobSpec, OutputKind};
 
 /// Plans publications for the jobs of one daemon.
