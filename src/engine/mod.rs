@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{format_duration, AgentDef, Config, PromptMode, ResultMode};
-use crate::domain::Limits;
+use crate::domain::{Limits, NoOutbox, PlanOutbox};
 use crate::rules::{JobSpec, OutputKind, RuleSet, SharedRules};
 use crate::store::{Accepted, Delivery, Job, JobState, Outcome, Phases, Store, StoreError};
 use agent::{Ending, Invocation};
@@ -54,8 +54,12 @@ pub struct Engine {
     wake: Arc<Notify>,
     /// Woken when a publication is written to the outbox.
     publish_wake: Arc<Notify>,
-    /// What a job's start and end put on GitHub.
-    planner: crate::publish::plan::Planner,
+    /// What a job's start and end put in the outbox: the publisher's
+    /// planner, given by the daemon (`with_outbox`); nothing by default.
+    outbox: Arc<dyn PlanOutbox>,
+    /// Whether changes leave the machine (`pull_request` and `push`
+    /// outputs): only with credentials to push with.
+    publishing: bool,
     /// Running jobs by id.
     running: Mutex<HashMap<String, RunningJob>>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -129,16 +133,10 @@ impl Engine {
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Engine {
         let publishing = credentials.is_some();
-        // One redactor, built once: the engine scrubs results with it, the
-        // planner everything it puts in the outbox.
         let redactor = crate::redact::Redactor::new(config.secrets());
         Engine {
-            planner: crate::publish::plan::Planner {
-                publishing,
-                public_url: config.server.public_url.clone(),
-                redactor: redactor.clone(),
-                web_url: config.github.git_url.clone(),
-            },
+            outbox: Arc::new(NoOutbox),
+            publishing,
             lease: config.limits.job_lease,
             metrics,
             redactor,
@@ -162,6 +160,13 @@ impl Engine {
             grants: team::Grants::default(),
             api_addr: None,
         }
+    }
+
+    /// Plans what each job's start and end put in the outbox (the
+    /// publisher's planner); without it nothing is planned.
+    pub fn with_outbox(mut self, outbox: Arc<dyn PlanOutbox>) -> Engine {
+        self.outbox = outbox;
+        self
     }
 
     /// The address baton's API listens on, which the agents of a team reach
@@ -254,7 +259,7 @@ impl Engine {
     /// or fails it once interruptions or attempts run out.
     async fn put_back(&self, job: Job, why: &str) -> Result<(), StoreError> {
         let job = crate::domain::dispatch::interrupt(&job, why, Utc::now());
-        let publications = self.planner.at_end(&job);
+        let publications = self.outbox.at_end(&job);
         tracing::warn!(job = %job.id, state = %job.state, why, "Interrupted job put back.");
         self.store.finish(&job, &publications).await
     }
@@ -501,10 +506,10 @@ impl Engine {
             job.end_attempt(Outcome::ChainLimit, None, Some(why.clone()), now);
             job.end(JobState::Failed, None, Some(why), now);
             // Said once on the pull request; later refusals are quiet.
-            let publications = if first { self.planner.at_end(&job) } else { Vec::new() };
+            let publications = if first { self.outbox.at_end(&job) } else { Vec::new() };
             return self.finish(job, shipped, publications).await;
         }
-        let started = self.planner.at_start(&job);
+        let started = self.outbox.at_start(&job);
         if !started.is_empty() {
             job.progress.started = true;
             match self.store.start_publications(&job, &started).await {
@@ -588,7 +593,7 @@ impl Engine {
         for a in &mut job.history {
             a.error = a.error.as_deref().map(|e| self.redactor.redact(e));
         }
-        let publications = self.planner.at_end(&job);
+        let publications = self.outbox.at_end(&job);
         self.finish(job, shipped, publications).await
     }
 
@@ -921,10 +926,8 @@ impl Engine {
             return end;
         }
         match spec.output {
-            OutputKind::PullRequest if self.planner.publishing => {
-                self.push_changes(job, prepared, result, cancel).await
-            }
-            OutputKind::Push if self.planner.publishing => {
+            OutputKind::PullRequest if self.publishing => self.push_changes(job, prepared, result, cancel).await,
+            OutputKind::Push if self.publishing => {
                 self.push_to_pull_request(job, agent, prepared, result, cancel, report).await
             }
             _ => AttemptEnd::Succeeded(result, None),

@@ -103,7 +103,7 @@ impl Engine {
     fn commit_message(&self, job: &Job, result: &str) -> String {
         let mut titled = job.clone();
         titled.result = Some(self.redactor.redact(result));
-        let title = crate::publish::pull_request_title(&titled);
+        let title = self.outbox.pull_request_title(&titled);
         self.redactor.redact(&format!("{title}\n\nMade by baton (trigger {}, job {}).", job.trigger, job.id))
     }
 

@@ -181,6 +181,20 @@ impl Planner {
     }
 }
 
+impl crate::domain::PlanOutbox for Planner {
+    fn at_start(&self, job: &Job) -> Vec<Publication> {
+        Planner::at_start(self, job)
+    }
+
+    fn at_end(&self, job: &Job) -> Vec<Publication> {
+        Planner::at_end(self, job)
+    }
+
+    fn pull_request_title(&self, job: &Job) -> String {
+        super::pull_request_title(job)
+    }
+}
+
 /// The check run a job makes is named after its trigger.
 fn check_name(job: &Job) -> String {
     format!("baton/{}", job.trigger)
