@@ -13,6 +13,7 @@ pub mod approval;
 pub mod chain;
 pub mod dispatch;
 pub mod outbox;
+pub mod outcome;
 pub mod records;
 
 use std::fmt;

@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{format_duration, AgentDef, Config, PromptMode, ResultMode};
+use crate::domain::outcome::{self, RunEnd, Stop, Verdict};
 use crate::domain::{Limits, NoOutbox, PlanOutbox};
 use crate::rules::{JobSpec, OutputKind, RuleSet, SharedRules};
 use crate::store::{Accepted, Delivery, Job, JobState, Outcome, Phases, Store, StoreError};
@@ -877,45 +878,14 @@ impl Engine {
             }
             report.usage = Some(used);
         }
-        if let Some(hit) = run.limit {
-            return failed(
-                Outcome::Limit,
-                run_code(&run),
-                limit_message(&agent.name, hit, &agent.sandbox, self.config.storage.min_free),
-                false,
-            );
-        }
-        // Stopped by baton past its budget, or by the CLI's own cap.
         let spent = report.usage.as_ref().and_then(|u| u.cost_usd);
-        if let Some(b) = &budget {
-            if run.ending == Ending::OverBudget
-                || (spent.is_some_and(|s| s >= b.usd) && run.ending != Ending::Exited(Some(0)))
-            {
-                let spent = spent.map(crate::domain::dollars).unwrap_or_else(|| "an unknown amount".into());
-                let why = format!("budget of {} reached after {spent}", crate::domain::dollars(b.usd));
-                return failed(Outcome::Budget, run_code(&run), why, false);
-            }
-        }
-        match run.ending {
-            Ending::Cancelled => return AttemptEnd::Cancelled,
-            // Only a run with a budget is watched (handled above).
-            Ending::OverBudget => return failed(Outcome::Budget, None, "the run's budget is spent".into(), false),
-            // Recorded as the run's limit (handled above).
-            Ending::Limit(hit) => {
-                let why = limit_message(&agent.name, hit, &agent.sandbox, self.config.storage.min_free);
-                return failed(Outcome::Limit, None, why, false);
-            }
-            Ending::TimedOut(d) => {
-                return failed(Outcome::Timeout, None, format!("timeout after {}", format_duration(d)), true)
-            }
-            Ending::Exited(Some(0)) => {}
-            Ending::Exited(code) => {
-                return failed(
-                    Outcome::Exit,
-                    code,
-                    format!("agent `{}` exited with {}; see the job log", agent.name, agent::describe_exit(code)),
-                    true,
-                )
+        let end = run.end(budget.as_ref().map(|b| b.usd), spent);
+        match outcome::agent_run(&end) {
+            Verdict::Passed => {}
+            Verdict::Cancelled => return AttemptEnd::Cancelled,
+            Verdict::Failed { outcome, exit_code, retry } => {
+                let why = self.agent_failure(agent, &run, outcome, budget.as_ref(), spent);
+                return failed(outcome, exit_code, why, retry);
             }
         }
         let result = match inv.result(&run).await {
@@ -980,41 +950,75 @@ impl Engine {
             setup: None,
         };
         let started = std::time::Instant::now();
-        let outcome = v.run().await;
+        let ran = v.run().await;
         report.phases.verify_ms = Some(started.elapsed().as_millis() as u64);
-        if let Ok(r) = &outcome {
-            report.egress_blocked.extend(r.egress_blocked.iter().cloned());
-            if let Some(hit) = r.limit {
-                return Err(failed(
-                    Outcome::Limit,
-                    run_code(r),
-                    limit_message("verify", hit, &agent.sandbox, self.config.storage.min_free),
-                    false,
-                ));
+        let end = match &ran {
+            Ok(r) => {
+                report.egress_blocked.extend(r.egress_blocked.iter().cloned());
+                r.end(None, None)
             }
-        }
-        match outcome {
-            Err(e) => Err(failed(Outcome::VerifyFailed, None, format!("verify could not run: {e}"), false)),
-            Ok(r) => match r.ending {
-                Ending::Cancelled => Err(AttemptEnd::Cancelled),
-                Ending::Exited(Some(0)) => Ok(()),
-                ending => {
-                    let why = match ending {
-                        Ending::TimedOut(d) => format!("timeout after {}", format_duration(d)),
-                        Ending::Exited(code) => format!("exit {}", agent::describe_exit(code)),
+            Err(_) => RunEnd::of(Stop::NotStarted),
+        };
+        let (outcome, exit_code, retry) = match outcome::verify_run(&end) {
+            Verdict::Passed => return Ok(()),
+            Verdict::Cancelled => return Err(AttemptEnd::Cancelled),
+            Verdict::Failed { outcome, exit_code, retry } => (outcome, exit_code, retry),
+        };
+        let (error, feedback) = match &ran {
+            Err(e) => (format!("verify could not run: {e}"), None),
+            Ok(r) => match (outcome, r.limit) {
+                (Outcome::Limit, Some(hit)) => {
+                    (limit_message("verify", hit, &agent.sandbox, self.config.storage.min_free), None)
+                }
+                _ => {
+                    let why = match &r.ending {
+                        Ending::TimedOut(d) => format!("timeout after {}", format_duration(*d)),
+                        Ending::Exited(code) => format!("exit {}", agent::describe_exit(*code)),
                         Ending::Cancelled => "cancelled".into(),
                         Ending::OverBudget => "over budget".into(),
                         Ending::Limit(hit) => format!("stopped at {}", hit.key()),
                     };
-                    Err(AttemptEnd::Failed {
-                        outcome: Outcome::VerifyFailed,
-                        exit_code: Some(0),
-                        error: format!("verification `{}` failed ({why})", verify.join(" ")),
-                        retry: true,
-                        feedback: Some(tail(&r.output_tail, FEEDBACK_BYTES)),
-                    })
+                    let error = format!("verification `{}` failed ({why})", verify.join(" "));
+                    (error, Some(tail(&r.output_tail, FEEDBACK_BYTES)))
                 }
             },
+        };
+        Err(AttemptEnd::Failed { outcome, exit_code, error, retry, feedback })
+    }
+
+    /// What a failed agent run's error says, for the `outcome` it ended
+    /// with (`domain::outcome` decided it).
+    fn agent_failure(
+        &self,
+        agent: &AgentDef,
+        run: &agent::Run,
+        outcome: Outcome,
+        budget: Option<&agent::Budget>,
+        spent: Option<f64>,
+    ) -> String {
+        let hit = match run.ending {
+            Ending::Limit(hit) => run.limit.or(Some(hit)),
+            _ => run.limit,
+        };
+        match (outcome, hit, &run.ending) {
+            (Outcome::Limit, Some(hit), _) => {
+                limit_message(&agent.name, hit, &agent.sandbox, self.config.storage.min_free)
+            }
+            (Outcome::Budget, _, _) => match budget {
+                Some(b) => {
+                    let spent = spent.map(crate::domain::dollars).unwrap_or_else(|| "an unknown amount".into());
+                    format!("budget of {} reached after {spent}", crate::domain::dollars(b.usd))
+                }
+                None => "the run's budget is spent".into(),
+            },
+            (_, _, Ending::TimedOut(d)) => format!("timeout after {}", format_duration(*d)),
+            (_, _, ending) => {
+                let code = match ending {
+                    Ending::Exited(code) => *code,
+                    _ => None,
+                };
+                format!("agent `{}` exited with {}; see the job log", agent.name, agent::describe_exit(code))
+            }
         }
     }
 
@@ -1125,13 +1129,6 @@ fn is_workflow_path(path: &str) -> bool {
 /// Logged on every job while `[sandbox] enabled = false`.
 const UNSANDBOXED_WARNING: &str = "WARNING: the sandbox is off ([sandbox] enabled = false): this agent runs with \
      the daemon's own authority and can read its keys, its store and other jobs";
-
-fn run_code(run: &agent::Run) -> Option<i32> {
-    match run.ending {
-        Ending::Exited(code) => code,
-        _ => None,
-    }
-}
 
 /// Why a run that hit a sandbox cap failed.
 fn limit_message(who: &str, hit: crate::sandbox::LimitHit, profile: &crate::sandbox::Profile, min_free: u64) -> String {
