@@ -7,7 +7,8 @@
 
 use tokio_util::sync::CancellationToken;
 
-use super::{failed, is_workflow_path, workspace, AttemptEnd, Engine, Report};
+use super::attempt::{failed, is_workflow_path, AttemptEnd, Report};
+use super::{workspace, Engine};
 use crate::config::AgentDef;
 use crate::rules::JobSpec;
 use crate::store::{Job, Note, Outcome};
