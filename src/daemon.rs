@@ -99,6 +99,12 @@ pub async fn serve(
             credentials.clone(),
             metrics.clone(),
         )
+        .with_outbox(Arc::new(crate::publish::plan::Planner {
+            publishing: credentials.is_some(),
+            public_url: config.server.public_url.clone(),
+            redactor: crate::redact::Redactor::new(config.secrets()),
+            web_url: config.github.git_url.clone(),
+        }))
         .with_sandbox(sandbox)
         .with_api_addr(addr),
     );

@@ -21,6 +21,7 @@ pub mod ingress;
 pub mod mcp;
 pub mod metrics;
 pub mod publish;
+pub mod redact;
 pub mod rules;
 pub mod sandbox;
 pub mod schedule;

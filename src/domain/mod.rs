@@ -12,6 +12,8 @@ pub mod admission;
 pub mod approval;
 pub mod chain;
 pub mod dispatch;
+pub mod outbox;
+pub mod outcome;
 pub mod records;
 
 use std::fmt;
@@ -21,6 +23,7 @@ use sha2::{Digest, Sha256};
 pub use admission::{Accepted, Admission, AdmitView, Admitted, GroupState};
 pub use approval::Pending;
 pub use dispatch::{Limits, Load, QueueEntry};
+pub use outbox::{NoOutbox, PlanOutbox};
 pub use records::*;
 
 /// One write of a plan. A backend applies a plan's writes in order, all or

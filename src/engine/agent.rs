@@ -15,6 +15,7 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{format_duration, AgentDef, PromptMode, ResultMode, UsageFormat};
+use crate::domain::outcome::{RunEnd, Stop};
 use crate::sandbox::egress::Blocked;
 use crate::sandbox::usage::{Meter, Over};
 use crate::sandbox::{LimitHit, Sandbox};
@@ -86,6 +87,27 @@ pub struct Run {
     pub limit: Option<LimitHit>,
     /// Destinations its egress proxy refused.
     pub egress_blocked: Vec<Blocked>,
+}
+
+impl Ending {
+    /// How the run stopped, in the terms `domain::outcome` decides by.
+    pub fn stop(&self) -> Stop {
+        match self {
+            Ending::Exited(code) => Stop::Exited(*code),
+            Ending::TimedOut(_) => Stop::TimedOut,
+            Ending::Cancelled => Stop::Cancelled,
+            Ending::OverBudget => Stop::OverBudget,
+            Ending::Limit(_) => Stop::Limit,
+        }
+    }
+}
+
+impl Run {
+    /// Its end as `domain::outcome` weighs it: how it stopped, the sandbox
+    /// cap it ran into, and its budget and spend when it had one.
+    pub fn end(&self, budget_usd: Option<f64>, spent_usd: Option<f64>) -> RunEnd {
+        RunEnd { stop: self.ending.stop(), limit: self.limit.is_some(), budget_usd, spent_usd }
+    }
 }
 
 /// The sandbox a run is confined to, and what it sees besides its workspace.

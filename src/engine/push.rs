@@ -7,7 +7,8 @@
 
 use tokio_util::sync::CancellationToken;
 
-use super::{failed, is_workflow_path, workspace, AttemptEnd, Engine, Report};
+use super::attempt::{failed, is_workflow_path, AttemptEnd, Report};
+use super::{workspace, Engine};
 use crate::config::AgentDef;
 use crate::rules::JobSpec;
 use crate::store::{Job, Note, Outcome};
@@ -103,7 +104,7 @@ impl Engine {
     fn commit_message(&self, job: &Job, result: &str) -> String {
         let mut titled = job.clone();
         titled.result = Some(self.redactor.redact(result));
-        let title = crate::publish::pull_request_title(&titled);
+        let title = self.outbox.pull_request_title(&titled);
         self.redactor.redact(&format!("{title}\n\nMade by baton (trigger {}, job {}).", job.trigger, job.id))
     }
 

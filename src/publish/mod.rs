@@ -10,7 +10,6 @@ pub mod defuse;
 pub mod github;
 pub mod notify;
 pub mod plan;
-pub mod redact;
 pub mod review;
 
 use std::sync::Arc;

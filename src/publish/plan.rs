@@ -5,8 +5,8 @@
 
 use chrono::Utc;
 
-use super::redact::Redactor;
 use crate::domain::{Job, JobState, Publication, PublicationState, Purpose, Subject, Target};
+use crate::redact::Redactor;
 use crate::rules::{JobSpec, OutputKind};
 
 /// Plans publications for the jobs of one daemon.
@@ -178,6 +178,20 @@ impl Planner {
             maybe_sent: false,
             remote_id: None,
         }
+    }
+}
+
+impl crate::domain::PlanOutbox for Planner {
+    fn at_start(&self, job: &Job) -> Vec<Publication> {
+        Planner::at_start(self, job)
+    }
+
+    fn at_end(&self, job: &Job) -> Vec<Publication> {
+        Planner::at_end(self, job)
+    }
+
+    fn pull_request_title(&self, job: &Job) -> String {
+        super::pull_request_title(job)
     }
 }
 

@@ -1,5 +1,6 @@
 //! The shape of the code, checked: the module graph has no cycle, only the
-//! store names a database crate, and the domain does no IO.
+//! store names a database crate, the domain does no IO, and the engine
+//! never imports the publisher.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -118,5 +119,16 @@ fn every_event_enters_through_the_front_door() {
             let stores = text.match_indices(call).any(|(i, _)| text[..i].ends_with("store"));
             assert!(!stores, "{rel} calls store{call}…): events go through admit::Door");
         }
+    }
+}
+
+#[test]
+fn the_engine_hands_off_to_publishing_only_through_the_store() {
+    // The engine writes outbox records with a job's state; what they hold
+    // is the publisher's planner's to say, through `domain::PlanOutbox`.
+    let g = graph();
+    assert!(!g["engine"].contains("publish"), "engine imports {:?}", g["engine"]);
+    for (top, rel, text) in sources() {
+        assert!(top != "engine" || !text.contains("publish::"), "{rel} names publish::");
     }
 }

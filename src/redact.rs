@@ -2,6 +2,10 @@
 //! error may quote a token it found, and neither the API nor GitHub may see
 //! it. Known token shapes (GitHub, OpenAI, Anthropic, AWS, private keys) and
 //! the daemon's own configured secrets become `[redacted]`.
+//!
+//! Neutral ground: the engine scrubs results and logs with it, the
+//! publisher's planner every body it writes, the API every log it serves;
+//! none of them owns it. It imports only `config` (for `Secret`).
 
 use crate::config::Secret;
 
