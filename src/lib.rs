@@ -7,14 +7,13 @@
 //! over MCP; `daemon` wires it all.
 
 pub mod api;
-pub mod auth;
-pub mod catchup;
 pub mod config;
 pub mod daemon;
 pub mod diag;
 pub mod domain;
 pub mod engine;
 pub mod event;
+pub mod forge;
 pub mod harden;
 pub mod ingress;
 pub mod mcp;

@@ -365,7 +365,7 @@ async fn simulate(event: &str, payload: &Path, path: Option<&Path>, run: bool) -
     let body = std::fs::read(payload).with_context(|| format!("cannot read {}", payload.display()))?;
     let name = event.split('.').next().unwrap_or(event);
     let ev =
-        baton::event::github::normalize(name, "simulated", &body).with_context(|| format!("{}", payload.display()))?;
+        baton::forge::github::normalize(name, "simulated", &body).with_context(|| format!("{}", payload.display()))?;
     println!("event: {}", ev.kind);
     let mut matched = Vec::new();
     for (trigger, verdict) in rules.explain(&ev) {
@@ -404,7 +404,7 @@ async fn simulate(event: &str, payload: &Path, path: Option<&Path>, run: bool) -
 async fn deliver(url: &str, secret: &str, event: &str, delivery: Option<String>, file: &Path) -> Result<ExitCode> {
     let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let delivery = delivery.unwrap_or_else(random_id);
-    let signature = baton::ingress::signature::sign(secret.as_bytes(), &body);
+    let signature = baton::forge::signature::sign(secret.as_bytes(), &body);
     let resp = reqwest::Client::new()
         .post(url)
         .header("content-type", "application/json")

@@ -35,8 +35,8 @@ use base64::Engine as _;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Credentials;
 use crate::config::Secret;
+use crate::forge::github::auth::Credentials;
 use crate::rules::Workspace;
 
 /// The least a git command that talks to a remote may take.
@@ -62,7 +62,7 @@ pub enum WorkspaceError {
     #[error("the branch moved from {from} to {to}")]
     BranchMoved { from: String, to: String },
     #[error(transparent)]
-    Auth(#[from] crate::auth::AuthError),
+    Auth(#[from] crate::forge::github::auth::AuthError),
     #[error("cancelled while git {0} ran")]
     Cancelled(String),
 }

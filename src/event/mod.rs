@@ -5,12 +5,20 @@
 //! nothing downstream of ingress looks at HTTP or at a source's own format.
 
 pub mod generic;
-pub mod github;
 
 use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::Value;
+
+/// Why a payload could not be normalized.
+#[derive(Debug, thiserror::Error)]
+pub enum NormalizeError {
+    #[error("payload is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("payload must be a JSON object")]
+    NotAnObject,
+}
 
 /// Starts the hidden marker in every body baton posts (`<!-- baton:job=ID -->`):
 /// it names the job, and keeps baton's own comments from triggering jobs.

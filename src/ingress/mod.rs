@@ -5,8 +5,6 @@
 //! parsed), then headers, then JSON. A 2xx is sent only after the delivery
 //! and all its jobs are on disk.
 
-pub mod signature;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +21,8 @@ use serde_json::json;
 use tokio::sync::{Notify, Semaphore};
 
 use crate::config::{Secret, Source};
-use crate::event::{generic, github, Event};
+use crate::event::{generic, Event};
+use crate::forge::{github, signature};
 use crate::rules::SharedRules;
 use crate::store::{Accepted, Delivery, Store};
 

@@ -7,7 +7,6 @@
 
 pub mod body;
 pub mod defuse;
-pub mod github;
 pub mod notify;
 pub mod plan;
 pub mod redact;
@@ -20,10 +19,10 @@ use chrono::Utc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::forge::github::api::{self as github, GitHubError, Listing};
+pub use crate::forge::github::Client as GitHub;
 use crate::store::{Job, JobState, Note, Publication, PublicationState, Purpose, Store, Target};
 pub use body::{comment_body, marker, pull_request_body, pull_request_title, status_end_body, status_start_body};
-pub use github::GitHub;
-use github::{GitHubError, Listing};
 use plan::CapKind;
 
 /// Publications give up after this many tries.

@@ -11,7 +11,7 @@ use toml::Spanned;
 
 use crate::config::{Config, HumanDuration};
 use crate::diag::Diagnostic;
-use crate::event::github::KNOWN_EVENTS;
+use crate::forge::github::KNOWN_EVENTS;
 
 /// Where the agent works.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]

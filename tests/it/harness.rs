@@ -283,7 +283,7 @@ impl Baton {
     pub async fn deliver(&self, secret: &str, event: &str, delivery: &str, body: &[u8]) -> (u16, Value) {
         let unique = unique_body(body, delivery);
         let body = unique.as_slice();
-        let sig = baton::ingress::signature::sign(secret.as_bytes(), body);
+        let sig = baton::forge::signature::sign(secret.as_bytes(), body);
         self.post_webhook(
             &[("x-github-event", event), ("x-github-delivery", delivery), ("x-hub-signature-256", &sig)],
             body,
@@ -366,6 +366,7 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, mut cond: F) {
 }
 
 /// Like [`eventually`], saying what `context` shows when time runs out.
+#[allow(dead_code)] // used by tests/it only; tests/pg includes this harness too
 pub async fn eventually_or<F: FnMut() -> bool, C: Fn() -> String>(what: &str, mut cond: F, context: C) {
     let start = Instant::now();
     while !cond() {

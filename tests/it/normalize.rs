@@ -1,6 +1,6 @@
 //! Every recorded GitHub payload through the normalizer, table-driven.
 
-use baton::event::github::normalize;
+use baton::forge::github::normalize;
 use serde_json::Value;
 
 use crate::harness::fixture;

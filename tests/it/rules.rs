@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use baton::config::Config;
-use baton::event::github::normalize;
+use baton::forge::github::normalize;
 use baton::rules::{RuleSet, Verdict, Workspace};
 use serde_json::json;
 

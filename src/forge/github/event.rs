@@ -10,16 +10,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{Actor, Comment, Event, Repository};
-
-/// Why a payload could not be normalized.
-#[derive(Debug, thiserror::Error)]
-pub enum NormalizeError {
-    #[error("payload is not valid JSON: {0}")]
-    Json(#[from] serde_json::Error),
-    #[error("payload must be a JSON object")]
-    NotAnObject,
-}
+use crate::event::{Actor, Comment, Event, NormalizeError, Repository};
 
 /// GitHub events that baton understands; others are stored and start no job.
 pub const KNOWN_EVENTS: &[&str] = &[
