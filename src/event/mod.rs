@@ -93,8 +93,9 @@ pub struct Thread {
 pub struct ThreadComment {
     pub id: u64,
     pub author: String,
-    /// The author's `author_association`: a template can leave out what
-    /// people the trigger does not trust wrote.
+    /// The author's standing in the repository as the forge reports it
+    /// (owner, member, …): a template can leave out what people the trigger
+    /// does not trust wrote.
     #[serde(default)]
     pub association: String,
     pub body: String,
@@ -114,20 +115,25 @@ pub struct ParentJob {
 pub struct Event {
     /// `github`, or the name of a generic source.
     pub source: String,
-    /// The event's type: GitHub's `X-GitHub-Event` value.
+    /// The event's type, as its forge or source names it (e.g. `issues`).
     pub name: String,
     pub action: Option<String>,
     /// `name.action`, or `name` when there is no action: what `on` lists.
     pub kind: String,
     pub delivery: String,
     pub repository: Option<Repository>,
-    pub installation: Option<u64>,
+    /// Which of the forge's credentials act for this event (a GitHub App's
+    /// install id), handed back to the forge for tokens. Templates and
+    /// stored records keep the name they had before the forge seam.
+    #[serde(rename = "installation")]
+    pub access: Option<u64>,
     pub sender: Option<Actor>,
     /// The issue or pull request the event is about.
     pub subject: Option<u64>,
     /// Whether `subject` is a pull request.
     pub subject_is_pull_request: bool,
-    /// `author_association` of the person the event is about.
+    /// The standing of the person the event is about, as the forge reports
+    /// it (on GitHub their association: `OWNER`, `MEMBER`, …).
     pub association: Option<String>,
     /// The login of that person: who opened the issue or pull request, or
     /// wrote the comment or review. What baton posts may still mention
@@ -189,7 +195,7 @@ impl Event {
             action,
             delivery: delivery.to_string(),
             repository: None,
-            installation: None,
+            access: None,
             sender: None,
             subject: None,
             subject_is_pull_request: false,

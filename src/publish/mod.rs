@@ -214,7 +214,7 @@ impl Publisher {
         let Some(gh) = &self.github else {
             return Err(GitHubError::fatal("publishing to GitHub is off: no GitHub credentials".into()));
         };
-        let (inst, repo) = (p.installation, p.repo.clone());
+        let (inst, repo) = (p.access, p.repo.clone());
         let repo = repo.as_str();
         let body = p.body.clone();
         let result_marker = marker(&job.id);
@@ -367,7 +367,7 @@ impl Publisher {
         if let (true, Some((listing, marker))) = (p.maybe_sent, look) {
             let repo = p.repo.clone();
             let github = self.github.as_ref().ok_or_else(|| GitHubError::fatal("no GitHub credentials".into()))?;
-            if let Some(made) = github.find(p.installation, &repo, listing, marker).await? {
+            if let Some(made) = github.find(p.access, &repo, listing, marker).await? {
                 return Ok(Outcome::Done { made, created: kind != CapKind::None });
             }
         }

@@ -41,7 +41,9 @@ pub struct JobSpec {
     pub subject: Option<u64>,
     #[serde(default)]
     pub subject_is_pull_request: bool,
-    pub installation: Option<u64>,
+    /// The event's `access` (see `Event`).
+    #[serde(rename = "installation")]
+    pub access: Option<u64>,
     pub head_sha: Option<String>,
     pub agent: String,
     pub prompt: String,
@@ -537,7 +539,7 @@ impl RuleSet {
             repo: event.repo_name().map(str::to_string),
             subject: event.subject,
             subject_is_pull_request: event.subject_is_pull_request,
-            installation: event.installation,
+            access: event.access,
             head_sha: event.head_sha.clone(),
             agent: t.job.agent.clone(),
             prompt,

@@ -182,7 +182,7 @@ pub fn normalize_value(name: &str, delivery: &str, value: Value) -> Result<Event
     let repo_full = repository.as_ref().map(|r| r.full_name.as_str());
 
     let mut e = Event {
-        installation: p.installation.as_ref().and_then(|i| i.id),
+        access: p.installation.as_ref().and_then(|i| i.id),
         sender: p.sender.as_ref().and_then(|s| {
             s.login.clone().map(|login| Actor { login, kind: s.kind.clone().unwrap_or_else(|| "User".into()) })
         }),
