@@ -132,6 +132,15 @@ pub struct Event {
     pub subject: Option<u64>,
     /// Whether `subject` is a pull request.
     pub subject_is_pull_request: bool,
+    /// The subject's title, text and web page, as the forge shows them.
+    /// Templates read them as `subject.*`; `event` leaves them out, so it
+    /// renders as it did before they existed.
+    #[serde(skip)]
+    pub title: Option<String>,
+    #[serde(skip)]
+    pub body: Option<String>,
+    #[serde(skip)]
+    pub url: Option<String>,
     /// The standing of the person the event is about, as the forge reports
     /// it (on GitHub their association: `OWNER`, `MEMBER`, …).
     pub association: Option<String>,
@@ -145,6 +154,9 @@ pub struct Event {
     /// Base branch of a pull request.
     pub base_branch: Option<String>,
     pub head_sha: Option<String>,
+    /// Base commit of a pull request (shown as `subject.base.sha`).
+    #[serde(skip)]
+    pub base_sha: Option<String>,
     /// Whether the head commit lives in the repository itself (not a fork);
     /// `None` when the payload does not say.
     pub head_in_repo: Option<bool>,
@@ -199,12 +211,16 @@ impl Event {
             sender: None,
             subject: None,
             subject_is_pull_request: false,
+            title: None,
+            body: None,
+            url: None,
             association: None,
             author: None,
             labels: Vec::new(),
             branch: None,
             base_branch: None,
             head_sha: None,
+            base_sha: None,
             head_in_repo: None,
             head_repo: None,
             maintainer_can_modify: None,
