@@ -4,7 +4,8 @@
 //! `store` (durable) → `engine` (run agents) → `publish` (GitHub). `domain`
 //! holds the records and the policies the store applies; `api` reads the
 //! store and asks the engine to cancel; `mcp` serves the API's job tools
-//! over MCP; `daemon` wires it all.
+//! over MCP; `forge` holds what differs between code hosts (GitHub today);
+//! `daemon` wires it all.
 
 pub mod api;
 pub mod config;
