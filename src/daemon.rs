@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, Secret};
 use crate::diag::Diagnostic;
 use crate::engine::Engine;
-use crate::publish::{GitHub, Publisher};
+use crate::forge::github::Client;
+use crate::publish::Publisher;
 use crate::rules::{RuleSet, SharedRules};
 use crate::store::{Store, StoreError};
 use crate::{api, ingress};
@@ -86,7 +87,7 @@ pub async fn serve(
     let metrics: Arc<crate::metrics::Metrics> = Arc::default();
     let github = credentials.clone().map(|c| {
         let metrics = metrics.clone();
-        GitHub::new(&config.github.api_url, c, Some(Arc::new(move |left| metrics.rate_limit_remaining(left))))
+        Client::new(&config.github.api_url, c, Some(Arc::new(move |left| metrics.rate_limit_remaining(left))))
     });
     let config = Arc::new(config);
     let wake = Arc::new(Notify::new());

@@ -1,5 +1,9 @@
 //! Publishing results to GitHub through the outbox.
 //!
+//! Each `Target` becomes calls on the forge's REST client
+//! (`forge::github::Client`); what to send, when, and the bookkeeping around
+//! it (markers, lost answers, start publications) stay here, forge-neutral.
+//!
 //! The engine writes a `Publication` into the store together with the job's
 //! end; this worker delivers it, retrying with backoff on 5xx and timeouts
 //! and waiting out rate limits. A failed publication never re-runs the agent,
@@ -20,7 +24,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::forge::github::api::{self as github, GitHubError, Listing};
-pub use crate::forge::github::Client as GitHub;
+use crate::forge::github::Client;
 use crate::store::{Job, JobState, Note, Publication, PublicationState, Purpose, Store, Target};
 pub use body::{comment_body, marker, pull_request_body, pull_request_title, status_end_body, status_start_body};
 use plan::CapKind;
@@ -53,7 +57,7 @@ enum Outcome {
 pub struct Publisher {
     store: Store,
     /// `None` without GitHub credentials: only notifications are sent.
-    github: Option<GitHub>,
+    github: Option<Client>,
     /// `[notify.NAME]`, and the client that calls them.
     notify: Arc<std::collections::BTreeMap<String, crate::config::NotifyTarget>>,
     http: reqwest::Client,
@@ -64,7 +68,7 @@ pub struct Publisher {
 impl Publisher {
     pub fn new(
         store: Store,
-        github: Option<GitHub>,
+        github: Option<Client>,
         notify: Arc<std::collections::BTreeMap<String, crate::config::NotifyTarget>>,
         wake: Arc<Notify>,
         metrics: Arc<crate::metrics::Metrics>,
