@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, Secret};
 use crate::diag::Diagnostic;
 use crate::engine::Engine;
-use crate::publish::{GitHub, Publisher};
+use crate::forge::github::Client;
+use crate::publish::Publisher;
 use crate::rules::{RuleSet, SharedRules};
 use crate::store::{Store, StoreError};
 use crate::{api, ingress};
@@ -28,7 +29,7 @@ pub enum ServeError {
     #[error("webhook secret at {path}: {source}")]
     Secret { path: std::path::PathBuf, source: std::io::Error },
     #[error("GitHub client: {0}")]
-    GitHub(#[from] crate::auth::AuthError),
+    GitHub(#[from] crate::forge::github::auth::AuthError),
     #[error("server error: {0}")]
     Server(std::io::Error),
     #[error(transparent)]
@@ -75,7 +76,7 @@ pub async fn serve(
     tracing::info!(triggers = rules.triggers().len(), folder = %config.triggers_dir.display(), "Triggers loaded.");
     let rules = SharedRules::new(rules, crate::rules::fingerprint(&config.triggers_dir));
 
-    let credentials = crate::auth::Credentials::from_config(&config.github)?.map(Arc::new);
+    let credentials = crate::forge::github::auth::Credentials::from_config(&config.github)?.map(Arc::new);
     match &credentials {
         Some(c) if c.is_app() => tracing::info!(app_id = config.github.app_id, "Publishing as a GitHub App."),
         Some(_) => tracing::info!("Publishing with github.token."),
@@ -84,7 +85,10 @@ pub async fn serve(
         ),
     }
     let metrics: Arc<crate::metrics::Metrics> = Arc::default();
-    let github = credentials.clone().map(|c| GitHub::new(&config.github.api_url, c, Some(metrics.clone())));
+    let github = credentials.clone().map(|c| {
+        let metrics = metrics.clone();
+        Client::new(&config.github.api_url, c, Some(Arc::new(move |left| metrics.rate_limit_remaining(left))))
+    });
     let config = Arc::new(config);
     let wake = Arc::new(Notify::new());
     let publish_wake = Arc::new(Notify::new());
@@ -168,7 +172,7 @@ pub async fn serve(
         workers.clone(),
     ));
     if let Some(c) = credentials.clone().filter(|c| c.is_app()) {
-        background.spawn(crate::catchup::run(c, store.clone(), workers.clone()));
+        background.spawn(crate::forge::github::catchup::run(c, store.clone(), workers.clone()));
     }
 
     ready.store(true, Ordering::Release);

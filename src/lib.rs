@@ -4,18 +4,18 @@
 //! `store` (durable) → `engine` (run agents) → `publish` (GitHub). `domain`
 //! holds the records and the policies the store applies; `api` reads the
 //! store and asks the engine to cancel; `mcp` serves the API's job tools
-//! over MCP; `daemon` wires it all.
+//! over MCP; `forge` holds what differs between code hosts (GitHub today);
+//! `daemon` wires it all.
 
 pub mod admit;
 pub mod api;
-pub mod auth;
-pub mod catchup;
 pub mod config;
 pub mod daemon;
 pub mod diag;
 pub mod domain;
 pub mod engine;
 pub mod event;
+pub mod forge;
 pub mod harden;
 pub mod ingress;
 pub mod mcp;

@@ -54,7 +54,7 @@ enum Command {
     },
     /// Show which triggers match a payload, and the prompt each would get.
     Simulate {
-        /// The event name, as in X-GitHub-Event (e.g. `issues`).
+        /// The event name, as the forge sends it (e.g. `issues`).
         #[arg(long)]
         event: String,
         /// The payload file (JSON).
@@ -74,7 +74,7 @@ enum Command {
         /// The webhook secret.
         #[arg(long, env = "BATON_WEBHOOK_SECRET", hide_env_values = true)]
         secret: String,
-        /// The event name (X-GitHub-Event).
+        /// The event name, as the forge sends it.
         #[arg(long)]
         event: String,
         /// The delivery id (default: a random one).
@@ -367,7 +367,7 @@ async fn simulate(event: &str, payload: &Path, path: Option<&Path>, run: bool) -
     let body = std::fs::read(payload).with_context(|| format!("cannot read {}", payload.display()))?;
     let name = event.split('.').next().unwrap_or(event);
     let ev =
-        baton::event::github::normalize(name, "simulated", &body).with_context(|| format!("{}", payload.display()))?;
+        baton::forge::github::normalize(name, "simulated", &body).with_context(|| format!("{}", payload.display()))?;
     println!("event: {}", ev.kind);
     let mut matched = Vec::new();
     for (trigger, verdict) in rules.explain(&ev) {
@@ -406,17 +406,11 @@ async fn simulate(event: &str, payload: &Path, path: Option<&Path>, run: bool) -
 async fn deliver(url: &str, secret: &str, event: &str, delivery: Option<String>, file: &Path) -> Result<ExitCode> {
     let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let delivery = delivery.unwrap_or_else(random_id);
-    let signature = baton::ingress::signature::sign(secret.as_bytes(), &body);
-    let resp = reqwest::Client::new()
-        .post(url)
-        .header("content-type", "application/json")
-        .header("x-github-event", event)
-        .header("x-github-delivery", &delivery)
-        .header("x-hub-signature-256", signature)
-        .body(body)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {url}"))?;
+    let mut request = reqwest::Client::new().post(url).header("content-type", "application/json");
+    for (name, value) in baton::forge::Forge::GITHUB.delivery_headers(secret.as_bytes(), event, &delivery, &body) {
+        request = request.header(name, value);
+    }
+    let resp = request.body(body).send().await.with_context(|| format!("cannot reach {url}"))?;
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
     println!("{} {}", status.as_u16(), text.trim());

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use baton::config::Config;
-use baton::event::github::normalize;
+use baton::forge::github::normalize;
 use baton::rules::RuleSet;
 use criterion::{criterion_group, criterion_main, Criterion};
 

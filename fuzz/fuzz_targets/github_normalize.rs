@@ -2,7 +2,7 @@
 //! the rule matcher: errors are fine, panics are not.
 #![no_main]
 
-use baton::event::github::{normalize, KNOWN_EVENTS};
+use baton::forge::github::{normalize, KNOWN_EVENTS};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,7 +1,7 @@
 //! Any bytes as a signature header, over any body.
 #![no_main]
 
-use baton::ingress::signature::{parse, verify};
+use baton::forge::signature::{parse, verify};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -204,7 +204,7 @@ async fn child(s: &Api, grant: &Grant, req: CreateChild, delivery: &str) -> Resu
     if let Some(repo) = event.repository.as_mut() {
         repo.default_branch = grant.default_branch.clone().or(Some("HEAD".into()));
     }
-    event.installation = grant.installation;
+    event.access = grant.access;
     event.head_sha = git_ref;
     event.parent = Some(ParentJob { id: grant.job.clone(), trigger: grant.trigger.clone(), depth: grant.depth });
     let mut spec = judge(&rules, ADHOC_TRIGGER, &event)?;

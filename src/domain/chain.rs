@@ -49,7 +49,7 @@ pub fn job_event(job: &Job) -> Option<Event> {
             default_branch: spec.default_branch.clone(),
             id: None,
         }),
-        installation: spec.installation,
+        access: spec.access,
         subject: job.subject,
         subject_is_pull_request: spec.subject_is_pull_request,
         head_sha: spec.head_sha.clone(),

@@ -494,9 +494,9 @@ pub struct Publication {
     #[serde(default)]
     pub purpose: Purpose,
     pub repo: String,
-    /// The App installation the event came from, for its token.
-    #[serde(default)]
-    pub installation: Option<u64>,
+    /// The job's `access` (see `Event`): which forge credentials send it.
+    #[serde(default, rename = "installation")]
+    pub access: Option<u64>,
     pub target: Target,
     pub body: String,
     pub state: PublicationState,

@@ -228,7 +228,7 @@ impl Engine {
         self.log_line(&job.id, &format!("attempt {}: preparing workspace", job.attempts)).await;
         let started = std::time::Instant::now();
         let prepared = tokio::select! {
-            p = self.workspaces.prepare(&job.id, spec.repo.as_deref(), spec.installation, &spec.workspace) => p,
+            p = self.workspaces.prepare(&job.id, spec.repo.as_deref(), spec.access, &spec.workspace) => p,
             _ = cancel.cancelled() => return AttemptEnd::Cancelled,
         };
         phases.prepare_ms = Some(started.elapsed().as_millis() as u64);
@@ -248,17 +248,15 @@ impl Engine {
         }
         let mut skills: Vec<(String, String)> = spec.skills.clone();
         if let (Some(repo), Some(default)) = (spec.repo.as_deref(), spec.default_branch.as_deref()) {
-            skills.extend(self.workspaces.conventions(&prepared, repo, spec.installation, default).await);
+            skills.extend(self.workspaces.conventions(&prepared, repo, spec.access, default).await);
         }
         let mut prompt = prompt_for(spec, &skills, feedback);
         if prompt.contains(crate::rules::REVIEW_DIFF) {
             let diff = match &spec.review_since {
-                Some(since) => {
-                    match self.workspaces.diff_since(&prepared, spec.installation, since, REVIEW_DIFF_CAP).await {
-                        Ok(diff) => diff,
-                        Err(e) => format!("(the changes since {since} could not be read here: {e})"),
-                    }
-                }
+                Some(since) => match self.workspaces.diff_since(&prepared, spec.access, since, REVIEW_DIFF_CAP).await {
+                    Ok(diff) => diff,
+                    Err(e) => format!("(the changes since {since} could not be read here: {e})"),
+                },
                 None => String::new(),
             };
             prompt = prompt.replace(crate::rules::REVIEW_DIFF, &diff);

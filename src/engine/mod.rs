@@ -95,7 +95,7 @@ impl Engine {
         config: Arc<Config>,
         wake: Arc<Notify>,
         publish_wake: Arc<Notify>,
-        credentials: Option<Arc<crate::auth::Credentials>>,
+        credentials: Option<Arc<crate::forge::github::auth::Credentials>>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Engine {
         let publishing = credentials.is_some();

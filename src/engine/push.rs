@@ -134,7 +134,7 @@ impl Engine {
         let pushed = async {
             let commit = self.workspaces.commit(prepared, &message, &self.config.github.bot_login, cancel).await?;
             let over = workspace::Over::Anything;
-            self.workspaces.push(prepared, repo, spec.installation, repo, &branch, &commit, over, cancel).await?;
+            self.workspaces.push(prepared, repo, spec.access, repo, &branch, &commit, over, cancel).await?;
             Ok::<_, workspace::WorkspaceError>(commit)
         };
         match pushed.await {
@@ -185,7 +185,7 @@ impl Engine {
         let push = |from: String, commit: String| async move {
             self.log_line(&job.id, &format!("pushing {commit} onto {branch} of {} (from {from})", target.repo)).await;
             let over = workspace::Over::Only(&from);
-            self.workspaces.push(prepared, &target.repo, spec.installation, repo, branch, &commit, over, cancel).await
+            self.workspaces.push(prepared, &target.repo, spec.access, repo, branch, &commit, over, cancel).await
         };
         let moved_to = match push(base.clone(), commit.clone()).await {
             Ok(()) => return self.pushed(job, result, branch, commit).await,
@@ -208,7 +208,7 @@ impl Engine {
             .replay(
                 prepared,
                 &target.repo,
-                spec.installation,
+                spec.access,
                 repo,
                 branch,
                 &base,

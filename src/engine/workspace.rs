@@ -35,8 +35,9 @@ use base64::Engine as _;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Credentials;
 use crate::config::Secret;
+use crate::forge::github::auth::Credentials;
+use crate::forge::Forge;
 use crate::rules::Workspace;
 
 /// The least a git command that talks to a remote may take.
@@ -62,7 +63,7 @@ pub enum WorkspaceError {
     #[error("the branch moved from {from} to {to}")]
     BranchMoved { from: String, to: String },
     #[error(transparent)]
-    Auth(#[from] crate::auth::AuthError),
+    Auth(#[from] crate::forge::github::auth::AuthError),
     #[error("cancelled while git {0} ran")]
     Cancelled(String),
 }
@@ -236,7 +237,7 @@ impl Workspaces {
         &self,
         job_id: &str,
         repo: Option<&str>,
-        installation: Option<u64>,
+        access: Option<u64>,
         ws: &Workspace,
     ) -> Result<Prepared, WorkspaceError> {
         if let Workspace::None = ws {
@@ -278,8 +279,8 @@ impl Workspaces {
         let repo = repo.ok_or(WorkspaceError::NoRepository)?;
         let (owner, name) = split_repo(repo)?;
         let mirror = self.mirrors.join(owner).join(format!("{name}.git"));
-        let url = format!("{}/{owner}/{name}.git", self.git_url);
-        let token = self.token(installation, repo).await?;
+        let url = Forge::GITHUB.clone_url(&self.git_url, owner, name);
+        let token = self.token(access, repo).await?;
 
         let lock = self.lock_for(repo);
         let _guard = lock.lock().await;
@@ -301,7 +302,7 @@ impl Workspaces {
                 self.resolve(&mirror, &local).await?
             }
             Workspace::PrHead { number, sha, base, pinned } => {
-                let local = format!("refs/pull/{number}/head");
+                let local = Forge::GITHUB.change_head_ref(*number);
                 self.fetch(&mirror, &url, &format!("+{local}:{local}"), token.as_ref()).await?;
                 if let (true, Some(sha)) = (*pinned, sha) {
                     let now = self.resolve(&mirror, &local).await?;
@@ -442,7 +443,7 @@ impl Workspaces {
         &self,
         prepared: &Prepared,
         repo: &str,
-        installation: Option<u64>,
+        access: Option<u64>,
         default_branch: &str,
     ) -> Vec<(String, String)> {
         let Some(mirror) = &prepared.mirror else { return Vec::new() };
@@ -450,8 +451,8 @@ impl Workspaces {
         let local = format!("refs/heads/{default_branch}");
         let rev = if default_branch == "HEAD" { "refs/baton/remote-head".to_string() } else { local.clone() };
         if default_branch != "HEAD" && !self.has_commit(mirror, &rev).await {
-            let url = format!("{}/{owner}/{name}.git", self.git_url);
-            let Ok(token) = self.token(installation, repo).await else { return Vec::new() };
+            let url = Forge::GITHUB.clone_url(&self.git_url, owner, name);
+            let Ok(token) = self.token(access, repo).await else { return Vec::new() };
             let lock = self.lock_for(repo);
             let _guard = lock.lock().await;
             if self.fetch(mirror, &url, &format!("+{local}:{local}"), token.as_ref()).await.is_err() {
@@ -653,7 +654,7 @@ impl Workspaces {
         &self,
         prepared: &Prepared,
         repo: &str,
-        installation: Option<u64>,
+        access: Option<u64>,
         token_repo: &str,
         branch: &str,
         commit: &str,
@@ -662,7 +663,7 @@ impl Workspaces {
     ) -> Result<(), WorkspaceError> {
         let git_dir = prepared.git_dir.as_deref().ok_or(WorkspaceError::NoRepository)?;
         let git = self.git.until(cancel);
-        let token = self.token(installation, token_repo).await?;
+        let token = self.token(access, token_repo).await?;
         let url = self.url(repo)?;
         let remote = format!("refs/heads/{branch}");
         let how = match over {
@@ -698,7 +699,7 @@ impl Workspaces {
         &self,
         prepared: &Prepared,
         repo: &str,
-        installation: Option<u64>,
+        access: Option<u64>,
         token_repo: &str,
         branch: &str,
         base: &str,
@@ -709,7 +710,7 @@ impl Workspaces {
     ) -> Result<Option<(String, Option<Staged>)>, WorkspaceError> {
         let git_dir = prepared.git_dir.as_deref().ok_or(WorkspaceError::NoRepository)?;
         let git = self.git.until(cancel);
-        let token = self.token(installation, token_repo).await?;
+        let token = self.token(access, token_repo).await?;
         let url = self.url(repo)?;
         let moved = "refs/baton/moved";
         git.run(
@@ -752,14 +753,14 @@ impl Workspaces {
     pub async fn diff_since(
         &self,
         prepared: &Prepared,
-        installation: Option<u64>,
+        access: Option<u64>,
         since: &str,
         cap: usize,
     ) -> Result<String, WorkspaceError> {
         let (Some(mirror), Some(commit), Some(repo)) = (&prepared.mirror, &prepared.commit, &prepared.repo) else {
             return Err(WorkspaceError::NoRepository);
         };
-        let token = self.token(installation, repo).await?;
+        let token = self.token(access, repo).await?;
         let url = self.url(repo)?;
         {
             let lock = self.lock_for(repo);
@@ -782,16 +783,16 @@ impl Workspaces {
     /// `{git_url}/{owner}/{name}.git`.
     fn url(&self, repo: &str) -> Result<String, WorkspaceError> {
         let (owner, name) = split_repo(repo)?;
-        Ok(format!("{}/{owner}/{name}.git", self.git_url))
+        Ok(Forge::GITHUB.clone_url(&self.git_url, owner, name))
     }
 
     /// The token git uses for `repo`, if any.
-    async fn token(&self, installation: Option<u64>, repo: &str) -> Result<Option<Secret>, WorkspaceError> {
+    async fn token(&self, access: Option<u64>, repo: &str) -> Result<Option<Secret>, WorkspaceError> {
         match &self.credentials {
             // A local mirror source (tests, air-gapped setups) takes no token.
             _ if self.git_url.starts_with("file://") => Ok(None),
             None => Ok(None),
-            Some(c) => c.token(installation, repo).await.map(Some).map_err(WorkspaceError::Auth),
+            Some(c) => c.token(access, repo).await.map(Some).map_err(WorkspaceError::Auth),
         }
     }
 

@@ -4,7 +4,7 @@
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::github::NormalizeError;
+use super::NormalizeError;
 use super::{Event, Repository};
 use crate::config::Source;
 

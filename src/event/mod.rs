@@ -5,12 +5,20 @@
 //! nothing downstream of ingress looks at HTTP or at a source's own format.
 
 pub mod generic;
-pub mod github;
 
 use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::Value;
+
+/// Why a payload could not be normalized.
+#[derive(Debug, thiserror::Error)]
+pub enum NormalizeError {
+    #[error("payload is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("payload must be a JSON object")]
+    NotAnObject,
+}
 
 /// Starts the hidden marker in every body baton posts (`<!-- baton:job=ID -->`):
 /// it names the job, and keeps baton's own comments from triggering jobs.
@@ -85,8 +93,9 @@ pub struct Thread {
 pub struct ThreadComment {
     pub id: u64,
     pub author: String,
-    /// The author's `author_association`: a template can leave out what
-    /// people the trigger does not trust wrote.
+    /// The author's standing in the repository as the forge reports it
+    /// (owner, member, …): a template can leave out what people the trigger
+    /// does not trust wrote.
     #[serde(default)]
     pub association: String,
     pub body: String,
@@ -106,20 +115,34 @@ pub struct ParentJob {
 pub struct Event {
     /// `github`, or the name of a generic source.
     pub source: String,
-    /// The event's type: GitHub's `X-GitHub-Event` value.
+    /// The event's type, as its forge or source names it (e.g. `issues`).
     pub name: String,
     pub action: Option<String>,
     /// `name.action`, or `name` when there is no action: what `on` lists.
     pub kind: String,
     pub delivery: String,
     pub repository: Option<Repository>,
-    pub installation: Option<u64>,
+    /// Which of the forge's credentials act for this event (a GitHub App's
+    /// install id), handed back to the forge for tokens. Templates and
+    /// stored records keep the name they had before the forge seam.
+    #[serde(rename = "installation")]
+    pub access: Option<u64>,
     pub sender: Option<Actor>,
     /// The issue or pull request the event is about.
     pub subject: Option<u64>,
     /// Whether `subject` is a pull request.
     pub subject_is_pull_request: bool,
-    /// `author_association` of the person the event is about.
+    /// The subject's title, text and web page, as the forge shows them.
+    /// Templates read them as `subject.*`; `event` leaves them out, so it
+    /// renders as it did before they existed.
+    #[serde(skip)]
+    pub title: Option<String>,
+    #[serde(skip)]
+    pub body: Option<String>,
+    #[serde(skip)]
+    pub url: Option<String>,
+    /// The standing of the person the event is about, as the forge reports
+    /// it (on GitHub their association: `OWNER`, `MEMBER`, …).
     pub association: Option<String>,
     /// The login of that person: who opened the issue or pull request, or
     /// wrote the comment or review. What baton posts may still mention
@@ -131,6 +154,9 @@ pub struct Event {
     /// Base branch of a pull request.
     pub base_branch: Option<String>,
     pub head_sha: Option<String>,
+    /// Base commit of a pull request (shown as `subject.base.sha`).
+    #[serde(skip)]
+    pub base_sha: Option<String>,
     /// Whether the head commit lives in the repository itself (not a fork);
     /// `None` when the payload does not say.
     pub head_in_repo: Option<bool>,
@@ -181,16 +207,20 @@ impl Event {
             action,
             delivery: delivery.to_string(),
             repository: None,
-            installation: None,
+            access: None,
             sender: None,
             subject: None,
             subject_is_pull_request: false,
+            title: None,
+            body: None,
+            url: None,
             association: None,
             author: None,
             labels: Vec::new(),
             branch: None,
             base_branch: None,
             head_sha: None,
+            base_sha: None,
             head_in_repo: None,
             head_repo: None,
             maintainer_can_modify: None,

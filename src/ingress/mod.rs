@@ -5,8 +5,6 @@
 //! parsed), then headers, then JSON. A 2xx is sent only after the delivery
 //! and all its jobs are on disk.
 
-pub mod signature;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +22,8 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::admit::{Admission, Door, Origin};
 use crate::config::{Secret, Source};
-use crate::event::{generic, github, Event};
+use crate::event::{generic, Event};
+use crate::forge::{signature, Forge, Rejected};
 use crate::rules::SharedRules;
 use crate::store::{Accepted, Store};
 
@@ -173,37 +172,27 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
 }
 
-/// Delivery ids and event names become store keys and log fields: keep them
-/// short and printable.
-fn valid_token(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 200 && s.chars().all(|c| c.is_ascii_graphic())
-}
-
 async fn github_webhook(State(s): State<Ingress>, headers: HeaderMap, body: Body) -> Response {
     let Unverified { body, reserved } = match read_body(&s, &headers, body).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    let sig = headers.get("x-hub-signature-256").map(|v| v.as_bytes());
-    if let Err(e) = signature::verify(s.secret.expose().as_bytes(), &body, sig) {
-        tracing::warn!(error = %e, "Webhook rejected: bad signature.");
-        return error(StatusCode::UNAUTHORIZED, format!("X-Hub-Signature-256: {e}"));
-    }
+    let forge = Forge::GITHUB;
+    let verified = match forge.verify(s.secret.expose().as_bytes(), &headers, &body) {
+        Ok(v) => v,
+        Err(e @ Rejected::Unauthorized(_)) => {
+            tracing::warn!(error = %e, "Webhook rejected: bad signature.");
+            return error(StatusCode::UNAUTHORIZED, e.to_string());
+        }
+        Err(e @ Rejected::BadRequest(_)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
     drop(reserved);
-    let Some(event_name) = header(&headers, "x-github-event") else {
-        return error(StatusCode::BAD_REQUEST, "missing X-GitHub-Event header");
-    };
-    let Some(delivery_id) = header(&headers, "x-github-delivery") else {
-        return error(StatusCode::BAD_REQUEST, "missing X-GitHub-Delivery header");
-    };
-    if !valid_token(event_name) || !valid_token(delivery_id) {
-        return error(StatusCode::BAD_REQUEST, "X-GitHub-Event and X-GitHub-Delivery must be short printable ASCII");
-    }
-    let event = match github::normalize(event_name, delivery_id, &body) {
+    let event = match forge.normalize(&verified, &body) {
         Ok(e) => e,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    if event_name == "ping" {
+    let (event_name, delivery_id) = (verified.event.as_str(), verified.delivery.as_str());
+    if forge.is_ping(&verified) {
         tracing::info!(delivery = %delivery_id, "Ping received.");
         return answer(StatusCode::OK, json!({ "ok": true, "delivery": delivery_id }));
     }
@@ -231,7 +220,7 @@ async fn generic_webhook(
     drop(reserved);
     let delivery_id = match &source.delivery_header {
         Some(h) => match header(&headers, h) {
-            Some(id) if valid_token(id) => id.to_string(),
+            Some(id) if signature::valid_token(id) => id.to_string(),
             Some(_) => return error(StatusCode::BAD_REQUEST, format!("{h} must be short printable ASCII")),
             None => return error(StatusCode::BAD_REQUEST, format!("missing {h} header")),
         },

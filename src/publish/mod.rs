@@ -1,5 +1,9 @@
 //! Publishing results to GitHub through the outbox.
 //!
+//! Each `Target` becomes calls on the forge's REST client
+//! (`forge::github::Client`); what to send, when, and the bookkeeping around
+//! it (markers, lost answers, start publications) stay here, forge-neutral.
+//!
 //! The engine writes a `Publication` into the store together with the job's
 //! end; this worker delivers it, retrying with backoff on 5xx and timeouts
 //! and waiting out rate limits. A failed publication never re-runs the agent,
@@ -7,7 +11,6 @@
 
 pub mod body;
 pub mod defuse;
-pub mod github;
 pub mod notify;
 pub mod plan;
 pub mod review;
@@ -19,10 +22,10 @@ use chrono::Utc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::forge::github::api::{self as github, GitHubError, Listing};
+use crate::forge::github::Client;
 use crate::store::{Job, JobState, Note, Publication, PublicationState, Purpose, Store, Target};
 pub use body::{comment_body, marker, pull_request_body, pull_request_title, status_end_body, status_start_body};
-pub use github::GitHub;
-use github::{GitHubError, Listing};
 use plan::CapKind;
 
 /// Publications give up after this many tries.
@@ -53,7 +56,7 @@ enum Outcome {
 pub struct Publisher {
     store: Store,
     /// `None` without GitHub credentials: only notifications are sent.
-    github: Option<GitHub>,
+    github: Option<Client>,
     /// `[notify.NAME]`, and the client that calls them.
     notify: Arc<std::collections::BTreeMap<String, crate::config::NotifyTarget>>,
     http: reqwest::Client,
@@ -64,7 +67,7 @@ pub struct Publisher {
 impl Publisher {
     pub fn new(
         store: Store,
-        github: Option<GitHub>,
+        github: Option<Client>,
         notify: Arc<std::collections::BTreeMap<String, crate::config::NotifyTarget>>,
         wake: Arc<Notify>,
         metrics: Arc<crate::metrics::Metrics>,
@@ -214,7 +217,7 @@ impl Publisher {
         let Some(gh) = &self.github else {
             return Err(GitHubError::fatal("publishing to GitHub is off: no GitHub credentials".into()));
         };
-        let (inst, repo) = (p.installation, p.repo.clone());
+        let (inst, repo) = (p.access, p.repo.clone());
         let repo = repo.as_str();
         let body = p.body.clone();
         let result_marker = marker(&job.id);
@@ -367,7 +370,7 @@ impl Publisher {
         if let (true, Some((listing, marker))) = (p.maybe_sent, look) {
             let repo = p.repo.clone();
             let github = self.github.as_ref().ok_or_else(|| GitHubError::fatal("no GitHub credentials".into()))?;
-            if let Some(made) = github.find(p.installation, &repo, listing, marker).await? {
+            if let Some(made) = github.find(p.access, &repo, listing, marker).await? {
                 return Ok(Outcome::Done { made, created: kind != CapKind::None });
             }
         }

@@ -8,8 +8,8 @@ use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-use super::github::GitHubError;
 use crate::config::{NotifyKind, NotifyTarget};
+use crate::forge::github::api::GitHubError;
 use crate::store::Job;
 
 /// Lines of the result a notification carries, at most.

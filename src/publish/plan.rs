@@ -167,7 +167,7 @@ impl Planner {
             job: job.id.clone(),
             purpose,
             repo: repo.to_string(),
-            installation: job.spec.installation,
+            access: job.spec.access,
             target,
             body: self.redactor.redact(&body),
             state: PublicationState::Pending,

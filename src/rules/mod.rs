@@ -41,7 +41,9 @@ pub struct JobSpec {
     pub subject: Option<u64>,
     #[serde(default)]
     pub subject_is_pull_request: bool,
-    pub installation: Option<u64>,
+    /// The event's `access` (see `Event`).
+    #[serde(rename = "installation")]
+    pub access: Option<u64>,
     pub head_sha: Option<String>,
     pub agent: String,
     pub prompt: String,
@@ -537,7 +539,7 @@ impl RuleSet {
             repo: event.repo_name().map(str::to_string),
             subject: event.subject,
             subject_is_pull_request: event.subject_is_pull_request,
-            installation: event.installation,
+            access: event.access,
             head_sha: event.head_sha.clone(),
             agent: t.job.agent.clone(),
             prompt,
@@ -683,13 +685,45 @@ fn workspace_for(kind: WorkspaceKind, event: &Event, latest_head: bool) -> Resul
 }
 
 /// The template context shared by every trigger an event visits: the raw
-/// payload's top-level fields, plus `event` (the normalized view).
+/// payload's top-level fields, plus `event` (the normalized view), plus the
+/// forge-neutral `subject` and `repository` wherever the payload has no field
+/// of that name (a GitHub payload's own `repository` keeps every field).
 fn base_context(event: &Event) -> Value {
-    context! {
+    let own = context! {
         event => Value::from_serialize(event),
         thread => Value::from_serialize(&event.thread),
         ..template::payload_value(&event.payload)
+    };
+    // The last map wins a lookup, and a map lacking the key passes it on.
+    minijinja::value::merge_maps([neutral_context(event), own])
+}
+
+/// `subject.*` (kind, number, title, body, url, author, trust, head and base
+/// refs and shas, fork) and `repository.full_name`, which every forge fills.
+fn neutral_context(event: &Event) -> Value {
+    // What the forge did not say renders empty, as a missing payload field does.
+    fn opt<T: Into<Value>>(v: Option<T>) -> Value {
+        v.map(Into::into).unwrap_or(Value::UNDEFINED)
     }
+    let text = |s: &Option<String>| opt(s.as_deref());
+    let subject = event.subject.map(|number| {
+        context! {
+            kind => if event.subject_is_pull_request { "change_request" } else { "issue" },
+            number => number,
+            title => text(&event.title),
+            body => text(&event.body),
+            url => text(&event.url),
+            author => text(&event.author),
+            trust => text(&event.association),
+            head => context! { ref => text(&event.branch), sha => text(&event.head_sha) },
+            base => context! { ref => text(&event.base_branch), sha => text(&event.base_sha) },
+            fork => opt(event.head_in_repo.map(|own| !own)),
+        }
+    });
+    let repository = event.repository.as_ref().map(|r| {
+        context! { full_name => r.full_name, default_branch => text(&r.default_branch) }
+    });
+    context! { subject => opt(subject), repository => opt(repository) }
 }
 
 fn patterns(p: &[glob::Pattern]) -> String {

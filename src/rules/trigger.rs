@@ -11,7 +11,8 @@ use toml::Spanned;
 
 use crate::config::{Config, HumanDuration};
 use crate::diag::Diagnostic;
-use crate::event::github::KNOWN_EVENTS;
+use crate::forge::github::KNOWN_EVENTS;
+use crate::forge::{Capabilities, Forge};
 
 /// Where the agent works.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -22,7 +23,7 @@ pub enum WorkspaceKind {
     /// The repository's default branch head.
     #[default]
     DefaultBranch,
-    /// A pull request's head commit (`refs/pull/N/head`, works for forks).
+    /// A pull request's head commit (the forge's change-request head ref, which works for forks).
     PrHead,
     /// The head sha of a check, workflow, status or push.
     HeadSha,
@@ -244,7 +245,7 @@ struct OutputFile {
     mentions: Option<Mentions>,
 }
 
-/// The `author_association` values trusted by default.
+/// The authors' standings (GitHub's association values) trusted by default.
 pub const DEFAULT_AUTHORS: &[&str] = &["OWNER", "MEMBER", "COLLABORATOR"];
 
 const ASSOCIATIONS: &[&str] =
@@ -351,12 +352,40 @@ fn known_event(entry: &str, config: &Config) -> bool {
         || config.sources.contains_key(name)
 }
 
-/// Parses and compiles one trigger file. Templates are added to `env`.
+/// Parses and compiles one trigger file for the forge `[github]` configures.
+/// Templates are added to `env`.
 pub fn compile(
     path: &Path,
     source: &str,
     config: &Config,
     env: &mut minijinja::Environment<'static>,
+) -> Result<Trigger, Vec<Diagnostic>> {
+    let forge = Forge::GITHUB;
+    compile_for(path, source, config, env, forge.name(), forge.capabilities())
+}
+
+/// The capability of `forge` an output needs, when it lacks it.
+fn unavailable(output: OutputKind, forge: &Capabilities) -> Option<&'static str> {
+    let (offered, what) = match output {
+        OutputKind::Comment => (forge.comments, "comments"),
+        OutputKind::PullRequest => (forge.change_requests, "change requests"),
+        OutputKind::Push => (forge.push, "pushes to a change request's branch"),
+        OutputKind::Review => (forge.reviews, "reviews"),
+        OutputKind::CheckRun => (forge.check_runs, "check runs"),
+        OutputKind::None => (true, ""),
+    };
+    (!offered).then_some(what)
+}
+
+/// `compile`, for a forge named `forge_name` that offers `offered`: an output
+/// it lacks is an error at the output's `kind`.
+pub fn compile_for(
+    path: &Path,
+    source: &str,
+    config: &Config,
+    env: &mut minijinja::Environment<'static>,
+    forge_name: &str,
+    offered: Capabilities,
 ) -> Result<Trigger, Vec<Diagnostic>> {
     let file: TriggerFile = toml::from_str(source).map_err(|e| vec![Diagnostic::from_toml(path, source, &e)])?;
     let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("trigger").to_string();
@@ -579,6 +608,9 @@ pub fn compile(
     };
     let out = &file.output;
     let output = out.kind.as_ref().map(|k| *k.get_ref()).unwrap_or_default();
+    if let (Some(kind), Some(what)) = (&out.kind, unavailable(output, &offered)) {
+        errors.push(at(kind.span(), format!("{forge_name} offers no {what}: this output is not available there")));
+    }
     if let Some(kind) = &out.kind {
         if output == OutputKind::CheckRun && config.github.app_id.is_none() {
             errors.push(at(
@@ -768,4 +800,44 @@ fn template_error(e: &minijinja::Error) -> String {
         msg.push_str(&format!(" (template line {line})"));
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHECK: &str = "on = [\"pull_request.opened\"]\n\n[job]\nagent = \"codex\"\nprompt = \"look\"\n\n[output]\nkind = \"check_run\"\n";
+
+    fn config() -> Config {
+        let toml = "[github]\napp_id = 1\nprivate_key = \"k\"\n";
+        Config::from_source(None, toml, Path::new(".")).unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    #[test]
+    fn an_output_the_forge_lacks_is_an_error_at_its_kind() {
+        let mut env = crate::rules::template::environment();
+        let no_checks = Capabilities { check_runs: false, ..Capabilities::ALL };
+        let errors = compile_for(Path::new("triggers/t.toml"), CHECK, &config(), &mut env, "Forgejo", no_checks)
+            .err()
+            .unwrap_or_default();
+        let shown: Vec<String> = errors.iter().map(|d| d.to_string()).collect();
+        assert_eq!(shown, ["triggers/t.toml:8:8: Forgejo offers no check runs: this output is not available there"]);
+    }
+
+    #[test]
+    fn github_offers_every_output() {
+        let mut env = crate::rules::template::environment();
+        let compiled = compile(Path::new("triggers/t.toml"), CHECK, &config(), &mut env);
+        assert!(compiled.is_ok(), "{:?}", compiled.err());
+        for kind in [
+            OutputKind::Comment,
+            OutputKind::PullRequest,
+            OutputKind::Push,
+            OutputKind::Review,
+            OutputKind::CheckRun,
+            OutputKind::None,
+        ] {
+            assert_eq!(unavailable(kind, &Forge::GITHUB.capabilities()), None, "{kind:?}");
+        }
+    }
 }

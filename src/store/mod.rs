@@ -605,3 +605,14 @@ impl JobQuery {
         jobs
     }
 }
+
+/// Catch-up of missed webhook deliveries asks the store what it holds.
+impl crate::forge::Deliveries for Store {
+    async fn holds(&self, delivery: &str) -> Result<bool, String> {
+        Ok(self.delivery(delivery).await.map_err(|e| e.to_string())?.is_some())
+    }
+
+    async fn note_redelivery(&self, delivery: &str) -> Result<bool, String> {
+        Store::note_redelivery(self, delivery).await.map_err(|e| e.to_string())
+    }
+}

@@ -136,7 +136,7 @@ async fn an_old_event_arriving_late_never_moves_the_head_back() {
         p.to_string().into_bytes()
     };
     let opened = at("opened", "aaaaaaa", "2026-11-30T10:00:00Z");
-    let sig = baton::ingress::signature::sign(SECRET.as_bytes(), &opened);
+    let sig = baton::forge::signature::sign(SECRET.as_bytes(), &opened);
     let raw = |id: &'static str| {
         let (body, sig) = (opened.clone(), sig.clone());
         let baton = &baton;

@@ -135,7 +135,7 @@ async fn a_job_end_lost_to_a_crash_goes_through_the_rules_at_the_next_start() {
 
     // A job ends, and the daemon dies before its end goes through the rules.
     let store = crate::harness::open_store(data.path()).await;
-    let event = baton::event::github::normalize("issues", "d1", &crate::harness::fixture("issues/opened.payload.json"))
+    let event = baton::forge::github::normalize("issues", "d1", &crate::harness::fixture("issues/opened.payload.json"))
         .unwrap();
     store.accept(Delivery::new("d1", "github", "issues.opened"), rules.current().match_event(&event)).await.unwrap();
     let limits = baton::store::Limits { per_replica: 1, per_repo: 1, ..Default::default() };

@@ -40,7 +40,7 @@ async fn kill_9_mid_flood_loses_nothing_acknowledged() {
                 loop {
                     let id = format!("flood-{}", next.fetch_add(1, Ordering::SeqCst));
                     let body = crate::harness::unique_body(&body, &id);
-                    let sig = baton::ingress::signature::sign(SECRET.as_bytes(), &body);
+                    let sig = baton::forge::signature::sign(SECRET.as_bytes(), &body);
                     let sent = http
                         .post(format!("{url}/webhooks/github"))
                         .header("x-github-event", "issues")

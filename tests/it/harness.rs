@@ -290,7 +290,7 @@ impl Baton {
     pub async fn deliver(&self, secret: &str, event: &str, delivery: &str, body: &[u8]) -> (u16, Value) {
         let unique = unique_body(body, delivery);
         let body = unique.as_slice();
-        let sig = baton::ingress::signature::sign(secret.as_bytes(), body);
+        let sig = baton::forge::signature::sign(secret.as_bytes(), body);
         self.post_webhook(
             &[("x-github-event", event), ("x-github-delivery", delivery), ("x-hub-signature-256", &sig)],
             body,

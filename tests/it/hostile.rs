@@ -152,7 +152,7 @@ async fn random_and_broken_payloads_never_get_a_5xx() {
             .header("x-github-delivery", format!("hostile-{i}"))
             .body(body.clone());
         if signed {
-            req = req.header(header, baton::ingress::signature::sign(SECRET.as_bytes(), &body));
+            req = req.header(header, baton::forge::signature::sign(SECRET.as_bytes(), &body));
         }
         let resp = req.send().await.unwrap_or_else(|e| panic!("case {i}: the daemon did not answer: {e}"));
         let status = resp.status().as_u16();

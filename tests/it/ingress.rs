@@ -30,19 +30,19 @@ async fn accepted_jobs(baton: &Baton, delivery: &str, body: &[u8]) -> Vec<Value>
 async fn every_bad_input_gets_its_status_and_the_daemon_keeps_serving() {
     let (_w, baton) = daemon();
     let body = fixture("issues/opened.payload.json");
-    let sig = baton::ingress::signature::sign(SECRET.as_bytes(), &body);
+    let sig = baton::forge::signature::sign(SECRET.as_bytes(), &body);
     let ev = ("x-github-event", "issues");
     let id = ("x-github-delivery", "bad-1");
 
     // 413: over max_body_bytes, even when correctly signed.
     let big = vec![b' '; 70_000];
-    let big_sig = baton::ingress::signature::sign(SECRET.as_bytes(), &big);
+    let big_sig = baton::forge::signature::sign(SECRET.as_bytes(), &big);
     let (status, _) = baton.post_webhook(&[ev, id, ("x-hub-signature-256", &big_sig)], &big).await;
     assert_eq!(status, 413);
     // 401: missing, wrong, malformed signature.
     let (status, _) = baton.post_webhook(&[ev, id], &body).await;
     assert_eq!(status, 401);
-    let wrong = baton::ingress::signature::sign(b"not the secret", &body);
+    let wrong = baton::forge::signature::sign(b"not the secret", &body);
     let (status, _) = baton.post_webhook(&[ev, id, ("x-hub-signature-256", &wrong)], &body).await;
     assert_eq!(status, 401);
     let (status, _) = baton.post_webhook(&[ev, id, ("x-hub-signature-256", "sha256=xyz")], &body).await;
@@ -190,7 +190,7 @@ delivery_header = "X-Deploy-Id"
         }
     };
     let failed: &[u8] = br#"{"build": {"id": 42, "status": "failed"}, "repository": "acme/app"}"#;
-    let sig = baton::ingress::signature::sign(b"ci-secret", failed);
+    let sig = baton::forge::signature::sign(b"ci-secret", failed);
     let (status, answer) = send("ci", vec![("X-CI-Signature", sig.clone())], failed).await;
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["jobs"].as_array().unwrap().len(), 1);
@@ -205,16 +205,16 @@ delivery_header = "X-Deploy-Id"
     // A passing build is kind ci.passed: no trigger listens.
     let passed: &[u8] = br#"{"build": {"id": 43, "status": "passed"}}"#;
     let (status, answer) =
-        send("ci", vec![("X-CI-Signature", baton::ingress::signature::sign(b"ci-secret", passed))], passed).await;
+        send("ci", vec![("X-CI-Signature", baton::forge::signature::sign(b"ci-secret", passed))], passed).await;
     assert_eq!((status, answer["jobs"].clone()), (202, json!([])));
     // Wrong secret, GitHub's header instead of the source's, unknown source.
-    let wrong = baton::ingress::signature::sign(b"gh", failed);
+    let wrong = baton::forge::signature::sign(b"gh", failed);
     assert_eq!(send("ci", vec![("X-CI-Signature", wrong.clone())], failed).await.0, 401);
     assert_eq!(send("ci", vec![("X-Hub-Signature-256", wrong)], failed).await.0, 401);
     assert_eq!(send("nosuch", vec![], failed).await.0, 404);
     // A source with a delivery header uses it, and requires it.
     let body: &[u8] = br#"{"env": "prod"}"#;
-    let sig = baton::ingress::signature::sign(b"deploy-secret", body);
+    let sig = baton::forge::signature::sign(b"deploy-secret", body);
     let (status, _) = send("deploy", vec![("X-Signature-256", sig.clone())], body).await;
     assert_eq!(status, 400);
     let (status, answer) =
@@ -478,7 +478,7 @@ async fn unsigned_floods_cannot_make_baton_hold_more_than_its_buffer_budget() {
 async fn a_replayed_body_under_a_new_delivery_id_starts_nothing() {
     let (_w, baton) = daemon();
     let body = fixture("issues/opened.payload.json");
-    let sig = baton::ingress::signature::sign(SECRET.as_bytes(), &body);
+    let sig = baton::forge::signature::sign(SECRET.as_bytes(), &body);
     let send = |id: &'static str| {
         let (body, sig) = (body.clone(), sig.clone());
         let baton = &baton;

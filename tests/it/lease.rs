@@ -43,7 +43,7 @@ async fn setup(sleep: &str) -> Setup {
     assert!(errors.is_empty(), "{errors:?}");
     let rules = SharedRules::new(set, Vec::new());
     let store = crate::harness::open_store(&data.path().join("store")).await;
-    let event = baton::event::github::normalize("issues", "lease-1", &fixture("issues/opened.payload.json")).unwrap();
+    let event = baton::forge::github::normalize("issues", "lease-1", &fixture("issues/opened.payload.json")).unwrap();
     store
         .accept(Delivery::new("lease-1", "github", "issues.opened"), rules.current().match_event(&event))
         .await

@@ -1,6 +1,6 @@
 //! Every recorded GitHub payload through the normalizer, table-driven.
 
-use baton::event::github::normalize;
+use baton::forge::github::normalize;
 use serde_json::Value;
 
 use crate::harness::fixture;
@@ -125,7 +125,7 @@ fn every_fixture_normalizes_with_its_repository_and_sender() {
 #[test]
 fn installation_labels_branches_and_sender_are_read() {
     let e = normalize("pull_request", "d", &fixture("pull_request/opened.payload.json")).unwrap();
-    assert_eq!(e.installation, Some(1));
+    assert_eq!(e.access, Some(1));
     assert_eq!(e.labels, vec!["bug".to_string()]);
     assert_eq!(e.base_branch.as_deref(), Some("master"));
     assert_eq!(e.repository.as_ref().unwrap().default_branch.as_deref(), Some("master"));
@@ -139,15 +139,15 @@ fn installation_labels_branches_and_sender_are_read() {
     assert!(e.comment.is_some(), "a review's body is its comment");
 
     let e = normalize("installation", "d", &fixture("installation/created.payload.json")).unwrap();
-    assert_eq!(e.installation, Some(957387));
+    assert_eq!(e.access, Some(957387));
     assert_eq!(e.kind, "installation.created");
 
     let e = normalize("workflow_job", "d", &fixture("workflow_job/queued.payload.json")).unwrap();
-    assert_eq!(e.installation, Some(3456996));
+    assert_eq!(e.access, Some(3456996));
     assert!(e.head_sha.is_some());
 
     let e = normalize("repository_dispatch", "d", &fixture("repository_dispatch/payload.json")).unwrap();
-    assert_eq!(e.installation, Some(375706));
+    assert_eq!(e.access, Some(375706));
 
     let e = normalize("issue_comment", "d", &fixture("issue_comment/created.payload.json")).unwrap();
     let comment = e.comment.unwrap();

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use baton::config::Config;
-use baton::event::github::normalize;
+use baton::forge::github::normalize;
 use baton::rules::{RuleSet, Verdict, Workspace};
 use serde_json::json;
 
@@ -446,4 +446,35 @@ fn load_one(dir: &Path, config: &Config, source: &str) -> (RuleSet, String) {
     std::fs::write(dir.join("t.toml"), source).unwrap();
     let (rules, errors) = RuleSet::load(dir, config);
     (rules, errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))
+}
+
+/// The forge-neutral template variables render from real GitHub payloads,
+/// beside GitHub's own (the payload's `repository` keeps all its fields).
+#[test]
+fn forge_neutral_variables_render_beside_github_ones() {
+    let trigger = |on: &str| {
+        format!(
+            "on = [\"{on}\"]\n[job]\nagent = \"codex\"\nworkspace = \"none\"\nprompt = '''{}'''\n",
+            "{{ subject.kind }} #{{ subject.number }} {{ subject.title }} <{{ subject.url }}> in \
+             {{ repository.full_name }} by {{ subject.author }} ({{ subject.trust }}) \
+             {{ subject.head.sha }}..{{ subject.base.sha }} fork={{ subject.fork }} | \
+             {{ repository.html_url }} {{ issue.title }}{{ pull_request.title }}"
+        )
+    };
+    let issue = judge(&trigger("issues.opened"), "issues", &fixture("issues/opened.payload.json")).unwrap();
+    assert_eq!(
+        issue.prompt,
+        "issue #1 Spelling error in the README file <https://github.com/Codertocat/Hello-World/issues/1> in \
+         Codertocat/Hello-World by Codertocat (OWNER) .. fork= | \
+         https://github.com/Codertocat/Hello-World Spelling error in the README file"
+    );
+    let pr =
+        judge(&trigger("pull_request.opened"), "pull_request", &fixture("pull_request/opened.payload.json")).unwrap();
+    assert_eq!(
+        pr.prompt,
+        "change_request #2 Update the README with new information. <https://github.com/Codertocat/Hello-World/pull/2> in \
+         Codertocat/Hello-World by Codertocat (OWNER) \
+         ec26c3e57ca3a959ca5aad62de7213c562f8c821..f95f852bd8fca8fcc58a9a2d6c842781e32a215e fork=False | \
+         https://github.com/Codertocat/Hello-World Update the README with new information."
+    );
 }

@@ -76,7 +76,7 @@ fn recorder(dir: &Path, log: &Path, sleep: &str) -> PathBuf {
 /// Signs and posts one `issues.opened` delivery to `url`.
 async fn send(http: &reqwest::Client, url: &str, delivery: &str) -> Result<u16, String> {
     let body = unique_body(&fixture("issues/opened.payload.json"), delivery);
-    let sig = baton::ingress::signature::sign(SECRET.as_bytes(), &body);
+    let sig = baton::forge::signature::sign(SECRET.as_bytes(), &body);
     let response = http
         .post(format!("{url}/webhooks/github"))
         .header("x-github-event", "issues")

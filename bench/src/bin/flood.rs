@@ -34,7 +34,7 @@ async fn main() {
                 // Every body differs, as GitHub's do: baton turns away a
                 // signed body sent again under a new delivery id (a replay).
                 let body = unique_body(&payload, &format!("{run}-{i}"));
-                let sig = baton::ingress::signature::sign(secret.as_bytes(), &body);
+                let sig = baton::forge::signature::sign(secret.as_bytes(), &body);
                 let url = &urls[i % urls.len()];
                 let resp = http
                     .post(format!("{url}/webhooks/github"))

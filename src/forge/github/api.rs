@@ -11,7 +11,7 @@ use std::time::Duration;
 use octocrab::Octocrab;
 use serde_json::{json, Value};
 
-use crate::auth::Credentials;
+use super::auth::Credentials;
 
 /// Pages of a listing read when looking for a marker (100 items each).
 const MAX_FIND_PAGES: u32 = 50;
@@ -87,25 +87,30 @@ struct Identity {
     app_id: Option<u64>,
 }
 
+/// Called with `X-RateLimit-Remaining` after each answer. A callback, not
+/// `metrics::Metrics`, because `forge` sits below the modules metrics needs.
+pub type RateLimitObserver = Arc<dyn Fn(u64) + Send + Sync>;
+
 /// An authenticated client for one GitHub (or GitHub Enterprise, or a fake).
-pub struct GitHub {
+pub struct Client {
     api_url: String,
     credentials: Arc<Credentials>,
     /// One client per token: installation tokens rotate.
     clients: Mutex<HashMap<String, Octocrab>>,
-    metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Told the rate limit left after every answer (the daemon feeds `/metrics`).
+    rate_limit: Option<RateLimitObserver>,
     /// Asked of GitHub the first time a lost answer is looked for, then
     /// kept: it does not change while the credentials do not.
     identity: tokio::sync::OnceCell<Identity>,
 }
 
-impl GitHub {
-    pub fn new(api_url: &str, credentials: Arc<Credentials>, metrics: Option<Arc<crate::metrics::Metrics>>) -> GitHub {
-        GitHub {
+impl Client {
+    pub fn new(api_url: &str, credentials: Arc<Credentials>, rate_limit: Option<RateLimitObserver>) -> Client {
+        Client {
             api_url: api_url.to_string(),
             credentials,
             clients: Mutex::new(HashMap::new()),
-            metrics,
+            rate_limit,
             identity: tokio::sync::OnceCell::new(),
         }
     }
@@ -147,7 +152,7 @@ impl GitHub {
         if let Some(c) = clients.get(token.expose()) {
             return Ok(c.clone());
         }
-        let client = crate::auth::token_client(&self.api_url, &token).map_err(|e| GitHubError::fatal(e.to_string()))?;
+        let client = super::auth::token_client(&self.api_url, &token).map_err(|e| GitHubError::fatal(e.to_string()))?;
         // Old installation tokens expire; their clients go with them.
         if clients.len() > 32 {
             clients.clear();
@@ -188,8 +193,8 @@ impl GitHub {
             .get("x-ratelimit-remaining")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        if let (Some(remaining), Some(metrics)) = (remaining, &self.metrics) {
-            metrics.rate_limit_remaining(remaining);
+        if let (Some(remaining), Some(observe)) = (remaining, &self.rate_limit) {
+            observe(remaining);
         }
         let response = octocrab::map_github_error(response).await.map_err(classify)?;
         let text = crab.body_to_string(response).await.map_err(classify)?;

@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Credentials;
-use crate::store::Store;
+use super::auth::Credentials;
+use crate::forge::Deliveries;
 
 /// GitHub redelivers deliveries of the past three days; a little margin.
 const WINDOW: chrono::Duration = chrono::Duration::hours(71);
@@ -20,12 +20,12 @@ const WINDOW: chrono::Duration = chrono::Duration::hours(71);
 pub const INTERVAL: Duration = Duration::from_secs(10 * 60);
 
 /// One pass: returns how many redeliveries were asked for.
-pub async fn catch_up(credentials: &Credentials, store: &Store) -> Result<usize, String> {
+pub async fn catch_up(credentials: &Credentials, store: &impl Deliveries) -> Result<usize, String> {
     let Some(app) = credentials.app_client() else { return Ok(0) };
     let list: Value = app
         .get("/app/hook/deliveries?per_page=100", None::<&()>)
         .await
-        .map_err(|e| format!("listing the App's webhook deliveries failed: {}", crate::auth::describe(&e)))?;
+        .map_err(|e| format!("listing the App's webhook deliveries failed: {}", super::auth::describe(&e)))?;
     let now = Utc::now();
     let mut asked = 0;
     for d in list.as_array().into_iter().flatten() {
@@ -35,10 +35,10 @@ pub async fn catch_up(credentials: &Credentials, store: &Store) -> Result<usize,
             .as_str()
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
             .is_some_and(|t| now - t.with_timezone(&Utc) < WINDOW);
-        if ok || !recent || store.delivery(guid).await.map_err(|e| e.to_string())?.is_some() {
+        if ok || !recent || store.holds(guid).await? {
             continue;
         }
-        if !store.note_redelivery(guid).await.map_err(|e| e.to_string())? {
+        if !store.note_redelivery(guid).await? {
             continue;
         }
         let sent: Result<Value, _> = app.post(format!("/app/hook/deliveries/{id}/attempts"), None::<&()>).await;
@@ -52,7 +52,7 @@ pub async fn catch_up(credentials: &Credentials, store: &Store) -> Result<usize,
                 );
             }
             Err(e) => {
-                tracing::warn!(delivery = guid, error = %crate::auth::describe(&e), "Asking GitHub to redeliver a webhook failed.")
+                tracing::warn!(delivery = guid, error = %super::auth::describe(&e), "Asking GitHub to redeliver a webhook failed.")
             }
         }
     }
@@ -60,7 +60,7 @@ pub async fn catch_up(credentials: &Credentials, store: &Store) -> Result<usize,
 }
 
 /// Runs `catch_up` now and every `INTERVAL` until `stop`.
-pub async fn run(credentials: std::sync::Arc<Credentials>, store: Store, stop: CancellationToken) {
+pub async fn run(credentials: std::sync::Arc<Credentials>, store: impl Deliveries, stop: CancellationToken) {
     loop {
         if let Err(e) = catch_up(&credentials, &store).await {
             tracing::warn!(error = %e, "Webhook catch-up failed; will retry.");

@@ -1,5 +1,6 @@
 //! Webhook signatures: `sha256=<hex HMAC-SHA256 of the raw body>`, as GitHub
-//! sends in `X-Hub-Signature-256` and generic sources send in their header.
+//! sends them and generic sources send in their configured header. Shared by
+//! the forges and by generic sources (`ingress`).
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -14,6 +15,12 @@ pub enum SignatureError {
     Malformed,
     #[error("signature does not match")]
     Mismatch,
+}
+
+/// Delivery ids and event names become store keys and log fields: keep them
+/// short and printable.
+pub fn valid_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 200 && s.chars().all(|c| c.is_ascii_graphic())
 }
 
 /// The header value for `body` signed with `secret`.

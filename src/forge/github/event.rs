@@ -10,16 +10,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{Actor, Comment, Event, Repository};
-
-/// Why a payload could not be normalized.
-#[derive(Debug, thiserror::Error)]
-pub enum NormalizeError {
-    #[error("payload is not valid JSON: {0}")]
-    Json(#[from] serde_json::Error),
-    #[error("payload must be a JSON object")]
-    NotAnObject,
-}
+use crate::event::{Actor, Comment, Event, NormalizeError, Repository};
 
 /// GitHub events that baton understands; others are stored and start no job.
 pub const KNOWN_EVENTS: &[&str] = &[
@@ -100,6 +91,11 @@ struct RawUser {
 #[serde(default)]
 struct RawIssue {
     number: Option<u64>,
+    /// Title, text and page: kept as JSON so an odd type never drops the
+    /// issue (`text_of`).
+    title: Option<Value>,
+    body: Option<Value>,
+    html_url: Option<Value>,
     author_association: Option<String>,
     /// Read leniently (`login_of`): only its `login` is needed.
     user: Option<Value>,
@@ -112,6 +108,9 @@ struct RawIssue {
 #[serde(default)]
 struct RawPull {
     number: Option<u64>,
+    title: Option<Value>,
+    body: Option<Value>,
+    html_url: Option<Value>,
     author_association: Option<String>,
     user: Option<Value>,
     labels: Vec<Named>,
@@ -191,7 +190,7 @@ pub fn normalize_value(name: &str, delivery: &str, value: Value) -> Result<Event
     let repo_full = repository.as_ref().map(|r| r.full_name.as_str());
 
     let mut e = Event {
-        installation: p.installation.as_ref().and_then(|i| i.id),
+        access: p.installation.as_ref().and_then(|i| i.id),
         sender: p.sender.as_ref().and_then(|s| {
             s.login.clone().map(|login| Actor { login, kind: s.kind.clone().unwrap_or_else(|| "User".into()) })
         }),
@@ -204,6 +203,7 @@ pub fn normalize_value(name: &str, delivery: &str, value: Value) -> Result<Event
         e.association = issue.author_association.clone();
         e.author = login_of(&issue.user);
         e.labels = names(&issue.labels);
+        (e.title, e.body, e.url) = (text_of(&issue.title), text_of(&issue.body), text_of(&issue.html_url));
     }
     if let Some(pr) = &p.pull_request {
         e.subject = pr.number.or(e.subject);
@@ -212,6 +212,7 @@ pub fn normalize_value(name: &str, delivery: &str, value: Value) -> Result<Event
         e.author = login_of(&pr.user);
         e.labels = names(&pr.labels);
         e.draft = pr.draft;
+        (e.title, e.body, e.url) = (text_of(&pr.title), text_of(&pr.body), text_of(&pr.html_url));
         apply_pull_refs(&mut e, pr, repo_id, repo_full);
     }
     // A comment or review is about its author, not the issue's.
@@ -332,7 +333,13 @@ fn apply_pull_refs(e: &mut Event, pr: &RawPull, repo_id: Option<u64>, repo_full:
     e.maintainer_can_modify = pr.maintainer_can_modify;
     if let Some(base) = &pr.base {
         e.base_branch = base.git_ref.clone();
+        e.base_sha = base.sha.clone();
     }
+}
+
+/// A string field read leniently: any other type counts as absent.
+fn text_of(v: &Option<Value>) -> Option<String> {
+    v.as_ref().and_then(Value::as_str).map(str::to_string)
 }
 
 /// Checks and workflows name their pull requests; the first is the subject.

@@ -1,0 +1,151 @@
+//! What differs between code hosts ("forges"): verifying a webhook and naming
+//! its delivery, normalizing its payload into an `Event`, credentials, clone
+//! URLs and change-request refs, the REST calls each output needs, catch-up
+//! of missed deliveries, and which outputs the forge offers at all.
+//!
+//! GitHub (`github/`) is the only forge today. The seam is a closed enum
+//! (`Forge`), as bors and Atlantis do, rather than a trait object as
+//! Renovate's `Platform` is: there will be a handful of forges, all in this
+//! crate, so a `match` shows every forge's answer side by side, the compiler
+//! names each place a new forge must fill, and nothing pays for dynamic
+//! dispatch or `async` trait objects. Everything forge-neutral (the `Event`,
+//! rules, the store, the outbox) stays outside; this module imports only
+//! `config` and `event`, so the rules and the records can name its types.
+
+pub mod github;
+pub mod signature;
+
+use std::future::Future;
+
+use crate::event::{Event, NormalizeError};
+
+/// A code host baton serves. Closed: each forge is a variant, and every
+/// forge-specific answer is a `match` here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forge {
+    GitHub(github::GitHub),
+}
+
+impl Forge {
+    /// The forge `[github]` configures: today the only one.
+    pub const GITHUB: Forge = Forge::GitHub(github::GitHub);
+
+    /// Its name in diagnostics and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Forge::GitHub(_) => "GitHub",
+        }
+    }
+
+    /// Which outputs this forge offers.
+    pub fn capabilities(&self) -> Capabilities {
+        match self {
+            Forge::GitHub(g) => g.capabilities(),
+        }
+    }
+
+    /// Checks a webhook request's signature and headers, and reads its event
+    /// name and delivery id (the dedupe key). The body is not parsed yet.
+    pub fn verify(&self, secret: &[u8], headers: &axum::http::HeaderMap, body: &[u8]) -> Result<Verified, Rejected> {
+        match self {
+            Forge::GitHub(g) => g.verify(secret, headers, body),
+        }
+    }
+
+    /// A verified delivery's payload as baton's `Event`.
+    pub fn normalize(&self, verified: &Verified, body: &[u8]) -> Result<Event, NormalizeError> {
+        match self {
+            Forge::GitHub(_) => github::normalize(&verified.event, &verified.delivery, body),
+        }
+    }
+
+    /// Whether a verified delivery only tests the hook (answered, not stored).
+    pub fn is_ping(&self, verified: &Verified) -> bool {
+        match self {
+            Forge::GitHub(_) => verified.event == "ping",
+        }
+    }
+
+    /// The request headers that make `body` a signed delivery of `event`, for
+    /// `baton deliver` and tests.
+    pub fn delivery_headers(
+        &self,
+        secret: &[u8],
+        event: &str,
+        delivery: &str,
+        body: &[u8],
+    ) -> Vec<(&'static str, String)> {
+        match self {
+            Forge::GitHub(g) => g.delivery_headers(secret, event, delivery, body),
+        }
+    }
+
+    /// The git ref a change request's head can be fetched from (it works for
+    /// changes from forks, whose branches live elsewhere).
+    pub fn change_head_ref(&self, number: u64) -> String {
+        match self {
+            Forge::GitHub(g) => g.change_head_ref(number),
+        }
+    }
+
+    /// The clone URL of `owner/name` below `git_url`.
+    pub fn clone_url(&self, git_url: &str, owner: &str, name: &str) -> String {
+        match self {
+            Forge::GitHub(g) => g.clone_url(git_url, owner, name),
+        }
+    }
+}
+
+/// A request whose signature and headers checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The forge's event name (what `on` lists before the dot).
+    pub event: String,
+    /// The forge's delivery id: the dedupe key.
+    pub delivery: String,
+}
+
+/// Why a webhook request was refused, and the answer it gets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    /// Missing or wrong signature: 401.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Missing or malformed headers: 400.
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+/// What a forge can publish. `baton check` reports a trigger whose output
+/// needs something its forge lacks, at the output's `path:line:col`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Comments on issues and change requests, edited in place.
+    pub comments: bool,
+    /// Reviews, with inline comments on the diff.
+    pub reviews: bool,
+    /// Check runs shown with a commit.
+    pub check_runs: bool,
+    /// Opening change requests.
+    pub change_requests: bool,
+    /// Pushing to a change request's own branch.
+    pub push: bool,
+}
+
+impl Capabilities {
+    /// Everything: what GitHub offers.
+    pub const ALL: Capabilities =
+        Capabilities { comments: true, reviews: true, check_runs: true, change_requests: true, push: true };
+}
+
+/// What catch-up asks of the store: whether a delivery is already held, and
+/// a once-only note that its redelivery was asked for. A trait because the
+/// store sits above `forge` in the module graph (its records name forge
+/// types); the store implements it.
+pub trait Deliveries {
+    /// Whether a delivery with this id is stored.
+    fn holds(&self, delivery: &str) -> impl Future<Output = Result<bool, String>> + Send;
+    /// Notes that a redelivery was asked for; `false` when one already was
+    /// (on any replica), so each delivery is asked for once.
+    fn note_redelivery(&self, delivery: &str) -> impl Future<Output = Result<bool, String>> + Send;
+}
