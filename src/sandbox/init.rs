@@ -200,7 +200,12 @@ pub fn run(args: InitArgs) -> i32 {
                         report_direct(socket, dest)
                     }
                 },
-                |what| eprintln!("[baton] the sandbox refused {what}"),
+                |what| {
+                    // One write(2), under PIPE_BUF, so the agent's own output
+                    // (the same pipe) never lands inside the line.
+                    let line = format!("[baton] the sandbox refused {what}\n");
+                    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+                },
             )
         });
     }
