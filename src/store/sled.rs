@@ -940,7 +940,19 @@ mod tests {
             store.clear_repo_index();
             store.flush().await.ok();
         }
-        let store = SledStore::open(dir.path(), Durability::Fsync).unwrap_or_else(|e| panic!("{e}"));
+        // The first store's background threads let go of sled's file lock
+        // a moment after it is dropped.
+        let mut tries = 0;
+        let store = loop {
+            match SledStore::open(dir.path(), Durability::Fsync) {
+                Ok(store) => break store,
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         let limits = Limits { per_replica: 1, per_repo: 1, ..Limits::default() };
         let next = store.claim_next(&limits, Duration::from_secs(60)).await.ok().flatten().map(|j| j.repo);
         assert_eq!(next, Some(Some("o/r0".to_string())));
