@@ -335,8 +335,11 @@ async fn agents_left_by_a_killed_daemon_are_killed_before_their_job_reruns() {
             })
             .await;
         } else {
-            let left = crate::harness::processes_with_arg(&marker);
-            assert_eq!(left.len(), 1, "an unconfined agent outlives a kill -9 of the daemon");
+            // `$!` is written before the child has exec'd `sleep`: wait for it.
+            eventually("an unconfined agent to outlive a kill -9 of the daemon", || {
+                crate::harness::processes_with_arg(&marker).len() == 1
+            })
+            .await;
         }
 
         let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);

@@ -203,7 +203,12 @@ async fn nothing_an_agent_starts_outlives_a_killed_daemon() {
         let mut baton = a.start();
         open_issue(&baton, "survivor").await;
         eventually("the agent to start its child", || a.shared().join("ready").exists()).await;
-        assert!(!processes_with_arg(&marker).is_empty(), "caps = {caps}: the agent's processes run");
+        // `ready` comes before either `sleep` has been exec'd: wait for both,
+        // the agent's and its setsid child's, so the kill finds them running.
+        eventually(&format!("caps = {caps}: the agent and its child to sleep"), || {
+            processes_with_arg(&marker).len() >= 2
+        })
+        .await;
         baton.kill9();
         eventually("nothing of the sandbox to be left", || processes_with_arg(&marker).is_empty()).await;
     }
