@@ -32,11 +32,13 @@ pub mod cgroup;
 pub mod egress;
 pub mod etc;
 pub mod init;
+mod jail;
 pub mod leftovers;
 pub mod seccomp;
 pub mod stage;
 pub mod usage;
 pub mod user;
+mod view;
 pub mod watch;
 
 use std::ffi::OsString;
@@ -47,6 +49,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
+
+pub use jail::Jail;
+use view::View;
 
 use cgroup::{Cgroup, Cgroups};
 use egress::{Blocked, HostRule, Refusals};
@@ -606,126 +611,6 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     }
 }
 
-/// The bubblewrap command line being built, and (for a root daemon) the
-/// staging that makes baton's folders reachable to it.
-struct View {
-    args: Vec<OsString>,
-    stage: Option<stage::Plan>,
-    /// Descriptors bubblewrap is to inherit.
-    keep: Vec<OwnedFd>,
-}
-
-impl View {
-    fn new(stage: Option<stage::Plan>) -> View {
-        View { args: Vec::new(), stage, keep: Vec::new() }
-    }
-
-    /// `/etc`: the allowlisted `files` and the generated `texts`. Staged, it
-    /// is one folder of read-only binds made by the root child (bubblewrap
-    /// binds it once); else bubblewrap binds each file and copies each text
-    /// in from a pipe (a bind would name a folder of baton's).
-    fn etc(&mut self, files: Vec<PathBuf>, texts: Vec<(String, String)>) -> std::io::Result<()> {
-        match &mut self.stage {
-            Some(s) => {
-                let source = s.add(stage::Item::Folder { files, texts });
-                self.push([OsString::from("--bind"), source.into(), "/etc".into()]);
-            }
-            None => {
-                for path in &files {
-                    self.system("--ro-bind", path);
-                }
-                for (name, text) in &texts {
-                    self.data(text, &Path::new("/etc").join(name))?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// A read-only file at `inside` holding `text`, which bubblewrap reads
-    /// from a pipe (a small text: it fits the pipe's buffer).
-    fn data(&mut self, text: &str, inside: &Path) -> std::io::Result<()> {
-        use std::io::Write as _;
-        let (read, write) = pipe()?;
-        std::fs::File::from(write).write_all(text.as_bytes())?;
-        self.push([OsString::from("--ro-bind-data"), read.as_raw_fd().to_string().into(), inside.into()]);
-        self.keep.push(read);
-        Ok(())
-    }
-
-    fn push<I: IntoIterator<Item = S>, S: Into<OsString>>(&mut self, items: I) {
-        self.args.extend(items.into_iter().map(Into::into));
-    }
-
-    /// A system path, readable by anyone: shown as it is.
-    fn system(&mut self, flag: &str, path: &Path) {
-        self.push([OsString::from(flag), path.into(), path.into()]);
-    }
-
-    /// `host` shown at the same path (the agent's program, a definition's
-    /// `read_only`/`read_write`); skipped when it does not exist.
-    fn path(&mut self, host: &Path, writable: bool) {
-        let Ok(meta) = std::fs::metadata(host) else { return };
-        let source = match &mut self.stage {
-            Some(s) => s.add(stage::Item::Bind { src: host.to_path_buf(), dir: meta.is_dir() }),
-            None => host.to_path_buf(),
-        };
-        let flag = if writable { "--bind" } else { "--ro-bind" };
-        self.push([OsString::from(flag), source.into(), host.into()]);
-    }
-
-    /// A single file of baton's shown at `inside`; `whole_dir`: shown
-    /// through a read-only overlay of its folder (the baton binary: a
-    /// bind would name its path).
-    fn file(&mut self, host: &Path, inside: &Path, whole_dir: bool) {
-        let source = match (&mut self.stage, host.parent(), host.file_name()) {
-            (Some(s), Some(dir), Some(name)) if whole_dir => {
-                s.add(stage::Item::ReadOnly { dir: dir.to_path_buf() }).join(name)
-            }
-            (Some(s), _, _) => s.add(stage::Item::Bind { src: host.to_path_buf(), dir: false }),
-            (None, _, _) => host.to_path_buf(),
-        };
-        self.push([OsString::from("--ro-bind"), source.into(), inside.into()]);
-    }
-
-    /// A folder of baton's the agent writes, shown at `inside`.
-    fn upper(&mut self, host: &Path, inside: &Path) -> std::io::Result<()> {
-        let source = match &mut self.stage {
-            Some(s) => {
-                std::fs::create_dir_all(stage::work_dir_for(host))?;
-                s.add(stage::Item::Upper { upper: host.to_path_buf() })
-            }
-            None => host.to_path_buf(),
-        };
-        self.push([OsString::from("--bind"), source.into(), inside.into()]);
-        Ok(())
-    }
-
-    /// A folder of baton's shown read-only at `inside`.
-    fn read_only_dir(&mut self, host: &Path, inside: &Path) {
-        let source = match &mut self.stage {
-            Some(s) => s.add(stage::Item::ReadOnly { dir: host.to_path_buf() }),
-            None => host.to_path_buf(),
-        };
-        self.push([OsString::from("--ro-bind"), source.into(), inside.into()]);
-    }
-
-    /// A tmpfs at `inside` of at most `size` bytes (and, staged, `inodes`
-    /// entries: bubblewrap cannot set that).
-    fn tmpfs(&mut self, inside: &Path, size: u64, inodes: u64) {
-        match &mut self.stage {
-            Some(s) => {
-                let source = s.add(stage::Item::Tmpfs { size, inodes });
-                self.push([OsString::from("--bind"), source.into(), inside.into()]);
-            }
-            None => {
-                self.push([OsString::from("--size"), size.to_string().into()]);
-                self.push([OsString::from("--tmpfs"), inside.into()]);
-            }
-        }
-    }
-}
-
 /// What a run's sandbox is made of.
 pub struct Run<'a> {
     /// Unique among runs at one time (names the cgroup).
@@ -743,173 +628,6 @@ pub struct Run<'a> {
     pub expose: Vec<PathBuf>,
     /// A team run: baton's API, which the proxy forwards `/mcp` to.
     pub baton: Option<std::net::SocketAddr>,
-}
-
-/// One run's sandbox; `close` it when the run has ended.
-pub struct Jail {
-    pub program: PathBuf,
-    pub args: Vec<OsString>,
-    stage: Option<Arc<stage::Plan>>,
-    /// Variables set for the agent on top of its own.
-    pub env: Vec<(String, String)>,
-    cgroup: Option<Cgroup>,
-    /// Caps enforced by the init, which reports a hit on this pipe.
-    report: Option<OwnedFd>,
-    refusals: Refusals,
-    stop: CancellationToken,
-    run_dir: PathBuf,
-    /// The proxy's socket, when the run has one.
-    socket: Option<PathBuf>,
-    name: String,
-    records: leftovers::Records,
-    /// bubblewrap's `--info-fd` pipe, until the sandbox has started.
-    info: Option<OwnedFd>,
-    /// bubblewrap's `--block-fd` pipe: written once the sandbox may run.
-    block: Option<OwnedFd>,
-    /// Descriptors bubblewrap inherits (the other end of `info`, the data
-    /// it copies in); closed here once it has started.
-    keep: Vec<OwnedFd>,
-    /// pid 1 of the sandbox, as the host sees it.
-    init: Option<leftovers::Identity>,
-    meter: usage::Meter,
-}
-
-impl Jail {
-    /// baton's side of the agent's `HOME`.
-    pub fn home(&self) -> PathBuf {
-        home_dir(&self.run_dir)
-    }
-
-    /// How the run's disk use is metered (its base not yet known).
-    pub fn meter(&self) -> &usage::Meter {
-        &self.meter
-    }
-
-    /// Who files handed to the agent must belong to.
-    pub fn owner(&self) -> Option<(u32, u32)> {
-        self.stage.as_ref().map(|s| s.owner())
-    }
-
-    /// The cap a run in rlimit mode hit, as its init reported it.
-    pub fn limit_reported(&self) -> Option<LimitHit> {
-        let fd = self.report.as_ref()?.as_raw_fd();
-        let mut buf = [0u8; 16];
-        // SAFETY: a non-blocking read into a buffer we own.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        let got = &buf[..n.max(0) as usize];
-        if got.contains(&init::REPORT_MEMORY) {
-            Some(LimitHit::Memory)
-        } else if got.contains(&init::REPORT_PROCESSES) {
-            Some(LimitHit::Processes)
-        } else {
-            None
-        }
-    }
-
-    /// The command that starts the sandbox. Between fork and exec the
-    /// child marks every inherited descriptor close-on-exec but those
-    /// bubblewrap is given, and (root daemon) stages the run's folders and
-    /// becomes the agent's uid. The run waits for `started`.
-    pub fn command(&self) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(&self.program);
-        cmd.args(&self.args);
-        let keep: Vec<i32> = self.keep.iter().map(|fd| fd.as_raw_fd()).collect();
-        let stage = self.stage.clone();
-        // SAFETY: the closure only makes async-signal-safe calls (close_range,
-        // fcntl, open, write, close, unshare, mount, mkdir, chdir, set*id) on
-        // memory prepared before the fork. Only here: a pre_exec makes std
-        // fork rather than posix_spawn.
-        unsafe {
-            cmd.pre_exec(move || {
-                let _ = crate::harden::cloexec_from_3();
-                for fd in &keep {
-                    if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                match &stage {
-                    Some(s) => s.run(),
-                    None => Ok(()),
-                }
-            });
-        }
-        cmd
-    }
-
-    /// Once the command is spawned: learns the sandbox's pid 1 from
-    /// bubblewrap, records it (so that a daemon that dies now can have it
-    /// killed by the next), puts it in the run's cgroup, and lets it run.
-    /// Returns how the run's disk use is metered.
-    pub async fn started(&mut self, base: usage::Usage) -> Result<usage::Meter, SandboxError> {
-        self.keep.clear();
-        let (Some(read), Some(block)) = (self.info.take(), self.block.take()) else {
-            return Ok(self.meter.clone());
-        };
-        let files = self.cgroup.as_ref().map(Cgroup::procs_files).unwrap_or_default();
-        let (records, name) = (self.records.clone(), self.name.clone());
-        let started = tokio::task::spawn_blocking(move || {
-            let pid = child_pid(read).ok_or_else(|| std::io::Error::other("bubblewrap named no sandbox"))?;
-            let init = leftovers::Identity::of(pid);
-            records.note(&name, &init);
-            let joined = files
-                .iter()
-                .try_for_each(|f| std::fs::write(std::ffi::OsStr::from_bytes(f.as_bytes()), pid.to_string()));
-            if let Err(e) = joined {
-                // SAFETY: kill(2) of the sandbox just started, not yet running.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                return Err(e);
-            }
-            std::fs::File::from(block).write_all(b"1")?;
-            Ok::<_, std::io::Error>(init)
-        })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)))?;
-        self.meter.init = Some(started.pid);
-        self.init = Some(started);
-        self.meter.base = base;
-        Ok(self.meter.clone())
-    }
-
-    /// Ends everything left in the run, stops its proxy and removes its
-    /// folder; what it ran into and the destinations refused.
-    pub fn close(self) -> (Option<LimitHit>, Vec<Blocked>) {
-        self.stop.cancel();
-        if let Some(init) = self.init.as_ref().filter(|i| i.is_alive()) {
-            // pid 1 of the namespace: the kernel takes everything in it along.
-            // SAFETY: kill(2) of a pid whose start time was just checked.
-            unsafe { libc::kill(init.pid, libc::SIGKILL) };
-        }
-        self.records.forget(&self.name);
-        let hit = self.cgroup.as_ref().and_then(Cgroup::limit_hit);
-        if let Some(socket) = &self.socket {
-            let _ = std::fs::remove_file(socket);
-        }
-        let _ = remove_tree(&self.run_dir);
-        if let Some(c) = self.cgroup {
-            // The kernel may hold an emptied group busy for a moment after
-            // its last process is reaped; the job need not wait for that.
-            let _ = std::thread::Builder::new().name("baton-cgroup".into()).spawn(move || c.remove());
-        }
-        (hit, self.refusals.list())
-    }
-}
-
-/// The `child-pid` bubblewrap writes to its info pipe: read until the
-/// object is whole (not to the pipe's end: the sandbox holds a copy of the
-/// pipe until its setup is done, and the sandbox waits for us).
-fn child_pid(read: OwnedFd) -> Option<i32> {
-    use std::io::Read as _;
-    let mut file = std::fs::File::from(read);
-    let mut text = Vec::new();
-    let mut buf = [0u8; 512];
-    while text.len() < 64 * 1024 {
-        let n = file.read(&mut buf).ok().filter(|n| *n > 0)?;
-        text.extend_from_slice(&buf[..n]);
-        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&text) {
-            return value.get("child-pid")?.as_i64().and_then(|p| i32::try_from(p).ok());
-        }
-    }
-    None
 }
 
 /// Parses a cap for an agent (`max_memory`, `max_disk`): as `parse_bytes`,
