@@ -10,6 +10,7 @@
 //! for half of them.
 
 mod commit;
+mod ops;
 mod postgres;
 mod sled;
 mod writer;
@@ -33,11 +34,16 @@ pub use postgres::schema;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open store at {path}: {source}")]
-    Open { path: PathBuf, source: Box<::sled::Error> },
+    Open { path: PathBuf, source: Box<dyn std::error::Error + Send + Sync> },
+    /// The database failed a read or a write, in its own words.
     #[error("store error: {0}")]
-    Sled(#[from] ::sled::Error),
+    Database(Box<dyn std::error::Error + Send + Sync>),
+    /// The database is failing or out of reach for now: try again later.
     #[error("database: {0}")]
-    Postgres(String),
+    Unavailable(String),
+    /// Another transaction got in the way; the same one run again may pass.
+    #[error("database: {0}")]
+    Conflict(String),
     #[error("cannot reach the database at {url}: {reason}")]
     Unreachable { url: String, reason: String },
     #[error("corrupt record in tree {tree}, key {key}: {source}")]
@@ -67,11 +73,17 @@ impl StoreError {
         }
     }
 
+    /// Whether the transaction failed only because another got in its way.
+    fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Conflict(_))
+    }
+
     /// Whether the database is unreachable or failing (a 503, not a 500).
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            StoreError::Postgres(_)
+            StoreError::Unavailable(_)
+                | StoreError::Conflict(_)
                 | StoreError::Unreachable { .. }
                 | StoreError::Flush
                 | StoreError::Closed
@@ -109,6 +121,16 @@ macro_rules! on {
         match &*$self.backend {
             Backend::Sled($b) => $sled,
             Backend::Postgres($b) => $pg,
+        }
+    };
+}
+
+/// Runs the same code on whichever backend is in use.
+macro_rules! each {
+    ($self:ident, $b:ident => $body:expr) => {
+        match &*$self.backend {
+            Backend::Sled($b) => $body,
+            Backend::Postgres($b) => $body,
         }
     };
 }
@@ -217,13 +239,7 @@ impl Store {
             })
             .collect();
         let admission = Admission { delivery, jobs, held, now };
-        on!(self, b => {
-            let mut admission = admission;
-            for job in &mut admission.jobs {
-                job.seq = b.next_seq()?;
-            }
-            b.admit(admission).await
-        }, b.admit(admission).await)
+        each!(self, b => b.admit(admission).await)
     }
 
     /// Forgets deliveries received before `cutoff` (their ids count as new
@@ -231,7 +247,7 @@ impl Store {
     /// Jobs stay; a redelivery cannot double them, since job ids derive from
     /// the delivery id. Returns how many were pruned.
     pub async fn prune_deliveries(&self, cutoff: chrono::DateTime<Utc>) -> Result<usize, StoreError> {
-        on!(self, b => b.prune_deliveries(cutoff).await, b.prune_deliveries(cutoff).await)
+        each!(self, b => b.prune_deliveries(cutoff).await)
     }
 
     /// Forgets finished jobs that ended before `cutoff`, oldest first, at most
@@ -240,13 +256,13 @@ impl Store {
     /// rules or whose publications are still pending. Returns the ids
     /// forgotten, so their folders can go too.
     pub async fn prune_jobs(&self, cutoff: chrono::DateTime<Utc>, max: usize) -> Result<Vec<String>, StoreError> {
-        on!(self, b => b.prune_jobs(cutoff, max).await, b.prune_jobs(cutoff, max).await)
+        each!(self, b => b.prune_jobs(cutoff, max).await)
     }
 
     /// Records that baton asked GitHub to redeliver `guid`; `false` when it
     /// (or another replica) had already asked: catch-up asks once.
     pub async fn note_redelivery(&self, guid: &str) -> Result<bool, StoreError> {
-        on!(self, b => b.note_redelivery(guid).await, b.note_redelivery(guid).await)
+        each!(self, b => b.note_redelivery(guid).await)
     }
 
     pub async fn delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
@@ -277,7 +293,7 @@ impl Store {
     /// and a lease, and takes its concurrency group, in one transaction.
     /// The limits are checked against every replica's running jobs.
     pub async fn claim_next(&self, limits: &Limits, lease: Duration) -> Result<Option<Job>, StoreError> {
-        on!(self, b => b.claim_next(limits, lease).await, b.claim_next(limits, lease).await)
+        each!(self, b => ops::claim_next(b, limits, lease).await)
     }
 
     /// Jobs running here that must be cancelled (a newer job of their group,
@@ -288,33 +304,34 @@ impl Store {
 
     /// Asks whichever replica runs `id` to cancel it.
     pub async fn request_cancel(&self, id: &str, by: &str) -> Result<(), StoreError> {
-        on!(self, b => b.request_cancel(id, by).await, b.request_cancel(id, by).await)
+        each!(self, b => b.request_cancel(id, by).await)
     }
 
     /// Writes a job record as it is now (progress inside a state).
     pub async fn save(&self, job: &Job) -> Result<(), StoreError> {
-        on!(self, b => b.save(job).await, b.save(job).await)
+        each!(self, b => ops::save(b, job).await)
     }
 
     /// Stores a job that has ended (or goes back to the queue for another
     /// attempt), with its publications, atomically and durably. Only the
     /// replica holding the job's lease may: `LeaseLost` otherwise.
     pub async fn finish(&self, job: &Job, publications: &[Publication]) -> Result<(), StoreError> {
-        on!(self, b => b.finish(job, publications).await, b.finish(job, publications).await)
+        each!(self, b => ops::finish(b, job, publications, true).await)
     }
 
     /// Writes a running job with the publications of its start, durably.
     pub async fn start_publications(&self, job: &Job, publications: &[Publication]) -> Result<(), StoreError> {
-        on!(self, b => b.start_publications(job, publications).await, b.start_publications(job, publications).await)
+        each!(self, b => ops::start_publications(b, job, publications).await)
     }
 
     /// Cancels a queued job at once; `None` when it is not queued (a
     /// running job is its worker's to stop).
     pub async fn cancel_queued(&self, id: &str, reason: &str) -> Result<Option<Job>, StoreError> {
-        if self.job(id).await?.is_none() {
+        let Some(job) = self.job(id).await? else {
             return Err(StoreError::NoSuchJob(id.to_string()));
-        }
-        on!(self, b => b.cancel_queued(id, reason).await, b.cancel_queued(id, reason).await)
+        };
+        let group = job.spec.concurrency.as_deref();
+        each!(self, b => ops::cancel_queued(b, id, group, reason).await)
     }
 
     /// Puts a finished job back in the queue for a fresh run.
@@ -326,7 +343,8 @@ impl Store {
             return Err(StoreError::WrongState { id: id.to_string(), state: job.state, expected: "finished" });
         }
         job.requeue_fresh();
-        on!(self, b => b.finish(&job, &[]).await?, b.requeue(&job).await?);
+        // A finished job holds no lease.
+        each!(self, b => ops::finish(b, &job, &[], false).await)?;
         Ok(job)
     }
 
@@ -362,7 +380,7 @@ impl Store {
     /// outcome is written onto the job, in one transaction. `created` counts
     /// a new comment or pull request against the job's caps.
     pub async fn update_publication(&self, p: &Publication, created: bool) -> Result<(), StoreError> {
-        on!(self, b => b.update_publication(p, created).await, b.update_publication(p, created).await)
+        each!(self, b => ops::update_publication(b, p, created).await)
     }
 
     /// Jobs whose end still has to go back through the rules.
@@ -397,7 +415,7 @@ impl Store {
     /// day's budgets (all agents', its trigger's, its repository's).
     pub async fn record_spend(&self, spec: &JobSpec, usd: f64) -> Result<(), StoreError> {
         let now = Utc::now();
-        on!(self, b => b.record_spend(spec, usd, now).await, b.record_spend(spec, usd, now).await)
+        each!(self, b => ops::record_spend(b, spec, usd, now).await)
     }
 
     /// What baton remembers under `key` between jobs (see `Note`).
@@ -409,14 +427,14 @@ impl Store {
     /// Remembers `value` under `key`, durably.
     pub async fn set_note(&self, key: &Note, value: &serde_json::Value) -> Result<(), StoreError> {
         let key = key.to_string();
-        on!(self, b => b.set_note(&key, value).await, b.set_note(&key, value).await)
+        each!(self, b => b.set_note(&key, value).await)
     }
 
     /// Adds one to the count under `key` and returns the new count, durably
     /// and atomically (two replicas counting at once count two).
     pub async fn count_up(&self, key: &Note) -> Result<u64, StoreError> {
         let key = key.to_string();
-        on!(self, b => b.count_up(&key).await, b.count_up(&key).await)
+        each!(self, b => b.count_up(&key).await)
     }
 
     /// Jobs held on an issue or PR for approval.
@@ -433,7 +451,9 @@ impl Store {
         approval: &Approval,
         may_approve: impl Fn(&Pending) -> bool + Send + Sync,
     ) -> Result<Vec<String>, StoreError> {
-        on!(self, b => b.approve(repo, number, approval, may_approve).await, b.approve(repo, number, approval, may_approve).await)
+        let subject = crate::domain::subject_key(repo, number);
+        let head = self.pr_head(repo, number).await?.map(|h| h.sha);
+        each!(self, b => ops::approve(b, &subject, head.as_deref(), approval, &may_approve).await)
     }
 
     /// Records a running agent's process, as this replica's.
@@ -458,7 +478,7 @@ impl Store {
     }
 
     pub async fn set_schedule_last(&self, trigger: &str, at: chrono::DateTime<Utc>) -> Result<(), StoreError> {
-        on!(self, b => b.set_schedule_last(trigger, at).await, b.set_schedule_last(trigger, at).await)
+        each!(self, b => b.set_schedule_last(trigger, at).await)
     }
 
     /// Whether job logs should be shipped here (`append_log`): a database

@@ -26,10 +26,10 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::writer::{Reply, MAX_BATCH};
 use super::{JobQuery, PrHead, StoreError};
-use crate::domain::admission::{self, Admission, AdmitView};
-use crate::domain::approval::{self, Pending};
-use crate::domain::dispatch::{self, Claim, Limits, Load, QueueEntry};
-use crate::domain::{subject_key, Accepted, Approval, Delivery, GroupState, Job, Plan, Publication, Purpose, Write};
+use crate::domain::admission::{Admission, AdmitView};
+use crate::domain::approval::Pending;
+use crate::domain::dispatch::{Limits, Load, QueueEntry};
+use crate::domain::{subject_key, Accepted, Delivery, GroupState, Job, Plan, Publication, Purpose, Write};
 
 /// The migrations, in order; each runs once, in its own transaction.
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -70,20 +70,17 @@ pub struct PgStore {
 
 fn pg(e: sqlx::Error) -> StoreError {
     match &e {
-        // The code tells a conflict to retry from a real failure.
+        // The code tells a conflict to retry from a real failure:
+        // serialization, deadlock, a unique key taken meanwhile.
         sqlx::Error::Database(db) => match db.code() {
-            Some(code) => StoreError::Postgres(format!("{} (SQLSTATE {code})", db.message())),
-            None => StoreError::Postgres(db.message().to_string()),
+            Some(code) if ["40001", "40P01", "23505"].contains(&code.as_ref()) => {
+                StoreError::Conflict(format!("{} (SQLSTATE {code})", db.message()))
+            }
+            Some(code) => StoreError::Unavailable(format!("{} (SQLSTATE {code})", db.message())),
+            None => StoreError::Unavailable(db.message().to_string()),
         },
-        _ => StoreError::Postgres(e.to_string()),
+        _ => StoreError::Unavailable(e.to_string()),
     }
-}
-
-/// Whether a transaction failed only because another got in its way
-/// (serialization, deadlock, a unique key taken meanwhile): run it again.
-fn conflict(e: &StoreError) -> bool {
-    let codes = ["(SQLSTATE 40001)", "(SQLSTATE 40P01)", "(SQLSTATE 23505)"];
-    matches!(e, StoreError::Postgres(m) if codes.iter().any(|c| m.ends_with(c)))
 }
 
 /// `url` without its password, for messages.
@@ -96,22 +93,6 @@ fn display_url(url: &str) -> String {
         }
         None => url.to_string(),
     }
-}
-
-/// Runs `f` again while it fails on a conflict with another transaction.
-macro_rules! retrying {
-    ($body:expr) => {{
-        let mut tries = 0;
-        loop {
-            match $body {
-                Err(e) if conflict(&e) && tries < 8 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(5 * tries)).await;
-                }
-                other => break other,
-            }
-        }
-    }};
 }
 
 impl PgStore {
@@ -476,6 +457,7 @@ fn json<T: serde::Serialize>(v: &T) -> String {
 mod admit;
 mod claims;
 mod records;
+mod tx;
 
 #[cfg(test)]
 mod tests {
@@ -491,16 +473,6 @@ mod tests {
             sql.finish("SELECT 1"),
             "WITH w0 AS (INSERT INTO a SELECT * FROM unnest($1::text[], $2::text[])), w1 AS (DELETE FROM b WHERE id = ANY($3)) SELECT 1"
         );
-    }
-
-    #[test]
-    fn only_conflicts_between_transactions_are_retried() {
-        let check = |m: &str, expect: bool| assert_eq!(conflict(&StoreError::Postgres(m.into())), expect, "{m}");
-        check("deadlock detected (SQLSTATE 40P01)", true);
-        check("could not serialize access (SQLSTATE 40001)", true);
-        check("duplicate key value violates unique constraint \"jobs_pkey\" (SQLSTATE 23505)", true);
-        check("relation \"jobs\" does not exist (SQLSTATE 42P01)", false);
-        check("pool timed out while waiting for an open connection", false);
     }
 
     #[test]

@@ -14,15 +14,18 @@ use serde::Serialize;
 use sled::transaction::{TransactionError, Transactional, TransactionalTree};
 use sled::Tree;
 
+mod tx;
+
 use super::commit::{self, Durability};
+use super::ops;
 use super::{writer, JobQuery, PrHead, StoreError};
-use crate::domain::admission::{self, Admission, AdmitView};
-use crate::domain::approval::{self, Pending};
-use crate::domain::dispatch::{self, Claim, Limits, Load, QueueEntry};
+use crate::domain::admission::{Admission, AdmitView};
+use crate::domain::approval::Pending;
+use crate::domain::dispatch::{Limits, Load, QueueEntry};
 use crate::domain::{
-    subject_key, Accepted, Approval, Delivery, GroupState, Job, JobState, Plan, Publication, PublicationState, Purpose,
-    Write,
+    subject_key, Accepted, Delivery, GroupState, Job, JobState, Plan, Publication, PublicationState, Purpose, Write,
 };
+use tx::{block_on, Core, TxError, Writes};
 
 /// The trees plans write, in one transaction: their index in `Tables::all`.
 #[derive(Clone, Copy)]
@@ -94,138 +97,20 @@ impl Tables {
         ]
     }
 
-    /// Runs `f` in one transaction over every table.
-    fn transaction<R>(&self, f: impl Fn(&Tx) -> Result<R, TxError>) -> Result<R, StoreError> {
+    /// Runs `f` in one sled transaction over every table.
+    fn transaction<R>(&self, f: impl Fn(&Writes) -> Result<R, TxError>) -> Result<R, StoreError> {
         let all = self.all();
-        let result = all[..].transaction(|trees: &Vec<TransactionalTree>| f(&Tx { trees }).map_err(Into::into));
+        let result = all[..].transaction(|trees: &Vec<TransactionalTree>| f(&Writes { trees }).map_err(Into::into));
         flatten(result)
     }
-}
 
-/// The tables inside one transaction.
-struct Tx<'a> {
-    trees: &'a [TransactionalTree],
-}
-
-type TxError = sled::transaction::UnabortableTransactionError;
-
-impl Tx<'_> {
-    fn t(&self, t: T) -> &TransactionalTree {
-        // `Tables::all` lists every `T`, in order.
-        &self.trees[t as usize]
+    fn get<V: DeserializeOwned>(&self, t: T, key: &[u8]) -> Result<Option<V>, StoreError> {
+        Ok(self.tree(t).get(key)?.and_then(|v| serde_json::from_slice(&v).ok()))
     }
 
-    fn get<V: DeserializeOwned>(&self, t: T, key: &[u8]) -> Result<Option<V>, TxError> {
-        Ok(self.t(t).get(key)?.and_then(|v| serde_json::from_slice(&v).ok()))
-    }
-
-    /// Applies a plan's writes in order.
-    fn apply(&self, plan: &Plan, lease: Duration) -> Result<(), TxError> {
-        for w in plan {
-            match w {
-                Write::Delivery(d) => {
-                    let key = d.id.as_bytes();
-                    let millis = (d.received_at.timestamp_millis().max(0) as u64).to_be_bytes();
-                    self.t(T::Deliveries).insert(key, encode(d))?;
-                    self.t(T::DeliveryTimes).insert([&millis[..], key].concat(), &[])?;
-                    if let Some(f) = &d.fingerprint {
-                        // Kept beside the delivery id, and forgotten with it.
-                        let body = body_key(f);
-                        self.t(T::Deliveries).insert(body.as_slice(), key)?;
-                        self.t(T::DeliveryTimes).insert([&millis[..], &body].concat(), &[])?;
-                    }
-                }
-                Write::Job { job, new } => {
-                    self.t(T::Jobs).insert(job.id.as_bytes(), encode(job))?;
-                    if *new {
-                        self.t(T::JobIndex).insert(&job.seq.to_be_bytes(), job.id.as_bytes())?;
-                    }
-                }
-                Write::Enqueue(e) => {
-                    let (key, value) = (queue_key(e), queue_value(e));
-                    self.t(T::QueueByRepo).insert(by_repo_key(e.repo.as_deref(), &key), value.as_slice())?;
-                    self.t(T::Queue).insert(&key, value)?;
-                }
-                Write::Dequeue(e) => {
-                    let key = queue_key(e);
-                    self.t(T::QueueByRepo).remove(by_repo_key(e.repo.as_deref(), &key))?;
-                    self.t(T::Queue).remove(&key)?;
-                }
-                Write::Group { name, state } => {
-                    if state.running.is_none() && state.waiting.is_empty() {
-                        self.t(T::Groups).remove(name.as_bytes())?;
-                    } else {
-                        self.t(T::Groups).insert(name.as_bytes(), encode(state))?;
-                    }
-                }
-                Write::Throttle { key, runs } => {
-                    self.t(T::Throttle).insert(key.as_bytes(), encode(runs))?;
-                }
-                Write::Cancel { job, by } => {
-                    self.t(T::Cancels).insert(job.as_bytes(), by.as_bytes())?;
-                }
-                Write::Held { subject, list } => {
-                    if list.is_empty() {
-                        self.t(T::Approvals).remove(subject.as_bytes())?;
-                    } else {
-                        self.t(T::Approvals).insert(subject.as_bytes(), encode(list))?;
-                    }
-                }
-                Write::Lease(id) => {
-                    self.t(T::Running).insert(id.as_bytes(), &lease_deadline(lease))?;
-                }
-                Write::Unlease(id) => {
-                    self.t(T::Running).remove(id.as_bytes())?;
-                }
-                Write::End(id) => {
-                    self.t(T::Ends).insert(id.as_bytes(), &[])?;
-                }
-                Write::Outbox(p) => {
-                    self.t(T::Outbox).insert(outbox_key_of(&p.job, p.purpose), encode(p))?;
-                }
-                Write::Unbox { job, purpose } => {
-                    self.t(T::Outbox).remove(outbox_key_of(job, *purpose))?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Loads what admitting `batch` reads.
-    fn admit_view(&self, batch: &[Admission]) -> Result<AdmitView, TxError> {
-        let wanted = AdmitView::wanted(batch);
-        let mut view = AdmitView::default();
-        for id in &wanted.deliveries {
-            if self.t(T::Deliveries).get(id.as_bytes())?.is_some() {
-                view.deliveries.insert(id.clone());
-            }
-        }
-        for f in &wanted.bodies {
-            if let Some(first) = self.t(T::Deliveries).get(body_key(f))? {
-                view.bodies.insert(f.clone(), String::from_utf8_lossy(&first).into_owned());
-            }
-        }
-        for g in &wanted.groups {
-            if let Some(st) = self.get::<GroupState>(T::Groups, g.as_bytes())? {
-                view.groups.insert(g.clone(), st);
-            }
-        }
-        for id in wanted.jobs.iter().chain(&view.waiting()) {
-            if let Some(job) = self.get::<Job>(T::Jobs, id.as_bytes())? {
-                view.jobs.insert(id.clone(), job);
-            }
-        }
-        for key in &wanted.throttles {
-            if let Some(v) = self.t(T::Throttle).get(key.as_bytes())? {
-                view.throttles.insert(key.clone(), decode_runs(&v));
-            }
-        }
-        for s in &wanted.subjects {
-            if let Some(list) = self.get::<Vec<Pending>>(T::Approvals, s.as_bytes())? {
-                view.held.insert(s.clone(), list);
-            }
-        }
-        Ok(view)
+    fn tree(&self, t: T) -> &Tree {
+        // `all` lists every `T`, in order.
+        self.all()[t as usize]
     }
 }
 
@@ -240,11 +125,9 @@ fn decode_runs(v: &[u8]) -> Vec<i64> {
 /// The sled database.
 #[derive(Clone)]
 pub struct SledStore {
-    db: sled::Db,
-    commit: std::sync::Arc<commit::GroupCommit>,
+    core: Core,
     /// Stores deliveries in batches (see `writer`).
     writer: std::sync::Arc<writer::Writer<Admission>>,
-    t: Tables,
     /// trigger name → last fire time (RFC 3339) of a schedule trigger.
     schedules: Tree,
     /// `owner/name#N` → the pull request's current head (see `encode_head`).
@@ -289,20 +172,11 @@ impl SledStore {
         // sled keeps its log in `db/db`; group commit fsyncs it (see `commit`).
         let data_file = std::fs::File::open(path.join("db").join("db")).map_err(|e| open_err(sled::Error::Io(e)))?;
         let commit = commit::GroupCommit::new(db.clone(), data_file, durability);
-        let tables = t.clone();
-        let writer = writer::Writer::start(commit.clone(), move |batch: &[Admission]| {
-            tables.transaction(|tx| {
-                let mut view = tx.admit_view(batch)?;
-                let mut answers = Vec::with_capacity(batch.len());
-                for a in batch {
-                    let (accepted, plan) = admission::admit(&mut view, a);
-                    tx.apply(&plan, Duration::ZERO)?;
-                    answers.push(accepted);
-                }
-                Ok(answers)
-            })
-        })
-        .map_err(|e| open_err(sled::Error::Io(e)))?;
+        let core = Core { t: t.clone(), db: db.clone(), lock: std::sync::Arc::default(), commit: commit.clone() };
+        let admitting = core.clone();
+        let writer =
+            writer::Writer::start(commit, move |batch: &[Admission]| block_on(ops::admit_batch(&admitting, batch)))
+                .map_err(|e| open_err(sled::Error::Io(e)))?;
         // Stores from before the index have a queue without it.
         if t.queue_by_repo.is_empty() && !t.queue.is_empty() {
             for item in t.queue.iter() {
@@ -312,26 +186,20 @@ impl SledStore {
             }
         }
         Ok(SledStore {
-            commit,
+            core,
             writer: std::sync::Arc::new(writer),
             schedules: tree("schedules")?,
             heads: tree("heads")?,
             notes: tree("notes")?,
             agents: tree("agents")?,
             redeliveries: tree("redeliveries")?,
-            t,
-            db,
         })
     }
 
     /// Makes every write so far durable (shared with concurrent writers:
     /// see `commit`).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.commit.durable().await
-    }
-
-    pub fn next_seq(&self) -> Result<u64, StoreError> {
-        Ok(self.db.generate_id()?)
+        self.core.commit.durable().await
     }
 
     pub async fn admit(&self, admission: Admission) -> Result<Accepted, StoreError> {
@@ -343,11 +211,11 @@ impl SledStore {
         let mut total = 0;
         loop {
             let batch =
-                self.t.delivery_times.range(..end.as_slice()).keys().take(500).collect::<Result<Vec<_>, _>>()?;
+                self.core.t.delivery_times.range(..end.as_slice()).keys().take(500).collect::<Result<Vec<_>, _>>()?;
             if batch.is_empty() {
                 break;
             }
-            let result = (&self.t.delivery_times, &self.t.deliveries).transaction(|(times, deliveries)| {
+            let result = (&self.core.t.delivery_times, &self.core.t.deliveries).transaction(|(times, deliveries)| {
                 for key in &batch {
                     times.remove(key)?;
                     deliveries.remove(key.get(8..).unwrap_or_default())?;
@@ -366,7 +234,7 @@ impl SledStore {
 
     pub async fn prune_jobs(&self, cutoff: chrono::DateTime<Utc>, max: usize) -> Result<Vec<String>, StoreError> {
         let mut doomed: Vec<(Vec<u8>, String)> = Vec::new();
-        for item in self.t.job_index.iter() {
+        for item in self.core.t.job_index.iter() {
             let (seq, id) = item?;
             let id = String::from_utf8_lossy(&id).into_owned();
             let Some(job) = self.job(&id)? else {
@@ -379,10 +247,10 @@ impl SledStore {
                 break;
             }
             let finished_before = job.state.is_final() && job.finished_at.is_some_and(|t| t < cutoff);
-            if !finished_before || self.t.ends.contains_key(id.as_bytes())? {
+            if !finished_before || self.core.t.ends.contains_key(id.as_bytes())? {
                 continue;
             }
-            let pending = self.t.outbox.scan_prefix(id.as_bytes()).values().any(|v| {
+            let pending = self.core.t.outbox.scan_prefix(id.as_bytes()).values().any(|v| {
                 v.ok()
                     .and_then(|v| serde_json::from_slice::<Publication>(&v).ok())
                     .is_some_and(|p| p.job == id && p.state == PublicationState::Pending)
@@ -394,16 +262,17 @@ impl SledStore {
         if doomed.is_empty() {
             return Ok(Vec::new());
         }
-        let result = (&self.t.jobs, &self.t.job_index, &self.t.outbox).transaction(|(jobs, index, outbox)| {
-            for (seq, id) in &doomed {
-                index.remove(seq.as_slice())?;
-                jobs.remove(id.as_bytes())?;
-                for purpose in Purpose::ALL {
-                    outbox.remove(outbox_key_of(id, purpose))?;
+        let result =
+            (&self.core.t.jobs, &self.core.t.job_index, &self.core.t.outbox).transaction(|(jobs, index, outbox)| {
+                for (seq, id) in &doomed {
+                    index.remove(seq.as_slice())?;
+                    jobs.remove(id.as_bytes())?;
+                    for purpose in Purpose::ALL {
+                        outbox.remove(outbox_key_of(id, purpose))?;
+                    }
                 }
-            }
-            Ok(())
-        });
+                Ok(())
+            });
         flatten(result)?;
         self.flush().await?;
         Ok(doomed.into_iter().map(|(_, id)| id).collect())
@@ -418,14 +287,14 @@ impl SledStore {
     }
 
     pub fn delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {
-        match self.t.deliveries.get(id.as_bytes())? {
+        match self.core.t.deliveries.get(id.as_bytes())? {
             Some(bytes) => Ok(Some(decode("deliveries", id.as_bytes(), &bytes)?)),
             None => Ok(None),
         }
     }
 
     pub fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
-        match self.t.jobs.get(id.as_bytes())? {
+        match self.core.t.jobs.get(id.as_bytes())? {
             Some(bytes) => Ok(Some(decode("jobs", id.as_bytes(), &bytes)?)),
             None => Ok(None),
         }
@@ -442,12 +311,12 @@ impl SledStore {
             return Ok(q.finish(out));
         }
         let entries = match q.before {
-            Some(seq) => self.t.job_index.range(..seq.to_be_bytes().as_slice()),
-            None => self.t.job_index.iter(),
+            Some(seq) => self.core.t.job_index.range(..seq.to_be_bytes().as_slice()),
+            None => self.core.t.job_index.iter(),
         };
         for entry in entries.rev() {
             let (_, id) = entry?;
-            let Some(bytes) = self.t.jobs.get(&id)? else {
+            let Some(bytes) = self.core.t.jobs.get(&id)? else {
                 continue;
             };
             let job: Job = decode("jobs", &id, &bytes)?;
@@ -462,198 +331,38 @@ impl SledStore {
     }
 
     pub fn queue_len(&self) -> usize {
-        self.t.queue.len()
+        self.core.t.queue.len()
     }
 
     pub fn queued(&self) -> Result<Vec<QueueEntry>, StoreError> {
-        self.t.queue.iter().map(|entry| entry.map(|(k, v)| queue_entry(&k, &v)).map_err(Into::into)).collect()
-    }
-
-    /// What runs now (every running job is this replica's).
-    fn load(&self) -> Result<Load, StoreError> {
-        let mut load = Load::default();
-        for entry in self.t.running.iter() {
-            let (id, _) = entry?;
-            if let Some(job) = self.job(&String::from_utf8_lossy(&id))? {
-                load.add(&QueueEntry::of(&job), true);
-            }
-        }
-        Ok(load)
-    }
-
-    /// The queued job to run next within `limits`: the first in queue order
-    /// among the first admissible entry of each repository's line, passing
-    /// over whole repositories at their limit without reading them.
-    fn next_queued(
-        &self,
-        limits: &Limits,
-        load: &Load,
-        passed: &HashSet<String>,
-    ) -> Result<Option<QueueEntry>, StoreError> {
-        let mut best: Option<QueueEntry> = None;
-        let mut from: Vec<u8> = Vec::new();
-        while let Some(first) = self.t.queue_by_repo.range(from.as_slice()..).next() {
-            let (k, _) = first?;
-            // repository ++ 0 ++ 9-byte queue key
-            let Some(repo_len) = k.len().checked_sub(10) else {
-                from = k.to_vec();
-                from.push(0);
-                continue;
-            };
-            let repo = (repo_len > 0).then(|| String::from_utf8_lossy(&k[..repo_len]).into_owned());
-            if !load.repo_full(limits, repo.as_deref()) {
-                for item in self.t.queue_by_repo.scan_prefix(&k[..=repo_len]) {
-                    let (k, v) = item?;
-                    let entry = queue_entry(&k[repo_len + 1..], &v);
-                    if !passed.contains(&entry.id) && load.admits(limits, &entry) {
-                        if best.as_ref().is_none_or(|b| entry.order() < b.order()) {
-                            best = Some(entry);
-                        }
-                        break;
-                    }
-                }
-            }
-            // The next repository's line starts after every key of this one.
-            from = k[..repo_len].to_vec();
-            from.push(1);
-        }
-        Ok(best)
-    }
-
-    pub async fn claim_next(&self, limits: &Limits, lease: Duration) -> Result<Option<Job>, StoreError> {
-        let load = self.load()?;
-        if !load.has_room(limits) {
-            return Ok(None);
-        }
-        // Entries whose group is busy, passed over this time.
-        let mut passed = HashSet::new();
-        while let Some(entry) = self.next_queued(limits, &load, &passed)? {
-            let claimed = self.t.transaction(|tx| {
-                let job = tx.get::<Job>(T::Jobs, entry.id.as_bytes())?;
-                let group = match job.as_ref().and_then(|j| j.spec.concurrency.as_ref()) {
-                    Some(g) => tx.get::<GroupState>(T::Groups, g.as_bytes())?,
-                    None => None,
-                };
-                Ok(match dispatch::claim(&entry, job.as_ref(), group.as_ref(), Utc::now()) {
-                    Claim::Run(job, plan) => {
-                        tx.apply(&plan, lease)?;
-                        Some(Some(*job))
-                    }
-                    Claim::Stale(plan) => {
-                        tx.apply(&plan, lease)?;
-                        None
-                    }
-                    Claim::Wait => Some(None),
-                })
-            })?;
-            match claimed {
-                Some(Some(job)) => {
-                    self.flush().await?;
-                    return Ok(Some(job));
-                }
-                Some(None) | None => {
-                    passed.insert(entry.id);
-                }
-            }
-        }
-        Ok(None)
+        self.core.t.queue.iter().map(|entry| entry.map(|(k, v)| queue_entry(&k, &v)).map_err(Into::into)).collect()
     }
 
     pub fn take_cancels(&self) -> Result<Vec<(String, String)>, StoreError> {
         let mut out = Vec::new();
-        for entry in self.t.cancels.iter() {
+        for entry in self.core.t.cancels.iter() {
             let (k, v) = entry?;
-            self.t.cancels.remove(&k)?;
+            self.core.t.cancels.remove(&k)?;
             out.push((String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned()));
         }
         Ok(out)
     }
 
     pub async fn request_cancel(&self, id: &str, by: &str) -> Result<(), StoreError> {
-        self.t.cancels.insert(id.as_bytes(), by.as_bytes())?;
+        self.core.t.cancels.insert(id.as_bytes(), by.as_bytes())?;
         Ok(())
-    }
-
-    pub async fn save(&self, job: &Job) -> Result<(), StoreError> {
-        self.t.transaction(|tx| {
-            let stored = tx.get::<Job>(T::Jobs, job.id.as_bytes())?;
-            tx.apply(
-                &vec![Write::Job { job: Box::new(dispatch::merged(job, stored.as_ref())), new: false }],
-                Duration::ZERO,
-            )
-        })?;
-        self.flush().await
-    }
-
-    pub async fn record_spend(
-        &self,
-        spec: &crate::rules::JobSpec,
-        usd: f64,
-        now: chrono::DateTime<chrono::Utc>,
-    ) -> Result<(), StoreError> {
-        self.t.transaction(|tx| {
-            let mut stored = std::collections::HashMap::new();
-            for b in admission::budget_keys(spec) {
-                if let Some(runs) = tx.get::<Vec<i64>>(T::Throttle, b.key.as_bytes())? {
-                    stored.insert(b.key, runs);
-                }
-            }
-            tx.apply(&admission::spend(&stored, spec, usd, now), Duration::ZERO)
-        })?;
-        self.flush().await
-    }
-
-    pub async fn finish(&self, job: &Job, publications: &[Publication]) -> Result<(), StoreError> {
-        self.t.transaction(|tx| {
-            let stored = tx.get::<Job>(T::Jobs, job.id.as_bytes())?;
-            let group = match &job.spec.concurrency {
-                Some(g) => tx.get::<GroupState>(T::Groups, g.as_bytes())?,
-                None => None,
-            };
-            tx.apply(&dispatch::finish(job, stored.as_ref(), group.as_ref(), publications), Duration::ZERO)
-        })?;
-        self.flush().await
-    }
-
-    pub async fn start_publications(&self, job: &Job, publications: &[Publication]) -> Result<(), StoreError> {
-        self.t.transaction(|tx| {
-            let stored = tx.get::<Job>(T::Jobs, job.id.as_bytes())?;
-            let mut plan = vec![Write::Job { job: Box::new(dispatch::merged(job, stored.as_ref())), new: false }];
-            plan.extend(publications.iter().map(|p| Write::Outbox(Box::new(p.clone()))));
-            tx.apply(&plan, Duration::ZERO)
-        })?;
-        self.flush().await
-    }
-
-    pub async fn cancel_queued(&self, id: &str, reason: &str) -> Result<Option<Job>, StoreError> {
-        let job = self.t.transaction(|tx| {
-            let Some(job) = tx.get::<Job>(T::Jobs, id.as_bytes())?.filter(|j| j.state == JobState::Queued) else {
-                return Ok(None);
-            };
-            let group = match &job.spec.concurrency {
-                Some(g) => tx.get::<GroupState>(T::Groups, g.as_bytes())?,
-                None => None,
-            };
-            let (job, plan) = dispatch::cancel(&job, group.as_ref(), reason, Utc::now());
-            tx.apply(&plan, Duration::ZERO)?;
-            Ok(Some(job))
-        })?;
-        if job.is_some() {
-            self.flush().await?;
-        }
-        Ok(job)
     }
 
     pub fn renew_lease(&self, id: &str, lease: Duration) -> Result<bool, StoreError> {
         let deadline = lease_deadline(lease);
-        let old = self.t.running.fetch_and_update(id.as_bytes(), |old| old.map(|_| deadline.to_vec()))?;
+        let old = self.core.t.running.fetch_and_update(id.as_bytes(), |old| old.map(|_| deadline.to_vec()))?;
         Ok(old.is_some())
     }
 
     pub fn expired_leases(&self) -> Result<Vec<String>, StoreError> {
         let now = lease_deadline(Duration::ZERO);
         let mut out = Vec::new();
-        for entry in self.t.running.iter() {
+        for entry in self.core.t.running.iter() {
             let (id, deadline) = entry?;
             if deadline.as_ref() < now.as_slice() {
                 out.push(String::from_utf8_lossy(&id).into_owned());
@@ -664,9 +373,9 @@ impl SledStore {
 
     pub fn running(&self) -> Result<Vec<Job>, StoreError> {
         let mut out = Vec::new();
-        for entry in self.t.running.iter() {
+        for entry in self.core.t.running.iter() {
             let (id, _) = entry?;
-            if let Some(bytes) = self.t.jobs.get(&id)? {
+            if let Some(bytes) = self.core.t.jobs.get(&id)? {
                 let job: Job = decode("jobs", &id, &bytes)?;
                 if job.state == JobState::Running {
                     out.push(job);
@@ -677,32 +386,24 @@ impl SledStore {
     }
 
     pub fn publication_pending(&self, job: &str, purpose: Purpose) -> Result<bool, StoreError> {
-        Ok(self.t.outbox.contains_key(outbox_key_of(job, purpose))?)
+        Ok(self.core.t.outbox.contains_key(outbox_key_of(job, purpose))?)
     }
 
     pub fn outbox(&self) -> Result<Vec<Publication>, StoreError> {
         let mut out = Vec::new();
-        for entry in self.t.outbox.iter() {
+        for entry in self.core.t.outbox.iter() {
             let (k, v) = entry?;
             out.push(decode("outbox", &k, &v)?);
         }
         Ok(out)
     }
 
-    pub async fn update_publication(&self, p: &Publication, created: bool) -> Result<(), StoreError> {
-        self.t.transaction(|tx| {
-            let job = tx.get::<Job>(T::Jobs, p.job.as_bytes())?;
-            tx.apply(&dispatch::publication_update(job.as_ref(), p, created, Utc::now()), Duration::ZERO)
-        })?;
-        self.flush().await
-    }
-
     pub fn pending_ends(&self) -> Result<Vec<String>, StoreError> {
-        self.t.ends.iter().keys().map(|k| Ok(String::from_utf8_lossy(&k?).into_owned())).collect()
+        self.core.t.ends.iter().keys().map(|k| Ok(String::from_utf8_lossy(&k?).into_owned())).collect()
     }
 
     pub fn end_handled(&self, id: &str) -> Result<(), StoreError> {
-        self.t.ends.remove(id.as_bytes())?;
+        self.core.t.ends.remove(id.as_bytes())?;
         Ok(())
     }
 
@@ -741,49 +442,10 @@ impl SledStore {
 
     pub fn pending(&self, repo: &str, number: u64) -> Result<Vec<Pending>, StoreError> {
         let key = subject_key(repo, number);
-        match self.t.approvals.get(key.as_bytes())? {
+        match self.core.t.approvals.get(key.as_bytes())? {
             Some(v) => decode("approvals", key.as_bytes(), &v),
             None => Ok(Vec::new()),
         }
-    }
-
-    pub async fn approve(
-        &self,
-        repo: &str,
-        number: u64,
-        approval: &Approval,
-        may_approve: impl Fn(&Pending) -> bool,
-    ) -> Result<Vec<String>, StoreError> {
-        let subject = subject_key(repo, number);
-        let head = self.pr_head(repo, number)?.map(|h| h.sha);
-        let held = self.pending(repo, number)?;
-        let seqs: Vec<u64> = held.iter().map(|_| self.db.generate_id()).collect::<Result<_, _>>()?;
-        let now = Utc::now();
-        let started = self.t.transaction(|tx| {
-            let held = tx.get::<Vec<Pending>>(T::Approvals, subject.as_bytes())?.unwrap_or_default();
-            let mut exists = HashSet::new();
-            for p in &held {
-                let id = crate::domain::job_id(&p.delivery, &p.spec.trigger);
-                if tx.t(T::Jobs).get(id.as_bytes())?.is_some() {
-                    exists.insert(id);
-                }
-            }
-            let mut next = seqs.iter().copied();
-            let (started, plan) = approval::approve(
-                &subject,
-                &held,
-                head.as_deref(),
-                approval,
-                &may_approve,
-                |id| exists.contains(id),
-                || next.next().unwrap_or(0),
-                now,
-            );
-            tx.apply(&plan, Duration::ZERO)?;
-            Ok(started)
-        })?;
-        self.flush().await?;
-        Ok(started)
     }
 
     pub fn note_agent(&self, job: &str, process: &serde_json::Value) -> Result<(), StoreError> {
@@ -818,20 +480,20 @@ impl SledStore {
     }
 
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.core.db.size_on_disk().unwrap_or(0)
     }
 
     pub fn flushes(&self) -> u64 {
-        self.commit.flushes.load(std::sync::atomic::Ordering::Relaxed)
+        self.core.commit.flushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn job_count(&self) -> usize {
-        self.t.jobs.len()
+        self.core.t.jobs.len()
     }
 
     #[cfg(test)]
     fn clear_repo_index(&self) {
-        self.t.queue_by_repo.clear().ok();
+        self.core.t.queue_by_repo.clear().ok();
     }
 }
 
@@ -894,10 +556,16 @@ fn queue_entry(key: &[u8], value: &[u8]) -> QueueEntry {
     QueueEntry { priority, seq, id, agent, repo }
 }
 
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> StoreError {
+        StoreError::Database(Box::new(e))
+    }
+}
+
 fn flatten<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
     r.map_err(|e| match e {
         TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => StoreError::Sled(e),
+        TransactionError::Storage(e) => e.into(),
     })
 }
 
@@ -954,8 +622,8 @@ mod tests {
             }
         };
         let limits = Limits { per_replica: 1, per_repo: 1, ..Limits::default() };
-        let next = store.claim_next(&limits, Duration::from_secs(60)).await.ok().flatten().map(|j| j.repo);
+        let next = ops::claim_next(&store, &limits, Duration::from_secs(60)).await.ok().flatten().map(|j| j.repo);
         assert_eq!(next, Some(Some("o/r0".to_string())));
-        assert_eq!(store.t.queue_by_repo.len(), 2);
+        assert_eq!(store.core.t.queue_by_repo.len(), 2);
     }
 }

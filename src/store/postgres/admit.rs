@@ -3,6 +3,7 @@
 //! and how a domain `Plan` is applied inside a transaction.
 
 use super::*;
+use crate::store::ops::{self, retrying};
 
 impl PgStore {
     /// The batch writer: every delivery waiting (up to `MAX_BATCH`) goes
@@ -31,7 +32,7 @@ impl PgStore {
                 batch
             };
             let (admissions, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-            crate::store::writer::answer_all(replies, retrying!(self.admit_batch(&admissions).await));
+            crate::store::writer::answer_all(replies, retrying!(ops::admit_batch(&self, &admissions).await));
         }
     }
 
@@ -39,94 +40,6 @@ impl PgStore {
         let (tx, rx) = oneshot::channel();
         self.admissions.send((admission, tx)).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
-    }
-
-    pub(super) async fn admit_batch(&self, batch: &[Admission]) -> Result<Vec<Accepted>, StoreError> {
-        let mut batch = batch.to_vec();
-        let mut tx = self.pool.begin().await.map_err(pg)?;
-        let wanted = AdmitView::wanted(&batch);
-        let mut view = AdmitView::default();
-        // Rows a decision depends on are locked first, in key order: a
-        // group's line, a trigger's runs, a subject's held jobs. (Two
-        // replicas storing one delivery id or body at once is settled by
-        // the primary key and the unique fingerprint: the loser's batch
-        // runs again and finds it stored.)
-        let groups: Vec<String> = wanted.groups.iter().cloned().collect();
-        view.groups = lock_groups(&mut tx, &groups).await?;
-        let keys: Vec<String> = wanted.throttles.iter().cloned().collect();
-        view.throttles = lock_throttles(&mut tx, &keys).await?;
-        let subjects: Vec<String> = wanted.subjects.iter().cloned().collect();
-        if !subjects.is_empty() {
-            let rows =
-                sqlx::query("SELECT subject, list FROM held WHERE subject = ANY($1) ORDER BY subject FOR UPDATE")
-                    .bind(&subjects)
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(pg)?;
-            for row in rows {
-                let Json(list): Json<Vec<Pending>> = row.try_get(1).map_err(pg)?;
-                view.held.insert(row.try_get(0).map_err(pg)?, list);
-            }
-        }
-        // Everything else in one trip: stored ids, bodies, jobs (the batch's
-        // and those waiting in its groups), and the new jobs' numbers.
-        let ids: Vec<String> = wanted.deliveries.iter().cloned().collect();
-        let bodies: Vec<String> = wanted.bodies.iter().cloned().collect();
-        let mut job_ids: Vec<String> = wanted.jobs.iter().cloned().collect();
-        job_ids.extend(view.waiting());
-        let count = batch.iter().map(|a| a.jobs.len()).sum::<usize>() as i64;
-        let rows = sqlx::query(
-            "SELECT 0, id, NULL::text FROM deliveries WHERE id = ANY($1)
-             UNION ALL SELECT 1, fingerprint, id FROM deliveries WHERE fingerprint = ANY($2)
-             UNION ALL SELECT 2, id, record::text FROM jobs WHERE id = ANY($3)
-             UNION ALL SELECT 3, NULL, nextval('job_seq')::text FROM generate_series(1, $4)",
-        )
-        .bind(&ids)
-        .bind(&bodies)
-        .bind(&job_ids)
-        .bind(count)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(pg)?;
-        let mut seqs = Vec::new();
-        for row in rows {
-            let kind: i32 = row.try_get(0).map_err(pg)?;
-            let key: Option<String> = row.try_get(1).map_err(pg)?;
-            let value: Option<String> = row.try_get(2).map_err(pg)?;
-            match (kind, key, value) {
-                (0, Some(id), _) => {
-                    view.deliveries.insert(id);
-                }
-                (1, Some(fingerprint), Some(id)) => {
-                    view.bodies.insert(fingerprint, id);
-                }
-                (2, Some(id), Some(record)) => {
-                    let job: Job = serde_json::from_str(&record).map_err(|source| StoreError::Corrupt {
-                        tree: "jobs",
-                        key: id.clone(),
-                        source,
-                    })?;
-                    view.jobs.insert(id, job);
-                }
-                (3, _, Some(seq)) => seqs.push(seq.parse::<u64>().unwrap_or(0)),
-                _ => {}
-            }
-        }
-        seqs.sort_unstable();
-        let mut seqs = seqs.into_iter();
-        for job in batch.iter_mut().flat_map(|a| a.jobs.iter_mut()) {
-            job.seq = seqs.next().unwrap_or(0);
-        }
-        let mut plan = Plan::new();
-        let mut answers = Vec::with_capacity(batch.len());
-        for a in &batch {
-            let (accepted, writes) = admission::admit(&mut view, a);
-            plan.extend(writes);
-            answers.push(accepted);
-        }
-        self.apply(&mut tx, &plan, Duration::ZERO).await?;
-        tx.commit().await.map_err(pg)?;
-        Ok(answers)
     }
 
     /// Applies a plan inside `tx`: its net effect per record (a later write

@@ -34,19 +34,6 @@ impl PgStore {
         Ok(rows.into_iter().map(|Json(p)| p).collect())
     }
 
-    pub async fn update_publication(&self, p: &Publication, created: bool) -> Result<(), StoreError> {
-        retrying!(
-            async {
-                let mut tx = self.pool.begin().await.map_err(pg)?;
-                let job = lock_job(&mut tx, &p.job).await?;
-                let plan = dispatch::publication_update(job.as_ref(), p, created, Utc::now());
-                self.apply(&mut tx, &plan, Duration::ZERO).await?;
-                tx.commit().await.map_err(pg)
-            }
-            .await
-        )
-    }
-
     pub async fn pending_ends(&self) -> Result<Vec<String>, StoreError> {
         sqlx::query_scalar("SELECT id FROM ends").fetch_all(&self.pool).await.map_err(pg)
     }
@@ -121,46 +108,6 @@ impl PgStore {
             .await
             .map_err(pg)?;
         Ok(list.map(|Json(l)| l).unwrap_or_default())
-    }
-
-    pub async fn approve(
-        &self,
-        repo: &str,
-        number: u64,
-        approval: &Approval,
-        may_approve: impl Fn(&Pending) -> bool,
-    ) -> Result<Vec<String>, StoreError> {
-        let subject = subject_key(repo, number);
-        let head = self.pr_head(repo, number).await?.map(|h| h.sha);
-        let mut tx = self.pool.begin().await.map_err(pg)?;
-        let list: Option<Json<Vec<Pending>>> =
-            sqlx::query_scalar("SELECT list FROM held WHERE subject = $1 FOR UPDATE")
-                .bind(&subject)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(pg)?;
-        let held = list.map(|Json(l)| l).unwrap_or_default();
-        let ids: Vec<String> = held.iter().map(|p| crate::domain::job_id(&p.delivery, &p.spec.trigger)).collect();
-        let exists: HashSet<String> = load_jobs(&mut tx, &ids).await?.into_keys().collect();
-        let seqs: Vec<i64> = sqlx::query_scalar("SELECT nextval('job_seq') FROM generate_series(1, $1)")
-            .bind(held.len() as i64)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(pg)?;
-        let mut next = seqs.into_iter();
-        let (started, plan) = approval::approve(
-            &subject,
-            &held,
-            head.as_deref(),
-            approval,
-            may_approve,
-            |id| exists.contains(id),
-            || next.next().unwrap_or(0) as u64,
-            Utc::now(),
-        );
-        self.apply(&mut tx, &plan, Duration::ZERO).await?;
-        tx.commit().await.map_err(pg)?;
-        Ok(started)
     }
 
     pub async fn note_agent(&self, job: &str, process: &serde_json::Value) -> Result<(), StoreError> {
