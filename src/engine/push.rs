@@ -134,7 +134,8 @@ impl Engine {
         let pushed = async {
             let commit = self.workspaces.commit(prepared, &message, &self.config.github.bot_login, cancel).await?;
             let over = workspace::Over::Anything;
-            self.workspaces.push(prepared, repo, spec.access, repo, &branch, &commit, over, cancel).await?;
+            let to = workspace::Branch { repo, branch: &branch, access: spec.access, token_repo: repo };
+            self.workspaces.push(prepared, &to, &commit, over, cancel).await?;
             Ok::<_, workspace::WorkspaceError>(commit)
         };
         match pushed.await {
@@ -182,10 +183,11 @@ impl Engine {
             Err(e) => return publish_failed(format!("committing the change failed: {e}")),
         };
         let branch = &target.branch;
+        let to = workspace::Branch { repo: &target.repo, branch, access: spec.access, token_repo: repo };
         let push = |from: String, commit: String| async move {
             self.log_line(&job.id, &format!("pushing {commit} onto {branch} of {} (from {from})", target.repo)).await;
             let over = workspace::Over::Only(&from);
-            self.workspaces.push(prepared, &target.repo, spec.access, repo, branch, &commit, over, cancel).await
+            self.workspaces.push(prepared, &to, &commit, over, cancel).await
         };
         let moved_to = match push(base.clone(), commit.clone()).await {
             Ok(()) => return self.pushed(job, result, branch, commit).await,
@@ -207,13 +209,8 @@ impl Engine {
             .workspaces
             .replay(
                 prepared,
-                &target.repo,
-                spec.access,
-                repo,
-                branch,
-                &base,
-                &commit,
-                &moved_to,
+                &to,
+                workspace::Replay { base: &base, commit: &commit, onto: &moved_to },
                 spec.output_options.max_push_bytes,
                 cancel,
             )

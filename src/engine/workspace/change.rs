@@ -101,31 +101,26 @@ impl Workspaces {
         Ok(git.run(git_dir, None, &["rev-parse", "HEAD"], None).await?.trim().to_string())
     }
 
-    /// Pushes `commit` to `branch` of `repo` (with the token for
-    /// `token_repo`, the repository the job is about). `Over::Anything`
+    /// Pushes `commit` to `to`'s branch. `Over::Anything`
     /// replaces whatever the branch holds: only for baton's own branches.
     /// `Over::Only(from)` moves someone else's branch from `from` and only
     /// from there: git checks the branch still holds `from` and moves it in
     /// one step on the remote side (so `commit`, a descendant of `from`,
     /// lands as a fast-forward or not at all); a branch that moved on is
     /// `BranchMoved`, naming where it is now.
-    #[allow(clippy::too_many_arguments)]
     pub async fn push(
         &self,
         prepared: &Prepared,
-        repo: &str,
-        access: Option<u64>,
-        token_repo: &str,
-        branch: &str,
+        to: &Branch<'_>,
         commit: &str,
         over: Over<'_>,
         cancel: &CancellationToken,
     ) -> Result<(), WorkspaceError> {
         let git_dir = prepared.git_dir.as_deref().ok_or(WorkspaceError::NoRepository)?;
         let git = self.git.until(cancel);
-        let token = self.token(access, token_repo).await?;
-        let url = self.url(repo)?;
-        let remote = format!("refs/heads/{branch}");
+        let token = self.token(to.access, to.token_repo).await?;
+        let url = self.url(to.repo)?;
+        let remote = format!("refs/heads/{}", to.branch);
         let how = match over {
             Over::Anything => "--force".to_string(),
             Over::Only(from) => format!("--force-with-lease={remote}:{from}"),
@@ -149,34 +144,29 @@ impl Workspaces {
         })
     }
 
-    /// Replays `commit` (a child of `base`) onto `branch` of `repo` as it is
-    /// now, `onto`, with a three-way merge made in baton's repository; the
-    /// result is checked out in the workspace. Returns the new commit and
-    /// its changes against `onto`, or `None` when the change does not apply
-    /// cleanly.
-    #[allow(clippy::too_many_arguments)]
+    /// Replays `change.commit` (a child of `change.base`) onto `to`'s
+    /// branch as it is now, `change.onto`, with a three-way merge made in
+    /// baton's repository; the result is checked out in the workspace.
+    /// Returns the new commit and its changes against `onto`, or `None` when
+    /// the change does not apply cleanly.
     pub async fn replay(
         &self,
         prepared: &Prepared,
-        repo: &str,
-        access: Option<u64>,
-        token_repo: &str,
-        branch: &str,
-        base: &str,
-        commit: &str,
-        onto: &str,
+        to: &Branch<'_>,
+        change: Replay<'_>,
         max_bytes: u64,
         cancel: &CancellationToken,
     ) -> Result<Option<(String, Option<Staged>)>, WorkspaceError> {
+        let Replay { base, commit, onto } = change;
         let git_dir = prepared.git_dir.as_deref().ok_or(WorkspaceError::NoRepository)?;
         let git = self.git.until(cancel);
-        let token = self.token(access, token_repo).await?;
-        let url = self.url(repo)?;
+        let token = self.token(to.access, to.token_repo).await?;
+        let url = self.url(to.repo)?;
         let moved = "refs/baton/moved";
         git.run(
             git_dir,
             None,
-            &["fetch", "--no-tags", "--quiet", &url, &format!("+refs/heads/{branch}:{moved}")],
+            &["fetch", "--no-tags", "--quiet", &url, &format!("+refs/heads/{}:{moved}", to.branch)],
             token.as_ref(),
         )
         .await?;

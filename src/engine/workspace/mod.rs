@@ -66,6 +66,25 @@ pub enum WorkspaceError {
     Cancelled(String),
 }
 
+/// The branch a change is pushed to: `repo` may be a fork, while the token
+/// is the one for `token_repo`, the repository the job is about.
+#[derive(Debug, Clone, Copy)]
+pub struct Branch<'a> {
+    pub repo: &'a str,
+    pub branch: &'a str,
+    pub access: Option<u64>,
+    pub token_repo: &'a str,
+}
+
+/// A commit made on `base`, to be replayed onto `onto`, where its branch
+/// moved meanwhile.
+#[derive(Debug, Clone, Copy)]
+pub struct Replay<'a> {
+    pub base: &'a str,
+    pub commit: &'a str,
+    pub onto: &'a str,
+}
+
 /// What a push may replace on the remote branch.
 #[derive(Debug, Clone, Copy)]
 pub enum Over<'a> {
