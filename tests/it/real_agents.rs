@@ -806,7 +806,7 @@ async fn claude_delegates_to_baton_through_baton_mcp() {
     let cli = cli_dir("claude", "@anthropic-ai/claude-code@2.1.197");
     let model = FakeModel::scripted(Api::Messages, "baton says:", Script::Delegate).await;
     let fake = FakeGitHub::start().await;
-    let (_w, baton) = crate::api_jobs::daemon(&fake, "[api]\nallow_adhoc = true\nagents = [\"script\"]\n");
+    let (_w, baton) = crate::api_jobs::daemon(&fake, true);
     let dir = tempfile::tempdir().unwrap();
     let config = json!({"mcpServers": {"baton": {"type": "stdio", "command": env!("CARGO_BIN_EXE_baton"),
         "args": ["mcp", "--url", baton.url], "env": {"BATON_API_TOKEN": crate::api_jobs::TOKEN}}}});
