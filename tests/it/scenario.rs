@@ -109,6 +109,11 @@ impl Agent {
         Agent::command(&[&path.display().to_string()])
     }
 
+    /// No command: a preset's (`claude`, `codex`, ...), by the agent's name.
+    pub fn preset() -> Agent {
+        Agent(Table::new())
+    }
+
     pub fn command(argv: &[&str]) -> Agent {
         Agent(table_of([("command", argv.to_vec().into())]))
     }
