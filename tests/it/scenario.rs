@@ -67,6 +67,16 @@ impl Scenario {
             w.trigger(name, &trigger.toml());
         }
     }
+
+    /// Writes `baton.toml` and `triggers/` into `dir` as they are, for
+    /// tests that choose their `[storage]` themselves.
+    pub fn write_to(&self, dir: &Path) {
+        std::fs::write(dir.join("baton.toml"), self.toml()).expect("write config");
+        std::fs::create_dir_all(dir.join("triggers")).expect("triggers dir");
+        for (name, trigger) in &self.triggers {
+            std::fs::write(dir.join("triggers").join(format!("{name}.toml")), trigger.toml()).expect("write trigger");
+        }
+    }
 }
 
 /// The `[github]` block.
