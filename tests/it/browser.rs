@@ -161,7 +161,7 @@ fn start(w: &Workdir, agent: &std::path::Path) -> Baton {
                 .prompt("Investigate #{{ issue.number }}")
                 .output("none"),
         )
-        .write(&w);
+        .write(w);
     Baton::start(w.path(), &[])
 }
 
