@@ -3,24 +3,23 @@
 use serde_json::Value;
 
 use crate::harness::{fixture, Baton, Workdir};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 const SECRET: &str = "api-secret";
 
 fn daemon(agent: &str) -> (Workdir, Baton) {
-    daemon_with(agent, "")
+    daemon_with(agent, std::convert::identity)
 }
 
-fn daemon_with(agent: &str, server_extra: &str) -> (Workdir, Baton) {
+/// `server` adds to the scenario (its `[server]`, in these tests).
+fn daemon_with(agent: &str, server: impl FnOnce(Scenario) -> Scenario) -> (Workdir, Baton) {
     let w = Workdir::new();
     let script = w.script("agent.sh", agent);
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.script]\ncommand = [\"{}\"]\n",
-        script.display()
-    ));
-    w.trigger(
-        "work",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
-    );
+    server(Scenario::new())
+        .github(GitHub::secret(SECRET))
+        .agent("script", Agent::script(&script))
+        .trigger("work", Trigger::on(&["issues.opened"]).agent("script").workspace("none").prompt("x").output("none"))
+        .write(&w);
     let baton = Baton::start(w.path(), &[]);
     (w, baton)
 }
@@ -97,7 +96,7 @@ async fn the_log_streams_live_as_server_sent_events() {
 
 #[tokio::test]
 async fn with_an_api_token_every_api_route_wants_it_and_health_stays_open() {
-    let (_w, baton) = daemon_with("#!/bin/sh\necho ok\n", "api_token = \"s3cret-api-token\"");
+    let (_w, baton) = daemon_with("#!/bin/sh\necho ok\n", |s| s.set("server.api_token", "s3cret-api-token"));
     let http = reqwest::Client::new();
     for path in ["/api/jobs", "/api/triggers", "/api/jobs/nope/log", "/"] {
         let bare = http.get(format!("{}{path}", baton.url)).send().await.unwrap();
@@ -185,7 +184,7 @@ async fn other_sites_can_neither_read_nor_change_anything() {
 /// served a page at a time.
 #[tokio::test]
 async fn live_streams_are_capped_and_listings_are_paged() {
-    let (w, baton) = daemon_with("#!/bin/sh\necho working\nsleep 30\n", "max_streams = 2");
+    let (w, baton) = daemon_with("#!/bin/sh\necho working\nsleep 30\n", |s| s.set("server.max_streams", 2));
     let _ = &w;
     let id = deliver(&baton, "streams-1").await;
     let http = reqwest::Client::new();
@@ -224,17 +223,19 @@ async fn finished_jobs_are_pruned_after_their_retention_and_running_ones_never()
         gate.display()
     );
     let script = w.script("agent.sh", &agent);
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\njob_retention = \"2s\"\n[github]\nwebhook_secret = \"{SECRET}\"\n\
-         [agents.script]\ncommand = [\"{}\"]\n{}\n",
-        script.display(),
-        w.shared_key()
-    ));
-    w.trigger(
-        "work",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"none\"\n\
-         prompt = \"{% if issue.number == 2 %}slow{% else %}quick{% endif %}\"\n[output]\nkind = \"none\"\n",
-    );
+    Scenario::new()
+        .set("storage.job_retention", "2s")
+        .github(GitHub::secret(SECRET))
+        .agent("script", Agent::script(&script).read_write(&[w.shared()]))
+        .trigger(
+            "work",
+            Trigger::on(&["issues.opened"])
+                .agent("script")
+                .workspace("none")
+                .prompt("{% if issue.number == 2 %}slow{% else %}quick{% endif %}")
+                .output("none"),
+        )
+        .write(&w);
     let baton = Baton::start(w.path(), &[]);
     let quick = deliver(&baton, "retention-1").await;
     assert_eq!(baton.finished(&quick).await["state"], "succeeded");

@@ -9,36 +9,39 @@ use serde_json::json;
 
 use crate::fake_github::FakeGitHub;
 use crate::harness::{bare_repo, eventually, Baton, Workdir};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 pub(crate) const TOKEN: &str = "api-jobs-token-0123456789";
 
 /// A daemon with an API token, a script agent that prints its prompt and
 /// the worktree's README, a repository `o/r` to work on, and an `on =
-/// ["api"]` trigger; `extra` is added to `baton.toml`.
-pub(crate) fn daemon(fake: &FakeGitHub, extra: &str) -> (Workdir, Baton) {
+/// ["api"]` trigger; with `adhoc`, `[api]` lets free-form jobs run agent
+/// `script`.
+pub(crate) fn daemon(fake: &FakeGitHub, adhoc: bool) -> (Workdir, Baton) {
     let w = Workdir::new();
     let repos = w.path().join("remote");
     // `master`: the bare repository's HEAD, which a job with no `ref` works on.
     bare_repo(&repos, "o/r", "master", &[("README.md", "the readme of o/r")]);
     let script =
         w.script("agent.sh", "#!/bin/sh\necho \"prompt: $(cat)\"\ncat README.md 2>/dev/null || echo \"no worktree\"\n");
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\napi_token = \"{TOKEN}\"\n\
-         [github]\napi_url = \"{api}\"\ngit_url = \"file://{repos}\"\ntoken = \"ghs_apijobs\"\nwebhook_secret = \"api-jobs-webhook-secret\"\n\
-         [agents.script]\ncommand = [\"{script}\"]\n[agents.other]\ncommand = [\"{script}\"]\n{extra}\n",
-        api = fake.url,
-        repos = repos.display(),
-        script = script.display(),
-    ));
-    w.trigger(
-        "summarize",
-        "on = [\"api\"]\n[job]\nagent = \"script\"\nworkspace = \"default-branch\"\n\
-         prompt = \"Summarize {{ inputs.what }} in {{ repository.full_name }}\"\n[output]\nkind = \"none\"\n",
-    );
-    w.trigger(
-        "on-issues",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n",
-    );
+    let mut scenario = Scenario::new()
+        .set("server.api_token", TOKEN)
+        .github(GitHub::secret("api-jobs-webhook-secret").api(fake).repos(&repos).token("ghs_apijobs"))
+        .agent("script", Agent::script(&script))
+        .agent("other", Agent::script(&script))
+        .trigger(
+            "summarize",
+            Trigger::on(&["api"])
+                .agent("script")
+                .workspace("default-branch")
+                .prompt("Summarize {{ inputs.what }} in {{ repository.full_name }}")
+                .output("none"),
+        )
+        .trigger("on-issues", Trigger::on(&["issues.opened"]).agent("script").workspace("none").prompt("x"));
+    if adhoc {
+        scenario = scenario.set("api.allow_adhoc", true).set("api.agents", vec!["script"]);
+    }
+    scenario.write(&w);
     let baton = Baton::start(w.path(), &[]).with_token(TOKEN);
     (w, baton)
 }
@@ -48,7 +51,7 @@ pub(crate) fn daemon(fake: &FakeGitHub, extra: &str) -> (Workdir, Baton) {
 #[tokio::test]
 async fn a_trigger_with_on_api_runs_with_its_inputs() {
     let fake = FakeGitHub::start().await;
-    let (_w, baton) = daemon(&fake, "");
+    let (_w, baton) = daemon(&fake, false);
     let req = CreateJob {
         trigger: Some("summarize".into()),
         repo: Some("o/r".into()),
@@ -70,7 +73,7 @@ async fn a_trigger_with_on_api_runs_with_its_inputs() {
 #[tokio::test]
 async fn an_idempotency_key_gives_one_job_for_two_requests() {
     let fake = FakeGitHub::start().await;
-    let (_w, baton) = daemon(&fake, "");
+    let (_w, baton) = daemon(&fake, false);
     let client = baton.client();
     let req = CreateJob {
         trigger: Some("summarize".into()),
@@ -95,7 +98,7 @@ async fn an_idempotency_key_gives_one_job_for_two_requests() {
 #[tokio::test]
 async fn a_free_form_job_runs_its_prompt_and_comments_its_result() {
     let fake = FakeGitHub::start().await;
-    let (_w, off) = daemon(&fake, "");
+    let (_w, off) = daemon(&fake, false);
     let req = CreateJob {
         agent: Some("script".into()),
         repo: Some("o/r".into()),
@@ -108,7 +111,7 @@ async fn a_free_form_job_runs_its_prompt_and_comments_its_result() {
     assert_eq!(refused.status(), Some(403), "{refused}");
     assert!(refused.to_string().contains("[api] allow_adhoc = true"), "{refused}");
 
-    let (_w, baton) = daemon(&fake, "[api]\nallow_adhoc = true\nagents = [\"script\"]\n");
+    let (_w, baton) = daemon(&fake, true);
     let created = baton.client().create(&req, None).await.expect("created");
     assert!(created.new, "{created:?}");
     let done = baton.finished(&created.job.id).await;
@@ -122,7 +125,7 @@ async fn a_free_form_job_runs_its_prompt_and_comments_its_result() {
 #[tokio::test]
 async fn bad_fields_answer_400_naming_the_field() {
     let fake = FakeGitHub::start().await;
-    let (_w, baton) = daemon(&fake, "[api]\nallow_adhoc = true\nagents = [\"script\"]\n");
+    let (_w, baton) = daemon(&fake, true);
     for (body, field, says) in [
         (json!({"trigger": "summarize", "colour": "red"}), "colour", "unknown field"),
         (json!({"trigger": "nope"}), "trigger", "no trigger `nope`"),
@@ -161,7 +164,7 @@ async fn bad_fields_answer_400_naming_the_field() {
 #[tokio::test]
 async fn creating_a_job_needs_the_api_token() {
     let fake = FakeGitHub::start().await;
-    let (_w, baton) = daemon(&fake, "");
+    let (_w, baton) = daemon(&fake, false);
     let req = CreateJob { trigger: Some("summarize".into()), repo: Some("o/r".into()), ..CreateJob::default() };
     for token in [None, Some(Secret::new("not-the-token-7f3a"))] {
         let shown = format!("{token:?}");
@@ -187,7 +190,7 @@ async fn creating_a_job_needs_the_api_token() {
 #[tokio::test]
 async fn baton_jobs_run_follows_a_job_to_its_result() {
     let fake = FakeGitHub::start().await;
-    let (_w, baton) = daemon(&fake, "[api]\nallow_adhoc = true\nagents = [\"script\"]\n");
+    let (_w, baton) = daemon(&fake, true);
     let url = baton.url.clone();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_baton"))

@@ -4,6 +4,7 @@
 use serde_json::{json, Value};
 
 use crate::harness::{fixture_json, Baton, Workdir};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 const SECRET: &str = "approve-secret";
 
@@ -13,6 +14,18 @@ fn pr(action: &str, sha: &str) -> Vec<u8> {
     p["pull_request"]["author_association"] = json!("CONTRIBUTOR");
     p["pull_request"]["head"]["sha"] = json!(sha);
     p.to_string().into_bytes()
+}
+
+/// A daemon whose `review` trigger runs `true` on `on`, with `prompt`.
+fn daemon(github: GitHub, on: &[&str], prompt: &str) -> (Workdir, Baton) {
+    let w = Workdir::new();
+    Scenario::new()
+        .github(github)
+        .agent("noop", Agent::command(&["true"]))
+        .trigger("review", Trigger::on(on).agent("noop").workspace("none").prompt(prompt).output("none"))
+        .write(&w);
+    let baton = Baton::start(w.path(), &[]);
+    (w, baton)
 }
 
 /// A comment on the pull request of `pr()`: its `issue` is that PR, title
@@ -31,13 +44,11 @@ fn comment(body: &str, association: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn outsider_pull_requests_run_after_approval_at_their_head() {
-    let w = Workdir::new();
-    w.config(&format!("[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.noop]\ncommand = [\"true\"]\n"));
-    w.trigger(
-        "review",
-        "on = [\"pull_request.opened\", \"pull_request.synchronize\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"review {{ pull_request.head.sha }}\"\n[output]\nkind = \"none\"\n",
+    let (_w, baton) = daemon(
+        GitHub::secret(SECRET),
+        &["pull_request.opened", "pull_request.synchronize"],
+        "review {{ pull_request.head.sha }}",
     );
-    let baton = Baton::start(w.path(), &[]);
     let send = |event: &'static str, id: &'static str, body: Vec<u8>| {
         let baton = &baton;
         async move {
@@ -78,16 +89,8 @@ async fn outsider_pull_requests_run_after_approval_at_their_head() {
 /// released.
 #[tokio::test]
 async fn baton_and_bots_never_approve_and_an_approval_is_recorded() {
-    let w = Workdir::new();
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\nbot_login = \"baton-app[bot]\"\n\
-         [agents.noop]\ncommand = [\"true\"]\n"
-    ));
-    w.trigger(
-        "review",
-        "on = [\"pull_request.opened\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"review\"\n[output]\nkind = \"none\"\n",
-    );
-    let baton = Baton::start(w.path(), &[]);
+    let (_w, baton) =
+        daemon(GitHub::secret(SECRET).set("bot_login", "baton-app[bot]"), &["pull_request.opened"], "review");
     let (status, held) = baton.deliver(SECRET, "pull_request", "pr-held", &pr("opened", "aaaaaaa")).await;
     assert_eq!((status, held["held"].clone()), (202, json!(1)), "{held}");
     let forged = |body: &str, login: &str, kind: &str| {
@@ -122,14 +125,11 @@ async fn baton_and_bots_never_approve_and_an_approval_is_recorded() {
 /// a `synchronize` cannot make an approval run the replaced commit.
 #[tokio::test]
 async fn an_old_event_arriving_late_never_moves_the_head_back() {
-    let w = Workdir::new();
-    w.config(&format!("[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.noop]\ncommand = [\"true\"]\n"));
-    w.trigger(
-        "review",
-        "on = [\"pull_request.opened\", \"pull_request.synchronize\", \"pull_request.edited\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\n\
-         prompt = \"review {{ pull_request.head.sha }}\"\n[output]\nkind = \"none\"\n",
+    let (_w, baton) = daemon(
+        GitHub::secret(SECRET),
+        &["pull_request.opened", "pull_request.synchronize", "pull_request.edited"],
+        "review {{ pull_request.head.sha }}",
     );
-    let baton = Baton::start(w.path(), &[]);
     let at = |action: &str, sha: &str, updated: &str| {
         let mut p: Value = serde_json::from_slice(&pr(action, sha)).unwrap();
         p["pull_request"]["updated_at"] = json!(updated);
@@ -173,13 +173,7 @@ async fn an_old_event_arriving_late_never_moves_the_head_back() {
 /// approve --edited` does.
 #[tokio::test]
 async fn an_edit_after_holding_needs_an_approval_that_says_it_saw_it() {
-    let w = Workdir::new();
-    w.config(&format!("[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.noop]\ncommand = [\"true\"]\n"));
-    w.trigger(
-        "review",
-        "on = [\"pull_request.opened\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"review {{ pull_request.body }}\"\n[output]\nkind = \"none\"\n",
-    );
-    let baton = Baton::start(w.path(), &[]);
+    let (_w, baton) = daemon(GitHub::secret(SECRET), &["pull_request.opened"], "review {{ pull_request.body }}");
     let (status, held) = baton.deliver(SECRET, "pull_request", "pr-edit", &pr("opened", "aaaaaaa")).await;
     assert_eq!((status, held["held"].clone()), (202, json!(1)), "{held}");
     let edited = |body: &str| {

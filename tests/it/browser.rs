@@ -13,6 +13,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::harness::{fixture, Baton, Workdir, WAIT};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 const SECRET: &str = "browser-secret";
 
@@ -149,15 +150,18 @@ impl Driver {
 /// A daemon whose `investigate` trigger runs `agent` on opened issues; the
 /// agent may use the workdir's shared folder (for its gate file).
 fn start(w: &Workdir, agent: &std::path::Path) -> Baton {
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.script]\ncommand = [\"{}\"]\n{}\n",
-        agent.display(),
-        w.shared_key()
-    ));
-    w.trigger(
-        "investigate",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"Investigate #{{ issue.number }}\"\n[output]\nkind = \"none\"\n",
-    );
+    Scenario::new()
+        .github(GitHub::secret(SECRET))
+        .agent("script", Agent::script(agent).read_write(&[w.shared()]))
+        .trigger(
+            "investigate",
+            Trigger::on(&["issues.opened"])
+                .agent("script")
+                .workspace("none")
+                .prompt("Investigate #{{ issue.number }}")
+                .output("none"),
+        )
+        .write(w);
     Baton::start(w.path(), &[])
 }
 

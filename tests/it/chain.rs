@@ -4,27 +4,21 @@
 use serde_json::Value;
 
 use crate::harness::{eventually_async, fixture, Baton, Workdir};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 const SECRET: &str = "chain-secret";
 
 #[tokio::test]
 async fn investigate_then_fix_then_a_loop_stopped_by_the_depth_limit() {
     let w = Workdir::new();
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.echo]\ncommand = [\"sh\", \"-c\", \"head -c 40\"]\n"
-    ));
-    let job = |prompt: &str| {
-        format!("[job]\nagent = \"echo\"\nworkspace = \"none\"\nprompt = \"{prompt}\"\n[output]\nkind = \"none\"\n")
-    };
-    w.trigger("investigate", &format!("on = [\"issues.opened\"]\n{}", job("found: #{{ issue.number }}")));
-    w.trigger(
-        "fix",
-        &format!("on = [\"job.succeeded\"]\n[filter]\ntriggers = [\"investigate\"]\n{}", job("fix {{ result }}")),
-    );
-    w.trigger(
-        "again",
-        &format!("on = [\"job.succeeded\"]\n[filter]\ntriggers = [\"fix\", \"again\"]\n{}", job("again {{ job.id }}")),
-    );
+    let job = |on: &str, prompt: &str| Trigger::on(&[on]).agent("echo").workspace("none").prompt(prompt).output("none");
+    Scenario::new()
+        .github(GitHub::secret(SECRET))
+        .agent("echo", Agent::command(&["sh", "-c", "head -c 40"]))
+        .trigger("investigate", job("issues.opened", "found: #{{ issue.number }}"))
+        .trigger("fix", job("job.succeeded", "fix {{ result }}").filter("triggers", vec!["investigate"]))
+        .trigger("again", job("job.succeeded", "again {{ job.id }}").filter("triggers", vec!["fix", "again"]))
+        .write(&w);
     let baton = Baton::start(w.path(), &[]);
     let (status, answer) = baton.deliver(SECRET, "issues", "chain-1", &fixture("issues/opened.payload.json")).await;
     assert_eq!(status, 202, "{answer}");
@@ -60,14 +54,13 @@ async fn investigate_then_fix_then_a_loop_stopped_by_the_depth_limit() {
 #[tokio::test]
 async fn rate_limits_and_cooldowns_skip_matches_with_a_reason() {
     let w = Workdir::new();
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.noop]\ncommand = [\"true\"]\n"
-    ));
-    let trigger = |extra: &str| {
-        format!("on = [\"issues.opened\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"x\"\n{extra}\n[output]\nkind = \"none\"\n")
-    };
-    w.trigger("hourly", &trigger("max_runs_per_hour = 2"));
-    w.trigger("calm", &trigger("cooldown = \"1h\""));
+    let trigger = Trigger::on(&["issues.opened"]).agent("noop").workspace("none").prompt("x").output("none");
+    Scenario::new()
+        .github(GitHub::secret(SECRET))
+        .agent("noop", Agent::command(&["true"]))
+        .trigger("hourly", trigger.clone().job("max_runs_per_hour", 2))
+        .trigger("calm", trigger.job("cooldown", "1h"))
+        .write(&w);
     let baton = Baton::start(w.path(), &[]);
     let body = fixture("issues/opened.payload.json");
     let mut answers = Vec::new();

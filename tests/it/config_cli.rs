@@ -5,6 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use crate::harness::{fixture, Baton, Workdir, BIN};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 #[tokio::test]
 async fn built_in_defaults_serve_with_a_generated_secret_and_publishing_off() {
@@ -164,8 +165,11 @@ fn check_reports_bad_schedules_where_they_are() {
 #[tokio::test]
 async fn the_jobs_cli_lists_shows_and_prints_logs_of_a_running_daemon() {
     let w = Workdir::new();
-    w.config("[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"cli-secret\"\n[agents.echo]\ncommand = [\"sh\", \"-c\", \"echo hello from the agent\"]\n");
-    w.trigger("greet", "on = [\"issues.opened\"]\n[job]\nagent = \"echo\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n");
+    Scenario::new()
+        .github(GitHub::secret("cli-secret"))
+        .agent("echo", Agent::command(&["sh", "-c", "echo hello from the agent"]))
+        .trigger("greet", Trigger::on(&["issues.opened"]).agent("echo").workspace("none").prompt("x").output("none"))
+        .write(&w);
     let baton = Baton::start(w.path(), &[]);
     // `baton deliver` signs and sends, as GitHub would.
     let payload =

@@ -7,20 +7,23 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::harness::{fixture, Baton, Workdir};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 const SECRET: &str = "crash-secret";
 const CLIENTS: usize = 16;
 
+/// Trigger `name` runs `true` on every opened issue.
+fn noop(name: &str) -> Scenario {
+    Scenario::new()
+        .github(GitHub::secret(SECRET))
+        .agent("noop", Agent::command(&["true"]))
+        .trigger(name, Trigger::on(&["issues.opened"]).agent("noop").workspace("none").prompt("x").output("none"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_flood_loses_nothing_acknowledged() {
     let w = Workdir::new();
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[limits]\nmax_parallel_jobs = 1\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.noop]\ncommand = [\"true\"]\n"
-    ));
-    w.trigger(
-        "flood",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
-    );
+    noop("flood").set("limits.max_parallel_jobs", 1).write(&w);
     let body = Arc::new(fixture("issues/opened.payload.json"));
     let acked: Arc<Mutex<HashMap<String, String>>> = Arc::default();
     let next = Arc::new(AtomicUsize::new(0));
@@ -106,15 +109,18 @@ async fn kill_9_while_two_jobs_run_then_both_complete_exactly_once() {
              while [ ! -f {s}/restarted ]; do sleep 0.1; done\necho \"$id\" >> {s}/completed\necho \"done $id\"\n"
         ),
     );
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.slow]\ncommand = [\"{}\"]\nread_write = [\"{s}\"]\n",
-        agent.display()
-    ));
-    w.trigger(
-        "work",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"slow\"\nworkspace = \"none\"\nprompt = \"{{ event.delivery }}\"\n\
-         [output]\nkind = \"none\"\n",
-    );
+    Scenario::new()
+        .github(GitHub::secret(SECRET))
+        .agent("slow", Agent::script(&agent).read_write(&[state.path()]))
+        .trigger(
+            "work",
+            Trigger::on(&["issues.opened"])
+                .agent("slow")
+                .workspace("none")
+                .prompt("{{ event.delivery }}")
+                .output("none"),
+        )
+        .write(&w);
     let body = fixture("issues/opened.payload.json");
     let mut baton = Baton::start(w.path(), &[]);
     let mut ids = Vec::new();
@@ -162,13 +168,7 @@ async fn an_acknowledged_delivery_is_fdatasynced_not_only_flushed_by_sled() {
         "this test needs strace (apt-get install strace; .ci/run installs it)"
     );
     let w = Workdir::new();
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.noop]\ncommand = [\"true\"]\n"
-    ));
-    w.trigger(
-        "one",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
-    );
+    noop("one").write(&w);
     let trace = w.path().join("trace.txt");
     let trace_arg = trace.display().to_string();
     let wrapper = ["strace", "-f", "-y", "-e", "trace=fdatasync", "-o", trace_arg.as_str()];

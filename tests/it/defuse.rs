@@ -6,37 +6,39 @@
 
 use crate::fake_github::{App, FakeGitHub, Faults, TOKEN_LOGIN};
 use crate::harness::{bare_repo, eventually, fixture, Baton, Workdir, BIN};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 const SECRET: &str = "defuse-secret";
 const TOKEN: &str = "ghp_defuseTestToken0123456789abcdefghijk";
 const ISSUE: &str = "Codertocat/Hello-World#1";
 
 /// A daemon publishing to `fake` with an agent whose script is `agent`
-/// and one trigger per `(name, toml after on)`, all on `issues.opened`.
-fn daemon(fake: &FakeGitHub, agent: &str, triggers: &[(&str, &str)]) -> (Workdir, Baton) {
+/// and one trigger per `(name, trigger)`.
+fn daemon(fake: &FakeGitHub, agent: &str, triggers: Vec<(&str, Trigger)>) -> (Workdir, Baton) {
     let w = Workdir::new();
     let repos = w.path().join("remote");
     bare_repo(&repos, "Codertocat/Hello-World", "master", &[("README.md", "hello")]);
     let agent = w.script("agent.sh", agent);
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\napi_url = \"{}\"\ngit_url = \"file://{}\"\n\
-         webhook_secret = \"{SECRET}\"\ntoken = \"env:GITHUB_TOKEN\"\n[agents.script]\ncommand = [\"{}\"]\n",
-        fake.url,
-        repos.display(),
-        agent.display()
-    ));
-    for (name, body) in triggers {
-        w.trigger(name, &format!("on = [\"issues.opened\"]\n{body}"));
+    let mut scenario = Scenario::new()
+        .github(GitHub::secret(SECRET).api(fake).repos(&repos).token("env:GITHUB_TOKEN"))
+        .agent("script", Agent::script(&agent));
+    for (name, trigger) in triggers {
+        scenario = scenario.trigger(name, trigger);
     }
+    scenario.write(&w);
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     (w, baton)
 }
 
-/// A comment trigger with no status comment: its result is one create.
-fn comment_trigger(extra: &str) -> String {
-    format!(
-        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"comment\"\nprogress = false\n{extra}"
-    )
+/// A comment trigger on an opened issue with no status comment: its result
+/// is one create.
+fn comment_trigger() -> Trigger {
+    Trigger::on(&["issues.opened"])
+        .agent("script")
+        .workspace("none")
+        .prompt("x")
+        .output("comment")
+        .set("output.progress", false)
 }
 
 fn marker(id: &str) -> String {
@@ -74,8 +76,11 @@ async fn an_agents_result_reaches_github_defused() {
                  printf '\\ncc @acme/security-team, thanks @Codertocat; `@code` stays.\\n'\n\
                  printf '<!-- baton:job=0123456789abcdef -->\\n'\n\
                  printf 'red \\033[31mRED\\033[0m clip \\033]52;c;ZWNobyBwd25lZA==\\007 title \\033]0;owned\\007 nul \\000 end\\n'\n";
-    let (_w, baton) =
-        daemon(&fake, agent, &[("defused", &comment_trigger("")), ("kept", &comment_trigger("mentions = \"keep\""))]);
+    let (_w, baton) = daemon(
+        &fake,
+        agent,
+        vec![("defused", comment_trigger()), ("kept", comment_trigger().set("output.mentions", "keep"))],
+    );
     let (status, answer) = baton.deliver(SECRET, "issues", "defuse-1", &fixture("issues/opened.payload.json")).await;
     assert_eq!(status, 202, "{answer}");
     let ids: Vec<String> = answer["jobs"].as_array().unwrap().iter().map(|j| j.as_str().unwrap().to_string()).collect();
@@ -124,7 +129,7 @@ async fn a_strangers_comment_with_the_jobs_marker_is_not_taken_for_batons_post()
     // marker before sending again, and find only its own.
     fake.drop_writes(1);
     let agent = "#!/bin/sh\ncat > /dev/null\necho 'The real result.'\n";
-    let (_w, baton) = daemon(&fake, agent, &[("work", &comment_trigger(""))]);
+    let (_w, baton) = daemon(&fake, agent, vec![("work", comment_trigger())]);
     let (status, answer) = baton.deliver(SECRET, "issues", "defuse-2", &fixture("issues/opened.payload.json")).await;
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["jobs"][0], id.as_str());
@@ -164,17 +169,18 @@ async fn another_apps_check_run_is_not_taken_for_batons() {
     let key_file = w.shared().join("app.pem");
     std::fs::write(&key_file, &private_pem).unwrap();
     let agent = w.script("agent.sh", "#!/bin/sh\ncat > /dev/null\necho 'All good.'\n");
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\napi_url = \"{}\"\nwebhook_secret = \"{SECRET}\"\n\
-         app_id = 4343\nprivate_key = \"file:{}\"\n[agents.script]\ncommand = [\"{}\"]\n",
-        fake.url,
-        key_file.display(),
-        agent.display()
-    ));
-    w.trigger(
-        "work",
-        "on = [\"pull_request.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"check_run\"\n",
-    );
+    let app = GitHub::secret(SECRET)
+        .api(&fake)
+        .set("app_id", 4343)
+        .set("private_key", format!("file:{}", key_file.display()));
+    Scenario::new()
+        .github(app)
+        .agent("script", Agent::script(&agent))
+        .trigger(
+            "work",
+            Trigger::on(&["pull_request.opened"]).agent("script").workspace("none").prompt("x").output("check_run"),
+        )
+        .write(&w);
     let baton = Baton::start(w.path(), &[]);
     let (status, answer) =
         baton.deliver(SECRET, "pull_request", "defuse-4", &fixture("pull_request/opened.payload.json")).await;
@@ -213,7 +219,7 @@ async fn job_logs_show_control_characters_escaped_unless_raw() {
     let fake = FakeGitHub::start().await;
     let agent = "#!/bin/sh\ncat > /dev/null\nprintf 'clip \\033]52;c;ZWNobyBwd25lZA==\\007 title \\033]0;owned\\007\\tdone\\n' >&2\n\
                  echo 'result'\n";
-    let (_w, baton) = daemon(&fake, agent, &[("work", &comment_trigger(""))]);
+    let (_w, baton) = daemon(&fake, agent, vec![("work", comment_trigger())]);
     let (status, answer) = baton.deliver(SECRET, "issues", "defuse-3", &fixture("issues/opened.payload.json")).await;
     assert_eq!(status, 202, "{answer}");
     let id = answer["jobs"][0].as_str().unwrap().to_string();
@@ -248,9 +254,15 @@ async fn job_logs_show_control_characters_escaped_unless_raw() {
 fn the_mentions_key_is_checked() {
     let w = Workdir::new();
     w.config("[agents.script]\ncommand = [\"true\"]\n");
+    // Literal TOML: the line the error points at is part of the check.
     let check = |value: &str| {
-        let body = comment_trigger(&format!("mentions = \"{value}\""));
-        w.trigger("t", &format!("on = [\"issues.opened\"]\n{body}"));
+        w.trigger(
+            "t",
+            &format!(
+                "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n\
+                 [output]\nkind = \"comment\"\nprogress = false\nmentions = \"{value}\""
+            ),
+        );
         let out = std::process::Command::new(BIN).arg("check").current_dir(w.path()).output().expect("baton check");
         (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
     };

@@ -3,6 +3,8 @@
 
 use crate::fake_github::FakeGitHub;
 use crate::harness::{bare_repo, eventually, fixture, git, Baton, Workdir};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
+use std::convert::identity;
 
 const SECRET: &str = "e2e-webhook-secret";
 const TOKEN: &str = "ghp_e2eFakeTokenThatMustNotLeak0123456789";
@@ -17,48 +19,34 @@ echo "readme=$(cat README.md)"
 echo "prompt=$(printf '%s' "$prompt" | head -n1)"
 "#;
 
-fn setup(fake: &FakeGitHub, agent_body: &str, agent_extra: &str, trigger_extra: &str) -> (Workdir, String) {
+/// The daemon most tests here run: the `investigate` trigger runs agent
+/// `script` (`agent_body`) at the default branch and comments. `agent` and
+/// `trigger` add to them; the scenario comes back for tests that change it.
+fn setup(
+    fake: &FakeGitHub,
+    agent_body: &str,
+    agent: impl FnOnce(Agent) -> Agent,
+    trigger: impl FnOnce(Trigger) -> Trigger,
+) -> (Workdir, String, Scenario) {
     let w = Workdir::new();
     let repos = w.path().join("remote");
     let sha = bare_repo(&repos, "Codertocat/Hello-World", "master", &[("README.md", "hello from master")]);
-    let agent = w.script("agent.sh", agent_body);
-    w.config(&format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[github]
-api_url = "{api}"
-git_url = "file://{repos}"
-token = "env:GITHUB_TOKEN"
-webhook_secret = "{SECRET}"
-
-[agents.script]
-command = ["{agent}"]
-prompt = "stdin"
-result = "stdout"
-{agent_extra}
-"#,
-        api = fake.url,
-        repos = repos.display(),
-        agent = agent.display(),
-    ));
-    w.trigger(
-        "investigate",
-        &format!(
-            r#"
-on = ["issues.opened"]
-[job]
-agent = "script"
-workspace = "default-branch"
-prompt = "Investigate #{{{{ issue.number }}}}: {{{{ issue.title }}}}"
-{trigger_extra}
-[output]
-kind = "comment"
-"#
-        ),
-    );
-    (w, sha)
+    let script = w.script("agent.sh", agent_body);
+    let scenario = Scenario::new()
+        .github(GitHub::secret(SECRET).api(fake).repos(&repos).token("env:GITHUB_TOKEN"))
+        .agent("script", agent(Agent::script(&script).prompt("stdin").result("stdout")))
+        .trigger(
+            "investigate",
+            trigger(
+                Trigger::on(&["issues.opened"])
+                    .agent("script")
+                    .workspace("default-branch")
+                    .prompt("Investigate #{{ issue.number }}: {{ issue.title }}")
+                    .output("comment"),
+            ),
+        );
+    scenario.write(&w);
+    (w, sha, scenario)
 }
 
 /// The comment on issue #1 that carries job `id`'s result, once it does.
@@ -81,7 +69,7 @@ async fn deliver_issue(baton: &Baton, delivery: &str) -> String {
 #[tokio::test]
 async fn signed_issue_becomes_agent_job_and_comment() {
     let fake = FakeGitHub::start().await;
-    let (w, sha) = setup(&fake, REPORTER, r#"env = ["BATON_TEST_PASSED"]"#, "");
+    let (w, sha, _) = setup(&fake, REPORTER, |a| a.set("env", vec!["BATON_TEST_PASSED"]), identity);
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN), ("BATON_TEST_PASSED", "yes")]);
 
     let id = deliver_issue(&baton, "e2e-1").await;
@@ -137,11 +125,11 @@ async fn signed_issue_becomes_agent_job_and_comment() {
 #[tokio::test]
 async fn missing_agent_command_fails_with_install_hint() {
     let fake = FakeGitHub::start().await;
-    let (w, _) = setup(&fake, REPORTER, "", "");
+    let (w, _, _) = setup(&fake, REPORTER, identity, identity);
     // Point the trigger at the codex preset, with a PATH it is not on.
     w.trigger(
         "investigate",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"codex\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
+        &Trigger::on(&["issues.opened"]).agent("codex").workspace("none").prompt("x").output("none").toml(),
     );
     // A PATH with bubblewrap (the sandbox needs it) and nothing else.
     let bin = tempfile::tempdir().unwrap();
@@ -166,7 +154,7 @@ async fn timeout_fails_the_job_and_kills_the_agent() {
     // sandbox's PID namespace its pid means nothing here).
     let marker = crate::harness::unique_sleep();
     let agent = format!("#!/bin/sh\necho started\nsleep {marker} &\necho $! > {}\nwait\n", pid_file.display());
-    let (w, _) = setup(&fake, &agent, &format!("read_write = [\"{}\"]", pids.path().display()), "timeout = \"1s\"\n");
+    let (w, _, _) = setup(&fake, &agent, |a| a.read_write(&[pids.path()]), |t| t.job("timeout", "1s"));
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver_issue(&baton, "to-1").await;
     let job = baton.finished(&id).await;
@@ -190,11 +178,11 @@ async fn acknowledged_delivery_survives_kill_9() {
     // running when the daemon dies.
     let gate = crate::harness::open_dir();
     let flag = gate.path().join("go");
-    let (w, _) = setup(
+    let (w, _, _) = setup(
         &fake,
         &format!("#!/bin/sh\nwhile [ ! -e {} ]; do sleep 0.05; done\necho done\n", flag.display()),
-        &format!("read_write = [\"{}\"]", gate.path().display()),
-        "",
+        |a| a.read_write(&[gate.path()]),
+        identity,
     );
     let mut baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver_issue(&baton, "crash-1").await;
@@ -224,7 +212,7 @@ async fn cancel_stops_a_running_job_and_retry_runs_it_again() {
         started = started.display(),
         flag = flag.display()
     );
-    let (w, _) = setup(&fake, &agent, &format!("read_write = [\"{}\"]", gate.path().display()), "");
+    let (w, _, _) = setup(&fake, &agent, |a| a.read_write(&[gate.path()]), identity);
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver_issue(&baton, "cancel-1").await;
     eventually("the agent to start", || started.exists()).await;
@@ -248,18 +236,20 @@ async fn cancel_stops_a_running_job_and_retry_runs_it_again() {
 }
 
 fn fix_trigger(w: &Workdir) {
-    w.trigger(
-        "fix",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"default-branch\"\nprompt = \"fix #{{ issue.number }}\"\n[output]\nkind = \"pull_request\"\n",
-    );
+    let fix = Trigger::on(&["issues.opened"])
+        .agent("script")
+        .workspace("default-branch")
+        .prompt("fix #{{ issue.number }}")
+        .output("pull_request");
+    w.trigger("fix", &fix.toml());
     std::fs::remove_file(w.path().join("triggers/investigate.toml")).unwrap();
 }
 
 #[tokio::test]
 async fn pull_request_output_pushes_the_agents_commit_and_opens_a_pr() {
     let fake = FakeGitHub::start().await;
-    let (w, base_sha) =
-        setup(&fake, "#!/bin/sh\necho 'fixed spelling' >> README.md\necho 'I fixed the README.'\n", "", "");
+    let (w, base_sha, _) =
+        setup(&fake, "#!/bin/sh\necho 'fixed spelling' >> README.md\necho 'I fixed the README.'\n", identity, identity);
     fix_trigger(&w);
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver_issue(&baton, "pr-1").await;
@@ -287,7 +277,7 @@ async fn pull_request_output_pushes_the_agents_commit_and_opens_a_pr() {
 #[tokio::test]
 async fn pull_request_output_without_changes_says_so_in_a_comment() {
     let fake = FakeGitHub::start().await;
-    let (w, _) = setup(&fake, "#!/bin/sh\necho 'Nothing to fix.'\n", "", "");
+    let (w, _, _) = setup(&fake, "#!/bin/sh\necho 'Nothing to fix.'\n", identity, identity);
     fix_trigger(&w);
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver_issue(&baton, "pr-none").await;
@@ -317,10 +307,9 @@ async fn agents_left_by_a_killed_daemon_are_killed_before_their_job_reruns() {
             runs = runs.display(),
             pids = pids.display()
         );
-        let (w, _) = setup(&fake, &agent, &format!("read_write = [\"{}\"]", scratch.path().display()), "");
+        let (w, _, scenario) = setup(&fake, &agent, |a| a.read_write(&[scratch.path()]), identity);
         if !sandboxed {
-            let config = std::fs::read_to_string(w.path().join("baton.toml")).unwrap();
-            w.config(&format!("[sandbox]\nenabled = false\n{config}"));
+            w.config(&scenario.set("sandbox.enabled", false).toml());
         }
         let mut baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
         let id = deliver_issue(&baton, "orphan-1").await;
@@ -372,11 +361,14 @@ async fn a_failed_verification_is_fed_into_the_next_attempt() {
         p = prompts.display(),
         a = attempts.display()
     );
-    let verify = format!(
-        "attempts = 2\nbackoff = \"1s\"\nverify = [\"sh\", \"-c\", \"echo 'test_parser failed: expected 3, got 4' >&2; [ $(wc -l < {}) -ge 2 ]\"]\n",
-        attempts.display()
+    let check =
+        format!("echo 'test_parser failed: expected 3, got 4' >&2; [ $(wc -l < {}) -ge 2 ]", attempts.display());
+    let (w, _, _) = setup(
+        &fake,
+        &agent,
+        |a| a.read_write(&[scratch.path()]),
+        |t| t.job("attempts", 2).job("backoff", "1s").job("verify", vec!["sh", "-c", check.as_str()]),
     );
-    let (w, _) = setup(&fake, &agent, &format!("read_write = [\"{}\"]", scratch.path().display()), &verify);
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver_issue(&baton, "verify-1").await;
     let job = baton.finished(&id).await;
@@ -411,16 +403,19 @@ async fn conventions_come_from_the_default_branch_never_the_pr_head() {
 
     let agent = w.script("agent.sh", "#!/bin/sh\ncat\necho\necho \"head AGENTS.md: $(cat AGENTS.md)\"\n");
     std::fs::write(w.path().join("triggers/style.md"), "Prefer small functions.").unwrap();
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\napi_url = \"{}\"\ngit_url = \"file://{}\"\nwebhook_secret = \"{SECRET}\"\n[agents.script]\ncommand = [\"{}\"]\n",
-        fake.url,
-        repos.display(),
-        agent.display()
-    ));
-    w.trigger(
-        "review",
-        "on = [\"pull_request.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"pr-head\"\nskills = [\"style.md\"]\nprompt = \"Review.\"\n[output]\nkind = \"none\"\n",
-    );
+    Scenario::new()
+        .github(GitHub::secret(SECRET).api(&fake).repos(&repos))
+        .agent("script", Agent::script(&agent))
+        .trigger(
+            "review",
+            Trigger::on(&["pull_request.opened"])
+                .agent("script")
+                .workspace("pr-head")
+                .job("skills", vec!["style.md"])
+                .prompt("Review.")
+                .output("none"),
+        )
+        .write(&w);
     let baton = Baton::start(w.path(), &[]);
     let mut payload = crate::harness::fixture_json("pull_request/opened.payload.json");
     payload["pull_request"]["head"]["sha"] = serde_json::json!(head);
@@ -446,7 +441,7 @@ async fn conventions_come_from_the_default_branch_never_the_pr_head() {
 async fn secrets_in_a_result_are_redacted_before_anyone_sees_them() {
     let fake = FakeGitHub::start().await;
     let agent = "#!/bin/sh\ncat > /dev/null\necho 'found ghp_abcdefghijklmnopqrstuvwxyz0123456789 in .env'\necho \"and the webhook secret e2e-webhook-secret\"\n";
-    let (w, _) = setup(&fake, agent, "", "");
+    let (w, _, _) = setup(&fake, agent, identity, identity);
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver_issue(&baton, "redact-1").await;
     let job = baton.finished(&id).await;
@@ -471,13 +466,8 @@ async fn sigterm_lets_running_jobs_finish_within_the_grace_then_leaves_the_rest_
         s = started.display(),
         f = flag.display()
     );
-    let (w, _) = setup(&fake, &agent, &format!("read_write = [\"{}\"]", scratch.path().display()), "");
-    let config = std::fs::read_to_string(w.path().join("baton.toml")).unwrap();
-    std::fs::write(
-        w.path().join("baton.toml"),
-        config.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:0\"\nshutdown_grace = \"3s\""),
-    )
-    .unwrap();
+    let (w, _, scenario) = setup(&fake, &agent, |a| a.read_write(&[scratch.path()]), identity);
+    w.config(&scenario.set("server.shutdown_grace", "3s").toml());
     let mut baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let quick = deliver_issue(&baton, "term-1").await;
     let mut second = crate::harness::fixture_json("issues/opened.payload.json");
@@ -514,7 +504,7 @@ async fn sigterm_lets_running_jobs_finish_within_the_grace_then_leaves_the_rest_
 #[tokio::test]
 async fn comments_on_fork_prs_need_allow_forks_and_run_only_the_head_they_saw() {
     let fake = FakeGitHub::start().await;
-    let (w, base_sha) = setup(&fake, REPORTER, "", "");
+    let (w, base_sha, _) = setup(&fake, REPORTER, identity, identity);
     // refs/pull/2/head in the origin: one commit on top of master.
     let origin = w.path().join("remote/Codertocat/Hello-World.git");
     let work = tempfile::tempdir().unwrap();
@@ -542,13 +532,17 @@ async fn comments_on_fork_prs_need_allow_forks_and_run_only_the_head_they_saw() 
         p.to_string().into_bytes()
     };
     let trigger = |allow_forks: bool| {
-        format!(
-            "on = [\"issue_comment.created\"]\n[filter]\ncommand = \"/fix\"\nallow_forks = {allow_forks}\n[job]\nagent = \"script\"\n\
-             workspace = \"pr-head\"\nprompt = \"fix\"\nattempts = 2\n[output]\nkind = \"none\"\n"
-        )
+        Trigger::on(&["issue_comment.created"])
+            .filter("command", "/fix")
+            .filter("allow_forks", allow_forks)
+            .agent("script")
+            .workspace("pr-head")
+            .prompt("fix")
+            .job("attempts", 2)
+            .output("none")
     };
     std::fs::remove_file(w.path().join("triggers/investigate.toml")).unwrap();
-    w.trigger("fix", &trigger(false));
+    w.trigger("fix", &trigger(false).toml());
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     // Before baton has seen the PR at all, it cannot tell: no job.
     let (_, answer) = baton.deliver(SECRET, "issue_comment", "unseen-comment", &comment()).await;
@@ -563,7 +557,7 @@ async fn comments_on_fork_prs_need_allow_forks_and_run_only_the_head_they_saw() 
     drop(baton);
 
     // With allow_forks the job runs, at the head baton saw.
-    w.trigger("fix", &trigger(true));
+    w.trigger("fix", &trigger(true).toml());
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let (_, answer) = baton.deliver(SECRET, "issue_comment", "fork-comment-2", &comment()).await;
     let id = answer["jobs"][0].as_str().expect("a job").to_string();
@@ -585,7 +579,7 @@ async fn comments_on_fork_prs_need_allow_forks_and_run_only_the_head_they_saw() 
 
     // A trigger that opts into the latest head runs it instead.
     drop(baton);
-    w.trigger("fix", &trigger(true).replace("[job]\n", "[job]\nlatest_head = true\n"));
+    w.trigger("fix", &trigger(true).job("latest_head", true).toml());
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let (_, answer) = baton.deliver(SECRET, "issue_comment", "fork-comment-4", &comment()).await;
     let id = answer["jobs"][0].as_str().expect("a job").to_string();
@@ -609,14 +603,9 @@ async fn an_agent_reports_its_usage_in_the_usage_file_and_attempts_add_up() {
          if [ $(wc -l < {tries}) -eq 1 ]; then exit 1; fi\necho done\n",
         tries = tries.display()
     );
-    let (w, _) = setup(
-        &fake,
-        &agent,
-        &format!("read_write = [\"{}\"]", scratch.path().display()),
-        "attempts = 2\nbackoff = \"1s\"",
-    );
-    let config = std::fs::read_to_string(w.path().join("baton.toml")).unwrap();
-    w.config(&format!("[prices.\"house-model\"]\ninput_per_mtok = 1.0\noutput_per_mtok = 5.0\n{config}"));
+    let (w, _, scenario) =
+        setup(&fake, &agent, |a| a.read_write(&[scratch.path()]), |t| t.job("attempts", 2).job("backoff", "1s"));
+    w.config(&scenario.raw("[prices.\"house-model\"]\ninput_per_mtok = 1.0\noutput_per_mtok = 5.0").toml());
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver_issue(&baton, "usage-1").await;
     let job = baton.finished(&id).await;
@@ -644,7 +633,7 @@ async fn a_run_past_its_budget_is_stopped_and_fails_saying_so() {
     let agent = "#!/bin/sh\ncat > /dev/null\nn=0\nwhile true; do n=$((n + 1))\n\
                  printf '{\"usage\": {\"input_tokens\": %d, \"cost_usd\": 0.%d}}' $((n * 100)) $n > \"$BATON_USAGE_FILE.tmp\"\n\
                  mv \"$BATON_USAGE_FILE.tmp\" \"$BATON_USAGE_FILE\"\nsleep 0.1\ndone\n";
-    let (w, _) = setup(&fake, agent, "", "budget_usd = 0.25\nattempts = 3");
+    let (w, _, _) = setup(&fake, agent, identity, |t| t.job("budget_usd", 0.25).job("attempts", 3));
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver_issue(&baton, "budget-1").await;
     let job = baton.finished(&id).await;

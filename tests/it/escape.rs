@@ -9,19 +9,19 @@ use crate::fake_github::FakeGitHub;
 use crate::harness::{
     bare_repo, eventually, eventually_or, fixture_json, git, processes_with_arg, unique_sleep, Baton, Workdir, BIN,
 };
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 const SECRET: &str = "escape-webhook-secret-0123456789";
 const REPO: &str = "Codertocat/Hello-World";
 
 /// A daemon built up for one attack: agents (scripts, where `@SHARED@` is a
 /// folder they share with the test), triggers, and extra keys for
-/// `[storage]`, `[sandbox]` and `[github]`.
+/// `[storage]` and `[sandbox]`.
 struct Attack {
     w: Workdir,
-    agents: String,
-    storage: String,
-    sandbox: String,
-    github: String,
+    scenario: Scenario,
+    /// Whether the daemon publishes (to a fake GitHub), with a token.
+    publishes: bool,
 }
 
 impl Attack {
@@ -34,7 +34,8 @@ impl Attack {
             "master",
             &[("README.md", "hello\n"), ("docs/guide.md", "the guide\n")],
         );
-        Attack { w, agents: String::new(), storage: String::new(), sandbox: String::new(), github: String::new() }
+        let scenario = Scenario::new().github(GitHub::secret(SECRET).repos(&w.path().join("remote")));
+        Attack { w, scenario, publishes: false }
     }
 
     fn shared(&self) -> &Path {
@@ -45,61 +46,43 @@ impl Attack {
     fn agent(mut self, name: &str, body: &str, keys: &str) -> Attack {
         let body = body.replace("@SHARED@", &self.shared().display().to_string());
         let script = self.w.script(&format!("{name}.sh"), &body);
-        self.agents.push_str(&format!(
-            "[agents.{name}]\ncommand = [\"{}\"]\ntimeout = \"2m\"\n{}\n{keys}\n",
-            script.display(),
-            self.w.shared_key()
-        ));
+        let agent = Agent::script(&script).set("timeout", "2m").read_write(&[self.shared()]).raw(keys);
+        self.scenario = self.scenario.agent(name, agent);
         self
     }
 
     /// Trigger `name` runs `agent` on `on` in a default-branch workspace.
     fn trigger(self, name: &str, on: &str, agent: &str, output: &str) -> Attack {
-        self.w.trigger(
-            name,
-            &format!(
-                "on = [\"{on}\"]\n[job]\nagent = \"{agent}\"\nworkspace = \"default-branch\"\nprompt = \"work\"\n\
-                 attempts = 1\n[output]\nkind = \"{output}\"\n"
-            ),
-        );
+        self.w.trigger(name, &work(on, agent, output).toml());
         self
     }
 
     fn storage(mut self, toml: &str) -> Attack {
-        self.storage.push_str(toml);
-        self.storage.push('\n');
+        self.scenario = self.scenario.raw(&format!("[storage]\n{toml}"));
         self
     }
 
     fn sandbox(mut self, toml: &str) -> Attack {
-        self.sandbox.push_str(toml);
-        self.sandbox.push('\n');
+        self.scenario = self.scenario.raw(&format!("[sandbox]\n{toml}"));
         self
     }
 
-    fn github(mut self, toml: &str) -> Attack {
-        self.github.push_str(toml);
-        self.github.push('\n');
+    /// Publishes to `fake`, with a token.
+    fn publish_to(mut self, fake: &FakeGitHub) -> Attack {
+        self.scenario = self.scenario.github(GitHub::secret(SECRET).api(fake).token("env:GITHUB_TOKEN"));
+        self.publishes = true;
         self
     }
 
     fn write_config(&self) {
-        self.w.config(&format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\n{}\n[sandbox]\n{}\n[github]\ngit_url = \"file://{}\"\n\
-             webhook_secret = \"{SECRET}\"\n{}\n{}",
-            self.storage,
-            self.sandbox,
-            self.w.path().join("remote").display(),
-            self.github,
-            self.agents
-        ));
+        self.w.config(&self.scenario.toml());
     }
 
     fn start(&self) -> Baton {
         self.write_config();
         // A token only where the test publishes (to its fake GitHub).
         let token = [("GITHUB_TOKEN", "ghs_escapeTestToken000000000000000")];
-        Baton::start(self.w.path(), if self.github.contains("token") { &token } else { &[] })
+        Baton::start(self.w.path(), if self.publishes { &token } else { &[] })
     }
 
     fn storage_dir(&self) -> PathBuf {
@@ -110,6 +93,11 @@ impl Attack {
     fn log(&self, id: &str) -> String {
         std::fs::read_to_string(self.storage_dir().join("jobs").join(id).join("log")).unwrap_or_default()
     }
+}
+
+/// Runs `agent` on `on` in a default-branch workspace, once.
+fn work(on: &str, agent: &str, output: &str) -> Trigger {
+    Trigger::on(&[on]).agent(agent).workspace("default-branch").prompt("work").job("attempts", 1).output(output)
 }
 
 /// Opens issue #1 (a delivery of its own); returns the job.
@@ -422,7 +410,7 @@ async fn publishing(body: &str, extra_storage: &str) -> (FakeGitHub, Attack) {
         .agent("script", body, "")
         .trigger("work", "issues.opened", "script", "pull_request")
         .storage(&format!("worktree_pool = 1\n{extra_storage}"))
-        .github(&format!("api_url = \"{}\"\ntoken = \"env:GITHUB_TOKEN\"", fake.url));
+        .publish_to(&fake);
     (fake, a)
 }
 
@@ -453,8 +441,8 @@ async fn a_fifo_behind_a_gitdir_file_never_hangs_publishing_and_the_slot_is_reus
 #[tokio::test]
 async fn a_cancel_reaches_publishing_and_git_has_a_bounded_time() {
     let body = "#!/bin/sh\nhead -c 800000000 /dev/urandom > slow.bin\necho done\n";
-    let trigger = "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"default-branch\"\n\
-                   prompt = \"work\"\nattempts = 1\n[output]\nkind = \"pull_request\"\nmax_push_bytes = 2000000000\n";
+    let trigger =
+        &work("issues.opened", "script", "pull_request").set("output.max_push_bytes", 2_000_000_000i64).toml();
     let (_fake, a) = publishing(body, "").await;
     a.w.trigger("work", trigger);
     let baton = a.start();
@@ -741,8 +729,7 @@ async fn a_change_too_large_to_push_is_never_read_into_batons_repository() {
     let (_fake, a) = publishing(body, "").await;
     a.w.trigger(
         "work",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"default-branch\"\nprompt = \"work\"\n\
-         attempts = 1\n[output]\nkind = \"pull_request\"\nmax_push_bytes = 1000000\n",
+        &work("issues.opened", "script", "pull_request").set("output.max_push_bytes", 1_000_000).toml(),
     );
     let baton = a.start();
     for delivery in ["big-1", "big-2"] {

@@ -4,6 +4,7 @@
 use serde_json::{json, Value};
 
 use crate::harness::{eventually, fixture_json, Baton, Workdir};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 const SECRET: &str = "groups-secret";
 
@@ -14,9 +15,18 @@ fn pr(action: &str, sha: &str) -> Vec<u8> {
     p.to_string().into_bytes()
 }
 
+/// Agent `a` on every head of a pull request, prompted with the head.
+fn on_heads() -> Trigger {
+    Trigger::on(&["pull_request.opened", "pull_request.synchronize"])
+        .agent("a")
+        .workspace("none")
+        .prompt("{{ pull_request.head.sha }}")
+        .output("none")
+}
+
 /// A daemon whose agent records each head it starts on and blocks on heads
 /// aaaa and bbbb until `release` exists.
-fn daemon(triggers: &[(&str, &str)]) -> (Workdir, Baton, std::path::PathBuf, std::path::PathBuf) {
+fn daemon(triggers: Vec<(&str, Trigger)>) -> (Workdir, Baton, std::path::PathBuf, std::path::PathBuf) {
     let w = Workdir::new();
     let started = w.shared().join("started");
     let release = w.shared().join("release");
@@ -28,17 +38,15 @@ fn daemon(triggers: &[(&str, &str)]) -> (Workdir, Baton, std::path::PathBuf, std
             r = release.display()
         ),
     );
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[limits]\nmax_parallel_jobs = 4\nmax_parallel_per_repo = 4\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.a]\ncommand = [\"{}\"]\n{}\n",
-        agent.display(),
-        w.shared_key()
-    ));
-    for (name, job_extra) in triggers {
-        w.trigger(
-            name,
-            &format!("on = [\"pull_request.opened\", \"pull_request.synchronize\"]\n[job]\nagent = \"a\"\nworkspace = \"none\"\nprompt = \"{{{{ pull_request.head.sha }}}}\"\n{job_extra}\n[output]\nkind = \"none\"\n"),
-        );
+    let mut scenario = Scenario::new()
+        .set("limits.max_parallel_jobs", 4)
+        .set("limits.max_parallel_per_repo", 4)
+        .github(GitHub::secret(SECRET))
+        .agent("a", Agent::script(&agent).read_write(&[w.shared()]));
+    for (name, trigger) in triggers {
+        scenario = scenario.trigger(name, trigger);
     }
+    scenario.write(&w);
     let baton = Baton::start(w.path(), &[]);
     (w, baton, started, release)
 }
@@ -55,9 +63,9 @@ fn started_with(path: &std::path::Path, sha: &str) -> bool {
 
 #[tokio::test]
 async fn replace_pending_and_skip() {
-    let (_w, baton, started, release) = daemon(&[
-        ("review", "concurrency = \"review-{{ pull_request.number }}\""),
-        ("lint", "concurrency = \"lint-{{ pull_request.number }}\"\non_conflict = \"skip\""),
+    let (_w, baton, started, release) = daemon(vec![
+        ("review", on_heads().job("concurrency", "review-{{ pull_request.number }}")),
+        ("lint", on_heads().job("concurrency", "lint-{{ pull_request.number }}").job("on_conflict", "skip")),
     ]);
     let a = send(&baton, "d-a", "opened", "aaaa").await; // [review, lint] in trigger-file order
     eventually("both jobs of the first head to run", || {
@@ -99,8 +107,10 @@ async fn replace_pending_and_skip() {
 
 #[tokio::test]
 async fn cancel_in_progress_stops_the_review_of_the_old_head() {
-    let (_w, baton, started, _release) =
-        daemon(&[("ci", "concurrency = \"ci-{{ pull_request.number }}\"\ncancel_in_progress = true")]);
+    let (_w, baton, started, _release) = daemon(vec![(
+        "ci",
+        on_heads().job("concurrency", "ci-{{ pull_request.number }}").job("cancel_in_progress", true),
+    )]);
     let a = send(&baton, "d-a", "opened", "aaaa").await;
     eventually("the first head's job to run", || started_with(&started, "aaaa")).await;
     let c = send(&baton, "d-c", "synchronize", "cccc").await;
@@ -112,9 +122,10 @@ async fn cancel_in_progress_stops_the_review_of_the_old_head() {
     assert_eq!(new["result"], "done cccc");
 }
 
-/// Two jobs on one repository, under `limits` and `agent_extra`: the second
+/// Two jobs on one repository, under `[limits]` `max_parallel_jobs` and
+/// `max_parallel_per_repo` and the agent's own `max_parallel`: the second
 /// must wait until the first is done.
-async fn the_second_job_waits(limits: &str, agent_extra: &str) {
+async fn the_second_job_waits(max_parallel_jobs: u32, max_parallel_per_repo: u32, agent_max_parallel: Option<u32>) {
     let w = Workdir::new();
     let started = w.shared().join("started");
     let release = w.shared().join("release");
@@ -126,15 +137,17 @@ async fn the_second_job_waits(limits: &str, agent_extra: &str) {
             release.display()
         ),
     );
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[limits]\n{limits}\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.a]\ncommand = [\"{}\"]\n{agent_extra}\n{}\n",
-        agent.display(),
-        w.shared_key()
-    ));
-    w.trigger(
-        "t",
-        "on = [\"pull_request.opened\", \"pull_request.synchronize\"]\n[job]\nagent = \"a\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
-    );
+    let mut agent = Agent::script(&agent).read_write(&[w.shared()]);
+    if let Some(n) = agent_max_parallel {
+        agent = agent.set("max_parallel", n);
+    }
+    Scenario::new()
+        .set("limits.max_parallel_jobs", max_parallel_jobs)
+        .set("limits.max_parallel_per_repo", max_parallel_per_repo)
+        .github(GitHub::secret(SECRET))
+        .agent("a", agent)
+        .trigger("t", on_heads().prompt("x"))
+        .write(&w);
     let baton = Baton::start(w.path(), &[]);
     let first = send(&baton, "m-1", "opened", "1111").await;
     let second = send(&baton, "m-2", "synchronize", "2222").await;
@@ -143,7 +156,8 @@ async fn the_second_job_waits(limits: &str, agent_extra: &str) {
     assert_eq!(
         std::fs::read_to_string(&started).unwrap().lines().count(),
         1,
-        "the second waits ({limits} {agent_extra})"
+        "the second waits (max_parallel_jobs = {max_parallel_jobs}, max_parallel_per_repo = \
+         {max_parallel_per_repo}, the agent's max_parallel = {agent_max_parallel:?})"
     );
     assert_eq!(baton.job(&second[0]).await["state"], "queued");
     std::fs::write(&release, "").unwrap();
@@ -153,15 +167,15 @@ async fn the_second_job_waits(limits: &str, agent_extra: &str) {
 
 #[tokio::test]
 async fn an_agent_runs_at_most_its_max_parallel_jobs() {
-    the_second_job_waits("max_parallel_jobs = 4\nmax_parallel_per_repo = 4", "max_parallel = 1").await;
+    the_second_job_waits(4, 4, Some(1)).await;
 }
 
 #[tokio::test]
 async fn a_repository_runs_at_most_max_parallel_per_repo_jobs() {
-    the_second_job_waits("max_parallel_jobs = 4\nmax_parallel_per_repo = 1", "").await;
+    the_second_job_waits(4, 1, None).await;
 }
 
 #[tokio::test]
 async fn the_daemon_runs_at_most_max_parallel_jobs() {
-    the_second_job_waits("max_parallel_jobs = 1\nmax_parallel_per_repo = 4", "").await;
+    the_second_job_waits(1, 4, None).await;
 }

@@ -116,14 +116,9 @@ impl Workdir {
         self.dir.path()
     }
 
-    /// A folder the test and its agents share (see `shared_key`).
+    /// A folder the test and its agents share (an agent's `read_write`).
     pub fn shared(&self) -> &Path {
         self.shared.path()
-    }
-
-    /// The agent key that lets a sandboxed agent use `shared()`.
-    pub fn shared_key(&self) -> String {
-        format!("read_write = [\"{}\"]", self.shared().display())
     }
 
     pub fn config(&self, toml: &str) -> &Self {

@@ -5,6 +5,7 @@
 use serde_json::{json, Value};
 
 use crate::harness::{Baton, Workdir};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 const SECRET: &str = "hostile-secret";
 
@@ -90,17 +91,23 @@ fn fixtures() -> Vec<(String, Vec<u8>)> {
 #[tokio::test]
 async fn random_and_broken_payloads_never_get_a_5xx() {
     let w = Workdir::new();
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.noop]\ncommand = [\"true\"]\n[sources.ci]\nsecret = \"{SECRET}\"\naction_field = \"build.status\"\n"
-    ));
     // Triggers that read deep into payloads, so matching and templates see the junk too.
-    let job = "[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"{{ issue.title }} {{ pull_request.head.sha }} {{ command.args }}\"\n[output]\nkind = \"none\"\n";
-    w.trigger("any-issue", &format!("on = [\"issues\", \"issue_comment\", \"pull_request\"]\n{job}"));
-    w.trigger(
-        "cmd",
-        &format!("on = [\"issue_comment.created\"]\n[filter]\ncommand = \"/fix\"\nif = \"issue.title | lower\"\n{job}"),
-    );
-    w.trigger("checks", &format!("on = [\"check_run\", \"ci\"]\n[filter]\nconclusions = [\"failure\"]\n{job}"));
+    let job = |on: &[&str]| {
+        Trigger::on(on)
+            .agent("noop")
+            .workspace("none")
+            .prompt("{{ issue.title }} {{ pull_request.head.sha }} {{ command.args }}")
+            .output("none")
+    };
+    Scenario::new()
+        .github(GitHub::secret(SECRET))
+        .agent("noop", Agent::command(&["true"]))
+        .set("sources.ci.secret", SECRET)
+        .set("sources.ci.action_field", "build.status")
+        .trigger("any-issue", job(&["issues", "issue_comment", "pull_request"]))
+        .trigger("cmd", job(&["issue_comment.created"]).filter("command", "/fix").filter("if", "issue.title | lower"))
+        .trigger("checks", job(&["check_run", "ci"]).filter("conclusions", vec!["failure"]))
+        .write(&w);
     let baton = Baton::start(w.path(), &[]);
     let fixtures = fixtures();
     let events =

@@ -4,18 +4,22 @@
 use serde_json::{json, Value};
 
 use crate::harness::{fixture, fixture_json, Baton, Workdir};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 const SECRET: &str = "ingress-secret";
 
+/// Agent `noop` (`true`), and `on-issue` running it on an opened issue
+/// with `prompt`.
+fn on_issue(prompt: &str) -> Scenario {
+    Scenario::new().github(GitHub::secret(SECRET)).agent("noop", Agent::command(&["true"])).trigger(
+        "on-issue",
+        Trigger::on(&["issues.opened"]).agent("noop").workspace("none").prompt(prompt).output("none"),
+    )
+}
+
 fn daemon() -> (Workdir, Baton) {
     let w = Workdir::new();
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 65536\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.noop]\ncommand = [\"true\"]\n"
-    ));
-    w.trigger(
-        "on-issue",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"about {{ issue.title }}\"\n[output]\nkind = \"none\"\n",
-    );
+    on_issue("about {{ issue.title }}").set("server.max_body_bytes", 65536).write(&w);
     let baton = Baton::start(w.path(), &[]);
     (w, baton)
 }
@@ -156,14 +160,12 @@ async fn an_unknown_event_type_is_stored_and_answered_202_with_no_jobs() {
 #[tokio::test]
 async fn generic_sources_verify_their_own_header_and_name_their_kind() {
     let w = Workdir::new();
-    w.config(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[github]
-webhook_secret = "gh"
-[agents.noop]
-command = ["true"]
+    let job = |on: &str| Trigger::on(&[on]).agent("noop").workspace("none").prompt("{{ build.id }}").output("none");
+    Scenario::new()
+        .github(GitHub::secret("gh"))
+        .agent("noop", Agent::command(&["true"]))
+        .raw(
+            r#"
 [sources.ci]
 secret = "ci-secret"
 signature_header = "X-CI-Signature"
@@ -172,10 +174,10 @@ action_field = "build.status"
 secret = "deploy-secret"
 delivery_header = "X-Deploy-Id"
 "#,
-    );
-    let job = "[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"{{ build.id }}\"\n[output]\nkind = \"none\"\n";
-    w.trigger("ci-failed", &format!("on = [\"ci.failed\"]\n{job}"));
-    w.trigger("deployed", &format!("on = [\"deploy\"]\n{job}"));
+        )
+        .trigger("ci-failed", job("ci.failed"))
+        .trigger("deployed", job("deploy"))
+        .write(&w);
     let baton = Baton::start(w.path(), &[]);
     let http = reqwest::Client::new();
     let send = |source: &str, headers: Vec<(&str, String)>, body: &'static [u8]| {
@@ -245,18 +247,17 @@ async fn read_reply(stream: &mut tokio::net::TcpStream) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
-fn slow_daemon(extra: &str) -> (Workdir, Baton) {
+/// `server` adds to `[server]`.
+fn slow_daemon(server: impl FnOnce(Scenario) -> Scenario) -> (Workdir, Baton) {
     let w = Workdir::new();
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nread_timeout = \"1s\"\n{extra}\n[github]\nwebhook_secret = \"{SECRET}\"\n"
-    ));
+    server(Scenario::new().set("server.read_timeout", "1s")).github(GitHub::secret(SECRET)).write(&w);
     let baton = Baton::start(w.path(), &[]);
     (w, baton)
 }
 
 #[tokio::test]
 async fn slow_clients_are_cut_off() {
-    let (_w, baton) = slow_daemon("");
+    let (_w, baton) = slow_daemon(std::convert::identity);
     // Headers that never finish: the connection is closed.
     let mut stream = raw(&baton, "POST /webhooks/github HTTP/1.1\r\nHost: x\r\n").await;
     let reply = read_reply(&mut stream).await;
@@ -275,7 +276,7 @@ async fn slow_clients_are_cut_off() {
 
 #[tokio::test]
 async fn requests_beyond_the_in_flight_cap_get_503_with_retry_after() {
-    let (_w, baton) = slow_daemon("max_in_flight = 1");
+    let (_w, baton) = slow_daemon(|s| s.set("server.max_in_flight", 1));
     // Holds the only slot while its body trickles in.
     let mut held = raw(&baton, "POST /webhooks/github HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{").await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -307,13 +308,7 @@ async fn requests_beyond_the_in_flight_cap_get_503_with_retry_after() {
 #[tokio::test]
 async fn delivery_ids_are_forgotten_after_the_retention() {
     let w = Workdir::new();
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndelivery_retention = \"2s\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.noop]\ncommand = [\"true\"]\n"
-    ));
-    w.trigger(
-        "on-issue",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
-    );
+    on_issue("x").set("storage.delivery_retention", "2s").write(&w);
     let baton = Baton::start(w.path(), &[]);
     let body = fixture("issues/opened.payload.json");
     let first = accepted_jobs(&baton, "kept-1", &body).await;
@@ -398,13 +393,7 @@ async fn the_dashboard_lists_jobs_and_shows_one_escaped() {
 #[tokio::test]
 async fn unsigned_floods_cannot_make_baton_hold_more_than_its_buffer_budget() {
     let w = Workdir::new();
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.noop]\ncommand = [\"true\"]\n"
-    ));
-    w.trigger(
-        "on-issue",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
-    );
+    on_issue("x").write(&w);
     let baton = Baton::start(w.path(), &[]);
     let pid = baton.pid();
     let rss_kb = move || {

@@ -34,6 +34,7 @@ mod real_agents;
 mod reload;
 mod rules;
 mod sandbox;
+mod scenario;
 mod schedule;
 mod store;
 mod teams;

@@ -96,7 +96,7 @@ fn messages(text: &str) -> Vec<Value> {
 #[tokio::test]
 async fn wait_job_reports_progress_as_each_job_ends() {
     let fake = FakeGitHub::start().await;
-    let (_w, baton) = daemon(&fake, "[api]\nallow_adhoc = true\nagents = [\"script\"]\n");
+    let (_w, baton) = daemon(&fake, true);
     let mut c = Client::connect(&baton, Some(TOKEN)).await;
     let (error, text) = c.call("delegate", json!({"agent": "script", "repo": "o/r", "prompts": ["a", "b"]})).await;
     assert!(!error, "{text}");
@@ -128,7 +128,7 @@ async fn wait_job_reports_progress_as_each_job_ends() {
 #[tokio::test]
 async fn a_raw_client_delegates_and_waits_over_mcp() {
     let fake = FakeGitHub::start().await;
-    let (_w, baton) = daemon(&fake, "[api]\nallow_adhoc = true\nagents = [\"script\"]\n");
+    let (_w, baton) = daemon(&fake, true);
     let mut c = Client::connect(&baton, Some(TOKEN)).await;
 
     let (_, tools, _) = c.send(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})).await;
@@ -192,7 +192,7 @@ async fn a_raw_client_delegates_and_waits_over_mcp() {
 #[tokio::test]
 async fn mcp_needs_the_api_token() {
     let fake = FakeGitHub::start().await;
-    let (_w, baton) = daemon(&fake, "");
+    let (_w, baton) = daemon(&fake, false);
     let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
     for token in [None, Some("wrong")] {

@@ -10,6 +10,7 @@ use axum::response::IntoResponse;
 use serde_json::Value;
 
 use crate::harness::{eventually, fixture, Baton, Workdir};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 const SECRET: &str = "notify-webhook-secret";
 const SIGNING_KEY: &str = "notify-signing-key-0123456789";
@@ -62,38 +63,36 @@ impl Receiver {
 }
 
 /// A daemon without GitHub credentials (so only notifications leave) whose
-/// `work` trigger's agent prints `answer` and exits with `code`.
-fn daemon(dir: &Workdir, hook: &Receiver, slack: &Receiver, output: &str, answer: &str, code: i32) -> Baton {
+/// `work` trigger's agent prints `answer` and exits with `code`; the
+/// trigger notifies `notify` (on `notify_on`, if given).
+fn daemon(
+    dir: &Workdir,
+    (hook, slack): (&Receiver, &Receiver),
+    (notify, notify_on): (&[&str], Option<&[&str]>),
+    answer: &str,
+    code: i32,
+) -> Baton {
     let agent = dir.script("agent.sh", &format!("#!/bin/sh\ncat > /dev/null\nprintf '{answer}'\nexit {code}\n"));
-    dir.config(&format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-public_url = "https://baton.example"
-
-[github]
-webhook_secret = "{SECRET}"
-git_url = "https://github.example"
-
-[agents.script]
-command = ["{agent}"]
-
-[notify.team]
-kind = "webhook"
-url = "{hook}/baton"
-secret = "env:NOTIFY_SECRET"
-
-[notify.chat]
-kind = "slack"
-url = "env:SLACK_URL"
-"#,
-        agent = agent.display(),
-        hook = hook.url,
-    ));
-    dir.trigger(
-        "work",
-        &format!("on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\n{output}\n"),
-    );
+    let mut trigger = Trigger::on(&["issues.opened"])
+        .agent("script")
+        .workspace("none")
+        .prompt("x")
+        .output("none")
+        .set("output.notify", notify.to_vec());
+    if let Some(on) = notify_on {
+        trigger = trigger.set("output.notify_on", on.to_vec());
+    }
+    Scenario::new()
+        .set("server.public_url", "https://baton.example")
+        .github(GitHub::secret(SECRET).set("git_url", "https://github.example"))
+        .agent("script", Agent::script(&agent))
+        .set("notify.team.kind", "webhook")
+        .set("notify.team.url", format!("{}/baton", hook.url))
+        .set("notify.team.secret", "env:NOTIFY_SECRET")
+        .set("notify.chat.kind", "slack")
+        .set("notify.chat.url", "env:SLACK_URL")
+        .trigger("work", trigger)
+        .write(dir);
     let slack_url = format!("{}/services/T000/B000/{SLACK_TOKEN}", slack.url);
     Baton::start(dir.path(), &[("NOTIFY_SECRET", SIGNING_KEY), ("SLACK_URL", slack_url.as_str())])
 }
@@ -116,8 +115,7 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
 async fn a_jobs_end_reaches_a_signed_webhook_and_slack_once_each_through_faults() {
     let (hook, slack) = (Receiver::start(2).await, Receiver::start(0).await);
     let w = Workdir::new();
-    let output = "kind = \"none\"\nnotify = [\"team\", \"chat\"]";
-    let baton = daemon(&w, &hook, &slack, output, "Fixed it.\\nSecond line.", 0);
+    let baton = daemon(&w, (&hook, &slack), (&["team", "chat"], None), "Fixed it.\\nSecond line.", 0);
     let job = run(&baton, "notify-1").await;
     assert_eq!(job["state"], "succeeded", "{job}");
     let id = job["id"].as_str().unwrap();
@@ -154,13 +152,13 @@ async fn a_jobs_end_reaches_a_signed_webhook_and_slack_once_each_through_faults(
 #[tokio::test]
 async fn notify_on_picks_the_ends_that_are_told() {
     let (hook, slack) = (Receiver::start(0).await, Receiver::start(0).await);
-    let output = "kind = \"none\"\nnotify = [\"team\"]\nnotify_on = [\"failed\"]";
+    let notify: (&[&str], _) = (&["team"], Some(&["failed"][..]));
     let w = Workdir::new();
-    let baton = daemon(&w, &hook, &slack, output, "fine", 0);
+    let baton = daemon(&w, (&hook, &slack), notify, "fine", 0);
     assert_eq!(run(&baton, "ok-1").await["state"], "succeeded");
     drop(baton);
     let w2 = Workdir::new();
-    let baton = daemon(&w2, &hook, &slack, output, "broken", 3);
+    let baton = daemon(&w2, (&hook, &slack), notify, "broken", 3);
     let job = run(&baton, "bad-1").await;
     assert_eq!(job["state"], "failed");
     eventually("the failure to be told", || !hook.taken().is_empty()).await;

@@ -3,42 +3,49 @@
 //! reviews, check runs as a GitHub App, pull request templates and the
 //! checks a change must pass before it is pushed.
 
+use std::convert::identity;
 use std::time::Duration;
 
 use crate::fake_github::{App, FakeGitHub, Faults};
 use crate::harness::{bare_repo, eventually, fixture, Baton, Workdir};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 const SECRET: &str = "publish-secret";
 const TOKEN: &str = "ghp_publishTestToken0123456789abcdefghij";
 
-/// A daemon with one `work` trigger (`trigger_toml` is its body after `on`)
-/// whose agent is `agent_body`, publishing to `fake`.
-fn setup(fake: &FakeGitHub, agent_body: &str, on: &str, trigger_toml: &str, github_extra: &str) -> Workdir {
+/// A daemon with one `work` trigger whose agent `script` is `agent_body`,
+/// publishing to `fake`; `github` adds to its `[github]`.
+fn setup(fake: &FakeGitHub, agent_body: &str, trigger: Trigger, github: impl FnOnce(GitHub) -> GitHub) -> Workdir {
     let w = Workdir::new();
+    scenario(&w, fake, agent_body, trigger, github).write(&w);
+    w
+}
+
+fn scenario(
+    w: &Workdir,
+    fake: &FakeGitHub,
+    agent_body: &str,
+    trigger: Trigger,
+    github: impl FnOnce(GitHub) -> GitHub,
+) -> Scenario {
     let repos = w.path().join("remote");
     bare_repo(&repos, "Codertocat/Hello-World", "master", &[("README.md", "hello")]);
     let agent = w.script("agent.sh", agent_body);
-    w.config(&format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-public_url = "https://baton.example"
+    Scenario::new()
+        .set("server.public_url", "https://baton.example")
+        .github(github(GitHub::secret(SECRET).api(fake).repos(&repos)))
+        .agent("script", Agent::script(&agent))
+        .trigger("work", trigger)
+}
 
-[github]
-api_url = "{api}"
-git_url = "file://{repos}"
-webhook_secret = "{SECRET}"
-{github_extra}
+/// The `work` trigger's start: `on`, run by agent `script`.
+fn work(on: &str) -> Trigger {
+    Trigger::on(&[on]).agent("script")
+}
 
-[agents.script]
-command = ["{agent}"]
-"#,
-        api = fake.url,
-        repos = repos.display(),
-        agent = agent.display(),
-    ));
-    w.trigger("work", &format!("on = [\"{on}\"]\n{trigger_toml}"));
-    w
+/// The token most tests publish with.
+fn with_token(github: GitHub) -> GitHub {
+    github.token("env:GITHUB_TOKEN")
 }
 
 async fn deliver(baton: &Baton, event: &str, fixture_path: &str, delivery: &str) -> String {
@@ -60,9 +67,8 @@ async fn with_lost_answers_and_rate_limits_each_job_lands_exactly_one_comment_ed
     let w = setup(
         &fake,
         "#!/bin/sh\necho \"result of $(cat)\"\n",
-        "issues.opened",
-        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"{{ event.delivery }}\"\n[output]\nkind = \"comment\"\n",
-        "token = \"env:GITHUB_TOKEN\"",
+        work("issues.opened").workspace("none").prompt("{{ event.delivery }}").output("comment"),
+        with_token,
     );
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let mut ids = Vec::new();
@@ -105,9 +111,8 @@ async fn a_lost_answer_on_a_busy_issue_is_found_on_a_later_page() {
     let w = setup(
         &fake,
         "#!/bin/sh\necho \"result of $(cat)\"\n",
-        "issues.opened",
-        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"{{ event.delivery }}\"\n[output]\nkind = \"comment\"\n",
-        "token = \"env:GITHUB_TOKEN\"",
+        work("issues.opened").workspace("none").prompt("{{ event.delivery }}").output("comment"),
+        with_token,
     );
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver(&baton, "issues", "issues/opened.payload.json", "busy-1").await;
@@ -127,13 +132,7 @@ async fn a_lost_answer_on_a_busy_issue_is_found_on_a_later_page() {
 #[tokio::test]
 async fn a_cancelled_job_leaves_its_status_comment_saying_so() {
     let fake = FakeGitHub::start().await;
-    let w = setup(
-        &fake,
-        "#!/bin/sh\nsleep 300\n",
-        "issues.opened",
-        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n",
-        "token = \"env:GITHUB_TOKEN\"",
-    );
+    let w = setup(&fake, "#!/bin/sh\nsleep 300\n", work("issues.opened").workspace("none").prompt("x"), with_token);
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver(&baton, "issues", "issues/opened.payload.json", "cancel-1").await;
     eventually("the status comment", || {
@@ -158,9 +157,8 @@ async fn review_output_posts_a_comment_review_and_closes_the_status_comment() {
     let w = setup(
         &fake,
         "#!/bin/sh\necho 'Looks good; one nit in README.'\n",
-        "pull_request.opened",
-        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"review\"\n[output]\nkind = \"review\"\n",
-        "token = \"env:GITHUB_TOKEN\"",
+        work("pull_request.opened").workspace("none").prompt("review").output("review"),
+        with_token,
     );
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver(&baton, "pull_request", "pull_request/opened.payload.json", "review-1").await;
@@ -190,10 +188,12 @@ fn review_fixture(fake: &FakeGitHub) {
 /// A review trigger whose agent answers `answer`; `allow_approve` as given.
 fn review_daemon(fake: &FakeGitHub, answer: &str, allow_approve: bool) -> (Workdir, Baton) {
     let agent = format!("#!/bin/sh\ncat > /dev/null\ncat <<'EOF'\n{answer}\nEOF\n");
-    let trigger = format!(
-        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"review\"\n[output]\nkind = \"review\"\nallow_approve = {allow_approve}\n"
-    );
-    let w = setup(fake, &agent, "pull_request.opened", &trigger, "token = \"env:GITHUB_TOKEN\"");
+    let trigger = work("pull_request.opened")
+        .workspace("none")
+        .prompt("review")
+        .output("review")
+        .set("output.allow_approve", allow_approve);
+    let w = setup(fake, &agent, trigger, with_token);
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     (w, baton)
 }
@@ -272,9 +272,8 @@ async fn as_a_github_app_a_check_run_goes_from_in_progress_to_its_conclusion() {
     let w = setup(
         &fake,
         "#!/bin/sh\necho 'All checks of the agent passed.'\n",
-        "pull_request.opened",
-        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"check\"\n[output]\nkind = \"check_run\"\n",
-        &format!("app_id = 4242\nprivate_key = \"file:{}\"", key_file.display()),
+        work("pull_request.opened").workspace("none").prompt("check").output("check_run"),
+        |g| g.set("app_id", 4242).set("private_key", format!("file:{}", key_file.display())),
     );
     let baton = Baton::start(w.path(), &[]);
     let id = deliver(&baton, "pull_request", "pull_request/opened.payload.json", "app-1").await;
@@ -313,41 +312,29 @@ async fn as_a_github_app_a_check_run_goes_from_in_progress_to_its_conclusion() {
 #[tokio::test]
 async fn check_run_output_without_an_app_is_a_trigger_error() {
     let fake = FakeGitHub::start().await;
-    let w = setup(
-        &fake,
-        "#!/bin/sh\ntrue\n",
-        "pull_request.opened",
-        "[job]\nagent = \"script\"\nprompt = \"x\"\n[output]\nkind = \"check_run\"\n",
-        "token = \"x\"",
-    );
+    let w = setup(&fake, "#!/bin/sh\ntrue\n", work("pull_request.opened").prompt("x").output("check_run"), |g| {
+        g.token("x")
+    });
     let out = std::process::Command::new(crate::harness::BIN).args(["check"]).current_dir(w.path()).output().unwrap();
     let err = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("work.toml:") && err.contains("needs a GitHub App"), "{err}");
 }
 
-/// A pull_request trigger over a script agent.
-fn pr_setup(fake: &FakeGitHub, agent_body: &str, output_extra: &str) -> Workdir {
-    setup(
-        fake,
-        agent_body,
-        "issues.opened",
-        &format!(
-            "[job]\nagent = \"script\"\nworkspace = \"default-branch\"\nprompt = \"fix\"\n\
-             [output]\nkind = \"pull_request\"\n{output_extra}\n"
-        ),
-        "token = \"env:GITHUB_TOKEN\"",
-    )
+/// A pull_request trigger over a script agent; `output` adds to it.
+fn pr_setup(fake: &FakeGitHub, agent_body: &str, output: impl FnOnce(Trigger) -> Trigger) -> Workdir {
+    let trigger = work("issues.opened").workspace("default-branch").prompt("fix").output("pull_request");
+    setup(fake, agent_body, output(trigger), with_token)
 }
 
 #[tokio::test]
 async fn pull_request_title_and_body_come_from_the_triggers_templates() {
     let fake = FakeGitHub::start().await;
-    let w = pr_setup(
-        &fake,
-        "#!/bin/sh\nmkdir -p src && echo fixed > src/lib.txt\necho 'Fixed the spelling.'\n",
-        "title = \"Fix #{{ subject }}: {{ result }}\"\nbody = \"{{ result }}\\n\\nCloses #{{ subject }} (job {{ job.id }})\"\nallowed_paths = [\"src/**\"]",
-    );
+    let w = pr_setup(&fake, "#!/bin/sh\nmkdir -p src && echo fixed > src/lib.txt\necho 'Fixed the spelling.'\n", |t| {
+        t.set("output.title", "Fix #{{ subject }}: {{ result }}")
+            .set("output.body", "{{ result }}\n\nCloses #{{ subject }} (job {{ job.id }})")
+            .set("output.allowed_paths", vec!["src/**"])
+    });
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver(&baton, "issues", "issues/opened.payload.json", "tmpl-1").await;
     assert_eq!(baton.finished(&id).await["state"], "succeeded");
@@ -368,7 +355,9 @@ async fn pull_request_title_and_body_come_from_the_triggers_templates() {
 #[tokio::test]
 async fn a_change_outside_allowed_paths_is_never_pushed() {
     let fake = FakeGitHub::start().await;
-    let w = pr_setup(&fake, "#!/bin/sh\necho changed >> README.md\necho done\n", "allowed_paths = [\"src/**\"]");
+    let w = pr_setup(&fake, "#!/bin/sh\necho changed >> README.md\necho done\n", |t| {
+        t.set("output.allowed_paths", vec!["src/**"])
+    });
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver(&baton, "issues", "issues/opened.payload.json", "paths-1").await;
     let job = baton.finished(&id).await;
@@ -382,7 +371,11 @@ async fn a_change_outside_allowed_paths_is_never_pushed() {
 #[tokio::test]
 async fn a_change_carrying_a_secret_is_never_pushed() {
     let fake = FakeGitHub::start().await;
-    let w = pr_setup(&fake, "#!/bin/sh\necho 'TOKEN=ghp_abcdefghijklmnopqrstuvwxyz0123456789' > .env\necho done\n", "");
+    let w = pr_setup(
+        &fake,
+        "#!/bin/sh\necho 'TOKEN=ghp_abcdefghijklmnopqrstuvwxyz0123456789' > .env\necho done\n",
+        identity,
+    );
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver(&baton, "issues", "issues/opened.payload.json", "secret-1").await;
     let job = baton.finished(&id).await;
@@ -401,9 +394,8 @@ async fn the_per_job_comment_cap_holds() {
     let w = setup(
         &fake,
         "#!/bin/sh\necho result\n",
-        "issues.opened",
-        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nprogress = false\nmax_comments = 0\n",
-        "token = \"env:GITHUB_TOKEN\"",
+        work("issues.opened").workspace("none").prompt("x").set("output.progress", false).set("output.max_comments", 0),
+        with_token,
     );
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver(&baton, "issues", "issues/opened.payload.json", "cap-1").await;
@@ -429,13 +421,10 @@ async fn catch_up_asks_github_to_redeliver_failed_deliveries_it_never_stored_onc
     let scratch = tempfile::tempdir().unwrap();
     let key_file = scratch.path().join("app.pem");
     std::fs::write(&key_file, &private_pem).unwrap();
-    let w = setup(
-        &fake,
-        "#!/bin/sh\necho ok\n",
-        "issues.opened",
-        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n",
-        &format!("app_id = 7\nprivate_key = \"file:{}\"", key_file.display()),
-    );
+    let w =
+        setup(&fake, "#!/bin/sh\necho ok\n", work("issues.opened").workspace("none").prompt("x").output("none"), |g| {
+            g.set("app_id", 7).set("private_key", format!("file:{}", key_file.display()))
+        });
     // One delivery reached baton before.
     let mut baton = Baton::start(w.path(), &[]);
     deliver(&baton, "issues", "issues/opened.payload.json", "known-guid").await;
@@ -467,16 +456,13 @@ async fn a_job_interrupted_by_a_daemon_crash_still_ends_its_one_status_comment()
     let fake = FakeGitHub::start().await;
     let state = crate::harness::open_dir();
     let go = state.path().join("go");
-    let w = setup(
-        &fake,
-        &format!("#!/bin/sh\nwhile [ ! -f {} ]; do sleep 0.1; done\necho 'finished after the restart'\n", go.display()),
-        "issues.opened",
-        "[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\n",
-        "token = \"env:GITHUB_TOKEN\"",
-    );
-    // The agent's gate is outside what the sandbox shows by default.
-    let config = std::fs::read_to_string(w.path().join("baton.toml")).unwrap();
-    w.config(&format!("{config}read_write = [\"{}\"]\n", state.path().display()));
+    let w = Workdir::new();
+    let agent =
+        format!("#!/bin/sh\nwhile [ ! -f {} ]; do sleep 0.1; done\necho 'finished after the restart'\n", go.display());
+    scenario(&w, &fake, &agent, work("issues.opened").workspace("none").prompt("x"), with_token)
+        // The agent's gate is outside what the sandbox shows by default.
+        .set("agents.script.read_write", vec![state.path().display().to_string()])
+        .write(&w);
     let mut baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver(&baton, "issues", "issues/opened.payload.json", "crash-status-1").await;
     eventually("the status comment", || !fake.comments("Codertocat/Hello-World#1").is_empty()).await;
@@ -496,25 +482,18 @@ async fn a_job_interrupted_by_a_daemon_crash_still_ends_its_one_status_comment()
 /// token, followed by an allowed edit, push nothing.
 #[tokio::test]
 async fn an_agents_own_commits_are_checked_like_its_files_and_workflows_need_consent() {
-    for (output_extra, expect) in [
-        ("allowed_paths = [\"docs/**\"]\n", "outside output.allowed_paths"),
-        ("", "allow_workflow_changes"),
-        ("allow_workflow_changes = true\n", ""),
+    let pr = work("issues.opened").workspace("default-branch").prompt("x").output("pull_request");
+    for (trigger, expect) in [
+        (pr.clone().set("output.allowed_paths", vec!["docs/**"]), "outside output.allowed_paths"),
+        (pr.clone(), "allow_workflow_changes"),
+        (pr.clone().set("output.allow_workflow_changes", true), ""),
     ] {
         let fake = FakeGitHub::start().await;
         let agent = "#!/bin/sh\nmkdir -p .github/workflows docs\n\
                      printf 'on: push\\njobs: {}\\n' > .github/workflows/evil.yml\n\
                      git add -A && git -c user.name=a -c user.email=a@b commit -qm sneaky\n\
                      echo 'better docs' > docs/index.md\necho done\n";
-        let w = setup(
-            &fake,
-            agent,
-            "issues.opened",
-            &format!(
-                "[job]\nagent = \"script\"\nworkspace = \"default-branch\"\nprompt = \"x\"\n[output]\nkind = \"pull_request\"\n{output_extra}"
-            ),
-            "token = \"env:GITHUB_TOKEN\"",
-        );
+        let w = setup(&fake, agent, trigger, with_token);
         let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
         let id = deliver(&baton, "issues", "issues/opened.payload.json", "sneaky-1").await;
         let job = baton.finished(&id).await;
@@ -542,10 +521,13 @@ async fn titles_bodies_and_commit_messages_carry_no_secret() {
     let w = setup(
         &fake,
         &agent,
-        "issues.opened",
-        "[job]\nagent = \"script\"\nworkspace = \"default-branch\"\nprompt = \"x\"\n[output]\nkind = \"pull_request\"\n\
-         title = \"{{ result }}\"\nbody = \"{{ result }} / {{ job.spec.prompt }}\"\n",
-        "token = \"env:GITHUB_TOKEN\"",
+        work("issues.opened")
+            .workspace("default-branch")
+            .prompt("x")
+            .output("pull_request")
+            .set("output.title", "{{ result }}")
+            .set("output.body", "{{ result }} / {{ job.spec.prompt }}"),
+        with_token,
     );
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver(&baton, "issues", "issues/opened.payload.json", "title-leak").await;
@@ -568,9 +550,12 @@ async fn a_change_over_max_push_bytes_is_never_pushed() {
     let w = setup(
         &fake,
         "#!/bin/sh\nhead -c 5000 /dev/zero | tr '\\0' x > big.txt\necho done\n",
-        "issues.opened",
-        "[job]\nagent = \"script\"\nworkspace = \"default-branch\"\nprompt = \"x\"\n[output]\nkind = \"pull_request\"\nmax_push_bytes = 1000\n",
-        "token = \"env:GITHUB_TOKEN\"",
+        work("issues.opened")
+            .workspace("default-branch")
+            .prompt("x")
+            .output("pull_request")
+            .set("output.max_push_bytes", 1000),
+        with_token,
     );
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver(&baton, "issues", "issues/opened.payload.json", "too-big").await;
@@ -591,9 +576,8 @@ async fn a_workflow_folder_replaced_by_a_link_needs_consent_too() {
     let w = setup(
         &fake,
         agent,
-        "issues.opened",
-        "[job]\nagent = \"script\"\nworkspace = \"default-branch\"\nprompt = \"x\"\n[output]\nkind = \"pull_request\"\n",
-        "token = \"env:GITHUB_TOKEN\"",
+        work("issues.opened").workspace("default-branch").prompt("x").output("pull_request"),
+        with_token,
     );
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
     let id = deliver(&baton, "issues", "issues/opened.payload.json", "link-workflow").await;
@@ -610,7 +594,7 @@ async fn a_workflow_folder_replaced_by_a_link_needs_consent_too() {
 #[tokio::test]
 async fn a_refused_push_fails_the_job_and_opens_nothing() {
     let fake = FakeGitHub::start().await;
-    let w = pr_setup(&fake, "#!/bin/sh\nmkdir -p src && echo fixed > src/lib.txt\necho done\n", "");
+    let w = pr_setup(&fake, "#!/bin/sh\nmkdir -p src && echo fixed > src/lib.txt\necho done\n", identity);
     let bare = w.path().join("remote/Codertocat/Hello-World.git");
     crate::harness::git(&bare, &["branch", "baton", "master"]);
     let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);

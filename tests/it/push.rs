@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use crate::fake_github::FakeGitHub;
 use crate::harness::{bare_repo, eventually, fixture_json, git, Baton, Workdir};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 const SECRET: &str = "push-secret";
 const TOKEN: &str = "ghp_pushTestToken0123456789abcdefghijklm";
@@ -48,55 +49,24 @@ fn follow_branch(bare: &Path) -> String {
     sha
 }
 
-/// A daemon whose `work` trigger (on `on`, `extra` appended) pushes what
-/// the `agent` script changes.
-fn daemon(fake: &FakeGitHub, w: &Workdir, agent: &str, on: &str, extra: &str) -> Baton {
-    daemon_with(fake, w, agent, on, extra, "", "\"fix it\"")
+/// The `work` trigger: on `on`, agent `script` at the pull request's head.
+fn job(on: &str, prompt: &str) -> Trigger {
+    Trigger::on(&[on]).agent("script").workspace("pr-head").prompt(prompt)
 }
 
-/// `daemon`, with `output` keys added and the prompt given (TOML).
-fn daemon_with(
-    fake: &FakeGitHub,
-    w: &Workdir,
-    agent: &str,
-    on: &str,
-    extra: &str,
-    output: &str,
-    prompt: &str,
-) -> Baton {
+/// `job`, pushing what the agent changes, titled after the result.
+fn push(on: &str) -> Trigger {
+    job(on, "fix it").output("push").set("output.title", "Fix: {{ result }}")
+}
+
+/// A daemon whose `work` trigger is `trigger`, with the `agent` script.
+fn daemon(fake: &FakeGitHub, w: &Workdir, agent: &str, trigger: Trigger) -> Baton {
     let script = w.script("agent.sh", agent);
-    // A push titled after the result, unless the output is given whole.
-    let output = match output.starts_with("kind") {
-        true => output.to_string(),
-        false => format!("kind = \"push\"\ntitle = \"Fix: {{{{ result }}}}\"\n{output}"),
-    };
-    w.config(&format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[github]
-api_url = "{api}"
-git_url = "file://{remote}"
-webhook_secret = "{SECRET}"
-token = "env:GITHUB_TOKEN"
-
-[agents.script]
-command = ["{script}"]
-{shared}
-"#,
-        api = fake.url,
-        remote = w.path().join("remote").display(),
-        script = script.display(),
-        shared = w.shared_key(),
-    ));
-    w.trigger(
-        "work",
-        &format!(
-            "on = [\"{on}\"]\n[job]\nagent = \"script\"\nworkspace = \"pr-head\"\nprompt = {prompt}\n{extra}\n\
-             [output]\n{output}\n"
-        ),
-    );
+    Scenario::new()
+        .github(GitHub::secret(SECRET).api(fake).repos(&w.path().join("remote")).token("env:GITHUB_TOKEN"))
+        .agent("script", Agent::script(&script).read_write(&[w.shared()]))
+        .trigger("work", trigger)
+        .write(w);
     Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)])
 }
 
@@ -142,7 +112,7 @@ async fn a_push_lands_one_bot_commit_on_the_pull_requests_branch_and_the_status_
     let (bare, head) = origin(&w);
     let leaked = "ghp_abcdefghijklmnopqrstuvwxyz0123456789";
     let agent = format!("#!/bin/sh\ncat > /dev/null\necho fixed >> fix.txt\necho 'the typo (token {leaked})'\n");
-    let baton = daemon(&fake, &w, &agent, "pull_request.opened", "");
+    let baton = daemon(&fake, &w, &agent, push("pull_request.opened"));
     let id = deliver(&baton, "pull_request", "push-1", &pull_request("opened", &head, "2026-01-01T00:00:00Z"))
         .await
         .expect("a job");
@@ -174,7 +144,7 @@ async fn slash_fix_on_a_pull_request_pushes_to_it() {
     let w = Workdir::new();
     let (bare, head) = origin(&w);
     let agent = "#!/bin/sh\ncat > /dev/null\necho fixed >> fix.txt\necho 'Fixed.'\n";
-    let baton = daemon(&fake, &w, agent, "issue_comment.created", "[filter]\ncommand = \"/fix\"\n");
+    let baton = daemon(&fake, &w, agent, push("issue_comment.created").filter("command", "/fix"));
     // The trigger ignores the PR's own event; baton notes its head.
     assert_eq!(
         deliver(&baton, "pull_request", "fix-pr", &pull_request("opened", &head, "2026-01-01T00:00:00Z")).await,
@@ -209,10 +179,11 @@ async fn moved_while_working(on_moved: &str, our_file: &str, their_file: &str) -
     let fake = FakeGitHub::start().await;
     let w = Workdir::new();
     let (bare, head) = origin(&w);
-    let verify = "verify = [\"sh\", \"-c\", \"grep -q agent fix.txt || grep -q agent feature.txt\"]";
-    let output = format!("on_moved = \"{on_moved}\"");
+    let trigger = push("pull_request.opened")
+        .job("verify", vec!["sh", "-c", "grep -q agent fix.txt || grep -q agent feature.txt"])
+        .set("output.on_moved", on_moved);
     let agent = waiting_agent(w.shared(), our_file);
-    let baton = daemon_with(&fake, &w, &agent, "pull_request.opened", verify, &output, "\"fix it\"");
+    let baton = daemon(&fake, &w, &agent, trigger);
     let id = deliver(&baton, "pull_request", "moved-1", &pull_request("opened", &head, "2026-01-01T00:00:00Z"))
         .await
         .expect("a job");
@@ -271,9 +242,12 @@ async fn the_ci_repair_loop_pushes_fixes_until_its_bound_then_says_so_once() {
     let w = Workdir::new();
     let (bare, head) = origin(&w);
     let agent = "#!/bin/sh\ncat > /dev/null\necho repaired >> fix.txt\necho 'Repaired the test.'\n";
-    let extra = "max_repairs_per_pr = 2\nconcurrency = \"repair-{{ repository.full_name }}\"\n\
-                 on_conflict = \"queue\"\n[filter]\nconclusions = [\"failure\"]";
-    let baton = daemon(&fake, &w, agent, "check_run.completed", extra);
+    let trigger = push("check_run.completed")
+        .job("max_repairs_per_pr", 2)
+        .job("concurrency", "repair-{{ repository.full_name }}")
+        .job("on_conflict", "queue")
+        .filter("conclusions", vec!["failure"]);
+    let baton = daemon(&fake, &w, agent, trigger);
 
     let first = deliver(&baton, "check_run", "ci-1", &check_failed(&head, 1)).await.expect("a repair");
     assert_eq!(baton.finished(&first).await["state"], "succeeded");
@@ -343,10 +317,11 @@ async fn a_fix_asked_in_a_review_thread_lands_on_the_pr_and_is_answered_there() 
     let (bare, head) = origin(&w);
     // The agent's answer is its prompt, to show what it was given.
     let agent = "#!/bin/sh\np=$(cat)\necho fixed >> fix.txt\nprintf 'Fixed.\\n%s\\n' \"$p\"\n";
-    let prompt = "\"\"\"at {{ thread.path }}:{{ thread.line }}\n{{ thread.diff_hunk }}\n\
-                  {% for c in thread.comments %}{{ c.author }} said {{ c.body }}\n{% endfor %}\"\"\"";
+    let prompt = "at {{ thread.path }}:{{ thread.line }}\n{{ thread.diff_hunk }}\n\
+                  {% for c in thread.comments %}{{ c.author }} said {{ c.body }}\n{% endfor %}";
     let on = "pull_request_review_comment.created";
-    let baton = daemon_with(&fake, &w, agent, on, "[filter]\ncommand = \"/fix\"", "", prompt);
+    let trigger = job(on, prompt).output("push").set("output.title", "Fix: {{ result }}").filter("command", "/fix");
+    let baton = daemon(&fake, &w, agent, trigger);
     // baton's own inline comment starts the thread: noted, never a job.
     let own = review_comment(100, None, "baton[bot]", "NONE", "Off by one here.", &head);
     assert_eq!(deliver(&baton, "pull_request_review_comment", "rc-1", &own).await, None);
@@ -386,9 +361,9 @@ async fn a_re_review_covers_what_changed_since_and_repeats_no_finding() {
     });
     let prompts = w.shared().join("prompts");
     let agent = format!("#!/bin/sh\n{{ cat; echo; echo ---; }} >> {}\ncat <<'EOF'\n{answer}\nEOF\n", prompts.display());
-    let prompt = "\"since={{ review.since }}\\n{{ review.diff }}\"";
+    let prompt = "since={{ review.since }}\n{{ review.diff }}";
     let on = "pull_request";
-    let baton = daemon_with(&fake, &w, &agent, on, "", "kind = \"review\"", prompt);
+    let baton = daemon(&fake, &w, &agent, job(on, prompt).output("review"));
     let review = |n: usize| fake.review_posts().get(n).cloned();
 
     let first = deliver(&baton, "pull_request", "rr-1", &pull_request("opened", &head, "2026-01-01T00:00:00Z"))
@@ -456,7 +431,7 @@ async fn an_agent_cannot_push_a_workflow_or_get_its_hooks_run_through_a_push() {
              chmod +x .git/hooks/$h; done\necho fixed >> fix.txt\necho done\n",
             ran = ran.display()
         );
-        let baton = daemon(&fake, &w, &agent, "pull_request.opened", "");
+        let baton = daemon(&fake, &w, &agent, push("pull_request.opened"));
         let id = deliver(&baton, "pull_request", "hostile-1", &pull_request("opened", &head, "2026-01-01T00:00:00Z"))
             .await
             .expect("a job");

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 
 use crate::fake_github::FakeGitHub;
 use crate::harness::{bare_repo, eventually, fixture, git, Baton, Workdir};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 const SECRET: &str = "real-agent-secret";
 const PROOF_FILE: &str = "AGENT_PROOF.txt";
@@ -388,8 +389,9 @@ fn cli_dir(program: &str, package: &str) -> PathBuf {
     bin
 }
 
-/// A daemon whose agent `preset` (tuned by `agent_keys`) talks to a fake
-/// model, with the one trigger `trigger` (TOML), publishing to `fake`.
+/// A daemon whose agent `preset` (tuned by `agent_keys`, TOML that starts
+/// in the agent's table) talks to a fake model, with the one trigger
+/// `trigger`, publishing to `fake`.
 ///
 /// The agent runs in baton's sandbox: its fake model API is reached through
 /// the egress proxy (allowed by `base_url`), and a CLI installed outside the
@@ -400,42 +402,26 @@ fn daemon(
     agent_keys: &str,
     env: &[(&str, &str)],
     cli: &Path,
-    trigger: &str,
+    trigger: Trigger,
 ) -> (Workdir, Baton) {
     let w = Workdir::new();
     let repos = w.path().join("remote");
     let head = bare_repo(&repos, "Codertocat/Hello-World", "master", &[("README.md", "hello from master")]);
     // Pull request #2's head, as GitHub keeps it.
     git(&repos.join("Codertocat/Hello-World.git"), &["update-ref", "refs/pull/2/head", &head]);
-    w.config(&format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[github]
-api_url = "{api}"
-git_url = "file://{repos}"
-token = "env:GITHUB_TOKEN"
-webhook_secret = "{SECRET}"
-
-# What the fake model costs, for CLIs that report tokens but no cost.
-[prices."baton-fake"]
-input_per_mtok = 2.0
-output_per_mtok = 10.0
-
-[agents.{preset}]
-timeout = "2m"
-{cli_keys}
-{agent_keys}
-"#,
-        api = fake.url,
-        repos = repos.display(),
-        cli_keys = match cli.parent() {
-            Some(prefix) if !cli.starts_with("/usr") => format!("read_only = [\"{}\"]", prefix.display()),
-            _ => String::new(),
-        },
-    ));
-    w.trigger("work", trigger);
+    let mut agent = Agent::preset().set("timeout", "2m");
+    if let Some(prefix) = cli.parent().filter(|_| !cli.starts_with("/usr")) {
+        agent = agent.set("read_only", vec![prefix.display().to_string()]);
+    }
+    Scenario::new()
+        .github(GitHub::secret(SECRET).api(fake).repos(&repos).token("env:GITHUB_TOKEN"))
+        // What the fake model costs, for CLIs that report tokens but no cost.
+        .set("prices.baton-fake.input_per_mtok", 2.0)
+        .set("prices.baton-fake.output_per_mtok", 10.0)
+        .agent(preset, agent)
+        .raw(&format!("[agents.{preset}]\n{agent_keys}"))
+        .trigger("work", trigger)
+        .write(&w);
     let home = w.path().join("home");
     std::fs::create_dir_all(&home).unwrap();
     let path = format!("{}:{}", cli.display(), std::env::var("PATH").unwrap_or_default());
@@ -467,11 +453,12 @@ async fn run_job(
     cli: &Path,
 ) -> (Workdir, Value, Baton, FakeGitHub) {
     let fake = FakeGitHub::start().await;
-    let trigger = format!(
-        "on = [\"issues.opened\"]\n[job]\nagent = \"{preset}\"\nworkspace = \"default-branch\"\n\
-         prompt = \"Fix #{{{{ issue.number }}}}: {{{{ issue.title }}}}\"\n[output]\nkind = \"pull_request\"\n"
-    );
-    let (w, baton) = daemon(&fake, preset, agent_keys, env, cli, &trigger);
+    let trigger = Trigger::on(&["issues.opened"])
+        .agent(preset)
+        .workspace("default-branch")
+        .prompt("Fix #{{ issue.number }}: {{ issue.title }}")
+        .output("pull_request");
+    let (w, baton) = daemon(&fake, preset, agent_keys, env, cli, trigger);
     let job = job_of(&baton, "issues", &fixture("issues/opened.payload.json")).await;
     eventually("the pull request", || !fake.posts("/repos/Codertocat/Hello-World/pulls").is_empty()).await;
     (w, job, baton, fake)
@@ -594,8 +581,11 @@ async fn claude_reviews_a_pull_request_line_by_line() {
     let fake = FakeGitHub::start().await;
     let patch = "@@ -1,3 +1,4 @@\n fn a() {\n-    old();\n+    new();\n+    more();\n }";
     fake.set_pr_files("Codertocat/Hello-World#2", vec![json!({ "filename": "src/lib.rs", "patch": patch })]);
-    let trigger = "on = [\"pull_request.opened\"]\n[job]\nagent = \"claude\"\nworkspace = \"pr-head\"\n\
-                   prompt = \"Review pull request #{{ pull_request.number }}.\"\n[output]\nkind = \"review\"\n";
+    let trigger = Trigger::on(&["pull_request.opened"])
+        .agent("claude")
+        .workspace("pr-head")
+        .prompt("Review pull request #{{ pull_request.number }}.")
+        .output("review");
     let (w, baton) = daemon(&fake, "claude", &keys, &env, &cli, trigger);
     let head = git(&w.path().join("remote/Codertocat/Hello-World.git"), &["rev-parse", "master"]);
     let mut pr = crate::harness::fixture_json("pull_request/opened.payload.json");
@@ -619,18 +609,20 @@ async fn claude_reviews_a_pull_request_line_by_line() {
 }
 
 /// The real Claude Code against the scripted model, on a trigger whose
-/// `[job]` has `job_keys` and whose result is a comment.
-async fn claude_with_job_keys(job_keys: &str) -> (FakeModel, Workdir, Baton) {
+/// `[job]` has `key` = `value` and whose result is a comment.
+async fn claude_with_job_key(key: &str, value: f64) -> (FakeModel, Workdir, Baton) {
     let cli = cli_dir("claude", "@anthropic-ai/claude-code@2.1.197");
     let model = FakeModel::start(Api::Messages, "Claude wrote the proof file.", "edited by claude").await;
     let keys = format!("model = \"claude-fake\"\nmax_turns = 5\nbase_url = \"{}\"", model.url);
     let env = [("ANTHROPIC_API_KEY", "sk-ant-fake-key"), ("CLAUDE_CODE_MAX_RETRIES", "0")];
     let fake = FakeGitHub::start().await;
-    let trigger = format!(
-        "on = [\"issues.opened\"]\n[job]\nagent = \"claude\"\nworkspace = \"default-branch\"\n\
-         prompt = \"Fix it.\"\n{job_keys}\n[output]\nkind = \"comment\"\n"
-    );
-    let (w, baton) = daemon(&fake, "claude", &keys, &env, &cli, &trigger);
+    let trigger = Trigger::on(&["issues.opened"])
+        .agent("claude")
+        .workspace("default-branch")
+        .prompt("Fix it.")
+        .job(key, value)
+        .output("comment");
+    let (w, baton) = daemon(&fake, "claude", &keys, &env, &cli, trigger);
     (model, w, baton)
 }
 
@@ -639,7 +631,7 @@ async fn claude_with_job_keys(job_keys: &str) -> (FakeModel, Workdir, Baton) {
 /// first answer costs more), and the job fails saying so.
 #[tokio::test]
 async fn claude_stops_at_the_jobs_budget() {
-    let (model, _w, baton) = claude_with_job_keys("budget_usd = 0.0001").await;
+    let (model, _w, baton) = claude_with_job_key("budget_usd", 0.0001).await;
     let (status, answer) = baton.deliver(SECRET, "issues", "budget-1", &fixture("issues/opened.payload.json")).await;
     assert_eq!(status, 202, "{answer}");
     let job = baton.finished(answer["jobs"][0].as_str().unwrap()).await;
@@ -658,7 +650,7 @@ async fn claude_stops_at_the_jobs_budget() {
 /// on its delivery.
 #[tokio::test]
 async fn a_spent_daily_budget_skips_the_next_job() {
-    let (_model, _w, baton) = claude_with_job_keys("daily_budget_usd = 0.0003").await;
+    let (_model, _w, baton) = claude_with_job_key("daily_budget_usd", 0.0003).await;
     let first = job_of(&baton, "issues", &fixture("issues/opened.payload.json")).await;
     let cost = first["usage"]["cost_usd"].as_f64().expect("the CLI's cost");
     assert!(cost > 0.0003, "the first job spends past the budget: {cost}");
@@ -757,11 +749,13 @@ async fn mcp_tool_reaches_the_result(preset: &str, api: Api, cli: &Path, agent_k
     let mut env = env.to_vec();
     env.push(("MCP_PROBE_SECRET", MCP_SECRET));
     let fake = FakeGitHub::start().await;
-    let trigger = format!(
-        "on = [\"issues.opened\"]\n[job]\nagent = \"{preset}\"\nworkspace = \"default-branch\"\nmcp = [\"probe\"]\n\
-         prompt = \"Ask the probe for its token.\"\n[output]\nkind = \"comment\"\n"
-    );
-    let (w, baton) = daemon(&fake, preset, &keys, &env, cli, &trigger);
+    let trigger = Trigger::on(&["issues.opened"])
+        .agent(preset)
+        .workspace("default-branch")
+        .job("mcp", vec!["probe"])
+        .prompt("Ask the probe for its token.")
+        .output("comment");
+    let (w, baton) = daemon(&fake, preset, &keys, &env, cli, trigger);
     let job = job_of(&baton, "issues", &fixture("issues/opened.payload.json")).await;
     let result = job["result"].as_str().unwrap_or_default();
     let requests = model.requests();
@@ -806,7 +800,7 @@ async fn claude_delegates_to_baton_through_baton_mcp() {
     let cli = cli_dir("claude", "@anthropic-ai/claude-code@2.1.197");
     let model = FakeModel::scripted(Api::Messages, "baton says:", Script::Delegate).await;
     let fake = FakeGitHub::start().await;
-    let (_w, baton) = crate::api_jobs::daemon(&fake, "[api]\nallow_adhoc = true\nagents = [\"script\"]\n");
+    let (_w, baton) = crate::api_jobs::daemon(&fake, true);
     let dir = tempfile::tempdir().unwrap();
     let config = json!({"mcpServers": {"baton": {"type": "stdio", "command": env!("CARGO_BIN_EXE_baton"),
         "args": ["mcp", "--url", baton.url], "env": {"BATON_API_TOKEN": crate::api_jobs::TOKEN}}}});
@@ -878,11 +872,13 @@ async fn a_team_orchestrated_by(preset: &str, api: Api, cli: &Path, agent_keys: 
         py = py.display(),
     );
     let fake = FakeGitHub::start().await;
-    let trigger = format!(
-        "on = [\"issues.opened\"]\n[job]\nagent = \"{preset}\"\nworkspace = \"default-branch\"\n\
-         delegate = [\"probe\"]\nprompt = \"Split the work between two probes.\"\n[output]\nkind = \"comment\"\n"
-    );
-    let (_w, baton) = daemon(&fake, preset, &keys, env, cli, &trigger);
+    let trigger = Trigger::on(&["issues.opened"])
+        .agent(preset)
+        .workspace("default-branch")
+        .job("delegate", vec!["probe"])
+        .prompt("Split the work between two probes.")
+        .output("comment");
+    let (_w, baton) = daemon(&fake, preset, &keys, env, cli, trigger);
     let job = job_of(&baton, "issues", &fixture("issues/opened.payload.json")).await;
     let id = job["id"].as_str().unwrap();
     let result = job["result"].as_str().unwrap_or_default();

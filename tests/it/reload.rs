@@ -4,6 +4,7 @@
 use serde_json::Value;
 
 use crate::harness::{eventually_async, fixture, Baton, Workdir};
+use crate::scenario::{Agent, GitHub, Scenario};
 
 const SECRET: &str = "reload-secret";
 
@@ -24,10 +25,15 @@ async fn prompt_of_new_job(baton: &Baton, delivery: &str) -> String {
     baton.job(&id).await["spec"]["prompt"].as_str().unwrap().to_string()
 }
 
+/// The triggers are what these tests rewrite, as text; the config stays.
+fn config() -> String {
+    Scenario::new().github(GitHub::secret(SECRET)).agent("noop", Agent::command(&["true"])).toml()
+}
+
 #[tokio::test]
 async fn triggers_reload_on_change_and_a_broken_file_keeps_the_old_set() {
     let w = Workdir::new();
-    w.config(&format!("[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.noop]\ncommand = [\"true\"]\n"));
+    w.config(&config());
     w.trigger("one", &trigger("first"));
     let baton = Baton::start(w.path(), &[]);
     let v = triggers(&baton).await;
@@ -63,7 +69,7 @@ async fn triggers_reload_on_change_and_a_broken_file_keeps_the_old_set() {
 #[tokio::test]
 async fn sighup_reloads_even_when_nothing_looks_changed() {
     let w = Workdir::new();
-    w.config(&format!("[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.noop]\ncommand = [\"true\"]\n"));
+    w.config(&config());
     let path = w.path().join("triggers/one.toml");
     w.trigger("one", &trigger("aaaa"));
     let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();

@@ -7,55 +7,49 @@ use std::sync::{Arc, Mutex};
 
 use crate::fake_github::FakeGitHub;
 use crate::harness::{bare_repo, eventually, fixture, Baton, Workdir, BIN};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
+use std::convert::identity;
 
 const SECRET: &str = "sandbox-webhook-secret-0123456789";
 const TOKEN: &str = "ghp_SandboxTestToken0123456789abcdefABCDEF";
 const KEY: &str = "KEYFILE-CONTENTS-never-seen-by-agents-4711";
 
 /// A daemon with a GitHub token, a webhook secret read from a key file and a
-/// `repo` workspace from `remote/`, whose `script` agent runs `body`.
+/// `repo` workspace from `remote/`, whose `script` agent runs `body`; the
+/// `work` trigger publishes as `output`. `agent` and `github` add to theirs.
 struct Scene {
     w: Workdir,
+    /// What was written, for tests that change it before they start.
+    scenario: Scenario,
 }
 
 impl Scene {
-    fn new(body: &str, agent_extra: &str, output: &str, github_extra: &str) -> Scene {
+    fn new(
+        body: &str,
+        agent: impl FnOnce(Agent) -> Agent,
+        output: &str,
+        github: impl FnOnce(GitHub) -> GitHub,
+    ) -> Scene {
         let w = Workdir::new();
-        let agent = w.script("agent.sh", body);
+        let script = w.script("agent.sh", body);
         std::fs::write(w.path().join("hook.secret"), format!("{SECRET}\n")).unwrap();
         std::fs::write(w.path().join("app.key"), KEY).unwrap();
         let repos = w.path().join("remote");
         bare_repo(&repos, "Codertocat/Hello-World", "master", &[("README.md", "hello\n")]);
-        w.config(&format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
-
-[github]
-git_url = "file://{repos}"
-webhook_secret = "file:hook.secret"
-token = "env:GITHUB_TOKEN"
-{github_extra}
-
-[sources.ci]
-secret = "file:app.key"
-
-[agents.script]
-command = ["{agent}"]
-timeout = "60s"
-{agent_extra}
-"#,
-            repos = repos.display(),
-            agent = agent.display(),
-        ));
-        w.trigger(
-            "work",
-            &format!(
-                "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"default-branch\"\n\
-                 prompt = \"work\"\n[output]\nkind = \"{output}\"\n"
-            ),
-        );
-        Scene { w }
+        let scenario = Scenario::new()
+            .github(github(GitHub::secret("file:hook.secret").repos(&repos).token("env:GITHUB_TOKEN")))
+            .set("sources.ci.secret", "file:app.key")
+            .agent("script", agent(Agent::script(&script).set("timeout", "60s")))
+            .trigger(
+                "work",
+                Trigger::on(&["issues.opened"])
+                    .agent("script")
+                    .workspace("default-branch")
+                    .prompt("work")
+                    .output(output),
+            );
+        scenario.write(&w);
+        Scene { w, scenario }
     }
 
     fn start(&self) -> Baton {
@@ -104,9 +98,9 @@ echo "== grep"; grep -rsl -e ghp_ -e KEYFILE / --exclude-dir=proc --exclude-dir=
 echo "== fds"; ls /proc/self/fd | tr '\n' ' '; echo
 echo "the job ran"
 "#,
-        "",
+        identity,
         "none",
-        "",
+        identity,
     );
     let dir = scene.w.path().display().to_string();
     let body = std::fs::read_to_string(scene.w.path().join("agent.sh")).unwrap().replace("@DIR@", &dir);
@@ -164,9 +158,9 @@ echo x > $S/db/evil
 rm -rf $S/jobs
 echo mine > MINE && echo "own workspace ok"
 "#,
-        "@KEYS@",
+        identity,
         "none",
-        "",
+        identity,
     );
     let w = &scene.w;
     let body = std::fs::read_to_string(w.path().join("agent.sh"))
@@ -174,13 +168,19 @@ echo mine > MINE && echo "own workspace ok"
         .replace("@DIR@", &w.path().display().to_string())
         .replace("@SHARED@", &w.shared().display().to_string());
     w.script("agent.sh", &body);
-    let config = std::fs::read_to_string(w.path().join("baton.toml")).unwrap().replace("@KEYS@", &w.shared_key());
-    w.config(&config);
-    w.trigger(
-        "work",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"default-branch\"\n\
-         prompt = \"{{ issue.number }}\"\n[output]\nkind = \"none\"\n",
-    );
+    scene
+        .scenario
+        .clone()
+        .set("agents.script.read_write", vec![w.shared().display().to_string()])
+        .trigger(
+            "work",
+            Trigger::on(&["issues.opened"])
+                .agent("script")
+                .workspace("default-branch")
+                .prompt("{{ issue.number }}")
+                .output("none"),
+        )
+        .write(w);
     let baton = scene.start();
     let first = open_issue(&baton, "sandbox-write-1").await;
     eventually("the first job to hold its workspace", || w.shared().join("started").exists()).await;
@@ -236,9 +236,9 @@ echo "change $(date +%s%N)" > CHANGED.md
 echo "planted"
 "#
         ),
-        "",
+        identity,
         "pull_request",
-        &format!("api_url = \"{}\"", fake.url),
+        |g| g.api(&fake),
     );
     let baton = scene.start();
     for delivery in ["sandbox-hooks-1", "sandbox-hooks-2"] {
@@ -262,18 +262,20 @@ async fn a_result_file_swapped_for_a_link_is_not_followed() {
     std::fs::write(&secret_file, "TOP-SECRET-CONTENTS").unwrap();
     // Both with the sandbox (where the target is not even visible) and
     // without it (where only O_NOFOLLOW stands between them).
-    for sandbox in ["", "[sandbox]\nenabled = false\n"] {
+    for sandboxed in [true, false] {
         let w = Workdir::new();
         let agent = w.script("agent.sh", &format!("#!/bin/sh\nln -sf {} \"$1\"\necho linked\n", secret_file.display()));
-        w.config(&format!(
-            "{sandbox}[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n\
-             [agents.script]\ncommand = [\"{}\", \"{{{{ result_file }}}}\"]\nresult = \"file\"\n",
-            agent.display()
-        ));
-        w.trigger(
-            "work",
-            "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"x\"\nattempts = 1\n",
-        );
+        let mut scenario = Scenario::new()
+            .github(GitHub::secret(SECRET))
+            .agent("script", Agent::command(&[&agent.display().to_string(), "{{ result_file }}"]).result("file"))
+            .trigger(
+                "work",
+                Trigger::on(&["issues.opened"]).agent("script").workspace("none").prompt("x").job("attempts", 1),
+            );
+        if !sandboxed {
+            scenario = scenario.set("sandbox.enabled", false);
+        }
+        scenario.write(&w);
         let baton = Baton::start(w.path(), &[]);
         let id = open_issue(&baton, "sandbox-link").await;
         let job = baton.finished(&id).await;
@@ -317,9 +319,9 @@ if curl -sS -m 5 --noproxy '*' http://127.0.0.1:{allowed}/ >/dev/null 2>&1; then
 if (exec 3<>/dev/tcp/1.1.1.1/443) 2>/dev/null; then echo "RAW CONNECTED"; else echo "raw refused"; fi
 "#
         ),
-        &format!("network = [\"127.0.0.1:{allowed}\"]"),
+        |a| a.set("network", vec![format!("127.0.0.1:{allowed}")]),
         "none",
-        "",
+        identity,
     );
     // /dev/tcp needs bash.
     let body = std::fs::read_to_string(scene.w.path().join("agent.sh")).unwrap().replace("#!/bin/sh", "#!/bin/bash");
@@ -379,9 +381,8 @@ async fn caps_hit(caps: &str) {
             "memory limit (max_memory = 64 MiB)",
         ),
     ] {
-        let scene = Scene::new(body, keys, "none", "");
-        let config = std::fs::read_to_string(scene.w.path().join("baton.toml")).unwrap();
-        scene.w.config(&format!("[sandbox]\ncaps = \"{caps}\"\n{config}"));
+        let scene = Scene::new(body, |a| a.raw(keys), "none", identity);
+        scene.w.config(&scene.scenario.clone().set("sandbox.caps", caps).toml());
         let baton = scene.start();
         let id = open_issue(&baton, "sandbox-limits").await;
         let job = baton.finished(&id).await;
@@ -394,11 +395,12 @@ async fn caps_hit(caps: &str) {
 #[tokio::test]
 async fn without_the_sandbox_baton_warns_at_start_and_on_every_job() {
     let w = Workdir::new();
-    w.config(&format!(
-        "[sandbox]\nenabled = false\n[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n\
-         [agents.noop]\ncommand = [\"true\"]\n"
-    ));
-    w.trigger("work", "on = [\"issues.opened\"]\n[job]\nagent = \"noop\"\nworkspace = \"none\"\nprompt = \"x\"\n");
+    Scenario::new()
+        .set("sandbox.enabled", false)
+        .github(GitHub::secret(SECRET))
+        .agent("noop", Agent::command(&["true"]))
+        .trigger("work", Trigger::on(&["issues.opened"]).agent("noop").workspace("none").prompt("x"))
+        .write(&w);
     let baton = Baton::start(w.path(), &[]);
     assert!(baton.log_text().contains("THE AGENT SANDBOX IS OFF"), "{}", baton.log_text());
     let id = open_issue(&baton, "sandbox-off").await;
@@ -438,9 +440,9 @@ async fn the_agent_sees_its_workspace_home_and_tmp_and_git_works() {
     let scene = Scene::new(
         "#!/bin/sh\necho \"home=$HOME\"\ntouch $HOME/h /tmp/t && echo writable\ngit log --oneline | wc -l\n\
          git status --porcelain | wc -l\necho edit >> README.md && git diff --stat | tail -1\n",
-        "",
+        identity,
         "none",
-        "",
+        identity,
     );
     let baton = scene.start();
     let id = open_issue(&baton, "sandbox-view").await;

@@ -10,13 +10,15 @@ use serde_json::{json, Value};
 use crate::api_jobs::TOKEN;
 use crate::fake_github::FakeGitHub;
 use crate::harness::{bare_repo, eventually, Baton, Workdir};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 const TEAM_PY: &str = include_str!("teams/team.py");
 
 /// A daemon whose agents are members of a team (`boss`, `sleeper`,
 /// `spender` hand work to `probe`), with children one level deep at most,
-/// and room in the repository for a parent and two children at once.
-fn team(fake: &FakeGitHub, extra: &str) -> (Workdir, Baton, PathBuf) {
+/// and room in the repository for a parent and two children at once;
+/// `adjust` adds to it.
+fn team(fake: &FakeGitHub, adjust: impl FnOnce(Scenario) -> Scenario) -> (Workdir, Baton, PathBuf) {
     let w = Workdir::new();
     let repos = w.path().join("remote");
     bare_repo(&repos, "o/r", "master", &[("README.md", "the readme of o/r")]);
@@ -27,39 +29,27 @@ fn team(fake: &FakeGitHub, extra: &str) -> (Workdir, Baton, PathBuf) {
     // Agents run as another uid than the test's.
     std::fs::set_permissions(&loot, <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o777))
         .unwrap();
-    let agent = |role: &str| {
-        format!(
-            "[agents.{role}]\ncommand = [\"{py}\", \"{role}\", \"{loot}\"]\nread_write = [\"{loot}\"]\n",
-            py = py.display(),
-            loot = loot.display()
-        )
+    let (py, loot_arg) = (py.display().to_string(), loot.display().to_string());
+    let agent = |role: &str| Agent::command(&[&py, role, &loot_arg]).read_write(&[&loot]);
+    let trigger = |agent: &str| {
+        Trigger::on(&["api"]).agent(agent).workspace("default-branch").prompt("{{ inputs.task }}").output("none")
     };
-    w.config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\napi_token = \"{TOKEN}\"\n\
-         [github]\napi_url = \"{api}\"\ngit_url = \"file://{repos}\"\ntoken = \"ghs_teams\"\nwebhook_secret = \"teams-webhook-secret\"\n\
-         [limits]\nmax_chain_depth = 1\nmax_parallel_per_repo = 3\n{extra}\n{boss}{sleeper}{spender}{probe}{other}",
-        api = fake.url,
-        repos = repos.display(),
-        boss = agent("boss"),
-        sleeper = agent("sleeper"),
-        spender = agent("spender"),
-        probe = agent("probe"),
-        other = agent("other"),
-    ));
-    for (name, agent, extra) in [
-        ("boss", "boss", "delegate = [\"probe\"]\n"),
-        ("sleeper", "sleeper", "delegate = [\"probe\"]\n"),
-        ("spender", "spender", "delegate = [\"probe\"]\nbudget_usd = 1.0\n"),
-        ("plain", "probe", ""),
-    ] {
-        w.trigger(
-            name,
-            &format!(
-                "on = [\"api\"]\n[job]\nagent = \"{agent}\"\nworkspace = \"default-branch\"\n{extra}\
-                 prompt = \"{{{{ inputs.task }}}}\"\n[output]\nkind = \"none\"\n"
-            ),
-        );
-    }
+    let delegates = |agent: &str| trigger(agent).job("delegate", vec!["probe"]);
+    let scenario = Scenario::new()
+        .set("server.api_token", TOKEN)
+        .github(GitHub::secret("teams-webhook-secret").api(fake).repos(&repos).token("ghs_teams"))
+        .set("limits.max_chain_depth", 1)
+        .set("limits.max_parallel_per_repo", 3)
+        .agent("boss", agent("boss"))
+        .agent("sleeper", agent("sleeper"))
+        .agent("spender", agent("spender"))
+        .agent("probe", agent("probe"))
+        .agent("other", agent("other"))
+        .trigger("boss", delegates("boss"))
+        .trigger("sleeper", delegates("sleeper"))
+        .trigger("spender", delegates("spender").job("budget_usd", 1.0))
+        .trigger("plain", trigger("probe"));
+    adjust(scenario).write(&w);
     let baton = Baton::start(w.path(), &[]).with_token(TOKEN);
     (w, baton, loot)
 }
@@ -109,7 +99,7 @@ fn read(path: &Path) -> String {
 #[tokio::test]
 async fn a_job_delegates_to_children_and_its_token_reaches_nothing_else() {
     let fake = FakeGitHub::start().await;
-    let (_w, baton, loot) = team(&fake, "");
+    let (_w, baton, loot) = team(&fake, std::convert::identity);
     let outsider = start(&baton, "plain", "mind my own business").await;
     assert_eq!(baton.finished(&outsider).await["state"], "succeeded");
 
@@ -184,7 +174,7 @@ async fn run_boss(baton: &Baton, outsider: &str) -> (String, String, Value) {
 #[tokio::test]
 async fn a_team_runs_unconfined_with_the_same_scope() {
     let fake = FakeGitHub::start().await;
-    let (_w, baton, _loot) = team(&fake, "[sandbox]\nenabled = false\n");
+    let (_w, baton, _loot) = team(&fake, |s| s.set("sandbox.enabled", false));
     let outsider = start(&baton, "plain", "mind my own business").await;
     baton.finished(&outsider).await;
     let (boss, result, _) = run_boss(&baton, &outsider).await;
@@ -200,7 +190,7 @@ async fn a_team_runs_unconfined_with_the_same_scope() {
 #[tokio::test]
 async fn children_are_cancelled_with_their_parent_and_its_token_dies() {
     let fake = FakeGitHub::start().await;
-    let (_w, baton, loot) = team(&fake, "");
+    let (_w, baton, loot) = team(&fake, std::convert::identity);
     let parent = start(&baton, "sleeper", "").await;
     eventually("the sleeper's child and token", || loot.join("token").exists()).await;
     let token = read(&loot.join("token"));
@@ -236,7 +226,7 @@ async fn eventually_running(baton: &Baton, id: &str) {
 #[tokio::test]
 async fn children_spend_from_their_parents_budget() {
     let fake = FakeGitHub::start().await;
-    let (_w, baton, _loot) = team(&fake, "");
+    let (_w, baton, _loot) = team(&fake, std::convert::identity);
     let parent = start(&baton, "spender", "").await;
     let done = baton.finished(&parent).await;
     assert_eq!(done["state"], "succeeded", "{done}");

@@ -7,48 +7,30 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::harness::{bare_repo, eventually, fixture_json, git, Baton, Workdir};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
+use std::convert::identity;
 
 const SECRET: &str = "workspace-secret";
 
 /// A daemon whose one trigger runs `agent_body` on every opened issue, with
-/// repositories under `remote/`.
-fn setup(agent_body: &str, storage_extra: &str) -> Workdir {
-    setup_with(agent_body, storage_extra, "", "none")
+/// repositories under `remote/`; `adjust` adds to it.
+fn setup(agent_body: &str, adjust: impl FnOnce(Scenario) -> Scenario) -> Workdir {
+    let w = Workdir::new();
+    adjust(scenario(&w, agent_body, identity, "none")).write(&w);
+    w
 }
 
-/// `@SHARED@` in `agent_body` is a folder the agent and the test share.
-fn setup_with(agent_body: &str, storage_extra: &str, github_extra: &str, output: &str) -> Workdir {
-    let w = Workdir::new();
+/// `@SHARED@` in `agent_body` is a folder the agent and the test share; the
+/// trigger publishes as `output`, and `github` adds to `[github]`.
+fn scenario(w: &Workdir, agent_body: &str, github: impl FnOnce(GitHub) -> GitHub, output: &str) -> Scenario {
     let agent = w.script("agent.sh", &agent_body.replace("@SHARED@", &w.shared().display().to_string()));
-    w.config(&format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[storage]
-{storage_extra}
-
-[github]
-git_url = "file://{repos}"
-webhook_secret = "{SECRET}"
-{github_extra}
-
-[agents.script]
-command = ["{agent}"]
-{shared}
-"#,
-        repos = w.path().join("remote").display(),
-        agent = agent.display(),
-        shared = w.shared_key(),
-    ));
-    w.trigger(
-        "work",
-        &format!(
-            "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"default-branch\"\n\
-             prompt = \"work\"\n[output]\nkind = \"{output}\"\n"
-        ),
-    );
-    w
+    Scenario::new()
+        .github(github(GitHub::secret(SECRET).repos(&w.path().join("remote"))))
+        .agent("script", Agent::script(&agent).read_write(&[w.shared()]))
+        .trigger(
+            "work",
+            Trigger::on(&["issues.opened"]).agent("script").workspace("default-branch").prompt("work").output(output),
+        )
 }
 
 /// Opens an issue on `repo` and waits for its job to succeed.
@@ -101,7 +83,7 @@ else
 fi
 "#
     );
-    let w = setup(&agent, "");
+    let w = setup(&agent, identity);
     let state = w.shared();
     let origin = w.path().join("remote/Codertocat/Hello-World.git");
     bare_repo(
@@ -134,7 +116,7 @@ fi
 
 #[tokio::test]
 async fn the_pool_is_bounded_and_least_recently_used_goes_first() {
-    let w = setup("#!/bin/sh\necho ok\n", "worktree_pool = 1");
+    let w = setup("#!/bin/sh\necho ok\n", |s| s.set("storage.worktree_pool", 1));
     for repo in ["acme/one", "acme/two"] {
         bare_repo(&w.path().join("remote"), repo, "master", &[("README.md", repo)]);
     }
@@ -160,7 +142,8 @@ async fn the_pool_is_bounded_and_least_recently_used_goes_first() {
 async fn a_workspace_whose_git_the_agent_deleted_still_publishes_and_never_reaches_the_repository_around_it() {
     let fake = crate::fake_github::FakeGitHub::start().await;
     let agent = "#!/bin/sh\nrm -rf .git\necho change > README.md\necho done\n";
-    let w = setup_with(agent, "", &format!("api_url = \"{}\"\ntoken = \"env:GITHUB_TOKEN\"", fake.url), "pull_request");
+    let w = Workdir::new();
+    scenario(&w, agent, |g| g.api(&fake).token("env:GITHUB_TOKEN"), "pull_request").write(&w);
     // The daemon's own folder is a git repository with work in progress.
     git(w.path(), &["init", "--quiet"]);
     std::fs::write(w.path().join("precious.txt"), "uncommitted work").unwrap();
@@ -183,7 +166,7 @@ async fn a_workspace_whose_git_the_agent_deleted_still_publishes_and_never_reach
 
 #[tokio::test]
 async fn mirrors_are_garbage_collected_in_the_background() {
-    let w = setup("#!/bin/sh\necho ok\n", "gc_interval = \"1s\"");
+    let w = setup("#!/bin/sh\necho ok\n", |s| s.set("storage.gc_interval", "1s"));
     bare_repo(&w.path().join("remote"), "Codertocat/Hello-World", "master", &[("README.md", "hi")]);
     let baton = Baton::start(w.path(), &[]);
     run_issue(&baton, "Codertocat/Hello-World", "gc-1").await;
@@ -199,12 +182,8 @@ async fn mirrors_are_garbage_collected_in_the_background() {
 
 #[tokio::test]
 async fn two_jobs_on_one_repository_never_fetch_at_once() {
-    let w = setup("#!/bin/sh\necho ok\n", "");
-    w.config(
-        &std::fs::read_to_string(w.path().join("baton.toml"))
-            .unwrap()
-            .replace("[github]", "[limits]\nmax_parallel_jobs = 4\nmax_parallel_per_repo = 4\n[github]"),
-    );
+    let w =
+        setup("#!/bin/sh\necho ok\n", |s| s.set("limits.max_parallel_jobs", 4).set("limits.max_parallel_per_repo", 4));
     // Enough to fetch that two unlocked fetches would overlap.
     let files: Vec<(String, String)> =
         (0..400).map(|i| (format!("f{i}.txt"), format!("{i} {}", "x".repeat(2000 + i)))).collect();
@@ -273,16 +252,16 @@ esac
     );
     // Unsandboxed: in the sandbox the folder is a mount point the agent
     // cannot swap; this is about what baton does when nothing stops it.
-    w.config(&format!(
-        "[sandbox]\nenabled = false\n[server]\nlisten = \"127.0.0.1:0\"\n[github]\nwebhook_secret = \"{SECRET}\"\n\
-         [limits]\nmax_parallel_jobs = 1\n[agents.script]\ncommand = [\"{}\"]\n",
-        agent.display()
-    ));
-    w.trigger(
-        "work",
-        "on = [\"issues.opened\"]\n[job]\nagent = \"script\"\nworkspace = \"none\"\nprompt = \"work\"\n\
-         [output]\nkind = \"none\"\n",
-    );
+    Scenario::new()
+        .set("sandbox.enabled", false)
+        .github(GitHub::secret(SECRET))
+        .set("limits.max_parallel_jobs", 1)
+        .agent("script", Agent::script(&agent))
+        .trigger(
+            "work",
+            Trigger::on(&["issues.opened"]).agent("script").workspace("none").prompt("work").output("none"),
+        )
+        .write(&w);
     let baton = Baton::start(w.path(), &[]);
     let run = async |n: u32, what: &str| -> (String, String) {
         std::fs::write(&mode, what).unwrap();

@@ -34,6 +34,8 @@ mod publish;
 #[path = "../it/push.rs"]
 mod push;
 mod replicas;
+#[path = "../it/scenario.rs"]
+mod scenario;
 #[path = "../it/schedule.rs"]
 mod schedule;
 #[path = "../it/store.rs"]

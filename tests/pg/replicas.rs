@@ -11,6 +11,7 @@ use baton::store::{job_id, JobQuery, JobState, Location, Outcome, Store};
 
 use crate::fake_github::FakeGitHub;
 use crate::harness::{database_url, fixture, unique_body, Baton};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 const SECRET: &str = "replicas-webhook-secret-0123456789";
 
@@ -39,18 +40,18 @@ struct Replica {
 }
 
 impl Replica {
-    fn new(name: &str, schema: &str, db: &str, extra: &str, trigger: &str) -> Replica {
+    /// `scenario` (agent `rec` and trigger `work`) as replica `name`.
+    fn new(name: &str, schema: &str, db: &str, scenario: &Scenario) -> Replica {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("triggers")).unwrap();
-        let config = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\
-             [storage]\npath = \"{data}\"\nbackend = \"postgres\"\nurl = \"{db}\"\nschema = \"{schema}\"\nreplica = \"{name}\"\n\
-             [sandbox]\nenabled = false\n\
-             {extra}\n",
-            data = dir.path().join("data").display(),
-        );
-        std::fs::write(dir.path().join("baton.toml"), config).unwrap();
-        std::fs::write(dir.path().join("triggers").join("work.toml"), trigger).unwrap();
+        scenario
+            .clone()
+            .set("storage.path", dir.path().join("data").display().to_string())
+            .set("storage.backend", "postgres")
+            .set("storage.url", db)
+            .set("storage.schema", schema)
+            .set("storage.replica", name)
+            .set("sandbox.enabled", false)
+            .write_to(dir.path());
         Replica { dir, name: name.to_string() }
     }
 
@@ -71,6 +72,17 @@ fn recorder(dir: &Path, log: &Path, sleep: &str) -> PathBuf {
     .unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     path
+}
+
+/// Agent `rec` runs `command` on every opened issue, prompted with the
+/// delivery.
+fn rec(command: &Path, output: &str) -> Scenario {
+    let work = Trigger::on(&["issues.opened"])
+        .agent("rec")
+        .workspace("none")
+        .prompt("{{ baton_test_delivery }}")
+        .output(output);
+    Scenario::new().github(GitHub::secret(SECRET)).agent("rec", Agent::script(command)).trigger("work", work)
 }
 
 /// Signs and posts one `issues.opened` delivery to `url`.
@@ -106,16 +118,13 @@ async fn three_replicas_survive_a_kill_under_a_flood() {
     let shared = tempfile::tempdir().unwrap();
     let runs = shared.path().join("runs");
     let agent = recorder(shared.path(), &runs, "0.1");
-    let extra = format!(
-        "[limits]\nmax_parallel_jobs = 4\nmax_parallel_per_repo = 100\njob_lease = \"3s\"\n\
-         [github]\nwebhook_secret = \"{SECRET}\"\ntoken = \"test-token\"\napi_url = \"{}\"\n\
-         [agents.rec]\ncommand = [\"{}\"]\n",
-        github.url,
-        agent.display()
-    );
-    let trigger = "on = [\"issues.opened\"]\n[job]\nagent = \"rec\"\nworkspace = \"none\"\nprompt = \"{{ baton_test_delivery }}\"\n[output]\nkind = \"comment\"\n";
+    let scenario = rec(&agent, "comment")
+        .set("limits.max_parallel_jobs", 4)
+        .set("limits.max_parallel_per_repo", 100)
+        .set("limits.job_lease", "3s")
+        .github(GitHub::secret(SECRET).token("test-token").api(&github));
     let replicas: Vec<Replica> =
-        (0..3).map(|n| Replica::new(&format!("replica-{n}"), &schema, &db, &extra, trigger)).collect();
+        (0..3).map(|n| Replica::new(&format!("replica-{n}"), &schema, &db, &scenario)).collect();
     let mut daemons: Vec<Option<Baton>> = replicas.iter().map(|r| Some(r.start())).collect();
     let urls: Arc<Mutex<Vec<Option<String>>>> =
         Arc::new(Mutex::new(daemons.iter().map(|d| d.as_ref().map(|b| b.url.clone())).collect()));
@@ -299,12 +308,8 @@ async fn work_wakes_an_idle_replica_and_logs_and_cancels_cross_replicas() {
     )
     .unwrap();
     std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let extra = format!(
-        "[limits]\nmax_parallel_jobs = 1\nmax_parallel_per_repo = 100\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.rec]\ncommand = [\"{}\"]\n",
-        agent.display()
-    );
-    let trigger = "on = [\"issues.opened\"]\n[job]\nagent = \"rec\"\nworkspace = \"none\"\nprompt = \"{{ baton_test_delivery }}\"\n[output]\nkind = \"none\"\n";
-    let (a, b) = (Replica::new("a", &schema, &db, &extra, trigger), Replica::new("b", &schema, &db, &extra, trigger));
+    let scenario = rec(&agent, "none").set("limits.max_parallel_jobs", 1).set("limits.max_parallel_per_repo", 100);
+    let (a, b) = (Replica::new("a", &schema, &db, &scenario), Replica::new("b", &schema, &db, &scenario));
     let da = a.start();
     let http = reqwest::Client::new();
     assert_eq!(send(&http, &da.url, "block-1").await, Ok(202));
@@ -487,13 +492,19 @@ async fn two_replicas_never_run_two_jobs_of_one_group_at_once() {
     )
     .unwrap();
     std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let extra = format!(
-        "[limits]\nmax_parallel_jobs = 4\nmax_parallel_per_repo = 100\n[github]\nwebhook_secret = \"{SECRET}\"\n[agents.rec]\ncommand = [\"{}\"]\n",
-        agent.display()
-    );
-    let trigger = "on = [\"issues.opened\"]\n[job]\nagent = \"rec\"\nworkspace = \"none\"\nprompt = \"{{ baton_test_delivery }}\"\nconcurrency = \"one-at-a-time\"\non_conflict = \"queue\"\n[output]\nkind = \"none\"\n";
-    let a = Replica::new("a", &schema, &db, &extra, trigger);
-    let b = Replica::new("b", &schema, &db, &extra, trigger);
+    let one_at_a_time = Trigger::on(&["issues.opened"])
+        .agent("rec")
+        .workspace("none")
+        .prompt("{{ baton_test_delivery }}")
+        .job("concurrency", "one-at-a-time")
+        .job("on_conflict", "queue")
+        .output("none");
+    let scenario = rec(&agent, "none")
+        .set("limits.max_parallel_jobs", 4)
+        .set("limits.max_parallel_per_repo", 100)
+        .trigger("work", one_at_a_time);
+    let a = Replica::new("a", &schema, &db, &scenario);
+    let b = Replica::new("b", &schema, &db, &scenario);
     let (da, db_) = (a.start(), b.start());
     let http = reqwest::Client::new();
     let n = 12;
@@ -528,11 +539,12 @@ async fn two_replicas_never_run_two_jobs_of_one_group_at_once() {
 async fn a_schedule_on_three_replicas_fires_once_per_slot() {
     let (schema, db) = (fresh_schema(), database_url());
     let triggers = tempfile::tempdir().unwrap();
-    std::fs::write(
-        triggers.path().join("hourly.toml"),
-        "on = [\"schedule\"]\nschedule = \"0 * * * *\"\n[filter]\nrepos = [\"acme/app\", \"acme/lib\"]\n[job]\nagent = \"codex\"\nprompt = \"chores\"\n",
-    )
-    .unwrap();
+    let hourly = Trigger::on(&["schedule"])
+        .set("schedule", "0 * * * *")
+        .filter("repos", vec!["acme/app", "acme/lib"])
+        .agent("codex")
+        .prompt("chores");
+    std::fs::write(triggers.path().join("hourly.toml"), hourly.toml()).unwrap();
     let config = baton::config::Config::from_source(None, "", Path::new("/")).unwrap();
     let (set, errors) = baton::rules::RuleSet::load(triggers.path(), &config);
     assert!(errors.is_empty(), "{errors:?}");
@@ -576,9 +588,11 @@ async fn a_schedule_on_three_replicas_fires_once_per_slot() {
 async fn a_database_restart_mid_flood_loses_nothing_acknowledged() {
     let pg = PrivateCluster::start();
     let (schema, db) = (fresh_schema(), pg.url());
-    let extra = format!("[github]\nwebhook_secret = \"{SECRET}\"\n[agents.rec]\ncommand = [\"true\"]\n");
-    let trigger = "on = [\"issues.opened\"]\n[job]\nagent = \"rec\"\nworkspace = \"none\"\nprompt = \"x\"\n[output]\nkind = \"none\"\n";
-    let r = Replica::new("solo", &schema, &db, &extra, trigger);
+    let scenario = Scenario::new()
+        .github(GitHub::secret(SECRET))
+        .agent("rec", Agent::command(&["true"]))
+        .trigger("work", Trigger::on(&["issues.opened"]).agent("rec").workspace("none").prompt("x").output("none"));
+    let r = Replica::new("solo", &schema, &db, &scenario);
     let daemon = r.start();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
     let mut accepted = Vec::new();
