@@ -47,9 +47,9 @@ pub struct Door<'a> {
     pub rules: &'a SharedRules,
     /// Woken when new jobs are queued (`None`: the caller wakes the workers
     /// itself, once for a batch).
-    pub wake: Option<&'a Notify>,
+    pub(crate) wake: Option<&'a Notify>,
     /// Whether a webhook body seen under another delivery id is a replay.
-    pub reject_replays: bool,
+    pub(crate) reject_replays: bool,
 }
 
 impl Door<'_> {

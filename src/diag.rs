@@ -33,7 +33,7 @@ impl Diagnostic {
     }
 
     /// Turns a `toml` deserialization error into a diagnostic at its span.
-    pub fn from_toml(path: &Path, source: &str, err: &toml::de::Error) -> Self {
+    pub(crate) fn from_toml(path: &Path, source: &str, err: &toml::de::Error) -> Self {
         Diagnostic::at(path, source, err.span(), with_suggestion(err.message().trim_end()))
     }
 }
@@ -68,7 +68,7 @@ fn with_suggestion(message: &str) -> String {
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `source`.
-pub fn line_col(source: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn line_col(source: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(source.len());
     let before = source.get(..offset).unwrap_or(source);
     let line = before.matches('\n').count() + 1;
@@ -78,7 +78,7 @@ pub fn line_col(source: &str, offset: usize) -> (usize, usize) {
 }
 
 /// The closest of `candidates` to `word`, when it is close enough to be a likely typo.
-pub fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+pub(crate) fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     candidates
         .iter()
         .map(|c| (levenshtein(word, c), *c))

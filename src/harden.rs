@@ -15,25 +15,19 @@
 use std::ffi::CStr;
 
 /// The variables baton reads secrets from when the config names none.
-pub const IMPLICIT_SECRET_VARS: &[&str] = &["GITHUB_TOKEN", "GITHUB_WEBHOOK_SECRET", "BATON_API_TOKEN"];
+pub(crate) const IMPLICIT_SECRET_VARS: &[&str] = &["GITHUB_TOKEN", "GITHUB_WEBHOOK_SECRET", "BATON_API_TOKEN"];
 
 /// Makes the process non-dumpable. Returns whether it took.
-pub fn non_dumpable() -> bool {
+pub(crate) fn non_dumpable() -> bool {
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) == 0 }
-}
-
-/// Whether the process is dumpable (for tests and diagnostics).
-pub fn is_dumpable() -> bool {
-    // SAFETY: as above.
-    unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) == 1 }
 }
 
 /// Erases `names` from the environment, value bytes included.
 ///
 /// Must run while the process has one thread: the environment is not
 /// synchronized against other threads' `getenv`.
-pub fn scrub_env(names: &[String]) {
+pub(crate) fn scrub_env(names: &[String]) {
     for name in names {
         if name.is_empty() || name.contains('=') || std::env::var_os(name).is_none() {
             continue;
@@ -65,7 +59,7 @@ pub fn scrub_env(names: &[String]) {
 /// Marks every descriptor above stderr close-on-exec, so no child inherits
 /// one: those baton opens are already, but not those it inherited from
 /// whatever started it. Async-signal-safe (also run between fork and exec).
-pub fn cloexec_from_3() -> std::io::Result<()> {
+pub(crate) fn cloexec_from_3() -> std::io::Result<()> {
     const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
     // SAFETY: close_range(2) with integer arguments; it only sets flags.
     let r = unsafe { libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) };
@@ -80,7 +74,7 @@ pub fn cloexec_from_3() -> std::io::Result<()> {
 /// connection, sandbox and git child takes some, and the default soft limit
 /// (often 1024) is a quota a busy daemon (or a hostile agent's proxy
 /// connections) reaches first.
-pub fn raise_open_files() {
+pub(crate) fn raise_open_files() {
     // SAFETY: getrlimit/setrlimit with a struct we own.
     unsafe {
         let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };

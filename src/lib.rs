@@ -7,7 +7,7 @@
 //! over MCP; `forge` holds what differs between code hosts (GitHub today);
 //! `daemon` wires it all.
 
-pub mod admit;
+pub(crate) mod admit;
 pub mod api;
 pub mod config;
 pub mod daemon;
@@ -17,13 +17,13 @@ pub mod engine;
 pub mod event;
 pub mod forge;
 pub mod harden;
-pub mod ingress;
+pub(crate) mod ingress;
 pub mod mcp;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod publish;
-pub mod redact;
+pub(crate) mod redact;
 pub mod rules;
 pub mod sandbox;
 pub mod schedule;
 pub mod store;
-pub mod tree;
+pub(crate) mod tree;

@@ -34,7 +34,7 @@ const POLL: Duration = Duration::from_millis(500);
 
 /// How the tools reach the API: one [`Client`], over HTTP or in-process.
 #[derive(Clone)]
-pub enum Daemon {
+pub(crate) enum Daemon {
     /// A daemon reached over HTTP (`baton mcp`).
     Http(Client),
     /// The daemon's own routes, called in-process (its `/mcp`, which already
@@ -63,7 +63,7 @@ impl Daemon {
 
 /// The server: the tools (`#[tool_router]` below) and the daemon they call.
 #[derive(Clone)]
-pub struct BatonMcp {
+pub(crate) struct BatonMcp {
     daemon: Daemon,
 }
 
@@ -96,7 +96,7 @@ pub struct Delegate {
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
-pub struct ListJobs {
+pub(crate) struct ListJobs {
     /// queued | running | succeeded | failed | cancelled | skipped.
     pub state: Option<String>,
     pub trigger: Option<String>,
@@ -107,22 +107,22 @@ pub struct ListJobs {
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
-pub struct JobId {
+pub(crate) struct JobId {
     /// The job's id.
     pub id: String,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
-pub struct JobLog {
+pub(crate) struct JobLog {
     pub id: String,
     /// Return the log from this byte offset (a previous call's `next_offset`).
-    pub offset: Option<u64>,
+    pub(crate) offset: Option<u64>,
     /// Without `offset`: the last this many bytes (default 4000).
     pub tail: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
-pub struct WaitJob {
+pub(crate) struct WaitJob {
     /// One job to wait for…
     pub id: Option<String>,
     /// …or several.
@@ -134,7 +134,7 @@ pub struct WaitJob {
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
-pub struct RunTrigger {
+pub(crate) struct RunTrigger {
     /// A trigger with `on = ["api"]`.
     pub trigger: String,
     pub inputs: Option<Map<String, Value>>,
@@ -452,7 +452,7 @@ pub async fn serve_stdio(url: &str, token: Option<String>) -> anyhow::Result<()>
 }
 
 /// The daemon's `/mcp`: the server over streamable HTTP, calling `routes`.
-pub fn http_service(
+pub(crate) fn http_service(
     routes: axum::Router,
     web_url: String,
     stop: tokio_util::sync::CancellationToken,

@@ -66,7 +66,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// What GitHub said is left of the rate limit.
-    pub fn rate_limit_remaining(&self, remaining: u64) {
+    pub(crate) fn rate_limit_remaining(&self, remaining: u64) {
         let v = i64::try_from(remaining).unwrap_or(i64::MAX);
         self.rate_limit_remaining.store(v, std::sync::atomic::Ordering::Relaxed);
     }
@@ -77,7 +77,7 @@ impl Metrics {
     }
 
     /// A job reached a final state after running `seconds`.
-    pub fn job_finished(&self, trigger: &str, state: &'static str, seconds: f64) {
+    pub(crate) fn job_finished(&self, trigger: &str, state: &'static str, seconds: f64) {
         bump(&self.jobs, (trigger.to_string(), state));
         let mut d = self.durations.lock().unwrap_or_else(|p| p.into_inner());
         let h = d.entry(trigger.to_string()).or_default();

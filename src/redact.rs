@@ -10,7 +10,7 @@
 use crate::config::Secret;
 
 /// What a redacted secret is replaced with.
-pub const REDACTED: &str = "[redacted]";
+pub(crate) const REDACTED: &str = "[redacted]";
 
 /// A token shape: a prefix, the characters that may follow, and how many at least.
 type Shape = (&'static str, fn(char) -> bool, usize);
@@ -47,7 +47,7 @@ fn is_upper_alnum(c: char) -> bool {
 
 /// Redacts with the daemon's own secrets besides the known shapes.
 #[derive(Clone, Default)]
-pub struct Redactor {
+pub(crate) struct Redactor {
     secrets: Vec<Secret>,
 }
 

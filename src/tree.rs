@@ -32,7 +32,7 @@ impl Entry<'_> {
     }
 
     /// Whether it is directly in the root.
-    pub fn parents_empty(&self) -> bool {
+    pub(crate) fn parents_empty(&self) -> bool {
         self.parents.is_empty()
     }
 
@@ -53,7 +53,7 @@ impl Entry<'_> {
 
     /// A path to it that any call resolves however deep it is: its folder's
     /// descriptor, then its name.
-    pub fn proc_path(&self) -> CString {
+    pub(crate) fn proc_path(&self) -> CString {
         let mut bytes = format!("/proc/self/fd/{}/", self.dir).into_bytes();
         bytes.extend_from_slice(self.name.to_bytes());
         CString::new(bytes).unwrap_or_default()
@@ -215,7 +215,7 @@ pub fn walk(root: &Path, mut visit: impl FnMut(&Entry) -> std::io::Result<Next>)
 }
 
 /// Removes `entry` (a folder with everything in it, or anything else).
-pub fn remove_entry(entry: &Entry) -> std::io::Result<()> {
+pub(crate) fn remove_entry(entry: &Entry) -> std::io::Result<()> {
     if entry.is_dir() {
         let dir = open_dir_at(entry.dir, entry.name)?;
         empty(dir)?;
@@ -309,7 +309,7 @@ pub fn remove(path: &Path) -> std::io::Result<()> {
 }
 
 /// Removes everything in the folder `path`, keeping the folder.
-pub fn remove_contents(path: &Path) -> std::io::Result<()> {
+pub(crate) fn remove_contents(path: &Path) -> std::io::Result<()> {
     empty(open_dir_at(libc::AT_FDCWD, &cstr(path)?)?)
 }
 

@@ -120,12 +120,12 @@ impl Client {
 
     /// Whether this client calls as a team job's agent (whose requests
     /// are children of its job).
-    pub fn is_team(&self) -> bool {
+    pub(crate) fn is_team(&self) -> bool {
         matches!(&self.transport, Transport::Local { caller, .. } if caller.is_team())
     }
 
     /// The dashboard's page of job `id`.
-    pub fn job_url(&self, id: &str) -> String {
+    pub(crate) fn job_url(&self, id: &str) -> String {
         let base = match &self.transport {
             Transport::Http { base, .. } => base,
             Transport::Local { web_url, .. } => web_url,
@@ -196,7 +196,11 @@ impl Client {
     }
 
     /// `POST /api/jobs` as a team job's agent: a child of its job.
-    pub async fn create_child(&self, req: &CreateChild, idempotency_key: Option<&str>) -> Result<Created, ClientError> {
+    pub(crate) async fn create_child(
+        &self,
+        req: &CreateChild,
+        idempotency_key: Option<&str>,
+    ) -> Result<Created, ClientError> {
         self.create_any(req, idempotency_key).await
     }
 

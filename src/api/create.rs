@@ -26,10 +26,10 @@ use crate::rules::{RuleSet, Verdict};
 use crate::store::Accepted;
 
 /// The event kind and source of a job asked for through the API.
-pub const API_EVENT: &str = "api";
+pub(crate) const API_EVENT: &str = "api";
 
 /// The name of a job made up from a request's own fields.
-pub const ADHOC_TRIGGER: &str = "api";
+pub(crate) const ADHOC_TRIGGER: &str = "api";
 
 /// Why a request made no job.
 #[derive(Debug)]

@@ -53,7 +53,7 @@ fn view(job: &Job) -> Value {
     v
 }
 
-pub async fn jobs_page(State(s): State<Api>, Query(q): Query<HashMap<String, String>>) -> Response {
+pub(crate) async fn jobs_page(State(s): State<Api>, Query(q): Query<HashMap<String, String>>) -> Response {
     let state = q.get("state").and_then(|st| JobState::parse(st));
     let query = JobQuery {
         state,
@@ -71,7 +71,7 @@ pub async fn jobs_page(State(s): State<Api>, Query(q): Query<HashMap<String, Str
     render("jobs.html", context! { jobs, state => state.map(|s| s.as_str()), paused })
 }
 
-pub async fn job_page(State(s): State<Api>, Path(id): Path<String>) -> Response {
+pub(crate) async fn job_page(State(s): State<Api>, Path(id): Path<String>) -> Response {
     match s.store.job(&id).await {
         Ok(Some(job)) => {
             let usage = job.usage.as_ref().map(crate::publish::body::usage_line);

@@ -27,37 +27,35 @@ mod dashboard;
 mod origin;
 pub mod wire;
 
-pub use create::API_EVENT;
-
-pub use origin::Hosts;
+pub(crate) use origin::Hosts;
 
 /// The most jobs one page returns: a larger `limit` gets this many and a
 /// `next` cursor, so no request builds an unbounded answer in memory.
-pub const MAX_LIMIT: usize = 10_000;
+pub(crate) const MAX_LIMIT: usize = 10_000;
 
 #[derive(Clone)]
 pub struct Api {
     pub store: Store,
     pub engine: Arc<Engine>,
     pub token: Option<Secret>,
-    pub wake: Arc<Notify>,
+    pub(crate) wake: Arc<Notify>,
     pub ready: Arc<AtomicBool>,
     pub rules: crate::rules::SharedRules,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The names this daemon answers to (DNS rebinding and CSRF guard).
-    pub hosts: Arc<Hosts>,
+    pub(crate) hosts: Arc<Hosts>,
     /// Live log streams at once (`server.max_streams`); none left: 503.
     pub streams: Arc<tokio::sync::Semaphore>,
     /// Where the dashboard is reached (`server.public_url`, else the listen
     /// address), for the links `/mcp` answers with.
-    pub web_url: String,
+    pub(crate) web_url: String,
     /// Cancelled at shutdown: ends `/mcp`'s open sessions.
     pub stop: tokio_util::sync::CancellationToken,
 }
 
 /// The API's routes without their guards, for `/mcp`'s tools to call
 /// in-process: the caller's token was checked at `/mcp` already.
-pub fn inner_routes(state: Api) -> Router {
+pub(crate) fn inner_routes(state: Api) -> Router {
     routes().with_state(state)
 }
 

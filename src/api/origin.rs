@@ -20,7 +20,7 @@ use serde_json::json;
 
 /// The host names (any port) this daemon answers to.
 #[derive(Debug, Clone)]
-pub struct Hosts {
+pub(crate) struct Hosts {
     names: Vec<String>,
     /// Listening on every address: any IP literal is this machine (a
     /// rebinding attack needs a name, never a literal).
@@ -64,7 +64,7 @@ fn host_of(authority: &str) -> Option<String> {
     (!host.is_empty()).then(|| host.to_ascii_lowercase())
 }
 
-pub async fn same_site(State(hosts): State<Arc<Hosts>>, req: Request, next: Next) -> Response {
+pub(crate) async fn same_site(State(hosts): State<Arc<Hosts>>, req: Request, next: Next) -> Response {
     let headers = req.headers();
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).and_then(host_of);
     if !host.as_deref().is_some_and(|h| hosts.allows(h)) {

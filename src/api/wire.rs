@@ -13,7 +13,9 @@
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
-pub use crate::store::{Job, JobState, Skipped};
+pub use crate::store::{Job, JobState};
+
+pub use crate::store::Skipped;
 
 /// `POST /api/jobs` from the API token's holder: either a trigger with `on
 /// = ["api"]` (`trigger`, `inputs`) or a free-form job (`agent`, `prompt`
@@ -54,7 +56,7 @@ pub struct CreateJob {
 /// its own job, on its repository, with one of the agents it may delegate to.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CreateChild {
+pub(crate) struct CreateChild {
     #[serde(default, deserialize_with = "text", skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
     #[serde(default, deserialize_with = "text", skip_serializing_if = "Option::is_none")]
@@ -74,7 +76,7 @@ pub struct CreateChild {
 
 /// What a team's agent is told when it names a trigger: a child is always
 /// made from its parent's own agents and repository.
-pub const CHILD_NO_TRIGGER: &str = "a job's agent starts children of its own job, never a trigger";
+pub(crate) const CHILD_NO_TRIGGER: &str = "a job's agent starts children of its own job, never a trigger";
 
 /// A request field that is wrong, and why: a 400 naming it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,7 +111,7 @@ pub fn object(body: &[u8]) -> Result<Map<String, Value>, BadField> {
 }
 
 /// `map` as a `T`, the first mistake named by its field.
-pub fn from_object<T: serde::de::DeserializeOwned>(map: Map<String, Value>) -> Result<T, BadField> {
+pub(crate) fn from_object<T: serde::de::DeserializeOwned>(map: Map<String, Value>) -> Result<T, BadField> {
     // From a `Value` rather than the bytes: serde_json then adds no
     // "at line 1 column 40" to the messages our field rules wrote.
     serde_path_to_error::deserialize(Value::Object(map)).map_err(|e| {
@@ -222,7 +224,7 @@ pub struct JobList {
 /// Every error answer: `{"error"}`, plus the field a 400 names or the
 /// reason a 429 gives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
+pub(crate) struct ErrorBody {
     pub error: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
@@ -272,13 +274,13 @@ pub struct TriggerError {
 
 /// `GET /healthz`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Health {
+pub(crate) struct Health {
     pub ok: bool,
 }
 
 /// `GET /readyz` once the daemon has recovered and serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Ready {
+pub(crate) struct Ready {
     pub ready: bool,
 }
 

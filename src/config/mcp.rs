@@ -20,7 +20,7 @@ use crate::sandbox::egress::{rule_for_url, HostRule};
 #[derive(Debug, Clone)]
 pub struct McpServer {
     pub name: String,
-    pub transport: McpTransport,
+    pub(crate) transport: McpTransport,
 }
 
 #[derive(Debug, Clone)]
@@ -39,7 +39,7 @@ pub enum McpValue {
 }
 
 impl McpValue {
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         match self {
             McpValue::Plain(s) => s,
             McpValue::Secret(s) => s.expose(),

@@ -22,7 +22,8 @@ mod mcp;
 
 use crate::diag::Diagnostic;
 use agents::{merge_agent, RawAgent};
-pub use agents::{presets, AgentDef, Preset, PromptMode, ResultMode, UsageFormat};
+pub use agents::{presets, AgentDef, PromptMode, ResultMode};
+pub use agents::{Preset, UsageFormat};
 use load::*;
 pub use mcp::{McpServer, McpTransport, McpValue, TEAM_SERVER};
 
@@ -30,7 +31,7 @@ pub use mcp::{McpServer, McpTransport, McpValue, TEAM_SERVER};
 const MIN_SECRET_LEN: usize = 16;
 
 /// The file `baton serve` reads when `--config` is not given.
-pub const DEFAULT_CONFIG_FILE: &str = "baton.toml";
+pub(crate) const DEFAULT_CONFIG_FILE: &str = "baton.toml";
 
 /// A resolved configuration: every path absolute, every secret read.
 #[derive(Debug, Clone)]
@@ -55,7 +56,7 @@ pub struct Config {
     /// `[api]`: jobs created through `POST /api/jobs`.
     pub api: ApiSettings,
     /// Files secrets were read from (`file:`): hidden from agents.
-    pub secret_files: Vec<PathBuf>,
+    pub(crate) secret_files: Vec<PathBuf>,
     /// Variables secrets were read from (`env:`): erased once loaded.
     pub secret_vars: Vec<String>,
 }
@@ -98,7 +99,7 @@ pub struct Server {
     pub max_streams: usize,
     /// A signed body already received under another delivery id (within
     /// `storage.delivery_retention`) is answered as a duplicate.
-    pub reject_replays: bool,
+    pub(crate) reject_replays: bool,
     /// Time a client has to send its headers, and then its body.
     pub read_timeout: Duration,
     /// On SIGTERM, how long running jobs may take to finish before they are
@@ -111,7 +112,7 @@ pub struct Server {
 #[derive(Debug, Clone)]
 pub struct Storage {
     pub path: PathBuf,
-    pub durability: Durability,
+    pub(crate) durability: Durability,
     /// How long delivery ids are kept for duplicate detection.
     pub delivery_retention: Duration,
     /// Finished worktrees kept for reuse, across repositories (0: none).
@@ -166,7 +167,7 @@ pub struct Price {
     pub input_per_mtok: f64,
     pub output_per_mtok: f64,
     /// Cached input; the input price when not given.
-    pub cached_per_mtok: Option<f64>,
+    pub(crate) cached_per_mtok: Option<f64>,
 }
 
 /// `[notify.NAME]`: a place told when a job ends.
@@ -241,7 +242,7 @@ impl Secret {
         Secret(value.into())
     }
 
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -255,7 +256,7 @@ impl fmt::Debug for Secret {
 /// A duration written the way people write them: `90s`, `30m`, `2h`, `1h30m`
 /// (or a bare number of seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
+pub(crate) struct HumanDuration(pub Duration);
 
 impl HumanDuration {
     pub fn parse(s: &str) -> Result<Duration, String> {
@@ -312,7 +313,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
 }
 
 /// Renders a duration compactly for messages: `30m`, `1h30m`, `45s`.
-pub fn format_duration(d: Duration) -> String {
+pub(crate) fn format_duration(d: Duration) -> String {
     let secs = d.as_secs();
     let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
     let mut out = String::new();
@@ -335,7 +336,7 @@ impl Config {
     /// baton's own paths, which no agent may see: the storage folder (store,
     /// mirrors, other jobs, the generated webhook secret), the config file
     /// and its folder, the trigger folder, and files secrets came from.
-    pub fn hidden_paths(&self) -> Vec<PathBuf> {
+    pub(crate) fn hidden_paths(&self) -> Vec<PathBuf> {
         let mut out = vec![self.storage.path.clone(), self.triggers_dir.clone()];
         if let Some(file) = &self.file {
             out.push(file.clone());

@@ -13,7 +13,7 @@ use super::{Delivery, Job, JobState, Plan, Skipped, Write};
 use crate::rules::{JobSpec, OnConflict};
 
 /// Jobs waiting in one concurrency group with `on_conflict = "queue"`, at most.
-pub const MAX_GROUP_QUEUE: usize = 50;
+pub(crate) const MAX_GROUP_QUEUE: usize = 50;
 
 /// The outcome of storing a delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +67,7 @@ pub struct AdmitView {
     /// Stored jobs among the batch's ids and those waiting in its groups.
     pub jobs: HashMap<String, Job>,
     pub groups: HashMap<String, GroupState>,
-    pub throttles: HashMap<String, Vec<i64>>,
+    pub(crate) throttles: HashMap<String, Vec<i64>>,
     /// Subject key → jobs held there.
     pub held: HashMap<String, Vec<Pending>>,
 }
@@ -80,8 +80,8 @@ pub struct Wanted {
     pub bodies: BTreeSet<String>,
     pub jobs: BTreeSet<String>,
     pub groups: BTreeSet<String>,
-    pub throttles: BTreeSet<String>,
-    pub subjects: BTreeSet<String>,
+    pub(crate) throttles: BTreeSet<String>,
+    pub(crate) subjects: BTreeSet<String>,
 }
 
 impl AdmitView {
@@ -111,7 +111,7 @@ impl AdmitView {
 
 /// The throttle records a job's trigger keeps: runs per repository and hour,
 /// and the last run per issue or PR.
-pub fn throttle_keys(spec: &JobSpec) -> Vec<String> {
+pub(crate) fn throttle_keys(spec: &JobSpec) -> Vec<String> {
     let repo = spec.repo.as_deref().unwrap_or("");
     let mut keys = Vec::new();
     if spec.max_runs_per_hour.is_some() {
@@ -128,7 +128,7 @@ pub fn throttle_keys(spec: &JobSpec) -> Vec<String> {
 const SPEND_HOURS: i64 = 24;
 
 /// One rolling day's spending a job counts against, and its cap.
-pub struct BudgetKey {
+pub(crate) struct BudgetKey {
     pub key: String,
     pub cap: Option<f64>,
     /// Whose budget, for the reason a match is skipped.
@@ -137,7 +137,7 @@ pub struct BudgetKey {
 
 /// Every job's spending counts in three: all agents', its trigger's and
 /// its repository's (whether or not a cap is set yet).
-pub fn budget_keys(spec: &JobSpec) -> Vec<BudgetKey> {
+pub(crate) fn budget_keys(spec: &JobSpec) -> Vec<BudgetKey> {
     let repo = spec.repo.as_deref().unwrap_or("");
     let b = spec.daily_budgets;
     vec![

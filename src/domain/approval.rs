@@ -9,13 +9,13 @@ use super::{job_id, Approval, Job, Plan, Write};
 use crate::rules::JobSpec;
 
 /// Held jobs per issue or PR, at most (oldest go first).
-pub const MAX_PENDING: usize = 20;
+pub(crate) const MAX_PENDING: usize = 20;
 
 /// A job held until a trusted person approves it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Pending {
     pub delivery: String,
-    pub held_at: DateTime<Utc>,
+    pub(crate) held_at: DateTime<Utc>,
     pub spec: JobSpec,
     /// A hash of the issue's or PR's title and body when the match was
     /// held: its prompt was rendered from that text.
@@ -27,7 +27,7 @@ impl Pending {
     /// Whether an approval may release this held job: not when the issue's
     /// or PR's text (`current`) differs from what the prompt was made of,
     /// unless the approver said `--edited` after reading it.
-    pub fn approvable(&self, current: Option<&str>, edited_ok: bool) -> bool {
+    pub(crate) fn approvable(&self, current: Option<&str>, edited_ok: bool) -> bool {
         match (&self.text, current) {
             (Some(then), Some(now)) => then == now || edited_ok,
             _ => true,
@@ -35,7 +35,7 @@ impl Pending {
     }
 
     /// Held at the PR's current head (or not about a PR head at all).
-    pub fn at_head(&self, head: Option<&str>) -> bool {
+    pub(crate) fn at_head(&self, head: Option<&str>) -> bool {
         !self.spec.subject_is_pull_request || self.spec.head_sha.is_none() || self.spec.head_sha.as_deref() == head
     }
 }
@@ -43,10 +43,10 @@ impl Pending {
 /// A `/baton approve` comment, as the forge reported it: the facts the
 /// trust rule reads, and nothing else.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Request<'a> {
+pub(crate) struct Request<'a> {
     /// Who sent the event, and whether the forge calls them a bot.
     pub sender: Option<&'a str>,
-    pub sender_is_bot: bool,
+    pub(crate) sender_is_bot: bool,
     /// The comment's author, as the comment names them.
     pub author: Option<&'a str>,
     pub body: &'a str,
@@ -56,7 +56,7 @@ pub struct Request<'a> {
 
 /// Why a request approves nothing at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ignored {
+pub(crate) enum Ignored {
     /// baton itself or a bot: an injected agent's result could start with
     /// the command, so neither ever approves.
     Bot,
@@ -69,7 +69,7 @@ pub enum Ignored {
 /// Whether `req` may approve anything, and with which standing: never
 /// baton's own words (`bot_login`) nor a bot's, never a comment carrying
 /// baton's `marker`, never an author of unknown standing.
-pub fn requester<'a>(req: &Request<'a>, bot_login: &str, marker: &str) -> Result<&'a str, Ignored> {
+pub(crate) fn requester<'a>(req: &Request<'a>, bot_login: &str, marker: &str) -> Result<&'a str, Ignored> {
     let bot = |login: &str| login == bot_login || login.ends_with("[bot]");
     if req.sender_is_bot || req.sender.is_some_and(bot) || req.author.is_some_and(bot) {
         return Err(Ignored::Bot);

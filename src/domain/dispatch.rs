@@ -10,7 +10,7 @@ use super::admission::GroupState;
 use super::{Job, JobState, Outcome, Plan, Publication, PublicationState, Purpose, Target, Write};
 
 /// A job interrupted by this many daemon restarts (or lapsed leases) fails.
-pub const MAX_INTERRUPTIONS: u32 = 3;
+pub(crate) const MAX_INTERRUPTIONS: u32 = 3;
 
 /// A queued job, as the dispatcher sees it without loading the job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,17 +73,17 @@ impl Load {
     }
 
     /// Whether this replica may take another job at all.
-    pub fn has_room(&self, limits: &Limits) -> bool {
+    pub(crate) fn has_room(&self, limits: &Limits) -> bool {
         self.local < limits.per_replica
     }
 
     /// Whether `repo` is at its limit (its whole line is passed over).
-    pub fn repo_full(&self, limits: &Limits, repo: Option<&str>) -> bool {
+    pub(crate) fn repo_full(&self, limits: &Limits, repo: Option<&str>) -> bool {
         repo.is_some_and(|r| self.per_repo.get(r).copied().unwrap_or(0) >= limits.per_repo)
     }
 
     /// Whether `entry` may start now as far as the limits go.
-    pub fn admits(&self, limits: &Limits, entry: &QueueEntry) -> bool {
+    pub(crate) fn admits(&self, limits: &Limits, entry: &QueueEntry) -> bool {
         self.has_room(limits)
             && !self.repo_full(limits, entry.repo.as_deref())
             && limits
@@ -246,7 +246,7 @@ pub fn published(job: &Job, p: &Publication, created: bool, now: DateTime<Utc>) 
 
 /// What recording a publication attempt writes: it stays in the outbox while
 /// pending and leaves it otherwise; its job takes the outcome.
-pub fn publication_update(job: Option<&Job>, p: &Publication, created: bool, now: DateTime<Utc>) -> Plan {
+pub(crate) fn publication_update(job: Option<&Job>, p: &Publication, created: bool, now: DateTime<Utc>) -> Plan {
     let mut plan = match p.state {
         PublicationState::Pending => vec![Write::Outbox(Box::new(p.clone()))],
         _ => vec![Write::Unbox { job: p.job.clone(), purpose: p.purpose }],

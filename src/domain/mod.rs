@@ -8,7 +8,7 @@
 //! PostgreSQL make the same decisions, and every decision is tested here
 //! without a database.
 
-pub mod admission;
+pub(crate) mod admission;
 pub mod approval;
 pub mod chain;
 pub mod dispatch;
@@ -20,10 +20,14 @@ use std::fmt;
 
 use sha2::{Digest, Sha256};
 
-pub use admission::{Accepted, Admission, AdmitView, Admitted, GroupState};
+pub use admission::{Accepted, Admitted};
+
+pub use admission::{Admission, AdmitView, GroupState};
 pub use approval::Pending;
-pub use dispatch::{Limits, Load, QueueEntry};
-pub use outbox::{NoOutbox, PlanOutbox};
+pub use dispatch::Limits;
+pub use dispatch::{Load, QueueEntry};
+pub(crate) use outbox::NoOutbox;
+pub use outbox::PlanOutbox;
 pub use records::*;
 
 /// One write of a plan. A backend applies a plan's writes in order, all or
@@ -60,7 +64,7 @@ pub enum Write {
 }
 
 /// What a policy asks the store to write.
-pub type Plan = Vec<Write>;
+pub(crate) type Plan = Vec<Write>;
 
 /// The id of the job `trigger` creates for `delivery`: the same pair always
 /// gives the same id, so reprocessing a delivery cannot double a job.
@@ -73,24 +77,18 @@ pub fn job_id(delivery: &str, trigger: &str) -> String {
 }
 
 /// The key of an issue or PR (`owner/name#N`), for held jobs and heads.
-pub fn subject_key(repo: &str, number: u64) -> String {
+pub(crate) fn subject_key(repo: &str, number: u64) -> String {
     format!("{repo}#{number}")
 }
 
 /// What a job is about on GitHub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Subject {
+pub(crate) enum Subject {
     Issue(u64),
     PullRequest(u64),
 }
 
-impl Subject {
-    pub fn number(self) -> u64 {
-        match self {
-            Subject::Issue(n) | Subject::PullRequest(n) => n,
-        }
-    }
-}
+impl Subject {}
 
 /// Where a delivery came from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,7 +24,7 @@ pub trait PlanOutbox: Send + Sync {
 
 /// Plans nothing: an engine nobody publishes for (`simulate --run`, tests
 /// of the engine alone).
-pub struct NoOutbox;
+pub(crate) struct NoOutbox;
 
 impl PlanOutbox for NoOutbox {
     fn at_start(&self, _: &Job) -> Vec<Publication> {

@@ -32,7 +32,7 @@ pub struct RunEnd {
     /// The run's budget in dollars, when it had one.
     pub budget_usd: Option<f64>,
     /// What it spent, when its CLI said.
-    pub spent_usd: Option<f64>,
+    pub(crate) spent_usd: Option<f64>,
 }
 
 impl RunEnd {
@@ -70,7 +70,7 @@ fn failed(outcome: Outcome, exit_code: Option<i32>, retry: bool) -> Verdict {
 
 /// The agent's run. A cap or a spent budget is not retried (the next
 /// attempt would hit it again); a timeout or a failed exit is.
-pub fn agent_run(end: &RunEnd) -> Verdict {
+pub(crate) fn agent_run(end: &RunEnd) -> Verdict {
     if end.stop == Stop::NotStarted {
         return failed(Outcome::SpawnFailed, None, false);
     }
@@ -99,7 +99,7 @@ pub fn agent_run(end: &RunEnd) -> Verdict {
 
 /// The `verify` command's run. A failed check is retried, its output in
 /// the next prompt; it is recorded with exit code 0, the agent's.
-pub fn verify_run(end: &RunEnd) -> Verdict {
+pub(crate) fn verify_run(end: &RunEnd) -> Verdict {
     if end.stop == Stop::NotStarted {
         return failed(Outcome::VerifyFailed, None, false);
     }

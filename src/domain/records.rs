@@ -27,7 +27,7 @@ pub struct Delivery {
 
 impl Delivery {
     /// Marks the delivery with the hash of `event` and `body`.
-    pub fn with_body(mut self, event: &str, body: &[u8]) -> Delivery {
+    pub(crate) fn with_body(mut self, event: &str, body: &[u8]) -> Delivery {
         use sha2::Digest as _;
         let mut h = sha2::Sha256::new();
         h.update(event.as_bytes());
@@ -129,9 +129,9 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Attempt {
     pub number: u32,
-    pub started_at: DateTime<Utc>,
+    pub(crate) started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
-    pub exit_code: Option<i32>,
+    pub(crate) exit_code: Option<i32>,
     /// Why it ended; `None` while it runs.
     pub outcome: Option<Outcome>,
     pub error: Option<String>,
@@ -181,7 +181,7 @@ impl Usage {
 
 /// US dollars as people read them: cents from a dollar up, else as many
 /// digits as it takes (`$0.000175`).
-pub fn dollars(usd: f64) -> String {
+pub(crate) fn dollars(usd: f64) -> String {
     if usd >= 1.0 {
         format!("${usd:.2}")
     } else {
@@ -198,7 +198,7 @@ pub struct Phases {
     pub verify_ms: Option<u64>,
     /// From the job's end to its result landing on GitHub.
     #[serde(default)]
-    pub publish_ms: Option<u64>,
+    pub(crate) publish_ms: Option<u64>,
 }
 
 /// Who released a held job, and when.
@@ -224,7 +224,7 @@ pub struct Job {
     /// Attempts started so far.
     pub attempts: u32,
     pub created_at: DateTime<Utc>,
-    pub started_at: Option<DateTime<Utc>>,
+    pub(crate) started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub result: Option<String>,
     pub error: Option<String>,
@@ -261,7 +261,7 @@ pub struct Progress {
     /// were written to the outbox: they are written once per job.
     pub started: bool,
     /// The status comment, edited in place at the end.
-    pub status_comment: Option<u64>,
+    pub(crate) status_comment: Option<u64>,
     /// The check run, completed at the end.
     pub check_run: Option<u64>,
     /// Comments and pull requests created, for the per-job caps.
@@ -327,7 +327,7 @@ impl Job {
     }
 
     /// Adds refused destinations to the current attempt's.
-    pub fn record_egress(&mut self, blocked: Vec<crate::sandbox::egress::Blocked>) {
+    pub(crate) fn record_egress(&mut self, blocked: Vec<crate::sandbox::egress::Blocked>) {
         let Some(a) = self.history.last_mut() else { return };
         for b in blocked {
             match a.egress_blocked.iter_mut().find(|x| x.host == b.host && x.port == b.port) {
@@ -338,7 +338,7 @@ impl Job {
     }
 
     /// Records the current attempt's model use, and the job's total.
-    pub fn record_usage(&mut self, usage: Option<Usage>) {
+    pub(crate) fn record_usage(&mut self, usage: Option<Usage>) {
         if let (Some(a), Some(u)) = (self.history.last_mut(), usage) {
             a.usage = Some(u);
         }
@@ -347,7 +347,7 @@ impl Job {
     }
 
     /// Records the phase timings of the current attempt.
-    pub fn record_phases(&mut self, phases: Phases) {
+    pub(crate) fn record_phases(&mut self, phases: Phases) {
         if let Some(a) = self.history.last_mut() {
             a.phases = phases;
         }
@@ -362,7 +362,7 @@ impl Job {
     }
 
     /// Back to the queue for a whole new run (`retry`); history is kept.
-    pub fn requeue_fresh(&mut self) {
+    pub(crate) fn requeue_fresh(&mut self) {
         self.state = JobState::Queued;
         self.attempts = 0;
         self.result = None;
@@ -373,20 +373,20 @@ impl Job {
 
     /// Attempts that count against `attempts`: a daemon restart is not the
     /// job's fault, so an interrupted attempt does not use up the budget.
-    pub fn counted_attempts(&self) -> u32 {
+    pub(crate) fn counted_attempts(&self) -> u32 {
         self.history.iter().filter(|a| a.outcome != Some(Outcome::Interrupted)).count() as u32
     }
 
-    pub fn interruptions(&self) -> u32 {
+    pub(crate) fn interruptions(&self) -> u32 {
         self.history.iter().filter(|a| a.outcome == Some(Outcome::Interrupted)).count() as u32
     }
 
-    pub fn attempts_left(&self) -> bool {
+    pub(crate) fn attempts_left(&self) -> bool {
         self.counted_attempts() < self.spec.max_attempts
     }
 
     /// The issue or PR the job is about, if any.
-    pub fn subject_of(&self) -> Option<super::Subject> {
+    pub(crate) fn subject_of(&self) -> Option<super::Subject> {
         let n = self.spec.subject?;
         Some(if self.spec.subject_is_pull_request { super::Subject::PullRequest(n) } else { super::Subject::Issue(n) })
     }
@@ -458,11 +458,11 @@ pub enum Purpose {
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 6] =
+    pub(crate) const ALL: [Purpose; 6] =
         [Purpose::Final, Purpose::Reaction, Purpose::Status, Purpose::CheckStart, Purpose::StatusEnd, Purpose::Notify];
 
     /// Published when the job starts; a job's end waits for these.
-    pub fn at_start(self) -> bool {
+    pub(crate) fn at_start(self) -> bool {
         matches!(self, Purpose::Reaction | Purpose::Status | Purpose::CheckStart)
     }
 
@@ -492,7 +492,7 @@ pub enum PublicationState {
 pub struct Publication {
     pub job: String,
     #[serde(default)]
-    pub purpose: Purpose,
+    pub(crate) purpose: Purpose,
     pub repo: String,
     /// The job's `access` (see `Event`): which forge credentials send it.
     #[serde(default, rename = "installation")]
@@ -501,16 +501,16 @@ pub struct Publication {
     pub body: String,
     pub state: PublicationState,
     pub attempts: u32,
-    pub next_attempt_at: DateTime<Utc>,
-    pub last_error: Option<String>,
+    pub(crate) next_attempt_at: DateTime<Utc>,
+    pub(crate) last_error: Option<String>,
     pub url: Option<String>,
     /// A creating request went out and its answer was lost (a crash, a 5xx,
     /// a timeout): before sending again, baton looks for its marker.
     #[serde(default)]
-    pub maybe_sent: bool,
+    pub(crate) maybe_sent: bool,
     /// The id GitHub gave what was created (comment, check run).
     #[serde(default)]
-    pub remote_id: Option<u64>,
+    pub(crate) remote_id: Option<u64>,
 }
 
 /// What the job record shows of its publication.

@@ -21,10 +21,10 @@ use crate::sandbox::usage::{Meter, Over};
 use crate::sandbox::{LimitHit, Sandbox};
 
 /// How long a process group has between SIGTERM and SIGKILL.
-pub const KILL_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// Output kept per job, across stdout and stderr; the log says where it was cut.
-pub const DEFAULT_OUTPUT_CAP: u64 = 10 * 1024 * 1024;
+pub(crate) const DEFAULT_OUTPUT_CAP: u64 = 10 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -80,9 +80,7 @@ pub struct Run {
     pub ending: Ending,
     pub stdout: String,
     /// The last few KB of stdout and stderr together, for feedback.
-    pub output_tail: String,
-    /// The agent's process group id, recorded at spawn time.
-    pub pgid: Option<i32>,
+    pub(crate) output_tail: String,
     /// The sandbox cap the run ran into, if any.
     pub limit: Option<LimitHit>,
     /// Destinations its egress proxy refused.
@@ -117,7 +115,7 @@ pub struct Confinement<'a> {
     pub name: String,
     /// baton's folder for the run (the agent's `HOME`, the proxy socket);
     /// made anew and removed afterwards.
-    pub run_dir: PathBuf,
+    pub(crate) run_dir: PathBuf,
     /// The mirror's objects the workspace's repository borrows (shown
     /// read-only at `sandbox::OBJECTS_PATH`).
     pub objects: Option<PathBuf>,
@@ -158,7 +156,7 @@ impl Invocation<'_> {
     }
 
     /// Where any agent may report its model use (`$BATON_USAGE_FILE`).
-    pub fn usage_file(&self) -> PathBuf {
+    pub(crate) fn usage_file(&self) -> PathBuf {
         self.job_dir.join(USAGE_FILE)
     }
 
@@ -478,7 +476,6 @@ impl Invocation<'_> {
             ending,
             stdout: String::from_utf8_lossy(&stdout).into_owned(),
             output_tail: String::from_utf8_lossy(&log.tail).into_owned(),
-            pgid,
             limit,
             egress_blocked,
         })
@@ -585,7 +582,7 @@ pub(super) fn resolve_program(program: &str, path: &std::ffi::OsStr, workdir: &P
     std::env::split_paths(path).map(|d| d.join(program)).find(|p| is_executable(p))
 }
 
-pub fn describe_exit(code: Option<i32>) -> String {
+pub(crate) fn describe_exit(code: Option<i32>) -> String {
     match code {
         Some(c) => format!("status {c}"),
         None => "a signal".into(),
@@ -670,10 +667,10 @@ async fn drain(mut reader: tokio::task::JoinHandle<Vec<u8>>) -> Vec<u8> {
 /// Who a process is, across pid reuse: its start time (clock ticks after
 /// boot) and the boot it belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ProcessIdentity {
-    pub pgid: i32,
-    pub start_ticks: Option<u64>,
-    pub boot_id: Option<String>,
+pub(crate) struct ProcessIdentity {
+    pub(crate) pgid: i32,
+    pub(crate) start_ticks: Option<u64>,
+    pub(crate) boot_id: Option<String>,
 }
 
 use crate::sandbox::leftovers::{boot_id, start_ticks};
@@ -685,7 +682,7 @@ impl ProcessIdentity {
 
     /// Kills the group a previous daemon left behind, if it is still the
     /// same one: same boot, and its leader (when alive) started when recorded.
-    pub fn kill_leftover(&self) -> bool {
+    pub(crate) fn kill_leftover(&self) -> bool {
         if self.boot_id.is_none() || self.boot_id != boot_id() || !group_alive(self.pgid) {
             return false;
         }
@@ -699,7 +696,7 @@ impl ProcessIdentity {
 }
 
 /// Sends `signal` to every process in the group.
-pub fn kill_group(pgid: i32, signal: i32) -> bool {
+pub(crate) fn kill_group(pgid: i32, signal: i32) -> bool {
     if pgid <= 1 {
         return false;
     }
@@ -709,7 +706,7 @@ pub fn kill_group(pgid: i32, signal: i32) -> bool {
 }
 
 /// Whether any process of the group is still alive.
-pub fn group_alive(pgid: i32) -> bool {
+pub(crate) fn group_alive(pgid: i32) -> bool {
     pgid > 1 && unsafe { libc::kill(-pgid, 0) == 0 }
 }
 

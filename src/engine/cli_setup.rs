@@ -30,30 +30,30 @@ pub struct Setup {
     /// Files written into the run's io folder before it starts: name and text.
     pub files: Vec<(String, String)>,
     /// Files written into the sandbox's `HOME` (a path under it, and text).
-    pub home_files: Vec<(String, String)>,
+    pub(crate) home_files: Vec<(String, String)>,
     /// Hosts the sandbox may reach besides the agent's own (HTTP servers).
     pub network: Vec<HostRule>,
     /// Shown read-only in the sandbox: each stdio server's program, and the
     /// absolute paths among its arguments that exist (its script, say).
-    pub expose: Vec<PathBuf>,
+    pub(crate) expose: Vec<PathBuf>,
     /// A team run: the API address the sandbox's proxy forwards `/mcp` to.
     pub baton: Option<std::net::SocketAddr>,
 }
 
 /// A team run's way to baton's own `/mcp` (`[job] delegate`).
 #[derive(Debug, Clone)]
-pub struct TeamAccess {
+pub(crate) struct TeamAccess {
     /// As the agent reaches it: through its sandbox's proxy, or directly.
     pub url: String,
     /// The run's token (engine::team).
     pub token: String,
     /// Where the sandbox's proxy forwards `/mcp` (none unsandboxed).
-    pub upstream: Option<std::net::SocketAddr>,
+    pub(crate) upstream: Option<std::net::SocketAddr>,
 }
 
 /// Why a job's servers cannot be given to its agent.
 #[derive(Debug, thiserror::Error)]
-pub enum SetupError {
+pub(crate) enum SetupError {
     #[error(
         "agent `{0}` is not one of the codex, claude and gemini CLIs, so baton cannot give it MCP servers \
          (set `preset` on the agent, or drop `mcp` from the trigger)"
@@ -68,10 +68,10 @@ pub enum SetupError {
 }
 
 /// The Claude Code file of `--mcp-config`.
-pub const CLAUDE_FILE: &str = "mcp.json";
+pub(crate) const CLAUDE_FILE: &str = "mcp.json";
 /// Gemini CLI's user settings, under its `HOME`. (0.61 ignores a file named
 /// by `GEMINI_CLI_SYSTEM_SETTINGS_PATH` for both of the keys used here.)
-pub const GEMINI_FILE: &str = ".gemini/settings.json";
+pub(crate) const GEMINI_FILE: &str = ".gemini/settings.json";
 
 /// The variable that carries header number `index` of HTTP server `server`.
 /// (A stdio server's variables keep their own names: the CLI passes them on

@@ -41,7 +41,7 @@ impl Engine {
     }
 
     /// Jobs running now.
-    pub fn running_count(&self) -> usize {
+    pub(crate) fn running_count(&self) -> usize {
         self.running().len()
     }
 
@@ -279,7 +279,7 @@ impl Engine {
 
     /// Waits up to `grace` for running jobs to finish, then stops the rest,
     /// leaving them `running` in the store so the next start resumes them.
-    pub async fn drain(&self, grace: Duration) {
+    pub(crate) async fn drain(&self, grace: Duration) {
         let deadline = tokio::time::Instant::now() + grace;
         while self.running_count() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;

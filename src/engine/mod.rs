@@ -18,11 +18,11 @@
 pub mod agent;
 mod attempt;
 mod chain;
-pub mod cli_setup;
+pub(crate) mod cli_setup;
 mod dispatch;
 mod push;
 pub mod space;
-pub mod sweep;
+pub(crate) mod sweep;
 pub mod team;
 pub mod usage;
 pub mod workspace;
@@ -130,14 +130,14 @@ impl Engine {
 
     /// Plans what each job's start and end put in the outbox (the
     /// publisher's planner); without it nothing is planned.
-    pub fn with_outbox(mut self, outbox: Arc<dyn PlanOutbox>) -> Engine {
+    pub(crate) fn with_outbox(mut self, outbox: Arc<dyn PlanOutbox>) -> Engine {
         self.outbox = outbox;
         self
     }
 
     /// The address baton's API listens on, which the agents of a team reach
     /// its `/mcp` through.
-    pub fn with_api_addr(mut self, addr: std::net::SocketAddr) -> Engine {
+    pub(crate) fn with_api_addr(mut self, addr: std::net::SocketAddr) -> Engine {
         self.api_addr = Some(addr);
         self
     }
@@ -148,14 +148,14 @@ impl Engine {
     }
 
     /// The live tokens of team runs, which the API checks callers against.
-    pub fn grants(&self) -> &team::Grants {
+    pub(crate) fn grants(&self) -> &team::Grants {
         &self.grants
     }
 
     /// Runs every agent and verify command in `sandbox`; without it (the
     /// config turned it off, or a test of something else) they run
     /// unconfined, with a warning in every job's log.
-    pub fn with_sandbox(mut self, sandbox: Option<Arc<crate::sandbox::Sandbox>>) -> Engine {
+    pub(crate) fn with_sandbox(mut self, sandbox: Option<Arc<crate::sandbox::Sandbox>>) -> Engine {
         if let Some(s) = &sandbox {
             self.workspaces.confine(s.owner());
         }
@@ -168,7 +168,7 @@ impl Engine {
     }
 
     /// Garbage-collects the mirrors fetched into since the last call.
-    pub async fn gc_mirrors(&self) {
+    pub(crate) async fn gc_mirrors(&self) {
         self.workspaces.gc().await;
     }
 
@@ -178,7 +178,7 @@ impl Engine {
     }
 
     /// Adds a line of baton's own to a job's log.
-    pub async fn note(&self, id: &str, line: &str) {
+    pub(crate) async fn note(&self, id: &str, line: &str) {
         self.log_line(id, line).await
     }
 

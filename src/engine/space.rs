@@ -48,7 +48,7 @@ pub struct Space {
 
 /// A run's handle: it reports growth, and learns when it must stop.
 #[derive(Debug)]
-pub struct Tracker {
+pub(crate) struct Tracker {
     space: Arc<Space>,
     name: String,
     stop: CancellationToken,
@@ -96,7 +96,7 @@ impl Space {
     }
 
     /// Starts following run `name`.
-    pub fn track(self: &Arc<Self>, name: &str) -> Tracker {
+    pub(crate) fn track(self: &Arc<Self>, name: &str) -> Tracker {
         let stop = CancellationToken::new();
         let growth = Growth { bytes: 0, at: Instant::now(), rate: 0.0, stop: stop.clone() };
         self.runs().insert(name.to_string(), growth);
@@ -130,7 +130,7 @@ impl Space {
     }
 
     /// Why no agent starts, while the disk is below its floor.
-    pub fn why_paused(&self) -> Option<String> {
+    pub(crate) fn why_paused(&self) -> Option<String> {
         let (free, min) = self.shortage()?;
         Some(format!(
             "No new agent starts: the storage folder's disk has {} free, below storage.min_free ({}). Queued jobs \
@@ -141,7 +141,7 @@ impl Space {
     }
 
     /// `(free, min_free)` while the disk is below its floor.
-    pub fn shortage(&self) -> Option<(u64, u64)> {
+    pub(crate) fn shortage(&self) -> Option<(u64, u64)> {
         self.low.load(Ordering::Relaxed).then(|| (self.free.load(Ordering::Relaxed), self.min_free))
     }
 

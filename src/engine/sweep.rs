@@ -17,7 +17,7 @@ use std::path::Path;
 use crate::tree::{self, Next};
 
 /// What `sweep` removed, relative to the root: `(path, what it was)`.
-pub type Removed = Vec<(String, &'static str)>;
+pub(crate) type Removed = Vec<(String, &'static str)>;
 
 /// Whether `name` is one git would take for a repository's folder.
 fn is_git_dir_name(name: &std::ffi::OsStr) -> bool {
@@ -27,7 +27,7 @@ fn is_git_dir_name(name: &std::ffi::OsStr) -> bool {
 /// Removes every nested `.git` and every FIFO, socket and device under
 /// `root` (its own `.git` stays: that is the agent's repository, which the
 /// daemon never reads). Any depth, no link followed (`tree`).
-pub fn sweep(root: &Path) -> std::io::Result<Removed> {
+pub(crate) fn sweep(root: &Path) -> std::io::Result<Removed> {
     let mut removed = Removed::new();
     tree::walk(root, |e| {
         let rel = || e.path().to_string_lossy().into_owned();

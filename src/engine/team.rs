@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::store::Job;
 
 /// What every job token starts with (the redactor knows the shape).
-pub const TOKEN_PREFIX: &str = "batonjob_";
+pub(crate) const TOKEN_PREFIX: &str = "batonjob_";
 
 /// What a job's token allows: children of `job`, on its repository, run by
 /// one of `agents`.
@@ -73,7 +73,7 @@ impl Caller {
         }
     }
 
-    pub fn is_team(&self) -> bool {
+    pub(crate) fn is_team(&self) -> bool {
         matches!(self, Caller::Team(_))
     }
 }
@@ -88,7 +88,7 @@ pub enum Refused {
 }
 
 /// The depth a child would have, if the limit allows it.
-pub fn child_depth(grant: &Grant, max_chain_depth: u32) -> Result<u32, Refused> {
+pub(crate) fn child_depth(grant: &Grant, max_chain_depth: u32) -> Result<u32, Refused> {
     let depth = grant.depth + 1;
     if depth > max_chain_depth {
         return Err(Refused::TooDeep { job: grant.job.clone(), depth, limit: max_chain_depth });
@@ -101,7 +101,7 @@ pub fn child_depth(grant: &Grant, max_chain_depth: u32) -> Result<u32, Refused> 
 /// ended children spent, and what its unfinished children were given). So
 /// the children together never get more than the budget; a fan-out of n
 /// asks for shares n, n-1, …, 1, which come out equal. No budget, no cap.
-pub fn child_budget(grant: &Grant, committed: f64, share: u32) -> Result<Option<f64>, Refused> {
+pub(crate) fn child_budget(grant: &Grant, committed: f64, share: u32) -> Result<Option<f64>, Refused> {
     let Some(budget) = grant.budget_usd else { return Ok(None) };
     let portion = (budget - committed) / f64::from(share.max(1));
     // Below a hundredth of a cent nothing useful runs.
@@ -118,11 +118,11 @@ pub fn child_budget(grant: &Grant, committed: f64, share: u32) -> Result<Option<
 /// The tokens of the runs under way, by their digest (a lookup does not
 /// compare the token itself byte by byte).
 #[derive(Debug, Default, Clone)]
-pub struct Grants(Arc<Mutex<HashMap<[u8; 32], Arc<Grant>>>>);
+pub(crate) struct Grants(Arc<Mutex<HashMap<[u8; 32], Arc<Grant>>>>);
 
 impl Grants {
     /// A new token for `grant`, good until the pass is dropped.
-    pub fn mint(&self, grant: Grant) -> Pass {
+    pub(crate) fn mint(&self, grant: Grant) -> Pass {
         let mut bytes = [0u8; 32];
         // No entropy is a broken machine: refuse to make a guessable token.
         let token = match getrandom::fill(&mut bytes) {
@@ -157,7 +157,7 @@ fn digest(token: &str) -> [u8; 32] {
 }
 
 /// A run's token; dropping it revokes the token.
-pub struct Pass {
+pub(crate) struct Pass {
     token: Option<String>,
     key: Option<[u8; 32]>,
     grants: Grants,

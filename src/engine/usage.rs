@@ -26,7 +26,7 @@ pub fn read(format: UsageFormat, stdout: &str, file: Option<&str>) -> Option<Usa
 
 /// Fills in the cost from the price table when the CLI gave none: the
 /// price of the model the CLI named, else of the agent's `model`.
-pub fn priced_by(usage: Usage, agent_model: Option<&str>, prices: &BTreeMap<String, Price>) -> Usage {
+pub(crate) fn priced_by(usage: Usage, agent_model: Option<&str>, prices: &BTreeMap<String, Price>) -> Usage {
     let model = usage.model.clone();
     let price = model.as_deref().or(agent_model).and_then(|m| prices.get(m));
     priced(usage, price)

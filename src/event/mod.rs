@@ -22,7 +22,7 @@ pub enum NormalizeError {
 
 /// Starts the hidden marker in every body baton posts (`<!-- baton:job=ID -->`):
 /// it names the job, and keeps baton's own comments from triggering jobs.
-pub const MARKER_PREFIX: &str = "<!-- baton:";
+pub(crate) const MARKER_PREFIX: &str = "<!-- baton:";
 
 /// A repository an event is about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -35,7 +35,7 @@ pub struct Repository {
 
 /// `owner/name` split in two, when both are names GitHub allows (letters,
 /// digits, `-`, `_`, `.`; never `.` or `..`): what may become a path or URL.
-pub fn split_repo_name(repo: &str) -> Option<(&str, &str)> {
+pub(crate) fn split_repo_name(repo: &str) -> Option<(&str, &str)> {
     let ok = |s: &str| {
         !s.is_empty() && s != "." && s != ".." && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     };
@@ -62,7 +62,7 @@ pub struct Actor {
 }
 
 impl Actor {
-    pub fn is_bot(&self) -> bool {
+    pub(crate) fn is_bot(&self) -> bool {
         self.kind.eq_ignore_ascii_case("bot") || self.login.ends_with("[bot]")
     }
 }
@@ -162,13 +162,13 @@ pub struct Event {
     pub head_in_repo: Option<bool>,
     /// The repository a pull request's head branch lives in (`owner/name`;
     /// a fork's, for a PR from a fork).
-    pub head_repo: Option<String>,
+    pub(crate) head_repo: Option<String>,
     /// Whether a pull request from a fork lets the base repository's
     /// maintainers push to its branch.
     pub maintainer_can_modify: Option<bool>,
     /// `head_sha` is what baton had noted of a pull request when a comment
     /// on it arrived: a job it starts must run at exactly that commit.
-    pub head_pinned: bool,
+    pub(crate) head_pinned: bool,
     pub conclusion: Option<String>,
     pub draft: Option<bool>,
     pub comment: Option<Comment>,
@@ -188,7 +188,7 @@ pub struct Event {
 impl Event {
     /// A hash of the title and body of the issue or pull request the event
     /// is about, as the payload has them now (`None` when it has neither).
-    pub fn subject_text(&self) -> Option<String> {
+    pub(crate) fn subject_text(&self) -> Option<String> {
         use sha2::Digest as _;
         let subject = [&self.payload["pull_request"], &self.payload["issue"]].into_iter().find(|v| v.is_object())?;
         let mut h = sha2::Sha256::new();
@@ -241,7 +241,7 @@ impl Event {
 }
 
 /// `name.action` or `name`.
-pub fn kind_of(name: &str, action: Option<&str>) -> String {
+pub(crate) fn kind_of(name: &str, action: Option<&str>) -> String {
     match action {
         Some(a) if !a.is_empty() => format!("{name}.{a}"),
         _ => name.to_string(),

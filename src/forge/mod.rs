@@ -60,7 +60,7 @@ impl Forge {
     }
 
     /// Whether a verified delivery only tests the hook (answered, not stored).
-    pub fn is_ping(&self, verified: &Verified) -> bool {
+    pub(crate) fn is_ping(&self, verified: &Verified) -> bool {
         match self {
             Forge::GitHub(_) => verified.event == "ping",
         }
@@ -82,14 +82,14 @@ impl Forge {
 
     /// The git ref a change request's head can be fetched from (it works for
     /// changes from forks, whose branches live elsewhere).
-    pub fn change_head_ref(&self, number: u64) -> String {
+    pub(crate) fn change_head_ref(&self, number: u64) -> String {
         match self {
             Forge::GitHub(g) => g.change_head_ref(number),
         }
     }
 
     /// The clone URL of `owner/name` below `git_url`.
-    pub fn clone_url(&self, git_url: &str, owner: &str, name: &str) -> String {
+    pub(crate) fn clone_url(&self, git_url: &str, owner: &str, name: &str) -> String {
         match self {
             Forge::GitHub(g) => g.clone_url(git_url, owner, name),
         }
@@ -127,14 +127,14 @@ pub struct Capabilities {
     /// Check runs shown with a commit.
     pub check_runs: bool,
     /// Opening change requests.
-    pub change_requests: bool,
+    pub(crate) change_requests: bool,
     /// Pushing to a change request's own branch.
     pub push: bool,
 }
 
 impl Capabilities {
     /// Everything: what GitHub offers.
-    pub const ALL: Capabilities =
+    pub(crate) const ALL: Capabilities =
         Capabilities { comments: true, reviews: true, check_runs: true, change_requests: true, push: true };
 }
 

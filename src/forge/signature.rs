@@ -19,7 +19,7 @@ pub enum SignatureError {
 
 /// Delivery ids and event names become store keys and log fields: keep them
 /// short and printable.
-pub fn valid_token(s: &str) -> bool {
+pub(crate) fn valid_token(s: &str) -> bool {
     !s.is_empty() && s.len() <= 200 && s.chars().all(|c| c.is_ascii_graphic())
 }
 

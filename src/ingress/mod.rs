@@ -38,14 +38,14 @@ pub struct Ingress {
     /// Time a client has to send the whole body.
     pub read_timeout: Duration,
     /// Requests in flight; none left means 503.
-    pub in_flight: Arc<Semaphore>,
+    pub(crate) in_flight: Arc<Semaphore>,
     /// Unverified body bytes held at once, in KiB; a request reserves its
     /// declared length before its body is read, and none left means 503.
-    pub buffered: Arc<Semaphore>,
+    pub(crate) buffered: Arc<Semaphore>,
     /// Woken when new jobs are queued.
-    pub wake: Arc<Notify>,
+    pub(crate) wake: Arc<Notify>,
     /// Whether a body seen under another delivery id is a replay.
-    pub reject_replays: bool,
+    pub(crate) reject_replays: bool,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -82,7 +82,7 @@ async fn shed_load(State(s): State<Ingress>, req: Request, next: Next) -> Respon
 }
 
 /// Converts the bytes a request may buffer into budget permits (KiB).
-pub fn buffer_permits(bytes: usize) -> usize {
+pub(crate) fn buffer_permits(bytes: usize) -> usize {
     bytes.div_ceil(1024)
 }
 

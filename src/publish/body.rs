@@ -22,7 +22,7 @@ pub fn marker(job_id: &str) -> String {
 
 /// The hidden marker of a job's status comment (distinct from its result's,
 /// so that finding one never passes for the other).
-pub fn status_marker(job_id: &str) -> String {
+pub(crate) fn status_marker(job_id: &str) -> String {
     format!("{}job={job_id} status -->", crate::event::MARKER_PREFIX)
 }
 
@@ -32,7 +32,7 @@ fn footer(job: &Job, marker: &str) -> String {
 }
 
 /// A job's model use in a few words: `12.3k tokens in, 1.2k out, $0.08`.
-pub fn usage_line(u: &crate::store::Usage) -> String {
+pub(crate) fn usage_line(u: &crate::store::Usage) -> String {
     let count = |n: u64| match n {
         0..1_000 => n.to_string(),
         1_000..1_000_000 => format!("{:.1}k", n as f64 / 1e3),
@@ -100,7 +100,7 @@ fn timed_out(job: &Job) -> bool {
 }
 
 /// The result of a finished job, or why there is none.
-pub fn comment_body(job: &Job) -> String {
+pub(crate) fn comment_body(job: &Job) -> String {
     let main = match job.state {
         JobState::Succeeded if job.spec.output == OutputKind::PullRequest && job.branch.is_none() => {
             format!(
@@ -138,14 +138,14 @@ fn pushed_line(job: &Job) -> String {
 }
 
 /// A line-by-line review's body: its summary and baton's footer.
-pub fn review_body(job: &Job, summary: &str) -> String {
+pub(crate) fn review_body(job: &Job, summary: &str) -> String {
     fit(summary.to_string(), &footer(job, &marker(&job.id)), job)
 }
 
 /// A line-by-line review's inline comments (as `review::plan` made them)
 /// with the agent's text in their `body` defused; a suggestion block in
 /// it is code, and stays as it is.
-pub fn review_comments(job: &Job, comments: &[serde_json::Value]) -> Vec<serde_json::Value> {
+pub(crate) fn review_comments(job: &Job, comments: &[serde_json::Value]) -> Vec<serde_json::Value> {
     let policy = policy(job);
     comments
         .iter()
@@ -160,7 +160,7 @@ pub fn review_comments(job: &Job, comments: &[serde_json::Value]) -> Vec<serde_j
 }
 
 /// The status comment when a job starts.
-pub fn status_start_body(job: &Job, public_url: Option<&str>) -> String {
+pub(crate) fn status_start_body(job: &Job, public_url: Option<&str>) -> String {
     let link = match public_url {
         Some(url) => format!(" ([job `{}`]({}/jobs/{}))", job.id, url.trim_end_matches('/'), job.id),
         None => format!(" (job `{}`)", job.id),
@@ -173,7 +173,7 @@ pub fn status_start_body(job: &Job, public_url: Option<&str>) -> String {
 }
 
 /// The status comment's last edit when the result went elsewhere.
-pub fn status_end_body(job: &Job) -> String {
+pub(crate) fn status_end_body(job: &Job) -> String {
     let main = match (job.state, job.spec.output) {
         (JobState::Succeeded, OutputKind::PullRequest) => match &job.branch {
             Some(branch) => format!("Done: the changes are in a pull request from `{branch}`."),
@@ -224,7 +224,7 @@ fn render(template: Option<&str>, job: &Job) -> Option<String> {
 }
 
 /// The title of the pull request a job opens (`output.title`, or a default).
-pub fn pull_request_title(job: &Job) -> String {
+pub(crate) fn pull_request_title(job: &Job) -> String {
     let title = render(job.spec.output_options.title.as_deref(), job).unwrap_or_else(|| match job.spec.subject {
         Some(n) => format!("baton: {} for #{n}", job.trigger),
         None => format!("baton: {}", job.trigger),
@@ -234,7 +234,7 @@ pub fn pull_request_title(job: &Job) -> String {
 
 /// The body of the pull request a job opens: `output.body`, or the result
 /// with `Fixes #N` when the job came from an issue.
-pub fn pull_request_body(job: &Job) -> String {
+pub(crate) fn pull_request_body(job: &Job) -> String {
     if let Some(body) = render(job.spec.output_options.body.as_deref(), job) {
         return fit_template(body, &footer(job, &marker(&job.id)), job);
     }

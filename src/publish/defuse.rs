@@ -35,14 +35,14 @@ const MAX_URL: usize = 2048;
 /// How a job's text is defused: its trigger's `mentions`, and who may
 /// still be mentioned (the login of the event's author).
 #[derive(Debug, Clone, Copy)]
-pub struct Policy<'a> {
+pub(crate) struct Policy<'a> {
     pub mentions: Mentions,
     pub author: Option<&'a str>,
 }
 
 /// Markdown that is posted as it stands (a comment, a review, a pull
 /// request's body): mentions in code stay, since GitHub links none there.
-pub fn markdown(text: &str, policy: &Policy) -> String {
+pub(crate) fn markdown(text: &str, policy: &Policy) -> String {
     let text = plain(text);
     match policy.mentions {
         Mentions::Keep => text,
@@ -53,7 +53,7 @@ pub fn markdown(text: &str, policy: &Policy) -> String {
 /// Text that lands inside someone else's markdown (a template's
 /// `{{ result }}`, a title): what is code there is not known here, so
 /// every mention is defused, code or not.
-pub fn anywhere(text: &str, policy: &Policy) -> String {
+pub(crate) fn anywhere(text: &str, policy: &Policy) -> String {
     let text = plain(text);
     match policy.mentions {
         Mentions::Keep => text,

@@ -12,7 +12,7 @@
 pub mod body;
 pub mod defuse;
 pub mod notify;
-pub mod plan;
+pub(crate) mod plan;
 pub mod review;
 
 use std::sync::Arc;
@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use crate::forge::github::api::{self as github, GitHubError, Listing};
 use crate::forge::github::Client;
 use crate::store::{Job, JobState, Note, Publication, PublicationState, Purpose, Store, Target};
-pub use body::{comment_body, marker, pull_request_body, pull_request_title, status_end_body, status_start_body};
+pub use body::marker;
+pub(crate) use body::{comment_body, pull_request_body, pull_request_title, status_end_body, status_start_body};
 use plan::CapKind;
 
 /// Publications give up after this many tries.
@@ -36,7 +37,7 @@ const DEFER: Duration = Duration::from_secs(1);
 
 /// What a review trigger last reviewed on a pull request (`Note::Reviewed`).
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct Reviewed {
+pub(crate) struct Reviewed {
     /// The head it reviewed.
     pub head: Option<String>,
     /// Fingerprints of the findings posted (see `review::plan`).
@@ -53,7 +54,7 @@ enum Outcome {
 }
 
 /// Delivers outbox entries.
-pub struct Publisher {
+pub(crate) struct Publisher {
     store: Store,
     /// `None` without GitHub credentials: only notifications are sent.
     github: Option<Client>,

@@ -70,7 +70,7 @@ fn escape(text: &str) -> String {
 }
 
 /// The Block Kit message for `payload`.
-pub fn slack_message(payload: &Value) -> Value {
+pub(crate) fn slack_message(payload: &Value) -> Value {
     let job = &payload["job"];
     let state = job["state"].as_str().unwrap_or_default();
     let mark = match state {

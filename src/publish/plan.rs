@@ -10,27 +10,27 @@ use crate::redact::Redactor;
 use crate::rules::{JobSpec, OutputKind};
 
 /// Plans publications for the jobs of one daemon.
-pub struct Planner {
+pub(crate) struct Planner {
     /// Off without GitHub credentials: nothing is planned.
     pub publishing: bool,
     /// Links the status comment to the dashboard.
     pub public_url: Option<String>,
     /// Every body and title leaves through it.
-    pub redactor: Redactor,
+    pub(crate) redactor: Redactor,
     /// GitHub's web address (`github.git_url`), for links in notifications.
-    pub web_url: String,
+    pub(crate) web_url: String,
 }
 
 /// What a create counts against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CapKind {
+pub(crate) enum CapKind {
     Comment,
     PullRequest,
     None,
 }
 
 /// Why `job` may not create one more `kind`, when its caps are reached.
-pub fn cap_reached(job: &Job, kind: CapKind) -> Option<String> {
+pub(crate) fn cap_reached(job: &Job, kind: CapKind) -> Option<String> {
     let opts = &job.spec.output_options;
     match kind {
         CapKind::Comment => (job.progress.comments >= opts.max_comments)
@@ -48,7 +48,7 @@ impl Planner {
     /// comment edited in place when there is one), and the status comment's
     /// last edit when the result went elsewhere. Failures and cancellations
     /// go where a comment would.
-    pub fn at_end(&self, job: &Job) -> Vec<Publication> {
+    pub(crate) fn at_end(&self, job: &Job) -> Vec<Publication> {
         let mut out = self.on_github_at_end(job);
         out.extend(self.notification(job));
         out
@@ -132,7 +132,7 @@ impl Planner {
 
     /// What a job's start puts on GitHub, once per job: 👀 and a status
     /// comment (with `progress`), and an in-progress check run.
-    pub fn at_start(&self, job: &Job) -> Vec<Publication> {
+    pub(crate) fn at_start(&self, job: &Job) -> Vec<Publication> {
         let spec: &JobSpec = &job.spec;
         if spec.output == OutputKind::None || !self.publishing || job.progress.started {
             return Vec::new();

@@ -69,14 +69,14 @@ type Lines = HashMap<u64, String>;
 
 /// The lines a pull request's diff shows, per file and side.
 #[derive(Debug, Default, Clone)]
-pub struct DiffLines {
+pub(crate) struct DiffLines {
     /// path → (old-file lines, new-file lines).
     lines: HashMap<String, (Lines, Lines)>,
 }
 
 impl DiffLines {
     /// From `GET /pulls/{n}/files`: each file's `filename` and `patch`.
-    pub fn from_files(files: &[serde_json::Value]) -> DiffLines {
+    pub(crate) fn from_files(files: &[serde_json::Value]) -> DiffLines {
         let mut out = DiffLines::default();
         for f in files {
             let (Some(path), Some(patch)) = (f["filename"].as_str(), f["patch"].as_str()) else { continue };
@@ -101,7 +101,7 @@ impl DiffLines {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     Left,
     Right,
 }
@@ -192,7 +192,7 @@ fn fingerprint(f: &Finding, side: Side, lines: &str) -> String {
 /// Plans the review for `answer` against the diff. A finding whose
 /// fingerprint is in `posted` (an earlier review of this pull request said
 /// it, on lines that read the same) is not repeated.
-pub fn plan(answer: &Answer, diff: &DiffLines, allow_approve: bool, posted: &HashSet<String>) -> Review {
+pub(crate) fn plan(answer: &Answer, diff: &DiffLines, allow_approve: bool, posted: &HashSet<String>) -> Review {
     let event = match answer.event.as_deref().map(str::to_ascii_uppercase).as_deref() {
         Some("REQUEST_CHANGES") => "REQUEST_CHANGES",
         Some("APPROVE") if allow_approve => "APPROVE",

@@ -27,7 +27,7 @@ pub fn parse(command: &str, body: &str) -> Option<SlashCommand> {
 
 /// Shell-style word splitting without expansion. An unclosed quote runs to
 /// the end of the line rather than failing: a comment is not a script.
-pub fn split_words(s: &str) -> Vec<String> {
+pub(crate) fn split_words(s: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut cur = String::new();
     let mut in_word = false;

@@ -19,8 +19,6 @@ use chrono_tz::Tz;
 /// A parsed schedule with its timezone.
 #[derive(Debug, Clone)]
 pub struct Schedule {
-    /// As the user wrote it.
-    pub expression: String,
     cron: cron::Schedule,
     pub timezone: Tz,
 }
@@ -35,13 +33,13 @@ impl Schedule {
         let translated = translate(expression)?;
         let cron =
             cron::Schedule::from_str(&translated).map_err(|e| format!("invalid schedule `{expression}`: {e}"))?;
-        Ok(Schedule { expression: expression.to_string(), cron, timezone })
+        Ok(Schedule { cron, timezone })
     }
 
     /// The first slot strictly after `after`, as an instant. Slots are wall
     /// clock times in the schedule's timezone; one in a DST gap moves to the
     /// end of the gap, one in a repeated hour is taken at its first instance.
-    pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    pub(crate) fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         // Walk wall-clock slots (as naive times) from the local time of `after`.
         let local = after.with_timezone(&self.timezone).naive_local();
         let start = Utc.from_utc_datetime(&(local - chrono::Duration::hours(3)));
@@ -90,7 +88,7 @@ impl Schedule {
 }
 
 /// Translates `m h dom mon dow` into the `cron` crate's `s m h dom mon dow`.
-pub fn translate(expression: &str) -> Result<String, String> {
+pub(crate) fn translate(expression: &str) -> Result<String, String> {
     let fields: Vec<&str> = expression.split_whitespace().collect();
     if fields.len() != 5 {
         return Err(format!(

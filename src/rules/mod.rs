@@ -21,12 +21,14 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::diag::Diagnostic;
 use crate::event::Event;
-pub use reload::{fingerprint, Fingerprint, Reload, SharedRules};
-pub use trigger::{Mentions, OnConflict, OutputKind, OutputOptions, Trigger, WorkspaceKind};
+pub use reload::SharedRules;
+pub use reload::{fingerprint, Fingerprint, Reload};
+pub use trigger::{Mentions, OnConflict, OutputOptions, WorkspaceKind};
+pub use trigger::{OutputKind, Trigger};
 
 /// What the prompt of a `review` trigger asks for: the JSON baton turns into
 /// one review with inline comments (see `publish::review`).
-pub const REVIEW_ANSWER_FORMAT: &str = "\n\n## Answer format\n\n\
+pub(crate) const REVIEW_ANSWER_FORMAT: &str = "\n\n## Answer format\n\n\
 Answer with one JSON object and nothing else:\n\
 {\"summary\": \"what you found, in a few sentences\", \"event\": \"COMMENT\" or \"REQUEST_CHANGES\" or \"APPROVE\", \
 \"comments\": [{\"path\": \"the file, as in the diff\", \"line\": N, \"side\": \"RIGHT\" (new code) or \"LEFT\" (removed code), \
@@ -140,13 +142,13 @@ pub struct DailyBudgets {
 
 /// Stands for `{{ review.diff }}` in a rendered prompt until the engine,
 /// which has the repository, puts the diff there.
-pub const REVIEW_DIFF: &str = "\u{1}baton:review.diff\u{1}";
+pub(crate) const REVIEW_DIFF: &str = "\u{1}baton:review.diff\u{1}";
 
 impl JobSpec {
     /// Whether this job pushes a fix for a failed check, workflow or
     /// status: a repair, bounded per pull request, that never rebases (its
     /// failure belongs to the head it was seen on).
-    pub fn is_repair(&self) -> bool {
+    pub(crate) fn is_repair(&self) -> bool {
         self.output == OutputKind::Push
             && CHECK_EVENTS.iter().any(|e| self.event == *e || self.event.starts_with(&format!("{e}.")))
     }
@@ -279,7 +281,7 @@ impl RuleSet {
 
     /// Trigger `name`'s verdict alone on `event`; `None` if there is no
     /// such trigger.
-    pub fn judge_one(&self, name: &str, event: &Event) -> Option<Verdict> {
+    pub(crate) fn judge_one(&self, name: &str, event: &Event) -> Option<Verdict> {
         let t = self.get(name)?;
         Some(self.judge(t, event, &base_context(event)))
     }
@@ -649,7 +651,7 @@ fn push_target(f: &trigger::Filter, event: &Event) -> Result<PushTarget, String>
 }
 
 /// Branches baton pushes (`pull_request` output) start with this.
-pub const BATON_BRANCH_PREFIX: &str = "baton/";
+pub(crate) const BATON_BRANCH_PREFIX: &str = "baton/";
 
 /// Events that carry no author association, only a head commit.
 const CHECK_EVENTS: &[&str] = &["check_run", "check_suite", "workflow_run", "workflow_job", "status"];

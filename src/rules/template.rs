@@ -90,7 +90,7 @@ fn to_value(root: &Arc<serde_json::Value>, pointer: String, v: &serde_json::Valu
 }
 
 /// The payload as a template value, read in place.
-pub fn payload_value(payload: &Arc<serde_json::Value>) -> Value {
+pub(crate) fn payload_value(payload: &Arc<serde_json::Value>) -> Value {
     to_value(payload, String::new(), payload)
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use compile::{compile, compile_for};
+pub(crate) use compile::compile;
 
 /// Where the agent works.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -91,11 +91,11 @@ pub enum Mentions {
 
 /// Pushes of a `push` output answering a failed check, per pull request,
 /// at most (`job.max_repairs_per_pr`).
-pub const DEFAULT_MAX_REPAIRS: u32 = 3;
+pub(crate) const DEFAULT_MAX_REPAIRS: u32 = 3;
 
 /// What a `pull_request` output pushes, at most, by default (GitHub refuses
 /// files over 100 MB anyway).
-pub const DEFAULT_MAX_PUSH_BYTES: u64 = 50 << 20;
+pub(crate) const DEFAULT_MAX_PUSH_BYTES: u64 = 50 << 20;
 
 /// How a trigger's result is published, beyond where it goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,7 +111,7 @@ pub struct OutputOptions {
     /// New comments (status and result) one job may post, at most.
     pub max_comments: u32,
     /// Pull requests one job may open, at most.
-    pub max_pull_requests: u32,
+    pub(crate) max_pull_requests: u32,
     /// A change whose changed files add up to more than this is not pushed.
     pub max_push_bytes: u64,
     /// Whether a change may touch `.github/workflows/**` or
@@ -138,7 +138,7 @@ pub struct OutputOptions {
 }
 
 /// The ends a notification can be about; `notify_on` defaults to all.
-pub const NOTIFY_ON: &[&str] = &["succeeded", "failed", "cancelled"];
+pub(crate) const NOTIFY_ON: &[&str] = &["succeeded", "failed", "cancelled"];
 
 impl Default for OutputOptions {
     /// What a job stored before these options existed gets.
@@ -163,7 +163,7 @@ impl Default for OutputOptions {
 }
 
 /// The authors' standings (GitHub's association values) trusted by default.
-pub const DEFAULT_AUTHORS: &[&str] = &["OWNER", "MEMBER", "COLLABORATOR"];
+pub(crate) const DEFAULT_AUTHORS: &[&str] = &["OWNER", "MEMBER", "COLLABORATOR"];
 
 /// A compiled trigger. Its prompt and `if` templates live in the rule set's
 /// template environment under `template_name()` and `condition_name()`.
@@ -179,7 +179,7 @@ pub struct Trigger {
     pub output_options: OutputOptions,
     /// For `on = ["schedule"]`: when, and for which repositories.
     pub schedule: Option<crate::rules::cron::Schedule>,
-    pub schedule_repos: Vec<String>,
+    pub(crate) schedule_repos: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -191,8 +191,8 @@ pub struct Filter {
     pub authors: Vec<String>,
     pub conclusions: Vec<String>,
     pub command: Option<String>,
-    pub has_condition: bool,
-    pub condition_source: Option<String>,
+    pub(crate) has_condition: bool,
+    pub(crate) condition_source: Option<String>,
     pub draft: bool,
     pub allow_forks: bool,
     pub allow_bots: Vec<String>,
@@ -217,7 +217,7 @@ pub struct JobTemplate {
     pub latest_head: bool,
     pub cooldown: Option<Duration>,
     pub backoff: Option<Duration>,
-    pub has_concurrency: bool,
+    pub(crate) has_concurrency: bool,
     pub on_conflict: OnConflict,
     /// Convention files: (path as written, text).
     pub skills: Vec<(String, String)>,
@@ -234,23 +234,23 @@ pub struct JobTemplate {
 }
 
 impl Trigger {
-    pub fn template_name(&self) -> String {
+    pub(crate) fn template_name(&self) -> String {
         template_name(&self.name)
     }
 
-    pub fn condition_name(&self) -> String {
+    pub(crate) fn condition_name(&self) -> String {
         condition_name(&self.name)
     }
 }
 
-pub fn template_name(trigger: &str) -> String {
+pub(crate) fn template_name(trigger: &str) -> String {
     format!("{trigger}.prompt")
 }
 
-pub fn concurrency_name(trigger: &str) -> String {
+pub(crate) fn concurrency_name(trigger: &str) -> String {
     format!("{trigger}.concurrency")
 }
 
-pub fn condition_name(trigger: &str) -> String {
+pub(crate) fn condition_name(trigger: &str) -> String {
     format!("{trigger}.if")
 }

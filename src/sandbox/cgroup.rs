@@ -23,7 +23,7 @@ use super::LimitHit;
 
 /// Which hierarchy runs get their groups in.
 #[derive(Debug, Clone)]
-pub enum Cgroups {
+pub(crate) enum Cgroups {
     V2 { parent: PathBuf },
     V1 { memory: Option<PathBuf>, pids: Option<PathBuf>, freezer: Option<PathBuf> },
     Unavailable,
@@ -31,7 +31,7 @@ pub enum Cgroups {
 
 impl Cgroups {
     /// Finds where baton may make groups; `Unavailable` when nowhere.
-    pub fn detect() -> Cgroups {
+    pub(crate) fn detect() -> Cgroups {
         let Ok(own) = std::fs::read_to_string("/proc/self/cgroup") else { return Cgroups::Unavailable };
         let root = Path::new("/sys/fs/cgroup");
         if root.join("cgroup.controllers").exists() {
@@ -66,7 +66,7 @@ impl Cgroups {
 
     /// Kills what is left in the run groups of daemons no longer running,
     /// then removes the groups.
-    pub fn remove_leftovers(&self) {
+    pub(crate) fn remove_leftovers(&self) {
         let parents: Vec<&PathBuf> = match self {
             Cgroups::V2 { parent } => vec![parent],
             Cgroups::V1 { memory, pids, freezer } => memory.iter().chain(pids.iter()).chain(freezer.iter()).collect(),
@@ -101,11 +101,6 @@ impl Cgroups {
             Cgroups::V1 { .. } => "cgroup v1",
             Cgroups::Unavailable => "rlimits (no writable cgroup)",
         }
-    }
-
-    /// Whether memory and process caps are enforced on a run's whole tree.
-    pub fn available(&self) -> bool {
-        !matches!(self, Cgroups::Unavailable)
     }
 
     /// A group for one run, with its caps set; `None` without cgroups.
@@ -181,7 +176,7 @@ fn write(path: &Path, value: &str) -> std::io::Result<()> {
 
 /// One run's group (one directory per v1 hierarchy).
 #[derive(Debug)]
-pub struct Cgroup {
+pub(crate) struct Cgroup {
     dirs: Vec<PathBuf>,
     v2: bool,
 }
@@ -189,7 +184,7 @@ pub struct Cgroup {
 impl Cgroup {
     /// `cgroup.procs` of each directory, for the child to join between fork
     /// and exec (so nothing it starts is ever outside the group).
-    pub fn procs_files(&self) -> Vec<CString> {
+    pub(crate) fn procs_files(&self) -> Vec<CString> {
         self.dirs
             .iter()
             .filter_map(|d| CString::new(d.join("cgroup.procs").as_os_str().as_encoded_bytes()).ok())
@@ -197,7 +192,7 @@ impl Cgroup {
     }
 
     /// Which cap the run ran into, if any.
-    pub fn limit_hit(&self) -> Option<LimitHit> {
+    pub(crate) fn limit_hit(&self) -> Option<LimitHit> {
         let read = |dir: &Path, file: &str| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
         let field = |text: &str, key: &str| {
             text.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse::<u64>().ok())).unwrap_or(0)
@@ -232,7 +227,7 @@ impl Cgroup {
 
     /// Kills every process still in the group: `cgroup.kill` on v2; on v1
     /// frozen first, so no process forks a child the kill would miss.
-    pub fn kill_all(&self) {
+    pub(crate) fn kill_all(&self) {
         if self.v2 && write(&self.dirs[0].join("cgroup.kill"), "1").is_ok() {
             return;
         }

@@ -70,7 +70,7 @@ impl HostRule {
         HostRule { host: HostPattern::Exact(host.to_ascii_lowercase()), port }
     }
 
-    pub fn allows(&self, host: &str, port: u16) -> bool {
+    pub(crate) fn allows(&self, host: &str, port: u16) -> bool {
         if self.port.is_some_and(|p| p != port) {
             return false;
         }
@@ -90,7 +90,7 @@ impl HostRule {
 
 impl HostRule {
     /// Whether this entry names `host` itself (no wildcard) and allows `port`.
-    pub fn names_exactly(&self, host: &str, port: u16) -> bool {
+    pub(crate) fn names_exactly(&self, host: &str, port: u16) -> bool {
         matches!(self.host, HostPattern::Exact(_)) && self.allows(host, port)
     }
 }
@@ -98,7 +98,7 @@ impl HostRule {
 /// Addresses of the host itself, its networks, or nothing routable:
 /// loopback, private (RFC 1918, unique local), link-local (cloud metadata
 /// lives there), shared (CGNAT), unspecified, multicast and broadcast.
-pub fn is_internal(ip: IpAddr) -> bool {
+pub(crate) fn is_internal(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
             let o = v4.octets();
@@ -161,7 +161,7 @@ fn split_host_port(s: &str) -> Result<(&str, Option<u16>), String> {
 }
 
 /// The host and port of a URL (`base_url`), as an allowlist entry.
-pub fn rule_for_url(url: &str) -> Option<HostRule> {
+pub(crate) fn rule_for_url(url: &str) -> Option<HostRule> {
     let (scheme, rest) = url.split_once("://")?;
     let authority = rest.split(['/', '?', '#']).next()?;
     let authority = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
@@ -202,7 +202,7 @@ impl Refusals {
 
 /// The init's report of a connection attempted around the proxy (never
 /// forwarded; an agent that sends it only miscounts its own run).
-pub const DIRECT_METHOD: &str = "BATON-DIRECT";
+pub(crate) const DIRECT_METHOD: &str = "BATON-DIRECT";
 
 /// A request head is at most this long; longer is refused.
 const MAX_HEAD: usize = 64 * 1024;
@@ -211,7 +211,7 @@ const MAX_HEAD: usize = 64 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Connections one run's proxy serves at once.
-pub const MAX_CONNECTIONS: usize = 256;
+pub(crate) const MAX_CONNECTIONS: usize = 256;
 
 /// Serves the proxy on `socket` until `stop` fires.
 ///

@@ -53,15 +53,15 @@ pub struct InitArgs {
 }
 
 /// The init's exit code when the run hit its memory cap (rlimit mode).
-pub const EXIT_MEMORY: i32 = 240;
+pub(crate) const EXIT_MEMORY: i32 = 240;
 /// The init's exit code when the run hit its process cap (rlimit mode).
-pub const EXIT_PROCESSES: i32 = 241;
+pub(crate) const EXIT_PROCESSES: i32 = 241;
 /// What the init writes to its report pipe when the run hit a cap.
-pub const REPORT_MEMORY: u8 = b'm';
-pub const REPORT_PROCESSES: u8 = b'p';
+pub(crate) const REPORT_MEMORY: u8 = b'm';
+pub(crate) const REPORT_PROCESSES: u8 = b'p';
 
 /// The init's exit code when the agent could not be started confined.
-pub const EXIT_SETUP: i32 = 125;
+pub(crate) const EXIT_SETUP: i32 = 125;
 
 impl InitArgs {
     /// The init's own command line (`baton-sandbox-init`, whose only

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 
 /// One run's sandbox; `close` it when the run has ended.
-pub struct Jail {
+pub(crate) struct Jail {
     pub program: PathBuf,
     pub args: Vec<OsString>,
     pub(super) stage: Option<Arc<stage::Plan>>,
@@ -47,7 +47,7 @@ impl Jail {
     }
 
     /// How the run's disk use is metered (its base not yet known).
-    pub fn meter(&self) -> &usage::Meter {
+    pub(crate) fn meter(&self) -> &usage::Meter {
         &self.meter
     }
 
@@ -57,7 +57,7 @@ impl Jail {
     }
 
     /// The cap a run in rlimit mode hit, as its init reported it.
-    pub fn limit_reported(&self) -> Option<LimitHit> {
+    pub(crate) fn limit_reported(&self) -> Option<LimitHit> {
         let fd = self.report.as_ref()?.as_raw_fd();
         let mut buf = [0u8; 16];
         // SAFETY: a non-blocking read into a buffer we own.

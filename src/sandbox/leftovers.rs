@@ -13,28 +13,28 @@ use std::path::{Path, PathBuf};
 
 /// Where the records live.
 #[derive(Debug, Clone)]
-pub struct Records {
+pub(crate) struct Records {
     dir: PathBuf,
 }
 
 /// Who a process is, across pid reuse: its start time (clock ticks after
 /// boot) and the boot it belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
+pub(crate) struct Identity {
     pub pid: i32,
-    pub start_ticks: Option<u64>,
-    pub boot_id: Option<String>,
+    pub(crate) start_ticks: Option<u64>,
+    pub(crate) boot_id: Option<String>,
 }
 
 /// Clock ticks after boot at which `pid` started.
-pub fn start_ticks(pid: i32) -> Option<u64> {
+pub(crate) fn start_ticks(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesized name; starttime is field 22 (index 19 here).
     stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// This boot's id.
-pub fn boot_id() -> Option<String> {
+pub(crate) fn boot_id() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string())
 }
 
@@ -44,7 +44,7 @@ impl Identity {
     }
 
     /// Whether `pid` is still the process recorded: same boot, same start.
-    pub fn is_alive(&self) -> bool {
+    pub(crate) fn is_alive(&self) -> bool {
         self.pid > 1
             && self.boot_id.is_some()
             && self.boot_id == boot_id()
@@ -75,7 +75,7 @@ impl Records {
     }
 
     /// Notes that run `run`'s sandbox init is `pid`.
-    pub fn note(&self, run: &str, init: &Identity) {
+    pub(crate) fn note(&self, run: &str, init: &Identity) {
         let _ = std::fs::create_dir_all(&self.dir);
         if let Err(e) = std::fs::write(self.path(run), init.line()) {
             tracing::warn!(error = %e, "Could not record a sandbox's init; a daemon crash could leave it running.");
@@ -83,13 +83,13 @@ impl Records {
     }
 
     /// Forgets run `run` (it ended).
-    pub fn forget(&self, run: &str) {
+    pub(crate) fn forget(&self, run: &str) {
         let _ = std::fs::remove_file(self.path(run));
     }
 
     /// Kills the sandboxes that daemons no longer alive recorded, and
     /// removes their records; returns how many were still running.
-    pub fn kill_leftovers(&self) -> usize {
+    pub(crate) fn kill_leftovers(&self) -> usize {
         let mut killed = 0;
         for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();

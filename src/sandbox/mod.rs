@@ -33,7 +33,7 @@ pub mod egress;
 pub mod etc;
 pub mod init;
 mod jail;
-pub mod leftovers;
+pub(crate) mod leftovers;
 pub mod seccomp;
 pub mod stage;
 pub mod usage;
@@ -50,7 +50,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-pub use jail::Jail;
+pub(crate) use jail::Jail;
 use view::View;
 
 use cgroup::{Cgroup, Cgroups};
@@ -62,18 +62,18 @@ pub const PROXY_PORT: u16 = 3128;
 
 /// Where things appear inside every sandbox: fixed, so nothing the agent
 /// sees names a path of the host.
-pub const WORKSPACE_PATH: &str = "/workspace";
-pub const HOME_PATH: &str = "/home/agent";
-pub const IO_PATH: &str = "/run/baton/io";
-pub const OBJECTS_PATH: &str = "/run/baton/objects";
+pub(crate) const WORKSPACE_PATH: &str = "/workspace";
+pub(crate) const HOME_PATH: &str = "/home/agent";
+pub(crate) const IO_PATH: &str = "/run/baton/io";
+pub(crate) const OBJECTS_PATH: &str = "/run/baton/objects";
 const INIT_PATH: &str = "/run/baton/init";
 const SOCKET_PATH: &str = "/run/baton/proxy.sock";
 
 /// Default caps of a run, when the agent definition gives none.
-pub const DEFAULT_MAX_MEMORY: u64 = 4 << 30;
-pub const DEFAULT_MAX_PROCESSES: u64 = 1024;
-pub const DEFAULT_MAX_DISK: u64 = 20 << 30;
-pub const DEFAULT_MAX_FILES: u64 = 1_000_000;
+pub(crate) const DEFAULT_MAX_MEMORY: u64 = 4 << 30;
+pub(crate) const DEFAULT_MAX_PROCESSES: u64 = 1024;
+pub(crate) const DEFAULT_MAX_DISK: u64 = 20 << 30;
+pub(crate) const DEFAULT_MAX_FILES: u64 = 1_000_000;
 
 /// `/dev/shm`: shared memory segments, counted as memory; rarely large.
 const SHM_INODES: u64 = 16_384;
@@ -176,7 +176,7 @@ pub enum SandboxError {
 }
 
 /// Whether `path` is inside the system folders every sandbox shows.
-pub fn is_system_path(path: &Path) -> bool {
+pub(crate) fn is_system_path(path: &Path) -> bool {
     SYSTEM.iter().any(|root| path.starts_with(root))
 }
 
@@ -187,7 +187,7 @@ pub fn find_bwrap() -> Option<PathBuf> {
 }
 
 /// A file anyone may run (what `PATH` lookup accepts).
-pub fn is_executable(p: &Path) -> bool {
+pub(crate) fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
@@ -348,7 +348,7 @@ impl Sandbox {
 
     /// Sets up one run: its cgroup, its egress proxy, its `HOME`, and the
     /// bubblewrap command line that runs `argv` inside.
-    pub fn jail(&self, run: &Run<'_>, argv: &[String]) -> Result<Jail, SandboxError> {
+    pub(crate) fn jail(&self, run: &Run<'_>, argv: &[String]) -> Result<Jail, SandboxError> {
         let home = home_dir(run.run_dir);
         remove_tree(run.run_dir)?;
         std::fs::create_dir_all(&home)?;
@@ -568,7 +568,7 @@ fn remove_tree(p: &Path) -> std::io::Result<()> {
 
 /// Gives `path` and everything under it to `owner` (links themselves,
 /// never their targets); nothing when `owner` is `None`.
-pub fn hand_over(path: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+pub(crate) fn hand_over(path: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
     let Some((uid, gid)) = owner else { return Ok(()) };
     use std::os::unix::fs::MetadataExt as _;
     let meta = std::fs::symlink_metadata(path)?;
@@ -618,21 +618,21 @@ pub struct Run<'a> {
     pub profile: &'a Profile,
     pub workdir: &'a Path,
     /// Prompt and result files (read-write).
-    pub io_dir: &'a Path,
+    pub(crate) io_dir: &'a Path,
     /// baton's folder for this run: the agent's `HOME`, the proxy socket.
-    pub run_dir: &'a Path,
+    pub(crate) run_dir: &'a Path,
     /// The object store the workspace's repository borrows from, shown
     /// read-only at `OBJECTS_PATH`.
     pub objects: Option<&'a Path>,
     /// Shown read-only at the same path: the program, MCP servers.
-    pub expose: Vec<PathBuf>,
+    pub(crate) expose: Vec<PathBuf>,
     /// A team run: baton's API, which the proxy forwards `/mcp` to.
     pub baton: Option<std::net::SocketAddr>,
 }
 
 /// Parses a cap for an agent (`max_memory`, `max_disk`): as `parse_bytes`,
 /// at least 16M.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let bytes = parse_bytes(s)?;
     if bytes < 16 << 20 {
         return Err(format!("size `{s}` is too small: an agent needs at least 16M"));
@@ -641,7 +641,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// Parses a size: bytes, or a number with K, M, G or T (powers of 1024).
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => (&t[..i], t[i..].trim()),

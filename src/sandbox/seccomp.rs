@@ -17,7 +17,7 @@
 //! cannot read, and C libraries fall back to `clone`, whose flags it can.
 
 /// `seccomp_data.arch` of the architectures baton filters for.
-pub const AUDIT_ARCH: u32 = if cfg!(target_arch = "x86_64") {
+pub(crate) const AUDIT_ARCH: u32 = if cfg!(target_arch = "x86_64") {
     0xc000_003e
 } else if cfg!(target_arch = "aarch64") {
     0xc000_00b7
@@ -31,7 +31,7 @@ pub fn supported() -> bool {
 }
 
 /// The calls an agent never makes, and why.
-pub const DENIED: &[(libc::c_long, &str, &str)] = &[
+pub(crate) const DENIED: &[(libc::c_long, &str, &str)] = &[
     (libc::SYS_ptrace, "ptrace", "reading or steering another process: the sandbox's init, the agent's parent"),
     (libc::SYS_process_vm_readv, "process_vm_readv", "reading another process's memory"),
     (libc::SYS_process_vm_writev, "process_vm_writev", "writing another process's memory"),
@@ -83,7 +83,7 @@ pub const DENIED: &[(libc::c_long, &str, &str)] = &[
 /// network namespace and the proxy govern), and netlink for the route
 /// queries some tools make. Everything else (vsock, packet, Bluetooth, …)
 /// fails with `EAFNOSUPPORT`, as in Flatpak.
-pub const SOCKET_FAMILIES: &[i32] = &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6, libc::AF_NETLINK];
+pub(crate) const SOCKET_FAMILIES: &[i32] = &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6, libc::AF_NETLINK];
 
 /// `personality` values allowed: Linux, 32-bit Linux, and the query.
 const PERSONALITIES: &[u32] = &[0, 0x0008, 0xffff_ffff];

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 /// The folder the stage is mounted on, in each run's own mount namespace,
 /// under the host's runtime folder (`/run`). On the host it stays empty.
-pub const STAGE_NAME: &str = "baton-sandbox";
+pub(crate) const STAGE_NAME: &str = "baton-sandbox";
 
 /// An empty folder on the stage: the second lower layer of read-only
 /// overlays (the kernel wants two when there is no upper one).
@@ -35,7 +35,7 @@ const EMPTY: &str = ".empty";
 
 /// One thing put on the stage.
 #[derive(Debug, Clone)]
-pub enum Item {
+pub(crate) enum Item {
     /// `src` bound as it is (a folder or a file).
     Bind { src: PathBuf, dir: bool },
     /// A read-write overlay over `upper`, with its work folder beside it
@@ -51,7 +51,7 @@ pub enum Item {
 }
 
 /// The work folder an overlay over `upper` needs beside it.
-pub fn work_dir_for(upper: &Path) -> PathBuf {
+pub(crate) fn work_dir_for(upper: &Path) -> PathBuf {
     let name = upper.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     upper.with_file_name(format!(".{name}-w"))
 }
@@ -80,7 +80,7 @@ enum Step {
 
 /// The staging of one run.
 #[derive(Debug)]
-pub struct Plan {
+pub(crate) struct Plan {
     root: PathBuf,
     stage: CString,
     empty: CString,

@@ -25,19 +25,19 @@ impl std::ops::Add for Usage {
 
 impl Usage {
     /// What `self` holds beyond `base`.
-    pub fn beyond(self, base: Usage) -> Usage {
+    pub(crate) fn beyond(self, base: Usage) -> Usage {
         Usage { bytes: self.bytes.saturating_sub(base.bytes), files: self.files.saturating_sub(base.files) }
     }
 }
 
 /// The used space and inodes of the file system at `path`.
-pub fn fs_used(path: &Path) -> std::io::Result<Usage> {
+pub(crate) fn fs_used(path: &Path) -> std::io::Result<Usage> {
     let s = statvfs(path)?;
     Ok(Usage { bytes: (s.f_blocks.saturating_sub(s.f_bfree)) * s.f_frsize, files: s.f_files.saturating_sub(s.f_ffree) })
 }
 
 /// The space left to unprivileged writers on the file system at `path`.
-pub fn fs_free(path: &Path) -> std::io::Result<u64> {
+pub(crate) fn fs_free(path: &Path) -> std::io::Result<u64> {
     let s = statvfs(path)?;
     Ok(s.f_bavail * s.f_frsize)
 }
@@ -76,16 +76,16 @@ pub fn tree(root: &Path, stop_at: u64) -> Usage {
 
 /// What one run may add, and where it writes.
 #[derive(Debug, Clone)]
-pub struct Meter {
+pub(crate) struct Meter {
     /// Folders on disk: the workspace, `HOME` and the io folder.
-    pub trees: Vec<PathBuf>,
+    pub(crate) trees: Vec<PathBuf>,
     /// pid 1 of the run's sandbox, as the host sees it: its namespace's
     /// processes hold files no walk finds (unlinked, `O_TMPFILE`, memfds),
     /// and its root shows the sandbox's `/tmp`.
     pub init: Option<i32>,
     /// What the folders held when the run started.
     pub base: Usage,
-    pub max_bytes: u64,
+    pub(crate) max_bytes: u64,
     pub max_files: u64,
     /// The memory cap, where no cgroup keeps it (rlimit mode): the init
     /// counts resident pages and tmpfs, this adds what it cannot see.
@@ -102,7 +102,7 @@ pub enum Over {
 
 /// One reading of a run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Sample {
+pub(crate) struct Sample {
     /// Its folders, its `/tmp`, and files its processes hold but no folder
     /// lists.
     pub disk: Usage,
@@ -112,7 +112,7 @@ pub struct Sample {
 
 impl Meter {
     /// What the run's folders and processes hold now.
-    pub fn sample(&self) -> Sample {
+    pub(crate) fn sample(&self) -> Sample {
         let stop = self.base.files.saturating_add(self.max_files).saturating_add(1);
         let mut disk = Usage::default();
         for t in &self.trees {

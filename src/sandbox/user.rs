@@ -10,16 +10,16 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunAs {
     pub uid: u32,
-    pub gid: u32,
+    pub(crate) gid: u32,
     /// The account's name on this host, when it has one.
     pub name: Option<String>,
     /// Whether this differs from the daemon's own uid (the daemon is root
     /// and switches to it before starting bubblewrap).
-    pub switched: bool,
+    pub(crate) switched: bool,
 }
 
 /// The account agents run as by default.
-pub const DEFAULT_USER: &str = "nobody";
+pub(crate) const DEFAULT_USER: &str = "nobody";
 
 /// The uid of `nobody` on Linux systems that have no such entry.
 const OVERFLOW_ID: u32 = 65534;
@@ -27,7 +27,7 @@ const OVERFLOW_ID: u32 = 65534;
 impl RunAs {
     /// Resolves `[sandbox] user` (a name or a numeric uid) for a daemon
     /// running with effective uid `euid`.
-    pub fn resolve(user: Option<&str>, euid: u32) -> Result<RunAs, String> {
+    pub(crate) fn resolve(user: Option<&str>, euid: u32) -> Result<RunAs, String> {
         if euid != 0 {
             // SAFETY: getegid has no failure mode and touches no memory.
             let gid = unsafe { libc::getegid() };
@@ -60,7 +60,7 @@ impl RunAs {
     }
 
     /// The daemon's own effective uid.
-    pub fn daemon_euid() -> u32 {
+    pub(crate) fn daemon_euid() -> u32 {
         // SAFETY: geteuid has no failure mode and touches no memory.
         unsafe { libc::geteuid() }
     }

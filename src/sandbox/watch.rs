@@ -46,7 +46,7 @@ pub(super) unsafe fn send_fd(sock: i32, fd: i32) -> std::io::Result<()> {
 }
 
 /// Receives the listener the child sent.
-pub fn receive_fd(sock: &OwnedFd) -> std::io::Result<OwnedFd> {
+pub(crate) fn receive_fd(sock: &OwnedFd) -> std::io::Result<OwnedFd> {
     // SAFETY: recvmsg into buffers we own; the descriptor in the control
     // message is new to this process and taken into an OwnedFd once.
     unsafe {

@@ -30,7 +30,7 @@ struct Flushed {
     failed: u64,
 }
 
-pub struct GroupCommit {
+pub(crate) struct GroupCommit {
     db: sled::Db,
     /// sled's data file, for the `fdatasync` that sled's flush leaves out.
     file: std::fs::File,
@@ -88,7 +88,7 @@ impl GroupCommit {
 
     /// Flushes now, on this thread, for a caller that batches its own
     /// writes (the store's writer thread).
-    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+    pub(crate) fn flush_blocking(&self) -> Result<(), StoreError> {
         if self.mode == Durability::Os {
             return Ok(());
         }

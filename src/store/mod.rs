@@ -22,9 +22,10 @@ use std::time::Duration;
 use chrono::Utc;
 
 use crate::domain::Admission;
+pub use crate::domain::{job_id, Accepted, Admitted, Delivery, Job, JobState, Limits, Outcome};
 pub use crate::domain::{
-    job_id, Accepted, Admitted, Approval, Attempt, Delivery, Job, JobState, Limits, Outcome, Pending, Phases,
-    Publication, PublicationState, PublicationSummary, Purpose, QueueEntry, Skipped, Target, Usage,
+    Approval, Attempt, Pending, Phases, Publication, PublicationState, PublicationSummary, Purpose, QueueEntry,
+    Skipped, Target, Usage,
 };
 use crate::rules::JobSpec;
 pub use commit::Durability;
@@ -79,7 +80,7 @@ impl StoreError {
     }
 
     /// Whether the database is unreachable or failing (a 503, not a 500).
-    pub fn is_unavailable(&self) -> bool {
+    pub(crate) fn is_unavailable(&self) -> bool {
         matches!(
             self,
             StoreError::Unavailable(_)
@@ -255,13 +256,17 @@ impl Store {
     /// queued or running job, nor one whose end has not gone through the
     /// rules or whose publications are still pending. Returns the ids
     /// forgotten, so their folders can go too.
-    pub async fn prune_jobs(&self, cutoff: chrono::DateTime<Utc>, max: usize) -> Result<Vec<String>, StoreError> {
+    pub(crate) async fn prune_jobs(
+        &self,
+        cutoff: chrono::DateTime<Utc>,
+        max: usize,
+    ) -> Result<Vec<String>, StoreError> {
         each!(self, b => b.prune_jobs(cutoff, max).await)
     }
 
     /// Records that baton asked GitHub to redeliver `guid`; `false` when it
     /// (or another replica) had already asked: catch-up asks once.
-    pub async fn note_redelivery(&self, guid: &str) -> Result<bool, StoreError> {
+    pub(crate) async fn note_redelivery(&self, guid: &str) -> Result<bool, StoreError> {
         each!(self, b => b.note_redelivery(guid).await)
     }
 
@@ -284,7 +289,7 @@ impl Store {
     }
 
     /// How many jobs are queued (a count, not a read of the queue).
-    pub async fn queue_len(&self) -> Result<usize, StoreError> {
+    pub(crate) async fn queue_len(&self) -> Result<usize, StoreError> {
         on!(self, b => Ok(b.queue_len()), b.queue_len().await)
     }
 
@@ -298,17 +303,17 @@ impl Store {
 
     /// Jobs running here that must be cancelled (a newer job of their group,
     /// or a cancel asked on another replica), with who asked; each once.
-    pub async fn take_cancels(&self) -> Result<Vec<(String, String)>, StoreError> {
+    pub(crate) async fn take_cancels(&self) -> Result<Vec<(String, String)>, StoreError> {
         on!(self, b => b.take_cancels(), b.take_cancels().await)
     }
 
     /// Asks whichever replica runs `id` to cancel it.
-    pub async fn request_cancel(&self, id: &str, by: &str) -> Result<(), StoreError> {
+    pub(crate) async fn request_cancel(&self, id: &str, by: &str) -> Result<(), StoreError> {
         each!(self, b => b.request_cancel(id, by).await)
     }
 
     /// Writes a job record as it is now (progress inside a state).
-    pub async fn save(&self, job: &Job) -> Result<(), StoreError> {
+    pub(crate) async fn save(&self, job: &Job) -> Result<(), StoreError> {
         each!(self, b => ops::save(b, job).await)
     }
 
@@ -320,7 +325,7 @@ impl Store {
     }
 
     /// Writes a running job with the publications of its start, durably.
-    pub async fn start_publications(&self, job: &Job, publications: &[Publication]) -> Result<(), StoreError> {
+    pub(crate) async fn start_publications(&self, job: &Job, publications: &[Publication]) -> Result<(), StoreError> {
         each!(self, b => ops::start_publications(b, job, publications).await)
     }
 
@@ -366,7 +371,7 @@ impl Store {
     }
 
     /// Whether job `job`'s publication for `purpose` is still in the outbox.
-    pub async fn publication_pending(&self, job: &str, purpose: Purpose) -> Result<bool, StoreError> {
+    pub(crate) async fn publication_pending(&self, job: &str, purpose: Purpose) -> Result<bool, StoreError> {
         on!(self, b => b.publication_pending(job, purpose), b.publication_pending(job, purpose).await)
     }
 
@@ -379,7 +384,7 @@ impl Store {
     /// Records a publication attempt; a final one leaves the outbox and its
     /// outcome is written onto the job, in one transaction. `created` counts
     /// a new comment or pull request against the job's caps.
-    pub async fn update_publication(&self, p: &Publication, created: bool) -> Result<(), StoreError> {
+    pub(crate) async fn update_publication(&self, p: &Publication, created: bool) -> Result<(), StoreError> {
         each!(self, b => ops::update_publication(b, p, created).await)
     }
 
@@ -396,7 +401,13 @@ impl Store {
     /// Notes a pull request's head as of `updated_at` (GitHub's RFC 3339
     /// time, which orders as text): only ever forward, so an older event
     /// arriving late cannot move the head back to a replaced commit.
-    pub async fn set_head(&self, repo: &str, number: u64, head: &PrHead, updated_at: &str) -> Result<(), StoreError> {
+    pub(crate) async fn set_head(
+        &self,
+        repo: &str,
+        number: u64,
+        head: &PrHead,
+        updated_at: &str,
+    ) -> Result<(), StoreError> {
         on!(self, b => b.set_head(repo, number, head, updated_at), b.set_head(repo, number, head, updated_at).await)
     }
 
@@ -407,7 +418,7 @@ impl Store {
 
     /// The head noted for a pull request, and whether it lives in the
     /// repository or a fork (when the event said).
-    pub async fn pr_head(&self, repo: &str, number: u64) -> Result<Option<PrHead>, StoreError> {
+    pub(crate) async fn pr_head(&self, repo: &str, number: u64) -> Result<Option<PrHead>, StoreError> {
         on!(self, b => b.pr_head(repo, number), b.pr_head(repo, number).await)
     }
 
@@ -419,20 +430,20 @@ impl Store {
     }
 
     /// What baton remembers under `key` between jobs (see `Note`).
-    pub async fn note(&self, key: &Note) -> Result<Option<serde_json::Value>, StoreError> {
+    pub(crate) async fn note(&self, key: &Note) -> Result<Option<serde_json::Value>, StoreError> {
         let key = key.to_string();
         on!(self, b => b.note(&key), b.note(&key).await)
     }
 
     /// Remembers `value` under `key`, durably.
-    pub async fn set_note(&self, key: &Note, value: &serde_json::Value) -> Result<(), StoreError> {
+    pub(crate) async fn set_note(&self, key: &Note, value: &serde_json::Value) -> Result<(), StoreError> {
         let key = key.to_string();
         each!(self, b => b.set_note(&key, value).await)
     }
 
     /// Adds one to the count under `key` and returns the new count, durably
     /// and atomically (two replicas counting at once count two).
-    pub async fn count_up(&self, key: &Note) -> Result<u64, StoreError> {
+    pub(crate) async fn count_up(&self, key: &Note) -> Result<u64, StoreError> {
         let key = key.to_string();
         each!(self, b => b.count_up(&key).await)
     }
@@ -457,12 +468,12 @@ impl Store {
     }
 
     /// Records a running agent's process, as this replica's.
-    pub async fn note_agent<T: serde::Serialize>(&self, job: &str, process: &T) -> Result<(), StoreError> {
+    pub(crate) async fn note_agent<T: serde::Serialize>(&self, job: &str, process: &T) -> Result<(), StoreError> {
         let value = serde_json::to_value(process).unwrap_or_default();
         on!(self, b => b.note_agent(job, &value), b.note_agent(job, &value).await)
     }
 
-    pub async fn forget_agent(&self, job: &str) -> Result<(), StoreError> {
+    pub(crate) async fn forget_agent(&self, job: &str) -> Result<(), StoreError> {
         on!(self, b => b.forget_agent(job), b.forget_agent(job).await)
     }
 
@@ -473,7 +484,7 @@ impl Store {
     }
 
     /// When a schedule trigger last fired.
-    pub async fn schedule_last(&self, trigger: &str) -> Result<Option<chrono::DateTime<Utc>>, StoreError> {
+    pub(crate) async fn schedule_last(&self, trigger: &str) -> Result<Option<chrono::DateTime<Utc>>, StoreError> {
         on!(self, b => b.schedule_last(trigger), b.schedule_last(trigger).await)
     }
 
@@ -483,25 +494,25 @@ impl Store {
 
     /// Whether job logs should be shipped here (`append_log`): a database
     /// that several replicas share serves each job's log to all of them.
-    pub fn ships_logs(&self) -> bool {
+    pub(crate) fn ships_logs(&self) -> bool {
         matches!(*self.backend, Backend::Postgres(_))
     }
 
     /// Appends a chunk of a job's log at `offset`, for the API of other
     /// replicas (a no-op on sled: the log file is the only copy needed).
-    pub async fn append_log(&self, job: &str, offset: u64, bytes: &[u8]) -> Result<(), StoreError> {
+    pub(crate) async fn append_log(&self, job: &str, offset: u64, bytes: &[u8]) -> Result<(), StoreError> {
         on!(self, b => { let _ = (job, offset, bytes, b); Ok(()) }, b.append_log(job, offset, bytes).await)
     }
 
     /// A job's log from `offset`, as another replica shipped it; `None`
     /// when the store keeps no logs (sled) or has none for the job.
-    pub async fn read_log(&self, job: &str, offset: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    pub(crate) async fn read_log(&self, job: &str, offset: u64) -> Result<Option<Vec<u8>>, StoreError> {
         on!(self, b => { let _ = (job, offset, b); Ok(None) }, b.read_log(job, offset).await)
     }
 
     /// Bytes the database takes on disk (sled; 0 for PostgreSQL, whose
     /// size is the database server's to report).
-    pub fn size_on_disk(&self) -> u64 {
+    pub(crate) fn size_on_disk(&self) -> u64 {
         on!(self, b => b.size_on_disk(), { let _ = b; 0 })
     }
 
@@ -518,7 +529,7 @@ impl Store {
 
 /// What baton remembers about a pull request between its jobs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Note {
+pub(crate) enum Note {
     /// How many repairs (`push` answering a failed check) baton pushed.
     Repairs { repo: String, number: u64 },
     /// Whether baton already said it stopped repairing.
@@ -549,7 +560,7 @@ impl std::fmt::Display for Note {
 pub struct PrHead {
     pub sha: String,
     /// In the repository itself (`true`) or a fork (`false`).
-    pub in_repo: Option<bool>,
+    pub(crate) in_repo: Option<bool>,
     /// The head branch, and the repository it lives in (`owner/name`).
     pub branch: Option<String>,
     pub repo: Option<String>,

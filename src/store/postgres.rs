@@ -55,7 +55,7 @@ const OUTBOX_LEASE: Duration = Duration::from_secs(60);
 
 /// A pool of connections to one database (and schema), as one replica.
 #[derive(Clone)]
-pub struct PgStore {
+pub(crate) struct PgStore {
     pool: PgPool,
     /// This replica's name: what it runs, leases and sends is marked with it.
     replica: String,
@@ -207,7 +207,7 @@ impl PgStore {
         }
     }
 
-    pub async fn prune_jobs(&self, cutoff: DateTime<Utc>, max: usize) -> Result<Vec<String>, StoreError> {
+    pub(crate) async fn prune_jobs(&self, cutoff: DateTime<Utc>, max: usize) -> Result<Vec<String>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(pg)?;
         let ids: Vec<String> = sqlx::query_scalar(
             "DELETE FROM jobs WHERE id IN (
@@ -230,7 +230,7 @@ impl PgStore {
         Ok(ids)
     }
 
-    pub async fn note_redelivery(&self, guid: &str) -> Result<bool, StoreError> {
+    pub(crate) async fn note_redelivery(&self, guid: &str) -> Result<bool, StoreError> {
         let n = sqlx::query("INSERT INTO redeliveries (guid) VALUES ($1) ON CONFLICT DO NOTHING")
             .bind(guid)
             .execute(&self.pool)
@@ -283,7 +283,7 @@ impl PgStore {
         Ok(rows.into_iter().map(|Json(j)| j).collect())
     }
 
-    pub async fn queue_len(&self) -> Result<usize, StoreError> {
+    pub(crate) async fn queue_len(&self) -> Result<usize, StoreError> {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM queue").fetch_one(&self.pool).await.map_err(pg)?;
         Ok(n as usize)
     }

@@ -124,7 +124,7 @@ fn decode_runs(v: &[u8]) -> Vec<i64> {
 
 /// The sled database.
 #[derive(Clone)]
-pub struct SledStore {
+pub(crate) struct SledStore {
     core: Core,
     /// Stores deliveries in batches (see `writer`).
     writer: std::sync::Arc<writer::Writer<Admission>>,
@@ -232,7 +232,11 @@ impl SledStore {
         Ok(total)
     }
 
-    pub async fn prune_jobs(&self, cutoff: chrono::DateTime<Utc>, max: usize) -> Result<Vec<String>, StoreError> {
+    pub(crate) async fn prune_jobs(
+        &self,
+        cutoff: chrono::DateTime<Utc>,
+        max: usize,
+    ) -> Result<Vec<String>, StoreError> {
         let mut doomed: Vec<(Vec<u8>, String)> = Vec::new();
         for item in self.core.t.job_index.iter() {
             let (seq, id) = item?;
@@ -278,7 +282,7 @@ impl SledStore {
         Ok(doomed.into_iter().map(|(_, id)| id).collect())
     }
 
-    pub async fn note_redelivery(&self, guid: &str) -> Result<bool, StoreError> {
+    pub(crate) async fn note_redelivery(&self, guid: &str) -> Result<bool, StoreError> {
         let now = Utc::now().to_rfc3339();
         let fresh =
             self.redeliveries.compare_and_swap(guid.as_bytes(), None as Option<&[u8]>, Some(now.as_bytes()))?.is_ok();
@@ -330,7 +334,7 @@ impl SledStore {
         Ok(out)
     }
 
-    pub fn queue_len(&self) -> usize {
+    pub(crate) fn queue_len(&self) -> usize {
         self.core.t.queue.len()
     }
 
@@ -338,7 +342,7 @@ impl SledStore {
         self.core.t.queue.iter().map(|entry| entry.map(|(k, v)| queue_entry(&k, &v)).map_err(Into::into)).collect()
     }
 
-    pub fn take_cancels(&self) -> Result<Vec<(String, String)>, StoreError> {
+    pub(crate) fn take_cancels(&self) -> Result<Vec<(String, String)>, StoreError> {
         let mut out = Vec::new();
         for entry in self.core.t.cancels.iter() {
             let (k, v) = entry?;
@@ -348,7 +352,7 @@ impl SledStore {
         Ok(out)
     }
 
-    pub async fn request_cancel(&self, id: &str, by: &str) -> Result<(), StoreError> {
+    pub(crate) async fn request_cancel(&self, id: &str, by: &str) -> Result<(), StoreError> {
         self.core.t.cancels.insert(id.as_bytes(), by.as_bytes())?;
         Ok(())
     }
@@ -385,7 +389,7 @@ impl SledStore {
         Ok(out)
     }
 
-    pub fn publication_pending(&self, job: &str, purpose: Purpose) -> Result<bool, StoreError> {
+    pub(crate) fn publication_pending(&self, job: &str, purpose: Purpose) -> Result<bool, StoreError> {
         Ok(self.core.t.outbox.contains_key(outbox_key_of(job, purpose))?)
     }
 
@@ -407,7 +411,7 @@ impl SledStore {
         Ok(())
     }
 
-    pub fn set_head(&self, repo: &str, number: u64, head: &PrHead, updated_at: &str) -> Result<(), StoreError> {
+    pub(crate) fn set_head(&self, repo: &str, number: u64, head: &PrHead, updated_at: &str) -> Result<(), StoreError> {
         let value = super::encode_head(head, updated_at);
         let key = subject_key(repo, number);
         self.heads.fetch_and_update(key.as_bytes(), |old| {
@@ -417,21 +421,21 @@ impl SledStore {
         Ok(())
     }
 
-    pub fn pr_head(&self, repo: &str, number: u64) -> Result<Option<PrHead>, StoreError> {
+    pub(crate) fn pr_head(&self, repo: &str, number: u64) -> Result<Option<PrHead>, StoreError> {
         let key = subject_key(repo, number);
         Ok(self.heads.get(key.as_bytes())?.map(|v| super::decode_head(&String::from_utf8_lossy(&v)).0))
     }
 
-    pub fn note(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
+    pub(crate) fn note(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
         Ok(self.notes.get(key.as_bytes())?.and_then(|v| serde_json::from_slice(&v).ok()))
     }
 
-    pub async fn set_note(&self, key: &str, value: &serde_json::Value) -> Result<(), StoreError> {
+    pub(crate) async fn set_note(&self, key: &str, value: &serde_json::Value) -> Result<(), StoreError> {
         self.notes.insert(key.as_bytes(), serde_json::to_vec(value).unwrap_or_default())?;
         self.flush().await
     }
 
-    pub async fn count_up(&self, key: &str) -> Result<u64, StoreError> {
+    pub(crate) async fn count_up(&self, key: &str) -> Result<u64, StoreError> {
         let count = |v: Option<&[u8]>| v.and_then(|v| serde_json::from_slice::<u64>(v).ok()).unwrap_or(0);
         let new = self
             .notes
@@ -448,12 +452,12 @@ impl SledStore {
         }
     }
 
-    pub fn note_agent(&self, job: &str, process: &serde_json::Value) -> Result<(), StoreError> {
+    pub(crate) fn note_agent(&self, job: &str, process: &serde_json::Value) -> Result<(), StoreError> {
         self.agents.insert(job.as_bytes(), encode(process))?;
         Ok(())
     }
 
-    pub fn forget_agent(&self, job: &str) -> Result<(), StoreError> {
+    pub(crate) fn forget_agent(&self, job: &str) -> Result<(), StoreError> {
         self.agents.remove(job.as_bytes())?;
         Ok(())
     }
@@ -467,7 +471,7 @@ impl SledStore {
         Ok(out)
     }
 
-    pub fn schedule_last(&self, trigger: &str) -> Result<Option<chrono::DateTime<Utc>>, StoreError> {
+    pub(crate) fn schedule_last(&self, trigger: &str) -> Result<Option<chrono::DateTime<Utc>>, StoreError> {
         match self.schedules.get(trigger.as_bytes())? {
             Some(v) => Ok(Some(decode("schedules", trigger.as_bytes(), &v)?)),
             None => Ok(None),
@@ -479,7 +483,7 @@ impl SledStore {
         self.flush().await
     }
 
-    pub fn size_on_disk(&self) -> u64 {
+    pub(crate) fn size_on_disk(&self) -> u64 {
         self.core.db.size_on_disk().unwrap_or(0)
     }
 

@@ -86,7 +86,7 @@ impl<A: Send + 'static> Writer<A> {
 
     /// Stores `admission` with whatever else is waiting; returns once it is
     /// durable (or known to have failed).
-    pub async fn submit(&self, admission: A) -> Result<Accepted, StoreError> {
+    pub(crate) async fn submit(&self, admission: A) -> Result<Accepted, StoreError> {
         let (reply, answer) = oneshot::channel();
         if self.tx.as_ref().is_none_or(|tx| tx.send((admission, reply)).is_err()) {
             return Err(StoreError::Closed);

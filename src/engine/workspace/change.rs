@@ -200,7 +200,7 @@ impl Workspaces {
 
     /// `git diff since..commit` of a prepared repository workspace (the
     /// commit `since` fetched when the mirror lacks it), at most `cap` bytes.
-    pub async fn diff_since(
+    pub(crate) async fn diff_since(
         &self,
         prepared: &Prepared,
         access: Option<u64>,

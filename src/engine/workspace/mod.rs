@@ -73,7 +73,7 @@ pub struct Branch<'a> {
     pub repo: &'a str,
     pub branch: &'a str,
     pub access: Option<u64>,
-    pub token_repo: &'a str,
+    pub(crate) token_repo: &'a str,
 }
 
 /// A commit made on `base`, to be replayed onto `onto`, where its branch
@@ -210,7 +210,7 @@ impl Workspaces {
 
     /// At start-up: worktrees a previous daemon left become the idle pool
     /// (each is reset before any job sees it); those over the cap go.
-    pub async fn load_pool(&self) {
+    pub(crate) async fn load_pool(&self) {
         let mut found = Vec::new();
         for (owner, repo_dirs) in list_dirs(&self.pool_dir).await {
             for (name, slots) in list_dirs(&repo_dirs).await {
@@ -250,7 +250,7 @@ impl Workspaces {
 
     /// Makes the job's workspace: an empty folder, or a worktree at the
     /// commit `ws` names (fetched into the repository's mirror first).
-    pub async fn prepare(
+    pub(crate) async fn prepare(
         &self,
         job_id: &str,
         repo: Option<&str>,
@@ -440,7 +440,7 @@ impl Workspaces {
 
     /// Gives the work tree to the agent's uid again, after baton's own git
     /// rewrote files in it (a replay onto a moved branch).
-    pub async fn hand_back(&self, prepared: &Prepared) -> std::io::Result<()> {
+    pub(crate) async fn hand_back(&self, prepared: &Prepared) -> std::io::Result<()> {
         self.hand_over(&prepared.path).await
     }
 
@@ -456,7 +456,7 @@ impl Workspaces {
     /// `.baton/skills/*.md` — as they are on the default branch, never on the
     /// commit under work: a pull request must not rewrite its own reviewer's
     /// instructions. `(path, text)` pairs, in that order.
-    pub async fn conventions(
+    pub(crate) async fn conventions(
         &self,
         prepared: &Prepared,
         repo: &str,

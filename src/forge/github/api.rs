@@ -21,22 +21,22 @@ const MAX_FIND_PAGES: u32 = 50;
 pub struct GitHubError {
     pub message: String,
     /// Whether trying again later can succeed (5xx, timeouts, rate limits).
-    pub retryable: bool,
+    pub(crate) retryable: bool,
     /// When GitHub said to come back (rate limits).
-    pub retry_after: Option<Duration>,
+    pub(crate) retry_after: Option<Duration>,
     /// Whether the request may have taken effect although it failed (a 5xx
     /// or a lost connection, as opposed to a refusal).
-    pub maybe_applied: bool,
+    pub(crate) maybe_applied: bool,
 }
 
 impl GitHubError {
     /// Cannot succeed by trying again.
-    pub fn fatal(message: String) -> GitHubError {
+    pub(crate) fn fatal(message: String) -> GitHubError {
         GitHubError { message, retryable: false, retry_after: None, maybe_applied: false }
     }
 
     /// Failed before anything reached GitHub; worth another try.
-    pub fn before_sending(message: String) -> GitHubError {
+    pub(crate) fn before_sending(message: String) -> GitHubError {
         GitHubError { message, retryable: true, retry_after: None, maybe_applied: false }
     }
 
@@ -56,7 +56,7 @@ pub enum Listing<'a> {
 }
 
 /// A check run to create.
-pub struct CheckRun<'a> {
+pub(crate) struct CheckRun<'a> {
     pub sha: &'a str,
     pub name: &'a str,
     /// The job id, by which baton finds its run again.
@@ -89,7 +89,7 @@ struct Identity {
 
 /// Called with `X-RateLimit-Remaining` after each answer. A callback, not
 /// `metrics::Metrics`, because `forge` sits below the modules metrics needs.
-pub type RateLimitObserver = Arc<dyn Fn(u64) + Send + Sync>;
+pub(crate) type RateLimitObserver = Arc<dyn Fn(u64) + Send + Sync>;
 
 /// An authenticated client for one GitHub (or GitHub Enterprise, or a fake).
 pub struct Client {
@@ -236,7 +236,7 @@ impl Client {
     }
 
     /// Posts a comment on an issue or pull request.
-    pub async fn create_comment(
+    pub(crate) async fn create_comment(
         &self,
         inst: Option<u64>,
         repo: &str,
@@ -250,7 +250,7 @@ impl Client {
     }
 
     /// Replaces a comment's body.
-    pub async fn edit_comment(
+    pub(crate) async fn edit_comment(
         &self,
         inst: Option<u64>,
         repo: &str,
@@ -263,7 +263,7 @@ impl Client {
     }
 
     /// Posts a comment on a commit.
-    pub async fn commit_comment(
+    pub(crate) async fn commit_comment(
         &self,
         inst: Option<u64>,
         repo: &str,
@@ -277,7 +277,7 @@ impl Client {
 
     /// 👀 on a comment, or on the issue or PR itself. GitHub answers a
     /// repeated reaction with the existing one, so this is idempotent.
-    pub async fn react(
+    pub(crate) async fn react(
         &self,
         inst: Option<u64>,
         repo: &str,
@@ -315,7 +315,7 @@ impl Client {
 
     /// Posts a review with its event and inline comments (each `path`,
     /// `line`, `side`, and optionally `start_line`/`start_side`, `body`).
-    pub async fn review_with(
+    pub(crate) async fn review_with(
         &self,
         inst: Option<u64>,
         repo: &str,
@@ -377,7 +377,7 @@ impl Client {
     }
 
     /// Creates a check run: in progress, or completed with its conclusion.
-    pub async fn create_check_run(
+    pub(crate) async fn create_check_run(
         &self,
         inst: Option<u64>,
         repo: &str,
@@ -399,7 +399,7 @@ impl Client {
     }
 
     /// Completes a check run made earlier.
-    pub async fn complete_check_run(
+    pub(crate) async fn complete_check_run(
         &self,
         inst: Option<u64>,
         repo: &str,
@@ -418,7 +418,7 @@ impl Client {
 
     /// The check run this job made on `sha`, found by its external id
     /// among the runs of baton's own App (another App can name a run alike).
-    pub async fn find_check_run(
+    pub(crate) async fn find_check_run(
         &self,
         inst: Option<u64>,
         repo: &str,

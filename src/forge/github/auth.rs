@@ -48,7 +48,7 @@ pub struct Credentials {
 impl Credentials {
     /// The App when `app_id` and `private_key` are set, else the token;
     /// `None` when neither is (publishing is off).
-    pub fn from_config(github: &Github) -> Result<Option<Credentials>, AuthError> {
+    pub(crate) fn from_config(github: &Github) -> Result<Option<Credentials>, AuthError> {
         let kind = match (github.app_id, &github.private_key, &github.token) {
             (Some(app_id), Some(key), _) => {
                 let bad =
@@ -71,12 +71,12 @@ impl Credentials {
         Ok(Some(Credentials { kind }))
     }
 
-    pub fn is_app(&self) -> bool {
+    pub(crate) fn is_app(&self) -> bool {
         matches!(self.kind, Kind::App(_))
     }
 
     /// The App's own client (JWT), for `/app/...` routes.
-    pub fn app_client(&self) -> Option<&Octocrab> {
+    pub(crate) fn app_client(&self) -> Option<&Octocrab> {
         match &self.kind {
             Kind::App(a) => Some(&a.app),
             Kind::Token(_) => None,
@@ -132,7 +132,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A client for `api_url` authenticated with `token`, with baton's
 /// timeouts and without octocrab's retries (the outbox retries).
-pub fn token_client(api_url: &str, token: &Secret) -> Result<Octocrab, AuthError> {
+pub(crate) fn token_client(api_url: &str, token: &Secret) -> Result<Octocrab, AuthError> {
     let bad = |e: octocrab::Error| AuthError::ApiUrl { url: api_url.to_string(), message: e.to_string() };
     Octocrab::builder()
         .base_uri(api_url)

@@ -17,10 +17,10 @@ use crate::forge::Deliveries;
 const WINDOW: chrono::Duration = chrono::Duration::hours(71);
 
 /// How often the App's deliveries are looked at after the first time.
-pub const INTERVAL: Duration = Duration::from_secs(10 * 60);
+pub(crate) const INTERVAL: Duration = Duration::from_secs(10 * 60);
 
 /// One pass: returns how many redeliveries were asked for.
-pub async fn catch_up(credentials: &Credentials, store: &impl Deliveries) -> Result<usize, String> {
+pub(crate) async fn catch_up(credentials: &Credentials, store: &impl Deliveries) -> Result<usize, String> {
     let Some(app) = credentials.app_client() else { return Ok(0) };
     let list: Value = app
         .get("/app/hook/deliveries?per_page=100", None::<&()>)

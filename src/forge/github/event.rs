@@ -171,7 +171,7 @@ pub fn normalize(name: &str, delivery: &str, body: &[u8]) -> Result<Event, Norma
 }
 
 /// Normalizes an already parsed payload.
-pub fn normalize_value(name: &str, delivery: &str, value: Value) -> Result<Event, NormalizeError> {
+pub(crate) fn normalize_value(name: &str, delivery: &str, value: Value) -> Result<Event, NormalizeError> {
     if !value.is_object() {
         return Err(NormalizeError::NotAnObject);
     }

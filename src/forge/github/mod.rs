@@ -5,7 +5,7 @@
 
 pub mod api;
 pub mod auth;
-pub mod catchup;
+pub(crate) mod catchup;
 pub mod event;
 
 pub use api::Client;
@@ -57,12 +57,12 @@ impl GitHub {
 
     /// `refs/pull/N/head`: GitHub keeps every pull request's head there, in
     /// the base repository, also for forks.
-    pub fn change_head_ref(&self, number: u64) -> String {
+    pub(crate) fn change_head_ref(&self, number: u64) -> String {
         format!("refs/pull/{number}/head")
     }
 
     /// `{git_url}/{owner}/{name}.git`.
-    pub fn clone_url(&self, git_url: &str, owner: &str, name: &str) -> String {
+    pub(crate) fn clone_url(&self, git_url: &str, owner: &str, name: &str) -> String {
         format!("{}/{owner}/{name}.git", git_url.trim_end_matches('/'))
     }
 }
@@ -70,4 +70,4 @@ impl GitHub {
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
 }
-pub use event::{normalize, normalize_value, KNOWN_EVENTS};
+pub use event::{normalize, KNOWN_EVENTS};

@@ -109,7 +109,7 @@ fn known_event(entry: &str, config: &Config) -> bool {
 
 /// Parses and compiles one trigger file for the forge `[github]` configures.
 /// Templates are added to `env`.
-pub fn compile(
+pub(crate) fn compile(
     path: &Path,
     source: &str,
     config: &Config,
@@ -134,7 +134,7 @@ fn unavailable(output: OutputKind, forge: &Capabilities) -> Option<&'static str>
 
 /// `compile`, for a forge named `forge_name` that offers `offered`: an output
 /// it lacks is an error at the output's `kind`.
-pub fn compile_for(
+pub(crate) fn compile_for(
     path: &Path,
     source: &str,
     config: &Config,

@@ -4,7 +4,7 @@
 use super::*;
 
 impl PgStore {
-    pub async fn take_cancels(&self) -> Result<Vec<(String, String)>, StoreError> {
+    pub(crate) async fn take_cancels(&self) -> Result<Vec<(String, String)>, StoreError> {
         let rows = sqlx::query(
             "DELETE FROM cancels c USING running r WHERE c.id = r.id AND r.replica = $1 RETURNING c.id, c.by_job",
         )
@@ -20,7 +20,7 @@ impl PgStore {
         rows.iter().map(|r| Ok((r.try_get(0).map_err(pg)?, r.try_get(1).map_err(pg)?))).collect()
     }
 
-    pub async fn request_cancel(&self, id: &str, by: &str) -> Result<(), StoreError> {
+    pub(crate) async fn request_cancel(&self, id: &str, by: &str) -> Result<(), StoreError> {
         self.apply_alone(&vec![Write::Cancel { job: id.to_string(), by: by.to_string() }], Duration::ZERO).await
     }
 
@@ -40,7 +40,7 @@ impl PgStore {
 
     /// Takes every lapsed lease for this replica, so no other replica takes
     /// the same job back.
-    pub async fn take_expired(&self, lease: Duration) -> Result<Vec<String>, StoreError> {
+    pub(crate) async fn take_expired(&self, lease: Duration) -> Result<Vec<String>, StoreError> {
         sqlx::query_scalar(
             "UPDATE running SET replica = $1, lease_until = now() + make_interval(secs => $2)
              WHERE lease_until < now() RETURNING id",

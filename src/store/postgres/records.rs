@@ -5,7 +5,7 @@
 use super::*;
 
 impl PgStore {
-    pub async fn publication_pending(&self, job: &str, purpose: Purpose) -> Result<bool, StoreError> {
+    pub(crate) async fn publication_pending(&self, job: &str, purpose: Purpose) -> Result<bool, StoreError> {
         let row: Option<i32> = sqlx::query_scalar("SELECT 1 FROM outbox WHERE job = $1 AND purpose = $2")
             .bind(job)
             .bind(purpose.as_str())
@@ -43,7 +43,13 @@ impl PgStore {
         Ok(())
     }
 
-    pub async fn set_head(&self, repo: &str, number: u64, head: &PrHead, updated_at: &str) -> Result<(), StoreError> {
+    pub(crate) async fn set_head(
+        &self,
+        repo: &str,
+        number: u64,
+        head: &PrHead,
+        updated_at: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO heads (subject, value, updated_at) VALUES ($1, $2, $3)
              ON CONFLICT (subject) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
@@ -58,7 +64,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub async fn pr_head(&self, repo: &str, number: u64) -> Result<Option<PrHead>, StoreError> {
+    pub(crate) async fn pr_head(&self, repo: &str, number: u64) -> Result<Option<PrHead>, StoreError> {
         let value: Option<String> = sqlx::query_scalar("SELECT value FROM heads WHERE subject = $1")
             .bind(subject_key(repo, number))
             .fetch_optional(&self.pool)
@@ -67,7 +73,7 @@ impl PgStore {
         Ok(value.map(|v| crate::store::decode_head(&v).0))
     }
 
-    pub async fn note(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
+    pub(crate) async fn note(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
         let value: Option<Json<serde_json::Value>> = sqlx::query_scalar("SELECT value FROM notes WHERE key = $1")
             .bind(key)
             .fetch_optional(&self.pool)
@@ -76,7 +82,7 @@ impl PgStore {
         Ok(value.map(|v| v.0))
     }
 
-    pub async fn set_note(&self, key: &str, value: &serde_json::Value) -> Result<(), StoreError> {
+    pub(crate) async fn set_note(&self, key: &str, value: &serde_json::Value) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO notes (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         )
@@ -88,7 +94,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub async fn count_up(&self, key: &str) -> Result<u64, StoreError> {
+    pub(crate) async fn count_up(&self, key: &str) -> Result<u64, StoreError> {
         let n: i64 = sqlx::query_scalar(
             "INSERT INTO notes (key, value) VALUES ($1, '1') ON CONFLICT (key) DO UPDATE
              SET value = to_jsonb(COALESCE((notes.value #>> '{}')::bigint, 0) + 1)
@@ -110,7 +116,7 @@ impl PgStore {
         Ok(list.map(|Json(l)| l).unwrap_or_default())
     }
 
-    pub async fn note_agent(&self, job: &str, process: &serde_json::Value) -> Result<(), StoreError> {
+    pub(crate) async fn note_agent(&self, job: &str, process: &serde_json::Value) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO agents (replica, job, process) VALUES ($1, $2, $3)
              ON CONFLICT (replica, job) DO UPDATE SET process = excluded.process",
@@ -124,7 +130,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub async fn forget_agent(&self, job: &str) -> Result<(), StoreError> {
+    pub(crate) async fn forget_agent(&self, job: &str) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM agents WHERE replica = $1 AND job = $2")
             .bind(&self.replica)
             .bind(job)
@@ -148,7 +154,7 @@ impl PgStore {
             .collect()
     }
 
-    pub async fn schedule_last(&self, trigger: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    pub(crate) async fn schedule_last(&self, trigger: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
         sqlx::query_scalar("SELECT last_fired FROM schedules WHERE trigger = $1")
             .bind(trigger)
             .fetch_optional(&self.pool)
@@ -169,7 +175,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub async fn append_log(&self, job: &str, offset: u64, bytes: &[u8]) -> Result<(), StoreError> {
+    pub(crate) async fn append_log(&self, job: &str, offset: u64, bytes: &[u8]) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO job_logs (job, start_at, chunk) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
             .bind(job)
             .bind(offset as i64)
@@ -180,7 +186,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub async fn read_log(&self, job: &str, offset: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    pub(crate) async fn read_log(&self, job: &str, offset: u64) -> Result<Option<Vec<u8>>, StoreError> {
         let rows = sqlx::query(
             "SELECT start_at, chunk FROM job_logs WHERE job = $1 AND start_at + length(chunk) > $2 ORDER BY start_at",
         )
