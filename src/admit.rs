@@ -33,7 +33,7 @@ pub enum Origin<'a> {
 
 /// What the door did with an event it stored.
 #[derive(Debug)]
-pub struct Admission {
+pub struct Received {
     /// The store's answer; for a new delivery, its jobs include the held
     /// jobs an approval in it released.
     pub accepted: Accepted,
@@ -55,7 +55,7 @@ pub struct Door<'a> {
 impl Door<'_> {
     /// Matches `event` and stores it with its jobs. `None`: nothing matched
     /// an event whose origin keeps no record of such (a job's end).
-    pub async fn admit(&self, mut event: Event, origin: Origin<'_>) -> Result<Option<Admission>, StoreError> {
+    pub async fn admit(&self, mut event: Event, origin: Origin<'_>) -> Result<Option<Received>, StoreError> {
         self.pin_comment_to_head(&mut event).await;
         self.note_thread(&mut event).await;
         let rules = self.rules.current();
@@ -94,7 +94,7 @@ impl Door<'_> {
                 wake.notify_one();
             }
         }
-        Ok(Some(Admission { accepted, held }))
+        Ok(Some(Received { accepted, held }))
     }
 
     /// Only a new delivery moves a pull request's head (a redelivery of an

@@ -376,7 +376,7 @@ async fn simulate(event: &str, payload: &Path, path: Option<&Path>, run: bool) -
                 println!("\n✓ {} matches\n--- prompt ---\n{}\n--------------", trigger.name, spec.prompt.trim_end());
                 matched.push(*spec);
             }
-            Verdict::NeedsApproval { reason, .. } => {
+            Verdict::Held { reason, .. } => {
                 println!("… {}: waits for a trusted person's `/baton approve`: {reason}", trigger.name)
             }
             Verdict::Rejected { filter, reason } => {

@@ -7,7 +7,7 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::admit::{Admission, Door, Origin};
+use crate::admit::{Door, Origin, Received};
 use crate::event::{Event, Repository};
 use crate::rules::SharedRules;
 use crate::store::{Accepted, Store, StoreError};
@@ -43,7 +43,7 @@ pub async fn tick(store: &Store, rules: &SharedRules, now: DateTime<Utc>) -> Res
         for repo in &t.schedule_repos {
             let event = event(&t.name, repo, slot);
             let id = event.delivery.clone();
-            if let Some(Admission { accepted: Accepted::New(_), .. }) =
+            if let Some(Received { accepted: Accepted::New(_), .. }) =
                 door.admit(event, Origin::Schedule { trigger: &t.name }).await?
             {
                 fired.push(id);

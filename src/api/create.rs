@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 
 use super::wire::{self, BadField, CreateChild, CreateJob, ErrorBody};
 use super::{error, store_error, Api};
-use crate::admit::{Admission, Door, Origin};
+use crate::admit::{Door, Origin, Received};
 use crate::engine::team::{self, Caller, Grant};
 use crate::event::{Event, ParentJob, Repository};
 use crate::rules::{RuleSet, Verdict};
@@ -135,7 +135,7 @@ fn judge(rules: &RuleSet, name: &str, event: &Event) -> Result<crate::rules::Job
         Some(Verdict::Rejected { filter, reason }) => {
             Err(bad("trigger", format!("`{name}` does not take this request ({filter}: {reason})")))
         }
-        Some(Verdict::NeedsApproval { reason, .. }) => Err(bad("trigger", reason)),
+        Some(Verdict::Held { reason, .. }) => Err(bad("trigger", reason)),
         None => Err(bad("trigger", format!("no trigger `{name}`"))),
     }
 }
@@ -146,7 +146,7 @@ async fn admit(s: &Api, event: Event, name: &str, spec: crate::rules::JobSpec) -
     let id = crate::domain::job_id(&event.delivery, name);
     let door = Door { store: &s.store, rules: &s.rules, wake: Some(&s.wake), reject_replays: false };
     match door.admit(event, Origin::Api { spec: Box::new(spec) }).await {
-        Ok(Some(Admission { accepted: Accepted::New(admitted), .. })) => {
+        Ok(Some(Received { accepted: Accepted::New(admitted), .. })) => {
             if let Some(skip) = admitted.skipped.first() {
                 let answer = ErrorBody {
                     skipped: Some(skip.reason.clone()),

@@ -252,7 +252,7 @@ impl Config {
             }
             Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
         };
-        let limits = Limits {
+        let limits = LimitSettings {
             max_parallel_jobs: positive(&raw.limits.max_parallel_jobs, 4, &mut errors),
             max_parallel_per_repo: positive(&raw.limits.max_parallel_per_repo, 2, &mut errors),
             max_chain_depth: raw.limits.max_chain_depth.unwrap_or(3),
@@ -312,7 +312,7 @@ impl Config {
                 Ok(secret) => {
                     sources.insert(
                         name.clone(),
-                        Source {
+                        SourceSettings {
                             name: name.clone(),
                             secret,
                             signature_header: raw_source
@@ -477,7 +477,7 @@ impl Config {
                 min_free,
                 git_timeout: raw.storage.git_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60)),
             },
-            github: Github {
+            github: GitHubSettings {
                 api_url,
                 git_url,
                 webhook_secret,

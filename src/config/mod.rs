@@ -41,10 +41,10 @@ pub struct Config {
     pub triggers_dir: PathBuf,
     pub server: Server,
     pub storage: Storage,
-    pub github: Github,
-    pub limits: Limits,
+    pub github: GitHubSettings,
+    pub limits: LimitSettings,
     pub agents: BTreeMap<String, AgentDef>,
-    pub sources: BTreeMap<String, Source>,
+    pub sources: BTreeMap<String, SourceSettings>,
     /// `[notify.NAME]`: where job ends are announced.
     pub notify: BTreeMap<String, NotifyTarget>,
     /// `[mcp.NAME]`: tool servers a trigger may give its agent.
@@ -192,7 +192,7 @@ pub enum NotifyKind {
 
 /// A generic webhook source: `POST /webhooks/NAME`.
 #[derive(Debug, Clone)]
-pub struct Source {
+pub struct SourceSettings {
     pub name: String,
     pub secret: Secret,
     /// Carries `sha256=<hex HMAC of the body>`.
@@ -206,7 +206,7 @@ pub struct Source {
 }
 
 #[derive(Debug, Clone)]
-pub struct Github {
+pub struct GitHubSettings {
     pub api_url: String,
     pub git_url: String,
     /// `None` until `serve` generates one under the storage folder.
@@ -218,7 +218,7 @@ pub struct Github {
 }
 
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub struct LimitSettings {
     pub max_parallel_jobs: usize,
     pub max_parallel_per_repo: usize,
     /// How many job ends in a row may start jobs (investigate → fix → review).

@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
-use super::approval::{Pending, MAX_PENDING};
+use super::approval::{Held, MAX_PENDING};
 use super::dispatch::QueueEntry;
 use super::{Delivery, Job, JobState, Plan, Skipped, Write};
 use crate::rules::{JobSpec, OnConflict};
@@ -50,7 +50,7 @@ pub struct Admission {
     pub delivery: Delivery,
     pub jobs: Vec<Job>,
     /// Matches held until someone trusted approves: (subject key, job).
-    pub held: Vec<(String, Pending)>,
+    pub held: Vec<(String, Held)>,
     pub now: DateTime<Utc>,
 }
 
@@ -69,7 +69,7 @@ pub struct AdmitView {
     pub groups: HashMap<String, GroupState>,
     pub(crate) throttles: HashMap<String, Vec<i64>>,
     /// Subject key → jobs held there.
-    pub held: HashMap<String, Vec<Pending>>,
+    pub held: HashMap<String, Vec<Held>>,
 }
 
 /// The keys of the records a batch reads, sorted (a backend that locks
@@ -550,7 +550,7 @@ delivery d1 jobs=["x"] skipped=0"#,
     #[test]
     fn held_jobs_are_kept_per_subject_newest_twenty() {
         let held = |n: usize| {
-            let p = Pending { delivery: format!("h{n}"), held_at: at(0), spec: spec("t"), text: None };
+            let p = Held { delivery: format!("h{n}"), held_at: at(0), spec: spec("t"), text: None };
             ("o/r#1".to_string(), p)
         };
         let mut view = AdmitView::default();

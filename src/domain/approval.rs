@@ -13,7 +13,7 @@ pub(crate) const MAX_PENDING: usize = 20;
 
 /// A job held until a trusted person approves it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Pending {
+pub struct Held {
     pub delivery: String,
     pub(crate) held_at: DateTime<Utc>,
     pub spec: JobSpec,
@@ -23,7 +23,7 @@ pub struct Pending {
     pub text: Option<String>,
 }
 
-impl Pending {
+impl Held {
     /// Whether an approval may release this held job: not when the issue's
     /// or PR's text (`current`) differs from what the prompt was made of,
     /// unless the approver said `--edited` after reading it.
@@ -95,13 +95,7 @@ pub enum Release {
 /// The trust rule for one held job: the approver's standing is among the
 /// trigger's `trusted` authors, and the text is what was held (or the
 /// approver said `--edited`).
-pub fn release(
-    held: &Pending,
-    trusted: &[String],
-    association: &str,
-    current: Option<&str>,
-    edited_ok: bool,
-) -> Release {
+pub fn release(held: &Held, trusted: &[String], association: &str, current: Option<&str>, edited_ok: bool) -> Release {
     if !trusted.iter().any(|a| a == association) {
         Release::Untrusted
     } else if !held.approvable(current, edited_ok) {
@@ -119,10 +113,10 @@ pub fn release(
 #[allow(clippy::too_many_arguments)]
 pub fn approve(
     subject: &str,
-    held: &[Pending],
+    held: &[Held],
     head: Option<&str>,
     approval: &Approval,
-    may_approve: impl Fn(&Pending) -> bool,
+    may_approve: impl Fn(&Held) -> bool,
     exists: impl Fn(&str) -> bool,
     mut seqs: impl FnMut() -> u64,
     now: DateTime<Utc>,
@@ -157,8 +151,8 @@ mod tests {
     use super::*;
     use crate::domain::render;
 
-    fn held(delivery: &str, head: Option<&str>, text: Option<&str>) -> Pending {
-        Pending {
+    fn held(delivery: &str, head: Option<&str>, text: Option<&str>) -> Held {
+        Held {
             delivery: delivery.into(),
             held_at: Utc::now(),
             spec: JobSpec {
@@ -186,7 +180,7 @@ mod tests {
 
     #[test]
     fn only_holds_at_the_current_head_are_released() {
-        let check = |list: Vec<Pending>, head: Option<&str>, expect: &str| {
+        let check = |list: Vec<Held>, head: Option<&str>, expect: &str| {
             let approval = Approval { by: "maintainer".into(), at: Utc::now() };
             let mut seq = 10;
             let (_, plan) = approve(

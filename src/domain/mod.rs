@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 pub use admission::{Accepted, Admitted};
 
 pub use admission::{Admission, AdmitView, GroupState};
-pub use approval::Pending;
+pub use approval::Held;
 pub use dispatch::Limits;
 pub use dispatch::{Load, QueueEntry};
 pub(crate) use outbox::NoOutbox;
@@ -50,7 +50,7 @@ pub enum Write {
     /// A running job to cancel, and the job that cancels it.
     Cancel { job: String, by: String },
     /// The jobs held for approval on one issue or PR (empty: none left).
-    Held { subject: String, list: Vec<Pending> },
+    Held { subject: String, list: Vec<Held> },
     /// A claimed job's lease starts (the backend sets its deadline).
     Lease(String),
     /// A job that no longer runs gives up its lease.

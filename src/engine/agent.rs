@@ -76,7 +76,7 @@ const USAGE_FILE: &str = "usage.json";
 
 /// What one run produced.
 #[derive(Debug)]
-pub struct Run {
+pub struct RunOutput {
     pub ending: Ending,
     pub stdout: String,
     /// The last few KB of stdout and stderr together, for feedback.
@@ -100,7 +100,7 @@ impl Ending {
     }
 }
 
-impl Run {
+impl RunOutput {
     /// Its end as `domain::outcome` weighs it: how it stopped, the sandbox
     /// cap it ran into, and its budget and spend when it had one.
     pub fn end(&self, budget_usd: Option<f64>, spent_usd: Option<f64>) -> RunEnd {
@@ -170,7 +170,7 @@ impl Invocation<'_> {
 
     /// The model use the run reported: on the CLI's own output, or in the
     /// usage file (read as the result file is: never through a link).
-    pub async fn usage(&self, run: &Run) -> Option<crate::store::Usage> {
+    pub async fn usage(&self, run: &RunOutput) -> Option<crate::store::Usage> {
         let path = self.usage_file();
         let file = tokio::task::spawn_blocking(move || read_result_file(&path).ok()).await.ok().flatten();
         super::usage::read(self.agent.usage, &run.stdout, file.as_deref())
@@ -236,7 +236,7 @@ impl Invocation<'_> {
     }
 
     /// Runs the agent to its end.
-    pub async fn run(&self) -> Result<Run, AgentError> {
+    pub async fn run(&self) -> Result<RunOutput, AgentError> {
         let files_err = |source| AgentError::Files { path: self.job_dir.to_path_buf(), source };
         // Made anew for every run: an earlier run may have left links here
         // that a write of the prompt would follow.
@@ -472,7 +472,7 @@ impl Invocation<'_> {
         }
         let _ = log.file.write_all(note.as_bytes()).await;
         let _ = log.file.flush().await;
-        Ok(Run {
+        Ok(RunOutput {
             ending,
             stdout: String::from_utf8_lossy(&stdout).into_owned(),
             output_tail: String::from_utf8_lossy(&log.tail).into_owned(),
@@ -482,7 +482,7 @@ impl Invocation<'_> {
     }
 
     /// Reads the agent's answer as its definition says.
-    pub async fn result(&self, run: &Run) -> Result<String, String> {
+    pub async fn result(&self, run: &RunOutput) -> Result<String, String> {
         match &self.agent.result {
             ResultMode::Stdout => Ok(run.stdout.trim().to_string()),
             ResultMode::File => {

@@ -504,7 +504,7 @@ impl Engine {
     fn agent_failure(
         &self,
         agent: &AgentDef,
-        run: &agent::Run,
+        run: &agent::RunOutput,
         outcome: Outcome,
         budget: Option<&agent::Budget>,
         spent: Option<f64>,

@@ -4,7 +4,7 @@
 //! leaves the end pending; recovery sends it through again.
 
 use super::Engine;
-use crate::admit::{Admission, Door, Origin};
+use crate::admit::{Door, Origin, Received};
 use crate::store::{Accepted, Job};
 
 impl Engine {
@@ -15,7 +15,7 @@ impl Engine {
         let door = Door { store: &self.store, rules: &self.rules, wake: Some(&self.wake), reject_replays: false };
         let (id, kind) = (event.delivery.clone(), event.kind.clone());
         match door.admit(event, Origin::Chain).await {
-            Ok(Some(Admission { accepted: Accepted::New(admitted), .. })) => {
+            Ok(Some(Received { accepted: Accepted::New(admitted), .. })) => {
                 tracing::info!(delivery = %id, event = %kind, jobs = admitted.jobs.len(), "Job end started jobs.");
             }
             Ok(_) => {}

@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 
 use super::NormalizeError;
 use super::{Event, Repository};
-use crate::config::Source;
+use crate::config::SourceSettings;
 
 /// The delivery id when the source names no header for it: the same body
 /// always gets the same id, so a resent request is a duplicate.
@@ -32,7 +32,7 @@ fn lookup(value: &Value, path: &str) -> Option<String> {
     }
 }
 
-pub fn normalize(source: &Source, delivery: &str, body: &[u8]) -> Result<Event, NormalizeError> {
+pub fn normalize(source: &SourceSettings, delivery: &str, body: &[u8]) -> Result<Event, NormalizeError> {
     let value: Value = serde_json::from_slice(body)?;
     if !value.is_object() {
         return Err(NormalizeError::NotAnObject);
@@ -67,8 +67,8 @@ mod tests {
     use super::*;
     use crate::config::Secret;
 
-    fn source(action: Option<&str>) -> Source {
-        Source {
+    fn source(action: Option<&str>) -> SourceSettings {
+        SourceSettings {
             name: "ci".into(),
             secret: Secret::new("s"),
             signature_header: "X-Signature-256".into(),

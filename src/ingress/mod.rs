@@ -20,8 +20,8 @@ use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::sync::{Notify, Semaphore};
 
-use crate::admit::{Admission, Door, Origin};
-use crate::config::{Secret, Source};
+use crate::admit::{Door, Origin, Received};
+use crate::config::{Secret, SourceSettings};
 use crate::event::{generic, Event};
 use crate::forge::{signature, Forge, Rejected};
 use crate::rules::SharedRules;
@@ -33,7 +33,7 @@ pub struct Ingress {
     pub store: Store,
     pub rules: SharedRules,
     pub secret: Secret,
-    pub sources: Arc<BTreeMap<String, Source>>,
+    pub sources: Arc<BTreeMap<String, SourceSettings>>,
     pub max_body_bytes: usize,
     /// Time a client has to send the whole body.
     pub read_timeout: Duration,
@@ -243,17 +243,17 @@ async fn admit(s: &Ingress, event: Event, signed: Option<(&str, &[u8])>) -> Resp
     let door = Door { store: &s.store, rules: &s.rules, wake: Some(&s.wake), reject_replays: s.reject_replays };
     let (id, kind) = (event.delivery.clone(), event.kind.clone());
     match door.admit(event, Origin::Webhook { signed }).await {
-        Ok(Some(Admission { accepted: Accepted::Duplicate, .. })) => {
+        Ok(Some(Received { accepted: Accepted::Duplicate, .. })) => {
             s.metrics.delivery(&kind, "duplicate");
             tracing::info!(delivery = %id, "Duplicate delivery ignored.");
             answer(StatusCode::OK, json!({ "duplicate": true, "delivery": id }))
         }
-        Ok(Some(Admission { accepted: Accepted::Replay { of }, .. })) => {
+        Ok(Some(Received { accepted: Accepted::Replay { of }, .. })) => {
             s.metrics.delivery(&kind, "replay");
             tracing::warn!(delivery = %id, first = %of, "A body already delivered came again under a new delivery id; ignored as a replay.");
             answer(StatusCode::OK, json!({ "duplicate": true, "replay": true, "replay_of": of, "delivery": id }))
         }
-        Ok(Some(Admission { accepted: Accepted::New(admitted), held })) => {
+        Ok(Some(Received { accepted: Accepted::New(admitted), held })) => {
             s.metrics.delivery(&kind, "accepted");
             tracing::info!(delivery = %id, event = %kind, jobs = admitted.jobs.len(), held, skipped = admitted.skipped.len(), "Delivery accepted.");
             let skipped: Vec<_> =

@@ -202,7 +202,7 @@ pub enum Verdict {
     Matched(Box<JobSpec>),
     /// Everything matched but the person: the job waits for a trusted
     /// person's `/baton approve` on the issue or pull request.
-    NeedsApproval {
+    Held {
         spec: Box<JobSpec>,
         reason: String,
     },
@@ -340,7 +340,7 @@ impl RuleSet {
         for i in candidates {
             match self.judge(&self.triggers[i], event, &ctx) {
                 Verdict::Matched(spec) => out.jobs.push(*spec),
-                Verdict::NeedsApproval { spec, .. } => out.pending.push(*spec),
+                Verdict::Held { spec, .. } => out.pending.push(*spec),
                 Verdict::Rejected { .. } => {}
             }
         }
@@ -576,7 +576,7 @@ impl RuleSet {
             author: event.author.clone(),
         });
         match approval {
-            Some(reason) => Verdict::NeedsApproval { spec, reason },
+            Some(reason) => Verdict::Held { spec, reason },
             None => Verdict::Matched(spec),
         }
     }

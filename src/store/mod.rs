@@ -24,8 +24,8 @@ use chrono::Utc;
 use crate::domain::Admission;
 pub use crate::domain::{job_id, Accepted, Admitted, Delivery, Job, JobState, Limits, Outcome};
 pub use crate::domain::{
-    Approval, Attempt, Pending, Phases, Publication, PublicationState, PublicationSummary, Purpose, QueueEntry,
-    Skipped, Target, Usage,
+    Approval, Attempt, Held, Phases, Publication, PublicationState, PublicationSummary, Purpose, QueueEntry, Skipped,
+    Target, Usage,
 };
 use crate::rules::JobSpec;
 pub use commit::Durability;
@@ -236,7 +236,7 @@ impl Store {
             .filter_map(|spec| {
                 let key = crate::domain::subject_key(spec.repo.as_deref()?, spec.subject?);
                 let text = subject_text.clone();
-                Some((key, Pending { delivery: delivery.id.clone(), held_at: now, spec, text }))
+                Some((key, Held { delivery: delivery.id.clone(), held_at: now, spec, text }))
             })
             .collect();
         let admission = Admission { delivery, jobs, held, now };
@@ -449,7 +449,7 @@ impl Store {
     }
 
     /// Jobs held on an issue or PR for approval.
-    pub async fn pending(&self, repo: &str, number: u64) -> Result<Vec<Pending>, StoreError> {
+    pub async fn pending(&self, repo: &str, number: u64) -> Result<Vec<Held>, StoreError> {
         on!(self, b => b.pending(repo, number), b.pending(repo, number).await)
     }
 
@@ -460,7 +460,7 @@ impl Store {
         repo: &str,
         number: u64,
         approval: &Approval,
-        may_approve: impl Fn(&Pending) -> bool + Send + Sync,
+        may_approve: impl Fn(&Held) -> bool + Send + Sync,
     ) -> Result<Vec<String>, StoreError> {
         let subject = crate::domain::subject_key(repo, number);
         let head = self.pr_head(repo, number).await?.map(|h| h.sha);

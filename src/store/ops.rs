@@ -11,7 +11,7 @@ use chrono::Utc;
 
 pub(super) use super::StoreError;
 use crate::domain::admission::{self, Admission, AdmitView};
-use crate::domain::approval::{self, Pending};
+use crate::domain::approval::{self, Held};
 use crate::domain::dispatch::{self, Claim, Limits, Load, QueueEntry};
 use crate::domain::{Accepted, Approval, GroupState, Job, JobState, Plan, Publication, Write};
 
@@ -42,7 +42,7 @@ pub(super) trait Tx {
     /// Trigger runs, cooldowns and spending by key (those stored).
     async fn throttles(&mut self, keys: &[String]) -> Result<HashMap<String, Vec<i64>>, StoreError>;
     /// The jobs held for approval on a subject (`owner/name#N`).
-    async fn held(&mut self, subject: &str) -> Result<Vec<Pending>, StoreError>;
+    async fn held(&mut self, subject: &str) -> Result<Vec<Held>, StoreError>;
     /// Whether `id` waits in the queue.
     async fn queued(&mut self, id: &str) -> Result<bool, StoreError>;
     /// Whether this replica holds `id`'s lease (another may have taken the
@@ -285,7 +285,7 @@ pub(super) async fn approve<B: Backend>(
     subject: &str,
     head: Option<&str>,
     approval: &Approval,
-    may_approve: &(dyn Fn(&Pending) -> bool + Sync),
+    may_approve: &(dyn Fn(&Held) -> bool + Sync),
 ) -> Result<Vec<String>, StoreError> {
     let started = retrying!(
         async {

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use super::writer::{Reply, MAX_BATCH};
 use super::{JobQuery, PrHead, StoreError};
 use crate::domain::admission::{Admission, AdmitView};
-use crate::domain::approval::Pending;
+use crate::domain::approval::Held;
 use crate::domain::dispatch::{Limits, Load, QueueEntry};
 use crate::domain::{subject_key, Accepted, Delivery, GroupState, Job, Plan, Publication, Purpose, Write};
 

@@ -20,7 +20,7 @@ use super::commit::{self, Durability};
 use super::ops;
 use super::{writer, JobQuery, PrHead, StoreError};
 use crate::domain::admission::{Admission, AdmitView};
-use crate::domain::approval::Pending;
+use crate::domain::approval::Held;
 use crate::domain::dispatch::{Limits, Load, QueueEntry};
 use crate::domain::{
     subject_key, Accepted, Delivery, GroupState, Job, JobState, Plan, Publication, PublicationState, Purpose, Write,
@@ -444,7 +444,7 @@ impl SledStore {
         Ok(count(new.as_deref()))
     }
 
-    pub fn pending(&self, repo: &str, number: u64) -> Result<Vec<Pending>, StoreError> {
+    pub fn pending(&self, repo: &str, number: u64) -> Result<Vec<Held>, StoreError> {
         let key = subject_key(repo, number);
         match self.core.t.approvals.get(key.as_bytes())? {
             Some(v) => decode("approvals", key.as_bytes(), &v),

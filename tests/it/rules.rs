@@ -30,7 +30,7 @@ fn judge(trigger: &str, name: &str, payload: &[u8]) -> Result<baton::rules::JobS
             Err((filter.to_string(), reason))
         }
         // Held for a trusted person's approval: for the author filter, a no.
-        Verdict::NeedsApproval { reason, .. } => {
+        Verdict::Held { reason, .. } => {
             assert!(rules.match_event(&event).is_empty());
             assert_eq!(rules.evaluate(&event).pending.len(), 1);
             Err(("authors".to_string(), reason))

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use octocrab::Octocrab;
 use serde_json::Value;
 
-use crate::config::{Github, Secret};
+use crate::config::{GitHubSettings, Secret};
 
 /// A token is renewed this long before GitHub says it expires.
 const RENEW_BEFORE: chrono::Duration = chrono::Duration::minutes(5);
@@ -48,7 +48,7 @@ pub struct Credentials {
 impl Credentials {
     /// The App when `app_id` and `private_key` are set, else the token;
     /// `None` when neither is (publishing is off).
-    pub(crate) fn from_config(github: &Github) -> Result<Option<Credentials>, AuthError> {
+    pub(crate) fn from_config(github: &GitHubSettings) -> Result<Option<Credentials>, AuthError> {
         let kind = match (github.app_id, &github.private_key, &github.token) {
             (Some(app_id), Some(key), _) => {
                 let bad =

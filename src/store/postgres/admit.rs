@@ -55,7 +55,7 @@ impl PgStore {
         let mut queue: BTreeMap<String, Option<QueueEntry>> = BTreeMap::new();
         let mut groups: BTreeMap<String, GroupState> = BTreeMap::new();
         let mut throttles: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-        let mut held: BTreeMap<String, Vec<Pending>> = BTreeMap::new();
+        let mut held: BTreeMap<String, Vec<Held>> = BTreeMap::new();
         let mut cancels: BTreeMap<String, String> = BTreeMap::new();
         let mut leases: BTreeMap<String, bool> = BTreeMap::new();
         let mut ends = Vec::new();

@@ -107,8 +107,8 @@ impl PgStore {
         Ok(n.max(0) as u64)
     }
 
-    pub async fn pending(&self, repo: &str, number: u64) -> Result<Vec<Pending>, StoreError> {
-        let list: Option<Json<Vec<Pending>>> = sqlx::query_scalar("SELECT list FROM held WHERE subject = $1")
+    pub async fn pending(&self, repo: &str, number: u64) -> Result<Vec<Held>, StoreError> {
+        let list: Option<Json<Vec<Held>>> = sqlx::query_scalar("SELECT list FROM held WHERE subject = $1")
             .bind(subject_key(repo, number))
             .fetch_optional(&self.pool)
             .await

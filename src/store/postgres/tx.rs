@@ -48,13 +48,12 @@ impl ops::Tx for PgTx<'_> {
         lock_throttles(&mut self.tx, keys).await
     }
 
-    async fn held(&mut self, subject: &str) -> Result<Vec<Pending>, StoreError> {
-        let list: Option<Json<Vec<Pending>>> =
-            sqlx::query_scalar("SELECT list FROM held WHERE subject = $1 FOR UPDATE")
-                .bind(subject)
-                .fetch_optional(&mut *self.tx)
-                .await
-                .map_err(pg)?;
+    async fn held(&mut self, subject: &str) -> Result<Vec<Held>, StoreError> {
+        let list: Option<Json<Vec<Held>>> = sqlx::query_scalar("SELECT list FROM held WHERE subject = $1 FOR UPDATE")
+            .bind(subject)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(pg)?;
         Ok(list.map(|Json(l)| l).unwrap_or_default())
     }
 
@@ -110,7 +109,7 @@ impl ops::Tx for PgTx<'_> {
                     .await
                     .map_err(pg)?;
             for row in rows {
-                let Json(list): Json<Vec<Pending>> = row.try_get(1).map_err(pg)?;
+                let Json(list): Json<Vec<Held>> = row.try_get(1).map_err(pg)?;
                 view.held.insert(row.try_get(0).map_err(pg)?, list);
             }
         }

@@ -162,7 +162,7 @@ impl ops::Tx for SledTx {
         Ok(out)
     }
 
-    async fn held(&mut self, subject: &str) -> Result<Vec<Pending>, StoreError> {
+    async fn held(&mut self, subject: &str) -> Result<Vec<Held>, StoreError> {
         Ok(self.core.t.get(T::Approvals, subject.as_bytes())?.unwrap_or_default())
     }
 
@@ -284,7 +284,7 @@ impl SledTx {
             }
         }
         for s in &wanted.subjects {
-            if let Some(list) = self.core.t.get::<Vec<Pending>>(T::Approvals, s.as_bytes())? {
+            if let Some(list) = self.core.t.get::<Vec<Held>>(T::Approvals, s.as_bytes())? {
                 view.held.insert(s.clone(), list);
             }
         }
