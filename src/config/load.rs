@@ -143,299 +143,34 @@ impl Config {
     pub fn from_source(path: Option<&Path>, source: &str, base: &Path) -> Result<Config, Vec<Diagnostic>> {
         let shown = path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("<built-in defaults>"));
         let raw: RawConfig = toml::from_str(source).map_err(|e| vec![Diagnostic::from_toml(&shown, source, &e)])?;
-        let mut errors = Vec::new();
-        let at = |span: std::ops::Range<usize>, msg: String| Diagnostic::at(&shown, source, Some(span), msg);
-
-        let listen = match &raw.server.listen {
-            None => SocketAddr::from(([127, 0, 0, 1], 8787)),
-            Some(s) => match s.get_ref().parse() {
-                Ok(addr) => addr,
-                Err(_) => {
-                    errors.push(at(
-                        s.span(),
-                        format!("invalid listen address `{}`: expected IP:PORT, e.g. 127.0.0.1:8787", s.get_ref()),
-                    ));
-                    SocketAddr::from(([127, 0, 0, 1], 8787))
-                }
-            },
+        let mut r = Reader {
+            shown: &shown,
+            source,
+            base,
+            errors: Vec::new(),
+            secret_files: Vec::new(),
+            secret_vars: Vec::new(),
         };
-        let max_body_bytes = match &raw.server.max_body_bytes {
-            None => 25 * 1024 * 1024,
-            Some(n) if *n.get_ref() == 0 => {
-                errors.push(at(n.span(), "max_body_bytes must be more than zero".into()));
-                1
-            }
-            Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
-        };
-
-        let mut secret_files = Vec::new();
-        let mut secret_vars = Vec::new();
-        let mut secret = |field: &Option<Spanned<String>>, implicit_env: Option<&str>| -> Option<Secret> {
-            if let Some(file) = field.as_ref().and_then(|s| s.get_ref().strip_prefix("file:")) {
-                secret_files.push(absolute(base, Path::new(file)));
-            }
-            if let Some(var) = field.as_ref().and_then(|s| s.get_ref().strip_prefix("env:")) {
-                secret_vars.push(var.to_string());
-            }
-            match field {
-                Some(s) => match resolve_secret(s.get_ref(), base) {
-                    Ok(v) => Some(v),
-                    Err(msg) => {
-                        errors.push(at(s.span(), msg));
-                        None
-                    }
-                },
-                // Only when the key is absent: a variable named by the user
-                // that is unset is an error, an implicit one is simply absent.
-                None => {
-                    implicit_env.and_then(|name| std::env::var(name).ok()).filter(|v| !v.is_empty()).map(Secret::new)
-                }
-            }
-        };
-        let api_token = secret(&raw.server.api_token, None);
-        let webhook_secret = secret(&raw.github.webhook_secret, Some("GITHUB_WEBHOOK_SECRET"));
-        let token = secret(&raw.github.token, Some("GITHUB_TOKEN"));
-        let private_key = secret(&raw.github.private_key, None);
-        let database_url = secret(&raw.storage.url, None);
-        let backend = raw.storage.backend.as_ref().map(|b| *b.get_ref()).unwrap_or_default();
-        if let (Backend::Postgres, None, Some(b)) = (backend, &raw.storage.url, &raw.storage.backend) {
-            errors.push(at(
-                b.span(),
-                "storage.backend = \"postgres\" needs storage.url, e.g. url = \"env:DATABASE_URL\"".to_string(),
-            ));
-        }
-
-        let url = |field: &Option<Spanned<String>>, default: &str, errors: &mut Vec<Diagnostic>| -> String {
-            match field {
-                None => default.to_string(),
-                Some(s) => {
-                    let v = s.get_ref().trim_end_matches('/');
-                    if !(v.starts_with("http://") || v.starts_with("https://") || v.starts_with("file://")) {
-                        errors.push(at(s.span(), format!("invalid URL `{v}`: expected http://, https:// or file://")));
-                    }
-                    v.to_string()
-                }
-            }
-        };
-        let api_url = url(&raw.github.api_url, "https://api.github.com", &mut errors);
-        let public_url = raw.server.public_url.as_ref().map(|_| url(&raw.server.public_url, "", &mut errors));
-        let git_url = url(&raw.github.git_url, "https://github.com", &mut errors);
-
-        let positive = |field: &Option<Spanned<usize>>, default: usize, errors: &mut Vec<Diagnostic>| match field {
-            None => default,
-            Some(n) if *n.get_ref() == 0 => {
-                errors.push(at(n.span(), "must be at least 1".into()));
-                default
-            }
-            Some(n) => *n.get_ref(),
-        };
-        // A budget in US dollars: positive, or an error where it is written.
-        let amount = |v: &Option<Spanned<f64>>, key: &str, errors: &mut Vec<Diagnostic>| {
-            let v = v.as_ref()?;
-            if v.get_ref().is_finite() && *v.get_ref() > 0.0 {
-                Some(*v.get_ref())
-            } else {
-                errors.push(at(v.span(), format!("{key} must be a positive amount of US dollars")));
-                None
-            }
-        };
-        let max_in_flight = positive(&raw.server.max_in_flight, 512, &mut errors);
-        let max_streams = positive(&raw.server.max_streams, 64, &mut errors);
-        let max_buffered_bytes = match &raw.server.max_buffered_bytes {
-            None => (64usize << 20).max(max_body_bytes),
-            Some(n) if (*n.get_ref() as usize) < max_body_bytes => {
-                errors.push(at(
-                    n.span(),
-                    format!("max_buffered_bytes must be at least max_body_bytes ({max_body_bytes}), or no delivery that large could ever be received"),
-                ));
-                max_body_bytes
-            }
-            Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
-        };
-        let limits = LimitSettings {
-            max_parallel_jobs: positive(&raw.limits.max_parallel_jobs, 4, &mut errors),
-            max_parallel_per_repo: positive(&raw.limits.max_parallel_per_repo, 2, &mut errors),
-            max_chain_depth: raw.limits.max_chain_depth.unwrap_or(3),
-            job_lease: raw.limits.job_lease.map(|d| d.0).filter(|d| !d.is_zero()).unwrap_or(Duration::from_secs(60)),
-            daily_budget_usd: amount(&raw.limits.daily_budget_usd, "limits.daily_budget_usd", &mut errors),
-            daily_budget_per_repo_usd: amount(
-                &raw.limits.daily_budget_per_repo_usd,
-                "limits.daily_budget_per_repo_usd",
-                &mut errors,
-            ),
-        };
-
-        let sandboxed = raw.sandbox.enabled.unwrap_or(true);
-        let mut agents = presets(sandboxed);
-        for (name, spanned) in &raw.agents {
-            // Each bad network entry is reported where it is.
-            let entries = spanned.get_ref().network.iter().flatten();
-            let bad: Vec<Diagnostic> = entries
-                .filter_map(|e| {
-                    crate::sandbox::egress::HostRule::parse(e.get_ref())
-                        .err()
-                        .map(|msg| at(e.span(), format!("agents.{name}.network: {msg}")))
-                })
-                .collect();
-            if !bad.is_empty() {
-                errors.extend(bad);
-                continue;
-            }
-            match merge_agent(name, spanned.get_ref(), sandboxed, base) {
-                Ok(def) => {
-                    agents.insert(name.clone(), def);
-                }
-                Err(msg) => errors.push(at(spanned.span(), format!("agents.{name}: {msg}"))),
-            }
-        }
-
-        let mut sources = BTreeMap::new();
-        for (name, spanned) in &raw.sources {
-            let raw_source = spanned.get_ref();
-            if name == "github"
-                || name == "api"
-                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                errors.push(at(
-                    spanned.span(),
-                    format!("sources.{name}: a source name is letters, digits, `-` and `_`, and not `github` or `api`"),
-                ));
-                continue;
-            }
-            if let Some(file) = raw_source.secret.get_ref().strip_prefix("file:") {
-                secret_files.push(absolute(base, Path::new(file)));
-            }
-            if let Some(var) = raw_source.secret.get_ref().strip_prefix("env:") {
-                secret_vars.push(var.to_string());
-            }
-            match resolve_secret(raw_source.secret.get_ref(), base) {
-                Ok(secret) => {
-                    sources.insert(
-                        name.clone(),
-                        SourceSettings {
-                            name: name.clone(),
-                            secret,
-                            signature_header: raw_source
-                                .signature_header
-                                .clone()
-                                .unwrap_or_else(|| "X-Signature-256".into()),
-                            delivery_header: raw_source.delivery_header.clone(),
-                            action_field: raw_source.action_field.clone(),
-                            repo_field: raw_source.repo_field.clone(),
-                        },
-                    );
-                }
-                Err(msg) => errors.push(at(raw_source.secret.span(), msg)),
-            }
-        }
-
-        let mut notify = BTreeMap::new();
-        for (name, spanned) in &raw.notify {
-            let target = spanned.get_ref();
-            let mut resolve = |value: &Spanned<String>| {
-                let v = value.get_ref();
-                if let Some(file) = v.strip_prefix("file:") {
-                    secret_files.push(absolute(base, Path::new(file)));
-                }
-                if let Some(var) = v.strip_prefix("env:") {
-                    secret_vars.push(var.to_string());
-                }
-                resolve_secret(v, base).map_err(|msg| at(value.span(), format!("notify.{name}: {msg}")))
-            };
-            let url = resolve(&target.url);
-            let secret = target.secret.as_ref().map(&mut resolve).transpose();
-            let (url, secret) = match (url, secret) {
-                (Ok(url), Ok(secret)) => (url, secret),
-                (url, secret) => {
-                    errors.extend(url.err().into_iter().chain(secret.err()));
-                    continue;
-                }
-            };
-            if !url.expose().starts_with("https://") && !url.expose().starts_with("http://") {
-                errors.push(at(target.url.span(), format!("notify.{name}: the url must be http:// or https://")));
-                continue;
-            }
-            if target.kind == NotifyKind::Webhook && secret.is_none() {
-                errors.push(at(
-                    spanned.span(),
-                    format!(
-                        "notify.{name}: a webhook target signs its body: give `secret` (e.g. \"env:NOTIFY_SECRET\")"
-                    ),
-                ));
-                continue;
-            }
-            notify.insert(name.clone(), NotifyTarget { name: name.clone(), kind: target.kind, url, secret });
-        }
-
-        let mut mcp = BTreeMap::new();
-        for (name, spanned) in &raw.mcp {
-            let mut sources = mcp::SecretSources::default();
-            match mcp::load(name, spanned, base, &mut sources) {
-                Ok(server) => {
-                    mcp.insert(name.clone(), server);
-                }
-                Err(errs) => errors.extend(errs.into_iter().map(|e| at(e.span, e.message))),
-            }
-            secret_files.extend(sources.files);
-            secret_vars.extend(sources.vars);
-        }
-
-        let mut prices = BTreeMap::new();
-        for (model, spanned) in &raw.prices {
-            let p = spanned.get_ref();
-            let ok = |v: f64| v.is_finite() && v >= 0.0;
-            if !(ok(p.input_per_mtok) && ok(p.output_per_mtok) && p.cached_per_mtok.is_none_or(ok)) {
-                errors.push(at(spanned.span(), format!("prices.\"{model}\": prices are amounts of 0 or more")));
-                continue;
-            }
-            prices.insert(model.clone(), p.clone());
-        }
-
-        for (api, name) in raw.api.iter().flat_map(|a| a.get_ref().agents.iter().map(move |n| (a, n))) {
-            if !agents.contains_key(name) {
-                let known: Vec<&str> = agents.keys().map(String::as_str).collect();
-                errors.push(at(
-                    api.span(),
-                    format!("api.agents: unknown agent `{name}`; defined agents: {}", known.join(", ")),
-                ));
-            }
-        }
-
-        let triggers_dir = base.join(raw.triggers.as_ref().map(|t| t.get_ref().as_str()).unwrap_or("triggers"));
-        let storage = base.join(raw.storage.path.as_deref().unwrap_or(".baton"));
-
-        let run_as = crate::sandbox::RunAs::resolve(
-            raw.sandbox.user.as_ref().map(|u| u.get_ref().as_str()),
-            crate::sandbox::RunAs::daemon_euid(),
-        )
-        .unwrap_or_else(|e| {
-            errors.push(at(raw.sandbox.user.as_ref().map(|u| u.span()).unwrap_or(0..0), e));
-            crate::sandbox::RunAs { uid: 65534, gid: 65534, name: None, switched: true }
-        });
-        let min_free = match &raw.storage.min_free {
-            None => 2 << 30,
-            Some(v) => crate::sandbox::parse_bytes(v.get_ref()).unwrap_or_else(|e| {
-                errors.push(at(v.span(), format!("storage.min_free: {e}")));
-                0
-            }),
-        };
-
-        if !listen.ip().is_loopback() && api_token.is_none() && raw.server.api_token.is_none() {
-            let span = raw.server.listen.as_ref().map(|s| s.span()).unwrap_or(0..0);
-            errors.push(at(
-                span,
-                format!(
-                    "listening on {listen} (not loopback) needs an API token: set server.api_token, \
-                     e.g. api_token = \"env:BATON_API_TOKEN\""
-                ),
-            ));
-        }
-
+        let server = r.server(&raw.server);
+        let github = r.github(&raw.github);
+        let storage = r.storage(&raw.storage);
+        let limits = r.limits(&raw.limits);
+        let sandbox = r.sandbox(&raw.sandbox);
+        let agents = r.agents(&raw.agents, sandbox.enabled);
+        let sources = r.sources(&raw.sources);
+        let notify = r.notify(&raw.notify);
+        let mcp = r.mcp(&raw.mcp);
+        let prices = r.prices(&raw.prices);
+        r.api_agents(raw.api.as_ref(), &agents);
+        let Reader { mut errors, secret_files, secret_vars, .. } = r;
         if !errors.is_empty() {
+            // In the order a reader of the file meets them.
+            errors.sort_by_key(|d| (d.line, d.col));
             return Err(errors);
         }
         // A short HMAC key can be guessed offline from one signed delivery.
-        let short = webhook_secret
+        let short = github
+            .webhook_secret
             .iter()
             .map(|s| ("github.webhook_secret".to_string(), s))
             .chain(sources.iter().map(|(name, src)| (format!("sources.{name}.secret"), &src.secret)));
@@ -446,57 +181,375 @@ impl Config {
         }
         Ok(Config {
             file: path.map(Path::to_path_buf),
-            triggers_dir,
-            server: Server {
-                listen,
-                max_body_bytes,
-                api_token,
-                max_in_flight,
-                max_buffered_bytes,
-                max_streams,
-                reject_replays: raw.server.reject_replays.unwrap_or(true),
-                read_timeout: raw.server.read_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
-                shutdown_grace: raw.server.shutdown_grace.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
-                public_url,
-            },
-            storage: Storage {
-                durability: raw.storage.durability,
-                delivery_retention: raw
-                    .storage
-                    .delivery_retention
-                    .map(|d| d.0)
-                    .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
-                worktree_pool: raw.storage.worktree_pool.unwrap_or(4),
-                gc_interval: raw.storage.gc_interval.map(|d| d.0).unwrap_or(Duration::from_secs(24 * 3600)),
-                job_retention: raw.storage.job_retention.map(|d| d.0).unwrap_or(Duration::from_secs(30 * 24 * 3600)),
-                replica: raw.storage.replica.clone().unwrap_or_else(|| default_replica(&storage)),
-                path: storage,
-                backend,
-                url: database_url,
-                schema: raw.storage.schema.clone(),
-                min_free,
-                git_timeout: raw.storage.git_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60)),
-            },
-            github: GitHubSettings {
-                api_url,
-                git_url,
-                webhook_secret,
-                token,
-                app_id: raw.github.app_id.filter(|id| *id != 0),
-                private_key,
-                bot_login: raw.github.bot_login.unwrap_or_else(|| "baton[bot]".to_string()),
-            },
+            triggers_dir: base.join(raw.triggers.as_ref().map(|t| t.get_ref().as_str()).unwrap_or("triggers")),
+            server,
+            storage,
+            github,
             limits,
             agents,
             sources,
             notify,
             mcp,
             prices,
-            sandbox: SandboxSettings { enabled: sandboxed, caps: raw.sandbox.caps, run_as },
+            sandbox,
             api: raw.api.as_ref().map(|a| a.get_ref().clone()).unwrap_or_default(),
             secret_files,
             secret_vars,
         })
+    }
+}
+
+/// Reading one `baton.toml`, a section at a time: the problems found (each
+/// at its `path:line:col`), and the secret files and variables it names,
+/// which agents must never see.
+struct Reader<'a> {
+    shown: &'a Path,
+    source: &'a str,
+    base: &'a Path,
+    errors: Vec<Diagnostic>,
+    secret_files: Vec<PathBuf>,
+    secret_vars: Vec<String>,
+}
+
+impl Reader<'_> {
+    fn at(&self, span: std::ops::Range<usize>, msg: String) -> Diagnostic {
+        Diagnostic::at(self.shown, self.source, Some(span), msg)
+    }
+
+    fn error(&mut self, span: std::ops::Range<usize>, msg: String) {
+        let d = self.at(span, msg);
+        self.errors.push(d);
+    }
+
+    /// A secret's value (`file:`, `env:` or literal), noting where it comes
+    /// from.
+    fn resolve(&mut self, value: &str) -> Result<Secret, String> {
+        if let Some(file) = value.strip_prefix("file:") {
+            self.secret_files.push(absolute(self.base, Path::new(file)));
+        }
+        if let Some(var) = value.strip_prefix("env:") {
+            self.secret_vars.push(var.to_string());
+        }
+        resolve_secret(value, self.base)
+    }
+
+    fn secret(&mut self, field: &Option<Spanned<String>>, implicit_env: Option<&str>) -> Option<Secret> {
+        match field {
+            Some(s) => match self.resolve(s.get_ref()) {
+                Ok(v) => Some(v),
+                Err(msg) => {
+                    self.error(s.span(), msg);
+                    None
+                }
+            },
+            // Only when the key is absent: a variable named by the user
+            // that is unset is an error, an implicit one is simply absent.
+            None => implicit_env.and_then(|name| std::env::var(name).ok()).filter(|v| !v.is_empty()).map(Secret::new),
+        }
+    }
+
+    fn url(&mut self, field: &Option<Spanned<String>>, default: &str) -> String {
+        match field {
+            None => default.to_string(),
+            Some(s) => {
+                let v = s.get_ref().trim_end_matches('/');
+                if !(v.starts_with("http://") || v.starts_with("https://") || v.starts_with("file://")) {
+                    self.error(s.span(), format!("invalid URL `{v}`: expected http://, https:// or file://"));
+                }
+                v.to_string()
+            }
+        }
+    }
+
+    fn positive(&mut self, field: &Option<Spanned<usize>>, default: usize) -> usize {
+        match field {
+            None => default,
+            Some(n) if *n.get_ref() == 0 => {
+                self.error(n.span(), "must be at least 1".into());
+                default
+            }
+            Some(n) => *n.get_ref(),
+        }
+    }
+
+    /// A budget in US dollars: positive, or an error where it is written.
+    fn amount(&mut self, v: &Option<Spanned<f64>>, key: &str) -> Option<f64> {
+        let v = v.as_ref()?;
+        if v.get_ref().is_finite() && *v.get_ref() > 0.0 {
+            Some(*v.get_ref())
+        } else {
+            self.error(v.span(), format!("{key} must be a positive amount of US dollars"));
+            None
+        }
+    }
+
+    fn server(&mut self, raw: &RawServer) -> Server {
+        let listen = match &raw.listen {
+            None => SocketAddr::from(([127, 0, 0, 1], 8787)),
+            Some(s) => match s.get_ref().parse() {
+                Ok(addr) => addr,
+                Err(_) => {
+                    self.error(
+                        s.span(),
+                        format!("invalid listen address `{}`: expected IP:PORT, e.g. 127.0.0.1:8787", s.get_ref()),
+                    );
+                    SocketAddr::from(([127, 0, 0, 1], 8787))
+                }
+            },
+        };
+        let max_body_bytes = match &raw.max_body_bytes {
+            None => 25 * 1024 * 1024,
+            Some(n) if *n.get_ref() == 0 => {
+                self.error(n.span(), "max_body_bytes must be more than zero".into());
+                1
+            }
+            Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
+        };
+        let api_token = self.secret(&raw.api_token, None);
+        if !listen.ip().is_loopback() && api_token.is_none() && raw.api_token.is_none() {
+            let span = raw.listen.as_ref().map(|s| s.span()).unwrap_or(0..0);
+            self.error(
+                span,
+                format!(
+                    "listening on {listen} (not loopback) needs an API token: set server.api_token, \
+                     e.g. api_token = \"env:BATON_API_TOKEN\""
+                ),
+            );
+        }
+        let public_url = raw.public_url.as_ref().map(|_| self.url(&raw.public_url, ""));
+        let max_buffered_bytes = match &raw.max_buffered_bytes {
+            None => (64usize << 20).max(max_body_bytes),
+            Some(n) if (*n.get_ref() as usize) < max_body_bytes => {
+                self.error(
+                    n.span(),
+                    format!("max_buffered_bytes must be at least max_body_bytes ({max_body_bytes}), or no delivery that large could ever be received"),
+                );
+                max_body_bytes
+            }
+            Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
+        };
+        Server {
+            listen,
+            max_body_bytes,
+            api_token,
+            max_in_flight: self.positive(&raw.max_in_flight, 512),
+            max_buffered_bytes,
+            max_streams: self.positive(&raw.max_streams, 64),
+            reject_replays: raw.reject_replays.unwrap_or(true),
+            read_timeout: raw.read_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
+            shutdown_grace: raw.shutdown_grace.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
+            public_url,
+        }
+    }
+
+    fn github(&mut self, raw: &RawGithub) -> GitHubSettings {
+        GitHubSettings {
+            webhook_secret: self.secret(&raw.webhook_secret, Some("GITHUB_WEBHOOK_SECRET")),
+            token: self.secret(&raw.token, Some("GITHUB_TOKEN")),
+            private_key: self.secret(&raw.private_key, None),
+            api_url: self.url(&raw.api_url, "https://api.github.com"),
+            git_url: self.url(&raw.git_url, "https://github.com"),
+            app_id: raw.app_id.filter(|id| *id != 0),
+            bot_login: raw.bot_login.clone().unwrap_or_else(|| "baton[bot]".to_string()),
+        }
+    }
+
+    fn storage(&mut self, raw: &RawStorage) -> Storage {
+        let url = self.secret(&raw.url, None);
+        let backend = raw.backend.as_ref().map(|b| *b.get_ref()).unwrap_or_default();
+        if let (Backend::Postgres, None, Some(b)) = (backend, &raw.url, &raw.backend) {
+            self.error(
+                b.span(),
+                "storage.backend = \"postgres\" needs storage.url, e.g. url = \"env:DATABASE_URL\"".to_string(),
+            );
+        }
+        let min_free = match &raw.min_free {
+            None => 2 << 30,
+            Some(v) => crate::sandbox::parse_bytes(v.get_ref()).unwrap_or_else(|e| {
+                self.error(v.span(), format!("storage.min_free: {e}"));
+                0
+            }),
+        };
+        let path = self.base.join(raw.path.as_deref().unwrap_or(".baton"));
+        Storage {
+            durability: raw.durability,
+            delivery_retention: raw.delivery_retention.map(|d| d.0).unwrap_or(Duration::from_secs(7 * 24 * 3600)),
+            worktree_pool: raw.worktree_pool.unwrap_or(4),
+            gc_interval: raw.gc_interval.map(|d| d.0).unwrap_or(Duration::from_secs(24 * 3600)),
+            job_retention: raw.job_retention.map(|d| d.0).unwrap_or(Duration::from_secs(30 * 24 * 3600)),
+            replica: raw.replica.clone().unwrap_or_else(|| default_replica(&path)),
+            path,
+            backend,
+            url,
+            schema: raw.schema.clone(),
+            min_free,
+            git_timeout: raw.git_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60)),
+        }
+    }
+
+    fn limits(&mut self, raw: &RawLimits) -> LimitSettings {
+        LimitSettings {
+            max_parallel_jobs: self.positive(&raw.max_parallel_jobs, 4),
+            max_parallel_per_repo: self.positive(&raw.max_parallel_per_repo, 2),
+            max_chain_depth: raw.max_chain_depth.unwrap_or(3),
+            job_lease: raw.job_lease.map(|d| d.0).filter(|d| !d.is_zero()).unwrap_or(Duration::from_secs(60)),
+            daily_budget_usd: self.amount(&raw.daily_budget_usd, "limits.daily_budget_usd"),
+            daily_budget_per_repo_usd: self.amount(&raw.daily_budget_per_repo_usd, "limits.daily_budget_per_repo_usd"),
+        }
+    }
+
+    fn sandbox(&mut self, raw: &RawSandbox) -> SandboxSettings {
+        let run_as = crate::sandbox::RunAs::resolve(
+            raw.user.as_ref().map(|u| u.get_ref().as_str()),
+            crate::sandbox::RunAs::daemon_euid(),
+        )
+        .unwrap_or_else(|e| {
+            self.error(raw.user.as_ref().map(|u| u.span()).unwrap_or(0..0), e);
+            crate::sandbox::RunAs { uid: 65534, gid: 65534, name: None, switched: true }
+        });
+        SandboxSettings { enabled: raw.enabled.unwrap_or(true), caps: raw.caps, run_as }
+    }
+
+    /// The presets, with `[agents.*]` over them.
+    fn agents(&mut self, raw: &BTreeMap<String, Spanned<RawAgent>>, sandboxed: bool) -> BTreeMap<String, AgentDef> {
+        let mut agents = presets(sandboxed);
+        for (name, spanned) in raw {
+            // Each bad network entry is reported where it is.
+            let entries = spanned.get_ref().network.iter().flatten();
+            let bad: Vec<Diagnostic> = entries
+                .filter_map(|e| {
+                    crate::sandbox::egress::HostRule::parse(e.get_ref())
+                        .err()
+                        .map(|msg| self.at(e.span(), format!("agents.{name}.network: {msg}")))
+                })
+                .collect();
+            if !bad.is_empty() {
+                self.errors.extend(bad);
+                continue;
+            }
+            match merge_agent(name, spanned.get_ref(), sandboxed, self.base) {
+                Ok(def) => {
+                    agents.insert(name.clone(), def);
+                }
+                Err(msg) => self.error(spanned.span(), format!("agents.{name}: {msg}")),
+            }
+        }
+        agents
+    }
+
+    fn sources(&mut self, raw: &BTreeMap<String, Spanned<RawSource>>) -> BTreeMap<String, SourceSettings> {
+        let mut sources = BTreeMap::new();
+        for (name, spanned) in raw {
+            let raw_source = spanned.get_ref();
+            if name == "github"
+                || name == "api"
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                self.error(
+                    spanned.span(),
+                    format!("sources.{name}: a source name is letters, digits, `-` and `_`, and not `github` or `api`"),
+                );
+                continue;
+            }
+            match self.resolve(raw_source.secret.get_ref()) {
+                Ok(secret) => {
+                    let source = SourceSettings {
+                        name: name.clone(),
+                        secret,
+                        signature_header: raw_source
+                            .signature_header
+                            .clone()
+                            .unwrap_or_else(|| "X-Signature-256".into()),
+                        delivery_header: raw_source.delivery_header.clone(),
+                        action_field: raw_source.action_field.clone(),
+                        repo_field: raw_source.repo_field.clone(),
+                    };
+                    sources.insert(name.clone(), source);
+                }
+                Err(msg) => self.error(raw_source.secret.span(), msg),
+            }
+        }
+        sources
+    }
+
+    fn notify(&mut self, raw: &BTreeMap<String, Spanned<RawNotify>>) -> BTreeMap<String, NotifyTarget> {
+        let mut notify = BTreeMap::new();
+        for (name, spanned) in raw {
+            let target = spanned.get_ref();
+            let mut resolve = |value: &Spanned<String>| {
+                self.resolve(value.get_ref()).map_err(|msg| self.at(value.span(), format!("notify.{name}: {msg}")))
+            };
+            let url = resolve(&target.url);
+            let secret = target.secret.as_ref().map(&mut resolve).transpose();
+            let (url, secret) = match (url, secret) {
+                (Ok(url), Ok(secret)) => (url, secret),
+                (url, secret) => {
+                    self.errors.extend(url.err().into_iter().chain(secret.err()));
+                    continue;
+                }
+            };
+            if !url.expose().starts_with("https://") && !url.expose().starts_with("http://") {
+                self.error(target.url.span(), format!("notify.{name}: the url must be http:// or https://"));
+                continue;
+            }
+            if target.kind == NotifyKind::Webhook && secret.is_none() {
+                self.error(
+                    spanned.span(),
+                    format!(
+                        "notify.{name}: a webhook target signs its body: give `secret` (e.g. \"env:NOTIFY_SECRET\")"
+                    ),
+                );
+                continue;
+            }
+            notify.insert(name.clone(), NotifyTarget { name: name.clone(), kind: target.kind, url, secret });
+        }
+        notify
+    }
+
+    fn mcp(&mut self, raw: &BTreeMap<String, Spanned<mcp::RawMcp>>) -> BTreeMap<String, McpServer> {
+        let mut servers = BTreeMap::new();
+        for (name, spanned) in raw {
+            let mut sources = mcp::SecretSources::default();
+            match mcp::load(name, spanned, self.base, &mut sources) {
+                Ok(server) => {
+                    servers.insert(name.clone(), server);
+                }
+                Err(errs) => {
+                    let found: Vec<Diagnostic> = errs.into_iter().map(|e| self.at(e.span, e.message)).collect();
+                    self.errors.extend(found);
+                }
+            }
+            self.secret_files.extend(sources.files);
+            self.secret_vars.extend(sources.vars);
+        }
+        servers
+    }
+
+    fn prices(&mut self, raw: &BTreeMap<String, Spanned<Price>>) -> BTreeMap<String, Price> {
+        let mut prices = BTreeMap::new();
+        for (model, spanned) in raw {
+            let p = spanned.get_ref();
+            let ok = |v: f64| v.is_finite() && v >= 0.0;
+            if !(ok(p.input_per_mtok) && ok(p.output_per_mtok) && p.cached_per_mtok.is_none_or(ok)) {
+                self.error(spanned.span(), format!("prices.\"{model}\": prices are amounts of 0 or more"));
+                continue;
+            }
+            prices.insert(model.clone(), p.clone());
+        }
+        prices
+    }
+
+    /// `[api] agents` names only agents that are defined.
+    fn api_agents(&mut self, api: Option<&Spanned<ApiSettings>>, agents: &BTreeMap<String, AgentDef>) {
+        for (api, name) in api.iter().flat_map(|a| a.get_ref().agents.iter().map(move |n| (a, n))) {
+            if !agents.contains_key(name) {
+                let known: Vec<&str> = agents.keys().map(String::as_str).collect();
+                self.error(
+                    api.span(),
+                    format!("api.agents: unknown agent `{name}`; defined agents: {}", known.join(", ")),
+                );
+            }
+        }
     }
 }
 
