@@ -27,3 +27,4 @@ pub mod sandbox;
 pub mod schedule;
 pub mod store;
 pub(crate) mod tree;
+pub(crate) mod workspace;

@@ -13,11 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::agent::{self, Ending, Invocation};
 use super::push::Pushed;
-use super::{cli_setup, team, usage, workspace, Engine};
+use super::{cli_setup, team, usage, Engine};
 use crate::config::{format_duration, AgentDef, PromptMode, ResultMode};
 use crate::domain::outcome::{self, RunEnd, Stop, Verdict};
 use crate::rules::{JobSpec, OutputKind};
 use crate::store::{Job, JobState, Outcome, Phases};
+use crate::workspace;
 
 /// How much of a failed verification's output the next prompt carries.
 const FEEDBACK_BYTES: usize = 4000;

@@ -22,10 +22,8 @@ pub(crate) mod cli_setup;
 mod dispatch;
 mod push;
 pub mod space;
-pub(crate) mod sweep;
 pub mod team;
 pub mod usage;
-pub mod workspace;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -40,8 +38,8 @@ use crate::config::Config;
 use crate::domain::{NoOutbox, PlanOutbox};
 use crate::rules::{JobSpec, RuleSet, SharedRules};
 use crate::store::{Job, Store, StoreError};
+use crate::workspace::Workspaces;
 use dispatch::RunningJob;
-use workspace::Workspaces;
 
 /// Runs jobs.
 pub struct Engine {

@@ -8,10 +8,11 @@
 use tokio_util::sync::CancellationToken;
 
 use super::attempt::{failed, is_workflow_path, AttemptEnd, Report};
-use super::{workspace, Engine};
+use super::Engine;
 use crate::config::AgentDef;
 use crate::rules::JobSpec;
 use crate::store::{Job, Note, Outcome};
+use crate::workspace;
 
 /// What baton pushed with an agent's change.
 #[derive(Debug)]
@@ -84,7 +85,7 @@ impl Engine {
             }
         };
         if !staging.removed.is_empty() {
-            let list = super::sweep::describe(&staging.removed);
+            let list = workspace::sweep::describe(&staging.removed);
             self.log_line(&job.id, &format!("removed from the workspace before staging: {list}")).await;
         }
         match staging.changes {

@@ -108,7 +108,7 @@ pub struct Staged {
 #[derive(Debug)]
 pub struct Staging {
     pub changes: Option<Staged>,
-    pub removed: super::sweep::Removed,
+    pub removed: sweep::Removed,
 }
 
 /// A prepared workspace; hand it back to `release`.
@@ -517,7 +517,7 @@ impl Workspaces {
         let work = prepared.path.clone();
         // What git would keep or trip over goes first (no link followed),
         // then what git lists; what stays gets the modes a checkout gives.
-        let swept = is_real_dir(&work) && blocking(move || super::sweep::sweep(&work).map(|_| ())).await.is_ok();
+        let swept = is_real_dir(&work) && blocking(move || sweep::sweep(&work).map(|_| ())).await.is_ok();
         self.remove_dir(&prepared.path.join(".git")).await;
         let tree = Some(prepared.path.as_path());
         // What was staged for publishing goes back to untracked (and then
@@ -535,7 +535,7 @@ impl Workspaces {
             && {
                 let (work, repo) = (prepared.path.clone(), git_dir.clone());
                 blocking(move || {
-                    super::sweep::normalize(&work)?;
+                    sweep::normalize(&work)?;
                     drop_own_objects(&repo)
                 })
                 .await
@@ -568,6 +568,7 @@ impl Workspaces {
 mod change;
 mod git;
 mod mirror;
+pub(crate) mod sweep;
 
 use git::*;
 

@@ -29,7 +29,7 @@ impl Workspaces {
             return Ok(Staging { changes: None, removed: Vec::new() });
         };
         let work = prepared.path.clone();
-        let mut removed = blocking(move || crate::engine::sweep::sweep(&work)).await?;
+        let mut removed = blocking(move || super::sweep::sweep(&work)).await?;
         let git = self.git.until(cancel);
         let tree = Some(prepared.path.as_path());
         // Sized before anything is read into baton's repository (or its
