@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-pub(super) use super::StoreError;
+use super::StoreError;
 use crate::domain::admission::{self, Admission, AdmitView};
 use crate::domain::approval::{self, Held};
 use crate::domain::dispatch::{self, Claim, Limits, Load, QueueEntry};
@@ -86,12 +86,11 @@ macro_rules! retrying {
 }
 pub(super) use retrying;
 
-/// Admits a batch of deliveries in one transaction; the caller makes it
-/// durable before it answers any of them.
-pub(super) async fn admit_batch<B: Backend>(b: &B, batch: &[Admission]) -> Result<Vec<Accepted>, StoreError> {
-    let mut batch = batch.to_vec();
+/// Admits a batch of deliveries in one transaction, numbering their new
+/// jobs in place; the caller makes it durable before it answers any of them.
+pub(super) async fn admit_batch<B: Backend>(b: &B, batch: &mut [Admission]) -> Result<Vec<Accepted>, StoreError> {
     let mut tx = b.begin(false).await?;
-    let mut view = tx.admit_view(&batch).await?;
+    let mut view = tx.admit_view(batch).await?;
     let count = batch.iter().map(|a| a.jobs.len()).sum();
     let mut numbers = tx.numbers(count).await?.into_iter();
     for job in batch.iter_mut().flat_map(|a| a.jobs.iter_mut()) {
@@ -99,7 +98,7 @@ pub(super) async fn admit_batch<B: Backend>(b: &B, batch: &[Admission]) -> Resul
     }
     let mut plan = Plan::new();
     let mut answers = Vec::with_capacity(batch.len());
-    for a in &batch {
+    for a in batch.iter() {
         let (accepted, writes) = admission::admit(&mut view, a);
         plan.extend(writes);
         answers.push(accepted);

@@ -175,7 +175,7 @@ impl SledStore {
         let core = Core { t: t.clone(), db: db.clone(), lock: std::sync::Arc::default(), commit: commit.clone() };
         let admitting = core.clone();
         let writer =
-            writer::Writer::start(commit, move |batch: &[Admission]| block_on(ops::admit_batch(&admitting, batch)))
+            writer::Writer::start(commit, move |batch: &mut [Admission]| block_on(ops::admit_batch(&admitting, batch)))
                 .map_err(|e| open_err(sled::Error::Io(e)))?;
         // Stores from before the index have a queue without it.
         if t.queue_by_repo.is_empty() && !t.queue.is_empty() {

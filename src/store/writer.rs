@@ -54,7 +54,7 @@ impl<A: Send + 'static> Writer<A> {
     /// answers each admission in order; the flush after it is the writer's.
     pub fn start<F>(commit: Arc<GroupCommit>, apply: F) -> Result<Writer<A>, std::io::Error>
     where
-        F: Fn(&[A]) -> Result<Vec<Accepted>, StoreError> + Send + 'static,
+        F: Fn(&mut [A]) -> Result<Vec<Accepted>, StoreError> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel::<(A, Reply)>();
         let thread = std::thread::Builder::new().name("baton-store".into()).spawn(move || {
@@ -66,9 +66,9 @@ impl<A: Send + 'static> Writer<A> {
                         Err(_) => break,
                     }
                 }
-                let (admissions, replies): (Vec<A>, Vec<Reply>) = batch.into_iter().unzip();
+                let (mut admissions, replies): (Vec<A>, Vec<Reply>) = batch.into_iter().unzip();
                 // A bug in one batch fails that batch, not every delivery after it.
-                let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| apply(&admissions)))
+                let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| apply(&mut admissions)))
                     .unwrap_or_else(|_| Err(StoreError::Batch("storing the batch panicked".into())));
                 let outcome = applied.and_then(|accepted| {
                     // Duplicates wrote nothing, but one may be of a delivery

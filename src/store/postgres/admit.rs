@@ -31,8 +31,8 @@ impl PgStore {
                 }
                 batch
             };
-            let (admissions, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-            crate::store::writer::answer_all(replies, retrying!(ops::admit_batch(&self, &admissions).await));
+            let (mut admissions, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            crate::store::writer::answer_all(replies, retrying!(ops::admit_batch(&self, &mut admissions).await));
         }
     }
 
