@@ -96,6 +96,45 @@ impl Forge {
     }
 }
 
+/// A failed call to a forge's API, classified for the outbox.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub message: String,
+    /// Whether trying again later can succeed (5xx, timeouts, rate limits).
+    pub(crate) retryable: bool,
+    /// When the forge said to come back (rate limits).
+    pub(crate) retry_after: Option<std::time::Duration>,
+    /// Whether the request may have taken effect although it failed (a 5xx
+    /// or a lost connection, as opposed to a refusal).
+    pub(crate) maybe_applied: bool,
+}
+
+impl ApiError {
+    /// Cannot succeed by trying again.
+    pub(crate) fn fatal(message: String) -> ApiError {
+        ApiError { message, retryable: false, retry_after: None, maybe_applied: false }
+    }
+
+    /// Failed before anything reached the forge; worth another try.
+    pub(crate) fn before_sending(message: String) -> ApiError {
+        ApiError { message, retryable: true, retry_after: None, maybe_applied: false }
+    }
+
+    /// The request went out and its answer was lost: it may have taken effect.
+    pub(crate) fn answer_lost(message: String) -> ApiError {
+        ApiError { message, retryable: true, retry_after: None, maybe_applied: true }
+    }
+}
+
+/// Something a forge made (a comment, a review, a change request): its id
+/// and page.
+#[derive(Debug, Clone, Default)]
+pub struct Created {
+    pub id: Option<u64>,
+    pub url: Option<String>,
+}
+
 /// A request whose signature and headers checked out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {

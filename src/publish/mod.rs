@@ -22,7 +22,8 @@ use chrono::Utc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::forge::github::api::{self as github, GitHubError, Listing};
+use crate::forge::github::api::{self as github, Listing};
+use crate::forge::{ApiError, Created};
 use crate::forge::github::Client;
 use crate::store::{Job, JobState, Note, Publication, PublicationState, Purpose, Store, Target};
 pub use body::marker;
@@ -48,7 +49,7 @@ pub(crate) struct Reviewed {
 /// How one try went.
 enum Outcome {
     /// Done; `created` when it made a new comment or pull request.
-    Done { made: github::Created, created: bool },
+    Done { made: Created, created: bool },
     /// Not yet: it waits for a start publication of its job.
     Wait,
 }
@@ -159,21 +160,21 @@ impl Publisher {
     /// Tells each of a notification's targets that has not taken it yet;
     /// those that took it are noted on the record, which is stored after
     /// every try, so a retry tells only the others.
-    async fn notify_all(&self, p: &mut Publication, job: &Job) -> Result<Outcome, GitHubError> {
+    async fn notify_all(&self, p: &mut Publication, job: &Job) -> Result<Outcome, ApiError> {
         let Target::Notify { targets, sent } = &mut p.target else {
-            return Err(GitHubError::fatal("not a notification".into()));
+            return Err(ApiError::fatal("not a notification".into()));
         };
         for name in targets.iter() {
             if sent.contains(name) {
                 continue;
             }
             let Some(target) = self.notify.get(name) else {
-                return Err(GitHubError::fatal(format!("notify target `{name}` is not configured")));
+                return Err(ApiError::fatal(format!("notify target `{name}` is not configured")));
             };
             notify::send(&self.http, target, &job.id, &p.body).await?;
             sent.push(name.clone());
         }
-        Ok(Outcome::Done { made: github::Created::default(), created: false })
+        Ok(Outcome::Done { made: Created::default(), created: false })
     }
 
     /// What this trigger last reviewed on the pull request (nothing, when
@@ -191,11 +192,11 @@ impl Publisher {
     /// After a review landed: the head it covered and every finding said.
     async fn note_reviewed(
         &self,
-        sent: Result<Outcome, GitHubError>,
+        sent: Result<Outcome, ApiError>,
         note: &Note,
         job: &Job,
         findings: std::collections::HashSet<String>,
-    ) -> Result<Outcome, GitHubError> {
+    ) -> Result<Outcome, ApiError> {
         if let (Ok(Outcome::Done { .. }), Some(head)) = (&sent, &job.spec.head_sha) {
             let mut findings: Vec<String> = findings.into_iter().collect();
             findings.sort();
@@ -211,18 +212,18 @@ impl Publisher {
 
     /// One try at `p`. A create whose earlier answer was lost first looks
     /// for its marker, so nothing lands twice.
-    async fn attempt(&self, p: &mut Publication, job: &Job) -> Result<Outcome, GitHubError> {
+    async fn attempt(&self, p: &mut Publication, job: &Job) -> Result<Outcome, ApiError> {
         if let Target::Notify { .. } = p.target {
             return self.notify_all(p, job).await;
         }
         let Some(gh) = &self.github else {
-            return Err(GitHubError::fatal("publishing to GitHub is off: no GitHub credentials".into()));
+            return Err(ApiError::fatal("publishing to GitHub is off: no GitHub credentials".into()));
         };
         let (inst, repo) = (p.access, p.repo.clone());
         let repo = repo.as_str();
         let body = p.body.clone();
         let result_marker = marker(&job.id);
-        let done = |made: github::Created| Ok(Outcome::Done { made, created: false });
+        let done = |made: Created| Ok(Outcome::Done { made, created: false });
         // Start publications still in the outbox hold back the job's end.
         match p.target.clone() {
             Target::Notify { .. } => self.notify_all(p, job).await,
@@ -343,18 +344,18 @@ impl Publisher {
     /// `job` as stored now. Read after a start publication is found sent:
     /// whichever replica sent it wrote what it made onto the job in the same
     /// transaction that took it out of the outbox, so this sees it.
-    async fn fresh(&self, job: &Job) -> Result<Job, GitHubError> {
+    async fn fresh(&self, job: &Job) -> Result<Job, ApiError> {
         match self.store.job(&job.id).await {
             Ok(Some(job)) => Ok(job),
             Ok(None) => Ok(job.clone()),
-            Err(e) => Err(GitHubError::before_sending(e.to_string())),
+            Err(e) => Err(ApiError::before_sending(e.to_string())),
         }
     }
 
     /// Whether the job's start publication for `purpose` is still to send:
     /// its end waits for it.
-    async fn start_pending(&self, job: &str, purpose: Purpose) -> Result<bool, GitHubError> {
-        self.store.publication_pending(job, purpose).await.map_err(|e| GitHubError::before_sending(e.to_string()))
+    async fn start_pending(&self, job: &str, purpose: Purpose) -> Result<bool, ApiError> {
+        self.store.publication_pending(job, purpose).await.map_err(|e| ApiError::before_sending(e.to_string()))
     }
 
     /// Sends a create within the job's caps, marking the publication as
@@ -366,21 +367,21 @@ impl Publisher {
         job: &Job,
         kind: CapKind,
         look: Option<(Listing<'_>, &str)>,
-        send: impl std::future::Future<Output = Result<github::Created, GitHubError>>,
-    ) -> Result<Outcome, GitHubError> {
+        send: impl std::future::Future<Output = Result<Created, ApiError>>,
+    ) -> Result<Outcome, ApiError> {
         if let (true, Some((listing, marker))) = (p.maybe_sent, look) {
             let repo = p.repo.clone();
-            let github = self.github.as_ref().ok_or_else(|| GitHubError::fatal("no GitHub credentials".into()))?;
+            let github = self.github.as_ref().ok_or_else(|| ApiError::fatal("no GitHub credentials".into()))?;
             if let Some(made) = github.find(p.access, &repo, listing, marker).await? {
                 return Ok(Outcome::Done { made, created: kind != CapKind::None });
             }
         }
         if let Some(why) = plan::cap_reached(job, kind) {
-            return Err(GitHubError::fatal(why));
+            return Err(ApiError::fatal(why));
         }
         if !p.maybe_sent {
             p.maybe_sent = true;
-            self.store.update_publication(p, false).await.map_err(|e| GitHubError::before_sending(e.to_string()))?;
+            self.store.update_publication(p, false).await.map_err(|e| ApiError::before_sending(e.to_string()))?;
         }
         match send.await {
             Ok(made) => Ok(Outcome::Done { made, created: kind != CapKind::None }),

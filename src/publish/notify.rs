@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 
 use crate::config::{NotifyKind, NotifyTarget};
-use crate::forge::github::api::GitHubError;
+use crate::forge::ApiError;
 use crate::store::Job;
 
 /// Lines of the result a notification carries, at most.
@@ -117,7 +117,7 @@ pub(crate) fn slack_message(payload: &Value) -> Value {
 
 /// Sends the planned `body` (a `payload`) to `target`; `job` names the
 /// delivery so a receiver can drop a retry of one it already took.
-pub async fn send(http: &reqwest::Client, target: &NotifyTarget, job: &str, body: &str) -> Result<(), GitHubError> {
+pub async fn send(http: &reqwest::Client, target: &NotifyTarget, job: &str, body: &str) -> Result<(), ApiError> {
     let request = match target.kind {
         NotifyKind::Webhook => {
             let key = target.secret.as_ref().map(|s| s.expose().as_bytes().to_vec()).unwrap_or_default();
@@ -138,7 +138,7 @@ pub async fn send(http: &reqwest::Client, target: &NotifyTarget, job: &str, body
     // reqwest's errors name the URL, which may be a secret: never shown.
     let answer = request.timeout(TIMEOUT).send().await.map_err(|e| {
         let maybe_applied = !e.is_connect();
-        GitHubError {
+        ApiError {
             message: format!("{who}: {}", e.without_url()),
             retryable: true,
             retry_after: None,
@@ -156,7 +156,7 @@ pub async fn send(http: &reqwest::Client, target: &NotifyTarget, job: &str, body
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(std::time::Duration::from_secs);
     let retryable = status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408;
-    Err(GitHubError {
+    Err(ApiError {
         message: format!("{who} answered {status}"),
         retryable,
         retry_after,

@@ -12,40 +12,10 @@ use octocrab::Octocrab;
 use serde_json::{json, Value};
 
 use super::auth::Credentials;
+use crate::forge::{ApiError, Created};
 
 /// Pages of a listing read when looking for a marker (100 items each).
 const MAX_FIND_PAGES: u32 = 50;
-/// A failed GitHub call, classified for the outbox.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct GitHubError {
-    pub message: String,
-    /// Whether trying again later can succeed (5xx, timeouts, rate limits).
-    pub(crate) retryable: bool,
-    /// When GitHub said to come back (rate limits).
-    pub(crate) retry_after: Option<Duration>,
-    /// Whether the request may have taken effect although it failed (a 5xx
-    /// or a lost connection, as opposed to a refusal).
-    pub(crate) maybe_applied: bool,
-}
-
-impl GitHubError {
-    /// Cannot succeed by trying again.
-    pub(crate) fn fatal(message: String) -> GitHubError {
-        GitHubError { message, retryable: false, retry_after: None, maybe_applied: false }
-    }
-
-    /// Failed before anything reached GitHub; worth another try.
-    pub(crate) fn before_sending(message: String) -> GitHubError {
-        GitHubError { message, retryable: true, retry_after: None, maybe_applied: false }
-    }
-
-    /// The request went out and its answer was lost: it may have taken effect.
-    fn answer_lost(message: String) -> GitHubError {
-        GitHubError { message, retryable: true, retry_after: None, maybe_applied: true }
-    }
-}
-
 /// Where baton looks for its marker before re-sending a create.
 #[derive(Debug, Clone, Copy)]
 pub enum Listing<'a> {
@@ -64,13 +34,6 @@ pub(crate) struct CheckRun<'a> {
     /// `None`: in progress.
     pub conclusion: Option<&'a str>,
     pub summary: &'a str,
-}
-
-/// Something GitHub made: its id and page.
-#[derive(Debug, Clone, Default)]
-pub struct Created {
-    pub id: Option<u64>,
-    pub url: Option<String>,
 }
 
 fn created(v: &Value) -> Created {
@@ -117,7 +80,7 @@ impl Client {
 
     /// Who baton posts as: the token's login (`GET /user`), or in App mode
     /// the App's bot (`GET /app` with the App's JWT: `{slug}[bot]`).
-    async fn identity(&self, inst: Option<u64>, repo: &str) -> Result<&Identity, GitHubError> {
+    async fn identity(&self, inst: Option<u64>, repo: &str) -> Result<&Identity, ApiError> {
         self.identity
             .get_or_try_init(|| async {
                 let found = match self.credentials.app_client() {
@@ -133,26 +96,26 @@ impl Client {
                     }
                 };
                 let found = found.ok_or_else(|| {
-                    GitHubError::before_sending("GitHub did not say which login baton posts as".into())
+                    ApiError::before_sending("GitHub did not say which login baton posts as".into())
                 })?;
                 tracing::info!(login = %found.login, "Publishing as this GitHub login.");
                 Ok(found)
             })
             .await
-            .map_err(|e: GitHubError| GitHubError {
+            .map_err(|e: ApiError| ApiError {
                 message: format!("cannot tell which login baton posts as: {}", e.message),
                 ..e
             })
     }
 
-    async fn client(&self, installation: Option<u64>, repo: &str) -> Result<Octocrab, GitHubError> {
+    async fn client(&self, installation: Option<u64>, repo: &str) -> Result<Octocrab, ApiError> {
         let token =
-            self.credentials.token(installation, repo).await.map_err(|e| GitHubError::before_sending(e.to_string()))?;
+            self.credentials.token(installation, repo).await.map_err(|e| ApiError::before_sending(e.to_string()))?;
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(token.expose()) {
             return Ok(c.clone());
         }
-        let client = super::auth::token_client(&self.api_url, &token).map_err(|e| GitHubError::fatal(e.to_string()))?;
+        let client = super::auth::token_client(&self.api_url, &token).map_err(|e| ApiError::fatal(e.to_string()))?;
         // Old installation tokens expire; their clients go with them.
         if clients.len() > 32 {
             clients.clear();
@@ -161,15 +124,15 @@ impl Client {
         Ok(client)
     }
 
-    async fn post(&self, at: (Option<u64>, &str), route: &str, body: Value) -> Result<Value, GitHubError> {
+    async fn post(&self, at: (Option<u64>, &str), route: &str, body: Value) -> Result<Value, ApiError> {
         self.call(at, axum::http::Method::POST, route, Some(body)).await
     }
 
-    async fn patch(&self, at: (Option<u64>, &str), route: &str, body: Value) -> Result<Value, GitHubError> {
+    async fn patch(&self, at: (Option<u64>, &str), route: &str, body: Value) -> Result<Value, ApiError> {
         self.call(at, axum::http::Method::PATCH, route, Some(body)).await
     }
 
-    async fn get(&self, at: (Option<u64>, &str), route: &str) -> Result<Value, GitHubError> {
+    async fn get(&self, at: (Option<u64>, &str), route: &str) -> Result<Value, ApiError> {
         self.call(at, axum::http::Method::GET, route, None).await
     }
 
@@ -180,7 +143,7 @@ impl Client {
         method: axum::http::Method,
         route: &str,
         body: Option<Value>,
-    ) -> Result<Value, GitHubError> {
+    ) -> Result<Value, ApiError> {
         let crab = self.client(at.0, at.1).await?;
         let sent = match method {
             axum::http::Method::POST => crab._post(route, body.as_ref()).await,
@@ -201,7 +164,7 @@ impl Client {
         if text.trim().is_empty() {
             return Ok(Value::Null);
         }
-        serde_json::from_str(&text).map_err(|_| GitHubError::answer_lost("GitHub's answer was not JSON".into()))
+        serde_json::from_str(&text).map_err(|_| ApiError::answer_lost("GitHub's answer was not JSON".into()))
     }
 
     /// The newest item of `listing` that baton's own login wrote and whose
@@ -213,7 +176,7 @@ impl Client {
         repo: &str,
         listing: Listing<'_>,
         marker: &str,
-    ) -> Result<Option<Created>, GitHubError> {
+    ) -> Result<Option<Created>, ApiError> {
         let route = match listing {
             Listing::IssueComments(n) => format!("/repos/{repo}/issues/{n}/comments?per_page=100"),
             Listing::CommitComments(sha) => format!("/repos/{repo}/commits/{sha}/comments?per_page=100"),
@@ -242,7 +205,7 @@ impl Client {
         repo: &str,
         number: u64,
         body: &str,
-    ) -> Result<Created, GitHubError> {
+    ) -> Result<Created, ApiError> {
         let v = self
             .post((inst, repo), &format!("/repos/{repo}/issues/{number}/comments"), json!({ "body": body }))
             .await?;
@@ -256,7 +219,7 @@ impl Client {
         repo: &str,
         id: u64,
         body: &str,
-    ) -> Result<Created, GitHubError> {
+    ) -> Result<Created, ApiError> {
         let v =
             self.patch((inst, repo), &format!("/repos/{repo}/issues/comments/{id}"), json!({ "body": body })).await?;
         Ok(created(&v))
@@ -269,7 +232,7 @@ impl Client {
         repo: &str,
         sha: &str,
         body: &str,
-    ) -> Result<Created, GitHubError> {
+    ) -> Result<Created, ApiError> {
         let v =
             self.post((inst, repo), &format!("/repos/{repo}/commits/{sha}/comments"), json!({ "body": body })).await?;
         Ok(created(&v))
@@ -284,7 +247,7 @@ impl Client {
         number: u64,
         comment: Option<u64>,
         review: bool,
-    ) -> Result<Created, GitHubError> {
+    ) -> Result<Created, ApiError> {
         let route = match comment {
             Some(id) if review => format!("/repos/{repo}/pulls/comments/{id}/reactions"),
             Some(id) => format!("/repos/{repo}/issues/comments/{id}/reactions"),
@@ -302,14 +265,14 @@ impl Client {
         number: u64,
         comment: u64,
         body: &str,
-    ) -> Result<Created, GitHubError> {
+    ) -> Result<Created, ApiError> {
         let route = format!("/repos/{repo}/pulls/{number}/comments/{comment}/replies");
         let v = self.post((inst, repo), &route, json!({ "body": body })).await?;
         Ok(created(&v))
     }
 
     /// A pull request review with event `COMMENT`.
-    pub async fn review(&self, inst: Option<u64>, repo: &str, number: u64, body: &str) -> Result<Created, GitHubError> {
+    pub async fn review(&self, inst: Option<u64>, repo: &str, number: u64, body: &str) -> Result<Created, ApiError> {
         self.review_with(inst, repo, number, body, "COMMENT", &[]).await
     }
 
@@ -323,7 +286,7 @@ impl Client {
         body: &str,
         event: &str,
         comments: &[Value],
-    ) -> Result<Created, GitHubError> {
+    ) -> Result<Created, ApiError> {
         let mut request = json!({ "body": body, "event": event });
         if !comments.is_empty() {
             request["comments"] = Value::Array(comments.to_vec());
@@ -333,7 +296,7 @@ impl Client {
     }
 
     /// The pull request's changed files, each with its `patch` (every page).
-    pub async fn pr_files(&self, inst: Option<u64>, repo: &str, number: u64) -> Result<Vec<Value>, GitHubError> {
+    pub async fn pr_files(&self, inst: Option<u64>, repo: &str, number: u64) -> Result<Vec<Value>, ApiError> {
         let mut files = Vec::new();
         // GitHub lists at most 3,000 files, 100 a page.
         for page in 1..=30 {
@@ -359,7 +322,7 @@ impl Client {
         head: &str,
         base: &str,
         body: &str,
-    ) -> Result<Created, GitHubError> {
+    ) -> Result<Created, ApiError> {
         let sent = self
             .post(
                 (inst, repo),
@@ -382,7 +345,7 @@ impl Client {
         inst: Option<u64>,
         repo: &str,
         run: &CheckRun<'_>,
-    ) -> Result<Created, GitHubError> {
+    ) -> Result<Created, ApiError> {
         let mut body = json!({
             "name": run.name, "head_sha": run.sha, "external_id": run.external_id,
             "output": { "title": run.name, "summary": run.summary },
@@ -407,7 +370,7 @@ impl Client {
         name: &str,
         conclusion: &str,
         summary: &str,
-    ) -> Result<Created, GitHubError> {
+    ) -> Result<Created, ApiError> {
         let body = json!({
             "status": "completed", "conclusion": conclusion,
             "output": { "title": name, "summary": summary },
@@ -425,7 +388,7 @@ impl Client {
         sha: &str,
         name: &str,
         external_id: &str,
-    ) -> Result<Option<Created>, GitHubError> {
+    ) -> Result<Option<Created>, ApiError> {
         let name: String = name
             .bytes()
             .map(|b| match b {
@@ -451,7 +414,7 @@ fn find_marked(list: &Value, marker: &str, login: &str) -> Option<Created> {
     list.as_array()?.iter().rev().filter(mine).find(marked).map(created)
 }
 
-fn classify(e: octocrab::Error) -> GitHubError {
+fn classify(e: octocrab::Error) -> ApiError {
     match e {
         octocrab::Error::GitHub { source, .. } => {
             let status = source.status_code;
@@ -471,7 +434,7 @@ fn classify(e: octocrab::Error) -> GitHubError {
                     Duration::from_secs(reset.saturating_sub(now).max(1))
                 })
             });
-            GitHubError {
+            ApiError {
                 message: format!("GitHub answered {}: {}", status.as_u16(), source.message),
                 retryable: status.is_server_error() || rate_limited,
                 retry_after: if rate_limited { retry_after } else { None },
@@ -480,9 +443,9 @@ fn classify(e: octocrab::Error) -> GitHubError {
         }
         // A JSON answer that does not parse means the request went through.
         octocrab::Error::Serde { .. } | octocrab::Error::Json { .. } => {
-            GitHubError::answer_lost("GitHub's answer could not be read".into())
+            ApiError::answer_lost("GitHub's answer could not be read".into())
         }
-        other => GitHubError::answer_lost(format!("GitHub request failed: {other}")),
+        other => ApiError::answer_lost(format!("GitHub request failed: {other}")),
     }
 }
 
