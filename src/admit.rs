@@ -100,12 +100,16 @@ impl Door<'_> {
     /// Only a new delivery moves a pull request's head (a redelivery of an
     /// old event must not), and only forward.
     async fn move_head(&self, event: &Event) {
-        let (Some(repo), Some(n), Some(sha), "pull_request") =
+        let (Some(repo), Some(n), Some(sha), "pull_request" | "merge_request") =
             (event.repo_name(), event.subject, event.head_sha.as_deref(), event.name.as_str())
         else {
             return;
         };
-        let updated_at = event.payload["pull_request"]["updated_at"].as_str().unwrap_or_default();
+        // GitHub's pull request, or GitLab's merge request attributes.
+        let updated_at = [&event.payload["pull_request"], &event.payload["object_attributes"]]
+            .into_iter()
+            .find_map(|s| s["updated_at"].as_str())
+            .unwrap_or_default();
         let head = PrHead {
             sha: sha.to_string(),
             in_repo: event.head_in_repo,
@@ -208,7 +212,8 @@ impl Door<'_> {
         let (Some(comment), Some(repo), Some(n)) = (&event.comment, event.repo_name(), event.subject) else {
             return Ok(Vec::new());
         };
-        if event.kind != "issue_comment.created" {
+        // A comment on GitHub; a note on an issue or MR on GitLab.
+        if !matches!(event.kind.as_str(), "issue_comment.created" | "note.issue" | "note.merge_request") {
             return Ok(Vec::new());
         }
         let Some(command) = crate::rules::command::parse(APPROVE, &comment.body) else { return Ok(Vec::new()) };
@@ -221,7 +226,7 @@ impl Door<'_> {
             body: &comment.body,
             association: event.association.as_deref(),
         };
-        let assoc = match approval::requester(&request, rules.bot_login(), crate::event::MARKER_PREFIX) {
+        let assoc = match approval::requester(&request, rules.bot_login_for(event), crate::event::MARKER_PREFIX) {
             Ok(assoc) => assoc,
             Err(approval::Ignored::NoAssociation) => return Ok(Vec::new()),
             Err(_) => {
@@ -236,6 +241,13 @@ impl Door<'_> {
         let approved = self
             .store
             .approve(repo, n, &approver, |p| {
+                // GitLab numbers issues and merge requests apart: a note on
+                // issue #3 approves nothing held on !3, nor on another forge.
+                if p.spec.subject_is_pull_request != event.subject_is_pull_request
+                    || p.spec.forge != crate::rules::forge_of(event)
+                {
+                    return false;
+                }
                 let trusted = rules.get(&p.spec.trigger).map(|t| t.filter.authors.as_slice()).unwrap_or_default();
                 match approval::release(p, trusted, assoc, current_text.as_deref(), edited_ok) {
                     approval::Release::Released => true,

@@ -13,6 +13,7 @@ use crate::config::{Config, Secret};
 use crate::diag::Diagnostic;
 use crate::engine::Engine;
 use crate::forge::github::Client;
+use crate::forge::gitlab::api::Client as GitLabClient;
 use crate::publish::Publisher;
 use crate::rules::{RuleSet, SharedRules};
 use crate::store::{Store, StoreError};
@@ -66,6 +67,10 @@ pub async fn serve(
     if config.github.webhook_secret.is_none() {
         config.github.webhook_secret = Some(generated_secret(&config.storage.path)?);
     }
+    let gitlab = config.gitlab.as_ref().map(|g| Arc::new(GitLabClient::new(&g.api_url, g.token.clone())));
+    if let (Some(settings), Some(client)) = (config.gitlab.as_mut(), &gitlab) {
+        resolve_gitlab_bot(settings, client).await;
+    }
     let (rules, errors) = RuleSet::load(&config.triggers_dir, &config);
     if !errors.is_empty() {
         return Err(ServeError::Triggers(errors));
@@ -103,8 +108,10 @@ pub async fn serve(
             credentials.clone(),
             metrics.clone(),
         )
+        .with_gitlab_from(config.gitlab.as_ref(), gitlab.clone())
         .with_outbox(Arc::new(crate::publish::plan::Planner {
             publishing: credentials.is_some(),
+            gitlab: gitlab.is_some(),
             public_url: config.server.public_url.clone(),
             redactor: crate::redact::Redactor::new(config.secrets()),
             web_url: config.github.git_url.clone(),
@@ -137,6 +144,11 @@ pub async fn serve(
         store: store.clone(),
         rules: rules.clone(),
         secret: config.github.webhook_secret.clone().unwrap_or_else(|| Secret::new("")),
+        gitlab: config.gitlab.as_ref().zip(gitlab.clone()).map(|(g, client)| ingress::GitLabHook {
+            token: g.webhook_secret.clone(),
+            signing: g.signing_token.clone(),
+            members: Arc::new(crate::forge::gitlab::trust::Members::new(client)),
+        }),
         sources: Arc::new(config.sources.clone()),
         max_body_bytes: config.server.max_body_bytes,
         read_timeout: config.server.read_timeout,
@@ -154,8 +166,9 @@ pub async fn serve(
     let engine_task = tokio::spawn(engine.clone().run(workers.clone()));
     // Without GitHub credentials the publisher still sends notifications.
     let notify = Arc::new(config.notify.clone());
-    let publisher_task = (github.is_some() || !notify.is_empty()).then(|| {
-        let publisher = Publisher::new(store.clone(), github, notify, publish_wake, metrics.clone());
+    let publisher_task = (github.is_some() || gitlab.is_some() || !notify.is_empty()).then(|| {
+        let publisher =
+            Publisher::new(store.clone(), github, notify, publish_wake, metrics.clone()).with_gitlab(gitlab.clone());
         tokio::spawn(publisher.run(workers.clone()))
     });
     // Background loops, each stopped by `workers` and joined at shutdown.
@@ -423,4 +436,22 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     f.write_all(contents.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+/// Who baton posts as on GitLab, when `gitlab.bot_username` does not say:
+/// asked of GitLab once at start. Without it, baton's own notes are still
+/// known by their marker.
+async fn resolve_gitlab_bot(settings: &mut crate::config::GitLabSettings, client: &GitLabClient) {
+    if settings.bot_username.is_some() {
+        return;
+    }
+    match client.identity().await {
+        Ok(user) => {
+            tracing::info!(user = %user.username, "Posting to GitLab as this user.");
+            settings.bot_username = Some(user.username.clone());
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Could not ask GitLab who the token belongs to (GET /user); set gitlab.bot_username.")
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! The `baton` command line. Everything it runs lives in the library.
 
+use baton::forge::{Forge, WebhookKeys};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -65,15 +66,24 @@ enum Command {
         /// Run each matching job locally and print its result (nothing is published).
         #[arg(long)]
         run: bool,
+        /// The forge the payload is from.
+        #[arg(long, value_enum, default_value_t = ForgeArg::Github)]
+        forge: ForgeArg,
     },
-    /// Sign a payload and send it to a running daemon, as GitHub would.
+    /// Sign a payload and send it to a running daemon, as the forge would.
     Deliver {
         /// The webhook URL, e.g. http://127.0.0.1:8787/webhooks/github.
         #[arg(long)]
         url: String,
-        /// The webhook secret.
+        /// The webhook secret (GitLab: the hook's secret token).
         #[arg(long, env = "BATON_WEBHOOK_SECRET", hide_env_values = true)]
         secret: String,
+        /// GitLab: the hook's signing token, to sign as Standard Webhooks.
+        #[arg(long, env = "BATON_SIGNING_TOKEN", hide_env_values = true)]
+        signing_token: Option<String>,
+        /// The forge to deliver as.
+        #[arg(long, value_enum, default_value_t = ForgeArg::Github)]
+        forge: ForgeArg,
         /// The event name, as the forge sends it.
         #[arg(long)]
         event: String,
@@ -255,9 +265,12 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::SandboxInit { .. } => Ok(ExitCode::FAILURE),
         Command::Check { config } => Ok(check(config.as_deref()).await),
         Command::Migrate { config, print } => migrate(config.as_deref(), print).await,
-        Command::Simulate { event, payload, config, run } => simulate(&event, &payload, config.as_deref(), run).await,
-        Command::Deliver { url, secret, event, delivery, file } => {
-            deliver(&url, &secret, &event, delivery, &file).await
+        Command::Simulate { event, payload, config, run, forge } => {
+            simulate(forge.into(), &event, &payload, config.as_deref(), run).await
+        }
+        Command::Deliver { url, secret, signing_token, forge, event, delivery, file } => {
+            let keys = WebhookKeys { secret: secret.as_bytes(), signing: signing_token.as_deref().map(str::as_bytes) };
+            deliver(forge.into(), &url, keys, &event, delivery, &file).await
         }
         Command::Jobs { url, command } => jobs(&url, command).await,
         Command::Mcp { url } => {
@@ -358,7 +371,23 @@ fn sandbox_check(config: &Config) -> Result<(), baton::sandbox::SandboxError> {
     Ok(())
 }
 
-async fn simulate(event: &str, payload: &Path, path: Option<&Path>, run: bool) -> Result<ExitCode> {
+/// `--forge`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ForgeArg {
+    Github,
+    Gitlab,
+}
+
+impl From<ForgeArg> for Forge {
+    fn from(f: ForgeArg) -> Forge {
+        match f {
+            ForgeArg::Github => Forge::GITHUB,
+            ForgeArg::Gitlab => Forge::GITLAB,
+        }
+    }
+}
+
+async fn simulate(forge: Forge, event: &str, payload: &Path, path: Option<&Path>, run: bool) -> Result<ExitCode> {
     let mut config = load_config(path)?;
     let (rules, errors) = RuleSet::load(&config.triggers_dir, &config);
     for e in &errors {
@@ -366,8 +395,8 @@ async fn simulate(event: &str, payload: &Path, path: Option<&Path>, run: bool) -
     }
     let body = std::fs::read(payload).with_context(|| format!("cannot read {}", payload.display()))?;
     let name = event.split('.').next().unwrap_or(event);
-    let ev =
-        baton::forge::github::normalize(name, "simulated", &body).with_context(|| format!("{}", payload.display()))?;
+    let verified = baton::forge::Verified { event: name.to_string(), delivery: "simulated".to_string() };
+    let ev = forge.normalize(&verified, &body).with_context(|| format!("{}", payload.display()))?;
     println!("event: {}", ev.kind);
     let mut matched = Vec::new();
     for (trigger, verdict) in rules.explain(&ev) {
@@ -403,11 +432,18 @@ async fn simulate(event: &str, payload: &Path, path: Option<&Path>, run: bool) -
     Ok(if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-async fn deliver(url: &str, secret: &str, event: &str, delivery: Option<String>, file: &Path) -> Result<ExitCode> {
+async fn deliver(
+    forge: Forge,
+    url: &str,
+    keys: WebhookKeys<'_>,
+    event: &str,
+    delivery: Option<String>,
+    file: &Path,
+) -> Result<ExitCode> {
     let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let delivery = delivery.unwrap_or_else(random_id);
     let mut request = reqwest::Client::new().post(url).header("content-type", "application/json");
-    for (name, value) in baton::forge::Forge::GITHUB.delivery_headers(secret.as_bytes(), event, &delivery, &body) {
+    for (name, value) in forge.delivery_headers(keys, event, &delivery, &body) {
         request = request.header(name, value);
     }
     let resp = request.body(body).send().await.with_context(|| format!("cannot reach {url}"))?;

@@ -206,7 +206,12 @@ async fn child(s: &Api, grant: &Grant, req: CreateChild, delivery: &str) -> Resu
     }
     event.access = grant.access;
     event.head_sha = git_ref;
-    event.parent = Some(ParentJob { id: grant.job.clone(), trigger: grant.trigger.clone(), depth: grant.depth });
+    event.parent = Some(ParentJob {
+        id: grant.job.clone(),
+        trigger: grant.trigger.clone(),
+        depth: grant.depth,
+        forge: String::new(),
+    });
     let mut spec = judge(&rules, ADHOC_TRIGGER, &event)?;
     spec.parent = Some(grant.job.clone());
     let answer = admit(s, event, ADHOC_TRIGGER, spec).await?;

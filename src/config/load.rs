@@ -16,6 +16,7 @@ struct RawConfig {
     storage: RawStorage,
     #[serde(default)]
     github: RawGithub,
+    gitlab: Option<Spanned<RawGitlab>>,
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
@@ -107,6 +108,20 @@ struct RawGithub {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawGitlab {
+    url: Option<Spanned<String>>,
+    api_url: Option<Spanned<String>>,
+    git_url: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
+    webhook_secret: Option<Spanned<String>>,
+    signing_token: Option<Spanned<String>>,
+    bot_username: Option<String>,
+    /// The project hook's id, for catch-up through its event list.
+    hook_id: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawLimits {
     max_parallel_jobs: Option<Spanned<usize>>,
     max_parallel_per_repo: Option<Spanned<usize>>,
@@ -153,6 +168,7 @@ impl Config {
         };
         let server = r.server(&raw.server);
         let github = r.github(&raw.github);
+        let gitlab = raw.gitlab.as_ref().map(|g| r.gitlab(g));
         let storage = r.storage(&raw.storage);
         let limits = r.limits(&raw.limits);
         let sandbox = r.sandbox(&raw.sandbox);
@@ -173,6 +189,7 @@ impl Config {
             .webhook_secret
             .iter()
             .map(|s| ("github.webhook_secret".to_string(), s))
+            .chain(gitlab.iter().map(|g| ("gitlab.webhook_secret".to_string(), &g.webhook_secret)))
             .chain(sources.iter().map(|(name, src)| (format!("sources.{name}.secret"), &src.secret)));
         for (key, secret) in short {
             if secret.expose().len() < MIN_SECRET_LEN {
@@ -185,6 +202,7 @@ impl Config {
             server,
             storage,
             github,
+            gitlab,
             limits,
             agents,
             sources,
@@ -354,6 +372,41 @@ impl Reader<'_> {
         }
     }
 
+    /// `[gitlab]`: `url` is the instance (a self-managed one may live under a
+    /// path); the API and git URLs derive from it unless given.
+    fn gitlab(&mut self, raw: &Spanned<RawGitlab>) -> GitLabSettings {
+        let (span, raw) = (raw.span(), raw.get_ref());
+        let url = self.url(&raw.url, "https://gitlab.com");
+        let mut need = |what: &Option<Spanned<String>>, key: &str, hint: &str| {
+            let secret = self.secret(what, None);
+            if secret.is_none() {
+                self.error(span.clone(), format!("[gitlab] needs `{key}`: {hint}"));
+            }
+            secret.unwrap_or_else(|| Secret::new(""))
+        };
+        let token = need(
+            &raw.token,
+            "token",
+            "a project, group or personal access token with the `api` and `write_repository` scopes, e.g. \
+             token = \"env:GITLAB_TOKEN\"",
+        );
+        let webhook_secret = need(
+            &raw.webhook_secret,
+            "webhook_secret",
+            "the \"Secret token\" of the project's webhook, e.g. webhook_secret = \"env:GITLAB_WEBHOOK_SECRET\"",
+        );
+        GitLabSettings {
+            api_url: self.url(&raw.api_url, &format!("{url}/api/v4")),
+            git_url: self.url(&raw.git_url, &url),
+            url,
+            token,
+            webhook_secret,
+            signing_token: self.secret(&raw.signing_token, None),
+            bot_username: raw.bot_username.clone(),
+            hook_id: raw.hook_id,
+        }
+    }
+
     fn storage(&mut self, raw: &RawStorage) -> Storage {
         let url = self.secret(&raw.url, None);
         let backend = raw.backend.as_ref().map(|b| *b.get_ref()).unwrap_or_default();
@@ -441,13 +494,12 @@ impl Reader<'_> {
         let mut sources = BTreeMap::new();
         for (name, spanned) in raw {
             let raw_source = spanned.get_ref();
-            if name == "github"
-                || name == "api"
+            if ["github", "gitlab", "api", "schedule", "baton"].contains(&name.as_str())
                 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             {
                 self.error(
                     spanned.span(),
-                    format!("sources.{name}: a source name is letters, digits, `-` and `_`, and not `github` or `api`"),
+                    format!("sources.{name}: a source name is letters, digits, `-` and `_`, and not `github`, `gitlab`, `api`, `schedule` or `baton`"),
                 );
                 continue;
             }

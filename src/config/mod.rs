@@ -42,6 +42,8 @@ pub struct Config {
     pub server: Server,
     pub storage: Storage,
     pub github: GitHubSettings,
+    /// `[gitlab]`, when the daemon serves a GitLab instance too.
+    pub gitlab: Option<GitLabSettings>,
     pub limits: LimitSettings,
     pub agents: BTreeMap<String, AgentDef>,
     pub sources: BTreeMap<String, SourceSettings>,
@@ -217,6 +219,28 @@ pub struct GitHubSettings {
     pub bot_login: String,
 }
 
+/// `[gitlab]`: one GitLab instance (gitlab.com or self-managed).
+#[derive(Debug, Clone)]
+pub struct GitLabSettings {
+    /// The instance, e.g. `https://gitlab.example.com/gitlab`.
+    pub url: String,
+    /// `{url}/api/v4` unless set.
+    pub api_url: String,
+    /// `{url}` unless set: clone URLs are `{git_url}/{path}.git`.
+    pub git_url: String,
+    /// A project, group or personal access token (`api`, `write_repository`).
+    pub token: Secret,
+    /// The hook's secret token (`X-Gitlab-Token`).
+    pub webhook_secret: Secret,
+    /// The hook's signing token: when set, every delivery must be signed
+    /// (`webhook-signature`, Standard Webhooks).
+    pub signing_token: Option<Secret>,
+    /// Who baton posts as; asked of GitLab (`GET /user`) when unset.
+    pub bot_username: Option<String>,
+    /// The project hook's id: catch-up reads its event list.
+    pub hook_id: Option<u64>,
+}
+
 #[derive(Debug, Clone)]
 pub struct LimitSettings {
     pub max_parallel_jobs: usize,
@@ -356,6 +380,12 @@ impl Config {
             .into_iter()
             .flatten()
             .cloned()
+            .chain(
+                self.gitlab
+                    .iter()
+                    .flat_map(|g| [Some(g.token.clone()), Some(g.webhook_secret.clone()), g.signing_token.clone()])
+                    .flatten(),
+            )
             .chain(self.sources.values().map(|s| s.secret.clone()))
             .chain(self.notify.values().flat_map(|n| [Some(n.url.clone()), n.secret.clone()]).flatten())
             .chain(self.mcp.values().flat_map(|m| m.secrets().cloned()))

@@ -57,7 +57,12 @@ pub fn job_event(job: &Job) -> Option<Event> {
         // The person who started the chain may still be mentioned by its
         // next job.
         author: spec.author.clone(),
-        parent: Some(ParentJob { id: job.id.clone(), trigger: job.trigger.clone(), depth: spec.chain_depth }),
+        parent: Some(ParentJob {
+            id: job.id.clone(),
+            trigger: job.trigger.clone(),
+            depth: spec.chain_depth,
+            forge: spec.forge.source().to_string(),
+        }),
         ..Event::new("baton", "job", Some(action.into()), &delivery, payload)
     })
 }

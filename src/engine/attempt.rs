@@ -47,6 +47,11 @@ pub(super) enum AttemptEnd {
     },
 }
 
+/// A repair's prompt carries at most this many failed jobs' logs, and
+/// this much of the end of each.
+const MAX_CI_LOGS: usize = 5;
+const CI_LOG_TAIL: usize = 8 * 1024;
+
 /// The most of `{{ review.diff }}` a prompt carries.
 const REVIEW_DIFF_CAP: usize = 200 * 1024;
 
@@ -229,7 +234,7 @@ impl Engine {
         self.log_line(&job.id, &format!("attempt {}: preparing workspace", job.attempts)).await;
         let started = std::time::Instant::now();
         let prepared = tokio::select! {
-            p = self.workspaces.prepare(&job.id, spec.repo.as_deref(), spec.access, &spec.workspace) => p,
+            p = self.workspaces.prepare(&job.id, spec.forge, spec.repo.as_deref(), spec.access, &spec.workspace) => p,
             _ = cancel.cancelled() => return AttemptEnd::Cancelled,
         };
         phases.prepare_ms = Some(started.elapsed().as_millis() as u64);
@@ -262,6 +267,9 @@ impl Engine {
             };
             prompt = prompt.replace(crate::rules::REVIEW_DIFF, &diff);
         }
+        if let Some(logs) = self.failed_ci_logs(spec).await {
+            prompt.push_str(&logs);
+        }
         let end = self.run_in(job, agent, &prepared, &prompt, cancel, report).await;
         self.workspaces.release(prepared).await;
         // The runs' io folders were the agents' to write: what they hold is
@@ -269,6 +277,33 @@ impl Engine {
         let io = [dir.join("io"), dir.join("verify-io")];
         let _ = tokio::task::spawn_blocking(move || io.iter().try_for_each(|d| crate::tree::remove(d))).await;
         end
+    }
+
+    /// For a repair of a failed GitLab pipeline: the tail of each failed
+    /// job's log, redacted, as a section of the prompt (what the agent would
+    /// open first). Nothing when GitLab cannot say; the job still runs.
+    async fn failed_ci_logs(&self, spec: &crate::rules::JobSpec) -> Option<String> {
+        let (Some(gl), Some(run), Some(repo)) = (&self.gitlab, spec.ci_run, spec.repo.as_deref()) else { return None };
+        if !matches!(spec.forge, crate::forge::Forge::GitLab(_)) || !spec.is_repair() {
+            return None;
+        }
+        let jobs = match gl.failed_jobs(repo, run).await {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::warn!(error = %e, pipeline = run, "Could not list the pipeline's failed jobs.");
+                return None;
+            }
+        };
+        let mut out = format!("\n\n## Failed jobs of pipeline {run} (the end of each log)\n");
+        for job in jobs.iter().take(MAX_CI_LOGS) {
+            let tail = match gl.job_trace_tail(repo, job.id, CI_LOG_TAIL).await {
+                Ok(t) => self.redactor.redact(&t),
+                Err(e) => format!("(the log could not be read: {e})"),
+            };
+            let fence = "`".repeat(tail.split(|c| c != '`').map(str::len).max().unwrap_or(0).max(2) + 1);
+            out.push_str(&format!("\n### {} (stage {})\n{fence}\n{}\n{fence}\n", job.name, job.stage, tail.trim_end()));
+        }
+        Some(out)
     }
 
     /// How a team run's agent reaches baton's `/mcp`: through its sandbox's
@@ -410,8 +445,10 @@ impl Engine {
             return end;
         }
         match spec.output {
-            OutputKind::PullRequest if self.publishing => self.push_changes(job, prepared, result, cancel).await,
-            OutputKind::Push if self.publishing => {
+            OutputKind::PullRequest if self.workspaces.publishes(spec.forge) => {
+                self.push_changes(job, prepared, result, cancel).await
+            }
+            OutputKind::Push if self.workspaces.publishes(spec.forge) => {
                 self.push_to_pull_request(job, agent, prepared, result, cancel, report).await
             }
             _ => AttemptEnd::Succeeded(result, None),

@@ -55,9 +55,8 @@ pub struct Engine {
     /// What a job's start and end put in the outbox: the publisher's
     /// planner, given by the daemon (`with_outbox`); nothing by default.
     outbox: Arc<dyn PlanOutbox>,
-    /// Whether changes leave the machine (`pull_request` and `push`
-    /// outputs): only with credentials to push with.
-    publishing: bool,
+    /// GitLab's API, for the logs of a failed pipeline's jobs.
+    gitlab: Option<Arc<crate::forge::gitlab::api::Client>>,
     /// Running jobs by id.
     running: Mutex<HashMap<String, RunningJob>>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -96,19 +95,20 @@ impl Engine {
         credentials: Option<Arc<crate::forge::github::auth::Credentials>>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Engine {
-        let publishing = credentials.is_some();
         let redactor = crate::redact::Redactor::new(config.secrets());
         Engine {
             outbox: Arc::new(NoOutbox),
-            publishing,
             lease: config.limits.job_lease,
             metrics,
             redactor,
             rules,
             workspaces: Workspaces::new(
                 &config.storage.path,
-                &config.github.git_url,
-                credentials,
+                vec![crate::workspace::Remote {
+                    forge: crate::forge::Forge::GITHUB,
+                    git_url: config.github.git_url.clone(),
+                    credentials: credentials.map(crate::workspace::GitCredentials::GitHub),
+                }],
                 config.storage.worktree_pool,
                 config.storage.git_timeout,
             ),
@@ -117,6 +117,7 @@ impl Engine {
             config,
             wake,
             publish_wake,
+            gitlab: None,
             running: Mutex::new(HashMap::new()),
             superseded: Mutex::new(HashMap::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
@@ -124,6 +125,24 @@ impl Engine {
             grants: team::Grants::default(),
             api_addr: None,
         }
+    }
+
+    /// Serves `[gitlab]`'s repositories too, when it is configured, and
+    /// reads failed CI jobs' logs for repairs through `api`.
+    pub fn with_gitlab_from(
+        mut self,
+        gitlab: Option<&crate::config::GitLabSettings>,
+        api: Option<Arc<crate::forge::gitlab::api::Client>>,
+    ) -> Engine {
+        self.gitlab = api;
+        if let Some(g) = gitlab {
+            self.workspaces.add_remote(crate::workspace::Remote {
+                forge: crate::forge::Forge::GITLAB,
+                git_url: g.git_url.clone(),
+                credentials: Some(crate::workspace::GitCredentials::Token(g.token.clone())),
+            });
+        }
+        self
     }
 
     /// Plans what each job's start and end put in the outbox (the

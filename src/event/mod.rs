@@ -42,6 +42,17 @@ pub(crate) fn split_repo_name(repo: &str) -> Option<(&str, &str)> {
     repo.split_once('/').filter(|(o, n)| ok(o) && ok(n))
 }
 
+/// A GitLab project path (`group/sub/project`): at least two segments,
+/// each of the characters GitLab allows (letters, digits, `-`, `_`, `.`;
+/// never `.` or `..`), and at most 20 deep. Returns the segments.
+pub(crate) fn split_project_path(path: &str) -> Option<Vec<&str>> {
+    let ok = |s: &str| {
+        !s.is_empty() && s != "." && s != ".." && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    let parts: Vec<&str> = path.split('/').collect();
+    (parts.len() >= 2 && parts.len() <= 20 && parts.iter().all(|p| ok(p))).then_some(parts)
+}
+
 impl Repository {
     pub fn owner(&self) -> &str {
         self.full_name.split_once('/').map(|(o, _)| o).unwrap_or(&self.full_name)
@@ -108,6 +119,10 @@ pub struct ParentJob {
     pub trigger: String,
     /// How many job ends led to this one (0 for a job started from outside).
     pub depth: u32,
+    /// The forge the job's repository is on (`github`, `gitlab`; empty
+    /// when not known, which is GitHub).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub forge: String,
 }
 
 /// One thing that happened, normalized.
@@ -170,6 +185,10 @@ pub struct Event {
     /// on it arrived: a job it starts must run at exactly that commit.
     pub(crate) head_pinned: bool,
     pub conclusion: Option<String>,
+    /// The CI run a check event reports, by the forge's id (GitLab's
+    /// pipeline): a repair reads its failed jobs' logs.
+    #[serde(skip)]
+    pub ci_run: Option<u64>,
     pub draft: Option<bool>,
     pub comment: Option<Comment>,
     /// For a review comment: its thread.
@@ -226,6 +245,7 @@ impl Event {
             maintainer_can_modify: None,
             head_pinned: false,
             conclusion: None,
+            ci_run: None,
             draft: None,
             comment: None,
             thread: None,

@@ -3,7 +3,7 @@
 //! URLs and change-request refs, the REST calls each output needs, catch-up
 //! of missed deliveries, and which outputs the forge offers at all.
 //!
-//! GitHub (`github/`) is the only forge today. The seam is a closed enum
+//! GitHub (`github/`) and GitLab (`gitlab/`) are the forges. The seam is a closed enum
 //! (`Forge`), as bors and Atlantis do, rather than a trait object as
 //! Renovate's `Platform` is: there will be a handful of forges, all in this
 //! crate, so a `match` shows every forge's answer side by side, the compiler
@@ -13,6 +13,7 @@
 //! `config` and `event`, so the rules and the records can name its types.
 
 pub mod github;
+pub mod gitlab;
 pub mod signature;
 
 use std::future::Future;
@@ -24,16 +25,47 @@ use crate::event::{Event, NormalizeError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Forge {
     GitHub(github::GitHub),
+    GitLab(gitlab::GitLab),
 }
 
 impl Forge {
-    /// The forge `[github]` configures: today the only one.
+    /// The forge `[github]` configures.
     pub const GITHUB: Forge = Forge::GitHub(github::GitHub);
+    /// The forge `[gitlab]` configures.
+    pub const GITLAB: Forge = Forge::GitLab(gitlab::GitLab);
+    /// Every forge, for listings (`baton check`).
+    pub const ALL: [Forge; 2] = [Forge::GITHUB, Forge::GITLAB];
+
+    /// The forge an event's source names (`github`, `gitlab`), if any.
+    pub fn of_source(source: &str) -> Option<Forge> {
+        match source {
+            "github" => Some(Forge::GITHUB),
+            "gitlab" => Some(Forge::GITLAB),
+            _ => None,
+        }
+    }
 
     /// Its name in diagnostics and logs.
     pub fn name(&self) -> &'static str {
         match self {
             Forge::GitHub(_) => "GitHub",
+            Forge::GitLab(_) => "GitLab",
+        }
+    }
+
+    /// Its events' source, and its name in `[filter] forge` and records.
+    pub fn source(&self) -> &'static str {
+        match self {
+            Forge::GitHub(_) => "github",
+            Forge::GitLab(_) => "gitlab",
+        }
+    }
+
+    /// The event kinds (before the dot) this forge sends that baton reads.
+    pub fn known_events(&self) -> &'static [&'static str] {
+        match self {
+            Forge::GitHub(_) => github::KNOWN_EVENTS,
+            Forge::GitLab(_) => gitlab::KNOWN_EVENTS,
         }
     }
 
@@ -41,14 +73,21 @@ impl Forge {
     pub fn capabilities(&self) -> Capabilities {
         match self {
             Forge::GitHub(g) => g.capabilities(),
+            Forge::GitLab(g) => g.capabilities(),
         }
     }
 
     /// Checks a webhook request's signature and headers, and reads its event
     /// name and delivery id (the dedupe key). The body is not parsed yet.
-    pub fn verify(&self, secret: &[u8], headers: &axum::http::HeaderMap, body: &[u8]) -> Result<Verified, Rejected> {
+    pub fn verify(
+        &self,
+        keys: WebhookKeys<'_>,
+        headers: &axum::http::HeaderMap,
+        body: &[u8],
+    ) -> Result<Verified, Rejected> {
         match self {
-            Forge::GitHub(g) => g.verify(secret, headers, body),
+            Forge::GitHub(g) => g.verify(keys.secret, headers, body),
+            Forge::GitLab(g) => g.verify(keys, headers, body),
         }
     }
 
@@ -56,13 +95,16 @@ impl Forge {
     pub fn normalize(&self, verified: &Verified, body: &[u8]) -> Result<Event, NormalizeError> {
         match self {
             Forge::GitHub(_) => github::normalize(&verified.event, &verified.delivery, body),
+            Forge::GitLab(_) => gitlab::normalize(&verified.event, &verified.delivery, body),
         }
     }
 
     /// Whether a verified delivery only tests the hook (answered, not stored).
+    /// GitLab's "Test" button sends a real event, so it has none.
     pub(crate) fn is_ping(&self, verified: &Verified) -> bool {
         match self {
             Forge::GitHub(_) => verified.event == "ping",
+            Forge::GitLab(_) => false,
         }
     }
 
@@ -70,13 +112,14 @@ impl Forge {
     /// `baton deliver` and tests.
     pub fn delivery_headers(
         &self,
-        secret: &[u8],
+        keys: WebhookKeys<'_>,
         event: &str,
         delivery: &str,
         body: &[u8],
     ) -> Vec<(&'static str, String)> {
         match self {
-            Forge::GitHub(g) => g.delivery_headers(secret, event, delivery, body),
+            Forge::GitHub(g) => g.delivery_headers(keys.secret, event, delivery, body),
+            Forge::GitLab(g) => g.delivery_headers(keys, event, delivery, body),
         }
     }
 
@@ -85,15 +128,55 @@ impl Forge {
     pub(crate) fn change_head_ref(&self, number: u64) -> String {
         match self {
             Forge::GitHub(g) => g.change_head_ref(number),
+            Forge::GitLab(g) => g.change_head_ref(number),
         }
     }
 
-    /// The clone URL of `owner/name` below `git_url`.
-    pub(crate) fn clone_url(&self, git_url: &str, owner: &str, name: &str) -> String {
+    /// The clone URL of `repo` (`owner/name`, or GitLab's `group/sub/project`)
+    /// below `git_url`.
+    pub(crate) fn clone_url(&self, git_url: &str, repo: &str) -> String {
         match self {
-            Forge::GitHub(g) => g.clone_url(git_url, owner, name),
+            Forge::GitHub(g) => g.clone_url(git_url, repo),
+            Forge::GitLab(g) => g.clone_url(git_url, repo),
         }
     }
+
+    /// The user name git authenticates as over HTTPS with the forge's token.
+    pub(crate) fn git_user(&self) -> &'static str {
+        match self {
+            Forge::GitHub(_) => "x-access-token",
+            Forge::GitLab(_) => "oauth2",
+        }
+    }
+}
+
+impl Default for Forge {
+    /// GitHub: what records written before there was a choice were about.
+    fn default() -> Forge {
+        Forge::GITHUB
+    }
+}
+
+impl serde::Serialize for Forge {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.source())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Forge {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Forge, D::Error> {
+        let name = String::deserialize(d)?;
+        Forge::of_source(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown forge `{name}`; expected `github` or `gitlab`")))
+    }
+}
+
+/// The keys a webhook is checked with: GitHub's HMAC secret or GitLab's
+/// secret token, and GitLab's optional signing token.
+#[derive(Clone, Copy)]
+pub struct WebhookKeys<'a> {
+    pub secret: &'a [u8],
+    pub signing: Option<&'a [u8]>,
 }
 
 /// A failed call to a forge's API, classified for the outbox.

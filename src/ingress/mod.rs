@@ -1,4 +1,5 @@
-//! Webhook ingress: `POST /webhooks/github` and `POST /webhooks/{source}`.
+//! Webhook ingress: `POST /webhooks/github`, `POST /webhooks/gitlab` and
+//! `POST /webhooks/{source}`.
 //!
 //! Checks run cheapest-and-safest first: the in-flight cap, body size and
 //! read time, then the signature (so nothing about an unsigned request is
@@ -23,7 +24,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::admit::{Door, Origin, Received};
 use crate::config::{Secret, SourceSettings};
 use crate::event::{generic, Event};
-use crate::forge::{signature, Forge, Rejected};
+use crate::forge::{signature, Forge, Rejected, WebhookKeys};
 use crate::rules::SharedRules;
 use crate::store::{Accepted, Store};
 
@@ -33,6 +34,8 @@ pub struct Ingress {
     pub store: Store,
     pub rules: SharedRules,
     pub secret: Secret,
+    /// `[gitlab]`'s hook, when configured.
+    pub gitlab: Option<GitLabHook>,
     pub sources: Arc<BTreeMap<String, SourceSettings>>,
     pub max_body_bytes: usize,
     /// Time a client has to send the whole body.
@@ -49,9 +52,19 @@ pub struct Ingress {
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
+/// What `POST /webhooks/gitlab` checks deliveries with, and who it asks
+/// for a member's standing.
+#[derive(Clone)]
+pub struct GitLabHook {
+    pub token: Secret,
+    pub signing: Option<Secret>,
+    pub members: Arc<crate::forge::gitlab::trust::Members>,
+}
+
 pub fn router(state: Ingress) -> Router {
     Router::new()
         .route("/webhooks/github", post(github_webhook))
+        .route("/webhooks/gitlab", post(gitlab_webhook))
         .route("/webhooks/{source}", post(generic_webhook))
         .route_layer(middleware::from_fn_with_state(state.clone(), shed_load))
         .with_state(state)
@@ -173,12 +186,30 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 async fn github_webhook(State(s): State<Ingress>, headers: HeaderMap, body: Body) -> Response {
-    let Unverified { body, reserved } = match read_body(&s, &headers, body).await {
+    let keys = WebhookKeys { secret: s.secret.expose().as_bytes(), signing: None };
+    forge_webhook(&s, Forge::GITHUB, keys, headers, body).await
+}
+
+async fn gitlab_webhook(State(s): State<Ingress>, headers: HeaderMap, body: Body) -> Response {
+    let Some(hook) = &s.gitlab else {
+        drain(body).await;
+        return error(StatusCode::NOT_FOUND, "GitLab is not configured: add [gitlab] to baton.toml");
+    };
+    let keys = WebhookKeys {
+        secret: hook.token.expose().as_bytes(),
+        signing: hook.signing.as_ref().map(|k| k.expose().as_bytes()),
+    };
+    forge_webhook(&s, Forge::GITLAB, keys, headers, body).await
+}
+
+/// A forge's delivery: read, verified, normalized, its author's standing
+/// asked where the payload has none, then admitted.
+async fn forge_webhook(s: &Ingress, forge: Forge, keys: WebhookKeys<'_>, headers: HeaderMap, body: Body) -> Response {
+    let Unverified { body, reserved } = match read_body(s, &headers, body).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    let forge = Forge::GITHUB;
-    let verified = match forge.verify(s.secret.expose().as_bytes(), &headers, &body) {
+    let verified = match forge.verify(keys, &headers, &body) {
         Ok(v) => v,
         Err(e @ Rejected::Unauthorized(_)) => {
             tracing::warn!(error = %e, "Webhook rejected: bad signature.");
@@ -187,7 +218,7 @@ async fn github_webhook(State(s): State<Ingress>, headers: HeaderMap, body: Body
         Err(e @ Rejected::BadRequest(_)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     drop(reserved);
-    let event = match forge.normalize(&verified, &body) {
+    let mut event = match forge.normalize(&verified, &body) {
         Ok(e) => e,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
@@ -196,7 +227,14 @@ async fn github_webhook(State(s): State<Ingress>, headers: HeaderMap, body: Body
         tracing::info!(delivery = %delivery_id, "Ping received.");
         return answer(StatusCode::OK, json!({ "ok": true, "delivery": delivery_id }));
     }
-    admit(&s, event, Some((event_name, &body))).await
+    if let (Forge::GitLab(_), Some(hook)) = (forge, &s.gitlab) {
+        // GitLab's payloads carry no standing: it is the member's access level.
+        let author = crate::forge::gitlab::event::author_id(&event);
+        if let (Some(user), Some(repo)) = (author, event.repo_name()) {
+            event.association = Some(hook.members.standing(repo, user).await.to_string());
+        }
+    }
+    admit(s, event, Some((event_name, &body))).await
 }
 
 async fn generic_webhook(

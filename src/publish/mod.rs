@@ -11,6 +11,7 @@
 
 pub mod body;
 pub mod defuse;
+mod gitlab;
 pub mod notify;
 pub(crate) mod plan;
 pub mod review;
@@ -23,12 +24,15 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::forge::github::api::{self as github, Listing};
-use crate::forge::{ApiError, Created};
 use crate::forge::github::Client;
+use crate::forge::{ApiError, Created};
 use crate::store::{Job, JobState, Note, Publication, PublicationState, Purpose, Store, Target};
 pub use body::marker;
 pub(crate) use body::{comment_body, pull_request_body, pull_request_title, status_end_body, status_start_body};
 use plan::CapKind;
+
+/// `create` without a marker lookup.
+const NO_LOOK: Option<std::future::Ready<Result<Option<Created>, ApiError>>> = None;
 
 /// Publications give up after this many tries.
 const MAX_ATTEMPTS: u32 = 12;
@@ -59,6 +63,8 @@ pub(crate) struct Publisher {
     store: Store,
     /// `None` without GitHub credentials: only notifications are sent.
     github: Option<Client>,
+    /// `[gitlab]`'s client, when configured.
+    gitlab: Option<Arc<crate::forge::gitlab::api::Client>>,
     /// `[notify.NAME]`, and the client that calls them.
     notify: Arc<std::collections::BTreeMap<String, crate::config::NotifyTarget>>,
     http: reqwest::Client,
@@ -79,7 +85,13 @@ impl Publisher {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
-        Publisher { store, github, notify, http, wake, metrics }
+        Publisher { store, github, gitlab: None, notify, http, wake, metrics }
+    }
+
+    /// Publishes to GitLab too.
+    pub fn with_gitlab(mut self, gitlab: Option<Arc<crate::forge::gitlab::api::Client>>) -> Publisher {
+        self.gitlab = gitlab;
+        self
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -216,6 +228,9 @@ impl Publisher {
         if let Target::Notify { .. } = p.target {
             return self.notify_all(p, job).await;
         }
+        if let crate::forge::Forge::GitLab(_) = job.spec.forge {
+            return self.attempt_gitlab(p, job).await;
+        }
         let Some(gh) = &self.github else {
             return Err(ApiError::fatal("publishing to GitHub is off: no GitHub credentials".into()));
         };
@@ -231,12 +246,12 @@ impl Publisher {
                 done(gh.react(inst, repo, number, comment_id, review).await?)
             }
             Target::ReviewReply { number, comment_id } => {
-                let look = Some((Listing::ReviewComments(number), result_marker.as_str()));
+                let look = Some(gh.find(inst, repo, Listing::ReviewComments(number), &result_marker));
                 self.create(p, job, CapKind::Comment, look, gh.reply(inst, repo, number, comment_id, &body)).await
             }
             Target::StatusComment { number } => {
                 let status = body::status_marker(&job.id);
-                let look = Some((Listing::IssueComments(number), status.as_str()));
+                let look = Some(gh.find(inst, repo, Listing::IssueComments(number), &status));
                 self.create(p, job, CapKind::Comment, look, gh.create_comment(inst, repo, number, &body)).await
             }
             Target::EditStatus { number } => {
@@ -251,19 +266,19 @@ impl Publisher {
                     return done(gh.edit_comment(inst, repo, id, &p.body).await?);
                 }
                 // The status comment never landed: say it in a new one.
-                let look = Some((Listing::IssueComments(number), result_marker.as_str()));
+                let look = Some(gh.find(inst, repo, Listing::IssueComments(number), &result_marker));
                 self.create(p, job, CapKind::Comment, look, gh.create_comment(inst, repo, number, &body)).await
             }
             Target::IssueComment { number } => {
-                let look = Some((Listing::IssueComments(number), result_marker.as_str()));
+                let look = Some(gh.find(inst, repo, Listing::IssueComments(number), &result_marker));
                 self.create(p, job, CapKind::Comment, look, gh.create_comment(inst, repo, number, &body)).await
             }
             Target::CommitComment { sha } => {
-                let look = Some((Listing::CommitComments(&sha), result_marker.as_str()));
+                let look = Some(gh.find(inst, repo, Listing::CommitComments(&sha), &result_marker));
                 self.create(p, job, CapKind::Comment, look, gh.commit_comment(inst, repo, &sha, &body)).await
             }
             Target::Review { number } => {
-                let look = Some((Listing::Reviews(number), result_marker.as_str()));
+                let look = Some(gh.find(inst, repo, Listing::Reviews(number), &result_marker));
                 // A review answered as JSON goes line by line; any other
                 // answer is the review's body, as it is.
                 let answer = job.result.as_deref().filter(|_| job.state == JobState::Succeeded).and_then(review::parse);
@@ -277,7 +292,13 @@ impl Publisher {
                 // A full review says everything again; an incremental one
                 // leaves out what it already said on lines that read the same.
                 let posted = if job.spec.review_full { Default::default() } else { earlier.findings };
-                let planned = review::plan(&answer, &diff, job.spec.output_options.allow_approve, &posted);
+                let planned = review::plan(
+                    &answer,
+                    &diff,
+                    job.spec.output_options.allow_approve,
+                    &posted,
+                    review::Flavor::GitHub,
+                );
                 let body = body::review_body(job, &planned.body);
                 let comments = body::review_comments(job, &planned.comments);
                 let send = gh.review_with(inst, repo, number, &body, planned.event, &comments);
@@ -287,7 +308,7 @@ impl Publisher {
             Target::PullRequest { head, base, title } => {
                 // GitHub refuses a second PR for one branch: no marker needed.
                 let sent = gh.pull_request(inst, repo, &title, &head, &base, &body);
-                self.create(p, job, CapKind::PullRequest, None, sent).await
+                self.create(p, job, CapKind::PullRequest, NO_LOOK, sent).await
             }
             Target::CheckRun { head_sha, name, conclusion } => {
                 let summary = body.clone();
@@ -305,7 +326,7 @@ impl Publisher {
                             conclusion: None,
                             summary: &summary,
                         };
-                        self.create(p, job, CapKind::None, None, gh.create_check_run(inst, repo, &run)).await
+                        self.create(p, job, CapKind::None, NO_LOOK, gh.create_check_run(inst, repo, &run)).await
                     }
                     Some(conclusion) => {
                         let id = match job.progress.check_run {
@@ -332,7 +353,7 @@ impl Publisher {
                                     conclusion: Some(conclusion.as_str()),
                                     summary: &summary,
                                 };
-                                self.create(p, job, CapKind::None, None, gh.create_check_run(inst, repo, &run)).await
+                                self.create(p, job, CapKind::None, NO_LOOK, gh.create_check_run(inst, repo, &run)).await
                             }
                         }
                     }
@@ -360,19 +381,18 @@ impl Publisher {
 
     /// Sends a create within the job's caps, marking the publication as
     /// maybe sent (durably) before the request leaves. When an earlier try's
-    /// answer was lost, `look` finds what it made instead.
+    /// answer was lost, `look` (a lookup of baton's marker, not yet sent)
+    /// finds what it made instead.
     async fn create(
         &self,
         p: &mut Publication,
         job: &Job,
         kind: CapKind,
-        look: Option<(Listing<'_>, &str)>,
+        look: Option<impl std::future::Future<Output = Result<Option<Created>, ApiError>>>,
         send: impl std::future::Future<Output = Result<Created, ApiError>>,
     ) -> Result<Outcome, ApiError> {
-        if let (true, Some((listing, marker))) = (p.maybe_sent, look) {
-            let repo = p.repo.clone();
-            let github = self.github.as_ref().ok_or_else(|| ApiError::fatal("no GitHub credentials".into()))?;
-            if let Some(made) = github.find(p.access, &repo, listing, marker).await? {
+        if let (true, Some(look)) = (p.maybe_sent, look) {
+            if let Some(made) = look.await? {
                 return Ok(Outcome::Done { made, created: kind != CapKind::None });
             }
         }

@@ -138,12 +138,7 @@ pub async fn send(http: &reqwest::Client, target: &NotifyTarget, job: &str, body
     // reqwest's errors name the URL, which may be a secret: never shown.
     let answer = request.timeout(TIMEOUT).send().await.map_err(|e| {
         let maybe_applied = !e.is_connect();
-        ApiError {
-            message: format!("{who}: {}", e.without_url()),
-            retryable: true,
-            retry_after: None,
-            maybe_applied,
-        }
+        ApiError { message: format!("{who}: {}", e.without_url()), retryable: true, retry_after: None, maybe_applied }
     })?;
     let status = answer.status();
     if status.is_success() {

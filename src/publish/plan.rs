@@ -13,6 +13,8 @@ use crate::rules::{JobSpec, OutputKind};
 pub(crate) struct Planner {
     /// Off without GitHub credentials: nothing is planned.
     pub publishing: bool,
+    /// Whether GitLab can be published to (`[gitlab]` is configured).
+    pub gitlab: bool,
     /// Links the status comment to the dashboard.
     pub public_url: Option<String>,
     /// Every body and title leaves through it.
@@ -67,9 +69,17 @@ impl Planner {
         Some(self.publication(job, &repo, Purpose::Notify, target, body))
     }
 
+    /// Whether the job's forge has credentials to publish with.
+    fn publishes(&self, spec: &JobSpec) -> bool {
+        match spec.forge {
+            crate::forge::Forge::GitHub(_) => self.publishing,
+            crate::forge::Forge::GitLab(_) => self.gitlab,
+        }
+    }
+
     fn on_github_at_end(&self, job: &Job) -> Vec<Publication> {
         let spec: &JobSpec = &job.spec;
-        if spec.output == OutputKind::None || !self.publishing || !job.state.is_final() {
+        if spec.output == OutputKind::None || !self.publishes(spec) || !job.state.is_final() {
             return Vec::new();
         }
         let Some(repo) = spec.repo.clone() else { return Vec::new() };
@@ -134,7 +144,7 @@ impl Planner {
     /// comment (with `progress`), and an in-progress check run.
     pub(crate) fn at_start(&self, job: &Job) -> Vec<Publication> {
         let spec: &JobSpec = &job.spec;
-        if spec.output == OutputKind::None || !self.publishing || job.progress.started {
+        if spec.output == OutputKind::None || !self.publishes(spec) || job.progress.started {
             return Vec::new();
         }
         let Some(repo) = spec.repo.clone() else { return Vec::new() };
@@ -208,6 +218,7 @@ mod tests {
     fn planner() -> Planner {
         Planner {
             publishing: true,
+            gitlab: false,
             public_url: None,
             redactor: Redactor::new(Vec::new()),
             web_url: "https://github.com".into(),

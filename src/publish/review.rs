@@ -107,7 +107,7 @@ pub(crate) enum Side {
 }
 
 impl Side {
-    fn parse(s: Option<&str>) -> Side {
+    pub(crate) fn parse(s: Option<&str>) -> Side {
         match s.map(str::to_ascii_uppercase).as_deref() {
             Some("LEFT") => Side::Left,
             _ => Side::Right,
@@ -192,7 +192,13 @@ fn fingerprint(f: &Finding, side: Side, lines: &str) -> String {
 /// Plans the review for `answer` against the diff. A finding whose
 /// fingerprint is in `posted` (an earlier review of this pull request said
 /// it, on lines that read the same) is not repeated.
-pub(crate) fn plan(answer: &Answer, diff: &DiffLines, allow_approve: bool, posted: &HashSet<String>) -> Review {
+pub(crate) fn plan(
+    answer: &Answer,
+    diff: &DiffLines,
+    allow_approve: bool,
+    posted: &HashSet<String>,
+    flavor: Flavor,
+) -> Review {
     let event = match answer.event.as_deref().map(str::to_ascii_uppercase).as_deref() {
         Some("REQUEST_CHANGES") => "REQUEST_CHANGES",
         Some("APPROVE") if allow_approve => "APPROVE",
@@ -205,10 +211,11 @@ pub(crate) fn plan(answer: &Answer, diff: &DiffLines, allow_approve: bool, poste
     for f in &answer.comments {
         let side = Side::parse(f.side.as_deref());
         let mut body = f.body.clone();
-        if let Some(s) = &f.suggestion {
-            body.push_str(&suggestion_block(s));
-        }
         let start = f.start_line.filter(|s| *s < f.line && diff.has(&f.path, side, *s));
+        if let Some(s) = &f.suggestion {
+            let above = start.map_or(0, |start| f.line - start);
+            body.push_str(&suggestion_block(s, flavor, above));
+        }
         let inline = f.line > 0 && diff.has(&f.path, side, f.line);
         let lines = match inline {
             true => (start.unwrap_or(f.line)..=f.line)
@@ -251,12 +258,27 @@ pub(crate) fn plan(answer: &Answer, diff: &DiffLines, allow_approve: bool, poste
     Review { body, event, comments, findings }
 }
 
-/// A GitHub suggestion block: a fence longer than any backtick run inside.
-fn suggestion_block(text: &str) -> String {
+/// Whose suggestion syntax a review is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flavor {
+    /// ```` ```suggestion ````: replaces the lines the comment spans.
+    GitHub,
+    /// ```` ```suggestion:-N+0 ````: replaces the commented line and the N
+    /// above it.
+    GitLab,
+}
+
+/// A suggestion block: a fence longer than any backtick run inside.
+/// `above` is how many lines before the commented one it replaces too.
+fn suggestion_block(text: &str, flavor: Flavor, above: u64) -> String {
     let longest = text.split(|c| c != '`').map(str::len).max().unwrap_or(0);
     let fence = "`".repeat(longest.max(2) + 1);
     let text = text.strip_suffix('\n').unwrap_or(text);
-    format!("\n\n{fence}suggestion\n{text}\n{fence}")
+    let range = match flavor {
+        Flavor::GitHub => String::new(),
+        Flavor::GitLab => format!(":-{above}+0"),
+    };
+    format!("\n\n{fence}suggestion{range}\n{text}\n{fence}")
 }
 
 #[cfg(test)]
@@ -329,9 +351,9 @@ mod tests {
                 },
             ],
         };
-        let r = plan(&answer, &diff(), false, &HashSet::new());
+        let r = plan(&answer, &diff(), false, &HashSet::new(), Flavor::GitHub);
         assert_eq!(r.event, "COMMENT", "APPROVE needs allow_approve");
-        assert_eq!(plan(&answer, &diff(), true, &HashSet::new()).event, "APPROVE");
+        assert_eq!(plan(&answer, &diff(), true, &HashSet::new(), Flavor::GitHub).event, "APPROVE");
         assert_eq!(r.comments.len(), 2);
         assert_eq!(r.comments[0]["start_line"], 2);
         assert_eq!(r.comments[0]["body"], "Call it once.\n\n```suggestion\n    new();\n```");
@@ -341,6 +363,18 @@ mod tests {
 
     #[test]
     fn a_suggestion_with_backticks_gets_a_longer_fence() {
-        assert_eq!(suggestion_block("a ``` b"), "\n\n````suggestion\na ``` b\n````");
+        assert_eq!(suggestion_block("a ``` b", Flavor::GitHub, 0), "\n\n````suggestion\na ``` b\n````");
+    }
+
+    #[test]
+    fn gitlab_suggestions_say_how_many_lines_above_they_replace() {
+        assert_eq!(suggestion_block("x", Flavor::GitLab, 0), "\n\n```suggestion:-0+0\nx\n```");
+        let answer: Answer = serde_json::from_value(serde_json::json!({
+            "summary": "s",
+            "comments": [{ "path": "src/a.rs", "line": 3, "start_line": 2, "body": "b", "suggestion": "new();\nmore();" }]
+        }))
+        .unwrap();
+        let r = plan(&answer, &diff(), false, &HashSet::new(), Flavor::GitLab);
+        assert!(r.comments[0]["body"].as_str().unwrap().contains("```suggestion:-1+0\nnew();\nmore();\n```"));
     }
 }

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::diag::Diagnostic;
 use crate::event::Event;
+use crate::forge::Forge;
 pub use reload::SharedRules;
 pub use reload::{fingerprint, Fingerprint, Reload};
 pub use trigger::{Mentions, OnConflict, OutputOptions, WorkspaceKind};
@@ -41,6 +42,9 @@ Comment only on lines the pull request changes or shows around its changes.";
 pub struct JobSpec {
     pub trigger: String,
     pub event: String,
+    /// The forge `repo` is on (GitHub for records from before GitLab).
+    #[serde(default, skip_serializing_if = "is_github")]
+    pub forge: Forge,
     pub repo: Option<String>,
     pub subject: Option<u64>,
     #[serde(default)]
@@ -127,6 +131,9 @@ pub struct JobSpec {
     /// the agent's text may still mention (`[output] mentions`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub author: Option<String>,
+    /// The CI run a check event reported (`Event::ci_run`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ci_run: Option<u64>,
 }
 
 /// Caps on spending over a rolling day (US dollars), fixed at match time:
@@ -138,6 +145,18 @@ pub struct DailyBudgets {
     pub all: Option<f64>,
     pub trigger: Option<f64>,
     pub repo: Option<f64>,
+}
+
+fn is_github(forge: &Forge) -> bool {
+    *forge == Forge::GITHUB
+}
+
+/// The forge an event's repository is on: its source's, or for a job's
+/// end, its job's.
+pub(crate) fn forge_of(event: &Event) -> Forge {
+    Forge::of_source(&event.source)
+        .or_else(|| event.parent.as_ref().and_then(|p| Forge::of_source(&p.forge)))
+        .unwrap_or_default()
 }
 
 /// Stands for `{{ review.diff }}` in a rendered prompt until the engine,
@@ -220,6 +239,9 @@ pub struct RuleSet {
     by_kind: HashMap<String, Vec<usize>>,
     env: Environment<'static>,
     bot_login: String,
+    /// Who baton posts as on GitLab (`gitlab.bot_username`, or asked of
+    /// GitLab at start).
+    gitlab_bot: Option<String>,
     /// The configuration's caps on a rolling day's spending.
     daily_budgets: DailyBudgets,
 }
@@ -301,7 +323,8 @@ impl RuleSet {
             trigger: None,
             repo: config.limits.daily_budget_per_repo_usd,
         };
-        RuleSet { triggers, by_kind, env, bot_login: config.github.bot_login.clone(), daily_budgets }
+        let gitlab_bot = config.gitlab.as_ref().and_then(|g| g.bot_username.clone());
+        RuleSet { triggers, by_kind, env, bot_login: config.github.bot_login.clone(), gitlab_bot, daily_budgets }
     }
 
     pub fn triggers(&self) -> &[Trigger] {
@@ -311,6 +334,14 @@ impl RuleSet {
     /// The login events from baton itself carry.
     pub fn bot_login(&self) -> &str {
         &self.bot_login
+    }
+
+    /// Who baton posts as on the forge `event` came from.
+    pub(crate) fn bot_login_for(&self, event: &Event) -> &str {
+        match (forge_of(event), &self.gitlab_bot) {
+            (Forge::GitLab(_), Some(bot)) => bot,
+            _ => &self.bot_login,
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&Trigger> {
@@ -361,7 +392,7 @@ impl RuleSet {
             return reject("on", format!("listens for [{}], event is {}", t.on.join(", "), event.kind));
         }
         if let Some(sender) = &event.sender {
-            if sender.login == self.bot_login {
+            if sender.login == self.bot_login || self.gitlab_bot.as_deref() == Some(sender.login.as_str()) {
                 return reject("bot", format!("sent by baton itself ({})", sender.login));
             }
             if sender.is_bot() && !f.allow_bots.contains(&sender.login) {
@@ -381,6 +412,15 @@ impl RuleSet {
                     event.branch.as_deref().unwrap_or("")
                 ),
             );
+        }
+        if let Some(want) = f.forge {
+            let forge = forge_of(event);
+            if forge != want || Forge::of_source(&event.source).is_none() && event.source != "baton" {
+                return reject(
+                    "forge",
+                    format!("wanted an event from {}, event is from {}", want.name(), event.source),
+                );
+            }
         }
         if !f.triggers.is_empty() {
             let parent = event.parent.as_ref().map(|p| p.trigger.as_str()).unwrap_or("");
@@ -447,7 +487,8 @@ impl RuleSet {
         if let Some(reason) = untrusted(f, event, t.job.workspace) {
             // An outsider's issue or PR can still run once someone trusted
             // approves it there; anything else is simply rejected.
-            let approvable = event.source == "github" && event.subject.is_some() && f.command.is_none();
+            let approvable =
+                Forge::of_source(&event.source).is_some() && event.subject.is_some() && f.command.is_none();
             if !approvable {
                 return reject("authors", reason);
             }
@@ -540,6 +581,7 @@ impl RuleSet {
         let spec = Box::new(JobSpec {
             trigger: t.name.clone(),
             event: event.kind.clone(),
+            forge: forge_of(event),
             repo: event.repo_name().map(str::to_string),
             subject: event.subject,
             subject_is_pull_request: event.subject_is_pull_request,
@@ -574,6 +616,7 @@ impl RuleSet {
             delegate: t.job.delegate.clone(),
             parent: None,
             author: event.author.clone(),
+            ci_run: event.ci_run,
         });
         match approval {
             Some(reason) => Verdict::Held { spec, reason },
@@ -654,7 +697,9 @@ fn push_target(f: &trigger::Filter, event: &Event) -> Result<PushTarget, String>
 pub(crate) const BATON_BRANCH_PREFIX: &str = "baton/";
 
 /// Events that carry no author association, only a head commit.
-const CHECK_EVENTS: &[&str] = &["check_run", "check_suite", "workflow_run", "workflow_job", "status"];
+/// GitHub's checks, workflows and statuses; GitLab's pipelines and jobs (`build`).
+const CHECK_EVENTS: &[&str] =
+    &["check_run", "check_suite", "workflow_run", "workflow_job", "status", "pipeline", "build"];
 
 fn workspace_for(kind: WorkspaceKind, event: &Event, latest_head: bool) -> Result<Workspace, String> {
     match kind {

@@ -163,7 +163,8 @@ impl Default for OutputOptions {
 }
 
 /// The authors' standings (GitHub's association values) trusted by default.
-pub(crate) const DEFAULT_AUTHORS: &[&str] = &["OWNER", "MEMBER", "COLLABORATOR"];
+/// On GitLab, the roles from Developer up (`forge::gitlab::trust`).
+pub(crate) const DEFAULT_AUTHORS: &[&str] = &["OWNER", "MEMBER", "COLLABORATOR", "MAINTAINER", "DEVELOPER"];
 
 /// A compiled trigger. Its prompt and `if` templates live in the rule set's
 /// template environment under `template_name()` and `condition_name()`.
@@ -200,6 +201,8 @@ pub struct Filter {
     pub triggers: Vec<String>,
     /// Whether events on baton's own `baton/…` branches may match.
     pub own_branches: bool,
+    /// Only events from this forge (`[filter] forge`).
+    pub forge: Option<crate::forge::Forge>,
 }
 
 #[derive(Debug, Clone)]

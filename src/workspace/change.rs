@@ -118,8 +118,8 @@ impl Workspaces {
     ) -> Result<(), WorkspaceError> {
         let git_dir = prepared.git_dir.as_deref().ok_or(WorkspaceError::NoRepository)?;
         let git = self.git.until(cancel);
-        let token = self.token(to.access, to.token_repo).await?;
-        let url = self.url(to.repo)?;
+        let token = self.token(prepared.forge, to.access, to.token_repo).await?;
+        let url = self.url(prepared.forge, to.repo)?;
         let remote = format!("refs/heads/{}", to.branch);
         let how = match over {
             Over::Anything => "--force".to_string(),
@@ -160,8 +160,8 @@ impl Workspaces {
         let Replay { base, commit, onto } = change;
         let git_dir = prepared.git_dir.as_deref().ok_or(WorkspaceError::NoRepository)?;
         let git = self.git.until(cancel);
-        let token = self.token(to.access, to.token_repo).await?;
-        let url = self.url(to.repo)?;
+        let token = self.token(prepared.forge, to.access, to.token_repo).await?;
+        let url = self.url(prepared.forge, to.repo)?;
         let moved = "refs/baton/moved";
         git.run(
             git_dir,
@@ -207,13 +207,15 @@ impl Workspaces {
         since: &str,
         cap: usize,
     ) -> Result<String, WorkspaceError> {
-        let (Some(mirror), Some(commit), Some(repo)) = (&prepared.mirror, &prepared.commit, &prepared.repo) else {
+        let (Some(mirror), Some(commit), Some(key), Some(repo)) =
+            (&prepared.mirror, &prepared.commit, &prepared.repo, &prepared.path_on_forge)
+        else {
             return Err(WorkspaceError::NoRepository);
         };
-        let token = self.token(access, repo).await?;
-        let url = self.url(repo)?;
+        let token = self.token(prepared.forge, access, repo).await?;
+        let url = self.url(prepared.forge, repo)?;
         {
-            let lock = self.lock_for(repo);
+            let lock = self.lock_for(key);
             let _guard = lock.lock().await;
             self.ensure_commit(mirror, &url, since, None, token.as_ref()).await?;
         }

@@ -55,7 +55,8 @@ impl Git {
         }
         cmd.args(args);
         if let Some(token) = token {
-            let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{}", token.expose()));
+            // `token` is the whole `user:token` pair (see `Workspaces::token`).
+            let basic = base64::engine::general_purpose::STANDARD.encode(token.expose());
             cmd.env("GIT_CONFIG_COUNT", "1")
                 .env("GIT_CONFIG_KEY_0", "http.extraHeader")
                 .env("GIT_CONFIG_VALUE_0", format!("Authorization: Basic {basic}"));

@@ -6,20 +6,33 @@ use std::path::Path;
 use super::*;
 
 impl Workspaces {
-    /// `{git_url}/{owner}/{name}.git`.
-    pub(super) fn url(&self, repo: &str) -> Result<String, WorkspaceError> {
-        let (owner, name) = split_repo(repo)?;
-        Ok(Forge::GITHUB.clone_url(&self.git_url, owner, name))
+    fn remote(&self, forge: Forge) -> Result<&Remote, WorkspaceError> {
+        self.remotes.iter().find(|r| r.forge == forge).ok_or(WorkspaceError::NoForge(forge.name(), forge.source()))
     }
 
-    /// The token git uses for `repo`, if any.
-    pub(super) async fn token(&self, access: Option<u64>, repo: &str) -> Result<Option<Secret>, WorkspaceError> {
-        match &self.credentials {
+    /// `{git_url}/{repo}.git` on the repository's forge.
+    pub(super) fn url(&self, forge: Forge, repo: &str) -> Result<String, WorkspaceError> {
+        repo_key(forge, repo)?;
+        Ok(forge.clone_url(&self.remote(forge)?.git_url, repo))
+    }
+
+    /// What git sends for `repo` as HTTP Basic credentials (`user:token`),
+    /// if anything.
+    pub(super) async fn token(
+        &self,
+        forge: Forge,
+        access: Option<u64>,
+        repo: &str,
+    ) -> Result<Option<Secret>, WorkspaceError> {
+        let remote = self.remote(forge)?;
+        let token = match &remote.credentials {
             // A local mirror source (tests, air-gapped setups) takes no token.
-            _ if self.git_url.starts_with("file://") => Ok(None),
-            None => Ok(None),
-            Some(c) => c.token(access, repo).await.map(Some).map_err(WorkspaceError::Auth),
-        }
+            _ if remote.git_url.starts_with("file://") => return Ok(None),
+            None => return Ok(None),
+            Some(GitCredentials::GitHub(c)) => c.token(access, repo).await.map_err(WorkspaceError::Auth)?,
+            Some(GitCredentials::Token(t)) => t.clone(),
+        };
+        Ok(Some(Secret::new(format!("{}:{}", forge.git_user(), token.expose()))))
     }
 
     pub(super) async fn remove_dir(&self, path: &Path) {

@@ -36,6 +36,24 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Secret;
 use crate::forge::github::auth::Credentials;
 use crate::forge::Forge;
+
+/// Where one forge's repositories are fetched from and pushed to, and the
+/// credentials git uses there.
+pub struct Remote {
+    pub forge: Forge,
+    /// `{git_url}/{repo}.git` is a repository's clone URL.
+    pub git_url: String,
+    pub credentials: Option<GitCredentials>,
+}
+
+/// What git authenticates with on a forge.
+#[derive(Clone)]
+pub enum GitCredentials {
+    /// A GitHub token or App.
+    GitHub(Arc<Credentials>),
+    /// A GitLab access token.
+    Token(Secret),
+}
 use crate::rules::Workspace;
 
 /// The least a git command that talks to a remote may take.
@@ -62,6 +80,8 @@ pub enum WorkspaceError {
     BranchMoved { from: String, to: String },
     #[error(transparent)]
     Auth(#[from] crate::forge::github::auth::AuthError),
+    #[error("{0} is not configured (no [{1}] in baton.toml): baton cannot fetch from it")]
+    NoForge(&'static str, &'static str),
     #[error("cancelled while git {0} ran")]
     Cancelled(String),
 }
@@ -127,6 +147,9 @@ pub struct Prepared {
     pub objects: Option<PathBuf>,
     /// The repository, for worktrees that may go back to the pool.
     repo: Option<String>,
+    /// Its forge, and its name there (`repo` is the pool's key for it).
+    forge: Forge,
+    path_on_forge: Option<String>,
     /// Whether this is a pooled worktree reset for this job.
     pub recycled: bool,
 }
@@ -154,8 +177,8 @@ pub struct Workspaces {
     empty: Mutex<Vec<PathBuf>>,
     /// Every repository worktree, at `pool/<owner>/<name>/<job that made it>`.
     pool_dir: PathBuf,
-    git_url: String,
-    credentials: Option<Arc<Credentials>>,
+    /// One per forge served; the first is the default (GitHub's).
+    remotes: Vec<Remote>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Idle worktrees, least recently used first.
     idle: Mutex<VecDeque<Idle>>,
@@ -172,20 +195,16 @@ pub struct Workspaces {
 }
 
 impl Workspaces {
-    pub fn new(
-        storage: &Path,
-        git_url: &str,
-        credentials: Option<Arc<Credentials>>,
-        pool_cap: usize,
-        git_timeout: Duration,
-    ) -> Workspaces {
+    pub fn new(storage: &Path, remotes: Vec<Remote>, pool_cap: usize, git_timeout: Duration) -> Workspaces {
         Workspaces {
             mirrors: storage.join("mirrors"),
             worktrees: storage.join("worktrees"),
             empty: Mutex::new(Vec::new()),
             pool_dir: storage.join("pool"),
-            git_url: git_url.trim_end_matches('/').to_string(),
-            credentials,
+            remotes: remotes
+                .into_iter()
+                .map(|r| Remote { git_url: r.git_url.trim_end_matches('/').to_string(), ..r })
+                .collect(),
             locks: Mutex::new(HashMap::new()),
             idle: Mutex::new(VecDeque::new()),
             pool_cap,
@@ -194,6 +213,18 @@ impl Workspaces {
             owner: None,
             agent_objects: None,
         }
+    }
+
+    /// Serves another forge's repositories too.
+    pub fn add_remote(&mut self, remote: Remote) {
+        self.remotes.retain(|r| r.forge != remote.forge);
+        self.remotes.push(Remote { git_url: remote.git_url.trim_end_matches('/').to_string(), ..remote });
+    }
+
+    /// Whether changes on `forge` can leave the machine: only with
+    /// credentials to push with.
+    pub(crate) fn publishes(&self, forge: Forge) -> bool {
+        self.remotes.iter().any(|r| r.forge == forge && r.credentials.is_some())
     }
 
     /// Workspaces for sandboxed agents: handed to `owner` (when the agent's
@@ -229,7 +260,7 @@ impl Workspaces {
             let mut idle = self.idle();
             for (_, slot) in found {
                 let whole = slot.path.join("git/HEAD").is_file() && is_real_dir(&slot.path.join("work"));
-                if whole && split_repo(&slot.repo).is_ok() && slot.mirror.join("HEAD").exists() {
+                if whole && valid_key(&slot.repo) && slot.mirror.join("HEAD").exists() {
                     idle.push_back(slot);
                 } else {
                     evicted.push(slot);
@@ -253,6 +284,7 @@ impl Workspaces {
     pub(crate) async fn prepare(
         &self,
         job_id: &str,
+        forge: Forge,
         repo: Option<&str>,
         access: Option<u64>,
         ws: &Workspace,
@@ -290,14 +322,18 @@ impl Workspaces {
                 commit: None,
                 objects: None,
                 repo: None,
+                forge,
+                path_on_forge: None,
                 recycled,
             });
         }
-        let repo = repo.ok_or(WorkspaceError::NoRepository)?;
-        let (owner, name) = split_repo(repo)?;
+        let on_forge = repo.ok_or(WorkspaceError::NoRepository)?;
+        let key = repo_key(forge, on_forge)?;
+        let repo = key.as_str();
+        let (owner, name) = key.split_once('/').ok_or_else(|| WorkspaceError::BadRepository(key.clone()))?;
         let mirror = self.mirrors.join(owner).join(format!("{name}.git"));
-        let url = Forge::GITHUB.clone_url(&self.git_url, owner, name);
-        let token = self.token(access, repo).await?;
+        let url = self.url(forge, on_forge)?;
+        let token = self.token(forge, access, on_forge).await?;
 
         let lock = self.lock_for(repo);
         let _guard = lock.lock().await;
@@ -319,7 +355,7 @@ impl Workspaces {
                 self.resolve(&mirror, &local).await?
             }
             Workspace::PrHead { number, sha, base, pinned } => {
-                let local = Forge::GITHUB.change_head_ref(*number);
+                let local = forge.change_head_ref(*number);
                 self.fetch(&mirror, &url, &format!("+{local}:{local}"), token.as_ref()).await?;
                 if let (true, Some(sha)) = (*pinned, sha) {
                     let now = self.resolve(&mirror, &local).await?;
@@ -348,7 +384,7 @@ impl Workspaces {
         };
         if let Some(slot) = recycled {
             match self.reset(&slot.path, &mirror, &commit).await {
-                Ok(()) => return Ok(self.prepared(slot.path, mirror, commit, repo, true)),
+                Ok(()) => return Ok(self.prepared(slot.path, mirror, commit, (forge, on_forge, repo), true)),
                 Err(e) => {
                     tracing::warn!(path = %slot.path.display(), error = %e, "A pooled workspace could not be reset; making a new one.");
                     self.discard(&slot.path, Some(&mirror)).await;
@@ -369,10 +405,17 @@ impl Workspaces {
             self.discard(&slot, Some(&mirror)).await;
             return Err(e);
         }
-        Ok(self.prepared(slot, mirror, commit, repo, false))
+        Ok(self.prepared(slot, mirror, commit, (forge, on_forge, repo), false))
     }
 
-    fn prepared(&self, slot: PathBuf, mirror: PathBuf, commit: String, repo: &str, recycled: bool) -> Prepared {
+    fn prepared(
+        &self,
+        slot: PathBuf,
+        mirror: PathBuf,
+        commit: String,
+        (forge, on_forge, repo): (Forge, &str, &str),
+        recycled: bool,
+    ) -> Prepared {
         Prepared {
             path: slot.join("work"),
             git_dir: Some(slot.join("git")),
@@ -380,6 +423,8 @@ impl Workspaces {
             mirror: Some(mirror),
             commit: Some(commit),
             repo: Some(repo.to_string()),
+            forge,
+            path_on_forge: Some(on_forge.to_string()),
             recycled,
         }
     }
@@ -464,13 +509,14 @@ impl Workspaces {
         default_branch: &str,
     ) -> Vec<(String, String)> {
         let Some(mirror) = &prepared.mirror else { return Vec::new() };
-        let Ok((owner, name)) = split_repo(repo) else { return Vec::new() };
+        let forge = prepared.forge;
         let local = format!("refs/heads/{default_branch}");
         let rev = if default_branch == "HEAD" { "refs/baton/remote-head".to_string() } else { local.clone() };
         if default_branch != "HEAD" && !self.has_commit(mirror, &rev).await {
-            let url = Forge::GITHUB.clone_url(&self.git_url, owner, name);
-            let Ok(token) = self.token(access, repo).await else { return Vec::new() };
-            let lock = self.lock_for(repo);
+            let Ok(url) = self.url(forge, repo) else { return Vec::new() };
+            let Ok(token) = self.token(forge, access, repo).await else { return Vec::new() };
+            let Some(key) = &prepared.repo else { return Vec::new() };
+            let lock = self.lock_for(key);
             let _guard = lock.lock().await;
             if self.fetch(mirror, &url, &format!("+{local}:{local}"), token.as_ref()).await.is_err() {
                 return Vec::new();
@@ -592,6 +638,32 @@ async fn list_dirs(dir: &Path) -> Vec<(String, PathBuf)> {
 
 fn split_repo(repo: &str) -> Result<(&str, &str), WorkspaceError> {
     crate::event::split_repo_name(repo).ok_or_else(|| WorkspaceError::BadRepository(repo.to_string()))
+}
+
+/// The folder a GitLab project's mirror and slots live under.
+const GITLAB_FOLDER: &str = "@gitlab";
+
+/// What a repository's mirror and pool slots are named by, always two
+/// levels as their folders are: `owner/name` on GitHub;
+/// `@gitlab/group~sub~project` on GitLab (`~` is not allowed in a GitLab
+/// path, `@` not in a GitHub owner, so no two repositories share one).
+fn repo_key(forge: Forge, repo: &str) -> Result<String, WorkspaceError> {
+    let bad = || WorkspaceError::BadRepository(repo.to_string());
+    match forge {
+        Forge::GitHub(_) => split_repo(repo).map(|_| repo.to_string()),
+        Forge::GitLab(_) => {
+            crate::event::split_project_path(repo).ok_or_else(bad)?;
+            Ok(format!("{GITLAB_FOLDER}/{}", repo.replace('/', "~")))
+        }
+    }
+}
+
+/// Whether a pool slot's key names a repository (see `repo_key`).
+fn valid_key(key: &str) -> bool {
+    match key.strip_prefix(GITLAB_FOLDER).and_then(|k| k.strip_prefix('/')) {
+        Some(path) => crate::event::split_project_path(&path.replace('~', "/")).is_some(),
+        None => split_repo(key).is_ok(),
+    }
 }
 
 #[cfg(test)]

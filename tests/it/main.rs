@@ -19,6 +19,8 @@ mod deploy;
 mod e2e;
 mod escape;
 mod fake_github;
+mod fake_gitlab;
+mod gitlab_client;
 mod groups;
 mod harness;
 mod hostile;

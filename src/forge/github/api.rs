@@ -95,9 +95,8 @@ impl Client {
                         login.map(|login| Identity { login: login.to_string(), app_id: None })
                     }
                 };
-                let found = found.ok_or_else(|| {
-                    ApiError::before_sending("GitHub did not say which login baton posts as".into())
-                })?;
+                let found = found
+                    .ok_or_else(|| ApiError::before_sending("GitHub did not say which login baton posts as".into()))?;
                 tracing::info!(login = %found.login, "Publishing as this GitHub login.");
                 Ok(found)
             })

@@ -62,8 +62,8 @@ impl GitHub {
     }
 
     /// `{git_url}/{owner}/{name}.git`.
-    pub(crate) fn clone_url(&self, git_url: &str, owner: &str, name: &str) -> String {
-        format!("{}/{owner}/{name}.git", git_url.trim_end_matches('/'))
+    pub(crate) fn clone_url(&self, git_url: &str, repo: &str) -> String {
+        format!("{}/{repo}.git", git_url.trim_end_matches('/'))
     }
 }
 

@@ -10,11 +10,30 @@ use toml::Spanned;
 use super::*;
 use crate::config::{Config, HumanDuration};
 use crate::diag::Diagnostic;
-use crate::forge::github::KNOWN_EVENTS;
 use crate::forge::{Capabilities, Forge};
 
-const ASSOCIATIONS: &[&str] =
-    &["OWNER", "MEMBER", "COLLABORATOR", "CONTRIBUTOR", "FIRST_TIME_CONTRIBUTOR", "FIRST_TIMER", "MANNEQUIN", "NONE"];
+/// GitHub's associations, then GitLab's roles (`forge::gitlab::trust`).
+const ASSOCIATIONS: &[&str] = &[
+    "OWNER",
+    "MEMBER",
+    "COLLABORATOR",
+    "CONTRIBUTOR",
+    "FIRST_TIME_CONTRIBUTOR",
+    "FIRST_TIMER",
+    "MANNEQUIN",
+    "NONE",
+    "MAINTAINER",
+    "DEVELOPER",
+    "REPORTER",
+    "PLANNER",
+    "GUEST",
+    "MINIMAL_ACCESS",
+];
+
+/// Every forge's event names, GitHub's first.
+fn known_events() -> impl Iterator<Item = &'static str> {
+    Forge::ALL.into_iter().flat_map(|f| f.known_events().iter().copied())
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +66,7 @@ struct FilterFile {
     allow_bots: Option<Vec<Spanned<String>>>,
     triggers: Option<Vec<String>>,
     own_branches: Option<bool>,
+    forge: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,7 +120,7 @@ struct OutputFile {
 /// a GitHub event, a job event, or a configured generic source.
 fn known_event(entry: &str, config: &Config) -> bool {
     let name = entry.split_once('.').map(|(n, _)| n).unwrap_or(entry);
-    KNOWN_EVENTS.contains(&name)
+    known_events().any(|k| k == name)
         || entry == "job.succeeded"
         || entry == "job.failed"
         || entry == "api"
@@ -160,7 +180,7 @@ pub(crate) fn compile_for(
                 ));
             }
         } else if !known_event(e, config) {
-            let names: Vec<&str> = KNOWN_EVENTS.iter().copied().chain(["job.succeeded", "job.failed", "api"]).collect();
+            let names: Vec<&str> = known_events().chain(["job.succeeded", "job.failed", "api"]).collect();
             let hint = crate::diag::suggest(e.split('.').next().unwrap_or(e), &names)
                 .map(|s| format!(" (did you mean `{s}`?)"))
                 .unwrap_or_default();
@@ -496,6 +516,14 @@ pub(crate) fn compile_for(
         }
     }
 
+    let only_forge = f.forge.as_ref().and_then(|name| {
+        let forge = Forge::of_source(name.get_ref());
+        if forge.is_none() {
+            errors.push(at(name.span(), format!("unknown forge `{}`; expected `github` or `gitlab`", name.get_ref())));
+        }
+        forge
+    });
+
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -518,6 +546,7 @@ pub(crate) fn compile_for(
             allow_forks: f.allow_forks.unwrap_or(false),
             allow_bots,
             triggers: f.triggers.clone().unwrap_or_default(),
+            forge: only_forge,
             own_branches: f.own_branches.unwrap_or(false),
         },
         job: JobTemplate {
