@@ -218,6 +218,9 @@ pub struct Job {
     pub trigger: String,
     /// The event kind, e.g. `issues.opened`.
     pub event: String,
+    /// The forge `repo` is on (`github`, `gitlab`).
+    #[serde(default)]
+    pub forge: crate::forge::Forge,
     pub repo: Option<String>,
     pub subject: Option<u64>,
     pub state: JobState,
@@ -277,6 +280,7 @@ impl Job {
             delivery,
             trigger: spec.trigger.clone(),
             event: spec.event.clone(),
+            forge: spec.forge,
             repo: spec.repo.clone(),
             subject: spec.subject,
             state: JobState::Queued,

@@ -90,6 +90,10 @@ impl Publisher {
 
     /// A merge request review: line by line when the agent answered in the
     /// review format, else its answer as one note.
+    ///
+    /// The review's summary carries a marker of its own: the status note on
+    /// the same merge request carries the job's, and a lost answer must find
+    /// the review, not the status.
     async fn review_on_gitlab(
         &self,
         gl: &crate::forge::gitlab::api::Client,
@@ -99,13 +103,13 @@ impl Publisher {
     ) -> Result<Outcome, ApiError> {
         let project = p.repo.clone();
         let project = project.as_str();
-        let result_marker = marker(&job.id);
+        let result_marker = review_marker(&job.id);
         let on = Noteable::MergeRequest(number);
         let answer = job.result.as_deref().filter(|_| job.state == JobState::Succeeded).and_then(review::parse);
         let note = Note::Reviewed { repo: project.to_string(), number, trigger: job.trigger.clone() };
         let earlier = self.reviewed(&note).await;
         let Some(answer) = answer else {
-            let body = p.body.clone();
+            let body = format!("{}\n{result_marker}", p.body);
             let look = Some(gl.find_note(project, on, &result_marker));
             let sent = self.create(p, job, CapKind::Comment, look, gl.create_note(project, on, &body)).await;
             return self.note_reviewed(sent, &note, job, earlier.findings).await;
@@ -118,7 +122,7 @@ impl Publisher {
         let posted = if job.spec.review_full { Default::default() } else { earlier.findings };
         let allow_approve = job.spec.output_options.allow_approve;
         let planned = review::plan(&answer, &diff, allow_approve, &posted, review::Flavor::GitLab);
-        let summary = body::review_body(job, &planned.body);
+        let summary = format!("{}\n{result_marker}", body::review_body(job, &planned.body));
         let notes: Vec<InlineNote> = body::review_comments(job, &planned.comments)
             .iter()
             .filter_map(|c| {
@@ -145,6 +149,11 @@ impl Publisher {
         }
         self.note_reviewed(sent, &note, job, planned.findings.into_iter().collect()).await
     }
+}
+
+/// What marks a job's review among the merge request's notes.
+fn review_marker(job: &str) -> String {
+    format!("{}review={job} -->", crate::event::MARKER_PREFIX)
 }
 
 /// A commit status's description: the summary's first line, within

@@ -136,7 +136,7 @@ fn signing_key(token: &[u8]) -> Vec<u8> {
 }
 
 /// `v1,` and the base64 HMAC-SHA256 of `{id}.{timestamp}.{body}`.
-pub(crate) fn sign(token: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
+pub fn sign(token: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
     use base64::Engine as _;
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&signing_key(token)) else { return String::new() };
     mac.update(format!("{id}.{timestamp}.").as_bytes());
