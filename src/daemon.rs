@@ -445,12 +445,16 @@ async fn resolve_gitlab_bot(settings: &mut crate::config::GitLabSettings, client
     if settings.bot_username.is_some() {
         return;
     }
-    match client.identity().await {
-        Ok(user) => {
+    // Bounded: a GitLab that does not answer must not hold up the start.
+    match tokio::time::timeout(std::time::Duration::from_secs(5), client.identity()).await {
+        Err(_) => tracing::warn!(
+            "GitLab did not say who the token belongs to (GET /user) within 5 s; set gitlab.bot_username."
+        ),
+        Ok(Ok(user)) => {
             tracing::info!(user = %user.username, "Posting to GitLab as this user.");
             settings.bot_username = Some(user.username.clone());
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "Could not ask GitLab who the token belongs to (GET /user); set gitlab.bot_username.")
         }
     }

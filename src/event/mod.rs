@@ -84,6 +84,9 @@ pub struct Comment {
     pub id: Option<u64>,
     pub body: String,
     pub author: Option<String>,
+    /// An edit of a comment made before: its command already ran once.
+    #[serde(skip)]
+    pub edited: bool,
 }
 
 /// The review thread a review comment belongs to: where it is in the diff,

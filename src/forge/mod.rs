@@ -208,6 +208,21 @@ impl ApiError {
     pub(crate) fn answer_lost(message: String) -> ApiError {
         ApiError { message, retryable: true, retry_after: None, maybe_applied: true }
     }
+
+    /// Whether trying again later can succeed.
+    pub fn retryable(&self) -> bool {
+        self.retryable
+    }
+
+    /// When the forge said to come back.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after
+    }
+
+    /// Whether the request may have taken effect although it failed.
+    pub fn maybe_applied(&self) -> bool {
+        self.maybe_applied
+    }
 }
 
 /// Something a forge made (a comment, a review, a change request): its id

@@ -475,7 +475,7 @@ impl RuleSet {
             let Some(comment) = &event.comment else {
                 return reject("command", format!("wanted a comment starting with {cmd}, event has no comment"));
             };
-            if event.action.as_deref() == Some("edited") {
+            if comment.edited {
                 return reject("command", "an edited comment does not run its command again".into());
             }
             match command::parse(cmd, &comment.body) {

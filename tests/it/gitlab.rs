@@ -1,7 +1,10 @@
 //! GitLab end to end: the real daemon behind `POST /webhooks/gitlab`, a
 //! local bare repository with GitLab's `refs/merge-requests/N/head` as the
 //! origin (a project in a subgroup), and the recording fake GitLab, which
-//! checks every request against GitLab's documented parameters.
+//! checks every request against GitLab's documented parameters. The fake
+//! answers on the test's runtime while `Baton::start` blocks its thread
+//! (the daemon asks GitLab who its token is as it starts), so each test
+//! runs on more than one thread.
 
 use std::path::{Path, PathBuf};
 
@@ -169,7 +172,7 @@ fn assert_no_violations(fake: &FakeGitLab) {
     assert_eq!(fake.violations(), Vec::<String>::new(), "requests outside GitLab's documented parameters");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_fix_note_on_an_issue_opens_a_merge_request() {
     let fake = FakeGitLab::start(TOKEN).await;
     fake.set_member(PROJECT, AUTHOR.0, 30);
@@ -205,7 +208,7 @@ async fn a_fix_note_on_an_issue_opens_a_merge_request() {
     assert!(!baton.log_text().contains(TOKEN));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn an_opened_merge_request_gets_one_review_of_inline_notes_with_a_suggestion() {
     let fake = FakeGitLab::start(TOKEN).await;
     fake.set_member(PROJECT, AUTHOR.0, 30);
@@ -255,7 +258,7 @@ EOF
     assert_no_violations(&fake);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_failed_pipeline_is_repaired_by_pushes_to_the_branch_and_the_third_repair_is_refused() {
     let fake = FakeGitLab::start(TOKEN).await;
     let w = Workdir::new();
@@ -295,7 +298,7 @@ async fn a_failed_pipeline_is_repaired_by_pushes_to_the_branch_and_the_third_rep
     assert_no_violations(&fake);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn an_outsiders_merge_request_waits_for_a_maintainers_approve_note() {
     let fake = FakeGitLab::start(TOKEN).await;
     let (outsider, reporter, maintainer) = ((5, "stranger"), (6, "reporter"), (7, "lead"));
@@ -326,7 +329,7 @@ async fn an_outsiders_merge_request_waits_for_a_maintainers_approve_note() {
     assert_no_violations(&fake);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_token_is_refused_and_a_signed_hook_refuses_replays_and_unsigned_bodies() {
     use base64::Engine as _;
     let fake = FakeGitLab::start(TOKEN).await;
@@ -372,7 +375,7 @@ async fn a_wrong_token_is_refused_and_a_signed_hook_refuses_replays_and_unsigned
     assert!(answer["error"].as_str().unwrap_or_default().contains("window"), "{answer}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn one_trigger_reviews_on_github_and_gitlab_in_one_daemon() {
     let gitlab = FakeGitLab::start(TOKEN).await;
     let github = FakeGitHub::start().await;
@@ -401,6 +404,12 @@ async fn one_trigger_reviews_on_github_and_gitlab_in_one_daemon() {
     }
     let gl_job = baton.job(&gl[0]).await;
     assert_eq!(gl_job["forge"], "gitlab", "{gl_job}");
+    assert_eq!(baton.job(&gh[0]).await["forge"], "github");
+    // The dashboard says which forge, and names a merge request `!N`.
+    let (status, page) = baton.get(&format!("/jobs/{}", gl[0])).await;
+    let page = page.as_str().unwrap_or_default().to_string();
+    assert_eq!(status, 200);
+    assert!(page.contains(r#"<span id="forge">gitlab</span>"#) && page.contains(&format!("{PROJECT} !1")), "{page}");
     let marker = format!("<!-- baton:job={} -->", gl[0]);
     let on = Noteable::MergeRequest(MR);
     eventually("the GitLab review", || gitlab.notes(PROJECT, on).iter().any(|n| n.body.contains(&marker))).await;
@@ -409,7 +418,7 @@ async fn one_trigger_reviews_on_github_and_gitlab_in_one_daemon() {
     assert_no_violations(&gitlab);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn notes_land_exactly_once_when_gitlab_answers_502_after_applying() {
     let fake = FakeGitLab::start_with(TOKEN, Faults { fail_every_nth_write: Some(2) }).await;
     fake.set_member(PROJECT, AUTHOR.0, 30);

@@ -26,17 +26,9 @@ fn client(fake: &FakeGitLab) -> Client {
     Client::new(&fake.api_url(), Secret::new(TOKEN))
 }
 
-/// (retryable, maybe_applied, retry_after), read off `Debug`: the fields
-/// are the crate's own.
+/// (retryable, maybe_applied, retry_after): how the outbox will treat it.
 fn class(e: &ApiError) -> (bool, bool, Option<Duration>) {
-    let d = format!("{e:?}");
-    let after = |k: &str| d.rsplit_once(k).map(|(_, r)| r.to_string()).unwrap_or_default();
-    let retry_after = after("retry_after: ")
-        .strip_prefix("Some(")
-        .and_then(|r| r.split_once("s)"))
-        .and_then(|(n, _)| n.parse::<u64>().ok())
-        .map(Duration::from_secs);
-    (after("retryable: ").starts_with("true"), after("maybe_applied: ").starts_with("true"), retry_after)
+    (e.retryable(), e.maybe_applied(), e.retry_after())
 }
 
 fn marker(id: &str) -> String {

@@ -223,6 +223,7 @@ pub(crate) fn normalize_value(name: &str, delivery: &str, value: Value) -> Resul
             id: c.id,
             body: c.body.clone().unwrap_or_default(),
             author: c.user.as_ref().and_then(|u| u.login.clone()),
+            edited: e.action.as_deref() == Some("edited"),
         });
     }
 

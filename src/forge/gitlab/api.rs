@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::Secret;
 use crate::forge::{ApiError, Created};
 
+mod review;
+
 /// Pages of a listing read when looking for a marker (100 items each).
 const MAX_FIND_PAGES: u32 = 20;
 /// Pages of an MR's diffs read (100 files each): GitLab's own limit on a
@@ -207,48 +209,6 @@ struct CommitCommentBody<'a> {
 }
 
 #[derive(Serialize)]
-struct DraftNoteBody<'a> {
-    note: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    position: Option<Position<'a>>,
-}
-
-#[derive(Debug, Serialize)]
-struct Position<'a> {
-    position_type: &'static str,
-    base_sha: &'a str,
-    start_sha: &'a str,
-    head_sha: &'a str,
-    old_path: &'a str,
-    new_path: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    old_line: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    new_line: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    line_range: Option<LineRange>,
-}
-
-#[derive(Debug, Serialize)]
-struct LineRange {
-    start: LineEnd,
-    end: LineEnd,
-}
-
-#[derive(Debug, Serialize)]
-struct LineEnd {
-    line_code: String,
-    /// `new` for a line the change added, else `old` (as GitLab's
-    /// discussions documentation says).
-    #[serde(rename = "type")]
-    kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    old_line: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    new_line: Option<u64>,
-}
-
-#[derive(Serialize)]
 struct NewMergeRequest<'a> {
     source_branch: &'a str,
     target_branch: &'a str,
@@ -294,13 +254,6 @@ struct Note {
     body: String,
     #[serde(default)]
     author: Author,
-}
-
-#[derive(Debug, Deserialize)]
-struct DraftNote {
-    id: u64,
-    #[serde(default)]
-    author_id: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -517,85 +470,6 @@ impl Client {
             }
         }
         Ok(found)
-    }
-
-    /// The MR's latest diff version (GitLab lists the newest first). An MR
-    /// whose diff GitLab has not computed yet has none: worth another try.
-    pub async fn mr_version(&self, project: &str, iid: u64) -> Result<Version, ApiError> {
-        let route = format!("/projects/{}/merge_requests/{iid}/versions", enc(project));
-        let versions: Vec<Version> = self.get(&route).await?;
-        versions
-            .into_iter()
-            .next()
-            .ok_or_else(|| ApiError::before_sending(format!("merge request !{iid} has no diff version yet")))
-    }
-
-    /// The MR's changed files, every page up to a bound.
-    pub async fn mr_diffs(&self, project: &str, iid: u64) -> Result<Vec<FileDiff>, ApiError> {
-        let route = format!("/projects/{}/merge_requests/{iid}/diffs", enc(project));
-        let mut files = Vec::new();
-        for page in 1..=MAX_DIFF_PAGES {
-            let (list, more) = self.page::<FileDiff>(&route, page).await?;
-            files.extend(list);
-            if !more {
-                break;
-            }
-        }
-        Ok(files)
-    }
-
-    /// One review, published at once so it is all-or-nothing: GitLab has no
-    /// call that posts a review with its comments, but draft notes are
-    /// seen by no one until `bulk_publish`. Leftover drafts of baton's (a
-    /// crashed earlier try) are deleted first, so only this try's are
-    /// published. Returns the summary note, found after publishing by its
-    /// marker (the published note's id is not the draft's).
-    pub async fn publish_review(&self, project: &str, iid: u64, review: &Review<'_>) -> Result<Created, ApiError> {
-        let me = self.identity().await?.clone();
-        let drafts_route = format!("/projects/{}/merge_requests/{iid}/draft_notes", enc(project));
-        // Drafts are only ever listed to their author; the check is belt and braces.
-        let drafts: Vec<DraftNote> = self.get(&drafts_route).await?;
-        for draft in drafts.iter().filter(|d| d.author_id == 0 || d.author_id == me.id) {
-            let reply = self.send(self.request(Method::DELETE, &format!("{drafts_route}/{}", draft.id))?).await?;
-            // Gone already (a concurrent try) is what was wanted.
-            if reply.status != StatusCode::NOT_FOUND {
-                self.check(reply)?;
-            }
-        }
-        // Unchanged lines need both their numbers; only the diff tells
-        // which lines are unchanged.
-        let diffs = if review.comments.is_empty() { Vec::new() } else { self.mr_diffs(project, iid).await? };
-        for comment in review.comments {
-            let file = diffs.iter().find(|f| f.new_path == comment.path);
-            let lines = file.map(|f| diff_lines(&f.diff)).unwrap_or_default();
-            let position = position(review.version, comment, &lines);
-            let _: serde_json::Value = self
-                .write(Method::POST, &drafts_route, &DraftNoteBody { note: &comment.body, position: Some(position) })
-                .await?;
-        }
-        let _: serde_json::Value =
-            self.write(Method::POST, &drafts_route, &DraftNoteBody { note: review.summary, position: None }).await?;
-        let reply = self.send(self.request(Method::POST, &format!("{drafts_route}/bulk_publish"))?).await?;
-        self.check(reply)?;
-        Ok(self.find_note(project, Noteable::MergeRequest(iid), review.marker).await?.unwrap_or_default())
-    }
-
-    /// Approves the MR. A refusal because baton already approved it counts
-    /// as done, but only when GitLab's list of approvers shows baton: a 401
-    /// or 403 can as well mean baton may not approve at all.
-    pub async fn approve(&self, project: &str, iid: u64) -> Result<(), ApiError> {
-        let route = format!("/projects/{}/merge_requests/{iid}", enc(project));
-        let reply = self.send(self.request(Method::POST, &format!("{route}/approve"))?).await?;
-        if !matches!(reply.status.as_u16(), 401 | 403) {
-            return self.check(reply).map(|_| ());
-        }
-        let refused = self.classify(&reply);
-        let me = self.identity().await?.clone();
-        let approvals: Approvals = self.get(&format!("{route}/approvals")).await?;
-        match approvals.approved_by.iter().any(|a| a.user.is(&me)) {
-            true => Ok(()),
-            false => Err(refused),
-        }
     }
 
     /// A reply in an MR discussion.
@@ -880,167 +754,6 @@ fn tail_on_char_boundary(bytes: &[u8], max_bytes: usize) -> String {
     String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
 
-/// A line shown in a diff: its old and new numbers as GitLab counts them
-/// (an added line carries the old file's next line number, a removed one
-/// the new file's), and which side it is on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct DiffLine {
-    old: u64,
-    new: u64,
-    kind: LineKind,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LineKind {
-    Added,
-    Removed,
-    Context,
-}
-
-/// The lines a unified diff shows.
-fn diff_lines(diff: &str) -> Vec<DiffLine> {
-    let mut out = Vec::new();
-    let (mut old, mut new) = (0u64, 0u64);
-    let mut in_hunk = false;
-    for line in diff.lines() {
-        if let Some(header) = line.strip_prefix("@@") {
-            // @@ -a[,b] +c[,d] @@
-            let number = |sign: char| {
-                header
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix(sign))
-                    .and_then(|w| w.split(',').next())
-                    .and_then(|n| n.parse::<u64>().ok())
-            };
-            if let (Some(o), Some(n)) = (number('-'), number('+')) {
-                (old, new, in_hunk) = (o, n, true);
-            }
-            continue;
-        }
-        if !in_hunk {
-            continue;
-        }
-        match line.as_bytes().first() {
-            Some(b'+') => {
-                out.push(DiffLine { old, new, kind: LineKind::Added });
-                new += 1;
-            }
-            Some(b'-') => {
-                out.push(DiffLine { old, new, kind: LineKind::Removed });
-                old += 1;
-            }
-            Some(b'\\') => {}
-            _ => {
-                out.push(DiffLine { old, new, kind: LineKind::Context });
-                old += 1;
-                new += 1;
-            }
-        }
-    }
-    out
-}
-
-/// The diff line `line` on `side`, if the diff shows it.
-fn shown(lines: &[DiffLine], side: Side, line: u64) -> Option<DiffLine> {
-    lines.iter().copied().find(|l| match side {
-        Side::New => l.kind != LineKind::Removed && l.new == line,
-        Side::Old => l.kind != LineKind::Added && l.old == line,
-    })
-}
-
-/// `old_line`/`new_line` for a line: both for an unchanged line (GitLab
-/// cannot place it otherwise), one side for a changed line or one the diff
-/// does not show.
-fn numbers(found: Option<DiffLine>, side: Side, line: u64) -> (Option<u64>, Option<u64>) {
-    match (found, side) {
-        (Some(l), _) if l.kind == LineKind::Context => (Some(l.old), Some(l.new)),
-        (_, Side::New) => (None, Some(line)),
-        (_, Side::Old) => (Some(line), None),
-    }
-}
-
-/// An inline comment's position in the MR's diff `version`.
-fn position<'a>(version: &'a Version, c: &'a InlineNote, lines: &[DiffLine]) -> Position<'a> {
-    let new_path = c.path.as_str();
-    let old_path = c.old_path.as_deref().unwrap_or(new_path);
-    let (old_line, new_line) = numbers(shown(lines, c.side, c.line), c.side, c.line);
-    let line_range = c.start_line.filter(|s| *s < c.line).map(|start| {
-        let end = |n: u64| {
-            let found = shown(lines, c.side, n);
-            let (old, new) = numbers(found, c.side, n);
-            // The line code names both numbers, as GitLab counts them.
-            let (code_old, code_new) = match found {
-                Some(l) => (l.old, l.new),
-                None => (old.unwrap_or(0), new.unwrap_or(0)),
-            };
-            let kind = match found.map(|l| l.kind) {
-                Some(LineKind::Added) => "new",
-                Some(_) => "old",
-                None if c.side == Side::New => "new",
-                None => "old",
-            };
-            LineEnd { line_code: line_code(new_path, code_old, code_new), kind, old_line: old, new_line: new }
-        };
-        LineRange { start: end(start), end: end(c.line) }
-    });
-    Position {
-        position_type: "text",
-        base_sha: &version.base_commit_sha,
-        start_sha: &version.start_commit_sha,
-        head_sha: &version.head_commit_sha,
-        old_path,
-        new_path,
-        old_line,
-        new_line,
-        line_range,
-    }
-}
-
-/// GitLab's line code: `<sha1 of the path>_<old>_<new>`.
-fn line_code(path: &str, old: u64, new: u64) -> String {
-    format!("{}_{old}_{new}", hex::encode(sha1(path.as_bytes())))
-}
-
-/// SHA-1, for line codes only (GitLab's format, not a security use): the
-/// crate is not a dependency and this is 30 lines.
-fn sha1(data: &[u8]) -> [u8; 20] {
-    let mut h: [u32; 5] = [0x6745_2301, 0xEFCD_AB89, 0x98BA_DCFE, 0x1032_5476, 0xC3D2_E1F0];
-    let mut message = data.to_vec();
-    message.push(0x80);
-    while message.len() % 64 != 56 {
-        message.push(0);
-    }
-    message.extend_from_slice(&((data.len() as u64).wrapping_mul(8)).to_be_bytes());
-    for block in message.chunks_exact(64) {
-        let mut w = [0u32; 80];
-        for (i, word) in block.chunks_exact(4).enumerate() {
-            w[i] = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
-        }
-        for i in 16..80 {
-            w[i] = (w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16]).rotate_left(1);
-        }
-        let [mut a, mut b, mut c, mut d, mut e] = h;
-        for (i, wi) in w.iter().enumerate() {
-            let (f, k) = match i {
-                0..=19 => ((b & c) | (!b & d), 0x5A82_7999),
-                20..=39 => (b ^ c ^ d, 0x6ED9_EBA1),
-                40..=59 => ((b & c) | (b & d) | (c & d), 0x8F1B_BCDC),
-                _ => (b ^ c ^ d, 0xCA62_C1D6),
-            };
-            let t = a.rotate_left(5).wrapping_add(f).wrapping_add(e).wrapping_add(k).wrapping_add(*wi);
-            (e, d, c, b, a) = (d, c, b.rotate_left(30), a, t);
-        }
-        for (x, y) in h.iter_mut().zip([a, b, c, d, e]) {
-            *x = x.wrapping_add(y);
-        }
-    }
-    let mut out = [0u8; 20];
-    for (i, word) in h.iter().enumerate() {
-        out[i * 4..i * 4 + 4].copy_from_slice(&word.to_be_bytes());
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1050,14 +763,6 @@ mod tests {
         assert_eq!(enc("group/sub/project"), "group%2Fsub%2Fproject");
         assert_eq!(enc("a b+c.d_e~f-g"), "a%20b%2Bc.d_e~f-g");
         assert_eq!(enc("é"), "%C3%A9");
-    }
-
-    #[test]
-    fn sha1_is_sha1() {
-        assert_eq!(hex::encode(sha1(b"")), "da39a3ee5e6b4b0d3255bfef95601890afd80709");
-        assert_eq!(hex::encode(sha1(b"abc")), "a9993e364706816aba3e25717850c26c9cd0d89d");
-        let long = vec![b'a'; 1000];
-        assert_eq!(hex::encode(sha1(&long)), "291e9a6c66994949b57ba5e650361e98fc36b1ba");
     }
 
     #[test]
@@ -1102,38 +807,5 @@ mod tests {
         assert_eq!(tail_on_char_boundary(s, 5), "😀b");
         assert_eq!(tail_on_char_boundary(s, 4), "b");
         assert_eq!(tail_on_char_boundary(s, 0), "");
-    }
-
-    #[test]
-    fn positions_name_both_lines_of_an_unchanged_line() {
-        let diff = "@@ -1,4 +1,5 @@\n a\n-b\n+B\n+C\n c\n d\n";
-        let lines = diff_lines(diff);
-        let v =
-            Version { id: 1, base_commit_sha: "b".into(), start_commit_sha: "s".into(), head_commit_sha: "h".into() };
-        let note = |side, line, start| InlineNote {
-            path: "f.rs".into(),
-            old_path: None,
-            line,
-            start_line: start,
-            side,
-            body: "x".into(),
-        };
-        // `c`: old 3, new 4.
-        let c = note(Side::New, 4, None);
-        let p = position(&v, &c, &lines);
-        assert_eq!((p.old_line, p.new_line), (Some(3), Some(4)));
-        let c = note(Side::New, 3, None);
-        let p = position(&v, &c, &lines);
-        assert_eq!((p.old_line, p.new_line), (None, Some(3)));
-        let c = note(Side::Old, 2, None);
-        let p = position(&v, &c, &lines);
-        assert_eq!((p.old_line, p.new_line), (Some(2), None));
-        let c = note(Side::New, 4, Some(2));
-        let p = position(&v, &c, &lines);
-        let range = p.line_range.expect("a range");
-        assert_eq!(range.start.kind, "new");
-        assert_eq!(range.start.line_code, format!("{}_3_2", hex::encode(sha1(b"f.rs"))));
-        assert_eq!(range.end.kind, "old");
-        assert_eq!((range.end.old_line, range.end.new_line), (Some(3), Some(4)));
     }
 }

@@ -130,6 +130,8 @@ pub fn normalize(name: &str, delivery: &str, body: &[u8]) -> Result<Event, Norma
                 id: attrs["id"].as_u64(),
                 body: text(&attrs["note"]).unwrap_or_default(),
                 author: author.clone(),
+                // GitLab sends a note's edits as `action: update`.
+                edited: attrs["action"].as_str() == Some("update"),
             });
             e.author = author;
             match e.action.as_deref() {
@@ -260,6 +262,16 @@ mod tests {
         let i = normalize("issue", "gitlab:3", &fixture("issue/open.json")).unwrap();
         assert_eq!((i.kind.as_str(), i.subject_is_pull_request), ("issue.open", false));
         assert!(i.title.is_some());
+    }
+
+    #[test]
+    fn an_edited_note_says_so() {
+        let mut v: Value = serde_json::from_slice(&fixture("note/issue.json")).unwrap();
+        let first = normalize("note", "d", &serde_json::to_vec(&v).unwrap()).unwrap();
+        assert!(!first.comment.unwrap().edited);
+        v["object_attributes"]["action"] = "update".into();
+        let edit = normalize("note", "d", &serde_json::to_vec(&v).unwrap()).unwrap();
+        assert!(edit.comment.unwrap().edited);
     }
 
     #[test]

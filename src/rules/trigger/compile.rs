@@ -127,6 +127,19 @@ fn known_event(entry: &str, config: &Config) -> bool {
         || config.sources.contains_key(name)
 }
 
+/// A GitLab event with an action GitLab never sends (`merge_request.opened`,
+/// GitHub's word, for GitLab's `merge_request.open`): it would never match.
+fn unknown_gitlab_action(entry: &str) -> Option<String> {
+    let (name, action) = entry.split_once('.')?;
+    let (_, actions) = crate::forge::gitlab::event::KNOWN_ACTIONS.iter().find(|(n, _)| *n == name)?;
+    if actions.contains(&action) {
+        return None;
+    }
+    let hint =
+        crate::diag::suggest(action, actions).map(|s| format!(" (did you mean `{name}.{s}`?)")).unwrap_or_default();
+    Some(format!("unknown action `{action}` for GitLab's `{name}` event{hint}; expected one of {}", actions.join(", ")))
+}
+
 /// Parses and compiles one trigger file for the forge `[github]` configures.
 /// Templates are added to `env`.
 pub(crate) fn compile(
@@ -179,6 +192,8 @@ pub(crate) fn compile_for(
                     "a schedule trigger listens to nothing else: use on = [\"schedule\"]".into(),
                 ));
             }
+        } else if let Some(msg) = unknown_gitlab_action(e) {
+            errors.push(at(entry.span(), msg));
         } else if !known_event(e, config) {
             let names: Vec<&str> = known_events().chain(["job.succeeded", "job.failed", "api"]).collect();
             let hint = crate::diag::suggest(e.split('.').next().unwrap_or(e), &names)
@@ -606,6 +621,27 @@ mod tests {
             .unwrap_or_default();
         let shown: Vec<String> = errors.iter().map(|d| d.to_string()).collect();
         assert_eq!(shown, ["triggers/t.toml:8:8: Forgejo offers no check runs: this output is not available there"]);
+    }
+
+    /// Each message for an `on` or `[filter] forge` that can never match.
+    fn errors_of(src: &str) -> Vec<String> {
+        let mut env = crate::rules::template::environment();
+        let errors = compile(Path::new("triggers/t.toml"), src, &config(), &mut env).err().unwrap_or_default();
+        errors.iter().map(|d| d.to_string()).collect()
+    }
+
+    #[test]
+    fn gitlab_kinds_are_known_and_githubs_words_for_them_are_not() {
+        let ok = "on = [\"merge_request.open\", \"note.merge_request\", \"pipeline.failed\", \"build.failed\", \
+                  \"issue.open\", \"pull_request.opened\"]\n[filter]\nforge = \"gitlab\"\n\
+                  [job]\nagent = \"codex\"\nprompt = \"x\"\n";
+        assert_eq!(errors_of(ok), Vec::<String>::new());
+        let github_word = "on = [\"merge_request.opened\"]\n[job]\nagent = \"codex\"\nprompt = \"x\"\n";
+        let shown = errors_of(github_word);
+        assert_eq!(shown.len(), 1, "{shown:?}");
+        assert!(shown[0].starts_with("triggers/t.toml:1:7: unknown action `opened` for GitLab's `merge_request` event (did you mean `merge_request.open`?)"), "{shown:?}");
+        let forge = "on = [\"issue.open\"]\n[filter]\nforge = \"gitea\"\n[job]\nagent = \"codex\"\nprompt = \"x\"\n";
+        assert_eq!(errors_of(forge), ["triggers/t.toml:3:9: unknown forge `gitea`; expected `github` or `gitlab`"]);
     }
 
     #[test]
