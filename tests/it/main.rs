@@ -20,6 +20,7 @@ mod e2e;
 mod escape;
 mod fake_github;
 mod fake_gitlab;
+mod gitlab_catchup;
 mod gitlab_client;
 mod groups;
 mod harness;
