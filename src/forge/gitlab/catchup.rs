@@ -1,13 +1,13 @@
-//! Catch-up after downtime. GitLab retries a failed delivery only a few
-//! times and then gives up, but it logs each one, so at start and then
+//! Catch-up after downtime. GitLab logs each delivery of a hook, failed
+//! ones too, and can send a logged one again; so at start and then
 //! periodically baton reads each watched project's hook events (`GET
 //! /projects/:id/hooks/:hook_id/events`) and asks GitLab to resend each
 //! delivery that failed, that the store does not hold, and that is recent —
 //! once per delivery, across replicas.
 //!
 //! A delivery is known by the id baton stores it under (`GitLab::verify`):
-//! `gitlab:` and its `Idempotency-Key`, which GitLab keeps across retries
-//! and resends, else its `X-Gitlab-Event-UUID`.
+//! `gitlab:` and its `Idempotency-Key` (the same across GitLab's retries),
+//! else its `X-Gitlab-Event-UUID`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
