@@ -187,6 +187,17 @@ pub async fn serve(
     if let Some(c) = credentials.clone().filter(|c| c.is_app()) {
         background.spawn(crate::forge::github::catchup::run(c, store.clone(), workers.clone()));
     }
+    if let Some((settings, client)) = config.gitlab.as_ref().zip(gitlab.clone()) {
+        match settings.projects.is_empty() {
+            true => tracing::info!(
+                "GitLab catch-up is off (set gitlab.hook_id and gitlab.projects): deliveries GitLab failed to send while baton was down are not fetched again."
+            ),
+            false => {
+                let projects = settings.projects.clone();
+                background.spawn(crate::forge::gitlab::catchup::run(client, projects, store.clone(), workers.clone()));
+            }
+        }
+    }
 
     ready.store(true, Ordering::Release);
     tracing::info!(listen = %addr, storage = %config.storage.path.display(), "baton is serving.");

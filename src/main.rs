@@ -357,10 +357,38 @@ async fn check(path: Option<&Path>) -> ExitCode {
         if config.sandbox.enabled {
             println!("ok: agents run sandboxed as {}", config.sandbox.run_as.describe());
         }
+        if let Some(gitlab) = &config.gitlab {
+            for line in gitlab_lines(gitlab) {
+                println!("{line}");
+            }
+        }
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// What `baton check` says of `[gitlab]`: where it is, and whether
+/// catch-up after downtime is on.
+fn gitlab_lines(gitlab: &baton::config::GitLabSettings) -> Vec<String> {
+    let mut lines = vec![format!("ok: GitLab at {} (API {})", gitlab.url, gitlab.api_url)];
+    let mut hooks: Vec<u64> = gitlab.projects.iter().map(|p| p.hook_id).collect();
+    hooks.sort_unstable();
+    hooks.dedup();
+    let hooks = hooks.iter().map(u64::to_string).collect::<Vec<_>>();
+    lines.push(match hooks.len() {
+        0 => "note: GitLab catch-up is off: set gitlab.hook_id (the project webhook's id) and gitlab.projects, with a \
+              token that may read the hook's events (Maintainer, api scope); without it, deliveries GitLab failed to \
+              send while baton was down are not fetched again"
+            .to_string(),
+        1 => format!("ok: GitLab catch-up watches {} project(s) through hook {}", gitlab.projects.len(), hooks[0]),
+        _ => format!(
+            "ok: GitLab catch-up watches {} project(s) through hooks {}",
+            gitlab.projects.len(),
+            hooks.join(", ")
+        ),
+    });
+    lines
 }
 
 /// `[sandbox] enabled` needs a working bubblewrap.

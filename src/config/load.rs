@@ -118,6 +118,25 @@ struct RawGitlab {
     bot_username: Option<String>,
     /// The project hook's id, for catch-up through its event list.
     hook_id: Option<u64>,
+    /// The projects catch-up watches: a path (its hook is `hook_id`), or
+    /// `{ path = "…", hook_id = N }` for a project with a hook of its own.
+    #[serde(default)]
+    projects: Vec<Spanned<RawWatched>>,
+}
+
+/// One entry of `gitlab.projects`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawWatched {
+    Path(String),
+    Hooked(RawHooked),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHooked {
+    path: String,
+    hook_id: u64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -404,7 +423,45 @@ impl Reader<'_> {
             signing_token: self.secret(&raw.signing_token, None),
             bot_username: raw.bot_username.clone(),
             hook_id: raw.hook_id,
+            projects: self.watched(raw),
         }
+    }
+
+    /// `gitlab.projects`, each with the hook whose events catch-up reads: a
+    /// project hook belongs to one project, so a project without a
+    /// `hook_id` of its own needs `gitlab.hook_id`.
+    fn watched(&mut self, raw: &RawGitlab) -> Vec<WatchedProject> {
+        let mut out: Vec<WatchedProject> = Vec::new();
+        for entry in &raw.projects {
+            let (path, hook_id) = match entry.get_ref() {
+                RawWatched::Path(path) => (path, raw.hook_id),
+                RawWatched::Hooked(RawHooked { path, hook_id }) => (path, Some(*hook_id)),
+            };
+            let path = path.trim().trim_matches('/');
+            if path.is_empty() || !path.contains('/') || path.chars().any(|c| c.is_whitespace() || c == ':') {
+                self.error(
+                    entry.span(),
+                    format!("gitlab.projects: `{path}` is not a project's full path, e.g. \"group/sub/project\""),
+                );
+                continue;
+            }
+            let Some(hook_id) = hook_id.filter(|id| *id != 0) else {
+                self.error(
+                    entry.span(),
+                    format!(
+                        "gitlab.projects: `{path}` needs the id of its webhook: set gitlab.hook_id, or write \
+                         {{ path = \"{path}\", hook_id = N }}"
+                    ),
+                );
+                continue;
+            };
+            if out.iter().any(|w| w.path == path) {
+                self.error(entry.span(), format!("gitlab.projects: `{path}` is listed twice"));
+                continue;
+            }
+            out.push(WatchedProject { path: path.to_string(), hook_id });
+        }
+        out
     }
 
     fn storage(&mut self, raw: &RawStorage) -> Storage {

@@ -239,6 +239,19 @@ pub struct GitLabSettings {
     pub bot_username: Option<String>,
     /// The project hook's id: catch-up reads its event list.
     pub hook_id: Option<u64>,
+    /// `gitlab.projects`: the projects catch-up watches, each with its
+    /// hook. Empty: catch-up is off.
+    pub projects: Vec<WatchedProject>,
+}
+
+/// A project whose hook's event list catch-up reads (`GET
+/// /projects/:id/hooks/:hook_id/events`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchedProject {
+    /// Its full path, `group/sub/project`.
+    pub path: String,
+    /// Its webhook's id (a project hook belongs to one project).
+    pub hook_id: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -519,5 +532,29 @@ mod tests {
         assert!(HumanDuration::parse("1h30").is_err());
         assert_eq!(format_duration(Duration::from_secs(1800)), "30m");
         assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
+    }
+
+    #[test]
+    fn gitlab_projects_name_the_hook_catch_up_reads() {
+        let base = "[gitlab]\ntoken = \"glpat-x\"\nwebhook_secret = \"a-long-enough-secret-for-tests\"\n";
+        let c = load(&format!(
+            "{base}hook_id = 12\nprojects = [\"group/sub/app\", {{ path = \"group/lib\", hook_id = 31 }}]\n"
+        ))
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        let watched = &c.gitlab.as_ref().unwrap().projects;
+        assert_eq!(
+            watched,
+            &[
+                WatchedProject { path: "group/sub/app".into(), hook_id: 12 },
+                WatchedProject { path: "group/lib".into(), hook_id: 31 }
+            ]
+        );
+        assert!(load(base).unwrap().gitlab.unwrap().projects.is_empty(), "catch-up is off unless asked for");
+        let err = first_error(&format!("{base}projects = [\"group/app\"]\n"));
+        assert!(err.contains(":4:13:") && err.contains("set gitlab.hook_id"), "{err}");
+        let err = first_error(&format!("{base}hook_id = 3\nprojects = [\"app\"]\n"));
+        assert!(err.contains("not a project's full path"), "{err}");
+        let err = first_error(&format!("{base}hook_id = 3\nprojects = [\"g/app\", \"g/app/\"]\n"));
+        assert!(err.contains("listed twice"), "{err}");
     }
 }

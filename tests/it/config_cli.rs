@@ -239,3 +239,38 @@ fn postgres_storage_is_checked_before_it_is_used() {
         assert!(schema.contains(&format!("CREATE TABLE {table}")), "{table} in {schema}");
     }
 }
+
+#[test]
+fn check_says_where_gitlab_is_and_whether_catch_up_is_on() {
+    let w = Workdir::new();
+    let gitlab = "[gitlab]\nurl = \"https://gitlab.example.com/gitlab\"\ntoken = \"glpat-check\"\n\
+                  webhook_secret = \"a-long-enough-secret-for-the-check\"\n";
+    w.config(gitlab);
+    let out = Command::new(BIN).arg("check").current_dir(w.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout
+            .contains("ok: GitLab at https://gitlab.example.com/gitlab (API https://gitlab.example.com/gitlab/api/v4)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("note: GitLab catch-up is off: set gitlab.hook_id"), "{stdout}");
+    assert!(stdout.contains("(Maintainer, api scope)"), "{stdout}");
+
+    w.config(&format!("{gitlab}hook_id = 12\nprojects = [\"group/sub/app\", \"group/lib\"]\n"));
+    let out = Command::new(BIN).arg("check").current_dir(w.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("ok: GitLab catch-up watches 2 project(s) through hook 12\n"), "{stdout}");
+    assert!(!stdout.contains("catch-up is off"), "{stdout}");
+
+    // A project with no hook to read is an error at its entry.
+    w.config(&format!("{gitlab}projects = [\"group/app\"]\n"));
+    let out = Command::new(BIN).arg("check").current_dir(w.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    // Line 5, unless the tests' storage settings come first.
+    let at = ":13: gitlab.projects: `group/app` needs the id of its webhook: set gitlab.hook_id";
+    assert!(stdout.contains(&format!("{}:", w.path().join("baton.toml").display())), "{stdout}");
+    assert!(stdout.contains(at), "{stdout}");
+}

@@ -159,7 +159,8 @@ async fn every_call_round_trips_within_gitlabs_documented_parameters() {
             vec![json!({ "id": 40, "url": "https://baton.example/hooks/gitlab", "trigger": "note_hooks",
                 "response_status": "internal error", "execution_duration": 0.5, "request_data": { "object_kind": "note" } })],
         );
-        let events = gl.hook_events(PROJECT, 3, 1).await.unwrap();
+        let (events, more) = gl.hook_events(PROJECT, 3, 1).await.unwrap();
+        assert!(!more);
         assert_eq!(events.len(), 1);
         assert_eq!((events[0].id, events[0].response_status.as_str()), (40, "internal error"));
         gl.resend_hook_event(PROJECT, 3, 40).await.unwrap();

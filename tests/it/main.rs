@@ -21,6 +21,7 @@ mod escape;
 mod fake_github;
 mod fake_gitlab;
 mod gitlab;
+mod gitlab_catchup;
 mod gitlab_client;
 mod groups;
 mod harness;

@@ -1,10 +1,12 @@
 //! GitLab (gitlab.com or self-managed) as a forge: its webhook headers,
 //! secret token and Standard Webhooks signature (here), its payloads
-//! (`event.rs`), who is trusted by access level (`trust.rs`) and its REST API
-//! v4 for every output (`api.rs`). Nothing GitLab-specific lives outside
-//! this folder.
+//! (`event.rs`), who is trusted by access level (`trust.rs`), its REST API
+//! v4 for every output (`api.rs`) and the resending of missed deliveries
+//! from a hook's event list (`catchup.rs`). Nothing GitLab-specific lives
+//! outside this folder.
 
 pub mod api;
+pub mod catchup;
 pub mod event;
 pub mod trust;
 
