@@ -398,7 +398,8 @@ impl Reader<'_> {
         let url = self.url(&raw.url, "https://gitlab.com");
         let mut need = |what: &Option<Spanned<String>>, key: &str, hint: &str| {
             let secret = self.secret(what, None);
-            if secret.is_none() {
+            // A value given but unreadable is reported where it is, once.
+            if what.is_none() {
                 self.error(span.clone(), format!("[gitlab] needs `{key}`: {hint}"));
             }
             secret.unwrap_or_else(|| Secret::new(""))

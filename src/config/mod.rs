@@ -421,6 +421,23 @@ mod tests {
     }
 
     #[test]
+    fn gitlab_derives_its_urls_from_the_instance_and_needs_its_keys() {
+        let c =
+            load("[gitlab]\nurl = \"https://git.example.com/gitlab/\"\ntoken = \"glpat-x\"\nwebhook_secret = \"w\"\n")
+                .unwrap();
+        let g = c.gitlab.as_ref().unwrap();
+        assert_eq!(g.api_url, "https://git.example.com/gitlab/api/v4");
+        assert_eq!(g.git_url, "https://git.example.com/gitlab");
+        assert!(c.secrets().iter().any(|s| s.expose() == "glpat-x"), "the token is redacted everywhere");
+        let c = load("[gitlab]\ntoken = \"t\"\nwebhook_secret = \"w\"\n").unwrap();
+        assert_eq!(c.gitlab.unwrap().api_url, "https://gitlab.com/api/v4");
+        let errors = load("[gitlab]\ntoken = \"t\"\n").unwrap_err();
+        let shown: Vec<String> = errors.iter().map(|d| d.to_string()).collect();
+        assert_eq!(shown.len(), 1, "{shown:?}");
+        assert!(shown[0].starts_with("/etc/baton/baton.toml:1:1: [gitlab] needs `webhook_secret`"), "{shown:?}");
+    }
+
+    #[test]
     fn a_database_url_and_its_password_are_secrets() {
         std::env::set_var("BATON_TEST_DB_URL_FOR_SECRETS", "postgres://baton:pa55word@db:5432/baton");
         let c = Config::from_source(

@@ -736,15 +736,29 @@ fn workspace_for(kind: WorkspaceKind, event: &Event, latest_head: bool) -> Resul
 /// The template context shared by every trigger an event visits: the raw
 /// payload's top-level fields, plus `event` (the normalized view), plus the
 /// forge-neutral `subject` and `repository` wherever the payload has no field
-/// of that name (a GitHub payload's own `repository` keeps every field).
+/// of that name (a payload's own `repository` keeps every field, and gains
+/// the neutral ones it lacks).
 fn base_context(event: &Event) -> Value {
+    let payload = template::payload_value(&event.payload);
+    let neutral = neutral_context(event);
+    // A payload's `repository` without the neutral fields (GitLab's has no
+    // `full_name`) gets them, its own fields first.
+    let defined = |v: Result<Value, _>| v.ok().filter(|v: &Value| !v.is_undefined() && !v.is_none());
+    let repository = match (defined(payload.get_attr("repository")), defined(neutral.get_attr("repository"))) {
+        (Some(own), Some(n)) => Some(minijinja::value::merge_maps([n, own])),
+        _ => None,
+    };
     let own = context! {
         event => Value::from_serialize(event),
         thread => Value::from_serialize(&event.thread),
-        ..template::payload_value(&event.payload)
+        ..payload
     };
     // The last map wins a lookup, and a map lacking the key passes it on.
-    minijinja::value::merge_maps([neutral_context(event), own])
+    let merged = minijinja::value::merge_maps([neutral, own]);
+    match repository {
+        Some(repository) => minijinja::value::merge_maps([merged, context! { repository }]),
+        None => merged,
+    }
 }
 
 /// `subject.*` (kind, number, title, body, url, author, trust, head and base

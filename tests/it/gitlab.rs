@@ -409,7 +409,10 @@ async fn one_trigger_reviews_on_github_and_gitlab_in_one_daemon() {
     let (status, page) = baton.get(&format!("/jobs/{}", gl[0])).await;
     let page = page.as_str().unwrap_or_default().to_string();
     assert_eq!(status, 200);
-    assert!(page.contains(r#"<span id="forge">gitlab</span>"#) && page.contains(&format!("{PROJECT} !1")), "{page}");
+    assert!(
+        page.contains(r#"<span id="forge">gitlab</span>"#) && page.contains("acme&#x2f;platform&#x2f;api !1"),
+        "{page}"
+    );
     let marker = format!("<!-- baton:job={} -->", gl[0]);
     let on = Noteable::MergeRequest(MR);
     eventually("the GitLab review", || gitlab.notes(PROJECT, on).iter().any(|n| n.body.contains(&marker))).await;
@@ -457,4 +460,51 @@ async fn notes_land_exactly_once_when_gitlab_answers_502_after_applying() {
     let looked = fake.requests_to("GET", &format!("/projects/{PROJECT}/issues/{iid}/notes"));
     assert!(!looked.is_empty(), "a lost answer was looked for by its marker");
     assert_no_violations(&fake);
+}
+
+/// `baton simulate --forge gitlab` explains a GitLab payload, and `baton
+/// deliver --forge gitlab` sends one as GitLab would (signed, when the hook
+/// signs), which the daemon takes.
+#[tokio::test(flavor = "multi_thread")]
+async fn simulate_and_deliver_speak_gitlab() {
+    use base64::Engine as _;
+    let fake = FakeGitLab::start(TOKEN).await;
+    fake.set_member(PROJECT, AUTHOR.0, 30);
+    let w = Workdir::new();
+    origin(&w);
+    let signing = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(b"cli-signing-key-0123456789"));
+    let t =
+        Trigger::on(&["merge_request.open"]).agent("script").workspace("none").prompt("look at !{{ subject.number }}");
+    let s = scenario(&fake, &w, "#!/bin/sh\necho ok\n", t.output("none")).set("gitlab.signing_token", signing.as_str());
+    let baton = start(&s, &w);
+    let payload = w.path().join("mr.json");
+    std::fs::write(&payload, serde_json::to_vec(&mr_opened("abc123", AUTHOR)).unwrap()).unwrap();
+
+    let simulated = std::process::Command::new(crate::harness::BIN)
+        .args(["simulate", "--forge", "gitlab", "--event", "merge_request", "--payload"])
+        .arg(&payload)
+        .current_dir(w.path())
+        .env("GITLAB_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&simulated.stdout);
+    let errors = String::from_utf8_lossy(&simulated.stderr);
+    assert!(shown.contains("event: merge_request.open") && shown.contains("look at !1"), "{shown}{errors}");
+
+    let url = format!("{}/webhooks/gitlab", baton.url);
+    let deliver = |signed: bool| {
+        let mut cmd = std::process::Command::new(crate::harness::BIN);
+        cmd.args(["deliver", "--forge", "gitlab", "--url", &url, "--secret", HOOK_TOKEN, "--event", "merge_request"])
+            .arg(&payload)
+            .env_remove("BATON_SIGNING_TOKEN");
+        if signed {
+            cmd.env("BATON_SIGNING_TOKEN", &signing);
+        }
+        let out = cmd.output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let (ok, answer) = deliver(false);
+    assert!(!ok && answer.starts_with("401"), "an unsigned delivery to a signing hook: {answer}");
+    let (ok, answer) = deliver(true);
+    assert!(ok && answer.starts_with("202"), "{answer}");
 }

@@ -478,3 +478,34 @@ fn forge_neutral_variables_render_beside_github_ones() {
          https://github.com/Codertocat/Hello-World Update the README with new information."
     );
 }
+
+/// The same forge-neutral variables render from GitLab's documented
+/// payloads, beside GitLab's own names (its `repository` object has no
+/// `full_name`: the neutral one fills it in, the payload's fields stay).
+#[test]
+fn forge_neutral_variables_render_beside_gitlab_ones() {
+    let trigger = "on = [\"merge_request.open\"]\n[job]\nagent = \"codex\"\nworkspace = \"none\"\nprompt = '''\
+                   {{ subject.kind }} !{{ subject.number }} {{ subject.title }} <{{ subject.url }}> in \
+                   {{ repository.full_name }} by {{ subject.author }} ({{ subject.trust }}) fork={{ subject.fork }} | \
+                   {{ repository.homepage }} {{ object_attributes.title }} {{ object_kind }}'''\n";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("t.toml"), trigger).unwrap();
+    let config = Config::from_source(None, "", Path::new("/")).unwrap();
+    let (rules, errors) = RuleSet::load(dir.path(), &config);
+    assert!(errors.is_empty(), "{errors:?}");
+    let payload =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gitlab/merge_request/open.json"));
+    let mut event = baton::forge::gitlab::normalize("merge_request", "d", &payload.unwrap()).unwrap();
+    // What ingress asks of GitLab: the author's role. (The documented
+    // example's author, id 51, is not its sender, so no login names them.)
+    event.association = Some("DEVELOPER".into());
+    let jobs = rules.match_event(&event);
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(
+        jobs[0].prompt,
+        "change_request !1 MS-Viewport <http://example.com/diaspora/merge_requests/1> in \
+         gitlabhq/gitlab-test by  (DEVELOPER) fork=False | \
+         http://example.com/gitlabhq/gitlab-test MS-Viewport merge_request"
+    );
+    assert_eq!(jobs[0].forge, baton::forge::Forge::GITLAB);
+}
