@@ -508,3 +508,64 @@ async fn simulate_and_deliver_speak_gitlab() {
     let (ok, answer) = deliver(true);
     assert!(ok && answer.starts_with("202"), "{answer}");
 }
+
+/// A push to the MR (`merge_request.update`) is reviewed again for what
+/// changed since: the finding already posted on a line that reads the same
+/// is not repeated, the new one is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_re_review_after_a_push_repeats_no_finding() {
+    let fake = FakeGitLab::start(TOKEN).await;
+    fake.set_member(PROJECT, AUTHOR.0, 30);
+    let w = Workdir::new();
+    let (bare, first) = origin(&w);
+    let set_mr = |head: &str, diff: &str| {
+        let v = json!({ "id": 7, "head_commit_sha": head, "base_commit_sha": "b0", "start_commit_sha": "s0" });
+        fake.set_versions(PROJECT, MR, vec![v]);
+        let file = json!({ "old_path": "feature.txt", "new_path": "feature.txt", "new_file": true,
+                           "renamed_file": false, "deleted_file": false, "diff": diff });
+        fake.set_diffs(PROJECT, MR, vec![file]);
+    };
+    set_mr(&first, "@@ -0,0 +1,2 @@\n+fetaure one\n+line two\n");
+    let agent = r#"#!/bin/sh
+cat > /dev/null
+echo '{"summary": "Review.", "comments": [{"path": "feature.txt", "line": 1, "body": "Typo."}, {"path": "feature.txt", "line": 3, "body": "Third line."}]}'
+"#;
+    let t = Trigger::on(&["merge_request.open", "merge_request.update"])
+        .agent("script")
+        .workspace("pr-head")
+        .prompt("review")
+        .output("review");
+    let baton = start(&scenario(&fake, &w, agent, t), &w);
+    let jobs = deliver(&baton, "merge_request", "rr-1", &mr_opened(&first, AUTHOR)).await;
+    assert_eq!(baton.finished(&jobs[0]).await["state"], "succeeded");
+    let on = Noteable::MergeRequest(MR);
+    let reviewed = |id: &str| {
+        let marker = format!("<!-- baton:review={id} -->");
+        fake.notes(PROJECT, on).into_iter().any(|n| n.body.contains(&marker))
+    };
+    eventually("the first review", || reviewed(&jobs[0])).await;
+    let inline = |fake: &FakeGitLab| {
+        fake.published_discussions(PROJECT, MR).into_iter().filter(|n| n.position.is_some()).count()
+    };
+    assert_eq!(inline(&fake), 1, "line 3 is not in the first diff");
+
+    // A third line is pushed.
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["clone", "--quiet", "--branch", "feature", bare.to_str().unwrap(), "."]);
+    std::fs::write(work.path().join("feature.txt"), "fetaure one\nline two\nline three\n").unwrap();
+    git(work.path(), &["commit", "--quiet", "-am", "third line"]);
+    git(work.path(), &["push", "--quiet", "origin", "HEAD:refs/heads/feature"]);
+    let second = follow_branch(&bare);
+    set_mr(&second, "@@ -0,0 +1,3 @@\n+fetaure one\n+line two\n+line three\n");
+    let mut update = mr_opened(&second, AUTHOR);
+    update["object_attributes"]["action"] = json!("update");
+    update["object_attributes"]["updated_at"] = json!("2030-01-01 00:00:00 UTC");
+    let jobs2 = deliver(&baton, "merge_request", "rr-2", &update).await;
+    assert_eq!(baton.finished(&jobs2[0]).await["state"], "succeeded");
+    eventually("the second review", || reviewed(&jobs2[0])).await;
+    assert_eq!(inline(&fake), 2, "only the new finding went inline again");
+    let marker = format!("<!-- baton:review={} -->", jobs2[0]);
+    let summary = fake.notes(PROJECT, on).into_iter().find(|n| n.body.contains(&marker)).unwrap();
+    assert!(summary.body.contains("1 finding from an earlier review still apply"), "{}", summary.body);
+    assert_no_violations(&fake);
+}
