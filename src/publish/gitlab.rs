@@ -43,13 +43,7 @@ impl Publisher {
                 self.create(p, job, CapKind::Comment, look, gl.create_note(project, on(number), &body)).await
             }
             Target::EditStatus { number } => {
-                let mut status = job.progress.status_comment;
-                if status.is_none() {
-                    if self.start_pending(&job.id, Purpose::Status).await? {
-                        return Ok(Outcome::Wait);
-                    }
-                    status = self.fresh(job).await?.progress.status_comment;
-                }
+                let Some(status) = self.status_comment(job).await? else { return Ok(Outcome::Wait) };
                 if let Some(id) = status {
                     return done(gl.edit_note(project, on(number), id, &body).await?);
                 }

@@ -255,13 +255,7 @@ impl Publisher {
                 self.create(p, job, CapKind::Comment, look, gh.create_comment(inst, repo, number, &body)).await
             }
             Target::EditStatus { number } => {
-                let mut status = job.progress.status_comment;
-                if status.is_none() {
-                    if self.start_pending(&job.id, Purpose::Status).await? {
-                        return Ok(Outcome::Wait);
-                    }
-                    status = self.fresh(job).await?.progress.status_comment;
-                }
+                let Some(status) = self.status_comment(job).await? else { return Ok(Outcome::Wait) };
                 if let Some(id) = status {
                     return done(gh.edit_comment(inst, repo, id, &p.body).await?);
                 }
@@ -360,6 +354,18 @@ impl Publisher {
                 }
             }
         }
+    }
+
+    /// The status comment a job's end edits: `None` while its start's
+    /// is still to send (the end waits), else its id, when it ever landed.
+    async fn status_comment(&self, job: &Job) -> Result<Option<Option<u64>>, ApiError> {
+        if let Some(id) = job.progress.status_comment {
+            return Ok(Some(Some(id)));
+        }
+        if self.start_pending(&job.id, Purpose::Status).await? {
+            return Ok(None);
+        }
+        Ok(Some(self.fresh(job).await?.progress.status_comment))
     }
 
     /// `job` as stored now. Read after a start publication is found sent:

@@ -146,14 +146,7 @@ async fn send(baton: &Baton, keys: WebhookKeys<'_>, event: &str, delivery: &str,
 }
 
 async fn post(baton: &Baton, headers: &[(&str, &str)], body: &[u8]) -> (u16, Value) {
-    let mut req = reqwest::Client::new().post(format!("{}/webhooks/gitlab", baton.url)).body(body.to_vec());
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = req.send().await.expect("webhook request");
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    baton.post_webhook_to("/webhooks/gitlab", headers, body).await
 }
 
 const KEYS: WebhookKeys<'static> = WebhookKeys { secret: HOOK_TOKEN.as_bytes(), signing: None };

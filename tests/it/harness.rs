@@ -294,7 +294,12 @@ impl Baton {
     }
 
     pub async fn post_webhook(&self, headers: &[(&str, &str)], body: &[u8]) -> (u16, Value) {
-        let mut req = self.http.post(format!("{}/webhooks/github", self.url)).body(body.to_vec());
+        self.post_webhook_to("/webhooks/github", headers, body).await
+    }
+
+    /// `body` as it is, with `headers`, to the webhook route `path`.
+    pub async fn post_webhook_to(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Value) {
+        let mut req = self.http.post(format!("{}{path}", self.url)).body(body.to_vec());
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
