@@ -177,7 +177,7 @@ async fn a_fix_note_on_an_issue_opens_a_merge_request() {
         .filter("command", "/fix")
         .prompt("Fix #{{ subject.number }}: {{ subject.title }}")
         .output("pull_request");
-    let baton = start(&scenario(&fake, &w, "#!/bin/sh\necho fixed >> fix.txt\necho 'I fixed it.'\n", fix), &w);
+    let baton = start(&scenario(&fake, &w, "#!/bin/sh\necho fixed >> fix.txt\necho \"I fixed it. token=${GITLAB_TOKEN:-unset} $(git config --get http.extraHeader)\"\n", fix), &w);
 
     // The note is on GitLab before its webhook arrives.
     let mut asked = note("/fix please", None, AUTHOR);
@@ -194,6 +194,8 @@ async fn a_fix_note_on_an_issue_opens_a_merge_request() {
     assert_eq!(mrs.len(), 1, "{mrs:?}");
     assert_eq!((mrs[0].source_branch.as_str(), mrs[0].target_branch.as_str()), (branch.as_str(), "master"));
     assert!(mrs[0].description.contains("I fixed it.") && mrs[0].description.contains(&jobs[0]), "{mrs:?}");
+    // The agent saw neither the token nor git's credentials.
+    assert!(mrs[0].description.contains("token=unset") && !mrs[0].description.contains("Authorization"), "{mrs:?}");
     // 👀 on the note that asked, by baton's token user.
     let eyes = fake.emoji();
     assert!(eyes.iter().any(|e| e.name == "eyes" && e.on.starts_with(&format!("{PROJECT}#17/"))), "{eyes:?}");
