@@ -1,8 +1,9 @@
-//! Publishing results to GitHub through the outbox.
+//! Publishing results to the job's forge through the outbox.
 //!
-//! Each `Target` becomes calls on the forge's REST client
-//! (`forge::github::Client`); what to send, when, and the bookkeeping around
-//! it (markers, lost answers, start publications) stay here, forge-neutral.
+//! Each `Target` becomes calls on the forge's REST client (GitHub's here,
+//! `forge::github::Client`; GitLab's in `gitlab.rs`); what to send, when,
+//! and the bookkeeping around it (markers, lost answers, start
+//! publications) stay forge-neutral.
 //!
 //! The engine writes a `Publication` into the store together with the job's
 //! end; this worker delivers it, retrying with backoff on 5xx and timeouts
