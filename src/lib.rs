@@ -9,6 +9,7 @@
 
 pub(crate) mod admit;
 pub mod api;
+pub mod cache;
 pub mod config;
 pub mod daemon;
 pub mod diag;

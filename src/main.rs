@@ -120,6 +120,13 @@ enum Command {
         #[arg(long, env = "BATON_URL", default_value = "http://127.0.0.1:8787")]
         url: String,
     },
+    /// The environment caches on this machine's disk (`[environments]`).
+    Cache {
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// Inspect and control jobs of a running daemon.
     Jobs {
         /// The daemon's address.
@@ -127,6 +134,20 @@ enum Command {
         url: String,
         #[command(subcommand)]
         command: JobsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Each cache: its key, repository, environment, size and last use.
+    List,
+    /// Remove caches (all, or those of one repository or environment);
+    /// a cache in use is left alone.
+    Clear {
+        #[arg(long)]
+        repo: Option<String>,
+        #[arg(long)]
+        environment: Option<String>,
     },
 }
 
@@ -273,6 +294,7 @@ async fn run(command: Command) -> Result<ExitCode> {
             deliver(forge.into(), &url, keys, &event, delivery, &file).await
         }
         Command::Jobs { url, command } => jobs(&url, command).await,
+        Command::Cache { config, command } => cache(config.as_deref(), command),
         Command::Mcp { url } => {
             let token = std::env::var("BATON_API_TOKEN").ok().filter(|t| !t.is_empty());
             baton::mcp::serve_stdio(&url, token).await.map(|()| ExitCode::SUCCESS)
@@ -357,6 +379,9 @@ async fn check(path: Option<&Path>) -> ExitCode {
         if config.sandbox.enabled {
             println!("ok: agents run sandboxed as {}", config.sandbox.run_as.describe());
         }
+        for line in environment_lines(&config, &rules) {
+            println!("{line}");
+        }
         if let Some(gitlab) = &config.gitlab {
             for line in gitlab_lines(gitlab) {
                 println!("{line}");
@@ -366,6 +391,43 @@ async fn check(path: Option<&Path>) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// `baton cache list|clear`: the caches are files of this machine's, so
+/// this reads the storage folder directly (each cache's lock keeps it
+/// safe beside a running daemon), and needs none of the config's secrets.
+fn cache(path: Option<&Path>, command: CacheCommand) -> Result<ExitCode> {
+    let storage = Config::storage_folder(path).map_err(|errors| anyhow::anyhow!(join(&errors)))?;
+    let caches = baton::cache::Caches::new(&storage);
+    match command {
+        CacheCommand::List => {
+            let list = caches.list();
+            if list.is_empty() {
+                println!("no caches in {}", caches.root().display());
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("{:<32}  {:<30}  {:<14}  {:>10}  LAST USED", "KEY", "REPOSITORY", "ENVIRONMENT", "SIZE");
+            for m in list {
+                let used = chrono::DateTime::from_timestamp(m.last_used as i64, 0)
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                    .unwrap_or_default();
+                println!(
+                    "{:<32}  {:<30}  {:<14}  {:>10}  {used}",
+                    m.key,
+                    m.repo,
+                    m.environment,
+                    baton::cache::human(m.bytes)
+                );
+            }
+        }
+        CacheCommand::Clear { repo, environment } => {
+            let removed = caches.remove_where(|m| {
+                repo.as_ref().is_none_or(|r| &m.repo == r) && environment.as_ref().is_none_or(|e| &m.environment == e)
+            });
+            println!("removed {} cache(s)", removed.len());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// What `baton check` says of `[gitlab]`: where it is, and whether
@@ -389,6 +451,30 @@ fn gitlab_lines(gitlab: &baton::config::GitLabSettings) -> Vec<String> {
         ),
     });
     lines
+}
+
+/// What `baton check` says of each trigger's environment, when any is
+/// defined.
+fn environment_lines(config: &Config, rules: &RuleSet) -> Vec<String> {
+    if config.environments.is_empty() {
+        return Vec::new();
+    }
+    let by_repo: Vec<String> = config
+        .environments
+        .values()
+        .flat_map(|e| e.repos.iter().map(move |p| format!("{} for {}", e.name, p.as_str())))
+        .collect();
+    rules
+        .triggers()
+        .iter()
+        .map(|t| match (&t.job.environment, by_repo.is_empty()) {
+            (Some(env), _) => format!("ok: trigger {} runs in environment {env}", t.name),
+            (None, false) => {
+                format!("ok: trigger {} runs in the environment of its repository ({})", t.name, by_repo.join(", "))
+            }
+            (None, true) => format!("ok: trigger {} runs in no environment", t.name),
+        })
+        .collect()
 }
 
 /// `[sandbox] enabled` needs a working bubblewrap.

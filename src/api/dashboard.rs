@@ -68,7 +68,21 @@ pub(crate) async fn jobs_page(State(s): State<Api>, Query(q): Query<HashMap<Stri
     };
     let jobs = as_tree(jobs.iter().map(view).collect());
     let paused = s.engine.space().why_paused();
-    render("jobs.html", context! { jobs, state => state.map(|s| s.as_str()), paused })
+    // This replica's environment caches (each replica fills its own).
+    let caches = crate::cache::Caches::new(&s.engine.config().storage.path);
+    let caches: Vec<Value> = tokio::task::spawn_blocking(move || caches.list())
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| {
+            let used = chrono::DateTime::from_timestamp(m.last_used as i64, 0).map(|t| t.to_rfc3339());
+            serde_json::json!({
+                "key": m.key, "repo": m.repo, "environment": m.environment,
+                "size": crate::cache::human(m.bytes), "last_used": used,
+            })
+        })
+        .collect();
+    render("jobs.html", context! { jobs, state => state.map(|s| s.as_str()), paused, caches })
 }
 
 pub(crate) async fn job_page(State(s): State<Api>, Path(id): Path<String>) -> Response {

@@ -30,6 +30,8 @@ struct RawConfig {
     #[serde(default)]
     prices: BTreeMap<String, Spanned<Price>>,
     #[serde(default)]
+    environments: BTreeMap<String, Spanned<environments::RawEnvironment>>,
+    #[serde(default)]
     sandbox: RawSandbox,
     api: Option<Spanned<ApiSettings>>,
 }
@@ -92,6 +94,8 @@ struct RawStorage {
     replica: Option<String>,
     min_free: Option<Spanned<String>>,
     git_timeout: Option<HumanDuration>,
+    cache_retention: Option<HumanDuration>,
+    cache_max: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -173,6 +177,32 @@ impl Config {
         }
     }
 
+    /// Only the storage folder a config names (default `.baton` beside it),
+    /// for commands that read local files and need none of its secrets.
+    pub fn storage_folder(path: Option<&Path>) -> Result<PathBuf, Vec<Diagnostic>> {
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        let path = path.map(Path::to_path_buf).unwrap_or_else(|| cwd.join(DEFAULT_CONFIG_FILE));
+        let (source, base) = match std::fs::read_to_string(&path) {
+            Ok(s) => {
+                let path = absolute(&cwd, &path);
+                (s, path.parent().map(Path::to_path_buf).unwrap_or_else(|| cwd.clone()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (String::new(), cwd.clone()),
+            Err(e) => return Err(vec![Diagnostic::file(&path, format!("cannot read config: {e}"))]),
+        };
+        #[derive(Deserialize)]
+        struct Only {
+            #[serde(default)]
+            storage: OnlyStorage,
+        }
+        #[derive(Default, Deserialize)]
+        struct OnlyStorage {
+            path: Option<String>,
+        }
+        let only: Only = toml::from_str(&source).map_err(|e| vec![Diagnostic::from_toml(&path, &source, &e)])?;
+        Ok(base.join(only.storage.path.as_deref().unwrap_or(".baton")))
+    }
+
     /// Parses config text; `base` is the folder relative paths resolve against.
     pub fn from_source(path: Option<&Path>, source: &str, base: &Path) -> Result<Config, Vec<Diagnostic>> {
         let shown = path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("<built-in defaults>"));
@@ -196,6 +226,7 @@ impl Config {
         let notify = r.notify(&raw.notify);
         let mcp = r.mcp(&raw.mcp);
         let prices = r.prices(&raw.prices);
+        let environments = r.environments(&raw.environments);
         r.api_agents(raw.api.as_ref(), &agents);
         let Reader { mut errors, secret_files, secret_vars, .. } = r;
         if !errors.is_empty() {
@@ -228,6 +259,7 @@ impl Config {
             notify,
             mcp,
             prices,
+            environments,
             sandbox,
             api: raw.api.as_ref().map(|a| a.get_ref().clone()).unwrap_or_default(),
             secret_files,
@@ -481,8 +513,17 @@ impl Reader<'_> {
                 0
             }),
         };
+        let cache_max = match &raw.cache_max {
+            None => 20 << 30,
+            Some(v) => crate::sandbox::parse_bytes(v.get_ref()).unwrap_or_else(|e| {
+                self.error(v.span(), format!("storage.cache_max: {e}"));
+                0
+            }),
+        };
         let path = self.base.join(raw.path.as_deref().unwrap_or(".baton"));
         Storage {
+            cache_retention: raw.cache_retention.map(|d| d.0).unwrap_or(Duration::from_secs(7 * 24 * 3600)),
+            cache_max,
             durability: raw.durability,
             delivery_retention: raw.delivery_retention.map(|d| d.0).unwrap_or(Duration::from_secs(7 * 24 * 3600)),
             worktree_pool: raw.worktree_pool.unwrap_or(4),
@@ -633,6 +674,32 @@ impl Reader<'_> {
             self.secret_vars.extend(sources.vars);
         }
         servers
+    }
+
+    fn environments(
+        &mut self,
+        raw: &BTreeMap<String, Spanned<environments::RawEnvironment>>,
+    ) -> BTreeMap<String, Environment> {
+        let mut out = BTreeMap::new();
+        for (name, spanned) in raw {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                self.error(spanned.span(), format!("environments.{name}: a name is letters, digits, `-` and `_`"));
+                continue;
+            }
+            let base = self.base.to_path_buf();
+            let resolved = environments::resolve(name, spanned.get_ref(), &base, &mut |v| self.resolve(v));
+            match resolved {
+                Ok(env) => {
+                    out.insert(name.clone(), env);
+                }
+                Err(problems) => {
+                    for (span, msg) in problems {
+                        self.error(span, msg);
+                    }
+                }
+            }
+        }
+        out
     }
 
     fn prices(&mut self, raw: &BTreeMap<String, Spanned<Price>>) -> BTreeMap<String, Price> {

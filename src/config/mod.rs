@@ -17,6 +17,7 @@ use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 mod agents;
+mod environments;
 mod load;
 mod mcp;
 
@@ -24,6 +25,7 @@ use crate::diag::Diagnostic;
 use agents::{merge_agent, RawAgent};
 pub use agents::{presets, AgentDef, PromptMode, ResultMode};
 pub use agents::{Preset, UsageFormat};
+pub use environments::{Environment, REPO_SETUP};
 use load::*;
 pub use mcp::{McpServer, McpTransport, McpValue, TEAM_SERVER};
 
@@ -51,6 +53,8 @@ pub struct Config {
     pub notify: BTreeMap<String, NotifyTarget>,
     /// `[mcp.NAME]`: tool servers a trigger may give its agent.
     pub mcp: BTreeMap<String, McpServer>,
+    /// `[environments.NAME]`: setup phases and their caches.
+    pub environments: BTreeMap<String, Environment>,
     /// `[prices."MODEL"]`: what a model costs, for CLIs that report tokens
     /// but no cost.
     pub prices: BTreeMap<String, Price>,
@@ -137,6 +141,11 @@ pub struct Storage {
     /// The longest a daemon-side git command on a work tree or baton's own
     /// repository may take (network commands get at least 15 minutes).
     pub git_timeout: Duration,
+    /// Environment caches unused this long are removed.
+    pub cache_retention: Duration,
+    /// Past this many bytes of environment caches, the least recently used
+    /// are removed.
+    pub cache_max: u64,
 }
 
 /// What "durable" means for an acknowledgement.
@@ -370,6 +379,18 @@ pub(crate) fn format_duration(d: Duration) -> String {
 }
 
 impl Config {
+    /// The environment a job gets: its trigger's, else the first whose
+    /// `repos` match its repository.
+    pub fn environment_for(&self, named: Option<&str>, repo: Option<&str>) -> Option<&Environment> {
+        match named {
+            Some(name) => self.environments.get(name),
+            None => {
+                let repo = repo?;
+                self.environments.values().find(|e| e.repos.iter().any(|p| p.matches(repo)))
+            }
+        }
+    }
+
     /// baton's own paths, which no agent may see: the storage folder (store,
     /// mirrors, other jobs, the generated webhook secret), the config file
     /// and its folder, the trigger folder, and files secrets came from.
@@ -402,6 +423,7 @@ impl Config {
             .chain(self.sources.values().map(|s| s.secret.clone()))
             .chain(self.notify.values().flat_map(|n| [Some(n.url.clone()), n.secret.clone()]).flatten())
             .chain(self.mcp.values().flat_map(|m| m.secrets().cloned()))
+            .chain(self.environments.values().flat_map(|e| e.setup_env.values().cloned()))
             .chain(self.storage.url.clone())
             .chain(self.storage.url.as_ref().and_then(|u| database_password(u.expose())).map(Secret::new))
             .collect()

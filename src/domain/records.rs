@@ -110,6 +110,9 @@ pub enum Outcome {
     SpawnFailed,
     /// The workspace could not be made.
     PrepareFailed,
+    /// Its environment's setup failed (or left a `setup_env` secret where
+    /// the agent would see it); the agent did not run.
+    Setup,
     /// Its changes could not be pushed (or were refused: paths, secrets, size).
     PublishFailed,
     /// Too many job ends in a row started it.
@@ -194,6 +197,9 @@ pub(crate) fn dollars(usd: f64) -> String {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Phases {
     pub prepare_ms: Option<u64>,
+    /// The environment's setup (absent on a cache hit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup_ms: Option<u64>,
     pub run_ms: Option<u64>,
     pub verify_ms: Option<u64>,
     /// From the job's end to its result landing on GitHub.
@@ -562,6 +568,7 @@ mod tests {
         check(Outcome::Exit, "exit");
         check(Outcome::VerifyFailed, "verify_failed");
         check(Outcome::PrepareFailed, "prepare_failed");
+        check(Outcome::Setup, "setup");
         check(Outcome::Interrupted, "interrupted");
         check(Outcome::Limit, "limit");
         // A record from a later version still reads.

@@ -121,6 +121,10 @@ pub struct Confinement<'a> {
     pub objects: Option<PathBuf>,
     /// Told of the run's disk use; may stop it when the disk runs short.
     pub space: Option<std::sync::Arc<super::space::Space>>,
+    /// The environment's cache folders (host, inside), read-write.
+    pub caches: Vec<(PathBuf, PathBuf)>,
+    /// The environment's read-only root, if it has one.
+    pub image: Option<PathBuf>,
 }
 
 /// One invocation of an agent.
@@ -297,6 +301,8 @@ impl Invocation<'_> {
                     objects: c.objects.as_deref(),
                     expose,
                     baton: self.setup.and_then(|s| s.baton),
+                    caches: &c.caches,
+                    image: c.image.as_deref(),
                 };
                 let j = c.sandbox.jail(&run, &argv)?;
                 if let Some(setup) = self.setup {

@@ -29,6 +29,8 @@ pub(super) struct Report {
     pub(super) phases: Phases,
     pub(super) egress_blocked: Vec<crate::sandbox::egress::Blocked>,
     pub(super) usage: Option<crate::store::Usage>,
+    /// The job's environment as the agent phase sees it (caches, image).
+    pub(super) env: super::setup::Ready,
 }
 
 /// How one attempt ended.
@@ -270,11 +272,19 @@ impl Engine {
         if let Some(logs) = self.failed_ci_logs(spec).await {
             prompt.push_str(&logs);
         }
-        let end = self.run_in(job, agent, &prepared, &prompt, cancel, report).await;
+        let end = match self.environment(job, agent, &prepared, cancel, report).await {
+            Ok(ready) => {
+                report.env = ready;
+                self.run_in(job, agent, &prepared, &prompt, cancel, report).await
+            }
+            Err(end) => end,
+        };
+        report.env = Default::default();
         self.workspaces.release(prepared).await;
         // The runs' io folders were the agents' to write: what they hold is
-        // read by now, and a job's folder keeps only baton's own files.
-        let io = [dir.join("io"), dir.join("verify-io")];
+        // read by now, and a job's folder keeps only baton's own files (the
+        // cache's copy was the attempt's alone).
+        let io = [dir.join("io"), dir.join("verify-io"), dir.join("cache")];
         let _ = tokio::task::spawn_blocking(move || io.iter().try_for_each(|d| crate::tree::remove(d))).await;
         end
     }
@@ -326,7 +336,13 @@ impl Engine {
 
     /// The sandbox for one run of `job` (`kind`: agent or verify), showing
     /// the mirror's `objects` read-only; `None` when the sandbox is off.
-    fn confinement(&self, job: &Job, kind: &str, objects: Option<&PathBuf>) -> Option<agent::Confinement<'_>> {
+    pub(super) fn confinement(
+        &self,
+        job: &Job,
+        kind: &str,
+        objects: Option<&PathBuf>,
+        env: &super::setup::Ready,
+    ) -> Option<agent::Confinement<'_>> {
         let sandbox = self.sandbox.as_deref()?;
         Some(agent::Confinement {
             sandbox,
@@ -334,6 +350,8 @@ impl Engine {
             run_dir: self.job_dir(&job.id).join(format!("{kind}-run")),
             objects: objects.cloned(),
             space: Some(self.space.clone()),
+            caches: env.caches.clone(),
+            image: env.image.clone(),
         })
     }
 
@@ -403,7 +421,7 @@ impl Engine {
             output_cap: agent::DEFAULT_OUTPUT_CAP,
             cancel,
             on_spawn: Some(&note),
-            confine: self.confinement(job, "agent", objects),
+            confine: self.confinement(job, "agent", objects, &report.env),
             budget: budget.as_ref(),
             setup: setup.as_ref(),
         };
@@ -496,7 +514,7 @@ impl Engine {
             output_cap: agent::DEFAULT_OUTPUT_CAP,
             cancel,
             on_spawn: None,
-            confine: self.confinement(job, "verify", objects),
+            confine: self.confinement(job, "verify", objects, &report.env),
             budget: None,
             setup: None,
         };

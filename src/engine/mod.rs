@@ -21,6 +21,7 @@ mod chain;
 pub(crate) mod cli_setup;
 mod dispatch;
 mod push;
+mod setup;
 pub mod space;
 pub mod team;
 pub mod usage;

@@ -124,6 +124,10 @@ pub struct JobSpec {
     /// started through baton's `/mcp` with a token scoped to this job.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub delegate: Vec<String>,
+    /// `[environments.NAME]` the trigger named; when `None`, one may still
+    /// be chosen by the repository when the job runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
     /// The job that started this one through `delegate`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
@@ -614,6 +618,7 @@ impl RuleSet {
             daily_budgets: DailyBudgets { trigger: t.job.daily_budget_usd, ..self.daily_budgets },
             mcp: t.job.mcp.clone(),
             delegate: t.job.delegate.clone(),
+            environment: t.job.environment.clone(),
             parent: None,
             author: event.author.clone(),
             ci_run: event.ci_run,

@@ -234,6 +234,8 @@ pub struct JobTemplate {
     pub mcp: Vec<String>,
     /// Agents its job may hand subtasks to through baton's `/mcp`.
     pub delegate: Vec<String>,
+    /// `[environments.NAME]` its job runs in (else one chosen by repository).
+    pub environment: Option<String>,
 }
 
 impl Trigger {

@@ -390,15 +390,20 @@ impl Sandbox {
         v.push(["--unshare-all", "--die-with-parent", "--new-session", "--as-pid-1", "--cap-drop", "ALL"]);
         v.push(["--hostname", "baton-sandbox"]);
         let mut roots: Vec<PathBuf> = Vec::new();
+        // The system folders and `/etc` come from the image when there is
+        // one (each shown at its own path inside), else from the host.
+        let system_root = run.image.unwrap_or(Path::new("/"));
         for dir in SYSTEM {
             let path = Path::new(dir);
-            match std::fs::symlink_metadata(path) {
+            let source = system_root.join(&dir[1..]);
+            match std::fs::symlink_metadata(&source) {
                 Ok(m) if m.file_type().is_symlink() => {
-                    if let Ok(target) = std::fs::read_link(path) {
+                    if let Ok(target) = std::fs::read_link(&source) {
                         v.push([OsString::from("--symlink"), target.into_os_string(), path.into()]);
                         roots.push(path.to_path_buf());
                     }
                 }
+                Ok(m) if m.is_dir() && run.image.is_some() => v.read_only_dir(&source, path),
                 Ok(m) if m.is_dir() => {
                     v.system("--ro-bind", path);
                     roots.push(path.to_path_buf());
@@ -406,8 +411,14 @@ impl Sandbox {
                 _ => {}
             }
         }
-        let shown: Vec<PathBuf> = etc::ALLOWED.iter().map(|(e, _)| PathBuf::from(e)).filter(|p| p.exists()).collect();
-        roots.extend(shown.iter().cloned());
+        let shown: Vec<PathBuf> = etc::ALLOWED
+            .iter()
+            .map(|(e, _)| system_root.join(&e[1..]))
+            .filter(|p| std::fs::symlink_metadata(p).is_ok() && p.exists())
+            .collect();
+        if run.image.is_none() {
+            roots.extend(shown.iter().cloned());
+        }
         let texts = vec![
             ("passwd".to_string(), etc::passwd(self.run_as.uid, self.run_as.gid, HOME_PATH)),
             ("group".to_string(), etc::group(self.run_as.gid)),
@@ -453,6 +464,9 @@ impl Sandbox {
         v.upper(&home, Path::new(HOME_PATH))?;
         v.upper(run.io_dir, Path::new(IO_PATH))?;
         v.upper(run.workdir, Path::new(WORKSPACE_PATH))?;
+        for (host, inside) in run.caches {
+            v.bind_dir(host, inside);
+        }
         if let Some(objects) = run.objects {
             v.read_only_dir(objects, Path::new(OBJECTS_PATH));
         }
@@ -628,6 +642,11 @@ pub struct Run<'a> {
     pub(crate) expose: Vec<PathBuf>,
     /// A team run: baton's API, which the proxy forwards `/mcp` to.
     pub baton: Option<std::net::SocketAddr>,
+    /// An environment's cache folders: (host folder, path inside), shown
+    /// read-write over the workspace and `HOME`.
+    pub caches: &'a [(PathBuf, PathBuf)],
+    /// A read-only root in place of the host's system folders and `/etc`.
+    pub image: Option<&'a Path>,
 }
 
 /// Parses a cap for an agent (`max_memory`, `max_disk`): as `parse_bytes`,
@@ -702,6 +721,8 @@ mod tests {
             objects: None,
             expose: vec![outer.path().to_path_buf()],
             baton: None,
+            caches: &[],
+            image: None,
         };
         let jail = sandbox.jail(&run, &["true".to_string()]).unwrap();
         let args: Vec<String> = jail.args.iter().map(|a| a.to_string_lossy().into_owned()).collect();

@@ -35,7 +35,9 @@ impl View {
             }
             None => {
                 for path in &files {
-                    self.system("--ro-bind", path);
+                    let Some(name) = path.file_name() else { continue };
+                    let inside = Path::new("/etc").join(name);
+                    self.push([OsString::from("--ro-bind"), path.into(), inside.into()]);
                 }
                 for (name, text) in &texts {
                     self.data(text, &Path::new("/etc").join(name))?;
@@ -102,6 +104,16 @@ impl View {
         };
         self.push([OsString::from("--bind"), source.into(), inside.into()]);
         Ok(())
+    }
+
+    /// A folder of baton's shown read-write at `inside` (an environment's
+    /// cache, over the workspace or `HOME`).
+    pub(super) fn bind_dir(&mut self, host: &Path, inside: &Path) {
+        let source = match &mut self.stage {
+            Some(s) => s.add(stage::Item::Bind { src: host.to_path_buf(), dir: true }),
+            None => host.to_path_buf(),
+        };
+        self.push([OsString::from("--bind"), source.into(), inside.into()]);
     }
 
     /// A folder of baton's shown read-only at `inside`.

@@ -509,19 +509,7 @@ impl Workspaces {
         default_branch: &str,
     ) -> Vec<(String, String)> {
         let Some(mirror) = &prepared.mirror else { return Vec::new() };
-        let forge = prepared.forge;
-        let local = format!("refs/heads/{default_branch}");
-        let rev = if default_branch == "HEAD" { "refs/baton/remote-head".to_string() } else { local.clone() };
-        if default_branch != "HEAD" && !self.has_commit(mirror, &rev).await {
-            let Ok(url) = self.url(forge, repo) else { return Vec::new() };
-            let Ok(token) = self.token(forge, access, repo).await else { return Vec::new() };
-            let Some(key) = &prepared.repo else { return Vec::new() };
-            let lock = self.lock_for(key);
-            let _guard = lock.lock().await;
-            if self.fetch(mirror, &url, &format!("+{local}:{local}"), token.as_ref()).await.is_err() {
-                return Vec::new();
-            }
-        }
+        let Some(rev) = self.default_rev(prepared, repo, access, default_branch).await else { return Vec::new() };
         let mut paths = vec!["AGENTS.md".to_string(), "CLAUDE.md".to_string()];
         if let Ok(listing) =
             self.git.run(mirror, None, &["ls-tree", "--name-only", &format!("{rev}:.baton/skills")], None).await
@@ -538,6 +526,46 @@ impl Workspaces {
             }
         }
         out
+    }
+
+    /// The default branch's head in the mirror (fetched when missing), the
+    /// only revision baton reads its own instructions from: a pull
+    /// request's head never chooses what baton runs.
+    async fn default_rev(
+        &self,
+        prepared: &Prepared,
+        repo: &str,
+        access: Option<u64>,
+        default_branch: &str,
+    ) -> Option<String> {
+        let mirror = prepared.mirror.as_ref()?;
+        let forge = prepared.forge;
+        let local = format!("refs/heads/{default_branch}");
+        let rev = if default_branch == "HEAD" { "refs/baton/remote-head".to_string() } else { local.clone() };
+        if default_branch != "HEAD" && !self.has_commit(mirror, &rev).await {
+            let url = self.url(forge, repo).ok()?;
+            let token = self.token(forge, access, repo).await.ok()?;
+            let key = prepared.repo.as_ref()?;
+            let lock = self.lock_for(key);
+            let _guard = lock.lock().await;
+            self.fetch(mirror, &url, &format!("+{local}:{local}"), token.as_ref()).await.ok()?;
+        }
+        Some(rev)
+    }
+
+    /// A file of the repository as its default branch has it (`None`:
+    /// absent or unreadable).
+    pub(crate) async fn default_branch_file(
+        &self,
+        prepared: &Prepared,
+        repo: &str,
+        access: Option<u64>,
+        default_branch: &str,
+        path: &str,
+    ) -> Option<String> {
+        let mirror = prepared.mirror.as_ref()?;
+        let rev = self.default_rev(prepared, repo, access, default_branch).await?;
+        self.git.run(mirror, None, &["show", &format!("{rev}:{path}")], None).await.ok()
     }
 
     /// Gives a workspace back: a repository slot is cleaned and pooled

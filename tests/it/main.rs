@@ -17,6 +17,7 @@ mod crash;
 mod defuse;
 mod deploy;
 mod e2e;
+mod environments;
 mod escape;
 mod fake_github;
 mod fake_gitlab;

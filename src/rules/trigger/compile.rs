@@ -94,6 +94,7 @@ struct JobFile {
     daily_budget_usd: Option<Spanned<f64>>,
     mcp: Option<Vec<Spanned<String>>>,
     delegate: Option<Vec<Spanned<String>>>,
+    environment: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -310,6 +311,13 @@ pub(crate) fn compile_for(
             job.agent.span(),
             format!("unknown agent `{}`; defined agents: {}", job.agent.get_ref(), names.join(", ")),
         ));
+    }
+    if let Some(name) = &job.environment {
+        if !config.environments.contains_key(name.get_ref()) {
+            let names: Vec<&str> = config.environments.keys().map(String::as_str).collect();
+            let known = if names.is_empty() { "none is defined".to_string() } else { names.join(", ") };
+            errors.push(at(name.span(), format!("unknown environment `{}`; [environments]: {known}", name.get_ref())));
+        }
     }
     for name in job.mcp.iter().flatten() {
         if !config.mcp.contains_key(name.get_ref()) {
@@ -583,6 +591,7 @@ pub(crate) fn compile_for(
             daily_budget_usd: daily.map(|b| *b.get_ref()),
             mcp: job.mcp.iter().flatten().map(|n| n.get_ref().clone()).collect(),
             delegate: job.delegate.iter().flatten().map(|n| n.get_ref().clone()).collect(),
+            environment: job.environment.as_ref().map(|e| e.get_ref().clone()),
         },
         output,
         output_options,

@@ -1,0 +1,316 @@
+//! Environments (`[environments.NAME]`): a setup phase with its own
+//! network and secrets, cached by lockfile, before an agent that has
+//! neither. A loopback "registry" stands for the package registry; it
+//! counts its hits and wants the setup's token.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::harness::{bare_repo, fixture, git, Baton, Workdir, BIN};
+use crate::scenario::{Agent, GitHub, Scenario, Trigger};
+
+const SECRET: &str = "environments-webhook-secret-0123456789";
+const TOKEN: &str = "ghp_EnvironmentsTestToken0123456789abcdef";
+/// The registry's token: only the setup may see it.
+const REGISTRY_TOKEN: &str = "registry-token-Zq8v3LmN1xR5tY7wK2";
+
+/// A loopback registry: `GET /dep` answers `text` to a request carrying
+/// the token, 401 to any other; every request counts.
+async fn registry(text: &'static str) -> (u16, Arc<Mutex<usize>>) {
+    let hits = Arc::new(Mutex::new(0usize));
+    let counter = hits.clone();
+    let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+        let counter = counter.clone();
+        async move {
+            *counter.lock().unwrap() += 1;
+            let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            if auth == format!("Bearer {REGISTRY_TOKEN}") {
+                (axum::http::StatusCode::OK, text)
+            } else {
+                (axum::http::StatusCode::UNAUTHORIZED, "no token")
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (port, hits)
+}
+
+struct Scene {
+    w: Workdir,
+    origin: PathBuf,
+}
+
+impl Scene {
+    /// A daemon whose `script` agent runs `agent`, with `environments`
+    /// (TOML) and the `work` trigger (`issues.opened`, default branch).
+    fn new(environments: &str, agent: &str, trigger: Trigger, files: &[(&str, &str)]) -> Scene {
+        let w = Workdir::new();
+        let script = w.script("agent.sh", agent);
+        let repos = w.path().join("remote");
+        bare_repo(&repos, "Codertocat/Hello-World", "master", files);
+        Scenario::new()
+            .github(GitHub::secret(SECRET).repos(&repos).token("env:GITHUB_TOKEN"))
+            // A model API it may reach: the proxy is there, and refuses the rest.
+            .agent("script", Agent::script(&script).set("timeout", "60s").set("network", vec!["api.example.com:443"]))
+            .raw(environments)
+            .trigger("work", trigger)
+            .write(&w);
+        let origin = repos.join("Codertocat/Hello-World.git");
+        Scene { w, origin }
+    }
+
+    fn start(&self) -> Baton {
+        Baton::start(self.w.path(), &[("GITHUB_TOKEN", TOKEN), ("REGISTRY_TOKEN", REGISTRY_TOKEN)])
+    }
+
+    /// The job's log as it is on disk (the API's copy is redacted).
+    fn raw_log(&self, id: &str) -> String {
+        std::fs::read_to_string(self.w.path().join(".baton/jobs").join(id).join("log")).unwrap_or_default()
+    }
+
+    /// Commits `files` on master in the origin.
+    fn commit(&self, files: &[(&str, &str)]) {
+        let work = tempfile::tempdir().unwrap();
+        git(work.path(), &["clone", "--quiet", self.origin.to_str().unwrap(), "."]);
+        for (name, text) in files {
+            let path = work.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        git(work.path(), &["add", "."]);
+        git(work.path(), &["commit", "--quiet", "-m", "change"]);
+        git(work.path(), &["push", "--quiet", "origin", "HEAD:master"]);
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(self.w.path().join("baton.toml"))
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "baton {args:?}: {text}");
+        text
+    }
+}
+
+/// The `work` trigger: an issue opened, on the default branch.
+fn work() -> Trigger {
+    Trigger::on(&["issues.opened"]).agent("script").workspace("default-branch").prompt("work").output("none")
+}
+
+async fn open_issue(baton: &Baton, delivery: &str) -> String {
+    let body = crate::harness::unique_body(&fixture("issues/opened.payload.json"), delivery);
+    let (status, body) = baton.deliver(SECRET, "issues", delivery, &body).await;
+    assert_eq!(status, 202, "{body}");
+    body["jobs"][0].as_str().expect("a job").to_string()
+}
+
+/// The environment the registry tests use: `~/.deps` cached, keyed by
+/// `deps.lock`; the setup fetches with the token.
+fn deps_environment(port: u16, extra: &str) -> String {
+    format!(
+        r#"
+[environments.deps]
+setup = ["mkdir -p ~/.deps", "curl -sSf -m 10 -H \"Authorization: Bearer $REGISTRY_TOKEN\" http://127.0.0.1:{port}/dep -o ~/.deps/dep.txt", "echo fetched the dependency"]
+setup_network = ["127.0.0.1:{port}"]
+setup_env = {{ REGISTRY_TOKEN = "env:REGISTRY_TOKEN" }}
+cache = ["~/.deps"]
+cache_key = ["deps.lock"]
+{extra}
+"#
+    )
+}
+
+#[tokio::test]
+async fn the_setup_fills_the_cache_from_its_registry_and_the_agent_uses_it_offline() {
+    let (port, hits) = registry("dependency-contents-v1").await;
+    let agent = format!(
+        r#"#!/bin/sh
+echo "dep: $(cat ~/.deps/dep.txt)"
+echo "registry: $(curl -sS -m 5 http://127.0.0.1:{port}/dep 2>&1 | head -c 200)"
+echo "overwrote" > ~/.deps/dep.txt
+echo "--- environment"; env
+echo "--- files"; find ~ /tmp /workspace -path /workspace/.git -prune -o -type f -print -exec cat {{}} \;
+"#
+    );
+    let scene = Scene::new(
+        &deps_environment(port, ""),
+        &agent,
+        work().job("environment", "deps").job("verify", vec!["sh", "-c", "test -s ~/.deps/dep.txt"]),
+        &[("README.md", "hello\n"), ("deps.lock", "dep = 1\n")],
+    );
+    let baton = scene.start();
+
+    // First job: the setup runs, through its own network, with its token.
+    let first = open_issue(&baton, "env-first").await;
+    let job = baton.finished(&first).await;
+    let log = scene.raw_log(&first);
+    assert_eq!(job["state"], "succeeded", "{job}\n{log}");
+    assert!(log.contains("== setup ==") && log.contains("fetched the dependency"), "{log}");
+    assert!(log.contains("setup: cache miss"), "{log}");
+    assert!(log.contains("dep: dependency-contents-v1"), "the agent reads the cache:\n{log}");
+    assert!(!log.contains("registry: dependency-contents"), "the agent reached the registry:\n{log}");
+    assert_eq!(*hits.lock().unwrap(), 1, "only the setup reached the registry");
+    let blocked = job["history"][0]["egress_blocked"].as_array().cloned().unwrap_or_default();
+    assert!(
+        blocked.iter().any(|b| b["host"] == "127.0.0.1" && b["port"] == u64::from(port)),
+        "the agent's attempt is recorded: {job}"
+    );
+    // Nothing of the setup's secret in the agent's environment or files.
+    assert!(!log.contains(REGISTRY_TOKEN), "the agent saw the setup's token:\n{log}");
+    assert!(log.contains("--- environment") && log.contains("--- files"), "{log}");
+
+    // Second job, same lockfile: no setup, and what the first agent wrote
+    // into its copy did not reach the cache.
+    let second = open_issue(&baton, "env-second").await;
+    let job = baton.finished(&second).await;
+    let log = scene.raw_log(&second);
+    assert_eq!(job["state"], "succeeded", "{job}\n{log}");
+    let hit = log.lines().find(|l| l.contains("setup: cache hit ")).unwrap_or_else(|| panic!("no cache hit:\n{log}"));
+    assert!(!log.contains("== setup =="), "{log}");
+    assert!(log.contains("dep: dependency-contents-v1"), "{log}");
+    assert_eq!(*hits.lock().unwrap(), 1, "a cache hit reaches no registry");
+    assert!(job["history"][0]["phases"].get("setup_ms").is_none_or(|v| v.is_null()), "{job}");
+
+    // A new lockfile: the setup runs again, under another key.
+    scene.commit(&[("deps.lock", "dep = 2\n")]);
+    let third = open_issue(&baton, "env-third").await;
+    let job = baton.finished(&third).await;
+    let log = scene.raw_log(&third);
+    assert_eq!(job["state"], "succeeded", "{job}\n{log}");
+    assert!(log.contains("setup: cache miss"), "{log}");
+    assert!(!log.contains(hit.split("cache hit ").nth(1).unwrap_or("?")), "the same key after the lockfile changed");
+    assert_eq!(*hits.lock().unwrap(), 2);
+
+    // `baton cache` lists both, then clears them.
+    let listed = scene.cli(&["cache", "list"]);
+    assert_eq!(listed.matches("Codertocat/Hello-World").count(), 2, "{listed}");
+    assert!(listed.contains("deps"), "{listed}");
+    let (_, page) = baton.get("/").await;
+    assert!(page.as_str().unwrap_or_default().contains("Environment caches"), "the dashboard shows the caches");
+    assert!(scene.cli(&["cache", "clear"]).contains("removed 2 cache(s)"));
+    assert!(scene.cli(&["cache", "list"]).contains("no caches"));
+}
+
+#[tokio::test]
+async fn a_failing_setup_fails_the_job_with_outcome_setup_and_the_agent_never_runs() {
+    let scene = Scene::new(
+        "[environments.broken]\nsetup = [\"echo preparing the build\", \"echo the registry is down >&2; exit 3\"]\ncache = [\"target\"]\n",
+        "#!/bin/sh\necho AGENT-RAN\n",
+        work().job("environment", "broken"),
+        &[("README.md", "hello\n")],
+    );
+    let baton = scene.start();
+    let id = open_issue(&baton, "env-broken").await;
+    let job = baton.finished(&id).await;
+    let log = scene.raw_log(&id);
+    assert_eq!(job["state"], "failed", "{job}\n{log}");
+    assert_eq!(job["history"][0]["outcome"], "setup", "{job}");
+    assert!(job["history"].as_array().unwrap().len() == 1, "a setup failure is not retried: {job}");
+    let error = job["history"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("setup of environment `broken` failed (exit status 3)"), "{error}");
+    assert!(log.contains("preparing the build") && log.contains("the registry is down"), "{log}");
+    assert!(!log.contains("AGENT-RAN"), "the agent ran after a failed setup:\n{log}");
+    assert!(scene.cli(&["cache", "list"]).contains("no caches"), "a failed setup left a cache");
+}
+
+#[tokio::test]
+async fn a_setup_env_secret_left_where_the_agent_would_read_it_fails_the_job() {
+    let scene = Scene::new(
+        "[environments.leaky]\nsetup = [\"mkdir -p ~/.config/registry\", \"echo \\\"token=$REGISTRY_TOKEN\\\" > ~/.config/registry/credentials\"]\n\
+         setup_env = { REGISTRY_TOKEN = \"env:REGISTRY_TOKEN\" }\ncache = [\"~/.config\"]\n",
+        "#!/bin/sh\necho AGENT-RAN; cat ~/.config/registry/credentials\n",
+        work().job("environment", "leaky"),
+        &[("README.md", "hello\n")],
+    );
+    let baton = scene.start();
+    let id = open_issue(&baton, "env-leaky").await;
+    let job = baton.finished(&id).await;
+    let log = scene.raw_log(&id);
+    assert_eq!(job["state"], "failed", "{job}\n{log}");
+    assert_eq!(job["history"][0]["outcome"], "setup", "{job}");
+    let error = job["history"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("setup_env `REGISTRY_TOKEN`") && error.contains("the cache"), "{error}");
+    assert!(!log.contains("AGENT-RAN") && !log.contains(REGISTRY_TOKEN), "{log}");
+    assert!(scene.cli(&["cache", "list"]).contains("no caches"), "the leaky cache was kept");
+    // The setup's own files (its HOME, its io folder) are gone too.
+    let dir = scene.w.path().join(".baton/jobs").join(&id);
+    for gone in ["setup-run", "setup-io", "cache"] {
+        assert!(!dir.join(gone).exists(), "{gone} is left in the job's folder");
+    }
+}
+
+#[tokio::test]
+async fn a_setup_script_on_a_pull_request_head_is_never_run() {
+    let scene = Scene::new(
+        "[environments.own]\nrepo_setup = true\nrepos = [\"Codertocat/*\"]\n",
+        "#!/bin/sh\necho AGENT-RAN; ls /workspace\n",
+        Trigger::on(&["pull_request.opened"]).agent("script").workspace("pr-head").prompt("review").output("none"),
+        &[("README.md", "hello\n"), (".baton/setup.sh", "echo DEFAULT-BRANCH-SETUP\n")],
+    );
+    // The pull request's head replaces the script with its own.
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["clone", "--quiet", scene.origin.to_str().unwrap(), "."]);
+    std::fs::write(work.path().join(".baton/setup.sh"), "echo PR-HEAD-SETUP; touch /workspace/pr-setup-ran\n").unwrap();
+    git(work.path(), &["commit", "--quiet", "-am", "my own setup"]);
+    let head = git(work.path(), &["rev-parse", "HEAD"]);
+    git(work.path(), &["push", "--quiet", "origin", "HEAD:refs/pull/2/head"]);
+    let baton = scene.start();
+    let mut pr = crate::harness::fixture_json("pull_request/opened.payload.json");
+    pr["pull_request"]["head"]["sha"] = head.into();
+    let (status, answer) = baton.deliver(SECRET, "pull_request", "env-pr", pr.to_string().as_bytes()).await;
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["jobs"][0].as_str().expect("a job").to_string();
+    let job = baton.finished(&id).await;
+    let log = scene.raw_log(&id);
+    assert_eq!(job["state"], "succeeded", "{job}\n{log}");
+    assert!(log.contains("DEFAULT-BRANCH-SETUP"), "the default branch's script runs:\n{log}");
+    assert!(!log.contains("PR-HEAD-SETUP") && !log.contains("pr-setup-ran"), "the PR head's script ran:\n{log}");
+    assert!(log.contains("AGENT-RAN"), "{log}");
+}
+
+#[test]
+fn check_names_each_triggers_environment_and_points_at_bad_entries() {
+    let w = Workdir::new();
+    w.config(
+        "[agents.x]\ncommand = [\"x\"]\n\n[environments.rust]\nsetup = [\"cargo fetch\"]\ncache = [\"~/.cargo/registry\", \"target\"]\n\
+         cache_key = [\"Cargo.lock\"]\nrepos = [\"org/*\"]\n\n[environments.node]\nsetup = [\"npm ci\"]\n",
+    );
+    w.trigger("named", "on = [\"issues.opened\"]\n[job]\nagent = \"x\"\nprompt = \"p\"\nenvironment = \"node\"\n");
+    w.trigger("chosen", "on = [\"issues.opened\"]\n[job]\nagent = \"x\"\nprompt = \"p\"\n");
+    let out = run_check(w.path());
+    assert!(out.contains("ok: trigger named runs in environment node"), "{out}");
+    assert!(out.contains("ok: trigger chosen runs in the environment of its repository (rust for org/*)"), "{out}");
+
+    let file = w.path().join("baton.toml");
+    w.config(
+        "[agents.x]\ncommand = [\"x\"]\n\n[environments.bad]\ncache = [\"/usr/lib\"]\ncache_key = [\"../secret\"]\n",
+    );
+    let out = run_check(w.path());
+    assert!(
+        out.contains(&format!("{}:5:10: environments.bad.cache: `/usr/lib` must be a folder", file.display())),
+        "{out}"
+    );
+    assert!(out.contains(&format!("{}:6:14: environments.bad.cache_key", file.display())), "{out}");
+
+    w.config("[agents.x]\ncommand = [\"x\"]\n");
+    let out = run_check(w.path());
+    let trigger = w.path().join("triggers/named.toml");
+    assert!(out.contains(&format!("{}:5:15: unknown environment `node`", trigger.display())), "{out}");
+}
+
+fn run_check(dir: &Path) -> String {
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(dir.join("baton.toml"))
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .output()
+        .unwrap();
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
