@@ -68,7 +68,8 @@ async fn missed_deliveries_are_resent_once_oldest_first() {
         hook_event(497, "lost-1", json!("502"), 3),
         hook_event(496, "lost-1", json!("internal error"), 4),
     ];
-    events.extend((0..120).map(|i| hook_event(400 - i, &format!("ok-{i}"), json!(200), 5)));
+    // 20 a page (GitLab's most): the second page ends 10 events past the window.
+    events.extend((0..25).map(|i| hook_event(400 - i, &format!("ok-{i}"), json!(200), 5)));
     events.extend((0..150).map(|i| hook_event(200 - i, &format!("old-{i}"), json!("500"), 24 * 4)));
     fake.set_hook_events(PROJECT, HOOK, events);
     let client = Client::new(&fake.api_url(), Secret::new(TOKEN));

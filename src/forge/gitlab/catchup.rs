@@ -26,7 +26,8 @@ const WINDOW: chrono::Duration = chrono::Duration::hours(71);
 /// How often the hooks' events are looked at after the first time.
 pub(crate) const INTERVAL: Duration = Duration::from_secs(10 * 60);
 
-/// Pages of events read per project and pass (100 each, newest first).
+/// Pages of events read per project and pass (20 each, GitLab's most, newest
+/// first).
 const MAX_PAGES: u32 = 10;
 
 /// Tries of one call that GitLab rate-limits (resending is limited to 5 a

@@ -76,10 +76,10 @@ fn string_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::collections
 }
 
 impl Client {
-    /// A page (100, newest first) of a project hook's recent deliveries
-    /// (GitLab keeps a week), and whether another may follow.
+    /// A page (20, GitLab's most; newest first) of a project hook's recent
+    /// deliveries (GitLab keeps a week), and whether another may follow.
     pub async fn hook_events(&self, project: &str, hook: u64, page: u32) -> Result<(Vec<HookEvent>, bool), ListError> {
-        let route = format!("/projects/{}/hooks/{hook}/events?per_page=100&page={}", enc(project), page.max(1));
+        let route = format!("/projects/{}/hooks/{hook}/events?per_page=20&page={}", enc(project), page.max(1));
         let reply = self.send(self.request(Method::GET, &route)?).await?;
         if matches!(reply.status.as_u16(), 401 | 403) {
             let error = self.classify(&reply);
@@ -89,7 +89,7 @@ impl Client {
         }
         let next = reply.headers.get("x-next-page").and_then(|v| v.to_str().ok()).map(|v| !v.trim().is_empty());
         let events: Vec<HookEvent> = self.parse(reply)?;
-        let more = next.unwrap_or(events.len() >= 100) && !events.is_empty();
+        let more = next.unwrap_or(events.len() >= 20) && !events.is_empty();
         Ok((events, more))
     }
 
