@@ -27,8 +27,8 @@ const WINDOW: chrono::Duration = chrono::Duration::hours(71);
 pub(crate) const INTERVAL: Duration = Duration::from_secs(10 * 60);
 
 /// Pages of events read per project and pass (20 each, GitLab's most, newest
-/// first).
-const MAX_PAGES: u32 = 10;
+/// first): the last 1,000 deliveries.
+const MAX_PAGES: u32 = 50;
 
 /// Tries of one call that GitLab rate-limits (resending is limited to 5 a
 /// minute per hook and user), and the longest wait between them.
