@@ -431,6 +431,34 @@ mod tests {
         assert_eq!(find_any(dir.path(), &[b"SECRET-VALUE"], &["a"]), None);
     }
 
+    /// A complete cache of `bytes` bytes last used at `used` (seconds).
+    fn cache_at(caches: &Caches, key: &str, bytes: usize, used: u64) {
+        let held = caches.try_lock(key).unwrap().unwrap();
+        held.begin_fill(1, None).unwrap();
+        std::fs::write(held.data(0).join("f"), vec![b'x'; bytes]).unwrap();
+        let meta = held.finish_fill("o/r", "rust", &[PathBuf::from("/workspace/target")]).unwrap();
+        held.write_meta(&Meta { last_used: used, ..meta }).unwrap();
+    }
+
+    #[test]
+    fn eviction_keeps_the_total_under_cache_max_least_recently_used_first_and_drops_stale_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let caches = Caches::new(dir.path());
+        let t = now();
+        cache_at(&caches, "old", 5, t - 300);
+        cache_at(&caches, "mid", 5, t - 200);
+        cache_at(&caches, "new", 5, t - 100);
+        // A fill that died half-way: no meta.json.
+        std::fs::create_dir_all(caches.root().join("dead/data/0")).unwrap();
+        let year = Duration::from_secs(365 * 86400);
+        assert_eq!(caches.evict(year, 10), vec!["old".to_string()]);
+        assert!(!caches.root().join("dead").exists(), "the unfinished fill is removed");
+        let left: Vec<String> = caches.list().into_iter().map(|m| m.key).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert_eq!(caches.evict(Duration::from_secs(150), u64::MAX), vec!["mid".to_string()]);
+        assert_eq!(caches.list()[0].key, "new");
+    }
+
     #[test]
     fn a_busy_cache_is_not_locked_twice_and_eviction_skips_it() {
         let dir = tempfile::tempdir().unwrap();

@@ -184,6 +184,12 @@ pub async fn serve(
         config.storage.job_retention,
         workers.clone(),
     ));
+    background.spawn(evict_caches(
+        crate::cache::Caches::new(&config.storage.path),
+        config.storage.cache_retention,
+        config.storage.cache_max,
+        workers.clone(),
+    ));
     if let Some(c) = credentials.clone().filter(|c| c.is_app()) {
         background.spawn(crate::forge::github::catchup::run(c, store.clone(), workers.clone()));
     }
@@ -334,6 +340,27 @@ async fn prune_deliveries(store: Store, retention: Duration, stop: CancellationT
 
 /// Jobs pruned per batch: the store is never held long.
 const PRUNE_BATCH: usize = 500;
+
+/// Keeps the environment caches within `storage.cache_retention` and
+/// `storage.cache_max` even while no job fills one (a job's setup also
+/// evicts after it fills).
+async fn evict_caches(caches: crate::cache::Caches, retention: Duration, max: u64, stop: CancellationToken) {
+    let every = (retention / 8).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    loop {
+        let pass = caches.clone();
+        let removed = tokio::task::spawn_blocking(move || pass.evict(retention, max)).await.unwrap_or_default();
+        if !removed.is_empty() {
+            tracing::info!(
+                caches = removed.len(),
+                "Removed environment caches unused too long, or over storage.cache_max."
+            );
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
 
 /// Forgets finished jobs older than the retention, and removes their
 /// folders (log, run folders), in batches in the background.

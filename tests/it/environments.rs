@@ -198,6 +198,58 @@ echo "--- files"; find ~ /tmp /workspace -path /workspace/.git -prune -o -type f
     assert!(scene.cli(&["cache", "list"]).contains("no caches"));
 }
 
+/// Two jobs with one key at once: one fills the cache while the other
+/// waits for it, and the registry is asked once.
+#[tokio::test]
+async fn two_jobs_with_one_key_never_fill_one_cache_at_once() {
+    let (port, hits) = registry("dependency-contents-v1").await;
+    let slow = deps_environment(port, "")
+        .replace("\"echo fetched the dependency\"", "\"sleep 2\", \"echo fetched the dependency\"");
+    let scene = Scene::new(
+        &slow,
+        "#!/bin/sh\necho \"dep: $(cat ~/.deps/dep.txt)\"\n",
+        work().job("environment", "deps"),
+        &[("README.md", "hello\n"), ("deps.lock", "dep = 1\n")],
+    );
+    let baton = scene.start();
+    let a = open_issue(&baton, "env-race-a").await;
+    let b = open_issue(&baton, "env-race-b").await;
+    let (ja, jb) = (baton.finished(&a).await, baton.finished(&b).await);
+    let (la, lb) = (scene.raw_log(&a), scene.raw_log(&b));
+    assert_eq!((&ja["state"], &jb["state"]), (&"succeeded".into(), &"succeeded".into()), "{ja}\n{la}\n{jb}\n{lb}");
+    // They ran side by side: both started before either finished its setup.
+    let started = |j: &serde_json::Value| j["history"][0]["started_at"].as_str().unwrap_or_default().to_string();
+    let finished = |j: &serde_json::Value| j["history"][0]["finished_at"].as_str().unwrap_or_default().to_string();
+    assert!(started(&ja) < finished(&jb) && started(&jb) < finished(&ja), "{ja}\n{jb}");
+    let misses = [&la, &lb].iter().filter(|l| l.contains("setup: cache miss")).count();
+    let hits_logged = [&la, &lb].iter().filter(|l| l.contains("setup: cache hit")).count();
+    assert_eq!((misses, hits_logged), (1, 1), "{la}\n---\n{lb}");
+    assert_eq!(*hits.lock().unwrap(), 1, "the registry was asked twice");
+    assert!(la.contains("dep: dependency-contents-v1") && lb.contains("dep: dependency-contents-v1"));
+}
+
+/// `storage.cache_retention`: the daemon removes a cache unused that long,
+/// with no job asking.
+#[tokio::test]
+async fn the_daemon_removes_caches_past_their_retention() {
+    let scene = Scene::new(
+        "[storage]\ncache_retention = \"1s\"\n\n[environments.small]\nsetup = [\"mkdir -p ~/.small\", \"echo kept > ~/.small/f\"]\ncache = [\"~/.small\"]\n",
+        "#!/bin/sh\ncat ~/.small/f\n",
+        work().job("environment", "small"),
+        &[("README.md", "hello\n")],
+    );
+    let baton = scene.start();
+    let id = open_issue(&baton, "env-retention").await;
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", scene.raw_log(&id));
+    assert!(scene.raw_log(&id).contains("kept"));
+    let caches = scene.w.path().join(".baton/caches");
+    crate::harness::eventually("the stale cache is removed", || {
+        std::fs::read_dir(&caches).map(|d| d.flatten().all(|e| !e.path().is_dir())).unwrap_or(true)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_failing_setup_fails_the_job_with_outcome_setup_and_the_agent_never_runs() {
     let scene = Scene::new(
