@@ -366,3 +366,57 @@ fn run_check(dir: &Path) -> String {
         .unwrap();
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
+
+/// A minimal root file system: the shell, the sandbox's init and the
+/// libraries both load (as `ldd` lists them), merged-`/usr` style, and a
+/// marker file; nothing else of the host.
+fn tiny_image(root: &Path) {
+    for dir in ["usr/bin", "usr/lib", "usr/lib64", "usr/share/baton-image"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    for (link, target) in [("bin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")] {
+        std::os::unix::fs::symlink(target, root.join(link)).unwrap();
+    }
+    std::fs::write(root.join("usr/share/baton-image/marker"), "from-the-image\n").unwrap();
+    let init = Path::new(BIN).with_file_name("baton-sandbox-init");
+    let copy_in = |host: &Path, inside: &str| {
+        let dest = root.join("usr").join(inside.trim_start_matches('/').trim_start_matches("usr/"));
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(host, &dest).unwrap_or_else(|e| panic!("{}: {e}", host.display()));
+    };
+    copy_in(&std::fs::canonicalize("/bin/sh").unwrap(), "/usr/bin/sh");
+    for program in [Path::new("/bin/sh"), init.as_path()] {
+        let out = std::process::Command::new("ldd").arg(program).output().unwrap();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // `libc.so.6 => /lib/…/libc.so.6 (0x…)` or `/lib64/ld-… (0x…)`.
+            let path = line.split("=>").last().unwrap_or_default().split_whitespace().next().unwrap_or_default();
+            if path.starts_with('/') {
+                copy_in(&std::fs::canonicalize(path).unwrap(), path);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_image_replaces_the_host_system_for_the_setup_and_the_agent() {
+    let scene = Scene::new(
+        "",
+        "#!/bin/sh\nread m < /usr/share/baton-image/marker; echo \"agent sees $m\"\n\
+         if [ -e /usr/bin/git ] || [ -e /usr/bin/curl ]; then echo HOST-SYSTEM-VISIBLE; else echo \"no host tools\"; fi\n",
+        work().job("environment", "tiny"),
+        &[("README.md", "hello\n")],
+    );
+    tiny_image(&scene.w.path().join("image"));
+    let config = scene.w.path().join("baton.toml");
+    let mut toml = std::fs::read_to_string(&config).unwrap();
+    toml.push_str("\n[environments.tiny]\nimage = \"image\"\nsetup = [\"read m < /usr/share/baton-image/marker; echo \\\"setup sees $m\\\"\"]\n");
+    std::fs::write(&config, toml).unwrap();
+    let baton = scene.start();
+    let id = open_issue(&baton, "env-image").await;
+    let job = baton.finished(&id).await;
+    let log = scene.raw_log(&id);
+    assert_eq!(job["state"], "succeeded", "{job}\n{log}");
+    assert!(log.contains("setup sees from-the-image"), "{log}");
+    assert!(log.contains("agent sees from-the-image") && log.contains("no host tools"), "{log}");
+    assert!(!log.contains("HOST-SYSTEM-VISIBLE"), "{log}");
+}
