@@ -183,7 +183,9 @@ impl Engine {
             command: vec!["/bin/sh".into(), "-e".into(), "{{ prompt_file }}".into()],
             prompt: PromptMode::File,
             result: ResultMode::Stdout,
-            env: Vec::new(),
+            // The names the agent passes through (a toolchain's variables,
+            // never secrets); the setup's secrets come below.
+            env: agent.env.clone(),
             vars: Default::default(),
             timeout: env.setup_timeout,
             install: None,

@@ -420,3 +420,112 @@ async fn an_image_replaces_the_host_system_for_the_setup_and_the_agent() {
     assert!(log.contains("agent sees from-the-image") && log.contains("no host tools"), "{log}");
     assert!(!log.contains("HOST-SYSTEM-VISIBLE"), "{log}");
 }
+
+/// A sparse registry serving one crate, `tinydep 0.1.0` (`base()` is 40);
+/// returns its port, the request count and the crate's checksum.
+async fn crate_registry(dir: &Path) -> (u16, Arc<Mutex<usize>>, String) {
+    use sha2::Digest as _;
+    let src = dir.join("tinydep-0.1.0");
+    std::fs::create_dir_all(src.join("src")).unwrap();
+    std::fs::write(src.join("Cargo.toml"), "[package]\nname = \"tinydep\"\nversion = \"0.1.0\"\nedition = \"2021\"\n")
+        .unwrap();
+    std::fs::write(src.join("src/lib.rs"), "pub fn base() -> u32 {\n    40\n}\n").unwrap();
+    let tar = std::process::Command::new("tar")
+        .args(["--sort=name", "--owner=0", "--group=0", "--mtime=@0", "-czf", "tinydep-0.1.0.crate", "tinydep-0.1.0"])
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    let bytes = std::fs::read(dir.join("tinydep-0.1.0.crate")).unwrap();
+    let cksum = hex::encode(sha2::Sha256::digest(&bytes));
+    let entry = format!(
+        "{{\"name\":\"tinydep\",\"vers\":\"0.1.0\",\"deps\":[],\"cksum\":\"{cksum}\",\"features\":{{}},\"yanked\":false}}\n"
+    );
+    let hits = Arc::new(Mutex::new(0usize));
+    let counter = hits.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = format!("{{\"dl\":\"http://127.0.0.1:{port}/dl/{{crate}}/{{version}}.crate\"}}");
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let (counter, entry, config, bytes) = (counter.clone(), entry.clone(), config.clone(), bytes.clone());
+        async move {
+            use axum::response::IntoResponse as _;
+            *counter.lock().unwrap() += 1;
+            match uri.path() {
+                "/index/config.json" => config.into_response(),
+                "/index/ti/ny/tinydep" => entry.into_response(),
+                "/dl/tinydep/0.1.0.crate" => bytes.into_response(),
+                _ => axum::http::StatusCode::NOT_FOUND.into_response(),
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (port, hits, cksum)
+}
+
+/// The real project check: a Rust crate with one dependency from a
+/// registry only the setup reaches. The setup fetches it into the cache;
+/// the scripted agent fixes the failing test once `verify` (`cargo test
+/// --offline`, in the agent phase's environment) told it what failed.
+#[tokio::test]
+async fn a_rust_crate_is_fetched_by_the_setup_and_verified_offline_from_the_cache() {
+    let registry_dir = tempfile::tempdir().unwrap();
+    let (port, hits, cksum) = crate_registry(registry_dir.path()).await;
+    let sysroot = std::process::Command::new("rustc").args(["--print", "sysroot"]).output().unwrap();
+    let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_string();
+    let cargo_config = format!(
+        "[source.crates-io]\nreplace-with = \"fake\"\n\n[source.fake]\nregistry = \"sparse+http://127.0.0.1:{port}/index/\"\n"
+    );
+    let lock = format!(
+        "version = 3\n\n[[package]]\nname = \"app\"\nversion = \"0.1.0\"\ndependencies = [\n \"tinydep\",\n]\n\n\
+         [[package]]\nname = \"tinydep\"\nversion = \"0.1.0\"\nsource = \"registry+https://github.com/rust-lang/crates.io-index\"\n\
+         checksum = \"{cksum}\"\n"
+    );
+    // Attempt 1 leaves the bug; attempt 2, told by verify that the test
+    // failed, fixes it.
+    let agent = "#!/bin/sh\nprompt=$(cat)\ncase \"$prompt\" in *\"assertion\"*) sed -i 's/+ 1/+ 2/' src/lib.rs; echo fixed it;; *) echo looked around;; esac\n";
+    let scene = Scene::new(
+        "[environments.rust]\nsetup = [\"cargo fetch --locked\"]\nsetup_network = [\"127.0.0.1:PORT\"]\ncache = [\"~/.cargo/registry\"]\ncache_key = [\"Cargo.lock\"]\n"
+            .replace("PORT", &port.to_string())
+            .as_str(),
+        agent,
+        work()
+            .job("environment", "rust")
+            .job("attempts", 2)
+            .job("timeout", "300s")
+            .job("verify", vec!["cargo", "test", "--offline", "--locked", "-q"]),
+        &[
+            ("Cargo.toml", "[package]\nname = \"app\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[dependencies]\ntinydep = \"0.1\"\n"),
+            ("Cargo.lock", &lock),
+            (".cargo/config.toml", &cargo_config),
+            ("src/lib.rs", "pub fn answer() -> u32 {\n    tinydep::base() + 1\n}\n\n#[test]\nfn the_answer() {\n    assert_eq!(answer(), 42);\n}\n"),
+        ],
+    );
+    // The toolchain, shown read-only to the runs.
+    let config = scene.w.path().join("baton.toml");
+    let toml = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[agents.script]\n", &format!("[agents.script]\nread_only = [\"{sysroot}\"]\n"));
+    assert!(toml.contains("read_only"), "{toml}");
+    std::fs::write(&config, toml).unwrap();
+    let path = format!("{sysroot}/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let baton =
+        Baton::start(scene.w.path(), &[("GITHUB_TOKEN", TOKEN), ("REGISTRY_TOKEN", REGISTRY_TOKEN), ("PATH", &path)]);
+    let id = open_issue(&baton, "env-rust").await;
+    let job = baton.finished(&id).await;
+    let log = scene.raw_log(&id);
+    assert_eq!(job["state"], "succeeded", "{job}\n{log}");
+    assert_eq!(job["history"][0]["outcome"], "verify_failed", "the first verify ran the failing test: {job}");
+    assert!(log.contains("fixed it"), "{log}");
+    assert_eq!(log.matches("== setup ==").count(), 1, "the second attempt used the cache:\n{log}");
+    assert!(log.contains("setup: cache hit"), "{log}");
+    let asked = *hits.lock().unwrap();
+    assert!(asked >= 2, "the setup reached the registry: {asked}");
+    // The agent phase (verify included) reached nothing.
+    for attempt in job["history"].as_array().unwrap() {
+        assert!(attempt["egress_blocked"].as_array().is_none_or(|b| b.is_empty()), "{job}");
+    }
+    assert_eq!(*hits.lock().unwrap(), asked);
+}
