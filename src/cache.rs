@@ -55,6 +55,10 @@ pub struct Meta {
 /// What a key is made of.
 pub struct KeyParts<'a> {
     pub repo: &'a str,
+    /// Where the workspace's code came from (`branch` or `pull-request`):
+    /// a setup run on a pull request's head runs its code, so what it
+    /// fills never serves a job on a branch.
+    pub scope: &'a str,
     pub environment: &'a str,
     pub setup: &'a [String],
     pub paths: &'a [PathBuf],
@@ -75,6 +79,7 @@ impl KeyParts<'_> {
             h.update(bytes);
         };
         part("repo", self.repo.as_bytes());
+        part("scope", self.scope.as_bytes());
         part("env", self.environment.as_bytes());
         for c in self.setup {
             part("setup", c.as_bytes());
@@ -403,7 +408,7 @@ mod tests {
     use super::*;
 
     fn parts<'a>(files: &'a [(String, Option<Vec<u8>>)], setup: &'a [String]) -> KeyParts<'a> {
-        KeyParts { repo: "o/r", environment: "rust", setup, paths: &[], repo_script: None, files }
+        KeyParts { repo: "o/r", scope: "branch", environment: "rust", setup, paths: &[], repo_script: None, files }
     }
 
     #[test]
@@ -416,6 +421,8 @@ mod tests {
         assert_ne!(parts(&a, &setup).key(), parts(&b, &setup).key());
         assert_ne!(parts(&a, &setup).key(), parts(&absent, &setup).key());
         assert_ne!(parts(&a, &setup).key(), parts(&a, &["npm ci".to_string()]).key());
+        let from_pr = KeyParts { scope: "pull-request", ..parts(&a, &setup) };
+        assert_ne!(parts(&a, &setup).key(), from_pr.key(), "a pull request's cache never serves a branch");
     }
 
     #[test]

@@ -76,8 +76,13 @@ impl Engine {
         }
 
         let files = key_files(&prepared.path, &env.cache_key).await;
+        let scope = match spec.workspace {
+            crate::rules::Workspace::PrHead { .. } => "pull-request",
+            _ => "branch",
+        };
         let key = KeyParts {
             repo,
+            scope,
             environment: &env.name,
             setup: &env.setup,
             paths: &env.cache,
@@ -270,9 +275,9 @@ impl Engine {
             .collect();
         let found = tokio::task::spawn_blocking(move || {
             let needles: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
-            places.iter().find_map(|(dir, what)| {
-                crate::cache::find_any(dir, &needles, &[".git"]).map(|(path, i)| (*what, path, i))
-            })
+            places
+                .iter()
+                .find_map(|(dir, what)| crate::cache::find_any(dir, &needles, &[]).map(|(path, i)| (*what, path, i)))
         })
         .await
         .ok()
