@@ -529,7 +529,12 @@ impl Sandbox {
             }
         }
         let meter = usage::Meter {
-            trees: vec![run.workdir.to_path_buf(), home.clone(), run.io_dir.to_path_buf()],
+            // An environment's cache folders count too: what a setup fills,
+            // and what a run adds to its copy.
+            trees: [run.workdir.to_path_buf(), home.clone(), run.io_dir.to_path_buf()]
+                .into_iter()
+                .chain(run.caches.iter().map(|(host, _)| host.clone()))
+                .collect(),
             init: None,
             base: usage::Usage::default(),
             max_bytes: run.profile.max_disk,

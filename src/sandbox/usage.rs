@@ -77,7 +77,8 @@ pub fn tree(root: &Path, stop_at: u64) -> Usage {
 /// What one run may add, and where it writes.
 #[derive(Debug, Clone)]
 pub(crate) struct Meter {
-    /// Folders on disk: the workspace, `HOME` and the io folder.
+    /// Folders on disk: the workspace, `HOME`, the io folder and the
+    /// environment's cache folders.
     pub(crate) trees: Vec<PathBuf>,
     /// pid 1 of the run's sandbox, as the host sees it: its namespace's
     /// processes hold files no walk finds (unlinked, `O_TMPFILE`, memfds),

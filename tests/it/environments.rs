@@ -250,6 +250,31 @@ async fn the_daemon_removes_caches_past_their_retention() {
     .await;
 }
 
+/// What a setup writes into the cache counts against the run's `max_disk`.
+#[tokio::test]
+async fn a_setup_filling_its_cache_past_max_disk_is_stopped() {
+    let scene = Scene::new(
+        "[environments.big]\nsetup = [\"mkdir -p ~/.big\", \"head -c 40000000 /dev/zero > ~/.big/blob\", \"sleep 10\"]\ncache = [\"~/.big\"]\n",
+        "#!/bin/sh\necho AGENT-RAN\n",
+        work().job("environment", "big"),
+        &[("README.md", "hello\n")],
+    );
+    let config = scene.w.path().join("baton.toml");
+    let toml =
+        std::fs::read_to_string(&config).unwrap().replace("[agents.script]\n", "[agents.script]\nmax_disk = \"16M\"\n");
+    std::fs::write(&config, toml).unwrap();
+    let baton = scene.start();
+    let id = open_issue(&baton, "env-big").await;
+    let job = baton.finished(&id).await;
+    let log = scene.raw_log(&id);
+    assert_eq!(job["state"], "failed", "{job}\n{log}");
+    assert_eq!(job["history"][0]["outcome"], "setup", "{job}");
+    let error = job["history"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("max_disk"), "{error}");
+    assert!(!log.contains("AGENT-RAN"), "{log}");
+    assert!(scene.cli(&["cache", "list"]).contains("no caches"));
+}
+
 #[tokio::test]
 async fn a_failing_setup_fails_the_job_with_outcome_setup_and_the_agent_never_runs() {
     let scene = Scene::new(
