@@ -141,10 +141,26 @@ impl Caches {
 
     /// The lock of `key` if nobody holds it.
     pub fn try_lock(&self, key: &str) -> Result<Option<Held>, CacheError> {
-        let file = self.lock_file(key)?;
-        // SAFETY: flock on a descriptor this function owns.
-        let got = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
-        Ok(got.then(|| Held { _lock: file, dir: self.root.join(key), key: key.to_string() }))
+        use std::os::unix::fs::MetadataExt as _;
+        let path = self.root.join(format!("{key}.lock"));
+        // A removed cache takes its lock file along; whoever opened that
+        // file before it went holds a lock nobody else can see, so it
+        // counts only while it is still the file at the path.
+        for _ in 0..3 {
+            let file = self.lock_file(key)?;
+            // SAFETY: flock on a descriptor this function owns.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                return Ok(None);
+            }
+            let same = match (file.metadata(), std::fs::metadata(&path)) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            };
+            if same {
+                return Ok(Some(Held { _lock: file, dir: self.root.join(key), key: key.to_string() }));
+            }
+        }
+        Ok(None)
     }
 
     /// The lock of `key`, waiting for whoever holds it (a job filling it)
@@ -320,9 +336,15 @@ impl Held {
         Ok(())
     }
 
-    /// Removes the cache (its lock file stays: a waiter may hold it open).
+    /// Removes the cache and its lock file (a waiter holding the old file
+    /// open sees it is gone and opens a new one).
     pub fn remove(self) -> Result<(), CacheError> {
-        crate::tree::remove(&self.dir).map_err(self.io())
+        crate::tree::remove(&self.dir).map_err(self.io())?;
+        let lock = self.dir.with_file_name(format!("{}.lock", self.key));
+        match std::fs::remove_file(&lock) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(self.io()(e)),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -481,5 +503,22 @@ mod tests {
         assert_eq!(caches.list().len(), 1);
         assert_eq!(caches.evict(Duration::from_secs(3600), 0), vec!["k1".to_string()]);
         assert!(caches.list().is_empty());
+        assert!(!caches.root().join("k1.lock").exists(), "an evicted cache's lock file is left behind");
+    }
+
+    /// A lock taken on a removed cache's old lock file (opened before the
+    /// removal) does not keep a new holder out.
+    #[test]
+    fn a_lock_on_a_removed_caches_old_file_counts_for_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let caches = Caches::new(dir.path());
+        let held = caches.try_lock("k").unwrap().unwrap();
+        let stale = std::fs::File::open(caches.root().join("k.lock")).unwrap();
+        held.remove().unwrap();
+        // SAFETY: flock on a descriptor the test owns.
+        assert_eq!(unsafe { libc::flock(stale.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+        let fresh = caches.try_lock("k").unwrap();
+        assert!(fresh.is_some(), "the old file's lock kept the key busy");
+        assert!(caches.try_lock("k").unwrap().is_none(), "two holders of one key");
     }
 }

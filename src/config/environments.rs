@@ -110,19 +110,16 @@ pub(super) fn resolve(
             Err(msg) => problems.push((value.span(), format!("{}.{var}: {msg}", key("setup_env")))),
         }
     }
-    let mut cache = Vec::new();
+    let mut cache: Vec<PathBuf> = Vec::new();
     for c in &raw.cache {
         match inside_path(c.get_ref()) {
+            // Pointed at by its own span: a bad entry before it must not
+            // shift which one an overlap names.
+            Ok(p) if cache.iter().any(|q| p.starts_with(q) || q.starts_with(&p)) => {
+                problems.push((c.span(), format!("{}: `{}` overlaps another cache path", key("cache"), p.display())));
+            }
             Ok(p) => cache.push(p),
             Err(msg) => problems.push((c.span(), format!("{}: {msg}", key("cache")))),
-        }
-    }
-    for (i, p) in cache.iter().enumerate() {
-        if cache[..i].iter().any(|q| p.starts_with(q) || q.starts_with(p)) {
-            problems.push((
-                raw.cache[i].span(),
-                format!("{}: `{}` overlaps another cache path", key("cache"), p.display()),
-            ));
         }
     }
     for k in &raw.cache_key {

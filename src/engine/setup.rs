@@ -76,13 +76,10 @@ impl Engine {
         }
 
         let files = key_files(&prepared.path, &env.cache_key).await;
-        let scope = match spec.workspace {
-            crate::rules::Workspace::PrHead { .. } => "pull-request",
-            _ => "branch",
-        };
+        let scope = cache_scope(&spec.workspace);
         let key = KeyParts {
             repo,
-            scope,
+            scope: &scope,
             environment: &env.name,
             setup: &env.setup,
             paths: &env.cache,
@@ -188,9 +185,10 @@ impl Engine {
             command: vec!["/bin/sh".into(), "-e".into(), "{{ prompt_file }}".into()],
             prompt: PromptMode::File,
             result: ResultMode::Stdout,
-            // The names the agent passes through (a toolchain's variables,
-            // never secrets); the setup's secrets come below.
-            env: agent.env.clone(),
+            // Not the agent's names: a preset passes its model key, which
+            // the workspace's install scripts have no business seeing. The
+            // setup's own secrets come below.
+            env: Vec::new(),
             vars: Default::default(),
             timeout: env.setup_timeout,
             install: None,
@@ -297,6 +295,20 @@ impl Engine {
     }
 }
 
+/// Whose code a cache may be filled by. Only the default branch's is
+/// trusted to fill a cache other jobs share; a pull request's head fills
+/// its own (a hostile one poisons nothing but itself), and a bare commit
+/// (a check's or a delegated child's head) one per commit.
+fn cache_scope(workspace: &crate::rules::Workspace) -> String {
+    use crate::rules::Workspace;
+    match workspace {
+        Workspace::None => "empty".into(),
+        Workspace::DefaultBranch { .. } => "default-branch".into(),
+        Workspace::PrHead { number, .. } => format!("pull-request-{number}"),
+        Workspace::HeadSha { sha, .. } => format!("commit-{sha}"),
+    }
+}
+
 /// The key files' contents as the workspace has them; one that is a link,
 /// or leads outside the workspace, counts as absent.
 async fn key_files(root: &std::path::Path, names: &[String]) -> Vec<(String, Option<Vec<u8>>)> {
@@ -335,4 +347,27 @@ fn read_inside(root: &std::path::Path, name: &str) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     file.take(MAX_KEY_FILE).read_to_end(&mut out).ok()?;
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cache_scope;
+    use crate::rules::Workspace;
+
+    /// Only the default branch's code fills a cache other jobs share: a
+    /// pull request's, a check's or a delegated child's head fills its own.
+    #[test]
+    fn only_the_default_branch_shares_its_cache_scope() {
+        let branch = cache_scope(&Workspace::DefaultBranch { branch: "main".into() });
+        let pr = |number| cache_scope(&Workspace::PrHead { number, sha: None, base: None, pinned: false });
+        let commit = |sha: &str| cache_scope(&Workspace::HeadSha { sha: sha.into(), branch: Some("main".into()) });
+        assert_eq!(branch, cache_scope(&Workspace::DefaultBranch { branch: "main".into() }));
+        assert_eq!(pr(7), pr(7));
+        let scopes = [branch, pr(7), pr(8), commit("aaaa"), commit("bbbb"), cache_scope(&Workspace::None)];
+        for (i, a) in scopes.iter().enumerate() {
+            for b in &scopes[i + 1..] {
+                assert_ne!(a, b, "two kinds of code share a cache scope");
+            }
+        }
+    }
 }

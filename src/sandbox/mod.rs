@@ -390,6 +390,9 @@ impl Sandbox {
         v.push(["--unshare-all", "--die-with-parent", "--new-session", "--as-pid-1", "--cap-drop", "ALL"]);
         v.push(["--hostname", "baton-sandbox"]);
         let mut roots: Vec<PathBuf> = Vec::new();
+        // The image's system folders: not host paths (nothing of the host's
+        // to mask under them), but the agent's PATH may name them.
+        let mut image_dirs: Vec<PathBuf> = Vec::new();
         // The system folders and `/etc` come from the image when there is
         // one (each shown at its own path inside), else from the host.
         let system_root = run.image.unwrap_or(Path::new("/"));
@@ -403,7 +406,10 @@ impl Sandbox {
                         roots.push(path.to_path_buf());
                     }
                 }
-                Ok(m) if m.is_dir() && run.image.is_some() => v.read_only_dir(&source, path),
+                Ok(m) if m.is_dir() && run.image.is_some() => {
+                    v.read_only_dir(&source, path);
+                    image_dirs.push(path.to_path_buf());
+                }
                 Ok(m) if m.is_dir() => {
                     v.system("--ro-bind", path);
                     roots.push(path.to_path_buf());
@@ -414,7 +420,14 @@ impl Sandbox {
         let shown: Vec<PathBuf> = etc::ALLOWED
             .iter()
             .map(|(e, _)| system_root.join(&e[1..]))
-            .filter(|p| std::fs::symlink_metadata(p).is_ok() && p.exists())
+            .filter(|p| match std::fs::symlink_metadata(p) {
+                // An image's link would be followed on the host when it is
+                // bound (`/etc/hosts -> /root/.ssh/id_rsa`): only its own
+                // files and folders count.
+                Ok(m) if run.image.is_some() => m.is_file() || m.is_dir(),
+                Ok(_) => p.exists(),
+                Err(_) => false,
+            })
             .collect();
         if run.image.is_none() {
             roots.extend(shown.iter().cloned());
@@ -509,8 +522,9 @@ impl Sandbox {
         // The daemon's PATH, less the folders the sandbox does not show
         // (they would only tell the agent where things are on the host).
         let path = std::env::var_os("PATH").unwrap_or_default();
-        let visible: Vec<PathBuf> =
-            std::env::split_paths(&path).filter(|d| roots.iter().any(|r| d.starts_with(r))).collect();
+        let visible: Vec<PathBuf> = std::env::split_paths(&path)
+            .filter(|d| roots.iter().chain(&image_dirs).any(|r| d.starts_with(r)))
+            .collect();
         let path = match std::env::join_paths(&visible) {
             Ok(p) if !visible.is_empty() => p.to_string_lossy().into_owned(),
             _ => "/usr/local/bin:/usr/bin:/bin".to_string(),

@@ -14,6 +14,9 @@ const TOKEN: &str = "ghp_EnvironmentsTestToken0123456789abcdef";
 /// The registry's token: only the setup may see it.
 const REGISTRY_TOKEN: &str = "registry-token-Zq8v3LmN1xR5tY7wK2";
 
+/// A model key the agent is given (`[agents.NAME] env`).
+const MODEL_KEY: &str = "model-key-Hq2wE9rT4yU6iO8p";
+
 /// A loopback registry: `GET /dep` answers `text` to a request carrying
 /// the token, 401 to any other; every request counts.
 async fn registry(text: &'static str) -> (u16, Arc<Mutex<usize>>) {
@@ -64,7 +67,10 @@ impl Scene {
     }
 
     fn start(&self) -> Baton {
-        Baton::start(self.w.path(), &[("GITHUB_TOKEN", TOKEN), ("REGISTRY_TOKEN", REGISTRY_TOKEN)])
+        Baton::start(
+            self.w.path(),
+            &[("GITHUB_TOKEN", TOKEN), ("REGISTRY_TOKEN", REGISTRY_TOKEN), ("MODEL_KEY", MODEL_KEY)],
+        )
     }
 
     /// The job's log as it is on disk (the API's copy is redacted).
@@ -278,11 +284,18 @@ async fn a_setup_filling_its_cache_past_max_disk_is_stopped() {
 #[tokio::test]
 async fn a_failing_setup_fails_the_job_with_outcome_setup_and_the_agent_never_runs() {
     let scene = Scene::new(
-        "[environments.broken]\nsetup = [\"echo preparing the build\", \"echo the registry is down >&2; exit 3\"]\ncache = [\"target\"]\n",
+        "[environments.broken]\nsetup = [\"echo preparing the build\", \"echo \\\"model key: ${MODEL_KEY:-absent}\\\"\", \"echo the registry is down >&2; exit 3\"]\ncache = [\"target\"]\n",
         "#!/bin/sh\necho AGENT-RAN\n",
         work().job("environment", "broken"),
         &[("README.md", "hello\n")],
     );
+    // The agent is given its model key; the setup (which runs the
+    // workspace's install scripts) is not.
+    let config = scene.w.path().join("baton.toml");
+    let toml = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[agents.script]\n", "[agents.script]\nenv = [\"MODEL_KEY\"]\n");
+    std::fs::write(&config, toml).unwrap();
     let baton = scene.start();
     let id = open_issue(&baton, "env-broken").await;
     let job = baton.finished(&id).await;
@@ -293,6 +306,7 @@ async fn a_failing_setup_fails_the_job_with_outcome_setup_and_the_agent_never_ru
     let error = job["history"][0]["error"].as_str().unwrap_or_default();
     assert!(error.contains("setup of environment `broken` failed (exit status 3)"), "{error}");
     assert!(log.contains("preparing the build") && log.contains("the registry is down"), "{log}");
+    assert!(log.contains("model key: absent") && !log.contains(MODEL_KEY), "the setup saw the agent's key:\n{log}");
     assert!(!log.contains("AGENT-RAN"), "the agent ran after a failed setup:\n{log}");
     assert!(scene.cli(&["cache", "list"]).contains("no caches"), "a failed setup left a cache");
 }
@@ -367,11 +381,19 @@ fn check_names_each_triggers_environment_and_points_at_bad_entries() {
 
     let file = w.path().join("baton.toml");
     w.config(
-        "[agents.x]\ncommand = [\"x\"]\n\n[environments.bad]\ncache = [\"/usr/lib\"]\ncache_key = [\"../secret\"]\n",
+        "[agents.x]\ncommand = [\"x\"]\n\n[environments.bad]\ncache = [\"/usr/lib\", \"target\", \"target/debug\"]\ncache_key = [\"../secret\"]\n",
     );
     let out = run_check(w.path());
     assert!(
         out.contains(&format!("{}:5:10: environments.bad.cache: `/usr/lib` must be a folder", file.display())),
+        "{out}"
+    );
+    // The overlap points at the entry that overlaps, past the bad one.
+    assert!(
+        out.contains(&format!(
+            "{}:5:32: environments.bad.cache: `/workspace/target/debug` overlaps another cache path",
+            file.display()
+        )),
         "{out}"
     );
     assert!(out.contains(&format!("{}:6:14: environments.bad.cache_key", file.display())), "{out}");
@@ -427,11 +449,18 @@ async fn an_image_replaces_the_host_system_for_the_setup_and_the_agent() {
     let scene = Scene::new(
         "",
         "#!/bin/sh\nread m < /usr/share/baton-image/marker; echo \"agent sees $m\"\n\
-         if [ -e /usr/bin/git ] || [ -e /usr/bin/curl ]; then echo HOST-SYSTEM-VISIBLE; else echo \"no host tools\"; fi\n",
+         if [ -e /usr/bin/git ] || [ -e /usr/bin/curl ]; then echo HOST-SYSTEM-VISIBLE; else echo \"no host tools\"; fi\n\
+         echo \"path: $PATH\"; if [ -e /etc/hosts ]; then while read -r l; do echo \"hosts: $l\"; done < /etc/hosts; fi\n",
         work().job("environment", "tiny"),
         &[("README.md", "hello\n")],
     );
     tiny_image(&scene.w.path().join("image"));
+    // The image's `/etc/hosts` leads to a host file: a link the image
+    // chose must not be followed on the host.
+    let host_file = scene.w.path().join("host-only");
+    std::fs::write(&host_file, "HOST-FILE-CONTENTS\n").unwrap();
+    std::fs::create_dir_all(scene.w.path().join("image/etc")).unwrap();
+    std::os::unix::fs::symlink(&host_file, scene.w.path().join("image/etc/hosts")).unwrap();
     let config = scene.w.path().join("baton.toml");
     let mut toml = std::fs::read_to_string(&config).unwrap();
     toml.push_str("\n[environments.tiny]\nimage = \"image\"\nsetup = [\"read m < /usr/share/baton-image/marker; echo \\\"setup sees $m\\\"\"]\n");
@@ -444,6 +473,9 @@ async fn an_image_replaces_the_host_system_for_the_setup_and_the_agent() {
     assert!(log.contains("setup sees from-the-image"), "{log}");
     assert!(log.contains("agent sees from-the-image") && log.contains("no host tools"), "{log}");
     assert!(!log.contains("HOST-SYSTEM-VISIBLE"), "{log}");
+    assert!(!log.contains("HOST-FILE-CONTENTS"), "the image's link was followed on the host:\n{log}");
+    let path = log.lines().find_map(|l| l.strip_prefix("path: ")).unwrap_or_default();
+    assert!(path.split(':').any(|d| d == "/usr/bin"), "the image's /usr/bin is on PATH: {path}");
 }
 
 /// A sparse registry serving one crate, `tinydep 0.1.0` (`base()` is 40);
