@@ -115,6 +115,11 @@ pub struct Held {
     key: String,
 }
 
+/// `KEY.lock`, beside the cache's folder.
+fn lock_path(root: &Path, key: &str) -> PathBuf {
+    root.join(format!("{key}.lock"))
+}
+
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -135,14 +140,14 @@ impl Caches {
             .create(true)
             .truncate(false)
             .write(true)
-            .open(self.root.join(format!("{key}.lock")))
+            .open(lock_path(&self.root, key))
             .map_err(io)
     }
 
     /// The lock of `key` if nobody holds it.
     pub fn try_lock(&self, key: &str) -> Result<Option<Held>, CacheError> {
         use std::os::unix::fs::MetadataExt as _;
-        let path = self.root.join(format!("{key}.lock"));
+        let path = lock_path(&self.root, key);
         // A removed cache takes its lock file along; whoever opened that
         // file before it went holds a lock nobody else can see, so it
         // counts only while it is still the file at the path.
@@ -340,7 +345,7 @@ impl Held {
     /// open sees it is gone and opens a new one).
     pub fn remove(self) -> Result<(), CacheError> {
         crate::tree::remove(&self.dir).map_err(self.io())?;
-        let lock = self.dir.with_file_name(format!("{}.lock", self.key));
+        let lock = self.dir.parent().map(|root| lock_path(root, &self.key)).unwrap_or_default();
         match std::fs::remove_file(&lock) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(self.io()(e)),
             _ => Ok(()),
