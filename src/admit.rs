@@ -105,11 +105,7 @@ impl Door<'_> {
         else {
             return;
         };
-        // GitHub's pull request, or GitLab's merge request attributes.
-        let updated_at = [&event.payload["pull_request"], &event.payload["object_attributes"]]
-            .into_iter()
-            .find_map(|s| s["updated_at"].as_str())
-            .unwrap_or_default();
+        let updated_at = event.updated_at.as_deref().unwrap_or_default();
         let head = PrHead {
             sha: sha.to_string(),
             in_repo: event.head_in_repo,

@@ -8,7 +8,7 @@
 use chrono::{DateTime, Utc};
 
 use crate::admit::{Door, Origin, Received};
-use crate::event::{Event, Repository};
+use crate::event::{Event, Payload, Repository};
 use crate::rules::SharedRules;
 use crate::store::{Accepted, Store, StoreError};
 
@@ -21,7 +21,13 @@ pub fn event(trigger: &str, repo: &str, slot: DateTime<Utc>) -> Event {
     Event {
         // No payload names the default branch: `HEAD` is the remote's own.
         repository: Some(Repository { full_name: repo.to_string(), default_branch: Some("HEAD".into()), id: None }),
-        ..Event::new("schedule", "schedule", None, &format!("schedule:{trigger}:{repo}:{}", slot.timestamp()), payload)
+        ..Event::new(
+            "schedule",
+            "schedule",
+            None,
+            &format!("schedule:{trigger}:{repo}:{}", slot.timestamp()),
+            Payload::from_value(payload),
+        )
     }
 }
 

@@ -272,7 +272,7 @@ fn event_of(req: &CreateJob, delivery: &str) -> Result<Event, Refusal> {
         "api": { "prompt": prompt },
         "repository": repo.map(|r| json!({ "full_name": r })),
     });
-    let mut event = Event::new(API_EVENT, API_EVENT, None, delivery, payload);
+    let mut event = Event::new(API_EVENT, API_EVENT, None, delivery, crate::event::Payload::from_value(payload));
     // No request names the default branch: `HEAD` is the remote's own.
     event.repository = repo.map(|r| Repository {
         full_name: r.to_string(),

@@ -63,6 +63,6 @@ pub fn job_event(job: &Job) -> Option<Event> {
             depth: spec.chain_depth,
             forge: spec.forge.source().to_string(),
         }),
-        ..Event::new("baton", "job", Some(action.into()), &delivery, payload)
+        ..Event::new("baton", "job", Some(action.into()), &delivery, crate::event::Payload::from_value(payload))
     })
 }

@@ -58,8 +58,16 @@ pub fn normalize(source: &SourceSettings, delivery: &str, body: &[u8]) -> Result
         branch: lookup(&value, "branch"),
         head_sha: lookup(&value, "sha").or_else(|| lookup(&value, "head_sha")),
         conclusion: lookup(&value, "conclusion").or_else(|| lookup(&value, "status")),
-        ..Event::new(&source.name, &source.name, action, delivery, value)
+        ..Event::new(&source.name, &source.name, action, delivery, payload_of(body, value))
     })
+}
+
+/// A parsed body as the event's payload, its text kept.
+pub(crate) fn payload_of(body: &[u8], value: Value) -> crate::event::Payload {
+    match std::str::from_utf8(body) {
+        Ok(text) => crate::event::Payload::parsed(text, value),
+        Err(_) => crate::event::Payload::from_value(value),
+    }
 }
 
 #[cfg(test)]

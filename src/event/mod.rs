@@ -5,11 +5,11 @@
 //! nothing downstream of ingress looks at HTTP or at a source's own format.
 
 pub mod generic;
+mod payload;
 
-use std::sync::Arc;
+pub use payload::Payload;
 
 use serde::Serialize;
-use serde_json::Value;
 
 /// Why a payload could not be normalized.
 #[derive(Debug, thiserror::Error)]
@@ -202,9 +202,13 @@ pub struct Event {
     pub reviewed: std::collections::BTreeMap<String, String>,
     /// For `job.succeeded` / `job.failed`: the job that ended.
     pub parent: Option<ParentJob>,
+    /// When the forge last changed a pull or merge request (as the payload
+    /// has it): a head is moved only by a newer one.
+    #[serde(skip)]
+    pub updated_at: Option<String>,
     /// The payload as received, for templates.
     #[serde(skip)]
-    pub payload: Arc<Value>,
+    pub payload: Payload,
 }
 
 impl Event {
@@ -212,7 +216,8 @@ impl Event {
     /// is about, as the payload has them now (`None` when it has neither).
     pub(crate) fn subject_text(&self) -> Option<String> {
         use sha2::Digest as _;
-        let subject = [&self.payload["pull_request"], &self.payload["issue"]].into_iter().find(|v| v.is_object())?;
+        let payload = self.payload.value();
+        let subject = [&payload["pull_request"], &payload["issue"]].into_iter().find(|v| v.is_object())?;
         let mut h = sha2::Sha256::new();
         h.update(subject["title"].as_str().unwrap_or_default().as_bytes());
         h.update([0]);
@@ -221,7 +226,7 @@ impl Event {
     }
 
     /// An event with its identity and payload only; normalizers fill in the rest.
-    pub fn new(source: &str, name: &str, action: Option<String>, delivery: &str, payload: Value) -> Event {
+    pub fn new(source: &str, name: &str, action: Option<String>, delivery: &str, payload: Payload) -> Event {
         Event {
             source: source.to_string(),
             name: name.to_string(),
@@ -254,7 +259,8 @@ impl Event {
             thread: None,
             reviewed: Default::default(),
             parent: None,
-            payload: Arc::new(payload),
+            updated_at: None,
+            payload,
         }
     }
 

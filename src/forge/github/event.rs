@@ -1,16 +1,17 @@
 //! GitHub payload → `Event`.
 //!
 //! baton reads only the fields it needs through its own lenient serde structs
-//! (every field optional, unknown fields ignored) over the raw JSON, which is
-//! kept whole for templates. octocrab's webhook models are strict and fail on
-//! real payloads, so they are not used here.
+//! (every field optional, unknown fields ignored), borrowing from the JSON
+//! text, which is kept whole for templates and never parsed into a `Value`
+//! here. octocrab's webhook models are strict and fail on real payloads, so
+//! they are not used here.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::value::RawValue;
 
-use crate::event::{Actor, Comment, Event, NormalizeError, Repository};
+use crate::event::{Actor, Comment, Event, NormalizeError, Payload, Repository};
 
 /// GitHub events that baton understands; others are stored and start no job.
 pub const KNOWN_EVENTS: &[&str] = &[
@@ -34,19 +35,25 @@ pub const KNOWN_EVENTS: &[&str] = &[
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-struct Payload {
+struct Fields<'a> {
     action: Option<String>,
     repository: Option<RawRepo>,
     installation: Option<Id>,
     sender: Option<RawUser>,
-    issue: Option<RawIssue>,
-    pull_request: Option<RawPull>,
+    #[serde(borrow)]
+    issue: Option<RawIssue<'a>>,
+    #[serde(borrow)]
+    pull_request: Option<RawPull<'a>>,
     comment: Option<RawComment>,
     review: Option<RawComment>,
-    check_run: Option<RawCheckRun>,
-    check_suite: Option<RawCheck>,
-    workflow_run: Option<RawCheck>,
-    workflow_job: Option<RawCheck>,
+    #[serde(borrow)]
+    check_run: Option<RawCheckRun<'a>>,
+    #[serde(borrow)]
+    check_suite: Option<RawCheck<'a>>,
+    #[serde(borrow)]
+    workflow_run: Option<RawCheck<'a>>,
+    #[serde(borrow)]
+    workflow_job: Option<RawCheck<'a>>,
     // status
     sha: Option<String>,
     state: Option<String>,
@@ -89,31 +96,41 @@ struct RawUser {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-struct RawIssue {
+struct RawIssue<'a> {
     number: Option<u64>,
-    /// Title, text and page: kept as JSON so an odd type never drops the
-    /// issue (`text_of`).
-    title: Option<Value>,
-    body: Option<Value>,
-    html_url: Option<Value>,
+    /// Title, text and page: kept as JSON text so an odd type never drops
+    /// the issue (`text_of`).
+    #[serde(borrow)]
+    title: Option<&'a RawValue>,
+    #[serde(borrow)]
+    body: Option<&'a RawValue>,
+    #[serde(borrow)]
+    html_url: Option<&'a RawValue>,
     author_association: Option<String>,
     /// Read leniently (`login_of`): only its `login` is needed.
-    user: Option<Value>,
+    #[serde(borrow)]
+    user: Option<&'a RawValue>,
     labels: Vec<Named>,
     /// Present when the "issue" is a pull request (comments on PRs).
-    pull_request: Option<Value>,
+    #[serde(borrow)]
+    pull_request: Option<&'a RawValue>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-struct RawPull {
+struct RawPull<'a> {
     number: Option<u64>,
-    title: Option<Value>,
-    body: Option<Value>,
-    html_url: Option<Value>,
+    #[serde(borrow)]
+    title: Option<&'a RawValue>,
+    #[serde(borrow)]
+    body: Option<&'a RawValue>,
+    #[serde(borrow)]
+    html_url: Option<&'a RawValue>,
     author_association: Option<String>,
-    user: Option<Value>,
+    #[serde(borrow)]
+    user: Option<&'a RawValue>,
     labels: Vec<Named>,
+    updated_at: Option<String>,
     draft: Option<bool>,
     maintainer_can_modify: Option<bool>,
     head: Option<RawRef>,
@@ -147,37 +164,43 @@ struct RawComment {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-struct RawCheck {
+struct RawCheck<'a> {
     head_sha: Option<String>,
     head_branch: Option<String>,
     conclusion: Option<String>,
-    pull_requests: Vec<RawPull>,
+    #[serde(borrow)]
+    pull_requests: Vec<RawPull<'a>>,
     head_repository: Option<RawRepo>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-struct RawCheckRun {
+struct RawCheckRun<'a> {
     head_sha: Option<String>,
     conclusion: Option<String>,
-    pull_requests: Vec<RawPull>,
-    check_suite: Option<RawCheck>,
+    #[serde(borrow)]
+    pull_requests: Vec<RawPull<'a>>,
+    #[serde(borrow)]
+    check_suite: Option<RawCheck<'a>>,
 }
 
 /// Parses a GitHub delivery body into an `Event`.
 pub fn normalize(name: &str, delivery: &str, body: &[u8]) -> Result<Event, NormalizeError> {
-    let value: Value = serde_json::from_slice(body)?;
-    normalize_value(name, delivery, value)
-}
-
-/// Normalizes an already parsed payload.
-pub(crate) fn normalize_value(name: &str, delivery: &str, value: Value) -> Result<Event, NormalizeError> {
-    if !value.is_object() {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        let at = e.valid_up_to();
+        NormalizeError::Json(serde::de::Error::custom(format!("invalid UTF-8 at byte {at}")))
+    })?;
+    // A struct would also accept an array (its fields by position).
+    if !text.trim_start().starts_with('{') {
+        serde_json::from_str::<serde::de::IgnoredAny>(text)?;
         return Err(NormalizeError::NotAnObject);
     }
     // Lenient: a field of an unexpected type is treated as absent rather than
     // failing the delivery, so one odd field never loses an event.
-    let p = Payload::deserialize(&value).unwrap_or_else(|_| lenient(&value));
+    let p = match serde_json::from_str::<Fields>(text) {
+        Ok(p) => p,
+        Err(_) => lenient(&serde_json::from_str(text)?),
+    };
 
     let repository = p.repository.as_ref().and_then(|r| {
         r.full_name.clone().map(|full_name| Repository {
@@ -194,7 +217,7 @@ pub(crate) fn normalize_value(name: &str, delivery: &str, value: Value) -> Resul
         sender: p.sender.as_ref().and_then(|s| {
             s.login.clone().map(|login| Actor { login, kind: s.kind.clone().unwrap_or_else(|| "User".into()) })
         }),
-        ..Event::new("github", name, p.action.clone(), delivery, Value::Null)
+        ..Event::new("github", name, p.action.clone(), delivery, Payload::default())
     };
 
     if let Some(issue) = &p.issue {
@@ -212,6 +235,7 @@ pub(crate) fn normalize_value(name: &str, delivery: &str, value: Value) -> Resul
         e.author = login_of(&pr.user);
         e.labels = names(&pr.labels);
         e.draft = pr.draft;
+        e.updated_at = pr.updated_at.clone();
         (e.title, e.body, e.url) = (text_of(&pr.title), text_of(&pr.body), text_of(&pr.html_url));
         apply_pull_refs(&mut e, pr, repo_id, repo_full);
     }
@@ -305,20 +329,24 @@ pub(crate) fn normalize_value(name: &str, delivery: &str, value: Value) -> Resul
     }
 
     e.repository = repository;
-    e.payload = Arc::new(value);
+    e.payload = Payload::from_json(text);
     Ok(e)
 }
 
 /// A user object's `login`, whatever else it holds.
-fn login_of(user: &Option<Value>) -> Option<String> {
-    user.as_ref().and_then(|u| u["login"].as_str()).map(str::to_string)
+fn login_of(user: &Option<&RawValue>) -> Option<String> {
+    #[derive(Deserialize)]
+    struct User {
+        login: String,
+    }
+    user.and_then(|u| serde_json::from_str::<User>(u.get()).ok()).map(|u| u.login)
 }
 
 fn names(labels: &[Named]) -> Vec<String> {
     labels.iter().filter_map(|l| l.name.clone()).collect()
 }
 
-fn apply_pull_refs(e: &mut Event, pr: &RawPull, repo_id: Option<u64>, repo_full: Option<&str>) {
+fn apply_pull_refs(e: &mut Event, pr: &RawPull<'_>, repo_id: Option<u64>, repo_full: Option<&str>) {
     if let Some(head) = &pr.head {
         e.branch = head.git_ref.clone();
         e.head_sha = head.sha.clone();
@@ -339,15 +367,15 @@ fn apply_pull_refs(e: &mut Event, pr: &RawPull, repo_id: Option<u64>, repo_full:
 }
 
 /// A string field read leniently: any other type counts as absent.
-fn text_of(v: &Option<Value>) -> Option<String> {
-    v.as_ref().and_then(Value::as_str).map(str::to_string)
+fn text_of(v: &Option<&RawValue>) -> Option<String> {
+    v.and_then(|v| serde_json::from_str(v.get()).ok())
 }
 
 /// Checks and workflows name their pull requests; the first is the subject.
 /// GitHub lists only pull requests whose head is in the repository itself,
 /// and leaves `head_branch` null for a fork, so a check with neither is
 /// treated as coming from a fork.
-fn apply_check_pulls(e: &mut Event, prs: &[RawPull], repo_id: Option<u64>) {
+fn apply_check_pulls(e: &mut Event, prs: &[RawPull<'_>], repo_id: Option<u64>) {
     if let Some(pr) = prs.first() {
         e.subject = pr.number;
         e.subject_is_pull_request = true;
@@ -364,12 +392,15 @@ fn apply_check_pulls(e: &mut Event, prs: &[RawPull], repo_id: Option<u64>) {
     }
 }
 
-/// Field-by-field fallback for payloads where some field has an odd type.
-fn lenient(value: &Value) -> Payload {
-    fn field<T: serde::de::DeserializeOwned + Default>(v: &Value, key: &str) -> T {
-        v.get(key).and_then(|f| T::deserialize(f).ok()).unwrap_or_default()
+/// Field-by-field fallback for payloads where some field has an odd type:
+/// each top-level field is read from its own text, and one that does not
+/// fit counts as absent.
+fn lenient<'a>(value: &HashMap<String, &'a RawValue>) -> Fields<'a> {
+    fn field<'a, T: Deserialize<'a> + Default>(v: &HashMap<String, &'a RawValue>, key: &str) -> T {
+        let raw: Option<&'a RawValue> = v.get(key).copied();
+        raw.and_then(|f| serde_json::from_str(f.get()).ok()).unwrap_or_default()
     }
-    Payload {
+    Fields {
         action: field(value, "action"),
         repository: field(value, "repository"),
         installation: field(value, "installation"),
@@ -405,8 +436,25 @@ mod tests {
     }
 
     #[test]
+    fn fields_are_read_from_the_text_and_the_payload_is_not_parsed_whole() {
+        let body = br#"{"action":"opened","pull_request":{"number":3,"title":"T\u00e9","user":{"login":"al","id":1},
+            "updated_at":"2026-01-01T00:00:00Z","head":{"ref":"f","sha":"abc","repo":{"id":9}}},
+            "repository":{"id":9,"full_name":"a/b"},"extra":[1,{"deep":[2]}]}"#;
+        let e = normalize("pull_request", "d1", body).unwrap();
+        assert_eq!((e.subject, e.title.as_deref(), e.author.as_deref()), (Some(3), Some("Té"), Some("al")));
+        assert_eq!((e.head_in_repo, e.updated_at.as_deref()), (Some(true), Some("2026-01-01T00:00:00Z")));
+        assert!(!e.payload.is_parsed());
+        // An odd `user` or `title` is absent, the rest of the PR stays.
+        let odd = br#"{"action":"opened","pull_request":{"number":3,"title":7,"user":"al"}}"#;
+        let e = normalize("pull_request", "d2", odd).unwrap();
+        assert_eq!((e.subject, e.title, e.author), (Some(3), None, None));
+    }
+
+    #[test]
     fn non_objects_are_rejected() {
         assert!(matches!(normalize("issues", "d", b"[1]"), Err(NormalizeError::NotAnObject)));
         assert!(matches!(normalize("issues", "d", b"{"), Err(NormalizeError::Json(_))));
+        assert!(matches!(normalize("issues", "d", b"{\"a\": \"\xff\"}"), Err(NormalizeError::Json(_))));
+        assert!(matches!(normalize("issues", "d", b" \"x\""), Err(NormalizeError::NotAnObject)));
     }
 }

@@ -76,7 +76,7 @@ pub(crate) fn is_bot_username(name: &str) -> bool {
 /// checks, they are trusted by where their head commit lives.
 pub fn author_id(event: &Event) -> Option<u64> {
     match event.name.as_str() {
-        "merge_request" | "issue" | "note" => event.payload["object_attributes"]["author_id"].as_u64(),
+        "merge_request" | "issue" | "note" => event.payload.value()["object_attributes"]["author_id"].as_u64(),
         _ => None,
     }
 }
@@ -96,7 +96,7 @@ pub fn normalize(name: &str, delivery: &str, body: &[u8]) -> Result<Event, Norma
         "build" => text(&payload["build_status"]),
         _ => None,
     };
-    let mut e = Event::new("gitlab", name, action, delivery, Value::Null);
+    let mut e = Event::new("gitlab", name, action, delivery, Default::default());
     let project = &payload["project"];
     e.repository = text(&project["path_with_namespace"]).map(|full_name| Repository {
         full_name,
@@ -186,7 +186,8 @@ pub fn normalize(name: &str, delivery: &str, body: &[u8]) -> Result<Event, Norma
     }
     e.labels =
         payload["labels"].as_array().map(|l| l.iter().filter_map(|l| text(&l["title"])).collect()).unwrap_or_default();
-    e.payload = std::sync::Arc::new(payload);
+    e.updated_at = text(&attrs["updated_at"]);
+    e.payload = crate::event::generic::payload_of(body, payload);
     Ok(e)
 }
 
