@@ -289,7 +289,7 @@ impl Store {
     }
 
     /// How many jobs are queued (a count, not a read of the queue).
-    pub(crate) async fn queue_len(&self) -> Result<usize, StoreError> {
+    pub async fn queue_len(&self) -> Result<usize, StoreError> {
         on!(self, b => Ok(b.queue_len()), b.queue_len().await)
     }
 

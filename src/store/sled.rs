@@ -43,6 +43,7 @@ enum T {
     Outbox,
     Running,
     Ends,
+    Children,
 }
 
 /// The trees of one database.
@@ -76,10 +77,13 @@ struct Tables {
     running: Tree,
     /// job id → (): jobs whose end has not yet gone back through the rules.
     ends: Tree,
+    /// parent job id ++ `\0` ++ creation sequence (u64 BE) → child job id:
+    /// a job's children without a walk over every job.
+    children: Tree,
 }
 
 impl Tables {
-    fn all(&self) -> [&Tree; 13] {
+    fn all(&self) -> [&Tree; 14] {
         [
             &self.deliveries,
             &self.delivery_times,
@@ -94,6 +98,7 @@ impl Tables {
             &self.outbox,
             &self.running,
             &self.ends,
+            &self.children,
         ]
     }
 
@@ -120,6 +125,15 @@ fn decode_runs(v: &[u8]) -> Vec<i64> {
     serde_json::from_slice::<Vec<i64>>(v)
         .or_else(|_| serde_json::from_slice::<i64>(v).map(|t| vec![t]))
         .unwrap_or_default()
+}
+
+/// Marks a children's index that holds every job (see `SledStore::open`);
+/// sorts after every parent id, which are printable.
+const CHILDREN_BUILT: &[u8] = b"\xff built";
+
+/// A child's key in the children's index.
+fn child_key(parent: &str, seq: u64) -> Vec<u8> {
+    [parent.as_bytes(), &[0], &seq.to_be_bytes()].concat()
 }
 
 /// The sled database.
@@ -168,11 +182,14 @@ impl SledStore {
             outbox: tree("outbox")?,
             running: tree("running")?,
             ends: tree("ends")?,
+            children: tree("children")?,
         };
         // sled keeps its log in `db/db`; group commit fsyncs it (see `commit`).
         let data_file = std::fs::File::open(path.join("db").join("db")).map_err(|e| open_err(sled::Error::Io(e)))?;
         let commit = commit::GroupCommit::new(db.clone(), data_file, durability);
-        let core = Core { t: t.clone(), db: db.clone(), lock: std::sync::Arc::default(), commit: commit.clone() };
+        let queued = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(t.queue.len() as i64));
+        let core =
+            Core { t: t.clone(), db: db.clone(), lock: std::sync::Arc::default(), commit: commit.clone(), queued };
         let admitting = core.clone();
         let writer =
             writer::Writer::start(commit, move |batch: &mut [Admission]| block_on(ops::admit_batch(&admitting, batch)))
@@ -184,6 +201,18 @@ impl SledStore {
                 let entry = queue_entry(&k, &v);
                 t.queue_by_repo.insert(by_repo_key(entry.repo.as_deref(), &k), v).map_err(open_err)?;
             }
+        }
+        // Stores from before the children's index: filled once, marked done.
+        if !t.children.contains_key(CHILDREN_BUILT).map_err(open_err)? {
+            for item in t.jobs.iter() {
+                let (id, bytes) = item.map_err(open_err)?;
+                if let Ok(job) = serde_json::from_slice::<Job>(&bytes) {
+                    if let Some(parent) = &job.parent {
+                        t.children.insert(child_key(parent, job.seq), id).map_err(open_err)?;
+                    }
+                }
+            }
+            t.children.insert(CHILDREN_BUILT, &[]).map_err(open_err)?;
         }
         Ok(SledStore {
             core,
@@ -238,6 +267,7 @@ impl SledStore {
         max: usize,
     ) -> Result<Vec<String>, StoreError> {
         let mut doomed: Vec<(Vec<u8>, String)> = Vec::new();
+        let mut parents: std::collections::HashMap<String, String> = Default::default();
         for item in self.core.t.job_index.iter() {
             let (seq, id) = item?;
             let id = String::from_utf8_lossy(&id).into_owned();
@@ -260,23 +290,30 @@ impl SledStore {
                     .is_some_and(|p| p.job == id && p.state == PublicationState::Pending)
             });
             if !pending {
+                if let Some(parent) = job.parent {
+                    parents.insert(id.clone(), parent);
+                }
                 doomed.push((seq.to_vec(), id));
             }
         }
         if doomed.is_empty() {
             return Ok(Vec::new());
         }
-        let result =
-            (&self.core.t.jobs, &self.core.t.job_index, &self.core.t.outbox).transaction(|(jobs, index, outbox)| {
-                for (seq, id) in &doomed {
-                    index.remove(seq.as_slice())?;
-                    jobs.remove(id.as_bytes())?;
-                    for purpose in Purpose::ALL {
-                        outbox.remove(outbox_key_of(id, purpose))?;
-                    }
+        let t = &self.core.t;
+        let result = (&t.jobs, &t.job_index, &t.outbox, &t.children).transaction(|(jobs, index, outbox, children)| {
+            for (seq, id) in &doomed {
+                index.remove(seq.as_slice())?;
+                if let Some(parent) = parents.get(id) {
+                    let s = seq.as_slice().try_into().map(u64::from_be_bytes).unwrap_or_default();
+                    children.remove(child_key(parent, s))?;
                 }
-                Ok(())
-            });
+                jobs.remove(id.as_bytes())?;
+                for purpose in Purpose::ALL {
+                    outbox.remove(outbox_key_of(id, purpose))?;
+                }
+            }
+            Ok(())
+        });
         flatten(result)?;
         self.flush().await?;
         Ok(doomed.into_iter().map(|(_, id)| id).collect())
@@ -306,6 +343,29 @@ impl SledStore {
 
     pub fn list_jobs(&self, q: &JobQuery) -> Result<Vec<Job>, StoreError> {
         let mut out = Vec::new();
+        if let Some(parent) = &q.parent {
+            // Its children, newest first, from the index.
+            let prefix = child_key(parent, 0);
+            let prefix = &prefix[..prefix.len() - 8];
+            for entry in self.core.t.children.scan_prefix(prefix).rev() {
+                let (key, id) = entry?;
+                let seq = key.get(prefix.len()..).and_then(|s| <[u8; 8]>::try_from(s).ok()).map(u64::from_be_bytes);
+                if q.before.is_some_and(|before| seq.is_none_or(|s| s >= before)) {
+                    continue;
+                }
+                let Some(bytes) = self.core.t.jobs.get(&id)? else {
+                    continue;
+                };
+                let job: Job = decode("jobs", &id, &bytes)?;
+                if q.matches(&job) {
+                    out.push(job);
+                    if out.len() >= q.limit {
+                        break;
+                    }
+                }
+            }
+            return Ok(out);
+        }
         if let Some(delivery) = &q.delivery {
             if let Some(d) = self.delivery(delivery)? {
                 for id in d.jobs {
@@ -335,7 +395,7 @@ impl SledStore {
     }
 
     pub(crate) fn queue_len(&self) -> usize {
-        self.core.t.queue.len()
+        self.core.queued.load(std::sync::atomic::Ordering::Relaxed).max(0) as usize
     }
 
     pub fn queued(&self) -> Result<Vec<QueueEntry>, StoreError> {

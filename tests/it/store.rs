@@ -273,3 +273,49 @@ async fn spending_past_a_daily_budget_skips_matches() {
     assert!(matches!(other, Accepted::New(ref a) if a.jobs.len() == 1), "{other:?}");
     assert_eq!(store.delivery("b2").await.unwrap().map(|d| d.skipped.len()), Some(1), "kept on the delivery");
 }
+
+#[tokio::test]
+async fn a_jobs_children_are_listed_newest_first_page_by_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::harness::open_store(dir.path()).await;
+    store.accept(delivery("parent", Duration::zero()), vec![spec("lead")]).await.unwrap();
+    let parent = job_id("parent", "lead");
+    let child = |n: usize| JobSpec { parent: Some(parent.clone()), ..spec(&format!("c{n}")) };
+    for n in 0..3 {
+        // Unrelated jobs between the children, and another job's child.
+        store.accept(delivery(&format!("other-{n}"), Duration::zero()), vec![spec("x")]).await.unwrap();
+        let stranger = JobSpec { parent: Some("someone-else".into()), ..spec("s") };
+        store.accept(delivery(&format!("stranger-{n}"), Duration::zero()), vec![stranger]).await.unwrap();
+        store.accept(delivery(&format!("child-{n}"), Duration::zero()), vec![child(n)]).await.unwrap();
+    }
+    let ids = |jobs: Vec<baton::store::Job>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
+    let query =
+        |limit, before| baton::store::JobQuery { parent: Some(parent.clone()), limit, before, ..Default::default() };
+    let all = store.list_jobs(&query(10, None)).await.unwrap();
+    let want: Vec<String> = (0..3).rev().map(|n| job_id(&format!("child-{n}"), &format!("c{n}"))).collect();
+    assert_eq!(ids(all.clone()), want);
+    let first = store.list_jobs(&query(2, None)).await.unwrap();
+    assert_eq!(ids(first.clone()), want[..2]);
+    let rest = store.list_jobs(&query(2, Some(first[1].seq))).await.unwrap();
+    assert_eq!(ids(rest), want[2..]);
+}
+
+#[tokio::test]
+async fn the_queue_depth_counts_what_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::harness::open_store(dir.path()).await;
+    for n in 0..3 {
+        store.accept(delivery(&format!("q-{n}"), Duration::zero()), vec![spec(&format!("t{n}"))]).await.unwrap();
+    }
+    // A redelivery queues nothing more.
+    store.accept(delivery("q-0", Duration::zero()), vec![spec("t0")]).await.unwrap();
+    assert_eq!(store.queue_len().await.unwrap(), 3);
+    let many = Limits { per_replica: 100, per_repo: 100, ..Limits::default() };
+    let job = store.claim_next(&many, LEASE).await.unwrap().expect("a job");
+    assert_eq!(store.queue_len().await.unwrap(), 2);
+    store.cancel_queued(&job_id("q-2", "t2"), "api").await.unwrap();
+    // Cancelling a job no longer queued changes nothing.
+    store.cancel_queued(&job.id, "api").await.unwrap();
+    assert_eq!(store.queue_len().await.unwrap(), 1);
+    assert_eq!(store.queued().await.unwrap().len(), 1);
+}

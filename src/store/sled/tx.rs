@@ -16,8 +16,10 @@ impl Writes<'_> {
         &self.trees[t as usize]
     }
 
-    /// Applies a plan's writes in order.
-    pub(super) fn apply(&self, plan: &Plan, lease: Duration) -> Result<(), TxError> {
+    /// Applies a plan's writes in order. Returns by how much the queue grew
+    /// (or shrank): what it wrote, not what it asked for.
+    pub(super) fn apply(&self, plan: &Plan, lease: Duration) -> Result<i64, TxError> {
+        let mut queued = 0;
         for w in plan {
             match w {
                 Write::Delivery(d) => {
@@ -36,17 +38,24 @@ impl Writes<'_> {
                     self.t(T::Jobs).insert(job.id.as_bytes(), encode(job))?;
                     if *new {
                         self.t(T::JobIndex).insert(&job.seq.to_be_bytes(), job.id.as_bytes())?;
+                        if let Some(parent) = &job.parent {
+                            self.t(T::Children).insert(child_key(parent, job.seq), job.id.as_bytes())?;
+                        }
                     }
                 }
                 Write::Enqueue(e) => {
                     let (key, value) = (queue_key(e), queue_value(e));
                     self.t(T::QueueByRepo).insert(by_repo_key(e.repo.as_deref(), &key), value.as_slice())?;
-                    self.t(T::Queue).insert(&key, value)?;
+                    if self.t(T::Queue).insert(&key, value)?.is_none() {
+                        queued += 1;
+                    }
                 }
                 Write::Dequeue(e) => {
                     let key = queue_key(e);
                     self.t(T::QueueByRepo).remove(by_repo_key(e.repo.as_deref(), &key))?;
-                    self.t(T::Queue).remove(&key)?;
+                    if self.t(T::Queue).remove(&key)?.is_some() {
+                        queued -= 1;
+                    }
                 }
                 Write::Group { name, state } => {
                     if state.running.is_none() && state.waiting.is_empty() {
@@ -85,7 +94,7 @@ impl Writes<'_> {
                 }
             }
         }
-        Ok(())
+        Ok(queued)
     }
 }
 
@@ -99,6 +108,9 @@ pub(in crate::store) struct Core {
     pub(super) db: sled::Db,
     pub(super) lock: std::sync::Arc<tokio::sync::Mutex<()>>,
     pub(super) commit: std::sync::Arc<commit::GroupCommit>,
+    /// The queue's length, counted at open and kept by every commit (sled
+    /// counts a tree by walking it).
+    pub(super) queued: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// One transaction (see `Core`).
@@ -244,12 +256,15 @@ impl ops::Tx for SledTx {
         if self.writes.is_empty() {
             return Ok(());
         }
-        self.core.t.transaction(|w| {
+        let grew = self.core.t.transaction(|w| {
+            let mut grew = 0;
             for (plan, lease) in &self.writes {
-                w.apply(plan, *lease)?;
+                grew += w.apply(plan, *lease)?;
             }
-            Ok(())
-        })
+            Ok(grew)
+        })?;
+        self.core.queued.fetch_add(grew, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 }
 
