@@ -23,7 +23,8 @@ async fn main() {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (urls, secret, payload, next, run) = (urls.clone(), secret.clone(), payload.clone(), next.clone(), run.clone());
+        let (urls, secret, payload, next, run) =
+            (urls.clone(), secret.clone(), payload.clone(), next.clone(), run.clone());
         tasks.push(tokio::spawn(async move {
             let http = reqwest::Client::new();
             loop {
