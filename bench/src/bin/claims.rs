@@ -6,17 +6,13 @@
 
 use std::time::Instant;
 
-use baton::store::{JobState, Location, Store};
+use baton::store::{Durability, JobState};
 
 #[tokio::main]
 async fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
-    let (store, n) = if a[0].starts_with("postgres://") {
-        let location = Location::Postgres { url: a[0].clone(), schema: Some(a[1].clone()), replica: "claims".into() };
-        (Store::connect(&location, std::path::Path::new(".")).await.expect("connect"), a[2].parse().expect("n"))
-    } else {
-        (Store::open(std::path::Path::new(&a[0])).expect("open store"), a[1].parse::<usize>().expect("n"))
-    };
+    let (store, rest) = baton_bench::open_store(&a, Durability::Fsync, "claims").await;
+    let n: usize = rest[0].parse().expect("n");
     // A stopped daemon's running job still counts against its limits.
     let limits = baton::store::Limits { per_replica: 1000, per_repo: 1000, ..Default::default() };
     let mut took = Vec::with_capacity(n);

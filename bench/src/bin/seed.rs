@@ -7,7 +7,7 @@
 //!                                         bench/run copies them in SQL)
 
 use baton::rules::{JobSpec, OutputKind, Workspace};
-use baton::store::{Delivery, Durability, JobState, Location, Store};
+use baton::store::{Delivery, Durability, JobState};
 
 fn spec(i: usize) -> JobSpec {
     JobSpec {
@@ -28,14 +28,9 @@ fn spec(i: usize) -> JobSpec {
 #[tokio::main]
 async fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
-    let (store, count) = if a[0].starts_with("postgres://") {
-        let location = Location::Postgres { url: a[0].clone(), schema: Some(a[1].clone()), replica: "seed".into() };
-        (Store::connect(&location, std::path::Path::new(".")).await.expect("connect"), a[2].parse().expect("count"))
-    } else {
-        // Seeding, not serving: no fsync per record; one flush at the end.
-        let path = std::path::PathBuf::from(&a[0]);
-        (Store::open_with(&path, Durability::Os).expect("open store"), a[1].parse::<usize>().expect("count"))
-    };
+    // Seeding, not serving: no fsync per record; one flush at the end.
+    let (store, rest) = baton_bench::open_store(&a, Durability::Os, "seed").await;
+    let count: usize = rest[0].parse().expect("count");
     let from = store.job_count().await.expect("count");
     // Many deliveries in flight, so the store's batch writer fills batches.
     let mut tasks: tokio::task::JoinSet<Result<_, baton::store::StoreError>> = tokio::task::JoinSet::new();
@@ -75,8 +70,10 @@ async fn main() {
     store.close().await.expect("close");
     if !a[0].starts_with("postgres://") {
         // Written without fsync: made durable by a store that does.
+        // The store's writer thread lets go of the database's lock just
+        // after the last handle goes.
         drop(store);
-        Store::open(std::path::Path::new(&a[0])).expect("reopen").flush().await.expect("flush");
+        baton_bench::open_retrying(std::path::Path::new(&a[0]), Durability::Fsync).await.flush().await.expect("flush");
     }
     println!("{total}");
 }
