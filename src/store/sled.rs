@@ -342,31 +342,20 @@ impl SledStore {
     }
 
     pub fn list_jobs(&self, q: &JobQuery) -> Result<Vec<Job>, StoreError> {
-        let mut out = Vec::new();
         if let Some(parent) = &q.parent {
             // Its children, newest first, from the index.
             let prefix = child_key(parent, 0);
             let prefix = &prefix[..prefix.len() - 8];
-            for entry in self.core.t.children.scan_prefix(prefix).rev() {
-                let (key, id) = entry?;
+            let ids = self.core.t.children.scan_prefix(prefix).rev().filter(|entry| {
+                // An error is kept, to be said by the reader.
+                let Ok((key, _)) = entry else { return true };
                 let seq = key.get(prefix.len()..).and_then(|s| <[u8; 8]>::try_from(s).ok()).map(u64::from_be_bytes);
-                if q.before.is_some_and(|before| seq.is_none_or(|s| s >= before)) {
-                    continue;
-                }
-                let Some(bytes) = self.core.t.jobs.get(&id)? else {
-                    continue;
-                };
-                let job: Job = decode("jobs", &id, &bytes)?;
-                if q.matches(&job) {
-                    out.push(job);
-                    if out.len() >= q.limit {
-                        break;
-                    }
-                }
-            }
-            return Ok(out);
+                q.before.is_none_or(|before| seq.is_some_and(|s| s < before))
+            });
+            return self.newest_matching(q, ids);
         }
         if let Some(delivery) = &q.delivery {
+            let mut out = Vec::new();
             if let Some(d) = self.delivery(delivery)? {
                 for id in d.jobs {
                     out.extend(self.job(&id)?);
@@ -378,7 +367,18 @@ impl SledStore {
             Some(seq) => self.core.t.job_index.range(..seq.to_be_bytes().as_slice()),
             None => self.core.t.job_index.iter(),
         };
-        for entry in entries.rev() {
+        self.newest_matching(q, entries.rev())
+    }
+
+    /// The jobs an index's entries (key → job id) name that `q` matches, up
+    /// to its limit, in the entries' order.
+    fn newest_matching(
+        &self,
+        q: &JobQuery,
+        entries: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    ) -> Result<Vec<Job>, StoreError> {
+        let mut out = Vec::new();
+        for entry in entries {
             let (_, id) = entry?;
             let Some(bytes) = self.core.t.jobs.get(&id)? else {
                 continue;
