@@ -88,12 +88,32 @@ impl Git {
             _ = cancelled => return Err(WorkspaceError::Cancelled(command)),
         };
         if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let message = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output").trim().to_string();
-            return Err(WorkspaceError::Git { command, message });
+            return Err(WorkspaceError::Git { command, message: stderr_message(&out.stderr) });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// What a failed git command said: its whole stderr (the `fatal:` line
+/// naming the cause often comes before advice that ends the output), blank
+/// lines dropped, and bounded: the start and the end of a long one.
+fn stderr_message(stderr: &[u8]) -> String {
+    const KEEP: usize = 2000;
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()).collect();
+    let message = lines.join("\n");
+    if message.is_empty() {
+        return "no output".into();
+    }
+    if message.len() <= 2 * KEEP {
+        return message;
+    }
+    let head = message.char_indices().take_while(|(i, _)| *i < KEEP).map(|(_, c)| c).collect::<String>();
+    let mut tail_start = message.len() - KEEP;
+    while !message.is_char_boundary(tail_start) {
+        tail_start += 1;
+    }
+    format!("{head}\n[… {} bytes left out …]\n{}", tail_start - head.len(), &message[tail_start..])
 }
 
 /// The size of `paths` in `tree` as they are now (deleted ones: 0). Links
@@ -251,4 +271,36 @@ pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_command_keeps_the_whole_of_what_git_said() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-such-repository");
+        let git = Git { timeout: std::time::Duration::from_secs(30), cancel: None };
+        let mut cmd = hardened_git();
+        let args = ["ls-remote", "--heads"];
+        cmd.args(args).arg(&missing).current_dir(dir.path());
+        let err = git.output(cmd, &args).await.unwrap_err().to_string();
+        // The cause is git's first line; its advice is the last.
+        assert!(err.starts_with("git ls-remote failed: fatal: "), "{err}");
+        assert!(err.contains("does not appear to be a git repository"), "{err}");
+        assert!(err.contains("and the repository exists."), "{err}");
+        assert!(!err.contains("\n\n"), "blank lines are dropped: {err}");
+    }
+
+    #[test]
+    fn a_long_stderr_keeps_its_start_and_its_end() {
+        let long = format!("fatal: the cause\n{}\nthe last line\n", "x".repeat(10_000));
+        let message = stderr_message(long.as_bytes());
+        assert!(message.starts_with("fatal: the cause\n"), "{message}");
+        assert!(message.ends_with("\nthe last line"), "{message}");
+        assert!(message.len() < 4200, "{}", message.len());
+        assert!(message.contains("bytes left out"), "{message}");
+        assert_eq!(stderr_message(b"\n  \n"), "no output");
+    }
 }
