@@ -22,7 +22,7 @@ use super::{error, store_error, Api};
 use crate::admit::{Door, Origin, Received};
 use crate::engine::team::{self, Caller, Grant};
 use crate::event::{Event, ParentJob, Repository};
-use crate::rules::{RuleSet, Verdict};
+use crate::rules::{RuleSet, Verdict, WorkspaceKind};
 use crate::store::Accepted;
 
 /// The event kind and source of a job asked for through the API.
@@ -118,7 +118,7 @@ async fn create(s: &Api, caller: &Caller, headers: &HeaderMap, body: &[u8]) -> R
                         format!("`{name}` is not started through the API (it needs on = [\"api\"])"),
                     ));
                 }
-                Some(_) => {}
+                Some(t) => needs(t.job.workspace, &req)?,
             }
             (rules, name)
         }
@@ -126,6 +126,25 @@ async fn create(s: &Api, caller: &Caller, headers: &HeaderMap, body: &[u8]) -> R
     };
     let spec = judge(&rules, &name, &event)?;
     admit(s, event, &name, spec).await
+}
+
+/// What a trigger's workspace needs the request to name: the repository
+/// (and, for `head-sha`, the commit). Said before matching, as the field to
+/// add, rather than as the event the request became.
+fn needs(workspace: WorkspaceKind, req: &CreateJob) -> Result<(), Refusal> {
+    let kind = match workspace {
+        WorkspaceKind::None => return Ok(()),
+        WorkspaceKind::DefaultBranch => "default-branch",
+        WorkspaceKind::PrHead => "pr-head",
+        WorkspaceKind::HeadSha => "head-sha",
+    };
+    if req.repo.is_none() {
+        return Err(bad("repo", format!("`repo` is required for workspace `{kind}`")));
+    }
+    if workspace == WorkspaceKind::HeadSha && req.git_ref.is_none() {
+        return Err(bad("ref", "`ref` is required for workspace `head-sha` (the commit to check out)"));
+    }
+    Ok(())
 }
 
 /// The job `rules`' trigger `name` makes of `event`, or why it makes none.

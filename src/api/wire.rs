@@ -79,12 +79,22 @@ pub(crate) struct CreateChild {
 pub(crate) const CHILD_NO_TRIGGER: &str = "a job's agent starts children of its own job, never a trigger";
 
 /// A request field that is wrong, and why: a 400 naming it.
+/// Shown as `field: message`, or as the message alone when it names the
+/// field itself (`` `repo` is required for … ``).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
 pub struct BadField {
     /// The field, as the request spelled it (`output.kind` for a nested one).
     pub field: String,
     pub message: String,
+}
+
+impl std::fmt::Display for BadField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.message.starts_with(&format!("`{}` ", self.field)) {
+            true => f.write_str(&self.message),
+            false => write!(f, "{}: {}", self.field, self.message),
+        }
+    }
 }
 
 impl BadField {

@@ -155,6 +155,12 @@ async fn bad_fields_answer_400_naming_the_field() {
         assert_eq!(answer["field"], field, "{body}: {answer}");
         assert!(answer["error"].as_str().unwrap_or_default().contains(says), "{body}: {answer}");
     }
+    // A trigger whose workspace needs a repository says so, as the field
+    // to add, in these words.
+    let (status, answer) = baton.post_json("/api/jobs", &[], &json!({"trigger": "summarize"})).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["field"], "repo", "{answer}");
+    assert_eq!(answer["error"], "`repo` is required for workspace `default-branch`", "{answer}");
     let (_, listed) = baton.get("/api/jobs").await;
     assert_eq!(listed["jobs"], json!([]), "nothing was created");
 }
