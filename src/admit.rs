@@ -113,8 +113,37 @@ impl Door<'_> {
             repo: event.head_repo.clone(),
             maintainer_can_modify: event.maintainer_can_modify,
         };
-        if let Err(e) = self.store.set_head(repo, n, &head, updated_at).await {
-            tracing::warn!(delivery = %event.delivery, error = %e, "Could not note the pull request's head.");
+        match self.store.set_head(repo, n, &head, updated_at).await {
+            Ok(Some(_)) => self.restart_repairs(repo, n, sha).await,
+            Ok(None) => {}
+            Err(e) => tracing::warn!(delivery = %event.delivery, error = %e, "Could not note the pull request's head."),
+        }
+    }
+
+    /// The head moved to `sha`: unless that is the commit baton itself
+    /// pushed last, a person pushed, and the repairs baton may push to the
+    /// pull request count from zero again.
+    async fn restart_repairs(&self, repo: &str, n: u64, sha: &str) {
+        let (repo, number) = (repo.to_string(), n);
+        let pushed = match self.store.note(&Note::Pushed { repo: repo.clone(), number }).await {
+            Ok(v) => v,
+            Err(e) => return tracing::warn!(error = %e, "Could not read what baton pushed last."),
+        };
+        if pushed.as_ref().and_then(|v| v.as_str()) == Some(sha) {
+            return;
+        }
+        let counted = match self.store.note(&Note::Repairs { repo: repo.clone(), number }).await {
+            Ok(v) => v.and_then(|v| v.as_u64()).unwrap_or(0),
+            Err(e) => return tracing::warn!(error = %e, "Could not read the repairs pushed."),
+        };
+        if counted == 0 {
+            return;
+        }
+        let notes = [Note::Repairs { repo: repo.clone(), number }, Note::RepairsStopped { repo: repo.clone(), number }];
+        match self.store.forget_notes(&notes).await {
+            Ok(()) => tracing::info!(repo = %repo, number, head = %sha, repairs = counted,
+                "A person pushed to the pull request: its repairs count from zero again."),
+            Err(e) => tracing::warn!(error = %e, "Could not restart the repairs' count."),
         }
     }
 

@@ -139,7 +139,9 @@ pub async fn serve(
         stop: shutdown.clone(),
     };
     // `/mcp`'s tools are a client of the API, calling its routes in-process.
-    let mcp = crate::mcp::http_service(api::inner_routes(api.clone()), api.web_url.clone(), api.stop.clone());
+    let sessions =
+        crate::mcp::SessionLimits { max: config.server.max_mcp_sessions, idle: config.server.mcp_session_idle };
+    let mcp = crate::mcp::http_service(api::inner_routes(api.clone()), api.web_url.clone(), api.stop.clone(), sessions);
     let app = ingress::router(ingress::Ingress {
         store: store.clone(),
         rules: rules.clone(),
@@ -394,6 +396,11 @@ async fn prune_jobs(store: Store, storage: std::path::PathBuf, retention: Durati
                     break;
                 }
             }
+        }
+        match store.prune_notes(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(notes = n, "Forgot notes on pull requests unused past the job retention."),
+            Err(e) => tracing::warn!(error = %e, "Pruning old notes failed; will retry."),
         }
         // Another replica may have pruned jobs this one ran: their folders
         // here go too, once the store no longer knows them.

@@ -451,15 +451,24 @@ pub async fn serve_stdio(url: &str, token: Option<String>) -> anyhow::Result<()>
     Ok(())
 }
 
-/// The daemon's `/mcp`: the server over streamable HTTP, calling `routes`.
+/// How many `/mcp` sessions may be open, and how long an unused one lives.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SessionLimits {
+    pub max: usize,
+    pub idle: Duration,
+}
+
+type Sessions = rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+
+/// The daemon's `/mcp`: the server over streamable HTTP, calling `routes`,
+/// with at most `limits.max` sessions, each closed after `limits.idle`
+/// unused.
 pub(crate) fn http_service(
     routes: axum::Router,
     web_url: String,
     stop: tokio_util::sync::CancellationToken,
-) -> rmcp::transport::StreamableHttpService<
-    BatonMcp,
-    rmcp::transport::streamable_http_server::session::local::LocalSessionManager,
-> {
+    limits: SessionLimits,
+) -> Capped {
     let daemon = Daemon::Local { routes, web_url };
     let mut config = rmcp::transport::StreamableHttpServerConfig::default().disable_allowed_hosts();
     // The API's own guard checks the Host and the origin first.
@@ -468,7 +477,57 @@ pub(crate) fn http_service(
     // `data:` breaks Gemini CLI 0.61's MCP client (a `JSON.parse` of
     // nothing), and with no event store nothing could be resumed from them.
     config.sse_retry = None;
-    let mut sessions = rmcp::transport::streamable_http_server::session::local::LocalSessionManager::default();
+    let mut sessions = Sessions::default();
     sessions.session_config.sse_retry = None;
-    rmcp::transport::StreamableHttpService::new(move || Ok(BatonMcp::new(daemon.clone())), sessions.into(), config)
+    sessions.session_config.keep_alive = Some(limits.idle);
+    let sessions = std::sync::Arc::new(sessions);
+    let inner = rmcp::transport::StreamableHttpService::new(
+        move || Ok(BatonMcp::new(daemon.clone())),
+        sessions.clone(),
+        config,
+    );
+    Capped { inner, sessions, max: limits.max }
+}
+
+/// `/mcp` with its sessions capped: a request that would open one more
+/// (no `Mcp-Session-Id`) while `max` are open is answered 503, and the
+/// sessions already open go on.
+#[derive(Clone)]
+pub(crate) struct Capped {
+    inner: rmcp::transport::StreamableHttpService<BatonMcp, Sessions>,
+    sessions: std::sync::Arc<Sessions>,
+    max: usize,
+}
+
+impl tower::Service<axum::extract::Request> for Capped {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::extract::Request) -> Self::Future {
+        use axum::response::IntoResponse as _;
+        let opens = !req.headers().contains_key("mcp-session-id") && req.method() == axum::http::Method::POST;
+        let (sessions, max) = (self.sessions.clone(), self.max);
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            if opens && sessions.sessions.read().await.len() >= max {
+                let why = format!(
+                    "{max} MCP sessions are open, the most server.max_mcp_sessions allows; close one \
+                     (DELETE /mcp with its Mcp-Session-Id) or wait for an unused one to close"
+                );
+                let body = axum::Json(wire::ErrorBody::new(why));
+                let busy = (axum::http::StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "60")], body);
+                return Ok(busy.into_response());
+            }
+            let answer = tower::ServiceExt::oneshot(&mut inner, req).await;
+            Ok(match answer {
+                Ok(response) => response.into_response(),
+                Err(never) => match never {},
+            })
+        })
+    }
 }

@@ -103,6 +103,10 @@ pub struct Server {
     pub max_buffered_bytes: usize,
     /// Live log streams (SSE) at once; beyond it, 503.
     pub max_streams: usize,
+    /// `/mcp` sessions open at once; beyond it, a new one is refused (503).
+    pub max_mcp_sessions: usize,
+    /// A `/mcp` session unused this long is closed.
+    pub mcp_session_idle: Duration,
     /// A signed body already received under another delivery id (within
     /// `storage.delivery_retention`) is answered as a duplicate.
     pub(crate) reject_replays: bool,

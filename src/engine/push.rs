@@ -190,6 +190,9 @@ impl Engine {
             let over = workspace::Over::Only(&from);
             self.workspaces.push(prepared, &to, &commit, over, cancel).await
         };
+        if let Err(e) = self.note_pushing(job, &commit).await {
+            return publish_failed(e);
+        }
         let moved_to = match push(base.clone(), commit.clone()).await {
             Ok(()) => return self.pushed(job, result, branch, commit).await,
             Err(workspace::WorkspaceError::BranchMoved { to, .. }) => to,
@@ -243,10 +246,25 @@ impl Engine {
                 other => other,
             };
         }
+        if let Err(e) = self.note_pushing(job, &commit).await {
+            return publish_failed(e);
+        }
         match push(moved_to.clone(), commit.clone()).await {
             Ok(()) => self.pushed(job, result, branch, commit).await,
             Err(e) => publish_failed(format!("{moved}; the replayed change could not be pushed either: {e}")),
         }
+    }
+
+    /// Notes `commit` as baton's own before it can land, so the head event
+    /// it causes never reads as a person's push (which restarts the count
+    /// of repairs: see `admit`).
+    async fn note_pushing(&self, job: &Job, commit: &str) -> Result<(), String> {
+        let (Some(repo), Some(number)) = (job.repo.clone(), job.subject) else { return Ok(()) };
+        let note = Note::Pushed { repo, number };
+        self.store
+            .set_note(&note, &serde_json::json!(commit))
+            .await
+            .map_err(|e| format!("could not note the commit about to be pushed, so nothing was pushed: {e}"))
     }
 
     /// A push landed: logged, and counted when it is a repair.

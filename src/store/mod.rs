@@ -401,13 +401,14 @@ impl Store {
     /// Notes a pull request's head as of `updated_at` (GitHub's RFC 3339
     /// time, which orders as text): only ever forward, so an older event
     /// arriving late cannot move the head back to a replaced commit.
-    pub(crate) async fn set_head(
+    /// Returns the commit the head moved from, when it moved to another.
+    pub async fn set_head(
         &self,
         repo: &str,
         number: u64,
         head: &PrHead,
         updated_at: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<String>, StoreError> {
         on!(self, b => b.set_head(repo, number, head, updated_at), b.set_head(repo, number, head, updated_at).await)
     }
 
@@ -418,7 +419,7 @@ impl Store {
 
     /// The head noted for a pull request, and whether it lives in the
     /// repository or a fork (when the event said).
-    pub(crate) async fn pr_head(&self, repo: &str, number: u64) -> Result<Option<PrHead>, StoreError> {
+    pub async fn pr_head(&self, repo: &str, number: u64) -> Result<Option<PrHead>, StoreError> {
         on!(self, b => b.pr_head(repo, number), b.pr_head(repo, number).await)
     }
 
@@ -430,20 +431,33 @@ impl Store {
     }
 
     /// What baton remembers under `key` between jobs (see `Note`).
-    pub(crate) async fn note(&self, key: &Note) -> Result<Option<serde_json::Value>, StoreError> {
+    pub async fn note(&self, key: &Note) -> Result<Option<serde_json::Value>, StoreError> {
         let key = key.to_string();
         on!(self, b => b.note(&key), b.note(&key).await)
     }
 
     /// Remembers `value` under `key`, durably.
-    pub(crate) async fn set_note(&self, key: &Note, value: &serde_json::Value) -> Result<(), StoreError> {
+    pub async fn set_note(&self, key: &Note, value: &serde_json::Value) -> Result<(), StoreError> {
         let key = key.to_string();
         each!(self, b => b.set_note(&key, value).await)
     }
 
+    /// Forgets what is noted under `keys`, durably.
+    pub async fn forget_notes(&self, keys: &[Note]) -> Result<(), StoreError> {
+        let keys: Vec<String> = keys.iter().map(Note::to_string).collect();
+        each!(self, b => b.forget_notes(&keys).await)
+    }
+
+    /// Forgets the notes and pull request heads not written or read since
+    /// `cutoff` (`job_retention` ago): what baton remembers of a pull
+    /// request lives as long as the jobs about it would. Returns how many.
+    pub async fn prune_notes(&self, cutoff: chrono::DateTime<Utc>) -> Result<usize, StoreError> {
+        each!(self, b => b.prune_notes(cutoff).await)
+    }
+
     /// Adds one to the count under `key` and returns the new count, durably
     /// and atomically (two replicas counting at once count two).
-    pub(crate) async fn count_up(&self, key: &Note) -> Result<u64, StoreError> {
+    pub async fn count_up(&self, key: &Note) -> Result<u64, StoreError> {
         let key = key.to_string();
         each!(self, b => b.count_up(&key).await)
     }
@@ -529,11 +543,14 @@ impl Store {
 
 /// What baton remembers about a pull request between its jobs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Note {
+pub enum Note {
     /// How many repairs (`push` answering a failed check) baton pushed.
     Repairs { repo: String, number: u64 },
     /// Whether baton already said it stopped repairing.
     RepairsStopped { repo: String, number: u64 },
+    /// The last commit baton pushed to the pull request's branch: a head
+    /// that moves to any other commit was moved by a person.
+    Pushed { repo: String, number: u64 },
     /// What a review trigger last reviewed: the head and its findings.
     Reviewed { repo: String, number: u64, trigger: String },
     /// The comments of a review thread baton has seen, by its first comment.
@@ -547,6 +564,7 @@ impl std::fmt::Display for Note {
             Note::RepairsStopped { repo, number } => {
                 write!(f, "repairs-stopped\u{1f}{}", crate::domain::subject_key(repo, *number))
             }
+            Note::Pushed { repo, number } => write!(f, "pushed\u{1f}{}", crate::domain::subject_key(repo, *number)),
             Note::Thread { repo, root } => write!(f, "thread\u{1f}{repo}\u{1f}{root}"),
             Note::Reviewed { repo, number, trigger } => {
                 write!(f, "reviewed\u{1f}{}\u{1f}{trigger}", crate::domain::subject_key(repo, *number))
@@ -560,7 +578,7 @@ impl std::fmt::Display for Note {
 pub struct PrHead {
     pub sha: String,
     /// In the repository itself (`true`) or a fork (`false`).
-    pub(crate) in_repo: Option<bool>,
+    pub in_repo: Option<bool>,
     /// The head branch, and the repository it lives in (`owner/name`).
     pub branch: Option<String>,
     pub repo: Option<String>,

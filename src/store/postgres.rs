@@ -36,6 +36,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("migrations/0001_tables.sql")),
     (2, include_str!("migrations/0002_notes.sql")),
     (3, include_str!("migrations/0003_children.sql")),
+    (4, include_str!("migrations/0004_used.sql")),
 ];
 
 /// The whole schema, as `baton migrate --print` shows it.
@@ -202,9 +203,17 @@ impl PgStore {
             .rows_affected();
             total += n as usize;
             if n < 500 {
-                return Ok(total);
+                break;
             }
         }
+        // What baton asked GitHub to redeliver is worth remembering only as
+        // long as the deliveries themselves.
+        sqlx::query("DELETE FROM redeliveries WHERE asked_at < $1")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await
+            .map_err(pg)?;
+        Ok(total)
     }
 
     pub(crate) async fn prune_jobs(&self, cutoff: DateTime<Utc>, max: usize) -> Result<Vec<String>, StoreError> {

@@ -219,3 +219,55 @@ async fn mcp_needs_the_api_token() {
     let (status, answer, _) = c.send(init).await;
     assert_eq!(status, 403, "{answer}");
 }
+
+/// `/mcp` holds at most `server.max_mcp_sessions` sessions: one more is
+/// refused with 503 naming the setting while the open ones go on; closing
+/// one, or leaving one unused past `server.mcp_session_idle`, makes room.
+#[tokio::test]
+async fn mcp_sessions_are_capped_and_unused_ones_close() {
+    let w = Workdir::new();
+    w.config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\napi_token = \"{TOKEN}\"\nmax_mcp_sessions = 2\nmcp_session_idle = \"3s\"\n"
+    ));
+    let baton = Baton::start(w.path(), &[]);
+    let first = Client::connect(&baton, Some(TOKEN)).await;
+    let mut second = Client::connect(&baton, Some(TOKEN)).await;
+    let third = Client {
+        url: format!("{}/mcp", baton.url),
+        token: Some(TOKEN.into()),
+        session: None,
+        http: reqwest::Client::new(),
+        next_id: 1,
+    };
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    let (status, answer, session) = third.send(init.clone()).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer["error"].as_str().unwrap_or_default().contains("server.max_mcp_sessions"), "{answer}");
+    assert_eq!(session, None);
+    let (error, text) = second.call("list_triggers", json!({})).await;
+    assert!(!error, "an open session goes on: {text}");
+
+    // Closed by its client: room for another.
+    let closed = reqwest::Client::new()
+        .delete(&first.url)
+        .bearer_auth(TOKEN)
+        .header("mcp-session-id", first.session.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert!(closed.status().is_success(), "{}", closed.status());
+    let _fourth = Client::connect(&baton, Some(TOKEN)).await;
+    let (status, _, _) = third.send(init.clone()).await;
+    assert_eq!(status, 503, "full again");
+
+    // Left unused: closed after the idle time, and its room freed.
+    // (Asking to open one touches none of them.)
+    let start = std::time::Instant::now();
+    while third.send(init.clone()).await.0 != 200 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "the unused sessions never closed");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let (status, _, _) = second.post(json!({"jsonrpc": "2.0", "id": 99, "method": "ping"})).await;
+    assert_eq!(status, 404, "the unused session is gone");
+}

@@ -289,6 +289,46 @@ async fn the_ci_repair_loop_pushes_fixes_until_its_bound_then_says_so_once() {
     );
 }
 
+/// The repairs' count starts again when a person pushes to the pull
+/// request's branch, and only then: the head events of baton's own pushes
+/// (even one arriving after a person's) leave it alone.
+#[tokio::test]
+async fn a_persons_push_restarts_the_repair_count_and_batons_own_pushes_do_not() {
+    let fake = FakeGitHub::start().await;
+    let w = Workdir::new();
+    let (bare, head) = origin(&w);
+    let agent = "#!/bin/sh\ncat > /dev/null\necho repaired >> fix.txt\necho 'Repaired the test.'\n";
+    let trigger = push("check_run.completed").job("max_repairs_per_pr", 1).filter("conclusions", vec!["failure"]);
+    let baton = daemon(&fake, &w, agent, trigger);
+    let synchronize = |delivery: &'static str, sha: String, at: &'static str| {
+        let baton = &baton;
+        async move { deliver(baton, "pull_request", delivery, &pull_request("synchronize", &sha, at)).await }
+    };
+
+    let first = deliver(&baton, "check_run", "rc-1", &check_failed(&head, 1)).await.expect("a repair");
+    assert_eq!(baton.finished(&first).await["state"], "succeeded");
+    let h1 = follow_branch(&bare);
+    // GitHub tells of baton's own push: the count stands, the next is refused.
+    synchronize("sync-1", h1.clone(), "2026-01-01T00:01:00Z").await;
+    let refused = deliver(&baton, "check_run", "rc-2", &check_failed(&h1, 2)).await.expect("a job");
+    let job = baton.finished(&refused).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(job["error"].as_str().unwrap().contains("pushed 1 repairs"), "{job}");
+
+    // A person pushes: the count starts again, and so does repairing.
+    let theirs = advance(&bare, "changes", "changes", "theirs.txt", "a person's change\n");
+    synchronize("sync-2", theirs.clone(), "2026-01-01T00:02:00Z").await;
+    let again = deliver(&baton, "check_run", "rc-3", &check_failed(&theirs, 3)).await.expect("a repair");
+    assert_eq!(baton.finished(&again).await["state"], "succeeded", "repaired again after a person's push");
+    let h3 = follow_branch(&bare);
+    assert_eq!(git(&bare, &["rev-parse", &format!("{h3}^")]), theirs);
+    synchronize("sync-3", h3.clone(), "2026-01-01T00:03:00Z").await;
+    let refused = deliver(&baton, "check_run", "rc-4", &check_failed(&h3, 4)).await.expect("a job");
+    let job = baton.finished(&refused).await;
+    assert_eq!(job["state"], "failed", "baton's own push counted again: {job}");
+    assert!(job["error"].as_str().unwrap().contains("pushed 1 repairs"), "{job}");
+}
+
 /// A review comment on pull request #2: comment `id`, by `login`
 /// (`association`), replying to `reply_to` when given.
 fn review_comment(id: u64, reply_to: Option<u64>, login: &str, association: &str, body: &str, head: &str) -> Vec<u8> {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use baton::rules::{JobSpec, OutputKind};
-use baton::store::{job_id, Accepted, Admitted, Delivery, Durability, Limits, Store};
+use baton::store::{job_id, Accepted, Admitted, Delivery, Durability, Limits, Note, PrHead, Store};
 use chrono::{Duration, Utc};
 
 const LEASE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -318,4 +318,60 @@ async fn the_queue_depth_counts_what_was_written() {
     store.cancel_queued(&job.id, "api").await.unwrap();
     assert_eq!(store.queue_len().await.unwrap(), 1);
     assert_eq!(store.queued().await.unwrap().len(), 1);
+}
+
+/// What baton notes of a pull request lives as long as it is used: a note
+/// or head unwritten and unread since the cutoff is forgotten, one read
+/// since then stays.
+#[tokio::test]
+async fn notes_and_heads_unused_since_the_cutoff_are_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::harness::open_store(dir.path()).await;
+    let (repo, number) = ("a/b".to_string(), 7);
+    let repairs = Note::Repairs { repo: repo.clone(), number };
+    let pushed = Note::Pushed { repo: repo.clone(), number };
+    let review = Note::Reviewed { repo: repo.clone(), number, trigger: "review".into() };
+    let head = PrHead { sha: "c0ffee".into(), ..PrHead::default() };
+    store.count_up(&repairs).await.unwrap();
+    store.set_note(&pushed, &serde_json::json!("c0ffee")).await.unwrap();
+    store.set_note(&review, &serde_json::json!({"head": "c0ffee"})).await.unwrap();
+    store.set_head(&repo, number, &head, "2026-01-01T00:00:00Z").await.unwrap();
+    assert_eq!(store.prune_notes(Utc::now() - Duration::hours(1)).await.unwrap(), 0, "all in use");
+
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    let cutoff = Utc::now();
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    // Read since the cutoff: these stay.
+    assert_eq!(store.note(&review).await.unwrap(), Some(serde_json::json!({"head": "c0ffee"})));
+    assert_eq!(store.pr_head(&repo, number).await.unwrap().map(|h| h.sha), Some("c0ffee".into()));
+    assert_eq!(store.prune_notes(cutoff).await.unwrap(), 2, "the count and the pushed commit");
+    assert_eq!(store.note(&repairs).await.unwrap(), None);
+    assert_eq!(store.note(&pushed).await.unwrap(), None);
+    assert!(store.note(&review).await.unwrap().is_some());
+    assert!(store.head(&repo, number).await.unwrap().is_some());
+
+    // Everything forgotten once nothing is used past a later cutoff; a
+    // forgotten count starts from zero.
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    assert_eq!(store.prune_notes(Utc::now()).await.unwrap(), 2);
+    assert_eq!(store.head(&repo, number).await.unwrap(), None);
+    assert_eq!(store.count_up(&repairs).await.unwrap(), 1);
+}
+
+/// Noting a head says which commit it moved from, only when it moved
+/// forward to another commit.
+#[tokio::test]
+async fn a_head_moving_forward_names_the_commit_it_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::harness::open_store(dir.path()).await;
+    let at = |sha: &str| PrHead { sha: sha.into(), ..PrHead::default() };
+    let set = |sha: &'static str, when: &'static str| {
+        let store = store.clone();
+        async move { store.set_head("a/b", 2, &at(sha), when).await.unwrap() }
+    };
+    assert_eq!(set("one", "2026-01-01T00:00:00Z").await, None, "nothing before it");
+    assert_eq!(set("one", "2026-01-01T00:01:00Z").await, None, "the same commit");
+    assert_eq!(set("two", "2026-01-01T00:02:00Z").await.as_deref(), Some("one"));
+    assert_eq!(set("old", "2026-01-01T00:00:30Z").await, None, "an older event moves nothing");
+    assert_eq!(store.head("a/b", 2).await.unwrap().as_deref(), Some("two"));
 }

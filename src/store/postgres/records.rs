@@ -49,42 +49,77 @@ impl PgStore {
         number: u64,
         head: &PrHead,
         updated_at: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO heads (subject, value, updated_at) VALUES ($1, $2, $3)
-             ON CONFLICT (subject) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
-             WHERE heads.updated_at <= excluded.updated_at",
+    ) -> Result<Option<String>, StoreError> {
+        // `old` is the row as the statement found it; the update happened
+        // when `moved` returned it.
+        let (old, moved): (Option<String>, bool) = sqlx::query_as(
+            "WITH old AS (SELECT value FROM heads WHERE subject = $1),
+             moved AS (
+                INSERT INTO heads (subject, value, updated_at, used_at) VALUES ($1, $2, $3, now())
+                ON CONFLICT (subject) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at,
+                    used_at = now()
+                WHERE heads.updated_at <= excluded.updated_at
+                RETURNING 1)
+             SELECT (SELECT value FROM old), EXISTS (SELECT 1 FROM moved)",
         )
         .bind(subject_key(repo, number))
         .bind(crate::store::encode_head(head, updated_at))
         .bind(updated_at)
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await
         .map_err(pg)?;
-        Ok(())
+        let from = old.filter(|_| moved).map(|o| crate::store::decode_head(&o).0.sha);
+        Ok(from.filter(|sha| *sha != head.sha))
     }
 
     pub(crate) async fn pr_head(&self, repo: &str, number: u64) -> Result<Option<PrHead>, StoreError> {
-        let value: Option<String> = sqlx::query_scalar("SELECT value FROM heads WHERE subject = $1")
-            .bind(subject_key(repo, number))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(pg)?;
+        let value: Option<String> =
+            sqlx::query_scalar("UPDATE heads SET used_at = now() WHERE subject = $1 RETURNING value")
+                .bind(subject_key(repo, number))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(pg)?;
         Ok(value.map(|v| crate::store::decode_head(&v).0))
     }
 
     pub(crate) async fn note(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
-        let value: Option<Json<serde_json::Value>> = sqlx::query_scalar("SELECT value FROM notes WHERE key = $1")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(pg)?;
+        let value: Option<Json<serde_json::Value>> =
+            sqlx::query_scalar("UPDATE notes SET used_at = now() WHERE key = $1 RETURNING value")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(pg)?;
         Ok(value.map(|v| v.0))
+    }
+
+    pub(crate) async fn forget_notes(&self, keys: &[String]) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM notes WHERE key = ANY($1)").bind(keys).execute(&self.pool).await.map_err(pg)?;
+        Ok(())
+    }
+
+    /// Forgets the notes and heads nobody wrote or read since `cutoff`.
+    pub(crate) async fn prune_notes(&self, cutoff: chrono::DateTime<chrono::Utc>) -> Result<usize, StoreError> {
+        let mut gone = 0;
+        for table in ["notes", "heads"] {
+            let key = if table == "notes" { "key" } else { "subject" };
+            loop {
+                let sql = format!(
+                    "DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} WHERE used_at < $1 LIMIT 500)"
+                );
+                let n = sqlx::query(&sql).bind(cutoff).execute(&self.pool).await.map_err(pg)?.rows_affected();
+                gone += n as usize;
+                if n < 500 {
+                    break;
+                }
+            }
+        }
+        Ok(gone)
     }
 
     pub(crate) async fn set_note(&self, key: &str, value: &serde_json::Value) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO notes (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            "INSERT INTO notes (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, used_at = now()",
         )
         .bind(key)
         .bind(Json(value))
@@ -97,7 +132,7 @@ impl PgStore {
     pub(crate) async fn count_up(&self, key: &str) -> Result<u64, StoreError> {
         let n: i64 = sqlx::query_scalar(
             "INSERT INTO notes (key, value) VALUES ($1, '1') ON CONFLICT (key) DO UPDATE
-             SET value = to_jsonb(COALESCE((notes.value #>> '{}')::bigint, 0) + 1)
+             SET value = to_jsonb(COALESCE((notes.value #>> '{}')::bigint, 0) + 1), used_at = now()
              RETURNING (value #>> '{}')::bigint",
         )
         .bind(key)
