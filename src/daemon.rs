@@ -169,8 +169,8 @@ pub async fn serve(
     // Without GitHub credentials the publisher still sends notifications.
     let notify = Arc::new(config.notify.clone());
     let publisher_task = (github.is_some() || gitlab.is_some() || !notify.is_empty()).then(|| {
-        let publisher =
-            Publisher::new(store.clone(), github, notify, publish_wake, metrics.clone()).with_gitlab(gitlab.clone());
+        let publisher = Publisher::new(store.clone(), github, notify, publish_wake.clone(), metrics.clone())
+            .with_gitlab(gitlab.clone());
         tokio::spawn(publisher.run(workers.clone()))
     });
     // Background loops, each stopped by `workers` and joined at shutdown.
@@ -184,6 +184,13 @@ pub async fn serve(
         store.clone(),
         config.storage.path.clone(),
         config.storage.job_retention,
+        workers.clone(),
+    ));
+    background.spawn(expire_held(
+        store.clone(),
+        engine.outbox(),
+        publish_wake.clone(),
+        config.limits.held_for,
         workers.clone(),
     ));
     background.spawn(evict_caches(
@@ -412,6 +419,34 @@ async fn prune_jobs(store: Store, storage: std::path::PathBuf, retention: Durati
                 let path = jobs.join(&id);
                 let _ = tokio::task::spawn_blocking(move || crate::tree::remove(&path)).await;
             }
+        }
+    }
+}
+
+/// Jobs held for `/baton approve` longer than `held_for` expire; their
+/// issue or pull request is told once.
+async fn expire_held(
+    store: Store,
+    outbox: Arc<dyn crate::domain::PlanOutbox>,
+    publish: Arc<tokio::sync::Notify>,
+    held_for: Duration,
+    stop: CancellationToken,
+) {
+    let every = (held_for / 8).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    let spelled = crate::config::format_duration(held_for);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        let cutoff = chrono::Utc::now() - chrono::Duration::from_std(held_for).unwrap_or(chrono::Duration::days(14));
+        match store.expire_held(cutoff, &spelled, outbox.as_ref()).await {
+            Ok(told) if told.is_empty() => {}
+            Ok(told) => {
+                tracing::info!(subjects = told.len(), "Jobs held for approval past limits.held_for expired.");
+                publish.notify_one();
+            }
+            Err(e) => tracing::warn!(error = %e, "Expiring held jobs failed; will retry."),
         }
     }
 }

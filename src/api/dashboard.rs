@@ -82,7 +82,24 @@ pub(crate) async fn jobs_page(State(s): State<Api>, Query(q): Query<HashMap<Stri
             })
         })
         .collect();
-    render("jobs.html", context! { jobs, state => state.map(|s| s.as_str()), paused, caches })
+    let held_for = s.engine.config().limits.held_for;
+    let held: Vec<Value> = s
+        .store
+        .held_all()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|(subject, list)| list.into_iter().map(move |h| (subject.clone(), h)))
+        .map(|(subject, h)| {
+            let expires = h.held_at + chrono::Duration::from_std(held_for).unwrap_or_default();
+            serde_json::json!({
+                "subject": subject, "trigger": h.spec.trigger, "event": h.spec.event,
+                "held_at": h.held_at.to_rfc3339(), "expires_at": expires.format("%Y-%m-%d %H:%M UTC").to_string(),
+            })
+        })
+        .collect();
+    let held_for = crate::config::format_duration(held_for);
+    render("jobs.html", context! { jobs, state => state.map(|s| s.as_str()), paused, caches, held, held_for })
 }
 
 pub(crate) async fn job_page(State(s): State<Api>, Path(id): Path<String>) -> Response {

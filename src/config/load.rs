@@ -152,6 +152,7 @@ struct RawLimits {
     max_parallel_per_repo: Option<Spanned<usize>>,
     max_chain_depth: Option<u32>,
     job_lease: Option<HumanDuration>,
+    held_for: Option<HumanDuration>,
     daily_budget_usd: Option<Spanned<f64>>,
     daily_budget_per_repo_usd: Option<Spanned<f64>>,
 }
@@ -549,6 +550,7 @@ impl Reader<'_> {
             max_parallel_per_repo: self.positive(&raw.max_parallel_per_repo, 2),
             max_chain_depth: raw.max_chain_depth.unwrap_or(3),
             job_lease: raw.job_lease.map(|d| d.0).filter(|d| !d.is_zero()).unwrap_or(Duration::from_secs(60)),
+            held_for: raw.held_for.map(|d| d.0).unwrap_or(Duration::from_secs(14 * 24 * 3600)),
             daily_budget_usd: self.amount(&raw.daily_budget_usd, "limits.daily_budget_usd"),
             daily_budget_per_repo_usd: self.amount(&raw.daily_budget_per_repo_usd, "limits.daily_budget_per_repo_usd"),
         }

@@ -277,6 +277,9 @@ pub struct LimitSettings {
     /// (every third of it): a replica that dies has its jobs taken back by
     /// the others this long after.
     pub job_lease: Duration,
+    /// How long a job held for `/baton approve` waits before it expires
+    /// (its issue or pull request is told, once).
+    pub held_for: Duration,
     /// What all agents, and each repository's, may spend in a rolling day
     /// (US dollars); a match over it is skipped.
     pub daily_budget_usd: Option<f64>,

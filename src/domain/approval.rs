@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 
 use super::dispatch::QueueEntry;
-use super::{job_id, Approval, Job, Plan, Write};
+use super::{job_id, Approval, Job, JobState, Plan, Write};
 use crate::rules::JobSpec;
 
 /// Held jobs per issue or PR, at most (oldest go first).
@@ -146,6 +146,46 @@ pub fn approve(
     (started, plan)
 }
 
+/// What expiring the holds on `subject` older than `cutoff` writes: the
+/// rest stay held, and the expired ones become one cancelled job (the
+/// first's id, its output a comment on the subject), so the issue or pull
+/// request is told once however many expired. The plan is empty when none
+/// expired; no job is made when its id exists already.
+pub fn expire(
+    subject: &str,
+    held: &[Held],
+    cutoff: DateTime<Utc>,
+    held_for: &str,
+    exists: impl Fn(&str) -> bool,
+    seq: u64,
+    now: DateTime<Utc>,
+) -> (Plan, Option<Job>) {
+    let (expired, keep): (Vec<&Held>, Vec<&Held>) = held.iter().partition(|p| p.held_at < cutoff);
+    let Some(first) = expired.first() else { return (Plan::new(), None) };
+    let mut plan = vec![Write::Held { subject: subject.to_string(), list: keep.into_iter().cloned().collect() }];
+    let id = job_id(&first.delivery, &first.spec.trigger);
+    if exists(&id) {
+        return (plan, None);
+    }
+    let mut triggers: Vec<String> = expired.iter().map(|p| format!("`{}`", p.spec.trigger)).collect();
+    triggers.sort();
+    triggers.dedup();
+    let what = match expired.len() {
+        1 => format!("The job trigger {} held here", triggers.join(", ")),
+        n => format!("The {n} jobs held here (triggers {})", triggers.join(", ")),
+    };
+    let why = format!(
+        "{what} waited since {} for a trusted person's `/baton approve` and expired after limits.held_for \
+         ({held_for}). Nothing ran; a new event can hold it again.",
+        first.held_at.format("%Y-%m-%d %H:%M UTC")
+    );
+    let spec = JobSpec { output: crate::rules::OutputKind::Comment, ..first.spec.clone() };
+    let mut job = Job::new(id, seq, first.delivery.clone(), spec, now);
+    job.end(JobState::Cancelled, None, Some(why), now);
+    plan.push(Write::Job { job: Box::new(job.clone()), new: true });
+    (plan, Some(job))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +216,37 @@ mod tests {
         check(Some("a"), Some("b"), true, true);
         check(None, Some("b"), false, true); // held before texts were kept
         check(Some("a"), None, false, true); // the approval shows no text
+    }
+
+    #[test]
+    fn holds_past_their_time_expire_into_one_cancelled_job_and_the_rest_stay() {
+        let now = Utc::now();
+        let at = |delivery: &str, trigger: &str, age: i64| Held {
+            held_at: now - chrono::Duration::seconds(age),
+            spec: JobSpec { trigger: trigger.into(), repo: Some("o/r".into()), subject: Some(1), ..JobSpec::default() },
+            ..held(delivery, None, None)
+        };
+        let list = vec![at("old", "a", 100), at("older", "b", 200), at("new", "a", 5)];
+        let cutoff = now - chrono::Duration::seconds(60);
+        let (plan, job) = expire("o/r#1", &list, cutoff, "1m", |_| false, 7, now);
+        let job = job.expect("one job tells the subject");
+        assert_eq!((job.id.as_str(), job.seq, job.state), (job_id("old", "a").as_str(), 7, JobState::Cancelled));
+        assert_eq!(job.spec.output, crate::rules::OutputKind::Comment);
+        let why = job.error.clone().unwrap_or_default();
+        assert!(why.starts_with("The 2 jobs held here (triggers `a`, `b`) waited since "), "{why}");
+        assert!(why.contains("expired after limits.held_for (1m)"), "{why}");
+        match &plan[0] {
+            Write::Held { list, .. } => {
+                assert_eq!(list.iter().map(|h| h.delivery.as_str()).collect::<Vec<_>>(), ["new"])
+            }
+            other => panic!("{other:?}"),
+        }
+        // Its job exists already (told before): the holds go, nothing is told.
+        let (plan, job) = expire("o/r#1", &list, cutoff, "1m", |_| true, 7, now);
+        assert!(job.is_none() && plan.len() == 1, "{plan:?}");
+        // Nothing old enough: nothing written.
+        let (plan, job) = expire("o/r#1", &list[2..], cutoff, "1m", |_| false, 7, now);
+        assert!(job.is_none() && plan.is_empty());
     }
 
     #[test]

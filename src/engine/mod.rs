@@ -148,6 +148,11 @@ impl Engine {
 
     /// Plans what each job's start and end put in the outbox (the
     /// publisher's planner); without it nothing is planned.
+    /// What a job's end puts in the outbox, as this engine plans it.
+    pub(crate) fn outbox(&self) -> Arc<dyn PlanOutbox> {
+        self.outbox.clone()
+    }
+
     pub(crate) fn with_outbox(mut self, outbox: Arc<dyn PlanOutbox>) -> Engine {
         self.outbox = outbox;
         self

@@ -481,6 +481,32 @@ impl Store {
         each!(self, b => ops::approve(b, &subject, head.as_deref(), approval, &may_approve).await)
     }
 
+    /// Every issue or pull request with jobs held for approval, and them.
+    pub async fn held_all(&self) -> Result<Vec<(String, Vec<Held>)>, StoreError> {
+        on!(self, b => b.held_all(), b.held_all().await)
+    }
+
+    /// Expires the jobs held since before `cutoff` (`limits.held_for`,
+    /// spelled `held_for`, ago): each subject where some expired gets one
+    /// cancelled job saying so, which `outbox` posts as a comment there.
+    /// Returns those jobs' ids.
+    pub async fn expire_held(
+        &self,
+        cutoff: chrono::DateTime<Utc>,
+        held_for: &str,
+        outbox: &dyn crate::domain::PlanOutbox,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut told = Vec::new();
+        for (subject, held) in self.held_all().await? {
+            if held.iter().any(|h| h.held_at < cutoff) {
+                if let Some(id) = each!(self, b => ops::expire_held(b, &subject, cutoff, held_for, outbox).await)? {
+                    told.push(id);
+                }
+            }
+        }
+        Ok(told)
+    }
+
     /// Records a running agent's process, as this replica's.
     pub(crate) async fn note_agent<T: serde::Serialize>(&self, job: &str, process: &T) -> Result<(), StoreError> {
         let value = serde_json::to_value(process).unwrap_or_default();

@@ -277,6 +277,42 @@ pub(super) async fn record_spend<B: Backend>(
     b.durable().await
 }
 
+/// Expires the holds on `subject` older than `cutoff` (see
+/// `approval::expire`): the job that tells the subject, with what its end
+/// puts in the outbox, is written with them.
+pub(super) async fn expire_held<B: Backend>(
+    b: &B,
+    subject: &str,
+    cutoff: chrono::DateTime<Utc>,
+    held_for: &str,
+    outbox: &dyn crate::domain::PlanOutbox,
+) -> Result<Option<String>, StoreError> {
+    let told = retrying!(
+        async {
+            let mut tx = b.begin(false).await?;
+            let held = tx.held(subject).await?;
+            let ids: Vec<String> = held.iter().map(|p| crate::domain::job_id(&p.delivery, &p.spec.trigger)).collect();
+            let exists = tx.existing(&ids).await?;
+            let seq = tx.numbers(1).await?.first().copied().unwrap_or(0);
+            let now = Utc::now();
+            let (mut plan, job) =
+                approval::expire(subject, &held, cutoff, held_for, |id| exists.contains(id), seq, now);
+            if plan.is_empty() {
+                return Ok(None);
+            }
+            if let Some(job) = &job {
+                plan.extend(outbox.at_end(job).into_iter().map(|p| Write::Outbox(Box::new(p))));
+            }
+            tx.apply(plan, Duration::ZERO).await?;
+            tx.commit().await?;
+            Ok(job.map(|j| j.id))
+        }
+        .await
+    )?;
+    b.durable().await?;
+    Ok(told)
+}
+
 /// Releases the jobs held on `subject` that `approval` covers (see
 /// `approval::approve`); `head` is the pull request's head now, if known.
 pub(super) async fn approve<B: Backend>(

@@ -613,6 +613,18 @@ impl SledStore {
         }
     }
 
+    pub fn held_all(&self) -> Result<Vec<(String, Vec<Held>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.core.t.approvals.iter() {
+            let (k, v) = item?;
+            let list: Vec<Held> = decode("approvals", &k, &v)?;
+            if !list.is_empty() {
+                out.push((String::from_utf8_lossy(&k).into_owned(), list));
+            }
+        }
+        Ok(out)
+    }
+
     pub(crate) fn note_agent(&self, job: &str, process: &serde_json::Value) -> Result<(), StoreError> {
         self.agents.insert(job.as_bytes(), encode(process))?;
         Ok(())

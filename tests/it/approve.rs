@@ -187,3 +187,45 @@ async fn an_edit_after_holding_needs_an_approval_that_says_it_saw_it() {
     let (_, seen) = baton.deliver(SECRET, "issue_comment", "approve-edited", &edited("/baton approve --edited")).await;
     assert_eq!(seen["jobs"].as_array().unwrap().len(), 1, "{seen}");
 }
+
+/// Held jobs wait `limits.held_for`, shown on the dashboard, then expire:
+/// their pull request is told once however many expired there, nothing
+/// ran, and a later approval releases nothing.
+#[tokio::test]
+async fn holds_expire_after_held_for_and_their_pull_request_is_told_once() {
+    let fake = crate::fake_github::FakeGitHub::start().await;
+    let w = Workdir::new();
+    let noop = |on: &[&str]| Trigger::on(on).agent("noop").workspace("none").prompt("p").output("none");
+    Scenario::new()
+        .github(GitHub::secret(SECRET).api(&fake).token("ghp_heldTestToken0123456789abcdefghijklmn"))
+        .set("limits.held_for", "3s")
+        .agent("noop", Agent::command(&["true"]))
+        .trigger("review", noop(&["pull_request.opened"]))
+        .trigger("triage", noop(&["pull_request.opened"]))
+        .write(&w);
+    let baton = Baton::start(w.path(), &[]);
+    let (status, opened) = baton.deliver(SECRET, "pull_request", "held-1", &pr("opened", "aaaaaaa")).await;
+    assert_eq!((status, opened["held"].clone()), (202, json!(2)), "{opened}");
+    let (_, page) = baton.get("/").await;
+    let page = page.as_str().unwrap_or_default().to_string();
+    assert!(page.contains("Held for approval") && page.contains("Hello-World#2"), "{page}");
+    assert!(page.contains("review") && page.contains("triage") && page.contains("3s"), "{page}");
+
+    let pr_comments = || fake.comments("Codertocat/Hello-World#2");
+    crate::harness::eventually("the expiry comment", || !pr_comments().is_empty()).await;
+    let body = pr_comments()[0].body.clone();
+    assert!(body.contains("The 2 jobs held here (triggers `review`, `triage`)"), "{body}");
+    assert!(body.contains("expired after limits.held_for (3s)"), "{body}");
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    assert_eq!(pr_comments().len(), 1, "told once: {:?}", pr_comments());
+
+    let (_, page) = baton.get("/").await;
+    assert!(!page.as_str().unwrap_or_default().contains("Held for approval"), "{page}");
+    let (_, jobs) = baton.get("/api/jobs").await;
+    let jobs = jobs["jobs"].as_array().cloned().unwrap_or_default();
+    assert_eq!(jobs.len(), 1, "one record of the expiry: {jobs:?}");
+    assert_eq!(jobs[0]["state"], "cancelled", "{jobs:?}");
+    assert_eq!(jobs[0]["attempts"], 0, "nothing ran: {jobs:?}");
+    let (_, approved) = baton.deliver(SECRET, "issue_comment", "held-ok", &comment("/baton approve", "OWNER")).await;
+    assert_eq!(approved["jobs"], json!([]), "nothing left to approve: {approved}");
+}

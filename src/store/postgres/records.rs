@@ -151,6 +151,15 @@ impl PgStore {
         Ok(list.map(|Json(l)| l).unwrap_or_default())
     }
 
+    pub async fn held_all(&self) -> Result<Vec<(String, Vec<Held>)>, StoreError> {
+        let rows: Vec<(String, Json<Vec<Held>>)> =
+            sqlx::query_as("SELECT subject, list FROM held WHERE jsonb_array_length(list) > 0 ORDER BY subject")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(pg)?;
+        Ok(rows.into_iter().map(|(s, Json(l))| (s, l)).collect())
+    }
+
     pub(crate) async fn note_agent(&self, job: &str, process: &serde_json::Value) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO agents (replica, job, process) VALUES ($1, $2, $3)
