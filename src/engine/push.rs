@@ -197,6 +197,13 @@ impl Engine {
             Ok(()) => return self.pushed(job, result, branch, commit).await,
             Err(workspace::WorkspaceError::BranchMoved { to, .. }) => to,
             Err(workspace::WorkspaceError::Cancelled(_)) => return AttemptEnd::Cancelled,
+            Err(e) if target.repo != repo => {
+                return publish_failed(format!(
+                    "pushing to {branch} of the fork {} failed: {e} (GitHub refuses a push to a fork whose author \
+                     turned off \"Allow edits from maintainers\", and to any fork an organization owns)",
+                    target.repo
+                ))
+            }
             Err(e) => return publish_failed(format!("pushing to {branch} failed: {e}")),
         };
         let moved = format!("the branch moved from {base} to {moved_to}");

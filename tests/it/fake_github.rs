@@ -77,6 +77,11 @@ struct State {
     pr_files: std::collections::HashMap<String, Vec<Value>>,
     check_runs: Vec<Value>,
     hook_deliveries: Vec<Value>,
+    /// Where `/git/owner/name.git` is served from (`git http-backend`).
+    git_root: Option<std::path::PathBuf>,
+    /// Repositories whose pushes are refused as GitHub refuses a push to a
+    /// fork whose author does not let maintainers edit.
+    push_refused: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -98,6 +103,22 @@ impl FakeGitHub {
         let app = Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
             let (sink, st) = (sink.clone(), st.clone());
             async move {
+                if let Some(repo_path) = uri.path().strip_prefix("/git/") {
+                    let (root, refused) = {
+                        let st = st.lock().unwrap();
+                        (st.git_root.clone(), st.push_refused.clone())
+                    };
+                    let response = serve_git(root, &refused, &method, repo_path, uri.query(), &headers, body).await;
+                    let (path, status) = (uri.path().to_string(), response.status().as_u16());
+                    sink.lock().unwrap().push(Recorded {
+                        method: method.to_string(),
+                        path,
+                        headers,
+                        body: Value::Null,
+                        status,
+                    });
+                    return response;
+                }
                 let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 let path = uri.path().to_string();
                 let query = uri.query().unwrap_or("").to_string();
@@ -118,6 +139,19 @@ impl FakeGitHub {
             let _ = axum::serve(listener, app).await;
         });
         FakeGitHub { requests, state, url }
+    }
+
+    /// Serves the bare repositories under `root` over git's smart HTTP at
+    /// `{url}/git/owner/name.git` (the `github.git_url` to give baton).
+    pub fn serve_git(&self, root: &std::path::Path) {
+        self.state.lock().unwrap().git_root = Some(root.to_path_buf());
+    }
+
+    /// Refuses pushes to `owner/name` the way GitHub does when a fork's
+    /// author does not allow edits from maintainers: 403, "Permission to …
+    /// denied to …".
+    pub fn refuse_pushes(&self, repo: &str) {
+        self.state.lock().unwrap().push_refused.push(repo.to_string());
     }
 
     pub fn posts(&self, path: &str) -> Vec<Recorded> {
@@ -507,4 +541,69 @@ fn suggestion_closed(text: &str) -> bool {
         }
     }
     true
+}
+
+/// One smart-HTTP request, answered by `git http-backend` (a CGI) from
+/// `root`; a push to a repository in `refused` is answered 403 first.
+async fn serve_git(
+    root: Option<std::path::PathBuf>,
+    refused: &[String],
+    method: &Method,
+    repo_path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(root) = root else { return (StatusCode::NOT_FOUND, "no git served").into_response() };
+    let repo = repo_path.split(".git/").next().unwrap_or_default();
+    let pushing =
+        query.is_some_and(|q| q.contains("service=git-receive-pack")) || repo_path.ends_with("/git-receive-pack");
+    if pushing && refused.iter().any(|r| r == repo) {
+        let who = if headers.contains_key("authorization") { TOKEN_LOGIN } else { "anonymous" };
+        return (StatusCode::FORBIDDEN, format!("Permission to {repo}.git denied to {who}.\n")).into_response();
+    }
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let mut cmd = tokio::process::Command::new("git");
+    cmd.arg("http-backend")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("GIT_PROJECT_ROOT", &root)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("PATH_INFO", format!("/{repo_path}"))
+        .env("QUERY_STRING", query.unwrap_or(""))
+        .env("REQUEST_METHOD", method.as_str())
+        .env("CONTENT_TYPE", header("content-type"))
+        .env("CONTENT_LENGTH", body.len().to_string())
+        .env("HTTP_CONTENT_ENCODING", header("content-encoding"))
+        .env("GIT_PROTOCOL", header("git-protocol"))
+        // Pushes need someone to be; GitHub's token says who.
+        .env("REMOTE_USER", TOKEN_LOGIN)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("git http-backend");
+    let mut stdin = child.stdin.take().unwrap();
+    let writing = tokio::spawn(async move {
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut stdin, &body).await;
+    });
+    let out = child.wait_with_output().await.expect("git http-backend output");
+    let _ = writing.await;
+    // CGI: headers, a blank line, the body.
+    let split = out.stdout.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4));
+    let split = split.or_else(|| out.stdout.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)));
+    let Some((end, gap)) = split else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, String::from_utf8_lossy(&out.stderr).into_owned()).into_response();
+    };
+    let mut response = Response::builder();
+    let mut status = StatusCode::OK;
+    for line in String::from_utf8_lossy(&out.stdout[..end]).lines() {
+        let Some((name, value)) = line.split_once(':') else { continue };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("status") {
+            status = value.split(' ').next().and_then(|c| c.parse().ok()).unwrap_or(StatusCode::OK);
+        } else {
+            response = response.header(name, value);
+        }
+    }
+    response.status(status).body(axum::body::Body::from(out.stdout[end + gap..].to_vec())).unwrap()
 }

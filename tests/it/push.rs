@@ -488,3 +488,63 @@ async fn an_agent_cannot_push_a_workflow_or_get_its_hooks_run_through_a_push() {
         assert!(!ran.exists(), "no hook of the agent's ran");
     }
 }
+
+/// A pull request from a fork whose author lets maintainers edit: the push
+/// goes to the fork's branch, over HTTP with the base repository's token;
+/// when GitHub refuses it all the same (the author changed their mind, or
+/// the fork belongs to an organization), the job fails with GitHub's own
+/// words and nothing moves.
+#[tokio::test]
+async fn a_push_to_a_fork_uses_the_base_credentials_and_a_refusal_is_reported_as_github_says() {
+    let fake = FakeGitHub::start().await;
+    let w = Workdir::new();
+    let (bare, head) = origin(&w);
+    let root = w.path().join("remote");
+    let fork = root.join("stranger/Hello-World.git");
+    std::fs::create_dir_all(fork.parent().unwrap()).unwrap();
+    git(&root, &["clone", "--quiet", "--bare", bare.to_str().unwrap(), fork.to_str().unwrap()]);
+    fake.serve_git(&root);
+    let script = w.script("agent.sh", "#!/bin/sh\ncat > /dev/null\necho fixed >> fix.txt\necho 'Fixed.'\n");
+    Scenario::new()
+        .github(GitHub::secret(SECRET).api(&fake).set("git_url", format!("{}/git", fake.url)).token("env:GITHUB_TOKEN"))
+        .agent("script", Agent::script(&script))
+        .trigger("work", push("pull_request.opened").filter("allow_forks", true))
+        .write(&w);
+    let baton = Baton::start(w.path(), &[("GITHUB_TOKEN", TOKEN)]);
+    let from_fork = |delivery_head: &str| {
+        let mut p: Value =
+            serde_json::from_slice(&pull_request("opened", delivery_head, "2026-01-01T00:00:00Z")).unwrap();
+        p["pull_request"]["head"]["repo"]["id"] = json!(999_999);
+        p["pull_request"]["head"]["repo"]["full_name"] = json!("stranger/Hello-World");
+        p["pull_request"]["maintainer_can_modify"] = json!(true);
+        serde_json::to_vec(&p).unwrap()
+    };
+
+    let id = deliver(&baton, "pull_request", "fork-1", &from_fork(&head)).await.expect("a job");
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let pushed = git(&fork, &["rev-parse", "refs/heads/changes"]);
+    assert_eq!(git(&fork, &["rev-parse", &format!("{pushed}^")]), head, "on the fork's branch, from its head");
+    assert_eq!(git(&bare, &["rev-parse", "refs/heads/changes"]), head, "the base repository is untouched");
+    let pushes = fake.requests_to("POST", "/git/stranger/Hello-World.git/git-receive-pack");
+    assert_eq!(pushes.len(), 1, "one push, over HTTP");
+    let auth = pushes[0].headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let basic = auth.strip_prefix("Basic ").map(|b| {
+        use base64::Engine as _;
+        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b).unwrap_or_default()).unwrap_or_default()
+    });
+    assert!(basic.is_some_and(|b| b.ends_with(&format!(":{TOKEN}"))), "the base repository's token: {auth:?}");
+
+    // The same, but GitHub refuses the push. (GitHub moves the base's
+    // `refs/pull/2/head` with the fork's branch.)
+    git(&bare, &["fetch", "--quiet", fork.to_str().unwrap(), "+refs/heads/changes:refs/pull/2/head"]);
+    fake.refuse_pushes("stranger/Hello-World");
+    let id = deliver(&baton, "pull_request", "fork-2", &from_fork(&pushed)).await.expect("a job");
+    let job = baton.finished(&id).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(error.contains("Permission to stranger/Hello-World.git denied to"), "{error}");
+    assert!(error.contains("403") && error.contains("of the fork stranger/Hello-World"), "{error}");
+    assert!(error.contains("\"Allow edits from maintainers\""), "says what to check: {error}");
+    assert_eq!(git(&fork, &["rev-parse", "refs/heads/changes"]), pushed, "nothing moved");
+}
