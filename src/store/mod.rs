@@ -552,7 +552,7 @@ impl Store {
 
     /// Bytes the database takes on disk (sled; 0 for PostgreSQL, whose
     /// size is the database server's to report).
-    pub(crate) fn size_on_disk(&self) -> u64 {
+    pub fn size_on_disk(&self) -> u64 {
         on!(self, b => b.size_on_disk(), { let _ = b; 0 })
     }
 
@@ -561,10 +561,25 @@ impl Store {
         on!(self, b => b.flushes(), { let _ = b; 0 })
     }
 
+    /// Every table (sled: tree) with its records and their bytes: a full
+    /// scan, for soak tests and tools, never a hot path. On PostgreSQL the
+    /// bytes are the table's size on disk, indexes and TOAST included.
+    pub async fn census(&self) -> Result<Vec<TableSize>, StoreError> {
+        on!(self, b => b.census(), b.census().await)
+    }
+
     /// Counts every job: a full scan, for tests and tools, not hot paths.
     pub async fn job_count(&self) -> Result<usize, StoreError> {
         on!(self, b => Ok(b.job_count()), b.job_count().await)
     }
+}
+
+/// One table of the store, as `Store::census` counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSize {
+    pub name: String,
+    pub records: u64,
+    pub bytes: u64,
 }
 
 /// What baton remembers about a pull request between its jobs.

@@ -664,6 +664,22 @@ impl SledStore {
         self.core.commit.flushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    pub fn census(&self) -> Result<Vec<super::TableSize>, StoreError> {
+        let mut out = Vec::new();
+        for name in self.core.db.tree_names() {
+            let tree = self.core.db.open_tree(&name)?;
+            let (mut records, mut bytes) = (0, 0);
+            for item in tree.iter() {
+                let (k, v) = item?;
+                records += 1;
+                bytes += (k.len() + v.len()) as u64;
+            }
+            let name = String::from_utf8_lossy(&name).into_owned();
+            out.push(super::TableSize { name, records, bytes });
+        }
+        Ok(out)
+    }
+
     pub fn job_count(&self) -> usize {
         self.core.t.jobs.len()
     }

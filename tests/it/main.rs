@@ -41,6 +41,7 @@ mod rules;
 mod sandbox;
 mod scenario;
 mod schedule;
+mod soak;
 mod store;
 mod teams;
 mod workspaces;

@@ -265,6 +265,27 @@ impl PgStore {
         Ok(Some(out))
     }
 
+    pub async fn census(&self) -> Result<Vec<crate::store::TableSize>, StoreError> {
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT c.relname::text FROM pg_class c WHERE c.relkind = 'r' AND c.relnamespace = current_schema()::regnamespace
+             ORDER BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pg)?;
+        let mut out = Vec::new();
+        for name in tables {
+            let sql = format!(
+                "SELECT count(*), pg_total_relation_size(to_regclass(quote_ident($1))) FROM \"{}\"",
+                name.replace('"', "\"\"")
+            );
+            let (records, bytes): (i64, i64) =
+                sqlx::query_as(&sql).bind(&name).fetch_one(&self.pool).await.map_err(pg)?;
+            out.push(crate::store::TableSize { name, records: records.max(0) as u64, bytes: bytes.max(0) as u64 });
+        }
+        Ok(out)
+    }
+
     pub async fn job_count(&self) -> Result<usize, StoreError> {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&self.pool).await.map_err(pg)?;
         Ok(n as usize)
