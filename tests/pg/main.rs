@@ -38,6 +38,8 @@ mod replicas;
 mod scenario;
 #[path = "../it/schedule.rs"]
 mod schedule;
+#[path = "../it/soak.rs"]
+mod soak;
 #[path = "../it/store.rs"]
 mod store;
 #[path = "../it/teams.rs"]
