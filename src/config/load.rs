@@ -333,11 +333,11 @@ impl Reader<'_> {
         }
     }
 
-    fn positive(&mut self, field: &Option<Spanned<usize>>, default: usize) -> usize {
+    fn positive(&mut self, field: &Option<Spanned<usize>>, key: &str, default: usize) -> usize {
         match field {
             None => default,
             Some(n) if *n.get_ref() == 0 => {
-                self.error(n.span(), "must be at least 1".into());
+                self.error(n.span(), format!("{key} must be at least 1"));
                 default
             }
             Some(n) => *n.get_ref(),
@@ -372,7 +372,7 @@ impl Reader<'_> {
         let max_body_bytes = match &raw.max_body_bytes {
             None => 25 * 1024 * 1024,
             Some(n) if *n.get_ref() == 0 => {
-                self.error(n.span(), "max_body_bytes must be more than zero".into());
+                self.error(n.span(), "server.max_body_bytes must be more than zero".into());
                 1
             }
             Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
@@ -404,10 +404,10 @@ impl Reader<'_> {
             listen,
             max_body_bytes,
             api_token,
-            max_in_flight: self.positive(&raw.max_in_flight, 512),
+            max_in_flight: self.positive(&raw.max_in_flight, "server.max_in_flight", 512),
             max_buffered_bytes,
-            max_streams: self.positive(&raw.max_streams, 64),
-            max_mcp_sessions: self.positive(&raw.max_mcp_sessions, 64),
+            max_streams: self.positive(&raw.max_streams, "server.max_streams", 64),
+            max_mcp_sessions: self.positive(&raw.max_mcp_sessions, "server.max_mcp_sessions", 64),
             mcp_session_idle: raw.mcp_session_idle.map(|d| d.0).unwrap_or(Duration::from_secs(30 * 60)),
             reject_replays: raw.reject_replays.unwrap_or(true),
             read_timeout: raw.read_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
@@ -546,8 +546,8 @@ impl Reader<'_> {
 
     fn limits(&mut self, raw: &RawLimits) -> LimitSettings {
         LimitSettings {
-            max_parallel_jobs: self.positive(&raw.max_parallel_jobs, 4),
-            max_parallel_per_repo: self.positive(&raw.max_parallel_per_repo, 2),
+            max_parallel_jobs: self.positive(&raw.max_parallel_jobs, "limits.max_parallel_jobs", 4),
+            max_parallel_per_repo: self.positive(&raw.max_parallel_per_repo, "limits.max_parallel_per_repo", 2),
             max_chain_depth: raw.max_chain_depth.unwrap_or(3),
             job_lease: raw.job_lease.map(|d| d.0).filter(|d| !d.is_zero()).unwrap_or(Duration::from_secs(60)),
             held_for: raw.held_for.map(|d| d.0).unwrap_or(Duration::from_secs(14 * 24 * 3600)),
@@ -774,13 +774,18 @@ pub(super) fn resolve_secret(value: &str, base: &Path) -> Result<Secret, String>
     if let Some(name) = value.strip_prefix("env:") {
         return match std::env::var(name) {
             Ok(v) if !v.is_empty() => Ok(Secret::new(v)),
-            _ => Err(format!("environment variable {name} is not set")),
+            _ => Err(format!(
+                "environment variable {name} is not set: set it where baton starts, or put the value in a file \
+                 and write `file:PATH`"
+            )),
         };
     }
     if let Some(file) = value.strip_prefix("file:") {
         let path = absolute(base, Path::new(file));
         return match std::fs::read_to_string(&path) {
-            Ok(v) if v.trim().is_empty() => Err(format!("secret file {} is empty", path.display())),
+            Ok(v) if v.trim().is_empty() => {
+                Err(format!("secret file {} is empty: write the secret into it", path.display()))
+            }
             Ok(v) => Ok(Secret::new(v.trim_end_matches(['\n', '\r']).to_string())),
             Err(e) => Err(format!("cannot read secret file {}: {e}", path.display())),
         };

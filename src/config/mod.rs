@@ -315,7 +315,7 @@ impl HumanDuration {
     pub fn parse(s: &str) -> Result<Duration, String> {
         let s = s.trim();
         if s.is_empty() {
-            return Err("empty duration".into());
+            return Err("empty duration: expected a number and a unit, e.g. 30s, 15m, 2h or 14d".into());
         }
         let mut total = 0u64;
         let mut digits = String::new();
@@ -331,8 +331,9 @@ impl HumanDuration {
                 'd' => 86400,
                 _ => return Err(format!("invalid duration `{s}`: unknown unit `{c}` (use s, m, h or d)")),
             };
-            let n: u64 =
-                digits.parse().map_err(|_| format!("invalid duration `{s}`: a number must come before `{c}`"))?;
+            let n: u64 = digits.parse().map_err(|_| {
+                format!("invalid duration `{s}`: expected a number and a unit, e.g. 30s, 15m, 2h or 14d")
+            })?;
             total = total.saturating_add(n.saturating_mul(unit));
             digits.clear();
         }

@@ -9,11 +9,11 @@ type HmacSha256 = Hmac<Sha256>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
-    #[error("missing signature header")]
+    #[error("missing signature header: give the webhook a secret, the one baton.toml names")]
     Missing,
     #[error("malformed signature: expected sha256=<64 hex digits>")]
     Malformed,
-    #[error("signature does not match")]
+    #[error("signature does not match: the webhook's secret and the one baton.toml names differ, or the body was changed on the way")]
     Mismatch,
 }
 

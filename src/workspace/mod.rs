@@ -61,15 +61,15 @@ const NETWORK_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkspaceError {
-    #[error("job has no repository")]
+    #[error("the job names no repository, and its workspace needs one: use workspace = \"none\", or start it from an event (or a request's `repo`) that names one")]
     NoRepository,
-    #[error("invalid repository name `{0}`")]
+    #[error("invalid repository name `{0}`: expected owner/name")]
     BadRepository(String),
     #[error("git {command} failed: {message}")]
     Git { command: String, message: String },
     #[error("cannot run git: {0}")]
     Io(#[from] std::io::Error),
-    #[error("commit {0} not found after fetching")]
+    #[error("commit {0} is not in the repository after fetching it: was it force-pushed away, or is it from a fork baton cannot see?")]
     MissingCommit(String),
     #[error(
         "the pull request's head moved from {pinned} to {now} since the job was asked for; \

@@ -31,6 +31,7 @@ mod ingress;
 mod layout;
 mod lease;
 mod mcp_server;
+mod messages;
 mod normalize;
 mod notify;
 mod publish;

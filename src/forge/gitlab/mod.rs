@@ -51,7 +51,11 @@ impl GitLab {
     pub fn verify(&self, keys: HookKeys<'_>, headers: &HeaderMap, body: &[u8]) -> Result<Verified, Rejected> {
         let sent = headers.get(TOKEN).map(|v| v.as_bytes()).unwrap_or_default();
         if keys.secret.is_empty() || !constant_time_eq(sent, keys.secret) {
-            let why = if sent.is_empty() { "missing" } else { "does not match the hook's secret token" };
+            let why = if sent.is_empty() {
+                "missing: set the webhook's \"Secret token\" to gitlab.webhook_secret"
+            } else {
+                "does not match the hook's secret token: the webhook's \"Secret token\" and gitlab.webhook_secret differ"
+            };
             return Err(Rejected::Unauthorized(format!("X-Gitlab-Token {why}")));
         }
         if let Some(signing) = keys.signing {
