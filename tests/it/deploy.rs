@@ -81,7 +81,12 @@ fn every_yaml_manifest_parses_and_runs_one_replica_with_probes_and_a_volume() {
 fn the_dockerfile_builds_in_stages_and_runs_unprivileged_with_a_health_check() {
     let text = std::fs::read_to_string(deploy().join("Dockerfile")).unwrap();
     let lines: Vec<&str> = text.lines().map(str::trim).collect();
-    assert_eq!(lines.iter().filter(|l| l.starts_with("FROM ")).count(), 2, "a build stage and a runtime stage");
+    let stages: Vec<&str> = lines.iter().filter(|l| l.starts_with("FROM ")).copied().collect();
+    assert_eq!(stages.len(), 3, "build, symbols, runtime: {stages:?}");
+    assert!(stages[2].ends_with(" AS runtime"), "the runtime stage is the default target: {stages:?}");
+    // What ships is lean; its debug info is a stage of its own.
+    assert!(text.contains("&& deploy/split-debug target/release/baton target/release/baton-sandbox-init"));
+    assert!(stages[1] == "FROM scratch AS symbols" && text.contains("/src/target/release/baton.debug"));
     assert!(lines.iter().any(|l| l.starts_with("USER ") && !l.ends_with("root")));
     assert!(lines.iter().any(|l| l.starts_with("HEALTHCHECK ")));
     assert!(text.contains("git") && text.contains("ca-certificates"));
@@ -167,4 +172,33 @@ fn the_replicas_variant_rolls_several_pods_on_one_database() {
     let errors: Vec<&str> = text.lines().filter(|l| !l.starts_with("ok:")).collect();
     assert_eq!(errors.len(), 1, "{text}");
     assert!(errors[0].contains("cannot reach the database"), "{text}");
+}
+
+/// `deploy/split-debug`, as the Dockerfile runs it on the release build:
+/// the binary keeps its code and symbols and loses its DWARF, which goes to
+/// `BINARY.debug`, named by the binary's debug link; the binary still runs.
+#[test]
+fn split_debug_leaves_a_lean_binary_and_its_symbols_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("baton");
+    std::fs::copy(crate::harness::BIN, &bin).unwrap();
+    let sections = |path: &Path| {
+        let out = Command::new("readelf").args(["-SW"]).arg(path).output().expect("readelf");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(sections(&bin).contains(".debug_line"), "the test binary has line tables to split");
+    let before = std::fs::metadata(&bin).unwrap().len();
+    let out = Command::new(deploy().join("split-debug")).arg(&bin).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = std::fs::metadata(&bin).unwrap().len();
+    let lean = sections(&bin);
+    for dwarf in [".debug_info", ".debug_line", ".debug_str", ".debug_ranges", ".debug_loc"] {
+        assert!(!lean.contains(dwarf), "{dwarf} left: {lean}");
+    }
+    assert!(lean.contains(".gnu_debuglink") && lean.contains(".symtab"), "{lean}");
+    assert!(after < before, "{before} bytes before, {after} after");
+    let symbols = sections(&dir.path().join("baton.debug"));
+    assert!(symbols.contains(".debug_line") && symbols.contains(".debug_info"), "{symbols}");
+    let version = Command::new(&bin).arg("--version").output().unwrap();
+    assert!(version.status.success() && String::from_utf8_lossy(&version.stdout).starts_with("baton "));
 }
