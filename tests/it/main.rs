@@ -16,6 +16,7 @@ mod config_cli;
 mod crash;
 mod defuse;
 mod deploy;
+mod docs;
 mod e2e;
 mod environments;
 mod escape;
