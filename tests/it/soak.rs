@@ -96,6 +96,17 @@ async fn soak(rounds: usize, per_round: usize) {
         let repair = answer["jobs"][0].as_str().expect("a repair job").to_string();
         // (Behind the round's reviews in the queue.)
         idle(&baton).await;
+        // Published, all of it: a job whose publication waits is kept.
+        let reviews = (round + 1) * per_round;
+        let start = std::time::Instant::now();
+        while review_posts(&fake) < reviews {
+            assert!(
+                start.elapsed() < Duration::from_secs(1800),
+                "{} of {reviews} reviews published",
+                review_posts(&fake)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let done = baton.job(&repair).await;
         assert_eq!(done["state"], "succeeded", "{done}");
         let rss_kb = rss_kb(baton.pid());
@@ -208,6 +219,14 @@ async fn idle(baton: &Baton) {
         assert!(start.elapsed() < Duration::from_secs(3600), "the jobs never finished");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Reviews the fake GitHub was sent.
+fn review_posts(fake: &FakeGitHub) -> usize {
+    fake.requests_to("POST", "/repos/Codertocat/Hello-World/pulls/")
+        .iter()
+        .filter(|r| r.path.ends_with("/reviews"))
+        .count()
 }
 
 fn rss_kb(pid: u32) -> u64 {
