@@ -112,6 +112,16 @@ impl PgStore {
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         migrate(&pool, schema).await?;
+        // baton deletes what its retention prunes; only vacuuming lets the
+        // space be used again.
+        let autovacuum: Option<String> =
+            sqlx::query_scalar("SHOW autovacuum").fetch_optional(&pool).await.ok().flatten();
+        if autovacuum.as_deref() == Some("off") {
+            tracing::warn!(
+                "The database has autovacuum off: the tables baton prunes will keep growing on disk. \
+                 Turn it on, or run VACUUM on baton's tables regularly."
+            );
+        }
         let tag = schema.unwrap_or("public").replace(|c: char| !c.is_ascii_alphanumeric() && c != '_', "_");
         let (tx, rx) = mpsc::channel(4096);
         let store = PgStore {
