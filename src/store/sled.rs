@@ -14,6 +14,7 @@ use serde::Serialize;
 use sled::transaction::{TransactionError, Transactional, TransactionalTree};
 use sled::Tree;
 
+mod compact;
 mod notes;
 mod tx;
 
@@ -162,15 +163,15 @@ impl SledStore {
     pub fn open(path: &Path, durability: Durability) -> Result<SledStore, StoreError> {
         let open_err = |source| StoreError::Open { path: path.to_path_buf(), source: Box::new(source) };
         std::fs::create_dir_all(path).map_err(|e| open_err(sled::Error::Io(e)))?;
-        let db = sled::Config::new()
-            .path(path.join("db"))
-            .cache_capacity(32 * 1024 * 1024)
-            // baton flushes explicitly before it acknowledges anything; the
-            // background flusher only bounds what a crash could lose of the
-            // rest (log lines of state that is rebuilt anyway).
-            .flush_every_ms(Some(1000))
-            .open()
-            .map_err(open_err)?;
+        let (db, seq_base, compacted) = compact::open(path, compact::MIN_DISK)?;
+        if let Some(c) = compacted {
+            tracing::info!(
+                before = c.before,
+                after = c.after,
+                live = c.live,
+                "Compacted the store: sled's files held mostly deleted records."
+            );
+        }
         let tree = |name: &str| db.open_tree(name).map_err(open_err);
         let t = Tables {
             deliveries: tree("deliveries")?,
@@ -192,8 +193,14 @@ impl SledStore {
         let data_file = std::fs::File::open(path.join("db").join("db")).map_err(|e| open_err(sled::Error::Io(e)))?;
         let commit = commit::GroupCommit::new(db.clone(), data_file, durability);
         let queued = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(t.queue.len() as i64));
-        let core =
-            Core { t: t.clone(), db: db.clone(), lock: std::sync::Arc::default(), commit: commit.clone(), queued };
+        let core = Core {
+            t: t.clone(),
+            db: db.clone(),
+            seq_base,
+            lock: std::sync::Arc::default(),
+            commit: commit.clone(),
+            queued,
+        };
         let admitting = core.clone();
         let writer =
             writer::Writer::start(commit, move |batch: &mut [Admission]| block_on(ops::admit_batch(&admitting, batch)))

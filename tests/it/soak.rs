@@ -5,7 +5,9 @@
 //!
 //! The quick form runs in CI; the full one (20,000 jobs) is
 //! `cargo test --test it soak -- --ignored --nocapture` (or `--test pg` for
-//! PostgreSQL). Each prints a row per round.
+//! PostgreSQL). Each prints a row per round. The plain form is the churn
+//! issue 31 found sled growing under: rounds of 10,000 jobs that run
+//! `/bin/true`, pruned 20 s after they end, and no notes.
 
 use std::path::Path;
 use std::time::Duration;
@@ -13,13 +15,32 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::fake_github::FakeGitHub;
-use crate::harness::{bare_repo, fixture_json, git, postgres, Baton, Workdir};
+use crate::harness::{bare_repo, fixture, fixture_json, git, postgres, Baton, Workdir};
 use crate::scenario::{Agent, GitHub, Scenario, Trigger};
 
 const SECRET: &str = "soak-secret";
 const TOKEN: &str = "ghp_soakTestToken0123456789abcdefghijklmn";
-/// Jobs, their notes and deliveries are pruned this long after.
-const RETENTION: &str = "5s";
+/// What each round delivers.
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    /// Pull requests to review (which leaves notes) and one CI repair
+    /// (which pushes), pruned 5 s after.
+    PullRequests,
+    /// Issues whose jobs only run `/bin/true`, pruned 20 s after (or
+    /// `BATON_SOAK_RETENTION` seconds).
+    Plain,
+}
+
+impl Shape {
+    /// Jobs, their notes and deliveries are pruned this long after.
+    fn retention(self) -> u64 {
+        let env = std::env::var("BATON_SOAK_RETENTION").ok().and_then(|s| s.parse().ok());
+        match self {
+            Shape::PullRequests => 5,
+            Shape::Plain => env.unwrap_or(20),
+        }
+    }
+}
 
 /// What one round left behind, measured once the retention has passed.
 #[derive(Debug)]
@@ -33,19 +54,28 @@ struct Round {
 
 #[tokio::test]
 async fn stored_data_stays_flat_over_rounds_of_pull_request_work() {
-    soak(3, 60).await;
+    soak(Shape::PullRequests, 3, 60).await;
 }
 
 /// The full soak: 20,000 jobs.
 #[tokio::test]
 #[ignore = "takes tens of minutes: the full soak"]
 async fn stored_data_stays_flat_over_20000_jobs() {
-    let rounds = std::env::var("BATON_SOAK_ROUNDS").ok().and_then(|n| n.parse().ok()).unwrap_or(10);
-    let jobs = std::env::var("BATON_SOAK_JOBS").ok().and_then(|n| n.parse().ok()).unwrap_or(2_000);
-    soak(rounds, jobs).await;
+    soak(Shape::PullRequests, sized("BATON_SOAK_ROUNDS", 10), sized("BATON_SOAK_JOBS", 2_000)).await;
 }
 
-async fn soak(rounds: usize, per_round: usize) {
+/// Issue 31's churn: 5 rounds of 10,000 plain jobs, 20 s retention.
+#[tokio::test]
+#[ignore = "takes tens of minutes: the churn soak"]
+async fn stored_data_stays_flat_over_rounds_of_plain_jobs() {
+    soak(Shape::Plain, sized("BATON_SOAK_ROUNDS", 5), sized("BATON_SOAK_JOBS", 10_000)).await;
+}
+
+fn sized(var: &str, default: usize) -> usize {
+    std::env::var(var).ok().and_then(|n| n.parse().ok()).unwrap_or(default)
+}
+
+async fn soak(shape: Shape, rounds: usize, per_round: usize) {
     let fake = FakeGitHub::start().await;
     let w = Workdir::new();
     let root = w.path().join("remote");
@@ -53,11 +83,14 @@ async fn soak(rounds: usize, per_round: usize) {
     let bare = root.join("Codertocat/Hello-World.git");
     let review = w.script("review.sh", "#!/bin/sh\ncat > /dev/null\necho 'Looks fine.'\n");
     let repair = w.script("repair.sh", "#!/bin/sh\ncat > /dev/null\necho repaired >> fix.txt\necho 'Repaired.'\n");
+    let retention = format!("{}s", shape.retention());
     Scenario::new()
         .github(GitHub::secret(SECRET).api(&fake).repos(&root).token("env:GITHUB_TOKEN"))
-        .set("storage.job_retention", RETENTION)
-        .set("storage.delivery_retention", RETENTION)
+        .set("storage.job_retention", retention.as_str())
+        .set("storage.delivery_retention", retention.as_str())
         .set("limits.max_parallel_jobs", 4)
+        .agent("true", Agent::command(&["/bin/true"]))
+        .trigger("chore", Trigger::on(&["issues.opened"]).agent("true").workspace("none").prompt("p").output("none"))
         .agent("review", Agent::script(&review))
         .agent("repair", Agent::script(&repair))
         .trigger(
@@ -82,8 +115,19 @@ async fn soak(rounds: usize, per_round: usize) {
     );
     // One daemon for every round, as an operator leaves it running.
     let baton = Baton::start(w.path(), &env);
-    let storage = w.path().join(".baton");
     for round in 0..rounds {
+        if shape == Shape::Plain {
+            let issue = fixture("issues/opened.payload.json");
+            for i in 0..per_round {
+                let (status, answer) = baton.deliver(SECRET, "issues", &format!("is-{round}-{i}"), &issue).await;
+                assert_eq!(status, 202, "{answer}");
+            }
+            idle(&baton).await;
+            let r = measure(&w, &baton, shape).await;
+            eprintln!("{}", r.row(round, (round + 1) * per_round));
+            measured.push(r);
+            continue;
+        }
         // Each round works on pull requests of its own: the last round's
         // notes are stale by the next and must go.
         for i in 0..per_round {
@@ -114,26 +158,8 @@ async fn soak(rounds: usize, per_round: usize) {
         // The repair landed (its job may be pruned already).
         let pushed = git(&bare, &["rev-parse", &format!("refs/heads/pr-{number}")]);
         assert_eq!(git(&bare, &["rev-parse", &format!("{pushed}^")]), head, "a repair on top of the failed head");
-        // The retention passes, and the prune after it.
-        tokio::time::sleep(Duration::from_secs(8)).await;
-        let job_folders = std::fs::read_dir(storage.join("jobs")).map(|d| d.count()).unwrap_or(0);
-        // sled's tables are read once it stops (it is one process's).
-        let tables = if postgres() { census(w.path()).await } else { Vec::new() };
-        let live: u64 = tables.iter().map(|t| t.bytes).sum();
-        let disk = if postgres() { live } else { dir_size(&storage.join("db")) };
-        let r = Round { tables, disk, live, rss_kb: rss_kb(baton.pid()), job_folders };
-        let shown: Vec<String> =
-            r.tables.iter().filter(|t| t.records > 0).map(|t| format!("{}={}", t.name, t.records)).collect();
-        eprintln!(
-            "{:>5}  {:>6}  {:>9}  {:>9}  {:>6}  {:>11}  {}",
-            round + 1,
-            (round + 1) * (per_round + 1),
-            r.disk / 1024,
-            r.live / 1024,
-            r.rss_kb,
-            r.job_folders,
-            shown.join(" ")
-        );
+        let r = measure(&w, &baton, shape).await;
+        eprintln!("{}", r.row(round, (round + 1) * (per_round + 1)));
         measured.push(r);
     }
     drop(baton);
@@ -163,6 +189,35 @@ async fn soak(rounds: usize, per_round: usize) {
         first.disk / 1024,
         last.disk / 1024
     );
+}
+
+/// What a round left, once the retention and the prune after it passed.
+async fn measure(w: &Workdir, baton: &Baton, shape: Shape) -> Round {
+    tokio::time::sleep(Duration::from_secs(shape.retention() + 3)).await;
+    let storage = w.path().join(".baton");
+    let job_folders = std::fs::read_dir(storage.join("jobs")).map(|d| d.count()).unwrap_or(0);
+    // sled's tables are read once it stops (it is one process's).
+    let tables = if postgres() { census(w.path()).await } else { Vec::new() };
+    let live: u64 = tables.iter().map(|t| t.bytes).sum();
+    let disk = if postgres() { live } else { dir_size(&storage.join("db")) };
+    Round { tables, disk, live, rss_kb: rss_kb(baton.pid()), job_folders }
+}
+
+impl Round {
+    fn row(&self, round: usize, jobs: usize) -> String {
+        let shown: Vec<String> =
+            self.tables.iter().filter(|t| t.records > 0).map(|t| format!("{}={}", t.name, t.records)).collect();
+        format!(
+            "{:>5}  {:>6}  {:>9}  {:>9}  {:>6}  {:>11}  {}",
+            round + 1,
+            jobs,
+            self.disk / 1024,
+            self.live / 1024,
+            self.rss_kb,
+            self.job_folders,
+            shown.join(" ")
+        )
+    }
 }
 
 /// Every table of the store in `dir` (the daemon stopped). On PostgreSQL

@@ -106,6 +106,9 @@ impl Writes<'_> {
 pub(in crate::store) struct Core {
     pub(super) t: Tables,
     pub(super) db: sled::Db,
+    /// Added to sled's `generate_id`: where numbers go on after a
+    /// compaction copied the database (see `compact`).
+    pub(super) seq_base: u64,
     pub(super) lock: std::sync::Arc<tokio::sync::Mutex<()>>,
     pub(super) commit: std::sync::Arc<commit::GroupCommit>,
     /// The queue's length, counted at open and kept by every commit (sled
@@ -189,7 +192,7 @@ impl ops::Tx for SledTx {
     }
 
     async fn numbers(&mut self, n: usize) -> Result<Vec<u64>, StoreError> {
-        (0..n).map(|_| Ok(self.core.db.generate_id()?)).collect()
+        (0..n).map(|_| Ok(self.core.seq_base + self.core.db.generate_id()?)).collect()
     }
 
     async fn admit_view(&mut self, batch: &[Admission]) -> Result<AdmitView, StoreError> {
