@@ -52,6 +52,10 @@ enum Command {
         /// Print the schema's SQL instead of applying it.
         #[arg(long)]
         print: bool,
+        /// Copy the embedded store made with this engine into redb, the
+        /// default (stop the daemon first).
+        #[arg(long, value_enum)]
+        from: Option<FromEngine>,
     },
     /// Show which triggers match a payload, and the prompt each would get.
     Simulate {
@@ -285,7 +289,8 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Serve { config } => serve(load_config(config.as_deref())?).await,
         Command::SandboxInit { .. } => Ok(ExitCode::FAILURE),
         Command::Check { config } => Ok(check(config.as_deref()).await),
-        Command::Migrate { config, print } => migrate(config.as_deref(), print).await,
+        Command::Migrate { config, from: Some(FromEngine::Sled), .. } => migrate_from_sled(config.as_deref()),
+        Command::Migrate { config, print, from: None } => migrate(config.as_deref(), print).await,
         Command::Simulate { event, payload, config, run, forge } => {
             simulate(forge.into(), &event, &payload, config.as_deref(), run).await
         }
@@ -330,6 +335,29 @@ async fn serve(config: Config) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `baton migrate --from` copies.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum FromEngine {
+    Sled,
+}
+
+/// `baton migrate --from sled`: the storage folder's sled store, copied
+/// into redb. It reads only the folder, so it needs none of the secrets.
+fn migrate_from_sled(path: Option<&Path>) -> Result<ExitCode> {
+    let storage = Config::storage_folder(path).map_err(|errors| anyhow::anyhow!(join(&errors)))?;
+    let copied = Store::migrate_from_sled(&storage)
+        .with_context(|| format!("copying the sled store in {} (is baton still running?)", storage.display()))?;
+    for t in copied.iter().filter(|t| t.records > 0) {
+        println!("{:<16} {:>9} records  {:>12} bytes", t.name, t.records, t.bytes);
+    }
+    println!(
+        "ok: copied into {}; the sled files are in {} (remove them once baton runs well)",
+        storage.join("baton.redb").display(),
+        storage.join("db.migrated").display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `baton migrate`: the schema a PostgreSQL store needs, printed or applied.
 async fn migrate(path: Option<&Path>, print: bool) -> Result<ExitCode> {
     if print {
@@ -338,7 +366,9 @@ async fn migrate(path: Option<&Path>, print: bool) -> Result<ExitCode> {
     }
     let config = load_config(path)?;
     if config.storage.backend != baton::config::Backend::Postgres {
-        anyhow::bail!("[storage] backend is not \"postgres\": sled needs no migration");
+        anyhow::bail!(
+            "[storage] backend is not \"postgres\": an embedded store needs no schema (`--from sled` copies a sled store into redb)"
+        );
     }
     Store::connect(&baton::store::Location::of(&config), &config.storage.path).await?;
     println!("ok: the database schema is up to date");
@@ -369,7 +399,7 @@ async fn check(path: Option<&Path>) -> ExitCode {
         baton::config::Backend::Postgres => {
             Store::connect(&baton::store::Location::of(&config), &config.storage.path).await.map(|_| ())
         }
-        baton::config::Backend::Sled => Ok(()),
+        baton::config::Backend::Sled | baton::config::Backend::Redb => Ok(()),
     };
     if let Err(e) = &database {
         println!("{}: storage: {e}", config.file.as_deref().unwrap_or(Path::new("<built-in defaults>")).display());

@@ -504,7 +504,8 @@ impl Reader<'_> {
 
     fn storage(&mut self, raw: &RawStorage) -> Storage {
         let url = self.secret(&raw.url, None);
-        let backend = raw.backend.as_ref().map(|b| *b.get_ref()).unwrap_or_default();
+        let path = self.base.join(raw.path.as_deref().unwrap_or(".baton"));
+        let backend = raw.backend.as_ref().map(|b| *b.get_ref()).unwrap_or_else(|| Backend::found_in(&path));
         if let (Backend::Postgres, None, Some(b)) = (backend, &raw.url, &raw.backend) {
             self.error(
                 b.span(),
@@ -525,7 +526,6 @@ impl Reader<'_> {
                 0
             }),
         };
-        let path = self.base.join(raw.path.as_deref().unwrap_or(".baton"));
         Storage {
             cache_retention: raw.cache_retention.map(|d| d.0).unwrap_or(Duration::from_secs(7 * 24 * 3600)),
             cache_max,

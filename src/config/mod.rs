@@ -169,9 +169,28 @@ pub enum Durability {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
+    /// Embedded, the default: one file, `PATH/baton.redb`.
     #[default]
+    Redb,
+    /// Embedded, as stores made before redb (`PATH/db/`); see `baton
+    /// migrate --from sled`.
     Sled,
     Postgres,
+}
+
+impl Backend {
+    /// The embedded engine when `[storage] backend` is not given: redb,
+    /// unless `path` holds a sled store and no redb one (a store made
+    /// before redb keeps working until `baton migrate --from sled`).
+    pub fn found_in(path: &std::path::Path) -> Backend {
+        let sled = path.join("db").join("db").exists();
+        let redb = path.join("baton.redb").exists();
+        if sled && !redb {
+            Backend::Sled
+        } else {
+            Backend::Redb
+        }
+    }
 }
 
 /// `[prices."MODEL"]`, in US dollars per million tokens. baton ships no

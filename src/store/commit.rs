@@ -1,11 +1,11 @@
 //! Group commit: many writers, one fsync.
 //!
-//! sled's `flush` does not fsync on Linux: it writes with
-//! `sync_file_range`, which flushes neither the file's metadata (its size,
-//! as the log grows) nor the drive's write cache, and leaves the real fsync
-//! to a background thread once a second. A power cut could take what baton
-//! had acknowledged. So every flush here ends with `fdatasync` on sled's
-//! data file: that, not sled's flush, is what makes a write durable.
+//! The embedded engines commit to memory (or to the OS) and make a write
+//! durable only when asked: sled's `flush` does not even fsync on Linux (it
+//! writes with `sync_file_range`, which flushes neither the file's size nor
+//! the drive's cache), so its engine ends each flush with `fdatasync` on
+//! sled's data file; redb's durable commit fsyncs. Each engine hands its
+//! way to sync here.
 //!
 //! A writer commits its transaction in memory, takes a ticket (a number
 //! handed out in order) and waits until a flush that started after its ticket
@@ -30,10 +30,11 @@ struct Flushed {
     failed: u64,
 }
 
+/// What makes every write so far durable, blocking until it is.
+type SyncFn = Box<dyn Fn() -> std::io::Result<()> + Send + Sync>;
+
 pub(crate) struct GroupCommit {
-    db: sled::Db,
-    /// sled's data file, for the `fdatasync` that sled's flush leaves out.
-    file: std::fs::File,
+    sync: SyncFn,
     mode: Durability,
     tickets: AtomicU64,
     /// Shared with the flusher, which holds no strong reference while it
@@ -46,11 +47,10 @@ pub(crate) struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// `file` is sled's data file (`<db folder>/db`).
-    pub fn new(db: sled::Db, file: std::fs::File, mode: Durability) -> Arc<GroupCommit> {
+    /// `sync` makes every write so far durable.
+    pub fn new(mode: Durability, sync: impl Fn() -> std::io::Result<()> + Send + Sync + 'static) -> Arc<GroupCommit> {
         Arc::new(GroupCommit {
-            db,
-            file,
+            sync: Box::new(sync),
             mode,
             tickets: AtomicU64::new(0),
             kick: Arc::new(Notify::new()),
@@ -93,7 +93,7 @@ impl GroupCommit {
             return Ok(());
         }
         self.flushes.fetch_add(1, Ordering::Relaxed);
-        sync(&self.db, &self.file).map_err(|e| {
+        (self.sync)().map_err(|e| {
             tracing::error!(error = %e, "Flushing the store failed.");
             StoreError::Flush
         })
@@ -127,10 +127,4 @@ async fn flusher(weak: Weak<GroupCommit>, kick: Arc<Notify>) {
             _ => f.failed = target,
         });
     }
-}
-
-/// sled's flush, then the fsync it does not do (see the module comment).
-fn sync(db: &sled::Db, file: &std::fs::File) -> std::io::Result<()> {
-    db.flush().map_err(std::io::Error::other)?;
-    file.sync_data()
 }

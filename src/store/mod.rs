@@ -1,5 +1,5 @@
 //! The store: deliveries, jobs, the queue and the publication outbox, behind
-//! one seam with two backends — sled, embedded, the default; PostgreSQL, for
+//! one seam with two backends — an embedded database (sled), the default; PostgreSQL, for
 //! several replicas. Only this module touches a database, and nothing
 //! outside it knows which one is in use.
 //!
@@ -10,9 +10,9 @@
 //! for half of them.
 
 mod commit;
+mod embedded;
 mod ops;
 mod postgres;
-mod sled;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -97,12 +97,13 @@ impl StoreError {
 #[derive(Debug, Clone)]
 pub enum Location {
     Sled { path: PathBuf, durability: Durability },
+    Redb { path: PathBuf, durability: Durability },
     Postgres { url: String, schema: Option<String>, replica: String },
 }
 
 #[derive(Clone)]
 enum Backend {
-    Sled(sled::SledStore),
+    Embedded(embedded::EmbeddedStore),
     Postgres(postgres::PgStore),
 }
 
@@ -115,12 +116,12 @@ pub struct Store {
     path: PathBuf,
 }
 
-/// Runs the same call on whichever backend is in use; sled's reads are
+/// Runs the same call on whichever backend is in use; embedded reads are
 /// synchronous, so its arm takes the `.await` only where it has one.
 macro_rules! on {
     ($self:ident, $b:ident => $sled:expr, $pg:expr) => {
         match &*$self.backend {
-            Backend::Sled($b) => $sled,
+            Backend::Embedded($b) => $sled,
             Backend::Postgres($b) => $pg,
         }
     };
@@ -130,7 +131,7 @@ macro_rules! on {
 macro_rules! each {
     ($self:ident, $b:ident => $body:expr) => {
         match &*$self.backend {
-            Backend::Sled($b) => $body,
+            Backend::Embedded($b) => $body,
             Backend::Postgres($b) => $body,
         }
     };
@@ -146,20 +147,33 @@ impl Location {
                 schema: s.schema.clone(),
                 replica: s.replica.clone(),
             },
-            _ => Location::Sled { path: s.path.clone(), durability: s.durability },
+            (crate::config::Backend::Sled, _) => Location::Sled { path: s.path.clone(), durability: s.durability },
+            _ => Location::Redb { path: s.path.clone(), durability: s.durability },
         }
     }
 }
 
 impl Store {
-    /// Opens (or creates) an embedded store in `path`.
+    /// Opens (or creates) an embedded store in `path`: the one there, or a
+    /// new redb one (see `config::Backend::found_in`).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         Store::open_with(path, Durability::Fsync)
     }
 
     pub fn open_with(path: &Path, durability: Durability) -> Result<Store, StoreError> {
-        let backend = Backend::Sled(sled::SledStore::open(path, durability)?);
-        Ok(Store { backend: Arc::new(backend), path: path.to_path_buf() })
+        let sled = crate::config::Backend::found_in(path) == crate::config::Backend::Sled;
+        let store = if sled {
+            embedded::EmbeddedStore::open_sled(path, durability)?
+        } else {
+            embedded::EmbeddedStore::open_redb(path, durability)?
+        };
+        Ok(Store { backend: Arc::new(Backend::Embedded(store)), path: path.to_path_buf() })
+    }
+
+    /// `baton migrate --from sled`: copies the sled store in `path` into a
+    /// redb store there (see `EmbeddedStore::migrate_from_sled`).
+    pub fn migrate_from_sled(path: &Path) -> Result<Vec<TableSize>, StoreError> {
+        embedded::EmbeddedStore::migrate_from_sled(path)
     }
 
     /// Opens the store `[storage]` names; `path` is the local folder. On
@@ -167,7 +181,14 @@ impl Store {
     /// replicas starting together migrate once).
     pub async fn connect(location: &Location, path: &Path) -> Result<Store, StoreError> {
         match location {
-            Location::Sled { path, durability } => Store::open_with(path, *durability),
+            Location::Sled { path, durability } => {
+                let store = embedded::EmbeddedStore::open_sled(path, *durability)?;
+                Ok(Store { backend: Arc::new(Backend::Embedded(store)), path: path.clone() })
+            }
+            Location::Redb { path, durability } => {
+                let store = embedded::EmbeddedStore::open_redb(path, *durability)?;
+                Ok(Store { backend: Arc::new(Backend::Embedded(store)), path: path.clone() })
+            }
             Location::Postgres { url, schema, replica } => {
                 let pg = postgres::PgStore::connect(url, schema.as_deref(), replica).await?;
                 Ok(Store { backend: Arc::new(Backend::Postgres(pg)), path: path.to_path_buf() })

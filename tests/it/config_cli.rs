@@ -100,7 +100,8 @@ fn an_unopenable_store_is_a_clear_error_naming_its_path() {
     let w = Workdir::new();
     w.config("[server]\nlisten = \"127.0.0.1:0\"\n");
     std::fs::create_dir_all(w.path().join(".baton")).unwrap();
-    std::fs::write(w.path().join(".baton/db"), "not a database").unwrap();
+    // What is there is no database: the default's file holds text.
+    std::fs::write(w.path().join(".baton/baton.redb"), "not a database").unwrap();
     let out = Command::new(BIN).arg("serve").current_dir(w.path()).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -290,7 +290,7 @@ fn handle(st: &mut State, method: &Method, path: &str, query: &str, headers: &He
             )
                 .into_response();
         }
-        lost_answer = st.faults.fail_every_nth_write.is_some_and(|n| st.writes % n == 0);
+        lost_answer = st.faults.fail_every_nth_write.is_some_and(|n| st.writes.is_multiple_of(n));
         if st.dropped_writes > 0 {
             st.dropped_writes -= 1;
             return answer(StatusCode::BAD_GATEWAY, json!({ "message": "Server Error" }));

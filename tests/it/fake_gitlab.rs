@@ -903,7 +903,7 @@ fn handle(
             st.dropped_writes -= 1;
             return answer(StatusCode::BAD_GATEWAY, json!({ "message": "502 Bad Gateway" }));
         }
-        lost_answer = st.faults.fail_every_nth_write.is_some_and(|n| st.writes % n == 0);
+        lost_answer = st.faults.fail_every_nth_write.is_some_and(|n| st.writes.is_multiple_of(n));
     }
     let response = route(st, method.as_str(), row.path, &path_params, query, body);
     if lost_answer {

@@ -14,14 +14,15 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_baton");
 pub const WAIT: Duration = Duration::from_secs(60);
 
 /// The database the tests of this binary run on: `BATON_TEST_BACKEND`
-/// (`sled` or `postgres`), else the binary's own default (`tests/it` runs
-/// on sled, `tests/pg` the same storage tests on PostgreSQL).
+/// (`redb`, `sled` or `postgres`), else the binary's own default
+/// (`tests/it` runs on redb, the default; `tests/sled` and `tests/pg` run
+/// the storage tests again on the others).
+pub fn backend() -> String {
+    std::env::var("BATON_TEST_BACKEND").unwrap_or_else(|_| crate::DEFAULT_BACKEND.to_string())
+}
+
 pub fn postgres() -> bool {
-    match std::env::var("BATON_TEST_BACKEND").as_deref() {
-        Ok("postgres") => true,
-        Ok("sled") => false,
-        _ => crate::DEFAULT_BACKEND == "postgres",
-    }
+    backend() == "postgres"
 }
 
 /// The test database: `BATON_TEST_DATABASE_URL`, or the project machine's.
@@ -38,15 +39,19 @@ pub fn schema_for(dir: &Path) -> String {
     format!("t_{}", hex::encode(&hash[..8]))
 }
 
-/// `toml` with its `[storage]` pointed at this test's PostgreSQL schema
-/// (when the tests run on PostgreSQL), named after `dir`.
+/// `toml` with its `[storage]` pointed at the test backend: sled, or this
+/// test's PostgreSQL schema, named after `dir` (redb is the default).
 pub fn with_backend(toml: &str, dir: &Path) -> String {
-    if !postgres() {
-        return toml.to_string();
-    }
-    let (url, schema) = (database_url(), schema_for(dir));
+    let ours = match backend().as_str() {
+        "postgres" => vec![
+            "backend = \"postgres\"".to_string(),
+            format!("url = \"{}\"", database_url()),
+            format!("schema = \"{}\"", schema_for(dir)),
+        ],
+        "sled" => vec!["backend = \"sled\"".to_string()],
+        _ => return toml.to_string(),
+    };
     // A config read back and written again loses what was put in before.
-    let ours = ["backend = \"postgres\"".to_string(), format!("url = \"{url}\""), format!("schema = \"{schema}\"")];
     let toml: String = toml
         .lines()
         .filter(|l| !ours.iter().any(|o| l.trim_start_matches("storage.") == o))
@@ -55,13 +60,14 @@ pub fn with_backend(toml: &str, dir: &Path) -> String {
     match toml.find("[storage]\n") {
         Some(at) => {
             let at = at + "[storage]\n".len();
-            let keys = format!("backend = \"postgres\"\nurl = \"{url}\"\nschema = \"{schema}\"\n");
+            let keys: String = ours.iter().map(|k| format!("{k}\n")).collect();
             format!("{}{keys}{}", &toml[..at], &toml[at..])
         }
         // Dotted keys at the top: whatever the test appends later stays
         // in the table it meant.
         None => {
-            format!("storage.backend = \"postgres\"\nstorage.url = \"{url}\"\nstorage.schema = \"{schema}\"\n{toml}")
+            let keys: String = ours.iter().map(|k| format!("storage.{k}\n")).collect();
+            format!("{keys}{toml}")
         }
     }
 }
@@ -459,22 +465,23 @@ pub fn processes_with_arg(arg: &str) -> Vec<i32> {
     out
 }
 
-/// Opens the store in `path` on the test backend: sled there, or the
-/// PostgreSQL schema named after `path`. A sled store just dropped lets go
+/// Opens the store in `path` on the test backend: redb or sled there, or
+/// the PostgreSQL schema named after `path`. A store just dropped lets go
 /// of its file lock a moment after the last handle goes (bounded wait).
 pub async fn open_store(path: &std::path::Path) -> baton::store::Store {
     let start = std::time::Instant::now();
     loop {
-        let opened = if postgres() {
-            let location = baton::store::Location::Postgres {
+        let (path_buf, durability) = (path.to_path_buf(), baton::store::Durability::Fsync);
+        let location = match backend().as_str() {
+            "postgres" => baton::store::Location::Postgres {
                 url: database_url(),
                 schema: Some(schema_for(path)),
                 replica: "test".into(),
-            };
-            baton::store::Store::connect(&location, path).await
-        } else {
-            baton::store::Store::open(path)
+            },
+            "sled" => baton::store::Location::Sled { path: path_buf, durability },
+            _ => baton::store::Location::Redb { path: path_buf, durability },
         };
+        let opened = baton::store::Store::connect(&location, path).await;
         match opened {
             Ok(store) => return store,
             Err(e) if start.elapsed() < WAIT && !postgres() => {

@@ -33,7 +33,7 @@ impl Rng {
     fn json(&mut self, depth: u32) -> Value {
         match self.below(if depth > 3 { 5 } else { 8 }) {
             0 => Value::Null,
-            1 => json!(self.next() % 3 == 0),
+            1 => json!(self.next().is_multiple_of(3)),
             2 => json!(self.next() as i64),
             3 => json!(-1.5e300),
             4 => json!(self.string()),

@@ -99,7 +99,7 @@ fn the_module_graph_has_no_cycle() {
 #[test]
 fn only_the_store_knows_the_database() {
     for (top, rel, text) in sources() {
-        for db in ["sled::", "sqlx::"] {
+        for db in ["sled::", "redb::", "sqlx::"] {
             assert!(top == "store" || !text.contains(db), "{rel} names {db}: only src/store/ may");
         }
     }

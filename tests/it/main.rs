@@ -4,7 +4,7 @@
 //! storage tests again on PostgreSQL.
 
 /// The store these tests run on, unless `BATON_TEST_BACKEND` says otherwise.
-pub const DEFAULT_BACKEND: &str = "sled";
+pub const DEFAULT_BACKEND: &str = "redb";
 
 mod agent;
 mod api;
@@ -18,6 +18,7 @@ mod defuse;
 mod deploy;
 mod docs;
 mod e2e;
+mod engines;
 mod environments;
 mod escape;
 mod fake_github;

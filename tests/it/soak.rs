@@ -196,10 +196,12 @@ async fn measure(w: &Workdir, baton: &Baton, shape: Shape) -> Round {
     tokio::time::sleep(Duration::from_secs(shape.retention() + 3)).await;
     let storage = w.path().join(".baton");
     let job_folders = std::fs::read_dir(storage.join("jobs")).map(|d| d.count()).unwrap_or(0);
-    // sled's tables are read once it stops (it is one process's).
+    // An embedded store's tables are read once it stops (it is one process's).
     let tables = if postgres() { census(w.path()).await } else { Vec::new() };
     let live: u64 = tables.iter().map(|t| t.bytes).sum();
-    let disk = if postgres() { live } else { dir_size(&storage.join("db")) };
+    // An embedded store's files: redb's one, or sled's folder.
+    let embedded = dir_size(&storage.join("db")) + std::fs::metadata(storage.join("baton.redb")).map_or(0, |m| m.len());
+    let disk = if postgres() { live } else { embedded };
     Round { tables, disk, live, rss_kb: rss_kb(baton.pid()), job_folders }
 }
 
