@@ -210,6 +210,7 @@ impl<E: Engine + ?Sized> EngineExt for E {
             out = Some(f(w)?);
             Ok(())
         })?;
-        out.ok_or(StoreError::Closed)
+        // A write that succeeded ran `f` to its end at least once.
+        out.ok_or_else(|| StoreError::Database("an engine's write returned without running it".into()))
     }
 }

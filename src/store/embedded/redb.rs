@@ -171,7 +171,8 @@ impl<'txn> RedbWrites<'txn> {
         if slot.is_none() {
             *slot = Some(self.txn.open_table(table(t)).map_err(db_err)?);
         }
-        slot.as_mut().ok_or(StoreError::Closed)
+        // (Filled just above when it was empty.)
+        slot.as_mut().ok_or_else(|| StoreError::Database(format!("table {} did not open", t.name()).into()))
     }
 }
 
