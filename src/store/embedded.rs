@@ -124,9 +124,13 @@ impl EmbeddedStore {
             to.commit().flush_blocking()?;
         }
         let io = |e: std::io::Error| StoreError::Open { path: path.to_path_buf(), source: Box::new(e) };
+        // Each rename durable before the next: never a folder with neither
+        // store in it, which would open as a new, empty one.
+        let sync = || std::fs::File::open(path).and_then(|d| d.sync_all()).map_err(io);
         std::fs::rename(&partial, &target).map_err(io)?;
+        sync()?;
         std::fs::rename(path.join("db"), path.join("db.migrated")).map_err(io)?;
-        std::fs::File::open(path).and_then(|d| d.sync_all()).map_err(io)?;
+        sync()?;
         Ok(copied)
     }
 

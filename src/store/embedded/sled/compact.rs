@@ -69,7 +69,6 @@ pub(super) fn open(dir: &Path, min_disk: u64) -> Result<(sled::Db, u64, Option<C
     copy(&db, &fresh).map_err(open_err)?;
     drop(db);
     wait_unlocked(&path).map_err(|e| open_err(sled::Error::Io(e)))?;
-    wait_unlocked(&fresh).map_err(|e| open_err(sled::Error::Io(e)))?;
     swap(dir).map_err(|e| open_err(sled::Error::Io(e)))?;
     let db = config(&path).open().map_err(open_err)?;
     let after = db.size_on_disk().map_err(open_err)?;
@@ -124,9 +123,26 @@ fn copy(db: &sled::Db, to: &Path) -> sled::Result<()> {
     fresh.open_tree(META)?.insert(SEQ_BASE, &next.to_be_bytes())?;
     fresh.flush()?;
     drop(fresh);
-    std::fs::write(to.join("COMPLETE"), b"")?;
+    // sled's flush does not fsync (see `commit`): every file of the copy is
+    // synced before it is marked complete, and the old one goes.
+    wait_unlocked(to)?;
+    sync_files(to)?;
+    std::fs::File::create(to.join("COMPLETE"))?.sync_all()?;
     sync_dir(to)?;
     Ok(())
+}
+
+/// fsyncs every file and folder under `dir`.
+fn sync_files(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            sync_files(&entry.path())?;
+        } else {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    sync_dir(dir)
 }
 
 /// `db` → `db.old`, `db.compact` → `db`, `db.old` removed; each step
