@@ -159,9 +159,9 @@ pub enum Durability {
     /// fsync before anything is acknowledged (the default).
     #[default]
     Fsync,
-    /// Leave writing back to the operating system: faster, but an
-    /// acknowledged delivery can be lost if the machine (not just baton)
-    /// crashes. Unsafe; for throwaway setups only.
+    /// Answer without waiting for the disk, and write back about once a
+    /// second: faster, but a crash can lose the last second of acknowledged
+    /// deliveries. Unsafe; for throwaway setups only.
     Os,
 }
 

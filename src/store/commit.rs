@@ -13,9 +13,13 @@
 //! one is on disk, new writers pile up for the next one, so a slow disk never
 //! stops requests from being accepted into the next batch, and N concurrent
 //! deliveries cost about one fsync instead of N.
+//!
+//! With `durability = "os"` no one waits, and a background flush makes what
+//! was written durable about once a second (see `GroupCommit::wrote`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once, Weak};
+use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
@@ -42,9 +46,20 @@ pub(crate) struct GroupCommit {
     kick: Arc<Notify>,
     flushed: watch::Sender<Flushed>,
     started: Once,
+    /// `Os` mode: writes so far, and how many of them a background flush
+    /// has made durable.
+    writes: AtomicU64,
+    written_back: AtomicU64,
+    /// `Os` mode: where the background flush runs (the runtime the store
+    /// was opened in; none for a one-shot command, whose close persists).
+    runtime: Option<tokio::runtime::Handle>,
+    trickling: Once,
     /// Flushes done so far (for metrics and tests).
     pub flushes: AtomicU64,
 }
+
+/// How often `Os` mode makes what was written durable, with no one waiting.
+const TRICKLE: Duration = Duration::from_secs(1);
 
 impl GroupCommit {
     /// `sync` makes every write so far durable.
@@ -56,8 +71,30 @@ impl GroupCommit {
             kick: Arc::new(Notify::new()),
             flushed: watch::Sender::new(Flushed::default()),
             started: Once::new(),
+            writes: AtomicU64::new(0),
+            written_back: AtomicU64::new(0),
+            runtime: tokio::runtime::Handle::try_current().ok(),
+            trickling: Once::new(),
             flushes: AtomicU64::new(0),
         })
+    }
+
+    /// An engine wrote. With `Os` durability no caller waits for the disk,
+    /// but an engine that only makes writes durable when asked (redb keeps
+    /// non-durable commits in its file's shadow, holding every page they
+    /// free until a durable one) must still be asked: about once a second,
+    /// as an operating system writes back, so a crash loses about that much
+    /// and the file and memory stay bounded.
+    pub(crate) fn wrote(self: &Arc<Self>) {
+        if self.mode != Durability::Os {
+            return;
+        }
+        self.writes.fetch_add(1, Ordering::AcqRel);
+        self.trickling.call_once(|| {
+            if let Some(runtime) = &self.runtime {
+                runtime.spawn(trickle(Arc::downgrade(self)));
+            }
+        });
     }
 
     /// Returns once everything written before this call is on disk.
@@ -84,6 +121,11 @@ impl GroupCommit {
                 return Err(StoreError::Flush);
             }
         }
+    }
+
+    /// `Os` mode: writes not yet made durable by the background flush.
+    pub(crate) fn unflushed(&self) -> u64 {
+        self.writes.load(Ordering::Acquire) - self.written_back.load(Ordering::Acquire)
     }
 
     /// Flushes now, on this thread, for a caller that batches its own
@@ -126,5 +168,31 @@ async fn flusher(weak: Weak<GroupCommit>, kick: Arc<Notify>) {
             Ok(Ok(())) => f.done = target,
             _ => f.failed = target,
         });
+    }
+}
+
+/// `Os` mode's background flush (see `GroupCommit::wrote`). Holds no strong
+/// reference while it sleeps, so dropping the store ends it.
+async fn trickle(weak: Weak<GroupCommit>) {
+    loop {
+        tokio::time::sleep(TRICKLE).await;
+        let Some(this) = weak.upgrade() else { return };
+        // Read before the flush starts: every write counted is covered by it.
+        let writes = this.writes.load(Ordering::Acquire);
+        if writes == this.written_back.load(Ordering::Acquire) {
+            continue;
+        }
+        let flushing = this.clone();
+        drop(this);
+        let synced = tokio::task::spawn_blocking(move || {
+            flushing.flushes.fetch_add(1, Ordering::Relaxed);
+            (flushing.sync)()?;
+            flushing.written_back.store(writes, Ordering::Release);
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+        if let Ok(Err(e)) = synced {
+            tracing::error!(error = %e, "Writing the store back to disk failed.");
+        }
     }
 }

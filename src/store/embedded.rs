@@ -175,7 +175,7 @@ impl EmbeddedStore {
         Ok(EmbeddedStore { core, writer: Arc::new(writer) })
     }
 
-    fn e(&self) -> &dyn Engine {
+    pub(super) fn e(&self) -> &dyn Engine {
         &*self.core.e
     }
 

@@ -577,9 +577,15 @@ impl Store {
         on!(self, b => b.size_on_disk(), { let _ = b; 0 })
     }
 
-    /// Disk flushes done since the store was opened (sled).
+    /// Disk flushes done since the store was opened (embedded).
     pub fn flushes(&self) -> u64 {
         on!(self, b => b.flushes(), { let _ = b; 0 })
+    }
+
+    /// With `durability = "os"`: engine writes the background flush has not
+    /// yet made durable (embedded; 0 otherwise).
+    pub fn unflushed_writes(&self) -> u64 {
+        on!(self, b => b.e().commit().unflushed(), { let _ = b; 0 })
     }
 
     /// Every table (sled: tree) with its records and their bytes: a full

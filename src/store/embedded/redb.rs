@@ -124,7 +124,11 @@ impl Engine for RedbEngine {
             f(&mut w)
         };
         match outcome {
-            Ok(()) => txn.commit().map_err(db_err),
+            Ok(()) => {
+                txn.commit().map_err(db_err)?;
+                self.commit.wrote();
+                Ok(())
+            }
             Err(e) => {
                 txn.abort().map_err(db_err)?;
                 Err(e)
@@ -142,6 +146,7 @@ impl Engine for RedbEngine {
             first
         };
         txn.commit().map_err(db_err)?;
+        self.commit.wrote();
         Ok((first..first + n as u64).collect())
     }
 
