@@ -129,6 +129,8 @@ impl EmbeddedStore {
         let sync = || std::fs::File::open(path).and_then(|d| d.sync_all()).map_err(io);
         std::fs::rename(&partial, &target).map_err(io)?;
         sync()?;
+        // The copy's seal names the file it was; the first open checks it.
+        redb::RedbEngine::unseal(&partial);
         std::fs::rename(path.join("db"), path.join("db.migrated")).map_err(io)?;
         sync()?;
         Ok(copied)

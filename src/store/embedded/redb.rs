@@ -6,7 +6,9 @@
 //! redb is a copy-on-write B-tree: pages freed by deletes are reused, so
 //! the file stays near what it holds under churn (issue 31). Every page
 //! carries a checksum, and the file is checked when it opens, so a damaged
-//! one is refused, never trusted.
+//! one is refused, never trusted, unless baton closed it cleanly and it is
+//! as baton left it (see `Seal`): the check reads the whole file, which at
+//! a million jobs is seconds of every restart.
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -33,6 +35,8 @@ pub(crate) struct RedbEngine {
     db: Arc<redb::Database>,
     file: PathBuf,
     commit: Arc<GroupCommit>,
+    /// Last: dropped once the database has closed.
+    _seal: Seal,
 }
 
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
@@ -52,13 +56,24 @@ impl RedbEngine {
         let open_err =
             |source: Box<dyn std::error::Error + Send + Sync>| StoreError::Open { path: file.to_path_buf(), source };
         let file = file.to_path_buf();
+        // Every page's checksum is read at open, so a file changed behind
+        // redb's back is refused rather than trusted; unless baton closed
+        // it and nothing has changed it since.
+        let existed = file.exists();
+        let check = !Seal::intact(&file).map_err(|e| open_err(Box::new(e)))?;
+        let started = std::time::Instant::now();
         let db = redb::Builder::new()
             .set_cache_size(32 << 20)
-            // Every page's checksum is read at open: a file changed behind
-            // redb's back is refused rather than trusted.
-            .set_check_integrity_on_open(true)
+            .set_check_integrity_on_open(check)
             .create(&file)
             .map_err(|e| open_err(Box::new(e)))?;
+        if check && existed {
+            tracing::info!(
+                file = %file.display(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "Checked every page of the store's file: baton did not close it cleanly, or it changed since."
+            );
+        }
         // Every table exists from the start, so a read never meets a
         // missing one.
         let w = db.begin_write().map_err(|e| open_err(Box::new(e)))?;
@@ -68,14 +83,24 @@ impl RedbEngine {
         w.open_table(META).map_err(|e| open_err(Box::new(e)))?;
         w.commit().map_err(|e| open_err(Box::new(e)))?;
         let db = Arc::new(db);
-        let syncing = db.clone();
+        let seal = Seal { file: file.clone(), db: Arc::downgrade(&db) };
+        // Weak: the database closes with the engine, not with the last
+        // holder of its group commit.
+        let syncing = Arc::downgrade(&db);
         let commit = GroupCommit::new(durability, move || {
+            // Closed: its close made everything durable.
+            let Some(syncing) = syncing.upgrade() else { return Ok(()) };
             // A durable commit makes the commits before it durable too.
             let mut w = syncing.begin_write().map_err(std::io::Error::other)?;
             w.set_durability(redb::Durability::Immediate).map_err(std::io::Error::other)?;
             w.commit().map_err(std::io::Error::other)
         });
-        Ok(RedbEngine { db, file, commit })
+        Ok(RedbEngine { db, file, commit, _seal: seal })
+    }
+
+    /// Forgets that `file` was closed cleanly (it was moved away).
+    pub fn unseal(file: &Path) {
+        let _ = std::fs::remove_file(Seal::path(file));
     }
 
     /// Numbers from now on start at `floor` or above (a store copied in
@@ -156,6 +181,82 @@ impl Engine for RedbEngine {
 
     fn size_on_disk(&self) -> u64 {
         std::fs::metadata(&self.file).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// Beside the store's file once baton has closed it cleanly: the file's
+/// device, inode, size and change time then. An open that finds them
+/// unchanged trusts the file without reading it all; anything that wrote
+/// to it, replaced or truncated it since (a restore, a copy, a stray
+/// `dd`) has moved its change time, which no user-space call can set back,
+/// so it is checked. A crash leaves no seal: it is removed at open, before
+/// the first write, and redb checks a file it did not close itself anyway.
+struct Seal {
+    file: PathBuf,
+    db: std::sync::Weak<redb::Database>,
+}
+
+impl Seal {
+    fn path(file: &Path) -> PathBuf {
+        let mut p = file.as_os_str().to_owned();
+        p.push(".closed");
+        PathBuf::from(p)
+    }
+
+    fn identity(file: &Path) -> std::io::Result<String> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(file)?;
+        Ok(format!("{} {} {} {}.{:09}", m.dev(), m.ino(), m.len(), m.ctime(), m.ctime_nsec()))
+    }
+
+    /// Whether `file` is as a clean close left it; the seal is gone after.
+    fn intact(file: &Path) -> std::io::Result<bool> {
+        let seal = Seal::path(file);
+        let sealed = std::fs::read_to_string(&seal).ok();
+        match std::fs::remove_file(&seal) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // A seal that stays would vouch for a file baton goes on to
+            // write: refuse to open rather than check once and trust later.
+            Err(e) => return Err(e),
+        }
+        let Some(sealed) = sealed else { return Ok(false) };
+        Ok(Seal::identity(file).ok().as_deref() == Some(sealed.as_str()))
+    }
+
+    /// Writes the seal for the file as it is now. A filesystem stamps
+    /// change times from a coarse clock (a few milliseconds a tick), so a
+    /// write in the same tick as redb's last would leave the same time: the
+    /// seal is only kept once the clock, read off the seal's own change
+    /// time, has moved past the file's.
+    fn write(file: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let seal = Seal::path(file);
+        let ctime = |m: &std::fs::Metadata| (m.ctime(), m.ctime_nsec());
+        for _ in 0..200 {
+            let before = std::fs::metadata(file)?;
+            let identity = Seal::identity(file)?;
+            std::fs::write(&seal, &identity)?;
+            if ctime(&std::fs::metadata(&seal)?) > ctime(&before) && Seal::identity(file)? == identity {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::fs::remove_file(&seal)
+    }
+}
+
+impl Drop for Seal {
+    fn drop(&mut self) {
+        // Still open elsewhere (a flush in flight): no seal, so the next
+        // open checks.
+        if self.db.upgrade().is_some() || !self.file.exists() {
+            return;
+        }
+        if let Err(e) = Seal::write(&self.file) {
+            tracing::debug!(error = %e, "The store's file was left without a seal; the next open checks it.");
+            let _ = std::fs::remove_file(Seal::path(&self.file));
+        }
     }
 }
 
