@@ -125,7 +125,9 @@ impl GroupCommit {
 
     /// `Os` mode: writes not yet made durable by the background flush.
     pub(crate) fn unflushed(&self) -> u64 {
-        self.writes.load(Ordering::Acquire) - self.written_back.load(Ordering::Acquire)
+        // `written_back` first: read second, it could pass `writes`.
+        let back = self.written_back.load(Ordering::Acquire);
+        self.writes.load(Ordering::Acquire).saturating_sub(back)
     }
 
     /// Flushes now, on this thread, for a caller that batches its own

@@ -103,9 +103,13 @@ async fn the_same_delivery_sent_twice_at_once_is_stored_once() {
 #[tokio::test]
 async fn os_durability_skips_fsync_yet_writes_back_within_seconds() {
     let dir = tempfile::tempdir().unwrap();
+    let opened = std::time::Instant::now();
     let store = Store::open_with(dir.path(), Durability::Os).unwrap();
     store.accept(delivery("d", Duration::zero()), vec![spec("t")]).await.unwrap();
-    assert!(store.unflushed_writes() > 0, "the delivery was answered before any flush");
+    // (Unless a second has passed: then the background flush may be done.)
+    if opened.elapsed() < std::time::Duration::from_millis(900) {
+        assert!(store.unflushed_writes() > 0, "the delivery was answered before any flush");
+    }
 
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while store.unflushed_writes() > 0 {

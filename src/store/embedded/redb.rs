@@ -32,11 +32,10 @@ fn table(t: T) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
 }
 
 pub(crate) struct RedbEngine {
-    db: Arc<redb::Database>,
+    /// Taken only by `drop`, to close the database and seal its file.
+    db: Option<Arc<redb::Database>>,
     file: PathBuf,
     commit: Arc<GroupCommit>,
-    /// Last: dropped once the database has closed.
-    _seal: Seal,
 }
 
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
@@ -83,7 +82,6 @@ impl RedbEngine {
         w.open_table(META).map_err(|e| open_err(Box::new(e)))?;
         w.commit().map_err(|e| open_err(Box::new(e)))?;
         let db = Arc::new(db);
-        let seal = Seal { file: file.clone(), db: Arc::downgrade(&db) };
         // Weak: the database closes with the engine, not with the last
         // holder of its group commit.
         let syncing = Arc::downgrade(&db);
@@ -95,7 +93,11 @@ impl RedbEngine {
             w.set_durability(redb::Durability::Immediate).map_err(std::io::Error::other)?;
             w.commit().map_err(std::io::Error::other)
         });
-        Ok(RedbEngine { db, file, commit, _seal: seal })
+        Ok(RedbEngine { db: Some(db), file, commit })
+    }
+
+    fn db(&self) -> Result<&redb::Database, StoreError> {
+        self.db.as_deref().ok_or(StoreError::Database("the store is closing".into()))
     }
 
     /// Forgets that `file` was closed cleanly (it was moved away).
@@ -106,7 +108,7 @@ impl RedbEngine {
     /// Numbers from now on start at `floor` or above (a store copied in
     /// carries its numbers on).
     pub fn set_floor(&self, floor: u64) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.db()?.begin_write().map_err(db_err)?;
         {
             let mut meta = txn.open_table(META).map_err(db_err)?;
             let next = meta.get(SEQ).map_err(db_err)?.map(|v| v.value()).unwrap_or(0);
@@ -116,7 +118,7 @@ impl RedbEngine {
     }
 
     fn read(&self, t: T) -> Result<redb::ReadOnlyTable<&'static [u8], &'static [u8]>, StoreError> {
-        let r = self.db.begin_read().map_err(db_err)?;
+        let r = self.db()?.begin_read().map_err(db_err)?;
         r.open_table(table(t)).map_err(db_err)
     }
 }
@@ -141,7 +143,7 @@ impl Engine for RedbEngine {
     }
 
     fn write(&self, f: &mut dyn FnMut(&mut dyn Writes) -> Result<(), StoreError>) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write().map_err(db_err)?;
+        let mut txn = self.db()?.begin_write().map_err(db_err)?;
         // Durable at the next group commit, with every write before it.
         txn.set_durability(redb::Durability::None).map_err(db_err)?;
         let outcome = {
@@ -162,7 +164,7 @@ impl Engine for RedbEngine {
     }
 
     fn next_ids(&self, n: usize) -> Result<Vec<u64>, StoreError> {
-        let mut txn = self.db.begin_write().map_err(db_err)?;
+        let mut txn = self.db()?.begin_write().map_err(db_err)?;
         txn.set_durability(redb::Durability::None).map_err(db_err)?;
         let first = {
             let mut meta = txn.open_table(META).map_err(db_err)?;
@@ -191,10 +193,7 @@ impl Engine for RedbEngine {
 /// `dd`) has moved its change time, which no user-space call can set back,
 /// so it is checked. A crash leaves no seal: it is removed at open, before
 /// the first write, and redb checks a file it did not close itself anyway.
-struct Seal {
-    file: PathBuf,
-    db: std::sync::Weak<redb::Database>,
-}
+struct Seal;
 
 impl Seal {
     fn path(file: &Path) -> PathBuf {
@@ -203,10 +202,9 @@ impl Seal {
         PathBuf::from(p)
     }
 
-    fn identity(file: &Path) -> std::io::Result<String> {
+    fn identity(m: &std::fs::Metadata) -> String {
         use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(file)?;
-        Ok(format!("{} {} {} {}.{:09}", m.dev(), m.ino(), m.len(), m.ctime(), m.ctime_nsec()))
+        format!("{} {} {} {}.{:09}", m.dev(), m.ino(), m.len(), m.ctime(), m.ctime_nsec())
     }
 
     /// Whether `file` is as a clean close left it; the seal is gone after.
@@ -214,14 +212,16 @@ impl Seal {
         let seal = Seal::path(file);
         let sealed = std::fs::read_to_string(&seal).ok();
         match std::fs::remove_file(&seal) {
-            Ok(()) => {}
+            // Gone for good before redb writes: a power cut must not bring
+            // it back beside a file that changed.
+            Ok(()) => std::fs::File::open(seal.parent().unwrap_or(Path::new(".")))?.sync_all()?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             // A seal that stays would vouch for a file baton goes on to
             // write: refuse to open rather than check once and trust later.
             Err(e) => return Err(e),
         }
         let Some(sealed) = sealed else { return Ok(false) };
-        Ok(Seal::identity(file).ok().as_deref() == Some(sealed.as_str()))
+        Ok(std::fs::metadata(file).is_ok_and(|m| Seal::identity(&m) == sealed))
     }
 
     /// Writes the seal for the file as it is now. A filesystem stamps
@@ -235,9 +235,11 @@ impl Seal {
         let ctime = |m: &std::fs::Metadata| (m.ctime(), m.ctime_nsec());
         for _ in 0..200 {
             let before = std::fs::metadata(file)?;
-            let identity = Seal::identity(file)?;
+            let identity = Seal::identity(&before);
             std::fs::write(&seal, &identity)?;
-            if ctime(&std::fs::metadata(&seal)?) > ctime(&before) && Seal::identity(file)? == identity {
+            if ctime(&std::fs::metadata(&seal)?) > ctime(&before)
+                && Seal::identity(&std::fs::metadata(file)?) == identity
+            {
                 return Ok(());
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -246,11 +248,18 @@ impl Seal {
     }
 }
 
-impl Drop for Seal {
+impl Drop for RedbEngine {
+    /// Closes the database and, when its close succeeded, seals the file.
+    /// Not while a panic unwinds, nor while anything else holds the
+    /// database (a flush in flight closes it when done): then no seal, and
+    /// the next open checks.
     fn drop(&mut self) {
-        // Still open elsewhere (a flush in flight): no seal, so the next
-        // open checks.
-        if self.db.upgrade().is_some() || !self.file.exists() {
+        let Some(db) = self.db.take().and_then(Arc::into_inner) else { return };
+        if std::thread::panicking() {
+            return;
+        }
+        if let Err(e) = db.close() {
+            tracing::error!(file = %self.file.display(), error = %e, "Closing the store's file failed; the next start checks it.");
             return;
         }
         if let Err(e) = Seal::write(&self.file) {
