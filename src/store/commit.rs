@@ -136,6 +136,11 @@ impl GroupCommit {
         if self.mode == Durability::Os {
             return Ok(());
         }
+        self.sync_now()
+    }
+
+    /// Makes every write so far durable, whatever the mode.
+    fn sync_now(&self) -> Result<(), StoreError> {
         self.flushes.fetch_add(1, Ordering::Relaxed);
         (self.sync)().map_err(|e| {
             tracing::error!(error = %e, "Flushing the store failed.");
@@ -186,15 +191,12 @@ async fn trickle(weak: Weak<GroupCommit>) {
         }
         let flushing = this.clone();
         drop(this);
-        let synced = tokio::task::spawn_blocking(move || {
-            flushing.flushes.fetch_add(1, Ordering::Relaxed);
-            (flushing.sync)()?;
-            flushing.written_back.store(writes, Ordering::Release);
-            Ok::<_, std::io::Error>(())
+        // A failure is logged by `sync_now`; the next round tries again.
+        let _ = tokio::task::spawn_blocking(move || {
+            if flushing.sync_now().is_ok() {
+                flushing.written_back.store(writes, Ordering::Release);
+            }
         })
         .await;
-        if let Ok(Err(e)) = synced {
-            tracing::error!(error = %e, "Writing the store back to disk failed.");
-        }
     }
 }

@@ -177,7 +177,7 @@ impl EmbeddedStore {
         Ok(EmbeddedStore { core, writer: Arc::new(writer) })
     }
 
-    pub(super) fn e(&self) -> &dyn Engine {
+    fn e(&self) -> &dyn Engine {
         &*self.core.e
     }
 
@@ -507,6 +507,10 @@ impl EmbeddedStore {
 
     pub fn flushes(&self) -> u64 {
         self.e().commit().flushes.load(Ordering::Relaxed)
+    }
+
+    pub fn unflushed(&self) -> u64 {
+        self.e().commit().unflushed()
     }
 
     pub fn census(&self) -> Result<Vec<super::TableSize>, StoreError> {

@@ -585,7 +585,7 @@ impl Store {
     /// With `durability = "os"`: engine writes the background flush has not
     /// yet made durable (embedded; 0 otherwise).
     pub fn unflushed_writes(&self) -> u64 {
-        on!(self, b => b.e().commit().unflushed(), { let _ = b; 0 })
+        on!(self, b => b.unflushed(), { let _ = b; 0 })
     }
 
     /// Every table (sled: tree) with its records and their bytes: a full

@@ -224,7 +224,8 @@ impl Seal {
         Ok(std::fs::metadata(file).is_ok_and(|m| Seal::identity(&m) == sealed))
     }
 
-    /// Writes the seal for the file as it is now. A filesystem stamps
+    /// Writes the seal for the file as it is now (on an error, a seal may
+    /// be left for the caller to remove). A filesystem stamps
     /// change times from a coarse clock (a few milliseconds a tick), so a
     /// write in the same tick as redb's last would leave the same time: the
     /// seal is only kept once the clock, read off the seal's own change
@@ -244,7 +245,7 @@ impl Seal {
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        std::fs::remove_file(&seal)
+        Err(std::io::Error::other("the filesystem's clock did not move past the file's change time"))
     }
 }
 
