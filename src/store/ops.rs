@@ -33,7 +33,9 @@ pub(super) trait Backend: Sync {
 /// One transaction. What it reads stays as read until it ends (PostgreSQL
 /// locks the rows; sled lets one transaction run at a time), and it reads
 /// the database as it was before its own writes: every sequence reads what
-/// it needs before it writes. Dropped without `commit`, it writes nothing.
+/// it needs before it writes, and applies its plan last, then commits.
+/// Dropped without `commit`, it writes nothing (but a plan PostgreSQL writes
+/// as one statement, outside a transaction, is written by `apply`).
 pub(super) trait Tx {
     async fn job(&mut self, id: &str) -> Result<Option<Job>, StoreError>;
     /// Which of `ids` name a stored job.
@@ -50,8 +52,9 @@ pub(super) trait Tx {
     async fn holds_lease(&mut self, id: &str) -> Result<bool, StoreError>;
     /// `n` new job numbers (`Job::seq`), ascending.
     async fn numbers(&mut self, n: usize) -> Result<Vec<u64>, StoreError>;
-    /// What admitting `batch` reads (see `AdmitView::wanted`).
-    async fn admit_view(&mut self, batch: &[Admission]) -> Result<AdmitView, StoreError>;
+    /// What admitting `batch` reads (see `AdmitView::wanted`), and a new
+    /// number for each of its jobs, ascending (as `numbers`).
+    async fn admit_view(&mut self, batch: &[Admission]) -> Result<(AdmitView, Vec<u64>), StoreError>;
     /// What runs now, on every replica.
     async fn load(&mut self) -> Result<Load, StoreError>;
     /// The first queued entry, in queue order, that `limits` admit beside
@@ -90,9 +93,8 @@ pub(super) use retrying;
 /// jobs in place; the caller makes it durable before it answers any of them.
 pub(super) async fn admit_batch<B: Backend>(b: &B, batch: &mut [Admission]) -> Result<Vec<Accepted>, StoreError> {
     let mut tx = b.begin(false).await?;
-    let mut view = tx.admit_view(batch).await?;
-    let count = batch.iter().map(|a| a.jobs.len()).sum();
-    let mut numbers = tx.numbers(count).await?.into_iter();
+    let (mut view, numbers) = tx.admit_view(batch).await?;
+    let mut numbers = numbers.into_iter();
     for job in batch.iter_mut().flat_map(|a| a.jobs.iter_mut()) {
         job.seq = numbers.next().unwrap_or(0);
     }

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
 use sqlx::types::Json;
 use sqlx::{Postgres, Row, Transaction};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -400,18 +400,12 @@ async fn migrate(pool: &PgPool, schema: Option<&str>) -> Result<(), StoreError> 
 
 /// The throttle records named (runs, cooldowns, spending), created if
 /// missing and locked (in key order).
-async fn lock_throttles(
-    tx: &mut Transaction<'_, Postgres>,
-    keys: &[String],
-) -> Result<HashMap<String, Vec<i64>>, StoreError> {
+async fn lock_throttles(tx: &mut PgConnection, keys: &[String]) -> Result<HashMap<String, Vec<i64>>, StoreError> {
     lock_rows(tx, "throttles", "key", "runs", "[]", keys).await
 }
 
 /// The groups named, created if missing and locked (in name order).
-async fn lock_groups(
-    tx: &mut Transaction<'_, Postgres>,
-    names: &[String],
-) -> Result<HashMap<String, GroupState>, StoreError> {
+async fn lock_groups(tx: &mut PgConnection, names: &[String]) -> Result<HashMap<String, GroupState>, StoreError> {
     lock_rows(tx, "groups", "name", "state", "{}", names).await
 }
 
@@ -419,7 +413,7 @@ async fn lock_groups(
 /// `empty` if missing, locked in key order so two transactions never wait
 /// on each other in a circle. Names are baton's own constants, never input.
 async fn lock_rows<T: serde::de::DeserializeOwned>(
-    tx: &mut Transaction<'_, Postgres>,
+    tx: &mut PgConnection,
     table: &str,
     key: &str,
     value: &str,
@@ -432,9 +426,9 @@ async fn lock_rows<T: serde::de::DeserializeOwned>(
     }
     let insert =
         format!("INSERT INTO {table} ({key}, {value}) SELECT unnest($1::text[]), '{empty}' ON CONFLICT DO NOTHING");
-    sqlx::query(&insert).bind(keys).execute(&mut **tx).await.map_err(pg)?;
+    sqlx::query(&insert).bind(keys).execute(&mut *tx).await.map_err(pg)?;
     let select = format!("SELECT {key}, {value} FROM {table} WHERE {key} = ANY($1) ORDER BY {key} FOR UPDATE");
-    let rows = sqlx::query(&select).bind(keys).fetch_all(&mut **tx).await.map_err(pg)?;
+    let rows = sqlx::query(&select).bind(keys).fetch_all(&mut *tx).await.map_err(pg)?;
     for row in rows {
         let Json(v): Json<T> = row.try_get(1).map_err(pg)?;
         out.insert(row.try_get(0).map_err(pg)?, v);
@@ -442,10 +436,10 @@ async fn lock_rows<T: serde::de::DeserializeOwned>(
     Ok(out)
 }
 
-async fn load_jobs(tx: &mut Transaction<'_, Postgres>, ids: &[String]) -> Result<HashMap<String, Job>, StoreError> {
+async fn load_jobs(tx: &mut PgConnection, ids: &[String]) -> Result<HashMap<String, Job>, StoreError> {
     let rows: Vec<Json<Job>> = sqlx::query_scalar("SELECT record FROM jobs WHERE id = ANY($1)")
         .bind(ids)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx)
         .await
         .map_err(pg)?;
     Ok(rows.into_iter().map(|Json(j)| (j.id.clone(), j)).collect())
@@ -457,10 +451,10 @@ async fn load_jobs_from(pool: &PgPool, ids: &[String]) -> Result<HashMap<String,
     Ok(rows.into_iter().map(|Json(j)| (j.id.clone(), j)).collect())
 }
 
-async fn lock_job(tx: &mut Transaction<'_, Postgres>, id: &str) -> Result<Option<Job>, StoreError> {
+async fn lock_job(tx: &mut PgConnection, id: &str) -> Result<Option<Job>, StoreError> {
     let row: Option<Json<Job>> = sqlx::query_scalar("SELECT record FROM jobs WHERE id = $1 FOR UPDATE")
         .bind(id)
-        .fetch_optional(&mut **tx)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(pg)?;
     Ok(row.map(|Json(j)| j))

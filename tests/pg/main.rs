@@ -44,3 +44,4 @@ mod soak;
 mod store;
 #[path = "../it/teams.rs"]
 mod teams;
+mod wire;

@@ -227,8 +227,9 @@ impl ops::Tx for EmbeddedTx {
         self.core.e.next_ids(n)
     }
 
-    async fn admit_view(&mut self, batch: &[Admission]) -> Result<AdmitView, StoreError> {
-        self.read_admit_view(batch)
+    async fn admit_view(&mut self, batch: &[Admission]) -> Result<(AdmitView, Vec<u64>), StoreError> {
+        let count = batch.iter().map(|a| a.jobs.len()).sum();
+        Ok((self.read_admit_view(batch)?, self.core.e.next_ids(count)?))
     }
 
     async fn load(&mut self) -> Result<Load, StoreError> {

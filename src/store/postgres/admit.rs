@@ -42,14 +42,10 @@ impl PgStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Applies a plan inside `tx`: its net effect per record (a later write
-    /// to a record wins, as if applied in order), one statement per table.
-    pub(super) async fn apply(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-        plan: &Plan,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
+    /// Applies a plan on `tx`: its net effect per record (a later write to a
+    /// record wins, as if applied in order), one statement per table. A plan
+    /// `in_one_statement` needs no transaction around it.
+    pub(super) async fn apply(&self, tx: &mut PgConnection, plan: &Plan, lease: Duration) -> Result<(), StoreError> {
         let mut deliveries = Vec::new();
         let mut jobs: BTreeMap<String, Job> = BTreeMap::new();
         let mut queue: BTreeMap<String, Option<QueueEntry>> = BTreeMap::new();
@@ -102,12 +98,12 @@ impl PgStore {
         let q = |sql: &'static str| sqlx::query(sql);
         for (name, state) in &groups {
             if state.running.is_none() && state.waiting.is_empty() {
-                q("DELETE FROM groups WHERE name = $1").bind(name).execute(&mut **tx).await.map_err(pg)?;
+                q("DELETE FROM groups WHERE name = $1").bind(name).execute(&mut *tx).await.map_err(pg)?;
             } else {
                 q("INSERT INTO groups (name, state) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET state = excluded.state")
                     .bind(name)
                     .bind(Json(state))
-                    .execute(&mut **tx)
+                    .execute(&mut *tx)
                     .await
                     .map_err(pg)?;
             }
@@ -117,18 +113,18 @@ impl PgStore {
                ON CONFLICT (key) DO UPDATE SET runs = excluded.runs")
             .bind(throttles.keys().collect::<Vec<_>>())
             .bind(throttles.values().map(json).collect::<Vec<_>>())
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await
             .map_err(pg)?;
         }
         for (subject, list) in &held {
             if list.is_empty() {
-                q("DELETE FROM held WHERE subject = $1").bind(subject).execute(&mut **tx).await.map_err(pg)?;
+                q("DELETE FROM held WHERE subject = $1").bind(subject).execute(&mut *tx).await.map_err(pg)?;
             } else {
                 q("INSERT INTO held (subject, list) VALUES ($1, $2) ON CONFLICT (subject) DO UPDATE SET list = excluded.list")
                     .bind(subject)
                     .bind(Json(list))
-                    .execute(&mut **tx)
+                    .execute(&mut *tx)
                     .await
                     .map_err(pg)?;
             }
@@ -137,7 +133,7 @@ impl PgStore {
             q("INSERT INTO cancels (id, by_job) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET by_job = excluded.by_job")
                 .bind(job)
                 .bind(by)
-                .execute(&mut **tx)
+                .execute(&mut *tx)
                 .await
                 .map_err(pg)?;
         }
@@ -152,17 +148,17 @@ impl PgStore {
                 .bind(lease.as_secs_f64())
                 .bind(job.map(|j| j.spec.agent.as_str()).unwrap_or(""))
                 .bind(job.and_then(|j| j.repo.as_deref()))
-                .execute(&mut **tx)
+                .execute(&mut *tx)
                 .await
                 .map_err(pg)?;
             } else {
-                q("DELETE FROM running WHERE id = $1").bind(id).execute(&mut **tx).await.map_err(pg)?;
+                q("DELETE FROM running WHERE id = $1").bind(id).execute(&mut *tx).await.map_err(pg)?;
             }
         }
         if !ends.is_empty() {
             q("INSERT INTO ends (id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING")
                 .bind(&ends)
-                .execute(&mut **tx)
+                .execute(&mut *tx)
                 .await
                 .map_err(pg)?;
         }
@@ -173,13 +169,13 @@ impl PgStore {
                 .bind(job)
                 .bind(*purpose)
                 .bind(Json(p))
-                .execute(&mut **tx)
+                .execute(&mut *tx)
                 .await
                 .map_err(pg)?,
                 None => q("DELETE FROM outbox WHERE job = $1 AND purpose = $2")
                     .bind(job)
                     .bind(*purpose)
-                    .execute(&mut **tx)
+                    .execute(&mut *tx)
                     .await
                     .map_err(pg)?,
             };
@@ -259,7 +255,7 @@ impl PgStore {
         if wake_outbox {
             query = query.bind(&self.channels.1);
         }
-        query.execute(&mut **tx).await.map_err(pg)?;
+        query.execute(&mut *tx).await.map_err(pg)?;
         Ok(())
     }
 
@@ -269,4 +265,11 @@ impl PgStore {
         self.apply(&mut tx, plan, lease).await?;
         tx.commit().await.map_err(pg)
     }
+}
+
+/// Whether `apply` writes `plan` as one statement (deliveries, jobs and the
+/// queue, with the wake-ups, are that statement's parts), which is atomic
+/// on its own. Every other kind of write is a statement of its own.
+pub(super) fn in_one_statement(plan: &Plan) -> bool {
+    plan.iter().all(|w| matches!(w, Write::Delivery(_) | Write::Job { .. } | Write::Enqueue(_) | Write::Dequeue(_)))
 }

@@ -2,27 +2,67 @@
 //! decision depends on are read `FOR UPDATE`, groups before jobs, several
 //! rows of one table in key order, so two transactions never wait on each
 //! other in a circle; claims run under one advisory lock across replicas.
+//!
+//! The transaction begins only when something needs one: a read that locks
+//! rows, or a write of more than one statement. A batch of deliveries locks
+//! nothing (a delivery id or body stored meanwhile by another replica fails
+//! the write on its unique key, and the batch runs again), and is written
+//! as one statement: two round trips, no `BEGIN` or `COMMIT`.
 
+use sqlx::pool::PoolConnection;
+
+use super::admit::in_one_statement;
 use super::*;
 use crate::store::ops;
 
 /// One transaction of `store`.
 pub(in crate::store) struct PgTx<'a> {
     store: &'a PgStore,
-    tx: Transaction<'static, Postgres>,
+    conn: Conn,
+}
+
+enum Conn {
+    /// No transaction yet: each statement commits on its own.
+    Alone(PoolConnection<Postgres>),
+    Begun(Transaction<'static, Postgres>),
+    /// Only while a transaction begins, or after it failed to.
+    Lost,
+}
+
+impl PgTx<'_> {
+    /// The connection, for a read that locks nothing or a write that is
+    /// one statement.
+    fn conn(&mut self) -> Result<&mut PgConnection, StoreError> {
+        match &mut self.conn {
+            Conn::Alone(c) => Ok(&mut **c),
+            Conn::Begun(tx) => Ok(&mut **tx),
+            Conn::Lost => Err(StoreError::Unavailable("the connection was lost beginning a transaction".into())),
+        }
+    }
+
+    /// The transaction, begun now if it was not yet.
+    async fn tx(&mut self) -> Result<&mut PgConnection, StoreError> {
+        if matches!(self.conn, Conn::Alone(_)) {
+            if let Conn::Alone(c) = std::mem::replace(&mut self.conn, Conn::Lost) {
+                self.conn = Conn::Begun(Transaction::begin(c, None).await.map_err(pg)?);
+            }
+        }
+        self.conn()
+    }
 }
 
 impl ops::Backend for PgStore {
     type Tx<'a> = PgTx<'a>;
 
     async fn begin(&self, claim: bool) -> Result<PgTx<'_>, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(pg)?;
+        let mut tx = PgTx { store: self, conn: Conn::Alone(self.pool.acquire().await.map_err(pg)?) };
         if claim {
             // Claims are one at a time across replicas, so the limits that
             // span them hold: each claim sees every claim before it.
-            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CLAIM_LOCK).execute(&mut *tx).await.map_err(pg)?;
+            let conn = tx.tx().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CLAIM_LOCK).execute(conn).await.map_err(pg)?;
         }
-        Ok(PgTx { store: self, tx })
+        Ok(tx)
     }
 
     async fn durable(&self) -> Result<(), StoreError> {
@@ -33,25 +73,25 @@ impl ops::Backend for PgStore {
 
 impl ops::Tx for PgTx<'_> {
     async fn job(&mut self, id: &str) -> Result<Option<Job>, StoreError> {
-        lock_job(&mut self.tx, id).await
+        lock_job(self.tx().await?, id).await
     }
 
     async fn existing(&mut self, ids: &[String]) -> Result<HashSet<String>, StoreError> {
-        Ok(load_jobs(&mut self.tx, ids).await?.into_keys().collect())
+        Ok(load_jobs(self.conn()?, ids).await?.into_keys().collect())
     }
 
     async fn group(&mut self, name: &str) -> Result<Option<GroupState>, StoreError> {
-        Ok(lock_groups(&mut self.tx, &[name.to_string()]).await?.remove(name))
+        Ok(lock_groups(self.tx().await?, &[name.to_string()]).await?.remove(name))
     }
 
     async fn throttles(&mut self, keys: &[String]) -> Result<HashMap<String, Vec<i64>>, StoreError> {
-        lock_throttles(&mut self.tx, keys).await
+        lock_throttles(self.tx().await?, keys).await
     }
 
     async fn held(&mut self, subject: &str) -> Result<Vec<Held>, StoreError> {
         let list: Option<Json<Vec<Held>>> = sqlx::query_scalar("SELECT list FROM held WHERE subject = $1 FOR UPDATE")
             .bind(subject)
-            .fetch_optional(&mut *self.tx)
+            .fetch_optional(self.tx().await?)
             .await
             .map_err(pg)?;
         Ok(list.map(|Json(l)| l).unwrap_or_default())
@@ -60,7 +100,7 @@ impl ops::Tx for PgTx<'_> {
     async fn queued(&mut self, id: &str) -> Result<bool, StoreError> {
         let row: Option<String> = sqlx::query_scalar("SELECT id FROM queue WHERE id = $1 FOR UPDATE")
             .bind(id)
-            .fetch_optional(&mut *self.tx)
+            .fetch_optional(self.tx().await?)
             .await
             .map_err(pg)?;
         Ok(row.is_some())
@@ -69,7 +109,7 @@ impl ops::Tx for PgTx<'_> {
     async fn holds_lease(&mut self, id: &str) -> Result<bool, StoreError> {
         let holder: Option<String> = sqlx::query_scalar("SELECT replica FROM running WHERE id = $1 FOR UPDATE")
             .bind(id)
-            .fetch_optional(&mut *self.tx)
+            .fetch_optional(self.tx().await?)
             .await
             .map_err(pg)?;
         Ok(holder.as_deref() == Some(self.store.replica.as_str()))
@@ -81,15 +121,16 @@ impl ops::Tx for PgTx<'_> {
         }
         let mut seqs: Vec<i64> = sqlx::query_scalar("SELECT nextval('job_seq') FROM generate_series(1, $1)")
             .bind(n as i64)
-            .fetch_all(&mut *self.tx)
+            .fetch_all(self.conn()?)
             .await
             .map_err(pg)?;
         seqs.sort_unstable();
         Ok(seqs.into_iter().map(|s| s as u64).collect())
     }
 
-    async fn admit_view(&mut self, batch: &[Admission]) -> Result<AdmitView, StoreError> {
+    async fn admit_view(&mut self, batch: &[Admission]) -> Result<(AdmitView, Vec<u64>), StoreError> {
         let wanted = AdmitView::wanted(batch);
+        let count: usize = batch.iter().map(|a| a.jobs.len()).sum();
         let mut view = AdmitView::default();
         // Rows a decision depends on are locked first, in key order: a
         // group's line, a trigger's runs, a subject's held jobs. (Two
@@ -97,15 +138,19 @@ impl ops::Tx for PgTx<'_> {
         // the primary key and the unique fingerprint: the loser's batch
         // runs again and finds it stored.)
         let groups: Vec<String> = wanted.groups.iter().cloned().collect();
-        view.groups = lock_groups(&mut self.tx, &groups).await?;
+        if !groups.is_empty() {
+            view.groups = lock_groups(self.tx().await?, &groups).await?;
+        }
         let keys: Vec<String> = wanted.throttles.iter().cloned().collect();
-        view.throttles = lock_throttles(&mut self.tx, &keys).await?;
+        if !keys.is_empty() {
+            view.throttles = lock_throttles(self.tx().await?, &keys).await?;
+        }
         let subjects: Vec<String> = wanted.subjects.iter().cloned().collect();
         if !subjects.is_empty() {
             let rows =
                 sqlx::query("SELECT subject, list FROM held WHERE subject = ANY($1) ORDER BY subject FOR UPDATE")
                     .bind(&subjects)
-                    .fetch_all(&mut *self.tx)
+                    .fetch_all(self.tx().await?)
                     .await
                     .map_err(pg)?;
             for row in rows {
@@ -113,8 +158,8 @@ impl ops::Tx for PgTx<'_> {
                 view.held.insert(row.try_get(0).map_err(pg)?, list);
             }
         }
-        // Everything else in one trip: stored ids, bodies, and the jobs (the
-        // batch's and those waiting in its groups).
+        // Everything else in one trip: stored ids, bodies, the jobs (the
+        // batch's and those waiting in its groups), and the new jobs' numbers.
         let ids: Vec<String> = wanted.deliveries.iter().cloned().collect();
         let bodies: Vec<String> = wanted.bodies.iter().cloned().collect();
         let mut job_ids: Vec<String> = wanted.jobs.iter().cloned().collect();
@@ -122,14 +167,17 @@ impl ops::Tx for PgTx<'_> {
         let rows = sqlx::query(
             "SELECT 0, id, NULL::text FROM deliveries WHERE id = ANY($1)
              UNION ALL SELECT 1, fingerprint, id FROM deliveries WHERE fingerprint = ANY($2)
-             UNION ALL SELECT 2, id, record::text FROM jobs WHERE id = ANY($3)",
+             UNION ALL SELECT 2, id, record::text FROM jobs WHERE id = ANY($3)
+             UNION ALL SELECT 3, nextval('job_seq')::text, NULL FROM generate_series(1, $4)",
         )
         .bind(&ids)
         .bind(&bodies)
         .bind(&job_ids)
-        .fetch_all(&mut *self.tx)
+        .bind(count as i64)
+        .fetch_all(self.conn()?)
         .await
         .map_err(pg)?;
+        let mut numbers = Vec::with_capacity(count);
         for row in rows {
             let kind: i32 = row.try_get(0).map_err(pg)?;
             let key: Option<String> = row.try_get(1).map_err(pg)?;
@@ -149,15 +197,17 @@ impl ops::Tx for PgTx<'_> {
                     })?;
                     view.jobs.insert(id, job);
                 }
+                (3, Some(n), _) => numbers.push(n.parse::<u64>().map_err(|e| StoreError::Unavailable(e.to_string()))?),
                 _ => {}
             }
         }
-        Ok(view)
+        numbers.sort_unstable();
+        Ok((view, numbers))
     }
 
     async fn load(&mut self) -> Result<Load, StoreError> {
         let mut load = Load::default();
-        for row in sqlx::query("SELECT replica, agent, repo FROM running").fetch_all(&mut *self.tx).await.map_err(pg)? {
+        for row in sqlx::query("SELECT replica, agent, repo FROM running").fetch_all(self.conn()?).await.map_err(pg)? {
             let replica: String = row.try_get(0).map_err(pg)?;
             let entry = QueueEntry {
                 priority: 0,
@@ -196,7 +246,7 @@ impl ops::Tx for PgTx<'_> {
         .bind(full_repos)
         .bind(full_agents)
         .bind(passed)
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.tx().await?)
         .await
         .map_err(pg)?;
         let entry = row.as_ref().map(queue_entry).transpose()?;
@@ -206,10 +256,18 @@ impl ops::Tx for PgTx<'_> {
     }
 
     async fn apply(&mut self, plan: Plan, lease: Duration) -> Result<(), StoreError> {
-        self.store.apply(&mut self.tx, &plan, lease).await
+        // Alone, one statement commits itself: a sequence applies its plan
+        // last, then commits.
+        let store = self.store;
+        let conn = if in_one_statement(&plan) { self.conn()? } else { self.tx().await? };
+        store.apply(conn, &plan, lease).await
     }
 
     async fn commit(self) -> Result<(), StoreError> {
-        self.tx.commit().await.map_err(pg)
+        match self.conn {
+            Conn::Begun(tx) => tx.commit().await.map_err(pg),
+            Conn::Alone(_) => Ok(()),
+            Conn::Lost => Err(StoreError::Unavailable("the connection was lost beginning a transaction".into())),
+        }
     }
 }

@@ -1,0 +1,194 @@
+//! What admission costs PostgreSQL, read off the wire: a proxy between the
+//! store and the database reads every message the store sends, so a test
+//! can count statements, parses and round trips per batch of deliveries.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use baton::rules::{JobSpec, OutputKind};
+use baton::store::{Accepted, Delivery, Location, Store};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+/// One message a client sent: its type byte (`Q` a simple query, `P` a
+/// parse, `E` an execute, `S` a sync…) and, for `Q` and `P`, its SQL.
+#[derive(Clone, Debug)]
+struct Sent {
+    kind: u8,
+    sql: String,
+}
+
+/// A TCP proxy in front of the test database that records what clients send.
+#[derive(Clone, Default)]
+struct Wire {
+    sent: Arc<Mutex<Vec<Sent>>>,
+}
+
+impl Wire {
+    /// Listens on loopback; returns the URL that reaches the test database
+    /// through it (without TLS, so the messages can be read).
+    async fn start() -> (Wire, String) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let upstream = database_url_addr();
+        let wire = Wire::default();
+        let w = wire.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(&upstream).await else { continue };
+                tokio::spawn(w.clone().relay(client, server));
+            }
+        });
+        (wire, format!("postgres://postgres@127.0.0.1:{port}/test?sslmode=disable"))
+    }
+
+    async fn relay(self, client: TcpStream, server: TcpStream) {
+        let (mut client_rx, mut client_tx) = client.into_split();
+        let (mut server_rx, mut server_tx) = server.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+        });
+        // The startup message has no type byte: a length, then the rest.
+        let Ok(len) = client_rx.read_u32().await else { return };
+        let mut rest = vec![0; (len as usize).saturating_sub(4)];
+        if client_rx.read_exact(&mut rest).await.is_err() {
+            return;
+        }
+        let _ = server_tx.write_u32(len).await;
+        let _ = server_tx.write_all(&rest).await;
+        loop {
+            let Ok(kind) = client_rx.read_u8().await else { return };
+            let Ok(len) = client_rx.read_u32().await else { return };
+            let mut body = vec![0; (len as usize).saturating_sub(4)];
+            if client_rx.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            let sql = match kind {
+                b'Q' => cstr(&body, 0),
+                // A parse: the statement's name, then its text.
+                b'P' => cstr(&body, body.iter().position(|b| *b == 0).map_or(body.len(), |n| n + 1)),
+                _ => String::new(),
+            };
+            self.sent.lock().unwrap().push(Sent { kind, sql });
+            let mut frame = vec![kind];
+            frame.extend_from_slice(&len.to_be_bytes());
+            frame.extend_from_slice(&body);
+            if server_tx.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// What was sent since the last call.
+    fn take(&self) -> Vec<Sent> {
+        std::mem::take(&mut *self.sent.lock().unwrap())
+    }
+}
+
+fn cstr(body: &[u8], from: usize) -> String {
+    let text = body.get(from..).unwrap_or_default();
+    let end = text.iter().position(|b| *b == 0).unwrap_or(text.len());
+    String::from_utf8_lossy(&text[..end]).into_owned()
+}
+
+/// host:port of the test database.
+fn database_url_addr() -> String {
+    let url = crate::harness::database_url();
+    let after = url.split('@').nth(1).unwrap_or("127.0.0.1:5432/test");
+    after.split('/').next().unwrap_or("127.0.0.1:5432").to_string()
+}
+
+fn spec() -> JobSpec {
+    JobSpec {
+        trigger: "t".into(),
+        event: "issues.opened".into(),
+        repo: Some("a/b".into()),
+        agent: "codex".into(),
+        prompt: "p".into(),
+        max_attempts: 1,
+        output: OutputKind::None,
+        ..JobSpec::default()
+    }
+}
+
+/// Stores `n` deliveries, each with one job, sent at once: on this test's
+/// single-threaded runtime every one is queued before the batch writer
+/// runs, so they meet it as one batch.
+async fn admit_at_once(store: &Store, prefix: &str, n: usize) {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let store = store.clone();
+            let delivery = Delivery::new(format!("{prefix}-{i}"), "github", "issues.opened");
+            tokio::spawn(async move { store.accept(delivery, vec![spec()]).await })
+        })
+        .collect();
+    for t in tasks {
+        assert!(matches!(t.await.unwrap(), Ok(Accepted::New(_))));
+    }
+}
+
+/// Round trips that run statements: a simple query, or a sync after an
+/// execute. (A sync alone is sqlx testing a connection, as it does when the
+/// pool hands one out and when it takes one back.)
+fn round_trips(sent: &[Sent]) -> usize {
+    let mut trips = 0;
+    let mut executed = false;
+    for s in sent {
+        match s.kind {
+            b'Q' => trips += 1,
+            b'E' => executed = true,
+            b'S' if executed => {
+                trips += 1;
+                executed = false;
+            }
+            _ => {}
+        }
+    }
+    trips
+}
+
+fn count(sent: &[Sent], kind: u8) -> usize {
+    sent.iter().filter(|s| s.kind == kind).count()
+}
+
+/// A batch of deliveries costs PostgreSQL two round trips and two
+/// statements, whatever its size: one reads what is stored already, one
+/// writes every row as arrays (`INSERT … SELECT FROM unnest`, a part per
+/// table); each is parsed once per connection, then run from the cache.
+#[tokio::test]
+async fn a_batch_of_deliveries_is_two_statements_whatever_its_size() {
+    let (wire, url) = Wire::start().await;
+    let mut bytes = [0u8; 6];
+    getrandom::fill(&mut bytes).unwrap();
+    let schema = format!("w_{}", hex::encode(bytes));
+    let location = Location::Postgres { url, schema: Some(schema.clone()), replica: "wire".into() };
+    let store = Store::connect(&location, Path::new("/nonexistent")).await.unwrap_or_else(|e| panic!("{e}"));
+
+    // Warm up: every statement admission uses is parsed on some connection.
+    for round in 0..8 {
+        admit_at_once(&store, &format!("warm{round}"), 4).await;
+    }
+    wire.take();
+
+    admit_at_once(&store, "one", 1).await;
+    let one = wire.take();
+    admit_at_once(&store, "many", 200).await;
+    let many = wire.take();
+
+    let rows = |sent: &[Sent]| format!("{:#?}", sent.iter().map(|s| (s.kind as char, &s.sql)).collect::<Vec<_>>());
+    // Two trips: what is stored already (with the new jobs' numbers), then
+    // the deliveries, jobs and queue rows in one statement, which commits
+    // on its own: no BEGIN, no COMMIT.
+    assert_eq!(round_trips(&one), 2, "one delivery: {}", rows(&one));
+    assert_eq!(round_trips(&many), 2, "200 deliveries sent at once: {}", rows(&many));
+    assert_eq!(count(&many, b'E'), 2, "statements for 200 deliveries: {}", rows(&many));
+    assert_eq!(count(&many, b'Q'), 0, "no simple queries (BEGIN, COMMIT): {}", rows(&many));
+    // Cached: nothing is parsed again once the connections have seen it.
+    assert_eq!(count(&many, b'P'), 0, "statements were parsed again: {}", rows(&many));
+    assert_eq!(store.job_count().await.unwrap(), 8 * 4 + 1 + 200);
+
+    drop(store);
+    let _ = std::process::Command::new("psql")
+        .args([&crate::harness::database_url(), "-q", "-c", &format!("DROP SCHEMA IF EXISTS {schema} CASCADE")])
+        .output();
+}
