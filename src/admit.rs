@@ -22,6 +22,9 @@ pub enum Origin<'a> {
     /// fingerprints it so the same body under a new delivery id is a replay
     /// (`None` for sources whose bodies may legitimately repeat).
     Webhook { signed: Option<(&'a str, &'a [u8])> },
+    /// A verified delivery of a kind nothing `reads`: stored by its name,
+    /// matched against nothing (its payload was never parsed).
+    Unread { signed: (&'a str, &'a [u8]) },
     /// A schedule's slot: only its own trigger may take it.
     Schedule { trigger: &'a str },
     /// A job's end (`job.succeeded`, `job.failed`): stored only when some
@@ -29,6 +32,18 @@ pub enum Origin<'a> {
     Chain,
     /// A job the API was asked for, already judged by its trigger.
     Api { spec: Box<JobSpec> },
+}
+
+/// Event names the door acts on whatever the triggers listen for: a pull or
+/// merge request moves its head, a review comment is noted in its thread,
+/// a comment or note may approve held jobs.
+const ACTS_ON: &[&str] = &["pull_request", "merge_request", "issue_comment", "note", "pull_request_review_comment"];
+
+/// Whether admitting an event named `name` needs what its payload says: a
+/// trigger listens for it, or the door acts on it. Any other is stored as
+/// `Event::unread`, its payload never parsed.
+pub(crate) fn reads(rules: &RuleSet, name: &str) -> bool {
+    ACTS_ON.contains(&name) || rules.listens_for(name)
 }
 
 /// What the door did with an event it stored.
@@ -68,6 +83,12 @@ impl Door<'_> {
                 }
                 let m = rules.evaluate(&event);
                 (m.jobs, m.pending)
+            }
+            Origin::Unread { signed } => {
+                if self.reject_replays {
+                    delivery = delivery.with_body(signed.0, signed.1);
+                }
+                (Vec::new(), Vec::new())
             }
             Origin::Schedule { trigger } => {
                 (rules.match_event(&event).into_iter().filter(|s| s.trigger == trigger).collect(), Vec::new())

@@ -23,7 +23,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::admit::{Door, Origin, Received};
 use crate::config::{Secret, SourceSettings};
-use crate::event::{generic, Event};
+use crate::event::{generic, Event, Payload};
 use crate::forge::{signature, Forge, Rejected, WebhookKeys};
 use crate::rules::SharedRules;
 use crate::store::{Accepted, Store};
@@ -218,15 +218,21 @@ async fn forge_webhook(s: &Ingress, forge: Forge, keys: WebhookKeys<'_>, headers
         Err(e @ Rejected::BadRequest(_)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     drop(reserved);
-    let mut event = match forge.normalize(&verified, &body) {
-        Ok(e) => e,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
-    };
     let (event_name, delivery_id) = (verified.event.as_str(), verified.delivery.as_str());
     if forge.is_ping(&verified) {
         tracing::info!(delivery = %delivery_id, "Ping received.");
         return answer(StatusCode::OK, json!({ "ok": true, "delivery": delivery_id }));
     }
+    if !crate::admit::reads(&s.rules.current(), event_name) {
+        // Stored by its name alone: what the payload says would be read
+        // only to be thrown away.
+        let event = Event::new(forge.source(), event_name, None, delivery_id, Payload::default());
+        return admit(s, event, Origin::Unread { signed: (event_name, &body) }).await;
+    }
+    let mut event = match forge.normalize(&verified, &body) {
+        Ok(e) => e,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
     if let (Forge::GitLab(_), Some(hook)) = (forge, &s.gitlab) {
         // GitLab's payloads carry no standing: it is the member's access level.
         let author = crate::forge::gitlab::event::author_id(&event);
@@ -234,7 +240,7 @@ async fn forge_webhook(s: &Ingress, forge: Forge, keys: WebhookKeys<'_>, headers
             event.association = Some(hook.members.standing(repo, user).await.to_string());
         }
     }
-    admit(s, event, Some((event_name, &body))).await
+    admit(s, event, Origin::Webhook { signed: Some((event_name, &body)) }).await
 }
 
 async fn generic_webhook(
@@ -267,20 +273,20 @@ async fn generic_webhook(
     // Kept apart from GitHub's ids, which are not under the source's control.
     let delivery_id = format!("{name}:{delivery_id}");
     match generic::normalize(source, &delivery_id, &body) {
-        Ok(event) => admit(&s, event, None).await,
+        Ok(event) => admit(&s, event, Origin::Webhook { signed: None }).await,
         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
 
-/// Admits a verified event through the front door and answers.
-/// `signed`, the event name and body as received, fingerprints a GitHub
-/// delivery, so the same body under a new delivery id is a replay. Generic
-/// sources' bodies may legitimately repeat (`{"env": "prod"}`): a source
-/// without a delivery header is deduplicated by its body already.
-async fn admit(s: &Ingress, event: Event, signed: Option<(&str, &[u8])>) -> Response {
+/// Admits a verified event through the front door and answers. A forge's
+/// delivery is `signed`: its event name and body as received fingerprint it,
+/// so the same body under a new delivery id is a replay. Generic sources'
+/// bodies may legitimately repeat (`{"env": "prod"}`): a source without a
+/// delivery header is deduplicated by its body already.
+async fn admit(s: &Ingress, event: Event, origin: Origin<'_>) -> Response {
     let door = Door { store: &s.store, rules: &s.rules, wake: Some(&s.wake), reject_replays: s.reject_replays };
     let (id, kind) = (event.delivery.clone(), event.kind.clone());
-    match door.admit(event, Origin::Webhook { signed }).await {
+    match door.admit(event, origin).await {
         Ok(Some(Received { accepted: Accepted::Duplicate, .. })) => {
             s.metrics.delivery(&kind, "duplicate");
             tracing::info!(delivery = %id, "Duplicate delivery ignored.");

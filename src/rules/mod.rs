@@ -13,7 +13,7 @@ mod reload;
 pub mod template;
 pub mod trigger;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use minijinja::{context, Environment, Value};
@@ -243,6 +243,8 @@ pub struct RuleSet {
     triggers: Vec<Trigger>,
     /// Event kind (`issues.opened`) or bare event name (`issues`) → triggers.
     by_kind: HashMap<String, Vec<usize>>,
+    /// The event names some trigger listens for (`issues` of `issues.opened`).
+    names: HashSet<String>,
     env: Environment<'static>,
     bot_login: String,
     /// Who baton posts as on GitLab (`gitlab.bot_username`, or asked of
@@ -324,17 +326,24 @@ impl RuleSet {
                 }
             }
         }
+        let names = by_kind.keys().map(|k| k.split('.').next().unwrap_or(k).to_string()).collect();
         let daily_budgets = DailyBudgets {
             all: config.limits.daily_budget_usd,
             trigger: None,
             repo: config.limits.daily_budget_per_repo_usd,
         };
         let gitlab_bot = config.gitlab.as_ref().and_then(|g| g.bot_username.clone());
-        RuleSet { triggers, by_kind, env, bot_login: config.github.bot_login.clone(), gitlab_bot, daily_budgets }
+        RuleSet { triggers, by_kind, names, env, bot_login: config.github.bot_login.clone(), gitlab_bot, daily_budgets }
     }
 
     pub fn triggers(&self) -> &[Trigger] {
         &self.triggers
+    }
+
+    /// Whether some trigger listens for events named `name`, whatever
+    /// their action.
+    pub fn listens_for(&self, name: &str) -> bool {
+        self.names.contains(name)
     }
 
     /// The login events from baton itself carry.

@@ -157,6 +157,30 @@ async fn an_unknown_event_type_is_stored_and_answered_202_with_no_jobs() {
     assert_eq!((status, answer["duplicate"].clone()), (200, json!(true)));
 }
 
+/// An event no trigger listens for, and the door does not act on, is
+/// stored by its name without its payload being parsed: even a body that
+/// is not JSON is taken (it is signed). One that something reads is
+/// parsed, and refused when it cannot be.
+#[tokio::test]
+async fn an_event_kind_nothing_reads_is_stored_without_being_parsed() {
+    let (_w, baton) = daemon();
+    let junk = b"{not json";
+    let (status, answer) = baton.deliver(SECRET, "star", "unread-1", junk).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["jobs"], json!([]));
+    let (status, answer) = baton.deliver(SECRET, "star", "unread-1", junk).await;
+    assert_eq!((status, answer["duplicate"].clone()), (200, json!(true)), "stored: {answer}");
+    // A trigger listens for `issues`; the door acts on pull requests and
+    // comments whatever the triggers say.
+    for read in ["issues", "pull_request", "issue_comment", "pull_request_review_comment"] {
+        let (status, answer) = baton.deliver(SECRET, read, &format!("read-{read}"), junk).await;
+        assert_eq!(status, 400, "{read}: {answer}");
+    }
+    let metrics = reqwest::get(format!("{}/metrics", baton.url)).await.unwrap().text().await.unwrap();
+    let line = r#"baton_deliveries_total{event="star",outcome="accepted"} 1"#;
+    assert!(metrics.contains(line), "counted by its name: {metrics}");
+}
+
 #[tokio::test]
 async fn generic_sources_verify_their_own_header_and_name_their_kind() {
     let w = Workdir::new();
