@@ -178,6 +178,34 @@ async fn a_damaged_redb_file_is_refused_with_its_path() {
     assert!(said.contains("baton.redb") && said.to_lowercase().contains("corrupt"), "{said}");
 }
 
+/// While one process has the store, or is still closing it (redb has let
+/// go of the file but the seal is not yet written), another is refused:
+/// it would find no seal, write, and have its writes sealed unchecked.
+#[tokio::test]
+async fn a_redb_store_another_process_holds_is_refused_until_let_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join(".baton");
+    let location = Location::Redb { path: storage.clone(), durability: Durability::Fsync };
+    connect(location.clone(), &storage).await.close().await.unwrap();
+    // What a closing process holds: the lock, with redb's file let go.
+    let held = std::fs::File::open(storage.join("baton.redb.lock")).unwrap();
+    let start = std::time::Instant::now();
+    // (The store just closed lets go of it a moment later.)
+    while held.try_lock().is_err() {
+        assert!(start.elapsed() < crate::harness::WAIT, "the closed store kept its lock");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let err = Store::connect(&location, &storage).await.err().expect("opened while another process held it");
+    let err = err.to_string();
+    assert!(
+        err.contains(&storage.join("baton.redb").display().to_string()) && err.contains("another process"),
+        "{err}"
+    );
+    drop(held);
+    let store = connect(location, &storage).await;
+    assert_eq!(store.job_count().await.unwrap(), 0);
+}
+
 /// A restart after a clean stop trusts the file baton closed, without
 /// reading every page of it (seconds at a million jobs); a file changed
 /// since, or left by a crash, is checked again.

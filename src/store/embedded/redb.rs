@@ -36,6 +36,9 @@ pub(crate) struct RedbEngine {
     db: Option<Arc<redb::Database>>,
     file: PathBuf,
     commit: Arc<GroupCommit>,
+    /// `baton.redb.lock`, held from before the seal is read until after it
+    /// is written (see `hold`). Declared last: dropped after `drop` seals.
+    _lock: std::fs::File,
 }
 
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
@@ -58,6 +61,7 @@ impl RedbEngine {
         // Every page's checksum is read at open, so a file changed behind
         // redb's back is refused rather than trusted; unless baton closed
         // it and nothing has changed it since.
+        let lock = hold(&file).map_err(|e| open_err(Box::new(e)))?;
         let existed = file.exists();
         let check = !Seal::intact(&file).map_err(|e| open_err(Box::new(e)))?;
         let started = std::time::Instant::now();
@@ -93,7 +97,7 @@ impl RedbEngine {
             w.set_durability(redb::Durability::Immediate).map_err(std::io::Error::other)?;
             w.commit().map_err(std::io::Error::other)
         });
-        Ok(RedbEngine { db: Some(db), file, commit })
+        Ok(RedbEngine { db: Some(db), file, commit, _lock: lock })
     }
 
     fn db(&self) -> Result<&redb::Database, StoreError> {
@@ -183,6 +187,23 @@ impl Engine for RedbEngine {
 
     fn size_on_disk(&self) -> u64 {
         std::fs::metadata(&self.file).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// Locks `file` for one process: redb's own lock on the file is let go at
+/// its close, before the seal is written, so a second process opening in
+/// between would find no seal, write, and then have its writes sealed by
+/// the first. This lock spans both.
+fn hold(file: &Path) -> std::io::Result<std::fs::File> {
+    let mut path = file.as_os_str().to_owned();
+    path.push(".lock");
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(PathBuf::from(path))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(std::io::Error::other("locked: another process has the store open, or is closing it"))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
 }
 
