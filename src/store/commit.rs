@@ -130,6 +130,16 @@ impl GroupCommit {
         self.writes.load(Ordering::Acquire).saturating_sub(back)
     }
 
+    /// Whether a write that is to be durable by its own commit should be
+    /// (not in `Os` mode); if so it counts as one of the flushes.
+    pub(crate) fn durable_commit(&self) -> bool {
+        if self.mode == Durability::Os {
+            return false;
+        }
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
     /// Flushes now, on this thread, for a caller that batches its own
     /// writes (the store's writer thread).
     pub(crate) fn flush_blocking(&self) -> Result<(), StoreError> {

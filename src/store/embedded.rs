@@ -51,6 +51,9 @@ pub(in crate::store) struct Core {
     /// The queue's length, counted at open and kept by every commit (an
     /// engine may count a table by walking it).
     pub(super) queued: Arc<AtomicI64>,
+    /// Whether a commit makes itself durable (the writer thread's: its
+    /// callers are answered as soon as it returns).
+    pub(super) durable_writes: bool,
 }
 
 /// The embedded database.
@@ -168,12 +171,11 @@ impl EmbeddedStore {
             })?;
         }
         let queued = Arc::new(AtomicI64::new(e.len(T::Queue)? as i64));
-        let core = Core { e: e.clone(), lock: Arc::default(), queued };
-        let admitting = core.clone();
-        let writer = writer::Writer::start(e.commit().clone(), move |batch: &mut [Admission]| {
-            block_on(ops::admit_batch(&admitting, batch))
-        })
-        .map_err(|e| StoreError::Database(Box::new(e)))?;
+        let core = Core { e: e.clone(), lock: Arc::default(), queued, durable_writes: false };
+        let admitting = Core { durable_writes: true, ..core.clone() };
+        let writer =
+            writer::Writer::start(move |batch: &mut [Admission]| block_on(ops::admit_batch(&admitting, batch)))
+                .map_err(|e| StoreError::Database(Box::new(e)))?;
         Ok(EmbeddedStore { core, writer: Arc::new(writer) })
     }
 

@@ -90,7 +90,8 @@ macro_rules! retrying {
 pub(super) use retrying;
 
 /// Admits a batch of deliveries in one transaction, numbering their new
-/// jobs in place; the caller makes it durable before it answers any of them.
+/// jobs in place. Durable once committed: PostgreSQL's commits are, and the
+/// embedded store's writer commits durably (see `writer`).
 pub(super) async fn admit_batch<B: Backend>(b: &B, batch: &mut [Admission]) -> Result<Vec<Accepted>, StoreError> {
     let mut tx = b.begin(false).await?;
     let (mut view, numbers) = tx.admit_view(batch).await?;

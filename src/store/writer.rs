@@ -1,20 +1,20 @@
 //! Batched admission: one writer thread stores deliveries for everyone.
 //!
-//! A delivery and its jobs are one sled transaction and, before the sender
-//! hears 2xx, one flush. Done per delivery from many tasks, both dominate
-//! ingest: concurrent transactions over the same trees contend, and each
-//! carries a fixed cost. Here every delivery waiting when the writer comes
-//! round goes into one transaction and one flush; while that flush is on
-//! disk the next batch gathers, so a burst costs a few transactions rather
-//! than one per request. Deliveries are processed in arrival order inside
-//! the transaction, so a duplicate within one batch is still seen as one.
+//! A delivery and its jobs are one transaction and, before the sender hears
+//! 2xx, durable. Done per delivery from many tasks, both dominate ingest:
+//! concurrent transactions over the same tables contend, and each carries a
+//! fixed cost. Here every delivery waiting when the writer comes round goes
+//! into one transaction, durable when it returns (one commit on redb, a
+//! commit and a flush on sled); while it is on disk the next batch gathers,
+//! so a burst costs a few transactions rather than one per request.
+//! Deliveries are processed in arrival order inside the transaction, so a
+//! duplicate within one batch is still seen as one.
 
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
-use super::commit::GroupCommit;
 use super::{Accepted, StoreError};
 
 /// Deliveries taken into one transaction, at most: bounds how long the
@@ -50,9 +50,9 @@ pub(super) struct Writer<A: Send + 'static> {
 }
 
 impl<A: Send + 'static> Writer<A> {
-    /// Starts the thread. `apply` writes a batch in one transaction and
-    /// answers each admission in order; the flush after it is the writer's.
-    pub fn start<F>(commit: Arc<GroupCommit>, apply: F) -> Result<Writer<A>, std::io::Error>
+    /// Starts the thread. `apply` writes a batch in one transaction, durable
+    /// when it returns, and answers each admission in order.
+    pub fn start<F>(apply: F) -> Result<Writer<A>, std::io::Error>
     where
         F: Fn(&mut [A]) -> Result<Vec<Accepted>, StoreError> + Send + 'static,
     {
@@ -68,16 +68,8 @@ impl<A: Send + 'static> Writer<A> {
                 }
                 let (mut admissions, replies): (Vec<A>, Vec<Reply>) = batch.into_iter().unzip();
                 // A bug in one batch fails that batch, not every delivery after it.
-                let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| apply(&mut admissions)))
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| apply(&mut admissions)))
                     .unwrap_or_else(|_| Err(StoreError::Batch("storing the batch panicked".into())));
-                let outcome = applied.and_then(|accepted| {
-                    // Duplicates wrote nothing, but one may be of a delivery
-                    // in this very batch: answer none before the flush.
-                    if accepted.iter().any(|a| matches!(a, Accepted::New(_))) {
-                        commit.flush_blocking()?;
-                    }
-                    Ok(accepted)
-                });
                 answer_all(replies, outcome);
             }
         })?;

@@ -128,6 +128,13 @@ pub(crate) trait Engine: Send + Sync + 'static {
     /// the next group commit. An engine may run `f` again (a conflict).
     fn write(&self, f: &mut dyn FnMut(&mut dyn Writes) -> Result<(), StoreError>) -> Result<(), StoreError>;
 
+    /// `write`, then every write so far made durable: by the write's own
+    /// commit where the engine can (redb), else by a group commit after it.
+    fn write_durably(&self, f: &mut dyn FnMut(&mut dyn Writes) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        self.write(f)?;
+        self.commit().flush_blocking()
+    }
+
     /// `n` new numbers, ascending, never given before.
     fn next_ids(&self, n: usize) -> Result<Vec<u64>, StoreError>;
 
@@ -183,6 +190,8 @@ pub(crate) trait EngineExt {
     fn entries(&self, t: T, lo: Bound<&[u8]>, limit: usize) -> Result<Vec<Entry>, StoreError>;
     /// `write`, returning what `f` returns.
     fn write_with<R>(&self, f: impl FnMut(&mut dyn Writes) -> Result<R, StoreError>) -> Result<R, StoreError>;
+    /// `write_durably`, returning what `f` returns.
+    fn write_durably_with<R>(&self, f: impl FnMut(&mut dyn Writes) -> Result<R, StoreError>) -> Result<R, StoreError>;
 }
 
 impl<E: Engine + ?Sized> EngineExt for E {
@@ -204,13 +213,27 @@ impl<E: Engine + ?Sized> EngineExt for E {
         Ok(out)
     }
 
-    fn write_with<R>(&self, mut f: impl FnMut(&mut dyn Writes) -> Result<R, StoreError>) -> Result<R, StoreError> {
-        let mut out = None;
-        self.write(&mut |w| {
-            out = Some(f(w)?);
-            Ok(())
-        })?;
-        // A write that succeeded ran `f` to its end at least once.
-        out.ok_or_else(|| StoreError::Database("an engine's write returned without running it".into()))
+    fn write_with<R>(&self, f: impl FnMut(&mut dyn Writes) -> Result<R, StoreError>) -> Result<R, StoreError> {
+        returning(|g| self.write(g), f)
     }
+
+    fn write_durably_with<R>(&self, f: impl FnMut(&mut dyn Writes) -> Result<R, StoreError>) -> Result<R, StoreError> {
+        returning(|g| self.write_durably(g), f)
+    }
+}
+
+type WriteFn<'a> = dyn FnMut(&mut dyn Writes) -> Result<(), StoreError> + 'a;
+
+/// Runs `write` with `f`, returning what `f` returned on its last run.
+fn returning<R>(
+    write: impl FnOnce(&mut WriteFn<'_>) -> Result<(), StoreError>,
+    mut f: impl FnMut(&mut dyn Writes) -> Result<R, StoreError>,
+) -> Result<R, StoreError> {
+    let mut out = None;
+    write(&mut |w| {
+        out = Some(f(w)?);
+        Ok(())
+    })?;
+    // A write that succeeded ran `f` to its end at least once.
+    out.ok_or_else(|| StoreError::Database("an engine's write returned without running it".into()))
 }

@@ -1,7 +1,9 @@
 //! redb under the embedded store: one file (`baton.redb`), each table a
 //! redb table of bytes, each write one redb transaction committed without
 //! an fsync, and the group commit's sync an empty durable commit, which
-//! makes every commit before it durable at once.
+//! makes every commit before it durable at once. The writer thread's batch
+//! is itself the durable commit: one commit per batch, not two. Job
+//! numbers are counted in memory and stored with the write that uses them.
 //!
 //! redb is a copy-on-write B-tree: pages freed by deletes are reused, so
 //! the file stays near what it holds under churn (issue 31). Every page
@@ -12,7 +14,8 @@
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
@@ -36,6 +39,9 @@ pub(crate) struct RedbEngine {
     db: Option<Arc<redb::Database>>,
     file: PathBuf,
     commit: Arc<GroupCommit>,
+    /// The next number `next_ids` hands out, and the highest stored.
+    next: Mutex<u64>,
+    stored: AtomicU64,
     /// `baton.redb.lock`, held from before the seal is read until after it
     /// is written (see `hold`). Declared last: dropped after `drop` seals.
     _lock: std::fs::File,
@@ -83,7 +89,9 @@ impl RedbEngine {
         for t in T::ALL {
             w.open_table(table(t)).map_err(|e| open_err(Box::new(e)))?;
         }
-        w.open_table(META).map_err(|e| open_err(Box::new(e)))?;
+        let meta = w.open_table(META).map_err(|e| open_err(Box::new(e)))?;
+        let next = meta.get(SEQ).map_err(|e| open_err(Box::new(e)))?.map(|v| v.value()).unwrap_or(0);
+        drop(meta);
         w.commit().map_err(|e| open_err(Box::new(e)))?;
         let db = Arc::new(db);
         // Weak: the database closes with the engine, not with the last
@@ -97,7 +105,7 @@ impl RedbEngine {
             w.set_durability(redb::Durability::Immediate).map_err(std::io::Error::other)?;
             w.commit().map_err(std::io::Error::other)
         });
-        Ok(RedbEngine { db: Some(db), file, commit, _lock: lock })
+        Ok(RedbEngine { db: Some(db), file, commit, next: Mutex::new(next), stored: AtomicU64::new(next), _lock: lock })
     }
 
     fn db(&self) -> Result<&redb::Database, StoreError> {
@@ -112,13 +120,47 @@ impl RedbEngine {
     /// Numbers from now on start at `floor` or above (a store copied in
     /// carries its numbers on).
     pub fn set_floor(&self, floor: u64) -> Result<(), StoreError> {
-        let txn = self.db()?.begin_write().map_err(db_err)?;
         {
-            let mut meta = txn.open_table(META).map_err(db_err)?;
-            let next = meta.get(SEQ).map_err(db_err)?.map(|v| v.value()).unwrap_or(0);
-            meta.insert(SEQ, next.max(floor)).map_err(db_err)?;
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            *next = (*next).max(floor);
         }
-        txn.commit().map_err(db_err)
+        self.write_as(redb::Durability::Immediate, &mut |_| Ok(()))
+    }
+
+    /// Runs `f` in a write transaction committed with `durability`; the
+    /// numbers `next_ids` has handed out are stored with it.
+    fn write_as(
+        &self,
+        durability: redb::Durability,
+        f: &mut dyn FnMut(&mut dyn Writes) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut txn = self.db()?.begin_write().map_err(db_err)?;
+        txn.set_durability(durability).map_err(db_err)?;
+        // Read once the transaction is begun: write transactions take turns,
+        // so what each stores never goes back.
+        let next = *self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let outcome = {
+            let mut w = RedbWrites { txn: &txn, tables: (0..T::ALL.len()).map(|_| None).collect() };
+            f(&mut w)
+        };
+        let outcome = outcome.and_then(|()| {
+            if next > self.stored.load(Ordering::Acquire) {
+                txn.open_table(META).map_err(db_err)?.insert(SEQ, next).map_err(db_err)?;
+            }
+            Ok(())
+        });
+        match outcome {
+            Ok(()) => {
+                txn.commit().map_err(db_err)?;
+                self.stored.fetch_max(next, Ordering::AcqRel);
+                self.commit.wrote();
+                Ok(())
+            }
+            Err(e) => {
+                txn.abort().map_err(db_err)?;
+                Err(e)
+            }
+        }
     }
 
     fn read(&self, t: T) -> Result<redb::ReadOnlyTable<&'static [u8], &'static [u8]>, StoreError> {
@@ -147,38 +189,23 @@ impl Engine for RedbEngine {
     }
 
     fn write(&self, f: &mut dyn FnMut(&mut dyn Writes) -> Result<(), StoreError>) -> Result<(), StoreError> {
-        let mut txn = self.db()?.begin_write().map_err(db_err)?;
         // Durable at the next group commit, with every write before it.
-        txn.set_durability(redb::Durability::None).map_err(db_err)?;
-        let outcome = {
-            let mut w = RedbWrites { txn: &txn, tables: (0..T::ALL.len()).map(|_| None).collect() };
-            f(&mut w)
-        };
-        match outcome {
-            Ok(()) => {
-                txn.commit().map_err(db_err)?;
-                self.commit.wrote();
-                Ok(())
-            }
-            Err(e) => {
-                txn.abort().map_err(db_err)?;
-                Err(e)
-            }
-        }
+        self.write_as(redb::Durability::None, f)
+    }
+
+    fn write_durably(&self, f: &mut dyn FnMut(&mut dyn Writes) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        // One commit that is durable, not a commit and then an empty one.
+        let durability =
+            if self.commit.durable_commit() { redb::Durability::Immediate } else { redb::Durability::None };
+        self.write_as(durability, f)
     }
 
     fn next_ids(&self, n: usize) -> Result<Vec<u64>, StoreError> {
-        let mut txn = self.db()?.begin_write().map_err(db_err)?;
-        txn.set_durability(redb::Durability::None).map_err(db_err)?;
-        let first = {
-            let mut meta = txn.open_table(META).map_err(db_err)?;
-            let first = meta.get(SEQ).map_err(db_err)?.map(|v| v.value()).unwrap_or(0);
-            meta.insert(SEQ, first + n as u64).map_err(db_err)?;
-            first
-        };
-        txn.commit().map_err(db_err)?;
-        self.commit.wrote();
-        Ok((first..first + n as u64).collect())
+        // Stored with the next write, which is the one that uses them.
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let first = *next;
+        *next += n as u64;
+        Ok((first..*next).collect())
     }
 
     fn commit(&self) -> &Arc<GroupCommit> {
@@ -324,5 +351,31 @@ impl Writes for RedbWrites<'_> {
 
     fn remove(&mut self, t: T, key: &[u8]) -> Result<bool, StoreError> {
         Ok(self.table(t)?.remove(key).map_err(db_err)?.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A number is stored with the write that uses it, so a store opened
+    /// again never hands out a number a stored record holds; one handed
+    /// out that no write stored may be given again.
+    #[test]
+    fn numbers_are_stored_with_the_write_that_uses_them() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let open = || RedbEngine::open(dir.path(), Durability::Fsync).unwrap_or_else(|e| panic!("{e}"));
+        {
+            let e = open();
+            assert_eq!(e.next_ids(3).ok(), Some(vec![0, 1, 2]));
+            e.write_durably(&mut |w| w.insert(T::Jobs, b"j2", b"{}").map(drop)).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(e.next_ids(2).ok(), Some(vec![3, 4]));
+        }
+        let e = open();
+        assert_eq!(e.next_ids(1).ok(), Some(vec![3]));
+        e.set_floor(10).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(e.next_ids(1).ok(), Some(vec![10]));
+        drop(e);
+        assert_eq!(open().next_ids(1).ok(), Some(vec![10]), "the floor is stored at once");
     }
 }

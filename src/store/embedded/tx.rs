@@ -288,16 +288,21 @@ impl ops::Tx for EmbeddedTx {
     }
 
     async fn commit(self) -> Result<(), StoreError> {
-        if self.writes.is_empty() {
+        if self.writes.iter().all(|(plan, _)| plan.is_empty()) {
             return Ok(());
         }
-        let grew = self.core.e.write_with(|w| {
+        let write = |w: &mut dyn Writes| {
             let mut grew = 0;
             for (plan, lease) in &self.writes {
                 grew += apply(w, plan, *lease)?;
             }
             Ok(grew)
-        })?;
+        };
+        let grew = if self.core.durable_writes {
+            self.core.e.write_durably_with(write)?
+        } else {
+            self.core.e.write_with(write)?
+        };
         self.core.queued.fetch_add(grew, Ordering::Relaxed);
         Ok(())
     }
