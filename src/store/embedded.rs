@@ -90,7 +90,7 @@ impl EmbeddedStore {
     /// crash leaves the sled store as it was.
     pub fn migrate_from_sled(path: &Path) -> Result<Vec<super::TableSize>, StoreError> {
         let target = path.join(redb::FILE);
-        let refuse = |why: String| StoreError::Open { path: target.clone(), source: why.into() };
+        let refuse = |why: String| StoreError::Open { path: target.clone(), reason: why.into() };
         if target.exists() {
             return Err(refuse("a redb store is there already; nothing was copied".into()));
         }
@@ -126,7 +126,7 @@ impl EmbeddedStore {
             to.set_floor(from.next_ids(1)?.first().copied().unwrap_or(0))?;
             to.commit().flush_blocking()?;
         }
-        let io = |e: std::io::Error| StoreError::Open { path: path.to_path_buf(), source: Box::new(e) };
+        let io = |e: std::io::Error| StoreError::Open { path: path.to_path_buf(), reason: Box::new(e) };
         // Each rename durable before the next: never a folder with neither
         // store in it, which would open as a new, empty one.
         let sync = || std::fs::File::open(path).and_then(|d| d.sync_all()).map_err(io);

@@ -34,8 +34,10 @@ pub use postgres::schema;
 /// What went wrong in the store, with the path when it is about opening it.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open store at {path}: {source}")]
-    Open { path: PathBuf, source: Box<dyn std::error::Error + Send + Sync> },
+    // Not `source`: the message already says why, and a source would have
+    // it said twice wherever the error's chain is printed.
+    #[error("cannot open store at {path}: {reason}")]
+    Open { path: PathBuf, reason: Box<dyn std::error::Error + Send + Sync> },
     /// The database failed a read or a write, in its own words.
     #[error("store error: {0}")]
     Database(Box<dyn std::error::Error + Send + Sync>),

@@ -201,6 +201,12 @@ async fn a_redb_store_another_process_holds_is_refused_until_let_go() {
         err.contains(&storage.join("baton.redb").display().to_string()) && err.contains("another process"),
         "{err}"
     );
+    // The daemon says so once, and stops.
+    std::fs::write(dir.path().join("baton.toml"), "[server]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    let out = Command::new(BIN).arg("serve").current_dir(dir.path()).output().unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(said.matches("another process").count(), 1, "{said}");
     drop(held);
     let store = connect(location, &storage).await;
     assert_eq!(store.job_count().await.unwrap(), 0);

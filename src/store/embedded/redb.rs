@@ -56,13 +56,13 @@ impl RedbEngine {
     /// Opens (or creates) `path/baton.redb`.
     pub fn open(path: &Path, durability: Durability) -> Result<RedbEngine, StoreError> {
         std::fs::create_dir_all(path)
-            .map_err(|e| StoreError::Open { path: path.to_path_buf(), source: Box::new(e) })?;
+            .map_err(|e| StoreError::Open { path: path.to_path_buf(), reason: Box::new(e) })?;
         RedbEngine::open_file(&path.join(FILE), durability)
     }
 
     pub fn open_file(file: &Path, durability: Durability) -> Result<RedbEngine, StoreError> {
         let open_err =
-            |source: Box<dyn std::error::Error + Send + Sync>| StoreError::Open { path: file.to_path_buf(), source };
+            |reason: Box<dyn std::error::Error + Send + Sync>| StoreError::Open { path: file.to_path_buf(), reason };
         let file = file.to_path_buf();
         // Every page's checksum is read at open, so a file changed behind
         // redb's back is refused rather than trusted; unless baton closed

@@ -30,7 +30,7 @@ pub(crate) struct SledEngine {
 
 impl SledEngine {
     pub fn open(path: &Path, durability: Durability) -> Result<SledEngine, StoreError> {
-        let open_err = |source| StoreError::Open { path: path.to_path_buf(), source: Box::new(source) };
+        let open_err = |source| StoreError::Open { path: path.to_path_buf(), reason: Box::new(source) };
         std::fs::create_dir_all(path).map_err(|e| open_err(sled::Error::Io(e)))?;
         let (db, seq_base, compacted) = compact::open(path, compact::MIN_DISK)?;
         if let Some(c) = compacted {

@@ -50,7 +50,7 @@ pub(super) fn config(path: &Path) -> sled::Config {
 /// database, the base its `generate_id` continues from, and what a
 /// compaction did.
 pub(super) fn open(dir: &Path, min_disk: u64) -> Result<(sled::Db, u64, Option<Compacted>), StoreError> {
-    let open_err = |source| StoreError::Open { path: dir.to_path_buf(), source: Box::new(source) };
+    let open_err = |source| StoreError::Open { path: dir.to_path_buf(), reason: Box::new(source) };
     recover(dir).map_err(|e| open_err(sled::Error::Io(e)))?;
     let path = dir.join("db");
     let db = config(&path).open().map_err(open_err)?;
