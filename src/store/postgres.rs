@@ -48,8 +48,11 @@ pub fn schema() -> String {
 const MIGRATE_LOCK: i64 = 0x6261_746f_6e00_0001;
 const CLAIM_LOCK: i64 = 0x6261_746f_6e00_0002;
 
-/// Admission batches in flight at once.
-const WRITERS: usize = 2;
+/// Admission batches in flight at once: a batch is two round trips and a
+/// wait on the WAL's flush, and PostgreSQL flushes for several commits at
+/// once, so more in flight is more stored per flush (bench: 2 → 4 writers,
+/// 2.7-3.8k → 3.6-4.7k deliveries/s on two cores).
+const WRITERS: usize = 4;
 
 /// How long a replica holds a publication it is sending.
 const OUTBOX_LEASE: Duration = Duration::from_secs(60);
