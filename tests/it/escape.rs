@@ -27,13 +27,13 @@ struct Attack {
 impl Attack {
     /// The repository has a tracked `docs/` folder besides its README.
     fn new() -> Attack {
+        Attack::with_files(&[("README.md", "hello\n"), ("docs/guide.md", "the guide\n")])
+    }
+
+    /// The repository holds `files`.
+    fn with_files(files: &[(&str, &str)]) -> Attack {
         let w = Workdir::new();
-        bare_repo(
-            &w.path().join("remote"),
-            REPO,
-            "master",
-            &[("README.md", "hello\n"), ("docs/guide.md", "the guide\n")],
-        );
+        bare_repo(&w.path().join("remote"), REPO, "master", files);
         let scenario = Scenario::new().github(GitHub::secret(SECRET).repos(&w.path().join("remote")));
         Attack { w, scenario, publishes: false }
     }
@@ -238,6 +238,48 @@ echo looked
     assert_eq!(line("fifos:"), "fifos:", "{log}");
     assert_eq!(line("modes:"), "modes: 755 755 644", "{log}");
     assert!(!a.shared().join("pwned").exists(), "the planted fsmonitor ran in the next job");
+}
+
+/// An agent swaps a tracked folder of many files for a symlink to a folder
+/// outside its workspace. The next job's reset, which checks the tree out
+/// as baton (root, when baton runs as root) with parallel workers, must
+/// write the folder back in the workspace, never through the link.
+#[tokio::test]
+async fn a_tracked_folder_swapped_for_a_symlink_is_checked_out_in_place_not_through_it() {
+    let names: Vec<String> = (0..150).map(|n| format!("docs/f{n:03}.md")).collect();
+    let mut files: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "tracked\n")).collect();
+    files.push(("README.md", "hello\n"));
+    let plant = r#"#!/bin/sh
+mkdir -p @SHARED@/outside
+rm -rf docs && ln -s @SHARED@/outside docs
+echo planted
+"#;
+    let look = r#"#!/bin/sh
+[ -L docs ] && echo "docs: a link" || echo "docs: $(ls docs | wc -l) files"
+echo looked
+"#;
+    let a = Attack::with_files(&files)
+        .agent("planter", plant, "")
+        .agent("looker", look, "")
+        .trigger("plant", "issues.opened", "planter", "none")
+        .trigger("look", "issues.labeled", "looker", "none")
+        .storage("worktree_pool = 1");
+    let baton = a.start();
+    let first = open_issue(&baton, "swap-1").await;
+    assert_eq!(baton.finished(&first).await["state"], "succeeded", "{}", a.log(&first));
+    let second = deliver(&baton, "issues", "issues/labeled.payload.json", "swap-2").await;
+    let job = baton.finished(&second).await;
+    let log = a.log(&second);
+    assert_eq!(job["state"], "succeeded", "{job}\n{log}");
+    assert!(log.contains("(a recycled worktree, reset)"), "the same slot: {log}");
+    assert!(log.contains("docs: 150 files"), "{log}");
+    let outside: Vec<_> =
+        std::fs::read_dir(a.shared().join("outside")).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(
+        outside.is_empty(),
+        "the reset wrote through the link: {:?}",
+        outside.iter().map(|e| e.file_name()).collect::<Vec<_>>()
+    );
 }
 
 /// 1.5 GB into `/tmp` under `max_memory = "512M"`, with a cgroup and with
