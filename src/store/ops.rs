@@ -33,9 +33,11 @@ pub(super) trait Backend: Sync {
 /// One transaction. What it reads stays as read until it ends (PostgreSQL
 /// locks the rows; sled lets one transaction run at a time), and it reads
 /// the database as it was before its own writes: every sequence reads what
-/// it needs before it writes, and applies its plan last, then commits.
-/// Dropped without `commit`, it writes nothing (but a plan PostgreSQL writes
-/// as one statement, outside a transaction, is written by `apply`).
+/// it needs before it writes. Dropped without `commit`, it writes nothing;
+/// except that on PostgreSQL a plan `apply` writes as one statement before
+/// anything locked a row is written, and committed, then and there: such a
+/// plan must be the sequence's last act (the backend refuses anything after
+/// it), as admission's is.
 pub(super) trait Tx {
     async fn job(&mut self, id: &str) -> Result<Option<Job>, StoreError>;
     /// Which of `ids` name a stored job.

@@ -1,11 +1,11 @@
 //! The PostgreSQL backend, for several replicas on one database.
 //!
 //! The tables are in `migrations/`, applied at start under an advisory lock.
-//! Each change is a domain plan applied in one transaction, like sled's; what
-//! is new is that other replicas write too:
-//! - admission takes a transaction-scoped advisory lock per delivery id and
-//!   body fingerprint (in sorted order), so two replicas given the same
-//!   delivery store it once;
+//! Each change is a domain plan applied all or nothing, like the embedded
+//! store's; what is new is that other replicas write too:
+//! - a delivery id and a body fingerprint are unique keys, so two writers or
+//!   replicas given the same delivery store it once (the loser's batch runs
+//!   again and finds it stored);
 //! - claims run under one advisory lock, so the limits that span replicas
 //!   (per repository, per agent, concurrency groups) are checked against
 //!   every replica's running jobs; queue rows are taken `FOR UPDATE SKIP
@@ -109,7 +109,9 @@ impl PgStore {
             options = options.options([("search_path", schema)]);
         }
         let pool = PgPoolOptions::new()
-            .max_connections(8)
+            // The admission writers', and as many again for claims, leases,
+            // the outbox and the API.
+            .max_connections(2 * WRITERS as u32)
             .acquire_timeout(Duration::from_secs(3))
             .connect_with(options)
             .await
@@ -405,6 +407,14 @@ async fn migrate(pool: &PgPool, schema: Option<&str>) -> Result<(), StoreError> 
 /// missing and locked (in key order).
 async fn lock_throttles(tx: &mut PgConnection, keys: &[String]) -> Result<HashMap<String, Vec<i64>>, StoreError> {
     lock_rows(tx, "throttles", "key", "runs", "[]", keys).await
+}
+
+/// The jobs held on the subjects named, an empty list created for each
+/// missing one and locked (in subject order): two batches holding jobs on
+/// one new subject wait for each other instead of each writing its own
+/// list over the other's.
+async fn lock_held(tx: &mut PgConnection, subjects: &[String]) -> Result<HashMap<String, Vec<Held>>, StoreError> {
+    lock_rows(tx, "held", "subject", "list", "[]", subjects).await
 }
 
 /// The groups named, created if missing and locked (in name order).

@@ -1,13 +1,13 @@
-//! Admission on PostgreSQL: the batch writer (every waiting delivery in one
-//! transaction, under advisory locks per delivery id and body fingerprint),
-//! and how a domain `Plan` is applied inside a transaction.
+//! Admission on PostgreSQL: the batch writers (every waiting delivery in
+//! one batch, written as one statement, or in one transaction when its
+//! decisions lock rows), and how a domain `Plan` is applied.
 
 use super::*;
 use crate::store::ops::{self, retrying};
 
 impl PgStore {
-    /// The batch writer: every delivery waiting (up to `MAX_BATCH`) goes
-    /// into one transaction, committed before any of them is answered.
+    /// A batch writer: every delivery waiting (up to `MAX_BATCH`) is stored
+    /// at once, committed before any of them is answered.
     pub(super) async fn write_batches(
         self,
         rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<(Admission, Reply)>>>,

@@ -4,10 +4,12 @@
 //! other in a circle; claims run under one advisory lock across replicas.
 //!
 //! The transaction begins only when something needs one: a read that locks
-//! rows, or a write of more than one statement. A batch of deliveries locks
-//! nothing (a delivery id or body stored meanwhile by another replica fails
-//! the write on its unique key, and the batch runs again), and is written
-//! as one statement: two round trips, no `BEGIN` or `COMMIT`.
+//! rows, or a write of more than one statement. A batch of plain deliveries
+//! (no concurrency group, throttle or held job) locks nothing — a delivery
+//! id or body stored meanwhile by another writer or replica fails the write
+//! on its unique key, and the batch runs again — and is written as one
+//! statement: two round trips, no `BEGIN` or `COMMIT`. A plan written alone
+//! ends its sequence (`Conn::Written`).
 
 use sqlx::pool::PoolConnection;
 
@@ -25,6 +27,9 @@ enum Conn {
     /// No transaction yet: each statement commits on its own.
     Alone(PoolConnection<Postgres>),
     Begun(Transaction<'static, Postgres>),
+    /// A plan was written alone, and committed itself: the sequence is over,
+    /// and nothing may follow that a failure would leave half done.
+    Written,
     /// Only while a transaction begins, or after it failed to.
     Lost,
 }
@@ -36,6 +41,7 @@ impl PgTx<'_> {
         match &mut self.conn {
             Conn::Alone(c) => Ok(&mut **c),
             Conn::Begun(tx) => Ok(&mut **tx),
+            Conn::Written => Err(StoreError::Database("nothing may follow a plan written alone".into())),
             Conn::Lost => Err(StoreError::Unavailable("the connection was lost beginning a transaction".into())),
         }
     }
@@ -89,12 +95,7 @@ impl ops::Tx for PgTx<'_> {
     }
 
     async fn held(&mut self, subject: &str) -> Result<Vec<Held>, StoreError> {
-        let list: Option<Json<Vec<Held>>> = sqlx::query_scalar("SELECT list FROM held WHERE subject = $1 FOR UPDATE")
-            .bind(subject)
-            .fetch_optional(self.tx().await?)
-            .await
-            .map_err(pg)?;
-        Ok(list.map(|Json(l)| l).unwrap_or_default())
+        Ok(lock_held(self.tx().await?, &[subject.to_string()]).await?.remove(subject).unwrap_or_default())
     }
 
     async fn queued(&mut self, id: &str) -> Result<bool, StoreError> {
@@ -147,16 +148,7 @@ impl ops::Tx for PgTx<'_> {
         }
         let subjects: Vec<String> = wanted.subjects.iter().cloned().collect();
         if !subjects.is_empty() {
-            let rows =
-                sqlx::query("SELECT subject, list FROM held WHERE subject = ANY($1) ORDER BY subject FOR UPDATE")
-                    .bind(&subjects)
-                    .fetch_all(self.tx().await?)
-                    .await
-                    .map_err(pg)?;
-            for row in rows {
-                let Json(list): Json<Vec<Held>> = row.try_get(1).map_err(pg)?;
-                view.held.insert(row.try_get(0).map_err(pg)?, list);
-            }
+            view.held = lock_held(self.tx().await?, &subjects).await?;
         }
         // Everything else in one trip: stored ids, bodies, the jobs (the
         // batch's and those waiting in its groups), and the new jobs' numbers.
@@ -256,17 +248,20 @@ impl ops::Tx for PgTx<'_> {
     }
 
     async fn apply(&mut self, plan: Plan, lease: Duration) -> Result<(), StoreError> {
-        // Alone, one statement commits itself: a sequence applies its plan
-        // last, then commits.
         let store = self.store;
-        let conn = if in_one_statement(&plan) { self.conn()? } else { self.tx().await? };
-        store.apply(conn, &plan, lease).await
+        if let (true, Conn::Alone(conn)) = (in_one_statement(&plan), &mut self.conn) {
+            // One statement commits itself; the sequence ends here.
+            store.apply(conn, &plan, lease).await?;
+            self.conn = Conn::Written;
+            return Ok(());
+        }
+        store.apply(self.tx().await?, &plan, lease).await
     }
 
     async fn commit(self) -> Result<(), StoreError> {
         match self.conn {
             Conn::Begun(tx) => tx.commit().await.map_err(pg),
-            Conn::Alone(_) => Ok(()),
+            Conn::Alone(_) | Conn::Written => Ok(()),
             Conn::Lost => Err(StoreError::Unavailable("the connection was lost beginning a transaction".into())),
         }
     }
