@@ -1,6 +1,7 @@
 //! The embedded store: the store's tables as ordered byte maps in one local
-//! database, each plan applied as one atomic write and made durable by a
-//! group commit before the caller hears of it. The engine under it (redb,
+//! database, each plan applied as one atomic write and durable before the
+//! caller hears of it (by a group commit, or for the writer thread's
+//! batches, on redb, by their own commit). The engine under it (redb,
 //! the default, or sled) is behind `engine::Engine`; nothing here knows
 //! which one it is.
 //!

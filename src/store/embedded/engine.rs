@@ -128,14 +128,16 @@ pub(crate) trait Engine: Send + Sync + 'static {
     /// the next group commit. An engine may run `f` again (a conflict).
     fn write(&self, f: &mut dyn FnMut(&mut dyn Writes) -> Result<(), StoreError>) -> Result<(), StoreError>;
 
-    /// `write`, then every write so far made durable: by the write's own
-    /// commit where the engine can (redb), else by a group commit after it.
-    fn write_durably(&self, f: &mut dyn FnMut(&mut dyn Writes) -> Result<(), StoreError>) -> Result<(), StoreError> {
+    /// `write`, its commit also making every write so far durable where the
+    /// engine can (redb); whether it did (if not, the caller flushes, after
+    /// letting go of what it holds).
+    fn write_durably(&self, f: &mut dyn FnMut(&mut dyn Writes) -> Result<(), StoreError>) -> Result<bool, StoreError> {
         self.write(f)?;
-        self.commit().flush_blocking()
+        Ok(false)
     }
 
-    /// `n` new numbers, ascending, never given before.
+    /// `n` new numbers, ascending, none held by a stored record (one handed
+    /// out that no write stored may be given again after a restart).
     fn next_ids(&self, n: usize) -> Result<Vec<u64>, StoreError>;
 
     /// What makes writes durable, shared by every writer.
@@ -190,8 +192,11 @@ pub(crate) trait EngineExt {
     fn entries(&self, t: T, lo: Bound<&[u8]>, limit: usize) -> Result<Vec<Entry>, StoreError>;
     /// `write`, returning what `f` returns.
     fn write_with<R>(&self, f: impl FnMut(&mut dyn Writes) -> Result<R, StoreError>) -> Result<R, StoreError>;
-    /// `write_durably`, returning what `f` returns.
-    fn write_durably_with<R>(&self, f: impl FnMut(&mut dyn Writes) -> Result<R, StoreError>) -> Result<R, StoreError>;
+    /// `write_durably`, returning what `f` returns and whether it is durable.
+    fn write_durably_with<R>(
+        &self,
+        f: impl FnMut(&mut dyn Writes) -> Result<R, StoreError>,
+    ) -> Result<(R, bool), StoreError>;
 }
 
 impl<E: Engine + ?Sized> EngineExt for E {
@@ -214,26 +219,31 @@ impl<E: Engine + ?Sized> EngineExt for E {
     }
 
     fn write_with<R>(&self, f: impl FnMut(&mut dyn Writes) -> Result<R, StoreError>) -> Result<R, StoreError> {
-        returning(|g| self.write(g), f)
+        returning(|g| self.write(g), f).map(|(out, ())| out)
     }
 
-    fn write_durably_with<R>(&self, f: impl FnMut(&mut dyn Writes) -> Result<R, StoreError>) -> Result<R, StoreError> {
+    fn write_durably_with<R>(
+        &self,
+        f: impl FnMut(&mut dyn Writes) -> Result<R, StoreError>,
+    ) -> Result<(R, bool), StoreError> {
         returning(|g| self.write_durably(g), f)
     }
 }
 
 type WriteFn<'a> = dyn FnMut(&mut dyn Writes) -> Result<(), StoreError> + 'a;
 
-/// Runs `write` with `f`, returning what `f` returned on its last run.
-fn returning<R>(
-    write: impl FnOnce(&mut WriteFn<'_>) -> Result<(), StoreError>,
+/// Runs `write` with `f`: what `f` returned on its last run, and what
+/// `write` did.
+fn returning<R, D>(
+    write: impl FnOnce(&mut WriteFn<'_>) -> Result<D, StoreError>,
     mut f: impl FnMut(&mut dyn Writes) -> Result<R, StoreError>,
-) -> Result<R, StoreError> {
+) -> Result<(R, D), StoreError> {
     let mut out = None;
-    write(&mut |w| {
+    let done = write(&mut |w| {
         out = Some(f(w)?);
         Ok(())
     })?;
     // A write that succeeded ran `f` to its end at least once.
-    out.ok_or_else(|| StoreError::Database("an engine's write returned without running it".into()))
+    let out = out.ok_or_else(|| StoreError::Database("an engine's write returned without running it".into()))?;
+    Ok((out, done))
 }

@@ -112,9 +112,11 @@ impl RedbEngine {
         self.db.as_deref().ok_or(StoreError::Database("the store is closing".into()))
     }
 
-    /// Forgets that `file` was closed cleanly (it was moved away).
+    /// Forgets that `file` was closed cleanly, and its lock file (it was
+    /// moved away).
     pub fn unseal(file: &Path) {
         let _ = std::fs::remove_file(Seal::path(file));
+        let _ = std::fs::remove_file(lock_path(file));
     }
 
     /// Numbers from now on start at `floor` or above (a store copied in
@@ -193,11 +195,11 @@ impl Engine for RedbEngine {
         self.write_as(redb::Durability::None, f)
     }
 
-    fn write_durably(&self, f: &mut dyn FnMut(&mut dyn Writes) -> Result<(), StoreError>) -> Result<(), StoreError> {
+    fn write_durably(&self, f: &mut dyn FnMut(&mut dyn Writes) -> Result<(), StoreError>) -> Result<bool, StoreError> {
         // One commit that is durable, not a commit and then an empty one.
-        let durability =
-            if self.commit.durable_commit() { redb::Durability::Immediate } else { redb::Durability::None };
-        self.write_as(durability, f)
+        let durable = self.commit.durable_commit();
+        self.write_as(if durable { redb::Durability::Immediate } else { redb::Durability::None }, f)?;
+        Ok(durable)
     }
 
     fn next_ids(&self, n: usize) -> Result<Vec<u64>, StoreError> {
@@ -222,9 +224,7 @@ impl Engine for RedbEngine {
 /// between would find no seal, write, and then have its writes sealed by
 /// the first. This lock spans both.
 fn hold(file: &Path) -> std::io::Result<std::fs::File> {
-    let mut path = file.as_os_str().to_owned();
-    path.push(".lock");
-    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(PathBuf::from(path))?;
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(lock_path(file))?;
     match lock.try_lock() {
         Ok(()) => Ok(lock),
         Err(std::fs::TryLockError::WouldBlock) => {
@@ -232,6 +232,12 @@ fn hold(file: &Path) -> std::io::Result<std::fs::File> {
         }
         Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
+}
+
+fn lock_path(file: &Path) -> PathBuf {
+    let mut path = file.as_os_str().to_owned();
+    path.push(".lock");
+    PathBuf::from(path)
 }
 
 /// Beside the store's file once baton has closed it cleanly: the file's
@@ -369,6 +375,7 @@ mod tests {
             let e = open();
             assert_eq!(e.next_ids(3).ok(), Some(vec![0, 1, 2]));
             e.write_durably(&mut |w| w.insert(T::Jobs, b"j2", b"{}").map(drop)).unwrap_or_else(|e| panic!("{e}"));
+            assert!(e.commit().flushes.load(std::sync::atomic::Ordering::Relaxed) > 0, "one durable commit");
             assert_eq!(e.next_ids(2).ok(), Some(vec![3, 4]));
         }
         let e = open();

@@ -288,22 +288,31 @@ impl ops::Tx for EmbeddedTx {
     }
 
     async fn commit(self) -> Result<(), StoreError> {
-        if self.writes.iter().all(|(plan, _)| plan.is_empty()) {
-            return Ok(());
+        let EmbeddedTx { core, _one_at_a_time: one_at_a_time, writes } = self;
+        let mut durable = false;
+        if writes.iter().any(|(plan, _)| !plan.is_empty()) {
+            let write = |w: &mut dyn Writes| {
+                let mut grew = 0;
+                for (plan, lease) in &writes {
+                    grew += apply(w, plan, *lease)?;
+                }
+                Ok(grew)
+            };
+            let grew = if core.durable_writes {
+                let (grew, done) = core.e.write_durably_with(write)?;
+                durable = done;
+                grew
+            } else {
+                core.e.write_with(write)?
+            };
+            core.queued.fetch_add(grew, Ordering::Relaxed);
         }
-        let write = |w: &mut dyn Writes| {
-            let mut grew = 0;
-            for (plan, lease) in &self.writes {
-                grew += apply(w, plan, *lease)?;
-            }
-            Ok(grew)
-        };
-        let grew = if self.core.durable_writes {
-            self.core.e.write_durably_with(write)?
-        } else {
-            self.core.e.write_with(write)?
-        };
-        self.core.queued.fetch_add(grew, Ordering::Relaxed);
+        drop(one_at_a_time);
+        // The writer's callers hear of its batch as this returns: all they
+        // are told of must be durable, a duplicate's first delivery too.
+        if core.durable_writes && !durable {
+            core.e.commit().flush_blocking()?;
+        }
         Ok(())
     }
 }
