@@ -76,20 +76,20 @@ impl Door<'_> {
         let rules = self.rules.current();
         self.recall_reviews(&rules, &mut event).await;
         let mut delivery = Delivery::new(&event.delivery, &event.source, &event.kind);
+        let signed = match origin {
+            Origin::Webhook { signed } => signed,
+            Origin::Unread { signed } => Some(signed),
+            _ => None,
+        };
+        if let (true, Some((name, body))) = (self.reject_replays, signed) {
+            delivery = delivery.with_body(name, body);
+        }
         let (jobs, pending) = match origin {
-            Origin::Webhook { signed } => {
-                if let (true, Some((name, body))) = (self.reject_replays, signed) {
-                    delivery = delivery.with_body(name, body);
-                }
+            Origin::Webhook { .. } => {
                 let m = rules.evaluate(&event);
                 (m.jobs, m.pending)
             }
-            Origin::Unread { signed } => {
-                if self.reject_replays {
-                    delivery = delivery.with_body(signed.0, signed.1);
-                }
-                (Vec::new(), Vec::new())
-            }
+            Origin::Unread { .. } => (Vec::new(), Vec::new()),
             Origin::Schedule { trigger } => {
                 (rules.match_event(&event).into_iter().filter(|s| s.trigger == trigger).collect(), Vec::new())
             }
