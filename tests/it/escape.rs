@@ -202,6 +202,27 @@ async fn nothing_an_agent_starts_outlives_a_killed_daemon() {
     }
 }
 
+/// One pooled workspace: `plant` runs in it on an opened issue, then `look`
+/// on a labelled one, in the same slot reset between them. Both succeed;
+/// returns the attack and what `look` printed.
+async fn plant_then_look(a: Attack, plant: &str, look: &str) -> (Attack, String) {
+    let a = a
+        .agent("planter", plant, "")
+        .agent("looker", look, "")
+        .trigger("plant", "issues.opened", "planter", "none")
+        .trigger("look", "issues.labeled", "looker", "none")
+        .storage("worktree_pool = 1");
+    let baton = a.start();
+    let first = open_issue(&baton, "plant-1").await;
+    assert_eq!(baton.finished(&first).await["state"], "succeeded", "{}", a.log(&first));
+    let second = deliver(&baton, "issues", "issues/labeled.payload.json", "look-1").await;
+    let job = baton.finished(&second).await;
+    let log = a.log(&second);
+    assert_eq!(job["state"], "succeeded", "{job}\n{log}");
+    assert!(log.contains("(a recycled worktree, reset)"), "the same slot: {log}");
+    (a, log)
+}
+
 #[tokio::test]
 async fn a_recycled_workspace_keeps_no_nested_git_fifo_or_mode_of_the_job_before() {
     let plant = r#"#!/bin/sh
@@ -219,20 +240,7 @@ echo "modes: $(stat -c '%a' . docs README.md | tr '\n' ' ')"
 (cd docs && git status --short >/dev/null 2>&1)
 echo looked
 "#;
-    let a = Attack::new()
-        .agent("planter", plant, "")
-        .agent("looker", look, "")
-        .trigger("plant", "issues.opened", "planter", "none")
-        .trigger("look", "issues.labeled", "looker", "none")
-        .storage("worktree_pool = 1");
-    let baton = a.start();
-    let first = open_issue(&baton, "plant-1").await;
-    assert_eq!(baton.finished(&first).await["state"], "succeeded", "{}", a.log(&first));
-    let second = deliver(&baton, "issues", "issues/labeled.payload.json", "look-1").await;
-    let job = baton.finished(&second).await;
-    let log = a.log(&second);
-    assert_eq!(job["state"], "succeeded", "{job}\n{log}");
-    assert!(log.contains("(a recycled worktree, reset)"), "the same slot: {log}");
+    let (a, log) = plant_then_look(Attack::new(), plant, look).await;
     let line = |key: &str| log.lines().find(|l| l.starts_with(key)).unwrap_or_default().trim().to_string();
     assert_eq!(line("nested:"), "nested:", "{log}");
     assert_eq!(line("fifos:"), "fifos:", "{log}");
@@ -258,20 +266,7 @@ echo planted
 [ -L docs ] && echo "docs: a link" || echo "docs: $(ls docs | wc -l) files"
 echo looked
 "#;
-    let a = Attack::with_files(&files)
-        .agent("planter", plant, "")
-        .agent("looker", look, "")
-        .trigger("plant", "issues.opened", "planter", "none")
-        .trigger("look", "issues.labeled", "looker", "none")
-        .storage("worktree_pool = 1");
-    let baton = a.start();
-    let first = open_issue(&baton, "swap-1").await;
-    assert_eq!(baton.finished(&first).await["state"], "succeeded", "{}", a.log(&first));
-    let second = deliver(&baton, "issues", "issues/labeled.payload.json", "swap-2").await;
-    let job = baton.finished(&second).await;
-    let log = a.log(&second);
-    assert_eq!(job["state"], "succeeded", "{job}\n{log}");
-    assert!(log.contains("(a recycled worktree, reset)"), "the same slot: {log}");
+    let (a, log) = plant_then_look(Attack::with_files(&files), plant, look).await;
     assert!(log.contains("docs: 150 files"), "{log}");
     let outside: Vec<_> =
         std::fs::read_dir(a.shared().join("outside")).map(|d| d.flatten().collect()).unwrap_or_default();
