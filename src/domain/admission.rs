@@ -84,6 +84,11 @@ pub struct Wanted {
     pub(crate) subjects: BTreeSet<String>,
 }
 
+/// How many jobs `batch` would create: the numbers its admission needs.
+pub fn jobs_in(batch: &[Admission]) -> usize {
+    batch.iter().map(|a| a.jobs.len()).sum()
+}
+
 impl AdmitView {
     /// What `batch` reads, except the jobs waiting in its groups: those are
     /// known once the groups are loaded ([`AdmitView::waiting`]).

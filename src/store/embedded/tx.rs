@@ -228,7 +228,7 @@ impl ops::Tx for EmbeddedTx {
     }
 
     async fn admit_view(&mut self, batch: &[Admission]) -> Result<(AdmitView, Vec<u64>), StoreError> {
-        let count = batch.iter().map(|a| a.jobs.len()).sum();
+        let count = crate::domain::admission::jobs_in(batch);
         Ok((self.read_admit_view(batch)?, self.core.e.next_ids(count)?))
     }
 

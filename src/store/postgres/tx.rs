@@ -131,7 +131,7 @@ impl ops::Tx for PgTx<'_> {
 
     async fn admit_view(&mut self, batch: &[Admission]) -> Result<(AdmitView, Vec<u64>), StoreError> {
         let wanted = AdmitView::wanted(batch);
-        let count: usize = batch.iter().map(|a| a.jobs.len()).sum();
+        let count = crate::domain::admission::jobs_in(batch);
         let mut view = AdmitView::default();
         // Rows a decision depends on are locked first, in key order: a
         // group's line, a trigger's runs, a subject's held jobs. (Two
