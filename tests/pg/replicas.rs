@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use baton::store::{job_id, JobQuery, JobState, Location, Outcome, Store};
+use baton::rules::{JobSpec, OutputKind};
+use baton::store::{job_id, Accepted, Delivery, JobQuery, JobState, Location, Outcome, Store};
 
 use crate::fake_github::FakeGitHub;
 use crate::harness::{database_url, fixture, unique_body, Baton};
@@ -635,6 +636,85 @@ async fn a_database_restart_mid_flood_loses_nothing_acknowledged() {
         assert_eq!(delivery.jobs, vec![job_id(d, "work")]);
     }
     drop(daemon);
+}
+
+/// Two replicas hold a job each on one pull request nothing is held on
+/// yet, at once. A session of the test's own locks the `held` table
+/// against writes (reads still go through), so both replicas' admissions
+/// are under way, waiting on it, before either can write; then lets go.
+/// Both jobs must be held after: the second list written is the first's
+/// plus its own, never its own alone (a subject's row is created, then
+/// locked, before it is read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_holding_jobs_on_one_new_pull_request_keep_both() {
+    use std::io::{BufRead as _, Write as _};
+
+    let (schema, db) = (fresh_schema(), database_url());
+    let (a, b) = (store_on(&schema, "a", &db).await, store_on(&schema, "b", &db).await);
+    let mut gate = std::process::Command::new("psql")
+        .args([&db, "-qtAX", "-v", "ON_ERROR_STOP=1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to_gate = gate.stdin.take().unwrap();
+    let mut from_gate = std::io::BufReader::new(gate.stdout.take().unwrap());
+    writeln!(to_gate, "BEGIN; LOCK TABLE {schema}.held IN SHARE ROW EXCLUSIVE MODE; SELECT pg_backend_pid();").unwrap();
+    let mut pid = String::new();
+    from_gate.read_line(&mut pid).unwrap();
+    let pid: i32 = pid.trim().parse().unwrap_or_else(|e| panic!("the gate's pid {pid:?}: {e}"));
+
+    let waiting = |n: usize| {
+        let sql = format!("SELECT count(*) FROM pg_stat_activity WHERE {pid} = ANY(pg_blocking_pids(pid))");
+        let deadline = Instant::now() + LONG_WAIT;
+        loop {
+            let out = std::process::Command::new("psql").args([&db, "-qtAX", "-c", &sql]).output().unwrap();
+            let now: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+            if now >= n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{n} admissions waiting on the gate (now {now})");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let hold = |store: &Store, delivery: &str| {
+        let (store, delivery) = (store.clone(), delivery.to_string());
+        let spec = JobSpec {
+            trigger: "review".into(),
+            event: "pull_request.opened".into(),
+            repo: Some("o/r".into()),
+            subject: Some(7),
+            agent: "noop".into(),
+            prompt: "p".into(),
+            max_attempts: 1,
+            output: OutputKind::None,
+            ..JobSpec::default()
+        };
+        tokio::spawn(async move {
+            let d = Delivery::new(delivery, "github", "pull_request.opened");
+            store.accept_with(d, Vec::new(), vec![spec], None).await
+        })
+    };
+    let first = hold(&a, "held-a");
+    tokio::task::block_in_place(|| waiting(1));
+    let second = hold(&b, "held-b");
+    tokio::task::block_in_place(|| waiting(2));
+    writeln!(to_gate, "COMMIT;").unwrap();
+    drop(to_gate);
+    for t in [first, second] {
+        assert!(matches!(t.await.unwrap(), Ok(Accepted::New(_))));
+    }
+    let _ = gate.wait();
+
+    let held = a.held_all().await.unwrap();
+    let on: Vec<(String, Vec<String>)> =
+        held.into_iter().map(|(s, list)| (s, list.into_iter().map(|h| h.delivery).collect())).collect();
+    let mut deliveries: Vec<String> = on.iter().flat_map(|(_, d)| d.clone()).collect();
+    deliveries.sort();
+    assert_eq!(deliveries, ["held-a", "held-b"], "both held, on one subject: {on:?}");
+    assert_eq!(on.len(), 1, "{on:?}");
+    drop((a, b));
+    drop_schema(&schema);
 }
 
 /// Drops a test's schema (best effort).
