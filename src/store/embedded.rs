@@ -616,9 +616,11 @@ fn decode<V: DeserializeOwned>(t: T, key: &[u8], bytes: &[u8]) -> Result<V, Stor
 
 #[cfg(test)]
 mod tests {
+    use super::engine::{Visit, Writes};
     use super::*;
     use crate::domain::dispatch::Limits;
     use crate::rules::JobSpec;
+    use crate::store::commit::GroupCommit;
 
     /// A store written before `queue_by_repo` existed gets the index built
     /// when it opens, so its queued jobs still run.
@@ -658,5 +660,101 @@ mod tests {
         let next = ops::claim_next(&store, &limits, Duration::from_secs(60)).await.ok().flatten().map(|j| j.repo);
         assert_eq!(next, Some(Some("o/r0".to_string())));
         assert_eq!(store.e().len(T::QueueByRepo).ok(), Some(2));
+    }
+
+    /// An engine that counts what it is asked to read: entries a scan
+    /// visits, and tables counted whole.
+    struct Counting {
+        inner: redb::RedbEngine,
+        visited: std::sync::atomic::AtomicUsize,
+        counted: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Counting {
+        /// Entries visited and tables counted since the last call.
+        fn take(&self) -> (usize, usize) {
+            (self.visited.swap(0, Ordering::Relaxed), self.counted.swap(0, Ordering::Relaxed))
+        }
+    }
+
+    impl Engine for Counting {
+        fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(t, key)
+        }
+        fn scan(&self, t: T, lo: Bound<&[u8]>, hi: Bound<&[u8]>, rev: bool, visit: Visit) -> Result<(), StoreError> {
+            self.inner.scan(t, lo, hi, rev, &mut |k, v| {
+                self.visited.fetch_add(1, Ordering::Relaxed);
+                visit(k, v)
+            })
+        }
+        fn len(&self, t: T) -> Result<usize, StoreError> {
+            self.counted.fetch_add(1, Ordering::Relaxed);
+            self.inner.len(t)
+        }
+        fn write(&self, f: &mut dyn FnMut(&mut dyn Writes) -> Result<(), StoreError>) -> Result<(), StoreError> {
+            self.inner.write(f)
+        }
+        fn write_durably(
+            &self,
+            f: &mut dyn FnMut(&mut dyn Writes) -> Result<(), StoreError>,
+        ) -> Result<bool, StoreError> {
+            self.inner.write_durably(f)
+        }
+        fn next_ids(&self, n: usize) -> Result<Vec<u64>, StoreError> {
+            self.inner.next_ids(n)
+        }
+        fn commit(&self) -> &Arc<GroupCommit> {
+            self.inner.commit()
+        }
+        fn size_on_disk(&self) -> u64 {
+            self.inner.size_on_disk()
+        }
+    }
+
+    /// A store on a counting redb engine, holding `others` jobs with no
+    /// parent and then two children of job `p`.
+    async fn store_with_children(dir: &Path, others: u64) -> (EmbeddedStore, Arc<Counting>) {
+        let inner = redb::RedbEngine::open(dir, Durability::Fsync).unwrap_or_else(|e| panic!("{e}"));
+        let counting = Arc::new(Counting { inner, visited: Default::default(), counted: Default::default() });
+        let store = EmbeddedStore::open(counting.clone()).unwrap_or_else(|e| panic!("{e}"));
+        for n in 0..others + 2 {
+            let spec =
+                JobSpec { trigger: "t".into(), agent: "a".into(), repo: Some("o/r".into()), ..JobSpec::default() };
+            let delivery = Delivery::new(format!("d{n}"), "github", "issues.opened");
+            let mut job = Job::new(format!("j{n}"), n, delivery.id.clone(), spec, Utc::now());
+            if n >= others {
+                job.parent = Some("p".into());
+            }
+            let admitted =
+                store.admit(Admission { delivery, jobs: vec![job], held: Vec::new(), now: Utc::now() }).await;
+            assert!(matches!(admitted, Ok(Accepted::New(_))), "{admitted:?}");
+        }
+        (store, counting)
+    }
+
+    /// A job's children are read from their index: listing them visits
+    /// them, not every job stored (issue 29's scan by `parent`).
+    #[tokio::test]
+    async fn a_jobs_children_are_listed_without_visiting_other_jobs() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (store, counting) = store_with_children(dir.path(), 300).await;
+        counting.take();
+        let q = JobQuery { parent: Some("p".into()), limit: 50, ..JobQuery::default() };
+        let children: Vec<String> =
+            store.list_jobs(&q).unwrap_or_else(|e| panic!("{e}")).into_iter().map(|j| j.id).collect();
+        assert_eq!(children, ["j301", "j300"]);
+        assert_eq!(counting.take(), (2, 0), "(entries visited, tables counted) to list two children among 302 jobs");
+    }
+
+    /// What `/metrics` reads of the store (the queue's depth, the size on
+    /// disk) costs no walk of a table, however many jobs wait.
+    #[tokio::test]
+    async fn the_queue_depth_and_size_are_read_without_walking_a_table() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (store, counting) = store_with_children(dir.path(), 300).await;
+        counting.take();
+        assert_eq!(store.queue_len(), 302);
+        assert!(store.size_on_disk() > 0);
+        assert_eq!(counting.take(), (0, 0), "(entries visited, tables counted) for /metrics");
     }
 }
