@@ -8,6 +8,8 @@
 //! Written once, so a source added later (another forge, a new trigger
 //! kind) gets all of it, and none of the callers can forget a step.
 
+use std::sync::Arc;
+
 use tokio::sync::Notify;
 
 use crate::domain::approval;
@@ -70,10 +72,21 @@ pub struct Door<'a> {
 impl Door<'_> {
     /// Matches `event` and stores it with its jobs. `None`: nothing matched
     /// an event whose origin keeps no record of such (a job's end).
-    pub async fn admit(&self, mut event: Event, origin: Origin<'_>) -> Result<Option<Received>, StoreError> {
+    pub async fn admit(&self, event: Event, origin: Origin<'_>) -> Result<Option<Received>, StoreError> {
+        self.admit_under(self.rules.current(), event, origin).await
+    }
+
+    /// `admit` under `rules`: the rule set the caller already read the
+    /// event by (ingress asks it whether anything reads the event kind), so
+    /// a reload in between cannot judge one delivery by two rule sets.
+    pub(crate) async fn admit_under(
+        &self,
+        rules: Arc<RuleSet>,
+        mut event: Event,
+        origin: Origin<'_>,
+    ) -> Result<Option<Received>, StoreError> {
         self.pin_comment_to_head(&mut event).await;
         self.note_thread(&mut event).await;
-        let rules = self.rules.current();
         self.recall_reviews(&rules, &mut event).await;
         let mut delivery = Delivery::new(&event.delivery, &event.source, &event.kind);
         let signed = match origin {

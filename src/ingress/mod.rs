@@ -25,7 +25,7 @@ use crate::admit::{Door, Origin, Received};
 use crate::config::{Secret, SourceSettings};
 use crate::event::{generic, Event, Payload};
 use crate::forge::{signature, Forge, Rejected, WebhookKeys};
-use crate::rules::SharedRules;
+use crate::rules::{RuleSet, SharedRules};
 use crate::store::{Accepted, Store};
 
 /// What the webhook routes need.
@@ -223,11 +223,14 @@ async fn forge_webhook(s: &Ingress, forge: Forge, keys: WebhookKeys<'_>, headers
         tracing::info!(delivery = %delivery_id, "Ping received.");
         return answer(StatusCode::OK, json!({ "ok": true, "delivery": delivery_id }));
     }
-    if !crate::admit::reads(&s.rules.current(), event_name) {
+    // One rule set decides both whether the payload is read and what it
+    // matches.
+    let rules = s.rules.current();
+    if !crate::admit::reads(&rules, event_name) {
         // Stored by its name alone: what the payload says would be read
         // only to be thrown away.
         let event = Event::new(forge.source(), event_name, None, delivery_id, Payload::default());
-        return admit(s, event, Origin::Unread { signed: (event_name, &body) }).await;
+        return admit(s, rules, event, Origin::Unread { signed: (event_name, &body) }).await;
     }
     let mut event = match forge.normalize(&verified, &body) {
         Ok(e) => e,
@@ -240,7 +243,7 @@ async fn forge_webhook(s: &Ingress, forge: Forge, keys: WebhookKeys<'_>, headers
             event.association = Some(hook.members.standing(repo, user).await.to_string());
         }
     }
-    admit(s, event, Origin::Webhook { signed: Some((event_name, &body)) }).await
+    admit(s, rules, event, Origin::Webhook { signed: Some((event_name, &body)) }).await
 }
 
 async fn generic_webhook(
@@ -273,7 +276,7 @@ async fn generic_webhook(
     // Kept apart from GitHub's ids, which are not under the source's control.
     let delivery_id = format!("{name}:{delivery_id}");
     match generic::normalize(source, &delivery_id, &body) {
-        Ok(event) => admit(&s, event, Origin::Webhook { signed: None }).await,
+        Ok(event) => admit(&s, s.rules.current(), event, Origin::Webhook { signed: None }).await,
         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
@@ -283,10 +286,10 @@ async fn generic_webhook(
 /// so the same body under a new delivery id is a replay. Generic sources'
 /// bodies may legitimately repeat (`{"env": "prod"}`): a source without a
 /// delivery header is deduplicated by its body already.
-async fn admit(s: &Ingress, event: Event, origin: Origin<'_>) -> Response {
+async fn admit(s: &Ingress, rules: Arc<RuleSet>, event: Event, origin: Origin<'_>) -> Response {
     let door = Door { store: &s.store, rules: &s.rules, wake: Some(&s.wake), reject_replays: s.reject_replays };
     let (id, kind) = (event.delivery.clone(), event.kind.clone());
-    match door.admit(event, origin).await {
+    match door.admit_under(rules, event, origin).await {
         Ok(Some(Received { accepted: Accepted::Duplicate, .. })) => {
             s.metrics.delivery(&kind, "duplicate");
             tracing::info!(delivery = %id, "Duplicate delivery ignored.");
