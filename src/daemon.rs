@@ -186,6 +186,7 @@ pub async fn serve(
         config.storage.job_retention,
         workers.clone(),
     ));
+    background.spawn(upkeep(store.clone(), workers.clone()));
     background.spawn(expire_held(
         store.clone(),
         engine.outbox(),
@@ -420,6 +421,22 @@ async fn prune_jobs(store: Store, storage: std::path::PathBuf, retention: Durati
                 let _ = tokio::task::spawn_blocking(move || crate::tree::remove(&path)).await;
             }
         }
+    }
+}
+
+/// The store's slow housekeeping (`Store::upkeep`): first a while after
+/// the start, out of the way of a restarted daemon catching up, then hourly.
+async fn upkeep(store: Store, stop: CancellationToken) {
+    let mut wait = Duration::from_secs(600);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => return,
+        }
+        if let Err(e) = store.upkeep().await {
+            tracing::warn!(error = %e, "The store's housekeeping failed; will retry.");
+        }
+        wait = Duration::from_secs(3600);
     }
 }
 

@@ -142,7 +142,8 @@ impl EmbeddedStore {
 
     fn open(e: Arc<dyn Engine>) -> Result<EmbeddedStore, StoreError> {
         // Stores from before the index have a queue without it.
-        if e.len(T::QueueByRepo)? == 0 && e.len(T::Queue)? > 0 {
+        let empty = |t| e.entries(t, Bound::Unbounded, 1).map(|first| first.is_empty());
+        if empty(T::QueueByRepo)? && !empty(T::Queue)? {
             let queue = e.entries(T::Queue, Bound::Unbounded, usize::MAX)?;
             e.write(&mut |w| {
                 for (k, v) in &queue {
@@ -506,6 +507,11 @@ impl EmbeddedStore {
 
     pub(crate) fn size_on_disk(&self) -> u64 {
         self.e().size_on_disk()
+    }
+
+    pub(crate) async fn upkeep(&self) -> Result<(), StoreError> {
+        let e = self.core.e.clone();
+        tokio::task::spawn_blocking(move || e.upkeep()).await.map_err(|e| StoreError::Database(Box::new(e)))?
     }
 
     pub fn flushes(&self) -> u64 {

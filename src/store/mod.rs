@@ -478,6 +478,13 @@ impl Store {
         each!(self, b => b.prune_notes(cutoff).await)
     }
 
+    /// Slow housekeeping the backend keeps out of its open, run in the
+    /// background by the daemon (on sled: measuring how much of its files
+    /// is dead, for the next open to compact them).
+    pub async fn upkeep(&self) -> Result<(), StoreError> {
+        on!(self, b => b.upkeep().await, { let _ = b; Ok(()) })
+    }
+
     /// Adds one to the count under `key` and returns the new count, durably
     /// and atomically (two replicas counting at once count two).
     pub async fn count_up(&self, key: &Note) -> Result<u64, StoreError> {

@@ -144,6 +144,13 @@ pub(crate) trait Engine: Send + Sync + 'static {
     fn commit(&self) -> &Arc<GroupCommit>;
 
     fn size_on_disk(&self) -> u64;
+
+    /// Slow housekeeping that must not hold up an open, done in the
+    /// background while the daemon runs (sled measures how much of its
+    /// files is dead, for its next open to compact).
+    fn upkeep(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// The writes (and reads of them) inside `Engine::write`.

@@ -4,6 +4,12 @@
 //! a database whose files are both large and mostly dead is copied record
 //! by record into a fresh one that takes its place.
 //!
+//! Knowing how much is dead takes a walk over every record, seconds at a
+//! million jobs: done at open, it made a restart grow with the store
+//! (issue 29). So the walk is done while the daemon runs (`measure`, in
+//! the background, again only once the files have doubled), and its
+//! verdict is kept in the database for the next open to act on.
+//!
 //! The swap survives a crash at any step: the copy is marked complete
 //! before anything is renamed, and `recover` finishes or undoes a swap it
 //! finds half done.
@@ -23,6 +29,14 @@ const MAX_AMPLIFICATION: u64 = 6;
 /// Where the counter of `generate_id` continues after a copy (sled has no
 /// way to set the counter of a fresh database).
 const SEQ_BASE: &[u8] = b"seq_base";
+
+/// The last measure of the files against what they hold: size on disk
+/// and live bytes (u64 BE each). A copy starts without one.
+const MEASURED: &[u8] = b"measured";
+
+/// The files are measured again once they are this many times the size
+/// they were at the last measure.
+const REMEASURE_GROWTH: u64 = 2;
 
 /// The tree of this store's own bookkeeping.
 pub(super) const META: &str = "baton_meta";
@@ -46,24 +60,24 @@ pub(super) fn config(path: &Path) -> sled::Config {
 }
 
 /// Opens `dir/db`, compacting it first when its files are over `min_disk`
-/// and more than `MAX_AMPLIFICATION` times its live records. Returns the
-/// database, the base its `generate_id` continues from, and what a
-/// compaction did.
+/// and the last measure (see `measure`) found them more than
+/// `MAX_AMPLIFICATION` times its live records. Returns the database, the
+/// base its `generate_id` continues from, and what a compaction did. Reads
+/// no record of the store's own.
 pub(super) fn open(dir: &Path, min_disk: u64) -> Result<(sled::Db, u64, Option<Compacted>), StoreError> {
     let open_err = |source| StoreError::Open { path: dir.to_path_buf(), reason: Box::new(source) };
     recover(dir).map_err(|e| open_err(sled::Error::Io(e)))?;
     let path = dir.join("db");
     let db = config(&path).open().map_err(open_err)?;
     let before = db.size_on_disk().map_err(open_err)?;
-    if before <= min_disk {
-        let base = seq_base(&db).map_err(open_err)?;
-        return Ok((db, base, None));
-    }
-    let live = live_bytes(&db).map_err(open_err)?;
-    if before <= live.saturating_mul(MAX_AMPLIFICATION) {
-        let base = seq_base(&db).map_err(open_err)?;
-        return Ok((db, base, None));
-    }
+    let dead = |m: Measure| m.disk > m.live.saturating_mul(MAX_AMPLIFICATION);
+    let live = match measured(&db).map_err(open_err)? {
+        Some(m) if before > min_disk && dead(m) => m.live,
+        _ => {
+            let base = seq_base(&db).map_err(open_err)?;
+            return Ok((db, base, None));
+        }
+    };
     tracing::info!(disk = before, live, "Compacting the store: sled's files are far larger than what they hold.");
     let fresh = dir.join("db.compact");
     copy(&db, &fresh).map_err(open_err)?;
@@ -74,6 +88,37 @@ pub(super) fn open(dir: &Path, min_disk: u64) -> Result<(sled::Db, u64, Option<C
     let after = db.size_on_disk().map_err(open_err)?;
     let base = seq_base(&db).map_err(open_err)?;
     Ok((db, base, Some(Compacted { before, after, live })))
+}
+
+/// The files' size against what they hold, when last measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Measure {
+    pub disk: u64,
+    pub live: u64,
+}
+
+fn measured(db: &sled::Db) -> sled::Result<Option<Measure>> {
+    let v = db.open_tree(META)?.get(MEASURED)?;
+    let number = |b: &[u8]| <[u8; 8]>::try_from(b).ok().map(u64::from_be_bytes);
+    Ok(v.and_then(|v| Some(Measure { disk: number(v.get(..8)?)?, live: number(v.get(8..)?)? })))
+}
+
+/// Measures how much of the files over `min_disk` is live, for the next
+/// open to compact if little is; a walk over every record, so done only
+/// when unmeasured or grown `REMEASURE_GROWTH` times since. What it
+/// measured, if it did.
+pub(super) fn measure(db: &sled::Db, min_disk: u64) -> sled::Result<Option<Measure>> {
+    let disk = db.size_on_disk()?;
+    let due = match measured(db)? {
+        Some(m) => disk >= m.disk.saturating_mul(REMEASURE_GROWTH),
+        None => true,
+    };
+    if disk <= min_disk || !due {
+        return Ok(None);
+    }
+    let m = Measure { disk, live: live_bytes(db)? };
+    db.open_tree(META)?.insert(MEASURED, [m.disk.to_be_bytes(), m.live.to_be_bytes()].concat())?;
+    Ok(Some(m))
 }
 
 /// What every tree holds: keys and values, in bytes.
@@ -120,7 +165,12 @@ fn copy(db: &sled::Db, to: &Path) -> sled::Result<()> {
     }
     // Past every number the old database gave (its counter is ahead of them).
     let next = seq_base(db)? + db.generate_id()? + 1;
-    fresh.open_tree(META)?.insert(SEQ_BASE, &next.to_be_bytes())?;
+    {
+        let meta = fresh.open_tree(META)?;
+        meta.insert(SEQ_BASE, &next.to_be_bytes())?;
+        // The old files' measure is not the copy's.
+        meta.remove(MEASURED)?;
+    }
     fresh.flush()?;
     drop(fresh);
     // sled's flush does not fsync (see `commit`): every file of the copy is
@@ -235,10 +285,22 @@ mod tests {
         last
     }
 
+    /// Measures `dir/db` as the running daemon's upkeep does.
+    fn measure_at(dir: &Path, min_disk: u64) -> Option<Measure> {
+        let (db, _, _) = ok(open(dir, u64::MAX));
+        let m = ok(measure(&db, min_disk));
+        ok(db.flush());
+        drop(db);
+        ok(wait_unlocked(&dir.join("db")));
+        m
+    }
+
     #[test]
     fn a_mostly_dead_database_is_copied_small_with_every_record_and_its_numbers_going_on() {
         let dir = ok(tempfile::tempdir());
         let last = churn(dir.path(), 5000);
+        let m = measure_at(dir.path(), 1 << 20).unwrap_or_else(|| panic!("not measured"));
+        assert!(m.disk > m.live * MAX_AMPLIFICATION, "{m:?}");
         let (db, base, compacted) = ok(open(dir.path(), 1 << 20));
         let c = compacted.unwrap_or_else(|| panic!("not compacted"));
         assert!(c.after * 4 < c.before, "{c:?}");
@@ -247,6 +309,8 @@ mod tests {
         assert!(ok(t.get("job-004900")).is_some_and(|v| v.len() == 4096));
         assert!(base + ok(db.generate_id()) > last, "numbers go on past {last}");
         assert!(!dir.path().join("db.old").exists() && !dir.path().join("db.compact").exists());
+        // The copy does not carry the old files' measure.
+        assert_eq!(ok(measured(&db)), None);
         drop(t);
         drop(db);
         ok(wait_unlocked(&dir.path().join("db")));
@@ -255,10 +319,27 @@ mod tests {
         assert_eq!((base_again, compacted), (base, None));
     }
 
+    /// Issue 29: a restart does not walk the store to learn how much of it
+    /// is dead; a database nobody measured opens as it is, however dead.
+    #[test]
+    fn an_open_reads_no_record_and_acts_on_the_last_measure_only() {
+        let dir = ok(tempfile::tempdir());
+        churn(dir.path(), 5000);
+        let (db, _, compacted) = ok(open(dir.path(), 1 << 20));
+        assert_eq!(compacted, None, "compacted without a measure: the open walked the records");
+        drop(db);
+        ok(wait_unlocked(&dir.path().join("db")));
+        // Measured once; not again until the files have doubled.
+        assert!(measure_at(dir.path(), 1 << 20).is_some());
+        assert_eq!(measure_at(dir.path(), 1 << 20), None);
+        assert!(ok(open(dir.path(), 1 << 20)).2.is_some());
+    }
+
     #[test]
     fn a_database_below_the_floor_or_mostly_live_is_left_alone() {
         let dir = ok(tempfile::tempdir());
         churn(dir.path(), 2000);
+        assert_eq!(measure_at(dir.path(), u64::MAX), None, "below the floor: not even measured");
         assert!(ok(open(dir.path(), u64::MAX)).2.is_none());
         let dir = ok(tempfile::tempdir());
         {
@@ -270,6 +351,7 @@ mod tests {
             ok(db.flush());
         }
         ok(wait_unlocked(&dir.path().join("db")));
+        assert!(measure_at(dir.path(), 1 << 20).is_some());
         assert!(ok(open(dir.path(), 1 << 20)).2.is_none());
     }
 
