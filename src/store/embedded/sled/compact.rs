@@ -7,7 +7,7 @@
 //! Knowing how much is dead takes a walk over every record, seconds at a
 //! million jobs: done at open, it made a restart grow with the store
 //! (issue 29). So the walk is done while the daemon runs (`measure`, in
-//! the background, again only once the files have doubled), and its
+//! the background, again once the files have doubled or daily), and its
 //! verdict is kept in the database for the next open to act on.
 //!
 //! The swap survives a crash at any step: the copy is marked complete
@@ -30,13 +30,17 @@ const MAX_AMPLIFICATION: u64 = 6;
 /// way to set the counter of a fresh database).
 const SEQ_BASE: &[u8] = b"seq_base";
 
-/// The last measure of the files against what they hold: size on disk
-/// and live bytes (u64 BE each). A copy starts without one.
+/// The last measure of the files against what they hold: size on disk,
+/// live bytes and when (Unix seconds; u64 BE each). A copy starts without
+/// one.
 const MEASURED: &[u8] = b"measured";
 
 /// The files are measured again once they are this many times the size
-/// they were at the last measure.
+/// they were at the last measure,
 const REMEASURE_GROWTH: u64 = 2;
+/// or this long after it: sled's files stop growing in a steady state,
+/// while what they hold may shrink (a shorter `job_retention`).
+const REMEASURE_AFTER: u64 = 24 * 3600;
 
 /// The tree of this store's own bookkeeping.
 pub(super) const META: &str = "baton_meta";
@@ -90,34 +94,37 @@ pub(super) fn open(dir: &Path, min_disk: u64) -> Result<(sled::Db, u64, Option<C
     Ok((db, base, Some(Compacted { before, after, live })))
 }
 
-/// The files' size against what they hold, when last measured.
+/// The files' size against what they hold, and when that was measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct Measure {
     pub disk: u64,
     pub live: u64,
+    /// Unix seconds.
+    pub at: u64,
 }
 
 fn measured(db: &sled::Db) -> sled::Result<Option<Measure>> {
     let v = db.open_tree(META)?.get(MEASURED)?;
-    let number = |b: &[u8]| <[u8; 8]>::try_from(b).ok().map(u64::from_be_bytes);
-    Ok(v.and_then(|v| Some(Measure { disk: number(v.get(..8)?)?, live: number(v.get(8..)?)? })))
+    let number = |v: &[u8], i: usize| v.get(i * 8..i * 8 + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+    Ok(v.and_then(|v| Some(Measure { disk: number(&v, 0)?, live: number(&v, 1)?, at: number(&v, 2)? })))
 }
 
 /// Measures how much of the files over `min_disk` is live, for the next
 /// open to compact if little is; a walk over every record, so done only
-/// when unmeasured or grown `REMEASURE_GROWTH` times since. What it
-/// measured, if it did.
-pub(super) fn measure(db: &sled::Db, min_disk: u64) -> sled::Result<Option<Measure>> {
+/// when unmeasured, grown `REMEASURE_GROWTH` times or `REMEASURE_AFTER`
+/// older since (`now` in Unix seconds). What it measured, if it did.
+pub(super) fn measure(db: &sled::Db, min_disk: u64, now: u64) -> sled::Result<Option<Measure>> {
     let disk = db.size_on_disk()?;
     let due = match measured(db)? {
-        Some(m) => disk >= m.disk.saturating_mul(REMEASURE_GROWTH),
+        Some(m) => disk >= m.disk.saturating_mul(REMEASURE_GROWTH) || now >= m.at.saturating_add(REMEASURE_AFTER),
         None => true,
     };
     if disk <= min_disk || !due {
         return Ok(None);
     }
-    let m = Measure { disk, live: live_bytes(db)? };
-    db.open_tree(META)?.insert(MEASURED, [m.disk.to_be_bytes(), m.live.to_be_bytes()].concat())?;
+    let m = Measure { disk, live: live_bytes(db)?, at: now };
+    let bytes = [m.disk, m.live, m.at].map(u64::to_be_bytes).concat();
+    db.open_tree(META)?.insert(MEASURED, bytes)?;
     Ok(Some(m))
 }
 
@@ -285,10 +292,12 @@ mod tests {
         last
     }
 
-    /// Measures `dir/db` as the running daemon's upkeep does.
-    fn measure_at(dir: &Path, min_disk: u64) -> Option<Measure> {
+    const NOW: u64 = 1_800_000_000;
+
+    /// Measures `dir/db` as the running daemon's upkeep does, at `now`.
+    fn measure_at(dir: &Path, min_disk: u64, now: u64) -> Option<Measure> {
         let (db, _, _) = ok(open(dir, u64::MAX));
-        let m = ok(measure(&db, min_disk));
+        let m = ok(measure(&db, min_disk, now));
         ok(db.flush());
         drop(db);
         ok(wait_unlocked(&dir.join("db")));
@@ -299,7 +308,7 @@ mod tests {
     fn a_mostly_dead_database_is_copied_small_with_every_record_and_its_numbers_going_on() {
         let dir = ok(tempfile::tempdir());
         let last = churn(dir.path(), 5000);
-        let m = measure_at(dir.path(), 1 << 20).unwrap_or_else(|| panic!("not measured"));
+        let m = measure_at(dir.path(), 1 << 20, NOW).unwrap_or_else(|| panic!("not measured"));
         assert!(m.disk > m.live * MAX_AMPLIFICATION, "{m:?}");
         let (db, base, compacted) = ok(open(dir.path(), 1 << 20));
         let c = compacted.unwrap_or_else(|| panic!("not compacted"));
@@ -329,9 +338,11 @@ mod tests {
         assert_eq!(compacted, None, "compacted without a measure: the open walked the records");
         drop(db);
         ok(wait_unlocked(&dir.path().join("db")));
-        // Measured once; not again until the files have doubled.
-        assert!(measure_at(dir.path(), 1 << 20).is_some());
-        assert_eq!(measure_at(dir.path(), 1 << 20), None);
+        // Measured once; not again until the files have doubled or a day
+        // has passed.
+        assert!(measure_at(dir.path(), 1 << 20, NOW).is_some());
+        assert_eq!(measure_at(dir.path(), 1 << 20, NOW + 3600), None);
+        assert!(measure_at(dir.path(), 1 << 20, NOW + REMEASURE_AFTER).is_some());
         assert!(ok(open(dir.path(), 1 << 20)).2.is_some());
     }
 
@@ -339,7 +350,7 @@ mod tests {
     fn a_database_below_the_floor_or_mostly_live_is_left_alone() {
         let dir = ok(tempfile::tempdir());
         churn(dir.path(), 2000);
-        assert_eq!(measure_at(dir.path(), u64::MAX), None, "below the floor: not even measured");
+        assert_eq!(measure_at(dir.path(), u64::MAX, NOW), None, "below the floor: not even measured");
         assert!(ok(open(dir.path(), u64::MAX)).2.is_none());
         let dir = ok(tempfile::tempdir());
         {
@@ -351,7 +362,7 @@ mod tests {
             ok(db.flush());
         }
         ok(wait_unlocked(&dir.path().join("db")));
-        assert!(measure_at(dir.path(), 1 << 20).is_some());
+        assert!(measure_at(dir.path(), 1 << 20, NOW).is_some());
         assert!(ok(open(dir.path(), 1 << 20)).2.is_none());
     }
 
