@@ -718,7 +718,7 @@ async fn two_replicas_holding_jobs_on_one_new_pull_request_keep_both() {
 }
 
 /// Drops a test's schema (best effort).
-fn drop_schema(schema: &str) {
+pub(crate) fn drop_schema(schema: &str) {
     let _ = std::process::Command::new("psql")
         .args([&database_url(), "-q", "-c", &format!("DROP SCHEMA IF EXISTS {schema} CASCADE")])
         .stdout(std::process::Stdio::null())

@@ -217,7 +217,5 @@ async fn a_batch_of_deliveries_is_two_statements_whatever_its_size() {
     assert!(again.is_empty(), "parsed again on one connection: {again:#?}");
 
     drop(store);
-    let _ = std::process::Command::new("psql")
-        .args([&crate::harness::database_url(), "-q", "-c", &format!("DROP SCHEMA IF EXISTS {schema} CASCADE")])
-        .output();
+    crate::replicas::drop_schema(&schema);
 }
