@@ -118,6 +118,12 @@ pub(crate) type Visit<'a> = &'a mut dyn FnMut(&[u8], &[u8]) -> Result<bool, Stor
 pub(crate) trait Engine: Send + Sync + 'static {
     fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
+    /// The values at `keys`, in their order, read from one state of the
+    /// database: an engine whose every read opens a transaction opens one.
+    fn get_many(&self, keys: &[(T, &[u8])]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        keys.iter().map(|&(t, k)| self.get(t, k)).collect()
+    }
+
     /// Visits the entries of `t` between `lo` and `hi` in key order (or
     /// reversed), until `visit` says stop.
     fn scan(&self, t: T, lo: Bound<&[u8]>, hi: Bound<&[u8]>, rev: bool, visit: Visit) -> Result<(), StoreError>;

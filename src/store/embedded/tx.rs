@@ -119,36 +119,56 @@ impl EmbeddedTx {
     /// Loads what admitting `batch` reads.
     fn read_admit_view(&self, batch: &[Admission]) -> Result<AdmitView, StoreError> {
         let wanted = AdmitView::wanted(batch);
-        let e = &self.core.e;
+        // A record that no longer decodes is passed over as absent (see `get`).
+        fn decoded<V: DeserializeOwned>(bytes: Option<Vec<u8>>) -> Option<V> {
+            bytes.and_then(|b| serde_json::from_slice(&b).ok())
+        }
+        let bodies: Vec<Vec<u8>> = wanted.bodies.iter().map(|f| body_key(f)).collect();
+        let keys: Vec<(T, &[u8])> = (wanted.deliveries.iter().map(|id| (T::Deliveries, id.as_bytes())))
+            .chain(bodies.iter().map(|b| (T::Deliveries, b.as_slice())))
+            .chain(wanted.groups.iter().map(|g| (T::Groups, g.as_bytes())))
+            .chain(wanted.jobs.iter().map(|id| (T::Jobs, id.as_bytes())))
+            .chain(wanted.throttles.iter().map(|k| (T::Throttle, k.as_bytes())))
+            .chain(wanted.subjects.iter().map(|s| (T::Approvals, s.as_bytes())))
+            .collect();
+        let mut values = self.core.e.get_many(&keys)?.into_iter();
         let mut view = AdmitView::default();
-        for id in &wanted.deliveries {
-            if e.get(T::Deliveries, id.as_bytes())?.is_some() {
+        for (id, v) in wanted.deliveries.iter().zip(values.by_ref()) {
+            if v.is_some() {
                 view.deliveries.insert(id.clone());
             }
         }
-        for f in &wanted.bodies {
-            if let Some(first) = e.get(T::Deliveries, &body_key(f))? {
+        for (f, v) in wanted.bodies.iter().zip(values.by_ref()) {
+            if let Some(first) = v {
                 view.bodies.insert(f.clone(), String::from_utf8_lossy(&first).into_owned());
             }
         }
-        for g in &wanted.groups {
-            if let Some(st) = self.get::<GroupState>(T::Groups, g.as_bytes())? {
+        for (g, v) in wanted.groups.iter().zip(values.by_ref()) {
+            if let Some(st) = decoded::<GroupState>(v) {
                 view.groups.insert(g.clone(), st);
             }
         }
-        for id in wanted.jobs.iter().chain(&view.waiting()) {
-            if let Some(job) = self.get::<Job>(T::Jobs, id.as_bytes())? {
+        for (id, v) in wanted.jobs.iter().zip(values.by_ref()) {
+            if let Some(job) = decoded::<Job>(v) {
                 view.jobs.insert(id.clone(), job);
             }
         }
-        for key in &wanted.throttles {
-            if let Some(v) = e.get(T::Throttle, key.as_bytes())? {
+        for (key, v) in wanted.throttles.iter().zip(values.by_ref()) {
+            if let Some(v) = v {
                 view.throttles.insert(key.clone(), decode_runs(&v));
             }
         }
-        for s in &wanted.subjects {
-            if let Some(list) = self.get::<Vec<Held>>(T::Approvals, s.as_bytes())? {
+        for (s, v) in wanted.subjects.iter().zip(values.by_ref()) {
+            if let Some(list) = decoded::<Vec<Held>>(v) {
                 view.held.insert(s.clone(), list);
+            }
+        }
+        // The jobs waiting in the batch's groups, known only now.
+        let waiting: Vec<String> = view.waiting().into_iter().filter(|id| !wanted.jobs.contains(id)).collect();
+        let keys: Vec<(T, &[u8])> = waiting.iter().map(|id| (T::Jobs, id.as_bytes())).collect();
+        for (id, v) in waiting.iter().zip(self.core.e.get_many(&keys)?) {
+            if let Some(job) = decoded::<Job>(v) {
+                view.jobs.insert(id.clone(), job);
             }
         }
         Ok(view)
