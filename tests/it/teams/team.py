@@ -105,10 +105,18 @@ def ids_of(text):
     return [j["id"] for j in json.loads(text)["jobs"]]
 
 
+def leave(loot, name, text):
+    """Leaves `text` in LOOT whole: the test waits for the file to exist,
+    and must never read it half-written."""
+    part = os.path.join(loot, name + ".part")
+    with open(part, "w") as f:
+        f.write(text)
+    os.replace(part, os.path.join(loot, name))
+
+
 def boss(loot):
     outsider = sys.stdin.read().strip()
-    with open(os.path.join(loot, "token"), "w") as f:
-        f.write(TOKEN)
+    leave(loot, "token", TOKEN)
     mcp = Mcp(PROXIED)
     refused, text = mcp.call("delegate", {"agent": "probe", "prompts": ["subtask one", "subtask two: hand on"]})
     if refused:
@@ -145,10 +153,8 @@ def sleeper(loot):
     refused, text = mcp.call("delegate", {"agent": "probe", "prompt": "sleep"})
     if refused:
         raise SystemExit(f"delegate: {text}")
-    with open(os.path.join(loot, "child"), "w") as f:
-        f.write(ids_of(text)[0])
-    with open(os.path.join(loot, "token"), "w") as f:
-        f.write(TOKEN)
+    leave(loot, "child", ids_of(text)[0])
+    leave(loot, "token", TOKEN)
     time.sleep(120)
 
 
