@@ -109,20 +109,20 @@ pub(in crate::store) struct EmbeddedTx {
     writes: Vec<(Plan, Duration)>,
 }
 
+/// A record as the sequences read it: one that no longer decodes is passed
+/// over as absent, so it cannot stop every claim and admission.
+fn decoded<V: DeserializeOwned>(bytes: Option<Vec<u8>>) -> Option<V> {
+    bytes.and_then(|b| serde_json::from_slice(&b).ok())
+}
+
 impl EmbeddedTx {
-    /// A record as the sequences read it: one that no longer decodes is
-    /// passed over as absent, so it cannot stop every claim and admission.
     fn get<V: DeserializeOwned>(&self, t: T, key: &[u8]) -> Result<Option<V>, StoreError> {
-        Ok(self.core.e.get(t, key)?.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
+        Ok(decoded(self.core.e.get(t, key)?))
     }
 
     /// Loads what admitting `batch` reads.
     fn read_admit_view(&self, batch: &[Admission]) -> Result<AdmitView, StoreError> {
         let wanted = AdmitView::wanted(batch);
-        // A record that no longer decodes is passed over as absent (see `get`).
-        fn decoded<V: DeserializeOwned>(bytes: Option<Vec<u8>>) -> Option<V> {
-            bytes.and_then(|b| serde_json::from_slice(&b).ok())
-        }
         let bodies: Vec<Vec<u8>> = wanted.bodies.iter().map(|f| body_key(f)).collect();
         let keys: Vec<(T, &[u8])> = (wanted.deliveries.iter().map(|id| (T::Deliveries, id.as_bytes())))
             .chain(bodies.iter().map(|b| (T::Deliveries, b.as_slice())))
